@@ -1,0 +1,1 @@
+"""Failover: heartbeat codec, role machine, UDP transport, VIP adapter. Imports nothing from lb or healthcheck."""
