@@ -1,0 +1,461 @@
+"""Configuration: TOML validated once into frozen pydantic models.
+
+Every error names the dotted key path, the bad value and the rule, e.g.
+``pool[0].backends[1].address: expected host:port (got '127.0.0.1')``. Unknown keys
+are errors, so a typo never silently falls back to a default. A bad reload keeps the old
+config: callers get a ``ConfigError`` and decide; nothing here has side effects.
+
+Imports nothing from the rest of lb except nothing at all: this is a leaf module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``errors`` lists one line per problem."""
+
+    def __init__(self, errors: Sequence[str], source: str = "") -> None:
+        self.errors = list(errors)
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + "; ".join(self.errors))
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``; raise ValueError with the rule broken."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected host:port")
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError("expected [v6]:port")
+        host, rest = value[1:end], value[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("not an IPv6 address inside [...]") from None
+        if not rest:
+            if default_port is None:
+                raise ValueError("expected [v6]:port")
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ValueError("expected [v6]:port")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep:
+            if default_port is None:
+                raise ValueError("expected host:port")
+            return value, default_port
+        if ":" in host:
+            raise ValueError("IPv6 addresses need brackets: [v6]:port")
+    if not host:
+        raise ValueError("empty host")
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError("port must be 1-65535")
+    return host, int(port_s)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """The inverse of parse_hostport (brackets IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+Seconds = Annotated[float, Field(gt=0)]
+NonNegSeconds = Annotated[float, Field(ge=0)]
+
+
+class NodeConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
+    """Proxy worker processes; 0 means one per CPU."""
+    shutdown_timeout_s: NonNegSeconds = 30.0
+    worker_ping_interval_s: Seconds = 1.0
+    worker_ping_timeout_s: Seconds = 5.0
+
+
+class ListenerConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    bind: str
+    mode: Literal["http", "tcp"] = "http"
+    pool: str
+    backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
+    freebind: bool = True
+    """IP_FREEBIND so a standby can bind the VIP before it holds it."""
+    client_header_timeout_s: Seconds = 10.0
+    client_idle_timeout_s: Seconds = 60.0
+    """Keep-alive idle time between requests (http); idle time both ways (tcp)."""
+    max_request_line_bytes: Annotated[int, Field(ge=64, le=1 << 20)] = 8192
+    max_header_bytes: Annotated[int, Field(ge=256, le=1 << 22)] = 32768
+    max_headers: Annotated[int, Field(ge=1, le=10000)] = 100
+    max_body_bytes: Annotated[int, Field(ge=0)] = 0
+    """0 means no limit: bodies are streamed, never buffered."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs whose X-Forwarded-For/Forwarded headers are kept; others' are replaced."""
+    add_request_id: bool = True
+    via: bool = True
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    """Per worker; 0 means unlimited."""
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        host, _ = parse_hostport(v)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("bind host must be an IP address") from None
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"not a CIDR: {cidr!r}") from None
+        return v
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.bind)
+
+
+StatusRange = Annotated[str, Field(pattern=r"^[1-5][0-9][0-9](-[1-5][0-9][0-9])?$")]
+
+
+class HealthConfig(_Model):
+    type: Literal["http", "tcp"] = "http"
+    method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
+    path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] = "/healthz"
+    host: str | None = None
+    expect_status: tuple[StatusRange, ...] = ("200-399",)
+    expect_body: str | None = None
+    interval_s: Seconds = 1.0
+    timeout_s: Seconds = 0.5
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    fast_interval_s: Seconds | None = None
+    """Interval while a backend is changing state; defaults to interval_s."""
+    down_interval_s: Seconds | None = None
+    """Interval while a backend is down; defaults to interval_s."""
+    jitter: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    """Fraction of the interval added or removed at random so checks don't fire in lock-step."""
+    initial: Literal["down", "up"] = "down"
+    """'down': a new backend gets no traffic before its first passing check."""
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _timeout_fits(self) -> HealthConfig:
+        if self.timeout_s > self.interval_s:
+            raise ValueError(
+                f"timeout_s must be <= interval_s (got timeout_s={self.timeout_s}, "
+                f"interval_s={self.interval_s})"
+            )
+        return self
+
+    def status_ranges(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for r in self.expect_status:
+            lo, _, hi = r.partition("-")
+            out.append((int(lo), int(hi or lo)))
+        return tuple(out)
+
+
+class HealthOverride(_Model):
+    """Per-backend overrides of the pool's health settings."""
+
+    path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] | None = None
+    host: str | None = None
+    interval_s: Seconds | None = None
+    timeout_s: Seconds | None = None
+    rise: Annotated[int, Field(ge=1, le=100)] | None = None
+    fall: Annotated[int, Field(ge=1, le=100)] | None = None
+    fast_interval_s: Seconds | None = None
+    down_interval_s: Seconds | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """Check a different port than the traffic port."""
+
+
+class PassiveConfig(_Model):
+    enabled: bool = True
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Connect failures, timeouts or 5xx in a row that eject a backend."""
+    count_5xx: bool = True
+    eject_s: Seconds = 10.0
+    max_eject_s: Seconds = 300.0
+    max_eject_percent: Annotated[int, Field(ge=0, le=100)] = 50
+
+
+class BackendConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    address: str
+    weight: Annotated[int, Field(ge=0, le=1000)] = 1
+    """0 keeps the backend configured but sends it no new traffic."""
+    health: HealthOverride | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.address)
+
+
+class PoolConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    balance: Literal["round_robin", "least_connections", "random_two"] = "round_robin"
+    backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
+    connect_timeout_s: Seconds = 2.0
+    response_timeout_s: Seconds = 30.0
+    """Time for the backend to start answering after the request is sent, and max gap between
+    reads of its response."""
+    idle_timeout_s: Seconds = 30.0
+    """Keep-alive backend connections idle longer than this are closed."""
+    max_idle_per_backend: Annotated[int, Field(ge=0, le=10000)] = 64
+    """Idle keep-alive connections kept per backend per worker."""
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    """Other backends tried when connecting fails (no byte of the request sent yet)."""
+    retry_on_timeout: bool = False
+    """Also retry idempotent requests that timed out before any response byte."""
+    slow_start_s: NonNegSeconds = 0.0
+    panic_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    panic_mode: Literal["spread", "fail"] = "spread"
+    health: HealthConfig = HealthConfig()
+    passive: PassiveConfig = PassiveConfig()
+
+    @model_validator(mode="after")
+    def _unique_backends(self) -> PoolConfig:
+        seen: set[str] = set()
+        for b in self.backends:
+            if b.name in seen:
+                raise ValueError(f"duplicate backend name {b.name!r}")
+            seen.add(b.name)
+        return self
+
+
+class FailoverConfig(_Model):
+    interface: str
+    vips: Annotated[tuple[str, ...], Field(min_length=1)]
+    priority: Annotated[int, Field(ge=1, le=254)] = 100
+    peers: Annotated[tuple[str, ...], Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 5405
+    bind: str | None = None
+    """Local address for heartbeats; default all addresses."""
+    multicast_group: str | None = None
+    key_file: str = "/etc/pairlb/failover.key"
+    interval_s: Annotated[float, Field(ge=0.005, le=10)] = 0.05
+    down_after: Annotated[int, Field(ge=2, le=100)] = 3
+    preempt: bool = True
+    preempt_delay_s: NonNegSeconds = 0.0
+    track_interfaces: tuple[str, ...] = ()
+    """Interfaces whose carrier loss means FAULT; the VIP interface is always tracked."""
+    notify: tuple[str, ...] = ()
+    """Scripts run in order on each transition: SCRIPT ROLE_FROM ROLE_TO NODE."""
+    notify_timeout_s: Seconds = 5.0
+    garp_count: Annotated[int, Field(ge=1, le=100)] = 5
+    garp_interval_s: NonNegSeconds = 0.01
+    garp_repeat_after_s: NonNegSeconds = 5.0
+
+    @field_validator("vips")
+    @classmethod
+    def _vips(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for vip in v:
+            try:
+                ipaddress.ip_interface(vip)
+            except ValueError:
+                raise ValueError(f"not an address/prefix: {vip!r}") from None
+            if "/" not in vip:
+                raise ValueError(f"VIP needs a prefix length, e.g. {vip}/24")
+        return v
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            host = parse_hostport(p, default_port=1)[0]
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"peer must be an IP address (got {p!r})") from None
+        return v
+
+
+class AdminConfig(_Model):
+    bind: str = "127.0.0.1:9900"
+    token_file: str | None = None
+    """Bearer token for mutating endpoints; without it they are disabled."""
+    enabled: bool = True
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    journald_prefix: Literal["auto", "always", "never"] = "auto"
+    """'<N>' priority prefixes for journald; auto = when stderr is the journal."""
+
+
+class Config(_Model):
+    node: NodeConfig
+    listener: Annotated[tuple[ListenerConfig, ...], Field(min_length=1)]
+    pool: Annotated[tuple[PoolConfig, ...], Field(min_length=1)]
+    failover: FailoverConfig | None = None
+    admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        pools = [p.name for p in self.pool]
+        dup = {n for n in pools if pools.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate pool name(s): {sorted(dup)}")
+        names = [lst.name for lst in self.listener]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate listener name(s): {sorted(dup)}")
+        binds = [lst.host_port for lst in self.listener]
+        if len(set(binds)) != len(binds):
+            raise ValueError("two listeners bind the same address")
+        for i, lst in enumerate(self.listener):
+            if lst.pool not in pools:
+                raise ValueError(
+                    f"listener[{i}].pool: no pool named {lst.pool!r} (pools: {pools})"
+                )
+        return self
+
+    def pool_by_name(self, name: str) -> PoolConfig:
+        for p in self.pool:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def digest(self) -> str:
+        """Digest of what must match between peers (listeners and pools, not node identity)."""
+        doc = {
+            "listener": [lst.model_dump(mode="json") for lst in self.listener],
+            "pool": [p.model_dump(mode="json") for p in self.pool],
+        }
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    errors = exc.errors(include_url=False)
+    deeper = {tuple(e["loc"][:n]) for e in errors for n in range(len(e["loc"]))}
+    lines = []
+    for err in errors:
+        # A list whose items failed is also reported "too short"; the item errors say why.
+        if err["type"] == "too_short" and tuple(err["loc"]) in deeper:
+            continue
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        if not loc and err["type"] == "value_error":
+            lines.append(msg)  # a cross-reference rule: its message names the keys itself
+            continue
+        shown = "" if err["type"] == "missing" else f" (got {_short(value)})"
+        lines.append(f"{_loc(loc)}: {msg}{shown}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)) and len(value) > 3:
+        return f"a list of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_config(data: dict[str, Any], source: str = "") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc), source) from None
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"TOML syntax: {exc}"], source) from None
+    return parse_config(data, source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["not UTF-8 text"], str(p)) from None
+    return loads(text, str(p))
+
+
+DEFAULT_CONFIG_TOML = """\
+# pairlb's embedded default: one HTTP listener in front of three local backends.
+[node]
+name = "lb1"
+
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8080"
+mode = "http"
+pool = "web"
+
+[[pool]]
+name = "web"
+balance = "round_robin"
+backends = [
+  { name = "web1", address = "127.0.0.1:9001" },
+  { name = "web2", address = "127.0.0.1:9002", weight = 2 },
+  { name = "web3", address = "127.0.0.1:9003" },
+]
+"""
