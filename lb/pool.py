@@ -89,6 +89,7 @@ class Pool:
     version: int = 0
     panic: bool = False
     _rr_offset: int = 0
+    _by_name: dict[str, Backend] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_name = {b.name: b for b in self.backends}
