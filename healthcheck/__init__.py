@@ -1,1 +1,51 @@
-"""Active health checks: probes, rise/fall state, scheduler. Imports nothing from lb or failover."""
+"""Active health checks: probes, rise/fall state, scheduler. Imports nothing from lb or failover.
+
+The daemon's entry point is :class:`HealthChecker` fed with :class:`Target` objects (one per
+backend, each with a validated :class:`CheckSpec`); it reports every :class:`CheckResult`
+and every UP/DOWN :class:`Health` change through callbacks. :mod:`healthcheck.state` is the
+pure core (no asyncio, time or logging).
+"""
+
+from .probes import HttpProbe, Probe, TcpProbe
+from .scheduler import (
+    CheckSpec,
+    HealthChecker,
+    OnResult,
+    OnTransition,
+    ProbeKind,
+    Target,
+    TargetKey,
+    TargetState,
+)
+from .state import (
+    CheckResult,
+    CheckStatus,
+    Health,
+    HealthConfigError,
+    HealthCounter,
+    HealthError,
+    Initial,
+    Transition,
+)
+
+__all__ = [
+    "CheckResult",
+    "CheckSpec",
+    "CheckStatus",
+    "Health",
+    "HealthChecker",
+    "HealthConfigError",
+    "HealthCounter",
+    "HealthError",
+    "HttpProbe",
+    "Initial",
+    "OnResult",
+    "OnTransition",
+    "Probe",
+    "ProbeKind",
+    "Target",
+    "TargetKey",
+    "TargetState",
+    "TcpProbe",
+    "Transition",
+]
