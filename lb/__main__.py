@@ -1,0 +1,7 @@
+"""``python -m lb`` is ``pairlb``."""
+
+import sys
+
+from lb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""A small backend web server for the demo, the tests and the benchmarks' sanity checks.
+
+``python -m lb.backend_app NAME HOST:PORT`` serves:
+  GET  /healthz           200 "ok" (or the status set with POST /admin/health/NNN)
+  GET  /                  200 "hello from NAME"
+  GET  /status/NNN        that status
+  GET  /sleep/SECONDS     answers after a delay
+  GET  /bytes/N           N bytes
+  POST /echo              the request body back
+  GET  /stats             JSON: requests seen, by method, and the ids seen (X-Request-Id)
+Every response carries ``X-Backend: NAME`` so a client can tell who answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections import Counter
+
+from aiohttp import web
+
+from lb.config import parse_hostport
+
+
+def make_app(name: str) -> web.Application:
+    counts: Counter[str] = Counter()
+    state = {"health": 200}
+    ids: list[str] = []
+
+    @web.middleware
+    async def tag(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        if not request.path.startswith(("/healthz", "/stats", "/admin")):
+            counts[request.method] += 1
+            rid = request.headers.get("X-Client-Id")
+            if rid:
+                ids.append(rid)
+        resp = await handler(request)
+        resp.headers["X-Backend"] = name
+        return resp
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(status=state["health"], text="ok\n")
+
+    async def set_health(request: web.Request) -> web.Response:
+        state["health"] = int(request.match_info["code"])
+        return web.Response(text=f"health {state['health']}\n")
+
+    async def root(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello from {name}\n")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text=f"{name}\n")
+
+    async def sleep(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["s"]))
+        return web.Response(text=f"{name} slept\n")
+
+    async def nbytes(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * int(request.match_info["n"]))
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"name": name, "by_method": dict(counts), "ids": ids})
+
+    app = web.Application(middlewares=[tag], client_max_size=1 << 40)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/admin/health/{code:\\d+}", set_health)
+    app.router.add_get("/", root)
+    app.router.add_get("/status/{code:\\d+}", status)
+    app.router.add_get("/sleep/{s}", sleep)
+    app.router.add_get("/bytes/{n:\\d+}", nbytes)
+    app.router.add_post("/echo", echo)
+    app.router.add_put("/echo", echo)
+    app.router.add_post("/", root)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    name, addr = args[0], args[1]
+    host, port = parse_hostport(addr)
+    web.run_app(make_app(name), host=host, port=port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

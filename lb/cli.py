@@ -1,0 +1,102 @@
+"""The ``pairlb`` command line: run, check-config, version, keygen, demo.
+
+Subcommands import what they need lazily so ``pairlb version`` and ``check-config`` stay
+fast and work even where optional parts (uvloop, pyroute2 privileges) are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lb import __version__
+from lb import config as config_mod
+
+
+def _load_or_report(path: str | None) -> config_mod.Config | None:
+    try:
+        if path is None:
+            return config_mod.loads(config_mod.DEFAULT_CONFIG_TOML, "<embedded default>")
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        where = exc.source or "config"
+        print(f"{where}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lb import daemon, log
+
+    cfg = _load_or_report(args.config)
+    if cfg is None:
+        return 2
+    if args.workers is not None:
+        cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"workers": args.workers})})
+    log.setup(args.log_level or cfg.logging.level, cfg.logging.journald_prefix, "control")
+    return daemon.run(cfg, args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load_or_report(args.file)
+    if cfg is None:
+        return 2
+    if not args.quiet:
+        print(
+            f"{args.file}: OK (node {cfg.node.name}, {len(cfg.listener)} listener(s), "
+            f"{len(cfg.pool)} pool(s), {sum(len(p.backends) for p in cfg.pool)} backend(s), "
+            f"digest {cfg.digest()})"
+        )
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"pairlb {__version__} (python {sys.version.split()[0]})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lb import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pairlb", description="A redundant active/standby HTTP and TCP load balancer."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the load balancer (control process + proxy workers)")
+    p.add_argument("-c", "--config", help="TOML config file (default: the embedded demo config)")
+    p.add_argument("--workers", type=int, help="override node.workers")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file; print every error")
+    p.add_argument("file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("demo", help="the live demo on the embedded default config")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
+    p.add_argument("--keep", action="store_true", help="leave it running; print the URLs")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

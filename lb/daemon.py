@@ -1,0 +1,482 @@
+"""The control process: the composition root that wires config, workers, checks and failover.
+
+Runs on the stdlib asyncio loop (pyroute2 does not run on uvloop). It owns the listening
+sockets (created once, shared by every worker), the control-side pool state
+(``lb.rotation``), the health checker, the failover controller, the admin app and sd_notify,
+and supervises the proxy workers. Phases are separate and ordered: startup, main loop
+(signals are queued by their handlers and dispatched here), shutdown. A second SIGTERM or
+SIGINT during shutdown forces exit.
+
+Nothing here may block the loop: heartbeats are sent from this loop, and a late heartbeat
+is a false failover on the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from healthcheck import CheckResult, CheckSpec, Health, HealthChecker, HealthCounter, Target
+from lb import __version__, channel
+from lb import config as config_mod
+from lb.config import Config, PoolConfig
+from lb.proxy import make_listen_socket
+from lb.rotation import AdminState, PoolRotation, Snapshot
+from lb.sdnotify import Notifier, watchdog_interval_s
+from lb.supervisor import Supervisor, WorkerHandle
+
+logger = logging.getLogger("lb.daemon")
+
+RECENT_EVENTS = 50
+
+
+def check_spec(pcfg: PoolConfig, backend: config_mod.BackendConfig) -> tuple[CheckSpec, int]:
+    """The pool's health settings with the backend's overrides; and the port to check."""
+    h = pcfg.health
+    o = backend.health
+    pick = (lambda name: getattr(o, name) if o is not None and getattr(o, name) is not None
+            else getattr(h, name))
+    spec = CheckSpec(
+        probe=h.type,
+        method=h.method,
+        path=pick("path"),
+        host=pick("host"),
+        expect_status=h.status_ranges(),
+        expect_body=h.expect_body,
+        interval_s=pick("interval_s"),
+        timeout_s=pick("timeout_s"),
+        rise=pick("rise"),
+        fall=pick("fall"),
+        fast_interval_s=pick("fast_interval_s"),
+        down_interval_s=pick("down_interval_s"),
+        jitter=h.jitter,
+        initial=h.initial,
+    )
+    port = o.port if o is not None and o.port is not None else backend.host_port[1]
+    return spec, port
+
+
+def make_rotation(pcfg: PoolConfig) -> PoolRotation:
+    return PoolRotation.create(
+        pcfg.name,
+        [(b.name, b.weight) for b in pcfg.backends],
+        initially_healthy=not pcfg.health.enabled or pcfg.health.initial == "up",
+        eject_s=pcfg.passive.eject_s,
+        max_eject_s=pcfg.passive.max_eject_s,
+        max_eject_percent=pcfg.passive.max_eject_percent,
+        slow_start_s=pcfg.slow_start_s,
+        panic_percent=pcfg.panic_percent,
+        panic_mode=pcfg.panic_mode,
+    )
+
+
+def merge_counts(dst: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Add a worker's counter delta (nested dicts/lists of numbers) into the totals."""
+    for k, v in delta.items():
+        if isinstance(v, dict):
+            merge_counts(dst.setdefault(k, {}), v)
+        elif isinstance(v, list):
+            cur = dst.setdefault(k, [0] * len(v))
+            if len(cur) < len(v):
+                cur.extend([0] * (len(v) - len(cur)))
+            for i, x in enumerate(v):
+                cur[i] += x
+        elif isinstance(v, (int, float)):
+            dst[k] = dst.get(k, 0) + v
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    at: float
+    generation: int
+    errors: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "at": self.at,
+            "generation": self.generation,
+            "errors": self.errors,
+            "changes": self.changes,
+        }
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.generation = 1
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.sockets: dict[str, socket.socket] = {}
+        self.rotations: dict[str, PoolRotation] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        self.snap_version = 0
+        self.health = HealthChecker(on_result=self._on_check_result, on_transition=self._on_transition)
+        self.check_results: dict[tuple[str, str], CheckResult] = {}
+        self.check_counts: dict[tuple[str, str, str], int] = {}
+        self.notifier = Notifier()
+        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.totals: dict[str, Any] = {}
+        self.inflight: dict[int, dict[str, int]] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.last_reload: ReloadResult | None = None
+        self.reloads = {"success": 0, "failure": 0}
+        self.on_state_change: list[Callable[[], None]] = []
+        self._snap_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.supervisor = Supervisor(
+            cfg.node.workers or os.cpu_count() or 1,
+            listener_fds=lambda: {n: s.fileno() for n, s in self.sockets.items()},
+            welcome=self._welcome,
+            on_message=self._on_worker_message,
+            ping_interval_s=cfg.node.worker_ping_interval_s,
+            ping_timeout_s=cfg.node.worker_ping_timeout_s,
+        )
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        try:
+            await self.startup()
+        except Exception:
+            logger.exception("event=startup_failed")
+            await self.shutdown(0.0)
+            return 1
+        self.notifier.ready(self.status_line())
+        logger.info(
+            "event=ready version=%s node=%s workers=%d listeners=%s",
+            __version__, self.cfg.node.name, self.supervisor.count,
+            ",".join(f"{lst.name}@{lst.bind}" for lst in self.cfg.listener),
+        )
+        while True:
+            sig = await self.signals.get()
+            if sig == signal.SIGHUP:
+                await self.reload()
+                continue
+            logger.info("event=stop_requested signal=%s", sig.name)
+            break
+        stop = asyncio.create_task(self.shutdown(self.cfg.node.shutdown_timeout_s))
+        second = asyncio.create_task(self._second_signal())
+        done, _ = await asyncio.wait({stop, second}, return_when=asyncio.FIRST_COMPLETED)
+        if second in done:
+            logger.warning("event=forced_exit reason=second_signal")
+            await self.supervisor.kill_all()
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stop
+            return 1
+        second.cancel()
+        return 0
+
+    async def _second_signal(self) -> None:
+        while True:
+            sig = await self.signals.get()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                return
+
+    async def startup(self) -> None:
+        for lcfg in self.cfg.listener:
+            self.sockets[lcfg.name] = make_listen_socket(lcfg)
+        for pcfg in self.cfg.pool:
+            self.rotations[pcfg.name] = make_rotation(pcfg)
+        self._compute_snapshots()
+        self.health.set_targets(self._targets())
+        await self.health.start()
+        await self.supervisor.start()
+        if not await self.supervisor.wait_ready(10.0):
+            logger.warning("event=workers_slow_to_start")
+        self._spawn(self._status_loop(), "status")
+        wd = watchdog_interval_s()
+        if wd is not None:
+            self._spawn(self._watchdog_loop(wd), "watchdog")
+
+    async def shutdown(self, timeout_s: float) -> None:
+        self.stopping = True
+        self.notifier.stopping()
+        if self._snap_timer:
+            self._snap_timer.cancel()
+        await self.supervisor.stop(timeout_s)
+        await self.health.stop()
+        for sock in self.sockets.values():
+            sock.close()
+        for t in list(self._tasks):
+            t.cancel()
+        logger.info("event=stopped")
+
+    # -- reload ------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """SIGHUP: validate; keep the old config on any error; apply only the difference."""
+        self.notifier.reloading()
+        try:
+            result = await self._reload()
+        finally:
+            self.notifier.ready(self.status_line())
+        self.last_reload = result
+        self.reloads["success" if result.ok else "failure"] += 1
+        return result
+
+    async def _reload(self) -> ReloadResult:
+        now = time.time()
+        if self.config_path is None:
+            return ReloadResult(False, now, self.generation, ["no config file to reload"])
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            for err in exc.errors:
+                logger.error("event=reload_rejected file=%s error=%r", exc.source, err)
+            logger.error("event=reload_failed kept_generation=%d", self.generation)
+            return ReloadResult(False, now, self.generation, exc.errors)
+        old = self.cfg
+        changes: list[str] = []
+        if new.node.name != old.node.name:
+            changes.append("node.name changed: needs a restart, ignored")
+            new = new.model_copy(update={"node": old.node.model_copy(update={"name": old.node.name})})
+        if new.failover != old.failover:
+            changes.append("failover section changed: applied at next restart (the VIP never moves on reload)")
+            new = new.model_copy(update={"failover": old.failover})
+        # Listeners: new sockets first, so a bind error leaves everything as it was.
+        old_l = {lst.name: lst for lst in old.listener}
+        new_l = {lst.name: lst for lst in new.listener}
+        fresh: dict[str, socket.socket] = {}
+        try:
+            for name, lcfg in new_l.items():
+                prev = old_l.get(name)
+                if prev is None or prev.bind != lcfg.bind or prev.backlog != lcfg.backlog \
+                        or prev.freebind != lcfg.freebind:
+                    fresh[name] = make_listen_socket(lcfg)
+        except OSError as exc:
+            for s in fresh.values():
+                s.close()
+            err = f"listener bind failed: {exc}"
+            logger.error("event=reload_failed error=%r kept_generation=%d", err, self.generation)
+            return ReloadResult(False, now, self.generation, [err])
+        replace_workers = bool(fresh) or set(old_l) != set(new_l)
+        retired = [self.sockets[n] for n in old_l if n not in new_l or n in fresh]
+        for name in old_l:
+            if name not in new_l or name in fresh:
+                self.sockets.pop(name, None)
+        self.sockets.update(fresh)
+        changes += [f"listener {n} added" for n in new_l if n not in old_l]
+        changes += [f"listener {n} removed" for n in old_l if n not in new_l]
+        changes += [f"listener {n} rebound" for n in fresh if n in old_l]
+        # Pools: keep the state of unchanged backends.
+        old_p = {p.name: p for p in old.pool}
+        for pcfg in new.pool:
+            prev = old_p.get(pcfg.name)
+            if prev is None:
+                self.rotations[pcfg.name] = make_rotation(pcfg)
+                changes.append(f"pool {pcfg.name} added")
+            elif prev != pcfg:
+                rot = make_rotation(pcfg)
+                rot.records = self.rotations[pcfg.name].records
+                rot.reconcile(
+                    [(b.name, b.weight) for b in pcfg.backends],
+                    initially_healthy=not pcfg.health.enabled or pcfg.health.initial == "up",
+                )
+                self.rotations[pcfg.name] = rot
+                changes.append(f"pool {pcfg.name} changed")
+        for name in old_p:
+            if name not in {p.name for p in new.pool}:
+                del self.rotations[name]
+                changes.append(f"pool {name} removed")
+        self.cfg = new
+        self.generation += 1
+        self.health.set_targets(self._targets())
+        self._compute_snapshots()
+        if replace_workers:
+            await self.supervisor.replace_all(new.node.shutdown_timeout_s)
+        else:
+            self.supervisor.broadcast(self._config_message())
+            self.supervisor.broadcast(self._snapshot_message())
+        for s in retired:
+            s.close()
+        logger.info(
+            "event=reloaded generation=%d digest=%s changes=%r",
+            self.generation, new.digest(), "; ".join(changes) or "none",
+        )
+        self._record_event("reload", f"generation {self.generation}: {'; '.join(changes) or 'no changes'}")
+        return ReloadResult(True, now, self.generation, [], changes)
+
+    # -- pools, checks and snapshots --------------------------------------------------
+
+    def _targets(self) -> list[Target]:
+        out = []
+        for pcfg in self.cfg.pool:
+            if not pcfg.health.enabled:
+                continue
+            for b in pcfg.backends:
+                spec, port = check_spec(pcfg, b)
+                out.append(Target((pcfg.name, b.name), b.host_port[0], port, spec))
+        return out
+
+    def _on_check_result(self, key: tuple[str, str], result: CheckResult, counter: HealthCounter) -> None:
+        self.check_results[key] = result
+        ck = (key[0], key[1], str(result.status))
+        self.check_counts[ck] = self.check_counts.get(ck, 0) + 1
+
+    def _on_transition(self, key: tuple[str, str], old: Health, new: Health, result: CheckResult) -> None:
+        rot = self.rotations.get(key[0])
+        if rot is None or key[1] not in rot.records:
+            return
+        if rot.set_health(key[1], new is Health.UP, time.monotonic()):
+            self._record_event(
+                "health", f"{key[0]}/{key[1]} {old} -> {new} ({result.status} {result.detail})".strip()
+            )
+            self.push_snapshots()
+
+    def set_admin_state(self, pool: str, backend: str, state: AdminState) -> bool:
+        """Operator action (admin API): drain, maintenance or enable a backend."""
+        rot = self.rotations[pool]
+        if backend not in rot.records:
+            raise KeyError(backend)
+        if not rot.set_admin(backend, state):
+            return False
+        logger.info("event=admin_state pool=%s backend=%s state=%s", pool, backend, state)
+        self._record_event("admin", f"{pool}/{backend} -> {state}")
+        self.push_snapshots()
+        return True
+
+    def backend_inflight(self, pool: str, backend: str) -> int:
+        key = f"{pool}/{backend}"
+        return sum(d.get(key, 0) for d in self.inflight.values())
+
+    def _compute_snapshots(self) -> bool:
+        now = time.monotonic()
+        changed = False
+        for name, rot in self.rotations.items():
+            snap = rot.snapshot(now)
+            prev = self.snapshots.get(name)
+            if prev is None or prev.entries != snap.entries or prev.panic != snap.panic:
+                changed = True
+                if snap.panic and (prev is None or not prev.panic):
+                    logger.error(
+                        "event=pool_panic pool=%s usable=%d enabled=%d mode=%s",
+                        name, snap.usable, snap.enabled, rot.panic_mode,
+                    )
+                    self._record_event("panic", f"pool {name} in panic ({snap.usable}/{snap.enabled} usable)")
+                elif prev is not None and prev.panic and not snap.panic:
+                    logger.warning("event=pool_panic_over pool=%s usable=%d", name, snap.usable)
+            self.snapshots[name] = snap
+        for name in list(self.snapshots):
+            if name not in self.rotations:
+                del self.snapshots[name]
+                changed = True
+        if changed:
+            self.snap_version += 1
+        self._schedule_snapshot_timer(now)
+        return changed
+
+    def push_snapshots(self) -> None:
+        if self._compute_snapshots():
+            self.supervisor.broadcast(self._snapshot_message())
+        for cb in self.on_state_change:
+            cb()
+
+    def _schedule_snapshot_timer(self, now: float) -> None:
+        if self._snap_timer:
+            self._snap_timer.cancel()
+            self._snap_timer = None
+        nexts = [t for r in self.rotations.values() if (t := r.next_change(now)) is not None]
+        if nexts and not self.stopping:
+            delay = max(0.0, min(nexts) - now) + 0.001
+            self._snap_timer = asyncio.get_running_loop().call_later(delay, self.push_snapshots)
+
+    def _snapshot_message(self) -> channel.Message:
+        return {
+            "t": "snap",
+            "ver": self.snap_version,
+            "pools": {
+                name: {"panic": s.panic, "e": {bn: [e.eligible, e.weight] for bn, e in s.entries.items()}}
+                for name, s in self.snapshots.items()
+            },
+        }
+
+    def _config_message(self) -> channel.Message:
+        return {
+            "t": "config",
+            "gen": self.generation,
+            "config": self.cfg.model_dump(mode="json"),
+            "fds": {n: s.fileno() for n, s in self.sockets.items()},
+        }
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _welcome(self, handle: WorkerHandle) -> list[channel.Message]:
+        return [self._config_message(), self._snapshot_message()]
+
+    def _on_worker_message(self, handle: WorkerHandle, msg: channel.Message) -> None:
+        kind = msg["t"]
+        if kind == "stats":
+            merge_counts(self.totals, msg.get("d") or {})
+            self.inflight[handle.index] = msg.get("inflight") or {}
+        elif kind == "eject":
+            pool, backend, reason = msg["pool"], msg["backend"], msg["reason"]
+            rot = self.rotations.get(pool)
+            if rot is None:
+                return
+            ej = rot.eject(backend, reason, time.monotonic())
+            if ej is not None:
+                logger.warning(
+                    "event=backend_ejected pool=%s backend=%s reason=%s for_s=%.1f worker=%d",
+                    pool, backend, reason, ej.duration_s, handle.index,
+                )
+                self._record_event("eject", f"{pool}/{backend} ejected for {ej.duration_s:.0f}s ({reason})")
+            # Push even when refused: the worker's local ejection must be overridden.
+            self.snap_version += 1
+            self._compute_snapshots()
+            self.supervisor.broadcast(self._snapshot_message())
+        elif kind == "config_failed":
+            logger.error("event=worker_config_failed index=%d error=%r", handle.index, msg.get("error"))
+
+    # -- status ------------------------------------------------------------------------
+
+    def _record_event(self, kind: str, text: str) -> None:
+        self.events.append({"at": time.time(), "kind": kind, "text": text})
+
+    def status_line(self) -> str:
+        usable = sum(s.usable for s in self.snapshots.values())
+        total = sum(len(r.records) for r in self.rotations.values())
+        return f"role=standalone backends_up={usable}/{total} workers={self.supervisor.count}"
+
+    async def _status_loop(self) -> None:
+        last = ""
+        while True:
+            await asyncio.sleep(1.0)
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        # Runs on the control loop itself: if the loop is blocked, no WATCHDOG=1 goes out
+        # and systemd restarts us, which is the point.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval_s)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def run(cfg: Config, config_path: str | None) -> int:
+    """Entry point of ``pairlb run``: the control process on the stdlib loop."""
+    return asyncio.run(Daemon(cfg, config_path).run())

@@ -1,0 +1,300 @@
+"""Supervision of proxy worker processes (gunicorn's arbiter, in asyncio).
+
+A worker that exits unexpectedly (crash, kill -9, OOM) is restarted with exponential
+backoff and counted; a burst of restarts is reported as a crash loop rather than hidden.
+A worker that stops answering pings is killed and replaced: a live pid is not proof of a
+live event loop. Workers share the listening sockets created once by the control process,
+so a dying worker loses only the connections it had accepted; queued ones wait in the
+shared accept queue for its siblings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lb import channel
+
+logger = logging.getLogger("lb.supervisor")
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 10.0
+"""A worker that ran this long resets the backoff."""
+CRASH_LOOP_WINDOW_S = 60.0
+CRASH_LOOP_RESTARTS = 5
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    index: int
+    generation: int
+    proc: asyncio.subprocess.Process | None = None
+    chan: channel.ChannelProtocol | None = None
+    started_at: float = 0.0
+    last_pong: float = 0.0
+    ping_id: int = 0
+    ready: bool = False
+    retiring: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def send(self, msg: channel.Message) -> bool:
+        return self.chan is not None and self.chan.send(msg)
+
+
+@dataclass
+class SlotStats:
+    restarts: int = 0
+    crashes: int = 0
+    hung_kills: int = 0
+    backoff_s: float = 0.0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=CRASH_LOOP_RESTARTS))
+
+    def crash_loop(self, now: float) -> bool:
+        return (
+            len(self.recent) == CRASH_LOOP_RESTARTS and now - self.recent[0] < CRASH_LOOP_WINDOW_S
+        )
+
+
+class Supervisor:
+    """Keeps ``count`` workers alive; ``welcome(handle)`` gives a new worker its messages."""
+
+    def __init__(
+        self,
+        count: int,
+        listener_fds: Callable[[], dict[str, int]],
+        welcome: Callable[[WorkerHandle], list[channel.Message]],
+        on_message: Callable[[WorkerHandle, channel.Message], None],
+        ping_interval_s: float = 1.0,
+        ping_timeout_s: float = 5.0,
+    ) -> None:
+        self.count = count
+        self.listener_fds = listener_fds
+        self.welcome = welcome
+        self.on_message = on_message
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.generation = 0
+        self.slots: dict[int, WorkerHandle] = {}
+        self.slot_stats: dict[int, SlotStats] = {}
+        self.retiring: set[WorkerHandle] = set()
+        self.stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ping_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for i in range(self.count):
+            self.slot_stats[i] = SlotStats()
+            await self._spawn(i)
+        self._ping_task = asyncio.create_task(self._ping_loop(), name="worker-ping")
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(h.ready for h in self.slots.values()):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def stop(self, timeout_s: float) -> None:
+        """Ask every worker to drain for ``timeout_s``; SIGKILL the ones still there after."""
+        self.stopping = True
+        if self._ping_task:
+            self._ping_task.cancel()
+        handles = [*self.slots.values(), *self.retiring]
+        for h in handles:
+            h.send({"t": "stop", "timeout_s": timeout_s})
+        await self._reap(handles, timeout_s + 2.0)
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def kill_all(self) -> None:
+        """Forced exit (second signal): no draining."""
+        self.stopping = True
+        for h in [*self.slots.values(), *self.retiring]:
+            self._kill(h, signal.SIGKILL)
+
+    async def replace_all(self, drain_s: float) -> None:
+        """Rolling replacement (new listeners): new workers first, then old ones drain."""
+        self.generation += 1
+        old = list(self.slots.values())
+        for h in old:
+            h.retiring = True
+            self.retiring.add(h)
+        for i in range(self.count):
+            await self._spawn(i)
+        await self.wait_ready(10.0)
+        for h in old:
+            h.send({"t": "stop", "timeout_s": drain_s})
+        task = asyncio.create_task(self._reap(old, drain_s + 2.0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def broadcast(self, msg: channel.Message) -> None:
+        data_sent = 0
+        for h in self.slots.values():
+            data_sent += h.send(msg)
+
+    def status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        out = []
+        for i, h in sorted(self.slots.items()):
+            st = self.slot_stats[i]
+            out.append(
+                {
+                    "index": i,
+                    "pid": h.pid,
+                    "ready": h.ready,
+                    "uptime_s": round(now - h.started_at, 3) if h.started_at else 0.0,
+                    "restarts": st.restarts,
+                    "crashes": st.crashes,
+                    "hung_kills": st.hung_kills,
+                    "crash_loop": st.crash_loop(now),
+                }
+            )
+        return out
+
+    @property
+    def total_restarts(self) -> int:
+        return sum(s.restarts for s in self.slot_stats.values())
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _spawn(self, index: int) -> WorkerHandle:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        handle = WorkerHandle(index, self.generation)
+        fds = self.listener_fds()
+        try:
+            handle.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "lb.worker",
+                str(child_sock.fileno()),
+                str(index),
+                pass_fds=[child_sock.fileno(), *fds.values()],
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child_sock.close()
+        handle.started_at = handle.last_pong = time.monotonic()
+        loop = asyncio.get_running_loop()
+        _, handle.chan = await loop.connect_accepted_socket(
+            lambda: channel.ChannelProtocol(
+                lambda m: self._on_message(handle, m), lambda exc: None
+            ),
+            parent_sock,
+        )
+        self.slots[index] = handle
+        for msg in self.welcome(handle):
+            handle.send(msg)
+        task = asyncio.create_task(self._watch(handle), name=f"worker-{index}-watch")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        logger.info("event=worker_started index=%d pid=%s gen=%d", index, handle.pid, handle.generation)
+        return handle
+
+    def _on_message(self, handle: WorkerHandle, msg: channel.Message) -> None:
+        kind = msg["t"]
+        if kind == "pong":
+            handle.last_pong = time.monotonic()
+        elif kind == "ready":
+            handle.ready = True
+        try:
+            self.on_message(handle, msg)
+        except Exception:
+            logger.exception("event=worker_message_failed type=%s", kind)
+
+    async def _watch(self, handle: WorkerHandle) -> None:
+        assert handle.proc is not None
+        code = await handle.proc.wait()
+        handle.stopped.set()
+        if handle.chan is not None and handle.chan.transport is not None:
+            handle.chan.transport.close()
+        if self.stopping or handle.retiring:
+            self.retiring.discard(handle)
+            logger.info("event=worker_exited index=%d pid=%s code=%s", handle.index, handle.pid, code)
+            return
+        now = time.monotonic()
+        st = self.slot_stats[handle.index]
+        ran_s = now - handle.started_at
+        how = f"signal={signal.Signals(-code).name}" if code < 0 else f"code={code}"
+        st.crashes += 1
+        st.backoff_s = (
+            0.0 if ran_s >= STABLE_AFTER_S else min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, st.backoff_s * 2))
+        )
+        st.recent.append(now)
+        if st.crash_loop(now):
+            logger.error(
+                "event=worker_crash_loop index=%d restarts_in_window=%d window_s=%.0f backoff_s=%.2f",
+                handle.index, len(st.recent), CRASH_LOOP_WINDOW_S, st.backoff_s,
+            )
+        logger.warning(
+            "event=worker_died index=%d pid=%s %s ran_s=%.2f restart_in_s=%.2f",
+            handle.index, handle.pid, how, ran_s, st.backoff_s,
+        )
+        if st.backoff_s:
+            await asyncio.sleep(st.backoff_s)
+        if self.stopping or self.slots.get(handle.index) is not handle:
+            return
+        st.restarts += 1
+        try:
+            await self._spawn(handle.index)
+        except Exception:
+            logger.exception("event=worker_spawn_failed index=%d", handle.index)
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ping_interval_s)
+            now = time.monotonic()
+            for h in list(self.slots.values()):
+                if h.stopped.is_set():
+                    continue
+                if now - h.last_pong > self.ping_timeout_s:
+                    logger.error(
+                        "event=worker_hung index=%d pid=%s silent_s=%.1f action=kill",
+                        h.index, h.pid, now - h.last_pong,
+                    )
+                    self.slot_stats[h.index].hung_kills += 1
+                    h.last_pong = now
+                    self._kill(h, signal.SIGKILL)
+                    continue
+                h.ping_id += 1
+                h.send({"t": "ping", "id": h.ping_id})
+
+    async def _reap(self, handles: list[WorkerHandle], timeout_s: float) -> None:
+        waits = [h.stopped.wait() for h in handles if h.proc is not None]
+        if not waits:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            for h in handles:
+                if not h.stopped.is_set():
+                    logger.warning("event=worker_kill_after_drain pid=%s", h.pid)
+                    self._kill(h, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.gather(*(h.stopped.wait() for h in handles))
+
+    @staticmethod
+    def _kill(handle: WorkerHandle, sig: signal.Signals) -> None:
+        if handle.proc is not None and handle.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.proc.pid, sig)

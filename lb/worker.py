@@ -1,0 +1,248 @@
+"""A proxy worker process: accepts on the listening sockets it inherited and proxies.
+
+Started by the control process as ``python -m lb.worker CHANNEL_FD``. Everything it knows
+arrives over the channel (lb.channel): the validated config with the listener fds, then
+pool snapshots. It sends back counters and passive-health ejections. It never starts
+accepting before it has a snapshot, so a fresh worker cannot send traffic to a backend
+the control process has taken out of rotation.
+
+A worker exits when the channel closes (its control process is gone) after draining, so
+a killed control process never leaves orphans serving a stale config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from lb import channel, log
+from lb.config import Config, ListenerConfig, PoolConfig
+from lb.pool import BackendEntry, Ejection, Pool, build_pool
+from lb.proxy import ProxyServer
+from lb.stats import Stats
+from lb.tcpproxy import TcpProxyServer
+
+logger = logging.getLogger("lb.worker")
+
+STATS_INTERVAL_S = 0.25
+
+Server = ProxyServer | TcpProxyServer
+
+
+def make_pool(pcfg: PoolConfig) -> Pool:
+    """A worker pool whose backends are out of rotation until the first snapshot."""
+    return build_pool(
+        pcfg.name,
+        pcfg.balance,
+        [(b.name, *b.host_port, float(b.weight)) for b in pcfg.backends],
+        consecutive_failures=pcfg.passive.consecutive_failures
+        if pcfg.passive.enabled
+        else 1 << 30,
+        local_eject_s=pcfg.passive.eject_s,
+        max_eject_percent=pcfg.passive.max_eject_percent,
+        eligible=False,
+    )
+
+
+class Worker:
+    def __init__(self, channel_fd: int, index: int) -> None:
+        self.channel_fd = channel_fd
+        self.index = index
+        self.stats = Stats()
+        self.config: Config | None = None
+        self.pools: dict[str, Pool] = {}
+        self.servers: dict[str, Server] = {}
+        self.listener_cfgs: dict[str, ListenerConfig] = {}
+        self.fds: dict[str, int] = {}
+        self.chan: channel.ChannelProtocol | None = None
+        self.done = asyncio.Event()
+        self.started = False
+        self.last_snap: dict[str, Any] | None = None
+        self.stop_timeout_s: float | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=self.channel_fd)
+        _, self.chan = await loop.connect_accepted_socket(
+            lambda: channel.ChannelProtocol(self._on_message, self._on_channel_closed), sock
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # The control process owns shutdown; a stray signal to the group must not
+            # make a worker vanish mid-request. SIGKILL still works.
+            loop.add_signal_handler(sig, lambda: None)
+        self.chan.send({"t": "hello", "pid": os.getpid(), "index": self.index})
+        ticker = asyncio.create_task(self._stats_loop())
+        try:
+            await self.done.wait()
+            await self._shutdown(self.stop_timeout_s or 0.0)
+        finally:
+            ticker.cancel()
+            self._send_stats()
+            if self.chan is not None:
+                self.chan.send({"t": "stopped", "pid": os.getpid()})
+                if self.chan.transport is not None:
+                    self.chan.transport.close()
+
+    def _on_channel_closed(self, exc: Exception | None) -> None:
+        if not self.done.is_set():
+            logger.warning("event=worker_channel_closed action=drain exc=%r", exc)
+            if self.stop_timeout_s is None and self.config is not None:
+                self.stop_timeout_s = self.config.node.shutdown_timeout_s
+            self.done.set()
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        try:
+            if kind == "ping":
+                assert self.chan is not None
+                self.chan.send({"t": "pong", "id": msg.get("id")})
+            elif kind == "snap":
+                self._apply_snapshot(msg)
+            elif kind == "config":
+                asyncio.get_running_loop().create_task(self._apply_config(msg))
+            elif kind == "stop":
+                self.stop_timeout_s = float(msg.get("timeout_s", 0.0))
+                self.done.set()
+        except Exception:
+            logger.exception("event=worker_message_failed type=%s", kind)
+
+    async def _apply_config(self, msg: dict[str, Any]) -> None:
+        try:
+            cfg = Config.model_validate(msg["config"])
+            fds: dict[str, int] = msg.get("fds", {})
+            old = self.config
+            self.config = cfg
+            log.setup(cfg.logging.level, cfg.logging.journald_prefix, f"worker{self.index}")
+            pool_cfgs = {p.name: p for p in cfg.pool}
+            for name, pcfg in pool_cfgs.items():
+                if old is None or name not in self.pools or _changed(old, pcfg):
+                    self.pools[name] = make_pool(pcfg)
+            for name in list(self.pools):
+                if name not in pool_cfgs:
+                    del self.pools[name]
+            if self.last_snap is not None:
+                # New pool objects start out of rotation; the last snapshot puts back what it
+                # knows until the control process sends the one for this generation.
+                self._apply_snapshot(self.last_snap)
+            for lcfg in cfg.listener:
+                server = self.servers.get(lcfg.name)
+                if server is not None:
+                    server.update(self.pools[lcfg.pool], pool_cfgs[lcfg.pool])
+                    self.listener_cfgs[lcfg.name] = lcfg
+                elif lcfg.name in fds:
+                    self.fds[lcfg.name] = fds[lcfg.name]
+                    self.listener_cfgs[lcfg.name] = lcfg
+            if self.started:
+                await self._start_servers()
+            assert self.chan is not None
+            self.chan.send({"t": "config_applied", "gen": msg.get("gen")})
+        except Exception as exc:
+            logger.exception("event=worker_config_failed")
+            if self.chan is not None:
+                self.chan.send({"t": "config_failed", "gen": msg.get("gen"), "error": str(exc)})
+
+    def _apply_snapshot(self, msg: dict[str, Any]) -> None:
+        self.last_snap = msg
+        if self.config is None:
+            return
+        version = int(msg["ver"])
+        for name, p in msg["pools"].items():
+            pool = self.pools.get(name)
+            if pool is None:
+                continue
+            entries = {bn: BackendEntry(bool(e[0]), float(e[1])) for bn, e in p["e"].items()}
+            pool.apply(version, entries, bool(p.get("panic", False)))
+        if not self.started:
+            self.started = True
+            asyncio.get_running_loop().create_task(self._start_servers())
+
+    async def _start_servers(self) -> None:
+        assert self.config is not None
+        pool_cfgs = {p.name: p for p in self.config.pool}
+        for name, lcfg in self.listener_cfgs.items():
+            if name in self.servers or name not in self.fds:
+                continue
+            sock = socket.socket(fileno=self.fds[name])
+            sock.setblocking(False)
+            server: Server
+            if lcfg.mode == "tcp":
+                server = TcpProxyServer(
+                    lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
+                    on_ejection=self._on_ejection,
+                )
+            else:
+                server = ProxyServer(
+                    lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
+                    on_ejection=self._on_ejection,
+                )
+            await server.start(sock)
+            self.servers[name] = server
+        if self.chan is not None:
+            self.chan.send({"t": "ready", "pid": os.getpid(), "listeners": sorted(self.servers)})
+        logger.info("event=worker_serving listeners=%s", ",".join(sorted(self.servers)))
+
+    def _on_ejection(self, ej: Ejection) -> None:
+        if self.chan is not None:
+            self.chan.send(
+                {"t": "eject", "pool": ej.pool, "backend": ej.backend, "reason": str(ej.outcome)}
+            )
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            self._send_stats()
+
+    def _send_stats(self) -> None:
+        delta = self.stats.take_delta()
+        inflight = {
+            f"{p.name}/{b.name}": b.in_flight for p in self.pools.values() for b in p.backends
+        }
+        if self.chan is not None and (delta or any(inflight.values()) or self.started):
+            self.chan.send({"t": "stats", "d": delta, "inflight": inflight})
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        t0 = time.monotonic()
+        for server in self.servers.values():
+            await server.stop_accepting()
+        cut = 0
+        for server in self.servers.values():
+            left = max(0.0, timeout_s - (time.monotonic() - t0))
+            cut += await server.drain(left)
+        for server in self.servers.values():
+            server.close()
+        logger.info(
+            "event=worker_stopped cut_connections=%d took_s=%.3f", cut, time.monotonic() - t0
+        )
+
+
+def _changed(old: Config, pcfg: PoolConfig) -> bool:
+    try:
+        return old.pool_by_name(pcfg.name) != pcfg
+    except KeyError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    channel_fd, index = int(args[0]), int(args[1]) if len(args) > 1 else 0
+    log.setup("info", "auto", f"worker{index}")
+    worker = Worker(channel_fd, index)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(worker.run())
+    else:
+        uvloop.run(worker.run())
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
