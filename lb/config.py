@@ -80,7 +80,9 @@ def format_hostport(host: str, port: int) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 Seconds = Annotated[float, Field(gt=0)]
@@ -89,33 +91,48 @@ NonNegSeconds = Annotated[float, Field(ge=0)]
 
 class NodeConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """This node's name in heartbeats, logs, metrics and the status API."""
     workers: Annotated[int, Field(ge=0, le=256)] = 0
     """Proxy worker processes; 0 means one per CPU."""
     shutdown_timeout_s: NonNegSeconds = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish."""
     worker_ping_interval_s: Seconds = 1.0
+    """How often the control process pings each worker."""
     worker_ping_timeout_s: Seconds = 5.0
+    """A worker silent this long is killed and replaced."""
 
 
 class ListenerConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """Unique listener name (logs, metrics)."""
     bind: str
+    """Address to accept on: ``host:port`` or ``[v6]:port``; the host must be an IP."""
     mode: Literal["http", "tcp"] = "http"
+    """``http``: HTTP/1.x reverse proxy; ``tcp``: bytes piped both ways."""
     pool: str
+    """Name of the pool this listener sends to."""
     backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
+    """listen(2) backlog of the shared socket."""
     freebind: bool = True
     """IP_FREEBIND so a standby can bind the VIP before it holds it."""
     client_header_timeout_s: Seconds = 10.0
+    """A request's headers must arrive within this (else 408; slowloris)."""
     client_idle_timeout_s: Seconds = 60.0
     """Keep-alive idle time between requests (http); idle time both ways (tcp)."""
     max_request_line_bytes: Annotated[int, Field(ge=64, le=1 << 20)] = 8192
+    """Longer request line: 414."""
     max_header_bytes: Annotated[int, Field(ge=256, le=1 << 22)] = 32768
+    """Larger header block: 431."""
     max_headers: Annotated[int, Field(ge=1, le=10000)] = 100
+    """More header fields: 431."""
     max_body_bytes: Annotated[int, Field(ge=0)] = 0
     """0 means no limit: bodies are streamed, never buffered."""
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs whose X-Forwarded-For/Forwarded headers are kept; others' are replaced."""
     add_request_id: bool = True
+    """Add X-Request-ID when the request has none."""
     via: bool = True
+    """Append ``Via: 1.1 NODE`` to requests and responses."""
     max_connections: Annotated[int, Field(ge=0)] = 0
     """Per worker; 0 means unlimited."""
 
@@ -149,15 +166,25 @@ StatusRange = Annotated[str, Field(pattern=r"^[1-5][0-9][0-9](-[1-5][0-9][0-9])?
 
 class HealthConfig(_Model):
     type: Literal["http", "tcp"] = "http"
+    """``http``: a request must get an expected status; ``tcp``: a connect must succeed."""
     method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
+    """HTTP method of the probe."""
     path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] = "/healthz"
+    """Request target of the probe."""
     host: str | None = None
+    """Host header of the probe; default: the backend address."""
     expect_status: tuple[StatusRange, ...] = ("200-399",)
+    """Passing statuses: codes or inclusive ranges like ``"200-399"``."""
     expect_body: str | None = None
+    """If set, the body (first 64 KiB) must contain this text."""
     interval_s: Seconds = 1.0
+    """Time between checks of a backend whose state is settled."""
     timeout_s: Seconds = 0.5
+    """Whole-probe deadline (connect + response)."""
     rise: Annotated[int, Field(ge=1, le=100)] = 2
+    """Passing checks in a row that bring a DOWN backend UP."""
     fall: Annotated[int, Field(ge=1, le=100)] = 3
+    """Failing checks in a row that take an UP backend DOWN."""
     fast_interval_s: Seconds | None = None
     """Interval while a backend is changing state; defaults to interval_s."""
     down_interval_s: Seconds | None = None
@@ -167,6 +194,7 @@ class HealthConfig(_Model):
     initial: Literal["down", "up"] = "down"
     """'down': a new backend gets no traffic before its first passing check."""
     enabled: bool = True
+    """False: no active checks; backends count as healthy."""
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> HealthConfig:
@@ -189,33 +217,49 @@ class HealthOverride(_Model):
     """Per-backend overrides of the pool's health settings."""
 
     path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] | None = None
+    """Overrides ``[pool.health] path``."""
     host: str | None = None
+    """Overrides ``[pool.health] host``."""
     interval_s: Seconds | None = None
+    """Overrides ``[pool.health] interval_s``."""
     timeout_s: Seconds | None = None
+    """Overrides ``[pool.health] timeout_s``."""
     rise: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Overrides ``[pool.health] rise``."""
     fall: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Overrides ``[pool.health] fall``."""
     fast_interval_s: Seconds | None = None
+    """Overrides ``[pool.health] fast_interval_s``."""
     down_interval_s: Seconds | None = None
+    """Overrides ``[pool.health] down_interval_s``."""
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     """Check a different port than the traffic port."""
 
 
 class PassiveConfig(_Model):
     enabled: bool = True
+    """False: errors seen by the proxy never eject a backend."""
     consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 3
     """Connect failures, timeouts or 5xx in a row that eject a backend."""
     count_5xx: bool = True
+    """Count 5xx responses as failures (else only connect errors, resets, timeouts)."""
     eject_s: Seconds = 10.0
+    """First ejection's length; the n-th in a row lasts n times this."""
     max_eject_s: Seconds = 300.0
+    """Cap on one ejection's length."""
     max_eject_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    """Never eject more than this share of a pool at once."""
 
 
 class BackendConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """Unique within its pool (logs, metrics, admin API)."""
     address: str
+    """``host:port`` or ``[v6]:port``; a host name is resolved at connect time."""
     weight: Annotated[int, Field(ge=0, le=1000)] = 1
     """0 keeps the backend configured but sends it no new traffic."""
     health: HealthOverride | None = None
+    """Per-backend health-check overrides."""
 
     @field_validator("address")
     @classmethod
@@ -230,9 +274,13 @@ class BackendConfig(_Model):
 
 class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """Unique pool name, referenced by listeners."""
     balance: Literal["round_robin", "least_connections", "random_two"] = "round_robin"
+    """Smooth weighted round robin, least in-flight per weight, or power of two choices."""
     backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
+    """The pool's members."""
     connect_timeout_s: Seconds = 2.0
+    """Backend TCP connect deadline."""
     response_timeout_s: Seconds = 30.0
     """Time for the backend to start answering after the request is sent, and max gap between
     reads of its response."""
@@ -245,10 +293,15 @@ class PoolConfig(_Model):
     retry_on_timeout: bool = False
     """Also retry idempotent requests that timed out before any response byte."""
     slow_start_s: NonNegSeconds = 0.0
+    """A backend that comes back ramps its weight from 5% to 100% over this time."""
     panic_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    """Below this share of usable backends the pool is in panic."""
     panic_mode: Literal["spread", "fail"] = "spread"
+    """In panic: ``spread`` over all enabled backends, or ``fail`` with 503."""
     health: HealthConfig = HealthConfig()
+    """See ``[pool.health]``."""
     passive: PassiveConfig = PassiveConfig()
+    """See ``[pool.passive]``."""
 
     @model_validator(mode="after")
     def _unique_backends(self) -> PoolConfig:
@@ -262,26 +315,41 @@ class PoolConfig(_Model):
 
 class FailoverConfig(_Model):
     interface: str
+    """Interface the VIPs are added to (and whose carrier loss means FAULT)."""
     vips: Annotated[tuple[str, ...], Field(min_length=1)]
+    """Virtual IPs with prefix length, IPv4 and/or IPv6."""
     priority: Annotated[int, Field(ge=1, le=254)] = 100
+    """Higher wins the election; ties go to the higher address. 0 is reserved for leaving."""
     peers: Annotated[tuple[str, ...], Field(min_length=1)]
+    """Peer addresses (``ip`` or ``ip:port``); several addresses of one node count as one peer."""
     port: Annotated[int, Field(ge=1, le=65535)] = 5405
+    """UDP port of heartbeats."""
     bind: str | None = None
     """Local address for heartbeats; default all addresses."""
     multicast_group: str | None = None
+    """Also send heartbeats to this multicast group."""
     key_file: str = "/etc/pairlb/failover.key"
+    """Shared HMAC key; must not be readable by group or others (``pairlb keygen``)."""
     interval_s: Annotated[float, Field(ge=0.005, le=10)] = 0.05
+    """Heartbeat interval."""
     down_after: Annotated[int, Field(ge=2, le=100)] = 3
+    """Missed intervals (plus skew) before the peer is declared dead."""
     preempt: bool = True
+    """Take the VIP back from a lower-priority MASTER."""
     preempt_delay_s: NonNegSeconds = 0.0
+    """Wait this long after start before preempting."""
     track_interfaces: tuple[str, ...] = ()
     """Interfaces whose carrier loss means FAULT; the VIP interface is always tracked."""
     notify: tuple[str, ...] = ()
     """Scripts run in order on each transition: SCRIPT ROLE_FROM ROLE_TO NODE."""
     notify_timeout_s: Seconds = 5.0
+    """A notify script running longer is killed."""
     garp_count: Annotated[int, Field(ge=1, le=100)] = 5
+    """Gratuitous ARPs / unsolicited NAs per burst."""
     garp_interval_s: NonNegSeconds = 0.01
+    """Spacing inside a burst."""
     garp_repeat_after_s: NonNegSeconds = 5.0
+    """A second burst this long after taking the VIP (0: none)."""
 
     @field_validator("vips")
     @classmethod
@@ -309,9 +377,11 @@ class FailoverConfig(_Model):
 
 class AdminConfig(_Model):
     bind: str = "127.0.0.1:9900"
+    """Address of the admin HTTP endpoint (status, metrics, actions)."""
     token_file: str | None = None
     """Bearer token for mutating endpoints; without it they are disabled."""
     enabled: bool = True
+    """False: no admin endpoint at all."""
 
     @field_validator("bind")
     @classmethod
@@ -322,6 +392,7 @@ class AdminConfig(_Model):
 
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level logged."""
     journald_prefix: Literal["auto", "always", "never"] = "auto"
     """'<N>' priority prefixes for journald; auto = when stderr is the journal."""
 
@@ -459,3 +530,61 @@ backends = [
   { name = "web3", address = "127.0.0.1:9003" },
 ]
 """
+
+
+_SECTIONS: tuple[tuple[str, type[_Model], str], ...] = (
+    ("[node]", NodeConfig, "This node's identity and process model."),
+    ("[[listener]]", ListenerConfig, "One per address to accept on."),
+    ("[[pool]]", PoolConfig, "A set of backends and how to balance over them."),
+    ("pool backends = [{...}]", BackendConfig, "Each backend of a pool (inline tables)."),
+    ("[pool.health]", HealthConfig, "Active health checks of the pool's backends."),
+    ("backend health = {...}", HealthOverride, "Per-backend overrides of [pool.health]."),
+    ("[pool.passive]", PassiveConfig, "Passive checks: ejection on errors seen by the proxy."),
+    ("[failover]", FailoverConfig, "Heartbeats and the virtual IP. Omit for a single node."),
+    ("[admin]", AdminConfig, "The admin HTTP endpoint (status, metrics, actions)."),
+    ("[logging]", LoggingConfig, ""),
+)
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    text = str(annotation) if "[" in str(annotation) else text
+    for noise in ("typing.", "Annotated[", "lb.config.", "__main__."):
+        text = text.replace(noise, "")
+    text = text.split(", FieldInfo")[0].split(", Ge(")[0].split(", Gt(")[0]
+    return text.replace("NoneType", "None")
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md is this, checked by a test)."""
+    out = []
+    for title, model, blurb in _SECTIONS:
+        out.append(f"### `{title}`\n")
+        if blurb:
+            out.append(blurb + "\n")
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        for name, f in model.model_fields.items():
+            if f.is_required():
+                default = "required"
+            else:
+                d = f.get_default(call_default_factory=True)
+                default = "-" if isinstance(d, _Model) else f"`{json.dumps(d)}`"
+            meta = " ".join(
+                f"{k}{getattr(m, k)}"
+                for m in f.metadata
+                for k in ("ge", "gt", "le", "lt")
+                if getattr(m, k, None) is not None
+            ).replace("ge", ">=").replace("gt", ">").replace("le", "<=").replace("lt", "<")
+            typ = _type_name(f.annotation)
+            typ = typ if not meta else f"{typ} ({meta})"
+            desc = (f.description or "").replace("\n", " ")
+            out.append(f"| `{name}` | {typ} | {default} | {desc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--reference"]:
+        print(reference_markdown())
