@@ -450,6 +450,81 @@ class Daemon:
     def _record_event(self, kind: str, text: str) -> None:
         self.events.append({"at": time.time(), "kind": kind, "text": text})
 
+    def status(self) -> dict[str, Any]:
+        """Everything the admin API and the status page show (JSON-ready)."""
+        now_m = time.monotonic()
+        pools = []
+        totals = self.totals
+        for pcfg in self.cfg.pool:
+            rot = self.rotations.get(pcfg.name)
+            snap = self.snapshots.get(pcfg.name)
+            if rot is None or snap is None:
+                continue
+            backends = []
+            for b in pcfg.backends:
+                rec = rot.records[b.name]
+                entry = snap.entries.get(b.name)
+                hs = self.health.state((pcfg.name, b.name))
+                res = hs.last_result if hs is not None else None
+                key = f"{pcfg.name}/{b.name}"
+                backends.append(
+                    {
+                        "name": b.name,
+                        "address": b.address,
+                        "weight": b.weight,
+                        "effective_weight": entry.weight if entry else 0.0,
+                        "in_rotation": bool(entry and entry.eligible),
+                        "health": "up" if rec.healthy else "down",
+                        "checks_enabled": pcfg.health.enabled,
+                        "admin_state": str(rec.admin),
+                        "ejected": rec.ejected(now_m),
+                        "ejected_for_s": round(max(0.0, rec.ejected_until - now_m), 3),
+                        "ejections": rec.ejections_total,
+                        "last_ejection_reason": rec.last_ejection_reason or None,
+                        "last_check": None
+                        if res is None
+                        else {
+                            "status": str(res.status),
+                            "code": res.code,
+                            "duration_ms": round(res.duration_s * 1000, 3),
+                            "detail": res.detail,
+                        },
+                        "in_flight": self.backend_inflight(pcfg.name, b.name),
+                        "requests": _backend_total(totals, key, "requests"),
+                        "errors": _backend_total(totals, key, "errors"),
+                    }
+                )
+            pools.append(
+                {
+                    "name": pcfg.name,
+                    "balance": pcfg.balance,
+                    "panic": snap.panic,
+                    "usable": snap.usable,
+                    "enabled": snap.enabled,
+                    "backends": backends,
+                }
+            )
+        return {
+            "node": self.cfg.node.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime_s": round(now_m - self.started_mono, 3),
+            "config": {
+                "path": self.config_path,
+                "generation": self.generation,
+                "digest": self.cfg.digest(),
+                "last_reload": self.last_reload.as_dict() if self.last_reload else None,
+            },
+            "listeners": [
+                {"name": lst.name, "bind": lst.bind, "mode": lst.mode, "pool": lst.pool}
+                for lst in self.cfg.listener
+            ],
+            "pools": pools,
+            "workers": self.supervisor.status(),
+            "events": list(self.events),
+        }
+
     def status_line(self) -> str:
         usable = sum(s.usable for s in self.snapshots.values())
         total = sum(len(r.records) for r in self.rotations.values())
@@ -480,3 +555,11 @@ class Daemon:
 def run(cfg: Config, config_path: str | None) -> int:
     """Entry point of ``pairlb run``: the control process on the stdlib loop."""
     return asyncio.run(Daemon(cfg, config_path).run())
+
+
+def _backend_total(totals: dict[str, Any], key: str, what: str) -> int:
+    """Sum of a per-backend counter in the merged worker stats (``{what: {key: {...}}}``)."""
+    node = totals.get(what, {}).get(key, 0)
+    if isinstance(node, dict):
+        return int(sum(v for v in node.values() if isinstance(v, (int, float))))
+    return int(node)
