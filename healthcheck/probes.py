@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import re
 from collections.abc import Sequence
@@ -308,7 +307,5 @@ def _has_ctl(s: str) -> bool:
 
 
 def _bracket(host: str) -> str:
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
+    """IPv6 literals need brackets in Host; only they contain ':' (cheaper than parsing)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

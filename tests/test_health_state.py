@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import healthcheck
 from healthcheck import (
     CheckResult,
     CheckStatus,
@@ -184,3 +188,21 @@ def test_alternating_results_from_full_down_never_flap(rise: int, fall: int, n: 
     c, seen = run_seq(HealthCounter(rise, fall, 0), [i % 2 == 0 for i in range(n)])
     assert seen == []
     assert c.state is DOWN
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_healthcheck_imports_neither_lb_nor_failover_and_state_is_pure() -> None:
+    package = Path(healthcheck.__file__).parent
+    for path in package.glob("*.py"):
+        assert not _imported_modules(path) & {"lb", "failover"}, path.name
+    assert not _imported_modules(package / "state.py") & {"asyncio", "socket", "time", "logging"}
