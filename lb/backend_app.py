@@ -14,11 +14,11 @@ Every response carries ``X-Backend: NAME`` so a client can tell who answered.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections import Counter
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from lb.config import parse_hostport
 
@@ -29,13 +29,13 @@ def make_app(name: str) -> web.Application:
     ids: list[str] = []
 
     @web.middleware
-    async def tag(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def tag(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(("/healthz", "/stats", "/admin")):
             counts[request.method] += 1
             rid = request.headers.get("X-Client-Id")
             if rid:
                 ids.append(rid)
-        resp = await handler(request)
+        resp: web.StreamResponse = await handler(request)
         resp.headers["X-Backend"] = name
         return resp
 

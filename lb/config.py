@@ -420,9 +420,7 @@ class Config(_Model):
             raise ValueError("two listeners bind the same address")
         for i, lst in enumerate(self.listener):
             if lst.pool not in pools:
-                raise ValueError(
-                    f"listener[{i}].pool: no pool named {lst.pool!r} (pools: {pools})"
-                )
+                raise ValueError(f"listener[{i}].pool: no pool named {lst.pool!r} (pools: {pools})")
         return self
 
     def pool_by_name(self, name: str) -> PoolConfig:
@@ -569,12 +567,18 @@ def reference_markdown() -> str:
             else:
                 d = f.get_default(call_default_factory=True)
                 default = "-" if isinstance(d, _Model) else f"`{json.dumps(d)}`"
-            meta = " ".join(
-                f"{k}{getattr(m, k)}"
-                for m in f.metadata
-                for k in ("ge", "gt", "le", "lt")
-                if getattr(m, k, None) is not None
-            ).replace("ge", ">=").replace("gt", ">").replace("le", "<=").replace("lt", "<")
+            meta = (
+                " ".join(
+                    f"{k}{getattr(m, k)}"
+                    for m in f.metadata
+                    for k in ("ge", "gt", "le", "lt")
+                    if getattr(m, k, None) is not None
+                )
+                .replace("ge", ">=")
+                .replace("gt", ">")
+                .replace("le", "<=")
+                .replace("lt", "<")
+            )
             typ = _type_name(f.annotation)
             typ = typ if not meta else f"{typ} ({meta})"
             desc = (f.description or "").replace("\n", " ")

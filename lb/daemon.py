@@ -43,8 +43,11 @@ def check_spec(pcfg: PoolConfig, backend: config_mod.BackendConfig) -> tuple[Che
     """The pool's health settings with the backend's overrides; and the port to check."""
     h = pcfg.health
     o = backend.health
-    pick = (lambda name: getattr(o, name) if o is not None and getattr(o, name) is not None
-            else getattr(h, name))
+
+    def pick(name: str) -> Any:
+        override = getattr(o, name) if o is not None else None
+        return override if override is not None else getattr(h, name)
+
     spec = CheckSpec(
         probe=h.type,
         method=h.method,
@@ -123,13 +126,21 @@ class Daemon:
         self.rotations: dict[str, PoolRotation] = {}
         self.snapshots: dict[str, Snapshot] = {}
         self.snap_version = 0
-        self.health = HealthChecker(on_result=self._on_check_result, on_transition=self._on_transition)
+        self.health = HealthChecker(
+            on_result=self._on_check_result, on_transition=self._on_transition
+        )
         self.check_results: dict[tuple[str, str], CheckResult] = {}
         self.check_counts: dict[tuple[str, str, str], int] = {}
         self.notifier = Notifier()
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self.totals: dict[str, Any] = {}
         self.inflight: dict[int, dict[str, int]] = {}
+        self.worker_active: dict[int, dict[str, int]] = {}
+        self.check_observers: list[Callable[[tuple[str, str], CheckResult], None]] = []
+        """Called for every health-check result (metrics registers here)."""
+        self.failover: Any = None
+        """The failover controller when [failover] is configured."""
+        self.admin_runner: Any = None
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.last_reload: ReloadResult | None = None
         self.reloads = {"success": 0, "failure": 0}
@@ -161,7 +172,9 @@ class Daemon:
         self.notifier.ready(self.status_line())
         logger.info(
             "event=ready version=%s node=%s workers=%d listeners=%s",
-            __version__, self.cfg.node.name, self.supervisor.count,
+            __version__,
+            self.cfg.node.name,
+            self.supervisor.count,
             ",".join(f"{lst.name}@{lst.bind}" for lst in self.cfg.listener),
         )
         while True:
@@ -201,10 +214,25 @@ class Daemon:
         await self.supervisor.start()
         if not await self.supervisor.wait_ready(10.0):
             logger.warning("event=workers_slow_to_start")
+        if self.cfg.admin.enabled:
+            await self._start_admin()
         self._spawn(self._status_loop(), "status")
         wd = watchdog_interval_s()
         if wd is not None:
             self._spawn(self._watchdog_loop(wd), "watchdog")
+
+    async def _start_admin(self) -> None:
+        from aiohttp import web
+
+        from lb import admin
+
+        app = admin.make_app(self)
+        self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.admin_runner.setup()
+        host, port = config_mod.parse_hostport(self.cfg.admin.bind)
+        site = web.TCPSite(self.admin_runner, host, port, reuse_address=True)
+        await site.start()
+        logger.info("event=admin_listening bind=%s", self.cfg.admin.bind)
 
     async def shutdown(self, timeout_s: float) -> None:
         self.stopping = True
@@ -213,6 +241,8 @@ class Daemon:
             self._snap_timer.cancel()
         await self.supervisor.stop(timeout_s)
         await self.health.stop()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
         for sock in self.sockets.values():
             sock.close()
         for t in list(self._tasks):
@@ -247,9 +277,13 @@ class Daemon:
         changes: list[str] = []
         if new.node.name != old.node.name:
             changes.append("node.name changed: needs a restart, ignored")
-            new = new.model_copy(update={"node": old.node.model_copy(update={"name": old.node.name})})
+            new = new.model_copy(
+                update={"node": old.node.model_copy(update={"name": old.node.name})}
+            )
         if new.failover != old.failover:
-            changes.append("failover section changed: applied at next restart (the VIP never moves on reload)")
+            changes.append(
+                "failover section changed: applied at next restart (the VIP never moves on reload)"
+            )
             new = new.model_copy(update={"failover": old.failover})
         # Listeners: new sockets first, so a bind error leaves everything as it was.
         old_l = {lst.name: lst for lst in old.listener}
@@ -258,8 +292,12 @@ class Daemon:
         try:
             for name, lcfg in new_l.items():
                 prev = old_l.get(name)
-                if prev is None or prev.bind != lcfg.bind or prev.backlog != lcfg.backlog \
-                        or prev.freebind != lcfg.freebind:
+                if (
+                    prev is None
+                    or prev.bind != lcfg.bind
+                    or prev.backlog != lcfg.backlog
+                    or prev.freebind != lcfg.freebind
+                ):
                     fresh[name] = make_listen_socket(lcfg)
         except OSError as exc:
             for s in fresh.values():
@@ -279,11 +317,11 @@ class Daemon:
         # Pools: keep the state of unchanged backends.
         old_p = {p.name: p for p in old.pool}
         for pcfg in new.pool:
-            prev = old_p.get(pcfg.name)
-            if prev is None:
+            prev_p = old_p.get(pcfg.name)
+            if prev_p is None:
                 self.rotations[pcfg.name] = make_rotation(pcfg)
                 changes.append(f"pool {pcfg.name} added")
-            elif prev != pcfg:
+            elif prev_p != pcfg:
                 rot = make_rotation(pcfg)
                 rot.records = self.rotations[pcfg.name].records
                 rot.reconcile(
@@ -309,9 +347,13 @@ class Daemon:
             s.close()
         logger.info(
             "event=reloaded generation=%d digest=%s changes=%r",
-            self.generation, new.digest(), "; ".join(changes) or "none",
+            self.generation,
+            new.digest(),
+            "; ".join(changes) or "none",
         )
-        self._record_event("reload", f"generation {self.generation}: {'; '.join(changes) or 'no changes'}")
+        self._record_event(
+            "reload", f"generation {self.generation}: {'; '.join(changes) or 'no changes'}"
+        )
         return ReloadResult(True, now, self.generation, [], changes)
 
     # -- pools, checks and snapshots --------------------------------------------------
@@ -326,18 +368,25 @@ class Daemon:
                 out.append(Target((pcfg.name, b.name), b.host_port[0], port, spec))
         return out
 
-    def _on_check_result(self, key: tuple[str, str], result: CheckResult, counter: HealthCounter) -> None:
+    def _on_check_result(
+        self, key: tuple[str, str], result: CheckResult, counter: HealthCounter
+    ) -> None:
         self.check_results[key] = result
         ck = (key[0], key[1], str(result.status))
         self.check_counts[ck] = self.check_counts.get(ck, 0) + 1
+        for observe in self.check_observers:
+            observe(key, result)
 
-    def _on_transition(self, key: tuple[str, str], old: Health, new: Health, result: CheckResult) -> None:
+    def _on_transition(
+        self, key: tuple[str, str], old: Health, new: Health, result: CheckResult
+    ) -> None:
         rot = self.rotations.get(key[0])
         if rot is None or key[1] not in rot.records:
             return
         if rot.set_health(key[1], new is Health.UP, time.monotonic()):
             self._record_event(
-                "health", f"{key[0]}/{key[1]} {old} -> {new} ({result.status} {result.detail})".strip()
+                "health",
+                f"{key[0]}/{key[1]} {old} -> {new} ({result.status} {result.detail})".strip(),
             )
             self.push_snapshots()
 
@@ -368,9 +417,14 @@ class Daemon:
                 if snap.panic and (prev is None or not prev.panic):
                     logger.error(
                         "event=pool_panic pool=%s usable=%d enabled=%d mode=%s",
-                        name, snap.usable, snap.enabled, rot.panic_mode,
+                        name,
+                        snap.usable,
+                        snap.enabled,
+                        rot.panic_mode,
                     )
-                    self._record_event("panic", f"pool {name} in panic ({snap.usable}/{snap.enabled} usable)")
+                    self._record_event(
+                        "panic", f"pool {name} in panic ({snap.usable}/{snap.enabled} usable)"
+                    )
                 elif prev is not None and prev.panic and not snap.panic:
                     logger.warning("event=pool_panic_over pool=%s usable=%d", name, snap.usable)
             self.snapshots[name] = snap
@@ -403,7 +457,10 @@ class Daemon:
             "t": "snap",
             "ver": self.snap_version,
             "pools": {
-                name: {"panic": s.panic, "e": {bn: [e.eligible, e.weight] for bn, e in s.entries.items()}}
+                name: {
+                    "panic": s.panic,
+                    "e": {bn: [e.eligible, e.weight] for bn, e in s.entries.items()},
+                }
                 for name, s in self.snapshots.items()
             },
         }
@@ -424,8 +481,17 @@ class Daemon:
     def _on_worker_message(self, handle: WorkerHandle, msg: channel.Message) -> None:
         kind = msg["t"]
         if kind == "stats":
-            merge_counts(self.totals, msg.get("d") or {})
+            delta = msg.get("d") or {}
+            # Gauges travel as changes; keep them per worker so a dead worker's share can go.
+            active = self.worker_active.setdefault(handle.index, {})
+            for listener, c in delta.get("connections", {}).items():
+                active[listener] = active.get(listener, 0) + c.pop("active", 0)
+            merge_counts(self.totals, delta)
             self.inflight[handle.index] = msg.get("inflight") or {}
+        elif kind == "hello":
+            # A new process in this slot: the previous one's gauges died with it.
+            self.worker_active.pop(handle.index, None)
+            self.inflight.pop(handle.index, None)
         elif kind == "eject":
             pool, backend, reason = msg["pool"], msg["backend"], msg["reason"]
             rot = self.rotations.get(pool)
@@ -435,15 +501,23 @@ class Daemon:
             if ej is not None:
                 logger.warning(
                     "event=backend_ejected pool=%s backend=%s reason=%s for_s=%.1f worker=%d",
-                    pool, backend, reason, ej.duration_s, handle.index,
+                    pool,
+                    backend,
+                    reason,
+                    ej.duration_s,
+                    handle.index,
                 )
-                self._record_event("eject", f"{pool}/{backend} ejected for {ej.duration_s:.0f}s ({reason})")
+                self._record_event(
+                    "eject", f"{pool}/{backend} ejected for {ej.duration_s:.0f}s ({reason})"
+                )
             # Push even when refused: the worker's local ejection must be overridden.
             self.snap_version += 1
             self._compute_snapshots()
             self.supervisor.broadcast(self._snapshot_message())
         elif kind == "config_failed":
-            logger.error("event=worker_config_failed index=%d error=%r", handle.index, msg.get("error"))
+            logger.error(
+                "event=worker_config_failed index=%d error=%r", handle.index, msg.get("error")
+            )
 
     # -- status ------------------------------------------------------------------------
 
@@ -466,7 +540,6 @@ class Daemon:
                 entry = snap.entries.get(b.name)
                 hs = self.health.state((pcfg.name, b.name))
                 res = hs.last_result if hs is not None else None
-                key = f"{pcfg.name}/{b.name}"
                 backends.append(
                     {
                         "name": b.name,
@@ -490,8 +563,8 @@ class Daemon:
                             "detail": res.detail,
                         },
                         "in_flight": self.backend_inflight(pcfg.name, b.name),
-                        "requests": _backend_total(totals, key, "requests"),
-                        "errors": _backend_total(totals, key, "errors"),
+                        "requests": _backend_total(totals, pcfg.name, b.name, "requests"),
+                        "errors": _backend_total(totals, pcfg.name, b.name, "errors"),
                     }
                 )
             pools.append(
@@ -522,13 +595,26 @@ class Daemon:
             ],
             "pools": pools,
             "workers": self.supervisor.status(),
+            "failover": self.failover.status() if self.failover is not None else None,
+            "role": self.role(),
             "events": list(self.events),
         }
+
+    def role(self) -> str:
+        """MASTER/BACKUP/FAULT/INIT with failover; STANDALONE without."""
+        if self.failover is None:
+            return "STANDALONE"
+        return str(self.failover.role)
+
+    def ready(self) -> bool:
+        """Able to serve: workers up and at least one pool with a usable backend."""
+        workers_ok = any(h.ready for h in self.supervisor.slots.values())
+        return workers_ok and any(s.usable > 0 for s in self.snapshots.values())
 
     def status_line(self) -> str:
         usable = sum(s.usable for s in self.snapshots.values())
         total = sum(len(r.records) for r in self.rotations.values())
-        return f"role=standalone backends_up={usable}/{total} workers={self.supervisor.count}"
+        return f"role={self.role()} backends_up={usable}/{total} workers={self.supervisor.count}"
 
     async def _status_loop(self) -> None:
         last = ""
@@ -557,9 +643,9 @@ def run(cfg: Config, config_path: str | None) -> int:
     return asyncio.run(Daemon(cfg, config_path).run())
 
 
-def _backend_total(totals: dict[str, Any], key: str, what: str) -> int:
-    """Sum of a per-backend counter in the merged worker stats (``{what: {key: {...}}}``)."""
-    node = totals.get(what, {}).get(key, 0)
+def _backend_total(totals: dict[str, Any], pool: str, backend: str, what: str) -> int:
+    """Sum of a per-backend counter in the merged worker stats: what -> pool -> backend."""
+    node = totals.get(what, {}).get(pool, {}).get(backend, 0)
     if isinstance(node, dict):
         return int(sum(v for v in node.values() if isinstance(v, (int, float))))
     return int(node)

@@ -66,7 +66,9 @@ def main(args: argparse.Namespace) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         for name, addr in BACKENDS:
-            procs.append(subprocess.Popen([sys.executable, "-m", "lb.backend_app", name, addr], env=env))
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "lb.backend_app", name, addr], env=env)
+            )
         for _, addr in BACKENDS:
             bh, bp = config_mod.parse_hostport(addr)
             if not _wait_http(bh, bp, "/healthz", 10):
@@ -90,7 +92,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"pairlb is serving on http://{host}:{port}/ in front of {len(BACKENDS)} backends")
         print(f"  try:  curl -si http://{host}:{port}/   (X-Backend says who answered)")
         print(f"  8 requests went to: {dict(sorted(seen.items()))} (web2 has weight 2)")
-        print("  Ctrl-C stops everything." if not args.duration else f"  stopping in {args.duration:.0f} s")
+        print(
+            "  Ctrl-C stops everything."
+            if not args.duration
+            else f"  stopping in {args.duration:.0f} s"
+        )
         print(flush=True)
         end = time.monotonic() + args.duration if args.duration else float("inf")
         while time.monotonic() < end:

@@ -40,7 +40,9 @@ class Notifier:
 
     def reloading(self) -> bool:
         # systemd >= 253 wants MONOTONIC_USEC with RELOADING=1 (Type=notify-reload).
-        return self.notify(reloading=1, monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        return self.notify(
+            reloading=1, monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        )
 
     def stopping(self) -> bool:
         return self.notify(stopping=1)

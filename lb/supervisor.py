@@ -147,9 +147,8 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     def broadcast(self, msg: channel.Message) -> None:
-        data_sent = 0
         for h in self.slots.values():
-            data_sent += h.send(msg)
+            h.send(msg)
 
     def status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -206,7 +205,9 @@ class Supervisor:
         task = asyncio.create_task(self._watch(handle), name=f"worker-{index}-watch")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        logger.info("event=worker_started index=%d pid=%s gen=%d", index, handle.pid, handle.generation)
+        logger.info(
+            "event=worker_started index=%d pid=%s gen=%d", index, handle.pid, handle.generation
+        )
         return handle
 
     def _on_message(self, handle: WorkerHandle, msg: channel.Message) -> None:
@@ -228,7 +229,9 @@ class Supervisor:
             handle.chan.transport.close()
         if self.stopping or handle.retiring:
             self.retiring.discard(handle)
-            logger.info("event=worker_exited index=%d pid=%s code=%s", handle.index, handle.pid, code)
+            logger.info(
+                "event=worker_exited index=%d pid=%s code=%s", handle.index, handle.pid, code
+            )
             return
         now = time.monotonic()
         st = self.slot_stats[handle.index]
@@ -236,17 +239,27 @@ class Supervisor:
         how = f"signal={signal.Signals(-code).name}" if code < 0 else f"code={code}"
         st.crashes += 1
         st.backoff_s = (
-            0.0 if ran_s >= STABLE_AFTER_S else min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, st.backoff_s * 2))
+            0.0
+            if ran_s >= STABLE_AFTER_S
+            else min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, st.backoff_s * 2))
         )
         st.recent.append(now)
         if st.crash_loop(now):
             logger.error(
-                "event=worker_crash_loop index=%d restarts_in_window=%d window_s=%.0f backoff_s=%.2f",
-                handle.index, len(st.recent), CRASH_LOOP_WINDOW_S, st.backoff_s,
+                "event=worker_crash_loop index=%d restarts_in_window=%d window_s=%.0f "
+                "backoff_s=%.2f",
+                handle.index,
+                len(st.recent),
+                CRASH_LOOP_WINDOW_S,
+                st.backoff_s,
             )
         logger.warning(
             "event=worker_died index=%d pid=%s %s ran_s=%.2f restart_in_s=%.2f",
-            handle.index, handle.pid, how, ran_s, st.backoff_s,
+            handle.index,
+            handle.pid,
+            how,
+            ran_s,
+            st.backoff_s,
         )
         if st.backoff_s:
             await asyncio.sleep(st.backoff_s)
@@ -268,7 +281,9 @@ class Supervisor:
                 if now - h.last_pong > self.ping_timeout_s:
                     logger.error(
                         "event=worker_hung index=%d pid=%s silent_s=%.1f action=kill",
-                        h.index, h.pid, now - h.last_pong,
+                        h.index,
+                        h.pid,
+                        now - h.last_pong,
                     )
                     self.slot_stats[h.index].hung_kills += 1
                     h.last_pong = now

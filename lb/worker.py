@@ -42,9 +42,7 @@ def make_pool(pcfg: PoolConfig) -> Pool:
         pcfg.name,
         pcfg.balance,
         [(b.name, *b.host_port, float(b.weight)) for b in pcfg.backends],
-        consecutive_failures=pcfg.passive.consecutive_failures
-        if pcfg.passive.enabled
-        else 1 << 30,
+        consecutive_failures=pcfg.passive.consecutive_failures if pcfg.passive.enabled else 1 << 30,
         local_eject_s=pcfg.passive.eject_s,
         max_eject_percent=pcfg.passive.max_eject_percent,
         eligible=False,
@@ -174,12 +172,18 @@ class Worker:
             server: Server
             if lcfg.mode == "tcp":
                 server = TcpProxyServer(
-                    lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
+                    lcfg,
+                    self.pools[lcfg.pool],
+                    pool_cfgs[lcfg.pool],
+                    self.stats,
                     on_ejection=self._on_ejection,
                 )
             else:
                 server = ProxyServer(
-                    lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
+                    lcfg,
+                    self.pools[lcfg.pool],
+                    pool_cfgs[lcfg.pool],
+                    self.stats,
                     on_ejection=self._on_ejection,
                 )
             await server.start(sock)

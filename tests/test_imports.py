@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = ["lb/pool.py", "lb/rotation.py", "lb/headers.py", "healthcheck/state.py",
-        "failover/codec.py", "failover/machine.py"]
+PURE = [
+    "lb/pool.py",
+    "lb/rotation.py",
+    "lb/headers.py",
+    "healthcheck/state.py",
+    "failover/codec.py",
+    "failover/machine.py",
+]
 IMPURE = {"asyncio", "socket", "time", "logging", "selectors", "threading", "subprocess"}
 
 
@@ -34,7 +40,9 @@ def files(pkg: str) -> list[Path]:
     return sorted((ROOT / pkg).rglob("*.py"))
 
 
-@pytest.mark.parametrize("pkg,forbidden", [("healthcheck", {"lb", "failover"}), ("failover", {"lb", "healthcheck"})])
+@pytest.mark.parametrize(
+    "pkg,forbidden", [("healthcheck", {"lb", "failover"}), ("failover", {"lb", "healthcheck"})]
+)
 def test_leaf_packages_do_not_import_the_app_or_each_other(pkg: str, forbidden: set[str]) -> None:
     for f in files(pkg):
         bad = {i for i in imports_of(f) if top(i) in forbidden}

@@ -44,7 +44,15 @@ def test_round_robin_proportional_to_weight(weights: list[int]) -> None:
 
 def test_ineligible_and_zero_weight_get_nothing() -> None:
     pool = make(weights=(1, 1, 1))
-    pool.apply(1, {"b0": BackendEntry(True, 1.0), "b1": BackendEntry(False, 0.0), "b2": BackendEntry(True, 0.0)}, False)
+    pool.apply(
+        1,
+        {
+            "b0": BackendEntry(True, 1.0),
+            "b1": BackendEntry(False, 0.0),
+            "b2": BackendEntry(True, 0.0),
+        },
+        False,
+    )
     names = {pool.pick(0.0).name for _ in range(10)}  # type: ignore[union-attr]
     assert names == {"b0"}
 

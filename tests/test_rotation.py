@@ -10,7 +10,9 @@ from lb.rotation import AdminState, PoolRotation
 
 
 def rot(n: int = 4, healthy: bool = True, **rules: float | int | str) -> PoolRotation:
-    return PoolRotation.create("web", [(f"b{i}", 1) for i in range(n)], initially_healthy=healthy, **rules)
+    return PoolRotation.create(
+        "web", [(f"b{i}", 1) for i in range(n)], initially_healthy=healthy, **rules
+    )
 
 
 def eligible(r: PoolRotation, now: float) -> set[str]:
@@ -120,7 +122,12 @@ def test_reconcile_keeps_state_of_unchanged() -> None:
 
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["health", "admin", "eject"]), st.integers(0, 5), st.booleans(), st.floats(0, 100)),
+        st.tuples(
+            st.sampled_from(["health", "admin", "eject"]),
+            st.integers(0, 5),
+            st.booleans(),
+            st.floats(0, 100),
+        ),
         max_size=60,
     )
 )
