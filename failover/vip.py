@@ -2,8 +2,9 @@
 
 The one module of pairlb that imports pyroute2 (DESIGN.md); it must run on stdlib asyncio,
 because pyroute2 does not run on uvloop. Imports nothing from lb or healthcheck; the
-controller reaches it only through the `VipPort` protocol (failover/ports.py), so pure tests
-use a fake and the real thing is tested in network namespaces.
+controller reaches it only through the `VipPort` protocol (failover/ports.py, whose contract
+this class implements), so pure tests use a fake and the real thing is tested in network
+namespaces.
 
 What it does, and why:
 
@@ -48,6 +49,8 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from failover.ports import FailoverError
+
 log = logging.getLogger(__name__)
 
 CarrierCallback = Callable[[str, bool], Awaitable[None] | None]
@@ -80,7 +83,7 @@ _POLL_FIRST_S = 0.001
 _POLL_MAX_S = 0.02
 
 
-class VipError(Exception):
+class VipError(FailoverError):
     """A VIP or link operation failed; the message names the step, interface and address."""
 
 
@@ -189,6 +192,7 @@ class VipAdapter:
         self._op_lock = asyncio.Lock()
         self._repeat_task: asyncio.Task[None] | None = None
         self._burst_task: asyncio.Task[None] | None = None
+        self._raw: dict[tuple[int, int, str], socket.socket] = {}
 
     def __repr__(self) -> str:
         return f"VipAdapter(interface={self.interface!r}, vips={list(self.vips)!r})"
@@ -248,20 +252,22 @@ class VipAdapter:
         """
         if self.garp_count == 0:
             return
-        link = await self._link(self.interface, "announce")
-        present = await self._present(link, "announce")
-        vips = tuple(v for v in self._vips if (v.address, v.prefixlen) in present)
-        if not vips:
-            log.warning("vip_announce_skipped interface=%s reason=not_held", self.interface)
-            return
-        self._send_round(link, vips)
-        if self._burst_task is not None:
-            self._burst_task.cancel()
-        if self.garp_count > 1:
-            self._burst_task = asyncio.create_task(
-                self._announce_later(link, vips, with_repeat=False),
-                name=f"vip-reannounce-{self.interface}",
-            )
+        # Under the operation lock: a release() running now must not be overtaken by a
+        # burst announcing the address it just deleted.
+        async with self._op_lock:
+            link = await self._link(self.interface, "announce")
+            vips = await self._held_vips(link, "announce")
+            if not vips:
+                log.warning("vip_announce_skipped interface=%s reason=not_held", self.interface)
+                return
+            self._send_round(link, vips)
+            if self._burst_task is not None:
+                self._burst_task.cancel()
+            if self.garp_count > 1:
+                self._burst_task = asyncio.create_task(
+                    self._announce_later(link, vips, with_repeat=False),
+                    name=f"vip-reannounce-{self.interface}",
+                )
 
     async def remove_stale(self) -> list[str]:
         """Delete our VIPs (at any prefix length) left on the interface; return what went.
@@ -296,8 +302,9 @@ class VipAdapter:
         return all((v.address, v.prefixlen) in present for v in self._vips)
 
     async def close(self) -> None:
-        """Stop announcing and close the netlink socket. Leaves the addresses as they are."""
+        """Stop announcing and close the sockets. Leaves the addresses as they are."""
         await self._cancel_announcements()
+        self._close_raw_sockets()
         async with self._nl_lock:
             self._reset()
 
@@ -444,6 +451,10 @@ class VipAdapter:
                 out.add((ipaddress.ip_address(addr).compressed, int(m["prefixlen"])))
         return out
 
+    async def _held_vips(self, link: _Link, step: str) -> tuple[_Vip, ...]:
+        present = await self._present(link, step)
+        return tuple(v for v in self._vips if (v.address, v.prefixlen) in present)
+
     async def _add(self, link: _Link, vip: _Vip) -> None:
         spec: dict[str, Any] = {
             "index": link.index, "address": vip.address, "prefixlen": vip.prefixlen,
@@ -525,9 +536,11 @@ class VipAdapter:
             if not with_repeat or self.garp_repeat_after_s is None:
                 return
             await asyncio.sleep(self.garp_repeat_after_s)
-            # The link may have been re-created (new index or MAC) in the meantime.
+            # The link may have been re-created (new index or MAC) in the meantime, and an
+            # operator may have removed an address: announce only what is still there.
             link = await self._link(self.interface, "announce")
-            for i in range(self.garp_count):
+            vips = await self._held_vips(link, "announce")
+            for i in range(self.garp_count if vips else 0):
                 if i:
                     await asyncio.sleep(self.garp_interval_s)
                 self._send_round(link, vips)
@@ -541,45 +554,75 @@ class VipAdapter:
     def _send_round(self, link: _Link, vips: Sequence[_Vip]) -> None:
         """One round: GARP request + reply per IPv4 VIP, one unsolicited NA per IPv6 VIP.
 
-        Raw sockets are opened per round (cheap) so nothing queues on them between rounds.
-        A failed send is counted and logged: the addresses are held regardless, and the
-        next round or the repeat burst may get through.
+        A failed send is counted and logged, not raised: the addresses are held regardless,
+        and the next round or the repeat burst may get through.
         """
         if link.mac is None or link.flags & IFF_NOARP:
             log.debug("vip_announce_skipped interface=%s reason=no_arp", link.ifname)
             return
-        v4 = [v for v in vips if v.family == socket.AF_INET]
-        v6 = [v for v in vips if v.family == socket.AF_INET6]
         sent = 0
         try:
-            if v4:
-                with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as s:
-                    s.setblocking(False)
-                    s.bind((link.ifname, 0))
-                    for vip in v4:
-                        for op in (ARPOP_REQUEST, ARPOP_REPLY):
-                            s.send(arp_announcement(link.mac, vip.address, op))
-                            sent += 1
-            if v6:
-                with socket.socket(socket.AF_INET6, socket.SOCK_RAW,
-                                   socket.IPPROTO_ICMPV6) as s:
-                    s.setblocking(False)
-                    # Receive nothing: this socket only sends.
-                    s.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, b"\xff" * 32)
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, link.index)
-                    # RFC 4861 7.1.2: receivers drop ND packets whose hop limit is not 255.
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
-                    for vip in v6:
-                        s.sendto(neighbour_advertisement(link.mac, vip.address),
-                                 (ALL_NODES, 0, 0, link.index))
+            for vip in vips:
+                if vip.family == socket.AF_INET:
+                    s = self._raw_socket(link, socket.AF_INET)
+                    for op in (ARPOP_REQUEST, ARPOP_REPLY):
+                        s.send(arp_announcement(link.mac, vip.address, op))
                         sent += 1
+                else:
+                    s = self._raw_socket(link, socket.AF_INET6)
+                    s.sendto(neighbour_advertisement(link.mac, vip.address),
+                             (ALL_NODES, 0, 0, link.index))
+                    sent += 1
         except OSError as e:
             self.announcement_errors += 1
+            self._close_raw_sockets()  # the interface may have gone; reopen next round
             log.warning("vip_announce_error interface=%s error=%s", link.ifname, e)
         finally:
             self.announcements_sent += sent
         log.debug("vip_announced interface=%s packets=%d", link.ifname, sent)
+
+    def _raw_socket(self, link: _Link, family: int) -> socket.socket:
+        """The sending socket for `family` on `link`, opened once and kept.
+
+        Kept open because closing an AF_PACKET socket waits for an RCU grace period
+        (synchronize_net, ~10 ms measured) and would stall the event loop on every round.
+        Neither socket receives anything, so nothing queues on them.
+        """
+        key = (family, link.index, link.ifname)
+        s = self._raw.get(key)
+        if s is not None:
+            return s
+        for old in [k for k in self._raw if k[0] == family]:
+            self._raw.pop(old).close()
+        if family == socket.AF_INET:
+            # Protocol 0: a send-only packet socket, no receive hook is registered.
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            try:
+                s.setblocking(False)
+                s.bind((link.ifname, 0))
+            except OSError:
+                s.close()
+                raise
+        else:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            try:
+                s.setblocking(False)
+                s.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, b"\xff" * 32)  # block all
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, link.index)
+                # RFC 4861 7.1.2: receivers drop ND packets whose hop limit is not 255.
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                # Our own NA looped back would make the kernel log a duplicate address.
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+            except OSError:
+                s.close()
+                raise
+        self._raw[key] = s
+        return s
+
+    def _close_raw_sockets(self) -> None:
+        for s in self._raw.values():
+            s.close()
+        self._raw.clear()
 
 
 # -- wire formats ------------------------------------------------------------------------------

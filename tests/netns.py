@@ -680,3 +680,27 @@ def topology(names: Iterable[str], **kwargs: Any) -> Iterator[Topology]:
         yield topo
     finally:
         topo.teardown()
+
+
+def main(argv: list[str]) -> int:
+    """`python tests/netns.py list` / `python tests/netns.py cleanup plbXXXX` after a crash."""
+    if len(argv) == 1 and argv[0] == "list":
+        print("\n".join(list_namespaces()))
+        return 0
+    if len(argv) == 2 and argv[0] == "cleanup":
+        try:
+            removed = cleanup(argv[1])
+        except ValueError as e:
+            print(e)
+            return 2
+        for name in removed:
+            print(f"removed {name}")
+        return 0
+    print("usage: netns.py list | netns.py cleanup plb<hex>")
+    return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

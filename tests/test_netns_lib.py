@@ -75,7 +75,8 @@ def test_cut_link_and_isolated_ports_partition_the_way_the_chaos_bench_needs() -
         flags = topo.ip_json("lb1", "link", "show", "dev", "eth0")[0]["flags"]
         assert "NO-CARRIER" in flags, flags
         topo.restore_link("lb1")
-        assert _eventually(lambda: topo.tcp_probe("client", lb1, 9).reachable)
+        # From lb1's side: the client's own ARP retry for lb1 would add up to a second.
+        assert _eventually(lambda: topo.tcp_probe("lb1", topo["client"].ipv4, 9).reachable)
 
         topo.cut_link("lb2", side="node")
         assert "UP" not in topo.ip_json("lb2", "link", "show", "dev", "eth0")[0]["flags"]

@@ -24,6 +24,7 @@ from typing import Any
 import netns
 import pytest
 
+from failover.ports import FailoverError, VipPort
 from failover.vip import VipAdapter, VipError
 
 pytestmark = [
@@ -377,11 +378,13 @@ def test_failures_surface_as_vip_errors_naming_what_failed(
     topo: netns.Topology, make: Make,
 ) -> None:
     loop = topo.loop("lb1")
-    missing = VipAdapter("nope0", [vip4(topo)])
-    with pytest.raises(VipError, match="acquire: interface nope0 not found"):
+    missing: VipPort = VipAdapter("nope0", [vip4(topo)])  # mypy: the adapter is a VipPort
+    with pytest.raises(VipError, match="acquire: interface nope0 not found") as caught:
         loop.run(missing.acquire())
+    assert isinstance(caught.value, FailoverError)
     assert loop.run(missing.held()) is False
     loop.run(missing.release())  # nothing to release: fine
+    assert isinstance(missing, VipAdapter)
     loop.run(missing.close())
 
     be1, v6_only = make("be1", vips=[vip6(topo)])
