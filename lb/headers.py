@@ -1,0 +1,450 @@
+"""HTTP/1.1 header rewriting for the proxy: what a request and a response look like on the
+other side of pairlb.
+
+Pure: no asyncio, socket, time or logging; bytes in, bytes out. The proxy engine calls
+``build_request_head`` once per request and ``filter_response_headers`` once per response,
+so both are single passes over the header list with no per-header allocations beyond the
+output pieces.
+
+Rules (RFC 9110 §7.6, RFC 9112, RFC 7239):
+
+- hop-by-hop fields are never forwarded: Connection, Keep-Alive, Proxy-Connection, TE,
+  Trailer, Transfer-Encoding (re-added by the engine when it re-chunks), Upgrade (except on
+  an upgrade request/101), and every field named in Connection;
+- forwarding fields (X-Forwarded-For/-Proto/-Host/-Port, X-Real-IP, Forwarded) from a
+  client that is not a trusted proxy are dropped and replaced by ours; from a trusted proxy
+  they are kept and our hop is appended;
+- X-Request-ID is added when absent; Via gets our hop appended (requests only: a reverse
+  proxy is a gateway, RFC 9110 §7.6.3);
+- a request with a transfer coding other than plain ``chunked`` gets 501, a second Host or a
+  malformed one 400, an expectation other than 100-continue 417.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import re
+
+__all__ = [
+    "HOP_BY_HOP",
+    "ClientContext",
+    "HeaderError",
+    "RequestHead",
+    "RequestIds",
+    "ResponseHeaders",
+    "build_request_head",
+    "filter_response_headers",
+    "forwarded_node",
+    "is_trusted",
+    "parse_networks",
+    "split_absolute_form",
+    "status_line",
+]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request header classes (values of _REQ): what build_request_head does with a field.
+_DROP = 1  # hop-by-hop: never forwarded
+_CONNECTION = 2
+_TE = 3
+_HOST = 4
+_CL = 5
+_FWD_XFF = 6
+_FWD_FORWARDED = 7
+_FWD_OTHER = 8  # X-Forwarded-Proto/-Host/-Port, X-Real-IP: kept only from trusted proxies
+_REQUEST_ID = 9
+_VIA = 10
+_EXPECT = 11
+_UPGRADE = 12
+_XFP = 13
+
+_REQ: dict[bytes, int] = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"transfer-encoding": _TE,
+    b"upgrade": _UPGRADE,
+    b"host": _HOST,
+    b"content-length": _CL,
+    b"x-forwarded-for": _FWD_XFF,
+    b"forwarded": _FWD_FORWARDED,
+    b"x-forwarded-proto": _XFP,
+    b"x-forwarded-host": _FWD_OTHER,
+    b"x-forwarded-port": _FWD_OTHER,
+    b"x-real-ip": _FWD_OTHER,
+    b"x-request-id": _REQUEST_ID,
+    b"via": _VIA,
+    b"expect": _EXPECT,
+}
+
+_HOST_RE = re.compile(
+    rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?"
+)
+
+
+class HeaderError(Exception):
+    """A request the proxy refuses: ``status`` goes to the client, ``reason`` to the stats."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def forwarded_node(ip: str) -> bytes:
+    """An RFC 7239 node for ``for=``: IPv6 in brackets and quotes, IPv4 bare."""
+    if ":" in ip:
+        return b'"[' + ip.encode("ascii") + b']"'
+    return ip.encode("ascii")
+
+
+class ClientContext:
+    """What the rewrite needs to know about one client connection, computed once per
+    connection (the peer address does not change between its requests)."""
+
+    __slots__ = ("fixed_block", "forwarded_elem", "ip", "proto", "trusted", "xff_ip")
+
+    def __init__(self, ip: str, trusted: bool, proto: str = "http") -> None:
+        self.ip = ip
+        self.trusted = trusted
+        self.proto = proto.encode("ascii")
+        self.xff_ip = ip.encode("ascii")
+        self.forwarded_elem = b"for=" + forwarded_node(ip) + b";proto=" + self.proto
+        # For an untrusted peer every request gets the same forwarding block.
+        self.fixed_block = (
+            b"X-Forwarded-For: " + self.xff_ip + b"\r\nX-Forwarded-Proto: " + self.proto
+            + b"\r\nForwarded: " + self.forwarded_elem + b"\r\n"
+        )
+
+    @staticmethod
+    def for_peer(ip: str, trusted_proxies: tuple[str, ...], proto: str = "http") -> ClientContext:
+        """Context for a peer; ``trusted_proxies`` are CIDRs (validated by the config)."""
+        return ClientContext(ip, is_trusted(ip, parse_networks(trusted_proxies)), proto)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def is_trusted(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Is the peer ``ip`` inside one of ``networks``? (IPv4-mapped IPv6 counts as IPv4.)"""
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)
+
+
+class RequestIds:
+    """X-Request-ID values: a random per-process prefix and a counter, unique across workers
+    and restarts without the cost of uuid4 per request."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self._prefix = prefix if prefix is not None else os.urandom(6).hex()
+        self._count = itertools.count(1)
+
+    def next(self) -> bytes:
+        return f"{self._prefix}-{next(self._count):08x}".encode("ascii")
+
+
+class RequestHead:
+    """The head to send upstream and the facts about the request the engine acts on."""
+
+    __slots__ = ("chunked", "content_length", "expect_continue", "head", "host")
+
+    def __init__(
+        self, head: bytes, host: bytes | None, content_length: int, chunked: bool,
+        expect_continue: bool,
+    ) -> None:
+        self.head = head
+        self.host = host
+        self.content_length = content_length
+        """-1 when absent."""
+        self.chunked = chunked
+        self.expect_continue = expect_continue
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
+    """``http://host:port/path?q`` -> (``host:port``, ``/path?q``).
+
+    RFC 9112 §3.2.2: the authority of an absolute-form target replaces Host. Userinfo and
+    schemes other than http/https are refused (400).
+    """
+    low = target[:8].lower()
+    if low.startswith(b"http://"):
+        rest = target[7:]
+    elif low.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        raise HeaderError(400, "bad_target")
+    slash = len(rest)
+    for sep in (b"/", b"?"):
+        i = rest.find(sep)
+        if 0 <= i < slash:
+            slash = i
+    authority, path = rest[:slash], rest[slash:]
+    if not authority or b"@" in authority or not _HOST_RE.fullmatch(authority):
+        raise HeaderError(400, "bad_target")
+    if not path:
+        path = b"/"
+    elif path[:1] == b"?":
+        path = b"/" + path
+    return authority, path
+
+
+def build_request_head(
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    ctx: ClientContext,
+    *,
+    http10: bool = False,
+    upgrade: bool = False,
+    request_id: bytes | None = None,
+    via: bool = True,
+    host_override: bytes | None = None,
+) -> RequestHead:
+    """Rewrite a client's request head for the backend (always HTTP/1.1, keep-alive).
+
+    ``request_id`` is used only when the client sent none. ``host_override`` is the
+    authority of an absolute-form target. Raises HeaderError for requests to refuse.
+    """
+    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    host: bytes | None = None
+    hosts = 0
+    content_length = -1
+    chunked = False
+    expect = False
+    has_rid = False
+    xff: bytes | None = None
+    fwd: bytes | None = None
+    xfp = False
+    vias: bytes | None = None
+    conn_tokens: list[bytes] | None = None
+    upgrade_value: bytes | None = None
+    trusted = ctx.trusted
+    for name, value in headers:
+        kind = _REQ.get(name.lower())
+        if kind is None:
+            out += (name, b": ", value, b"\r\n")
+            continue
+        if kind == _HOST:
+            hosts += 1
+            host = value
+            continue
+        if kind == _CL:
+            # llhttp has already refused duplicates, signs and non-digits.
+            content_length = int(value)
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _TE:
+            if value.strip().lower() != b"chunked":
+                raise HeaderError(501, "unsupported_transfer_coding")
+            chunked = True
+        elif kind == _CONNECTION:
+            for tok in value.split(b","):
+                tok = tok.strip().lower()
+                if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
+                    if conn_tokens is None:
+                        conn_tokens = []
+                    conn_tokens.append(tok)
+        elif kind == _UPGRADE:
+            upgrade_value = value
+        elif kind == _EXPECT:
+            if http10:
+                continue  # RFC 9110 §10.1.1: ignore 100-continue from HTTP/1.0
+            if value.strip().lower() != b"100-continue":
+                raise HeaderError(417, "bad_expect")
+            expect = True
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _REQUEST_ID:
+            has_rid = True
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _VIA:
+            vias = value if vias is None else vias + b", " + value
+        elif not trusted:
+            continue  # forwarding fields from an untrusted peer are lies until proven
+        elif kind == _FWD_XFF:
+            xff = value if xff is None else xff + b", " + value
+        elif kind == _FWD_FORWARDED:
+            fwd = value if fwd is None else fwd + b", " + value
+        elif kind == _XFP:
+            xfp = True
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _FWD_OTHER:
+            out += (name, b": ", value, b"\r\n")
+        # _DROP: nothing
+    if host_override is not None:
+        host = host_override
+    elif hosts > 1:
+        raise HeaderError(400, "multiple_host")
+    elif hosts == 0 and not http10:
+        raise HeaderError(400, "missing_host")
+    if host is not None:
+        if not _HOST_RE.fullmatch(host):
+            raise HeaderError(400, "bad_host")
+        out += (b"Host: ", host, b"\r\n")
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if upgrade:
+        if upgrade_value is None:
+            raise HeaderError(400, "bad_upgrade")
+        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+    if trusted:
+        out += (b"X-Forwarded-For: ", ctx.xff_ip if xff is None else xff + b", " + ctx.xff_ip,
+                b"\r\n")
+        if not xfp:
+            out += (b"X-Forwarded-Proto: ", ctx.proto, b"\r\n")
+        out += (b"Forwarded: ", ctx.forwarded_elem if fwd is None
+                else fwd + b", " + ctx.forwarded_elem, b"\r\n")
+    else:
+        out.append(ctx.fixed_block)
+    if not has_rid and request_id is not None:
+        out += (b"X-Request-ID: ", request_id, b"\r\n")
+    if via:
+        hop = b"1.0 pairlb" if http10 else b"1.1 pairlb"
+        out += (b"Via: ", hop if vias is None else vias + b", " + hop, b"\r\n")
+    out.append(b"\r\n")
+    if conn_tokens is not None:
+        out = _drop_named(out, conn_tokens)
+    return RequestHead(b"".join(out), host, content_length, chunked, expect)
+
+
+def _drop_named(out: list[bytes], names: list[bytes]) -> list[bytes]:
+    """Remove header lines whose names the client listed in Connection (rare path).
+
+    ``out`` holds the request line pieces, then one ``name, ': ', value, CRLF`` run per
+    forwarded client field, then whole-line blocks we added (none of which may be removed:
+    a client cannot make us drop X-Forwarded-For by naming it in Connection).
+    """
+    drop = set(names)
+    # Fields we add ourselves are protected.
+    drop -= {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"via",
+             b"x-request-id", b"content-length", b"transfer-encoding"}
+    if not drop:
+        return out
+    res = out[:4]
+    i = 4
+    n = len(out)
+    while i < n:
+        if i + 3 < n and out[i + 1] == b": " and out[i + 3] == b"\r\n":
+            if out[i].lower() not in drop:
+                res += out[i : i + 4]
+            i += 4
+        else:
+            res.append(out[i])
+            i += 1
+    return res
+
+
+class ResponseHeaders:
+    """A backend's response head filtered for the client, plus its framing."""
+
+    __slots__ = ("chunked", "content_length", "fields", "te_value")
+
+    def __init__(self, fields: bytes, content_length: int, chunked: bool,
+                 te_value: bytes | None) -> None:
+        self.fields = fields
+        """The forwarded header lines, each ending in CRLF, without the final CRLF."""
+        self.content_length = content_length
+        self.chunked = chunked
+        self.te_value = te_value
+        """The backend's Transfer-Encoding value (None when absent)."""
+
+
+_RESP_DROP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
+
+
+def filter_response_headers(
+    headers: list[tuple[bytes, bytes]], *, keep_upgrade: bool = False
+) -> ResponseHeaders:
+    """Drop hop-by-hop fields from a response; report Content-Length / Transfer-Encoding.
+
+    Transfer-Encoding is taken out of ``fields`` and returned in ``te_value``: the engine
+    decides whether to re-chunk (HTTP/1.1 client) or not (HTTP/1.0 client).
+    """
+    out: list[bytes] = []
+    content_length = -1
+    te_value: bytes | None = None
+    conn_tokens: list[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            content_length = int(value)
+        elif lname == b"transfer-encoding":
+            te_value = value if te_value is None else te_value + b", " + value
+            continue
+        elif lname in _RESP_DROP:
+            if lname == b"connection":
+                for tok in value.split(b","):
+                    tok = tok.strip().lower()
+                    if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
+                        if conn_tokens is None:
+                            conn_tokens = []
+                        conn_tokens.append(tok)
+            elif lname == b"upgrade" and keep_upgrade:
+                out += (name, b": ", value, b"\r\n")
+            continue
+        out += (name, b": ", value, b"\r\n")
+    if conn_tokens is not None:
+        drop = set(conn_tokens) - {b"content-length"}
+        kept: list[bytes] = []
+        for i in range(0, len(out), 4):
+            if out[i].lower() not in drop:
+                kept += out[i : i + 4]
+        out = kept
+    chunked = te_value is not None and te_value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+    return ResponseHeaders(b"".join(out), content_length, chunked, te_value)
+
+
+_REASONS = {
+    100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
+    301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 400: b"Bad Request",
+    404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    413: b"Content Too Large", 414: b"URI Too Long", 417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 200 OK\\r\\n``; cached, since a handful of lines cover nearly all traffic."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        if not reason:
+            reason = _REASONS.get(status, b"")
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[key] = line
+    return line
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"")

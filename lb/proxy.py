@@ -1,0 +1,1584 @@
+"""The HTTP/1.1 reverse proxy engine: one ``ProxyServer`` per listener in a worker process.
+
+The hot path is asyncio Protocols and httptools (llhttp, strict: no leniency flag is ever
+set) on both sides; no streams, no tasks per request, no per-request timers. A request is
+parsed into a ``_Request``, dispatched to a backend picked from the ``Pool`` (an idle
+keep-alive connection when there is one), its body streamed with backpressure, and the
+response relayed as it arrives. Output produced while handling one read is corked and
+written once (``_Conn.send`` + ``ProxyServer.flush``), so a small response costs one write.
+
+Timeouts are deadlines on connections, checked by one ticker per server.
+
+Choices worth knowing (docs/configuration.md repeats them for operators):
+
+- ``Expect: 100-continue`` is forwarded; the backend's ``100 Continue`` is relayed.
+- Pipelined requests are parsed ahead but sent upstream one at a time, answered in order;
+  reading pauses while one is waiting, so a pipelining client cannot make us buffer more
+  than one socket read.
+- Absolute-form targets (``GET http://host/path``) are turned into origin-form and their
+  authority replaces Host (RFC 9112 §3.2.2); CONNECT gets 405; ``OPTIONS *`` passes.
+- Request trailers are dropped; chunked bodies are re-chunked with the same data.
+- A response that starts before its request body is complete closes the client connection
+  after it; the backend connection is not reused.
+- Retries: connect failures on another backend (``retries``); an idempotent request whose
+  reused keep-alive connection closed before any response byte once more on a fresh one;
+  an idempotent request reset before any response byte, or timed out with
+  ``retry_on_timeout``, on another backend, only while all of its body sent so far is still
+  held (<= 64 KiB). A non-idempotent request that reached a backend is never sent again;
+  it is sent on a reused connection only when that connection was idle < 1 s.
+
+Imports no control-plane module: the engine is fed a Pool and configs, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from lb import headers as H
+from lb.config import ListenerConfig, PoolConfig
+from lb.pool import Backend, Ejection, Outcome, Pool
+from lb.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+"""RFC 9110 §9.2.2."""
+REPLAY_LIMIT = 64 * 1024
+"""Body bytes kept for a possible retry; a bigger body makes the request non-replayable."""
+BODY_BUFFER_LIMIT = 64 * 1024
+"""Body bytes buffered while no backend connection is ready before reading pauses."""
+SAFE_REUSE_S = 1.0
+"""A non-idempotent request reuses an idle connection only when it was idle less than this
+(a backend's own keep-alive timeout is the usual cause of the stale-connection race)."""
+LINGER_S = 2.0
+LINGER_BYTES = 1 << 20
+INF = float("inf")
+
+# Client read pause reasons (bit mask).
+_P_UPSTREAM = 1  # the backend connection's write buffer is full
+_P_BUFFER = 2  # body buffered while waiting for a backend connection
+_P_QUEUE = 4  # a pipelined request is waiting its turn
+_P_STOP = 8  # no more parsing (error queued, upgrade waiting for 101)
+
+# Client parse states.
+_IDLE = 0
+_HEAD = 1
+_BODY = 2
+
+_ERROR_TEXT = {
+    400: b"Bad request.\n",
+    405: b"Method not allowed.\n",
+    408: b"Request timeout: the request was not received in time.\n",
+    413: b"Request body too large.\n",
+    414: b"Request line too long.\n",
+    417: b"Expectation failed.\n",
+    431: b"Request header fields too large.\n",
+    501: b"Not implemented.\n",
+    502: b"Bad gateway: the backend failed to answer.\n",
+    503: b"Service unavailable: no backend is available.\n",
+    504: b"Gateway timeout: the backend did not answer in time.\n",
+    505: b"HTTP version not supported.\n",
+}
+
+# llhttp error text -> (status, reason label). Matched by substring, lower case.
+_PARSE_ERRORS: tuple[tuple[str, int, str], ...] = (
+    ("invalid http version", 505, "bad_version"),
+    ("pri/upgrade", 505, "http2_preface"),
+    ("can't be present with content-length", 400, "content_length_and_transfer_encoding"),
+    ("duplicate content-length", 400, "duplicate_content_length"),
+    ("content-length", 400, "bad_content_length"),
+    ("request has invalid `transfer-encoding`", 501, "unsupported_transfer_coding"),
+    ("transfer-encoding", 400, "bad_transfer_encoding"),
+    ("whitespace", 400, "bad_header_whitespace"),
+    ("header value char", 400, "bad_header_value"),
+    ("header token", 400, "bad_header_name"),
+    ("header field char", 400, "bad_header_name"),
+    ("chunk", 400, "bad_chunk"),
+    ("lf after header value", 400, "bad_line_ending"),
+    ("crlf", 400, "bad_line_ending"),
+    ("expected lf", 400, "bad_line_ending"),
+    ("expected cr", 400, "bad_line_ending"),
+    ("http/", 400, "bad_request_line"),
+)
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to refuse the request being parsed."""
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing (connection is going away)."""
+
+
+_STOP = _Stop()
+
+
+class _HeadDone(Exception):
+    """Raised from the response parser when a response to HEAD has ended at its head."""
+
+
+_HEAD_DONE = _HeadDone()
+
+
+def error_response(status: int, *, close: bool, extra: bytes = b"") -> bytes:
+    """A short text response the proxy answers itself."""
+    body = _ERROR_TEXT.get(status, b"Error.\n")
+    return b"".join(
+        (
+            H.status_line(status, b""),
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            b"Connection: close\r\n" if close else b"",
+            extra,
+            b"Cache-Control: no-store\r\n\r\n",
+            body,
+        )
+    )
+
+
+def make_listen_socket(listener: ListenerConfig) -> socket.socket:
+    """A non-blocking listening socket for ``listener`` (created once, shared by workers)."""
+    host, port = listener.host_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if listener.freebind:
+            # Lets a standby bind the VIP before it holds it (Linux IP_FREEBIND = 15).
+            sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+        sock.bind((host, port))
+        sock.listen(listener.backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Request:
+    """One request and the state of its exchange with a backend."""
+
+    __slots__ = (
+        "attempts_left",
+        "backend",
+        "body_seen",
+        "chunked",
+        "complete",
+        "conn_gen",
+        "content_length",
+        "error",
+        "excluded",
+        "expect",
+        "finished",
+        "force_fresh",
+        "head",
+        "head_only",
+        "http10",
+        "idempotent",
+        "keep_alive",
+        "last_failure",
+        "method",
+        "pending",
+        "pending_bytes",
+        "pool",
+        "pool_cfg",
+        "replay",
+        "replay_bytes",
+        "resp_started",
+        "stale_retried",
+        "t0",
+        "tunnel_buf",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
+        self.pool = pool
+        self.pool_cfg = pool_cfg
+        self.method = b""
+        self.head = b""
+        self.keep_alive = True
+        self.http10 = False
+        self.chunked = False
+        self.content_length = -1
+        self.expect = False
+        self.upgrade = False
+        self.idempotent = True
+        self.head_only = False
+        self.complete = False
+        self.body_seen = 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self.error: tuple[int, str] | None = None
+        self.backend: Backend | None = None
+        self.upstream: _Upstream | None = None
+        self.excluded: list[Backend] | None = None
+        self.attempts_left = pool_cfg.retries
+        self.stale_retried = False
+        self.force_fresh = False
+        self.last_failure: tuple[int, str, str] | None = None
+        self.resp_started = False
+        self.finished = False
+        self.conn_gen = 0
+        self.t0 = 0.0
+        self.tunnel_buf: list[bytes] | None = None
+
+
+class _Conn(asyncio.Protocol):
+    """Corked output: ``send`` queues bytes, the server's ``flush`` writes them once."""
+
+    __slots__ = ("closed", "out", "srv", "transport")
+
+    def __init__(self, srv: ProxyServer) -> None:
+        self.srv = srv
+        self.transport: Any = None
+        self.out: list[bytes] | None = None
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.out = [data]
+            self.srv.dirty.append(self)
+        else:
+            out.append(data)
+
+    def flush_out(self) -> None:
+        out = self.out
+        if out is None:
+            return
+        self.out = None
+        t = self.transport
+        if t is None or self.closed or t.is_closing():
+            return
+        t.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self) -> None:
+        """Graceful: what was sent is flushed first."""
+        self.flush_out()
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.out = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+
+class _Upstream(_Conn):
+    """A connection to a backend; idle in the server's pool or serving one request."""
+
+    __slots__ = (
+        "backend_keep",
+        "bytes_out",
+        "client",
+        "deadline",
+        "eof_body",
+        "hdrs",
+        "idle_since",
+        "interim",
+        "key",
+        "parser",
+        "reason",
+        "rechunk",
+        "req",
+        "resp_done",
+        "reusable",
+        "rpaused",
+        "served",
+        "status",
+        "tunnel",
+        "wpaused",
+    )
+
+    def __init__(self, srv: ProxyServer, key: tuple[str, int]) -> None:
+        super().__init__(srv)
+        self.key = key
+        self.parser = httptools.HttpResponseParser(self)
+        self.req: _Request | None = None
+        self.client: _Client | None = None
+        self.deadline = INF
+        self.idle_since = 0.0
+        self.served = 0
+        self.status = 0
+        self.reason = b""
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.interim = False
+        self.resp_done = False
+        self.reusable = True
+        self.backend_keep = True
+        self.rechunk = False
+        self.eof_body = False
+        self.tunnel = False
+        self.rpaused = False
+        self.wpaused = False
+        self.bytes_out = 0
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.srv.upstreams.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        srv = self.srv
+        srv.upstreams.discard(self)
+        req = self.req
+        if req is None:
+            srv.forget_idle(self)
+            return
+        client = self.client
+        assert client is not None
+        if self.tunnel:
+            self.req = None
+            client.tunnel_closed(req)
+        elif self.resp_done:
+            self._complete()
+        elif req.resp_started and self.eof_body and self.status >= 200:
+            # A close-delimited body ends here, successfully.
+            if self.rechunk:
+                client.send(b"0\r\n\r\n")
+            self.reusable = False
+            self._complete()
+        else:
+            self.req = None
+            client.upstream_failed(req, self, "reset" if req.resp_started else "closed")
+        srv.flush()
+
+    def eof_received(self) -> bool:
+        if self.tunnel and self.client is not None and not self.client.closed:
+            t = self.client.transport
+            if t is not None and t.can_write_eof():
+                self.client.flush_out()
+                t.write_eof()
+                return True
+        return False
+
+    def pause_writing(self) -> None:
+        self.wpaused = True
+        client = self.client
+        if client is not None:
+            client.pause(_P_UPSTREAM)
+            if self.req is not None and not self.req.complete:
+                # The backend is not taking the body: its progress is now what we time.
+                self.deadline = self.srv.loop.time() + self.req.pool_cfg.response_timeout_s
+
+    def resume_writing(self) -> None:
+        self.wpaused = False
+        client = self.client
+        if client is not None:
+            client.unpause(_P_UPSTREAM)
+            self.srv.flush()
+
+    def data_received(self, data: bytes) -> None:
+        req = self.req
+        if req is None:
+            # Bytes on an idle connection: the backend broke the protocol. Never reuse it.
+            self.srv.forget_idle(self)
+            self.abort()
+            return
+        client = self.client
+        assert client is not None
+        if self.tunnel:
+            client.send(data)
+            client.flush_out()
+            return
+        if not self.rpaused:
+            self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._start_tunnel(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            if self.resp_done:
+                if isinstance(exc.__context__, _HeadDone):
+                    # A new parser for the next response; bytes after the head are junk.
+                    self.parser = httptools.HttpResponseParser(self)
+                    if not data.endswith(b"\r\n\r\n"):
+                        self.reusable = False
+                else:
+                    self.reusable = False
+            elif self.req is req:
+                self._bad_response(req, str(exc))
+        if self.resp_done:
+            self._complete()
+        self.srv.flush()
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.resp_done:
+            self.reusable = False  # more than one response to one request
+            raise _STOP
+        self.hdrs = []
+        self.reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hdrs.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        client = self.client
+        assert req is not None and client is not None
+        status = self.parser.get_status_code()
+        self.status = status
+        if status < 200:
+            self.interim = True
+            if status == 101:
+                if not req.upgrade or not req.complete:
+                    raise _Reject("101 to a request that did not ask for an upgrade")
+                rh = H.filter_response_headers(self.hdrs, keep_upgrade=True)
+                client.send(
+                    H.status_line(101, self.reason) + rh.fields + b"Connection: upgrade\r\n\r\n"
+                )
+                req.resp_started = True
+                return
+            if not req.http10:
+                rh = H.filter_response_headers(self.hdrs)
+                client.send(H.status_line(status, self.reason) + rh.fields + b"\r\n")
+            return
+        self.interim = False
+        self.backend_keep = self.parser.should_keep_alive()
+        rh = H.filter_response_headers(self.hdrs)
+        keep = req.keep_alive and req.complete and not client.closing and not self.srv.draining
+        head_only = req.head_only or status == 204 or status == 304
+        extra = b""
+        self.rechunk = False
+        self.eof_body = False
+        if not head_only:
+            if rh.chunked:
+                if req.http10:
+                    keep = False  # the body goes raw, delimited by our close
+                else:
+                    self.rechunk = True
+                    extra = b"Transfer-Encoding: " + rh.te_value + b"\r\n"  # type: ignore[operator]
+            elif rh.content_length < 0:
+                self.eof_body = True
+                keep = False
+                if rh.te_value is not None:
+                    extra = b"Transfer-Encoding: " + rh.te_value + b"\r\n"
+        if req.upgrade:
+            keep = False  # the client asked to switch and was refused: start afresh
+        if req.http10:
+            extra += b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n"
+        elif not keep:
+            extra += b"Connection: close\r\n"
+        if not keep:
+            client.closing = True
+        client.send(H.status_line(status, self.reason) + rh.fields + extra + b"\r\n")
+        req.resp_started = True
+        srv = self.srv
+        backend = req.backend
+        assert backend is not None
+        if status >= 500 and req.pool_cfg.passive.count_5xx:
+            srv.observe(req, backend, Outcome.HTTP_5XX)
+        else:
+            srv.observe(req, backend, Outcome.OK)
+        if req.head_only:
+            self.resp_done = True
+            raise _HEAD_DONE
+
+    def on_body(self, data: bytes) -> None:
+        client = self.client
+        assert client is not None
+        if self.rechunk:
+            client.send(b"%x\r\n" % len(data))
+            client.send(data)
+            client.send(b"\r\n")
+        else:
+            client.send(data)
+        self.bytes_out += len(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.rechunk:
+            assert self.client is not None
+            self.client.send(b"0\r\n\r\n")
+        self.resp_done = True
+
+    # -- exchange -----------------------------------------------------------------------------
+
+    def attach(self, req: _Request, client: _Client) -> None:
+        """Start sending ``req`` on this connection."""
+        self.req = req
+        self.client = client
+        req.upstream = self
+        self.resp_done = False
+        self.interim = False
+        self.status = 0
+        self.reusable = True
+        self.bytes_out = 0
+        pending = req.pending
+        if pending:
+            req.pending = []
+            req.pending_bytes = 0
+            self.send(req.head)
+            for piece in pending:
+                self.send(piece)
+            if req.replay is not None:
+                for piece in pending:
+                    req.replay_bytes += len(piece)
+                if req.replay_bytes > REPLAY_LIMIT:
+                    req.replay = None
+                else:
+                    req.replay.extend(pending)
+            client.unpause(_P_BUFFER)
+        else:
+            self.send(req.head)
+        if req.complete:
+            self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+        else:
+            self.deadline = INF
+        if client.wpaused:
+            self.pause_reading()
+
+    def send_body(self, req: _Request, piece: bytes) -> None:
+        self.send(piece)
+        if req.replay is not None:
+            req.replay_bytes += len(piece)
+            if req.replay_bytes > REPLAY_LIMIT:
+                req.replay = None
+            else:
+                req.replay.append(piece)
+
+    def request_complete(self, req: _Request) -> None:
+        if not self.rpaused and not req.resp_started:
+            self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+
+    def pause_reading(self) -> None:
+        if not self.rpaused and not self.closed:
+            self.rpaused = True
+            self.transport.pause_reading()
+            self.deadline = INF
+
+    def resume_reading(self) -> None:
+        if self.rpaused and not self.closed:
+            self.rpaused = False
+            self.transport.resume_reading()
+            req = self.req
+            if req is not None:
+                self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+
+    def detach(self) -> None:
+        client = self.client
+        req = self.req
+        self.req = None
+        self.client = None
+        if req is not None:
+            req.upstream = None
+        if self.rpaused:
+            self.resume_reading()
+        if self.wpaused and client is not None:
+            client.unpause(_P_UPSTREAM)
+        self.deadline = INF
+
+    def _complete(self) -> None:
+        """The response has ended; hand the connection back, finish the exchange."""
+        req = self.req
+        client = self.client
+        assert req is not None and client is not None
+        reusable = (
+            self.reusable
+            and self.backend_keep
+            and req.complete
+            and not self.closed
+            and not self.wpaused
+            and self.transport.get_write_buffer_size() == 0
+        )
+        self.resp_done = False
+        self.detach()
+        self.served += 1
+        if reusable:
+            self.srv.put_idle(self)
+        else:
+            self.close()
+        client.response_done(req, self.status)
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        req = self.req
+        client = self.client
+        assert req is not None and client is not None
+        if self.status != 101:
+            self._bad_response(req, "upgrade without 101")
+            return
+        self.tunnel = True
+        self.deadline = INF
+        client.start_tunnel(req, self, rest)
+
+    def _bad_response(self, req: _Request, why: str) -> None:
+        client = self.client
+        assert client is not None
+        self.detach()
+        self.abort()
+        logger.debug("event=bad_response detail=%r", why)
+        client.upstream_failed(req, self, "bad_response")
+
+    def on_deadline(self, now: float) -> None:
+        req = self.req
+        if req is None:
+            # Idle too long in the pool.
+            self.srv.forget_idle(self)
+            self.close()
+            return
+        client = self.client
+        assert client is not None
+        self.detach()
+        self.abort()
+        client.upstream_failed(req, self, "timeout")
+
+
+class _Client(_Conn):
+    """One client connection: parses requests, dispatches them in order, relays answers."""
+
+    __slots__ = (
+        "closing",
+        "ctx",
+        "cur",
+        "deadline",
+        "eof",
+        "hbytes",
+        "hcount",
+        "hdrs",
+        "head_cont",
+        "head_deadline",
+        "linger",
+        "linger_bytes",
+        "parser",
+        "paused",
+        "queue",
+        "state",
+        "stopped",
+        "tunnel",
+        "url",
+        "wpaused",
+    )
+
+    def __init__(self, srv: ProxyServer) -> None:
+        super().__init__(srv)
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[_Request] = deque()
+        self.cur: _Request | None = None
+        self.state = _IDLE
+        self.deadline = INF
+        self.head_deadline = INF
+        self.paused = 0
+        self.wpaused = False
+        self.closing = False
+        self.stopped = False
+        self.eof = False
+        self.linger = False
+        self.linger_bytes = 0
+        self.tunnel: _Upstream | None = None
+        self.url = b""
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.hbytes = 0
+        self.hcount = 0
+        self.head_cont = 0
+        self.ctx: H.ClientContext | None = None
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        srv = self.srv
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        self.ctx = srv.client_context(ip)
+        srv.client_opened(self)
+        self.deadline = srv.loop.time() + srv.listener.client_header_timeout_s
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        srv = self.srv
+        srv.client_gone(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            req = tunnel.req
+            tunnel.detach()
+            tunnel.close()
+            if req is not None:
+                srv.release(req)
+        for req in self.queue:
+            if req.finished:
+                continue
+            req.finished = True
+            up = req.upstream
+            if up is not None:
+                up.detach()
+                up.abort()
+                if req.backend is not None:
+                    srv.stats.error(req.pool.name, req.backend.name, "client_closed")
+            srv.release(req)
+        self.queue.clear()
+        srv.flush()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.linger:
+            return False
+        tunnel = self.tunnel
+        if tunnel is not None:
+            t = tunnel.transport
+            if not tunnel.closed and t.can_write_eof():
+                tunnel.flush_out()
+                t.write_eof()
+                return True
+            return False
+        # A request cut short, or nothing to answer: done. Else answer, then close.
+        return self.state == _IDLE and bool(self.queue)
+
+    def pause_writing(self) -> None:
+        self.wpaused = True
+        req = self.queue[0] if self.queue else None
+        up = self.tunnel or (req.upstream if req is not None else None)
+        if up is not None:
+            up.pause_reading()
+        self.deadline = self.srv.loop.time() + self.srv.listener.client_idle_timeout_s
+
+    def resume_writing(self) -> None:
+        self.wpaused = False
+        req = self.queue[0] if self.queue else None
+        up = self.tunnel or (req.upstream if req is not None else None)
+        if up is not None:
+            up.resume_reading()
+        self._rearm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            up = self.tunnel
+            up.send(data)
+            up.flush_out()
+            return
+        if self.linger:
+            self.linger_bytes += len(data)
+            if self.linger_bytes > LINGER_BYTES:
+                self.close()
+            return
+        if self.stopped:
+            req = self.queue[-1] if self.queue else None
+            if req is not None and req.tunnel_buf is not None:
+                req.tunnel_buf.append(data)
+            return
+        srv = self.srv
+        in_head = self.state == _HEAD
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_data(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            ctx = exc.__context__
+            if isinstance(ctx, _Reject):
+                self.reject(ctx.args[0], ctx.args[1])
+            elif isinstance(ctx, H.HeaderError):
+                self.reject(ctx.status, ctx.reason)
+            elif not isinstance(ctx, _Stop):
+                self.reject(*_classify(exc))
+        else:
+            if self.state == _HEAD:
+                # The head is still incomplete after this read: bound what it may grow to.
+                if in_head:
+                    self.head_cont += len(data)
+                lst = srv.listener
+                if self.head_cont + self.hbytes > lst.max_header_bytes + lst.max_request_line_bytes:
+                    if self.hcount == 0 and not self.hdrs:
+                        self.reject(414, "request_line_too_long")
+                    else:
+                        self.reject(431, "headers_too_large")
+        if not self.closed:
+            self._rearm()
+        srv.flush()
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.stopped or self.closing:
+            raise _STOP
+        self.state = _HEAD
+        self.url = b""
+        self.hdrs = []
+        self.hbytes = 0
+        self.hcount = 0
+        self.head_cont = 0
+        self.head_deadline = self.srv.loop.time() + self.srv.listener.client_header_timeout_s
+
+    def on_url(self, url: bytes) -> None:
+        url = self.url + url if self.url else url
+        self.url = url
+        if len(url) > self.srv.listener.max_request_line_bytes:
+            raise _Reject(414, "request_line_too_long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hcount += 1
+        self.hbytes += len(name) + len(value) + 4
+        lst = self.srv.listener
+        if self.hcount > lst.max_headers:
+            raise _Reject(431, "too_many_headers")
+        if self.hbytes > lst.max_header_bytes:
+            raise _Reject(431, "headers_too_large")
+        self.hdrs.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.state != _HEAD:
+            return  # trailers of a chunked body: dropped
+        srv = self.srv
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version == "0.9":
+                raise _Reject(400, "http09")
+            if version != "1.0":
+                raise _Reject(505, "bad_version")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(405, "connect_method")
+        target = self.url
+        host_override = None
+        if target[:1] != b"/":
+            if target == b"*":
+                if method != b"OPTIONS":
+                    raise _Reject(400, "bad_target")
+            else:
+                host_override, target = H.split_absolute_form(target)
+        req = _Request(srv.pool, srv.pool_cfg)
+        req.method = method
+        http10 = version == "1.0"
+        req.http10 = http10
+        upgrade = parser.should_upgrade()
+        rh = H.build_request_head(
+            method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
+            http10=http10, upgrade=upgrade,
+            request_id=srv.request_ids.next() if srv.listener.add_request_id else None,
+            via=srv.listener.via, host_override=host_override,
+        )
+        req.head = rh.head
+        req.chunked = rh.chunked
+        req.content_length = rh.content_length
+        req.expect = rh.expect_continue
+        req.keep_alive = parser.should_keep_alive()
+        req.idempotent = method in IDEMPOTENT
+        req.head_only = method == b"HEAD"
+        if upgrade:
+            if rh.chunked or rh.content_length > 0:
+                raise _Reject(400, "upgrade_with_body")
+            req.upgrade = True
+            req.tunnel_buf = []
+        max_body = srv.listener.max_body_bytes
+        if max_body and rh.content_length > max_body:
+            raise _Reject(413, "body_too_large")
+        if rh.chunked or rh.content_length > 0:
+            self.state = _BODY
+        else:
+            req.complete = True
+            self.state = _IDLE
+        self.cur = req
+        queue = self.queue
+        queue.append(req)
+        req.t0 = srv.loop.time()
+        if len(queue) == 1:
+            self.dispatch(req)
+        else:
+            self.pause(_P_QUEUE)
+
+    def on_body(self, data: bytes) -> None:
+        req = self.cur
+        if req is None or req.finished:
+            if self.stopped or self.closing:
+                raise _STOP
+            return
+        n = len(data)
+        req.body_seen += n
+        max_body = self.srv.listener.max_body_bytes
+        if max_body and req.body_seen > max_body:
+            raise _Reject(413, "body_too_large")
+        piece = b"%x\r\n%b\r\n" % (n, data) if req.chunked else data
+        up = req.upstream
+        if up is not None:
+            up.send_body(req, piece)
+        else:
+            req.pending.append(piece)
+            req.pending_bytes += len(piece)
+            if req.pending_bytes > BODY_BUFFER_LIMIT:
+                self.pause(_P_BUFFER)
+
+    def on_message_complete(self) -> None:
+        req = self.cur
+        self.state = _IDLE
+        if req is None or req.complete:
+            return
+        req.complete = True
+        if req.finished:
+            return
+        if req.chunked:
+            if req.upstream is not None:
+                req.upstream.send_body(req, b"0\r\n\r\n")
+            else:
+                req.pending.append(b"0\r\n\r\n")
+        if req.upstream is not None:
+            req.upstream.request_complete(req)
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def unpause(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+                self._rearm()
+
+    def _rearm(self) -> None:
+        """Recompute this connection's deadline from its state."""
+        if self.linger:
+            return
+        srv = self.srv
+        lst = srv.listener
+        if self.wpaused:
+            return  # set by pause_writing: the client is not reading our answer
+        if self.paused:
+            self.deadline = INF
+        elif self.state == _HEAD:
+            self.deadline = self.head_deadline if not self.queue else INF
+        elif self.state == _BODY:
+            self.deadline = srv.loop.time() + lst.client_idle_timeout_s
+        elif self.queue:
+            self.deadline = INF
+        else:
+            self.deadline = srv.loop.time() + lst.client_idle_timeout_s
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def dispatch(self, req: _Request) -> None:
+        """Send the request at the head of the queue to a backend (or answer it ourselves)."""
+        srv = self.srv
+        if req.error is not None:
+            status, reason = req.error
+            self._answer_error(req, status, reason, close=True)
+            return
+        if req.upgrade:
+            self.pause(_P_STOP)
+        now = srv.loop.time()
+        backend = req.pool.pick(now, req.excluded or ())
+        if backend is None:
+            if req.last_failure is not None:
+                status, reason, bname = req.last_failure
+                self.fail(req, status, reason, bname)
+            else:
+                self.fail(req, 503, "no_backend", "-")
+            return
+        req.backend = backend
+        up = srv.take_idle(backend, req, now)
+        if up is not None:
+            up.attach(req, self)
+        else:
+            req.conn_gen += 1
+            srv.connect(req, self, backend, req.conn_gen)
+
+    def connect_failed(self, req: _Request, backend: Backend, exc: BaseException) -> None:
+        srv = self.srv
+        if isinstance(exc, TimeoutError):
+            reason, status, outcome = "connect_timeout", 504, Outcome.TIMEOUT
+        elif isinstance(exc, ConnectionRefusedError):
+            reason, status, outcome = "connect_refused", 502, Outcome.CONNECT_FAILED
+        else:
+            reason, status, outcome = "connect_failed", 502, Outcome.CONNECT_FAILED
+        srv.observe(req, backend, outcome)
+        srv.stats.error(req.pool.name, backend.name, reason)
+        req.last_failure = (status, reason, backend.name)
+        if req.attempts_left > 0:
+            req.attempts_left -= 1
+            self._retry(req, reason, exclude=True)
+        else:
+            self.fail(req, status, reason, backend.name)
+
+    def upstream_failed(self, req: _Request, up: _Upstream, why: str) -> None:
+        """The backend connection serving ``req`` closed, timed out or misbehaved."""
+        srv = self.srv
+        if req.finished:
+            return
+        backend = req.backend
+        assert backend is not None
+        bname = backend.name
+        if req.resp_started:
+            outcome = Outcome.TIMEOUT if why == "timeout" else Outcome.RESET
+            srv.observe(req, backend, outcome)
+            self._abort(req, "response_timeout" if why == "timeout" else "backend_" + why, bname)
+            return
+        replayable = req.idempotent and req.replay is not None and not req.upgrade
+        if why == "closed" and up.served > 0 and replayable and not req.stale_retried:
+            # The stale keep-alive race: the backend closed an idle connection just as we
+            # reused it. Not the backend's fault; once more on a fresh connection.
+            req.stale_retried = True
+            req.force_fresh = True
+            self._retry(req, "stale_keepalive", exclude=False)
+            return
+        if why == "timeout":
+            srv.observe(req, backend, Outcome.TIMEOUT)
+            status, reason = 504, "response_timeout"
+            may_retry = replayable and req.pool_cfg.retry_on_timeout
+        elif why == "bad_response":
+            srv.observe(req, backend, Outcome.RESET)
+            status, reason = 502, "bad_response"
+            may_retry = False
+        else:
+            srv.observe(req, backend, Outcome.RESET)
+            status, reason = 502, "backend_closed"
+            may_retry = replayable
+        srv.stats.error(req.pool.name, bname, reason)
+        req.last_failure = (status, reason, bname)
+        if may_retry and req.attempts_left > 0:
+            req.attempts_left -= 1
+            self._retry(req, reason, exclude=True)
+        else:
+            self.fail(req, status, reason, bname, counted=True)
+
+    def _retry(self, req: _Request, reason: str, *, exclude: bool) -> None:
+        srv = self.srv
+        backend = req.backend
+        srv.release(req)
+        if exclude and backend is not None:
+            if req.excluded is None:
+                req.excluded = []
+            req.excluded.append(backend)
+        srv.stats.retry(req.pool.name, reason)
+        if req.replay:
+            req.pending = req.replay + req.pending
+            req.pending_bytes = sum(map(len, req.pending))
+        req.replay = []
+        req.replay_bytes = 0
+        self.dispatch(req)
+
+    def fail(
+        self, req: _Request, status: int, reason: str, bname: str, *, counted: bool = False
+    ) -> None:
+        """No response byte has reached the client: answer ``status`` ourselves."""
+        srv = self.srv
+        lst = srv.listener
+        pool = req.pool.name
+        logger.warning(
+            "event=proxy_error status=%d listener=%s pool=%s backend=%s reason=%s",
+            status, lst.name, pool, bname, reason,
+        )
+        if not counted and status != 503:
+            srv.stats.error(pool, bname, reason)
+        elif status == 503:
+            srv.stats.error(pool, "-", reason)
+        self._answer_error(req, status, reason, close=not req.complete or req.upgrade)
+
+    def _answer_error(self, req: _Request, status: int, reason: str, *, close: bool) -> None:
+        srv = self.srv
+        up = req.upstream
+        if up is not None:
+            up.detach()
+            up.abort()
+        srv.release(req)
+        keep = req.keep_alive and not close and not self.closing and not srv.draining
+        extra = b"Connection: keep-alive\r\n" if (keep and req.http10) else b""
+        self.send(error_response(status, close=not keep, extra=extra))
+        if not keep:
+            self.closing = True
+        if req.error is None:
+            srv.stats.request(req.pool.name, "-", status, srv.loop.time() - req.t0)
+        self.response_done(req, status, counted=True)
+
+    def _abort(self, req: _Request, reason: str, bname: str) -> None:
+        """The response had started: the client sees a cut connection, never a wrong body."""
+        srv = self.srv
+        logger.warning(
+            "event=proxy_error status=%d listener=%s pool=%s backend=%s reason=%s",
+            0, srv.listener.name, req.pool.name, bname, reason,
+        )
+        srv.stats.error(req.pool.name, bname, reason)
+        up = req.upstream
+        if up is not None:
+            up.detach()
+            up.abort()
+        req.finished = True
+        srv.release(req)
+        self.flush_out()
+        self.abort()
+
+    def response_done(self, req: _Request, status: int, *, counted: bool = False) -> None:
+        """The exchange at the head of the queue is over; move to the next one."""
+        srv = self.srv
+        queue = self.queue
+        if queue and queue[0] is req:
+            queue.popleft()
+        req.finished = True
+        if not counted:
+            backend = req.backend
+            srv.stats.request(
+                req.pool.name, backend.name if backend is not None else "-", status,
+                srv.loop.time() - req.t0,
+            )
+            srv.release(req)
+        if self.closed:
+            return
+        if self.closing or not req.complete:
+            if self.queue and self.queue[0].error is not None:
+                pass  # an error answer is still due
+            else:
+                self._close_after_answer(req.complete)
+                return
+        if queue:
+            nxt = queue[0]
+            if len(queue) < 2:
+                self.unpause(_P_QUEUE)
+            self.dispatch(nxt)
+            return
+        self.unpause(_P_QUEUE)
+        if self.eof:
+            self.close()
+            return
+        if self.state == _HEAD:
+            self.head_deadline = srv.loop.time() + srv.listener.client_header_timeout_s
+        if self.stopped:
+            return
+        self._rearm()
+
+    def _close_after_answer(self, clean: bool) -> None:
+        if clean and self.state == _IDLE and not self.queue:
+            self.close()
+        else:
+            self._linger()
+
+    # -- refusals -------------------------------------------------------------------------
+
+    def reject(self, status: int, reason: str) -> None:
+        """Refuse the request being parsed; nothing more is read from this connection."""
+        srv = self.srv
+        srv.stats.bad_request(srv.listener.name, reason, status)
+        logger.info(
+            "event=bad_request status=%d listener=%s peer=%s reason=%s",
+            status, srv.listener.name, self.ctx.ip if self.ctx else "-", reason,
+        )
+        self.stopped = True
+        self.closing = True
+        self.pause(_P_STOP)
+        cur = self.cur
+        if cur is not None and not cur.complete and not cur.finished and cur in self.queue:
+            # Mid-body (chunked over the limit, bad chunk): the backend holds an incomplete
+            # request; cut that connection so it can never be completed.
+            if cur.resp_started:
+                self._abort(cur, reason, cur.backend.name if cur.backend else "-")
+                return
+            cur.error = (status, reason)
+            if self.queue[0] is cur:
+                srv.release_upstream(cur)
+                self._answer_error(cur, status, reason, close=True)
+            return
+        err = _Request(srv.pool, srv.pool_cfg)
+        err.error = (status, reason)
+        err.keep_alive = False
+        self.queue.append(err)
+        if len(self.queue) == 1:
+            self.dispatch(err)
+
+    def _linger(self) -> None:
+        """Close after the answer without losing it: shut our side, read and drop the rest
+        for a while (closing with unread input would send RST and destroy the answer)."""
+        if self.closed or self.linger:
+            return
+        self.linger = True
+        self.flush_out()
+        t = self.transport
+        try:
+            if t.can_write_eof():
+                t.write_eof()
+        except OSError:
+            self.abort()
+            return
+        self.paused = 0
+        t.resume_reading()
+        self.deadline = self.srv.loop.time() + LINGER_S
+
+    def on_deadline(self, now: float) -> None:
+        if self.linger:
+            self.close()
+            return
+        if self.wpaused:
+            # The client stopped reading what we send.
+            req = self.queue[0] if self.queue else None
+            if req is not None and not req.finished:
+                self._abort(req, "client_write_timeout",
+                            req.backend.name if req.backend else "-")
+            else:
+                self.abort()
+            return
+        if self.state == _HEAD and not self.queue:
+            if self.srv.draining and self.head_cont == 0 and self.hcount == 0 and not self.url:
+                self.close()
+                return
+            self.reject(408, "header_timeout")
+            return
+        if self.state == _BODY and self.queue:
+            req = self.cur
+            if req is not None and not req.finished:
+                if req.resp_started:
+                    self._abort(req, "client_body_timeout",
+                                req.backend.name if req.backend else "-")
+                    return
+                self.srv.stats.bad_request(self.srv.listener.name, "body_timeout", 408)
+                self.stopped = True
+                self.closing = True
+                req.error = (408, "body_timeout")
+                if self.queue[0] is req:
+                    self.srv.release_upstream(req)
+                    self._answer_error(req, 408, "body_timeout", close=True)
+                return
+        if not self.queue and self.state == _IDLE:
+            self.close()  # keep-alive idle: close quietly
+            return
+        self.deadline = INF
+
+    # -- upgrade --------------------------------------------------------------------------
+
+    def _upgrade_data(self, rest: bytes) -> None:
+        req = self.cur
+        if req is None or not req.upgrade:
+            self.reject(400, "bad_upgrade")
+            return
+        self.stopped = True
+        self.pause(_P_STOP)
+        assert req.tunnel_buf is not None
+        if rest:
+            req.tunnel_buf.append(rest)
+
+    def start_tunnel(self, req: _Request, up: _Upstream, rest: bytes) -> None:
+        """The backend said 101: from now on both connections are a byte pipe."""
+        self.tunnel = up
+        self.stopped = True
+        self.deadline = INF
+        srv = self.srv
+        srv.stats.request(req.pool.name, req.backend.name if req.backend else "-", 101,
+                          srv.loop.time() - req.t0)
+        if rest:
+            self.send(rest)
+        self.flush_out()
+        if req.tunnel_buf:
+            for piece in req.tunnel_buf:
+                up.send(piece)
+            up.flush_out()
+        req.tunnel_buf = None
+        self.paused = 0
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def tunnel_closed(self, req: _Request) -> None:
+        self.srv.release(req)
+        req.finished = True
+        self.tunnel = None
+        self.close()
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        return 400, "bad_method"
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return 400, "bad_target"
+    text = str(exc).lower()
+    for needle, status, reason in _PARSE_ERRORS:
+        if needle in text:
+            return status, reason
+    return 400, "bad_request"
+
+
+class ProxyServer:
+    """The HTTP proxy for one listener."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        pool: Pool,
+        pool_cfg: PoolConfig,
+        stats: Stats,
+        on_ejection: Callable[[Ejection], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.listener = listener
+        self.pool = pool
+        self.pool_cfg = pool_cfg
+        self.stats = stats
+        self.on_ejection = on_ejection
+        self._loop = loop
+        self.dirty: list[_Conn] = []
+        self.clients: set[_Client] = set()
+        self.upstreams: set[_Upstream] = set()
+        self.idle: dict[tuple[str, int], list[_Upstream]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.request_ids = H.RequestIds()
+        self.draining = False
+        self._sock: socket.socket | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._accepting = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self._trusted = H.parse_networks(listener.trusted_proxies)
+        self._ctx_cache: dict[str, H.ClientContext] = {}
+        self._drained: asyncio.Event | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket) -> None:
+        """Accept on an already-bound listening socket (shared with other workers)."""
+        self._sock = sock
+        await self._listen()
+        self._schedule_tick()
+
+    async def _listen(self) -> None:
+        assert self._sock is not None
+        # Our own fd for the shared socket: closing it stops our accepting only.
+        self._server = await self.loop.create_server(
+            lambda: _Client(self), sock=self._sock.dup(), backlog=self.listener.backlog
+        )
+        self._accepting = True
+
+    def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
+        """New requests use the new pool; in-flight ones finish on the one they started on."""
+        self.pool = pool
+        self.pool_cfg = pool_cfg
+
+    async def stop_accepting(self) -> None:
+        self._accepting = False
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def drain(self, timeout_s: float) -> int:
+        """Finish in-flight requests, close idle keep-alive clients; return how many client
+        connections were still open at the deadline (then closed hard)."""
+        self.draining = True
+        await self.stop_accepting()
+        for c in list(self.clients):
+            c.closing = True
+            if not c.queue and c.state == _IDLE and not c.linger:
+                c.close()
+        for lst in self.idle.values():
+            for up in lst:
+                up.close()
+        self.idle.clear()
+        if self.clients:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._drained.wait()
+        cut = len(self.clients)
+        for c in list(self.clients):
+            c.abort()
+        return cut
+
+    def close(self) -> None:
+        """Hard stop: every connection is cut."""
+        self._accepting = False
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for c in list(self.clients):
+            c.abort()
+        for up in list(self.upstreams):
+            up.abort()
+        for t in list(self.tasks):
+            t.cancel()
+        self.idle.clear()
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def client_context(self, ip: str) -> H.ClientContext:
+        ctx = self._ctx_cache.get(ip)
+        if ctx is None:
+            ctx = H.ClientContext(ip, H.is_trusted(ip, self._trusted))
+            if len(self._ctx_cache) > 4096:
+                self._ctx_cache.clear()
+            self._ctx_cache[ip] = ctx
+        return ctx
+
+    def client_opened(self, c: _Client) -> None:
+        self.clients.add(c)
+        self.stats.connection_opened(self.listener.name)
+        mc = self.listener.max_connections
+        if mc and len(self.clients) >= mc and self._server is not None:
+            # Leave further connections in the shared backlog for other workers.
+            self._server.close()
+            self._server = None
+
+    def client_gone(self, c: _Client) -> None:
+        if c in self.clients:
+            self.clients.discard(c)
+            self.stats.connection_closed(self.listener.name)
+            if not self.clients and self._drained is not None:
+                self._drained.set()
+        mc = self.listener.max_connections
+        if (
+            mc and self._accepting and self._server is None and self._sock is not None
+            and len(self.clients) < mc
+        ):
+            self._spawn(self._listen())
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def flush(self) -> None:
+        dirty = self.dirty
+        while dirty:
+            self.dirty = []
+            for c in dirty:
+                c.flush_out()
+            dirty = self.dirty
+
+    def release(self, req: _Request) -> None:
+        """Give back the pick: exactly once per ``pool.pick``."""
+        b = req.backend
+        if b is not None:
+            req.backend = None
+            req.pool.release(b)
+
+    def release_upstream(self, req: _Request) -> None:
+        up = req.upstream
+        if up is not None:
+            up.detach()
+            up.abort()
+
+    def observe(self, req: _Request, backend: Backend, outcome: Outcome) -> None:
+        if not req.pool_cfg.passive.enabled:
+            return
+        ej = req.pool.observe(backend, outcome, self.loop.time())
+        if ej is not None:
+            logger.warning(
+                "event=backend_ejected_locally listener=%s pool=%s backend=%s reason=%s",
+                self.listener.name, ej.pool, ej.backend, ej.outcome,
+            )
+            if self.on_ejection is not None:
+                self.on_ejection(ej)
+
+    # -- backend connections ----------------------------------------------------------------
+
+    def take_idle(self, backend: Backend, req: _Request, now: float) -> _Upstream | None:
+        if req.force_fresh:
+            return None
+        lst = self.idle.get((backend.host, backend.port))
+        while lst:
+            up = lst[-1]
+            if up.closed:
+                lst.pop()
+                continue
+            if not req.idempotent and now - up.idle_since > SAFE_REUSE_S:
+                return None
+            lst.pop()
+            return up
+        return None
+
+    def put_idle(self, up: _Upstream) -> None:
+        cfg = self.pool_cfg
+        lst = self.idle.get(up.key)
+        if lst is None:
+            lst = self.idle[up.key] = []
+        if self.draining or len(lst) >= cfg.max_idle_per_backend or up.closed:
+            up.close()
+            return
+        now = self.loop.time()
+        up.idle_since = now
+        up.deadline = now + cfg.idle_timeout_s
+        lst.append(up)
+
+    def forget_idle(self, up: _Upstream) -> None:
+        lst = self.idle.get(up.key)
+        if lst is not None:
+            with contextlib.suppress(ValueError):
+                lst.remove(up)
+
+    def connect(self, req: _Request, client: _Client, backend: Backend, gen: int) -> None:
+        self._spawn(self._connect(req, client, backend, gen))
+
+    async def _connect(self, req: _Request, client: _Client, backend: Backend, gen: int) -> None:
+        key = (backend.host, backend.port)
+        try:
+            async with asyncio.timeout(req.pool_cfg.connect_timeout_s):
+                _, up = await self.loop.create_connection(
+                    lambda: _Upstream(self, key), backend.host, backend.port
+                )
+        except (OSError, TimeoutError) as exc:
+            if req.conn_gen == gen and req.backend is backend and not req.finished:
+                client.connect_failed(req, backend, exc)
+                self.flush()
+            return
+        if req.conn_gen == gen and req.backend is backend and not req.finished:
+            up.attach(req, client)
+        else:
+            self.put_idle(up)
+        self.flush()
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _tick_interval(self) -> float:
+        lst, cfg = self.listener, self.pool_cfg
+        shortest = min(
+            lst.client_header_timeout_s, lst.client_idle_timeout_s, cfg.response_timeout_s,
+            cfg.idle_timeout_s, LINGER_S,
+        )
+        return min(0.5, max(0.01, shortest / 10))
+
+    def _schedule_tick(self) -> None:
+        self._ticker = self.loop.call_later(self._tick_interval(), self._tick)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        try:
+            for c in [c for c in self.clients if c.deadline <= now]:
+                if not c.closed:
+                    c.on_deadline(now)
+            for up in [u for u in self.upstreams if u.deadline <= now]:
+                if not up.closed:
+                    up.on_deadline(now)
+            self.flush()
+        except Exception:
+            logger.exception("event=proxy_tick_failed listener=%s", self.listener.name)
+        self._schedule_tick()
+
+
+# Re-exported for tests that need to classify a reason the way the engine does.
+classify_parse_error = _classify
+
+__all__ = [
+    "IDEMPOTENT",
+    "ProxyServer",
+    "classify_parse_error",
+    "error_response",
+    "make_listen_socket",
+]

@@ -1,0 +1,406 @@
+"""Real servers and clients for the proxy engine's tests.
+
+- ``CountingBackend``: a raw asyncio HTTP/1.1 server that records every request it receives
+  (method, target, headers, body) and answers according to a ``behaviour`` callable; used
+  where a test must prove what did or did not reach a backend.
+- ``aiohttp_backend``: an aiohttp app for streaming, chunked, WebSocket and slow answers.
+- ``start_proxy``: a ProxyServer (or TcpProxyServer) in this process on 127.0.0.1:0.
+- ``http_exchange`` / ``read_response``: a raw-socket client where exact bytes matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+from aiohttp import web
+
+from lb.config import ListenerConfig, PoolConfig
+from lb.pool import Pool, build_pool
+from lb.proxy import ProxyServer, make_listen_socket
+from lb.stats import Stats
+from lb.tcpproxy import TcpProxyServer
+
+
+@dataclass
+class Seen:
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    conn_id: int
+
+    def header(self, name: str) -> str | None:
+        vals = [v for n, v in self.headers if n.lower() == name.lower()]
+        return ", ".join(vals) if vals else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+
+# A behaviour returns the raw response bytes, or None to close the connection at once,
+# or "hang" to never answer.
+Behaviour = Callable[["Seen", "CountingBackend"], Any]
+
+
+def ok_behaviour(seen: Seen, be: CountingBackend) -> bytes:
+    body = f"{be.name} {seen.method} {seen.target}\n".encode()
+    if seen.method == "HEAD":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Backend: %s\r\n\r\n%s" % (
+        len(body), be.name.encode(), body,
+    )
+
+
+class _BackendConn(asyncio.Protocol):
+    def __init__(self, be: CountingBackend) -> None:
+        self.be = be
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.conn_id = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.be.connections += 1
+        self.conn_id = self.be.connections
+        self.be.open.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.be.open.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.be.bytes_received += len(data)
+        if self.be.read_delay_s:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(self.be.read_delay_s, self._resume)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.be.parse_errors.append(repr(exc))
+            assert self.transport is not None
+            self.transport.close()
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.hdrs = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hdrs.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        if self.be.keep_bodies:
+            self.body.append(body)
+        self.be.body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        seen = Seen(
+            self.parser.get_method().decode(),
+            self.url.decode("latin-1"),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.hdrs],
+            b"".join(self.body),
+            self.conn_id,
+        )
+        self.be.requests.append(seen)
+        out = self.be.behaviour(seen, self.be)
+        assert self.transport is not None
+        if out is None:
+            self.transport.abort()
+        elif out == "hang":
+            pass
+        elif isinstance(out, tuple) and out[0] == "delay":
+            _, delay, data = out
+            t = self.transport
+            asyncio.get_running_loop().call_later(
+                delay, lambda: None if t.is_closing() else t.write(data)
+            )
+        else:
+            self.transport.write(out)
+            if self.be.close_after_response:
+                self.transport.close()
+
+
+class CountingBackend:
+    """Raw HTTP/1.1 backend on 127.0.0.1 that records every request it receives."""
+
+    def __init__(self, name: str, behaviour: Behaviour = ok_behaviour) -> None:
+        self.name = name
+        self.behaviour = behaviour
+        self.requests: list[Seen] = []
+        self.connections = 0
+        self.bytes_received = 0
+        self.body_bytes = 0
+        self.parse_errors: list[str] = []
+        self.keep_bodies = True
+        self.close_after_response = False
+        self.read_delay_s = 0.0
+        self.open: set[_BackendConn] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> CountingBackend:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _BackendConn(self), "127.0.0.1", port, reuse_address=True
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill_connections(self) -> None:
+        for c in list(self.open):
+            if c.transport is not None:
+                c.transport.abort()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.kill_connections()
+            await self.server.wait_closed()
+            self.server = None
+
+
+async def aiohttp_backend(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proxy:
+    server: ProxyServer | TcpProxyServer
+    pool: Pool
+    pool_cfg: PoolConfig
+    listener: ListenerConfig
+    stats: Stats
+    sock: socket.socket
+    port: int
+    ejections: list[Any] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.in_flight for b in self.pool.backends)
+
+
+async def start_proxy(
+    backends: list[tuple[str, str]] | list[tuple[str, str, int]],
+    *,
+    mode: str = "http",
+    balance: str = "round_robin",
+    listener: dict[str, Any] | None = None,
+    pool: dict[str, Any] | None = None,
+) -> Proxy:
+    """A proxy on 127.0.0.1:<free port> in front of ``backends`` ((name, address[, weight]))."""
+    bcfg = [
+        {"name": b[0], "address": b[1], "weight": b[2] if len(b) > 2 else 1}  # type: ignore[misc]
+        for b in backends
+    ]
+    pool_cfg = PoolConfig.model_validate({"name": "p", "balance": balance, "backends": bcfg,
+                                          **(pool or {})})
+    lcfg = ListenerConfig.model_validate(
+        {"name": "l", "bind": f"127.0.0.1:{free_port()}", "pool": "p", "mode": mode,
+         **(listener or {})}
+    )
+    wpool = build_pool(
+        "p", balance,
+        [(b.name, *b.host_port, float(b.weight)) for b in pool_cfg.backends],
+        consecutive_failures=pool_cfg.passive.consecutive_failures,
+        local_eject_s=pool_cfg.passive.eject_s,
+        max_eject_percent=pool_cfg.passive.max_eject_percent,
+        seed=1,
+    )
+    stats = Stats()
+    sock = make_listen_socket(lcfg)
+    port = sock.getsockname()[1]
+    proxy = Proxy(None, wpool, pool_cfg, lcfg, stats, sock, port)  # type: ignore[arg-type]
+    cls = TcpProxyServer if mode == "tcp" else ProxyServer
+    server = cls(lcfg, wpool, pool_cfg, stats, on_ejection=proxy.ejections.append)
+    proxy.server = server
+    await server.start(sock)
+    return proxy
+
+
+async def stop_proxy(proxy: Proxy) -> None:
+    proxy.server.close()
+    proxy.sock.close()
+    await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def proxy_in_front_of(
+    backends: list[CountingBackend], **kw: Any
+) -> AsyncIterator[Proxy]:
+    proxy = await start_proxy([(b.name, b.address) for b in backends], **kw)
+    try:
+        yield proxy
+    finally:
+        await stop_proxy(proxy)
+
+
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    http_version: str = "1.1"
+    keep_alive: bool = True
+
+    def header(self, name: str) -> str | None:
+        vals = [v for n, v in self.headers if n.lower() == name.lower()]
+        return ", ".join(vals) if vals else None
+
+
+class _RespCollector:
+    def __init__(self) -> None:
+        self.done: list[Response] = []
+        self.reason = b""
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.parser: Any = None
+        self.complete = 0
+
+    def on_message_begin(self) -> None:
+        self.reason = b""
+        self.hdrs = []
+        self.body = []
+
+    def on_status(self, s: bytes) -> None:
+        self.reason += s
+
+    def on_header(self, n: bytes, v: bytes) -> None:
+        self.hdrs.append((n, v))
+
+    def on_body(self, b: bytes) -> None:
+        self.body.append(b)
+
+    def on_message_complete(self) -> None:
+        self.done.append(
+            Response(
+                self.parser.get_status_code(), self.reason.decode("latin-1"),
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.hdrs],
+                b"".join(self.body), self.parser.get_http_version(),
+                self.parser.should_keep_alive(),
+            )
+        )
+
+
+class RawClient:
+    """A keep-alive HTTP client over one raw TCP connection (exact bytes, pipelining)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.col = _RespCollector()
+        self.parser = httptools.HttpResponseParser(self.col)
+        self.col.parser = self.parser
+        self.raw = bytearray()
+        self.eof = False
+        self.head_requests = 0
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        r, w = await asyncio.open_connection(host, port)
+        return cls(r, w)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def responses(self, n: int, timeout_s: float = 5.0) -> list[Response]:
+        """Read until ``n`` complete responses (or EOF); returns those complete."""
+        async with asyncio.timeout(timeout_s):
+            while len(self.col.done) < n and not self.eof:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.eof = True
+                    break
+                self.raw += data
+                try:
+                    self.parser.feed_data(data)
+                except httptools.HttpParserError:
+                    break
+        out, self.col.done = self.col.done[:n], self.col.done[n:]
+        return out
+
+    async def response(self, timeout_s: float = 5.0) -> Response:
+        got = await self.responses(1, timeout_s)
+        if not got:
+            raise ConnectionError(f"no response; raw={bytes(self.raw)[:300]!r}")
+        return got[0]
+
+    async def closed(self, timeout_s: float = 3.0) -> bool:
+        """True when the server closes the connection within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    data = await self.reader.read(65536)
+                    if not data:
+                        return True
+                    self.raw += data
+        except (ConnectionError, TimeoutError):
+            return isinstance(self.reader.exception(), ConnectionError)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+async def request(
+    port: int, data: bytes, *, timeout_s: float = 5.0
+) -> Response:
+    """One request on a fresh connection."""
+    c = await RawClient.connect(port)
+    try:
+        await c.send(data)
+        return await c.response(timeout_s)
+    finally:
+        await c.close()
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    """Poll ``cond`` (state owned by other code, no event to wait on) until true."""
+    async with asyncio.timeout(timeout_s):
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def gather_limited(coros: list[Awaitable[Any]]) -> list[Any]:
+    return list(await asyncio.gather(*coros))
+
+
+def get(path: str = "/", host: str = "example.test", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
