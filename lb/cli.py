@@ -56,6 +56,18 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import failover
+
+    try:
+        failover.write_key_file(args.file)
+    except failover.FailoverError as exc:
+        print(f"pairlb keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a new failover key to {args.file} (mode 0600); copy it to every node")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lb import demo
 
@@ -81,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("keygen", help="write a new failover key file (mode 0600)")
+    p.add_argument("file", help="e.g. /etc/pairlb/failover.key")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("demo", help="the live demo on the embedded default config")
     p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
