@@ -429,14 +429,18 @@ class Config(_Model):
                 return p
         raise KeyError(name)
 
-    def digest(self) -> str:
+    def digest_bytes(self, n: int = 32) -> bytes:
         """Digest of what must match between peers (listeners and pools, not node identity)."""
         doc = {
             "listener": [lst.model_dump(mode="json") for lst in self.listener],
             "pool": [p.model_dump(mode="json") for p in self.pool],
         }
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return hashlib.sha256(blob).digest()[:n]
+
+    def digest(self) -> str:
+        """Short hex form of digest_bytes for logs and the status API."""
+        return self.digest_bytes(8).hex()
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -97,6 +97,10 @@ def merge_counts(dst: dict[str, Any], delta: dict[str, Any]) -> None:
             dst[k] = dst.get(k, 0) + v
 
 
+class StartupError(Exception):
+    """A startup problem with a message that tells the operator what to fix."""
+
+
 @dataclass
 class ReloadResult:
     ok: bool
@@ -161,10 +165,14 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         try:
             await self.startup()
+        except StartupError as exc:
+            logger.error("event=startup_failed error=%r", str(exc))
+            await self.shutdown(0.0)
+            return 1
         except Exception:
             logger.exception("event=startup_failed")
             await self.shutdown(0.0)
@@ -181,6 +189,12 @@ class Daemon:
             sig = await self.signals.get()
             if sig == signal.SIGHUP:
                 await self.reload()
+                continue
+            if sig == signal.SIGUSR1:
+                result = await self.switchover()
+                logger.info(
+                    "event=switchover_result %s", " ".join(f"{k}={v}" for k, v in result.items())
+                )
                 continue
             logger.info("event=stop_requested signal=%s", sig.name)
             break
@@ -205,7 +219,12 @@ class Daemon:
 
     async def startup(self) -> None:
         for lcfg in self.cfg.listener:
-            self.sockets[lcfg.name] = make_listen_socket(lcfg)
+            try:
+                self.sockets[lcfg.name] = make_listen_socket(lcfg)
+            except OSError as exc:
+                raise StartupError(
+                    f"listener {lcfg.name}: cannot bind {lcfg.bind}: {exc.strerror}"
+                ) from None
         for pcfg in self.cfg.pool:
             self.rotations[pcfg.name] = make_rotation(pcfg)
         self._compute_snapshots()
@@ -214,12 +233,136 @@ class Daemon:
         await self.supervisor.start()
         if not await self.supervisor.wait_ready(10.0):
             logger.warning("event=workers_slow_to_start")
+        if self.cfg.failover is not None:
+            import failover
+
+            try:
+                await self._start_failover()
+            except failover.FailoverError as exc:
+                raise StartupError(str(exc)) from None
         if self.cfg.admin.enabled:
             await self._start_admin()
         self._spawn(self._status_loop(), "status")
         wd = watchdog_interval_s()
         if wd is not None:
             self._spawn(self._watchdog_loop(wd), "watchdog")
+
+    async def _start_failover(self) -> None:
+        """Heartbeats and the VIP; stale VIPs are removed before joining as BACKUP."""
+        import failover
+
+        fcfg = self.cfg.failover
+        assert fcfg is not None
+        key = failover.load_key(fcfg.key_file)
+        vip = failover.VipAdapter(
+            fcfg.interface,
+            fcfg.vips,
+            garp_count=fcfg.garp_count,
+            garp_interval_s=fcfg.garp_interval_s,
+            garp_repeat_after_s=fcfg.garp_repeat_after_s or None,
+        )
+        spec = failover.FailoverSpec(
+            node_name=self.cfg.node.name,
+            interface=fcfg.interface,
+            vips=fcfg.vips,
+            priority=fcfg.priority,
+            peers=fcfg.peers,
+            key=key,
+            port=fcfg.port,
+            bind=fcfg.bind,
+            multicast_group=fcfg.multicast_group,
+            interval_s=fcfg.interval_s,
+            down_after=fcfg.down_after,
+            preempt=fcfg.preempt,
+            preempt_delay_s=fcfg.preempt_delay_s,
+            notify=fcfg.notify,
+            notify_timeout_s=fcfg.notify_timeout_s,
+            config_digest=self.cfg.digest_bytes(failover.DIGEST_LEN),
+        )
+        self.failover = failover.FailoverController(spec, vip, on_role_change=self._on_role_change)
+        self._update_local_health()
+        await self.failover.start()
+        tracked = tuple(dict.fromkeys((fcfg.interface, *fcfg.track_interfaces)))
+        self._spawn(vip.watch_carrier(tracked, self.failover.carrier_changed), "carrier")
+
+    def _on_role_change(self, old: Any, new: Any) -> None:
+        logger.info("event=role_change node=%s from=%s to=%s", self.cfg.node.name, old, new)
+        self._record_event("role", f"{old} -> {new}")
+        self.notifier.status(self.status_line())
+        for cb in self.on_state_change:
+            cb()
+
+    def _update_local_health(self) -> None:
+        """Tell failover whether this node can serve (its own checks found backends)."""
+        if self.failover is None:
+            return
+        usable = sum(s.usable for s in self.snapshots.values())
+        total = sum(len(r.records) for r in self.rotations.values())
+        self.failover.set_local_health(usable > 0, usable, total)
+
+    async def switchover(self) -> dict[str, Any]:
+        """Planned handover: the peer takes the VIP first, then this node lets go."""
+        if self.failover is None:
+            return {"ok": False, "error": "no failover configured"}
+        if not self.failover.request_switchover():
+            return {"ok": False, "error": f"not MASTER (role {self.failover.role})"}
+        logger.info("event=switchover_requested node=%s", self.cfg.node.name)
+        self._record_event("switchover", "planned handover requested")
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if str(self.failover.role) != "MASTER":
+                return {"ok": True, "role": str(self.failover.role)}
+            await asyncio.sleep(0.01)
+        self.failover.cancel_switchover()
+        return {"ok": False, "error": "no peer took over within 5 s; still MASTER"}
+
+    def failover_status(self) -> dict[str, Any] | None:
+        if self.failover is None:
+            return None
+        st = self.failover.status()
+        fcfg = self.cfg.failover
+        assert fcfg is not None
+        return {
+            "role": str(st.role),
+            "reason": st.role_reason,
+            "since": st.role_since,
+            "priority": st.priority,
+            "effective_priority": 0 if str(st.role) == "INIT" else st.priority,
+            "interface": fcfg.interface,
+            "vips": list(fcfg.vips),
+            "vip_held": st.vip_holding,
+            "healthy": st.healthy,
+            "faults": list(st.faults),
+            "switchover_pending": st.switchover_pending,
+            "master_down_s": st.master_down_s,
+            "peers": [
+                {
+                    "name": p.name,
+                    "addresses": [path.address for path in p.paths],
+                    "alive": p.alive,
+                    "last_heard_s": round(p.last_heard_age_s, 4),
+                    "role": str(p.role),
+                    "priority": p.priority,
+                    "config_digest_match": p.config_digest_match,
+                    "healthy_backends": p.healthy_count,
+                    "total_backends": p.total_count,
+                }
+                for p in st.peers
+            ],
+            "counters": {
+                "heartbeats_sent": st.counters.heartbeats_sent,
+                "heartbeats_received": st.counters.heartbeats_received,
+                "rejected": {str(k): v for k, v in st.counters.rejected.items()},
+                "transitions": {f"{a}->{b}": v for (a, b), v in st.counters.transitions.items()},
+                "late_sends": st.counters.late_sends,
+                "vip_errors": st.counters.vip_errors,
+            },
+            "send_lag_ms": {
+                "p50": round(st.send_lag.p50_s * 1000, 3),
+                "p99": round(st.send_lag.p99_s * 1000, 3),
+                "max": round(st.send_lag.max_s * 1000, 3),
+            },
+        }
 
     async def _start_admin(self) -> None:
         from aiohttp import web
@@ -239,6 +382,12 @@ class Daemon:
         self.notifier.stopping()
         if self._snap_timer:
             self._snap_timer.cancel()
+        if self.failover is not None:
+            # MASTER first hands the VIP over (priority 0, make-before-break), then drains.
+            try:
+                await self.failover.stop(graceful=timeout_s > 0)
+            except Exception:
+                logger.exception("event=failover_stop_failed")
         await self.supervisor.stop(timeout_s)
         await self.health.stop()
         if self.admin_runner is not None:
@@ -440,6 +589,7 @@ class Daemon:
     def push_snapshots(self) -> None:
         if self._compute_snapshots():
             self.supervisor.broadcast(self._snapshot_message())
+            self._update_local_health()
         for cb in self.on_state_change:
             cb()
 
@@ -595,7 +745,7 @@ class Daemon:
             ],
             "pools": pools,
             "workers": self.supervisor.status(),
-            "failover": self.failover.status() if self.failover is not None else None,
+            "failover": self.failover_status(),
             "role": self.role(),
             "events": list(self.events),
         }
