@@ -1,0 +1,630 @@
+#!/usr/bin/env python3
+"""Proxy throughput benchmark: pairlb against HAProxy, nginx and no proxy, in one run.
+
+Starts one nginx (own config in a temp dir, never the system one) serving 3 backend ports,
+then HAProxy, nginx-as-proxy and ``pairlb run`` in front of them, and drives each with wrk.
+Targets are measured interleaved: every round runs each (target, body size) once in a
+shuffled order, so machine noise lands on all of them alike; the report is the median over
+rounds. For each: req/s, proxy CPU microseconds per request (utime+stime of the proxy's whole
+process tree / requests), p50/p99 latency, RSS per proxy process, wrk errors, and how busy each
+CPU was (to tell a proxy limit from a load-generator limit).
+
+With --workers 1 (default) the proxy under test is pinned to CPU 0 and wrk and the backends to
+CPU 1. With more workers nothing is pinned (there are not enough cores to separate them).
+
+Only processes this script started are stopped, by PID, also on Ctrl-C, SIGTERM or error.
+Imports nothing from lb: it measures the installed ``pairlb`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+ALL_TARGETS = ("direct", "haproxy", "nginx", "pairlb")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PAIRLB_CMD = "{venv}/bin/pairlb run -c {config}"
+ROOT_ROLE = {"haproxy": "haproxy", "nginx": "master", "pairlb": "control"}
+CHILD_ROLE = {"haproxy": "thread", "nginx": "worker", "pairlb": "worker"}
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: c.Managed | None
+    """None for 'direct' (wrk talks to a backend port)."""
+
+
+@dataclass
+class Sample:
+    target: str
+    size: int
+    round: int
+    ok: bool
+    error: str = ""
+    requests: int = 0
+    rps: float = 0.0
+    proxy_cpu_s: float | None = None
+    cpu_us_per_req: float | None = None
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    non_2xx_3xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    wrk_cpu_s: float = 0.0
+    backend_cpu_s: float = 0.0
+    wall_s: float = 0.0
+    other_cores: float = 0.0
+    """Cores kept busy by processes this script did not start (other people's work)."""
+    attempts: int = 1
+    cpu_busy: dict[str, float] = field(default_factory=dict)
+    mem: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (integer)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS)
+    )
+    ap.add_argument("--sizes", default="100,65536", help="response body sizes in bytes")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="pairlb workers = HAProxy nbthread = nginx worker_processes; >1 disables pinning",
+    )
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c")
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="seconds of unmeasured wrk before each run"
+    )
+    ap.add_argument("--json", type=Path, help="write every sample and the summary here")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument(
+        "--pairlb-cmd",
+        default=DEFAULT_PAIRLB_CMD,
+        help="command template; placeholders {venv}, {config}, {python}",
+    )
+    ap.add_argument("--venv", type=Path, default=None, help="default: REPO/.venv or sys.prefix")
+    ap.add_argument("--no-pin", action="store_true", help="never use taskset")
+    ap.add_argument("--proxy-cpus", default="0", help="CPU list for the proxy under test")
+    ap.add_argument("--load-cpus", default="1", help="CPU list for wrk and the backends")
+    ap.add_argument("--backend-workers", type=int, default=1, help="nginx workers of the backends")
+    ap.add_argument(
+        "--start-timeout", type=float, default=30.0, help="seconds for a server to answer"
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="before each run, wait up to this many seconds for other processes' load to drop",
+    )
+    ap.add_argument(
+        "--max-other",
+        type=float,
+        default=0.2,
+        help="cores of other processes' load above which a run is repeated",
+    )
+    ap.add_argument("--noisy-retries", type=int, default=2, help="repeats of a disturbed run")
+    ap.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
+    ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs behind")
+    args = ap.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in args.targets if t not in ALL_TARGETS]
+    if bad or not args.targets:
+        ap.error(f"--targets: unknown {bad}; choose from {','.join(ALL_TARGETS)}")
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        ap.error("--sizes: comma-separated integers")
+    if not args.sizes or any(s < 1 for s in args.sizes):
+        ap.error("--sizes: each size must be >= 1")
+    for name in ("duration", "rounds", "workers", "connections", "wrk_threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.warmup < 0:
+        ap.error("--warmup: must be >= 0")
+    if args.venv is None:
+        args.venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
+    args.pin = not args.no_pin and args.workers == 1 and (os.cpu_count() or 1) >= 2
+    if args.seed is None:
+        args.seed = random.randrange(1 << 30)
+    return args
+
+
+def pairlb_config(
+    workdir: Path, port: int, admin_port: int, backends: list[int], workers: int
+) -> Path:
+    """A pairlb config in front of the backends: round robin, health checks on, little logging."""
+    entries = ",\n".join(
+        f'  {{ name = "b{i}", address = "127.0.0.1:{p}" }}' for i, p in enumerate(backends, 1)
+    )
+    text = f"""# written by bench/perf.py
+[node]
+name = "bench"
+workers = {workers}
+shutdown_timeout_s = 2
+
+[[listener]]
+name = "bench"
+bind = "127.0.0.1:{port}"
+mode = "http"
+pool = "bench"
+
+[[pool]]
+name = "bench"
+balance = "round_robin"
+backends = [
+{entries},
+]
+
+[pool.health]
+path = "/healthz"
+interval_s = 1.0
+timeout_s = 0.5
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+
+[logging]
+level = "warning"
+"""
+    conf = workdir / "pairlb.toml"
+    conf.write_text(text)
+    return conf
+
+
+def start_target(
+    name: str, args: argparse.Namespace, workdir: Path, procs: c.ProcessSet, backends: list[int]
+) -> Target:
+    """Start one proxy and wait until it answers through to a backend; raise if it cannot."""
+    cpus = args.proxy_cpus if args.pin else None
+    size_path = c.body_path(args.sizes[0])
+    if name == "direct":
+        return Target(name, backends[0], None)
+    port, admin_port = c.free_ports(2)
+    c.require_free([port, admin_port])
+    log = workdir / f"{name}.log"
+    if name == "haproxy":
+        conf = c.write_haproxy(workdir, port, backends, nbthread=args.workers)
+        proc = procs.start(name, c.haproxy_argv(conf), log, cpus=cpus)
+    elif name == "nginx":
+        c.prepare_nginx_dirs(workdir, "nginx-proxy")
+        conf = c.write_nginx_proxy(workdir, port, backends, workers=args.workers)
+        proc = procs.start(name, c.nginx_argv(conf, workdir), log, cpus=cpus)
+    else:
+        conf = pairlb_config(workdir, port, admin_port, backends, args.workers)
+        cmd = args.pairlb_cmd.format(venv=args.venv, config=conf, python=sys.executable)
+        argv = shlex.split(cmd)
+        if not argv or shutil.which(argv[0]) is None:
+            raise RuntimeError(f"pairlb command not found: {argv[0] if argv else cmd!r}")
+        proc = procs.start(name, argv, log, cpus=cpus)
+    try:
+        # Several answers in a row: every backend reached, pools warm, checks passed.
+        c.wait_http_ok(
+            "127.0.0.1", port, size_path, args.start_timeout, proc=proc, successes=2 * len(backends)
+        )
+    except RuntimeError:
+        procs.stop(proc, timeout_s=5)
+        raise
+    proc.remember_tree()
+    return Target(name, port, proc)
+
+
+def mem_of(target: Target) -> list[dict[str, Any]]:
+    """RSS of each process in the proxy's tree, labelled control/worker (pairlb) etc."""
+    if target.proc is None:
+        return []
+    out = []
+    for i, m in enumerate(c.tree_mem(target.proc.pid)):
+        role = ROOT_ROLE[target.name] if i == 0 else f"{CHILD_ROLE[target.name]}{i}"
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes()
+            if b"resource_tracker" in cmdline or b"forkserver" in cmdline:
+                role = "mp-helper"
+        out.append({"role": role, **asdict(m)})
+    return out
+
+
+def measure(
+    target: Target,
+    size: int,
+    rnd: int,
+    args: argparse.Namespace,
+    backends: c.Managed,
+    own_roots: list[int],
+    workdir: Path,
+) -> Sample:
+    """One measurement; repeated (up to --noisy-retries) when other processes loaded the box,
+    keeping the least disturbed attempt."""
+    best: Sample | None = None
+    for attempt in range(args.noisy_retries + 1):
+        if args.settle > 0:
+            c.wait_quiet(own_roots, args.settle, args.max_other / 2)
+        s = measure_once(target, size, rnd, args, backends, own_roots, workdir)
+        s.attempts = attempt + 1
+        if best is None or not best.ok or (s.ok and s.other_cores < best.other_cores):
+            best = s
+        if not s.ok or s.other_cores <= args.max_other:
+            break
+    assert best is not None
+    return best
+
+
+def measure_once(
+    target: Target,
+    size: int,
+    rnd: int,
+    args: argparse.Namespace,
+    backends: c.Managed,
+    own_roots: list[int],
+    workdir: Path,
+) -> Sample:
+    url = f"http://127.0.0.1:{target.port}{c.body_path(size)}"
+    load_cpus = args.load_cpus if args.pin else None
+    wrk_kw: dict[str, Any] = {
+        "connections": args.connections,
+        "threads": args.wrk_threads,
+        "cpus": load_cpus,
+        "log_path": workdir / "wrk.out",
+    }
+    try:
+        if target.proc is not None and not target.proc.alive():
+            raise RuntimeError(f"{target.name} is no longer running:\n{target.proc.log_tail()}")
+        if args.warmup:
+            c.run_wrk(url, args.warmup, **wrk_kw)
+        root = target.proc.pid if target.proc else None
+        if target.proc:
+            target.proc.remember_tree()
+        p0 = c.tree_cpu_s(root) if root else None
+        b0 = c.tree_cpu_s(backends.pid)
+        own0 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
+        cpu0, t0 = c.cpu_times(), time.monotonic()
+        res = c.run_wrk(url, args.duration, **wrk_kw)
+        cpu1, t1 = c.cpu_times(), time.monotonic()
+        own1 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
+        b1 = c.tree_cpu_s(backends.pid)
+        p1 = c.tree_cpu_s(root) if root else None
+    except RuntimeError as exc:
+        return Sample(target.name, size, rnd, ok=False, error=str(exc))
+    proxy_cpu = (p1 - p0) if p0 is not None and p1 is not None else None
+    # Busy time of every CPU minus ours (all servers we started, wrk, this script).
+    other = c.busy_cpu_s(cpu0, cpu1) - (own1 - own0) - res.wrk_cpu_s
+    return Sample(
+        target=target.name,
+        size=size,
+        round=rnd,
+        ok=res.requests > 0,
+        error="" if res.requests > 0 else "no requests completed",
+        requests=res.requests,
+        rps=res.rps,
+        proxy_cpu_s=proxy_cpu,
+        cpu_us_per_req=(proxy_cpu / res.requests * 1e6)
+        if proxy_cpu is not None and res.requests
+        else None,
+        p50_us=res.latency_us.get("50", 0.0),
+        p99_us=res.latency_us.get("99", 0.0),
+        non_2xx_3xx=res.non_2xx_3xx,
+        socket_errors=res.socket_errors,
+        wrk_cpu_s=res.wrk_cpu_s,
+        backend_cpu_s=b1 - b0,
+        wall_s=t1 - t0,
+        cpu_busy=c.cpu_busy(cpu0, cpu1),
+        other_cores=max(0.0, other) / (t1 - t0),
+        mem=mem_of(target),
+    )
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(
+    samples: list[Sample], args: argparse.Namespace, skipped: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Median over rounds per (size, target), plus req/s relative to HAProxy in the same run."""
+    rows = []
+    for size in args.sizes:
+        by_target = {}
+        for t in args.targets:
+            ss = [s for s in samples if s.target == t and s.size == size and s.ok]
+            failed = [s for s in samples if s.target == t and s.size == size and not s.ok]
+            if not ss:
+                by_target[t] = {
+                    "size": size,
+                    "target": t,
+                    "ok": False,
+                    "error": skipped.get(t) or (failed[0].error if failed else "not measured"),
+                }
+                continue
+            rps = [s.rps for s in ss]
+            cpus = sorted({k for s in ss for k in s.cpu_busy})
+            # Peak RSS per role over rounds.
+            mem: dict[str, int] = {}
+            for s in ss:
+                for m in s.mem:
+                    mem[m["role"]] = max(mem.get(m["role"], 0), m["rss_kb"])
+            by_target[t] = {
+                "size": size,
+                "target": t,
+                "ok": True,
+                "rounds": len(ss),
+                "failed_rounds": len(failed),
+                "rps": _median(rps),
+                "rps_min": min(rps),
+                "rps_max": max(rps),
+                "cpu_us_per_req": _median(
+                    [s.cpu_us_per_req for s in ss if s.cpu_us_per_req is not None]
+                ),
+                "p50_us": _median([s.p50_us for s in ss]),
+                "p99_us": _median([s.p99_us for s in ss]),
+                "non_2xx_3xx": sum(s.non_2xx_3xx for s in ss),
+                "socket_errors": sum(sum(s.socket_errors.values()) for s in ss),
+                "wrk_cpu_us_per_req": _median([s.wrk_cpu_s / s.requests * 1e6 for s in ss]),
+                "backend_cpu_us_per_req": _median([s.backend_cpu_s / s.requests * 1e6 for s in ss]),
+                "load_gen_busy": _median([(s.wrk_cpu_s + s.backend_cpu_s) / s.wall_s for s in ss]),
+                "other_cores": _median([s.other_cores for s in ss]),
+                "cpu_busy": {k: _median([s.cpu_busy.get(k, 0.0) for s in ss]) for k in cpus},
+                "rss_kb": mem,
+            }
+        hap = by_target.get("haproxy", {})
+        for row in by_target.values():
+            if row.get("ok") and hap.get("ok"):
+                row["rps_vs_haproxy"] = row["rps"] / hap["rps"]
+                if row.get("cpu_us_per_req") and hap.get("cpu_us_per_req"):
+                    row["cpu_vs_haproxy"] = row["cpu_us_per_req"] / hap["cpu_us_per_req"]
+            rows.append(row)
+    return rows
+
+
+def _fmt_us(us: float | None) -> str:
+    if us is None:
+        return "-"
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} us"
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 and n % 1024 == 0 else f"{n} B"
+
+
+def _fmt_mem(rss: dict[str, int]) -> str:
+    if not rss:
+        return "-"
+    return ", ".join(f"{role} {kb / 1024:.1f}" for role, kb in rss.items())
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace, markdown: bool) -> str:
+    head = [
+        "body",
+        "target",
+        "req/s",
+        "spread",
+        "vs HAProxy",
+        "proxy CPU us/req",
+        "req/s per proxy core",
+        "p50",
+        "p99",
+        "RSS MB",
+        "errors",
+        "busy " + "/".join(_cpu_names(rows)),
+        "foreign load",
+    ]
+    lines = []
+    for r in rows:
+        if not r.get("ok"):
+            why = r.get("error", "").splitlines()[0][:60] if r.get("error") else ""
+            lines.append([_fmt_size(r["size"]), r["target"], "skipped", *[""] * 9, why])
+            continue
+        spread = (r["rps_max"] - r["rps_min"]) / r["rps"] * 100 if r["rps"] else 0.0
+        busy = "/".join(f"{r['cpu_busy'].get(k, 0) * 100:.0f}%" for k in _cpu_names(rows))
+        lines.append(
+            [
+                _fmt_size(r["size"]),
+                r["target"],
+                f"{r['rps']:,.0f}",
+                f"{spread:.0f}%",
+                f"{r['rps_vs_haproxy']:.2f}x" if "rps_vs_haproxy" in r else "-",
+                f"{r['cpu_us_per_req']:.1f}" if r.get("cpu_us_per_req") else "-",
+                f"{1e6 / r['cpu_us_per_req']:,.0f}" if r.get("cpu_us_per_req") else "-",
+                _fmt_us(r["p50_us"]),
+                _fmt_us(r["p99_us"]),
+                _fmt_mem(r["rss_kb"]),
+                str(r["non_2xx_3xx"] + r["socket_errors"]),
+                busy,
+                f"{r['other_cores']:.2f} cores",
+            ]
+        )
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(x.replace("|", "/") for x in ln) + " |" for ln in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*head), *(fmt.format(*ln) for ln in lines)])
+
+
+def _cpu_names(rows: list[dict[str, Any]]) -> list[str]:
+    names: set[str] = set()
+    for r in rows:
+        names.update(r.get("cpu_busy", {}))
+    return sorted(names, key=lambda n: int(n[3:]))
+
+
+def notes(
+    rows: list[dict[str, Any]], args: argparse.Namespace, skipped: dict[str, str]
+) -> list[str]:
+    """Plain-language lines under the table: ratios, and whether the load generator saturated."""
+    out = []
+    for size in args.sizes:
+        pl = next((r for r in rows if r["size"] == size and r["target"] == "pairlb"), None)
+        if pl and "rps_vs_haproxy" in pl:
+            cpu = f", CPU/request {pl['cpu_vs_haproxy']:.2f}x" if "cpu_vs_haproxy" in pl else ""
+            out.append(
+                f"pairlb/HAProxy req/s at {_fmt_size(size)}: {pl['rps_vs_haproxy']:.2f}{cpu}"
+            )
+    if args.pin:
+        load_cpu = "cpu" + args.load_cpus.split(",")[0].split("-")[0]
+        for r in rows:
+            if r.get("ok") and r["target"] != "direct":
+                busy = r["cpu_busy"].get(load_cpu, 0.0)
+                if busy > 0.9:
+                    out.append(
+                        f"warning: {load_cpu} (wrk + backends) was {busy:.0%} busy during "
+                        f"{r['target']} {_fmt_size(r['size'])}: the load generator may be the limit"
+                    )
+    for r in rows:
+        if r.get("ok") and r["other_cores"] > args.max_other:
+            out.append(
+                f"warning: {r['other_cores']:.2f} cores of other processes' load during "
+                f"{r['target']} {_fmt_size(r['size'])}: numbers are noisy"
+            )
+    if not args.pin:
+        out.append(f"not pinned (workers={args.workers}): proxy, wrk and backends share all CPUs")
+    for t, why in skipped.items():
+        out.append(f"{t} skipped: {why.splitlines()[0] if why else '?'}")
+    return out
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "cpu_model": c.cpu_model(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "haproxy": c.tool_version(["haproxy", "-v"]),
+        "nginx": c.tool_version(["nginx", "-v"]),
+        "wrk": c.tool_version(["wrk", "-v"]),
+        "pinned": args.pin,
+        "proxy_cpus": args.proxy_cpus if args.pin else None,
+        "load_cpus": args.load_cpus if args.pin else None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    for tool in ("wrk", "nginx", *(["haproxy"] if "haproxy" in args.targets else [])):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found", file=sys.stderr)
+            return 2
+    workdir = Path(tempfile.mkdtemp(prefix="pairlb-bench-"))
+    samples: list[Sample] = []
+    skipped: dict[str, str] = {}
+    started_pids: list[int] = []
+    rng = random.Random(args.seed)
+    t_start = time.monotonic()
+    procs = c.ProcessSet()
+    try:
+        backend_ports = c.free_ports(3)
+        c.require_free(backend_ports)
+        c.prepare_nginx_dirs(workdir, "backends")
+        bconf = c.write_nginx_backends(
+            workdir, backend_ports, args.sizes, workers=args.backend_workers
+        )
+        backends = procs.start(
+            "backends",
+            c.nginx_argv(bconf, workdir),
+            workdir / "backends.log",
+            cpus=args.load_cpus if args.pin else None,
+        )
+        for p in backend_ports:
+            c.wait_http_ok("127.0.0.1", p, "/healthz", args.start_timeout, proc=backends)
+        started_pids.extend(backends.remember_tree())
+        targets: list[Target] = []
+        own_roots = [backends.pid]
+        for name in args.targets:
+            try:
+                t = start_target(name, args, workdir, procs, backend_ports)
+            except RuntimeError as exc:
+                if name != "pairlb":
+                    raise
+                first, _, rest = str(exc).partition("\n")
+                last = rest.strip().splitlines()[-1][:200] if rest.strip() else ""
+                skipped[name] = f"did not come up: {first}" + (
+                    f" (last log line: {last})" if last else ""
+                )
+                print(f"pairlb skipped: {exc}", file=sys.stderr)
+                continue
+            if t.proc is not None:
+                started_pids.extend(t.proc.remember_tree())
+                own_roots.append(t.proc.pid)
+            targets.append(t)
+        print(
+            f"workdir {workdir}; pinned={args.pin}; targets "
+            + ", ".join(f"{t.name}:{t.port}" for t in targets),
+            file=sys.stderr,
+        )
+        for rnd in range(1, args.rounds + 1):
+            plan = [(t, size) for t in targets for size in args.sizes]
+            rng.shuffle(plan)
+            for t, size in plan:
+                s = measure(t, size, rnd, args, backends, own_roots, workdir)
+                samples.append(s)
+                status = (
+                    f"{s.rps:10,.0f} req/s  cpu/req {s.cpu_us_per_req or 0:6.1f} us  "
+                    f"busy {' '.join(f'{k}={v:.0%}' for k, v in s.cpu_busy.items())}"
+                    if s.ok
+                    else f"FAILED: {s.error.splitlines()[0] if s.error else ''}"
+                )
+                print(f"round {rnd} {t.name:8} {_fmt_size(size):>7}  {status}", file=sys.stderr)
+    finally:
+        procs.close()
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rows = summarize(samples, args, skipped)
+    cmd = " ".join(shlex.quote(a) for a in ["bench/perf.py", *sys.argv[1:]])
+    text_notes = notes(rows, args, skipped)
+    print(f"\n$ {cmd}")
+    print(table(rows, args, markdown=args.markdown))
+    print()
+    for line in text_notes:
+        print(("- " if args.markdown else "") + line)
+    if args.json:
+        doc = {
+            "command": cmd,
+            "machine": machine_info(args),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "elapsed_s": time.monotonic() - t_start,
+            "skipped": skipped,
+            "started_pids": started_pids,
+            "summary": rows,
+            "notes": text_notes,
+            "samples": [asdict(s) for s in samples],
+        }
+        args.json.write_text(json.dumps(doc, indent=2))
+    failed_required = [r for r in rows if not r.get("ok") and r["target"] not in skipped]
+    return 1 if failed_required else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with c.sigterm_as_exit():
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            print("interrupted; servers stopped", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
