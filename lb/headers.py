@@ -226,11 +226,14 @@ def build_request_head(
     request_id: bytes | None = None,
     via: bool = True,
     host_override: bytes | None = None,
+    default_host: bytes | None = None,
 ) -> RequestHead:
     """Rewrite a client's request head for the backend (always HTTP/1.1, keep-alive).
 
     ``request_id`` is used only when the client sent none. ``host_override`` is the
-    authority of an absolute-form target. Raises HeaderError for requests to refuse.
+    authority of an absolute-form target. ``default_host`` is sent for an HTTP/1.0 request
+    without Host (the backend gets HTTP/1.1, which requires one): the address the client
+    connected to. Raises HeaderError for requests to refuse.
     """
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     host: bytes | None = None
@@ -300,8 +303,10 @@ def build_request_head(
         host = host_override
     elif hosts > 1:
         raise HeaderError(400, "multiple_host")
-    elif hosts == 0 and not http10:
-        raise HeaderError(400, "missing_host")
+    elif hosts == 0:
+        if not http10:
+            raise HeaderError(400, "missing_host")
+        host = default_host
     if host is not None:
         if not _HOST_RE.fullmatch(host):
             raise HeaderError(400, "bad_host")

@@ -291,6 +291,7 @@ class _Upstream(_Conn):
         "client",
         "deadline",
         "eof_body",
+        "got_eof",
         "hdrs",
         "idle_since",
         "interim",
@@ -326,6 +327,7 @@ class _Upstream(_Conn):
         self.backend_keep = True
         self.rechunk = False
         self.eof_body = False
+        self.got_eof = False
         self.tunnel = False
         self.rpaused = False
         self.wpaused = False
@@ -364,10 +366,13 @@ class _Upstream(_Conn):
         srv.flush()
 
     def eof_received(self) -> bool:
-        if self.tunnel and self.client is not None and not self.client.closed:
-            t = self.client.transport
-            if t is not None and t.can_write_eof():
-                self.client.flush_out()
+        self.got_eof = True
+        client = self.client
+        if self.tunnel and client is not None and not client.closed and not client.eof:
+            # Half-close passes through; the tunnel ends when both sides have said EOF.
+            t = client.transport
+            if t.can_write_eof():
+                client.flush_out()
                 t.write_eof()
                 return True
         return False
@@ -743,7 +748,7 @@ class _Client(_Conn):
         tunnel = self.tunnel
         if tunnel is not None:
             t = tunnel.transport
-            if not tunnel.closed and t.can_write_eof():
+            if not tunnel.closed and not tunnel.got_eof and t.can_write_eof():
                 tunnel.flush_out()
                 t.write_eof()
                 return True
@@ -872,7 +877,7 @@ class _Client(_Conn):
             method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
             http10=http10, upgrade=upgrade,
             request_id=srv.request_ids.next() if srv.listener.add_request_id else None,
-            via=srv.listener.via, host_override=host_override,
+            via=srv.listener.via, host_override=host_override, default_host=srv.local_host,
         )
         req.head = rh.head
         req.chunked = rh.chunked
@@ -1342,6 +1347,9 @@ class ProxyServer:
         self._trusted = H.parse_networks(listener.trusted_proxies)
         self._ctx_cache: dict[str, H.ClientContext] = {}
         self._drained: asyncio.Event | None = None
+        host, port = listener.host_port
+        self.local_host = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        """Host for HTTP/1.0 requests that carry none."""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -290,12 +290,19 @@ class _RespCollector:
         self.hdrs: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.parser: Any = None
-        self.complete = 0
+        self.in_msg = False
 
     def on_message_begin(self) -> None:
         self.reason = b""
         self.hdrs = []
         self.body = []
+        self.in_msg = False
+
+    def on_headers_complete(self) -> None:
+        # Only a body without Content-Length or chunked framing may end at EOF.
+        self.in_msg = not any(
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.hdrs
+        )
 
     def on_status(self, s: bytes) -> None:
         self.reason += s
@@ -307,6 +314,7 @@ class _RespCollector:
         self.body.append(b)
 
     def on_message_complete(self) -> None:
+        self.in_msg = False
         self.done.append(
             Response(
                 self.parser.get_status_code(), self.reason.decode("latin-1"),
@@ -346,6 +354,8 @@ class RawClient:
                 data = await self.reader.read(65536)
                 if not data:
                     self.eof = True
+                    if self.col.in_msg:  # a close-delimited body ends here
+                        self.col.on_message_complete()
                     break
                 self.raw += data
                 try:
@@ -404,3 +414,12 @@ async def gather_limited(coros: list[Awaitable[Any]]) -> list[Any]:
 
 def get(path: str = "/", host: str = "example.test", extra: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    """Run one scenario on a fresh event loop (tests are plain functions)."""
+
+    async def main() -> Any:
+        return await coro
+
+    return asyncio.run(main())

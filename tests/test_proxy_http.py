@@ -1,0 +1,642 @@
+"""The HTTP proxy engine against real backends on 127.0.0.1: what a client and a backend see."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from proxy_helpers import (
+    CountingBackend,
+    RawClient,
+    Seen,
+    aiohttp_backend,
+    free_port,
+    get,
+    ok_behaviour,
+    proxy_in_front_of,
+    request,
+    run,
+    start_proxy,
+    stop_proxy,
+    wait_for,
+)
+
+from lb.pool import build_pool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def backends(*names: str, behaviour: Any = ok_behaviour) -> list[CountingBackend]:
+    return [await CountingBackend(n, behaviour).start() for n in names]
+
+
+async def stop_all(bes: list[CountingBackend]) -> None:
+    for b in bes:
+        await b.stop()
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+
+def test_get_reaches_backend_with_forwarding_headers_and_no_hop_by_hop() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            r = await request(px.port, b"GET /a?b=1 HTTP/1.1\r\nHost: site.test\r\n"
+                              b"Connection: keep-alive, X-Private\r\nX-Private: 1\r\n"
+                              b"Keep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                              b"Proxy-Connection: x\r\n\r\n")
+            assert r.status == 200
+            assert r.body == b"web1 GET /a?b=1\n"
+            seen = be.requests[0]
+            assert seen.target == "/a?b=1"
+            assert seen.header("host") == "site.test"
+            assert seen.header("x-forwarded-for") == "127.0.0.1"
+            assert seen.header("x-forwarded-proto") == "http"
+            assert seen.header("forwarded") == "for=127.0.0.1;proto=http"
+            assert seen.header("via") == "1.1 pairlb"
+            assert seen.header("x-request-id")
+            for hop in ("connection", "x-private", "keep-alive", "proxy-connection"):
+                assert seen.header(hop) is None, hop
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_trusted_proxy_keeps_client_forwarding_headers() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be], listener={"trusted_proxies": ["127.0.0.0/8"]}) as px:
+            await request(px.port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                          b"X-Request-ID: abc\r\n\r\n")
+            seen = be.requests[0]
+            assert seen.header("x-forwarded-for") == "6.6.6.6, 127.0.0.1"
+            assert seen.header("x-request-id") == "abc"
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_weighted_round_robin_proportions() -> None:
+    async def scenario() -> None:
+        bes = await backends("w1", "w2", "w3")
+        px = await start_proxy([("w1", bes[0].address, 1), ("w2", bes[1].address, 2),
+                                ("w3", bes[2].address, 1)])
+        c = await RawClient.connect(px.port)
+        for i in range(40):
+            await c.send(get(f"/{i}"))
+            assert (await c.response()).status == 200
+        assert [len(b.requests) for b in bes] == [10, 20, 10]
+        # Keep-alive on both sides: 40 requests over one connection per backend.
+        assert [b.connections for b in bes] == [1, 1, 1]
+        await c.close()
+        await stop_proxy(px)
+        await stop_all(bes)
+
+    run(scenario())
+
+
+def test_http10_closes_unless_keep_alive_asked() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(b"GET / HTTP/1.0\r\n\r\n")
+            r = await c.response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert await c.closed()
+            c = await RawClient.connect(px.port)
+            for _ in range(3):
+                await c.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                r = await c.response()
+                assert r.status == 200 and r.header("connection") == "keep-alive"
+            await c.close()
+            assert be.requests[0].header("via") == "1.0 pairlb"
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_connection_close_from_client_is_honoured() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get(extra="Connection: close\r\n"))
+            r = await c.response()
+            assert r.header("connection") == "close"
+            assert await c.closed()
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_pipelined_requests_answered_in_order() -> None:
+    def slow_first(seen: Seen, be: CountingBackend) -> Any:
+        data = ok_behaviour(seen, be)
+        return ("delay", 0.2, data) if seen.target == "/0" else data
+
+    async def scenario() -> None:
+        bes = await backends("a", "b", behaviour=slow_first)
+        async with proxy_in_front_of(bes) as px:
+            c = await RawClient.connect(px.port)
+            body = b"hello"
+            batch = b"".join(get(f"/{i}") for i in range(5))
+            batch += b"POST /5 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n" + body
+            batch += get("/6")
+            await c.send(batch)
+            rs = await c.responses(7)
+            assert [r.body.split()[-1] for r in rs] == [f"/{i}".encode() for i in range(7)]
+            assert all(r.status == 200 for r in rs)
+            await c.close()
+        await stop_all(bes)
+
+    run(scenario())
+
+
+def test_head_204_304_have_no_body_and_connection_stays_usable() -> None:
+    def beh(seen: Seen, be: CountingBackend) -> Any:
+        if seen.target == "/204":
+            return b"HTTP/1.1 204 No Content\r\n\r\n"
+        if seen.target == "/304":
+            return b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n"
+        return ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        (be,) = await backends("web1", behaviour=beh)
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n")
+            # The client's parser must be told this was HEAD: read the head by hand.
+            raw = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+            assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"Content-Length: 13\r\n" in raw
+            for path in ("/204", "/304", "/after"):
+                await c.send(get(path))
+                r = await c.response()
+                assert r.body == (b"" if path != "/after" else b"web1 GET /after\n")
+            await c.close()
+            assert be.connections == 1  # HEAD did not poison the pooled connection
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_absolute_form_target_uses_its_authority_as_host() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            r = await request(px.port, b"GET http://real.test:8080/x?y HTTP/1.1\r\n"
+                              b"Host: other.test\r\n\r\n")
+            assert r.status == 200
+            assert be.requests[0].target == "/x?y"
+            assert be.requests[0].header("host") == "real.test:8080"
+        await stop_all([be])
+
+    run(scenario())
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+
+def echo_app() -> web.Application:
+    app = web.Application(client_max_size=1 << 30)
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def chunks(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(5):
+            await resp.write(b"part%d;" % i)
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    async def length(request: web.Request) -> web.Response:
+        data = await request.read()
+        return web.Response(text=f"{len(data)} {request.headers.get('Transfer-Encoding')}")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str("echo:" + msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        return sock
+
+    async def early(request: web.Request) -> web.Response:
+        return web.Response(status=413, text="too big for me")
+
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/chunks", chunks)
+    app.router.add_post("/len", length)
+    app.router.add_put("/len", length)
+    app.router.add_get("/ws", ws)
+    app.router.add_post("/early", early)
+    return app
+
+
+def test_chunked_request_and_response_pass_through() -> None:
+    async def scenario() -> None:
+        runner, port = await aiohttp_backend(echo_app())
+        px = await start_proxy([("a", f"127.0.0.1:{port}")])
+        c = await RawClient.connect(px.port)
+        await c.send(b"POST /len HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+        r = await c.response()
+        assert r.status == 200 and r.body == b"11 chunked"
+        await c.send(get("/chunks"))
+        r = await c.response()
+        assert r.header("transfer-encoding") == "chunked"
+        assert r.body == b"part0;part1;part2;part3;part4;"
+        # An HTTP/1.0 client cannot take chunked: raw body, delimited by close.
+        await c.close()
+        c = await RawClient.connect(px.port)
+        await c.send(b"GET /chunks HTTP/1.0\r\n\r\n")
+        r = await c.response()
+        assert r.header("transfer-encoding") is None and r.header("connection") == "close"
+        assert r.body == b"part0;part1;part2;part3;part4;"
+        await c.close()
+        # aiohttp client streaming a body through the proxy.
+        async with aiohttp.ClientSession() as s:
+            data = bytes(range(256)) * 4096
+
+            async def gen() -> Any:
+                for i in range(0, len(data), 65536):
+                    yield data[i : i + 65536]
+
+            async with s.post(f"http://127.0.0.1:{px.port}/echo", data=gen()) as resp:
+                assert await resp.read() == data
+        await stop_proxy(px)
+        await runner.cleanup()
+
+    run(scenario())
+
+
+def test_expect_100_continue_relayed() -> None:
+    async def scenario() -> None:
+        runner, port = await aiohttp_backend(echo_app())
+        px = await start_proxy([("a", f"127.0.0.1:{port}")])
+        c = await RawClient.connect(px.port)
+        await c.send(b"PUT /len HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+        await c.send(b"data")
+        r = await c.response()
+        assert r.status == 200 and r.body == b"4 None"
+        await c.close()
+        await stop_proxy(px)
+        await runner.cleanup()
+
+    run(scenario())
+
+
+def test_early_response_closes_client_and_drops_backend_connection() -> None:
+    async def scenario() -> None:
+        runner, port = await aiohttp_backend(echo_app())
+        px = await start_proxy([("a", f"127.0.0.1:{port}")])
+        c = await RawClient.connect(px.port)
+        await c.send(b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n"
+                     + b"x" * 1000)
+        r = await c.response()
+        assert r.status == 413 and r.header("connection") == "close"
+        await c.close()
+        await wait_for(lambda: px.in_flight == 0)
+        await stop_proxy(px)
+        await runner.cleanup()
+
+    run(scenario())
+
+
+def test_websocket_through_proxy() -> None:
+    async def scenario() -> None:
+        runner, port = await aiohttp_backend(echo_app())
+        px = await start_proxy([("a", f"127.0.0.1:{port}")])
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"http://127.0.0.1:{px.port}/ws") as ws:
+            for i in range(20):
+                await ws.send_str(f"m{i}")
+                assert (await ws.receive_str()) == f"echo:m{i}"
+            await ws.send_bytes(b"\x00\x01" * 50000)
+            assert (await ws.receive_bytes()) == (b"\x00\x01" * 50000)[::-1]
+            assert px.in_flight == 1  # a tunnel holds its backend
+        await wait_for(lambda: px.in_flight == 0)
+        assert px.stats.snapshot()["requests"]["p"]["a"]["1xx"] == 1
+        await stop_proxy(px)
+        await runner.cleanup()
+
+    run(scenario())
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_503_when_no_backend_is_eligible(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            for b in px.pool.backends:
+                b.eligible = False
+            c = await RawClient.connect(px.port)
+            await c.send(get())
+            r = await c.response()
+            assert r.status == 503 and b"no backend" in r.body
+            # The client may keep its connection: the request was complete.
+            px.pool.backends[0].eligible = True
+            await c.send(get())
+            assert (await c.response()).status == 200
+            await c.close()
+        await stop_all([be])
+
+    with caplog.at_level(logging.WARNING, logger="lb.proxy"):
+        run(scenario())
+    assert "event=proxy_error status=503 listener=l pool=p backend=- reason=no_backend" in caplog.text
+
+
+def test_connect_failure_retried_on_another_backend(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        (be,) = await backends("up")
+        dead = f"127.0.0.1:{free_port()}"
+        px = await start_proxy([("dead", dead), ("up", be.address)])
+        for _ in range(6):
+            r = await request(px.port, get())
+            assert r.status == 200 and r.body.startswith(b"up ")
+        snap = px.stats.snapshot()
+        assert snap["retries"]["p"]["connect_refused"] >= 1
+        # All dead: 502, naming the backend.
+        px2 = await start_proxy([("d1", dead), ("d2", f"127.0.0.1:{free_port()}")])
+        r = await request(px2.port, get())
+        assert r.status == 502
+        assert px.in_flight == 0 and px2.in_flight == 0
+        await stop_proxy(px)
+        await stop_proxy(px2)
+        await stop_all([be])
+
+    with caplog.at_level(logging.WARNING, logger="lb.proxy"):
+        run(scenario())
+    assert "status=502" in caplog.text and "reason=connect_refused" in caplog.text
+
+
+def test_504_on_response_timeout_and_retry_on_timeout() -> None:
+    def hang(seen: Seen, be: CountingBackend) -> Any:
+        return "hang"
+
+    async def scenario() -> None:
+        (slow,) = await backends("slow", behaviour=hang)
+        (fast,) = await backends("fast")
+        px = await start_proxy([("slow", slow.address)], pool={"response_timeout_s": 0.3})
+        r = await request(px.port, get())
+        assert r.status == 504
+        await stop_proxy(px)
+        px = await start_proxy([("slow", slow.address), ("fast", fast.address)],
+                               pool={"response_timeout_s": 0.3, "retry_on_timeout": True})
+        for _ in range(4):
+            r = await request(px.port, get())
+            assert r.status == 200 and r.body.startswith(b"fast")
+        # POST is not retried on timeout even when enabled.
+        statuses = set()
+        for _ in range(2):
+            r = await request(px.port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+            statuses.add(r.status)
+        assert 504 in statuses
+        assert px.in_flight == 0
+        await stop_proxy(px)
+        await stop_all([slow, fast])
+
+    run(scenario())
+
+
+def test_stale_keepalive_connection_is_retried_transparently() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        be.close_after_response = True  # closes after each answer without saying so
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            for _ in range(10):
+                await c.send(get())
+                assert (await c.response()).status == 200
+                # Do not give the proxy time to notice the close every time.
+            await c.close()
+            assert len(be.requests) == 10
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_post_that_reached_a_backend_is_never_sent_again() -> None:
+    def kill(seen: Seen, be: CountingBackend) -> Any:
+        return None if seen.method == "POST" else ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        bes = await backends("a", "b", "c", behaviour=kill)
+        async with proxy_in_front_of(bes, pool={"retries": 5}) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get())  # warm a pooled connection
+            assert (await c.response()).status == 200
+            for _ in range(3):
+                r = await request(px.port, b"POST /p HTTP/1.1\r\nHost: a\r\n"
+                                  b"Content-Length: 3\r\n\r\nabc")
+                assert r.status == 502
+            posts = sum(1 for b in bes for s in b.requests if s.method == "POST")
+            assert posts == 3
+            # A GET killed the same way is retried on another backend (idempotent).
+            await c.close()
+            assert px.in_flight == 0
+        await stop_all(bes)
+
+    run(scenario())
+
+
+def test_idempotent_request_reset_before_answer_is_retried() -> None:
+    def kill(seen: Seen, be: CountingBackend) -> Any:
+        return None if be.name == "bad" else ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        bes = await backends("bad", "good", behaviour=kill)
+        async with proxy_in_front_of(bes) as px:
+            for _ in range(4):
+                r = await request(px.port, b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+                assert r.status == 200 and r.body.startswith(b"good")
+            assert all(s.body == b"hi" for s in bes[1].requests)
+        await stop_all(bes)
+
+    run(scenario())
+
+
+def test_backend_dying_mid_response_cuts_the_client() -> None:
+    async def scenario() -> None:
+        def partial(seen: Seen, be: CountingBackend) -> Any:
+            t = next(iter(be.open)).transport
+            assert t is not None
+            t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+            asyncio.get_running_loop().call_later(0.05, t.abort)
+            return "hang"
+
+        (be,) = await backends("web1", behaviour=partial)
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get())
+            got = await c.responses(1)
+            assert got == []  # never a complete (wrong) response
+            assert c.eof
+            await wait_for(lambda: px.in_flight == 0)
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_in_flight_returns_to_zero_after_error_battery() -> None:
+    def beh(seen: Seen, be: CountingBackend) -> Any:
+        if seen.target == "/hang":
+            return "hang"
+        if seen.target == "/kill":
+            return None
+        if seen.target == "/500":
+            return b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"
+        if seen.target == "/garbage":
+            return b"NOT HTTP\r\n\r\n"
+        if seen.target == "/big":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"y" * 10000000
+        return ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        bes = await backends("a", "b", behaviour=beh)
+        px = await start_proxy([("a", bes[0].address), ("b", bes[1].address),
+                                ("dead", f"127.0.0.1:{free_port()}")],
+                               pool={"response_timeout_s": 0.3, "retries": 1})
+        px.pool.consecutive_failures = 10**6  # keep everyone in rotation for this test
+        for path in ("/hang", "/kill", "/500", "/garbage", "/ok"):
+            for method in ("GET", "POST"):
+                r = await request(px.port, f"{method} {path} HTTP/1.1\r\nHost: a\r\n"
+                                  f"Content-Length: 0\r\n\r\n".encode())
+                assert r.status in (200, 500, 502, 504), (path, method, r.status)
+        # Client goes away mid-response and mid-request.
+        for path in ("/big", "/hang"):
+            c = await RawClient.connect(px.port)
+            await c.send(get(path))
+            await asyncio.sleep(0.05)
+            c.writer.transport.abort()
+        c = await RawClient.connect(px.port)
+        await c.send(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
+        await asyncio.sleep(0.05)
+        c.writer.transport.abort()
+        await wait_for(lambda: px.in_flight == 0, 5)
+        assert not px.server.clients  # type: ignore[union-attr]
+        await stop_proxy(px)
+        await stop_all(bes)
+
+    run(scenario())
+
+
+def test_passive_ejection_on_5xx_and_switch() -> None:
+    def fail(seen: Seen, be: CountingBackend) -> Any:
+        if be.name == "sick":
+            return b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
+        return ok_behaviour(seen, be)
+
+    async def scenario(count_5xx: bool) -> list[Any]:
+        bes = await backends("sick", "well", behaviour=fail)
+        px = await start_proxy([(b.name, b.address) for b in bes],
+                               pool={"passive": {"count_5xx": count_5xx,
+                                                 "consecutive_failures": 2}})
+        for _ in range(8):
+            await request(px.port, get())
+        await stop_proxy(px)
+        await stop_all(bes)
+        return px.ejections
+
+    ej = run(scenario(True))
+    assert len(ej) == 1 and ej[0].backend == "sick" and ej[0].outcome == "http_5xx"
+    assert run(scenario(False)) == []
+
+
+def test_update_switches_new_requests_to_new_pool() -> None:
+    async def scenario() -> None:
+        old, new = await backends("old", "new")
+        px = await start_proxy([("old", old.address)])
+        assert (await request(px.port, get())).body.startswith(b"old")
+        pool2 = build_pool("p", "round_robin", [("new", "127.0.0.1", new.port, 1.0)])
+        cfg2 = px.pool_cfg.model_copy(update={"backends": ()})
+        px.server.update(pool2, cfg2)
+        assert (await request(px.port, get())).body.startswith(b"new")
+        await stop_proxy(px)
+        await stop_all([old, new])
+
+    run(scenario())
+
+
+def test_drain_finishes_in_flight_and_closes_idle() -> None:
+    def slow(seen: Seen, be: CountingBackend) -> Any:
+        return ("delay", 0.3, ok_behaviour(seen, be))
+
+    async def scenario() -> None:
+        (be,) = await backends("web1", behaviour=slow)
+        px = await start_proxy([("web1", be.address)])
+        idle = await RawClient.connect(px.port)
+        busy = await RawClient.connect(px.port)
+        await busy.send(get())
+        await asyncio.sleep(0.05)
+        cut = await px.server.drain(5.0)
+        assert cut == 0
+        r = await busy.response()
+        assert r.status == 200 and r.header("connection") == "close"
+        assert await idle.closed(1.0)
+        # No longer accepting: a new connection waits in the shared backlog for another
+        # worker, unanswered by this one.
+        late = await RawClient.connect(px.port)
+        await late.send(get())
+        with pytest.raises(TimeoutError):
+            await late.responses(1, timeout_s=0.3)
+        await late.close()
+        await stop_proxy(px)
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_client_idle_timeout_closes_quietly() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be], listener={"client_idle_timeout_s": 0.2}) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get())
+            await c.response()
+            assert await c.closed(2.0)
+            assert c.raw.count(b"HTTP/1.1") == 1  # no 408 for an idle connection
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_stats_count_requests_errors_and_connections() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            for _ in range(3):
+                await request(px.port, get())
+            await request(px.port, b"GET / HTTP/1.1\r\n\r\n")  # no Host
+            await wait_for(lambda: px.stats.active_connections("l") == 0)
+            d = px.stats.take_delta()
+            assert d["requests"]["p"]["web1"] == {"2xx": 3}
+            assert d["bad_requests"]["l"]["missing_host"] == {"400": 1}
+            assert d["connections"]["l"]["accepted"] == 4
+            assert sum(d["duration"]["p"]["buckets"]) == 3
+            assert px.stats.take_delta() == {}
+        await stop_all([be])
+
+    run(scenario())
