@@ -1,0 +1,363 @@
+"""Heartbeat wire format, HMAC authentication, anti-replay, and the shared key file.
+
+Pure: no asyncio, socket, time or logging; the caller passes `now_ms`. The only I/O is
+reading and writing the key file (`load_key`, `write_key_file`).
+
+Wire format, version 1, network byte order, 73 + N + 32 bytes (N = name length, 1..64):
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |                      magic "PLBH" (4)                         |
+    +---------------+---------------+---------------+---------------+
+    |  version = 1  |  role (1)     |  priority (1) |  flags (1)    |
+    +---------------+---------------+---------------+---------------+
+    |                    epoch (8): random per process start        |
+    +                                                               +
+    |                                                               |
+    +---------------------------------------------------------------+
+    |                    seq (8): +1 per heartbeat round            |
+    +                                                               +
+    |                                                               |
+    +---------------------------------------------------------------+
+    |                    timestamp (8): sender wall clock, ms       |
+    +                                                               +
+    |                                                               |
+    +---------------------------------------------------------------+
+    |                    config digest (16)                         |
+    ~                                                               ~
+    +---------------------------------------------------------------+
+    |                    address (16): tie-break address, IPv6 or   |
+    ~                    v4-mapped; all zero = none                 ~
+    +-------------------------------+-------------------------------+
+    |  healthy backends (2)         |  total backends (2)           |
+    +-------------------------------+-------------------------------+
+    |                    interval (4): heartbeat interval, ms       |
+    +---------------+-----------------------------------------------+
+    |  name len (1) |  name (N bytes, UTF-8) ...                    |
+    +---------------+-----------------------------------------------+
+    |                    HMAC-SHA256 over all bytes above (32)      |
+    ~                                                               ~
+    +---------------------------------------------------------------+
+
+role: 0 init, 1 backup, 2 master, 3 fault. flags: 1 healthy (this node's checks found
+healthy backends), 2 leaving (priority is 0 too, as in VRRP), 4 switchover (a MASTER asks
+the best backup to take over). Unknown role values, flag bits, healthy > total, interval 0,
+a bad name or any trailing byte are MALFORMED. The MAC is compared with
+hmac.compare_digest; nothing but the layout fields is read before it is verified.
+
+`decode` raises `HeartbeatRejected` with a `RejectReason` for every bad input, and never
+any other exception (property-tested over random, truncated and bit-flipped bytes).
+
+Anti-replay (`ReplayGuard`), per sender name:
+
+- Within the sender's current epoch, only a higher seq is fresh. The same seq again is the
+  same heartbeat via another path (the sender uses one seq per round for all paths): it is
+  reported as a duplicate, not an attack. A lower seq is REPLAYED.
+- Timestamps are not checked within an epoch: a sender whose clock steps must not be cut off.
+- A new epoch (the sender restarted) is accepted only if its timestamp is within
+  +-window of our clock (a packet recorded long ago is STALE) and newer than the newest
+  timestamp of the epoch it replaces (a recording of an earlier boot is older than the
+  current boot's packets, even within the window). Replaced epochs are remembered and
+  rejected as REPLAYED, so a replayed old boot cannot flip the sender back.
+- Cost of the rules: clocks must agree within the window (NTP), and a sender whose clock
+  stepped back across a restart is heard again once its clock passes its last timestamp
+  (at most about the window). A capture of a boot we never heard can be replayed only
+  within the window, only before we hear that sender again, and only to say what that
+  sender really said then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import stat
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from enum import IntFlag, StrEnum
+from typing import Final
+
+from failover.machine import IPAddress, Role
+from failover.ports import FailoverError
+
+MAGIC: Final = b"PLBH"
+VERSION: Final = 1
+MAC_LEN: Final = 32
+DIGEST_LEN: Final = 16
+MAX_NAME_LEN: Final = 64
+MIN_KEY_LEN: Final = 16
+
+_HEADER = struct.Struct("!4sBBBBQQQ16s16sHHIB")
+HEADER_LEN: Final = _HEADER.size  # 73
+MIN_PACKET_LEN: Final = HEADER_LEN + 1 + MAC_LEN
+MAX_PACKET_LEN: Final = HEADER_LEN + MAX_NAME_LEN + MAC_LEN
+
+_ROLE_CODES: Final = {Role.INIT: 0, Role.BACKUP: 1, Role.MASTER: 2, Role.FAULT: 3}
+_CODE_ROLES: Final = {v: k for k, v in _ROLE_CODES.items()}
+_NO_ADDRESS: Final = bytes(16)
+_U64: Final = (1 << 64) - 1
+
+
+class HeartbeatFlags(IntFlag):
+    NONE = 0
+    HEALTHY = 1
+    LEAVING = 2
+    SWITCHOVER = 4
+
+
+_KNOWN_FLAGS: Final = int(HeartbeatFlags.HEALTHY | HeartbeatFlags.LEAVING
+                          | HeartbeatFlags.SWITCHOVER)
+
+
+class RejectReason(StrEnum):
+    TRUNCATED = "truncated"
+    BAD_MAGIC = "bad_magic"
+    BAD_VERSION = "bad_version"
+    BAD_MAC = "bad_mac"
+    MALFORMED = "malformed"
+    REPLAYED = "replayed"
+    STALE = "stale"
+    LOOPED = "looped"
+    """Our own heartbeat (multicast loop, or a peer list naming ourselves)."""
+
+
+class HeartbeatRejected(FailoverError):
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+        self.detail = detail
+
+
+class KeyFileError(FailoverError):
+    """The key file is missing, unsafe or unusable; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    name: str
+    role: Role
+    priority: int
+    epoch: int
+    seq: int
+    timestamp_ms: int
+    config_digest: bytes = bytes(DIGEST_LEN)
+    address: IPAddress | None = None
+    healthy_count: int = 0
+    total_count: int = 0
+    interval_ms: int = 50
+    flags: HeartbeatFlags = HeartbeatFlags.NONE
+
+
+def _pack_address(address: IPAddress | None) -> bytes:
+    if address is None:
+        return _NO_ADDRESS
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed).packed
+    return address.packed
+
+
+def _unpack_address(raw: bytes) -> IPAddress | None:
+    if raw == _NO_ADDRESS:
+        return None
+    v6 = ipaddress.IPv6Address(raw)
+    return v6.ipv4_mapped or v6
+
+
+def encode(hb: Heartbeat, key: bytes) -> bytes:
+    """Serialize and sign. Raises ValueError for a heartbeat that cannot be represented."""
+    name = hb.name.encode("utf-8")
+    if not 1 <= len(name) <= MAX_NAME_LEN:
+        raise ValueError(f"heartbeat name: 1..{MAX_NAME_LEN} UTF-8 bytes (got {len(name)})")
+    if len(hb.config_digest) != DIGEST_LEN:
+        raise ValueError(f"config_digest: must be {DIGEST_LEN} bytes")
+    if not 0 <= hb.healthy_count <= hb.total_count <= 0xFFFF:
+        raise ValueError(f"backend counts: 0 <= healthy <= total <= 65535 "
+                         f"(got {hb.healthy_count}/{hb.total_count})")
+    if not 1 <= hb.interval_ms <= 0xFFFF_FFFF:
+        raise ValueError(f"interval_ms: must be 1..2^32-1 (got {hb.interval_ms})")
+    body = _HEADER.pack(
+        MAGIC, VERSION, _ROLE_CODES[hb.role], hb.priority, int(hb.flags),
+        hb.epoch & _U64, hb.seq & _U64, hb.timestamp_ms & _U64, hb.config_digest,
+        _pack_address(hb.address), hb.healthy_count, hb.total_count, hb.interval_ms, len(name),
+    ) + name
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def decode(data: bytes, key: bytes) -> Heartbeat:
+    """Verify and parse one datagram; raise HeartbeatRejected, and nothing else, if bad."""
+    try:
+        return _decode(bytes(data), key)
+    except HeartbeatRejected:
+        raise
+    except Exception as exc:  # a bug here must still be a counted rejection, never a crash
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"{type(exc).__name__}") from exc
+
+
+def _decode(data: bytes, key: bytes) -> Heartbeat:
+    if len(data) < MIN_PACKET_LEN:
+        if len(data) >= 4 and data[:4] != MAGIC:
+            raise HeartbeatRejected(RejectReason.BAD_MAGIC)
+        raise HeartbeatRejected(RejectReason.TRUNCATED, f"{len(data)} bytes")
+    if data[:4] != MAGIC:
+        raise HeartbeatRejected(RejectReason.BAD_MAGIC)
+    if data[4] != VERSION:
+        raise HeartbeatRejected(RejectReason.BAD_VERSION, f"version {data[4]}")
+    name_len = data[HEADER_LEN - 1]
+    expected = HEADER_LEN + name_len + MAC_LEN
+    if len(data) < expected:
+        raise HeartbeatRejected(RejectReason.TRUNCATED, f"{len(data)} < {expected} bytes")
+    if len(data) > expected:
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"{len(data) - expected} trailing bytes")
+    body, mac = data[:-MAC_LEN], data[-MAC_LEN:]
+    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+        raise HeartbeatRejected(RejectReason.BAD_MAC)
+    (_magic, _version, role_code, priority, flags, epoch, seq, ts, digest, addr, healthy, total,
+     interval_ms, _nl) = _HEADER.unpack_from(body)
+    role = _CODE_ROLES.get(role_code)
+    if role is None:
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"role {role_code}")
+    if flags & ~_KNOWN_FLAGS:
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"flags {flags:#x}")
+    if healthy > total:
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"healthy {healthy} > total {total}")
+    if interval_ms == 0:
+        raise HeartbeatRejected(RejectReason.MALFORMED, "interval 0")
+    if name_len == 0 or name_len > MAX_NAME_LEN:
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"name length {name_len}")
+    try:
+        name = body[HEADER_LEN:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeartbeatRejected(RejectReason.MALFORMED, "name not UTF-8") from None
+    if not name.isprintable():
+        raise HeartbeatRejected(RejectReason.MALFORMED, "name not printable")
+    return Heartbeat(
+        name=name, role=role, priority=priority, epoch=epoch, seq=seq, timestamp_ms=ts,
+        config_digest=digest, address=_unpack_address(addr), healthy_count=healthy,
+        total_count=total, interval_ms=interval_ms, flags=HeartbeatFlags(flags),
+    )
+
+
+# -- anti-replay ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sender:
+    epoch: int
+    seq: int
+    newest_ms: int
+    retired: deque[int]
+
+
+class ReplayGuard:
+    """Per-sender freshness of authenticated heartbeats (rules in the module docstring).
+
+    Bounded: remembers `max_senders` names (least recently heard forgotten first) and
+    `retired_epochs` replaced epochs per name.
+    """
+
+    def __init__(self, window_ms: int = 30_000, *, retired_epochs: int = 16,
+                 max_senders: int = 256) -> None:
+        if window_ms <= 0:
+            raise ValueError(f"window_ms: must be > 0 (got {window_ms})")
+        self.window_ms = window_ms
+        self._retired_max = retired_epochs
+        self._max_senders = max_senders
+        self._senders: OrderedDict[str, _Sender] = OrderedDict()
+
+    def check(self, hb: Heartbeat, now_ms: int) -> bool:
+        """True: fresh, act on it. False: a copy of the newest via another path, ignore it.
+
+        Raises HeartbeatRejected(REPLAYED or STALE) and then remembers nothing.
+        """
+        rec = self._senders.get(hb.name)
+        if rec is not None and hb.epoch == rec.epoch:
+            if hb.seq == rec.seq:
+                return False
+            if hb.seq < rec.seq:
+                raise HeartbeatRejected(RejectReason.REPLAYED, f"seq {hb.seq} < {rec.seq}")
+            rec.seq = hb.seq
+            rec.newest_ms = max(rec.newest_ms, hb.timestamp_ms)
+            self._senders.move_to_end(hb.name)
+            return True
+        if rec is not None and hb.epoch in rec.retired:
+            raise HeartbeatRejected(RejectReason.REPLAYED, "epoch of an earlier start")
+        skew_ms = hb.timestamp_ms - now_ms
+        if abs(skew_ms) > self.window_ms:
+            raise HeartbeatRejected(
+                RejectReason.STALE, f"timestamp {skew_ms:+d} ms off, window {self.window_ms}")
+        if rec is not None and hb.timestamp_ms <= rec.newest_ms:
+            raise HeartbeatRejected(RejectReason.STALE, "new epoch older than the current one")
+        retired: deque[int] = deque(maxlen=self._retired_max)
+        if rec is not None:
+            retired = rec.retired
+            retired.append(rec.epoch)
+        self._senders[hb.name] = _Sender(hb.epoch, hb.seq, hb.timestamp_ms, retired)
+        self._senders.move_to_end(hb.name)
+        while len(self._senders) > self._max_senders:
+            self._senders.popitem(last=False)
+        return True
+
+    def forget(self, name: str) -> None:
+        self._senders.pop(name, None)
+
+
+# -- the key file ---------------------------------------------------------------------------
+
+_HEX = re.compile(rb"(?:[0-9a-fA-F]{2})+")
+
+
+def generate_key() -> bytes:
+    """32 random bytes: the key `pairlb keygen` writes."""
+    return secrets.token_bytes(32)
+
+
+def write_key_file(path: str, key: bytes | None = None) -> bytes:
+    """Create `path` (mode 0600, never overwriting) holding a new key in hex; return the key."""
+    key = generate_key() if key is None else key
+    if len(key) < MIN_KEY_LEN:
+        raise KeyFileError(f"failover key: at least {MIN_KEY_LEN} bytes (got {len(key)})")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: already exists; remove it first to replace the key "
+                           f"(every node of the pair needs the same key)") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot create: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.hex().encode() + b"\n")
+    return key
+
+
+def load_key(path: str) -> bytes:
+    """Read the shared key: hex (as `pairlb keygen` writes) or raw bytes, >= 16 bytes.
+
+    Refuses a file that group or others may access: with the key anyone can forge a
+    heartbeat and take the VIP.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such key file; create one with "
+                           f"`pairlb keygen {path}` and copy it to every node") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot open key file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise KeyFileError(
+                f"{path}: key file is accessible by group/others (mode {mode:04o}); "
+                f"fix with: chmod 600 {path}")
+        raw = f.read(64 * 1024).strip()
+    key = bytes.fromhex(raw.decode()) if _HEX.fullmatch(raw) else raw
+    if len(key) < MIN_KEY_LEN:
+        raise KeyFileError(f"{path}: key too short ({len(key)} bytes, need {MIN_KEY_LEN}); "
+                           f"create a new one with `pairlb keygen`")
+    return key

@@ -1,0 +1,662 @@
+"""The failover controller: the async shell around the role machine.
+
+Owns the machine state, the heartbeat transport, the timers, the VIP port and the hooks,
+and nothing else: the daemon (lb.daemon) creates it, feeds it local health and carrier
+events, and hears about role changes through `on_role_change`. Imports nothing from lb or
+healthcheck; the VIP and the network come in through `failover.ports`.
+
+How it keeps its promises:
+
+- One clock: the event loop's (monotonic). Timers are set for `machine.next_deadline`, so a
+  dead MASTER is noticed at master_down exactly, not at the next tick.
+- Heartbeats go out every `interval_s` from one small task that does nothing else (sign and
+  send); it never waits on the VIP or hooks. After a stall it sends at once and resumes the
+  cadence without a burst. Lateness of every send is kept (`status().send_lag`).
+- A stall of our own loop must not look like a dead peer: when a deadline fires, the
+  machine is stepped one loop iteration later, after datagrams that queued up during the
+  stall have been read.
+- Actions run in order in one executor task: a new MASTER acquires the VIP, *then* sends
+  its first MASTER heartbeat (the old holder releases on it). VIP calls have a deadline; a
+  failed acquire is a "vip" fault for `vip_retry_s`, a failed release is retried.
+- Every received datagram is decoded, checked against the replay guard and only then shown
+  to the machine; anything bad is counted by reason and dropped, never raised.
+- Graceful stop is make-before-break: priority 0 heartbeats; a peer takes over after its
+  Skew_Time; we release when we hear it as MASTER (or after `leave_timeout_s`, or at once
+  if no peer is alive), then say goodbye twice more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from failover import machine
+from failover.codec import (
+    DIGEST_LEN,
+    MAX_NAME_LEN,
+    MIN_KEY_LEN,
+    Heartbeat,
+    HeartbeatFlags,
+    HeartbeatRejected,
+    RejectReason,
+    ReplayGuard,
+    decode,
+    encode,
+)
+from failover.hooks import HookRunner
+from failover.machine import (
+    AcquireVip,
+    Action,
+    Advert,
+    AnnounceVip,
+    Event,
+    MachineError,
+    ReleaseVip,
+    Role,
+    RunHooks,
+    SendHeartbeat,
+)
+from failover.ports import Address, FailoverError, HeartbeatTransport, VipPort
+from failover.transport import UdpTransport
+
+log = logging.getLogger(__name__)
+
+VIP_FAULT = "vip"
+"""Fault reason while a failed acquire is being backed off."""
+
+RoleCallback = Callable[[Role, Role], None]
+
+
+class FailoverConfigError(FailoverError, ValueError):
+    """A FailoverSpec value breaks a rule; the message names the key, value and rule."""
+
+
+@dataclass(frozen=True)
+class FailoverSpec:
+    """Everything the controller needs, validated once. Keys mirror `[failover]`."""
+
+    node_name: str
+    interface: str
+    vips: tuple[str, ...]
+    priority: int
+    peers: tuple[str, ...]
+    key: bytes = field(repr=False)
+    port: int = 5405
+    bind: str | None = None
+    address: str | None = None
+    """Tie-break address sent in heartbeats; default: `bind` unless it is a wildcard."""
+    multicast_group: str | None = None
+    interval_s: float = 0.05
+    down_after: int = 3
+    preempt: bool = True
+    preempt_delay_s: float = 0.0
+    notify: tuple[str, ...] = ()
+    notify_timeout_s: float = 5.0
+    config_digest: bytes = bytes(DIGEST_LEN)
+    replay_window_s: float = 30.0
+    leave_timeout_s: float = 1.0
+    vip_timeout_s: float = 5.0
+    vip_retry_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, rule: str, value: object) -> FailoverConfigError:
+            return FailoverConfigError(f"failover.{key}: {rule} (got {value!r})")
+
+        name_len = len(self.node_name.encode())
+        if not 1 <= name_len <= MAX_NAME_LEN or not self.node_name.isprintable():
+            raise bad("node_name", f"1..{MAX_NAME_LEN} printable UTF-8 bytes", self.node_name)
+        if not 1 <= self.priority <= 255:
+            raise bad("priority", "must be 1..255 (0 is reserved for leaving)", self.priority)
+        if not self.peers and self.multicast_group is None:
+            raise bad("peers", "at least one peer (or a multicast_group)", self.peers)
+        if len(self.key) < MIN_KEY_LEN:
+            raise bad("key", f"at least {MIN_KEY_LEN} bytes", f"{len(self.key)} bytes")
+        if not (math.isfinite(self.interval_s) and 0.001 <= self.interval_s <= 60):
+            raise bad("interval_s", "must be 0.001..60", self.interval_s)
+        if self.down_after < 1:
+            raise bad("down_after", "must be >= 1", self.down_after)
+        if len(self.config_digest) != DIGEST_LEN:
+            raise bad("config_digest", f"must be {DIGEST_LEN} bytes", self.config_digest)
+        for key in ("preempt_delay_s", "leave_timeout_s"):
+            if not getattr(self, key) >= 0:
+                raise bad(key, "must be >= 0", getattr(self, key))
+        for key in ("notify_timeout_s", "replay_window_s", "vip_timeout_s", "vip_retry_s"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be > 0", getattr(self, key))
+        for key in ("address", "bind"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    ipaddress.ip_address(value)
+                except ValueError:
+                    raise bad(key, "must be an IP address", value) from None
+
+    @property
+    def tiebreak_address(self) -> machine.IPAddress | None:
+        if self.address is not None:
+            return ipaddress.ip_address(self.address)
+        if self.bind is not None and not ipaddress.ip_address(self.bind).is_unspecified:
+            return ipaddress.ip_address(self.bind)
+        return None
+
+    def params(self) -> machine.Params:
+        return machine.Params(
+            name=self.node_name, priority=self.priority, interval_s=self.interval_s,
+            down_after=self.down_after, preempt=self.preempt,
+            preempt_delay_s=self.preempt_delay_s, address=self.tiebreak_address,
+            leave_timeout_s=self.leave_timeout_s,
+        )
+
+
+@dataclass
+class FailoverCounters:
+    """Monotonic counters for metrics (pairlb_failover_*_total)."""
+
+    heartbeats_sent: int = 0
+    heartbeats_received: int = 0
+    duplicates: int = 0
+    """The same heartbeat again via another path: normal with several peer addresses."""
+    rejected: dict[RejectReason, int] = field(default_factory=dict)
+    transitions: dict[tuple[Role, Role], int] = field(default_factory=dict)
+    vip_errors: int = 0
+    late_sends: int = 0
+    """Heartbeats sent more than one interval late (our loop stalled)."""
+    internal_errors: int = 0
+
+
+@dataclass(frozen=True)
+class PathStatus:
+    address: str
+    last_heard_age_s: float
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    name: str
+    role: Role
+    priority: int
+    alive: bool
+    last_heard_age_s: float
+    paths: tuple[PathStatus, ...]
+    healthy: bool
+    healthy_count: int
+    total_count: int
+    config_digest_match: bool
+    leaving: bool
+    switchover: bool
+
+
+@dataclass(frozen=True)
+class SendLag:
+    """How late heartbeats left, over the last `samples` sends (seconds)."""
+
+    samples: int
+    p50_s: float
+    p99_s: float
+    max_s: float
+
+
+@dataclass(frozen=True)
+class FailoverStatus:
+    node: str
+    role: Role
+    role_reason: str
+    role_since: float
+    """Wall-clock time of the last transition, for people."""
+    role_age_s: float
+    priority: int
+    healthy: bool
+    healthy_count: int
+    total_count: int
+    faults: tuple[str, ...]
+    vip_holding: bool
+    switchover_pending: bool
+    preempt_suppressed: bool
+    master_down_s: float
+    peers: tuple[PeerStatus, ...]
+    counters: FailoverCounters
+    send_lag: SendLag
+
+
+@dataclass
+class _PeerInfo:
+    name: str
+    paths: dict[str, float] = field(default_factory=dict)
+    epoch: int = 0
+    healthy_count: int = 0
+    total_count: int = 0
+    digest_match: bool = True
+
+
+class FailoverController:
+    """Heartbeats + role machine + VIP for one node. See the module docstring.
+
+    Call from the event loop thread only. `start()` then, at the end, `stop()`.
+    """
+
+    def __init__(
+        self,
+        spec: FailoverSpec,
+        vip: VipPort,
+        *,
+        transport: HeartbeatTransport | None = None,
+        hooks: HookRunner | None = None,
+        on_role_change: RoleCallback | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self._vip = vip
+        self._transport: HeartbeatTransport = transport or UdpTransport(
+            spec.peers, port=spec.port, bind=spec.bind, multicast_group=spec.multicast_group,
+            interface=spec.interface)
+        self._hooks = hooks or HookRunner(spec.notify, node=spec.node_name,
+                                          timeout_s=spec.notify_timeout_s)
+        self._on_role_change = on_role_change
+        self._wall = wall_clock
+        self._state = machine.initial_state(spec.params())
+        self._advert = Advert(Role.INIT, spec.priority, healthy=False)
+        self._epoch = secrets.randbits(64) or 1
+        self._seq = 0
+        self._interval_ms = max(1, round(spec.interval_s * 1000))
+        self._guard = ReplayGuard(window_ms=round(spec.replay_window_s * 1000))
+        self._peers: dict[str, _PeerInfo] = {}
+        self._health = (False, 0, 0)
+        self.counters = FailoverCounters()
+        self._lags: deque[float] = deque(maxlen=4096)
+        self._role_since_wall = self._wall()
+        self._reject_logged: dict[RejectReason, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._actions: asyncio.Queue[Action] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._left: asyncio.Event | None = None
+        self._started = False
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self._state.role
+
+    async def start(self) -> None:
+        """Bind, remove stale VIPs, then join as BACKUP (or FAULT) and start heartbeats."""
+        if self._started:
+            raise FailoverError("failover controller already started")
+        self._loop = asyncio.get_running_loop()
+        self._actions = asyncio.Queue()
+        self._left = asyncio.Event()
+        await self._transport.start(self._on_datagram)
+        try:
+            async with asyncio.timeout(self.spec.vip_timeout_s):
+                removed = await self._vip.remove_stale()
+        except Exception as exc:
+            self._transport.close()
+            raise FailoverError(f"failover: cannot remove stale VIPs from "
+                                f"{self.spec.interface}: {exc}") from exc
+        if removed:
+            log.warning("failover_stale_vips_removed node=%s vips=%s", self.spec.node_name,
+                        ",".join(removed))
+        self._started = True
+        log.info("failover_started node=%s priority=%s interval_s=%s master_down_s=%.3f "
+                 "peers=%s", self.spec.node_name, self.spec.priority, self.spec.interval_s,
+                 self._state.params.master_down_s, ",".join(self.spec.peers))
+        if self._health[0]:
+            self._step(machine.LocalHealthChanged(True))
+        self._step(machine.Started())
+        self._runner = asyncio.create_task(self._run(), name=f"failover-{self.spec.node_name}")
+        self._runner.add_done_callback(self._runner_done)
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Leave the pair. Graceful: hand the VIP over first (see module doc), bounded."""
+        if not self._started or self._closed:
+            return
+        assert self._actions is not None and self._left is not None
+        if graceful:
+            self._step(machine.ShutdownRequested())
+            bound = self.spec.leave_timeout_s + 2 * self.spec.vip_timeout_s
+            try:
+                async with asyncio.timeout(bound):
+                    await self._left.wait()
+                    await self._actions.join()
+            except TimeoutError:
+                log.warning("failover_stop_timeout node=%s role=%s", self.spec.node_name,
+                            self.role)
+            for _ in range(2):  # one lost datagram must not cost the peer master_down
+                self._send_round()
+            await self._hooks.drain(self.spec.notify_timeout_s + 1.0)
+        await self._shutdown()
+        if graceful and self._vip.holding:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.spec.vip_timeout_s):
+                    await self._vip.release()
+        log.info("failover_stopped node=%s graceful=%s", self.spec.node_name, graceful)
+
+    async def abort(self) -> None:
+        """Stop at once without a word and without touching the VIP (as kill -9 would)."""
+        if not self._started or self._closed:
+            return
+        await self._shutdown()
+
+    def set_local_health(self, healthy: bool, healthy_count: int = 0, total: int = 0) -> None:
+        """What this node's own checks say: `healthy` once they found healthy backends."""
+        self._health = (healthy, max(0, healthy_count), max(0, total))
+        if self._started and not self._closed and healthy != self._state.healthy:
+            self._step(machine.LocalHealthChanged(healthy))
+
+    def report_fault(self, reason: str) -> None:
+        """A condition under which this node must not hold the VIP began (e.g. carrier)."""
+        if reason not in self._state.faults:
+            self._step(machine.FaultDetected(reason))
+
+    def clear_fault(self, reason: str) -> None:
+        if reason in self._state.faults:
+            self._step(machine.FaultCleared(reason))
+
+    def carrier_changed(self, ifname: str, up: bool) -> None:
+        """Carrier events of a tracked interface (fits VipAdapter.watch_carrier)."""
+        reason = f"carrier:{ifname}"
+        if up:
+            self.clear_fault(reason)
+        else:
+            self.report_fault(reason)
+
+    def request_switchover(self) -> bool:
+        """Ask this MASTER to hand the VIP to the best backup; False unless MASTER."""
+        if self._state.role is not Role.MASTER or self._closed:
+            return False
+        return self._step(machine.SwitchoverRequested())
+
+    def cancel_switchover(self) -> None:
+        if self._state.switchover:
+            self._step(machine.SwitchoverCancelled())
+
+    def status(self) -> FailoverStatus:
+        now = self._now()
+        s = self._state
+        peers = []
+        for name, view in sorted(s.peers.items()):
+            info = self._peers.get(name) or _PeerInfo(name)
+            peers.append(PeerStatus(
+                name=name, role=view.role, priority=view.priority,
+                alive=machine.alive(s, view, now), last_heard_age_s=now - view.last_heard,
+                paths=tuple(PathStatus(a, now - t) for a, t in sorted(info.paths.items())),
+                healthy=view.healthy, healthy_count=info.healthy_count,
+                total_count=info.total_count, config_digest_match=info.digest_match,
+                leaving=view.leaving, switchover=view.switchover,
+            ))
+        c = self.counters
+        return FailoverStatus(
+            node=self.spec.node_name, role=s.role, role_reason=s.reason,
+            role_since=self._role_since_wall,
+            role_age_s=now - s.since if self._started else 0.0,
+            priority=self.spec.priority, healthy=s.healthy, healthy_count=self._health[1],
+            total_count=self._health[2], faults=tuple(sorted(machine.faults_of(s, now))),
+            vip_holding=self._vip.holding, switchover_pending=s.switchover,
+            preempt_suppressed=s.preempt_suppressed, master_down_s=s.params.master_down_s,
+            peers=tuple(peers),
+            counters=replace(c, rejected=dict(c.rejected), transitions=dict(c.transitions)),
+            send_lag=self._lag_stats(),
+        )
+
+    # -- the machine ----------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    def _step(self, event: Event) -> bool:
+        if self._closed or not self._started or self._actions is None:
+            return False
+        now = self._now()
+        try:
+            new, actions = machine.step(self._state, event, now)
+        except MachineError as exc:
+            self.counters.internal_errors += 1
+            log.error("failover_event_refused node=%s event=%s error=%s", self.spec.node_name,
+                      type(event).__name__, exc)
+            return False
+        self._state = new
+        for action in actions:
+            if isinstance(action, RunHooks):
+                key = (action.old, action.new)
+                self.counters.transitions[key] = self.counters.transitions.get(key, 0) + 1
+                self._role_since_wall = self._wall()
+                log.info("failover_role_changed node=%s from=%s to=%s reason=%r",
+                         self.spec.node_name, action.old, action.new, action.reason)
+            self._actions.put_nowait(action)
+        if new.role is Role.INIT and new.leaving and self._left is not None:
+            self._left.set()
+        self._arm_timer(now)
+        return True
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = machine.next_deadline(self._state, now)
+        if deadline is not None and self._loop is not None:
+            self._timer = self._loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        # One more loop iteration first: a timer handle runs after the I/O callbacks of its
+        # iteration, so heartbeats that queued while the loop was stalled are read before
+        # we decide that their sender is dead.
+        assert self._loop is not None
+        self._timer = self._loop.call_at(self._loop.time(), self._timer_step)
+
+    def _timer_step(self) -> None:
+        self._timer = None
+        self._step(machine.TimerExpired())
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._send_loop(), name="failover-send")
+            tg.create_task(self._execute_loop(), name="failover-actions")
+            tg.create_task(self._hooks.run(), name="failover-hooks")
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self._closed:
+            log.critical("failover_runner_died node=%s", self.spec.node_name,
+                         exc_info=task.exception())
+
+    async def _shutdown(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        self._transport.close()
+
+    async def _send_loop(self) -> None:
+        assert self._loop is not None
+        loop, interval = self._loop, self.spec.interval_s
+        due = loop.time()
+        while True:
+            now = loop.time()
+            if now < due:
+                await asyncio.sleep(due - now)
+                now = loop.time()
+            lag = now - due
+            self._lags.append(lag)
+            if lag > interval:
+                self.counters.late_sends += 1
+                log.warning("failover_heartbeat_late node=%s late_s=%.3f", self.spec.node_name,
+                            lag)
+            try:
+                self._send_round()
+            except Exception:
+                self.counters.internal_errors += 1
+                log.exception("failover_send_failed node=%s", self.spec.node_name)
+            due += interval
+            if due <= now:  # stalled past a whole interval: resume the cadence, no burst
+                due = now + interval
+
+    def _send_round(self) -> None:
+        adv = self._advert
+        if adv.role is Role.INIT and not adv.leaving:
+            return
+        self._seq += 1
+        _, count, total = self._health
+        count = min(count, total, 0xFFFF)
+        flags = HeartbeatFlags.NONE
+        if adv.healthy:
+            flags |= HeartbeatFlags.HEALTHY
+        if adv.leaving:
+            flags |= HeartbeatFlags.LEAVING
+        if adv.switchover:
+            flags |= HeartbeatFlags.SWITCHOVER
+        data = encode(Heartbeat(
+            name=self.spec.node_name, role=adv.role, priority=adv.priority, epoch=self._epoch,
+            seq=self._seq, timestamp_ms=int(self._wall() * 1000),
+            config_digest=self.spec.config_digest, address=self.spec.tiebreak_address,
+            healthy_count=count, total_count=min(total, 0xFFFF), interval_ms=self._interval_ms,
+            flags=flags,
+        ), self.spec.key)
+        for dest in self._transport.destinations():
+            self._transport.send(data, dest)
+            self.counters.heartbeats_sent += 1
+
+    async def _execute_loop(self) -> None:
+        assert self._actions is not None
+        while True:
+            action = await self._actions.get()
+            try:
+                await self._execute(action)
+            except Exception:
+                self.counters.internal_errors += 1
+                log.exception("failover_action_failed node=%s action=%s", self.spec.node_name,
+                              action)
+            finally:
+                self._actions.task_done()
+
+    async def _execute(self, action: Action) -> None:
+        if isinstance(action, SendHeartbeat):
+            self._advert = action.advert
+            self._send_round()
+        elif isinstance(action, AcquireVip):
+            if not await self._vip_call("acquire", self._vip.acquire):
+                self._acquire_failed()
+        elif isinstance(action, ReleaseVip):
+            if not await self._vip_call("release", self._vip.release):
+                self._retry_release()
+        elif isinstance(action, AnnounceVip):
+            await self._vip_call("announce", self._vip.announce)
+        elif isinstance(action, RunHooks):
+            self._hooks.notify(str(action.old), str(action.new), action.reason)
+            if self._on_role_change is not None:
+                try:
+                    self._on_role_change(action.old, action.new)
+                except Exception:
+                    log.exception("failover_role_callback_failed node=%s", self.spec.node_name)
+
+    async def _vip_call(self, what: str, call: Callable[[], object]) -> bool:
+        try:
+            async with asyncio.timeout(self.spec.vip_timeout_s):
+                result = call()
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    await result
+        except Exception as exc:
+            self.counters.vip_errors += 1
+            log.error("failover_vip_failed node=%s step=%s error=%s", self.spec.node_name,
+                      what, exc or type(exc).__name__)
+            return False
+        return True
+
+    def _acquire_failed(self) -> None:
+        # Holding the VIP half-way is worse than not at all: FAULT releases it, and after
+        # vip_retry_s the node rejoins as BACKUP and may try again.
+        assert self._loop is not None
+        self.report_fault(VIP_FAULT)
+        self._loop.call_later(self.spec.vip_retry_s, self.clear_fault, VIP_FAULT)
+
+    def _retry_release(self) -> None:
+        assert self._loop is not None
+
+        def again() -> None:
+            if not self._closed and self._actions is not None and self.role is not Role.MASTER:
+                self._actions.put_nowait(ReleaseVip())
+
+        self._loop.call_later(self.spec.vip_retry_s, again)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, source: Address) -> None:
+        try:
+            self._receive(data, source)
+        except Exception:  # error boundary of the receive path
+            self.counters.internal_errors += 1
+            log.exception("failover_receive_failed node=%s source=%s", self.spec.node_name,
+                          source[0])
+
+    def _receive(self, data: bytes, source: Address) -> None:
+        if self._closed:
+            return
+        try:
+            hb = decode(data, self.spec.key)
+            if hb.name == self.spec.node_name:
+                raise HeartbeatRejected(RejectReason.LOOPED)
+            fresh = self._guard.check(hb, int(self._wall() * 1000))
+        except HeartbeatRejected as exc:
+            self._rejected(exc, source)
+            return
+        now = self._now()
+        info = self._peers.get(hb.name)
+        if info is None:
+            info = self._peers[hb.name] = _PeerInfo(hb.name)
+        info.paths[source[0]] = now
+        if not fresh:
+            self.counters.duplicates += 1
+            return
+        self.counters.heartbeats_received += 1
+        if info.epoch != hb.epoch:
+            if info.epoch:
+                log.info("failover_peer_restarted node=%s peer=%s", self.spec.node_name, hb.name)
+            info.epoch = hb.epoch
+        info.healthy_count, info.total_count = hb.healthy_count, hb.total_count
+        match = hb.config_digest == self.spec.config_digest
+        if match != info.digest_match:
+            info.digest_match = match
+            if match:
+                log.info("failover_config_digest_match node=%s peer=%s", self.spec.node_name,
+                         hb.name)
+            else:
+                log.warning("failover_config_digest_mismatch node=%s peer=%s ours=%s theirs=%s",
+                            self.spec.node_name, hb.name, self.spec.config_digest.hex(),
+                            hb.config_digest.hex())
+        self._step(machine.HeartbeatReceived(
+            peer=hb.name, role=hb.role, priority=hb.priority,
+            healthy=HeartbeatFlags.HEALTHY in hb.flags, interval_s=hb.interval_ms / 1000,
+            address=hb.address, leaving=HeartbeatFlags.LEAVING in hb.flags,
+            switchover=HeartbeatFlags.SWITCHOVER in hb.flags,
+        ))
+
+    def _rejected(self, exc: HeartbeatRejected, source: Address) -> None:
+        reason = exc.reason
+        self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
+        now = self._now()
+        last = self._reject_logged.get(reason)
+        if last is None or now - last >= 10.0:  # a flood must not flood the log
+            self._reject_logged[reason] = now
+            log.warning("failover_heartbeat_rejected node=%s source=%s reason=%s detail=%s "
+                        "total=%d", self.spec.node_name, source[0], reason, exc.detail,
+                        self.counters.rejected[reason])
+
+    def _lag_stats(self) -> SendLag:
+        lags = sorted(self._lags)
+        if not lags:
+            return SendLag(0, 0.0, 0.0, 0.0)
+        n = len(lags)
+        return SendLag(n, lags[n // 2], lags[min(n - 1, math.ceil(n * 0.99) - 1)], lags[-1])

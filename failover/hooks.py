@@ -1,0 +1,183 @@
+"""Notify hooks: operator scripts run on every role transition, in order, one at a time.
+
+Each script runs as `SCRIPT ROLE_FROM ROLE_TO NODE` (also in the environment as
+PAIRLB_ROLE_FROM, PAIRLB_ROLE_TO, PAIRLB_NODE, PAIRLB_REASON) in its own process group, under
+a timeout after which the whole group is killed. The outcome (exit status, duration, last
+lines of output) is logged. Transitions queue up and run strictly in order in one worker
+task, so a slow script delays later scripts but never a heartbeat: the controller only
+enqueues. Imports nothing from lb or healthcheck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_TAIL_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class HookResult:
+    script: str
+    role_from: str
+    role_to: str
+    returncode: int | None
+    """None when the script could not start or was killed on timeout."""
+    duration_s: float
+    timed_out: bool = False
+    error: str = ""
+    output_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass(frozen=True)
+class _Transition:
+    role_from: str
+    role_to: str
+    reason: str
+
+
+class HookRunner:
+    """Queue of transitions and the worker that runs the scripts for each (see module doc)."""
+
+    def __init__(
+        self,
+        scripts: Sequence[str],
+        *,
+        node: str,
+        timeout_s: float = 5.0,
+        max_queued: int = 64,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"failover.notify_timeout_s: must be > 0 (got {timeout_s})")
+        self.scripts = tuple(scripts)
+        self.node = node
+        self.timeout_s = timeout_s
+        self._env = dict(os.environ if env is None else env)
+        self._queue: deque[_Transition] = deque()
+        self._max_queued = max_queued
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.runs = 0
+        self.failures = 0
+        self.timeouts = 0
+        self.dropped = 0
+        self.recent: deque[HookResult] = deque(maxlen=32)
+
+    def notify(self, role_from: str, role_to: str, reason: str = "") -> None:
+        """Queue the scripts for one transition; returns at once."""
+        if not self.scripts:
+            return
+        if len(self._queue) >= self._max_queued:
+            # Flapping faster than scripts run: keep the newest transitions, they say where
+            # the node is now.
+            dropped = self._queue.popleft()
+            self.dropped += 1
+            log.warning("notify_dropped from=%s to=%s reason=queue_full",
+                        dropped.role_from, dropped.role_to)
+        self._queue.append(_Transition(role_from, role_to, reason))
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The worker; runs until cancelled. Each script run is an error boundary."""
+        while True:
+            while not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._queue.popleft()
+            for script in self.scripts:
+                try:
+                    result = await self._run_one(script, item)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.failures += 1
+                    log.exception("notify_failed script=%s", script)
+                    continue
+                self._record(result)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued transition has run; False if the time ran out."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _record(self, r: HookResult) -> None:
+        self.runs += 1
+        self.recent.append(r)
+        if r.ok:
+            log.info("notify_done script=%s from=%s to=%s status=0 duration_s=%.3f",
+                     r.script, r.role_from, r.role_to, r.duration_s)
+            return
+        self.failures += 1
+        if r.timed_out:
+            self.timeouts += 1
+        log.warning("notify_failed script=%s from=%s to=%s status=%s timed_out=%s "
+                    "duration_s=%.3f error=%s output=%r", r.script, r.role_from, r.role_to,
+                    r.returncode, r.timed_out, r.duration_s, r.error, r.output_tail)
+
+    async def _run_one(self, script: str, t: _Transition) -> HookResult:
+        env = dict(self._env, PAIRLB_ROLE_FROM=t.role_from, PAIRLB_ROLE_TO=t.role_to,
+                   PAIRLB_NODE=self.node, PAIRLB_REASON=t.reason)
+        start = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                script, t.role_from, t.role_to, self.node,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        except OSError as exc:
+            return HookResult(script, t.role_from, t.role_to, None,
+                              time.monotonic() - start, error=exc.strerror or str(exc))
+        tail = bytearray()
+        reader = asyncio.create_task(_read_tail(proc.stdout, tail))
+        timed_out = False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await proc.wait()
+        except TimeoutError:
+            timed_out = True
+        finally:
+            if proc.returncode is None:
+                # The script and anything it started: the group we created for it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            try:
+                async with asyncio.timeout(1.0):  # a grandchild may still hold the pipe
+                    await reader
+            except TimeoutError:
+                reader.cancel()
+        return HookResult(
+            script, t.role_from, t.role_to, None if timed_out else proc.returncode,
+            time.monotonic() - start, timed_out=timed_out,
+            error=f"killed after {self.timeout_s}s" if timed_out else "",
+            output_tail=bytes(tail).decode("utf-8", "replace").strip(),
+        )
+
+
+async def _read_tail(stream: asyncio.StreamReader | None, tail: bytearray) -> None:
+    if stream is None:
+        return
+    while chunk := await stream.read(4096):
+        tail.extend(chunk)
+        del tail[:-_TAIL_BYTES]
