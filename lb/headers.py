@@ -35,6 +35,7 @@ __all__ = [
     "RequestIds",
     "ResponseHeaders",
     "build_request_head",
+    "filter_response_block",
     "filter_response_headers",
     "forwarded_node",
     "is_trusted",
@@ -379,51 +380,78 @@ class ResponseHeaders:
         """The backend's Transfer-Encoding value (None when absent)."""
 
 
-_RESP_DROP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+_RESP_SPECIAL = re.compile(
+    rb"^(connection|keep-alive|proxy-connection|te|trailer|upgrade|transfer-encoding"
+    rb"|content-length):[ \t]*([^\r\n]*?)[ \t]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
 )
+
+
+def filter_response_block(block: bytes, *, keep_upgrade: bool = False) -> ResponseHeaders:
+    """Drop hop-by-hop fields from a response's raw header block; report its framing.
+
+    ``block`` is the header lines exactly as the backend sent them (each ending in CRLF,
+    already validated by llhttp in strict mode: no obs-fold, no bare LF). Fields that stay
+    are passed on byte for byte, so the common response costs one regex scan and a couple
+    of slices. Transfer-Encoding is taken out and returned in ``te_value``: the engine
+    decides whether to re-chunk (HTTP/1.1 client) or not (HTTP/1.0 client).
+    """
+    content_length = -1
+    te_value: bytes | None = None
+    cuts: list[tuple[int, int]] | None = None
+    conn_tokens: list[bytes] | None = None
+    for m in _RESP_SPECIAL.finditer(block):
+        name = m.group(1).lower()
+        if name == b"content-length":
+            content_length = int(m.group(2))
+            continue
+        if name == b"upgrade" and keep_upgrade:
+            continue
+        if name == b"transfer-encoding":
+            v = m.group(2)
+            te_value = v if te_value is None else te_value + b", " + v
+        elif name == b"connection":
+            for tok in m.group(2).split(b","):
+                tok = tok.strip().lower()
+                if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
+                    if conn_tokens is None:
+                        conn_tokens = []
+                    conn_tokens.append(tok)
+        if cuts is None:
+            cuts = []
+        cuts.append(m.span())
+    if conn_tokens is not None:
+        # Rare: fields named in Connection are hop-by-hop too (never Content-Length).
+        drop = set(conn_tokens) - {b"content-length"}
+        pos = 0
+        while pos < len(block):
+            eol = block.index(b"\r\n", pos) + 2
+            colon = block.find(b":", pos, eol)
+            if block[pos:colon].lower() in drop:
+                if cuts is None:
+                    cuts = []
+                cuts.append((pos, eol))
+            pos = eol
+        if cuts is not None:
+            cuts.sort()
+    if cuts:
+        parts = []
+        pos = 0
+        for a, b in cuts:
+            parts.append(block[pos:a])
+            pos = b
+        parts.append(block[pos:])
+        block = b"".join(parts)
+    chunked = te_value is not None and te_value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+    return ResponseHeaders(block, content_length, chunked, te_value)
 
 
 def filter_response_headers(
     headers: list[tuple[bytes, bytes]], *, keep_upgrade: bool = False
 ) -> ResponseHeaders:
-    """Drop hop-by-hop fields from a response; report Content-Length / Transfer-Encoding.
-
-    Transfer-Encoding is taken out of ``fields`` and returned in ``te_value``: the engine
-    decides whether to re-chunk (HTTP/1.1 client) or not (HTTP/1.0 client).
-    """
-    out: list[bytes] = []
-    content_length = -1
-    te_value: bytes | None = None
-    conn_tokens: list[bytes] | None = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-length":
-            content_length = int(value)
-        elif lname == b"transfer-encoding":
-            te_value = value if te_value is None else te_value + b", " + value
-            continue
-        elif lname in _RESP_DROP:
-            if lname == b"connection":
-                for tok in value.split(b","):
-                    tok = tok.strip().lower()
-                    if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
-                        if conn_tokens is None:
-                            conn_tokens = []
-                        conn_tokens.append(tok)
-            elif lname == b"upgrade" and keep_upgrade:
-                out += (name, b": ", value, b"\r\n")
-            continue
-        out += (name, b": ", value, b"\r\n")
-    if conn_tokens is not None:
-        drop = set(conn_tokens) - {b"content-length"}
-        kept: list[bytes] = []
-        for i in range(0, len(out), 4):
-            if out[i].lower() not in drop:
-                kept += out[i : i + 4]
-        out = kept
-    chunked = te_value is not None and te_value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-    return ResponseHeaders(b"".join(out), content_length, chunked, te_value)
+    """``filter_response_block`` for a parsed (name, value) list."""
+    block = b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+    return filter_response_block(block, keep_upgrade=keep_upgrade)
 
 
 _REASONS = {

@@ -58,6 +58,8 @@ BODY_BUFFER_LIMIT = 64 * 1024
 SAFE_REUSE_S = 1.0
 """A non-idempotent request reuses an idle connection only when it was idle less than this
 (a backend's own keep-alive timeout is the usual cause of the stale-connection race)."""
+MAX_RESPONSE_HEAD = 64 * 1024
+"""A backend response head larger than this is a bad response (502)."""
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
 INF = float("inf")
@@ -292,12 +294,12 @@ class _Upstream(_Conn):
         "deadline",
         "eof_body",
         "got_eof",
-        "hdrs",
+        "head_buf",
+        "head_rest",
         "idle_since",
         "interim",
         "key",
         "parser",
-        "reason",
         "rechunk",
         "req",
         "resp_done",
@@ -319,8 +321,8 @@ class _Upstream(_Conn):
         self.idle_since = 0.0
         self.served = 0
         self.status = 0
-        self.reason = b""
-        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.head_buf: bytes | None = None
+        self.head_rest = 0
         self.interim = False
         self.resp_done = False
         self.reusable = True
@@ -384,7 +386,7 @@ class _Upstream(_Conn):
             client.pause(_P_UPSTREAM)
             if self.req is not None and not self.req.complete:
                 # The backend is not taking the body: its progress is now what we time.
-                self.deadline = self.srv.loop.time() + self.req.pool_cfg.response_timeout_s
+                self.deadline = self.srv.time() + self.req.pool_cfg.response_timeout_s
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -407,7 +409,11 @@ class _Upstream(_Conn):
             client.flush_out()
             return
         if not self.rpaused:
-            self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+            self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
+        hb = self.head_buf
+        if hb is not None:
+            # Still waiting for the response head: keep its bytes (usually one read).
+            self.head_buf = hb + data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -417,12 +423,16 @@ class _Upstream(_Conn):
                 if isinstance(exc.__context__, _HeadDone):
                     # A new parser for the next response; bytes after the head are junk.
                     self.parser = httptools.HttpResponseParser(self)
-                    if not data.endswith(b"\r\n\r\n"):
+                    if self.head_rest:
                         self.reusable = False
                 else:
                     self.reusable = False
             elif self.req is req:
                 self._bad_response(req, str(exc))
+        else:
+            hb = self.head_buf
+            if hb is not None and len(hb) > MAX_RESPONSE_HEAD and self.req is req:
+                self._bad_response(req, "response head too large")
         if self.resp_done:
             self._complete()
         self.srv.flush()
@@ -433,14 +443,6 @@ class _Upstream(_Conn):
         if self.resp_done:
             self.reusable = False  # more than one response to one request
             raise _STOP
-        self.hdrs = []
-        self.reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.hdrs.append((name, value))
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -448,24 +450,34 @@ class _Upstream(_Conn):
         assert req is not None and client is not None
         status = self.parser.get_status_code()
         self.status = status
+        # The raw head: llhttp has validated it (strict), so lines end in CRLF.
+        buf = self.head_buf
+        assert buf is not None
+        end = buf.find(b"\r\n\r\n")
+        sl = buf.find(b"\r\n")
+        line = buf[: sl + 2]
+        block = buf[sl + 2 : end + 2] if end > sl else b""
+        rest = buf[end + 4 :]
+        if not line.startswith(b"HTTP/1.1 "):
+            line = H.status_line(status, buf[13:sl])
         if status < 200:
             self.interim = True
+            self.head_buf = rest  # the next head starts right after this one
             if status == 101:
                 if not req.upgrade or not req.complete:
                     raise _Reject("101 to a request that did not ask for an upgrade")
-                rh = H.filter_response_headers(self.hdrs, keep_upgrade=True)
-                client.send(
-                    H.status_line(101, self.reason) + rh.fields + b"Connection: upgrade\r\n\r\n"
-                )
+                rh = H.filter_response_block(block, keep_upgrade=True)
+                client.send(line + rh.fields + b"Connection: upgrade\r\n\r\n")
                 req.resp_started = True
                 return
             if not req.http10:
-                rh = H.filter_response_headers(self.hdrs)
-                client.send(H.status_line(status, self.reason) + rh.fields + b"\r\n")
+                client.send(line + H.filter_response_block(block).fields + b"\r\n")
             return
+        self.head_buf = None
+        self.head_rest = len(rest)
         self.interim = False
         self.backend_keep = self.parser.should_keep_alive()
-        rh = H.filter_response_headers(self.hdrs)
+        rh = H.filter_response_block(block)
         keep = req.keep_alive and req.complete and not client.closing and not self.srv.draining
         head_only = req.head_only or status == 204 or status == 304
         extra = b""
@@ -491,15 +503,14 @@ class _Upstream(_Conn):
             extra += b"Connection: close\r\n"
         if not keep:
             client.closing = True
-        client.send(H.status_line(status, self.reason) + rh.fields + extra + b"\r\n")
+        client.send(line + rh.fields + extra + b"\r\n")
         req.resp_started = True
-        srv = self.srv
         backend = req.backend
         assert backend is not None
         if status >= 500 and req.pool_cfg.passive.count_5xx:
-            srv.observe(req, backend, Outcome.HTTP_5XX)
-        else:
-            srv.observe(req, backend, Outcome.OK)
+            self.srv.observe(req, backend, Outcome.HTTP_5XX)
+        elif backend.failures_in_row:
+            self.srv.observe(req, backend, Outcome.OK)
         if req.head_only:
             self.resp_done = True
             raise _HEAD_DONE
@@ -536,6 +547,7 @@ class _Upstream(_Conn):
         self.status = 0
         self.reusable = True
         self.bytes_out = 0
+        self.head_buf = b""
         pending = req.pending
         if pending:
             req.pending = []
@@ -554,7 +566,7 @@ class _Upstream(_Conn):
         else:
             self.send(req.head)
         if req.complete:
-            self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+            self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
         else:
             self.deadline = INF
         if client.wpaused:
@@ -571,7 +583,7 @@ class _Upstream(_Conn):
 
     def request_complete(self, req: _Request) -> None:
         if not self.rpaused and not req.resp_started:
-            self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+            self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
 
     def pause_reading(self) -> None:
         if not self.rpaused and not self.closed:
@@ -585,7 +597,7 @@ class _Upstream(_Conn):
             self.transport.resume_reading()
             req = self.req
             if req is not None:
-                self.deadline = self.srv.loop.time() + req.pool_cfg.response_timeout_s
+                self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
 
     def detach(self) -> None:
         client = self.client
@@ -713,7 +725,7 @@ class _Client(_Conn):
         ip = peer[0] if isinstance(peer, tuple) else "unknown"
         self.ctx = srv.client_context(ip)
         srv.client_opened(self)
-        self.deadline = srv.loop.time() + srv.listener.client_header_timeout_s
+        self.deadline = srv.time() + srv.listener.client_header_timeout_s
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -762,7 +774,7 @@ class _Client(_Conn):
         up = self.tunnel or (req.upstream if req is not None else None)
         if up is not None:
             up.pause_reading()
-        self.deadline = self.srv.loop.time() + self.srv.listener.client_idle_timeout_s
+        self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -828,7 +840,7 @@ class _Client(_Conn):
         self.hbytes = 0
         self.hcount = 0
         self.head_cont = 0
-        self.head_deadline = self.srv.loop.time() + self.srv.listener.client_header_timeout_s
+        self.head_deadline = self.srv.time() + self.srv.listener.client_header_timeout_s
 
     def on_url(self, url: bytes) -> None:
         url = self.url + url if self.url else url
@@ -902,7 +914,7 @@ class _Client(_Conn):
         self.cur = req
         queue = self.queue
         queue.append(req)
-        req.t0 = srv.loop.time()
+        req.t0 = srv.time()
         if len(queue) == 1:
             self.dispatch(req)
         else:
@@ -972,11 +984,11 @@ class _Client(_Conn):
         elif self.state == _HEAD:
             self.deadline = self.head_deadline if not self.queue else INF
         elif self.state == _BODY:
-            self.deadline = srv.loop.time() + lst.client_idle_timeout_s
+            self.deadline = srv.time() + lst.client_idle_timeout_s
         elif self.queue:
             self.deadline = INF
         else:
-            self.deadline = srv.loop.time() + lst.client_idle_timeout_s
+            self.deadline = srv.time() + lst.client_idle_timeout_s
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -989,7 +1001,7 @@ class _Client(_Conn):
             return
         if req.upgrade:
             self.pause(_P_STOP)
-        now = srv.loop.time()
+        now = srv.time()
         backend = req.pool.pick(now, req.excluded or ())
         if backend is None:
             if req.last_failure is not None:
@@ -1110,7 +1122,7 @@ class _Client(_Conn):
         if not keep:
             self.closing = True
         if req.error is None:
-            srv.stats.request(req.pool.name, "-", status, srv.loop.time() - req.t0)
+            srv.stats.request(req.pool.name, "-", status, srv.time() - req.t0)
         self.response_done(req, status, counted=True)
 
     def _abort(self, req: _Request, reason: str, bname: str) -> None:
@@ -1141,7 +1153,7 @@ class _Client(_Conn):
             backend = req.backend
             srv.stats.request(
                 req.pool.name, backend.name if backend is not None else "-", status,
-                srv.loop.time() - req.t0,
+                srv.time() - req.t0,
             )
             srv.release(req)
         if self.closed:
@@ -1163,7 +1175,7 @@ class _Client(_Conn):
             self.close()
             return
         if self.state == _HEAD:
-            self.head_deadline = srv.loop.time() + srv.listener.client_header_timeout_s
+            self.head_deadline = srv.time() + srv.listener.client_header_timeout_s
         if self.stopped:
             return
         self._rearm()
@@ -1222,7 +1234,7 @@ class _Client(_Conn):
             return
         self.paused = 0
         t.resume_reading()
-        self.deadline = self.srv.loop.time() + LINGER_S
+        self.deadline = self.srv.time() + LINGER_S
 
     def on_deadline(self, now: float) -> None:
         if self.linger:
@@ -1283,7 +1295,7 @@ class _Client(_Conn):
         self.deadline = INF
         srv = self.srv
         srv.stats.request(req.pool.name, req.backend.name if req.backend else "-", 101,
-                          srv.loop.time() - req.t0)
+                          srv.time() - req.t0)
         if rest:
             self.send(rest)
         self.flush_out()
@@ -1301,6 +1313,10 @@ class _Client(_Conn):
         req.finished = True
         self.tunnel = None
         self.close()
+
+
+def _no_loop() -> float:
+    raise RuntimeError("ProxyServer.start() has not been called")
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
@@ -1332,7 +1348,8 @@ class ProxyServer:
         self.pool_cfg = pool_cfg
         self.stats = stats
         self.on_ejection = on_ejection
-        self._loop = loop
+        self.loop: Any = loop
+        self.time: Callable[[], float] = loop.time if loop is not None else _no_loop
         self.dirty: list[_Conn] = []
         self.clients: set[_Client] = set()
         self.upstreams: set[_Upstream] = set()
@@ -1351,16 +1368,13 @@ class ProxyServer:
         self.local_host = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         """Host for HTTP/1.0 requests that carry none."""
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, sock: socket.socket) -> None:
         """Accept on an already-bound listening socket (shared with other workers)."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.time = self.loop.time
         self._sock = sock
         await self._listen()
         self._schedule_tick()
@@ -1484,9 +1498,11 @@ class ProxyServer:
             up.abort()
 
     def observe(self, req: _Request, backend: Backend, outcome: Outcome) -> None:
+        if outcome is Outcome.OK and backend.failures_in_row == 0:
+            return  # nothing to reset: skip the call on the hot path
         if not req.pool_cfg.passive.enabled:
             return
-        ej = req.pool.observe(backend, outcome, self.loop.time())
+        ej = req.pool.observe(backend, outcome, self.time())
         if ej is not None:
             logger.warning(
                 "event=backend_ejected_locally listener=%s pool=%s backend=%s reason=%s",
@@ -1520,7 +1536,7 @@ class ProxyServer:
         if self.draining or len(lst) >= cfg.max_idle_per_backend or up.closed:
             up.close()
             return
-        now = self.loop.time()
+        now = self.time()
         up.idle_since = now
         up.deadline = now + cfg.idle_timeout_s
         lst.append(up)
@@ -1566,7 +1582,7 @@ class ProxyServer:
         self._ticker = self.loop.call_later(self._tick_interval(), self._tick)
 
     def _tick(self) -> None:
-        now = self.loop.time()
+        now = self.time()
         try:
             for c in [c for c in self.clients if c.deadline <= now]:
                 if not c.closed:
