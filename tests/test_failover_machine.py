@@ -467,7 +467,7 @@ class Sim:
                 self.broadcast(name)
                 self.at(t + node.state.params.interval_s, "send", name)
             else:
-                assert isinstance(payload, m.Event.__args__)  # type: ignore[attr-defined]
+                assert isinstance(payload, m.Event.__args__)
                 self.feed(name, payload)
         self.now = until
 
@@ -511,3 +511,34 @@ def test_sim_partition_heal_converges_within_one_interval_and_winner_reannounces
     sim.run(2.0 + a.interval_s + 2 * sim.latency_s)
     assert sim.masters() == ["a"]
     assert sim.nodes["a"].announces == 1 and not sim.nodes["b"].held
+
+
+# -- import rules (DESIGN.md) ------------------------------------------------------------------
+
+
+def _imports(path: str) -> set[str]:
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            out |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            out.add(n.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("module", ["codec", "machine", "transport", "controller", "hooks",
+                                    "ports"])
+def test_failover_core_imports_nothing_of_lb_or_healthcheck(module: str) -> None:
+    import os
+
+    import failover
+
+    path = os.path.join(os.path.dirname(failover.__file__), f"{module}.py")
+    used = _imports(path)
+    assert not used & {"lb", "healthcheck", "pyroute2", "prometheus_client"}, used
+    if module in ("codec", "machine", "ports"):  # pure: the caller passes `now`
+        assert not used & {"asyncio", "socket", "time", "logging"}, used

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from failover import FailoverController, FailoverSpec, Role, master_down_s, skew_s
+from failover.codec import RejectReason as R
 from failover.hooks import HookRunner
 from failover.ports import Address, DatagramCallback
 
@@ -559,8 +560,8 @@ def test_forged_truncated_replayed_packets_are_counted_and_change_nothing() -> N
         assert b.vip.holding
         assert world.first("lb2", "acquired", t0) - t0 <= MD_B + ACQUIRE_S + 0.002
         rejected = b.ctl.status().counters.rejected
-        assert rejected["bad_mac"] == 20 and rejected["truncated"] >= 40
-        assert rejected["replayed"] >= 20 and rejected.get("bad_magic", 0) >= 19
+        assert rejected[R.BAD_MAC] == 20 and rejected[R.TRUNCATED] >= 40
+        assert rejected[R.REPLAYED] >= 20 and rejected.get(R.BAD_MAGIC, 0) >= 19
         await stop_all(b)
 
     run_virtual(scenario)

@@ -21,6 +21,7 @@ import pytest
 
 from failover import FailoverController, FailoverSpec, Role, UdpTransport, master_down_s
 from failover.codec import Heartbeat, HeartbeatFlags, decode, encode
+from failover.codec import RejectReason as R
 from failover.transport import TransportError, parse_peer
 
 KEY = os.urandom(32)
@@ -291,8 +292,8 @@ def test_real_udp_forged_and_replayed_heartbeats_are_counted_and_change_nothing(
         time.sleep(0.3)
         st = b.lt.call(b.ctl.status)
         rej = st.counters.rejected
-        assert rej["bad_mac"] == 20 and rej["truncated"] >= 11 and rej["replayed"] == 10
-        assert rej.get("bad_magic", 0) + rej.get("truncated", 0) >= 20
+        assert rej[R.BAD_MAC] == 20 and rej[R.TRUNCATED] >= 11 and rej[R.REPLAYED] == 10
+        assert rej.get(R.BAD_MAGIC, 0) + rej.get(R.TRUNCATED, 0) >= 20
         assert st.counters.internal_errors == 0
         assert [p.name for p in st.peers] == ["lb1"]  # no "lb9" ever appeared
         assert (a.role, b.role) == (Role.MASTER, Role.BACKUP) and not b.vip.acquired
@@ -347,3 +348,100 @@ def test_real_udp_hung_master_is_replaced_and_pair_converges_when_it_wakes() -> 
     finally:
         a.close()
         b.close()
+
+
+# -- real namespaces: multicast heartbeats, the real VIP adapter, a cut link ------------------
+
+
+def _netns_skip() -> str | None:
+    try:
+        import netns
+    except ImportError:
+        return "tests/netns.py not importable"
+    return netns.skip_reason()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(_netns_skip() is not None, reason=_netns_skip() or "")
+def test_netns_multicast_pair_moves_the_real_vip_on_link_cut_and_removes_stale() -> None:
+    import netns
+
+    from failover.vip import VipAdapter
+
+    group = "224.0.0.88"
+    with netns.build(["lb1", "lb2"]) as topo:
+        vip = f"{topo.host4(100)}/24"
+        running: dict[str, tuple[FailoverController, asyncio.Task[None]]] = {}
+
+        def start(name: str, priority: int) -> None:
+            async def go() -> None:
+                adapter = VipAdapter("eth0", [vip], garp_count=1, garp_repeat_after_s=None)
+                spec = FailoverSpec(node_name=name, interface="eth0", vips=(vip,),
+                                    priority=priority, peers=(), multicast_group=group,
+                                    key=KEY, address=topo[name].ipv4, interval_s=0.05)
+                ctl = FailoverController(spec, adapter)
+                ctl.set_local_health(True, 1, 1)
+                await ctl.start()
+                watch = asyncio.create_task(adapter.watch_carrier(["eth0"], ctl.carrier_changed))
+                running[name] = (ctl, watch)
+
+            loops[name].run(go())
+
+        def role(name: str) -> Role:
+            return loops[name].run(_get_role(running[name][0]))
+
+        def has_vip(name: str) -> bool:
+            return vip in topo.addresses(name)
+
+        loops = {"lb1": topo.loop("lb1"), "lb2": topo.loop("lb2")}
+        start("lb1", 200)
+        start("lb2", 100)
+        wait_until(lambda: has_vip("lb1") and role("lb2") is Role.BACKUP, timeout_s=5)
+        time.sleep(0.3)
+        assert not has_vip("lb2")
+        assert role("lb1") is Role.MASTER
+        st = loops["lb2"].run(_get_status(running["lb2"][0]))
+        assert [p.name for p in st.peers] == ["lb1"]  # heard over multicast
+        assert st.peers[0].paths[0].address == topo["lb1"].ipv4
+
+        # Cable cut: lb1 sees no carrier -> FAULT, drops the VIP; lb2 takes it.
+        t_cut = time.monotonic()
+        topo.cut_link("lb1")
+        wait_until(lambda: has_vip("lb2"), timeout_s=5)
+        took = time.monotonic() - t_cut
+        wait_until(lambda: not has_vip("lb1"), timeout_s=5)
+        assert role("lb1") is Role.FAULT
+        # Link back: BACKUP first, then preempt (healthy, priority 200).
+        topo.restore_link("lb1")
+        wait_until(lambda: role("lb1") is Role.MASTER and not has_vip("lb2"), timeout_s=5)
+        assert has_vip("lb1")
+        print(f"\nnetns link cut: VIP on lb2 after {took * 1000:.0f} ms (includes ip polling)")
+
+        # kill -9 of lb1: the VIP stays on its interface; a new start removes it first.
+        ctl1, watch1 = running.pop("lb1")
+        loops["lb1"].run(_abort(ctl1, watch1))
+        assert has_vip("lb1")
+        wait_until(lambda: has_vip("lb2"), timeout_s=5)  # lb2 took over meanwhile
+        start("lb1", 200)
+        wait_until(lambda: role("lb1") is Role.MASTER and not has_vip("lb2"), timeout_s=5)
+        for name, (ctl, watch) in running.items():
+            loops[name].run(_abort(ctl, watch, release=True))
+
+
+async def _get_role(ctl: FailoverController) -> Role:
+    return ctl.role
+
+
+async def _get_status(ctl: FailoverController) -> Any:
+    return ctl.status()
+
+
+async def _abort(ctl: FailoverController, watch: asyncio.Task[None],
+                 release: bool = False) -> None:
+    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
+    if release:
+        await ctl.stop()
+    else:
+        await ctl.abort()
