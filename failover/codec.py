@@ -173,6 +173,8 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
     name = hb.name.encode("utf-8")
     if not 1 <= len(name) <= MAX_NAME_LEN:
         raise ValueError(f"heartbeat name: 1..{MAX_NAME_LEN} UTF-8 bytes (got {len(name)})")
+    if not 0 <= hb.priority <= 255:
+        raise ValueError(f"priority: must be 0..255 (got {hb.priority})")
     if len(hb.config_digest) != DIGEST_LEN:
         raise ValueError(f"config_digest: must be {DIGEST_LEN} bytes")
     if not 0 <= hb.healthy_count <= hb.total_count <= 0xFFFF:

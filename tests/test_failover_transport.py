@@ -261,9 +261,10 @@ def test_real_udp_election_and_kill_takeover_time(interval_s: float) -> None:
                       f"over {x.samples}" for x in lags))
     for t in takeovers:
         # The last heartbeat was heard at most ~one interval before the kill.
-        assert md_b - interval_s - 0.005 <= t <= md_b + 0.05, t
+        assert md_b - interval_s - 0.02 <= t <= md_b + 0.05, t
     for x in lags:
-        assert x.p99_s < interval_s  # heartbeats leave on time (the peer allows 3 missed)
+        # Heartbeats leave on time (the peer allows 3 missed); slack for a loaded 2-core box.
+        assert x.p99_s < max(interval_s, 0.02)
 
 
 @pytest.mark.timeout(60)
