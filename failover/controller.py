@@ -269,6 +269,7 @@ class FailoverController:
         self._guard = ReplayGuard(window_ms=round(spec.replay_window_s * 1000))
         self._peers: dict[str, _PeerInfo] = {}
         self._health = (False, 0, 0)
+        self._early_faults: set[str] = set()  # reported before start()
         self.counters = FailoverCounters()
         self._lags: deque[float] = deque(maxlen=4096)
         self._role_since_wall = self._wall()
@@ -311,6 +312,8 @@ class FailoverController:
                  self._state.params.master_down_s, ",".join(self.spec.peers))
         if self._health[0]:
             self._step(machine.LocalHealthChanged(True))
+        for reason in sorted(self._early_faults):  # e.g. carrier already down at start
+            self._step(machine.FaultDetected(reason))
         self._step(machine.Started())
         self._runner = asyncio.create_task(self._run(), name=f"failover-{self.spec.node_name}")
         self._runner.add_done_callback(self._runner_done)
@@ -354,10 +357,13 @@ class FailoverController:
 
     def report_fault(self, reason: str) -> None:
         """A condition under which this node must not hold the VIP began (e.g. carrier)."""
-        if reason not in self._state.faults:
+        if not self._started:
+            self._early_faults.add(reason)
+        elif reason not in self._state.faults:
             self._step(machine.FaultDetected(reason))
 
     def clear_fault(self, reason: str) -> None:
+        self._early_faults.discard(reason)
         if reason in self._state.faults:
             self._step(machine.FaultCleared(reason))
 

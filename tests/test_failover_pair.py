@@ -457,6 +457,23 @@ def test_link_fault_releases_and_rejoins_as_backup_first() -> None:
     run_virtual(scenario)
 
 
+def test_carrier_down_before_start_starts_in_fault() -> None:
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        a = node(net, world, "lb1", ["10.0.0.1"], ["10.0.0.2"], 200)
+        a.ctl.carrier_changed("eth0", False)  # the carrier watch reports before start()
+        await a.ctl.start()
+        await asyncio.sleep(1.0)
+        assert a.ctl.role is Role.FAULT and world.count("lb1", "acquired") == 0
+        a.ctl.carrier_changed("eth0", True)
+        await wait_for(lambda: a.vip.holding)
+        assert [(o, n) for _, o, n in a.roles] == [
+            (Role.INIT, Role.FAULT), (Role.FAULT, Role.BACKUP), (Role.BACKUP, Role.MASTER)]
+        await stop_all(a)
+
+    run_virtual(scenario)
+
+
 def test_no_takeover_before_local_health_and_takeover_when_healthy() -> None:
     async def scenario() -> None:
         world, net = World(), FakeNet()
