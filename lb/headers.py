@@ -172,20 +172,21 @@ class RequestIds:
 
 
 class RequestHead:
-    """The head to send upstream and the facts about the request the engine acts on."""
+    """The head to send upstream and the facts about the request the engine acts on.
 
-    __slots__ = ("chunked", "content_length", "expect_continue", "head", "host")
+    Class-level defaults: ``build_request_head`` sets only what differs, and the engine's
+    per-request object subclasses this, so the builder fills it in place (no extra object
+    per request).
+    """
 
-    def __init__(
-        self, head: bytes, host: bytes | None, content_length: int, chunked: bool,
-        expect_continue: bool,
-    ) -> None:
-        self.head = head
-        self.host = host
-        self.content_length = content_length
-        """-1 when absent."""
-        self.chunked = chunked
-        self.expect_continue = expect_continue
+    head = b""
+    host: bytes | None = None
+    content_length = -1
+    """-1 when absent."""
+    chunked = False
+    expect_continue = False
+    upgrade_value: bytes | None = None
+    """The client's Upgrade value (forwarded only when ``upgrade`` was asked for)."""
 
 
 def split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
@@ -228,20 +229,21 @@ def build_request_head(
     via: bool = True,
     host_override: bytes | None = None,
     default_host: bytes | None = None,
+    into: RequestHead | None = None,
 ) -> RequestHead:
     """Rewrite a client's request head for the backend (always HTTP/1.1, keep-alive).
 
     ``request_id`` is used only when the client sent none. ``host_override`` is the
     authority of an absolute-form target. ``default_host`` is sent for an HTTP/1.0 request
     without Host (the backend gets HTTP/1.1, which requires one): the address the client
-    connected to. Raises HeaderError for requests to refuse.
+    connected to. ``into`` is filled in and returned (a new RequestHead when None).
+    Raises HeaderError for requests to refuse.
     """
+    res = RequestHead() if into is None else into
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     host: bytes | None = None
     hosts = 0
-    content_length = -1
     chunked = False
-    expect = False
     has_rid = False
     xff: bytes | None = None
     fwd: bytes | None = None
@@ -261,7 +263,7 @@ def build_request_head(
             continue
         if kind == _CL:
             # llhttp has already refused duplicates, signs and non-digits.
-            content_length = int(value)
+            res.content_length = int(value)
             out += (name, b": ", value, b"\r\n")
         elif kind == _TE:
             if value.strip().lower() != b"chunked":
@@ -281,7 +283,7 @@ def build_request_head(
                 continue  # RFC 9110 §10.1.1: ignore 100-continue from HTTP/1.0
             if value.strip().lower() != b"100-continue":
                 raise HeaderError(417, "bad_expect")
-            expect = True
+            res.expect_continue = True
             out += (name, b": ", value, b"\r\n")
         elif kind == _REQUEST_ID:
             has_rid = True
@@ -313,11 +315,14 @@ def build_request_head(
             raise HeaderError(400, "bad_host")
         out += (b"Host: ", host, b"\r\n")
     if chunked:
+        res.chunked = True
         out.append(b"Transfer-Encoding: chunked\r\n")
-    if upgrade:
-        if upgrade_value is None:
-            raise HeaderError(400, "bad_upgrade")
-        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+    if upgrade_value is not None:
+        res.upgrade_value = upgrade_value
+        if upgrade:
+            out += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+    elif upgrade:
+        raise HeaderError(400, "bad_upgrade")
     if trusted:
         out += (b"X-Forwarded-For: ", ctx.xff_ip if xff is None else xff + b", " + ctx.xff_ip,
                 b"\r\n")
@@ -330,12 +335,19 @@ def build_request_head(
     if not has_rid and request_id is not None:
         out += (b"X-Request-ID: ", request_id, b"\r\n")
     if via:
-        hop = b"1.0 pairlb" if http10 else b"1.1 pairlb"
-        out += (b"Via: ", hop if vias is None else vias + b", " + hop, b"\r\n")
-    out.append(b"\r\n")
+        if vias is None:
+            out.append(b"Via: 1.0 pairlb\r\n\r\n" if http10 else b"Via: 1.1 pairlb\r\n\r\n")
+        else:
+            hop = b"1.0 pairlb" if http10 else b"1.1 pairlb"
+            out += (b"Via: ", vias, b", ", hop, b"\r\n\r\n")
+    else:
+        out.append(b"\r\n")
     if conn_tokens is not None:
         out = _drop_named(out, conn_tokens)
-    return RequestHead(b"".join(out), host, content_length, chunked, expect)
+    if host is not None:
+        res.host = host
+    res.head = b"".join(out)
+    return res
 
 
 def _drop_named(out: list[bytes], names: list[bytes]) -> list[bytes]:
@@ -381,9 +393,8 @@ class ResponseHeaders:
 
 
 _RESP_SPECIAL = re.compile(
-    rb"^(connection|keep-alive|proxy-connection|te|trailer|upgrade|transfer-encoding"
-    rb"|content-length):[ \t]*([^\r\n]*?)[ \t]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
+    rb"\n(c(?:onnection|ontent-length)|keep-alive|proxy-connection"
+    rb"|t(?:e|railer|ransfer-encoding)|upgrade):[ \t]*([^\r]*)\r"
 )
 
 
@@ -391,35 +402,44 @@ def filter_response_block(block: bytes, *, keep_upgrade: bool = False) -> Respon
     """Drop hop-by-hop fields from a response's raw header block; report its framing.
 
     ``block`` is the header lines exactly as the backend sent them (each ending in CRLF,
-    already validated by llhttp in strict mode: no obs-fold, no bare LF). Fields that stay
-    are passed on byte for byte, so the common response costs one regex scan and a couple
-    of slices. Transfer-Encoding is taken out and returned in ``te_value``: the engine
-    decides whether to re-chunk (HTTP/1.1 client) or not (HTTP/1.0 client).
+    already validated by llhttp in strict mode: no obs-fold, no bare LF, no space before
+    the colon). Fields that stay are passed on byte for byte, so the common response costs
+    one lower(), one regex scan and a slice or two. Transfer-Encoding is taken out and
+    returned (lower-cased) in ``te_value``: the engine decides whether to re-chunk
+    (HTTP/1.1 client) or not (HTTP/1.0 client).
     """
+    low = b"\n" + block.lower()
+    found = _RESP_SPECIAL.findall(low)
+    if not found:
+        return ResponseHeaders(block, -1, False, None)
     content_length = -1
     te_value: bytes | None = None
     cuts: list[tuple[int, int]] | None = None
     conn_tokens: list[bytes] | None = None
-    for m in _RESP_SPECIAL.finditer(block):
-        name = m.group(1).lower()
+    pos = 0
+    for name, value in found:
         if name == b"content-length":
-            content_length = int(m.group(2))
+            content_length = int(value)
             continue
         if name == b"upgrade" and keep_upgrade:
             continue
         if name == b"transfer-encoding":
-            v = m.group(2)
-            te_value = v if te_value is None else te_value + b", " + v
-        elif name == b"connection":
-            for tok in m.group(2).split(b","):
-                tok = tok.strip().lower()
+            value = value.rstrip()
+            te_value = value if te_value is None else te_value + b", " + value
+        elif name == b"connection" and value != b"keep-alive" and value != b"close":
+            for tok in value.split(b","):
+                tok = tok.strip()
                 if tok and tok not in (b"close", b"keep-alive", b"upgrade"):
                     if conn_tokens is None:
                         conn_tokens = []
                     conn_tokens.append(tok)
+        # Matches come in order: find this one's line again for its position. In ``low``
+        # the line starting at block[a] begins at low[a + 1] (one byte of prefix).
+        a = low.find(b"\n" + name + b":", pos)
+        pos = block.index(b"\r\n", a) + 2
         if cuts is None:
             cuts = []
-        cuts.append(m.span())
+        cuts.append((a, pos))
     if conn_tokens is not None:
         # Rare: fields named in Connection are hop-by-hop too (never Content-Length).
         drop = set(conn_tokens) - {b"content-length"}
@@ -435,13 +455,17 @@ def filter_response_block(block: bytes, *, keep_upgrade: bool = False) -> Respon
         if cuts is not None:
             cuts.sort()
     if cuts:
-        parts = []
-        pos = 0
-        for a, b in cuts:
-            parts.append(block[pos:a])
-            pos = b
-        parts.append(block[pos:])
-        block = b"".join(parts)
+        if len(cuts) == 1:
+            a, b = cuts[0]
+            block = block[:a] + block[b:]
+        else:
+            parts = []
+            pos = 0
+            for a, b in cuts:
+                parts.append(block[pos:a])
+                pos = max(pos, b)
+            parts.append(block[pos:])
+            block = b"".join(parts)
     chunked = te_value is not None and te_value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
     return ResponseHeaders(block, content_length, chunked, te_value)
 

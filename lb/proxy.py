@@ -168,75 +168,61 @@ def make_listen_socket(listener: ListenerConfig) -> socket.socket:
     return sock
 
 
-class _Request:
-    """One request and the state of its exchange with a backend."""
+class _Request(H.RequestHead):
+    """One request and the state of its exchange with a backend.
 
-    __slots__ = (
-        "attempts_left",
-        "backend",
-        "body_seen",
-        "chunked",
-        "complete",
-        "conn_gen",
-        "content_length",
-        "error",
-        "excluded",
-        "expect",
-        "finished",
-        "force_fresh",
-        "head",
-        "head_only",
-        "http10",
-        "idempotent",
-        "keep_alive",
-        "last_failure",
-        "method",
-        "pending",
-        "pending_bytes",
-        "pool",
-        "pool_cfg",
-        "replay",
-        "replay_bytes",
-        "resp_started",
-        "stale_retried",
-        "t0",
-        "tunnel_buf",
-        "upgrade",
-        "upstream",
-    )
+    No __slots__ on purpose: most fields keep their class-level default for the whole
+    request, and an instance dict with a handful of entries is cheaper to make than thirty
+    slot assignments per request.
+    """
+
+    method = b""
+    keep_alive = True
+    http10 = False
+    upgrade = False
+    idempotent = True
+    head_only = False
+    complete = False
+    body_seen = 0
+    pending: list[bytes] | None = None
+    """Body pieces (already framed) not yet sent upstream."""
+    pending_bytes = 0
+    replay: list[bytes] | tuple[()] | None = ()
+    """Every body piece sent upstream so far, for a retry; None once over REPLAY_LIMIT."""
+    replay_bytes = 0
+    error: tuple[int, str] | None = None
+    backend: Backend | None = None
+    upstream: _Upstream | None = None
+    excluded: list[Backend] | None = None
+    stale_retried = False
+    force_fresh = False
+    last_failure: tuple[int, str, str] | None = None
+    resp_started = False
+    finished = False
+    conn_gen = 0
+    t0 = 0.0
+    tunnel_buf: list[bytes] | None = None
 
     def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         self.pool = pool
         self.pool_cfg = pool_cfg
-        self.method = b""
-        self.head = b""
-        self.keep_alive = True
-        self.http10 = False
-        self.chunked = False
-        self.content_length = -1
-        self.expect = False
-        self.upgrade = False
-        self.idempotent = True
-        self.head_only = False
-        self.complete = False
-        self.body_seen = 0
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.replay: list[bytes] | None = []
-        self.replay_bytes = 0
-        self.error: tuple[int, str] | None = None
-        self.backend: Backend | None = None
-        self.upstream: _Upstream | None = None
-        self.excluded: list[Backend] | None = None
         self.attempts_left = pool_cfg.retries
-        self.stale_retried = False
-        self.force_fresh = False
-        self.last_failure: tuple[int, str, str] | None = None
-        self.resp_started = False
-        self.finished = False
-        self.conn_gen = 0
-        self.t0 = 0.0
-        self.tunnel_buf: list[bytes] | None = None
+
+
+def _keep_for_replay(req: _Request, pieces: list[bytes]) -> None:
+    replay = req.replay
+    if replay is None:
+        return
+    n = req.replay_bytes
+    for piece in pieces:
+        n += len(piece)
+    req.replay_bytes = n
+    if n > REPLAY_LIMIT:
+        req.replay = None
+    elif replay:
+        replay.extend(pieces)
+    else:
+        req.replay = list(pieces)
 
 
 class _Conn(asyncio.Protocol):
@@ -550,18 +536,12 @@ class _Upstream(_Conn):
         self.head_buf = b""
         pending = req.pending
         if pending:
-            req.pending = []
+            req.pending = None
             req.pending_bytes = 0
             self.send(req.head)
             for piece in pending:
                 self.send(piece)
-            if req.replay is not None:
-                for piece in pending:
-                    req.replay_bytes += len(piece)
-                if req.replay_bytes > REPLAY_LIMIT:
-                    req.replay = None
-                else:
-                    req.replay.extend(pending)
+            _keep_for_replay(req, pending)
             client.unpause(_P_BUFFER)
         else:
             self.send(req.head)
@@ -575,11 +555,7 @@ class _Upstream(_Conn):
     def send_body(self, req: _Request, piece: bytes) -> None:
         self.send(piece)
         if req.replay is not None:
-            req.replay_bytes += len(piece)
-            if req.replay_bytes > REPLAY_LIMIT:
-                req.replay = None
-            else:
-                req.replay.append(piece)
+            _keep_for_replay(req, [piece])
 
     def request_complete(self, req: _Request) -> None:
         if not self.rpaused and not req.resp_started:
@@ -628,11 +604,12 @@ class _Upstream(_Conn):
         self.resp_done = False
         self.detach()
         self.served += 1
+        now = self.srv.time()
         if reusable:
-            self.srv.put_idle(self)
+            self.srv.put_idle(self, now)
         else:
             self.close()
-        client.response_done(req, self.status)
+        client.response_done(req, self.status, now=now)
 
     def _start_tunnel(self, rest: bytes) -> None:
         req = self.req
@@ -681,6 +658,7 @@ class _Client(_Conn):
         "hdrs",
         "head_cont",
         "head_deadline",
+        "head_new",
         "linger",
         "linger_bytes",
         "parser",
@@ -701,6 +679,7 @@ class _Client(_Conn):
         self.state = _IDLE
         self.deadline = INF
         self.head_deadline = INF
+        self.head_new = False
         self.paused = 0
         self.wpaused = False
         self.closing = False
@@ -816,7 +795,10 @@ class _Client(_Conn):
                 self.reject(*_classify(exc))
         else:
             if self.state == _HEAD:
-                # The head is still incomplete after this read: bound what it may grow to.
+                # The head is still incomplete after this read: time it, bound its size.
+                if self.head_new:
+                    self.head_new = False
+                    self.head_deadline = srv.time() + srv.listener.client_header_timeout_s
                 if in_head:
                     self.head_cont += len(data)
                 lst = srv.listener
@@ -840,7 +822,7 @@ class _Client(_Conn):
         self.hbytes = 0
         self.hcount = 0
         self.head_cont = 0
-        self.head_deadline = self.srv.time() + self.srv.listener.client_header_timeout_s
+        self.head_new = True
 
     def on_url(self, url: bytes) -> None:
         url = self.url + url if self.url else url
@@ -883,30 +865,37 @@ class _Client(_Conn):
         req = _Request(srv.pool, srv.pool_cfg)
         req.method = method
         http10 = version == "1.0"
-        req.http10 = http10
-        upgrade = parser.should_upgrade()
-        rh = H.build_request_head(
+        if http10:
+            req.http10 = True
+        rid = srv.next_request_id
+        request_id = rid() if rid is not None else None
+        H.build_request_head(
             method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
-            http10=http10, upgrade=upgrade,
-            request_id=srv.request_ids.next() if srv.listener.add_request_id else None,
+            http10=http10, request_id=request_id,
             via=srv.listener.via, host_override=host_override, default_host=srv.local_host,
+            into=req,
         )
-        req.head = rh.head
-        req.chunked = rh.chunked
-        req.content_length = rh.content_length
-        req.expect = rh.expect_continue
-        req.keep_alive = parser.should_keep_alive()
-        req.idempotent = method in IDEMPOTENT
-        req.head_only = method == b"HEAD"
-        if upgrade:
-            if rh.chunked or rh.content_length > 0:
+        if not parser.should_keep_alive():
+            req.keep_alive = False
+        if method not in IDEMPOTENT:
+            req.idempotent = False
+        elif method == b"HEAD":
+            req.head_only = True
+        if req.upgrade_value is not None and parser.should_upgrade():
+            if req.chunked or req.content_length > 0:
                 raise _Reject(400, "upgrade_with_body")
+            H.build_request_head(
+                method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
+                http10=http10, upgrade=True, request_id=request_id,
+                via=srv.listener.via, host_override=host_override,
+                default_host=srv.local_host, into=req,
+            )
             req.upgrade = True
             req.tunnel_buf = []
         max_body = srv.listener.max_body_bytes
-        if max_body and rh.content_length > max_body:
+        if max_body and req.content_length > max_body:
             raise _Reject(413, "body_too_large")
-        if rh.chunked or rh.content_length > 0:
+        if req.chunked or req.content_length > 0:
             self.state = _BODY
         else:
             req.complete = True
@@ -914,9 +903,9 @@ class _Client(_Conn):
         self.cur = req
         queue = self.queue
         queue.append(req)
-        req.t0 = srv.time()
+        req.t0 = now = srv.time()
         if len(queue) == 1:
-            self.dispatch(req)
+            self.dispatch(req, now)
         else:
             self.pause(_P_QUEUE)
 
@@ -936,7 +925,10 @@ class _Client(_Conn):
         if up is not None:
             up.send_body(req, piece)
         else:
-            req.pending.append(piece)
+            if req.pending is None:
+                req.pending = [piece]
+            else:
+                req.pending.append(piece)
             req.pending_bytes += len(piece)
             if req.pending_bytes > BODY_BUFFER_LIMIT:
                 self.pause(_P_BUFFER)
@@ -952,6 +944,8 @@ class _Client(_Conn):
         if req.chunked:
             if req.upstream is not None:
                 req.upstream.send_body(req, b"0\r\n\r\n")
+            elif req.pending is None:
+                req.pending = [b"0\r\n\r\n"]
             else:
                 req.pending.append(b"0\r\n\r\n")
         if req.upstream is not None:
@@ -992,7 +986,7 @@ class _Client(_Conn):
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    def dispatch(self, req: _Request) -> None:
+    def dispatch(self, req: _Request, now: float | None = None) -> None:
         """Send the request at the head of the queue to a backend (or answer it ourselves)."""
         srv = self.srv
         if req.error is not None:
@@ -1001,7 +995,8 @@ class _Client(_Conn):
             return
         if req.upgrade:
             self.pause(_P_STOP)
-        now = srv.time()
+        if now is None:
+            now = srv.time()
         backend = req.pool.pick(now, req.excluded or ())
         if backend is None:
             if req.last_failure is not None:
@@ -1086,9 +1081,9 @@ class _Client(_Conn):
             req.excluded.append(backend)
         srv.stats.retry(req.pool.name, reason)
         if req.replay:
-            req.pending = req.replay + req.pending
+            req.pending = list(req.replay) + (req.pending or [])
             req.pending_bytes = sum(map(len, req.pending))
-        req.replay = []
+        req.replay = ()
         req.replay_bytes = 0
         self.dispatch(req)
 
@@ -1142,7 +1137,9 @@ class _Client(_Conn):
         self.flush_out()
         self.abort()
 
-    def response_done(self, req: _Request, status: int, *, counted: bool = False) -> None:
+    def response_done(
+        self, req: _Request, status: int, *, counted: bool = False, now: float = 0.0
+    ) -> None:
         """The exchange at the head of the queue is over; move to the next one."""
         srv = self.srv
         queue = self.queue
@@ -1153,7 +1150,7 @@ class _Client(_Conn):
             backend = req.backend
             srv.stats.request(
                 req.pool.name, backend.name if backend is not None else "-", status,
-                srv.time() - req.t0,
+                (now or srv.time()) - req.t0,
             )
             srv.release(req)
         if self.closed:
@@ -1214,6 +1211,7 @@ class _Client(_Conn):
         err = _Request(srv.pool, srv.pool_cfg)
         err.error = (status, reason)
         err.keep_alive = False
+        err.complete = False
         self.queue.append(err)
         if len(self.queue) == 1:
             self.dispatch(err)
@@ -1356,6 +1354,7 @@ class ProxyServer:
         self.idle: dict[tuple[str, int], list[_Upstream]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.request_ids = H.RequestIds()
+        self.next_request_id = self.request_ids.next if listener.add_request_id else None
         self.draining = False
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -1528,7 +1527,7 @@ class ProxyServer:
             return up
         return None
 
-    def put_idle(self, up: _Upstream) -> None:
+    def put_idle(self, up: _Upstream, now: float = 0.0) -> None:
         cfg = self.pool_cfg
         lst = self.idle.get(up.key)
         if lst is None:
@@ -1536,7 +1535,8 @@ class ProxyServer:
         if self.draining or len(lst) >= cfg.max_idle_per_backend or up.closed:
             up.close()
             return
-        now = self.time()
+        if not now:
+            now = self.time()
         up.idle_since = now
         up.deadline = now + cfg.idle_timeout_s
         lst.append(up)
