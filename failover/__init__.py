@@ -1,10 +1,16 @@
 """Failover: heartbeat codec, role machine, UDP transport, VIP adapter.
 
 Imports nothing from lb or healthcheck. The names below are the public API (lb.daemon wires
-them); everything else is internal.
+them); everything else is internal. `VipAdapter` and `VipError` load failover.vip (and so
+pyroute2) only when first used, so `pairlb keygen` and pure tests never import netlink code.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from failover.codec import (
+    DIGEST_LEN,
     Heartbeat,
     HeartbeatFlags,
     HeartbeatRejected,
@@ -40,7 +46,20 @@ from failover.machine import (
 from failover.ports import Address, FailoverError, HeartbeatTransport, VipPort
 from failover.transport import TransportError, UdpTransport, parse_peer
 
+if TYPE_CHECKING:
+    from failover.vip import VipAdapter, VipError
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("VipAdapter", "VipError"):
+        from failover import vip
+
+        return getattr(vip, name)
+    raise AttributeError(f"module 'failover' has no attribute {name!r}")
+
+
 __all__ = [
+    "DIGEST_LEN",
     "HEALTH_FAULT",
     "Address",
     "FailoverConfigError",
@@ -67,6 +86,8 @@ __all__ = [
     "SendLag",
     "TransportError",
     "UdpTransport",
+    "VipAdapter",
+    "VipError",
     "VipPort",
     "decode",
     "encode",
