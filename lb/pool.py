@@ -115,8 +115,15 @@ class Pool:
 
     def pick(self, now: float, exclude: Iterable[Backend] = ()) -> Backend | None:
         """Choose a backend for a new request or connection and count it in flight."""
-        skip = set(map(id, exclude))
-        cands = [b for b in self.backends if b.usable(now) and id(b) not in skip]
+        if exclude:
+            skip = set(map(id, exclude))
+            cands = [b for b in self.backends if b.usable(now) and id(b) not in skip]
+        else:
+            # Hot path (every request): usable() inlined.
+            cands = [
+                b for b in self.backends
+                if b.eligible and b.weight > 0 and b.ejected_until <= now
+            ]
         if not cands:
             return None
         if len(cands) == 1:
