@@ -19,7 +19,7 @@ import asyncio
 import json
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 MAX_MESSAGE = 16 << 20
 _HEADER = struct.Struct(">I")
@@ -47,8 +47,8 @@ class ChannelProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only look like one.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data

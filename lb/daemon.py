@@ -286,8 +286,14 @@ class Daemon:
         self._spawn(vip.watch_carrier(tracked, self.failover.carrier_changed), "carrier")
 
     def _on_role_change(self, old: Any, new: Any) -> None:
-        logger.info("event=role_change node=%s from=%s to=%s", self.cfg.node.name, old, new)
-        self._record_event("role", f"{old} -> {new}")
+        old_s, new_s = str(old).upper(), str(new).upper()
+        logger.info("event=role_change node=%s from=%s to=%s", self.cfg.node.name, old_s, new_s)
+        self._record_event("role", f"{old_s} -> {new_s}")
+        if old_s == "MASTER":
+            # Clients now reach the new MASTER; keep-alive connections still open here would
+            # be reset when their next packet arrives there. Close them after their current
+            # response instead, so clients reconnect (to the new holder) cleanly.
+            self.supervisor.broadcast({"t": "close_idle"})
         self.notifier.status(self.status_line())
         for cb in self.on_state_change:
             cb()
@@ -305,13 +311,13 @@ class Daemon:
         if self.failover is None:
             return {"ok": False, "error": "no failover configured"}
         if not self.failover.request_switchover():
-            return {"ok": False, "error": f"not MASTER (role {self.failover.role})"}
+            return {"ok": False, "error": f"not MASTER (role {self.role()})"}
         logger.info("event=switchover_requested node=%s", self.cfg.node.name)
         self._record_event("switchover", "planned handover requested")
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            if str(self.failover.role) != "MASTER":
-                return {"ok": True, "role": str(self.failover.role)}
+            if self.role() != "MASTER":
+                return {"ok": True, "role": self.role()}
             await asyncio.sleep(0.01)
         self.failover.cancel_switchover()
         return {"ok": False, "error": "no peer took over within 5 s; still MASTER"}
@@ -323,11 +329,11 @@ class Daemon:
         fcfg = self.cfg.failover
         assert fcfg is not None
         return {
-            "role": str(st.role),
+            "role": str(st.role).upper(),
             "reason": st.role_reason,
             "since": st.role_since,
             "priority": st.priority,
-            "effective_priority": 0 if str(st.role) == "INIT" else st.priority,
+            "effective_priority": st.priority if st.healthy else 0,
             "interface": fcfg.interface,
             "vips": list(fcfg.vips),
             "vip_held": st.vip_holding,
@@ -341,7 +347,7 @@ class Daemon:
                     "addresses": [path.address for path in p.paths],
                     "alive": p.alive,
                     "last_heard_s": round(p.last_heard_age_s, 4),
-                    "role": str(p.role),
+                    "role": str(p.role).upper(),
                     "priority": p.priority,
                     "config_digest_match": p.config_digest_match,
                     "healthy_backends": p.healthy_count,
@@ -353,7 +359,10 @@ class Daemon:
                 "heartbeats_sent": st.counters.heartbeats_sent,
                 "heartbeats_received": st.counters.heartbeats_received,
                 "rejected": {str(k): v for k, v in st.counters.rejected.items()},
-                "transitions": {f"{a}->{b}": v for (a, b), v in st.counters.transitions.items()},
+                "transitions": {
+                    f"{str(a).upper()}->{str(b).upper()}": v
+                    for (a, b), v in st.counters.transitions.items()
+                },
                 "late_sends": st.counters.late_sends,
                 "vip_errors": st.counters.vip_errors,
             },
@@ -563,7 +572,8 @@ class Daemon:
             prev = self.snapshots.get(name)
             if prev is None or prev.entries != snap.entries or prev.panic != snap.panic:
                 changed = True
-                if snap.panic and (prev is None or not prev.panic):
+                checked = any(k[0] == name for k in self.check_results)
+                if snap.panic and (prev is None or not prev.panic) and checked:
                     logger.error(
                         "event=pool_panic pool=%s usable=%d enabled=%d mode=%s",
                         name,
@@ -574,7 +584,7 @@ class Daemon:
                     self._record_event(
                         "panic", f"pool {name} in panic ({snap.usable}/{snap.enabled} usable)"
                     )
-                elif prev is not None and prev.panic and not snap.panic:
+                elif prev is not None and prev.panic and not snap.panic and checked:
                     logger.warning("event=pool_panic_over pool=%s usable=%d", name, snap.usable)
             self.snapshots[name] = snap
         for name in list(self.snapshots):
@@ -754,7 +764,7 @@ class Daemon:
         """MASTER/BACKUP/FAULT/INIT with failover; STANDALONE without."""
         if self.failover is None:
             return "STANDALONE"
-        return str(self.failover.role)
+        return str(self.failover.role).upper()
 
     def ready(self) -> bool:
         """Able to serve: workers up and at least one pool with a usable backend."""

@@ -1397,15 +1397,20 @@ class ProxyServer:
             self._server.close()
             self._server = None
 
+    def close_idle(self) -> None:
+        """Close idle keep-alive clients now and busy ones after their current response
+        (the VIP moved away: their next request would reach the new holder as a reset)."""
+        for c in list(self.clients):
+            c.closing = True
+            if not c.queue and c.state == _IDLE and not c.linger:
+                c.close()
+
     async def drain(self, timeout_s: float) -> int:
         """Finish in-flight requests, close idle keep-alive clients; return how many client
         connections were still open at the deadline (then closed hard)."""
         self.draining = True
         await self.stop_accepting()
-        for c in list(self.clients):
-            c.closing = True
-            if not c.queue and c.state == _IDLE and not c.linger:
-                c.close()
+        self.close_idle()
         for lst in self.idle.values():
             for up in lst:
                 up.close()

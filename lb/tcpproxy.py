@@ -326,6 +326,9 @@ class TcpProxyServer:
         self.pool = pool
         self.pool_cfg = pool_cfg
 
+    def close_idle(self) -> None:
+        """TCP connections carry no request boundaries: nothing can be closed cleanly."""
+
     async def stop_accepting(self) -> None:
         self._accepting = False
         if self._server is not None:

@@ -33,8 +33,6 @@ logger = logging.getLogger("lb.worker")
 
 STATS_INTERVAL_S = 0.25
 
-Server = ProxyServer | TcpProxyServer
-
 
 def make_pool(pcfg: PoolConfig) -> Pool:
     """A worker pool whose backends are out of rotation until the first snapshot."""
@@ -56,7 +54,7 @@ class Worker:
         self.stats = Stats()
         self.config: Config | None = None
         self.pools: dict[str, Pool] = {}
-        self.servers: dict[str, Server] = {}
+        self.servers: dict[str, ProxyServer | TcpProxyServer] = {}
         self.listener_cfgs: dict[str, ListenerConfig] = {}
         self.fds: dict[str, int] = {}
         self.chan: channel.ChannelProtocol | None = None
@@ -105,6 +103,9 @@ class Worker:
                 self._apply_snapshot(msg)
             elif kind == "config":
                 asyncio.get_running_loop().create_task(self._apply_config(msg))
+            elif kind == "close_idle":
+                for server in self.servers.values():
+                    server.close_idle()
             elif kind == "stop":
                 self.stop_timeout_s = float(msg.get("timeout_s", 0.0))
                 self.done.set()
@@ -128,7 +129,7 @@ class Worker:
             if self.last_snap is not None:
                 # New pool objects start out of rotation; the last snapshot puts back what it
                 # knows until the control process sends the one for this generation.
-                self._apply_snapshot(self.last_snap)
+                self._apply_pools(self.last_snap)
             for lcfg in cfg.listener:
                 server = self.servers.get(lcfg.name)
                 if server is not None:
@@ -137,7 +138,9 @@ class Worker:
                 elif lcfg.name in fds:
                     self.fds[lcfg.name] = fds[lcfg.name]
                     self.listener_cfgs[lcfg.name] = lcfg
-            if self.started:
+            if self.last_snap is not None:
+                # Never accept before a snapshot said which backends are in rotation.
+                self.started = True
                 await self._start_servers()
             assert self.chan is not None
             self.chan.send({"t": "config_applied", "gen": msg.get("gen")})
@@ -149,7 +152,13 @@ class Worker:
     def _apply_snapshot(self, msg: dict[str, Any]) -> None:
         self.last_snap = msg
         if self.config is None:
-            return
+            return  # applied with the config
+        self._apply_pools(msg)
+        if not self.started:
+            self.started = True
+            asyncio.get_running_loop().create_task(self._start_servers())
+
+    def _apply_pools(self, msg: dict[str, Any]) -> None:
         version = int(msg["ver"])
         for name, p in msg["pools"].items():
             pool = self.pools.get(name)
@@ -157,9 +166,6 @@ class Worker:
                 continue
             entries = {bn: BackendEntry(bool(e[0]), float(e[1])) for bn, e in p["e"].items()}
             pool.apply(version, entries, bool(p.get("panic", False)))
-        if not self.started:
-            self.started = True
-            asyncio.get_running_loop().create_task(self._start_servers())
 
     async def _start_servers(self) -> None:
         assert self.config is not None
@@ -169,25 +175,20 @@ class Worker:
                 continue
             sock = socket.socket(fileno=self.fds[name])
             sock.setblocking(False)
-            server: Server
+            server: ProxyServer | TcpProxyServer
             if lcfg.mode == "tcp":
                 server = TcpProxyServer(
-                    lcfg,
-                    self.pools[lcfg.pool],
-                    pool_cfgs[lcfg.pool],
-                    self.stats,
+                    lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
                     on_ejection=self._on_ejection,
                 )
             else:
                 server = ProxyServer(
-                    lcfg,
-                    self.pools[lcfg.pool],
-                    pool_cfgs[lcfg.pool],
-                    self.stats,
+                    lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
                     on_ejection=self._on_ejection,
                 )
-            await server.start(sock)
+            # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
+            await server.start(sock)
         if self.chan is not None:
             self.chan.send({"t": "ready", "pid": os.getpid(), "listeners": sorted(self.servers)})
         logger.info("event=worker_serving listeners=%s", ",".join(sorted(self.servers)))
