@@ -100,6 +100,9 @@ class NodeConfig(_Model):
     """How often the control process pings each worker."""
     worker_ping_timeout_s: Seconds = 5.0
     """A worker silent this long is killed and replaced."""
+    worker_nice: Annotated[int, Field(ge=0, le=19)] = 5
+    """Workers run this much nicer than the control process, so a saturated proxy can never
+    delay a heartbeat (a late heartbeat is a false failover on the peer)."""
 
 
 class ListenerConfig(_Model):
@@ -337,7 +340,7 @@ class FailoverConfig(_Model):
     preempt: bool = True
     """Take the VIP back from a lower-priority MASTER."""
     preempt_delay_s: NonNegSeconds = 0.0
-    """Wait this long after start before preempting."""
+    """Preempt only after being healthy and better than the MASTER for this long."""
     track_interfaces: tuple[str, ...] = ()
     """Interfaces whose carrier loss means FAULT; the VIP interface is always tracked."""
     notify: tuple[str, ...] = ()

@@ -270,6 +270,7 @@ class Daemon:
             key=key,
             port=fcfg.port,
             bind=fcfg.bind,
+            address=fcfg.bind,
             multicast_group=fcfg.multicast_group,
             interval_s=fcfg.interval_s,
             down_after=fcfg.down_after,

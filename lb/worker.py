@@ -118,6 +118,8 @@ class Worker:
             fds: dict[str, int] = msg.get("fds", {})
             old = self.config
             self.config = cfg
+            if old is None and cfg.node.worker_nice:
+                os.nice(cfg.node.worker_nice)
             log.setup(cfg.logging.level, cfg.logging.journald_prefix, f"worker{self.index}")
             pool_cfgs = {p.name: p for p in cfg.pool}
             for name, pcfg in pool_cfgs.items():
