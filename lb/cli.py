@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
     p.add_argument("--keep", action="store_true", help="leave it running; print the URLs")
     p.set_defaults(func=cmd_demo)
+
+    # -- admin API commands (lb/admin_client.py) --
+    from lb import admin_client
+
+    admin_client.add_commands(sub)
+    # -- end admin API commands --
     return parser
 
 

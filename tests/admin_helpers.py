@@ -1,0 +1,413 @@
+"""Helpers for the admin, metrics and status-page tests: real pairlb processes, real backends.
+
+- ``free_port()``: a port the kernel just handed out on 127.0.0.1 (other engineers run
+  servers on this machine at the same time, so no fixed ports anywhere).
+- ``Backends``: ``python -m lb.backend_app NAME 127.0.0.1:PORT`` subprocesses.
+- ``Pairlb``: ``python -m lb run -c CFG`` as a subprocess, ready when /readyz says 200;
+  stopped with SIGTERM (SIGKILL after a deadline), killed by PID only.
+- ``in_process_daemon()``: a real ``lb.daemon.Daemon`` with its pools set up but no workers
+  or checks started, for tests of the admin app that need no traffic.
+- ``FakeFailover``: stands in for the failover controller where a test needs a MASTER with a
+  peer without building namespaces (the status shape is the daemon's ``failover_status``).
+- ``http()``: one urllib request, returning (status, headers, body) also for 4xx/5xx.
+
+Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+if not Path(PYTHON).exists():
+    PYTHON = sys.executable
+ARTIFACTS = ROOT / "tests" / "artifacts"
+LOOPBACK = "127.0.0.1"
+SCHEMA = ROOT / "docs" / "status.schema.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout_s}s")
+
+
+def write_token(directory: Path, token: str = "s3cret-token-for-tests", mode: int = 0o600) -> Path:
+    path = directory / "admin.token"
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return path
+
+
+def config_text(
+    *,
+    node: str = "t1",
+    listen_port: int,
+    admin_port: int,
+    backends: list[tuple[str, int]],
+    token_file: Path | None = None,
+    workers: int = 2,
+    admin_bind_host: str = LOOPBACK,
+) -> str:
+    members = ", ".join(
+        f'{{ name = "{n}", address = "{LOOPBACK}:{p}" }}' for n, p in backends
+    )
+    token = f'token_file = "{token_file}"\n' if token_file else ""
+    return f"""\
+[node]
+name = "{node}"
+workers = {workers}
+shutdown_timeout_s = 2.0
+
+[[listener]]
+name = "web"
+bind = "{LOOPBACK}:{listen_port}"
+pool = "web"
+
+[[pool]]
+name = "web"
+backends = [ {members} ]
+
+[pool.health]
+interval_s = 0.2
+timeout_s = 0.2
+rise = 1
+fall = 2
+
+[admin]
+bind = "{admin_bind_host}:{admin_port}"
+{token}"""
+
+
+def http(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def get_json(url: str) -> Any:
+    status, _, body = http("GET", url)
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+def drive(url: str, n: int, concurrency: int = 8, timeout_s: float = 5.0) -> dict[int, int]:
+    """Send exactly ``n`` GETs, each on a new connection (so the kernel spreads them over the
+    workers); return the count per status (-1 for a transport error)."""
+
+    def one(_: int) -> int:
+        req = urllib.request.Request(url, headers={"Connection": "close"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                resp.read()
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return -1
+
+    counts: dict[int, int] = {}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for status in pool.map(one, range(n)):
+            counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def wait_until(pred: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5.0)
+
+
+class Backends:
+    """Real backend web servers (lb.backend_app) in subprocesses on free ports."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.ports = {n: free_port() for n in names}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> Backends:
+        try:
+            for n, port in self.ports.items():
+                self.procs[n] = subprocess.Popen(
+                    [PYTHON, "-m", "lb.backend_app", n, f"{LOOPBACK}:{port}"],
+                    cwd=ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            for port in self.ports.values():
+                wait_port(port)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            _stop(proc, 5.0)
+
+    @property
+    def members(self) -> list[tuple[str, int]]:
+        return list(self.ports.items())
+
+    def stats(self, name: str) -> Any:
+        return get_json(f"http://{LOOPBACK}:{self.ports[name]}/stats")
+
+
+class Pairlb:
+    """``pairlb run -c FILE`` in a subprocess; log in ``tmp/pairlb.log`` (shown on failure)."""
+
+    def __init__(self, tmp: Path, backends: Backends, *, token: bool = True, workers: int = 2):
+        self.tmp = tmp
+        self.token_file = write_token(tmp) if token else None
+        self.token = self.token_file.read_text().strip() if self.token_file else None
+        self.listen_port = free_port()
+        self.admin_port = free_port()
+        self.config = tmp / "pairlb.toml"
+        self.config.write_text(
+            config_text(
+                listen_port=self.listen_port,
+                admin_port=self.admin_port,
+                backends=backends.members,
+                token_file=self.token_file,
+                workers=workers,
+            )
+        )
+        self.log = tmp / "pairlb.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://{LOOPBACK}:{self.admin_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.listen_port}"
+
+    def __enter__(self) -> Pairlb:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "lb", "run", "-c", str(self.config)],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(self._ready, 25.0, "pairlb /readyz == 200", 0.1)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"pairlb exited with {self.proc.returncode}:\n{self.logs()}")
+        try:
+            return http("GET", self.admin + "/readyz", timeout_s=1.0)[0] == 200
+        except OSError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            _stop(self.proc, 10.0)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def status(self) -> Any:
+        return get_json(self.admin + "/status")
+
+    def metrics(self) -> str:
+        status, _, body = http("GET", self.admin + "/metrics")
+        assert status == 200
+        return body.decode()
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text format to {(name, labels): value} (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **match: str) -> float:
+    return sum(
+        v
+        for (n, labels), v in samples.items()
+        if n == name and all((k, val) in labels for k, val in match.items())
+    )
+
+
+# -- in-process daemon ----------------------------------------------------------------------
+
+
+def in_process_daemon(cfg_text: str, path: Path | None = None) -> Any:
+    """A real Daemon with its pools built (as startup does) but no sockets, workers or checks.
+
+    Call inside a running event loop. Backends start healthy or not as the config says.
+    """
+    from lb import config as config_mod
+    from lb import daemon as daemon_mod
+
+    if path is not None:
+        path.write_text(cfg_text)
+    cfg = config_mod.loads(cfg_text)
+    d = daemon_mod.Daemon(cfg, str(path) if path else None)
+    for pcfg in cfg.pool:
+        d.rotations[pcfg.name] = daemon_mod.make_rotation(pcfg)
+    d.push_snapshots()
+    return d
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve an app on 127.0.0.1:<free port>; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    try:
+        assert runner.addresses
+        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+class FakeFailover:
+    """The parts of the failover controller the daemon's status() reads, frozen in a state."""
+
+    def __init__(self, role: str = "MASTER", peer_role: str = "BACKUP", match: bool = True):
+        self.role = role
+        self.peer_role = peer_role
+        self.match = match
+        self.switchovers = 0
+
+    def status_dict(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "role": self.role,
+            "reason": "highest priority",
+            "since": now - 42.0,
+            "priority": 150,
+            "effective_priority": 150,
+            "interface": "eth0",
+            "vips": ["192.0.2.10/24", "2001:db8::10/64"],
+            "vip_held": self.role == "MASTER",
+            "healthy": True,
+            "faults": [],
+            "switchover_pending": False,
+            "master_down_s": 0.16,
+            "peers": [
+                {
+                    "name": "lb2",
+                    "addresses": ["10.0.0.2:5405"],
+                    "alive": True,
+                    "last_heard_s": 0.031,
+                    "role": self.peer_role,
+                    "priority": 100,
+                    "config_digest_match": self.match,
+                    "healthy_backends": 3,
+                    "total_backends": 3,
+                }
+            ],
+            "counters": {
+                "heartbeats_sent": 1200,
+                "heartbeats_received": 1190,
+                "rejected": {"bad_hmac": 3, "replay": 1},
+                "transitions": {"INIT->BACKUP": 1, "BACKUP->MASTER": 1},
+                "late_sends": 0,
+                "vip_errors": 0,
+            },
+            "send_lag_ms": {"p50": 0.1, "p99": 0.4, "max": 1.2},
+        }
+
+
+def attach_fake_failover(daemon: Any, fake: FakeFailover) -> None:
+    """Make ``daemon`` report ``fake``'s failover state and answer switchover from it."""
+    daemon.failover = fake
+    daemon.failover_status = fake.status_dict
+
+    async def switchover() -> dict[str, Any]:
+        fake.switchovers += 1
+        if fake.role != "MASTER":
+            return {"ok": False, "error": f"not MASTER (role {fake.role})"}
+        fake.role, fake.peer_role = "BACKUP", "MASTER"
+        return {"ok": True, "role": "BACKUP"}
+
+    daemon.switchover = switchover
+
+
+@contextlib.contextmanager
+def chdir(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
