@@ -398,12 +398,14 @@ class Daemon:
                 await self.failover.stop(graceful=timeout_s > 0)
             except Exception:
                 logger.exception("event=failover_stop_failed")
+        # Our copies of the listening sockets go first; the workers close theirs when they
+        # stop accepting, and from then on the kernel refuses new connections.
+        for sock in self.sockets.values():
+            sock.close()
         await self.supervisor.stop(timeout_s)
         await self.health.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
-        for sock in self.sockets.values():
-            sock.close()
         for t in list(self._tasks):
             t.cancel()
         logger.info("event=stopped")

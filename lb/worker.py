@@ -55,6 +55,8 @@ class Worker:
         self.config: Config | None = None
         self.pools: dict[str, Pool] = {}
         self.servers: dict[str, ProxyServer | TcpProxyServer] = {}
+        self.socks: dict[str, socket.socket] = {}
+        """The inherited listening sockets: closed at shutdown so the kernel refuses."""
         self.listener_cfgs: dict[str, ListenerConfig] = {}
         self.fds: dict[str, int] = {}
         self.chan: channel.ChannelProtocol | None = None
@@ -190,6 +192,7 @@ class Worker:
                 )
             # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
+            self.socks[name] = sock
             await server.start(sock)
         if self.chan is not None:
             self.chan.send({"t": "ready", "pid": os.getpid(), "listeners": sorted(self.servers)})
@@ -218,6 +221,8 @@ class Worker:
         t0 = time.monotonic()
         for server in self.servers.values():
             await server.stop_accepting()
+        for sock in self.socks.values():
+            sock.close()
         cut = 0
         for server in self.servers.values():
             left = max(0.0, timeout_s - (time.monotonic() - t0))
