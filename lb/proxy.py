@@ -249,10 +249,9 @@ class _Conn(asyncio.Protocol):
         if out is None:
             return
         self.out = None
-        t = self.transport
-        if t is None or self.closed or t.is_closing():
+        if self.closed:
             return
-        t.write(out[0] if len(out) == 1 else b"".join(out))
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         """Graceful: what was sent is flushed first."""
@@ -421,7 +420,8 @@ class _Upstream(_Conn):
                 self._bad_response(req, "response head too large")
         if self.resp_done:
             self._complete()
-        self.srv.flush()
+        if self.srv.dirty:
+            self.srv.flush()
 
     # -- httptools callbacks --------------------------------------------------------------
 
@@ -808,8 +808,14 @@ class _Client(_Conn):
                     else:
                         self.reject(431, "headers_too_large")
         if not self.closed:
-            self._rearm()
-        srv.flush()
+            if self.queue and self.state == _IDLE and not (
+                self.paused or self.wpaused or self.linger
+            ):
+                self.deadline = INF  # the common case: request read, answer pending
+            else:
+                self._rearm()
+        if srv.dirty:
+            srv.flush()
 
     # -- httptools callbacks --------------------------------------------------------------
 

@@ -328,7 +328,8 @@ def test_websocket_through_proxy() -> None:
     async def scenario() -> None:
         runner, port = await aiohttp_backend(echo_app())
         px = await start_proxy([("a", f"127.0.0.1:{port}")])
-        async with aiohttp.ClientSession() as s, s.ws_connect(f"http://127.0.0.1:{px.port}/ws") as ws:
+        url = f"http://127.0.0.1:{px.port}/ws"
+        async with aiohttp.ClientSession() as s, s.ws_connect(url) as ws:
             for i in range(20):
                 await ws.send_str(f"m{i}")
                 assert (await ws.receive_str()) == f"echo:m{i}"
@@ -365,7 +366,8 @@ def test_503_when_no_backend_is_eligible(caplog: pytest.LogCaptureFixture) -> No
 
     with caplog.at_level(logging.WARNING, logger="lb.proxy"):
         run(scenario())
-    assert "event=proxy_error status=503 listener=l pool=p backend=- reason=no_backend" in caplog.text
+    line = "event=proxy_error status=503 listener=l pool=p backend=- reason=no_backend"
+    assert line in caplog.text
 
 
 def test_connect_failure_retried_on_another_backend(caplog: pytest.LogCaptureFixture) -> None:
@@ -470,7 +472,9 @@ def test_idempotent_request_reset_before_answer_is_retried() -> None:
         bes = await backends("bad", "good", behaviour=kill)
         async with proxy_in_front_of(bes) as px:
             for _ in range(4):
-                r = await request(px.port, b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+                r = await request(
+                    px.port, b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+                )
                 assert r.status == 200 and r.body.startswith(b"good")
             assert all(s.body == b"hi" for s in bes[1].requests)
         await stop_all(bes)
