@@ -285,18 +285,21 @@ class Pairlb:
         return body.decode()
 
 
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def parse_metrics(text: str) -> Samples:
     """Prometheus text format to {(name, labels): value} (prometheus_client's parser)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    out: Samples = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
 
 
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **match: str) -> float:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def total(samples: Samples, name: str, **match: str) -> float:
     return sum(
         v
         for (n, labels), v in samples.items()
@@ -347,6 +350,13 @@ class FakeFailover:
         self.peer_role = peer_role
         self.match = match
         self.switchovers = 0
+        self.local_health: tuple[bool, int, int] | None = None
+
+    def set_local_health(self, healthy: bool, usable: int, total: int) -> None:
+        self.local_health = (healthy, usable, total)
+
+    async def stop(self, graceful: bool = True) -> None:
+        pass
 
     def status_dict(self) -> dict[str, Any]:
         now = time.time()
