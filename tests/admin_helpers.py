@@ -285,6 +285,9 @@ class Pairlb:
         return body.decode()
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
 def parse_metrics(text: str) -> Samples:
     """Prometheus text format to {(name, labels): value} (prometheus_client's parser)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -294,9 +297,6 @@ def parse_metrics(text: str) -> Samples:
         for s in fam.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def total(samples: Samples, name: str, **match: str) -> float:
