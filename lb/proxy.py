@@ -1199,8 +1199,9 @@ class _Client(_Conn):
             "event=bad_request status=%d listener=%s peer=%s reason=%s",
             status, srv.listener.name, self.ctx.ip if self.ctx else "-", reason,
         )
+        # Stop parsing; the answers already due go out first (without a premature
+        # "Connection: close"), then this one, with close.
         self.stopped = True
-        self.closing = True
         self.pause(_P_STOP)
         cur = self.cur
         if cur is not None and not cur.complete and not cur.finished and cur in self.queue:
