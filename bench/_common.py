@@ -124,18 +124,23 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def tree_cpu_by_pid(root: int) -> dict[int, float]:
+    """CPU seconds per process of a tree (own time + time of children it has reaped)."""
+    out = {}
+    for pid in tree_pids(root):
+        st = read_stat(pid)
+        if st is not None:
+            out[pid] = st.cpu_s + st.child_cpu_s
+    return out
+
+
 def tree_cpu_s(root: int) -> float:
     """CPU seconds of a process tree, including children it has reaped.
 
     A child that exits and is reaped moves its time into the parent's cutime, so the delta of
     this sum over an interval counts every process that ran in the tree during it.
     """
-    total = 0.0
-    for pid in tree_pids(root):
-        st = read_stat(pid)
-        if st is not None:
-            total += st.cpu_s + st.child_cpu_s
-    return total
+    return sum(tree_cpu_by_pid(root).values())
 
 
 def status_kb(pid: int, key: str) -> int | None:
@@ -781,6 +786,7 @@ __all__ = [
     "stop_process",
     "taskset_prefix",
     "tool_version",
+    "tree_cpu_by_pid",
     "tree_cpu_s",
     "tree_mem",
     "tree_pids",

@@ -76,6 +76,8 @@ class Sample:
     attempts: int = 1
     cpu_busy: dict[str, float] = field(default_factory=dict)
     mem: list[dict[str, Any]] = field(default_factory=list)
+    cpu_us_by_role: dict[str, float] = field(default_factory=dict)
+    """Proxy CPU microseconds per request split by process (control, worker1...)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -298,7 +300,7 @@ def measure_once(
         root = target.proc.pid if target.proc else None
         if target.proc:
             target.proc.remember_tree()
-        p0 = c.tree_cpu_s(root) if root else None
+        pc0 = c.tree_cpu_by_pid(root) if root else {}
         b0 = c.tree_cpu_s(backends.pid)
         own0 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
         cpu0, t0 = c.cpu_times(), time.monotonic()
@@ -306,10 +308,17 @@ def measure_once(
         cpu1, t1 = c.cpu_times(), time.monotonic()
         own1 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
         b1 = c.tree_cpu_s(backends.pid)
-        p1 = c.tree_cpu_s(root) if root else None
+        pc1 = c.tree_cpu_by_pid(root) if root else {}
     except RuntimeError as exc:
         return Sample(target.name, size, rnd, ok=False, error=str(exc))
-    proxy_cpu = (p1 - p0) if p0 is not None and p1 is not None else None
+    proxy_cpu = sum(pc1.values()) - sum(pc0.values()) if root else None
+    mem = mem_of(target)
+    role_of = {m["pid"]: m["role"] for m in mem}
+    cpu_by_role = {
+        role_of.get(pid, f"pid{pid}"): (t - pc0.get(pid, 0.0)) / res.requests * 1e6
+        for pid, t in pc1.items()
+        if res.requests
+    }
     # Busy time of every CPU minus ours (all servers we started, wrk, this script).
     other = c.busy_cpu_s(cpu0, cpu1) - (own1 - own0) - res.wrk_cpu_s
     return Sample(
@@ -333,7 +342,8 @@ def measure_once(
         wall_s=t1 - t0,
         cpu_busy=c.cpu_busy(cpu0, cpu1),
         other_cores=max(0.0, other) / (t1 - t0),
-        mem=mem_of(target),
+        mem=mem,
+        cpu_us_by_role=cpu_by_role,
     )
 
 
@@ -388,6 +398,10 @@ def summarize(
                 "other_cores": _median([s.other_cores for s in ss]),
                 "cpu_busy": {k: _median([s.cpu_busy.get(k, 0.0) for s in ss]) for k in cpus},
                 "rss_kb": mem,
+                "cpu_us_by_role": {
+                    role: _median([s.cpu_us_by_role[role] for s in ss if role in s.cpu_us_by_role])
+                    for role in sorted({k for s in ss for k in s.cpu_us_by_role})
+                },
             }
         hap = by_target.get("haproxy", {})
         for row in by_target.values():
@@ -494,6 +508,11 @@ def notes(
                         f"warning: {load_cpu} (wrk + backends) was {busy:.0%} busy during "
                         f"{r['target']} {_fmt_size(r['size'])}: the load generator may be the limit"
                     )
+    for r in rows:
+        split = r.get("cpu_us_by_role") or {}
+        if r.get("ok") and len(split) > 1:
+            parts = ", ".join(f"{role} {us:.1f}" for role, us in split.items() if us is not None)
+            out.append(f"{r['target']} {_fmt_size(r['size'])} CPU us/req by process: {parts}")
     for r in rows:
         if r.get("ok") and r["other_cores"] > args.max_other:
             out.append(
