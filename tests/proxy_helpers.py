@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -423,3 +425,44 @@ def run(coro: Awaitable[Any]) -> Any:
         return await coro
 
     return asyncio.run(main())
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+SERVE_CODE = """
+import asyncio, sys
+sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r})
+import uvloop
+from proxy_helpers import start_proxy
+
+async def main():
+    px = await start_proxy({backends!r}, mode={mode!r}, listener={listener!r}, pool={pool!r})
+    print(px.port, flush=True)
+    await asyncio.Event().wait()
+
+uvloop.run(main())
+"""
+
+
+async def spawn_proxy(
+    backends: list[tuple[str, str]], *, mode: str = "http",
+    listener: dict[str, Any] | None = None, pool: dict[str, Any] | None = None,
+) -> tuple[asyncio.subprocess.Process, int]:
+    """A proxy in its own process (uvloop), for measurements that need its own RSS/CPU."""
+    code = SERVE_CODE.format(tests=TESTS_DIR, root=os.path.dirname(TESTS_DIR), backends=backends,
+                             mode=mode, listener=listener or {}, pool=pool or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    return proc, int(line)
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (now) or VmHWM (peak) of a process, KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
