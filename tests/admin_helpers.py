@@ -421,3 +421,39 @@ def chdir(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(old)
+
+
+# -- PromQL ---------------------------------------------------------------------------------
+
+_PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+    "and", "or", "unless", "offset", "inf", "nan", "atan2",
+}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, labels, keywords dropped).
+
+    Enough of a parser for dashboards and alert rules: strings, label matchers, ranges,
+    Grafana variables and grouping clauses are removed, then every identifier that is not a
+    function call or a keyword is a metric name.
+    """
+    import re
+
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"'(?:[^'\\]|\\.)*'", "''", s)
+    s = re.sub(r"\{[^}]*\}", "", s)
+    s = re.sub(r"\[[^\]]*\]", "", s)
+    s = re.sub(r"\$\{?\w+\}?", "", s)
+    s = re.sub(
+        r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s
+    )
+    names = set()
+    for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", s):
+        word = m.group(0)
+        if s[m.end() :].lstrip().startswith("("):
+            continue  # a function
+        if word.lower() in _PROMQL_WORDS:
+            continue
+        names.add(word)
+    return names
