@@ -164,11 +164,11 @@ class RequestIds:
     __slots__ = ("_count", "_prefix")
 
     def __init__(self, prefix: str | None = None) -> None:
-        self._prefix = prefix if prefix is not None else os.urandom(6).hex()
+        self._prefix = (prefix if prefix is not None else os.urandom(6).hex()).encode() + b"-"
         self._count = itertools.count(1)
 
     def next(self) -> bytes:
-        return f"{self._prefix}-{next(self._count):08x}".encode("ascii")
+        return b"%s%08x" % (self._prefix, next(self._count))
 
 
 class RequestHead:

@@ -648,16 +648,16 @@ class _Client(_Conn):
     """One client connection: parses requests, dispatches them in order, relays answers."""
 
     __slots__ = (
+        "chunk_len",
         "closing",
         "ctx",
         "cur",
         "deadline",
         "eof",
-        "hbytes",
-        "hcount",
         "hdrs",
         "head_cont",
         "head_deadline",
+        "head_first",
         "head_new",
         "linger",
         "linger_bytes",
@@ -690,9 +690,9 @@ class _Client(_Conn):
         self.tunnel: _Upstream | None = None
         self.url = b""
         self.hdrs: list[tuple[bytes, bytes]] = []
-        self.hbytes = 0
-        self.hcount = 0
+        self.chunk_len = 0
         self.head_cont = 0
+        self.head_first = 0
         self.ctx: H.ClientContext | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -781,6 +781,7 @@ class _Client(_Conn):
             return
         srv = self.srv
         in_head = self.state == _HEAD
+        self.chunk_len = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -796,14 +797,15 @@ class _Client(_Conn):
         else:
             if self.state == _HEAD:
                 # The head is still incomplete after this read: time it, bound its size.
-                if self.head_new:
+                if self.head_new:  # the head began in this read
                     self.head_new = False
                     self.head_deadline = srv.time() + srv.listener.client_header_timeout_s
-                if in_head:
+                    self.head_first = len(data)
+                elif in_head:
                     self.head_cont += len(data)
                 lst = srv.listener
-                if self.head_cont + self.hbytes > lst.max_header_bytes + lst.max_request_line_bytes:
-                    if self.hcount == 0 and not self.hdrs:
+                if self.head_cont > lst.max_header_bytes + lst.max_request_line_bytes:
+                    if not self.hdrs:
                         self.reject(414, "request_line_too_long")
                     else:
                         self.reject(431, "headers_too_large")
@@ -825,31 +827,41 @@ class _Client(_Conn):
         self.state = _HEAD
         self.url = b""
         self.hdrs = []
-        self.hbytes = 0
-        self.hcount = 0
         self.head_cont = 0
+        self.head_first = 0
         self.head_new = True
 
     def on_url(self, url: bytes) -> None:
-        url = self.url + url if self.url else url
+        if self.url:
+            url = self.url + url
         self.url = url
         if len(url) > self.srv.listener.max_request_line_bytes:
             raise _Reject(414, "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.hcount += 1
-        self.hbytes += len(name) + len(value) + 4
-        lst = self.srv.listener
-        if self.hcount > lst.max_headers:
-            raise _Reject(431, "too_many_headers")
-        if self.hbytes > lst.max_header_bytes:
-            raise _Reject(431, "headers_too_large")
-        self.hdrs.append((name, value))
+        # Limits are checked at the end of the head (and the bytes a head may grow to are
+        # bounded per read in data_received), so this stays one append per field.
+        if self.state == _HEAD:
+            self.hdrs.append((name, value))
+        else:
+            # Trailers of a chunked body: dropped, but bounded all the same.
+            self.head_cont += len(name) + len(value)
+            if self.head_cont > self.srv.listener.max_header_bytes:
+                raise _Reject(431, "trailers_too_large")
 
     def on_headers_complete(self) -> None:
         if self.state != _HEAD:
             return  # trailers of a chunked body: dropped
         srv = self.srv
+        lst = srv.listener
+        hdrs = self.hdrs
+        if len(hdrs) > lst.max_headers:
+            raise _Reject(431, "too_many_headers")
+        if self.chunk_len + self.head_first + self.head_cont > lst.max_header_bytes and (
+            sum(len(n) + len(v) + 4 for n, v in hdrs) > lst.max_header_bytes  # exactly
+        ):
+            raise _Reject(431, "headers_too_large")
+        self.head_cont = 0  # from here on it counts trailer bytes
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1":
@@ -1255,7 +1267,7 @@ class _Client(_Conn):
                 self.abort()
             return
         if self.state == _HEAD and not self.queue:
-            if self.srv.draining and self.head_cont == 0 and self.hcount == 0 and not self.url:
+            if self.srv.draining and self.head_cont == 0 and not self.hdrs and not self.url:
                 self.close()
                 return
             self.reject(408, "header_timeout")
