@@ -1,0 +1,617 @@
+"""Issue 3 with real processes: health checks drain dead backends and clients see no error.
+
+Every scenario runs 3 real backend processes and ``pairlb run`` with 2 workers on 127.0.0.1,
+drives steady concurrent keep-alive clients through it and breaks one backend the way
+production does (kill -9, SIGSTOP, a failing /healthz, 503s on traffic, an operator drain, a
+config reload, all of them dying). It records every client response and polls /status, then
+checks the promise of the issue.
+
+Each ``scenario_*`` coroutine returns an :class:`Outcome`: what was measured (time to leave
+rotation, to be marked DOWN, to come back; requests sent; client errors) and the list of
+broken promises (empty when all held). The tests assert that list is empty;
+``bench/health.py`` reruns the same coroutines with more load and repetitions and writes the
+table in docs/operations.md. Health settings are short (0.3 s interval, rise 2, fall 3) so
+the file stays well under the suite budget; the bounds below are computed from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_helpers import (
+    Backend,
+    Backends,
+    Load,
+    Pairlb,
+    Sample,
+    StatusWatch,
+    request,
+    summarize_failures,
+    wait_until_async,
+)
+
+NAMES = ("b1", "b2", "b3")
+WORKERS = 2
+INTERVAL_S = 0.3
+TIMEOUT_S = 0.25
+RISE = 2
+FALL = 3
+JITTER = 0.1
+HEALTH = {"interval_s": INTERVAL_S, "timeout_s": TIMEOUT_S, "rise": RISE, "fall": FALL,
+          "jitter": JITTER}
+CONSECUTIVE_FAILURES = 3
+EJECT_S = 1.0
+PASSIVE = {"consecutive_failures": CONSECUTIVE_FAILURES, "eject_s": EJECT_S, "max_eject_s": 5.0}
+SLOW_START_S = 2.0
+RESPONSE_TIMEOUT_S = 0.5
+SLACK_S = 0.35
+"""Poll period of /status, snapshot push to workers and a loaded 2-core box."""
+PROPAGATION_S = 0.05
+"""After /status shows a backend out, a request that starts this much later must not reach it."""
+
+# Worst cases from healthcheck.scheduler's docstring, with our settings.
+DOWN_MIN_S = (FALL - 1) * INTERVAL_S * (1 - JITTER)
+"""Fewer than ``fall`` probes cannot fit in less time than this."""
+DOWN_MAX_REFUSED_S = FALL * INTERVAL_S * (1 + JITTER) + SLACK_S
+DOWN_MAX_TIMEOUT_S = FALL * INTERVAL_S * (1 + JITTER) + FALL * TIMEOUT_S + SLACK_S
+UP_MIN_S = (RISE - 1) * INTERVAL_S * (1 - JITTER)
+UP_MAX_S = RISE * INTERVAL_S * (1 + JITTER) + SLACK_S
+DOWN_BOUNDS = f"DOWN after fall={FALL} probes: in [{DOWN_MIN_S:.2f}, {DOWN_MAX_REFUSED_S:.2f}]s"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """How hard a scenario pushes: the tests use the defaults, the bench more."""
+
+    clients: int = 8
+    think_s: float = 0.005
+    steady_s: float = 1.0
+    """Load before the fault and after recovery."""
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    requests: int = 0
+    client_errors: int = 0
+    leave_s: float | None = None
+    """Fault (or action) to out of rotation, as seen in /status."""
+    down_s: float | None = None
+    """Fault to marked DOWN by active checks."""
+    back_s: float | None = None
+    """Backend listening/healthy again to back in rotation."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    failures: list[Sample] = field(default_factory=list)
+    log_tail: str = ""
+
+    def expect(self, ok: bool, text: str) -> None:
+        """Record a broken promise (``text``) unless ``ok``."""
+        if not ok:
+            self.problems.append(text)
+
+    def explain(self) -> str:
+        lines = [f"{self.scenario}: {len(self.problems)} broken promise(s)"]
+        lines += [f"  - {p}" for p in self.problems]
+        lines.append(f"  measured: {self.row()}")
+        if self.failures:
+            lines.append("  client failures: " + summarize_failures(self.failures))
+        lines.append("  pairlb log tail:\n" + self.log_tail)
+        return "\n".join(lines)
+
+    def row(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 3)
+
+        return {
+            "scenario": self.scenario,
+            "requests": self.requests,
+            "client_errors": self.client_errors,
+            "leave_s": r(self.leave_s),
+            "down_s": r(self.down_s),
+            "back_s": r(self.back_s),
+            **self.notes,
+        }
+
+
+def _finish(out: Outcome, load: Load, lb: Pairlb, method: str | None = None) -> None:
+    out.requests = len(load.samples)
+    out.failures = load.failures(method=method)
+    out.client_errors = len(load.failures())
+    out.log_tail = lb.logs(4000)
+
+
+def _out(b: dict[str, Any]) -> bool:
+    return not b["in_rotation"]
+
+
+def _in(b: dict[str, Any]) -> bool:
+    return bool(b["in_rotation"])
+
+
+def _down(b: dict[str, Any]) -> bool:
+    return bool(b["health"] == "down")
+
+
+def _up(b: dict[str, Any]) -> bool:
+    return bool(b["health"] == "up")
+
+
+def _full(b: dict[str, Any]) -> bool:
+    return bool(b["in_rotation"]) and b["effective_weight"] == b["weight"]
+
+
+def _late(load: Load, backend: str, after: float) -> list[Sample]:
+    """Responses from ``backend`` to requests that started after ``after``."""
+    return [s for s in load.samples if s.backend == backend and s.t0 > after]
+
+
+def _p(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _backend_requests(b: Backend) -> int:
+    """Requests the backend itself counted (not health checks)."""
+    resp = await request(b.port, "GET", "/stats", timeout_s=3.0)
+    by_method: dict[str, int] = json.loads(resp.body)["by_method"]
+    return sum(by_method.values())
+
+
+def _pairlb(wd: Path, bs: Backends, **pool: Any) -> Pairlb:
+    return Pairlb(wd, bs.members(), workers=WORKERS, pool=pool, health=HEALTH, passive=PASSIVE)
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+async def scenario_kill(wd: Path, k: Knobs, *, posts: bool = False) -> Outcome:
+    """kill -9 b1 under load, restart it: out at once, DOWN after ``fall``, back ramped.
+
+    ``posts``: half the requests are POSTs and every request waits 20 ms at the backend, so
+    some POSTs are in flight on b1 when it dies; none may be delivered to a second backend.
+    """
+    out = Outcome("kill -9 (GET+POST)" if posts else "kill -9")
+    mix = [("GET", "/?delay=0.02"), ("POST", "/?delay=0.02")] if posts else [("GET", "/")]
+    with Backends(wd, NAMES) as bs, _pairlb(wd, bs, slow_start_s=SLOW_START_S) as lb:
+        b1 = bs["b1"]
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, mix=mix, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s)
+                errors_before = watch.backends(await watch.poll())["b1"]["errors"]
+                t_kill = time.monotonic()
+                b1.kill()
+                t_out = await watch.wait("b1", _out, 5.0, "out of rotation", t_kill)
+                t_down = await watch.wait("b1", _down, 5.0, "marked DOWN", t_kill)
+                await asyncio.sleep(0.3)
+                errors_down = watch.backends(await watch.poll())["b1"]["errors"]
+                await asyncio.sleep(0.5)
+                errors_later = watch.backends(await watch.poll())["b1"]["errors"]
+                b1.spawn()
+                t_listen = await b1.wait_listening_async()
+                t_up = await watch.wait("b1", _up, 5.0, "UP again", t_listen)
+                t_in = await watch.wait("b1", _in, 5.0, "back in rotation", t_listen)
+                t_full = await watch.wait("b1", _full, SLOW_START_S + 3, "full weight", t_in)
+                await asyncio.sleep(max(k.steady_s, 0.6))
+        _finish(out, load, lb, method="GET")
+        out.leave_s, out.down_s, out.back_s = t_out - t_kill, t_down - t_kill, t_in - t_listen
+        step = SLOW_START_S / 4
+        shares = load.share("b1", t_in, t_full + 0.5, step)
+        out.notes.update(
+            ramp_share=[round(x, 2) for x in shares],
+            ramp_s=round(t_full - t_in, 2),
+            attempts_on_dead=errors_down - errors_before,
+        )
+        out.expect(not out.failures, "GETs must see zero errors")
+        out.expect(out.leave_s < INTERVAL_S,
+                   f"out of rotation (passive) within one probe interval {INTERVAL_S}s")
+        out.expect(DOWN_MIN_S <= out.down_s <= DOWN_MAX_REFUSED_S,
+                   DOWN_BOUNDS)
+        out.expect(errors_later == errors_down,
+                   f"no attempts on b1 once DOWN ({errors_down} -> {errors_later} errors)")
+        up_s = t_up - t_listen
+        out.notes["up_s"] = round(up_s, 3)
+        out.expect(UP_MIN_S <= up_s <= UP_MAX_S,
+                   f"UP after rise={RISE} probes: in [{UP_MIN_S:.2f}, {UP_MAX_S:.2f}]s")
+        out.expect(load.by_backend(t_full, float("inf"))["b1"] > 0, "b1 gets traffic again")
+        out.expect(len(shares) >= 3 and shares[0] < 0.2 and shares[0] < shares[-1]
+                   and shares[-1] > 0.2,
+                   f"slow start: b1's share grows from < 20% to about 1/3 ({shares})")
+        if posts:
+            _check_posts(out, load, bs, t_kill)
+    return out
+
+
+def _check_posts(out: Outcome, load: Load, bs: Backends, t_kill: float) -> None:
+    """No POST reached two backends; every answered POST reached exactly the one that said so."""
+    seen: Counter[str] = Counter()
+    where: dict[str, str] = {}
+    for b in bs:
+        for cid in b.journal_ids("POST"):
+            seen[cid] += 1
+            where[cid] = b.name
+    twice = [cid for cid, n in seen.items() if n > 1]
+    posts = load.window(method="POST")
+    failed = [s for s in posts if not s.ok]
+    wrong = [s.client_id for s in posts if s.ok and (seen[s.client_id] != 1
+                                                   or where.get(s.client_id) != s.backend)]
+    delivered_failed = [s for s in failed if seen[s.client_id]]
+    out.notes.update(
+        posts=len(posts),
+        posts_failed=len(failed),
+        posts_failed_delivered=len(delivered_failed),
+        posts_twice=len(twice),
+    )
+    out.expect(not twice, f"no POST delivered to two backends (got {twice[:5]})")
+    out.expect(not wrong, f"each answered POST reached exactly its backend once ({wrong[:5]})")
+    out.expect(all(where.get(s.client_id, "b1") == "b1" for s in failed),
+               "a failed POST may only have reached the killed backend")
+    out.expect(len(failed) <= load.clients,
+               f"failed POSTs bounded by those in flight at the kill ({len(failed)})")
+    out.expect(all(s.t0 < t_kill + 0.5 for s in failed),
+               "POSTs fail only around the kill")
+
+
+async def scenario_hang(wd: Path, k: Knobs, *, retry_on_timeout: bool = True) -> Outcome:
+    """SIGSTOP b2 under load (response_timeout_s 0.5): ejected; SIGCONT brings it back."""
+    out = Outcome("SIGSTOP (hang)" + ("" if retry_on_timeout else ", no retry_on_timeout"))
+    with (
+        Backends(wd, NAMES) as bs,
+        _pairlb(wd, bs, response_timeout_s=RESPONSE_TIMEOUT_S,
+                retry_on_timeout=retry_on_timeout) as lb,
+    ):
+        b2 = bs["b2"]
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s)
+                t_stop = time.monotonic()
+                b2.stop()
+                try:
+                    t_out = await watch.wait("b2", _out, 5.0, "out of rotation", t_stop)
+                    t_down = await watch.wait("b2", _down, 5.0, "marked DOWN", t_stop)
+                    await asyncio.sleep(0.3)
+                finally:
+                    t_cont = time.monotonic()
+                    b2.cont()
+                t_up = await watch.wait("b2", _up, 5.0, "UP again", t_cont)
+                t_in = await watch.wait("b2", _in, 10.0, "back in rotation", t_cont)
+                await asyncio.sleep(k.steady_s)
+        _finish(out, load, lb)
+        out.leave_s, out.down_s, out.back_s = t_out - t_stop, t_down - t_stop, t_in - t_cont
+        hit = [s.latency_s for s in load.window(t_stop, t_down)]
+        out.notes.update(
+            max_latency_s=round(max(hit, default=0.0), 3),
+            p50_latency_during_s=round(_p(hit, 0.5), 3),
+            up_s=round(t_up - t_cont, 3),
+        )
+        if retry_on_timeout:
+            out.expect(not out.failures, "GETs see zero errors with retry_on_timeout")
+        else:
+            out.expect(all(s.status == 504 for s in out.failures), "errors are 504s")
+            out.expect(len(out.failures) <= 2 * load.clients,
+                       f"errors bounded by the requests in flight ({len(out.failures)})")
+        out.expect(out.leave_s <= RESPONSE_TIMEOUT_S + SLACK_S,
+                   f"ejected within response_timeout_s {RESPONSE_TIMEOUT_S}s (+{SLACK_S}s)")
+        out.expect(DOWN_MIN_S <= out.down_s <= DOWN_MAX_TIMEOUT_S,
+                   f"DOWN after fall={FALL} timed-out probes: <= {DOWN_MAX_TIMEOUT_S:.2f}s")
+        out.expect(load.by_backend(t_in, float("inf"))["b2"] > 0, "b2 gets traffic after SIGCONT")
+    return out
+
+
+async def scenario_health_500(wd: Path, k: Knobs) -> Outcome:
+    """b3's /healthz answers 500: DOWN after ``fall`` probes, then no request reaches it."""
+    out = Outcome("/healthz 500")
+    with Backends(wd, NAMES) as bs, _pairlb(wd, bs) as lb:
+        b3 = bs["b3"]
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s)
+                t_set = time.monotonic()
+                await b3.set_health_async(500)
+                t_down = await watch.wait("b3", _down, 5.0, "marked DOWN", t_set)
+                t_out = await watch.wait("b3", _out, 5.0, "out of rotation", t_set)
+                await asyncio.sleep(0.2)
+                served_then = await _backend_requests(b3)
+                await asyncio.sleep(max(k.steady_s, 0.8))
+                served_later = await _backend_requests(b3)
+                t_fix = time.monotonic()
+                await b3.set_health_async(200)
+                t_in = await watch.wait("b3", _in, 5.0, "back in rotation", t_fix)
+                await asyncio.sleep(0.5)
+        _finish(out, load, lb)
+        out.leave_s, out.down_s, out.back_s = t_out - t_set, t_down - t_set, t_in - t_fix
+        late = _late(load, "b3", t_out + PROPAGATION_S)
+        late = [s for s in late if s.t0 < t_fix]
+        out.notes["served_after_down"] = served_later - served_then
+        out.expect(not out.failures, "clients see zero errors")
+        out.expect(DOWN_MIN_S <= out.down_s <= DOWN_MAX_REFUSED_S,
+                   DOWN_BOUNDS)
+        out.expect(not late, f"no request reaches b3 once DOWN ({len(late)} did)")
+        out.expect(served_later == served_then,
+                   f"b3 itself saw no requests while DOWN ({served_then} -> {served_later})")
+        out.expect(load.by_backend(t_in, float("inf"))["b3"] > 0, "b3 gets traffic when healthy")
+    return out
+
+
+async def scenario_traffic_503(wd: Path, k: Knobs) -> Outcome:
+    """b3 passes its checks but answers 503 to traffic: ejected passively, errors bounded."""
+    out = Outcome("503 on traffic, /healthz 200")
+    with Backends(wd, NAMES) as bs, _pairlb(wd, bs) as lb:
+        b3 = bs["b3"]
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s)
+                t_flip = time.monotonic()
+                await b3.set_traffic_status_async(503)
+                t_out = await watch.wait("b3", _out, 5.0, "ejected", t_flip)
+                # Stay inside the first ejection (EJECT_S) to see that nothing reaches it.
+                await asyncio.sleep(EJECT_S * 0.7)
+                health_values = watch.values("b3", "health", t_flip)
+        _finish(out, load, lb)
+        out.leave_s = t_out - t_flip
+        errors = [s for s in out.failures if s.t0 >= t_flip]
+        late = _late(load, "b3", t_out + PROPAGATION_S)
+        bound = WORKERS * CONSECUTIVE_FAILURES + load.clients
+        out.notes.update(ejections=watch.backends(watch.latest())["b3"]["ejections"])
+        out.expect(not [s for s in out.failures if s.t0 < t_flip], "no errors before the fault")
+        out.expect(all(s.status == 503 and s.backend == "b3" for s in errors),
+                   "the only errors are b3's own 503s")
+        out.expect(len(errors) <= bound,
+                   f"503s seen by clients <= workers x consecutive_failures + clients = {bound}")
+        out.expect(out.leave_s < INTERVAL_S, f"ejected within one probe interval {INTERVAL_S}s")
+        out.expect(not late, f"no request reaches b3 while ejected ({len(late)} did)")
+        out.expect(health_values == ["up"], f"active checks still say UP ({health_values})")
+    return out
+
+
+async def scenario_drain(wd: Path, k: Knobs) -> Outcome:
+    """Operator drains b2 under load: in-flight requests (/sleep/2) finish, no new ones."""
+    out = Outcome("drain (admin API)")
+    with Backends(wd, NAMES) as bs, _pairlb(wd, bs) as lb:
+        b2 = bs["b2"]
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s / 2)
+                slow = Load(lb.listen_port, clients=6, mix=[("GET", "/sleep/2")], think_s=0,
+                            max_requests=6, prefix="slow")
+                t_slow = time.monotonic()
+                slow.start()
+                await watch.wait("b2", lambda b: b["in_flight"] > 0, 1.5, "in flight on b2", t_slow)
+                t_drain = time.monotonic()
+                code, body = await lb.action_async("b2", "drain")
+                t_out = await watch.wait("b2", _out, 2.0, "out of rotation", t_drain)
+                t_zero = await watch.wait("b2", lambda b: b["in_flight"] == 0, 5.0,
+                                          "no request in flight", t_drain)
+                code_m, body_m = await lb.action_async("b2", "maintenance")
+                served_then = await _backend_requests(b2)
+                await slow.stop()
+                await asyncio.sleep(max(k.steady_s / 2, 0.5))
+                served_later = await _backend_requests(b2)
+                t_enable = time.monotonic()
+                code_e, _ = await lb.action_async("b2", "enable")
+                t_in = await watch.wait("b2", _in, 2.0, "back in rotation", t_enable)
+                await asyncio.sleep(0.5)
+        _finish(out, load, lb)
+        out.requests += len(slow.samples)
+        out.failures += slow.failures()
+        out.client_errors += len(slow.failures())
+        out.leave_s, out.back_s = t_out - t_drain, t_in - t_enable
+        on_b2 = [s for s in slow.samples if s.backend == "b2"]
+        late = [s for s in _late(load, "b2", t_drain + PROPAGATION_S) if s.t0 < t_enable]
+        out.notes.update(
+            in_flight_at_drain=body.get("in_flight"),
+            drained_s=round(t_zero - t_drain, 3),
+            slow_on_b2=len(on_b2),
+        )
+        out.expect((code, body.get("admin_state")) == (200, "draining"), f"drain: {code} {body}")
+        out.expect((code_m, body_m.get("admin_state")) == (200, "maintenance"),
+                   f"maintenance: {code_m} {body_m}")
+        out.expect(code_e == 200, f"enable: {code_e}")
+        out.expect(not out.failures, "clients (fast and in-flight) see zero errors")
+        out.expect(len(slow.samples) == 6 and all(s.status == 200 for s in slow.samples),
+                   "all 6 slow requests answered 200")
+        out.expect(bool(on_b2) and all(s.t1 > t_drain for s in on_b2),
+                   f"requests in flight on b2 finished after the drain ({len(on_b2)})")
+        out.expect(out.leave_s < 0.2, "out of rotation at once")
+        out.expect(not late, f"no new request reaches b2 after the drain ({len(late)} did)")
+        out.expect(served_later == served_then, "b2 saw no request in maintenance")
+        out.expect(load.by_backend(t_in, float("inf"))["b2"] > 0, "b2 gets traffic when enabled")
+    return out
+
+
+async def scenario_all_down(wd: Path, k: Knobs) -> Outcome:
+    """Every backend killed: fast 503 with a clear body, no hanging; one returns: 200 again."""
+    out = Outcome("all backends down")
+    with Backends(wd, NAMES) as bs, _pairlb(wd, bs) as lb:
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=max(2, k.clients // 2), think_s=0.01)
+            async with load:
+                await asyncio.sleep(k.steady_s / 2)
+                t_kill = time.monotonic()
+                for b in bs:
+                    b.kill()
+
+                def all_down() -> bool:
+                    st = watch.latest()
+                    pool = st["pools"][0]
+                    return pool["usable"] == 0 and all(
+                        b["health"] == "down" for b in pool["backends"]
+                    )
+
+                await wait_until_async(all_down, 5.0, "every backend DOWN")
+                t_all_down = time.monotonic()
+                await asyncio.sleep(max(k.steady_s, 0.8))
+                bs["b2"].spawn()
+                t_listen = await bs["b2"].wait_listening_async()
+                t_in = await watch.wait("b2", _in, 5.0, "back in rotation", t_listen)
+                await asyncio.sleep(max(k.steady_s, 0.8))
+        _finish(out, load, lb)
+        out.down_s, out.back_s = t_all_down - t_kill, t_in - t_listen
+        dark = load.window(t_all_down, t_listen)
+        dark_lat = [s.latency_s for s in dark]
+        transition = Counter(s.status for s in load.failures(t_kill, t_all_down))
+        after = load.window(t_in + PROPAGATION_S)
+        first_ok = min((s.t1 for s in load.samples if s.ok and s.t0 > t_listen), default=None)
+        out.notes.update(
+            answers_while_all_down=dict(Counter(s.status for s in dark)),
+            max_503_latency_ms=round(max(dark_lat, default=0.0) * 1000, 1),
+            p50_503_latency_ms=round(_p(dark_lat, 0.5) * 1000, 1),
+            errors_before_all_down=dict(transition),
+            first_200_after_listen_s=None if first_ok is None else round(first_ok - t_listen, 3),
+        )
+        bodies = {s.body for s in dark}
+        out.expect(bool(dark) and all(s.status == 503 for s in dark),
+                   f"every request while all are down gets 503 ({Counter(s.status for s in dark)})")
+        out.expect(bodies == {b"Service unavailable: no backend is available.\n"},
+                   f"the 503 says why ({bodies})")
+        out.expect(max(dark_lat, default=1.0) < 0.1, "503s come at once (< 100 ms)")
+        out.expect(bool(after) and all(s.ok for s in after),
+                   f"all requests succeed once one backend is back "
+                   f"({Counter(s.status for s in after)})")
+        out.client_errors = len(load.failures())
+        out.failures = [s for s in load.failures() if not t_all_down <= s.t0 < t_listen]
+    return out
+
+
+async def scenario_reload(wd: Path, k: Knobs) -> Outcome:
+    """SIGHUP adding b4: DOWN b2 stays DOWN, UP b1/b3 stay UP (no flap), b4 joins after checks."""
+    out = Outcome("reload (SIGHUP, backend added)")
+    with Backends(wd, NAMES) as bs, _pairlb(wd, bs) as lb:
+        b4 = bs.add(Backend("b4", wd))
+        b4.start()
+        bs["b2"].set_health(500)
+        async with StatusWatch(lb.admin_port) as watch:
+            await watch.wait("b2", _down, 5.0, "b2 DOWN before the reload")
+            transitions_before = len(lb.log_lines("event=health_transition"))
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s / 2)
+                lb.write_config(bs.members())
+                t_hup = time.monotonic()
+                lb.reload()
+
+                def reloaded() -> bool:
+                    return bool(watch.latest()["config"]["generation"] >= 2)
+
+                await wait_until_async(reloaded, 5.0, "config generation 2")
+                t_gen = time.monotonic()
+                t_b4_in = await watch.wait("b4", _in, 5.0, "b4 in rotation", t_hup)
+                await asyncio.sleep(max(k.steady_s, 0.8))
+        _finish(out, load, lb)
+        out.back_s = t_b4_in - t_hup
+        first_b4 = watch.first("b4", lambda b: True, t_hup)
+        b4_initial = None
+        if first_b4 is not None:
+            b4_initial = watch.backends(next(st for t, st in watch.history if t == first_b4))["b4"]
+        early = [s for s in load.samples if s.backend == "b4" and s.t1 < t_b4_in - 0.2]
+        new_transitions = lb.log_lines("event=health_transition")[transitions_before:]
+        unchanged = [ln for ln in new_transitions if "backend=b4 " not in ln]
+        last = watch.backends(watch.latest())
+        out.notes.update(
+            reload_applied_s=round(t_gen - t_hup, 3),
+            transitions_after_reload=len(new_transitions),
+        )
+        out.expect(not out.failures, "clients see zero errors across the reload")
+        for name, health, rotation in (("b1", "up", True), ("b3", "up", True),
+                                       ("b2", "down", False)):
+            seen_h = watch.values(name, "health", t_hup)
+            seen_r = watch.values(name, "in_rotation", t_hup)
+            out.expect(seen_h == [health] and seen_r == [rotation],
+                       f"{name} stays {health} through the reload (health {seen_h}, "
+                       f"in_rotation {seen_r})")
+        out.expect(not unchanged, f"no health transition of unchanged backends: {unchanged}")
+        out.expect(b4_initial is None or not b4_initial["in_rotation"],
+                   f"b4 starts out of rotation ({b4_initial and b4_initial['health']})")
+        out.expect(not early, f"b4 gets no traffic before its checks pass ({len(early)})")
+        out.expect(last["b4"]["health"] == "up" and load.by_backend(t_b4_in)["b4"] > 0,
+                   "b4 joins and gets traffic")
+        reload_events = [e for e in watch.latest()["events"] if e["kind"] == "reload"]
+        out.expect(bool(reload_events), "the reload is in /status events")
+    return out
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def _run(scenario: Callable[..., Any], tmp_path: Path, **kw: Any) -> Outcome:
+    out: Outcome = asyncio.run(scenario(tmp_path, Knobs(), **kw))
+    print(out.row())
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_costs_no_client_an_error_and_comes_back_ramped(tmp_path: Path) -> None:
+    out = _run(scenario_kill, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_never_delivers_a_post_twice(tmp_path: Path) -> None:
+    out = _run(scenario_kill, tmp_path, posts=True)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_hung_backend_is_ejected_and_gets_requests_retried(tmp_path: Path) -> None:
+    out = _run(scenario_hang, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_failing_health_check_drains_backend(tmp_path: Path) -> None:
+    out = _run(scenario_health_500, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_backend_failing_traffic_is_ejected_passively(tmp_path: Path) -> None:
+    out = _run(scenario_traffic_503, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_drain_finishes_in_flight_and_sends_nothing_new(tmp_path: Path) -> None:
+    out = _run(scenario_drain, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_all_backends_down_answers_503_at_once_and_recovers(tmp_path: Path) -> None:
+    out = _run(scenario_all_down, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_reload_keeps_health_state_of_unchanged_backends(tmp_path: Path) -> None:
+    out = _run(scenario_reload, tmp_path)
+    assert not out.problems, out.explain()
+
+
+SCENARIOS: dict[str, Callable[..., Any]] = {
+    "kill": scenario_kill,
+    "kill_post": lambda wd, k: scenario_kill(wd, k, posts=True),
+    "hang": scenario_hang,
+    "hang_no_retry": lambda wd, k: scenario_hang(wd, k, retry_on_timeout=False),
+    "health_500": scenario_health_500,
+    "traffic_503": scenario_traffic_503,
+    "drain": scenario_drain,
+    "all_down": scenario_all_down,
+    "reload": scenario_reload,
+}
+"""Name -> coroutine(workdir, Knobs) -> Outcome; bench/health.py runs these."""
+
