@@ -599,7 +599,7 @@ class _Upstream(_Conn):
             and req.complete
             and not self.closed
             and not self.wpaused
-            and self.transport.get_write_buffer_size() == 0
+            and not self.transport.get_write_buffer_size()
         )
         self.resp_done = False
         self.detach()
@@ -1181,16 +1181,21 @@ class _Client(_Conn):
                 return
         if queue:
             nxt = queue[0]
-            if len(queue) < 2:
+            if len(queue) < 2 and self.paused:
                 self.unpause(_P_QUEUE)
             self.dispatch(nxt)
             return
-        self.unpause(_P_QUEUE)
+        if self.paused:
+            self.unpause(_P_QUEUE)
         if self.eof:
             self.close()
             return
         if self.state == _HEAD:
             self.head_deadline = srv.time() + srv.listener.client_header_timeout_s
+        elif self.state == _IDLE and not (self.paused or self.wpaused or self.linger):
+            # Keep-alive idle (the common case, inlined from _rearm).
+            self.deadline = (now or srv.time()) + srv.listener.client_idle_timeout_s
+            return
         if self.stopped:
             return
         self._rearm()

@@ -644,3 +644,66 @@ def test_stats_count_requests_errors_and_connections() -> None:
         await stop_all([be])
 
     run(scenario())
+
+
+def test_backend_connection_close_does_not_close_the_client() -> None:
+    def closing(seen: Seen, be: CountingBackend) -> Any:
+        body = b"bye"
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n" + body
+
+    async def scenario() -> None:
+        (be,) = await backends("web1", behaviour=closing)
+        be.close_after_response = True
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            for _ in range(3):
+                await c.send(get())
+                r = await c.response()
+                assert r.status == 200 and r.body == b"bye"
+                assert r.header("connection") is None  # hop-by-hop: not forwarded
+            await c.close()
+            assert be.connections == 3  # a closed backend connection is never reused
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_large_pipelined_body_then_split_head() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            body = b"p" * 300_000
+            data = (b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    + body + b"GET /next HTTP/1.1\r\nHo")
+            await c.send(data)
+            await asyncio.sleep(0.05)
+            await c.send(b"st: a\r\n\r\n")
+            rs = await c.responses(2)
+            assert [r.status for r in rs] == [200, 200]
+            assert be.requests[0].body == body and be.requests[1].target == "/next"
+            await c.close()
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_max_connections_leaves_the_rest_in_the_backlog() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be], listener={"max_connections": 2}) as px:
+            a = await RawClient.connect(px.port)
+            b = await RawClient.connect(px.port)
+            await asyncio.sleep(0.05)
+            c = await RawClient.connect(px.port)  # accepted by the kernel, not by us
+            await c.send(get("/c"))
+            with pytest.raises(TimeoutError):
+                await c.responses(1, timeout_s=0.3)
+            await a.close()  # a slot frees up: c is served
+            r = await c.response(timeout_s=3)
+            assert r.status == 200 and r.body.endswith(b"/c\n")
+            await b.close()
+            await c.close()
+        await stop_all([be])
+
+    run(scenario())
