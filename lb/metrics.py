@@ -289,6 +289,12 @@ METRICS: tuple[MetricDef, ...] = (
         "1 while the slot restarts too often (a crash loop).",
     ),
     _d(
+        "pairlb_worker_connections_active",
+        "gauge",
+        "worker",
+        "Client connections the worker in this slot has open now.",
+    ),
+    _d(
         "pairlb_worker_cpu_seconds_total",
         "counter",
         "worker",
@@ -588,8 +594,11 @@ class PairlbCollector:
     def _workers(
         self, st: Mapping[str, Any], add: Callable[[str, Sequence[str], float], None]
     ) -> None:
+        active = self.daemon.worker_active
         for w in st["workers"]:
             slot = [str(w["index"])]
+            conns = sum(active.get(int(w["index"]), {}).values())
+            add("pairlb_worker_connections_active", slot, float(max(0, conns)))
             add("pairlb_worker_ready", slot, 1.0 if w["ready"] else 0.0)
             add("pairlb_worker_restarts_total", slot, w["restarts"])
             add("pairlb_worker_crashes_total", slot, w["crashes"])

@@ -75,6 +75,7 @@ def config_text(
     token_file: Path | None = None,
     workers: int = 2,
     admin_bind_host: str = LOOPBACK,
+    response_timeout_s: float = 30.0,
 ) -> str:
     members = ", ".join(
         f'{{ name = "{n}", address = "{LOOPBACK}:{p}" }}' for n, p in backends
@@ -94,6 +95,7 @@ pool = "web"
 [[pool]]
 name = "web"
 backends = [ {members} ]
+response_timeout_s = {response_timeout_s}
 
 [pool.health]
 interval_s = 0.2
@@ -217,7 +219,15 @@ class Backends:
 class Pairlb:
     """``pairlb run -c FILE`` in a subprocess; log in ``tmp/pairlb.log`` (shown on failure)."""
 
-    def __init__(self, tmp: Path, backends: Backends, *, token: bool = True, workers: int = 2):
+    def __init__(
+        self,
+        tmp: Path,
+        backends: Backends,
+        *,
+        token: bool = True,
+        workers: int = 2,
+        response_timeout_s: float = 30.0,
+    ) -> None:
         self.tmp = tmp
         self.token_file = write_token(tmp) if token else None
         self.token = self.token_file.read_text().strip() if self.token_file else None
@@ -231,6 +241,7 @@ class Pairlb:
                 backends=backends.members,
                 token_file=self.token_file,
                 workers=workers,
+                response_timeout_s=response_timeout_s,
             )
         )
         self.log = tmp / "pairlb.log"

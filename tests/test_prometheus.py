@@ -1,0 +1,245 @@
+"""A real pairlb (2 workers, real backends) scraped by promtool and by a real Prometheus.
+
+- N requests through 2 workers show N: in pairlb_requests_total, in the histogram's count,
+  in GET /status, and at the backends themselves; and both workers took connections.
+- ``promtool check metrics`` passes on the real scrape.
+- Debian's Prometheus scrapes the admin endpoint and answers PromQL about it, including every
+  query of the Grafana dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from admin_helpers import (
+    LOOPBACK,
+    ROOT,
+    Backends,
+    Pairlb,
+    drive,
+    free_port,
+    get_json,
+    http,
+    parse_metrics,
+    promql_metric_names,
+    total,
+    wait_until,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from lb import metrics
+
+N = 400
+DASHBOARD = ROOT / "deploy" / "grafana" / "pairlb-dashboard.json"
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pairlb, Backends]]:
+    tmp = tmp_path_factory.mktemp("pairlb")
+    with Backends(["b1", "b2"]) as be, Pairlb(tmp, be, workers=2, response_timeout_s=0.5) as lb:
+        yield lb, be
+
+
+def scrape(lb: Pairlb) -> Any:
+    return parse_metrics(lb.metrics())
+
+
+def test_n_requests_through_two_workers_show_n(node: tuple[Pairlb, Backends]) -> None:
+    lb, be = node
+    # Idle connections until both workers hold some: proof that both accept.
+    held: list[socket.socket] = []
+    try:
+        per: list[float] = [0, 0]
+
+        def counted() -> bool:
+            s = scrape(lb)
+            per[:] = [total(s, "pairlb_worker_connections_active", worker=w) for w in "01"]
+            return sum(per) == len(held)
+
+        while min(per) == 0 and len(held) < 64:
+            held.extend(socket.create_connection((LOOPBACK, lb.listen_port), 2) for _ in range(16))
+            wait_until(counted, 5, f"{len(held)} open connections in the metrics", 0.1)
+        assert min(per) > 0, f"one worker accepted nothing of {len(held)} connections: {per}"
+        conns_before = len(held)
+    finally:
+        for c in held:
+            c.close()
+    wait_until(lambda: total(scrape(lb), "pairlb_connections_active") == 0, 5, "closed")
+
+    base = scrape(lb)
+    assert total(base, "pairlb_requests_total") == 0
+    counts = drive(lb.url + "/", N, concurrency=8)
+    assert counts == {200: N}
+
+    def settled() -> Any:
+        s = scrape(lb)
+        return s if total(s, "pairlb_requests_total") >= N else None
+
+    s = wait_until(settled, 5, f"{N} requests in the metrics", 0.1)
+    time.sleep(0.6)  # two more stats intervals: nothing may be counted twice
+    s = scrape(lb)
+    assert total(s, "pairlb_requests_total") == N
+    assert total(s, "pairlb_requests_total", code_class="2xx") == N
+    assert total(s, "pairlb_request_duration_seconds_count") == N
+    assert total(s, "pairlb_request_duration_seconds_bucket", le="+Inf") == N
+    assert total(s, "pairlb_connections_accepted_total") == N + conns_before
+    st = lb.status()
+    by_backend = {b["name"]: b["requests"] for b in st["pools"][0]["backends"]}
+    seen = {n: be.stats(n)["by_method"].get("GET", 0) for n in ("b1", "b2")}
+    assert sum(by_backend.values()) == N
+    assert by_backend == seen  # the backends' own count agrees, backend by backend
+    for n in ("b1", "b2"):
+        assert total(s, "pairlb_requests_total", backend=n) == seen[n]
+    print(f"{N} requests: metrics {total(s, 'pairlb_requests_total'):.0f}, backends {seen}, "
+          f"{conns_before} idle connections spread over 2 workers as {per}")
+
+
+def test_promtool_check_metrics_on_a_real_scrape(node: tuple[Pairlb, Backends]) -> None:
+    lb, _ = node
+    text = lb.metrics()
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+    declared = set(metrics.declared_names())
+    names = {
+        fam.name + ("_total" if fam.type == "counter" else "_info" if fam.type == "info" else "")
+        for fam in text_string_to_metric_families(text)
+    }
+    assert names <= declared, names - declared
+    s = parse_metrics(text)
+    for w in ("0", "1"):
+        assert total(s, "pairlb_worker_ready", worker=w) == 1
+        assert total(s, "pairlb_worker_cpu_seconds_total", worker=w) > 0
+        assert total(s, "pairlb_worker_resident_memory_bytes", worker=w) > 5 << 20
+    assert total(s, "pairlb_process_resident_memory_bytes") > 5 << 20
+    assert total(s, "pairlb_ready") == 1
+    assert total(s, "pairlb_backend_healthy") == 2
+    assert total(s, "pairlb_health_checks_total", status="L7_OK") > 0
+
+
+def _substitute(expr: str) -> str:
+    for var, value in (("$__rate_interval", "10s"), ("$__range", "1m"), ("$job", "pairlb"),
+                       ("$instance", ".*")):
+        expr = expr.replace(var, value)
+    return expr
+
+
+class Prometheus:
+    """Debian's prometheus, scraping one target every second, in a temp dir; killed by PID."""
+
+    def __init__(self, tmp: Path, target: str) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        (tmp / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: pairlb\n    static_configs:\n"
+            f"      - targets: ['{target}']\n"
+        )
+        self.log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{self.port}",
+                "--log.level=warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def query(self, expr: str) -> Any:
+        q = urllib.parse.urlencode({"query": expr})
+        return get_json(f"http://{LOOPBACK}:{self.port}/api/v1/query?{q}")
+
+    def value(self, expr: str) -> float | None:
+        try:
+            res = self.query(expr)["data"]["result"]
+        except (OSError, AssertionError):
+            return None
+        return float(res[0]["value"][1]) if res else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+def test_real_prometheus_scrapes_pairlb_and_runs_the_dashboard(
+    node: tuple[Pairlb, Backends], tmp_path: Path
+) -> None:
+    lb, _ = node
+    # Some of everything the dashboard shows: a backend too slow (504, response_timeout),
+    # a malformed request (400), and ordinary traffic.
+    assert http("GET", lb.url + "/sleep/1")[0] == 504
+    with socket.create_connection((LOOPBACK, lb.listen_port), 2) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        assert c.recv(100).startswith(b"HTTP/1.1 400")
+    drive(lb.url + "/", 50)
+    wait_until(lambda: total(scrape(lb), "pairlb_bad_requests_total") == 1, 5, "bad request")
+    wait_until(lambda: total(scrape(lb), "pairlb_backend_errors_total") == 1, 5, "504 error")
+    time.sleep(0.6)
+    want = total(scrape(lb), "pairlb_requests_total")
+    t0 = time.monotonic()
+    prom = Prometheus(tmp_path, f"{LOOPBACK}:{lb.admin_port}")
+    try:
+        wait_until(lambda: prom.value("sum(pairlb_requests_total)") == want, 25,
+                   f"Prometheus to see {want:.0f} requests", 0.2)
+        took = time.monotonic() - t0
+        assert prom.value('up{job="pairlb"}') == 1
+        assert prom.value('pairlb_role{role="STANDALONE"}') == 1
+        assert prom.value('count(pairlb_worker_ready == 1)') == 2
+        # Rates need two scrapes of the same series.
+        wait_until(lambda: prom.value("count(rate(pairlb_requests_total[10s]))"), 10, "a rate")
+        print(f"Prometheus answered sum(pairlb_requests_total) = {want:.0f} "
+              f"{took:.1f} s after it started")
+
+        # Every dashboard query runs; the core panels have data from a standalone node.
+        dash = json.loads(DASHBOARD.read_text())
+        scraped = {
+            fam.name + ("_total" if fam.type == "counter" else "")
+            for fam in text_string_to_metric_families(lb.metrics())
+        } | {"pairlb_build_info", "pairlb_config_info"}
+        failover_only = {m.name for m in metrics.METRICS if m.failover_only}
+        with_data: dict[str, bool] = {}
+        for p in dash["panels"]:
+            for t in p.get("targets", []):
+                expr = _substitute(t["expr"])
+                for name in promql_metric_names(expr):
+                    fam = metrics.family_of(name)
+                    assert fam in scraped | failover_only, (p["title"], name)
+                res = prom.query(expr)
+                assert res["status"] == "success", (p["title"], expr, res)
+                with_data[p["title"]] = with_data.get(p["title"], False) or bool(
+                    res["data"]["result"]
+                )
+        for title in ("Role per node", "Request rate per backend", "Latency percentiles",
+                      "Backend health timeline", "Pools", "Worker restarts", "CPU",
+                      "Memory and reloads"):
+            assert with_data[title], f"panel {title!r} shows nothing for a live node"
+    finally:
+        prom.stop()
