@@ -60,6 +60,7 @@ SAFE_REUSE_S = 1.0
 (a backend's own keep-alive timeout is the usual cause of the stale-connection race)."""
 MAX_RESPONSE_HEAD = 64 * 1024
 """A backend response head larger than this is a bad response (502)."""
+LOG_ERRORS_PER_S = 20
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
 INF = float("inf")
@@ -1019,7 +1020,7 @@ class _Client(_Conn):
         if backend is None:
             if req.last_failure is not None:
                 status, reason, bname = req.last_failure
-                self.fail(req, status, reason, bname)
+                self.fail(req, status, reason, bname, counted=True)
             else:
                 self.fail(req, 503, "no_backend", "-")
             return
@@ -1046,7 +1047,7 @@ class _Client(_Conn):
             req.attempts_left -= 1
             self._retry(req, reason, exclude=True)
         else:
-            self.fail(req, status, reason, backend.name)
+            self.fail(req, status, reason, backend.name, counted=True)
 
     def upstream_failed(self, req: _Request, up: _Upstream, why: str) -> None:
         """The backend connection serving ``req`` closed, timed out or misbehaved."""
@@ -1110,19 +1111,16 @@ class _Client(_Conn):
     ) -> None:
         """No response byte has reached the client: answer ``status`` ourselves."""
         srv = self.srv
-        lst = srv.listener
         pool = req.pool.name
-        logger.warning(
-            "event=proxy_error status=%d listener=%s pool=%s backend=%s reason=%s",
-            status, lst.name, pool, bname, reason,
-        )
-        if not counted and status != 503:
+        srv.log_error(str(status), pool, bname, reason)
+        if not counted:
             srv.stats.error(pool, bname, reason)
-        elif status == 503:
-            srv.stats.error(pool, "-", reason)
-        self._answer_error(req, status, reason, close=not req.complete or req.upgrade)
+        self._answer_error(req, status, reason, close=not req.complete or req.upgrade,
+                           bname=bname)
 
-    def _answer_error(self, req: _Request, status: int, reason: str, *, close: bool) -> None:
+    def _answer_error(
+        self, req: _Request, status: int, reason: str, *, close: bool, bname: str = "-"
+    ) -> None:
         srv = self.srv
         up = req.upstream
         if up is not None:
@@ -1135,16 +1133,13 @@ class _Client(_Conn):
         if not keep:
             self.closing = True
         if req.error is None:
-            srv.stats.request(req.pool.name, "-", status, srv.time() - req.t0)
+            srv.stats.request(req.pool.name, bname, status, srv.time() - req.t0)
         self.response_done(req, status, counted=True)
 
     def _abort(self, req: _Request, reason: str, bname: str) -> None:
         """The response had started: the client sees a cut connection, never a wrong body."""
         srv = self.srv
-        logger.warning(
-            "event=proxy_error status=%d listener=%s pool=%s backend=%s reason=%s",
-            0, srv.listener.name, req.pool.name, bname, reason,
-        )
+        srv.log_error("cut", req.pool.name, bname, reason)
         srv.stats.error(req.pool.name, bname, reason)
         up = req.upstream
         if up is not None:
@@ -1212,7 +1207,7 @@ class _Client(_Conn):
         """Refuse the request being parsed; nothing more is read from this connection."""
         srv = self.srv
         srv.stats.bad_request(srv.listener.name, reason, status)
-        logger.info(
+        logger.debug(
             "event=bad_request status=%d listener=%s peer=%s reason=%s",
             status, srv.listener.name, self.ctx.ip if self.ctx else "-", reason,
         )
@@ -1387,6 +1382,9 @@ class ProxyServer:
         self._trusted = H.parse_networks(listener.trusted_proxies)
         self._ctx_cache: dict[str, H.ClientContext] = {}
         self._drained: asyncio.Event | None = None
+        self._log_t0 = 0.0
+        self._log_n = 0
+        self._log_dropped = 0
         host, port = listener.host_port
         self.local_host = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         """Host for HTTP/1.0 requests that carry none."""
@@ -1525,6 +1523,25 @@ class ProxyServer:
             up.detach()
             up.abort()
 
+    def log_error(self, status: str, pool: str, backend: str, reason: str) -> None:
+        """One WARNING line per error, at most LOG_ERRORS_PER_S a second per listener (a
+        dead pool under load must not turn the log into the bottleneck); the rest are
+        counted and summed up in the next line that gets through."""
+        now = self.time()
+        if now - self._log_t0 >= 1.0:
+            self._log_t0 = now
+            self._log_n = 0
+        self._log_n += 1
+        if self._log_n > LOG_ERRORS_PER_S:
+            self._log_dropped += 1
+            return
+        dropped, self._log_dropped = self._log_dropped, 0
+        logger.warning(
+            "event=proxy_error status=%s listener=%s pool=%s backend=%s reason=%s%s",
+            status, self.listener.name, pool, backend, reason,
+            f" suppressed_before={dropped}" if dropped else "",
+        )
+
     def observe(self, req: _Request, backend: Backend, outcome: Outcome) -> None:
         if outcome is Outcome.OK and backend.failures_in_row == 0:
             return  # nothing to reset: skip the call on the hot path
@@ -1587,6 +1604,12 @@ class ProxyServer:
                     lambda: _Upstream(self, key), backend.host, backend.port
                 )
         except (OSError, TimeoutError) as exc:
+            if req.conn_gen == gen and req.backend is backend and not req.finished:
+                client.connect_failed(req, backend, exc)
+                self.flush()
+            return
+        except Exception as exc:  # an error boundary: the request must still be answered
+            logger.exception("event=connect_crashed backend=%s", backend.name)
             if req.conn_gen == gen and req.backend is backend and not req.finished:
                 client.connect_failed(req, backend, exc)
                 self.flush()

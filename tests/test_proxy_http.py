@@ -384,6 +384,11 @@ def test_connect_failure_retried_on_another_backend(caplog: pytest.LogCaptureFix
         px2 = await start_proxy([("d1", dead), ("d2", f"127.0.0.1:{free_port()}")])
         r = await request(px2.port, get())
         assert r.status == 502
+        snap2 = px2.stats.snapshot()
+        assert snap2["errors"]["p"] == {"d1": {"connect_refused": 1},
+                                        "d2": {"connect_refused": 1}}
+        assert snap2["requests"]["p"]["d2"] == {"5xx": 1} or snap2["requests"]["p"]["d1"] == {
+            "5xx": 1}
         assert px.in_flight == 0 and px2.in_flight == 0
         await stop_proxy(px)
         await stop_proxy(px2)
