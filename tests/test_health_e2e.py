@@ -218,6 +218,10 @@ async def scenario_kill(wd: Path, k: Knobs, *, posts: bool = False) -> Outcome:
                    f"out of rotation (passive) within one probe interval {INTERVAL_S}s")
         out.expect(DOWN_MIN_S <= out.down_s <= DOWN_MAX_REFUSED_S,
                    DOWN_BOUNDS)
+        down_lines = [ln for ln in lb.log_lines("event=health_transition", "backend=b1 ")
+                      if "to=DOWN" in ln]
+        out.expect(len(down_lines) == 1 and "status=L4_REFUSED" in down_lines[0],
+                   f"one DOWN transition, labelled L4_REFUSED ({down_lines})")
         out.expect(errors_later == errors_down,
                    f"no attempts on b1 once DOWN ({errors_down} -> {errors_later} errors)")
         up_s = t_up - t_listen
@@ -521,6 +525,7 @@ async def scenario_reload(wd: Path, k: Knobs) -> Outcome:
         early = [s for s in load.samples if s.backend == "b4" and s.t1 < t_b4_in - 0.2]
         new_transitions = lb.log_lines("event=health_transition")[transitions_before:]
         unchanged = [ln for ln in new_transitions if "backend=b4 " not in ln]
+        b4_lines = [ln for ln in new_transitions if "backend=b4 " in ln]
         last = watch.backends(watch.latest())
         out.notes.update(
             reload_applied_s=round(t_gen - t_hup, 3),
@@ -535,6 +540,8 @@ async def scenario_reload(wd: Path, k: Knobs) -> Outcome:
                        f"{name} stays {health} through the reload (health {seen_h}, "
                        f"in_rotation {seen_r})")
         out.expect(not unchanged, f"no health transition of unchanged backends: {unchanged}")
+        out.expect(len(b4_lines) == 1 and "from=DOWN to=UP" in b4_lines[0],
+                   f"b4 starts DOWN and goes UP once ({b4_lines})")
         out.expect(b4_initial is None or not b4_initial["in_rotation"],
                    f"b4 starts out of rotation ({b4_initial and b4_initial['health']})")
         out.expect(not early, f"b4 gets no traffic before its checks pass ({len(early)})")

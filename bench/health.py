@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Health-check measurements: how long a broken backend stays in rotation, what clients see.
+
+Reruns the real-process scenarios of tests/test_health_e2e.py (kill -9, kill -9 with POSTs,
+SIGSTOP with and without ``retry_on_timeout``, /healthz 500, 503 on traffic, operator drain,
+all backends down, reload) with more clients and several repetitions, each in a fresh
+temporary directory with its own backends and ``pairlb run`` on free 127.0.0.1 ports, and
+prints a Markdown table: time to leave rotation, to be marked DOWN, to come back; requests
+sent; client errors; whether every promise of the scenario held (and which did not).
+
+``--write`` puts the table into docs/operations.md between ``<!-- BEGIN health table -->`` and
+``<!-- END health table -->`` (nothing else in that file is touched; a file without the
+markers is left alone), or into docs/health-measurements.md when operations.md has no
+such section. Every load is bounded (requests and seconds); every process is started and
+stopped by the scenario helpers, by PID.
+
+    .venv/bin/python bench/health.py                       # 3 runs each, 24 clients
+    .venv/bin/python bench/health.py --runs 1 --scenarios kill,drain --clients 8
+    .venv/bin/python bench/health.py --write --json /tmp/health.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import test_health_e2e as scen  # noqa: E402  (the scenarios live beside their tests)
+
+BEGIN = "<!-- BEGIN health table -->"
+END = "<!-- END health table -->"
+OPERATIONS = REPO / "docs" / "operations.md"
+FALLBACK = REPO / "docs" / "health-measurements.md"
+
+WHAT_LEAVES = {
+    "kill": "kill -9 -> out of rotation (passive)",
+    "kill_post": "kill -9 -> out of rotation (passive)",
+    "hang": "SIGSTOP -> ejected (response timeouts)",
+    "hang_no_retry": "SIGSTOP -> ejected (response timeouts)",
+    "health_500": "/healthz 500 -> out (DOWN after fall)",
+    "traffic_503": "first 503 -> ejected (passive)",
+    "drain": "drain call -> out of rotation",
+    "all_down": "kill all -> every backend DOWN",
+    "reload": "-",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--runs", type=int, default=3, help="repetitions of each scenario")
+    ap.add_argument("--clients", type=int, default=24, help="concurrent keep-alive clients")
+    ap.add_argument("--think", type=float, default=0.002, help="seconds between requests")
+    ap.add_argument("--steady", type=float, default=2.0, help="seconds of load before the fault")
+    ap.add_argument(
+        "--scenarios", default=",".join(scen.SCENARIOS), help="comma-separated subset"
+    )
+    ap.add_argument("--write", action="store_true", help="update the table in docs/")
+    ap.add_argument("--json", type=Path, help="write every run's measurements here")
+    ap.add_argument("--keep-workdir", action="store_true", help="leave logs and configs behind")
+    return ap.parse_args(argv)
+
+
+def run_one(name: str, knobs: scen.Knobs, keep: bool) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"plb-health-{name}-"))
+    t0 = time.monotonic()
+    try:
+        out: scen.Outcome = asyncio.run(scen.SCENARIOS[name](workdir, knobs))
+        row = out.row()
+        row["problems"] = out.problems
+    except (AssertionError, TimeoutError, OSError) as exc:
+        # A wait that timed out is a broken promise too (e.g. never marked DOWN).
+        row = {"scenario": name, "requests": 0, "client_errors": None, "problems": [str(exc)]}
+    row["key"] = name
+    row["wall_s"] = round(time.monotonic() - t0, 1)
+    row["workdir"] = str(workdir) if keep else None
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return row
+
+
+def _fmt(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    med = statistics.median(vals)
+    return f"{med:.2f}" if len(vals) == 1 else f"{med:.2f} / {max(vals):.2f}"
+
+
+def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    held = sum(1 for r in rows if not r["problems"])
+    errors = [r.get("client_errors") for r in rows]
+    notes: dict[str, Any] = {}
+    for key in (
+        "attempts_on_dead", "up_s", "ramp_share", "posts", "posts_failed",
+        "posts_failed_delivered", "posts_twice", "max_latency_s", "served_after_down",
+        "ejections", "in_flight_at_drain", "drained_s", "slow_on_b2", "max_503_latency_ms",
+        "p50_503_latency_ms", "errors_before_all_down", "first_200_after_listen_s",
+        "reload_applied_s", "transitions_after_reload",
+    ):
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            notes[key] = vals if len(vals) > 1 else vals[0]
+    problems = sorted({p for r in rows for p in r["problems"]})
+    return {
+        "key": name,
+        "scenario": next((r["scenario"] for r in rows if r.get("leave_s") is not None
+                          or r.get("down_s") is not None), rows[0]["scenario"]),
+        "runs": len(rows),
+        "requests": sum(r.get("requests") or 0 for r in rows),
+        "errors": errors,
+        "leave": _fmt([r.get("leave_s") for r in rows]),
+        "down": _fmt([r.get("down_s") for r in rows]),
+        "back": _fmt([r.get("back_s") for r in rows]),
+        "held": f"{held}/{len(rows)}",
+        "notes": notes,
+        "problems": problems,
+    }
+
+
+def _note_text(key: str, notes: dict[str, Any]) -> str:
+    def one(k: str) -> Any:
+        v = notes.get(k)
+        return v if not isinstance(v, list) or k == "ramp_share" else ", ".join(map(str, v))
+
+    if key in ("kill", "kill_post"):
+        text = f"attempts on the dead backend: {one('attempts_on_dead')}; UP after restart: " \
+               f"{one('up_s')} s"
+        if key == "kill_post":
+            text += (f"; POSTs sent {one('posts')}, failed {one('posts_failed')} (of which "
+                     f"reached the killed backend: {one('posts_failed_delivered')}), "
+                     f"delivered twice: {one('posts_twice')}")
+        else:
+            share = notes.get("ramp_share")
+            first = share[0] if share and isinstance(share[0], list) else share
+            text += f"; slow-start share per {scen.SLOW_START_S / 4:g} s: {first}"
+        return text
+    if key.startswith("hang"):
+        return f"worst client latency: {one('max_latency_s')} s"
+    if key == "health_500":
+        return f"requests reaching it after DOWN: {one('served_after_down')}"
+    if key == "traffic_503":
+        return "errors = its own 503s before the ejection"
+    if key == "drain":
+        return (f"in flight at drain: {one('in_flight_at_drain')}, all finished (200); "
+                f"drained to 0 in {one('drained_s')} s")
+    if key == "all_down":
+        return (f"while all down: 503 in p50 {one('p50_503_latency_ms')} ms, max "
+                f"{one('max_503_latency_ms')} ms; before all DOWN: "
+                f"{one('errors_before_all_down')}; first 200 {one('first_200_after_listen_s')} "
+                f"s after a backend listens")
+    if key == "reload":
+        return (f"applied in {one('reload_applied_s')} s; health transitions after it: "
+                f"{one('transitions_after_reload')} (the new backend only)")
+    return ""
+
+
+def markdown(summaries: list[dict[str, Any]], args: argparse.Namespace, started: str) -> str:
+    cpu = os.cpu_count()
+    lines = [
+        f"Measured {started} on {platform.node() or 'this host'} ({cpu} CPUs, "
+        f"Python {platform.python_version()}), {args.runs} run(s) per scenario, "
+        f"{args.clients} keep-alive clients ({args.think * 1000:g} ms think time), 3 backends, "
+        f"2 workers. Checks every {scen.INTERVAL_S} s (timeout {scen.TIMEOUT_S} s, rise "
+        f"{scen.RISE}, fall {scen.FALL}, jitter {scen.JITTER}); passive: "
+        f"{scen.CONSECUTIVE_FAILURES} failures in a row, eject_s {scen.EJECT_S}; "
+        f"slow_start_s {scen.SLOW_START_S} (kill only); response_timeout_s "
+        f"{scen.RESPONSE_TIMEOUT_S} (hang only). Times are median / max over runs, in seconds,",
+        "from the fault to what /status showed (polled every 20 ms). Rerun: "
+        f"`.venv/bin/python bench/health.py --runs {args.runs} --clients {args.clients} --write`.",
+        "",
+        "| scenario | leaves rotation | time to leave (s) | marked DOWN (s) | back in rotation (s) "
+        "| requests sent | client errors (per run) | promises held | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        errs = ", ".join("-" if e is None else str(e) for e in s["errors"])
+        lines.append(
+            f"| {s['scenario']} | {WHAT_LEAVES.get(s['key'], '')} | {s['leave']} | {s['down']} "
+            f"| {s['back']} | {s['requests']} | {errs} | {s['held']} "
+            f"| {_note_text(s['key'], s['notes'])} |"
+        )
+    broken = [s for s in summaries if s["problems"]]
+    if broken:
+        lines += ["", "Promises that did not hold in some run:", ""]
+        for s in broken:
+            for p in s["problems"]:
+                lines.append(f"- {s['scenario']}: {p}")
+    lines += [
+        "",
+        "Client errors in *all backends down* are expected: 502 while the dead backends are "
+        "still being tried, then the immediate 503s the row describes. In *kill -9 (GET+POST)* "
+        "a POST in flight on the killed backend fails and is never resent elsewhere; in *hang, "
+        "no retry_on_timeout* the requests in flight on the hung backend get 504 after "
+        "response_timeout_s. Every other scenario promises zero client errors.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: str) -> Path:
+    """Replace our section only; the rest of the file belongs to whoever wrote it."""
+    block = f"{BEGIN}\n{table}{END}"
+    if OPERATIONS.exists():
+        text = OPERATIONS.read_text()
+        if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            OPERATIONS.write_text(head + block + tail)
+            return OPERATIONS
+    if FALLBACK.exists() and BEGIN in FALLBACK.read_text():
+        text = FALLBACK.read_text()
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        FALLBACK.write_text(head + block + tail)
+    else:
+        FALLBACK.write_text(
+            "# Health checks: measurements\n\n"
+            "What a broken backend costs clients and how long it stays in rotation, measured "
+            "with real processes by `bench/health.py` (the same scenarios "
+            "`tests/test_health_e2e.py` asserts). The table below belongs in "
+            "docs/operations.md between the same markers.\n\n" + block + "\n"
+        )
+    return FALLBACK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in scen.SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; choose from {list(scen.SCENARIOS)}", file=sys.stderr)
+        return 2
+    knobs = scen.Knobs(clients=args.clients, think_s=args.think, steady_s=args.steady)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows: list[dict[str, Any]] = []
+    # Interleave repetitions (all scenarios, then again) so machine noise spreads evenly.
+    for rep in range(args.runs):
+        for name in names:
+            row = run_one(name, knobs, args.keep_workdir)
+            rows.append(row)
+            status = "ok" if not row["problems"] else f"BROKEN: {row['problems']}"
+            print(f"[{rep + 1}/{args.runs}] {name}: {row.get('requests')} requests, "
+                  f"{row.get('client_errors')} errors, leave {row.get('leave_s')} s, "
+                  f"down {row.get('down_s')} s, {row['wall_s']} s wall; {status}",
+                  file=sys.stderr, flush=True)
+    summaries = [summarize(n, [r for r in rows if r["key"] == n]) for n in names]
+    table = markdown(summaries, args, started)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "rows": rows, "summary": summaries}, indent=2,
+                                        default=str))
+    if args.write:
+        where = write_table(table)
+        print(f"wrote the table to {where.relative_to(REPO)}", file=sys.stderr)
+    return 0 if all(not s["problems"] for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
