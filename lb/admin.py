@@ -394,6 +394,16 @@ def _clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
+def _thead(*cols: str) -> str:
+    """Table head; a column named with a trailing '#' holds numbers (right-aligned)."""
+    cells = "".join(
+        f"<th class='num'>{html.escape(c[:-1])}</th>" if c.endswith("#") else
+        f"<th>{html.escape(c)}</th>"
+        for c in cols
+    )
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>"
+
+
 def _pill(text: str, cls: str) -> str:
     return f'<span class="pill {cls}">{html.escape(text)}</span>'
 
@@ -477,8 +487,7 @@ def _failover_section(fo: Mapping[str, Any] | None, role: str, now: float) -> st
             "</tr>"
         )
     peers = (
-        "<table><thead><tr><th>peer</th><th>addresses</th><th>role</th><th>priority</th>"
-        "<th>last heard</th><th>config</th><th>backends up</th></tr></thead><tbody>"
+        _thead("peer", "addresses", "role", "priority#", "last heard", "config", "backends up#")
         + ("".join(rows) or '<tr><td colspan="7" class="muted">no peers</td></tr>')
         + "</tbody></table>"
     )
@@ -531,9 +540,8 @@ def _pool_section(pool: Mapping[str, Any]) -> str:
         f"<section><h2>Pool {e(str(pool['name']))} {panic}</h2>"
         f"<div class='facts'><span>balance <b>{e(str(pool['balance']))}</b></span>"
         f"<span>usable <b>{pool['usable']}</b> of <b>{pool['enabled']}</b> enabled</span></div>"
-        "<table><thead><tr><th>backend</th><th>address</th><th>state</th><th>health</th>"
-        "<th>admin</th><th>weight</th><th>last check</th><th>in flight</th><th>requests</th>"
-        "<th>errors</th><th>ejections</th></tr></thead><tbody>"
+        + _thead("backend", "address", "state", "health", "admin", "weight#", "last check",
+                 "in flight#", "requests#", "errors#", "ejections#")
         + "".join(rows)
         + "</tbody></table></section>"
     )
@@ -558,8 +566,8 @@ def _workers_section(workers: list[Mapping[str, Any]]) -> str:
             f"<td class='num'>{e(str(w.get('hung_kills', 0)))}</td></tr>"
         )
     return (
-        "<section><h2>Workers</h2><table><thead><tr><th>slot</th><th>pid</th><th>state</th>"
-        "<th>uptime</th><th>restarts</th><th>crashes</th><th>hung kills</th></tr></thead><tbody>"
+        "<section><h2>Workers</h2>"
+        + _thead("slot#", "pid#", "state", "uptime", "restarts#", "crashes#", "hung kills#")
         + ("".join(rows) or '<tr><td colspan="7" class="muted">no workers</td></tr>')
         + "</tbody></table></section>"
     )
@@ -579,7 +587,8 @@ _EVENT_COLOURS = {
 def _events_section(events: list[Mapping[str, Any]], now: float) -> str:
     e = html.escape
     items = []
-    for ev in list(reversed(events))[:PAGE_EVENTS]:
+    newest_first = sorted(events, key=lambda ev: float(ev.get("at") or 0), reverse=True)
+    for ev in newest_first[:PAGE_EVENTS]:
         at = float(ev.get("at") or 0)
         kind = str(ev.get("kind", ""))
         items.append(
@@ -614,7 +623,7 @@ th{text-align:left;font-weight:600;color:#57606a;font-size:12px;text-transform:u
  letter-spacing:.3px;border-bottom:1px solid #d0d7de;padding:6px 8px}
 td{padding:6px 8px;border-bottom:1px solid #eaeef2;white-space:nowrap}
 tr:last-child td{border-bottom:none}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.row-red td{background:#fff5f5}
 tr.row-amber td{background:#fffbea}
 tr.row-grey td{background:#f6f8fa;color:#57606a}
