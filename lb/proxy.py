@@ -275,7 +275,6 @@ class _Upstream(_Conn):
 
     __slots__ = (
         "backend_keep",
-        "bytes_out",
         "client",
         "deadline",
         "eof_body",
@@ -319,7 +318,6 @@ class _Upstream(_Conn):
         self.tunnel = False
         self.rpaused = False
         self.wpaused = False
-        self.bytes_out = 0
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -511,7 +509,6 @@ class _Upstream(_Conn):
             client.send(b"\r\n")
         else:
             client.send(data)
-        self.bytes_out += len(data)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -533,7 +530,6 @@ class _Upstream(_Conn):
         self.interim = False
         self.status = 0
         self.reusable = True
-        self.bytes_out = 0
         self.head_buf = b""
         pending = req.pending
         if pending:
@@ -544,6 +540,8 @@ class _Upstream(_Conn):
                 self.send(piece)
             _keep_for_replay(req, pending)
             client.unpause(_P_BUFFER)
+        elif req.complete and self.out is None:
+            self.transport.write(req.head)  # nothing follows: no need to cork
         else:
             self.send(req.head)
         if req.complete:
