@@ -138,15 +138,22 @@ def test_unit_runs_unprivileged_with_exactly_three_capabilities(unit: list[Setti
 
 
 def test_every_relaxation_is_commented_with_its_reason(unit: list[Setting]) -> None:
-    """Each capability and address family granted is named in the comment above it."""
-    for key in ("CapabilityBoundingSet", "RestrictAddressFamilies"):
-        s = next(s for s in unit if s.key == key)
+    """Each capability, address family and system call granted is named in the comment
+    above it, and each hardening option left out says why in the NOT SET block."""
+    granted = [s for s in unit if s.key in ("CapabilityBoundingSet", "RestrictAddressFamilies")]
+    granted += [
+        s for s in unit if s.key == "SystemCallFilter" and not s.value.startswith(("@", "~"))
+    ]
+    assert len(granted) == 3
+    for s in granted:
+        key = s.key
         assert "RELAXATION" in s.comment, key
         for token in s.value.split():
             assert re.search(rf"\b{token}\b", s.comment), f"{key}: {token} has no reason"
     text = UNIT.read_text()
-    for unset in ("PrivateNetwork", "PrivateUsers", "IPAddressDeny"):
+    for unset in ("PrivateNetwork", "PrivateUsers", "IPAddressDeny", "ProcSubset"):
         assert re.search(rf"^#\s+{unset}=\s+\S", text, re.M), f"why {unset}= is not set"
+        assert values(unit, unset) == [], f"{unset}= is set after all"
 
 
 def test_credentials_in_the_unit_match_the_paths_in_the_example_config(
@@ -499,8 +506,9 @@ def test_sigterm_reports_stopping_before_the_process_exits(node_factory: StartNo
     print(f"STOPPING=1 {stopping.at - t0:.3f} s after SIGTERM; exit after {exited - t0:.3f} s")
 
 
-WATCHDOG_USEC = 200_000
-"""A 0.2 s watchdog: WATCHDOG=1 every 0.1 s, so the timing is visible in a short test."""
+WATCHDOG_USEC = 500_000
+"""A 0.5 s watchdog: WATCHDOG=1 every 0.25 s; short enough for a quick test, with 0.25 s of
+slack for a loaded machine before a ping would count as late."""
 
 
 def _pings(node: Node, since: float, until: float) -> list[float]:
@@ -521,15 +529,15 @@ def test_watchdog_pings_arrive_on_time_and_stop_while_the_process_is_stopped(
 ) -> None:
     node = node_factory(env={"WATCHDOG_USEC": str(WATCHDOG_USEC)})
     _, ready = node.notify.wait_for(has("READY", "1"), 20.0)
-    time.sleep(1.5)
+    time.sleep(2.0)
     pings = _pings(node, ready.at, time.monotonic())
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     print(
-        f"WATCHDOG=1: {len(pings)} pings in 1.5 s, gap median {statistics.median(gaps):.4f} s "
+        f"WATCHDOG=1: {len(pings)} pings in 2 s, gap median {statistics.median(gaps):.4f} s "
         f"max {max(gaps):.4f} s (WATCHDOG_USEC {WATCHDOG_USEC / 1e6} s)"
     )
-    assert len(pings) >= 10
-    assert 0.08 <= statistics.median(gaps) <= 0.13
+    assert len(pings) >= 7
+    assert 0.22 <= statistics.median(gaps) <= 0.32
     # systemd fires when a whole WATCHDOG_USEC passes without a ping: never happened.
     assert max(gaps) < WATCHDOG_USEC / 1e6
 
@@ -569,7 +577,7 @@ def test_watchdog_stops_while_the_control_loop_is_blocked_and_resumes_after(
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(_BLOCKER)
     node = node_factory(
-        env={"WATCHDOG_USEC": str(WATCHDOG_USEC), "PLB_TEST_BLOCK_S": "1.0"},
+        env={"WATCHDOG_USEC": str(WATCHDOG_USEC), "PLB_TEST_BLOCK_S": "1.5"},
         pythonpath_extra=hook_dir,
     )
     node.notify.wait_for(has("READY", "1"), 20.0)
@@ -580,12 +588,12 @@ def test_watchdog_stops_while_the_control_loop_is_blocked_and_resumes_after(
     # Workers are separate processes: traffic still flows while the control loop is stuck.
     assert _get(node.port)[0] == 200
     _, after = node.notify.wait_for(
-        lambda m: "WATCHDOG" in m.fields and m.at > blocked_at + 0.9, 3.0
+        lambda m: "WATCHDOG" in m.fields and m.at > blocked_at + 1.4, 3.0
     )
     pings = _pings(node, blocked_at - 1.0, after.at)
     gap = _max_gap(pings)
-    print(f"watchdog gap, loop blocked 1.0 s: {gap:.3f} s (systemd fires after 0.2 s)")
-    assert gap >= 0.9
+    print(f"watchdog gap, loop blocked 1.5 s: {gap:.3f} s (systemd fires after 0.5 s)")
+    assert gap >= 1.4
     assert gap > WATCHDOG_USEC / 1e6
     assert node.proc.poll() is None
 
@@ -616,7 +624,7 @@ def test_watchdog_stops_while_the_daemon_test_hook_blocks_its_loop(node_factory:
         env={
             "WATCHDOG_USEC": str(WATCHDOG_USEC),
             "PAIRLB_TEST_HOOKS": "1",
-            "PAIRLB_TEST_BLOCK_S": "1.0",
+            "PAIRLB_TEST_BLOCK_S": "1.5",
         }
     )
     node.notify.wait_for(has("READY", "1"), 20.0)
@@ -624,8 +632,8 @@ def test_watchdog_stops_while_the_daemon_test_hook_blocks_its_loop(node_factory:
     blocked_at = time.monotonic()
     os.kill(node.proc.pid, signal.SIGUSR2)
     _, after = node.notify.wait_for(
-        lambda m: "WATCHDOG" in m.fields and m.at > blocked_at + 0.9, 5.0
+        lambda m: "WATCHDOG" in m.fields and m.at > blocked_at + 1.4, 5.0
     )
     gap = _max_gap(_pings(node, blocked_at - 0.5, after.at))
-    assert gap >= 0.9
+    assert gap >= 1.4
     assert node.proc.poll() is None
