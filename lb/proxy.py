@@ -113,6 +113,9 @@ _PARSE_ERRORS: tuple[tuple[str, int, str], ...] = (
 )
 
 
+_RESP_CACHE: dict[bytes, H.ResponseHeaders] = {}
+
+
 class _Reject(Exception):
     """Raised from a parser callback to refuse the request being parsed."""
 
@@ -462,7 +465,17 @@ class _Upstream(_Conn):
         self.head_rest = len(rest)
         self.interim = False
         self.backend_keep = self.parser.should_keep_alive()
-        rh = H.filter_response_block(block)
+        # filter_response_block is pure: a backend that answers alike (within the second
+        # its Date stays the same) costs one dict lookup instead of a scan.
+        cached = _RESP_CACHE.get(block)
+        if cached is not None:
+            rh = cached
+        else:
+            rh = H.filter_response_block(block)
+            if len(block) <= 1024:
+                if len(_RESP_CACHE) >= 512:
+                    _RESP_CACHE.clear()
+                _RESP_CACHE[block] = rh
         keep = req.keep_alive and req.complete and not client.closing and not self.srv.draining
         head_only = req.head_only or status == 204 or status == 304
         extra = b""
