@@ -355,12 +355,15 @@ def test_cli_status_drain_enable_errors(tmp_path: Path) -> None:
         d = in_process_daemon(text, path)
         attach_fake_failover(d, FakeFailover())
         async with serve(admin.make_app(d)) as url:
-            rc, out, err = await pairlb_cli("status", "--admin", url)
+            table, raw = await asyncio.gather(
+                pairlb_cli("status", "--admin", url), pairlb_cli("status", "--admin", url, "--json")
+            )
+            rc, out, err = table
             assert rc == 0, err
             assert "node t1  role MASTER" in out
             for name in ("b1", "b2", "b3", "lb2", "WORKERS"):
                 assert name in out
-            rc, out, _ = await pairlb_cli("status", "--admin", url, "--json")
+            rc, out, _ = raw
             assert rc == 0
             jsonschema.validate(json.loads(out), STATUS_SCHEMA)
 
@@ -375,13 +378,17 @@ def test_cli_status_drain_enable_errors(tmp_path: Path) -> None:
             assert rc == 0 and json.loads(out)["admin_state"] == "enabled"
 
             # Errors: one line each, with the reason, and an exit code a script can test.
-            rc, out, err = await pairlb_cli("drain", "web", "b2", "--admin", url)
+            no_token, bad, unknown = await asyncio.gather(
+                pairlb_cli("drain", "web", "b2", "--admin", url),
+                pairlb_cli("drain", "web", "b2", "--admin", url, "--token-file", str(bad_token)),
+                pairlb_cli("maintenance", "web", "nope", "--admin", url,
+                           "--token-file", token_file),
+            )
+            rc, out, err = no_token
             assert rc == 1 and err.count("\n") == 1 and "401 missing token" in err
-            rc, _, err = await pairlb_cli("drain", "web", "b2", "--admin", url,
-                                          "--token-file", str(bad_token))
+            rc, _, err = bad
             assert (rc, err.strip()) == (1, "pairlb drain: drain web/b2: 403 wrong token")
-            rc, _, err = await pairlb_cli("maintenance", "web", "nope", "--admin", url,
-                                          "--token-file", token_file)
+            rc, _, err = unknown
             assert rc == 1 and "404 no backend named 'nope'" in err
             assert set(admin_states(d).values()) == {"enabled"}
             rc, out, err = await pairlb_cli("switchover", "--admin", url,
@@ -450,9 +457,8 @@ def test_real_pairlb_drain_wait_maintenance_enable(tmp_path: Path) -> None:
             5, "requests in flight at both backends",
         )
         t0 = time.monotonic()
-        res = cli("drain", "web", "b1", "--json", *auth)
-        assert res.returncode == 0, res.stderr
-        assert json.loads(res.stdout)["in_flight"] >= 1
+        status, _, raw = http("POST", lb.admin + "/backends/web/b1/drain", token=lb.token)
+        assert status == 200 and json.loads(raw)["in_flight"] >= 1
         res = cli("drain", "web", "b1", "--wait", "10", *auth)
         waited = time.monotonic() - t0
         assert res.returncode == 0, res.stderr
@@ -468,8 +474,6 @@ def test_real_pairlb_drain_wait_maintenance_enable(tmp_path: Path) -> None:
             assert http("GET", lb.url + "/")[0] == 200
         assert be.stats("b1")["by_method"].get("GET", 0) == before
         assert cli("maintenance", "web", "b1", *auth).returncode == 0
-        out = cli("status", "--admin", lb.admin).stdout
-        assert "maintenance" in out and "role STANDALONE" in out
 
         # Refusals change nothing on the real thing either.
         assert http("POST", lb.admin + "/backends/web/b2/drain")[0] == 401
@@ -477,13 +481,27 @@ def test_real_pairlb_drain_wait_maintenance_enable(tmp_path: Path) -> None:
         states = {b["name"]: b["admin_state"] for b in lb.status()["pools"][0]["backends"]}
         assert states == {"b1": "maintenance", "b2": "enabled"}
 
-        assert cli("enable", "web", "b1", *auth).returncode == 0
+        assert http("POST", lb.admin + "/backends/web/b1/enable", token=lb.token)[0] == 200
         wait_until(lambda: _spread(lb, be), 10, "b1 back in rotation")
         st = lb.status()
         jsonschema.validate(st, STATUS_SCHEMA)
         assert [e["text"] for e in st["events"] if e["kind"] == "admin"] == [
             "web/b1 -> draining", "web/b1 -> maintenance", "web/b1 -> enabled"
         ]
+
+
+@pytest.mark.timeout(60)
+def test_real_pairlb_refuses_a_token_file_others_can_read(tmp_path: Path) -> None:
+    token_file = write_token(tmp_path, mode=0o644)
+    config = tmp_path / "pairlb.toml"
+    config.write_text(config_text(listen_port=free_port(), admin_port=free_port(),
+                                  backends=[("b1", free_port())], token_file=token_file,
+                                  workers=1))
+    proc = subprocess.run([PYTHON, "-m", "lb", "run", "-c", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=45)
+    assert proc.returncode != 0
+    assert f"chmod 600 {token_file}" in proc.stderr
+    assert "event=startup_failed" in proc.stderr
 
 
 def _spread(lb: Pairlb, be: Backends) -> bool:
