@@ -552,7 +552,7 @@ class PairlbCollector:
     def _failover(
         self, st: Mapping[str, Any], add: Callable[[str, Sequence[str], float], None]
     ) -> None:
-        role = str(st["role"])
+        role = str(st["role"]).upper()
         for r in ROLES:
             add("pairlb_role", [r], 1.0 if r == role else 0.0)
         fo = st.get("failover")
@@ -575,12 +575,12 @@ class PairlbCollector:
             add("pairlb_heartbeats_rejected_total", [reason], n)
         for edge, n in sorted((counters.get("transitions") or {}).items()):
             old, _, new = edge.partition("->")
-            add("pairlb_role_transitions_total", [old, new], n)
+            add("pairlb_role_transitions_total", [old.upper(), new.upper()], n)
         for peer in peers:
             name = str(peer.get("name") or ",".join(peer.get("addresses") or []) or "?")
             age = peer.get("last_heard_s")
             add("pairlb_peer_heartbeat_age_seconds", [name], math.inf if age is None else age)
-            prole = str(peer.get("role") or "")
+            prole = str(peer.get("role") or "").upper()
             for r in ROLES[:4]:
                 add("pairlb_peer_role", [name, r], 1.0 if r == prole else 0.0)
             add("pairlb_peer_priority", [name], float(peer.get("priority") or 0))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -449,7 +450,6 @@ def promql_metric_names(expr: str) -> set[str]:
     Grafana variables and grouping clauses are removed, then every identifier that is not a
     function call or a keyword is a metric name.
     """
-    import re
 
     s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     s = re.sub(r"'(?:[^'\\]|\\.)*'", "''", s)
@@ -468,3 +468,85 @@ def promql_metric_names(expr: str) -> set[str]:
             continue
         names.add(word)
     return names
+
+
+# -- a real failover pair on loopback (controllers only; VIPs in memory) ---------------------
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class MemoryVip:
+    """A VIP port that only remembers (no netlink): the controller's contract, nothing more."""
+
+    def __init__(self) -> None:
+        self._holding = False
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
+    async def acquire(self) -> None:
+        self._holding = True
+
+    async def release(self) -> None:
+        self._holding = False
+
+    async def announce(self) -> None:
+        pass
+
+    async def remove_stale(self) -> list[str]:
+        return []
+
+    async def held(self) -> bool:
+        return self._holding
+
+
+def failover_config(node: str, priority: int, port: int, peer_port: int, tmp: Path) -> str:
+    """A node config with [failover]; the pools are identical so the digests match."""
+    base = config_text(
+        node=node,
+        listen_port=free_port(),
+        admin_port=free_port(),
+        backends=[("b1", 1), ("b2", 2)],
+        token_file=write_token(tmp) if not (tmp / "admin.token").exists() else tmp / "admin.token",
+    )
+    # The listener address is part of the digest: both nodes must show the same one.
+    base = re.sub(r'bind = "127\.0\.0\.1:\d+"\npool', 'bind = "127.0.0.1:18000"\npool', base)
+    return base + (
+        "\n[failover]\n"
+        'interface = "plbnone0"\n'
+        'vips = ["192.0.2.10/24"]\n'
+        f'peers = ["{LOOPBACK}:{peer_port}"]\n'
+        f"port = {port}\n"
+        f'bind = "{LOOPBACK}"\n'
+        f"priority = {priority}\n"
+        "interval_s = 0.05\n"
+    )
+
+
+def attach_real_failover(daemon: Any, key: bytes) -> Any:
+    """Give an in-process daemon a real FailoverController (real heartbeats over UDP on
+    127.0.0.1, real role machine) with its VIPs in memory; returns the controller."""
+    import failover
+
+    fcfg = daemon.cfg.failover
+    spec = failover.FailoverSpec(
+        node_name=daemon.cfg.node.name,
+        interface=fcfg.interface,
+        vips=fcfg.vips,
+        priority=fcfg.priority,
+        peers=fcfg.peers,
+        key=key,
+        port=fcfg.port,
+        bind=fcfg.bind,
+        interval_s=fcfg.interval_s,
+        config_digest=daemon.cfg.digest_bytes(failover.DIGEST_LEN),
+    )
+    ctl = failover.FailoverController(spec, MemoryVip())
+    ctl.set_local_health(True, 2, 2)
+    daemon.failover = ctl
+    return ctl

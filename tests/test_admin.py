@@ -1,9 +1,11 @@
 """The admin API and the ``pairlb status|drain|enable|...`` commands, as an operator uses them.
 
 Most tests serve the real admin app of a real ``Daemon`` object (pools built, no workers) on
-127.0.0.1 and talk HTTP to it, with aiohttp or the real CLI in a subprocess. The last test
-runs ``pairlb run`` with 2 workers and real backends: drain under load, wait for zero in
-flight, maintenance, enable, readiness, auth, all through the CLI.
+127.0.0.1 and talk HTTP to it, with aiohttp or the real CLI in a subprocess. Real-process
+tests: ``pairlb run`` with 2 workers and real backends (drain under load, wait for zero in
+flight, maintenance, enable, readiness, auth), ``pairlb run`` refusing a readable token file,
+and two real failover controllers heartbeating over UDP on 127.0.0.1 (VIPs in memory):
+status schema, role metrics and a switchover through the API.
 """
 
 from __future__ import annotations
@@ -29,18 +31,24 @@ from admin_helpers import (
     FakeFailover,
     Pairlb,
     attach_fake_failover,
+    attach_real_failover,
     config_text,
+    failover_config,
     free_port,
+    free_udp_port,
     http,
     in_process_daemon,
+    parse_metrics,
     serve,
     wait_until,
     write_token,
 )
 from aiohttp import web
 
+import failover
 from lb import admin
 from lb import config as config_mod
+from lb.metrics import ROLES
 
 TOKEN = "s3cret-token-for-tests"
 STATUS_SCHEMA = json.loads(SCHEMA.read_text())
@@ -509,3 +517,77 @@ def _spread(lb: Pairlb, be: Backends) -> bool:
     for _ in range(6):
         http("GET", lb.url + "/")
     return bool(be.stats("b1")["by_method"].get("GET", 0) > before)
+
+
+# -- a real failover pair (controllers, heartbeats over UDP on 127.0.0.1, VIPs in memory) ----
+
+
+@pytest.mark.timeout(60)
+def test_real_failover_pair_status_metrics_and_switchover(tmp_path: Path) -> None:
+    """Two real FailoverControllers hear each other; the admin API of each daemon shows the
+    truth (schema-valid), and POST /failover/switchover hands the VIP over."""
+
+
+    port_a, port_b = free_udp_port(), free_udp_port()
+    key = failover.generate_key()
+
+    async def body() -> None:
+        a = in_process_daemon(failover_config("lb1", 150, port_a, port_b, tmp_path))
+        b = in_process_daemon(failover_config("lb2", 100, port_b, port_a, tmp_path))
+        ctl_a, ctl_b = attach_real_failover(a, key), attach_real_failover(b, key)
+        async with serve(admin.make_app(a)) as url_a, serve(admin.make_app(b)) as url_b:
+            await ctl_a.start()
+            await ctl_b.start()
+            try:
+                async with aiohttp.ClientSession() as s:
+
+                    async def roles() -> tuple[str, str]:
+                        sa = (await _req(s, "GET", url_a + "/status"))[1]
+                        sb = (await _req(s, "GET", url_b + "/status"))[1]
+                        return sa["role"], sb["role"]
+
+                    deadline = time.monotonic() + 10
+                    while await roles() != ("MASTER", "BACKUP"):
+                        assert time.monotonic() < deadline, await roles()
+                        await asyncio.sleep(0.05)
+                    status, st, _ = await _req(s, "GET", url_a + "/status")
+                    jsonschema.validate(st, STATUS_SCHEMA)
+                    fo = st["failover"]
+                    assert fo["vip_held"] is True and fo["priority"] == 150
+                    peer = fo["peers"][0]
+                    assert (peer["name"], peer["role"], peer["priority"]) == ("lb2", "BACKUP", 100)
+                    assert peer["config_digest_match"] is True
+                    assert peer["last_heard_s"] < 1.0
+
+                    metrics_a = (await _req(s, "GET", url_a + "/metrics"))[1]
+                    m = parse_metrics(metrics_a)
+                    role = {r: m[("pairlb_role", frozenset({("role", r)}))] for r in ROLES}
+                    assert role == {"MASTER": 1, "BACKUP": 0, "FAULT": 0, "INIT": 0,
+                                    "STANDALONE": 0}
+                    assert m[("pairlb_vip_held", frozenset())] == 1
+                    assert m[("pairlb_heartbeats_received_total", frozenset())] > 0
+                    assert m[("pairlb_peer_role", frozenset({("peer", "lb2"),
+                                                             ("role", "BACKUP")}))] == 1
+                    assert any(n == "pairlb_role_transitions_total" and ("to", "MASTER") in lbl
+                               for (n, lbl) in m)
+
+                    # Planned handover through the API: lb2 takes the VIP, lb1 lets go.
+                    status, res, _ = await _req(s, "POST", url_a + "/failover/switchover",
+                                                token=TOKEN)
+                    assert status == 200 and res["ok"] is True, res
+                    deadline = time.monotonic() + 10
+                    while await roles() != ("BACKUP", "MASTER"):
+                        assert time.monotonic() < deadline, await roles()
+                        await asyncio.sleep(0.05)
+                    status, st, _ = await _req(s, "GET", url_b + "/status")
+                    jsonschema.validate(st, STATUS_SCHEMA)
+                    assert st["failover"]["vip_held"] is True
+                    # lb1 is BACKUP now: a second switchover from it is refused, clearly.
+                    status, err, _ = await _req(s, "POST", url_a + "/failover/switchover",
+                                                token=TOKEN)
+                    assert status == 409 and "not MASTER" in err["error"], err
+            finally:
+                await ctl_a.stop(graceful=False)
+                await ctl_b.stop(graceful=False)
+
+    run(body())
