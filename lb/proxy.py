@@ -350,7 +350,7 @@ class _Upstream(_Conn):
             self.reusable = False
             self._complete()
         else:
-            self.req = None
+            self.detach()
             client.upstream_failed(req, self, "reset" if req.resp_started else "closed")
         srv.flush()
 

@@ -712,3 +712,31 @@ def test_max_connections_leaves_the_rest_in_the_backlog() -> None:
         await stop_all([be])
 
     run(scenario())
+
+
+def test_backend_killed_under_load_costs_idempotent_clients_nothing() -> None:
+    def slowish(seen: Seen, be: CountingBackend) -> Any:
+        return ("delay", 0.005, ok_behaviour(seen, be))
+
+    async def scenario() -> None:
+        bes = await backends("a", "b", "c", behaviour=slowish)
+        async with proxy_in_front_of(bes) as px:
+            statuses: list[int] = []
+
+            async def client(i: int) -> None:
+                c = await RawClient.connect(px.port)
+                for j in range(30):
+                    await c.send(get(f"/{i}/{j}"))
+                    statuses.append((await c.response()).status)
+                await c.close()
+
+            load = asyncio.gather(*(client(i) for i in range(10)))
+            await asyncio.sleep(0.1)
+            await bes[1].stop()  # like kill -9: listener gone, connections reset
+            await load
+            assert len(statuses) == 300
+            assert set(statuses) == {200}, [s for s in statuses if s != 200]
+            await wait_for(lambda: px.in_flight == 0)
+        await stop_all([bes[0], bes[2]])
+
+    run(scenario())
