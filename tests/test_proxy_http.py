@@ -740,3 +740,59 @@ def test_backend_killed_under_load_costs_idempotent_clients_nothing() -> None:
         await stop_all([bes[0], bes[2]])
 
     run(scenario())
+
+
+def test_make_listen_socket_ipv6_and_freebind() -> None:
+    import socket
+
+    from lb.config import ListenerConfig
+    from lb.proxy import make_listen_socket
+
+    s6 = make_listen_socket(ListenerConfig(name="v6", bind=f"[::1]:{free_port()}", pool="p"))
+    assert s6.family == socket.AF_INET6
+    assert s6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    assert not s6.getblocking()
+    s6.close()
+    # A standby binds the VIP before it holds it: an address this host does not have.
+    # (Bound only; nothing is ever sent to or from it.)
+    sf = make_listen_socket(ListenerConfig(name="vip", bind="192.0.2.77:18080", pool="p"))
+    assert sf.getsockname() == ("192.0.2.77", 18080)
+    sf.close()
+    with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+        nonlocal_bind = f.read().strip() == "1"
+    if not nonlocal_bind:  # else the host allows it anyway
+        with pytest.raises(OSError):
+            make_listen_socket(
+                ListenerConfig(name="vip", bind="192.0.2.77:18080", pool="p", freebind=False)
+            )
+
+
+def test_ipv6_client_through_proxy() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        from lb.config import ListenerConfig, PoolConfig
+        from lb.pool import build_pool
+        from lb.proxy import ProxyServer, make_listen_socket
+        from lb.stats import Stats
+
+        port = free_port()
+        lcfg = ListenerConfig(name="v6", bind=f"[::1]:{port}", pool="p")
+        pcfg = PoolConfig.model_validate(
+            {"name": "p", "backends": [{"name": "web1", "address": be.address}]}
+        )
+        srv = ProxyServer(lcfg, build_pool("p", "round_robin", [("web1", "127.0.0.1",
+                                                                  be.port, 1.0)]),
+                          pcfg, Stats())
+        sock = make_listen_socket(lcfg)
+        await srv.start(sock)
+        c = await RawClient.connect(port, host="::1")
+        await c.send(get())
+        assert (await c.response()).status == 200
+        await c.close()
+        assert be.requests[0].header("forwarded") == 'for="[::1]";proto=http'
+        assert be.requests[0].header("x-forwarded-for") == "::1"
+        srv.close()
+        sock.close()
+        await stop_all([be])
+
+    run(scenario())
