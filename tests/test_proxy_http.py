@@ -545,6 +545,9 @@ def test_in_flight_returns_to_zero_after_error_battery() -> None:
         await asyncio.sleep(0.05)
         c.writer.transport.abort()
         await wait_for(lambda: px.in_flight == 0, 5)
+        # Exactly one release per pick: none left over, none given back twice.
+        assert [b.in_flight for b in px.pool.backends] == [0, 0, 0]
+        assert sum(b.requests for b in px.pool.backends) > 10
         assert not px.server.clients  # type: ignore[union-attr]
         await stop_proxy(px)
         await stop_all(bes)
