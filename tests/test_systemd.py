@@ -420,92 +420,6 @@ def _log_tail(node: Node) -> str:
     return node.log.read_text()[-3000:]
 
 
-@pytest.mark.timeout(60)
-def test_ready_arrives_only_once_the_listener_serves(node_factory: StartNode) -> None:
-    node = node_factory()
-    t0 = time.monotonic()
-    try:
-        _, ready = node.notify.wait_for(has("READY", "1"), 20.0)
-    except AssertionError:
-        raise AssertionError(_log_tail(node)) from None
-    # The very first request after READY=1 is served: no retry, no connection refused.
-    status, backend = _get(node.port)
-    served_at = time.monotonic()
-    assert (status, backend) == (200, "b1")
-    print(f"READY after {ready.at - t0:.3f} s; first request {served_at - ready.at:.3f} s later")
-    # READY carries the first status line, so `systemctl status` is never blank.
-    assert re.fullmatch(r"role=STANDALONE backends_up=\d+/1 workers=1", ready.fields["STATUS"])
-    assert ready.pid == node.proc.pid
-    # Nothing was sent before READY except by the control process, and nothing at all by
-    # the workers: with NotifyAccess=main systemd would drop (and log) any such message.
-    assert node.messages_from_others() == []
-
-
-@pytest.mark.timeout(60)
-def test_status_carries_role_and_backend_counts_and_follows_changes(
-    node_factory: StartNode,
-) -> None:
-    node = node_factory(live=("b1", "b2"), dead=("b3",))
-    node.notify.wait_for(has("READY", "1"), 20.0)
-    i, _ = node.notify.wait_for(
-        lambda m: m.fields.get("STATUS") == "role=STANDALONE backends_up=2/3 workers=1", 10.0
-    )
-    # A backend dies: `systemctl status` says so within a check interval plus the 1 s refresh.
-    killed_at = time.monotonic()
-    _stop(node.backends["b2"], group=True)
-    _, m = node.notify.wait_for(
-        lambda m: m.fields.get("STATUS") == "role=STANDALONE backends_up=1/3 workers=1",
-        10.0,
-        start=i + 1,
-    )
-    delay = m.at - killed_at
-    print(f"STATUS showed the dead backend {delay:.3f} s after it died")
-    assert delay < 2.5
-    assert node.messages_from_others() == []
-
-
-@pytest.mark.timeout(60)
-def test_sighup_reports_reloading_with_monotonic_usec_then_ready(node_factory: StartNode) -> None:
-    node = node_factory(live=("b1", "b2"))
-    i, _ = node.notify.wait_for(has("READY", "1"), 20.0)
-    node.cfg.write_text(_config(node.port, node.backend_ports, {"b2": 3}, []))
-    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    os.kill(node.proc.pid, signal.SIGHUP)
-    j, reloading = node.notify.wait_for(has("RELOADING", "1"), 10.0, start=i + 1)
-    k, ready = node.notify.wait_for(has("READY", "1"), 10.0, start=j + 1)
-    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    assert before <= int(reloading.fields["MONOTONIC_USEC"]) <= after
-    print(f"reload took {ready.at - reloading.at:.3f} s (RELOADING=1 -> READY=1)")
-    # The reload took effect: b2 now gets three times b1's share.
-    seen = [_get(node.port)[1] for _ in range(40)]
-    assert seen.count("b2") >= 2 * seen.count("b1"), seen
-
-    # A broken file: still RELOADING then READY (systemd must not stay in "reloading"), the
-    # process lives on and keeps serving with the old config.
-    node.cfg.write_text("[node\nname = ")
-    os.kill(node.proc.pid, signal.SIGHUP)
-    m, _ = node.notify.wait_for(has("RELOADING", "1"), 10.0, start=k + 1)
-    node.notify.wait_for(has("READY", "1"), 10.0, start=m + 1)
-    assert node.proc.poll() is None
-    assert _get(node.port)[0] == 200
-    assert "event=reload_failed" in node.log.read_text()
-    assert node.messages_from_others() == []
-
-
-@pytest.mark.timeout(60)
-def test_sigterm_reports_stopping_before_the_process_exits(node_factory: StartNode) -> None:
-    node = node_factory()
-    i, _ = node.notify.wait_for(has("READY", "1"), 20.0)
-    t0 = time.monotonic()
-    os.kill(node.proc.pid, signal.SIGTERM)
-    _, stopping = node.notify.wait_for(has("STOPPING", "1"), 10.0, start=i + 1)
-    rc = node.proc.wait(15.0)
-    exited = time.monotonic()
-    assert rc == 0, _log_tail(node)
-    assert stopping.at <= exited
-    print(f"STOPPING=1 {stopping.at - t0:.3f} s after SIGTERM; exit after {exited - t0:.3f} s")
-
-
 WATCHDOG_USEC = 500_000
 """A 0.5 s watchdog: WATCHDOG=1 every 0.25 s; short enough for a quick test, with 0.25 s of
 slack for a loaded machine before a ping would count as late."""
@@ -521,6 +435,87 @@ def _pings(node: Node, since: float, until: float) -> list[float]:
 
 def _max_gap(times: list[float]) -> float:
     return max(b - a for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.timeout(60)
+def test_ready_only_once_serving_and_status_follows_the_backends(node_factory: StartNode) -> None:
+    # WATCHDOG_PID names another process (as when systemd watches a wrapper): this one must
+    # then never ping, however long it runs.
+    node = node_factory(
+        live=("b1", "b2"),
+        dead=("b3",),
+        env={"WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": "1"},
+    )
+    t0 = time.monotonic()
+    try:
+        _, ready = node.notify.wait_for(has("READY", "1"), 20.0)
+    except AssertionError:
+        raise AssertionError(_log_tail(node)) from None
+    # The very first request after READY=1 is served: no retry, no connection refused.
+    status, backend = _get(node.port)
+    served_at = time.monotonic()
+    assert status == 200 and backend in ("b1", "b2")
+    print(f"READY after {ready.at - t0:.3f} s; first request {served_at - ready.at:.3f} s later")
+    # READY carries the first status line, so `systemctl status` is never blank.
+    assert re.fullmatch(r"role=STANDALONE backends_up=\d/3 workers=1", ready.fields["STATUS"])
+    assert ready.pid == node.proc.pid
+
+    i, _ = node.notify.wait_for(
+        lambda m: m.fields.get("STATUS") == "role=STANDALONE backends_up=2/3 workers=1", 10.0
+    )
+    # A backend dies: `systemctl status` says so within a check interval plus the 1 s refresh.
+    killed_at = time.monotonic()
+    _stop(node.backends["b2"], group=True)
+    _, m = node.notify.wait_for(
+        lambda m: m.fields.get("STATUS") == "role=STANDALONE backends_up=1/3 workers=1",
+        10.0,
+        start=i + 1,
+    )
+    delay = m.at - killed_at
+    print(f"STATUS showed the dead backend {delay:.3f} s after it died")
+    assert delay < 2.5
+    assert _pings(node, 0.0, time.monotonic()) == []
+    # Everything came from the control process, nothing from the workers: with
+    # NotifyAccess=main systemd would drop (and log) any other sender's message.
+    assert node.messages_from_others() == []
+
+
+@pytest.mark.timeout(60)
+def test_sighup_reports_reloading_then_ready_and_sigterm_stopping(node_factory: StartNode) -> None:
+    node = node_factory(live=("b1", "b2"))
+    i, _ = node.notify.wait_for(has("READY", "1"), 20.0)
+    node.cfg.write_text(_config(node.port, node.backend_ports, {"b2": 3}, []))
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    os.kill(node.proc.pid, signal.SIGHUP)
+    j, reloading = node.notify.wait_for(has("RELOADING", "1"), 10.0, start=i + 1)
+    k, ready = node.notify.wait_for(has("READY", "1"), 10.0, start=j + 1)
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    # CLOCK_MONOTONIC is one clock for every process: systemd compares it with its own.
+    assert before <= int(reloading.fields["MONOTONIC_USEC"]) <= after
+    print(f"reload took {ready.at - reloading.at:.3f} s (RELOADING=1 -> READY=1)")
+    # The reload took effect: b2 now gets three times b1's share.
+    seen = [_get(node.port)[1] for _ in range(40)]
+    assert seen.count("b2") >= 2 * seen.count("b1"), seen
+
+    # A broken file: still RELOADING then READY (systemd must not stay in "reloading"), the
+    # process lives on and keeps serving with the old config.
+    node.cfg.write_text("[node\nname = ")
+    os.kill(node.proc.pid, signal.SIGHUP)
+    m, _ = node.notify.wait_for(has("RELOADING", "1"), 10.0, start=k + 1)
+    n, _ = node.notify.wait_for(has("READY", "1"), 10.0, start=m + 1)
+    assert node.proc.poll() is None
+    assert _get(node.port)[0] == 200
+    assert "event=reload_failed" in node.log.read_text()
+
+    t0 = time.monotonic()
+    os.kill(node.proc.pid, signal.SIGTERM)
+    _, stopping = node.notify.wait_for(has("STOPPING", "1"), 10.0, start=n + 1)
+    rc = node.proc.wait(15.0)
+    exited = time.monotonic()
+    assert rc == 0, _log_tail(node)
+    assert stopping.at <= exited
+    print(f"STOPPING=1 {stopping.at - t0:.3f} s after SIGTERM; exit after {exited - t0:.3f} s")
+    assert node.messages_from_others() == []
 
 
 @pytest.mark.timeout(60)
@@ -596,17 +591,6 @@ def test_watchdog_stops_while_the_control_loop_is_blocked_and_resumes_after(
     assert gap >= 1.4
     assert gap > WATCHDOG_USEC / 1e6
     assert node.proc.poll() is None
-
-
-@pytest.mark.timeout(60)
-def test_watchdog_is_silent_when_systemd_addressed_it_to_another_pid(
-    node_factory: StartNode,
-) -> None:
-    """WATCHDOG_PID names the process systemd watches; anyone else must not ping."""
-    node = node_factory(env={"WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": "1"})
-    node.notify.wait_for(has("READY", "1"), 20.0)
-    time.sleep(0.6)
-    assert _pings(node, 0.0, time.monotonic()) == []
 
 
 def _hook_exists() -> bool:
