@@ -475,12 +475,17 @@ class PairlbCollector:
         add: Callable[[str, Sequence[str], float], None],
         fams: dict[str, Metric],
     ) -> None:
-        for pool, backends in sorted(totals.get("requests", {}).items()):
-            for backend, classes in sorted(backends.items()):
-                for cls in CLASSES:
-                    n = classes.get(cls, 0)
-                    if n:
-                        add("pairlb_requests_total", [pool, backend, cls], n)
+        # Every configured backend and class from the start, at 0: Prometheus's rate() and
+        # increase() cannot see the first increment of a series that appears with it.
+        requests = totals.get("requests", {})
+        configured = {(p.name, b.name) for p in self.daemon.cfg.pool for b in p.backends}
+        seen = {(p, b) for p, backends in requests.items() for b in backends}
+        for pool, backend in sorted(configured | seen):
+            classes = requests.get(pool, {}).get(backend, {})
+            for cls in CLASSES:
+                n = classes.get(cls, 0)
+                if n or (pool, backend) in configured:
+                    add("pairlb_requests_total", [pool, backend, cls], n)
         hist = fams["pairlb_request_duration_seconds"]
         assert isinstance(hist, HistogramMetricFamily)
         for pool, h in sorted(totals.get("duration", {}).items()):
@@ -571,11 +576,19 @@ class PairlbCollector:
         add("pairlb_vip_errors_total", [], counters.get("vip_errors", 0))
         add("pairlb_heartbeats_sent_total", [], counters.get("heartbeats_sent", 0))
         add("pairlb_heartbeats_received_total", [], counters.get("heartbeats_received", 0))
-        for reason, n in sorted((counters.get("rejected") or {}).items()):
+        import failover  # only with [failover]; its public names only
+
+        # Known reasons and role changes exported at 0 from the start (see _traffic).
+        rejected = {str(r): 0 for r in failover.RejectReason}
+        rejected.update(counters.get("rejected") or {})
+        for reason, n in sorted(rejected.items()):
             add("pairlb_heartbeats_rejected_total", [reason], n)
-        for edge, n in sorted((counters.get("transitions") or {}).items()):
+        edges = {(a, b): 0 for a in ROLES[:4] for b in ROLES[:4] if a != b}
+        for edge, n in (counters.get("transitions") or {}).items():
             old, _, new = edge.partition("->")
-            add("pairlb_role_transitions_total", [old.upper(), new.upper()], n)
+            edges[(old.upper(), new.upper())] = n
+        for (old, new), n in sorted(edges.items()):
+            add("pairlb_role_transitions_total", [old, new], n)
         for peer in peers:
             name = str(peer.get("name") or ",".join(peer.get("addresses") or []) or "?")
             age = peer.get("last_heard_s")

@@ -550,3 +550,75 @@ def attach_real_failover(daemon: Any, key: bytes) -> Any:
     ctl.set_local_health(True, 2, 2)
     daemon.failover = ctl
     return ctl
+
+
+class LoopThread:
+    """An event loop in a thread, for in-process servers that must keep serving while the
+    test's own thread blocks (subprocesses, urllib, sleeps)."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout_s: float = 30.0) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def failover_pair(tmp: Path) -> Iterator[dict[str, Any]]:
+    """Two in-process daemons (lb1 priority 150, lb2 priority 100) with real failover
+    controllers and their admin apps, served from a LoopThread until the context ends.
+
+    Yields ``{"urls": {"lb1": url, "lb2": url}, "daemons": {...}, "thread": LoopThread}``;
+    lb1 is MASTER and lb2 BACKUP when it yields.
+    """
+    import asyncio
+
+    import failover
+    from lb import admin
+
+    lt = LoopThread()
+    key = failover.generate_key()
+    port_a, port_b = free_udp_port(), free_udp_port()
+    state: dict[str, Any] = {"urls": {}, "daemons": {}, "thread": lt}
+    stack = contextlib.AsyncExitStack()
+    controllers: list[Any] = []
+
+    async def up() -> None:
+        for name, prio, mine, peer in (("lb1", 150, port_a, port_b), ("lb2", 100, port_b, port_a)):
+            d = in_process_daemon(failover_config(name, prio, mine, peer, tmp))
+            controllers.append(attach_real_failover(d, key))
+            state["daemons"][name] = d
+            state["urls"][name] = await stack.enter_async_context(serve(admin.make_app(d)))
+        for ctl in controllers:
+            await ctl.start()
+        deadline = asyncio.get_running_loop().time() + 10
+        while [d.role() for d in state["daemons"].values()] != ["MASTER", "BACKUP"]:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("the pair did not elect lb1")
+            await asyncio.sleep(0.05)
+
+    async def down() -> None:
+        for ctl in controllers:
+            await ctl.stop(graceful=False)
+        await stack.aclose()
+
+    try:
+        lt.run(up())
+        yield state
+    finally:
+        try:
+            lt.run(down())
+        finally:
+            lt.close()

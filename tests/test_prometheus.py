@@ -28,6 +28,7 @@ from admin_helpers import (
     Backends,
     Pairlb,
     drive,
+    failover_pair,
     free_port,
     get_json,
     http,
@@ -51,6 +52,30 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pairlb, Bac
     tmp = tmp_path_factory.mktemp("pairlb")
     with Backends(["b1", "b2"]) as be, Pairlb(tmp, be, workers=2, response_timeout_s=0.5) as lb:
         yield lb, be
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with failover_pair(tmp_path_factory.mktemp("pair")) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def prom(
+    node: tuple[Pairlb, Backends], pair: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not installed")
+    lb, _ = node
+    jobs = {
+        "pairlb": [f"{LOOPBACK}:{lb.admin_port}"],
+        "pairlb-pair": [u.removeprefix("http://") for u in pair["urls"].values()],
+    }
+    p = Prometheus(tmp_path_factory.mktemp("prometheus"), jobs)
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 def scrape(lb: Pairlb) -> Any:
@@ -134,24 +159,28 @@ def test_promtool_check_metrics_on_a_real_scrape(node: tuple[Pairlb, Backends]) 
     assert total(s, "pairlb_health_checks_total", status="L7_OK") > 0
 
 
-def _substitute(expr: str) -> str:
-    for var, value in (("$__rate_interval", "10s"), ("$__range", "1m"), ("$job", "pairlb"),
+def _substitute(expr: str, job: str = "pairlb") -> str:
+    for var, value in (("$__rate_interval", "10s"), ("$__range", "1m"), ("$job", job),
                        ("$instance", ".*")):
         expr = expr.replace(var, value)
     return expr
 
 
 class Prometheus:
-    """Debian's prometheus, scraping one target every second, in a temp dir; killed by PID."""
+    """Debian's prometheus scraping every second, in a temp dir; stopped by PID."""
 
-    def __init__(self, tmp: Path, target: str) -> None:
+    def __init__(self, tmp: Path, jobs: dict[str, list[str]]) -> None:
         self.port = free_port()
         self.tmp = tmp
+        scrape = "".join(
+            f"  - job_name: {job}\n    static_configs:\n      - targets: {targets!r}\n"
+            for job, targets in jobs.items()
+        )
         (tmp / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: pairlb\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
+            f"scrape_configs:\n{scrape}"
         )
+        self.started = time.monotonic()
         self.log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
@@ -188,9 +217,8 @@ class Prometheus:
         self.log.close()
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
 def test_real_prometheus_scrapes_pairlb_and_runs_the_dashboard(
-    node: tuple[Pairlb, Backends], tmp_path: Path
+    node: tuple[Pairlb, Backends], prom: Prometheus
 ) -> None:
     lb, _ = node
     # Some of everything the dashboard shows: a backend too slow (504, response_timeout),
@@ -204,42 +232,84 @@ def test_real_prometheus_scrapes_pairlb_and_runs_the_dashboard(
     wait_until(lambda: total(scrape(lb), "pairlb_backend_errors_total") == 1, 5, "504 error")
     time.sleep(0.6)
     want = total(scrape(lb), "pairlb_requests_total")
-    t0 = time.monotonic()
-    prom = Prometheus(tmp_path, f"{LOOPBACK}:{lb.admin_port}")
-    try:
-        wait_until(lambda: prom.value("sum(pairlb_requests_total)") == want, 25,
-                   f"Prometheus to see {want:.0f} requests", 0.2)
-        took = time.monotonic() - t0
-        assert prom.value('up{job="pairlb"}') == 1
-        assert prom.value('pairlb_role{role="STANDALONE"}') == 1
-        assert prom.value('count(pairlb_worker_ready == 1)') == 2
-        # Rates need two scrapes of the same series.
-        wait_until(lambda: prom.value("count(rate(pairlb_requests_total[10s]))"), 10, "a rate")
-        print(f"Prometheus answered sum(pairlb_requests_total) = {want:.0f} "
-              f"{took:.1f} s after it started")
+    q = 'sum(pairlb_requests_total{job="pairlb"})'
+    wait_until(lambda: prom.value(q) == want, 25, f"Prometheus to see {want:.0f} requests", 0.2)
+    took = time.monotonic() - prom.started
+    assert prom.value('up{job="pairlb"}') == 1
+    assert prom.value('pairlb_role{job="pairlb", role="STANDALONE"}') == 1
+    assert prom.value('count(pairlb_worker_ready{job="pairlb"} == 1)') == 2
+    # Rates need two scrapes of the same series.
+    wait_until(lambda: prom.value("count(rate(pairlb_requests_total[10s]))"), 10, "a rate")
+    print(f"Prometheus answered sum(pairlb_requests_total) = {want:.0f} "
+          f"{took:.1f} s after it started")
 
-        # Every dashboard query runs; the core panels have data from a standalone node.
-        dash = json.loads(DASHBOARD.read_text())
-        scraped = {
-            fam.name + ("_total" if fam.type == "counter" else "")
-            for fam in text_string_to_metric_families(lb.metrics())
-        } | {"pairlb_build_info", "pairlb_config_info"}
-        failover_only = {m.name for m in metrics.METRICS if m.failover_only}
-        with_data: dict[str, bool] = {}
-        for p in dash["panels"]:
-            for t in p.get("targets", []):
-                expr = _substitute(t["expr"])
-                for name in promql_metric_names(expr):
-                    fam = metrics.family_of(name)
-                    assert fam in scraped | failover_only, (p["title"], name)
-                res = prom.query(expr)
-                assert res["status"] == "success", (p["title"], expr, res)
-                with_data[p["title"]] = with_data.get(p["title"], False) or bool(
-                    res["data"]["result"]
-                )
-        for title in ("Role per node", "Request rate per backend", "Latency percentiles",
-                      "Backend health timeline", "Pools", "Worker restarts", "CPU",
-                      "Memory and reloads"):
-            assert with_data[title], f"panel {title!r} shows nothing for a live node"
-    finally:
-        prom.stop()
+    # Every dashboard query runs; the core panels have data from a standalone node.
+    dash = json.loads(DASHBOARD.read_text())
+    scraped = {
+        fam.name + ("_total" if fam.type == "counter" else "")
+        for fam in text_string_to_metric_families(lb.metrics())
+    } | {"pairlb_build_info", "pairlb_config_info"}
+    failover_only = {m.name for m in metrics.METRICS if m.failover_only}
+    with_data: dict[str, bool] = {}
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            expr = _substitute(t["expr"])
+            for name in promql_metric_names(expr):
+                fam = metrics.family_of(name)
+                assert fam in scraped | failover_only, (p["title"], name)
+            res = prom.query(expr)
+            assert res["status"] == "success", (p["title"], expr, res)
+            with_data[p["title"]] = with_data.get(p["title"], False) or bool(
+                res["data"]["result"]
+            )
+    for title in ("Role per node", "Request rate per backend", "Latency percentiles",
+                  "Backend health timeline", "Pools", "Worker restarts", "CPU",
+                  "Memory and reloads"):
+        assert with_data[title], f"panel {title!r} shows nothing for a live node"
+
+
+def _alert_expr(name: str) -> str:
+    from test_alert_rules import rules
+
+    return rules()[name]
+
+
+def test_prometheus_shows_the_pair_and_follows_a_switchover(
+    pair: dict[str, Any], prom: Prometheus
+) -> None:
+    """Two nodes with real failover controllers: the dashboard's failover panels and the
+    split-brain alerts see the truth, before and after a switchover through the admin API."""
+    dash = json.loads(DASHBOARD.read_text())
+    panel = {p["title"]: p for p in dash["panels"]}
+
+    def active() -> list[str]:
+        expr = _substitute(panel["Active node"]["targets"][0]["expr"], "pairlb-pair")
+        try:
+            res = prom.query(expr)["data"]["result"]
+        except (OSError, AssertionError):
+            return []
+        return sorted(r["metric"]["node"] for r in res)
+
+    wait_until(lambda: active() == ["lb1"], 20, "Prometheus to show lb1 active", 0.2)
+    roles = prom.query(_substitute(panel["Role per node"]["targets"][0]["expr"], "pairlb-pair"))
+    by_node = {r["metric"]["node"]: r["value"][1] for r in roles["data"]["result"]}
+    assert by_node == {"lb1": "4", "lb2": "3"}  # the panel's mapping: MASTER, BACKUP
+    for title in ("Peer heartbeat age", "Heartbeats", "VIP and peers"):
+        exprs = [_substitute(t["expr"], "pairlb-pair") for t in panel[title]["targets"]]
+        # Rates need two scrapes: give Prometheus a few seconds.
+        wait_until(lambda e=exprs: any(prom.query(x)["data"]["result"] for x in e), 10,
+                   f"panel {title!r} to show the pair", 0.3)
+    for alert in ("PairlbNoMaster", "PairlbTwoMasters", "PairlbConfigDigestMismatch"):
+        assert prom.query(_alert_expr(alert))["data"]["result"] == [], alert
+    assert prom.value('sum(pairlb_role{job="pairlb-pair", role="MASTER"})') == 1
+
+    token = (pair["daemons"]["lb1"].cfg.admin.token_file and
+             Path(pair["daemons"]["lb1"].cfg.admin.token_file).read_text().strip())
+    status, _, body = http("POST", pair["urls"]["lb1"] + "/failover/switchover", token=token)
+    assert status == 200, body
+    wait_until(lambda: active() == ["lb2"], 10, "Prometheus to show lb2 active", 0.2)
+    changes = prom.value(
+        'sum(increase(pairlb_role_transitions_total{job="pairlb-pair", to="MASTER"}[1m]))'
+    )
+    assert changes is not None and changes >= 1
+
