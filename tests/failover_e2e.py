@@ -1,0 +1,1135 @@
+"""Real-host failover harness: two pairlb processes, a client and three backends in namespaces.
+
+Shared by tests/test_failover_e2e.py (one run per scenario, asserts the targets of issue 4)
+and bench/failover.py (many runs, prints the table for docs/operations.md).
+
+Topology (tests/netns.py, one bridge): client .11, lb1 .12 (priority 150), lb2 .13 (priority
+100), web1..3 .14-.16, VIP .100/24. Each LB runs `python -m lb run -c CFG` in its namespace
+with the admin app on its own 127.0.0.1:9900 (namespaces have their own loopback).
+
+What is measured, and how, without trusting the code under test:
+
+- `Prober`: a subprocess in the client namespace sends `GET /` to the VIP every 10 ms, each
+  on a new connection with a short deadline (a fresh connection is what a new client does
+  during a failover), and writes one line per attempt: start, end, status, and which LB
+  carried it. The backends here are lb.backend_app with one extra response header,
+  `X-Peer`, the address the request came from: the LB's own address, so the client knows
+  which node answered (pairlb's own Via says only "pairlb").
+- `VipWatch`: rtnetlink address events from lb1 and lb2 (a socket opened inside each
+  namespace, subscribed to RTNLGRP_IPV4_IFADDR): exact times at which each kernel gained or
+  lost the VIP, so "both held it at once, for how long" comes from the kernel itself.
+- Times everywhere are CLOCK_MONOTONIC (time.monotonic), one clock for every process.
+
+Run as a script it is the two helper programs (`backend NAME HOST:PORT`, `probe URL OUT`).
+Imports lb and failover only lazily (the helpers must start fast); never pyroute2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import netns
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
+NODES = ("client", "lb1", "lb2", "web1", "web2", "web3")
+LBS = ("lb1", "lb2")
+BACKENDS = ("web1", "web2", "web3")
+VIP_HOST = 100
+BACKEND_PORT = 8080
+HTTP_PORT = 80
+ADMIN = ("127.0.0.1", 9900)
+PROBE_INTERVAL_S = 0.01
+PROBE_TIMEOUT_S = 0.5
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """What differs between runs: failover timing, preempt, and the node priorities."""
+
+    interval_s: float = 0.05
+    down_after: int = 3
+    preempt: bool = True
+    preempt_delay_s: float = 0.0
+    priorities: tuple[int, int] = (150, 100)
+    workers: int = 1
+    health_interval_s: float = 0.2
+    health_rise: int = 2
+    health_fall: int = 2
+
+    @property
+    def label(self) -> str:
+        text = f"interval {self.interval_s * 1000:g} ms, down_after {self.down_after}"
+        return text if self.preempt else text + ", preempt off"
+
+
+DEFAULT = PairSettings()
+FAST = PairSettings(interval_s=0.01)
+"""The fastest setting the docs name (interval 10 ms)."""
+
+
+# -- helper programs (run inside namespaces) --------------------------------------------------
+
+
+def backend_main(name: str, addr: str) -> int:
+    """lb.backend_app plus `X-Peer: <address the request came from>` on every response."""
+    from aiohttp import web
+
+    from lb.backend_app import make_app
+    from lb.config import parse_hostport
+
+    app = make_app(name)
+
+    @web.middleware
+    async def peer(request: web.Request, handler: Any) -> web.StreamResponse:
+        resp: web.StreamResponse = await handler(request)
+        resp.headers["X-Peer"] = request.remote or "?"
+        return resp
+
+    app.middlewares.append(peer)
+    host, port = parse_hostport(addr)
+    web.run_app(app, host=host, port=port, print=None, access_log=None,
+                handle_signals=True)
+    return 0
+
+
+async def _probe_once(host: str, port: int, timeout_s: float) -> tuple[int, str, str]:
+    """One GET on a new connection: (status, X-Peer, error); status 0 when none arrived."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = await reader.read(-1)
+    except TimeoutError:
+        return 0, "-", "timeout"
+    except ConnectionRefusedError:
+        return 0, "-", "refused"
+    except OSError as exc:
+        return 0, "-", f"errno{exc.errno}"
+    finally:
+        if writer is not None:
+            writer.close()
+    if not data:
+        return 0, "-", "eof"
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    try:
+        status = int(head[0].split()[1])
+    except (IndexError, ValueError):
+        return 0, "-", "garbled"
+    peer = "-"
+    for line in head[1:]:
+        k, _, v = line.partition(":")
+        if k.strip().lower() == "x-peer":
+            peer = v.strip()
+    return status, peer, "-" if status == 200 else f"http{status}"
+
+
+async def _probe_loop(host: str, port: int, out: TextIO, interval_s: float,
+                      timeout_s: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        t0 = time.monotonic()
+        status, peer, err = await _probe_once(host, port, timeout_s)
+        out.write(f"{t0:.6f} {time.monotonic():.6f} {status} {peer} {err}\n")
+
+    due = time.monotonic()
+    while not stop.is_set():
+        task = asyncio.create_task(one())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        due += interval_s
+        now = time.monotonic()
+        if due < now:  # we stalled: keep the cadence from here, no burst
+            due = now + interval_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), due - now)
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s + 1.0)
+
+
+def probe_main(url_host: str, out_path: str, interval_s: float = PROBE_INTERVAL_S,
+               timeout_s: float = PROBE_TIMEOUT_S) -> int:
+    """Probe until SIGTERM; one line per request, line-buffered so readers see it at once."""
+    host, _, port = url_host.partition(":")
+    with open(out_path, "w", buffering=1, encoding="ascii") as out:
+        asyncio.run(_probe_loop(host, int(port or HTTP_PORT), out, interval_s, timeout_s))
+    return 0
+
+
+# -- probe records ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One client request: when it started and ended, its status, the LB that carried it."""
+
+    t0: float
+    t1: float
+    status: int
+    node: str
+    error: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+# -- VIP events from the kernel ------------------------------------------------------------
+
+_RTM_NEWADDR, _RTM_DELADDR, _RTM_GETADDR = 20, 21, 22
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RTNLGRP_IPV4_IFADDR = 5
+_NLMSG = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+
+
+def _open_rtnl(groups: int) -> socket.socket:
+    """An rtnetlink socket of the calling thread's namespace (call it inside one)."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.bind((0, groups))
+    return s
+
+
+def _addr_messages(data: bytes) -> Iterator[tuple[int, str]]:
+    """(message type, IPv4 address) for each address message in one netlink read."""
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size:
+            return
+        if mtype in (_RTM_NEWADDR, _RTM_DELADDR):
+            body = off + _NLMSG.size
+            family = data[body]
+            a = body + _IFADDRMSG.size
+            found = None
+            while a + _RTATTR.size <= off + length:
+                alen, atype = _RTATTR.unpack_from(data, a)
+                if alen < _RTATTR.size:
+                    break
+                if family == socket.AF_INET and atype in (_IFA_LOCAL, _IFA_ADDRESS) \
+                        and alen == 8:
+                    value = socket.inet_ntoa(data[a + 4:a + 8])
+                    if atype == _IFA_LOCAL or found is None:
+                        found = value
+                a += (alen + 3) & ~3
+            if found is not None:
+                yield mtype, found
+        off += (length + 3) & ~3
+
+
+class VipWatch:
+    """When did lb1's and lb2's kernels gain and lose the VIP (rtnetlink events)."""
+
+    def __init__(self, topo: netns.Topology, nodes: Sequence[str], vip: str) -> None:
+        self.vip = vip
+        self.events: list[tuple[float, str, bool]] = []
+        self._state: dict[str, bool] = {}
+        self._lock = threading.Lock()
+        self._stop = False
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        for node in nodes:
+            sock = topo.call(node, _open_rtnl, 1 << (_RTNLGRP_IPV4_IFADDR - 1))
+            sock.settimeout(0.2)
+            self._socks.append(sock)
+            dump = _NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR,
+                               _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) \
+                + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+            self._state[node] = False
+            t = threading.Thread(target=self._read, args=(node, sock), daemon=True,
+                                 name=f"vipwatch-{node}")
+            t.start()
+            self._threads.append(t)
+            sock.send(dump)  # the current state, read by the thread before any later event
+
+    def _read(self, node: str, sock: socket.socket) -> None:
+        while not self._stop:
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            for mtype, addr in _addr_messages(data):
+                if addr != self.vip:
+                    continue
+                present = mtype == _RTM_NEWADDR
+                with self._lock:
+                    if self._state.get(node) != present:
+                        self._state[node] = present
+                        self.events.append((now, node, present))
+
+    def holding(self) -> set[str]:
+        with self._lock:
+            return {n for n, v in self._state.items() if v}
+
+    def intervals(self, node: str, until: float) -> list[tuple[float, float]]:
+        """[start, end) spans during which `node` held the VIP, up to `until`."""
+        with self._lock:
+            events = [(t, p) for t, n, p in self.events if n == node]
+        spans: list[tuple[float, float]] = []
+        start: float | None = None
+        for t, present in events:
+            if present and start is None:
+                start = t
+            elif not present and start is not None:
+                spans.append((start, t))
+                start = None
+        if start is not None:
+            spans.append((start, until))
+        return spans
+
+    def overlaps(self, since: float, until: float) -> list[tuple[float, float]]:
+        """Spans within [since, until] during which both lb1 and lb2 held the VIP."""
+        a = self.intervals("lb1", until)
+        b = self.intervals("lb2", until)
+        out = []
+        for s1, e1 in a:
+            for s2, e2 in b:
+                s, e = max(s1, s2, since), min(e1, e2, until)
+                if e > s:
+                    out.append((s, e))
+        return sorted(out)
+
+    def unheld(self, since: float, until: float) -> list[tuple[float, float]]:
+        """Spans within [since, until] during which neither node held the VIP."""
+        with self._lock:
+            events = sorted(self.events)
+        state = {n: False for n in self._state}
+        out: list[tuple[float, float]] = []
+        gap_start: float | None = None
+        for t, node, present in events:
+            state[node] = present
+            held = any(state.values())
+            if t < since:
+                gap_start = None if held else since
+                continue
+            if t > until:
+                break
+            if not held and gap_start is None:
+                gap_start = t
+            elif held and gap_start is not None:
+                if t > gap_start:
+                    out.append((gap_start, t))
+                gap_start = None
+        if gap_start is not None and until > gap_start:
+            out.append((gap_start, until))
+        return out
+
+    def changes(self, node: str, since: float) -> list[tuple[float, bool]]:
+        with self._lock:
+            return [(t, p) for t, n, p in self.events if n == node and t >= since]
+
+    def close(self) -> None:
+        self._stop = True
+        for t in self._threads:
+            t.join(timeout=1.0)
+        for s in self._socks:
+            s.close()
+
+
+# -- the rig --------------------------------------------------------------------------------
+
+
+class RigError(AssertionError):
+    """The rig could not reach the state a scenario needs (with the evidence)."""
+
+
+@dataclass
+class LbProcess:
+    node: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float
+
+
+class Rig:
+    """The topology, backends, key, configs and the long-lived client prober and VIP watch."""
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pairlb-e2e-"))
+        self._own_workdir = workdir is None
+        self.topo = netns.build(NODES)
+        try:
+            self.vip = self.topo.host4(VIP_HOST)
+            self.addr = {n: self.topo[n].ipv4 for n in NODES}
+            self.addr_to_node = {v: k for k, v in self.addr.items()}
+            self.key_path = self.workdir / "failover.key"
+            from failover import write_key_file
+
+            self.key = write_key_file(str(self.key_path))
+            self.settings = DEFAULT
+            self.lbs: dict[str, LbProcess] = {}
+            self.restarts: dict[str, int] = {n: 0 for n in LBS}
+            for name in BACKENDS:
+                self.topo.popen(name, [PYTHON, __file__, "backend", name,
+                                       f"{self.addr[name]}:{BACKEND_PORT}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name in BACKENDS:
+                self._wait_tcp("client", self.addr[name], BACKEND_PORT, 10.0)
+            self.watch = VipWatch(self.topo, LBS, self.vip)
+            self.probe_path = self.workdir / "probes.txt"
+            self._probe_offset = 0
+            self._attempts: list[Attempt] = []
+            self.prober = self.topo.popen(
+                "client", [PYTHON, __file__, "probe", f"{self.vip}:{HTTP_PORT}",
+                           str(self.probe_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except BaseException:
+            self.topo.teardown()
+            raise
+
+    def _wait_tcp(self, node: str, host: str, port: int, timeout_s: float) -> None:
+        self.wait_for(f"{host}:{port} to accept from {node}",
+                      lambda: self.topo.tcp_probe(node, host, port, 0.2) is netns.Probe.OPEN,
+                      timeout_s, poll_s=0.05)
+
+    # lifecycle
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.watch.close()
+        for node in list(self.lbs):
+            with contextlib.suppress(Exception):
+                self.kill(node, signal.SIGKILL)
+        self.topo.teardown()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # configs and nodes
+
+    def config_text(self, node: str, settings: PairSettings) -> str:
+        me = LBS.index(node)
+        peer = LBS[1 - me]
+        backends = ",\n".join(
+            f'  {{ name = "{b}", address = "{self.addr[b]}:{BACKEND_PORT}" }}' for b in BACKENDS)
+        s = settings
+        return f"""\
+[node]
+name = "{node}"
+workers = {s.workers}
+shutdown_timeout_s = 2.0
+
+[[listener]]
+name = "web"
+bind = "{self.vip}:{HTTP_PORT}"
+pool = "web"
+
+[[pool]]
+name = "web"
+backends = [
+{backends},
+]
+
+[pool.health]
+interval_s = {s.health_interval_s}
+timeout_s = {s.health_interval_s}
+rise = {s.health_rise}
+fall = {s.health_fall}
+
+[failover]
+interface = "eth0"
+vips = ["{self.vip}/24"]
+priority = {s.priorities[me]}
+peers = ["{self.addr[peer]}"]
+bind = "{self.addr[node]}"
+key_file = "{self.key_path}"
+interval_s = {s.interval_s}
+down_after = {s.down_after}
+preempt = {str(s.preempt).lower()}
+preempt_delay_s = {s.preempt_delay_s}
+
+[admin]
+enabled = true
+bind = "{ADMIN[0]}:{ADMIN[1]}"
+
+[logging]
+level = "info"
+"""
+
+    def start(self, node: str, settings: PairSettings | None = None) -> LbProcess:
+        """Start pairlb in `node` (it must not run) with `settings` (default: the rig's)."""
+        if node in self.lbs and self.lbs[node].proc.poll() is None:
+            raise RigError(f"{node} already runs (pid {self.lbs[node].proc.pid})")
+        settings = settings or self.settings
+        cfg = self.workdir / f"{node}.toml"
+        cfg.write_text(self.config_text(node, settings), encoding="utf-8")
+        log_path = self.workdir / f"{node}.log"
+        self.restarts[node] += 1
+        with open(log_path, "ab") as log:
+            log.write(f"--- start {self.restarts[node]} at {time.monotonic():.6f}\n".encode())
+            log.flush()
+            proc = self.topo.popen(node, [PYTHON, "-m", "lb", "run", "-c", str(cfg)],
+                                   stdout=log, stderr=log, cwd=str(REPO))
+        lp = LbProcess(node, proc, log_path, time.monotonic())
+        self.lbs[node] = lp
+        return lp
+
+    def running(self, node: str) -> bool:
+        lp = self.lbs.get(node)
+        return lp is not None and lp.proc.poll() is None
+
+    def pids(self, node: str) -> list[int]:
+        return self.topo.pids(node)
+
+    def kill(self, node: str, sig: int = signal.SIGKILL, pids: Sequence[int] | None = None
+             ) -> float:
+        """Send `sig` to every process of the node (SIGKILL: the whole node dies at once).
+
+        Returns the monotonic time just before the first signal.
+        """
+        pids = list(pids) if pids is not None else self.pids(node)
+        t = time.monotonic()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if sig == signal.SIGKILL:
+            lp = self.lbs.get(node)
+            if lp is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    lp.proc.wait(timeout=5.0)
+        return t
+
+    def signal_control(self, node: str, sig: int) -> float:
+        """Signal the control process only (SIGTERM = graceful stop, SIGUSR1 = switchover)."""
+        lp = self.lbs[node]
+        t = time.monotonic()
+        os.kill(lp.proc.pid, sig)
+        return t
+
+    def stop(self, node: str, timeout_s: float = 10.0) -> None:
+        """Graceful stop and wait for exit (SIGKILL after the timeout)."""
+        lp = self.lbs.get(node)
+        if lp is None or lp.proc.poll() is not None:
+            return
+        os.kill(lp.proc.pid, signal.SIGTERM)
+        try:
+            lp.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill(node, signal.SIGCONT)
+            self.kill(node, signal.SIGKILL)
+
+    def log(self, node: str) -> str:
+        try:
+            return (self.workdir / f"{node}.log").read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_time(self, node: str, needle: str) -> float | None:
+        """Monotonic time of the first log line of the node's latest start containing
+        `needle` (log stamps are wall clock with ms; converted with the current offset)."""
+        text = self.log(node)
+        last_start = text.rfind("--- start ")
+        offset = time.time() - time.monotonic()
+        for line in text[max(0, last_start):].splitlines():
+            if needle in line and line[:4].isdigit():
+                stamp = line.split()[0].rstrip("Z")
+                wall = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+                wall += float("0" + stamp[19:]) - time.timezone
+                return wall - offset
+        return None
+
+    def log_tail(self, node: str, lines: int = 40) -> str:
+        return "\n".join(self.log(node).splitlines()[-lines:])
+
+    # looking
+
+    def status(self, node: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+        """GET /status of the node's admin app, or None if it does not answer."""
+        try:
+            result: dict[str, Any] = self.topo.call(node, _get_json, ADMIN, "/status", timeout_s)
+        except (OSError, ValueError, http.client.HTTPException, TimeoutError):
+            return None
+        return result
+
+    def role(self, node: str) -> str | None:
+        st = self.status(node)
+        return None if st is None else str(st.get("role"))
+
+    def failover(self, node: str) -> dict[str, Any]:
+        st = self.status(node)
+        if st is None or st.get("failover") is None:
+            raise RigError(f"{node}: no status from the admin app\n{self.log_tail(node)}")
+        fo: dict[str, Any] = st["failover"]
+        return fo
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout_s: float,
+                 poll_s: float = 0.02) -> float:
+        """Poll until cond() holds; returns when it first held (monotonic). Raises RigError."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if cond():
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise RigError(f"timed out after {timeout_s}s waiting for {what}\n"
+                               + "\n".join(f"== {n} log ==\n{self.log_tail(n)}" for n in LBS))
+            time.sleep(poll_s)
+
+    def wait_role(self, node: str, role: str, timeout_s: float = 10.0) -> float:
+        return self.wait_for(f"{node} to be {role}", lambda: self.role(node) == role, timeout_s)
+
+    def attempts(self, since: float = 0.0, until: float = float("inf")) -> list[Attempt]:
+        """Client requests that started in [since, until], in the order they ended."""
+        self._read_new_attempts()
+        return [a for a in self._attempts if since <= a.t0 <= until]
+
+    def _read_new_attempts(self) -> None:
+        try:
+            with open(self.probe_path, "rb") as f:
+                f.seek(self._probe_offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
+        self._probe_offset += end
+        for line in chunk[:end].decode("ascii").splitlines():
+            parts = line.split()
+            if len(parts) == 5:
+                self._attempts.append(Attempt(float(parts[0]), float(parts[1]), int(parts[2]),
+                                              self.addr_to_node.get(parts[3], parts[3]),
+                                              parts[4]))
+
+    def served_by(self, node: str, since: float) -> bool:
+        return any(a.ok and a.node == node for a in self.attempts(since))
+
+    # steady state
+
+    def steady(self, settings: PairSettings = DEFAULT, timeout_s: float = 15.0) -> None:
+        """lb1 MASTER and lb2 BACKUP with `settings`, both healthy, the client served by lb1.
+
+        Restarts nodes whose settings differ or that do not run.
+        """
+        for node in LBS:
+            self.topo.isolate(node, False)
+            self.topo.restore_link(node)
+            self.unblock_backends(node)
+        if settings != self.settings:
+            for node in LBS:
+                self.stop(node)
+            self.settings = settings
+        for node in LBS:
+            if not self.running(node):
+                self.kill(node, signal.SIGCONT)  # a SIGSTOPped leftover cannot die otherwise
+                self.kill(node, signal.SIGKILL)
+                self.start(node)
+        self.wait_for("both nodes healthy with a role", lambda: all(
+            (fo := self._fo_or_none(n)) is not None and fo["healthy"]
+            and fo["role"] in ("MASTER", "BACKUP") for n in LBS), timeout_s)
+        if self.role("lb1") != "MASTER":
+            if self.role("lb2") == "MASTER":
+                self.signal_control("lb2", signal.SIGUSR1)  # planned move back to lb1
+            self.wait_role("lb1", "MASTER", timeout_s)
+        self.wait_role("lb2", "BACKUP", timeout_s)
+        self.wait_for("the VIP on lb1 only", lambda: self.watch.holding() == {"lb1"}, timeout_s)
+        t = time.monotonic()
+        try:
+            self.wait_for("the client served by lb1", lambda: self._only_lb1_since(t), 3.0)
+        except RigError:
+            # An earlier scenario (already measured) may have left the client's ARP entry
+            # on a MAC that no longer holds the VIP: start the client afresh.
+            self.topo.run("client", ["ip", "neigh", "flush", "to", self.vip])
+            t = time.monotonic()
+            self.wait_for("the client served by lb1", lambda: self._only_lb1_since(t),
+                          timeout_s)
+
+    def _only_lb1_since(self, t: float) -> bool:
+        recent = [a for a in self.attempts(t) if a.t1 > t]
+        return len(recent) >= 5 and all(a.ok and a.node == "lb1" for a in recent[-5:])
+
+    def _fo_or_none(self, node: str) -> dict[str, Any] | None:
+        st = self.status(node)
+        return None if st is None else st.get("failover")
+
+    # faults in the network
+
+    def block_backends(self, node: str) -> None:
+        """`node` can no longer reach any backend (unreachable routes in its namespace)."""
+        for b in BACKENDS:
+            self.topo.run(node, ["ip", "route", "replace", "unreachable", f"{self.addr[b]}/32"])
+
+    def unblock_backends(self, node: str) -> None:
+        for b in BACKENDS:
+            self.topo.run(node, ["ip", "route", "del", "unreachable", f"{self.addr[b]}/32"],
+                          check=False)
+
+
+def _get_json(addr: tuple[str, int], path: str, timeout_s: float) -> Any:
+    conn = http.client.HTTPConnection(addr[0], addr[1], timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise ValueError(f"{path}: HTTP {resp.status}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+# -- outcomes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one scenario run measured. Times in seconds; None when it did not happen."""
+
+    scenario: str
+    settings: str
+    takeover_s: float | None = None
+    """Fault to the first successful request through the other node (completion time)."""
+    failed: int = 0
+    """Client requests that failed in the window (refused, timed out, non-200)."""
+    requests: int = 0
+    max_gap_s: float = 0.0
+    """Longest time between two consecutive successful completions in the window."""
+    overlap_s: float = 0.0
+    """Total time both kernels held the VIP at once, in the window."""
+    unheld_s: float = 0.0
+    """Total time no node held the VIP, in the window."""
+    converge_s: float | None = None
+    """SIGCONT (or heal) to a single VIP holder."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[float, float, str]] = field(default_factory=list)
+    """Each failed request: start relative to the fault (s), duration (s), error."""
+    vip_events: list[tuple[float, str, bool]] = field(default_factory=list)
+    """VIP gained (True) or lost by a node, relative to the fault (s)."""
+
+    def row(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "settings": self.settings,
+                "takeover_s": self.takeover_s, "failed": self.failed,
+                "requests": self.requests, "max_gap_s": self.max_gap_s,
+                "overlap_s": self.overlap_s, "unheld_s": self.unheld_s,
+                "converge_s": self.converge_s,
+                "errors": self.errors, **self.extra}
+
+    def describe(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.1f} ms"
+        return (f"{self.scenario} [{self.settings}]: takeover {ms(self.takeover_s)}, "
+                f"failed {self.failed}/{self.requests} {self.errors}, max gap "
+                f"{ms(self.max_gap_s)}, both held {ms(self.overlap_s)}, none held "
+                f"{ms(self.unheld_s)}, converge "
+                f"{ms(self.converge_s)} {self.extra}")
+
+
+def measure(rig: Rig, scenario: str, since: float, until: float, *, fault_at: float | None,
+            new_node: str | None) -> Outcome:
+    """Outcome of the window [since, until] from the prober's and the kernel's records."""
+    attempts = rig.attempts(since, until)
+    out = Outcome(scenario, rig.settings.label, requests=len(attempts))
+    failed = [a for a in attempts if not a.ok]
+    out.failed = len(failed)
+    for a in failed:
+        out.errors[a.error] = out.errors.get(a.error, 0) + 1
+    ref = fault_at if fault_at is not None else since
+    out.failures = [(round(a.t0 - ref, 4), round(a.t1 - a.t0, 4), a.error) for a in failed]
+    ends = sorted(a.t1 for a in attempts if a.ok)
+    if len(ends) >= 2:
+        out.max_gap_s = max(b - a for a, b in itertools.pairwise(ends))
+    if fault_at is not None and new_node is not None:
+        firsts = [a.t1 for a in attempts if a.ok and a.node == new_node and a.t1 > fault_at]
+        if firsts:
+            out.takeover_s = min(firsts) - fault_at
+    out.overlap_s = sum(e - s for s, e in rig.watch.overlaps(since, until))
+    out.unheld_s = sum(e - s for s, e in rig.watch.unheld(since, until))
+    out.vip_events = [(round(t - ref, 4), n, p) for t, n, p in rig.watch.events
+                      if since <= t <= until]
+    return out
+
+
+def settle(rig: Rig, node: str, since: float, timeout_s: float = 5.0) -> float:
+    """Wait until the client is served by `node`, then long enough for stragglers to end."""
+    t = rig.wait_for(f"the client served by {node}", lambda: rig.served_by(node, since),
+                     timeout_s, poll_s=0.01)
+    time.sleep(PROBE_TIMEOUT_S + 0.1)
+    return t
+
+
+# -- scenarios (each leaves the pair in some state; the next one calls rig.steady) -------------
+
+BASELINE_S = 0.3
+
+
+def kill9(rig: Rig) -> list[Outcome]:
+    """kill -9 the whole active node; then restart it: stale VIP removed, failback."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    pids = rig.pids("lb1")
+    t_fault = rig.kill("lb1", signal.SIGKILL, pids)
+    settle(rig, "lb2", t_fault)
+    out = measure(rig, "kill -9 active node", since, time.monotonic(), fault_at=t_fault,
+                  new_node="lb2")
+    out.extra["stale_vip_left"] = "lb1" in rig.watch.holding()
+    return [out, *restart_after_kill(rig, "failback after kill -9")]
+
+
+def restart_after_kill(rig: Rig, name: str) -> list[Outcome]:
+    """Restart lb1 (killed): its stale VIP goes before it joins; failback per preempt."""
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    stale_before = "lb1" in rig.watch.holding()
+    t_start = time.monotonic()
+    rig.start("lb1")
+    rig.wait_for("lb1 healthy", lambda: bool((rig._fo_or_none("lb1") or {}).get("healthy")),
+                 10.0)
+    if rig.settings.preempt:
+        rig.wait_role("lb1", "MASTER", 10.0)
+        settle(rig, "lb1", t_start)
+        new_node = "lb1"
+    else:
+        time.sleep(1.0)
+        new_node = "lb2"
+    until = time.monotonic()
+    out = measure(rig, name + ("" if rig.settings.preempt else " (preempt off)"), since,
+                  until, fault_at=t_start, new_node=new_node)
+    if not rig.settings.preempt:
+        out.takeover_s = None
+    removed = [t for t, present in rig.watch.changes("lb1", t_start) if not present]
+    joined = rig.log_time("lb1", "from=init to=backup")
+    out.extra.update({
+        "stale_vip_before_start": stale_before,
+        "stale_vip_removed_s": round(removed[0] - t_start, 3) if removed else None,
+        "joined_backup_s": None if joined is None else round(joined - t_start, 3),
+        "lb1_transitions": rig.failover("lb1")["counters"]["transitions"],
+        "masters": [n for n in LBS if rig.role(n) == "MASTER"],
+    })
+    return [out]
+
+
+def failback_preempt_off(rig: Rig) -> list[Outcome]:
+    """kill -9 lb1 with preempt off; restart it: lb2 keeps the VIP, no request lost."""
+    rig.steady(replace(rig.settings, preempt=False))
+    pids = rig.pids("lb1")
+    t_fault = rig.kill("lb1", signal.SIGKILL, pids)
+    settle(rig, "lb2", t_fault)
+    return restart_after_kill(rig, "failback after kill -9")
+
+
+def sigstop(rig: Rig, stopped_s: float = 1.0) -> list[Outcome]:
+    """SIGSTOP the whole active node (hung), then SIGCONT: one holder again within one interval."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    pids = rig.pids("lb1")
+    t_fault = rig.kill("lb1", signal.SIGSTOP, pids)
+    try:
+        rig.wait_for("lb2 to take the VIP", lambda: "lb2" in rig.watch.holding(), 5.0, 0.005)
+        settle(rig, "lb2", t_fault)
+        remaining = t_fault + stopped_s - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+    finally:
+        t_cont = rig.kill("lb1", signal.SIGCONT, pids)
+    t_single = rig.wait_for("a single VIP holder", lambda: len(rig.watch.holding()) == 1, 5.0,
+                            0.002)
+    time.sleep(PROBE_TIMEOUT_S + 0.5)
+    until = time.monotonic()
+    out = measure(rig, "SIGSTOP active node (hung)", since, t_cont, fault_at=t_fault,
+                  new_node="lb2")
+    after = measure(rig, "SIGCONT (hung node wakes up)", t_cont, until, fault_at=None,
+                    new_node=None)
+    # The last change that left one holder, from the kernel's own event times.
+    last = [t for t, _n, p in rig.watch.events if t >= t_cont and not p]
+    after.converge_s = (min(last) - t_cont) if last else (t_single - t_cont)
+    after.overlap_s = sum(e - s for s, e in rig.watch.overlaps(t_cont, until))
+    after.extra["holder_after"] = sorted(rig.watch.holding())
+    return [out, after]
+
+
+def link_cut(rig: Rig, down_s: float = 1.0) -> list[Outcome]:
+    """Cut the active node's link (its bridge port); restore it: failback without 503s."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = time.monotonic()
+    rig.topo.cut_link("lb1")
+    settle(rig, "lb2", t_fault)
+    remaining = t_fault + down_s - time.monotonic()
+    if remaining > 0:
+        time.sleep(remaining)
+    out = measure(rig, "link cut of active node", since, time.monotonic(), fault_at=t_fault,
+                  new_node="lb2")
+    out.extra["lb1_role_during_cut"] = rig.role("lb1")
+    since = time.monotonic()
+    t_restore = time.monotonic()
+    rig.topo.restore_link("lb1")
+    if rig.settings.preempt:
+        rig.wait_role("lb1", "MASTER", 10.0)
+        settle(rig, "lb1", t_restore)
+    else:
+        time.sleep(1.0)
+    back = measure(rig, "failback after link restored", since, time.monotonic(),
+                   fault_at=t_restore, new_node="lb1")
+    back.extra["lb1_transitions"] = rig.failover("lb1")["counters"]["transitions"]
+    return [out, back]
+
+
+def graceful_stop(rig: Rig) -> list[Outcome]:
+    """SIGTERM the MASTER: priority 0, make-before-break; no request may fail."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = rig.signal_control("lb1", signal.SIGTERM)
+    settle(rig, "lb2", t_fault)
+    rig.lbs["lb1"].proc.wait(timeout=10.0)
+    time.sleep(0.2)
+    out = measure(rig, "graceful stop (SIGTERM)", since, time.monotonic(), fault_at=t_fault,
+                  new_node="lb2")
+    out.extra["lb1_exit"] = rig.lbs["lb1"].proc.returncode
+    return [out]
+
+
+def switchover(rig: Rig) -> list[Outcome]:
+    """SIGUSR1 to the MASTER: the peer takes the VIP first; no request may fail. Then back."""
+    rig.steady(rig.settings)
+    outs = []
+    for old, new in (("lb1", "lb2"), ("lb2", "lb1")):
+        since = time.monotonic()
+        time.sleep(BASELINE_S)
+        t_fault = rig.signal_control(old, signal.SIGUSR1)
+        rig.wait_role(new, "MASTER", 5.0)
+        settle(rig, new, t_fault)
+        out = measure(rig, f"planned switchover {old} -> {new} (SIGUSR1)", since,
+                      time.monotonic(), fault_at=t_fault, new_node=new)
+        out.extra["old_role_after"] = rig.role(old)
+        outs.append(out)
+    return outs
+
+
+def partition_heal(rig: Rig, partitioned_s: float = 1.0) -> list[Outcome]:
+    """Isolate lb1 and lb2 from each other (both still reach the client); then heal."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = time.monotonic()
+    rig.topo.isolate("lb1")
+    rig.topo.isolate("lb2")
+    rig.wait_for("both MASTER", lambda: rig.watch.holding() == {"lb1", "lb2"}, 5.0, 0.005)
+    time.sleep(partitioned_s)
+    split = measure(rig, "partition (both MASTER)", since, time.monotonic(), fault_at=t_fault,
+                    new_node="lb2")
+    t_heal = time.monotonic()
+    rig.topo.isolate("lb1", False)
+    rig.topo.isolate("lb2", False)
+    t_single = rig.wait_for("a single VIP holder", lambda: len(rig.watch.holding()) == 1, 5.0,
+                            0.002)
+    winner = next(iter(rig.watch.holding()))
+    # A blackhole lasts until the client's ARP entry for the VIP times out (seconds): wait
+    # for it rather than fail, so its length is measured.
+    settle(rig, winner, t_single, timeout_s=15.0)
+    time.sleep(0.5)
+    healed = measure(rig, "partition healed", t_heal, time.monotonic(), fault_at=t_heal,
+                     new_node=winner)
+    last = [t for t, _n, p in rig.watch.events if t >= t_heal and not p]
+    healed.converge_s = (min(last) - t_heal) if last else (t_single - t_heal)
+    healed.extra["winner"] = winner
+    healed.extra["blackhole_s"] = blackhole(rig.attempts(t_heal), t_heal)
+    return [split, healed]
+
+
+def blackhole(attempts: Sequence[Attempt], since: float) -> float:
+    """Longest run of failed attempts after `since`, start of first to end of last, in s."""
+    worst, start = 0.0, None
+    for a in sorted(attempts, key=lambda a: a.t0):
+        if a.t0 < since:
+            continue
+        if a.ok:
+            start = None
+            continue
+        if start is None:
+            start = a.t0
+        worst = max(worst, a.t1 - start)
+    return worst
+
+
+def unhealthy_no_takeover(rig: Rig, hold_s: float = 1.5) -> list[Outcome]:
+    """lb1 restarts while it cannot reach any backend: it must not preempt; once its checks
+    pass it takes the VIP back without a failed request."""
+    rig.steady(rig.settings)
+    rig.stop("lb1")  # graceful: lb2 takes over without loss
+    settle(rig, "lb2", time.monotonic())
+    rig.block_backends("lb1")
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    rig.start("lb1")
+    rig.wait_for("lb1 up", lambda: rig.status("lb1") is not None, 10.0)
+    roles: set[str] = set()
+    deadline = time.monotonic() + hold_s
+    while time.monotonic() < deadline:
+        r = rig.role("lb1")
+        if r:
+            roles.add(r)
+        time.sleep(0.02)
+    fo = rig.failover("lb1")
+    held = measure(rig, "restart without healthy backends (no preempt)", since,
+                   time.monotonic(), fault_at=None, new_node=None)
+    held.extra.update({"lb1_roles_seen": sorted(roles), "lb1_healthy": fo["healthy"],
+                       "vip_on_lb1": "lb1" in rig.watch.holding(), "lb1_faults": fo["faults"]})
+    since = time.monotonic()
+    t_fix = time.monotonic()
+    rig.unblock_backends("lb1")
+    t_master = rig.wait_for("lb1 MASTER again", lambda: rig.role("lb1") == "MASTER", 10.0)
+    settle(rig, "lb1", t_fix)
+    back = measure(rig, "checks pass, then preempt", since, time.monotonic(),
+                   fault_at=t_fix, new_node="lb1")
+    back.extra["backends_reachable_to_master_s"] = t_master - t_fix
+    return [held, back]
+
+
+def bad_heartbeats(rig: Rig, each: int = 50) -> list[Outcome]:
+    """Forged, truncated, replayed and wrong-key heartbeats from the client to lb1: counted,
+    and nothing changes."""
+    from failover import Heartbeat, HeartbeatFlags, Role, encode, generate_key
+
+    rig.steady(rig.settings)
+    captured = rig.topo.call("lb2", _capture_heartbeats, rig.addr["lb1"], 10, 2.0)
+    if len(captured) < 5:
+        raise RigError(f"captured only {len(captured)} heartbeats of lb2")
+    time.sleep(0.2)  # every captured sequence number is now old
+    before = rig.failover("lb1")
+    before2 = rig.failover("lb2")
+    now_ms = int(time.time() * 1000)
+    forged_hb = Heartbeat(name="lb2", role=Role.MASTER, priority=254, epoch=7, seq=1 << 40,
+                          timestamp_ms=now_ms, interval_ms=50, flags=HeartbeatFlags.HEALTHY,
+                          healthy_count=3, total_count=3)
+    wrong_key = encode(forged_hb, generate_key())
+    good_shape = encode(forged_hb, rig.key)
+    forged = good_shape[:-32] + bytes(32)  # right layout, made-up MAC
+    truncated = captured[-1][: len(captured[-1]) // 2]
+    packets: list[tuple[str, bytes]] = []
+    for i in range(each):
+        packets += [("bad_mac", forged), ("bad_mac", wrong_key), ("truncated", truncated),
+                    ("replayed", captured[i % len(captured)])]
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = time.monotonic()
+    rig.topo.call("client", _send_udp, packets, (rig.addr["lb1"], 5405), 0.002)
+    time.sleep(0.5)
+    after = rig.failover("lb1")
+    after2 = rig.failover("lb2")
+    out = measure(rig, "forged/truncated/replayed/wrong-key heartbeats", since,
+                  time.monotonic(), fault_at=t_fault, new_node=None)
+    expect: dict[str, int] = {}
+    for reason, _ in packets:
+        expect[reason] = expect.get(reason, 0) + 1
+    got = {k: after["counters"]["rejected"].get(k, 0) - before["counters"]["rejected"].get(k, 0)
+           for k in set(after["counters"]["rejected"]) | set(expect)}
+    out.extra.update({
+        "sent": expect, "rejected_delta": got,
+        "roles": (after["role"], after2["role"]),
+        "transitions_changed": (after["counters"]["transitions"]
+                                != before["counters"]["transitions"]
+                                or after2["counters"]["transitions"]
+                                != before2["counters"]["transitions"]),
+        "holders": sorted(rig.watch.holding()),
+        "lb2_seen_by_lb1": [(p["name"], p["role"], p["priority"]) for p in after["peers"]],
+    })
+    return [out]
+
+
+def _capture_heartbeats(dst: str, count: int, timeout_s: float) -> list[bytes]:
+    """UDP payloads of heartbeats this namespace sends to `dst` (AF_PACKET sees outgoing
+    frames only with ETH_P_ALL)."""
+    eth_p_all = 0x0003
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
+    try:
+        s.bind((netns.NODE_IFNAME, eth_p_all))
+        s.settimeout(0.1)
+        out: list[bytes] = []
+        dst_raw = socket.inet_aton(dst)
+        deadline = time.monotonic() + timeout_s
+        while len(out) < count and time.monotonic() < deadline:
+            try:
+                frame = s.recv(2048)
+            except TimeoutError:
+                continue
+            if frame[12:14] != b"\x08\x00":
+                continue
+            ip = frame[14:]
+            ihl = (ip[0] & 0x0F) * 4
+            if ip[9] != socket.IPPROTO_UDP or ip[16:20] != dst_raw:
+                continue
+            if struct.unpack_from("!H", ip, ihl + 2)[0] == 5405:
+                out.append(bytes(ip[ihl + 8:]))
+        return out
+    finally:
+        s.close()
+
+
+def _send_udp(packets: Sequence[tuple[str, bytes]], dest: tuple[str, int], gap_s: float) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, data in packets:
+            s.sendto(data, dest)
+            time.sleep(gap_s)
+    return len(packets)
+
+
+SCENARIOS: dict[str, Callable[[Rig], list[Outcome]]] = {
+    "kill9": kill9,
+    "sigstop": sigstop,
+    "link_cut": link_cut,
+    "graceful": graceful_stop,
+    "switchover": switchover,
+    "preempt_off": failback_preempt_off,
+    "partition": partition_heal,
+    "unhealthy": unhealthy_no_takeover,
+    "bad_heartbeats": bad_heartbeats,
+}
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["backend"] and len(argv) == 3:
+        return backend_main(argv[1], argv[2])
+    if argv[:1] == ["probe"] and len(argv) == 3:
+        return probe_main(argv[1], argv[2])
+    print("usage: failover_e2e.py backend NAME HOST:PORT | probe HOST[:PORT] OUT",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
