@@ -472,7 +472,8 @@ def _failover_section(fo: Mapping[str, Any] | None, role: str, now: float) -> st
     rows = []
     for p in fo.get("peers") or []:
         age = p.get("last_heard_s")
-        age_cls = "red" if age is None or age > 1.0 else "green"
+        alive = p.get("alive", age is not None and age <= 1.0)
+        age_cls = "green" if alive else "red"
         match = p.get("config_digest_match")
         rows.append(
             "<tr>"
