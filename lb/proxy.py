@@ -392,6 +392,7 @@ class _Upstream(_Conn):
         client = self.client
         assert client is not None
         if self.tunnel:
+            client.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
             client.send(data)
             client.flush_out()
             return
@@ -778,6 +779,7 @@ class _Client(_Conn):
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             up = self.tunnel
+            self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
             up.send(data)
             up.flush_out()
             return
@@ -1003,7 +1005,9 @@ class _Client(_Conn):
         lst = srv.listener
         if self.wpaused:
             return  # set by pause_writing: the client is not reading our answer
-        if self.paused:
+        if self.tunnel is not None:
+            self.deadline = srv.time() + lst.client_idle_timeout_s
+        elif self.paused:
             self.deadline = INF
         elif self.state == _HEAD:
             self.deadline = self.head_deadline if not self.queue else INF
@@ -1268,6 +1272,18 @@ class _Client(_Conn):
         if self.linger:
             self.close()
             return
+        tunnel = self.tunnel
+        if tunnel is not None:
+            # An upgraded connection idle both ways for client_idle_timeout_s (as TCP mode).
+            self.tunnel = None
+            req = tunnel.req
+            tunnel.detach()
+            tunnel.close()
+            if req is not None:
+                req.finished = True
+                self.srv.release(req)
+            self.close()
+            return
         if self.wpaused:
             # The client stopped reading what we send.
             req = self.queue[0] if self.queue else None
@@ -1320,8 +1336,8 @@ class _Client(_Conn):
         """The backend said 101: from now on both connections are a byte pipe."""
         self.tunnel = up
         self.stopped = True
-        self.deadline = INF
         srv = self.srv
+        self.deadline = srv.time() + srv.listener.client_idle_timeout_s
         srv.stats.request(req.pool.name, req.backend.name if req.backend else "-", 101,
                           srv.time() - req.t0)
         if rest:

@@ -344,6 +344,27 @@ def test_websocket_through_proxy() -> None:
     run(scenario())
 
 
+def test_idle_websocket_tunnel_is_closed_after_client_idle_timeout() -> None:
+    async def scenario() -> None:
+        runner, port = await aiohttp_backend(echo_app())
+        px = await start_proxy([("a", f"127.0.0.1:{port}")],
+                               listener={"client_idle_timeout_s": 0.4})
+        url = f"http://127.0.0.1:{px.port}/ws"
+        async with aiohttp.ClientSession() as s, s.ws_connect(url, autoping=False) as ws:
+            for i in range(3):  # traffic keeps it open past the timeout
+                await asyncio.sleep(0.25)
+                await ws.send_str(f"m{i}")
+                assert (await ws.receive_str()) == f"echo:m{i}"
+            msg = await asyncio.wait_for(ws.receive(), 3)  # then silence: closed
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                aiohttp.WSMsgType.ERROR)
+        await wait_for(lambda: px.in_flight == 0)
+        await stop_proxy(px)
+        await runner.cleanup()
+
+    run(scenario())
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
