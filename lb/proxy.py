@@ -482,7 +482,11 @@ class _Upstream(_Conn):
         extra = b""
         self.rechunk = False
         self.eof_body = False
-        if not head_only:
+        if head_only:
+            if rh.te_value is not None and not req.http10:
+                # No body follows, but the field describes the one a GET would get.
+                extra = b"Transfer-Encoding: " + rh.te_value + b"\r\n"
+        else:
             if rh.chunked:
                 if req.http10:
                     keep = False  # the body goes raw, delimited by our close

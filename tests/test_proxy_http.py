@@ -164,6 +164,8 @@ def test_head_204_304_have_no_body_and_connection_stays_usable() -> None:
             return b"HTTP/1.1 204 No Content\r\n\r\n"
         if seen.target == "/304":
             return b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n"
+        if seen.target == "/hc":
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         return ok_behaviour(seen, be)
 
     async def scenario() -> None:
@@ -175,6 +177,9 @@ def test_head_204_304_have_no_body_and_connection_stays_usable() -> None:
             raw = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
             assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
             assert b"Content-Length: 13\r\n" in raw
+            await c.send(b"HEAD /hc HTTP/1.1\r\nHost: a\r\n\r\n")
+            raw = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+            assert b"Transfer-Encoding: chunked\r\n" in raw
             for path in ("/204", "/304", "/after"):
                 await c.send(get(path))
                 r = await c.response()
