@@ -7,7 +7,17 @@ keep-alive connection when there is one), its body streamed with backpressure, a
 response relayed as it arrives. Output produced while handling one read is corked and
 written once (``_Conn.send`` + ``ProxyServer.flush``), so a small response costs one write.
 
-Timeouts are deadlines on connections, checked by one ticker per server.
+Timeouts are deadlines on connections, checked by one ticker per server (interval a tenth
+of the shortest timeout, 10-500 ms): header (408 once a byte of a head has arrived; a silent
+new connection is closed quietly), keep-alive idle (closed quietly), body read gap and
+client-not-reading (client_idle_timeout_s), backend connect, backend first byte and read gap
+(response_timeout_s), idle pooled backend connections (idle_timeout_s), upgraded tunnels
+idle both ways (client_idle_timeout_s, as TCP mode).
+
+A refused request (400/405/408/413/414/417/431/501/505) is answered in its turn with
+``Connection: close``, counted by reason, and the connection lingers briefly reading and
+dropping input so the answer is not destroyed by a reset. A body limit crossed mid-stream
+cuts the backend connection, so a backend never holds a complete invalid request.
 
 Choices worth knowing (docs/configuration.md repeats them for operators):
 
@@ -26,6 +36,14 @@ Choices worth knowing (docs/configuration.md repeats them for operators):
   ``retry_on_timeout``, on another backend, only while all of its body sent so far is still
   held (<= 64 KiB). A non-idempotent request that reached a backend is never sent again;
   it is sent on a reused connection only when that connection was idle < 1 s.
+- Header limits (max_headers, max_header_bytes) are checked once the head is parsed; while
+  it is still arriving, the bytes it may take are bounded per read (request line + header
+  limits), so a slow or endless head never grows without bound.
+- Response header blocks are filtered by a pure function whose results are memoised for
+  identical blocks (a backend's answers usually differ only by Date, once a second).
+- 502/503/504 are logged at WARNING as ``event=proxy_error`` key=value lines, at most
+  LOG_ERRORS_PER_S per second per listener (the rest counted in ``suppressed_before``);
+  refused requests are counted in the stats and logged at DEBUG only.
 
 Imports no control-plane module: the engine is fed a Pool and configs, nothing else.
 """
