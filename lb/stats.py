@@ -123,7 +123,8 @@ class Stats:
         return self._active.get(listener, 0)
 
     def snapshot(self) -> dict[str, Any]:
-        """Totals since this Stats was made (the gauge as its current value)."""
+        """What ``take_delta`` would return now, without resetting (the gauge as its current
+        value rather than its change)."""
         return self._render(self._active)
 
     def take_delta(self) -> dict[str, Any]:
