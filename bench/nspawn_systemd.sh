@@ -150,8 +150,21 @@ check "credential copy of the token: mode/owner '$cred' (the service's uid)" \
     test "$cred" = "400 $uid"
 code=$(C sh -c 'curl -s -o /dev/null -w "%{http_code}" -X POST -H "Authorization: Bearer $(cat /etc/pairlb/admin.token)" http://127.0.0.1:9900/backends/web/web1/enable')
 check "admin action with the token from the credential: HTTP $code" test "$code" = 200
-check "journald priorities: the start-up panic is in 'journalctl -p err'" \
+fds=$(C curl -s http://127.0.0.1:9900/metrics | grep -c '^pairlb_process_open_fds' || true)
+check "process metrics present in the sandbox (needs /proc/stat, so no ProcSubset=pid): $fds" \
+    test "$fds" -ge 1
+start_backends() {
+    for b in 1 2; do
+        C systemd-run -q --unit "plb-backend$b" /opt/pairlb/bin/python -m lb.backend_app "b$b" "127.0.0.1:900$b"
+    done
+}
+C systemctl stop plb-backend1 plb-backend2
+t0=$(now)
+for _ in $(seq 1 50); do journal_has event=pool_panic -p err && break; sleep 0.2; done
+check "journald priorities: all backends down is an ERROR ('journalctl -p err') after $(since "$t0") s" \
     journal_has event=pool_panic -p err
+start_backends
+sleep 2
 
 echo "== a missing key file"
 C systemctl stop pairlb
