@@ -19,10 +19,14 @@ def _load_or_report(path: str | None) -> config_mod.Config | None:
             return config_mod.loads(config_mod.DEFAULT_CONFIG_TOML, "<embedded default>")
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
+        from lb.log import stderr_is_journal
+
+        # Under systemd (ExecStartPre/ExecReload) these lines are errors in the journal too.
+        prio = "<3>" if stderr_is_journal() else ""
         where = exc.source or "config"
-        print(f"{where}: {len(exc.errors)} error(s)", file=sys.stderr)
+        print(f"{prio}{where}: {len(exc.errors)} error(s)", file=sys.stderr)
         for err in exc.errors:
-            print(f"  {err}", file=sys.stderr)
+            print(f"{prio}  {err}", file=sys.stderr)
         return None
 
 

@@ -43,7 +43,8 @@ class KeyValueFormatter(logging.Formatter):
         self.proc = f" proc={proc}" if proc else ""
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        # One event per line: a newline would split it into two journal entries.
+        msg = record.getMessage().replace("\n", "\\n")
         if record.exc_info:
             msg += " exc=" + repr(self.formatException(record.exc_info))
         if self.journald:

@@ -591,33 +591,3 @@ def test_watchdog_stops_while_the_control_loop_is_blocked_and_resumes_after(
     assert gap >= 1.4
     assert gap > WATCHDOG_USEC / 1e6
     assert node.proc.poll() is None
-
-
-def _hook_exists() -> bool:
-    return "PAIRLB_TEST_HOOKS" in (REPO / "lb" / "daemon.py").read_text()
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.skipif(
-    not _hook_exists(),
-    reason="needs the daemon's test hook: with PAIRLB_TEST_HOOKS=1, SIGUSR2 blocks the "
-    "control loop for PAIRLB_TEST_BLOCK_S seconds (not in lb/daemon.py yet)",
-)
-def test_watchdog_stops_while_the_daemon_test_hook_blocks_its_loop(node_factory: StartNode) -> None:
-    node = node_factory(
-        env={
-            "WATCHDOG_USEC": str(WATCHDOG_USEC),
-            "PAIRLB_TEST_HOOKS": "1",
-            "PAIRLB_TEST_BLOCK_S": "1.5",
-        }
-    )
-    node.notify.wait_for(has("READY", "1"), 20.0)
-    time.sleep(0.5)
-    blocked_at = time.monotonic()
-    os.kill(node.proc.pid, signal.SIGUSR2)
-    _, after = node.notify.wait_for(
-        lambda m: "WATCHDOG" in m.fields and m.at > blocked_at + 1.4, 5.0
-    )
-    gap = _max_gap(_pings(node, blocked_at - 0.5, after.at))
-    assert gap >= 1.4
-    assert node.proc.poll() is None
