@@ -109,8 +109,9 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "attempts_on_dead", "up_s", "ramp_share", "posts", "posts_failed",
         "posts_failed_delivered", "posts_twice", "max_latency_s", "served_after_down",
         "ejections", "in_flight_at_drain", "drained_s", "slow_on_b2", "max_503_latency_ms",
-        "p50_503_latency_ms", "errors_before_all_down", "first_200_after_listen_s",
-        "reload_applied_s", "transitions_after_reload",
+        "p50_503_latency_ms", "load_max_503_latency_ms", "errors_before_all_down",
+        "first_200_after_listen_s", "reload_applied_s", "first_check_of_new_s",
+        "transitions_after_reload",
     ):
         vals = [r[key] for r in rows if key in r]
         if vals:
@@ -159,8 +160,9 @@ def _note_text(key: str, notes: dict[str, Any]) -> str:
         return (f"in flight at drain: {one('in_flight_at_drain')}, all finished (200); "
                 f"drained to 0 in {one('drained_s')} s")
     if key == "all_down":
-        return (f"while all down: 503 in p50 {one('p50_503_latency_ms')} ms, max "
-                f"{one('max_503_latency_ms')} ms; before all DOWN: "
+        return (f"while all down, single requests get 503 in p50 {one('p50_503_latency_ms')} "
+                f"ms, max {one('max_503_latency_ms')} ms (under the full load: max "
+                f"{one('load_max_503_latency_ms')} ms); errors before all were DOWN: "
                 f"{one('errors_before_all_down')}; first 200 {one('first_200_after_listen_s')} "
                 f"s after a backend listens")
     if key == "reload":

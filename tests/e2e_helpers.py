@@ -45,7 +45,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -108,6 +108,21 @@ async def wait_until_async(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s}s: {what} (last: {last!r})")
         await asyncio.sleep(step_s)
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[Any]], timeout_s: float = 5.0) -> None:
+    """Cancel until done (a cancel can be lost in a race), within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and time.monotonic() < deadline:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    if pending:
+        raise AssertionError(f"{len(pending)} task(s) ignored cancellation: {pending}")
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # mark it retrieved; a client's own errors are in its samples
 
 
 def _signal_pid(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -248,11 +263,11 @@ class Connection:
         return resp
 
     async def close(self) -> None:
+        # No wait_closed(): on Python 3.11 wait_for() can swallow a cancellation that
+        # arrives as the inner wait completes, and a lost cancel hangs whoever stops us.
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
 
 
 async def request(
@@ -436,7 +451,7 @@ class Backends:
     def __getitem__(self, name: str) -> Backend:
         return self.by_name[name]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Backend]:
         return iter(self.by_name.values())
 
     def add(self, backend: Backend) -> Backend:
@@ -675,6 +690,7 @@ class StatusWatch:
     history: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     errors: int = 0
     _task: asyncio.Task[None] | None = None
+    _closing: bool = False
 
     async def __aenter__(self) -> StatusWatch:
         await self.poll()
@@ -684,13 +700,14 @@ class StatusWatch:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await _cancel_all([self._task])
 
     async def _run(self) -> None:
-        while True:
+        # The flag, not only cancel(), ends the loop: a cancel swallowed by a library race
+        # (asyncio.timeout/wait_for on 3.11) must not leave the poller running forever.
+        while not self._closing:
             await asyncio.sleep(self.interval_s)
             with contextlib.suppress(OSError, HttpError, TimeoutError, ValueError):
                 await self.poll()
@@ -836,9 +853,7 @@ class Load:
         self._stop.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.timeout_s + 2.0)
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await _cancel_all(self._tasks)
             self._tasks = []
         if not self.stopped_at:
             self.stopped_at = time.monotonic()
@@ -914,14 +929,15 @@ class Load:
         return max(times) if times else None
 
     def share(self, backend: str, since: float, until: float, step_s: float) -> list[float]:
-        """Share of successful responses answered by ``backend`` in consecutive windows."""
+        """Share of successful responses answered by ``backend`` in consecutive windows of
+        about ``step_s`` (``until - since`` split evenly)."""
+        n = max(1, round((until - since) / step_s))
+        width = (until - since) / n
         out = []
-        t = since
-        while t < until:
-            c = self.by_backend(t, min(t + step_s, until))
+        for i in range(n):
+            c = self.by_backend(since + i * width, since + (i + 1) * width)
             total = sum(c.values())
             out.append(c[backend] / total if total else 0.0)
-            t += step_s
         return out
 
 
