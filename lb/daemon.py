@@ -150,6 +150,7 @@ class Daemon:
         self.reloads = {"success": 0, "failure": 0}
         self.on_state_change: list[Callable[[], None]] = []
         self._snap_timer: asyncio.TimerHandle | None = None
+        self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.supervisor = Supervisor(
@@ -228,6 +229,8 @@ class Daemon:
         for pcfg in self.cfg.pool:
             self.rotations[pcfg.name] = make_rotation(pcfg)
         self._compute_snapshots()
+        if self.cfg.admin.enabled:
+            self._make_admin()
         self.health.set_targets(self._targets())
         await self.health.start()
         await self.supervisor.start()
@@ -374,13 +377,22 @@ class Daemon:
             },
         }
 
-    async def _start_admin(self) -> None:
+    def _make_admin(self) -> None:
+        """Build the admin app early: a bad token file fails start-up before any worker."""
         from aiohttp import web
 
         from lb import admin
 
-        app = admin.make_app(self)
+        try:
+            app = admin.make_app(self)
+        except admin.AdminError as exc:
+            raise StartupError(str(exc)) from None
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def _start_admin(self) -> None:
+        from aiohttp import web
+
+        assert self.admin_runner is not None
         await self.admin_runner.setup()
         host, port = config_mod.parse_hostport(self.cfg.admin.bind)
         site = web.TCPSite(self.admin_runner, host, port, reuse_address=True)
@@ -414,11 +426,12 @@ class Daemon:
 
     async def reload(self) -> ReloadResult:
         """SIGHUP: validate; keep the old config on any error; apply only the difference."""
-        self.notifier.reloading()
-        try:
-            result = await self._reload()
-        finally:
-            self.notifier.ready(self.status_line())
+        async with self._reload_lock:  # SIGHUP and POST /reload may overlap
+            self.notifier.reloading()
+            try:
+                result = await self._reload()
+            finally:
+                self.notifier.ready(self.status_line())
         self.last_reload = result
         self.reloads["success" if result.ok else "failure"] += 1
         return result
@@ -545,10 +558,8 @@ class Daemon:
         if rot is None or key[1] not in rot.records:
             return
         if rot.set_health(key[1], new is Health.UP, time.monotonic()):
-            self._record_event(
-                "health",
-                f"{key[0]}/{key[1]} {old} -> {new} ({result.status} {result.detail})".strip(),
-            )
+            why = f"{result.status} {result.detail}".strip()
+            self._record_event("health", f"{key[0]}/{key[1]} {old} -> {new} ({why})")
             self.push_snapshots()
 
     def set_admin_state(self, pool: str, backend: str, state: AdminState) -> bool:

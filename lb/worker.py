@@ -68,9 +68,10 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=self.channel_fd)
-        _, self.chan = await loop.connect_accepted_socket(
-            lambda: channel.ChannelProtocol(self._on_message, self._on_channel_closed), sock
-        )
+        # Set before the socket is connected: a ping may arrive in the same loop iteration.
+        self.chan = channel.ChannelProtocol(self._on_message, self._on_channel_closed)
+        chan = self.chan
+        await loop.connect_accepted_socket(lambda: chan, sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The control process owns shutdown; a stray signal to the group must not
             # make a worker vanish mid-request. SIGKILL still works.
