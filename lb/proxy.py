@@ -929,6 +929,10 @@ class _Client(_Conn):
             via=srv.listener.via, host_override=host_override, default_host=srv.local_host,
             into=req,
         )
+        if http10 and req.chunked:
+            # Transfer-Encoding did not exist in HTTP/1.0: such a message has been mangled
+            # on its way (RFC 9112 §6.1), and framing disagreements are how smuggling starts.
+            raise _Reject(400, "http10_transfer_encoding")
         if not parser.should_keep_alive():
             req.keep_alive = False
         if method not in IDEMPOTENT:
