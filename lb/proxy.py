@@ -76,6 +76,10 @@ BODY_BUFFER_LIMIT = 64 * 1024
 SAFE_REUSE_S = 1.0
 """A non-idempotent request reuses an idle connection only when it was idle less than this
 (a backend's own keep-alive timeout is the usual cause of the stale-connection race)."""
+FEED_SLICE = 16 * 1024
+"""Reads bigger than this are parsed in slices (see PIPELINE_MAX)."""
+PIPELINE_MAX = 8
+"""Pipelined requests parsed ahead before the rest of a read is left unparsed."""
 MAX_RESPONSE_HEAD = 64 * 1024
 """A backend response head larger than this is a bad response (502)."""
 LOG_ERRORS_PER_S = 20
@@ -88,6 +92,7 @@ _P_UPSTREAM = 1  # the backend connection's write buffer is full
 _P_BUFFER = 2  # body buffered while waiting for a backend connection
 _P_QUEUE = 4  # a pipelined request is waiting its turn
 _P_STOP = 8  # no more parsing (error queued, upgrade waiting for 101)
+_P_BACKLOG = 16  # part of a read is kept unparsed while the pipeline queue is full
 
 # Client parse states.
 _IDLE = 0
@@ -683,6 +688,8 @@ class _Client(_Conn):
     """One client connection: parses requests, dispatches them in order, relays answers."""
 
     __slots__ = (
+        "backlog",
+        "backlog_scheduled",
         "chunk_len",
         "closing",
         "ctx",
@@ -723,6 +730,8 @@ class _Client(_Conn):
         self.linger = False
         self.linger_bytes = 0
         self.tunnel: _Upstream | None = None
+        self.backlog: bytes | None = None
+        self.backlog_scheduled = False
         self.url = b""
         self.hdrs: list[tuple[bytes, bytes]] = []
         self.chunk_len = 0
@@ -780,7 +789,7 @@ class _Client(_Conn):
                 return True
             return False
         # A request cut short, or nothing to answer: done. Else answer, then close.
-        return self.state == _IDLE and bool(self.queue)
+        return self.state == _IDLE and (bool(self.queue) or self.backlog is not None)
 
     def pause_writing(self) -> None:
         self.wpaused = True
@@ -816,6 +825,54 @@ class _Client(_Conn):
                 req.tunnel_buf.append(data)
             return
         srv = self.srv
+        if len(data) > FEED_SLICE:
+            self._parse_sliced(data)
+        else:
+            self._parse(data)
+        if not self.closed:
+            if self.queue and self.state == _IDLE and not (
+                self.paused or self.wpaused or self.linger
+            ):
+                self.deadline = INF  # the common case: request read, answer pending
+            else:
+                self._rearm()
+        if srv.dirty:
+            srv.flush()
+
+    def _parse_sliced(self, data: bytes) -> None:
+        """Feed a big read in slices, stopping while too many pipelined requests wait: what
+        is left is kept (one read at most) and reading pauses until the queue drains."""
+        n = len(data)
+        pos = 0
+        while pos < n:
+            end = pos + FEED_SLICE
+            self._parse(data[pos:end])
+            pos = end
+            if pos >= n or self.closed:
+                return
+            if self.stopped:
+                req = self.cur
+                if req is not None and req.tunnel_buf is not None:
+                    req.tunnel_buf.append(data[pos:])  # the rest belongs to the tunnel
+                return
+            if len(self.queue) >= PIPELINE_MAX:
+                self.backlog = data[pos:]
+                self.pause(_P_BACKLOG)
+                return
+
+    def _feed_backlog(self) -> None:
+        self.backlog_scheduled = False
+        data = self.backlog
+        if data is None or self.closed:
+            return
+        self.backlog = None
+        self.data_received(data)
+        if self.backlog is None:
+            self.unpause(_P_BACKLOG)
+            self.srv.flush()
+
+    def _parse(self, data: bytes) -> None:
+        srv = self.srv
         in_head = self.state == _HEAD
         self.chunk_len = len(data)
         try:
@@ -845,15 +902,6 @@ class _Client(_Conn):
                         self.reject(414, "request_line_too_long")
                     else:
                         self.reject(431, "headers_too_large")
-        if not self.closed:
-            if self.queue and self.state == _IDLE and not (
-                self.paused or self.wpaused or self.linger
-            ):
-                self.deadline = INF  # the common case: request read, answer pending
-            else:
-                self._rearm()
-        if srv.dirty:
-            srv.flush()
 
     # -- httptools callbacks --------------------------------------------------------------
 
@@ -1215,6 +1263,10 @@ class _Client(_Conn):
             else:
                 self._close_after_answer(req.complete)
                 return
+        if self.backlog is not None and not self.backlog_scheduled and len(queue) < PIPELINE_MAX:
+            # Never re-enter the parser from its own callbacks: feed the rest next turn.
+            self.backlog_scheduled = True
+            srv.loop.call_soon(self._feed_backlog)
         if queue:
             nxt = queue[0]
             if len(queue) < 2 and self.paused:
@@ -1223,7 +1275,7 @@ class _Client(_Conn):
             return
         if self.paused:
             self.unpause(_P_QUEUE)
-        if self.eof:
+        if self.eof and self.backlog is None:
             self.close()
             return
         if self.state == _HEAD:

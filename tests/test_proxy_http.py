@@ -825,3 +825,26 @@ def test_ipv6_client_through_proxy() -> None:
         await stop_all([be])
 
     run(scenario())
+
+
+def test_pipelining_flood_is_parsed_a_bounded_way_ahead() -> None:
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            c = await RawClient.connect(px.port)
+            n = 6000  # ~200 KiB of tiny requests in one write
+            await c.send(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(n)))
+            peak = 0
+            got: list[Any] = []
+            async with asyncio.timeout(30):
+                while len(got) < n:
+                    got += await c.responses(1)
+                    for cl in px.server.clients:  # type: ignore[union-attr]
+                        peak = max(peak, len(cl.queue))
+            assert [r.body.split()[-1] for r in got] == [b"/%d" % i for i in range(n)]
+            # Parsed ahead: at most the limit plus one 16 KiB slice of requests.
+            assert peak < 8 + 16384 // 29 + 1, peak
+            await c.close()
+        await stop_all([be])
+
+    run(scenario())
