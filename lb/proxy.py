@@ -22,9 +22,10 @@ cuts the backend connection, so a backend never holds a complete invalid request
 Choices worth knowing (docs/configuration.md repeats them for operators):
 
 - ``Expect: 100-continue`` is forwarded; the backend's ``100 Continue`` is relayed.
-- Pipelined requests are parsed ahead but sent upstream one at a time, answered in order;
-  reading pauses while one is waiting, so a pipelining client cannot make us buffer more
-  than one socket read.
+- Pipelined requests are parsed ahead but sent upstream one at a time, answered in order.
+  Reading pauses while one is waiting, and a big read is parsed in 16 KiB slices that stop
+  once PIPELINE_MAX requests wait (the rest stays unparsed bytes), so a pipelining client
+  gets at most a few hundred small requests parsed ahead, never a whole read's worth.
 - Absolute-form targets (``GET http://host/path``) are turned into origin-form and their
   authority replaces Host (RFC 9112 §3.2.2); CONNECT gets 405; ``OPTIONS *`` passes.
 - Request trailers are dropped; chunked bodies are re-chunked with the same data.
