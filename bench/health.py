@@ -43,6 +43,12 @@ BEGIN = "<!-- BEGIN health table -->"
 END = "<!-- END health table -->"
 OPERATIONS = REPO / "docs" / "operations.md"
 FALLBACK = REPO / "docs" / "health-measurements.md"
+SUBSECTION = (
+    "### Health checks: a backend dies, hangs, fails or is drained (bench/health.py)\n\n"
+    "What a broken backend costs clients and how long it stays in rotation, measured with "
+    "real processes (the scenarios `tests/test_health_e2e.py` asserts, rerun with more "
+    "clients).\n\n"
+)
 
 WHAT_LEAVES = {
     "kill": "kill -9 -> out of rotation (passive)",
@@ -72,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--write", action="store_true", help="update the table in docs/")
     ap.add_argument("--json", type=Path, help="write every run's measurements here")
     ap.add_argument("--keep-workdir", action="store_true", help="leave logs and configs behind")
+    ap.add_argument("--from-json", type=Path, help="no runs: redo the table from a --json file")
     return ap.parse_args(argv)
 
 
@@ -134,13 +141,20 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _note_text(key: str, notes: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {n}" for k, n in v.items()) + "}"
+        return str(v)
+
     def one(k: str) -> Any:
         v = notes.get(k)
-        return v if not isinstance(v, list) or k == "ramp_share" else ", ".join(map(str, v))
+        if isinstance(v, list) and k != "ramp_share":
+            return ", ".join(map(fmt, v))
+        return fmt(v)
 
     if key in ("kill", "kill_post"):
-        text = f"attempts on the dead backend: {one('attempts_on_dead')}; UP after restart: " \
-               f"{one('up_s')} s"
+        text = (f"failed attempts on the dead backend, all retried elsewhere: "
+                f"{one('attempts_on_dead')}; UP {one('up_s')} s after it listens again")
         if key == "kill_post":
             text += (f"; POSTs sent {one('posts')}, failed {one('posts_failed')} (of which "
                      f"reached the killed backend: {one('posts_failed_delivered')}), "
@@ -151,14 +165,17 @@ def _note_text(key: str, notes: dict[str, Any]) -> str:
             text += f"; slow-start share per {scen.SLOW_START_S / 4:g} s: {first}"
         return text
     if key.startswith("hang"):
-        return f"worst client latency: {one('max_latency_s')} s"
+        return (f"worst client latency: {one('max_latency_s')} s; back = SIGCONT -> in "
+                "rotation")
     if key == "health_500":
         return f"requests reaching it after DOWN: {one('served_after_down')}"
     if key == "traffic_503":
-        return "errors = its own 503s before the ejection"
+        return ("the errors are its own 503s before the ejection (bound: workers x "
+                "consecutive_failures + clients); active checks stay UP")
     if key == "drain":
-        return (f"in flight at drain: {one('in_flight_at_drain')}, all finished (200); "
-                f"drained to 0 in {one('drained_s')} s")
+        return (f"in flight on it at the drain call: {one('in_flight_at_drain')}, all "
+                f"finished with 200; in flight 0 after {one('drained_s')} s (2 s requests); "
+                "nothing new reached it; back = enable -> in rotation")
     if key == "all_down":
         return (f"while all down, single requests get 503 in p50 {one('p50_503_latency_ms')} "
                 f"ms, max {one('max_503_latency_ms')} ms (under the full load: max "
@@ -166,8 +183,10 @@ def _note_text(key: str, notes: dict[str, Any]) -> str:
                 f"{one('errors_before_all_down')}; first 200 {one('first_200_after_listen_s')} "
                 f"s after a backend listens")
     if key == "reload":
-        return (f"applied in {one('reload_applied_s')} s; health transitions after it: "
-                f"{one('transitions_after_reload')} (the new backend only)")
+        return (f"applied in {one('reload_applied_s')} s; a DOWN and two UP backends kept "
+                f"their state, no flap; health transitions after it: "
+                f"{one('transitions_after_reload')} (the new backend, which got no traffic "
+                f"before its first passing check; back = its /healthz fixed -> in rotation)")
     return ""
 
 
@@ -213,29 +232,33 @@ def markdown(summaries: list[dict[str, Any]], args: argparse.Namespace, started:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: str) -> Path:
-    """Replace our section only; the rest of the file belongs to whoever wrote it."""
-    block = f"{BEGIN}\n{table}{END}"
-    if OPERATIONS.exists():
-        text = OPERATIONS.read_text()
-        if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            OPERATIONS.write_text(head + block + tail)
-            return OPERATIONS
-    if FALLBACK.exists() and BEGIN in FALLBACK.read_text():
-        text = FALLBACK.read_text()
+def _replace_block(path: Path, block: str) -> bool:
+    text = path.read_text()
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        FALLBACK.write_text(head + block + tail)
-    else:
-        FALLBACK.write_text(
-            "# Health checks: measurements\n\n"
-            "What a broken backend costs clients and how long it stays in rotation, measured "
-            "with real processes by `bench/health.py` (the same scenarios "
-            "`tests/test_health_e2e.py` asserts). The table below belongs in "
-            "docs/operations.md between the same markers.\n\n" + block + "\n"
-        )
+        path.write_text(head + block + tail)
+        return True
+    return False
+
+
+def write_table(table: str) -> Path:
+    """Replace our delimited section only; the rest of the file belongs to others.
+
+    operations.md without the markers gets them once, in a subsection appended at its end
+    (under "Measured behaviour", where engineers add measured tables).
+    """
+    block = f"{BEGIN}\n{table}{END}"
+    if OPERATIONS.exists():
+        if _replace_block(OPERATIONS, block):
+            return OPERATIONS
+        text = OPERATIONS.read_text()
+        if "## Measured behaviour" in text:
+            OPERATIONS.write_text(text.rstrip("\n") + "\n\n" + SUBSECTION + block + "\n")
+            return OPERATIONS
+    if FALLBACK.exists() and _replace_block(FALLBACK, block):
+        return FALLBACK
+    FALLBACK.write_text("# Health checks: measurements\n\n" + SUBSECTION + block + "\n")
     return FALLBACK
 
 
@@ -249,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     knobs = scen.Knobs(clients=args.clients, think_s=args.think, steady_s=args.steady)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows: list[dict[str, Any]] = []
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        rows = [r for r in saved["rows"] if r["key"] in names]
+        started = saved.get("started", started)
+        for key in ("runs", "clients", "think", "steady"):
+            setattr(args, key, saved["args"][key])
     # Interleave repetitions (all scenarios, then again) so machine noise spreads evenly.
-    for rep in range(args.runs):
+    for rep in range(0 if args.from_json else args.runs):
         for name in names:
             row = run_one(name, knobs, args.keep_workdir)
             rows.append(row)
@@ -263,9 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(summaries, args, started)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "rows": rows, "summary": summaries}, indent=2,
-                                        default=str))
+        doc = {"args": vars(args), "started": started, "rows": rows, "summary": summaries}
+        args.json.write_text(json.dumps(doc, indent=2, default=str))
     if args.write:
         where = write_table(table)
         print(f"wrote the table to {where.relative_to(REPO)}", file=sys.stderr)
