@@ -57,7 +57,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -253,8 +253,13 @@ def _keep_for_replay(req: _Request, pieces: list[bytes]) -> None:
         req.replay = list(pieces)
 
 
-class _Conn(asyncio.Protocol):
-    """Corked output: ``send`` queues bytes, the server's ``flush`` writes them once."""
+class _Conn:
+    """Corked output: ``send`` queues bytes, the server's ``flush`` writes them once.
+
+    An asyncio protocol by duck typing (every callback is defined on the subclasses), not by
+    inheritance: that keeps the hot-path classes compilable by mypyc, whose native classes
+    cannot derive from asyncio.Protocol.
+    """
 
     __slots__ = ("closed", "out", "srv", "transport")
 
@@ -1510,7 +1515,8 @@ class ProxyServer:
         assert self._sock is not None
         # Our own fd for the shared socket: closing it stops our accepting only.
         self._server = await self.loop.create_server(
-            lambda: _Client(self), sock=self._sock.dup(), backlog=self.listener.backlog
+            lambda: cast(asyncio.Protocol, _Client(self)), sock=self._sock.dup(),
+            backlog=self.listener.backlog,
         )
         self._accepting = True
 
@@ -1707,7 +1713,7 @@ class ProxyServer:
         try:
             async with asyncio.timeout(req.pool_cfg.connect_timeout_s):
                 _, up = await self.loop.create_connection(
-                    lambda: _Upstream(self, key), backend.host, backend.port
+                    lambda: cast(asyncio.Protocol, _Upstream(self, key)), backend.host, backend.port
                 )
         except (OSError, TimeoutError) as exc:
             if req.conn_gen == gen and req.backend is backend and not req.finished:
