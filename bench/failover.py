@@ -24,6 +24,7 @@ file does not exist yet). Needs root. Reports numbers; asserts nothing (the test
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -45,12 +46,14 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
 
 import _common as c  # noqa: E402
 import failover_e2e as fe  # noqa: E402
-import netns  # noqa: E402
+
+from lb import netns  # noqa: E402
 
 BEGIN = "<!-- BEGIN failover table -->"
 END = "<!-- END failover table -->"
 OPERATIONS = REPO / "docs" / "operations.md"
 FALLBACK = REPO / "docs" / "failover-measurements.md"
+HEADING = "### Failover (bench/failover.py)"
 
 DEFAULT_SCENARIOS = ("kill9", "sigstop", "link_cut", "graceful", "switchover", "partition",
                      "preempt_off", "unhealthy", "bad_heartbeats")
@@ -129,6 +132,9 @@ def notes_of(row: Row) -> str:
     holes = row.values(lambda o: o.extra.get("blackhole_s"))
     if holes:
         out.append(f"blackhole max {ms(max(holes))} ms")
+    stuck = sum(1 for o in row.outcomes if o.extra.get("served_again") is False)
+    if stuck:
+        out.append(f"{stuck} run(s) not served again within {fe.BLACKHOLE_LIMIT_S:g} s")
     stale = row.values(lambda o: o.extra.get("stale_vip_removed_s"))
     if stale:
         out.append(f"stale VIP removed {spread(stale)} ms after start")
@@ -166,11 +172,13 @@ def table(rows: list[Row]) -> str:
 @dataclass
 class Soak:
     settings: str
+    foreign_nice: int
     duration_s: float
     rps: float
     wrk_errors: int
     probe_failed: int
     probe_requests: int
+    probe_errors: dict[str, int]
     transitions: dict[str, dict[str, int]]
     late_sends: dict[str, int]
     send_lag_ms: dict[str, dict[str, float]]
@@ -181,14 +189,25 @@ def _counters(rig: fe.Rig) -> dict[str, dict[str, Any]]:
     return {n: rig.failover(n) for n in fe.LBS}
 
 
-def soak(rig: fe.Rig, settings: fe.PairSettings, duration_s: int, connections: int) -> Soak:
-    """wrk through the VIP at full load; count role transitions (each one a false failover)."""
+def soak(rig: fe.Rig, settings: fe.PairSettings, duration_s: int, connections: int,
+         foreign_nice: int) -> Soak:
+    """wrk through the VIP at full load; count role transitions (each one a false failover).
+
+    wrk and the backends would run on other hosts; here they share the two nodes' CPUs.
+    `foreign_nice` is their nice value: 10 models other hosts (the proxy workers, at nice 5,
+    get the CPU and saturate), 0 lets them compete with the control processes as equals.
+    """
     rig.steady(settings)
+    rig.renice_backends(foreign_nice)
     before = _counters(rig)
     t0 = time.monotonic()
-    res = rig.topo.run("client", ["wrk", "-t2", f"-c{connections}", f"-d{duration_s}s",
-                                  "--timeout", "2s", "--latency", f"http://{rig.vip}/"],
-                       timeout_s=duration_s + 30.0)
+    try:
+        res = rig.topo.run("client", ["nice", "-n", str(foreign_nice), "wrk", "-t2",
+                                      f"-c{connections}", f"-d{duration_s}s", "--timeout", "2s",
+                                      "--latency", f"http://{rig.vip}/"],
+                           timeout_s=duration_s + 30.0)
+    finally:
+        rig.renice_backends(0)
     t1 = time.monotonic()
     wrk = c.parse_wrk(res.stdout)
     after = _counters(rig)
@@ -199,8 +218,11 @@ def soak(rig: fe.Rig, settings: fe.PairSettings, duration_s: int, connections: i
         return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0)}
 
     return Soak(
-        settings=settings.label, duration_s=t1 - t0, rps=wrk.rps, wrk_errors=wrk.errors,
+        settings=settings.label, foreign_nice=foreign_nice, duration_s=t1 - t0, rps=wrk.rps,
+        wrk_errors=wrk.errors,
         probe_failed=sum(1 for a in attempts if not a.ok), probe_requests=len(attempts),
+        probe_errors={e: sum(1 for a in attempts if a.error == e)
+                      for e in sorted({a.error for a in attempts if not a.ok})},
         transitions={n: delta(n) for n in fe.LBS},
         late_sends={n: after[n]["counters"]["late_sends"] - before[n]["counters"]["late_sends"]
                     for n in fe.LBS},
@@ -209,20 +231,25 @@ def soak(rig: fe.Rig, settings: fe.PairSettings, duration_s: int, connections: i
     )
 
 
+def _errs(errors: dict[str, int]) -> str:
+    return "(" + ", ".join(f"{k} {n}" for k, n in errors.items()) + ")" if errors else ""
+
+
 def soak_table(soaks: list[Soak]) -> str:
     lines = [
-        "| settings | duration s | wrk req/s through the VIP | wrk errors | 10 ms probe "
-        "failures | role transitions (false failovers) | late heartbeats lb1/lb2 | "
-        "send lag lb1 p50/p99/max ms | send lag lb2 p50/p99/max ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| settings | wrk and backends at nice | duration s | wrk req/s through the VIP | "
+        "wrk errors | 10 ms probe failures | role transitions (false failovers) | late "
+        "heartbeats lb1/lb2 | send lag lb1 p50/p99/max ms | send lag lb2 p50/p99/max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in soaks:
         trans = sum(sum(d.values()) for d in s.transitions.values())
         lag = {n: "/".join(f"{s.send_lag_ms[n][k]:.2f}" for k in ("p50", "p99", "max"))
                for n in fe.LBS}
         lines.append(
-            f"| {s.settings} | {s.duration_s:.0f} | {s.rps:.0f} | {s.wrk_errors} | "
-            f"{s.probe_failed}/{s.probe_requests} | {trans} | "
+            f"| {s.settings} | {s.foreign_nice} | {s.duration_s:.0f} | {s.rps:.0f} | "
+            f"{s.wrk_errors} | "
+            f"{s.probe_failed}/{s.probe_requests} {_errs(s.probe_errors)} | {trans} | "
             f"{s.late_sends['lb1']}/{s.late_sends['lb2']} | {lag['lb1']} | {lag['lb2']} |")
     return "\n".join(lines)
 
@@ -231,19 +258,26 @@ def soak_table(soaks: list[Soak]) -> str:
 
 
 def write_docs(section: str) -> Path:
-    """Replace (or append) our delimited section; never touch the rest of the file."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if OPERATIONS.exists():
-        text = OPERATIONS.read_text(encoding="utf-8")
-        pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _m: block, text, count=1)
+    """Replace our delimited section, or add it at the end of "## Measured behaviour";
+    never touch the rest of the file (other engineers own it)."""
+    block = f"{BEGIN}\n{HEADING}\n\n{section.rstrip()}\n{END}\n"
+    if not OPERATIONS.exists():
+        FALLBACK.write_text(block, encoding="utf-8")
+        return FALLBACK
+    text = OPERATIONS.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text, count=1)
+    else:
+        at = text.find("\n## Measured behaviour")
+        nxt = re.search(r"^## ", text[at + 2:], re.M) if at >= 0 else None
+        if at >= 0 and nxt is not None:
+            cut = at + 2 + nxt.start()
+            text = text[:cut] + block + "\n" + text[cut:]
         else:
-            text = text.rstrip() + "\n\n## Measured behaviour: failover\n\n" + block
-        OPERATIONS.write_text(text, encoding="utf-8")
-        return OPERATIONS
-    FALLBACK.write_text("# Measured behaviour: failover\n\n" + block, encoding="utf-8")
-    return FALLBACK
+            text = text.rstrip() + "\n\n" + block
+    OPERATIONS.write_text(text, encoding="utf-8")
+    return OPERATIONS
 
 
 def section(rows: list[Row], soaks: list[Soak], args: argparse.Namespace, took_s: float) -> str:
@@ -264,8 +298,11 @@ it restarts (that is the "both held" of that row; pairlb removes it at start-up)
 {table(rows)}
 
 Bounded soak: wrk (2 threads, {args.connections} connections) saturates the proxy through the \
-VIP from the client namespace while both nodes heartbeat; every role transition would be a false \
-failover. Send lag: how late each heartbeat left (the last 4096 sends).
+VIP from the client namespace while both nodes heartbeat; every role transition is a false \
+failover. wrk and the backends stand in for other hosts but share these 2 CPUs: at nice 10 the \
+proxy workers (nice 5) get the CPU and saturate, as on a real LB host; at nice 0 they compete \
+with the control processes as equals (a harsher case than production). Send lag: how late \
+each heartbeat left (the last 4096 sends, so it includes some time before the soak).
 
 {soak_table(soaks)}
 """
@@ -301,11 +338,11 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[Soak]]:
                     if args.verbose and o.failures:
                         print(f"   failures: {o.failures[:15]}")
         if args.soak_duration > 0:
-            for settings in (fe.DEFAULT, fe.FAST):
+            for settings, nice in itertools.product((fe.DEFAULT, fe.FAST), args.soak_nice):
                 try:
-                    s = soak(rig, settings, args.soak_duration, args.connections)
+                    s = soak(rig, settings, args.soak_duration, args.connections, nice)
                 except Exception as exc:
-                    print(f"!! soak [{settings.label}]: {exc}", file=sys.stderr)
+                    print(f"!! soak [{settings.label}, nice {nice}]: {exc}", file=sys.stderr)
                     continue
                 print(f"soak [{s.settings}]: {s}", flush=True)
                 soaks.append(s)
@@ -322,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=sorted(fe.SCENARIOS))
     p.add_argument("--soak-duration", type=int, default=60, help="seconds per setting; 0: none")
     p.add_argument("--connections", type=int, default=64, help="wrk connections in the soak")
+    p.add_argument("--soak-nice", type=int, nargs="+", default=[10, 0],
+                   help="nice values of wrk and the backends in the soaks (one soak each)")
     p.add_argument("--json", type=Path, help="also write every outcome as JSON here")
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
     p.add_argument("-v", "--verbose", action="store_true")

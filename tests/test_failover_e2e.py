@@ -3,17 +3,20 @@ a request to the VIP every 10 ms, and the kernel's own record of who holds the V
 
 Each test runs one scenario once and asserts the issue's target for it; bench/failover.py runs
 the same scenarios many times and prints the table. The harness is tests/failover_e2e.py.
-Needs root (namespaces); skipped otherwise. The whole module takes about a minute and a half.
+Needs root (namespaces); skipped otherwise. The whole module takes about a minute and a half
+(longer when a blackhole is being measured: up to failover_e2e.BLACKHOLE_LIMIT_S).
 """
 
 from __future__ import annotations
 
 import signal
+import statistics
 from collections.abc import Iterator
 
 import failover_e2e as fe
-import netns
 import pytest
+
+from lb import netns
 
 pytestmark = [
     pytest.mark.netns,
@@ -168,14 +171,21 @@ def test_failback_with_preempt_off_keeps_the_new_master(rig: fe.Rig) -> None:
 
 
 def test_fast_setting_kill9_and_link_cut(rig: fe.Rig) -> None:
+    """The target is a median: three runs of each (one run is too noisy at 10 ms)."""
     rig.steady(fe.FAST)
-    kill = fe.kill9(rig)[0]
-    cut, back = fe.link_cut(rig)
-    why = evidence(rig, [kill, cut, back])
-    assert kill.takeover_s is not None and cut.takeover_s is not None, why
-    assert back.unheld_s == 0.0, why
-    assert kill.takeover_s <= TAKEOVER_FAST_S, why
-    assert cut.takeover_s <= TAKEOVER_FAST_S, why
+    kills, cuts, backs = [], [], []
+    for _ in range(3):
+        kills.append(fe.kill9(rig)[0])
+        cut, back = fe.link_cut(rig)
+        cuts.append(cut)
+        backs.append(back)
+    why = evidence(rig, [*kills, *cuts, *backs])
+    kill_s = [o.takeover_s for o in kills if o.takeover_s is not None]
+    cut_s = [o.takeover_s for o in cuts if o.takeover_s is not None]
+    assert len(kill_s) == 3 and len(cut_s) == 3, why
+    assert all(b.unheld_s == 0.0 for b in backs), why
+    assert statistics.median(kill_s) <= TAKEOVER_FAST_S, why
+    assert statistics.median(cut_s) <= TAKEOVER_FAST_S, why
 
 
 def test_rig_leaves_nothing_behind() -> None:
