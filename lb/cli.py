@@ -103,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("demo", help="the live demo on the embedded default config")
-    p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="length of the story in seconds (default 60; every event plays)")
     p.add_argument("--keep", action="store_true", help="leave it running; print the URLs")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove what an earlier --keep left running")
     p.set_defaults(func=cmd_demo)
 
     # -- admin API commands (lb/admin_client.py) --
