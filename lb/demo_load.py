@@ -137,33 +137,52 @@ class WindowStats:
         return ", ".join(f"{k} {v}" for k, v in self.errors.most_common(limit)) or "-"
 
 
-def window_stats(records: Sequence[Record], since: float, until: float) -> WindowStats:
-    """Stats of the requests that *ended* in [since, until).
+IN_FLIGHT_S = 0.05
+"""How long a healthy request takes at most, here (they take 1-5 ms)."""
 
-    By completion: a request that was in flight when a fault hit fails at (or after) the
-    fault, so it lands in the fault's window. The gap is measured from the last success
-    before ``since`` so an outage that starts with the fault is counted whole.
+
+def attributed_at(r: Record, slow_s: float = 0.2) -> float:
+    """The moment a request belongs to: when a healthy system would have answered it.
+
+    A request that was in flight when a fault hit belongs to the fault even if it started a
+    moment before it (its answer was due after the fault) and even if it failed much later
+    (a timeout only notices the loss). Slow GETs (ids ending in "s") were due ``slow_s``
+    after they started.
+    """
+    due = r.t0 + IN_FLIGHT_S + (slow_s if r.cid.endswith("s") else 0.0)
+    return min(r.t1, due)
+
+
+def window_stats(records: Sequence[Record], since: float, until: float,
+                 slow_s: float = 0.2) -> WindowStats:
+    """Stats of the requests that belong to [since, until) (see ``attributed_at``).
+
+    The outage is the longest time between two successive successful completions in the
+    window, measured from the last success before ``since`` so an outage that starts with
+    the fault is counted whole.
     """
     ws = WindowStats(since, until)
     last_ok: float | None = None
     last_end: float | None = None
     for r in sorted(records, key=lambda r: r.t1):
-        if r.t1 < since:
-            if r.ok:
-                last_ok = r.t1
+        if r.ok and r.t1 < since:
+            last_ok = r.t1
+        if not since <= r.t1 < until or not r.ok:
             continue
-        if r.t1 >= until:
-            break
+        ws.backends[r.backend] += 1
+        ws.peers[r.peer] += 1
+        if last_ok is not None and r.t1 - last_ok > ws.max_gap_s:
+            ws.max_gap_s, ws.gap_at = r.t1 - last_ok, last_ok
+        last_ok = r.t1
+    last_ok = max((r.t1 for r in records if r.ok and since <= r.t1 < until), default=last_ok)
+    for r in records:
+        if not since <= attributed_at(r, slow_s) < until:
+            continue
         ws.requests += 1
         ws.retried += r.retried
-        last_end = r.t1
         if r.ok:
-            ws.backends[r.backend] += 1
-            ws.peers[r.peer] += 1
-            if last_ok is not None and r.t1 - last_ok > ws.max_gap_s:
-                ws.max_gap_s, ws.gap_at = r.t1 - last_ok, last_ok
-            last_ok = r.t1
             continue
+        last_end = max(last_end or r.t1, r.t1)
         ws.failed += 1
         ws.errors[r.error] += 1
         if 500 <= r.status < 600:
@@ -172,25 +191,31 @@ def window_stats(records: Sequence[Record], since: float, until: float) -> Windo
             ws.failed_post += 1
         else:
             ws.failed_get += 1
-    if last_ok is not None and last_end is not None and last_end - last_ok > ws.max_gap_s:
-        # Failures after the last success up to the end of the window: a gap too.
-        ws.max_gap_s, ws.gap_at = last_end - last_ok, last_ok
+    if last_ok is not None and last_end is not None:
+        # Failures after the last success, up to the end of the window: a gap too.
+        end = min(last_end, until)
+        if end - last_ok > ws.max_gap_s:
+            ws.max_gap_s, ws.gap_at = end - last_ok, last_ok
     return ws
 
 
-def handovers(records: Iterable[Record], join_s: float = 0.5) -> list[tuple[float, float, int]]:
-    """Stretches where successive successes alternate between load balancers.
+def handovers(records: Iterable[Record], join_s: float = 0.5, prompt_s: float = 0.2
+              ) -> list[tuple[float, float, int]]:
+    """Stretches during which both load balancers answered the client.
 
-    Successes sorted by start time; a change of PEER is a handover. A clean handover is one
-    change. Changes closer than ``join_s`` apart are one stretch; a stretch of two or more
-    changes means both nodes answered new requests: (start, end, changes) of each such stretch,
-    end - start being how long two holders answered the client.
+    Which node the client's packets reach right now shows in the *prompt* successes (latency
+    at most ``prompt_s``: a request whose SYN was retransmitted a second later says where
+    packets went then, not when it started), ordered by completion. A change of PEER is a
+    handover; a clean one is a single change. Changes closer than ``join_s`` apart form one
+    stretch; a stretch of two or more changes means both nodes were answering: returns
+    (start, end, changes) of each, end - start being how long.
     """
     changes: list[float] = []
     prev: str | None = None
-    for r in sorted((r for r in records if r.ok and r.peer != "-"), key=lambda r: r.t0):
+    prompt = (r for r in records if r.ok and r.peer != "-" and r.t1 - r.t0 <= prompt_s)
+    for r in sorted(prompt, key=lambda r: r.t1):
         if prev is not None and r.peer != prev:
-            changes.append(r.t0)
+            changes.append(r.t1)
         prev = r.peer
     out: list[tuple[float, float, int]] = []
     i = 0
@@ -293,7 +318,7 @@ class LoadClient:
 
     def __init__(self, host: str, port: int, out: TextIO, *, rate: float, duration_s: float,
                  max_requests: int, timeout_s: float, post_every: int, prefix: str,
-                 max_idle: int = 16) -> None:
+                 slow_every: int = 0, slow_s: float = 0.2, max_idle: int = 16) -> None:
         self.host, self.port = host, port
         self.out = out
         self.rate = rate
@@ -302,6 +327,8 @@ class LoadClient:
         self.timeout_s = timeout_s
         self.post_every = post_every
         self.prefix = prefix
+        self.slow_every = slow_every
+        self.slow_s = slow_s
         self.max_idle = max_idle
         self.idle: deque[_Conn] = deque()
         self.stop = asyncio.Event()
@@ -338,7 +365,8 @@ class LoadClient:
     async def _one(self, i: int) -> None:
         post = self.post_every > 0 and i % self.post_every == self.post_every - 1
         method = "POST" if post else "GET"
-        cid = f"{self.prefix}{i}"
+        slow = not post and self.slow_every > 0 and i % self.slow_every == 0
+        cid = f"{self.prefix}{i}" + ("s" if slow else "")
         reuse = i % 2 == 0
         t0 = time.monotonic()
         status, backend, peer, kind, retried, error = 0, "-", "-", "new", False, "-"
@@ -373,6 +401,7 @@ class LoadClient:
         return None
 
     async def _attempt(self, method: str, cid: str, reuse: bool) -> tuple[int, str, str, str]:
+        """One try; a slow GET (id ending in "s") asks the backend to wait before answering."""
         conn = self._take_idle(method == "POST") if reuse else None
         reused = conn is not None
         if conn is None:
@@ -382,7 +411,8 @@ class LoadClient:
                 raise _Failed(_os_code(exc)) from None
             conn = _Conn(reader, writer)
         body = f"payload of {cid}\n".encode() if method == "POST" else b""
-        path = "/echo" if method == "POST" else "/"
+        path = "/echo" if method == "POST" else (
+            f"/sleep/{self.slow_s:g}" if cid.endswith("s") else "/")
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nX-Client-Id: {cid}\r\n"
                 + ("" if reuse else "Connection: close\r\n")
                 + (f"Content-Length: {len(body)}\r\n" if method == "POST" else "") + "\r\n")
@@ -423,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=2.0, help="per request, seconds")
     ap.add_argument("--post-every", type=int, default=4, help="every Nth request is a POST")
     ap.add_argument("--prefix", default="r", help="prefix of the X-Client-Id values")
+    ap.add_argument("--slow-every", type=int, default=0,
+                    help="every Nth request is a slow GET (/sleep/S; its id ends in 's')")
+    ap.add_argument("--slow", type=float, default=0.2, help="S for the slow GETs, seconds")
     args = ap.parse_args(argv)
     host, _, port = args.target.rpartition(":")
     if args.rate <= 0 or not port.isdigit():
@@ -430,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.out, "a", buffering=1, encoding="ascii") as out:
         client = LoadClient(host, int(port), out, rate=args.rate, duration_s=args.duration,
                             max_requests=args.max_requests, timeout_s=args.timeout,
-                            post_every=args.post_every, prefix=args.prefix)
+                            post_every=args.post_every, prefix=args.prefix,
+                            slow_every=args.slow_every, slow_s=args.slow)
         return asyncio.run(client.run())
 
 

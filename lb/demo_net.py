@@ -73,6 +73,9 @@ class Settings:
     """Short, with retry_on_timeout, so a hung (SIGSTOPped) backend costs GETs latency, not
     errors (the default 30 s would make the demo look frozen)."""
     shutdown_timeout_s: float = 2.0
+    eject_s: float = 2.0
+    """Passive ejection (errors seen by the proxy) lasts this, n times for the n-th in a row."""
+    max_eject_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ interval_s = {s.health_interval_s}
 timeout_s = {s.health_timeout_s}
 rise = {s.rise}
 fall = {s.fall}
+
+[pool.passive]
+eject_s = {s.eject_s}
+max_eject_s = {s.max_eject_s}
 
 [failover]
 interface = "{netns.NODE_IFNAME}"
@@ -734,11 +741,13 @@ class Cluster:
     # -- load ---------------------------------------------------------------------------
 
     def start_load(self, out: Path, *, rate: float, duration_s: float, timeout_s: float = 2.0,
-                   post_every: int = 4, prefix: str = "r") -> Proc:
+                   post_every: int = 4, prefix: str = "r", slow_every: int = 0,
+                   slow_s: float = 0.2) -> Proc:
         argv = [self.python, "-m", "lb.demo_load", f"{self.vip}:{self.listen_port}", str(out),
                 "--rate", str(rate), "--duration", str(duration_s), "--timeout", str(timeout_s),
                 "--max-requests", str(int(rate * duration_s * 1.2) + 100),
-                "--post-every", str(post_every), "--prefix", prefix]
+                "--post-every", str(post_every), "--prefix", prefix,
+                "--slow-every", str(slow_every), "--slow", str(slow_s)]
         self.load = Proc("load", self._popen(CLIENT, argv, self.log("load")), time.monotonic())
         return self.load
 
