@@ -37,7 +37,10 @@ unless --no-docs; --json writes everything for tests. Needs root. Bounded: --dur
 the faults (plus the time the last one needs to settle), the load capped in requests too.
 
     sudo .venv/bin/python bench/chaos.py --duration 120 --seed 1
-    sudo .venv/bin/python bench/chaos.py --duration 45 --seed 7 --no-docs --json /tmp/c.json
+    sudo .venv/bin/python bench/chaos.py --duration 30 --seed 7 --no-docs --json /tmp/c.json
+
+Imports lb.demo_net, lb.demo_load and lb.netns (the rig and the load the demo uses), never
+pyroute2 or pairlb's internals: what it judges is the running processes.
 """
 
 from __future__ import annotations

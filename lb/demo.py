@@ -18,6 +18,9 @@ node and backends on 127.0.0.1, a backend killed and restarted, one drained and 
 The story runs on a thread of its own so the view keeps moving while an action waits; only
 the main thread prints. Work files (configs, key, token, logs, records) live in a temporary
 directory that is removed at the end.
+
+Imports lb (config, netns, demo_net, demo_load) only; failover reaches it through
+lb.demo_net, healthcheck not at all, and nothing here touches the root namespace.
 """
 
 from __future__ import annotations
@@ -752,6 +755,10 @@ timeout_s = 0.2
 rise = 2
 fall = 2
 
+[pool.passive]
+eject_s = 2.0
+max_eject_s = 10.0
+
 [admin]
 bind = "127.0.0.1:{self.admin_port}"
 token_file = "{token_file}"
@@ -922,14 +929,14 @@ def cleanup(out: TextIO) -> int:
     for state in runs:
         pid = state.get("pid")
         if (not state.get("kept") and isinstance(pid, int)
-                and demo_net._is_ours(pid, "demo")):
+                and (demo_net.is_ours(pid, "demo") or demo_net.is_ours(pid, "chaos.py"))):
             print(f"skipped {state.get('workdir')}: its demo is still running (pid {pid})",
                   file=out)
             continue
         if state.get("mode") == "loopback":
             for name, p in (state.get("pids") or {}).items():
                 needle = "lb run" if name == "lb1" else "lb.demo_"
-                if isinstance(p, int) and demo_net._is_ours(p, needle):
+                if isinstance(p, int) and demo_net.is_ours(p, needle):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p, signal.SIGCONT)
                         os.kill(p, signal.SIGTERM)

@@ -795,7 +795,8 @@ def kept_runs(tmp: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def _is_ours(pid: int, needle: str) -> bool:
+def is_ours(pid: int, needle: str) -> bool:
+    """Whether `pid` runs a command line containing `needle` (never signal a reused pid)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return needle.encode() in f.read().replace(b"\0", b" ")
@@ -809,7 +810,7 @@ def cleanup_run(state: dict[str, Any]) -> list[str]:
 
     done = []
     fwd = state.get("forwarder_pid")
-    if isinstance(fwd, int) and _is_ours(fwd, "lb.demo_net forward"):
+    if isinstance(fwd, int) and is_ours(fwd, "lb.demo_net forward"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(fwd, signal.SIGTERM)
         done.append(f"stopped forwarder pid {fwd}")

@@ -18,9 +18,9 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-import netns
 import pytest
 
+from lb import netns
 from lb.demo_load import Record, attributed_at, handovers, window_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def evidence(report: dict[str, Any]) -> str:
-    return report["stdout"][-6000:] + report["stderr"][-2000:]
+    return str(report["stdout"])[-6000:] + str(report["stderr"])[-2000:]
 
 
 

@@ -20,10 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import netns
 import pytest
 
-from lb import demo, demo_net
+from lb import demo, demo_net, netns
 from lb.demo_load import Record
 
 ROOT = Path(__file__).resolve().parents[1]

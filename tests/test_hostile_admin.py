@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import netns
 import pytest
+
+from lb import netns
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 ROOT = Path(__file__).resolve().parents[1]

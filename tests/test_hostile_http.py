@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proxy_helpers import CountingBackend, RawClient, free_port, get, run
@@ -81,12 +82,12 @@ async def send_split(c: RawClient, data: bytes, rng: random.Random) -> None:
         await asyncio.sleep(rng.choice([0, 0, 0.001, 0.005]))
 
 
-async def http_json(port: int, path: str) -> dict[str, object]:
+async def http_json(port: int, path: str) -> dict[str, Any]:
     c = await RawClient.connect(port)
     try:
         await c.send(get(path, host="127.0.0.1"))
         r = await c.response(3.0)
-        out: dict[str, object] = json.loads(r.body)
+        out: dict[str, Any] = json.loads(r.body)
         return out
     finally:
         await c.close()
@@ -135,17 +136,17 @@ def test_a_real_pairlb_survives_a_fuzzed_flood_and_keeps_serving_others(tmp_path
             sys.executable, "-m", "lb", "run", "-c", str(cfg), cwd=ROOT,
             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
-            st: dict[str, object] = {}
+            st: dict[str, Any] = {}
             async with asyncio.timeout(20):
                 while True:
                     with contextlib.suppress(OSError, ConnectionError, ValueError):
                         st = await http_json(admin, "/status")
-                        pool = st["pools"][0]  # type: ignore[index]
-                        if pool["backends"][0]["in_rotation"] and all(  # type: ignore[index]
-                                w["ready"] for w in st["workers"]):  # type: ignore[attr-defined]
+                        pool = st["pools"][0]
+                        if pool["backends"][0]["in_rotation"] and all(
+                                w["ready"] for w in st["workers"]):
                             break
                     await asyncio.sleep(0.1)
-            workers = [(w["pid"], w["restarts"]) for w in st["workers"]]  # type: ignore[attr-defined]
+            workers = [(w["pid"], w["restarts"]) for w in st["workers"]]
             seen_before = len(be.requests)
             rng = random.Random(88)
             stop = asyncio.Event()
@@ -194,9 +195,9 @@ def test_a_real_pairlb_survives_a_fuzzed_flood_and_keeps_serving_others(tmp_path
                   f"{len(fuzz_seen)} valid requests out of the fuzz reached the backend")
             # No worker crashed or was replaced, and the node still serves new clients.
             st = await http_json(admin, "/status")
-            after = [(w["pid"], w["restarts"]) for w in st["workers"]]  # type: ignore[attr-defined]
+            after = [(w["pid"], w["restarts"]) for w in st["workers"]]
             assert after == workers, (workers, after)
-            assert all(w["crashes"] == 0 for w in st["workers"])  # type: ignore[attr-defined]
+            assert all(w["crashes"] == 0 for w in st["workers"])
             c = await RawClient.connect(listen)
             await c.send(get("/after"))
             assert (await c.response(3.0)).status == 200
