@@ -377,6 +377,36 @@ class VipWatch:
                     out.append((s, e))
         return sorted(out)
 
+    def unheld(self, since: float, until: float) -> list[tuple[float, float]]:
+        """Spans within [since, until] during which no watched node held the VIP."""
+        with self._lock:
+            events = sorted(self.events)
+            state = dict.fromkeys(self._state, False)
+        out: list[tuple[float, float]] = []
+        gap_start: float | None = None
+        for t, node, present in events:
+            state[node] = present
+            held = any(state.values())
+            if t < since:
+                gap_start = None if held else since
+                continue
+            if t > until:
+                break
+            if not held and gap_start is None:
+                gap_start = t
+            elif held and gap_start is not None:
+                if t > gap_start:
+                    out.append((gap_start, t))
+                gap_start = None
+        if gap_start is not None and until > gap_start:
+            out.append((gap_start, until))
+        return out
+
+    def changes(self, node: str, since: float) -> list[tuple[float, bool]]:
+        """(time, held) of each change of `node` at or after `since`."""
+        with self._lock:
+            return [(t, p) for t, n, p in self.events if n == node and t >= since]
+
     def close(self) -> None:
         self._stop = True
         for t in self._threads:
