@@ -26,6 +26,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -73,6 +74,8 @@ class Sample:
     wall_s: float = 0.0
     other_cores: float = 0.0
     """Cores kept busy by processes this script did not start (other people's work)."""
+    steal_cores: float = 0.0
+    """Part of other_cores the hypervisor took (host contention, invisible to ps)."""
     attempts: int = 1
     cpu_busy: dict[str, float] = field(default_factory=dict)
     mem: list[dict[str, Any]] = field(default_factory=list)
@@ -303,9 +306,9 @@ def measure_once(
         pc0 = c.tree_cpu_by_pid(root) if root else {}
         b0 = c.tree_cpu_s(backends.pid)
         own0 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
-        cpu0, t0 = c.cpu_times(), time.monotonic()
+        cpu0, st0, t0 = c.cpu_times(), c.steal_s(), time.monotonic()
         res = c.run_wrk(url, args.duration, **wrk_kw)
-        cpu1, t1 = c.cpu_times(), time.monotonic()
+        cpu1, st1, t1 = c.cpu_times(), c.steal_s(), time.monotonic()
         own1 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
         b1 = c.tree_cpu_s(backends.pid)
         pc1 = c.tree_cpu_by_pid(root) if root else {}
@@ -342,6 +345,7 @@ def measure_once(
         wall_s=t1 - t0,
         cpu_busy=c.cpu_busy(cpu0, cpu1),
         other_cores=max(0.0, other) / (t1 - t0),
+        steal_cores=(st1 - st0) / (t1 - t0),
         mem=mem,
         cpu_us_by_role=cpu_by_role,
     )
@@ -396,6 +400,7 @@ def summarize(
                 "backend_cpu_us_per_req": _median([s.backend_cpu_s / s.requests * 1e6 for s in ss]),
                 "load_gen_busy": _median([(s.wrk_cpu_s + s.backend_cpu_s) / s.wall_s for s in ss]),
                 "other_cores": _median([s.other_cores for s in ss]),
+                "steal_cores": _median([s.steal_cores for s in ss]),
                 "cpu_busy": {k: _median([s.cpu_busy.get(k, 0.0) for s in ss]) for k in cpus},
                 "rss_kb": mem,
                 "cpu_us_by_role": {
@@ -404,8 +409,18 @@ def summarize(
                 },
             }
         hap = by_target.get("haproxy", {})
+        hap_rps = {s.round: s.rps for s in samples if s.target == "haproxy" and s.size == size}
         for row in by_target.values():
             if row.get("ok") and hap.get("ok"):
+                # Paired in the round: slow drifts of the machine cancel out.
+                row["rps_vs_haproxy_by_round"] = [
+                    s.rps / hap_rps[s.round]
+                    for s in samples
+                    if s.target == row["target"]
+                    and s.size == size
+                    and s.ok
+                    and hap_rps.get(s.round)
+                ]
                 row["rps_vs_haproxy"] = row["rps"] / hap["rps"]
                 if row.get("cpu_us_per_req") and hap.get("cpu_us_per_req"):
                     row["cpu_vs_haproxy"] = row["cpu_us_per_req"] / hap["cpu_us_per_req"]
@@ -495,8 +510,11 @@ def notes(
         pl = next((r for r in rows if r["size"] == size and r["target"] == "pairlb"), None)
         if pl and "rps_vs_haproxy" in pl:
             cpu = f", CPU/request {pl['cpu_vs_haproxy']:.2f}x" if "cpu_vs_haproxy" in pl else ""
+            paired = pl.get("rps_vs_haproxy_by_round") or []
+            rounds = " ".join(f"{x:.2f}" for x in paired)
             out.append(
                 f"pairlb/HAProxy req/s at {_fmt_size(size)}: {pl['rps_vs_haproxy']:.2f}{cpu}"
+                + (f"; same-round ratios {rounds}" if len(paired) > 1 else "")
             )
     if args.pin:
         load_cpu = "cpu" + args.load_cpus.split(",")[0].split("-")[0]
@@ -516,7 +534,8 @@ def notes(
     for r in rows:
         if r.get("ok") and r["other_cores"] > args.max_other:
             out.append(
-                f"warning: {r['other_cores']:.2f} cores of other processes' load during "
+                f"warning: {r['other_cores']:.2f} cores of other processes' load "
+                f"({r['steal_cores']:.2f} of it hypervisor steal) during "
                 f"{r['target']} {_fmt_size(r['size'])}: numbers are noisy"
             )
     if not args.pin:
@@ -637,6 +656,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C/kill -INT must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with c.sigterm_as_exit():
         try:
             return run(args)
