@@ -33,7 +33,9 @@ Rules beyond VRRP, each from a failure measured on keepalived:
 - A MASTER that hears a better MASTER yields at once (section 6.4.3). One that hears a worse
   MASTER re-announces the VIP at once and sends a heartbeat (section 6.4.3 sends an advert;
   the re-announce is ours: after a healed partition clients otherwise stay on the loser's
-  MAC for ~53 s).
+  MAC for ~53 s). The loser may hear us first and yield before its MASTER heartbeat reaches
+  us, so a MASTER also re-announces when it hears a peer it had lost, or one that was
+  MASTER, say BACKUP.
 - Every planned handover is make-before-break. Switchover: the MASTER sets the switchover
   flag; the best eligible BACKUP takes the VIP at once (acquire, announce, then its first
   MASTER heartbeat); the old MASTER releases only when it hears that heartbeat. Graceful
@@ -487,7 +489,16 @@ def _heard(st: _Step, e: HeartbeatReceived, now: float) -> None:
         switchover=e.switchover and e.role is Role.MASTER, leaving_since=leaving_since,
     )
     st.s = s = replace(s, peers=MappingProxyType({**s.peers, e.peer: view}))
-    if s.role is not Role.MASTER or view.role is not Role.MASTER:
+    if s.role is not Role.MASTER:
+        return
+    if view.role is not Role.MASTER:
+        # A peer we had lost (healed partition) or that just stopped being MASTER may have
+        # held the VIP; its heartbeat saying MASTER may never reach us (it can yield to ours
+        # first), so re-announce now: clients must not stay on its MAC.
+        was_master = prev is not None and prev.role is Role.MASTER
+        if prev is None or was_master or not alive(s, prev, now):
+            st.force_send = True
+            _reannounce(st, now)
         return
     handing_over = s.switchover and not view.leaving
     if s.leaving or handing_over or peer_rank(view) > self_rank(s):
@@ -500,6 +511,12 @@ def _heard(st: _Step, e: HeartbeatReceived, now: float) -> None:
     # A worse MASTER: section 6.4.3 answers with an advert at once; we also re-announce
     # the VIP, because clients may be on the other node's MAC (healed partition).
     st.force_send = True
+    _reannounce(st, now)
+
+
+def _reannounce(st: _Step, now: float) -> None:
+    """GARP/NA again, at most once per holdoff while peers keep prompting it."""
+    s = st.s
     if s.reannounced_at is None or now >= s.reannounced_at + s.params.reannounce_holdoff_s:
         st.actions.append(AnnounceVip())
         st.s = replace(s, reannounced_at=now)

@@ -118,6 +118,10 @@ class ListenerConfig(_Model):
     """listen(2) backlog of the shared socket."""
     freebind: bool = True
     """IP_FREEBIND so a standby can bind the VIP before it holds it."""
+    transparent: bool = True
+    """IP_TRANSPARENT (needs CAP_NET_ADMIN; skipped without it) so connections accepted on
+    the VIP can still send after the VIP moved to the peer: responses in flight at a
+    switchover or graceful stop reach the client instead of timing out."""
     client_header_timeout_s: Seconds = 10.0
     """A request's headers must arrive within this (else 408; slowloris)."""
     client_idle_timeout_s: Seconds = 60.0
@@ -316,6 +320,10 @@ class PoolConfig(_Model):
         return self
 
 
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.03
+"""The default heartbeat interval; demo, chaos and tests run on it."""
+
+
 class FailoverConfig(_Model):
     interface: str
     """Interface the VIPs are added to (and whose carrier loss means FAULT)."""
@@ -333,7 +341,7 @@ class FailoverConfig(_Model):
     """Also send heartbeats to this multicast group."""
     key_file: str = "/etc/pairlb/failover.key"
     """Shared HMAC key; must not be readable by group or others (``pairlb keygen``)."""
-    interval_s: Annotated[float, Field(ge=0.005, le=10)] = 0.03
+    interval_s: Annotated[float, Field(ge=0.005, le=10)] = DEFAULT_HEARTBEAT_INTERVAL_S
     """Heartbeat interval. The peer is declared dead after down_after x interval + skew
     (skew = (256 - priority)/256 x interval): ~0.11 s with the defaults."""
     down_after: Annotated[int, Field(ge=2, le=100)] = 3

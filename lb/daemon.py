@@ -471,6 +471,7 @@ class Daemon:
                     or prev.bind != lcfg.bind
                     or prev.backlog != lcfg.backlog
                     or prev.freebind != lcfg.freebind
+                    or prev.transparent != lcfg.transparent
                 ):
                     fresh[name] = make_listen_socket(lcfg)
         except OSError as exc:

@@ -61,7 +61,7 @@ class Settings:
     """What the demo and the chaos suite add to the embedded default (timers, workers)."""
 
     workers: int = 2
-    interval_s: float = 0.05
+    interval_s: float = config_mod.DEFAULT_HEARTBEAT_INTERVAL_S
     down_after: int = 3
     priorities: tuple[int, int] = (150, 100)
     preempt: bool = True

@@ -175,6 +175,23 @@ def error_response(status: int, *, close: bool, extra: bytes = b"") -> bytes:
     )
 
 
+_IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+_IPV6_TRANSPARENT = 75  # linux/in6.h; not exported by the socket module
+
+
+def set_transparent(sock: socket.socket, family: int) -> bool:
+    """Let ``sock`` and the connections it accepts send from an address this host no
+    longer has, so a handover does not strand responses in flight; False without
+    CAP_NET_ADMIN (then a released VIP stops in-flight responses, as without it)."""
+    level, option = ((socket.IPPROTO_IPV6, _IPV6_TRANSPARENT) if family == socket.AF_INET6
+                     else (socket.SOL_IP, _IP_TRANSPARENT))
+    try:
+        sock.setsockopt(level, option, 1)
+    except PermissionError:
+        return False
+    return True
+
+
 def make_listen_socket(listener: ListenerConfig) -> socket.socket:
     """A non-blocking listening socket for ``listener`` (created once, shared by workers)."""
     host, port = listener.host_port
@@ -187,6 +204,8 @@ def make_listen_socket(listener: ListenerConfig) -> socket.socket:
         if listener.freebind:
             # Lets a standby bind the VIP before it holds it (Linux IP_FREEBIND = 15).
             sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+        if listener.transparent:
+            set_transparent(sock, family)
         sock.bind((host, port))
         sock.listen(listener.backlog)
         sock.setblocking(False)

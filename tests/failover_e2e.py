@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lb import netns
+from lb.config import DEFAULT_HEARTBEAT_INTERVAL_S
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
@@ -69,7 +70,7 @@ PROBE_TIMEOUT_S = 0.5
 class PairSettings:
     """What differs between runs: failover timing, preempt, and the node priorities."""
 
-    interval_s: float = 0.05
+    interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     down_after: int = 3
     preempt: bool = True
     preempt_delay_s: float = 0.0

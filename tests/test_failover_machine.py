@@ -182,6 +182,25 @@ def test_master_reannounces_at_once_when_it_hears_a_worse_master() -> None:
     assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
 
 
+def test_master_reannounces_when_a_lost_or_former_master_peer_is_heard_as_backup() -> None:
+    """Healed partition where the loser heard us first and yielded: its MASTER heartbeat
+    never reaches us, yet clients may still be on its MAC; so re-announce on its BACKUP one."""
+    s = as_master()
+    s, acts = hear(s, 10.0, role=Role.BACKUP, priority=100)  # first heard: announce
+    assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
+    s, acts = hear(s, 10.0 + I, role=Role.BACKUP, priority=100)  # a steady backup: nothing
+    assert kinds(acts) == []
+    s, acts = hear(s, 30.0, role=Role.BACKUP, priority=100)  # silent for long: lost, back
+    assert s.role is Role.MASTER
+    assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
+    s, _ = hear(s, 32.0, role=Role.MASTER, priority=100)  # a worse master, then it yields
+    s, acts = hear(s, 32.1, role=Role.BACKUP, priority=100)  # covered by the last announce
+    assert s.role is Role.MASTER and kinds(acts) == ["SendHeartbeat"]
+    s, _ = hear(s, 40.0, role=Role.MASTER, priority=100)
+    s, acts = hear(s, 40.0 + P150.reannounce_holdoff_s, role=Role.BACKUP, priority=100)
+    assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
+
+
 @pytest.mark.parametrize("mine,theirs,i_win", [
     ("10.0.0.2", "10.0.0.1", True), ("10.0.0.1", "10.0.0.2", False),
     ("2001:db8::1", "10.0.0.9", True), (None, "10.0.0.1", False),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import aiohttp
@@ -792,8 +793,34 @@ def test_make_listen_socket_ipv6_and_freebind() -> None:
     if not nonlocal_bind:  # else the host allows it anyway
         with pytest.raises(OSError):
             make_listen_socket(
-                ListenerConfig(name="vip", bind="192.0.2.77:18080", pool="p", freebind=False)
+                ListenerConfig(name="vip", bind="192.0.2.77:18080", pool="p", freebind=False,
+                               transparent=False)
             )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT needs CAP_NET_ADMIN")
+def test_listen_socket_is_transparent_and_accepted_connections_inherit_it() -> None:
+    """A handover removes the VIP while responses are in flight; accepted sockets must keep
+    IP_TRANSPARENT so they can still send from it (the kernel copies it to the child)."""
+    import socket
+
+    from lb.config import ListenerConfig
+    from lb.proxy import make_listen_socket
+
+    ls = make_listen_socket(ListenerConfig(name="t", bind=f"127.0.0.1:{free_port()}", pool="p"))
+    ls.setblocking(True)
+    try:
+        assert ls.getsockopt(socket.SOL_IP, 19) == 1
+        with socket.create_connection(ls.getsockname(), timeout=2):
+            conn, _ = ls.accept()
+            with conn:
+                assert conn.getsockopt(socket.SOL_IP, 19) == 1
+    finally:
+        ls.close()
+    off = make_listen_socket(ListenerConfig(name="t", bind=f"127.0.0.1:{free_port()}",
+                                            pool="p", transparent=False))
+    assert off.getsockopt(socket.SOL_IP, 19) == 0
+    off.close()
 
 
 def test_ipv6_client_through_proxy() -> None:
