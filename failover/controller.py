@@ -169,6 +169,9 @@ class FailoverCounters:
     vip_errors: int = 0
     late_sends: int = 0
     """Heartbeats sent more than one interval late (our loop stalled)."""
+    delayed: int = 0
+    """Heartbeats that arrived more than master_down later than their peers usually do
+    (queued by the network, e.g. during ARP resolution); never a reason to yield."""
     internal_errors: int = 0
 
 
@@ -234,6 +237,23 @@ class _PeerInfo:
     healthy_count: int = 0
     total_count: int = 0
     digest_match: bool = True
+    transit_ms: deque[int] = field(default_factory=lambda: deque(maxlen=_TRANSIT_SAMPLES))
+    """Recent (our wall clock - its timestamp): clock offset plus network delay."""
+
+    def delay_ms(self, now_ms: int, sent_ms: int) -> int:
+        """How much later than usual this heartbeat arrived (0 for the usual ones).
+
+        The baseline is the smallest transit of the last samples, so a steady clock offset
+        between the hosts cancels out and no clock sync is needed; a clock step is absorbed
+        after _TRANSIT_SAMPLES heartbeats (and until then only costs a yield, not a takeover).
+        """
+        transit = now_ms - sent_ms
+        base = min(self.transit_ms, default=transit)
+        self.transit_ms.append(transit)
+        return max(0, transit - base)
+
+
+_TRANSIT_SAMPLES = 64
 
 
 class FailoverController:
@@ -631,6 +651,15 @@ class FailoverController:
             if info.epoch:
                 log.info("failover_peer_restarted node=%s peer=%s", self.spec.node_name, hb.name)
             info.epoch = hb.epoch
+            info.transit_ms.clear()
+        delay_ms = info.delay_ms(int(self._wall() * 1000), hb.timestamp_ms)
+        p = self._state.params
+        delayed = delay_ms > machine.master_down_s(
+            p.priority, hb.interval_ms / 1000, p.down_after) * 1000
+        if delayed:
+            self.counters.delayed += 1
+            log.info("failover_heartbeat_delayed node=%s peer=%s role=%s delay_ms=%d",
+                     self.spec.node_name, hb.name, hb.role, delay_ms)
         info.healthy_count, info.total_count = hb.healthy_count, hb.total_count
         match = hb.config_digest == self.spec.config_digest
         if match != info.digest_match:
@@ -646,7 +675,7 @@ class FailoverController:
             peer=hb.name, role=hb.role, priority=hb.priority,
             healthy=HeartbeatFlags.HEALTHY in hb.flags, interval_s=hb.interval_ms / 1000,
             address=hb.address, leaving=HeartbeatFlags.LEAVING in hb.flags,
-            switchover=HeartbeatFlags.SWITCHOVER in hb.flags,
+            switchover=HeartbeatFlags.SWITCHOVER in hb.flags, delayed=delayed,
         ))
 
     def _rejected(self, exc: HeartbeatRejected, source: Address) -> None:

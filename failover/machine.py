@@ -30,7 +30,8 @@ Rules beyond VRRP, each from a failure measured on keepalived:
   live BACKUP: of several backups only the best takes a dead MASTER's VIP (no brief double
   MASTER), and an unhealthy node never takes over while a healthy one is alive. If no node
   has healthy backends, the best one still becomes MASTER so the VIP answers.
-- A MASTER that hears a better MASTER yields at once (section 6.4.3). One that hears a worse
+- A MASTER that hears a better MASTER yields at once (section 6.4.3), but never on a
+  heartbeat the controller marks `delayed` (queued in the network far longer than usual). One that hears a worse
   MASTER re-announces the VIP at once and sends a heartbeat (section 6.4.3 sends an advert;
   the re-announce is ours: after a healed partition clients otherwise stay on the loser's
   MAC for ~53 s). The loser may hear us first and yield before its MASTER heartbeat reaches
@@ -203,6 +204,9 @@ class HeartbeatReceived:
     address: IPAddress | None = None
     leaving: bool = False
     switchover: bool = False
+    delayed: bool = False
+    """It arrived much later than this peer's heartbeats usually do: what it says about the
+    peer's role may be long out of date (see `_heard`)."""
 
 
 @dataclass(frozen=True)
@@ -501,6 +505,11 @@ def _heard(st: _Step, e: HeartbeatReceived, now: float) -> None:
             _reannounce(st, now)
         return
     handing_over = s.switchover and not view.leaving
+    if e.delayed and not (s.leaving or handing_over):
+        # A link that comes back flushes the heartbeats the kernel queued while it was down
+        # (ARP resolution holds them), the oldest saying MASTER from before the peer noticed
+        # the cut. Yielding to one would leave the VIP unheld; the fresh ones follow at once.
+        return
     if s.leaving or handing_over or peer_rank(view) > self_rank(s):
         # RFC 5798 section 6.4.3: a better Master's advert sends us to Backup. Ours first
         # released nothing until now, so the VIP was never without a holder.

@@ -368,6 +368,7 @@ class Daemon:
                     for (a, b), v in st.counters.transitions.items()
                 },
                 "late_sends": st.counters.late_sends,
+                "delayed": st.counters.delayed,
                 "vip_errors": st.counters.vip_errors,
             },
             "send_lag_ms": {

@@ -261,6 +261,13 @@ METRICS: tuple[MetricDef, ...] = (
         "Heartbeats sent late because the control loop was busy.",
         True,
     ),
+    _d(
+        "pairlb_heartbeats_delayed_total",
+        "counter",
+        "",
+        "Heartbeats that arrived far later than usual (queued in the network); never obeyed.",
+        True,
+    ),
     _d("pairlb_vip_errors_total", "counter", "", "Failed VIP add/remove/announce calls.", True),
     # workers
     _d("pairlb_worker_ready", "gauge", "worker", "1 when the worker in this slot is serving."),
@@ -573,6 +580,7 @@ class PairlbCollector:
         add("pairlb_failover_alive_peers", [], float(alive))
         counters = fo.get("counters") or {}
         add("pairlb_heartbeat_late_sends_total", [], counters.get("late_sends", 0))
+        add("pairlb_heartbeats_delayed_total", [], counters.get("delayed", 0))
         add("pairlb_vip_errors_total", [], counters.get("vip_errors", 0))
         add("pairlb_heartbeats_sent_total", [], counters.get("heartbeats_sent", 0))
         add("pairlb_heartbeats_received_total", [], counters.get("heartbeats_received", 0))

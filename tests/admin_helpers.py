@@ -404,6 +404,7 @@ class FakeFailover:
                 "rejected": {"bad_hmac": 3, "replay": 1},
                 "transitions": {"INIT->BACKUP": 1, "BACKUP->MASTER": 1},
                 "late_sends": 0,
+                "delayed": 0,
                 "vip_errors": 0,
             },
             "send_lag_ms": {"p50": 0.1, "p99": 0.4, "max": 1.2},

@@ -201,6 +201,19 @@ def test_master_reannounces_when_a_lost_or_former_master_peer_is_heard_as_backup
     assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
 
 
+def test_master_never_yields_to_a_delayed_heartbeat() -> None:
+    """A link that comes back flushes heartbeats queued while it was down, the oldest
+    saying MASTER: obeying one would leave the VIP unheld (seen in the e2e link-cut run)."""
+    s = as_master()
+    s, acts = step(s, HeartbeatReceived(peer="b", role=Role.MASTER, priority=200, healthy=True,
+                                        interval_s=I, delayed=True), 10.0)
+    assert s.role is Role.MASTER and "ReleaseVip" not in kinds(acts)
+    s, acts = hear(s, 10.001, role=Role.FAULT)  # the fresh one right behind it
+    assert s.role is Role.MASTER
+    s, acts = hear(s, 11.0)  # a fresh better MASTER is obeyed at once
+    assert s.role is Role.BACKUP and kinds(acts)[0] == "ReleaseVip"
+
+
 @pytest.mark.parametrize("mine,theirs,i_win", [
     ("10.0.0.2", "10.0.0.1", True), ("10.0.0.1", "10.0.0.2", False),
     ("2001:db8::1", "10.0.0.9", True), (None, "10.0.0.1", False),
