@@ -31,12 +31,12 @@ Rules beyond VRRP, each from a failure measured on keepalived:
   MASTER), and an unhealthy node never takes over while a healthy one is alive. If no node
   has healthy backends, the best one still becomes MASTER so the VIP answers.
 - A MASTER that hears a better MASTER yields at once (section 6.4.3), but never on a
-  heartbeat the controller marks `delayed` (queued in the network far longer than usual). One that hears a worse
-  MASTER re-announces the VIP at once and sends a heartbeat (section 6.4.3 sends an advert;
-  the re-announce is ours: after a healed partition clients otherwise stay on the loser's
-  MAC for ~53 s). The loser may hear us first and yield before its MASTER heartbeat reaches
-  us, so a MASTER also re-announces when it hears a peer it had lost, or one that was
-  MASTER, say BACKUP.
+  heartbeat the controller marks `delayed` (queued in the network far longer than usual).
+  One that hears a worse MASTER re-announces the VIP at once and sends a heartbeat
+  (section 6.4.3 sends an advert; the re-announce is ours: after a healed partition
+  clients otherwise stay on the loser's MAC for ~53 s). The loser may hear us first and
+  yield before its MASTER heartbeat reaches us, so a MASTER also re-announces when it
+  hears a peer it had lost, or one that was MASTER, say BACKUP.
 - Every planned handover is make-before-break. Switchover: the MASTER sets the switchover
   flag; the best eligible BACKUP takes the VIP at once (acquire, announce, then its first
   MASTER heartbeat); the old MASTER releases only when it hears that heartbeat. Graceful
