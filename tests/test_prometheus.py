@@ -2,7 +2,6 @@
 
 - N requests through 2 workers (half each, the other paused) show N: in pairlb_requests_total,
   in the histogram's count, in GET /status, and at the backends themselves.
-
 - ``promtool check metrics`` passes on the real scrape.
 - Debian's Prometheus scrapes the admin endpoint and answers PromQL about it, including every
   query of the Grafana dashboard.
