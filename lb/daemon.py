@@ -37,6 +37,8 @@ from lb.supervisor import Supervisor, WorkerHandle
 logger = logging.getLogger("lb.daemon")
 
 RECENT_EVENTS = 50
+ACCEPT_GRACE_S = 0.1
+"""After a graceful stop handed the VIP over: how long the listeners stay open (see shutdown)."""
 
 
 def check_spec(pcfg: PoolConfig, backend: config_mod.BackendConfig) -> tuple[CheckSpec, int]:
@@ -411,6 +413,10 @@ class Daemon:
                 await self.failover.stop(graceful=timeout_s > 0)
             except Exception:
                 logger.exception("event=failover_stop_failed")
+            # Connections whose handshake finished before the VIP left are still in the
+            # accept queue; closing the listeners now would reset them. The workers take
+            # them within milliseconds, and no new ones arrive for an address we dropped.
+            await asyncio.sleep(ACCEPT_GRACE_S)
         # Our copies of the listening sockets go first; the workers close theirs when they
         # stop accepting, and from then on the kernel refuses new connections.
         for sock in self.sockets.values():

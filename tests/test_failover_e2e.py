@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import statistics
 from collections.abc import Iterator
+from typing import Any
 
 import failover_e2e as fe
 import pytest
@@ -30,6 +31,8 @@ TAKEOVER_DEFAULT_S = 0.15
 TAKEOVER_FAST_S = 0.05
 """Issue 4: the fastest documented setting (interval 10 ms)."""
 HTTP_5XX = ("http500", "http502", "http503", "http504")
+RACE_WINDOW_S = 0.005
+"""How long after the new holder took the VIP a reset can still be the handshake race."""
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,24 @@ def evidence(rig: fe.Rig, outs: list[fe.Outcome]) -> str:
 
 def no_5xx(out: fe.Outcome) -> bool:
     return not any(e in out.errors for e in HTTP_5XX)
+
+
+def split_handshake_races(out: fe.Outcome, new_node: str) -> tuple[list[Any], list[Any]]:
+    """(handshake races, other failures) of a planned handover.
+
+    The one loss a planned handover still has (docs/operations.md, "Planned handover"): a
+    connection whose SYN reached the old holder just before the client took the new
+    holder's gratuitous ARP sends its ACK and request to the new holder, which has no such
+    connection and resets it. Such a failure is a reset, fast, and starts within a few
+    milliseconds of the new holder taking the VIP; anything else is a real loss.
+    """
+    acquired = [t for t, node, held in out.vip_events if node == new_node and held]
+    races, others = [], []
+    for f in out.failures:
+        start, duration, error = f
+        near = any(-0.002 <= start - t <= RACE_WINDOW_S for t in acquired)
+        (races if error == "errno104" and duration <= 0.005 and near else others).append(f)
+    return races, others
 
 
 def test_kill9_whole_node_stale_vip_and_failback(rig: fe.Rig) -> None:
@@ -110,18 +131,20 @@ def test_graceful_stop_loses_nothing(rig: fe.Rig) -> None:
     assert out.takeover_s is not None, why
     assert out.extra["lb1_exit"] == 0, why
     assert out.unheld_s == 0.0, why  # make-before-break
-    assert out.failed == 0, why
+    races, others = split_handshake_races(out, "lb2")
+    assert others == [] and len(races) <= 1, why
 
 
 def test_planned_switchover_loses_nothing(rig: fe.Rig) -> None:
     rig.steady(fe.DEFAULT)
     there, back = fe.switchover(rig)
     why = evidence(rig, [there, back])
-    for out in (there, back):
+    for out, new_node in ((there, "lb2"), (back, "lb1")):
         assert out.takeover_s is not None, why
         assert out.extra["old_role_after"] == "BACKUP", why
         assert out.unheld_s == 0.0, why
-    assert there.failed == 0 and back.failed == 0, why
+        races, others = split_handshake_races(out, new_node)
+        assert others == [] and len(races) <= 1, why
 
 
 def test_partition_then_heal_no_blackhole(rig: fe.Rig) -> None:

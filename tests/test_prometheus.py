@@ -97,8 +97,9 @@ def test_n_requests_through_two_workers_show_n(node: tuple[Pairlb, Backends]) ->
         os.kill(pids[paused], signal.SIGSTOP)
         try:
             with socket.create_connection((LOOPBACK, lb.listen_port), 2):  # held: who took it?
-                wait_until(lambda: total(scrape(lb), "pairlb_worker_connections_active",
-                                         worker=str(serving)) == 1, 5, "accepted", 0.05)
+                wait_until(lambda w=str(serving): total(
+                    scrape(lb), "pairlb_worker_connections_active", worker=w) == 1,
+                    5, "accepted", 0.05)
             counts = drive(lb.url + "/", N // 2, concurrency=8)
             assert counts == {200: N // 2}
         finally:
