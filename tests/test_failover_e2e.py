@@ -12,7 +12,6 @@ from __future__ import annotations
 import signal
 import statistics
 from collections.abc import Iterator
-from typing import Any
 
 import failover_e2e as fe
 import pytest
@@ -31,8 +30,6 @@ TAKEOVER_DEFAULT_S = 0.15
 TAKEOVER_FAST_S = 0.05
 """Issue 4: the fastest documented setting (interval 10 ms)."""
 HTTP_5XX = ("http500", "http502", "http503", "http504")
-RACE_WINDOW_S = 0.005
-"""How far from a VIP move a reset can still be the handshake race."""
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +53,6 @@ def evidence(rig: fe.Rig, outs: list[fe.Outcome]) -> str:
 
 def no_5xx(out: fe.Outcome) -> bool:
     return not any(e in out.errors for e in HTTP_5XX)
-
-
-def split_handshake_races(out: fe.Outcome, new_node: str) -> tuple[list[Any], list[Any]]:
-    """(handshake races, other failures) of a planned handover.
-
-    The one loss a planned handover still has (docs/operations.md, "Planned handover"): a
-    connection whose SYN reached the old holder just before the client took the new
-    holder's gratuitous ARP sends its ACK and request to the new holder, which has no such
-    connection and resets it. Such a failure is a reset, fast, and starts within a few
-    milliseconds of the VIP moving (the new holder adding it or announcing it, the old one
-    removing it); anything else is a real loss.
-    """
-    moves = [t for t, node, held in out.vip_events if (node == new_node) == held]
-    races, others = [], []
-    for f in out.failures:
-        start, duration, error = f
-        near = any(abs(start - t) <= RACE_WINDOW_S for t in moves)
-        (races if error == "errno104" and duration <= 0.005 and near else others).append(f)
-    return races, others
 
 
 def test_kill9_whole_node_stale_vip_and_failback(rig: fe.Rig) -> None:
@@ -132,7 +110,7 @@ def test_graceful_stop_loses_nothing(rig: fe.Rig) -> None:
     assert out.takeover_s is not None, why
     assert out.extra["lb1_exit"] == 0, why
     assert out.unheld_s == 0.0, why  # make-before-break
-    races, others = split_handshake_races(out, "lb2")
+    races, others = fe.split_handshake_races(out, "lb2")
     assert others == [] and len(races) <= 1, why
 
 
@@ -144,7 +122,7 @@ def test_planned_switchover_loses_nothing(rig: fe.Rig) -> None:
         assert out.takeover_s is not None, why
         assert out.extra["old_role_after"] == "BACKUP", why
         assert out.unheld_s == 0.0, why
-        races, others = split_handshake_races(out, new_node)
+        races, others = fe.split_handshake_races(out, new_node)
         assert others == [] and len(races) <= 1, why
 
 
@@ -156,7 +134,7 @@ def test_partition_then_heal_no_blackhole(rig: fe.Rig) -> None:
     assert healed.extra["winner"] == "lb1", why
     assert healed.converge_s is not None and healed.converge_s <= 0.5, why
     assert healed.extra["blackhole_s"] < 0.05, why  # 0 s of blackhole after healing
-    races, others = split_handshake_races(healed, "lb1")  # clients move from lb2 to lb1
+    races, others = fe.split_handshake_races(healed, "lb1")  # clients move from lb2 to lb1
     assert others == [] and len(races) <= 1, why
 
 
