@@ -721,11 +721,13 @@ class _Client(_Conn):
         "cur",
         "deadline",
         "eof",
+        "fresh",
         "hdrs",
         "head_cont",
         "head_deadline",
         "head_first",
         "head_new",
+        "last_call",
         "linger",
         "linger_bytes",
         "parser",
@@ -752,6 +754,8 @@ class _Client(_Conn):
         self.closing = False
         self.stopped = False
         self.eof = False
+        self.fresh = True
+        self.last_call = False
         self.linger = False
         self.linger_bytes = 0
         self.tunnel: _Upstream | None = None
@@ -933,6 +937,9 @@ class _Client(_Conn):
     def on_message_begin(self) -> None:
         if self.stopped or self.closing:
             raise _STOP
+        self.fresh = False
+        if self.last_call:
+            self.closing = True  # answer this one (with Connection: close), then close
         self.state = _HEAD
         self.url = b""
         self.hdrs = []
@@ -1550,10 +1557,18 @@ class ProxyServer:
             self._server.close()
             self._server = None
 
-    def close_idle(self) -> None:
+    def close_idle(self, *, spare_fresh: bool = False) -> None:
         """Close idle keep-alive clients now and busy ones after their current response
-        (the VIP moved away: their next request would reach the new holder as a reset)."""
+        (the VIP moved away: their next request would reach the new holder as a reset).
+        With ``spare_fresh``, connections still waiting for their first request get it
+        answered first (see below); a draining worker closes them too."""
         for c in list(self.clients):
+            if spare_fresh and c.fresh and c.state == _IDLE and not c.queue:
+                # Accepted, first request not parsed yet: it may be in the socket buffer or
+                # on its way (sent before the client took the new holder's ARP). Closing now
+                # would reset it; answer it instead, then close.
+                c.last_call = True
+                continue
             c.closing = True
             if not c.queue and c.state == _IDLE and not c.linger:
                 c.close()

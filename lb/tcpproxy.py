@@ -326,7 +326,7 @@ class TcpProxyServer:
         self.pool = pool
         self.pool_cfg = pool_cfg
 
-    def close_idle(self) -> None:
+    def close_idle(self, *, spare_fresh: bool = False) -> None:
         """TCP connections carry no request boundaries: nothing can be closed cleanly."""
 
     async def stop_accepting(self) -> None:

@@ -108,7 +108,7 @@ class Worker:
                 asyncio.get_running_loop().create_task(self._apply_config(msg))
             elif kind == "close_idle":
                 for server in self.servers.values():
-                    server.close_idle()
+                    server.close_idle(spare_fresh=True)
             elif kind == "stop":
                 self.stop_timeout_s = float(msg.get("timeout_s", 0.0))
                 self.done.set()

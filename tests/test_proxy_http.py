@@ -648,6 +648,39 @@ def test_drain_finishes_in_flight_and_closes_idle() -> None:
     run(scenario())
 
 
+def test_vip_moved_closes_keepalive_clients_but_answers_a_fresh_connections_first_request(
+) -> None:
+    """When this node loses the VIP (close_idle from the control process), idle keep-alive
+    clients are closed (their next request would hit the new holder as a reset), busy ones
+    after their response, and a connection accepted just before the move still gets its
+    first request answered: its bytes may already be on the way here."""
+    def slow(seen: Seen, be: CountingBackend) -> Any:
+        return ("delay", 0.2, ok_behaviour(seen, be))
+
+    async def scenario() -> None:
+        (be,) = await backends("web1", behaviour=slow)
+        async with proxy_in_front_of([be]) as px:
+            used = await RawClient.connect(px.port)
+            await used.send(get())
+            assert (await used.response()).status == 200
+            busy = await RawClient.connect(px.port)
+            await busy.send(get())
+            fresh = await RawClient.connect(px.port)
+            await wait_for(lambda: len(px.server.clients) == 3)
+            px.server.close_idle(spare_fresh=True)
+            assert await used.closed(1.0)
+            await fresh.send(get())
+            r = await fresh.response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert await fresh.closed(1.0)
+            r = await busy.response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert await busy.closed(1.0)
+        await stop_all([be])
+
+    run(scenario())
+
+
 def test_client_idle_timeout_closes_quietly() -> None:
     async def scenario() -> None:
         (be,) = await backends("web1")
