@@ -29,8 +29,9 @@ journals, the kernel's address events):
 - each fault's outage (longest time without a successful request) and failed requests
   within the earlier issues' targets: median outage after kill -9 and link cut of the active
   node <= 0.15 s (the same bound for a hung node), 0 failed requests for a graceful stop,
-  a switchover, a reload (valid or broken), a drain or enable, 0 failed GETs when a backend
-  is killed, and after a worker kill only requests in flight on it may fail.
+  a switchover or a hung node waking up except at most one handshake race (see
+  handshake_races), 0 for a reload (valid or broken), a drain or enable, 0 failed GETs
+  when a backend is killed, and after a worker kill only requests in flight on it may fail.
 
 Prints a table per fault and writes it to docs/reliability.md (with the seed and command)
 unless --no-docs; --json writes everything for tests. Needs root. Bounded: --duration for
@@ -112,6 +113,7 @@ FAULTS: dict[str, float] = {
 
 # Per phase kind: (target text, check(stats) -> ok). Kinds without a check are reported only.
 ZERO_FAILED = "0 failed"
+HANDOVER_TARGET = "0 failed but <= 1 handshake race"
 
 
 @dataclass
@@ -438,14 +440,14 @@ TARGETS: dict[str, str] = {
     "node_stop": f"median outage <= {OUTAGE_TARGET_S} s",
     "node_back": "no 5xx",
     "link_back": "no 5xx",
-    "node_cont": ZERO_FAILED,
-    "node_term": ZERO_FAILED,
+    "node_cont": HANDOVER_TARGET,
+    "node_term": HANDOVER_TARGET,
     "node_start": "no 5xx",
     "reload_ok": ZERO_FAILED,
     "reload_bad": ZERO_FAILED,
     "drain": ZERO_FAILED,
     "enable": ZERO_FAILED,
-    "switchover": ZERO_FAILED,
+    "switchover": HANDOVER_TARGET,
 }
 
 
@@ -482,7 +484,7 @@ def analyse(chaos: Chaos, report: Report) -> None:
         ph.outage_s = ws.max_gap_s
         ph.errors = dict(ws.errors)
         ph.target = TARGETS.get(ph.kind, "")
-        if ph.target == ZERO_FAILED and ph.kind in HANDOVERS:
+        if ph.kind in HANDOVERS:
             races = handshake_races(recs, ph.t0, ph.t1 or time.monotonic())
             ph.ok = ph.failed - len(races) == 0 and len(races) <= 1
             if races:
@@ -688,7 +690,8 @@ def write_docs(report: Report, path: Path = DOCS) -> None:
         "Produced by `bench/chaos.py` (the short version runs in `tests/test_chaos.py`). It",
         "builds the demo's network in namespaces (a client, lb1 and lb2 sharing a VIP, three",
         "backends; two real `pairlb run` processes with 2 workers each, heartbeat interval",
-        "50 ms), sends 100 requests/s to the VIP (GETs and every 4th a POST with a unique",
+        f"{demo_net.Settings().interval_s * 1000:g} ms, the default), sends 100 requests/s to"
+        " the VIP (GETs and every 4th a POST with a unique",
         "`X-Client-Id`; every 10th a GET the backend answers after 0.2 s, so requests are in",
         "flight when a fault hits; half on reused keep-alive connections; a GET that fails on a",
         "reused connection before any response byte is retried once, as browsers do; a POST",

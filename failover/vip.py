@@ -52,6 +52,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from failover.ports import FailoverError
 
 log = logging.getLogger(__name__)
+STALL_S = 0.5
+"""A sleep that overran by more than this means the process was stopped or starved."""
 
 CarrierCallback = Callable[[str, bool], Awaitable[None] | None]
 
@@ -531,11 +533,13 @@ class VipAdapter:
         """
         try:
             for _ in range(self.garp_count - 1):
-                await asyncio.sleep(self.garp_interval_s)
+                if not await self._slept(self.garp_interval_s):
+                    return
                 self._send_round(link, vips)
             if not with_repeat or self.garp_repeat_after_s is None:
                 return
-            await asyncio.sleep(self.garp_repeat_after_s)
+            if not await self._slept(self.garp_repeat_after_s):
+                return
             # The link may have been re-created (new index or MAC) in the meantime, and an
             # operator may have removed an address: announce only what is still there.
             link = await self._link(self.interface, "announce")
@@ -550,6 +554,20 @@ class VipAdapter:
             log.warning("vip_announce_failed interface=%s error=%s", self.interface, e)
         except Exception:
             log.exception("vip_announce_failed interface=%s", self.interface)
+
+    async def _slept(self, delay_s: float) -> bool:
+        """Sleep; False if we woke far too late. A process that was stopped (SIGSTOP, a
+        hung host) must not announce a VIP the peer has meanwhile taken: the controller
+        announces again if this node is still MASTER once it has heard its peers."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay_s
+        await asyncio.sleep(delay_s)
+        late = loop.time() - due
+        if late > STALL_S:
+            log.warning("vip_announce_skipped interface=%s reason=stalled late_s=%.3f",
+                        self.interface, late)
+            return False
+        return True
 
     def _send_round(self, link: _Link, vips: Sequence[_Vip]) -> None:
         """One round: GARP request + reply per IPv4 VIP, one unsolicited NA per IPv6 VIP.

@@ -400,3 +400,22 @@ def test_failures_surface_as_vip_errors_naming_what_failed(
     ):
         with pytest.raises(ValueError, match=match):
             VipAdapter(**bad)
+
+
+def test_an_announcement_due_while_the_process_was_stopped_is_skipped() -> None:
+    """A node that was SIGSTOPped must not wake up and send the rest of a GARP burst for a
+    VIP its peer has taken meanwhile (the controller re-announces if it is still MASTER)."""
+    import time as _time
+
+    from failover import vip as vip_mod
+
+    adapter = VipAdapter("eth0", ["192.0.2.100/24"])
+
+    async def scenario() -> tuple[bool, bool]:
+        on_time = await adapter._slept(0.01)
+        task = asyncio.create_task(adapter._slept(0.01))
+        await asyncio.sleep(0)
+        _time.sleep(vip_mod.STALL_S + 0.1)  # noqa: ASYNC251 (the loop stalls, as under SIGSTOP)
+        return on_time, await task
+
+    assert asyncio.run(scenario()) == (True, False)
