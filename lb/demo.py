@@ -201,8 +201,10 @@ def summarize(events: Sequence[Event], records: Sequence[Record], start: float,
     for i, ev in enumerate(marks):
         until = marks[i + 1].t if i + 1 < len(marks) else end
         ws = window_stats(records, ev.t, until)
-        rows.append(Row(ev.label, ws.max_gap_s, ws.failed, ws.requests, ws.errors_text(),
-                        ev.note))
+        errors = ws.errors_text()
+        if ws.failed_post:  # a POST in flight on a killed backend fails: it is never resent
+            errors += f"; POST {ws.failed_post} (never resent)"
+        rows.append(Row(ev.label, ws.max_gap_s, ws.failed, ws.requests, errors, ev.note))
     return rows
 
 

@@ -129,14 +129,22 @@ def test_namespace_demo_plays_every_event_and_leaves_nothing() -> None:
         rows = summary_rows(out)
         for event in NS_EVENTS:
             row_for(rows, event)
-        # What a user should see: the backend faults and the drain cost nothing; killing
-        # the active node costs a short outage, the switchover nothing.
+        # What a user should see: the backend faults and the drain cost nothing (but a POST
+        # in flight on a killed backend, which is never resent); killing the active node
+        # costs a short outage, the switchover nothing.
         for event in NS_EVENTS[:4]:
-            assert re.search(r"\snone\s+0\s", row_for(rows, event)), row_for(rows, event)
+            row = row_for(rows, event)
+            m = re.search(r"\snone\s+(\d+)\s", row)
+            assert m, row
+            assert m.group(1) == "0" or f"POST {m.group(1)} (never resent)" in row, row
         assert "got no new request after the drain" in row_for(rows, "backend web2 drained")
         kill = row_for(rows, "active load balancer lb1 killed")
         assert re.search(r"\s0\.\d{3} s\s+\d+\s", kill) and "lb2 answered" in kill, kill
-        assert re.search(r"\snone\s+0\s", row_for(rows, "planned switchover")), out[-3000:]
+        # A planned switchover loses nothing but, at most, one handshake race (a new
+        # connection reset at the ARP flip; docs/operations.md, "Planned handover").
+        switch = row_for(rows, "planned switchover")
+        assert re.search(r"\snone\s+0\s", switch) or re.search(
+            r"\snone\s+1\s.*reset 1", switch), out[-3000:]
         # The live view (plain lines on a pipe) showed the VIP move.
         assert re.search(r"vip=lb2 lb1=down_\(killed\) lb2=MASTER", out)
     finally:
