@@ -33,6 +33,7 @@ from failover.controller import (
     PeerStatus,
     SendLag,
 )
+from failover.handover import Handover, HandoverError
 from failover.hooks import HookResult, HookRunner
 from failover.machine import (
     HEALTH_FAULT,
@@ -43,7 +44,7 @@ from failover.machine import (
     master_down_s,
     skew_s,
 )
-from failover.ports import Address, FailoverError, HeartbeatTransport, VipPort
+from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
 from failover.transport import TransportError, UdpTransport, parse_peer
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ __all__ = [
     "FailoverError",
     "FailoverSpec",
     "FailoverStatus",
+    "Handover",
+    "HandoverError",
+    "HandoverPort",
     "Heartbeat",
     "HeartbeatFlags",
     "HeartbeatRejected",

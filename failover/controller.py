@@ -64,7 +64,7 @@ from failover.machine import (
     RunHooks,
     SendHeartbeat,
 )
-from failover.ports import Address, FailoverError, HeartbeatTransport, VipPort
+from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
 from failover.transport import UdpTransport
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,9 @@ class FailoverSpec:
     leave_timeout_s: float = 1.0
     vip_timeout_s: float = 5.0
     vip_retry_s: float = 1.0
+    handover_forward_s: float = 30.0
+    """After taking the VIP from a live peer: how long packets of its connections are
+    passed to it (failover.handover); 0 disables."""
 
     def __post_init__(self) -> None:
         def bad(key: str, rule: str, value: object) -> FailoverConfigError:
@@ -125,7 +128,7 @@ class FailoverSpec:
             raise bad("down_after", "must be >= 1", self.down_after)
         if len(self.config_digest) != DIGEST_LEN:
             raise bad("config_digest", f"must be {DIGEST_LEN} bytes", self.config_digest)
-        for key in ("preempt_delay_s", "leave_timeout_s"):
+        for key in ("preempt_delay_s", "leave_timeout_s", "handover_forward_s"):
             if not getattr(self, key) >= 0:
                 raise bad(key, "must be >= 0", getattr(self, key))
         for key in ("notify_timeout_s", "replay_window_s", "vip_timeout_s", "vip_retry_s"):
@@ -237,6 +240,8 @@ class _PeerInfo:
     healthy_count: int = 0
     total_count: int = 0
     digest_match: bool = True
+    last_master: float | None = None
+    """When it last said MASTER (local monotonic time; delayed heartbeats excluded)."""
     transit_ms: deque[int] = field(default_factory=lambda: deque(maxlen=_TRANSIT_SAMPLES))
     """Recent (our wall clock - its timestamp): clock offset plus network delay."""
 
@@ -254,6 +259,7 @@ class _PeerInfo:
 
 
 _TRANSIT_SAMPLES = 64
+_HANDOVER_RECENT_S = 5.0
 
 
 class FailoverController:
@@ -269,6 +275,7 @@ class FailoverController:
         *,
         transport: HeartbeatTransport | None = None,
         hooks: HookRunner | None = None,
+        handover: HandoverPort | None = None,
         on_role_change: RoleCallback | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -280,6 +287,7 @@ class FailoverController:
         self._hooks = hooks or HookRunner(spec.notify, node=spec.node_name,
                                           timeout_s=spec.notify_timeout_s)
         self._on_role_change = on_role_change
+        self._handover = handover
         self._wall = wall_clock
         self._state = machine.initial_state(spec.params())
         self._advert = Advert(Role.INIT, spec.priority, healthy=False)
@@ -326,6 +334,8 @@ class FailoverController:
         if removed:
             log.warning("failover_stale_vips_removed node=%s vips=%s", self.spec.node_name,
                         ",".join(removed))
+        if self._handover is not None and self.spec.handover_forward_s > 0:
+            await self._handover.start()
         self._started = True
         log.info("failover_started node=%s priority=%s interval_s=%s master_down_s=%.3f "
                  "peers=%s", self.spec.node_name, self.spec.priority, self.spec.interval_s,
@@ -573,12 +583,17 @@ class FailoverController:
             self._advert = action.advert
             self._send_round()
         elif isinstance(action, AcquireVip):
+            await self._arm_handover()  # before the gratuitous ARP moves the clients
             if not await self._vip_call("acquire", self._vip.acquire):
                 self._acquire_failed()
         elif isinstance(action, ReleaseVip):
             if not await self._vip_call("release", self._vip.release):
                 self._retry_release()
+            if self._handover is not None:  # no VIP here: forwarding could only loop
+                with contextlib.suppress(Exception):
+                    await self._handover.stop_forwarding()
         elif isinstance(action, AnnounceVip):
+            await self._arm_handover()
             await self._vip_call("announce", self._vip.announce)
         elif isinstance(action, RunHooks):
             self._hooks.notify(str(action.old), str(action.new), action.reason)
@@ -587,6 +602,40 @@ class FailoverController:
                     self._on_role_change(action.old, action.new)
                 except Exception:
                     log.exception("failover_role_callback_failed node=%s", self.spec.node_name)
+
+    def handover_peer(self, now: float) -> str | None:
+        """The address of the live peer that held the VIP last (said MASTER within the last
+        `_HANDOVER_RECENT_S`), if any: clients may still have connections with it."""
+        best: tuple[float, str] | None = None
+        for name, view in self._state.peers.items():
+            info = self._peers.get(name)
+            if info is None or info.last_master is None or not info.paths:
+                continue
+            if not machine.alive(self._state, view, now):
+                continue  # dead (kill -9): nobody to pass packets to, a reset is better
+            if now - info.last_master > _HANDOVER_RECENT_S:
+                continue
+            address = max(info.paths, key=lambda a: info.paths[a])
+            if best is None or info.last_master > best[0]:
+                best = (info.last_master, address)
+        return best[1] if best is not None else None
+
+    async def _arm_handover(self) -> None:
+        if self._handover is None or self.spec.handover_forward_s <= 0:
+            return
+        peer = self.handover_peer(self._now())
+        if peer is None:
+            return
+        try:
+            await self._handover.forward_to(peer, self.spec.handover_forward_s)
+        except Exception:  # an optimisation: the VIP moves regardless
+            log.exception("failover_handover_failed node=%s peer=%s", self.spec.node_name, peer)
+
+    async def close_handover(self) -> None:
+        """Remove the handover's netfilter state: after the workers drained, at exit."""
+        if self._handover is not None:
+            with contextlib.suppress(Exception):
+                await self._handover.close()
 
     async def _vip_call(self, what: str, call: Callable[[], object]) -> bool:
         try:
@@ -656,6 +705,8 @@ class FailoverController:
         p = self._state.params
         delayed = delay_ms > machine.master_down_s(
             p.priority, hb.interval_ms / 1000, p.down_after) * 1000
+        if hb.role is Role.MASTER and not delayed:
+            info.last_master = now
         if delayed:
             self.counters.delayed += 1
             log.info("failover_heartbeat_delayed node=%s peer=%s role=%s delay_ms=%d",

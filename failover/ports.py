@@ -77,3 +77,23 @@ class HeartbeatTransport(Protocol):
     def send(self, data: bytes, dest: Address) -> None: ...
 
     def close(self) -> None: ...
+
+
+class HandoverPort(Protocol):
+    """Connection handover around a VIP move (failover.handover.Handover).
+
+    - start(): install what lets this node keep serving its connections after it released
+      the VIP; False (logged) if it cannot, and then the other calls do nothing.
+    - forward_to(peer, for_s): for `for_s` seconds, pass packets of connections this node
+      does not have to `peer` (called before a takeover's gratuitous ARP).
+    - stop_forwarding(): this node released the VIP; packets reaching it now are its own.
+    - close(): remove everything (at exit, after the proxy drained).
+    """
+
+    async def start(self) -> bool: ...
+
+    async def forward_to(self, peer: str, for_s: float) -> None: ...
+
+    async def stop_forwarding(self) -> None: ...
+
+    async def close(self) -> None: ...

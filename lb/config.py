@@ -362,6 +362,9 @@ class FailoverConfig(_Model):
     """Spacing inside a burst."""
     garp_repeat_after_s: NonNegSeconds = 5.0
     """A second burst this long after taking the VIP (0: none)."""
+    handover_forward_s: NonNegSeconds = 30.0
+    """After taking the VIP from a live peer, pass packets of the connections it still
+    serves to it for this long, so a planned move resets none (needs nftables; 0: off)."""
 
     @field_validator("vips")
     @classmethod

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,12 +285,26 @@ class Daemon:
             notify=fcfg.notify,
             notify_timeout_s=fcfg.notify_timeout_s,
             config_digest=self.cfg.digest_bytes(failover.DIGEST_LEN),
+            handover_forward_s=fcfg.handover_forward_s,
         )
-        self.failover = failover.FailoverController(spec, vip, on_role_change=self._on_role_change)
+        handover = failover.Handover(self.cfg.node.name, fcfg.interface, fcfg.vips,
+                                     self._vip_ports(fcfg.vips))
+        self.failover = failover.FailoverController(
+            spec, vip, handover=handover, on_role_change=self._on_role_change)
         self._update_local_health()
         await self.failover.start()
         tracked = tuple(dict.fromkeys((fcfg.interface, *fcfg.track_interfaces)))
         self._spawn(vip.watch_carrier(tracked, self.failover.carrier_changed), "carrier")
+
+    def _vip_ports(self, vips: Sequence[str]) -> list[int]:
+        """Ports of the listeners clients reach through a VIP (bound to it, or to any)."""
+        addrs = {str(ipaddress.ip_interface(v).ip) for v in vips}
+        ports = []
+        for lcfg in self.cfg.listener:
+            host, port = lcfg.host_port
+            if host in addrs or ipaddress.ip_address(host).is_unspecified:
+                ports.append(port)
+        return ports
 
     def _on_role_change(self, old: Any, new: Any) -> None:
         old_s, new_s = str(old).upper(), str(new).upper()
@@ -422,6 +437,8 @@ class Daemon:
         for sock in self.sockets.values():
             sock.close()
         await self.supervisor.stop(timeout_s)
+        if self.failover is not None:
+            await self.failover.close_handover()  # the workers have finished with it
         await self.health.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()

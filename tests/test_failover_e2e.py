@@ -10,6 +10,7 @@ Needs root (namespaces); skipped otherwise. The whole module takes about a minut
 from __future__ import annotations
 
 import signal
+import socket
 import statistics
 from collections.abc import Iterator
 
@@ -124,6 +125,50 @@ def test_planned_switchover_loses_nothing(rig: fe.Rig) -> None:
         assert out.unheld_s == 0.0, why
         races, others = fe.split_handshake_races(out, new_node)
         assert others == [] and len(races) <= 1, why
+
+
+def _get_on(sock: socket.socket, host: str) -> tuple[int, str, bool]:
+    """GET / on an open connection: (status, X-Peer, server said Connection: close)."""
+    sock.settimeout(2.0)
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower().split("\r\n")
+    fields = dict(line.split(":", 1) for line in head[1:] if ":" in line)
+    return (int(head[0].split()[1]), fields.get("x-peer", "-").strip(),
+            fields.get("connection", "").strip() == "close")
+
+
+def test_connections_open_at_a_switchover_are_finished_by_the_old_holder(rig: fe.Rig) -> None:
+    """The handshake race made deterministic: connections accepted by lb1, their request
+    sent only after the client moved to lb2's MAC. lb2 passes their packets to lb1
+    (failover.handover), lb1 answers from the VIP it no longer holds and closes them; a new
+    connection is served by lb2. Without the handover each would be reset by lb2."""
+    rig.steady(fe.DEFAULT)
+    vip = rig.vip
+
+    def connect() -> list[socket.socket]:
+        return [socket.create_connection((vip, fe.HTTP_PORT), 2.0) for _ in range(3)]
+
+    socks = rig.topo.call("client", connect)
+    try:
+        t_fault = rig.signal_control("lb1", signal.SIGUSR1)
+        rig.wait_role("lb2", "MASTER", 5.0)
+        fe.settle(rig, "lb2", t_fault)
+        answers = [_get_on(s, vip) for s in socks]
+        assert answers == [(200, rig.addr["lb1"], True)] * 3, answers
+        (fresh,) = rig.topo.call("client", lambda: connect()[:1])
+        with fresh:
+            assert _get_on(fresh, vip)[:2] == (200, rig.addr["lb2"])
+    finally:
+        for s in socks:
+            s.close()
+    log = rig.log_tail("lb2", 400)
+    assert "handover_forwarding" in log, log
 
 
 def test_partition_then_heal_no_blackhole(rig: fe.Rig) -> None:

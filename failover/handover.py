@@ -1,0 +1,220 @@
+"""Connection handover: packets of connections the other node still serves reach it.
+
+When the VIP moves between two live nodes (switchover, graceful stop, preempt, a healed
+partition, a hung node waking up), clients follow the new holder's gratuitous ARP at once,
+but connections the old holder accepted are not over: a client whose SYN reached the old
+holder a moment before sends the rest of its handshake to the new one, and clients with a
+request in flight keep sending ACKs. The new holder would answer those with a reset.
+
+Two pieces of netfilter state fix that, both in this node's network namespace:
+
+- **Receiving (always installed):** the old holder must accept packets for the VIP after
+  it removed the address. Its listeners and the connections they accept are
+  IP_TRANSPARENT; the TPROXY recipe delivers a packet for the VIP that matches such a
+  socket locally: nft marks it (``socket transparent 1``) and ``ip rule fwmark`` sends it
+  to a table whose only route is ``local default dev lo``. While this node holds the VIP
+  the address is local anyway, so the rule changes nothing.
+- **Forwarding (armed for a while after the VIP moved here from a live peer):** a TCP
+  packet to the VIP that is not a SYN and whose socket lookup finds no connection of ours
+  (the proxy marks every accepted connection with ``SO_MARK``; a listener has no mark) is
+  sent unchanged to the peer's MAC (``dup to PEER`` + ``drop``), where the receiving half
+  delivers it. New connections (SYN) and our own connections stay here.
+
+Driven with the ``nft`` command (Debian package nftables) and ``ip`` (iproute2); when
+either is missing or not permitted, handover is disabled with one warning and the VIP
+still moves as before. Imports nothing from lb or healthcheck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+from collections.abc import Sequence
+
+from failover.ports import FailoverError
+
+log = logging.getLogger(__name__)
+
+FOREIGN_MARK = 0x504C4201
+"""Conntrack mark of a flow to the VIP whose first packet here was not a SYN: its
+connection began on the other node."""
+TPROXY_MARK = 0x504C4202
+"""fwmark of packets for the VIP that belong to one of our transparent sockets."""
+TPROXY_TABLE = 0x504C
+"""Routing table holding ``local default dev lo`` for TPROXY_MARK (IPv4 and IPv6)."""
+RULE_PRIORITY = 9000
+_TIMEOUT_S = 5.0
+
+
+class HandoverError(FailoverError):
+    """A netfilter or routing command failed; the message has its output."""
+
+
+def _family(vip: str) -> int:
+    return ipaddress.ip_interface(vip).version
+
+
+def table_name(node: str) -> str:
+    """One nft table per node and family (tests run several nodes, one per namespace)."""
+    return "pairlb_" + "".join(c if c.isalnum() else "_" for c in node)[:40]
+
+
+def _families(vips: Sequence[str]) -> dict[str, list[str]]:
+    """nft family ("ip", "ip6") -> the VIP addresses of that family. `dup to` exists only
+    in the ip and ip6 families, so each gets its own table."""
+    out: dict[str, list[str]] = {}
+    for vip in vips:
+        ip = ipaddress.ip_interface(vip).ip
+        out.setdefault("ip" if ip.version == 4 else "ip6", []).append(str(ip))
+    return out
+
+
+def base_ruleset(node: str, vips: Sequence[str], ports: Sequence[int]) -> str:
+    """The nft script that (re)creates the tables: receiving, and flagging foreign flows."""
+    t = table_name(node)
+    port_set = ", ".join(str(p) for p in sorted(set(ports)))
+    lines = []
+    for fam, addrs in _families(vips).items():
+        lines += [f"table {fam} {t}", f"delete table {fam} {t}", f"table {fam} {t} {{",
+                  "  chain pre {",
+                  "    type filter hook prerouting priority mangle; policy accept;"]
+        for ip in addrs:
+            match = f"{fam} daddr {ip} tcp dport {{ {port_set} }}"
+            lines += [
+                f"    {match} ct state new tcp flags & syn == 0 ct mark set {FOREIGN_MARK:#x} "
+                "comment \"a flow that began elsewhere\"",
+                f"    {match} socket transparent 1 meta mark set {TPROXY_MARK:#x} "
+                "comment \"ours: deliver locally\"",
+            ]
+        lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def forward_rules(node: str, vips: Sequence[str], interface: str, peer: str) -> str:
+    """The nft script that adds the forwarding half toward ``peer`` (its family's VIPs)."""
+    t = table_name(node)
+    peer_ip = ipaddress.ip_address(peer)
+    fam = "ip" if peer_ip.version == 4 else "ip6"
+    # Appended after the flagging rule: a flow's first packet is flagged, then passed on.
+    lines = [f"add rule {fam} {t} pre {fam} daddr {ip} ct mark {FOREIGN_MARK:#x} "
+             f"dup to {peer_ip} device \"{interface}\" drop comment \"theirs: to {peer_ip}\""
+             for ip in _families(vips).get(fam, [])]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+class Handover:
+    """The two halves for one node (see the module docstring). One event loop."""
+
+    def __init__(self, node: str, interface: str, vips: Sequence[str],
+                 ports: Sequence[int]) -> None:
+        self.node = node
+        self.interface = interface
+        self.vips = tuple(vips)
+        self.ports = tuple(sorted(set(ports)))
+        self.enabled = False
+        self.forwarding_to: str | None = None
+        self.forwards = 0
+        self._expiry: asyncio.TimerHandle | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> bool:
+        """Install the receiving half; False (and one warning) if it cannot be."""
+        if not self.ports:
+            return False
+        missing = [c for c in ("nft", "ip") if shutil.which(c) is None]
+        if missing:
+            log.warning("handover_disabled node=%s reason='%s not installed' effect='a VIP "
+                        "move resets connections still open on the old holder'",
+                        self.node, " and ".join(missing))
+            return False
+        try:
+            await _run(["nft", "-f", "-"], base_ruleset(self.node, self.vips, self.ports))
+            for version in sorted({_family(v) for v in self.vips}):
+                v = f"-{version}"
+                await _run(["ip", v, "rule", "del", "priority", str(RULE_PRIORITY)],
+                           check=False)
+                await _run(["ip", v, "rule", "add", "priority", str(RULE_PRIORITY), "fwmark",
+                            f"{TPROXY_MARK:#x}", "lookup", str(TPROXY_TABLE)])
+                await _run(["ip", v, "route", "replace", "local", "default", "dev", "lo",
+                            "table", str(TPROXY_TABLE)])
+        except HandoverError as exc:
+            log.warning("handover_disabled node=%s reason=%r", self.node, str(exc))
+            await self.close()
+            return False
+        self.enabled = True
+        log.info("handover_ready node=%s vips=%s ports=%s", self.node, ",".join(self.vips),
+                 ",".join(map(str, self.ports)))
+        return True
+
+    async def forward_to(self, peer: str, for_s: float) -> None:
+        """Send packets of connections we do not have to ``peer`` for ``for_s`` seconds."""
+        if not self.enabled or for_s <= 0:
+            return
+        script = forward_rules(self.node, self.vips, self.interface, peer)
+        if not script:
+            return
+        async with self._lock:
+            try:
+                await self._reset()
+                await _run(["nft", "-f", "-"], script)
+            except HandoverError as exc:
+                log.error("handover_forward_failed node=%s peer=%s error=%r", self.node, peer,
+                          str(exc))
+                return
+            self.forwarding_to = peer
+            self.forwards += 1
+            if self._expiry is not None:
+                self._expiry.cancel()
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(for_s, lambda: loop.create_task(self.stop_forwarding()))
+        log.info("handover_forwarding node=%s peer=%s for_s=%g", self.node, peer, for_s)
+
+    async def stop_forwarding(self) -> None:
+        async with self._lock:
+            if self.forwarding_to is None:
+                return
+            peer, self.forwarding_to = self.forwarding_to, None
+            try:
+                await self._reset()
+            except HandoverError as exc:
+                log.error("handover_unforward_failed node=%s error=%r", self.node, str(exc))
+                return
+        log.info("handover_forwarding_ended node=%s peer=%s", self.node, peer)
+
+    async def _reset(self) -> None:
+        """Back to the receiving half only (atomically: one nft transaction)."""
+        await _run(["nft", "-f", "-"], base_ruleset(self.node, self.vips, self.ports))
+
+    async def close(self) -> None:
+        """Remove everything this node installed (idempotent)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.enabled = False
+        self.forwarding_to = None
+        t = table_name(self.node)
+        script = "".join(f"table {fam} {t}\ndelete table {fam} {t}\n"
+                         for fam in _families(self.vips))
+        await _run(["nft", "-f", "-"], script, check=False)
+        for version in sorted({_family(v) for v in self.vips}):
+            v = f"-{version}"
+            await _run(["ip", v, "rule", "del", "priority", str(RULE_PRIORITY)], check=False)
+            await _run(["ip", v, "route", "flush", "table", str(TPROXY_TABLE)], check=False)
+
+
+async def _run(argv: Sequence[str], stdin: str | None = None, *, check: bool = True) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        async with asyncio.timeout(_TIMEOUT_S):
+            out, _ = await proc.communicate(stdin.encode() if stdin is not None else None)
+    except (OSError, TimeoutError) as exc:
+        if check:
+            raise HandoverError(f"{argv[0]}: {exc}") from None
+        return
+    if check and proc.returncode != 0:
+        raise HandoverError(f"{' '.join(argv)}: exit {proc.returncode}: "
+                            f"{out.decode(errors='replace').strip()[:400]}")
