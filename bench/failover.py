@@ -102,11 +102,7 @@ def target_of(row: Row) -> tuple[str, bool | None]:
         return (f"one holder within {row.interval_s * 1000:g} ms",
                 bool(conv) and max(conv) <= row.interval_s)
     if s.startswith(("graceful stop", "planned switchover", "partition healed")):
-        # The one loss a VIP move still has: at most one handshake race per run.
-        return "0 failed but <= 1 handshake race", all(
-            not others and len(races) <= 1
-            for races, others in (fe.split_handshake_races(o, new_holder(s))
-                                  for o in row.outcomes))
+        return "0 failed", all(o.failed == 0 for o in row.outcomes)
     if s.startswith(("failback", "checks pass")):
         return "no 5xx", all(not any(e.startswith("http5") for e in o.errors)
                              for o in row.outcomes)
@@ -121,12 +117,6 @@ def target_of(row: Row) -> tuple[str, bool | None]:
     return "-", None
 
 
-def new_holder(scenario: str) -> str:
-    """Who holds the VIP after a planned move or a healed partition."""
-    return "lb1" if scenario.endswith("lb2 -> lb1 (SIGUSR1)") or "partition" in scenario \
-        else "lb2"
-
-
 def notes_of(row: Row) -> str:
     """Scenario-specific facts worth a column of their own."""
     out = []
@@ -136,10 +126,6 @@ def notes_of(row: Row) -> str:
             errors[k] = errors.get(k, 0) + n
     if errors:
         out.append("errors " + ", ".join(f"{k} {n}" for k, n in sorted(errors.items())))
-    if row.scenario.startswith(("graceful stop", "planned switchover", "partition healed")):
-        races = sum(len(fe.split_handshake_races(o, new_holder(row.scenario))[0])
-                    for o in row.outcomes)
-        out.append(f"handshake races {races}")
     conv = row.values(lambda o: o.converge_s)
     if conv:
         out.append(f"converge {spread(conv)} ms")

@@ -6,7 +6,8 @@ but connections the old holder accepted are not over: a client whose SYN reached
 holder a moment before sends the rest of its handshake to the new one, and clients with a
 request in flight keep sending ACKs. The new holder would answer those with a reset.
 
-Two pieces of netfilter state fix that, both in this node's network namespace:
+Netfilter state in this node's network namespace fixes that (``nft`` table
+``pairlb_<node>`` per address family, one ``ip rule``):
 
 - **Receiving (always installed):** the old holder must accept packets for the VIP after
   it removed the address. Its listeners and the connections they accept are
@@ -14,11 +15,16 @@ Two pieces of netfilter state fix that, both in this node's network namespace:
   socket locally: nft marks it (``socket transparent 1``) and ``ip rule fwmark`` sends it
   to a table whose only route is ``local default dev lo``. While this node holds the VIP
   the address is local anyway, so the rule changes nothing.
-- **Forwarding (armed for a while after the VIP moved here from a live peer):** a TCP
-  packet to the VIP that is not a SYN and whose socket lookup finds no connection of ours
-  (the proxy marks every accepted connection with ``SO_MARK``; a listener has no mark) is
-  sent unchanged to the peer's MAC (``dup to PEER`` + ``drop``), where the receiving half
-  delivers it. New connections (SYN) and our own connections stay here.
+- **Flagging (always installed, so conntrack tracks every flow from the start):** a flow to
+  the VIP whose first packet here is not a SYN began on another node; its conntrack entry
+  gets FOREIGN_MARK (``ct state new`` with loose pick-up, the kernel default).
+- **Forwarding (armed for a while after the VIP moved here from a live peer):** packets of
+  flagged flows are sent unchanged to the peer's MAC (``dup to PEER`` + ``drop``), where
+  the receiving half delivers them. Flows that began here with a SYN stay here. Disarmed
+  when this node releases the VIP (a packet must never bounce between the two).
+
+The cost: conntrack runs in the namespace (a few hundred bytes per connection; size
+``nf_conntrack_max`` for the connection rate times the TCP timeouts).
 
 Driven with the ``nft`` command (Debian package nftables) and ``ip`` (iproute2); when
 either is missing or not permitted, handover is disabled with one warning and the VIP

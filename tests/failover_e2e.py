@@ -832,33 +832,6 @@ def partition_heal(rig: Rig, partitioned_s: float = 1.0) -> list[Outcome]:
     return [split, healed]
 
 
-RACE_WINDOW_S = 0.005
-"""How far from a VIP move a reset can still be the handshake race."""
-
-
-Failure = tuple[float, float, str]
-
-
-def split_handshake_races(out: Outcome, new_node: str) -> tuple[list[Failure], list[Failure]]:
-    """(handshake races, other failures) of a planned handover.
-
-    The one loss a planned handover still has (docs/operations.md, "Planned handover"): a
-    connection whose SYN reached the old holder just before the client took the new
-    holder's gratuitous ARP sends its ACK and request to the new holder, which has no such
-    connection and resets it. Such a failure is a reset, fast, and starts within a few
-    milliseconds of the VIP moving (the new holder adding it or announcing it, the old one
-    removing it); anything else is a real loss.
-    """
-    moves = [t for t, node, held in out.vip_events if (node == new_node) == held]
-    races: list[Failure] = []
-    others: list[Failure] = []
-    for f in out.failures:
-        start, duration, error = f
-        near = any(abs(start - t) <= RACE_WINDOW_S for t in moves)
-        (races if error == "errno104" and duration <= 0.005 and near else others).append(f)
-    return races, others
-
-
 def blackhole(attempts: Sequence[Attempt], since: float) -> float:
     """Longest run of failed attempts after `since`, start of first to end of last, in s."""
     worst, start = 0.0, None

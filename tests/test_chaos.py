@@ -201,9 +201,8 @@ def test_backend_worker_reload_and_drain_faults_within_targets(run: dict[str, An
 @pytest.mark.netns
 @pytest.mark.slow
 def test_graceful_stop_and_planned_switchover_lose_no_request(run: dict[str, Any]) -> None:
-    """Issue 4: graceful stop and planned switchover, 0 failed (but for the one handshake
-    race chaos.handshake_races names); issue 4 also: when a hung node wakes up the client
-    keeps being served. Includes requests in flight at the move."""
+    """Issue 4: graceful stop and planned switchover, 0 failed; issue 4 also: when a hung
+    node wakes up the client keeps being served. Includes requests in flight at the move."""
     checked = phases(run, "node_term", "switchover", "node_cont")
     assert checked
     missed = [f"#{p['fault']} {p['label']}: {p['failed']} failed {p['errors']}"

@@ -111,20 +111,18 @@ def test_graceful_stop_loses_nothing(rig: fe.Rig) -> None:
     assert out.takeover_s is not None, why
     assert out.extra["lb1_exit"] == 0, why
     assert out.unheld_s == 0.0, why  # make-before-break
-    races, others = fe.split_handshake_races(out, "lb2")
-    assert others == [] and len(races) <= 1, why
+    assert out.failed == 0, why  # in-flight and half-open connections: failover.handover
 
 
 def test_planned_switchover_loses_nothing(rig: fe.Rig) -> None:
     rig.steady(fe.DEFAULT)
     there, back = fe.switchover(rig)
     why = evidence(rig, [there, back])
-    for out, new_node in ((there, "lb2"), (back, "lb1")):
+    for out in (there, back):
         assert out.takeover_s is not None, why
         assert out.extra["old_role_after"] == "BACKUP", why
         assert out.unheld_s == 0.0, why
-        races, others = fe.split_handshake_races(out, new_node)
-        assert others == [] and len(races) <= 1, why
+        assert out.failed == 0, why
 
 
 def _get_on(sock: socket.socket, host: str) -> tuple[int, str, bool]:
@@ -178,9 +176,7 @@ def test_partition_then_heal_no_blackhole(rig: fe.Rig) -> None:
     assert split.overlap_s > 0, why  # both MASTER while they cannot hear each other
     assert healed.extra["winner"] == "lb1", why
     assert healed.converge_s is not None and healed.converge_s <= 0.5, why
-    assert healed.extra["blackhole_s"] < 0.05, why  # 0 s of blackhole after healing
-    races, others = fe.split_handshake_races(healed, "lb1")  # clients move from lb2 to lb1
-    assert others == [] and len(races) <= 1, why
+    assert healed.failed == 0, why  # 0 s of blackhole after healing, no connection reset
 
 
 def test_no_takeover_without_healthy_backends(rig: fe.Rig) -> None:
