@@ -212,6 +212,10 @@ Next steps (docs/operations.md has the whole procedure for a pair):
      Its status page:     curl -s http://127.0.0.1:9900/status
   Admin token (for drain/enable/switchover): /etc/pairlb/admin.token
 EOF
+    if ! command -v nft >/dev/null 2>&1; then
+        echo "  Note: 'nft' (Debian package nftables) is missing: a planned VIP move would reset"
+        echo "        connections still open on the old node (see docs/operations.md)."
+    fi
 }
 
 do_uninstall() {
