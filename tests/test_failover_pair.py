@@ -377,6 +377,60 @@ def test_planned_switchover_no_gap_and_no_preempt_back() -> None:
     run_virtual(scenario)
 
 
+class FakeHandover:
+    """Records what the controller asks of failover.handover, into the world's timeline."""
+
+    def __init__(self, name: str, world: World) -> None:
+        self.name, self.world = name, world
+        self.calls: list[tuple[str, str | None]] = []
+
+    async def start(self) -> bool:
+        self.calls.append(("start", None))
+        return True
+
+    async def forward_to(self, peer: str, for_s: float) -> None:
+        self.calls.append(("forward_to", peer))
+        self.world.mark(self.name, "forward")
+
+    async def stop_forwarding(self) -> None:
+        self.calls.append(("stop_forwarding", None))
+
+    async def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_handover_armed_before_a_planned_takeover_and_never_toward_a_dead_peer() -> None:
+    """The new holder passes the old holder's connections back to it: armed before the
+    gratuitous ARP of a switchover, toward the old holder's address; disarmed when it lets
+    the VIP go; not armed when it takes over from a node that died."""
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        a, b = await pair(world, net, start=False)
+        hos = {}
+        for n, name in ((a, "lb1"), (b, "lb2")):
+            hos[name] = FakeHandover(name, world)
+            n.ctl._handover = hos[name]
+            await n.ctl.start()
+        await asyncio.sleep(1.0)
+        assert hos["lb2"].calls == [("start", None)]
+        t0 = now()
+        assert a.ctl.request_switchover()
+        await wait_for(lambda: a.ctl.role is Role.BACKUP)
+        assert ("forward_to", "10.0.0.1") in hos["lb2"].calls
+        assert world.first("lb2", "forward", t0) <= world.first("lb2", "acquired", t0)
+        await asyncio.sleep(0.1)  # the release runs after the role change
+        assert ("stop_forwarding", None) in hos["lb1"].calls  # it released the VIP
+        await asyncio.sleep(1.0)
+        calls = len(hos["lb1"].calls)
+        await b.ctl.abort()  # lb2 dies: lb1 takes over with nobody to pass packets to
+        await wait_for(lambda: a.ctl.role is Role.MASTER, 2.0)
+        await asyncio.sleep(0.2)
+        assert [c for c in hos["lb1"].calls[calls:] if c[0] == "forward_to"] == []
+        await stop_all(a)
+
+    run_virtual(scenario)
+
+
 def test_partition_then_heal_one_master_within_an_interval_and_winner_reannounces() -> None:
     async def scenario() -> None:
         world, net = World(), FakeNet()
