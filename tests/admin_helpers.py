@@ -367,6 +367,9 @@ class FakeFailover:
     def set_local_health(self, healthy: bool, usable: int, total: int) -> None:
         self.local_health = (healthy, usable, total)
 
+    async def close_handover(self) -> None:
+        """Like FailoverController's: nothing installed here."""
+
     async def stop(self, graceful: bool = True) -> None:
         pass
 
