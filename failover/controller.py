@@ -230,6 +230,9 @@ class FailoverStatus:
     peers: tuple[PeerStatus, ...]
     counters: FailoverCounters
     send_lag: SendLag
+    handover_enabled: bool = False
+    handover_forwarding_to: str | None = None
+    handover_forwards: int = 0
 
 
 @dataclass
@@ -416,6 +419,7 @@ class FailoverController:
             self._step(machine.SwitchoverCancelled())
 
     def status(self) -> FailoverStatus:
+        ho = self._handover
         now = self._now()
         s = self._state
         peers = []
@@ -441,6 +445,9 @@ class FailoverController:
             peers=tuple(peers),
             counters=replace(c, rejected=dict(c.rejected), transitions=dict(c.transitions)),
             send_lag=self._lag_stats(),
+            handover_enabled=ho is not None and ho.enabled,
+            handover_forwarding_to=ho.forwarding_to if ho is not None else None,
+            handover_forwards=ho.forwards if ho is not None else 0,
         )
 
     # -- the machine ----------------------------------------------------------------------------

@@ -90,6 +90,13 @@ class HandoverPort(Protocol):
     - close(): remove everything (at exit, after the proxy drained).
     """
 
+    enabled: bool
+    """start() succeeded: receiving is installed and forwarding can be armed."""
+    forwarding_to: str | None
+    """The peer packets are being passed to now, if any."""
+    forwards: int
+    """How many times forwarding was armed."""
+
     async def start(self) -> bool: ...
 
     async def forward_to(self, peer: str, for_s: float) -> None: ...

@@ -388,6 +388,11 @@ class Daemon:
                 "delayed": st.counters.delayed,
                 "vip_errors": st.counters.vip_errors,
             },
+            "handover": {
+                "enabled": st.handover_enabled,
+                "forwarding_to": st.handover_forwarding_to,
+                "forwards": st.handover_forwards,
+            },
             "send_lag_ms": {
                 "p50": round(st.send_lag.p50_s * 1000, 3),
                 "p99": round(st.send_lag.p99_s * 1000, 3),

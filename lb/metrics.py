@@ -268,6 +268,20 @@ METRICS: tuple[MetricDef, ...] = (
         "Heartbeats that arrived far later than usual (queued in the network); never obeyed.",
         True,
     ),
+    _d(
+        "pairlb_handover_forwarding",
+        "gauge",
+        "",
+        "1 while packets of the previous VIP holder's connections are passed to it.",
+        True,
+    ),
+    _d(
+        "pairlb_handover_forwards_total",
+        "counter",
+        "",
+        "Times connection handover toward a previous VIP holder was armed.",
+        True,
+    ),
     _d("pairlb_vip_errors_total", "counter", "", "Failed VIP add/remove/announce calls.", True),
     # workers
     _d("pairlb_worker_ready", "gauge", "worker", "1 when the worker in this slot is serving."),
@@ -581,6 +595,9 @@ class PairlbCollector:
         counters = fo.get("counters") or {}
         add("pairlb_heartbeat_late_sends_total", [], counters.get("late_sends", 0))
         add("pairlb_heartbeats_delayed_total", [], counters.get("delayed", 0))
+        handover = fo.get("handover") or {}
+        add("pairlb_handover_forwarding", [], 1.0 if handover.get("forwarding_to") else 0.0)
+        add("pairlb_handover_forwards_total", [], handover.get("forwards", 0))
         add("pairlb_vip_errors_total", [], counters.get("vip_errors", 0))
         add("pairlb_heartbeats_sent_total", [], counters.get("heartbeats_sent", 0))
         add("pairlb_heartbeats_received_total", [], counters.get("heartbeats_received", 0))

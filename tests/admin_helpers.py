@@ -410,6 +410,7 @@ class FakeFailover:
                 "delayed": 0,
                 "vip_errors": 0,
             },
+            "handover": {"enabled": True, "forwarding_to": None, "forwards": 0},
             "send_lag_ms": {"p50": 0.1, "p99": 0.4, "max": 1.2},
         }
 

@@ -383,6 +383,7 @@ class FakeHandover:
     def __init__(self, name: str, world: World) -> None:
         self.name, self.world = name, world
         self.calls: list[tuple[str, str | None]] = []
+        self.enabled, self.forwarding_to, self.forwards = True, None, 0
 
     async def start(self) -> bool:
         self.calls.append(("start", None))
