@@ -203,19 +203,23 @@ def handovers(records: Iterable[Record], join_s: float = 0.5, prompt_s: float = 
               ) -> list[tuple[float, float, int]]:
     """Stretches during which both load balancers answered the client.
 
-    Which node the client's packets reach right now shows in the *prompt* successes (latency
-    at most ``prompt_s``: a request whose SYN was retransmitted a second later says where
-    packets went then, not when it started), ordered by completion. A change of PEER is a
-    handover; a clean one is a single change. Changes closer than ``join_s`` apart form one
-    stretch; a stretch of two or more changes means both nodes were answering: returns
-    (start, end, changes) of each, end - start being how long.
+    Which node the client's packets reach shows in the *prompt* successes on *new*
+    connections (latency at most ``prompt_s``: a request whose SYN was retransmitted a
+    second later says where packets went then, not when it started), ordered by when their
+    SYN left. A request on an older connection, or on one whose SYN reached the old holder
+    just before a move, is finished by that node (connection handover) and says nothing
+    about where new packets go. A change of PEER is a handover; a clean one is a single
+    change. Changes closer than ``join_s`` apart form one stretch; a stretch of two or more
+    changes means both nodes were answering: returns (start, end, changes) of each, end -
+    start being how long.
     """
     changes: list[float] = []
     prev: str | None = None
-    prompt = (r for r in records if r.ok and r.peer != "-" and r.t1 - r.t0 <= prompt_s)
-    for r in sorted(prompt, key=lambda r: r.t1):
+    prompt = (r for r in records
+              if r.ok and r.peer != "-" and r.conn == "new" and r.t1 - r.t0 <= prompt_s)
+    for r in sorted(prompt, key=lambda r: r.t0):
         if prev is not None and r.peer != prev:
-            changes.append(r.t1)
+            changes.append(r.t0)
         prev = r.peer
     out: list[tuple[float, float, int]] = []
     i = 0

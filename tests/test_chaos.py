@@ -69,6 +69,10 @@ def test_handover_stretches_only_when_both_nodes_answer() -> None:
     # A retransmitted SYN answered a second later by the old node says nothing.
     late = rec(0.48, 1.5, peer=a)
     assert handovers([*clean, late]) == []
+    # Connections opened before the move and finished by the old node (handover) neither.
+    straddling = [rec(0.495, 0.515, peer=a),
+                  Record(0.2, 0.52, "GET", "r", 200, "web1", a, "reused", False, "-")]
+    assert handovers([*clean, *straddling]) == []
     flapping = [rec(t / 100, t / 100 + 0.002, peer=a if t % 2 else b) for t in range(50, 60)]
     (start, end, changes), = handovers(clean[:50] + flapping)
     assert changes >= 9 and end - start == pytest.approx(0.08, abs=0.011)
