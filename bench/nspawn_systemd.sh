@@ -3,7 +3,8 @@
 # systemd-nspawn, and check what the unit promises: start + READY + STATUS, the sandbox
 # (dynamic user, three capabilities, no new privileges, seccomp), credentials, reload
 # (valid and broken), stop with a request in flight, journald priorities, a watchdog restart
-# when the control loop hangs, and failover taking and releasing a VIP.
+# when the control loop hangs, and failover taking and releasing a VIP (with the connection
+# handover's nft table installed from inside the sandbox and removed at stop).
 #
 #   sudo bench/nspawn_systemd.sh [--tree DIR] [--keep]
 #
@@ -77,7 +78,7 @@ if [ -n "$TREE_SRC" ]; then
     cp -a "$TREE_SRC" "$TREE"
 else
     debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,dbus,python3,python3-venv,procps,iproute2,curl,ca-certificates \
+        --include=systemd,systemd-sysv,dbus,python3,python3-venv,procps,iproute2,nftables,curl,ca-certificates \
         bookworm "$TREE" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1
 fi
 echo "      tree ready in $(since "$t0") s"
@@ -251,7 +252,14 @@ for _ in $(seq 1 50); do grep -q MASTER <<<"$(prop StatusText)" && break; sleep 
 has_vip=$(C ip -br addr show "$IF" | grep -c 192.0.2.10 || true)
 check "alone on the link: '$(prop StatusText)', VIP on $IF: $has_vip, $(since "$t0") s after start" \
     test "$has_vip" = 1
+check "connection handover installed inside the sandbox (nft + ip rule as the dynamic user)" \
+    journal_has "handover_ready"
+nft_tables=$(C nft list tables 2>&1 || true)
+check "its nft table exists: $(tr '\n' ' ' <<<"$nft_tables")" grep -q pairlb <<<"$nft_tables"
 C systemctl stop pairlb
+nft_tables=$(C nft list tables 2>&1 || true)
+check "stop removes the nft table: '$(tr '\n' ' ' <<<"$nft_tables")'" \
+    test -z "$(grep pairlb <<<"$nft_tables" || true)"
 has_vip=$(C ip -br addr show "$IF" | grep -c 192.0.2.10 || true)
 check "stop releases the VIP: on $IF: $has_vip" test "$has_vip" = 0
 
