@@ -52,6 +52,14 @@ TPROXY_TABLE = 0x504C
 """Routing table holding ``local default dev lo`` for TPROXY_MARK (IPv4 and IPv6)."""
 RULE_PRIORITY = 9000
 _TIMEOUT_S = 5.0
+CONNTRACK_SYSCTLS = {
+    "net/netfilter/nf_conntrack_tcp_timeout_time_wait": "1",
+    "net/netfilter/nf_conntrack_tcp_timeout_close": "1",
+}
+"""Forget finished flows at once. A client that reuses a source port within the default
+120 s would otherwise match the finished flow's entry here: not "new", so not flagged, and
+its packets would reach our TCP stack instead of the node that has the connection.
+Per network namespace; deploy/sysctl/90-pairlb.conf sets them where pairlb may not."""
 
 
 class HandoverError(FailoverError):
@@ -150,8 +158,14 @@ class Handover:
             await self.close()
             return False
         self.enabled = True
+        unset = _set_sysctls(CONNTRACK_SYSCTLS)
         log.info("handover_ready node=%s vips=%s ports=%s", self.node, ",".join(self.vips),
                  ",".join(map(str, self.ports)))
+        if unset:
+            log.warning("handover_conntrack_timeouts_unset node=%s keys=%s effect='a client "
+                        "reusing a port within 2 min of a finished connection may be reset "
+                        "at a VIP move' fix='sysctl -p /etc/sysctl.d/90-pairlb.conf'",
+                        self.node, ",".join(unset))
         return True
 
     async def forward_to(self, peer: str, for_s: float) -> None:
@@ -208,6 +222,22 @@ class Handover:
             v = f"-{version}"
             await _run(["ip", v, "rule", "del", "priority", str(RULE_PRIORITY)], check=False)
             await _run(["ip", v, "route", "flush", "table", str(TPROXY_TABLE)], check=False)
+
+
+def _set_sysctls(values: dict[str, str]) -> list[str]:
+    """Write each /proc/sys key that differs; return the keys that could not be set."""
+    unset = []
+    for key, value in values.items():
+        path = f"/proc/sys/{key}"
+        try:
+            with open(path) as f:
+                if f.read().strip() == value:
+                    continue
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError:
+            unset.append(key.replace("/", "."))
+    return unset
 
 
 async def _run(argv: Sequence[str], stdin: str | None = None, *, check: bool = True) -> None:

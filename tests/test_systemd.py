@@ -230,12 +230,16 @@ def _sysctl_settings() -> dict[str, str]:
 def test_sysctl_drop_in_applies_in_a_throwaway_network_namespace() -> None:
     """Every key exists and takes its value. `unshare -n` gives a namespace that dies with
     the command, so the host's settings are never touched (all these keys are per-netns)."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("sysctl") is None:
-        pytest.skip("needs root, unshare and sysctl")
+    if os.geteuid() != 0 or not all(shutil.which(c) for c in ("unshare", "sysctl", "nft")):
+        pytest.skip("needs root, unshare, sysctl and nft")
     settings = _sysctl_settings()
     assert len(settings) >= 5
     keys = " ".join(settings)
-    script = f"sysctl -q -p {SYSCTL} && sysctl -n {keys}"
+    # The conntrack keys exist once nf_conntrack is loaded: a ct rule loads it, as pairlb's
+    # handover table does.
+    conntrack = ("nft add table ip t && nft 'add chain ip t c { type filter hook prerouting "
+                 "priority 0; }' && nft add rule ip t c ct state new accept")
+    script = f"{conntrack} && sysctl -q -p {SYSCTL} && sysctl -n {keys}"
     res = subprocess.run(
         ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=30
     )
