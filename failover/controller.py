@@ -628,7 +628,7 @@ class FailoverController:
         return best[1] if best is not None else None
 
     async def _arm_handover(self) -> None:
-        if self._handover is None or self.spec.handover_forward_s <= 0:
+        if self._handover is None or not self._handover.enabled:
             return
         peer = self.handover_peer(self._now())
         if peer is None:

@@ -176,20 +176,22 @@ class Handover:
         if not script:
             return
         async with self._lock:
-            try:
-                await self._reset()
-                await _run(["nft", "-f", "-"], script)
-            except HandoverError as exc:
-                log.error("handover_forward_failed node=%s peer=%s error=%r", self.node, peer,
-                          str(exc))
-                return
-            self.forwarding_to = peer
-            self.forwards += 1
-            if self._expiry is not None:
+            if self.forwarding_to != peer:
+                try:  # one nft transaction: this runs before the ARP, on the takeover path
+                    await _run(["nft", "-f", "-"],
+                               base_ruleset(self.node, self.vips, self.ports) + script)
+                except HandoverError as exc:
+                    log.error("handover_forward_failed node=%s peer=%s error=%r", self.node,
+                              peer, str(exc))
+                    return
+                self.forwarding_to = peer
+                self.forwards += 1
+                log.info("handover_forwarding node=%s peer=%s for_s=%g", self.node, peer,
+                         for_s)
+            if self._expiry is not None:  # armed again (e.g. a re-announce): extend
                 self._expiry.cancel()
             loop = asyncio.get_running_loop()
             self._expiry = loop.call_later(for_s, lambda: loop.create_task(self.stop_forwarding()))
-        log.info("handover_forwarding node=%s peer=%s for_s=%g", self.node, peer, for_s)
 
     async def stop_forwarding(self) -> None:
         async with self._lock:

@@ -179,17 +179,14 @@ _IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 _IPV6_TRANSPARENT = 75  # linux/in6.h; not exported by the socket module
 
 
-def set_transparent(sock: socket.socket, family: int) -> bool:
+def set_transparent(sock: socket.socket, family: int) -> None:
     """Let ``sock`` and the connections it accepts send from an address this host no
-    longer has, so a handover does not strand responses in flight; False without
-    CAP_NET_ADMIN (then a released VIP stops in-flight responses, as without it)."""
+    longer has, so a handover does not strand responses in flight. Skipped without
+    CAP_NET_ADMIN (then a released VIP stops in-flight responses, as before)."""
     level, option = ((socket.IPPROTO_IPV6, _IPV6_TRANSPARENT) if family == socket.AF_INET6
                      else (socket.SOL_IP, _IP_TRANSPARENT))
-    try:
+    with contextlib.suppress(PermissionError):
         sock.setsockopt(level, option, 1)
-    except PermissionError:
-        return False
-    return True
 
 
 def make_listen_socket(listener: ListenerConfig) -> socket.socket:

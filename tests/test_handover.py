@@ -56,9 +56,11 @@ def test_install_arm_disarm_and_remove_in_a_namespace() -> None:
 
         async def arm() -> None:
             await h.forward_to("192.0.2.12", 0.3)
+            await h.forward_to("192.0.2.12", 0.3)  # a re-announce: extended, no new nft run
 
         topo.call("lb", asyncio.run, arm())
         assert 'dup to 192.0.2.12 device "eth0" drop' in nft_list()
+        assert nft_list().count("dup to") == 1 and h.forwards == 1
 
         async def arm_and_expire() -> None:
             await h.forward_to("192.0.2.13", 0.1)  # replaces the first: one peer at a time
