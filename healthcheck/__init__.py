@@ -3,9 +3,11 @@
 The daemon's entry point is :class:`HealthChecker` fed with :class:`Target` objects (one per
 backend, each with a validated :class:`CheckSpec`); it reports every :class:`CheckResult`
 and every UP/DOWN :class:`Health` change through callbacks. :mod:`healthcheck.state` is the
-pure core (no asyncio, time or logging).
+pure core (no asyncio, time or logging);
+:class:`HealthBook` is the one owner of every target's health (pure too).
 """
 
+from .book import HealthBook, Reconciled
 from .probes import HttpProbe, Probe, TcpProbe
 from .scheduler import (
     CheckSpec,
@@ -33,6 +35,7 @@ __all__ = [
     "CheckSpec",
     "CheckStatus",
     "Health",
+    "HealthBook",
     "HealthChecker",
     "HealthConfigError",
     "HealthCounter",
@@ -43,6 +46,7 @@ __all__ = [
     "OnTransition",
     "Probe",
     "ProbeKind",
+    "Reconciled",
     "Target",
     "TargetKey",
     "TargetState",

@@ -1,12 +1,11 @@
-"""Runs the active checks: one loop per target, rise/fall state, callbacks to the daemon.
+"""Runs the active checks: one loop per target, results written to the health book.
 
 The daemon maps each pool's ``[pool.health]`` table (plus per-backend overrides) to a
 :class:`CheckSpec`, builds one :class:`Target` per backend and calls
-:meth:`HealthChecker.set_targets` at start-up and on every config reload. Targets whose
-address and spec did not change keep their counter, so a reload does not knock healthy
-backends out or let dead ones back in. The pool learns of changes through ``on_transition``;
-the initial state of a new target is readable with :meth:`HealthChecker.state` right after
-``set_targets`` (DOWN by default: see :mod:`healthcheck.state`).
+:meth:`HealthChecker.set_targets` at start-up and on every config reload. The scheduler
+keeps no health state of its own: every result goes to the :class:`~healthcheck.book.HealthBook`
+(the one owner; pass the daemon's in), which also decides what a reload keeps. Listeners
+learn of results and changes through ``on_result`` / ``on_transition``.
 
 Cadence per target: the next check starts ``interval`` after the previous one started
 (or at once if the probe took longer), where ``interval`` is
@@ -35,13 +34,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
-from typing import Literal
 
-from .probes import HttpProbe, Probe, TcpProbe
-from .state import CheckResult, Health, HealthConfigError, HealthCounter, Initial
+from .book import HealthBook, TargetState
+from .state import CheckResult, Health, HealthCounter
+from .targets import CheckSpec, ProbeKind, Target, TargetKey
 
 __all__ = [
     "CheckSpec",
@@ -56,111 +54,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ProbeKind = Literal["http", "tcp"]
-TargetKey = tuple[str, str]
-"""``(pool, backend)``: names that appear in logs, metrics and the admin API."""
-
 OnResult = Callable[[TargetKey, CheckResult, HealthCounter], None]
 OnTransition = Callable[[TargetKey, Health, Health, CheckResult], None]
 
 
-@dataclass(frozen=True, slots=True)
-class CheckSpec:
-    """Validated check settings of one target; field names follow the TOML contract.
-
-    ``expect_status`` holds inclusive ``(lo, hi)`` ranges; lists (from TOML) are turned into
-    tuples so equal configs compare equal across reloads.
-    """
-
-    probe: ProbeKind = "http"
-    method: str = "GET"
-    path: str = "/healthz"
-    host: str | None = None
-    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
-    expect_body: str | None = None
-    interval_s: float = 1.0
-    timeout_s: float = 0.5
-    rise: int = 2
-    fall: int = 3
-    fast_interval_s: float | None = None
-    down_interval_s: float | None = None
-    jitter: float = 0.1
-    initial: Initial = "down"
-
-    def __post_init__(self) -> None:
-        ranges = tuple((int(lo), int(hi)) for lo, hi in self.expect_status)
-        object.__setattr__(self, "expect_status", ranges)
-        if self.probe not in ("http", "tcp"):
-            raise HealthConfigError("probe", self.probe, 'must be "http" or "tcp"')
-        for name in ("interval_s", "fast_interval_s", "down_interval_s"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise HealthConfigError(name, value, "must be > 0")
-        if not 0 <= self.jitter < 1:
-            raise HealthConfigError("jitter", self.jitter, "must be in [0, 1)")
-        HealthCounter.initial(self.rise, self.fall, self.initial)  # validates rise/fall/initial
-        self.make_probe()  # validates method/path/host/expect_*/timeout_s
-
-    def make_probe(self) -> Probe:
-        if self.probe == "tcp":
-            return TcpProbe(self.timeout_s)
-        return HttpProbe(
-            method=self.method,
-            path=self.path,
-            host=self.host,
-            expect_status=self.expect_status,
-            expect_body=self.expect_body,
-            timeout_s=self.timeout_s,
-        )
-
-    def base_interval_s(self, counter: HealthCounter) -> float:
-        """The un-jittered wait before the next check, given the counter after this one."""
-        if counter.changing:
-            return self.fast_interval_s or self.interval_s
-        if counter.state is Health.DOWN:
-            return self.down_interval_s or self.interval_s
-        return self.interval_s
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One thing to check. Equal targets (same key, address and spec) keep state on reload."""
-
-    key: TargetKey
-    host: str
-    port: int
-    spec: CheckSpec = CheckSpec()
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise HealthConfigError("port", self.port, "must be in 1..65535")
-
-
-@dataclass(frozen=True, slots=True)
-class TargetState:
-    """What the admin/status API shows. ``since`` is the ``time.monotonic()`` of the last
-    state change (or of when checking began); ``checks`` counts completed probes."""
-
-    health: Health
-    last_result: CheckResult | None
-    counter: HealthCounter
-    since: float
-    checks: int
-
-
 class _Runner:
-    """Mutable per-target state; replaced (never reset) when the target changes."""
+    """The task that probes one target; replaced (never reset) when the target changes.
+    It holds no health state: results go to the book."""
 
-    __slots__ = ("checks", "counter", "last", "probe", "since", "target", "task", "wake")
+    __slots__ = ("probe", "target", "task", "wake")
 
-    def __init__(self, target: Target, now: float) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
         self.probe = target.spec.make_probe()
-        spec = target.spec
-        self.counter = HealthCounter.initial(spec.rise, spec.fall, spec.initial)
-        self.last: CheckResult | None = None
-        self.since = now
-        self.checks = 0
         self.task: asyncio.Task[None] | None = None
         self.wake: asyncio.Future[None] | None = None
 
@@ -175,7 +81,10 @@ class HealthChecker:
         on_transition: OnTransition | None = None,
         rng: random.Random | None = None,
         error_backoff_s: float = 1.0,
+        book: HealthBook | None = None,
     ) -> None:
+        self.book = book if book is not None else HealthBook()
+        """The one owner of health state; pass the daemon's so it reads what we write."""
         self._on_result = on_result
         self._on_transition = on_transition
         self._rng = rng or random.Random()
@@ -215,50 +124,46 @@ class HealthChecker:
         for runner in self._runners.values():
             runner.task = None
 
-    def set_targets(self, targets: Iterable[Target]) -> None:
-        """Replace the target set: start new ones, stop removed ones, restart changed ones
-        with fresh state; unchanged targets keep their counter and schedule.
+    def set_targets(
+        self, targets: Iterable[Target], in_service: Collection[TargetKey] = ()
+    ) -> None:
+        """Replace the target set (see :mod:`healthcheck.book` for what each target keeps):
+        start new ones, stop removed ones, restart changed ones; unchanged targets keep
+        their schedule. ``in_service``: keys newly checked whose backend was serving
+        without checks (they start "UP, going down").
 
         Raises HealthConfigError on a duplicate key, before changing anything.
         """
-        wanted: dict[TargetKey, Target] = {}
-        for target in targets:
-            if target.key in wanted:
-                raise HealthConfigError("targets", target.key, "duplicate (pool, backend) key")
-            wanted[target.key] = target
-        for key, runner in list(self._runners.items()):
-            if wanted.get(key) != runner.target:
-                del self._runners[key]
-                if runner.task is not None:
-                    runner.task.cancel()
+        done = self.book.reconcile(targets, time.monotonic(), in_service)
+        for key in done.removed + done.changed:
+            runner = self._runners.pop(key, None)
+            if runner is not None and runner.task is not None:
+                runner.task.cancel()
+            if key in done.removed:
                 log.debug("event=health_target_removed pool=%s backend=%s", key[0], key[1])
-        now = time.monotonic()
-        for key, target in wanted.items():
-            if key not in self._runners:
-                runner = _Runner(target, now)
-                self._runners[key] = runner
-                log.debug(
-                    "event=health_target_added pool=%s backend=%s addr=%s:%s initial=%s",
-                    key[0],
-                    key[1],
-                    target.host,
-                    target.port,
-                    runner.counter.state,
-                )
-                if self._running:
-                    self._spawn(runner)
+        for key in done.started:
+            target = self.book.target(key)
+            assert target is not None
+            runner = _Runner(target)
+            self._runners[key] = runner
+            log.debug(
+                "event=health_target_%s pool=%s backend=%s addr=%s:%s state=%s",
+                "added" if key in done.added else "changed",
+                key[0],
+                key[1],
+                target.host,
+                target.port,
+                self.book.state(key).health,  # type: ignore[union-attr]
+            )
+            if self._running:
+                self._spawn(runner)
 
     def state(self, key: TargetKey) -> TargetState | None:
         """Current health of one target, or None if it is not checked."""
-        runner = self._runners.get(key)
-        if runner is None:
-            return None
-        return TargetState(
-            runner.counter.state, runner.last, runner.counter, runner.since, runner.checks
-        )
+        return self.book.state(key)
 
     def states(self) -> dict[TargetKey, TargetState]:
-        return {key: s for key in self._runners if (s := self.state(key)) is not None}
+        return self.book.states()
 
     def force_check(self, key: TargetKey) -> bool:
         """Check this target now instead of at its next slot; False if unknown."""
@@ -288,8 +193,10 @@ class HealthChecker:
             wait_s = self._error_backoff_s
             try:
                 result = await runner.probe.run(target.host, target.port)
-                self._apply(runner, result)
-                wait_s = spec.base_interval_s(runner.counter)
+                counter = self._apply(runner, result)
+                if counter is None:
+                    return  # retired while the probe ran
+                wait_s = spec.base_interval_s(counter)
             except Exception:  # error boundary: a bug here must not stop checking
                 log.exception(
                     "event=health_loop_error pool=%s backend=%s", target.key[0], target.key[1]
@@ -310,13 +217,16 @@ class HealthChecker:
             timer.cancel()
             runner.wake = None
 
-    def _apply(self, runner: _Runner, result: CheckResult) -> None:
+    def _apply(self, runner: _Runner, result: CheckResult) -> HealthCounter | None:
+        """Write one result to the book; the counter after it, or None if this runner was
+        retired while its probe ran (its results belong to nobody)."""
         key = runner.target.key
         if self._runners.get(key) is not runner:
-            return  # retired while the probe ran: its results belong to nobody
-        runner.counter, transition = runner.counter.step(result.ok)
-        runner.last = result
-        runner.checks += 1
+            return None
+        transition = self.book.record(key, result, time.monotonic())
+        state = self.book.state(key)
+        assert state is not None
+        counter = state.counter
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "event=health_result pool=%s backend=%s status=%s code=%s duration_ms=%.1f "
@@ -326,38 +236,37 @@ class HealthChecker:
                 result.status,
                 "-" if result.code is None else result.code,
                 result.duration_s * 1000,
-                runner.counter.health,
-                runner.counter.top,
-                runner.counter.state,
+                counter.health,
+                counter.top,
+                counter.state,
                 json.dumps(result.detail),
             )
+        if transition is not None:
+            log.info(
+                "event=health_transition pool=%s backend=%s addr=%s:%s from=%s to=%s "
+                "status=%s code=%s duration_ms=%.1f detail=%s",
+                key[0],
+                key[1],
+                runner.target.host,
+                runner.target.port,
+                transition.old,
+                transition.new,
+                result.status,
+                "-" if result.code is None else result.code,
+                result.duration_s * 1000,
+                json.dumps(result.detail),
+            )
+        # on_result first, so an observer of both sees the result that caused a transition.
         if self._on_result is not None:
             try:
-                self._on_result(key, result, runner.counter)
+                self._on_result(key, result, counter)
             except Exception:
                 log.exception(
                     "event=health_callback_error callback=on_result pool=%s backend=%s",
                     key[0],
                     key[1],
                 )
-        if transition is None:
-            return
-        runner.since = time.monotonic()
-        log.info(
-            "event=health_transition pool=%s backend=%s addr=%s:%s from=%s to=%s status=%s "
-            "code=%s duration_ms=%.1f detail=%s",
-            key[0],
-            key[1],
-            runner.target.host,
-            runner.target.port,
-            transition.old,
-            transition.new,
-            result.status,
-            "-" if result.code is None else result.code,
-            result.duration_s * 1000,
-            json.dumps(result.detail),
-        )
-        if self._on_transition is not None:
+        if transition is not None and self._on_transition is not None:
             try:
                 self._on_transition(key, transition.old, transition.new, result)
             except Exception:
@@ -366,6 +275,7 @@ class HealthChecker:
                     key[0],
                     key[1],
                 )
+        return counter
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

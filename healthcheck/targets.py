@@ -1,0 +1,92 @@
+"""What to check and how: validated check settings and targets, shared by the book and the
+scheduler. Field names, defaults and bounds are written here once; the daemon's config maps
+onto them (``lb.config`` reads the defaults from :class:`CheckSpec`).
+
+Imports nothing from lb or failover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .probes import HttpProbe, Probe, TcpProbe
+from .state import Health, HealthConfigError, HealthCounter, Initial
+
+__all__ = ["CheckSpec", "ProbeKind", "Target", "TargetKey"]
+
+ProbeKind = Literal["http", "tcp"]
+TargetKey = tuple[str, str]
+"""``(pool, backend)``: names that appear in logs, metrics and the admin API."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    """Validated check settings of one target; field names follow the TOML contract.
+
+    ``expect_status`` holds inclusive ``(lo, hi)`` ranges; lists (from TOML) are turned into
+    tuples so equal configs compare equal across reloads.
+    """
+
+    probe: ProbeKind = "http"
+    method: str = "GET"
+    path: str = "/healthz"
+    host: str | None = None
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    expect_body: str | None = None
+    interval_s: float = 1.0
+    timeout_s: float = 0.5
+    rise: int = 2
+    fall: int = 3
+    fast_interval_s: float | None = None
+    down_interval_s: float | None = None
+    jitter: float = 0.1
+    initial: Initial = "down"
+
+    def __post_init__(self) -> None:
+        ranges = tuple((int(lo), int(hi)) for lo, hi in self.expect_status)
+        object.__setattr__(self, "expect_status", ranges)
+        if self.probe not in ("http", "tcp"):
+            raise HealthConfigError("probe", self.probe, 'must be "http" or "tcp"')
+        for name in ("interval_s", "fast_interval_s", "down_interval_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise HealthConfigError(name, value, "must be > 0")
+        if not 0 <= self.jitter < 1:
+            raise HealthConfigError("jitter", self.jitter, "must be in [0, 1)")
+        HealthCounter.initial(self.rise, self.fall, self.initial)  # validates rise/fall/initial
+        self.make_probe()  # validates method/path/host/expect_*/timeout_s
+
+    def make_probe(self) -> Probe:
+        if self.probe == "tcp":
+            return TcpProbe(self.timeout_s)
+        return HttpProbe(
+            method=self.method,
+            path=self.path,
+            host=self.host,
+            expect_status=self.expect_status,
+            expect_body=self.expect_body,
+            timeout_s=self.timeout_s,
+        )
+
+    def base_interval_s(self, counter: HealthCounter) -> float:
+        """The un-jittered wait before the next check, given the counter after this one."""
+        if counter.changing:
+            return self.fast_interval_s or self.interval_s
+        if counter.state is Health.DOWN:
+            return self.down_interval_s or self.interval_s
+        return self.interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One thing to check. Equal targets (same key, address and spec) keep state on reload."""
+
+    key: TargetKey
+    host: str
+    port: int
+    spec: CheckSpec = CheckSpec()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise HealthConfigError("port", self.port, "must be in 1..65535")
