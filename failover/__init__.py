@@ -1,4 +1,4 @@
-"""Failover: heartbeat codec, role machine, UDP transport, VIP adapter.
+"""Failover: heartbeat codec, role machine, UDP transport, VIP adapter, partition guard.
 
 Imports nothing from lb or healthcheck. The names below are the public API (lb.daemon wires
 them); everything else is internal. `VipAdapter` and `VipError` load failover.vip (and so
@@ -17,9 +17,12 @@ from failover.codec import (
     KeyFileError,
     RejectReason,
     ReplayGuard,
+    bound_interval,
     decode,
+    decode_any,
     encode,
     generate_key,
+    key_id,
     load_key,
     write_key_file,
 )
@@ -29,7 +32,9 @@ from failover.controller import (
     FailoverCounters,
     FailoverSpec,
     FailoverStatus,
+    KeyStatus,
     PathStatus,
+    PeerClock,
     PeerStatus,
     SendLag,
 )
@@ -45,6 +50,14 @@ from failover.machine import (
     skew_s,
 )
 from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
+from failover.track import (
+    GATEWAY_FAULT,
+    GatewayStatus,
+    GatewayTracker,
+    TargetStatus,
+    TrackError,
+    parse_target,
+)
 from failover.transport import TransportError, UdpTransport, parse_peer
 
 if TYPE_CHECKING:
@@ -61,6 +74,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DIGEST_LEN",
+    "GATEWAY_FAULT",
     "HEALTH_FAULT",
     "Address",
     "FailoverConfigError",
@@ -69,6 +83,8 @@ __all__ = [
     "FailoverError",
     "FailoverSpec",
     "FailoverStatus",
+    "GatewayStatus",
+    "GatewayTracker",
     "Handover",
     "HandoverError",
     "HandoverPort",
@@ -81,24 +97,32 @@ __all__ = [
     "IllegalEvent",
     "IllegalTransition",
     "KeyFileError",
+    "KeyStatus",
     "MachineError",
     "PathStatus",
+    "PeerClock",
     "PeerStatus",
     "RejectReason",
     "ReplayGuard",
     "Role",
     "SendLag",
+    "TargetStatus",
+    "TrackError",
     "TransportError",
     "UdpTransport",
     "VipAdapter",
     "VipError",
     "VipPort",
+    "bound_interval",
     "decode",
+    "decode_any",
     "encode",
     "generate_key",
+    "key_id",
     "load_key",
     "master_down_s",
     "parse_peer",
+    "parse_target",
     "skew_s",
     "write_key_file",
 ]

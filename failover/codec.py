@@ -46,6 +46,17 @@ the best backup to take over). Unknown role values, flag bits, healthy > total, 
 a bad name or any trailing byte are MALFORMED. The MAC is compared with
 hmac.compare_digest; nothing but the layout fields is read before it is verified.
 
+Keys: `decode_any` verifies against several keys (a key rotation: every node signs with its
+first key and accepts any of its keys) and says which one matched. `key_id` names a key in
+status and metrics without revealing it (8 hex digits of a SHA-256 over a fixed label and
+the key).
+
+Advertised interval: the receiver derives master_down from it (RFC 5798 6.4.2), so a peer
+could make us wait very long before we notice its death, or declare it dead after a few
+milliseconds. `bound_interval` is the policy: above `MAX_INTERVAL_MS` (no valid config
+sends that) the heartbeat is rejected (BAD_INTERVAL); more than `MAX_INTERVAL_RATIO` times
+longer or shorter than our own it is clamped to that ratio and the caller counts it.
+
 `decode` raises `HeartbeatRejected` with a `RejectReason` for every bad input, and never
 any other exception (property-tested over random, truncated and bit-flipped bytes).
 
@@ -60,15 +71,17 @@ Anti-replay (`ReplayGuard`), per sender name:
   timestamp of the epoch it replaces (a recording of an earlier boot is older than the
   current boot's packets, even within the window). Replaced epochs are remembered and
   rejected as REPLAYED, so a replayed old boot cannot flip the sender back.
-- Cost of the rules: clocks must agree within the window (NTP), and a sender whose clock
-  stepped back across a restart is heard again once its clock passes its last timestamp
-  (at most about the window). A capture of a boot we never heard can be replayed only
-  within the window, only before we hear that sender again, and only to say what that
-  sender really said then.
+- Cost of the rules: clocks must agree within the window (NTP; the controller sets it from
+  failover.max_clock_skew_s, measures each peer's offset and warns at half of it), and a
+  sender whose clock stepped back across a restart is heard again once its clock passes
+  its last timestamp (at most about the window). A capture of a boot we never heard can be
+  replayed only within the window, only before we hear that sender again, and only to say
+  what that sender really said then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -78,6 +91,7 @@ import secrets
 import stat
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntFlag, StrEnum
 from typing import Final
@@ -91,6 +105,10 @@ MAC_LEN: Final = 32
 DIGEST_LEN: Final = 16
 MAX_NAME_LEN: Final = 64
 MIN_KEY_LEN: Final = 16
+MAX_INTERVAL_MS: Final = 10_000
+"""The longest heartbeat interval a peer may advertise (failover.interval_s allows 10 s)."""
+MAX_INTERVAL_RATIO: Final = 10
+"""A peer's advertised interval is clamped to within this factor of our own."""
 
 _HEADER = struct.Struct("!4sBBBBQQQ16s16sHHIB")
 HEADER_LEN: Final = _HEADER.size  # 73
@@ -124,6 +142,10 @@ class RejectReason(StrEnum):
     STALE = "stale"
     LOOPED = "looped"
     """Our own heartbeat (multicast loop, or a peer list naming ourselves)."""
+    UNKNOWN_SOURCE = "unknown_source"
+    """From an address not in `peers`: dropped before the MAC is computed."""
+    BAD_INTERVAL = "bad_interval"
+    """Authenticated, but advertises an interval above MAX_INTERVAL_MS."""
 
 
 class HeartbeatRejected(FailoverError):
@@ -192,15 +214,21 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
 
 def decode(data: bytes, key: bytes) -> Heartbeat:
     """Verify and parse one datagram; raise HeartbeatRejected, and nothing else, if bad."""
+    return decode_any(data, (key,))[0]
+
+
+def decode_any(data: bytes, keys: Sequence[bytes]) -> tuple[Heartbeat, int]:
+    """As `decode`, accepting a MAC by any of `keys` (tried in order); returns the heartbeat
+    and the index of the key that verified it. An empty `keys` rejects everything."""
     try:
-        return _decode(bytes(data), key)
+        return _decode(bytes(data), keys)
     except HeartbeatRejected:
         raise
     except Exception as exc:  # a bug here must still be a counted rejection, never a crash
         raise HeartbeatRejected(RejectReason.MALFORMED, f"{type(exc).__name__}") from exc
 
 
-def _decode(data: bytes, key: bytes) -> Heartbeat:
+def _decode(data: bytes, keys: Sequence[bytes]) -> tuple[Heartbeat, int]:
     if len(data) < MIN_PACKET_LEN:
         if len(data) >= 4 and data[:4] != MAGIC:
             raise HeartbeatRejected(RejectReason.BAD_MAGIC)
@@ -216,7 +244,9 @@ def _decode(data: bytes, key: bytes) -> Heartbeat:
     if len(data) > expected:
         raise HeartbeatRejected(RejectReason.MALFORMED, f"{len(data) - expected} trailing bytes")
     body, mac = data[:-MAC_LEN], data[-MAC_LEN:]
-    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+    index = next((i for i, key in enumerate(keys)
+                  if hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest())), -1)
+    if index < 0:
         raise HeartbeatRejected(RejectReason.BAD_MAC)
     (_magic, _version, role_code, priority, flags, epoch, seq, ts, digest, addr, healthy, total,
      interval_ms, _nl) = _HEADER.unpack_from(body)
@@ -241,7 +271,32 @@ def _decode(data: bytes, key: bytes) -> Heartbeat:
         name=name, role=role, priority=priority, epoch=epoch, seq=seq, timestamp_ms=ts,
         config_digest=digest, address=_unpack_address(addr), healthy_count=healthy,
         total_count=total, interval_ms=interval_ms, flags=HeartbeatFlags(flags),
-    )
+    ), index
+
+
+def key_id(key: bytes) -> str:
+    """A short public name for a key (status, metrics, logs); reveals nothing of the key."""
+    return hashlib.sha256(b"pairlb failover key id\0" + key).hexdigest()[:8]
+
+
+def bound_interval(advertised_ms: int, own_ms: int) -> tuple[int, str | None]:
+    """The interval to use for a peer that advertises `advertised_ms` (see module doc).
+
+    Returns (interval_ms, None) when it is within bounds, (clamped_ms, "too_long" or
+    "too_short") when it was clamped; raises HeartbeatRejected(BAD_INTERVAL) above
+    MAX_INTERVAL_MS.
+    """
+    if advertised_ms > MAX_INTERVAL_MS:
+        raise HeartbeatRejected(RejectReason.BAD_INTERVAL,
+                                f"interval {advertised_ms} ms > {MAX_INTERVAL_MS} ms")
+    own_ms = max(1, own_ms)
+    longest = own_ms * MAX_INTERVAL_RATIO
+    shortest = max(1, -(-own_ms // MAX_INTERVAL_RATIO))
+    if advertised_ms > longest:
+        return longest, "too_long"
+    if advertised_ms < shortest:
+        return shortest, "too_short"
+    return advertised_ms, None
 
 
 # -- anti-replay ------------------------------------------------------------------------------
@@ -318,20 +373,41 @@ def generate_key() -> bytes:
     return secrets.token_bytes(32)
 
 
-def write_key_file(path: str, key: bytes | None = None) -> bytes:
-    """Create `path` (mode 0600, never overwriting) holding a new key in hex; return the key."""
+def write_key_file(path: str, key: bytes | None = None, *, force: bool = False) -> bytes:
+    """Create `path` (mode 0600) holding a new key in hex; return the key.
+
+    Never overwrites unless `force`; then the new file is written beside it (mode 0600 from
+    the start, never readable by others even for a moment) and renamed over it, so a crash
+    leaves the old key or the new one, never a torn file.
+    """
     key = generate_key() if key is None else key
     if len(key) < MIN_KEY_LEN:
         raise KeyFileError(f"failover key: at least {MIN_KEY_LEN} bytes (got {len(key)})")
+    target = path
+    if force:
+        directory = os.path.dirname(os.path.abspath(path))
+        path = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise KeyFileError(f"{path}: already exists; remove it first to replace the key "
-                           f"(every node of the pair needs the same key)") from None
+        raise KeyFileError(f"{path}: already exists; use --force to replace the key "
+                           f"(every node of the pair needs the same key: see the key "
+                           f"rotation procedure in docs/operations.md)") from None
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot create: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.hex().encode() + b"\n")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask or the directory's ACL said
+            f.write(key.hex().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(path, target)
+    except OSError as exc:
+        if force:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise KeyFileError(f"{target}: cannot write: {exc.strerror}") from None
     return key
 
 

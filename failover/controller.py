@@ -18,8 +18,15 @@ How it keeps its promises:
 - Actions run in order in one executor task: a new MASTER acquires the VIP, *then* sends
   its first MASTER heartbeat (the old holder releases on it). VIP calls have a deadline; a
   failed acquire is a "vip" fault for `vip_retry_s`, a failed release is retried.
-- Every received datagram is decoded, checked against the replay guard and only then shown
-  to the machine; anything bad is counted by reason and dropped, never raised.
+- Every received datagram is checked in order of cost: its source must be a listed peer
+  (before any HMAC, so a flood from elsewhere is cheap), then the MAC against each key of a
+  rotation, then the replay guard, and only then is it shown to the machine; anything bad
+  is counted by reason and dropped, never raised. A peer's advertised interval is bounded
+  (codec.bound_interval) before it sets that peer's master_down.
+- Each peer's clock offset is measured from its fastest recent heartbeat and warned about
+  past half of max_clock_skew_s (the replay window: beyond it a restarted node is not heard).
+- Partition guard (failover.track): with `track_gateway`, a node whose gateway does not
+  answer is in FAULT (the probes run in a task of their own, off the heartbeat path).
 - Graceful stop is make-before-break: priority 0 heartbeats; a peer takes over after its
   Skew_Time; we release when we hear it as MASTER (or after `leave_timeout_s`, or at once
   if no peer is alive), then say goodbye twice more.
@@ -36,11 +43,12 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from failover import machine
 from failover.codec import (
     DIGEST_LEN,
+    MAX_INTERVAL_MS,
     MAX_NAME_LEN,
     MIN_KEY_LEN,
     Heartbeat,
@@ -48,8 +56,10 @@ from failover.codec import (
     HeartbeatRejected,
     RejectReason,
     ReplayGuard,
-    decode,
+    bound_interval,
+    decode_any,
     encode,
+    key_id,
 )
 from failover.hooks import HookRunner
 from failover.machine import (
@@ -65,7 +75,8 @@ from failover.machine import (
     SendHeartbeat,
 )
 from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
-from failover.transport import UdpTransport
+from failover.track import GATEWAY_FAULT, GatewayStatus, GatewayTracker, ProbeFn, parse_target
+from failover.transport import UdpTransport, parse_peer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +100,7 @@ class FailoverSpec:
     priority: int
     peers: tuple[str, ...]
     key: bytes = field(repr=False)
+    """Signs our heartbeats, and verifies the peers'."""
     port: int = 5405
     bind: str | None = None
     address: str | None = None
@@ -101,13 +113,23 @@ class FailoverSpec:
     notify: tuple[str, ...] = ()
     notify_timeout_s: float = 5.0
     config_digest: bytes = bytes(DIGEST_LEN)
-    replay_window_s: float = 30.0
+    verify_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    """More keys that verify (never sign) heartbeats: a key rotation in progress."""
+    max_clock_skew_s: float = 30.0
+    """A restarted peer is heard only if its clock is within this of ours (the replay
+    guard's window); offsets past half of it are warned about."""
     leave_timeout_s: float = 1.0
     vip_timeout_s: float = 5.0
     vip_retry_s: float = 1.0
     handover_forward_s: float = 30.0
     """After taking the VIP from a live peer: how long packets of its connections are
     passed to it (failover.handover); 0 disables."""
+    track_gateway: tuple[str, ...] = ()
+    """Partition guard targets (failover.track): while none answers, this node is in FAULT."""
+    track_gateway_interval_s: float = 0.5
+    track_gateway_timeout_s: float = 0.5
+    track_gateway_fall: int = 3
+    track_gateway_rise: int = 2
 
     def __post_init__(self) -> None:
         def bad(key: str, rule: str, value: object) -> FailoverConfigError:
@@ -120,10 +142,16 @@ class FailoverSpec:
             raise bad("priority", "must be 1..255 (0 is reserved for leaving)", self.priority)
         if not self.peers and self.multicast_group is None:
             raise bad("peers", "at least one peer (or a multicast_group)", self.peers)
-        if len(self.key) < MIN_KEY_LEN:
-            raise bad("key", f"at least {MIN_KEY_LEN} bytes", f"{len(self.key)} bytes")
-        if not (math.isfinite(self.interval_s) and 0.001 <= self.interval_s <= 60):
-            raise bad("interval_s", "must be 0.001..60", self.interval_s)
+        for k in self.keys:
+            if len(k) < MIN_KEY_LEN:
+                raise bad("key", f"at least {MIN_KEY_LEN} bytes", f"{len(k)} bytes")
+        if len(set(self.keys)) != len(self.keys):
+            raise bad("key_files", "the same key twice", [key_id(k) for k in self.keys])
+        if not (math.isfinite(self.interval_s)
+                and 0.001 <= self.interval_s <= MAX_INTERVAL_MS / 1000):
+            raise bad("interval_s", f"must be 0.001..{MAX_INTERVAL_MS // 1000}", self.interval_s)
+        if not (math.isfinite(self.max_clock_skew_s) and 1 <= self.max_clock_skew_s <= 3600):
+            raise bad("max_clock_skew_s", "must be 1..3600", self.max_clock_skew_s)
         if self.down_after < 1:
             raise bad("down_after", "must be >= 1", self.down_after)
         if len(self.config_digest) != DIGEST_LEN:
@@ -131,9 +159,18 @@ class FailoverSpec:
         for key in ("preempt_delay_s", "leave_timeout_s", "handover_forward_s"):
             if not getattr(self, key) >= 0:
                 raise bad(key, "must be >= 0", getattr(self, key))
-        for key in ("notify_timeout_s", "replay_window_s", "vip_timeout_s", "vip_retry_s"):
+        for key in ("notify_timeout_s", "vip_timeout_s", "vip_retry_s",
+                    "track_gateway_interval_s", "track_gateway_timeout_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0", getattr(self, key))
+        for key in ("track_gateway_fall", "track_gateway_rise"):
+            if not getattr(self, key) >= 1:
+                raise bad(key, "must be >= 1", getattr(self, key))
+        for target in self.track_gateway:
+            try:
+                parse_target(target)
+            except ValueError as exc:
+                raise bad("track_gateway", str(exc), target) from None
         for key in ("address", "bind"):
             value = getattr(self, key)
             if value is not None:
@@ -141,6 +178,11 @@ class FailoverSpec:
                     ipaddress.ip_address(value)
                 except ValueError:
                     raise bad(key, "must be an IP address", value) from None
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """Every key that verifies; the first signs."""
+        return (self.key, *self.verify_keys)
 
     @property
     def tiebreak_address(self) -> machine.IPAddress | None:
@@ -176,6 +218,10 @@ class FailoverCounters:
     """Heartbeats that arrived more than master_down later than their peers usually do
     (queued by the network, e.g. during ARP resolution); never a reason to yield."""
     internal_errors: int = 0
+    verified: dict[str, int] = field(default_factory=dict)
+    """Datagrams whose MAC verified, by key id (which key of a rotation the peers use)."""
+    interval_clamped: dict[str, int] = field(default_factory=dict)
+    """Heartbeats whose advertised interval was clamped (too_long, too_short)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +244,31 @@ class PeerStatus:
     config_digest_match: bool
     leaving: bool
     switchover: bool
+    clock_offset_s: float | None = None
+    """Its clock minus ours, from the fastest recent heartbeat (so less the smallest one-way
+    delay); None before the first."""
+    clock_skew_warning: bool = False
+    """|clock_offset_s| is past half of max_clock_skew_s."""
+    key_id: str | None = None
+    """The key its last heartbeat verified with."""
+    interval_s: float = 0.0
+    """The heartbeat interval used for its master_down (its advertised one, bounded)."""
+
+
+@dataclass(frozen=True)
+class PeerClock:
+    """A node whose heartbeats verify but whose clock is outside the window: never heard."""
+
+    name: str
+    offset_s: float
+    last_seen_age_s: float
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    key_id: str
+    signing: bool
+    verified: int
 
 
 @dataclass(frozen=True)
@@ -233,6 +304,14 @@ class FailoverStatus:
     handover_enabled: bool = False
     handover_forwarding_to: str | None = None
     handover_forwards: int = 0
+    max_clock_skew_s: float = 30.0
+    clock_skew_warning: bool = False
+    """Some peer's clock offset is past half of max_clock_skew_s (see PeerStatus)."""
+    rejected_clocks: tuple[PeerClock, ...] = ()
+    keys: tuple[KeyStatus, ...] = ()
+    """The configured keys, signing one first."""
+    gateway: GatewayStatus | None = None
+    """The partition guard (failover.track_gateway), if configured."""
 
 
 @dataclass
@@ -247,6 +326,14 @@ class _PeerInfo:
     """When it last said MASTER (local monotonic time; delayed heartbeats excluded)."""
     transit_ms: deque[int] = field(default_factory=lambda: deque(maxlen=_TRANSIT_SAMPLES))
     """Recent (our wall clock - its timestamp): clock offset plus network delay."""
+    key_id: str | None = None
+    skew_warning: bool = False
+    skew_logged_at: float | None = None
+    clamp_logged_at: float | None = None
+
+    def clock_offset_ms(self) -> int | None:
+        """Its clock minus ours: the fastest recent heartbeat has the least network delay."""
+        return -min(self.transit_ms) if self.transit_ms else None
 
     def delay_ms(self, now_ms: int, sent_ms: int) -> int:
         """How much later than usual this heartbeat arrived (0 for the usual ones).
@@ -263,6 +350,21 @@ class _PeerInfo:
 
 _TRANSIT_SAMPLES = 64
 _HANDOVER_RECENT_S = 5.0
+CLOCK_SKEW_WARN_FRACTION = 0.5
+"""Warn when a peer's clock offset passes this share of max_clock_skew_s."""
+_WARN_EVERY_S = 60.0
+_MAX_REJECTED_CLOCKS = 16
+
+
+def _host(address: str) -> str:
+    """A source or peer address as one canonical string (no scope id, never v4-mapped)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 class FailoverController:
@@ -281,6 +383,7 @@ class FailoverController:
         handover: HandoverPort | None = None,
         on_role_change: RoleCallback | None = None,
         wall_clock: Callable[[], float] = time.time,
+        gateway_probe: ProbeFn | None = None,
     ) -> None:
         self.spec = spec
         self._vip = vip
@@ -297,7 +400,10 @@ class FailoverController:
         self._epoch = secrets.randbits(64) or 1
         self._seq = 0
         self._interval_ms = max(1, round(spec.interval_s * 1000))
-        self._guard = ReplayGuard(window_ms=round(spec.replay_window_s * 1000))
+        self._guard = ReplayGuard(window_ms=round(spec.max_clock_skew_s * 1000))
+        self._key_ids = tuple(key_id(k) for k in spec.keys)
+        self._sources = self._allowed_sources(spec)
+        self._rejected_clocks: dict[str, tuple[float, float]] = {}
         self._peers: dict[str, _PeerInfo] = {}
         self._health = (False, 0, 0)
         self._early_faults: set[str] = set()  # reported before start()
@@ -312,6 +418,32 @@ class FailoverController:
         self._left: asyncio.Event | None = None
         self._started = False
         self._closed = False
+        self._tracker: GatewayTracker | None = None
+        self._tracker_task: asyncio.Task[None] | None = None
+        if spec.track_gateway:
+            self._tracker = GatewayTracker(
+                spec.track_gateway, interface=spec.interface,
+                interval_s=spec.track_gateway_interval_s,
+                timeout_s=spec.track_gateway_timeout_s, fall=spec.track_gateway_fall,
+                rise=spec.track_gateway_rise, on_change=self._gateway_changed,
+                probe=gateway_probe)
+            # Unknown until the first answer: a node must not claim the VIP before it knows
+            # it is not the one cut off.
+            self._early_faults.add(GATEWAY_FAULT)
+
+    @staticmethod
+    def _allowed_sources(spec: FailoverSpec) -> frozenset[str] | None:
+        """Heartbeat sources we verify at all: the peers' addresses. None (anyone) only in
+        multicast mode with no peers listed, where the group is link-local (TTL 1)."""
+        if not spec.peers:
+            return None
+        hosts = set()
+        for text in spec.peers:
+            try:
+                hosts.add(_host(parse_peer(text)[0]))
+            except ValueError:
+                hosts.add(_host(text))  # the transport refuses it with the reason
+        return frozenset(hosts)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -339,6 +471,12 @@ class FailoverController:
                         ",".join(removed))
         if self._handover is not None and self.spec.handover_forward_s > 0:
             await self._handover.start()
+        if self._tracker is not None:
+            try:
+                self._tracker.start()
+            except FailoverError:
+                self._transport.close()
+                raise
         self._started = True
         log.info("failover_started node=%s priority=%s interval_s=%s master_down_s=%.3f "
                  "peers=%s", self.spec.node_name, self.spec.priority, self.spec.interval_s,
@@ -350,6 +488,12 @@ class FailoverController:
         self._step(machine.Started())
         self._runner = asyncio.create_task(self._run(), name=f"failover-{self.spec.node_name}")
         self._runner.add_done_callback(self._runner_done)
+        if self._tracker is not None:
+            # Its own task, not in the runner's TaskGroup: a probe can never delay or stop a
+            # heartbeat, and the tracker's rounds catch their own errors.
+            self._tracker_task = asyncio.create_task(
+                self._tracker.run(), name=f"failover-track-{self.spec.node_name}")
+            self._tracker_task.add_done_callback(self._tracker_done)
 
     async def stop(self, *, graceful: bool = True) -> None:
         """Leave the pair. Graceful: hand the VIP over first (see module doc), bounded."""
@@ -418,6 +562,27 @@ class FailoverController:
         if self._state.switchover:
             self._step(machine.SwitchoverCancelled())
 
+    def reconfigure(self, spec: FailoverSpec) -> tuple[str, ...]:
+        """Apply what a reload may change live: the keys (a rotation), max_clock_skew_s and
+        the config digest. Returns the names of the other fields that differ, which only a
+        restart applies (the VIP never moves on reload)."""
+        live = ("key", "verify_keys", "max_clock_skew_s", "config_digest")
+        pending = tuple(f.name for f in fields(FailoverSpec) if f.name not in live
+                        and getattr(spec, f.name) != getattr(self.spec, f.name))
+        old = self.spec
+        self.spec = replace(old, key=spec.key, verify_keys=spec.verify_keys,
+                            max_clock_skew_s=spec.max_clock_skew_s,
+                            config_digest=spec.config_digest)
+        self._key_ids = tuple(key_id(k) for k in self.spec.keys)
+        self._guard.window_ms = round(self.spec.max_clock_skew_s * 1000)
+        if old.keys != self.spec.keys:
+            log.info("failover_keys_changed node=%s signing=%s accepting=%s",
+                     self.spec.node_name, self._key_ids[0], ",".join(self._key_ids))
+        if old.config_digest != self.spec.config_digest:
+            for info in self._peers.values():
+                info.digest_match = True  # re-evaluated (and logged) on its next heartbeat
+        return pending
+
     def status(self) -> FailoverStatus:
         ho = self._handover
         now = self._now()
@@ -425,6 +590,7 @@ class FailoverController:
         peers = []
         for name, view in sorted(s.peers.items()):
             info = self._peers.get(name) or _PeerInfo(name)
+            offset_ms = info.clock_offset_ms()
             peers.append(PeerStatus(
                 name=name, role=view.role, priority=view.priority,
                 alive=machine.alive(s, view, now), last_heard_age_s=now - view.last_heard,
@@ -432,8 +598,12 @@ class FailoverController:
                 healthy=view.healthy, healthy_count=info.healthy_count,
                 total_count=info.total_count, config_digest_match=info.digest_match,
                 leaving=view.leaving, switchover=view.switchover,
+                clock_offset_s=None if offset_ms is None else offset_ms / 1000,
+                clock_skew_warning=info.skew_warning, key_id=info.key_id,
+                interval_s=view.interval_s,
             ))
         c = self.counters
+        verified = dict(c.verified)
         return FailoverStatus(
             node=self.spec.node_name, role=s.role, role_reason=s.reason,
             role_since=self._role_since_wall,
@@ -443,11 +613,19 @@ class FailoverController:
             vip_holding=self._vip.holding, switchover_pending=s.switchover,
             preempt_suppressed=s.preempt_suppressed, master_down_s=s.params.master_down_s,
             peers=tuple(peers),
-            counters=replace(c, rejected=dict(c.rejected), transitions=dict(c.transitions)),
+            counters=replace(c, rejected=dict(c.rejected), transitions=dict(c.transitions),
+                             verified=verified, interval_clamped=dict(c.interval_clamped)),
             send_lag=self._lag_stats(),
             handover_enabled=ho is not None and ho.enabled,
             handover_forwarding_to=ho.forwarding_to if ho is not None else None,
             handover_forwards=ho.forwards if ho is not None else 0,
+            max_clock_skew_s=self.spec.max_clock_skew_s,
+            clock_skew_warning=any(p.clock_skew_warning for p in peers),
+            rejected_clocks=tuple(PeerClock(name, off, now - t) for name, (off, t)
+                                  in sorted(self._rejected_clocks.items())),
+            keys=tuple(KeyStatus(kid, i == 0, verified.get(kid, 0))
+                       for i, kid in enumerate(self._key_ids)),
+            gateway=self._tracker.status() if self._tracker is not None else None,
         )
 
     # -- the machine ----------------------------------------------------------------------------
@@ -507,6 +685,23 @@ class FailoverController:
             tg.create_task(self._execute_loop(), name="failover-actions")
             tg.create_task(self._hooks.run(), name="failover-hooks")
 
+    def _tracker_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._closed:
+            return
+        # Without its guard this node cannot tell whether it is the one cut off: it stays
+        # out of the election rather than risk two MASTERs.
+        log.critical("failover_gateway_tracker_died node=%s", self.spec.node_name,
+                     exc_info=task.exception())
+        self.report_fault(GATEWAY_FAULT)
+
+    def _gateway_changed(self, up: bool) -> None:
+        if self._closed:
+            return
+        if up:
+            self.clear_fault(GATEWAY_FAULT)
+        else:
+            self.report_fault(GATEWAY_FAULT)
+
     def _runner_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None and not self._closed:
             log.critical("failover_runner_died node=%s", self.spec.node_name,
@@ -517,10 +712,13 @@ class FailoverController:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        for task in (self._runner, self._tracker_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._tracker is not None:
+            self._tracker.close()
         self._transport.close()
 
     async def _send_loop(self) -> None:
@@ -687,10 +885,22 @@ class FailoverController:
         if self._closed:
             return
         try:
-            hb = decode(data, self.spec.key)
+            if self._sources is not None and _host(source[0]) not in self._sources:
+                # Before the MAC: a flood from elsewhere costs a set lookup, not an HMAC.
+                raise HeartbeatRejected(RejectReason.UNKNOWN_SOURCE, "not in failover.peers")
+            hb, index = decode_any(data, self.spec.keys)
+            kid = self._key_ids[index]
+            self.counters.verified[kid] = self.counters.verified.get(kid, 0) + 1
             if hb.name == self.spec.node_name:
                 raise HeartbeatRejected(RejectReason.LOOPED)
-            fresh = self._guard.check(hb, int(self._wall() * 1000))
+            interval_ms, clamped = bound_interval(hb.interval_ms, self._interval_ms)
+            wall_ms = int(self._wall() * 1000)
+            try:
+                fresh = self._guard.check(hb, wall_ms)
+            except HeartbeatRejected as exc:
+                if exc.reason is RejectReason.STALE:
+                    self._stale_clock(hb, wall_ms)
+                raise
         except HeartbeatRejected as exc:
             self._rejected(exc, source)
             return
@@ -699,19 +909,24 @@ class FailoverController:
         if info is None:
             info = self._peers[hb.name] = _PeerInfo(hb.name)
         info.paths[source[0]] = now
+        info.key_id = kid
         if not fresh:
             self.counters.duplicates += 1
             return
         self.counters.heartbeats_received += 1
+        self._rejected_clocks.pop(hb.name, None)
         if info.epoch != hb.epoch:
             if info.epoch:
                 log.info("failover_peer_restarted node=%s peer=%s", self.spec.node_name, hb.name)
             info.epoch = hb.epoch
             info.transit_ms.clear()
+        if clamped is not None:
+            self._interval_clamped(info, hb.interval_ms, interval_ms, clamped, now)
         delay_ms = info.delay_ms(int(self._wall() * 1000), hb.timestamp_ms)
+        self._check_clock(info, now)
         p = self._state.params
         delayed = delay_ms > machine.master_down_s(
-            p.priority, hb.interval_ms / 1000, p.down_after) * 1000
+            p.priority, interval_ms / 1000, p.down_after) * 1000
         if hb.role is Role.MASTER and not delayed:
             info.last_master = now
         if delayed:
@@ -731,10 +946,51 @@ class FailoverController:
                             hb.config_digest.hex())
         self._step(machine.HeartbeatReceived(
             peer=hb.name, role=hb.role, priority=hb.priority,
-            healthy=HeartbeatFlags.HEALTHY in hb.flags, interval_s=hb.interval_ms / 1000,
+            healthy=HeartbeatFlags.HEALTHY in hb.flags, interval_s=interval_ms / 1000,
             address=hb.address, leaving=HeartbeatFlags.LEAVING in hb.flags,
             switchover=HeartbeatFlags.SWITCHOVER in hb.flags, delayed=delayed,
         ))
+
+    def _interval_clamped(self, info: _PeerInfo, advertised_ms: int, used_ms: int,
+                          reason: str, now: float) -> None:
+        c = self.counters.interval_clamped
+        c[reason] = c.get(reason, 0) + 1
+        if info.clamp_logged_at is None or now - info.clamp_logged_at >= _WARN_EVERY_S:
+            info.clamp_logged_at = now
+            log.warning("failover_peer_interval_clamped node=%s peer=%s advertised_ms=%d "
+                        "used_ms=%d reason=%s ours_ms=%d total=%d", self.spec.node_name,
+                        info.name, advertised_ms, used_ms, reason, self._interval_ms, c[reason])
+
+    def _check_clock(self, info: _PeerInfo, now: float) -> None:
+        """Warn (rate-limited) while a peer's clock is more than half the window off: if
+        either node restarted now, the other would reject it as STALE (two MASTERs)."""
+        offset_ms = info.clock_offset_ms()
+        if offset_ms is None:
+            return
+        limit_ms = self.spec.max_clock_skew_s * 1000 * CLOCK_SKEW_WARN_FRACTION
+        if abs(offset_ms) >= limit_ms:
+            if (not info.skew_warning or info.skew_logged_at is None
+                    or now - info.skew_logged_at >= _WARN_EVERY_S):
+                info.skew_logged_at = now
+                log.warning("failover_peer_clock_skew node=%s peer=%s offset_s=%+.3f "
+                            "max_clock_skew_s=%g: past this window a restarted node is not "
+                            "heard (two MASTERs); check NTP on both nodes", self.spec.node_name,
+                            info.name, offset_ms / 1000, self.spec.max_clock_skew_s)
+            info.skew_warning = True
+        elif info.skew_warning and abs(offset_ms) < 0.9 * limit_ms:  # hysteresis: no flapping
+            info.skew_warning = False
+            log.info("failover_peer_clock_skew_cleared node=%s peer=%s offset_s=%+.3f",
+                     self.spec.node_name, info.name, offset_ms / 1000)
+
+    def _stale_clock(self, hb: Heartbeat, wall_ms: int) -> None:
+        """Remember the offset of an authenticated sender rejected for its clock."""
+        offset_ms = hb.timestamp_ms - wall_ms
+        if abs(offset_ms) <= self._guard.window_ms:
+            return  # stale for another reason (an older boot), not the clock
+        self._rejected_clocks.pop(hb.name, None)
+        self._rejected_clocks[hb.name] = (offset_ms / 1000, self._now())
+        while len(self._rejected_clocks) > _MAX_REJECTED_CLOCKS:
+            self._rejected_clocks.pop(next(iter(self._rejected_clocks)))
 
     def _rejected(self, exc: HeartbeatRejected, source: Address) -> None:
         reason = exc.reason

@@ -618,11 +618,12 @@ def test_forged_truncated_replayed_packets_are_counted_and_change_nothing() -> N
         target: FakeTransport = b.ctl._transport  # type: ignore[assignment]
         old = captured[5]
         for _ in range(20):
-            target.receive(forged, ("10.0.0.66", 5405))
+            target.receive(forged, ("10.0.0.1", 5405))  # spoofs the peer: the MAC catches it
+            target.receive(forged, ("10.0.0.66", 5405))  # not a peer: dropped before the MAC
             target.receive(old, ("10.0.0.1", 5405))
             target.receive(old[:40], ("10.0.0.1", 5405))
-            target.receive(os.urandom(120), ("10.0.0.66", 5405))
-            target.receive(b"", ("10.0.0.66", 5405))
+            target.receive(os.urandom(120), ("10.0.0.1", 5405))
+            target.receive(b"", ("10.0.0.1", 5405))
         # Stop A's real heartbeats: replays of them must not keep A alive either.
         t0 = now()
         await a.ctl.abort()
@@ -634,6 +635,7 @@ def test_forged_truncated_replayed_packets_are_counted_and_change_nothing() -> N
         rejected = b.ctl.status().counters.rejected
         assert rejected[R.BAD_MAC] == 20 and rejected[R.TRUNCATED] >= 40
         assert rejected[R.REPLAYED] >= 20 and rejected.get(R.BAD_MAGIC, 0) >= 19
+        assert rejected[R.UNKNOWN_SOURCE] == 20
         await stop_all(b)
 
     run_virtual(scenario)
