@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,13 +81,32 @@ def format_hostport(host: str, port: int) -> str:
 
 
 class _Model(BaseModel):
+    """Strict types: ``workers = "2"``, ``enabled = "yes"`` or ``timeout_s = true`` are errors,
+    never converted. An int is a valid float (TOML writes ``1`` for 1.0), a TOML array a valid
+    tuple; nothing else is coerced."""
+
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        use_attribute_docstrings=True,
+        strict=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arrays_are_tuples(cls, data: Any) -> Any:
+        # TOML and JSON give lists; the frozen models hold tuples (strict mode takes only
+        # tuples). The items are still validated strictly.
+        if isinstance(data, dict):
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return data
 
 
 Seconds = Annotated[float, Field(gt=0)]
 NonNegSeconds = Annotated[float, Field(ge=0)]
+AccountName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")]
+"""A user or group name (or a numeric id) on this host."""
 
 
 class NodeConfig(_Model):
@@ -103,6 +123,13 @@ class NodeConfig(_Model):
     worker_nice: Annotated[int, Field(ge=0, le=19)] = 5
     """Workers run this much nicer than the control process, so a saturated proxy can never
     delay a heartbeat (a late heartbeat is a false failover on the peer)."""
+    worker_user: AccountName | None = None
+    """User the proxy workers run as (they parse untrusted bytes, with no capabilities).
+    Default: ``nobody`` when pairlb runs as root; else pairlb's own user (under the systemd
+    unit, the service's dynamic user). Only root can name another user; never root."""
+    worker_group: AccountName | None = None
+    """Group of the workers (no supplementary groups). Default: worker_user's primary group
+    (``nogroup`` for ``nobody``); pairlb's own group when not root."""
 
 
 class ListenerConfig(_Model):
@@ -125,21 +152,37 @@ class ListenerConfig(_Model):
     client_header_timeout_s: Seconds = 10.0
     """A request's headers must arrive within this (else 408; slowloris)."""
     client_idle_timeout_s: Seconds = 60.0
-    """Keep-alive idle time between requests (http); idle time both ways (tcp)."""
+    """Keep-alive idle time between requests (http); idle time both ways (tcp). Also the
+    longest gap between two reads of a request body (else 408)."""
+    client_body_timeout_s: Seconds = 300.0
+    """A request body (chunk framing and trailers included) must arrive in full within this
+    of its head's end, however steadily it trickles (else 408, or a cut connection when the
+    response has already begun)."""
     max_request_line_bytes: Annotated[int, Field(ge=64, le=1 << 20)] = 8192
     """Longer request line: 414."""
     max_header_bytes: Annotated[int, Field(ge=256, le=1 << 22)] = 32768
-    """Larger header block: 431."""
+    """Larger header block: 431. Also bounds a chunked body's trailer section (431) and its
+    chunk framing beyond 16 bytes per chunk plus twice the data (chunk-size lines,
+    extensions: 400), counted as the bytes arrive."""
     max_headers: Annotated[int, Field(ge=1, le=10000)] = 100
     """More header fields: 431."""
     max_body_bytes: Annotated[int, Field(ge=0)] = 0
     """0 means no limit: bodies are streamed, never buffered."""
     trusted_proxies: tuple[str, ...] = ()
-    """CIDRs whose X-Forwarded-For/Forwarded headers are kept; others' are replaced."""
+    """CIDRs whose forwarding headers (X-Forwarded-*, Forwarded, X-Real-IP,
+    True-Client-IP, X-Client-IP, ...) are kept; everyone else's are dropped and
+    X-Forwarded-For/-Proto and Forwarded are set from the connection."""
+    underscores_in_headers: Literal["drop", "pass"] = "drop"
+    """Request header fields whose name has an underscore (``X_Forwarded_For``): ``drop``
+    them (nginx's default; many backends read ``_`` and ``-`` alike), or ``pass`` them on.
+    With ``pass``, a name that reads as a field pairlb manages (framing, Host, Connection,
+    forwarding) with ``_`` for ``-`` is dropped all the same."""
     add_request_id: bool = True
     """Add X-Request-ID when the request has none."""
     via: bool = True
-    """Append ``Via: 1.1 NODE`` to requests and responses."""
+    """Append ``Via: 1.1 pairlb`` (``1.0 pairlb`` for an HTTP/1.0 client) to requests sent to
+    backends. Responses are passed with the backend's Via unchanged and none added: a
+    reverse proxy is a gateway (RFC 9110 §7.6.3), and clients learn nothing of the path."""
     max_connections: Annotated[int, Field(ge=0)] = 0
     """Per worker; 0 means unlimited."""
 
@@ -256,6 +299,10 @@ class PassiveConfig(_Model):
     """Cap on one ejection's length."""
     max_eject_percent: Annotated[int, Field(ge=0, le=100)] = 50
     """Never eject more than this share of a pool at once."""
+    end_on_check: Literal["pass", "recovery", "never"] = "pass"
+    """What active-check evidence ends an ejection early: ``pass``, a passing check begun
+    after the ejection (Envoy's default); ``recovery``, only the checks seeing it DOWN then
+    UP again (HAProxy's observe + on-error); ``never``, it runs its course."""
 
 
 class BackendConfig(_Model):
@@ -291,6 +338,12 @@ class PoolConfig(_Model):
     response_timeout_s: Seconds = 30.0
     """Time for the backend to start answering after the request is sent, and max gap between
     reads of its response."""
+    exchange_timeout_s: NonNegSeconds = 300.0
+    """Total time of one exchange on a backend connection, from the request head sent to the
+    response's end (a backend that answers one byte per response_timeout_s would hold it
+    for ever). Past it: 504, or a cut connection once the response has begun. Raise it (or
+    0: no limit) for long downloads and streamed responses; WebSocket tunnels are not
+    affected."""
     idle_timeout_s: Seconds = 30.0
     """Keep-alive backend connections idle longer than this are closed."""
     max_idle_per_backend: Annotated[int, Field(ge=0, le=10000)] = 64
@@ -332,7 +385,10 @@ class FailoverConfig(_Model):
     priority: Annotated[int, Field(ge=1, le=254)] = 100
     """Higher wins the election; ties go to the higher address. 0 is reserved for leaving."""
     peers: Annotated[tuple[str, ...], Field(min_length=1)]
-    """Peer addresses (``ip`` or ``ip:port``); several addresses of one node count as one peer."""
+    """Peer addresses (``ip`` or ``ip:port``); several addresses of one node count as one peer.
+    Heartbeats from any other source address are dropped before their HMAC is computed
+    (``unknown_source``): list every address a peer sends from (its ``bind``, or its primary
+    address on that network), also with ``multicast_group``."""
     port: Annotated[int, Field(ge=1, le=65535)] = 5405
     """UDP port of heartbeats."""
     bind: str | None = None
@@ -341,6 +397,14 @@ class FailoverConfig(_Model):
     """Also send heartbeats to this multicast group."""
     key_file: str = "/etc/pairlb/failover.key"
     """Shared HMAC key; must not be readable by group or others (``pairlb keygen``)."""
+    key_files: tuple[str, ...] = ()
+    """Key rotation: several key files (instead of key_file). Heartbeats are signed with the
+    first and accepted with any; a reload applies a change (docs/operations.md, "Rotating
+    the failover key")."""
+    max_clock_skew_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    """How far a peer's clock may be from ours for its heartbeats to be heard after either
+    node restarts (the anti-replay window; keep clocks in sync with NTP). pairlb measures
+    each peer's offset and warns past half of this. A reload applies a change."""
     interval_s: Annotated[float, Field(ge=0.005, le=10)] = DEFAULT_HEARTBEAT_INTERVAL_S
     """Heartbeat interval. The peer is declared dead after down_after x interval + skew
     (skew = (256 - priority)/256 x interval): ~0.11 s with the defaults."""
@@ -365,6 +429,33 @@ class FailoverConfig(_Model):
     handover_forward_s: NonNegSeconds = 30.0
     """After taking the VIP from a live peer, pass packets of the connections it still
     serves to it for this long, so a planned move resets none (needs nftables; 0: off)."""
+    track_gateway: tuple[str, ...] = ()
+    """Partition guard: targets this node must reach to hold the VIP, an address or a list:
+    ``host:port`` (TCP connect; a refused connection counts as an answer) or ``arp:IPV4``
+    (ARP on the VIP interface). While none answers, the node is in FAULT: it does not claim
+    the VIP, and releases it if it holds it."""
+    track_gateway_interval_s: Annotated[float, Field(ge=0.01, le=60)] = 0.5
+    """How often the track_gateway targets are probed (all at once)."""
+    track_gateway_timeout_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """A probe without an answer within this failed."""
+    track_gateway_fall: Annotated[int, Field(ge=1, le=100)] = 3
+    """Rounds in a row without any answer before the gateway counts as unreachable."""
+    track_gateway_rise: Annotated[int, Field(ge=1, le=100)] = 2
+    """Rounds in a row with an answer before it counts as reachable again (the first answer
+    after start-up is enough)."""
+
+    control_timeout_s: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    """The failover process (heartbeats, VIP) runs apart from the control process (checks,
+    admin, metrics) and never waits for it; a control process silent this long counts as
+    failed: FAULT, and the VIP goes to the peer, until it answers again."""
+    sched_priority: Annotated[int, Field(ge=0, le=99)] = 0
+    """1..99: run the failover process SCHED_RR at this real-time priority (needs
+    CAP_SYS_NICE or LimitRTPRIO=, and RestrictRealtime=no in the unit); 0: normal
+    scheduling at ``nice``. Refused: one warning, then ``nice``."""
+    nice: Annotated[int, Field(ge=-20, le=19)] = -10
+    """Niceness of the failover process under normal scheduling (lower is first). Below 0
+    needs CAP_SYS_NICE or LimitNICE= (the shipped unit sets LimitNICE=-10); refused: one
+    warning, and it runs at the control process's."""
 
     @field_validator("vips")
     @classmethod
@@ -389,6 +480,34 @@ class FailoverConfig(_Model):
                 raise ValueError(f"peer must be an IP address (got {p!r})") from None
         return v
 
+    @field_validator("track_gateway", mode="before")
+    @classmethod
+    def _one_target(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("track_gateway")
+    @classmethod
+    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if v:
+            from failover import parse_target  # only when used: check-config stays fast
+
+            for target in v:
+                parse_target(target)
+        return v
+
+    @model_validator(mode="after")
+    def _keys(self) -> FailoverConfig:
+        if self.key_files and "key_file" in self.model_fields_set:
+            raise ValueError("set key_file or key_files, not both")
+        if len(set(self.key_files)) != len(self.key_files):
+            raise ValueError("key_files: the same file twice")
+        return self
+
+    @property
+    def key_paths(self) -> tuple[str, ...]:
+        """The key files in use, the signing one first."""
+        return self.key_files or (self.key_file,)
+
 
 class AdminConfig(_Model):
     bind: str = "127.0.0.1:9900"
@@ -397,11 +516,29 @@ class AdminConfig(_Model):
     """Bearer token for mutating endpoints; without it they are disabled."""
     enabled: bool = True
     """False: no admin endpoint at all."""
+    allowed_hosts: tuple[str, ...] = ()
+    """More Host header names the endpoint answers to (e.g. this node's DNS name), besides
+    its bind address, ``localhost`` when bound to loopback, and any IP address when bound to
+    a wildcard. Any other Host gets 421: a DNS-rebinding page cannot read /status."""
 
     @field_validator("bind")
     @classmethod
     def _bind(cls, v: str) -> str:
         parse_hostport(v)
+        return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for h in v:
+            bare = h[1:-1] if h.startswith("[") and h.endswith("]") else h
+            try:
+                ipaddress.ip_address(bare)
+                continue
+            except ValueError:
+                pass
+            if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", h):
+                raise ValueError(f"not a host name or IP address (no port): {h!r}")
         return v
 
 

@@ -2,13 +2,15 @@
 
 Runs on the stdlib asyncio loop (pyroute2 does not run on uvloop). It owns the listening
 sockets (created once, shared by every worker), the control-side pool state
-(``lb.rotation``), the health checker, the failover controller, the admin app and sd_notify,
-and supervises the proxy workers. Phases are separate and ordered: startup, main loop
-(signals are queued by their handlers and dispatched here), shutdown. A second SIGTERM or
-SIGINT during shutdown forces exit.
+(``lb.rotation``), the health checker, the admin app and sd_notify, and supervises the
+proxy workers and the failover process (lb.failover_process: heartbeats and the VIP run
+there, on a loop of their own, and this process only keeps the status it last reported).
+Phases are separate and ordered: startup, main loop (signals are queued by their handlers
+and dispatched here), shutdown. A second SIGTERM or SIGINT during shutdown forces exit.
 
-Nothing here may block the loop: heartbeats are sent from this loop, and a late heartbeat
-is a false failover on the peer.
+Nothing here should block the loop (health verdicts, admin answers and worker supervision
+wait on it), but nothing here can delay a heartbeat either: a control process silent for
+``failover.control_timeout_s`` makes the failover process give the VIP away.
 """
 
 from __future__ import annotations
@@ -26,62 +28,65 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from healthcheck import CheckResult, CheckSpec, Health, HealthChecker, HealthCounter, Target
-from lb import __version__, channel
+from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCounter
+from lb import __version__, channel, sysutil
 from lb import config as config_mod
-from lb.config import Config, PoolConfig
+from lb.backends import BackendTable
+from lb.config import Config
 from lb.proxy import make_listen_socket
-from lb.rotation import AdminState, PoolRotation, Snapshot
+from lb.rotation import AdminState, Snapshot
 from lb.sdnotify import Notifier, watchdog_interval_s
 from lb.supervisor import Supervisor, WorkerHandle
 
 logger = logging.getLogger("lb.daemon")
 
 RECENT_EVENTS = 50
+FAILOVER_RELOADABLE = ("key_file", "key_files", "max_clock_skew_s")
+"""[failover] keys a reload applies (FailoverController.reconfigure); the rest need a restart."""
 ACCEPT_GRACE_S = 0.1
+HEALTH_PUSH_GAP_S = 0.01
+"""Health transitions go to the workers in one snapshot per loop pass, and at most one such
+snapshot per this many seconds: a snapshot costs O(backends), so 3000 backends changing
+state one snapshot each (start-up, a rack that died) would cost O(N^2) and starve the loop."""
 """After a graceful stop handed the VIP over: how long the listeners stay open (see shutdown)."""
 
 
-def check_spec(pcfg: PoolConfig, backend: config_mod.BackendConfig) -> tuple[CheckSpec, int]:
-    """The pool's health settings with the backend's overrides; and the port to check."""
-    h = pcfg.health
-    o = backend.health
+def failover_spec(cfg: Config) -> Any:
+    """The failover.FailoverSpec of `cfg` (which has a [failover]), keys loaded from disk.
 
-    def pick(name: str) -> Any:
-        override = getattr(o, name) if o is not None else None
-        return override if override is not None else getattr(h, name)
+    Raises failover.FailoverError (KeyFileError, FailoverConfigError) naming the problem.
+    """
+    import failover
 
-    spec = CheckSpec(
-        probe=h.type,
-        method=h.method,
-        path=pick("path"),
-        host=pick("host"),
-        expect_status=h.status_ranges(),
-        expect_body=h.expect_body,
-        interval_s=pick("interval_s"),
-        timeout_s=pick("timeout_s"),
-        rise=pick("rise"),
-        fall=pick("fall"),
-        fast_interval_s=pick("fast_interval_s"),
-        down_interval_s=pick("down_interval_s"),
-        jitter=h.jitter,
-        initial=h.initial,
-    )
-    port = o.port if o is not None and o.port is not None else backend.host_port[1]
-    return spec, port
-
-
-def make_rotation(pcfg: PoolConfig) -> PoolRotation:
-    return PoolRotation.create(
-        pcfg.name,
-        [(b.name, b.weight) for b in pcfg.backends],
-        initially_healthy=not pcfg.health.enabled or pcfg.health.initial == "up",
-        eject_s=pcfg.passive.eject_s,
-        max_eject_s=pcfg.passive.max_eject_s,
-        max_eject_percent=pcfg.passive.max_eject_percent,
-        slow_start_s=pcfg.slow_start_s,
-        panic_percent=pcfg.panic_percent,
-        panic_mode=pcfg.panic_mode,
+    fcfg = cfg.failover
+    assert fcfg is not None
+    keys = [failover.load_key(path) for path in fcfg.key_paths]
+    return failover.FailoverSpec(
+        node_name=cfg.node.name,
+        interface=fcfg.interface,
+        vips=fcfg.vips,
+        priority=fcfg.priority,
+        peers=fcfg.peers,
+        key=keys[0],
+        verify_keys=tuple(keys[1:]),
+        port=fcfg.port,
+        bind=fcfg.bind,
+        address=fcfg.bind,
+        multicast_group=fcfg.multicast_group,
+        interval_s=fcfg.interval_s,
+        down_after=fcfg.down_after,
+        preempt=fcfg.preempt,
+        preempt_delay_s=fcfg.preempt_delay_s,
+        notify=fcfg.notify,
+        notify_timeout_s=fcfg.notify_timeout_s,
+        config_digest=cfg.digest_bytes(failover.DIGEST_LEN),
+        max_clock_skew_s=fcfg.max_clock_skew_s,
+        handover_forward_s=fcfg.handover_forward_s,
+        track_gateway=fcfg.track_gateway,
+        track_gateway_interval_s=fcfg.track_gateway_interval_s,
+        track_gateway_timeout_s=fcfg.track_gateway_timeout_s,
+        track_gateway_fall=fcfg.track_gateway_fall,
+        track_gateway_rise=fcfg.track_gateway_rise,
     )
 
 
@@ -130,13 +135,15 @@ class Daemon:
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.sockets: dict[str, socket.socket] = {}
-        self.rotations: dict[str, PoolRotation] = {}
+        book = HealthBook()
+        self.table = BackendTable(book, cfg.pool)
+        """Every backend's state (the health book + admin/ejection records)."""
         self.snapshots: dict[str, Snapshot] = {}
+        """The rotation last pushed to the workers: derived from ``table``, never edited."""
         self.snap_version = 0
         self.health = HealthChecker(
-            on_result=self._on_check_result, on_transition=self._on_transition
+            on_result=self._on_check_result, on_transition=self._on_transition, book=book
         )
-        self.check_results: dict[tuple[str, str], CheckResult] = {}
         self.check_counts: dict[tuple[str, str, str], int] = {}
         self.notifier = Notifier()
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
@@ -146,13 +153,16 @@ class Daemon:
         self.check_observers: list[Callable[[tuple[str, str], CheckResult], None]] = []
         """Called for every health-check result (metrics registers here)."""
         self.failover: Any = None
-        """The failover controller when [failover] is configured."""
+        """With [failover]: the failover process (lb.failover_process.FailoverProcess); tests
+        may attach an in-process failover.FailoverController, which has the same surface."""
         self.admin_runner: Any = None
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.last_reload: ReloadResult | None = None
         self.reloads = {"success": 0, "failure": 0}
         self.on_state_change: list[Callable[[], None]] = []
         self._snap_timer: asyncio.TimerHandle | None = None
+        self._push_handle: asyncio.TimerHandle | None = None
+        self._last_push = 0.0
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -163,7 +173,10 @@ class Daemon:
             on_message=self._on_worker_message,
             ping_interval_s=cfg.node.worker_ping_interval_s,
             ping_timeout_s=cfg.node.worker_ping_timeout_s,
+            worker_args=lambda: self.worker_identity.args() if self.worker_identity else [],
         )
+        self.worker_identity: sysutil.Identity | None = None
+        """Whom the workers run as (resolved at startup from node.worker_user/worker_group)."""
 
     # -- phases ------------------------------------------------------------------------
 
@@ -222,6 +235,7 @@ class Daemon:
                 return
 
     async def startup(self) -> None:
+        self._set_privileges()
         for lcfg in self.cfg.listener:
             try:
                 self.sockets[lcfg.name] = make_listen_socket(lcfg)
@@ -229,15 +243,20 @@ class Daemon:
                 raise StartupError(
                     f"listener {lcfg.name}: cannot bind {lcfg.bind}: {exc.strerror}"
                 ) from None
-        for pcfg in self.cfg.pool:
-            self.rotations[pcfg.name] = make_rotation(pcfg)
+        self.health.set_targets(self.table.targets())
         self._compute_snapshots()
         if self.cfg.admin.enabled:
             self._make_admin()
-        self.health.set_targets(self._targets())
         await self.health.start()
+        if self.cfg.failover is not None:
+            await self._spawn_failover()  # its imports overlap with the workers' start
         await self.supervisor.start()
         if not await self.supervisor.wait_ready(10.0):
+            if self.supervisor.refused:
+                raise StartupError(
+                    "the proxy workers could not drop their privileges (event="
+                    "worker_privilege_drop_failed above says why); they never serve privileged"
+                )
             logger.warning("event=workers_slow_to_start")
         if self.cfg.failover is not None:
             import failover
@@ -253,21 +272,51 @@ class Daemon:
         if wd is not None:
             self._spawn(self._watchdog_loop(wd), "watchdog")
 
+    def _set_privileges(self) -> None:
+        """Every check check-config makes (lb.preflight); who the workers will be; and this
+        process last in the OOM killer's choice."""
+        from lb import preflight
+
+        errors, _ = preflight.check(self.cfg, inside_service=True)
+        if errors:
+            raise StartupError("; ".join(errors))
+        node = self.cfg.node
+        try:
+            self.worker_identity = sysutil.worker_identity(node.worker_user, node.worker_group)
+        except sysutil.PrivilegeError as exc:
+            raise StartupError(str(exc)) from None
+        ident = self.worker_identity
+        adj = sysutil.lower_oom_score_adj(sysutil.OOM_SCORE_ADJ_CONTROL)
+        logger.info(
+            "event=privileges workers_user=%s workers_group=%s oom_score_adj=%d "
+            "workers_oom_score_adj=%d",
+            ident.user, ident.group, adj, sysutil.OOM_SCORE_ADJ_WORKER,
+        )
+
+    async def _spawn_failover(self) -> None:
+        from lb.failover_process import FailoverProcess
+
+        self.failover = FailoverProcess(
+            on_role_change=self._on_role_change, on_event=self._record_event,
+            hung_timeout_s=self.cfg.node.worker_ping_timeout_s)
+        await self.failover.spawn()
+
     async def _start_failover(self) -> None:
-        """Heartbeats and the VIP; stale VIPs are removed before joining as BACKUP."""
+        """Heartbeats and the VIP, in the failover process: it removes stale VIPs, then
+        joins as BACKUP (or FAULT); this returns once it has."""
+        if self.failover is None:
+            await self._spawn_failover()
+        self._update_local_health()
+        await self.failover.start(self._failover_process_spec())
+
+    def _failover_spec(self) -> Any:
+        """The controller's failover.FailoverSpec from the config (key files read here)."""
         import failover
 
         fcfg = self.cfg.failover
         assert fcfg is not None
         key = failover.load_key(fcfg.key_file)
-        vip = failover.VipAdapter(
-            fcfg.interface,
-            fcfg.vips,
-            garp_count=fcfg.garp_count,
-            garp_interval_s=fcfg.garp_interval_s,
-            garp_repeat_after_s=fcfg.garp_repeat_after_s or None,
-        )
-        spec = failover.FailoverSpec(
+        return failover.FailoverSpec(
             node_name=self.cfg.node.name,
             interface=fcfg.interface,
             vips=fcfg.vips,
@@ -287,14 +336,43 @@ class Daemon:
             config_digest=self.cfg.digest_bytes(failover.DIGEST_LEN),
             handover_forward_s=fcfg.handover_forward_s,
         )
-        handover = failover.Handover(self.cfg.node.name, fcfg.interface, fcfg.vips,
-                                     self._vip_ports(fcfg.vips))
-        self.failover = failover.FailoverController(
-            spec, vip, handover=handover, on_role_change=self._on_role_change)
-        self._update_local_health()
-        await self.failover.start()
-        tracked = tuple(dict.fromkeys((fcfg.interface, *fcfg.track_interfaces)))
-        self._spawn(vip.watch_carrier(tracked, self.failover.carrier_changed), "carrier")
+
+    def _failover_process_spec(self) -> Any:
+        """What the failover process runs (lb.failover_link.Spec): the controller's spec and
+        the settings of the process around it."""
+        from lb import failover_link
+
+        fcfg = self.cfg.failover
+        assert fcfg is not None
+        return failover_link.Spec(
+            generation=self.generation,
+            failover=self._failover_spec(),
+            garp_count=fcfg.garp_count,
+            garp_interval_s=fcfg.garp_interval_s,
+            garp_repeat_after_s=fcfg.garp_repeat_after_s,
+            handover_ports=tuple(self._vip_ports(fcfg.vips)),
+            track_interfaces=fcfg.track_interfaces,
+            control_timeout_s=fcfg.control_timeout_s,
+            sched_priority=fcfg.sched_priority,
+            nice=fcfg.nice,
+            oom_score_adj=sysutil.OOM_SCORE_ADJ_CONTROL,
+            log_level=self.cfg.logging.level,
+            journald=self.cfg.logging.journald_prefix,
+        )
+
+    def _reconfigure_failover(self) -> None:
+        """After a reload: the failover process applies what may change live (the config
+        digest, keys); its role is not disturbed."""
+        import failover
+
+        reconfigure = getattr(self.failover, "reconfigure", None)
+        if reconfigure is None or self.cfg.failover is None:
+            return
+        try:
+            reconfigure(self._failover_process_spec())
+        except failover.FailoverError as exc:
+            logger.error("event=failover_reconfigure_failed error=%r", str(exc))
+            self._record_event("reload", f"failover settings not applied: {exc}")
 
     def _vip_ports(self, vips: Sequence[str]) -> list[int]:
         """Ports of the listeners clients reach through a VIP (bound to it, or to any)."""
@@ -324,7 +402,7 @@ class Daemon:
         if self.failover is None:
             return
         usable = sum(s.usable for s in self.snapshots.values())
-        total = sum(len(r.records) for r in self.rotations.values())
+        total = sum(len(r.records) for r in self.table.rotations.values())
         self.failover.set_local_health(usable > 0, usable, total)
 
     async def switchover(self) -> dict[str, Any]:
@@ -373,9 +451,37 @@ class Daemon:
                     "config_digest_match": p.config_digest_match,
                     "healthy_backends": p.healthy_count,
                     "total_backends": p.total_count,
+                    "clock_offset_s": None if p.clock_offset_s is None
+                    else round(p.clock_offset_s, 4),
+                    "clock_skew_warning": p.clock_skew_warning,
+                    "key_id": p.key_id,
+                    "interval_s": p.interval_s,
                 }
                 for p in st.peers
             ],
+            "max_clock_skew_s": st.max_clock_skew_s,
+            "clock_skew_warning": st.clock_skew_warning,
+            "rejected_clocks": [
+                {"name": c.name, "offset_s": round(c.offset_s, 3),
+                 "last_seen_s": round(c.last_seen_age_s, 3)}
+                for c in st.rejected_clocks
+            ],
+            "keys": [{"id": k.key_id, "signing": k.signing, "verified": k.verified}
+                     for k in st.keys],
+            "gateway": None if st.gateway is None else {
+                "up": st.gateway.up,
+                "targets": [
+                    {"target": t.target, "ok": t.ok, "detail": t.detail,
+                     "rtt_ms": None if t.rtt_s is None else round(t.rtt_s * 1000, 3),
+                     "successes": t.successes, "failures": t.failures}
+                    for t in st.gateway.targets
+                ],
+                "interval_s": st.gateway.interval_s,
+                "timeout_s": st.gateway.timeout_s,
+                "fall": st.gateway.fall,
+                "rise": st.gateway.rise,
+                "transitions": st.gateway.transitions,
+            },
             "counters": {
                 "heartbeats_sent": st.counters.heartbeats_sent,
                 "heartbeats_received": st.counters.heartbeats_received,
@@ -387,6 +493,7 @@ class Daemon:
                 "late_sends": st.counters.late_sends,
                 "delayed": st.counters.delayed,
                 "vip_errors": st.counters.vip_errors,
+                "interval_clamped": dict(st.counters.interval_clamped),
             },
             "handover": {
                 "enabled": st.handover_enabled,
@@ -398,6 +505,21 @@ class Daemon:
                 "p99": round(st.send_lag.p99_s * 1000, 3),
                 "max": round(st.send_lag.max_s * 1000, 3),
             },
+            **self._failover_process_status(),
+        }
+
+    def _failover_process_status(self) -> dict[str, Any]:
+        """The failover process (absent when a test attached an in-process controller)."""
+        process_status = getattr(self.failover, "process_status", None)
+        if process_status is None:
+            return {}
+        gaps = self.failover.heartbeat_gaps
+        return {
+            "heartbeat_gap_ms": {
+                "sent_max": round(gaps.sent_max_s * 1000, 3),
+                "received_max": round(gaps.received_max_s * 1000, 3),
+            },
+            "process": process_status(),
         }
 
     def _make_admin(self) -> None:
@@ -427,6 +549,8 @@ class Daemon:
         self.notifier.stopping()
         if self._snap_timer:
             self._snap_timer.cancel()
+        if self._push_handle:
+            self._push_handle.cancel()
         if self.failover is not None:
             # MASTER first hands the VIP over (priority 0, make-before-break), then drains.
             try:
@@ -459,6 +583,8 @@ class Daemon:
             self.notifier.reloading()
             try:
                 result = await self._reload()
+                if result.ok:
+                    self._reconfigure_failover()
             finally:
                 self.notifier.ready(self.status_line())
         self.last_reload = result
@@ -476,6 +602,14 @@ class Daemon:
                 logger.error("event=reload_rejected file=%s error=%r", exc.source, err)
             logger.error("event=reload_failed kept_generation=%d", self.generation)
             return ReloadResult(False, now, self.generation, exc.errors)
+        from lb import preflight
+
+        errors, _ = preflight.check(new, inside_service=True)
+        if errors:  # what ExecReload's check-config refuses, refused here too
+            for err in errors:
+                logger.error("event=reload_rejected file=%s error=%r", self.config_path, err)
+            logger.error("event=reload_failed kept_generation=%d", self.generation)
+            return ReloadResult(False, now, self.generation, errors)
         old = self.cfg
         changes: list[str] = []
         if new.node.name != old.node.name:
@@ -483,11 +617,31 @@ class Daemon:
             new = new.model_copy(
                 update={"node": old.node.model_copy(update={"name": old.node.name})}
             )
+        who = ("worker_user", "worker_group")
+        if any(getattr(new.node, k) != getattr(old.node, k) for k in who):
+            changes.append("node.worker_user/worker_group changed: needs a restart, ignored")
+            new = new.model_copy(update={"node": new.node.model_copy(
+                update={k: getattr(old.node, k) for k in who})})
         if new.failover != old.failover:
-            changes.append(
-                "failover section changed: applied at next restart (the VIP never moves on reload)"
-            )
-            new = new.model_copy(update={"failover": old.failover})
+            kept = old.failover
+            if old.failover is not None and new.failover is not None:
+                # A key rotation and the clock window apply live; nothing else moves the VIP.
+                kept = old.failover.model_copy(
+                    update={k: getattr(new.failover, k) for k in FAILOVER_RELOADABLE})
+            if kept != new.failover:
+                changes.append("failover section changed: applied at next restart (the VIP "
+                               "never moves on reload)")
+            new = new.model_copy(update={"failover": kept})
+        fo_spec = None
+        if self.failover is not None and new.failover is not None:
+            import failover
+
+            try:  # the key files are read again: a rotation, or a key replaced in place
+                fo_spec = failover_spec(new)
+            except failover.FailoverError as exc:
+                logger.error("event=reload_failed error=%r kept_generation=%d", str(exc),
+                             self.generation)
+                return ReloadResult(False, now, self.generation, [str(exc)])
         # Listeners: new sockets first, so a bind error leaves everything as it was.
         old_l = {lst.name: lst for lst in old.listener}
         new_l = {lst.name: lst for lst in new.listener}
@@ -518,29 +672,21 @@ class Daemon:
         changes += [f"listener {n} added" for n in new_l if n not in old_l]
         changes += [f"listener {n} removed" for n in old_l if n not in new_l]
         changes += [f"listener {n} rebound" for n in fresh if n in old_l]
-        # Pools: keep the state of unchanged backends.
-        old_p = {p.name: p for p in old.pool}
-        for pcfg in new.pool:
-            prev_p = old_p.get(pcfg.name)
-            if prev_p is None:
-                self.rotations[pcfg.name] = make_rotation(pcfg)
-                changes.append(f"pool {pcfg.name} added")
-            elif prev_p != pcfg:
-                rot = make_rotation(pcfg)
-                rot.records = self.rotations[pcfg.name].records
-                rot.reconcile(
-                    [(b.name, b.weight) for b in pcfg.backends],
-                    initially_healthy=not pcfg.health.enabled or pcfg.health.initial == "up",
-                )
-                self.rotations[pcfg.name] = rot
-                changes.append(f"pool {pcfg.name} changed")
-        for name in old_p:
-            if name not in {p.name for p in new.pool}:
-                del self.rotations[name]
-                changes.append(f"pool {name} removed")
+        # Pools: the table keeps admin state and ejections; the book keeps health by the
+        # rules in healthcheck.book (a changed check restarts from the state it is in).
+        changes += self.table.apply(new.pool)
+        if fo_spec is not None:
+            before = self.failover.status()
+            self.failover.reconfigure(fo_spec)
+            after = self.failover.status()
+            if [k.key_id for k in before.keys] != [k.key_id for k in after.keys]:
+                changes.append("failover keys: " + ", ".join(
+                    k.key_id + (" (signing)" if k.signing else "") for k in after.keys))
+            if before.max_clock_skew_s != after.max_clock_skew_s:
+                changes.append(f"failover.max_clock_skew_s {after.max_clock_skew_s:g}")
         self.cfg = new
         self.generation += 1
-        self.health.set_targets(self._targets())
+        self.health.set_targets(self.table.targets(), self.table.in_service)
         self._compute_snapshots()
         if replace_workers:
             await self.supervisor.replace_all(new.node.shutdown_timeout_s)
@@ -562,42 +708,65 @@ class Daemon:
 
     # -- pools, checks and snapshots --------------------------------------------------
 
-    def _targets(self) -> list[Target]:
-        out = []
-        for pcfg in self.cfg.pool:
-            if not pcfg.health.enabled:
-                continue
-            for b in pcfg.backends:
-                spec, port = check_spec(pcfg, b)
-                out.append(Target((pcfg.name, b.name), b.host_port[0], port, spec))
-        return out
-
     def _on_check_result(
         self, key: tuple[str, str], result: CheckResult, counter: HealthCounter
     ) -> None:
-        self.check_results[key] = result
         ck = (key[0], key[1], str(result.status))
         self.check_counts[ck] = self.check_counts.get(ck, 0) + 1
         for observe in self.check_observers:
             observe(key, result)
+        self._maybe_end_ejection(key, result, transitioned=False)
+
+    def _maybe_end_ejection(
+        self, key: tuple[str, str], result: CheckResult, *, transitioned: bool
+    ) -> None:
+        ended = self.table.on_check(key[0], key[1], result, transitioned, time.monotonic())
+        if ended is None:
+            return
+        logger.info(
+            "event=ejection_ended pool=%s backend=%s reason=%s status=%s",
+            ended.pool,
+            ended.backend,
+            ended.reason,
+            result.status,
+        )
+        self._record_event("eject", f"{ended.pool}/{ended.backend} back early ({ended.reason})")
+        self._push_soon()
 
     def _on_transition(
         self, key: tuple[str, str], old: Health, new: Health, result: CheckResult
     ) -> None:
-        rot = self.rotations.get(key[0])
-        if rot is None or key[1] not in rot.records:
+        # The book has the new state already; the rotation is derived from it at the push.
+        why = f"{result.status} {result.detail}".strip()
+        self._record_event("health", f"{key[0]}/{key[1]} {old} -> {new} ({why})")
+        if new is Health.UP:
+            self._maybe_end_ejection(key, result, transitioned=True)
+        self._push_soon()
+
+    def _checked(self, pool: str) -> bool:
+        """Checks of this pool have produced results (panic before that is not news)."""
+        pcfg = self.table.pools.get(pool)
+        if pcfg is None or not pcfg.health.enabled:
+            return False
+        return any(
+            (st := self.health.state((pool, b.name))) is not None and st.checks > 0
+            for b in pcfg.backends
+        )
+
+    def _push_soon(self) -> None:
+        """Push a snapshot on the next loop pass, coalescing (see HEALTH_PUSH_GAP_S)."""
+        if self._push_handle is not None or self.stopping:
             return
-        if rot.set_health(key[1], new is Health.UP, time.monotonic()):
-            why = f"{result.status} {result.detail}".strip()
-            self._record_event("health", f"{key[0]}/{key[1]} {old} -> {new} ({why})")
-            self.push_snapshots()
+        delay = max(0.0, self._last_push + HEALTH_PUSH_GAP_S - time.monotonic())
+        self._push_handle = asyncio.get_running_loop().call_later(delay, self._pushed_soon)
+
+    def _pushed_soon(self) -> None:
+        self._push_handle = None
+        self.push_snapshots()
 
     def set_admin_state(self, pool: str, backend: str, state: AdminState) -> bool:
         """Operator action (admin API): drain, maintenance or enable a backend."""
-        rot = self.rotations[pool]
-        if backend not in rot.records:
-            raise KeyError(backend)
-        if not rot.set_admin(backend, state):
+        if not self.table.set_admin(pool, backend, state):
             return False
         logger.info("event=admin_state pool=%s backend=%s state=%s", pool, backend, state)
         self._record_event("admin", f"{pool}/{backend} -> {state}")
@@ -611,12 +780,12 @@ class Daemon:
     def _compute_snapshots(self) -> bool:
         now = time.monotonic()
         changed = False
-        for name, rot in self.rotations.items():
-            snap = rot.snapshot(now)
+        for name, snap in self.table.snapshots(now).items():
+            rot = self.table.rotations[name]
             prev = self.snapshots.get(name)
             if prev is None or prev.entries != snap.entries or prev.panic != snap.panic:
                 changed = True
-                checked = any(k[0] == name for k in self.check_results)
+                checked = self._checked(name)
                 if snap.panic and (prev is None or not prev.panic) and checked:
                     logger.error(
                         "event=pool_panic pool=%s usable=%d enabled=%d mode=%s",
@@ -632,7 +801,7 @@ class Daemon:
                     logger.warning("event=pool_panic_over pool=%s usable=%d", name, snap.usable)
             self.snapshots[name] = snap
         for name in list(self.snapshots):
-            if name not in self.rotations:
+            if name not in self.table.rotations:
                 del self.snapshots[name]
                 changed = True
         if changed:
@@ -641,6 +810,7 @@ class Daemon:
         return changed
 
     def push_snapshots(self) -> None:
+        self._last_push = time.monotonic()
         if self._compute_snapshots():
             self.supervisor.broadcast(self._snapshot_message())
             self._update_local_health()
@@ -651,9 +821,9 @@ class Daemon:
         if self._snap_timer:
             self._snap_timer.cancel()
             self._snap_timer = None
-        nexts = [t for r in self.rotations.values() if (t := r.next_change(now)) is not None]
-        if nexts and not self.stopping:
-            delay = max(0.0, min(nexts) - now) + 0.001
+        nxt = self.table.next_change(now)
+        if nxt is not None and not self.stopping:
+            delay = max(0.0, nxt - now) + 0.001
             self._snap_timer = asyncio.get_running_loop().call_later(delay, self.push_snapshots)
 
     def _snapshot_message(self) -> channel.Message:
@@ -698,10 +868,7 @@ class Daemon:
             self.inflight.pop(handle.index, None)
         elif kind == "eject":
             pool, backend, reason = msg["pool"], msg["backend"], msg["reason"]
-            rot = self.rotations.get(pool)
-            if rot is None:
-                return
-            ej = rot.eject(backend, reason, time.monotonic())
+            ej = self.table.eject(pool, backend, reason, time.monotonic())
             if ej is not None:
                 logger.warning(
                     "event=backend_ejected pool=%s backend=%s reason=%s for_s=%.1f worker=%d",
@@ -734,7 +901,7 @@ class Daemon:
         pools = []
         totals = self.totals
         for pcfg in self.cfg.pool:
-            rot = self.rotations.get(pcfg.name)
+            rot = self.table.rotations.get(pcfg.name)
             snap = self.snapshots.get(pcfg.name)
             if rot is None or snap is None:
                 continue
@@ -744,6 +911,7 @@ class Daemon:
                 entry = snap.entries.get(b.name)
                 hs = self.health.state((pcfg.name, b.name))
                 res = hs.last_result if hs is not None else None
+                verdict = self.table.verdict(pcfg.name, b.name)
                 backends.append(
                     {
                         "name": b.name,
@@ -751,13 +919,15 @@ class Daemon:
                         "weight": b.weight,
                         "effective_weight": entry.weight if entry else 0.0,
                         "in_rotation": bool(entry and entry.eligible),
-                        "health": "up" if rec.healthy else "down",
+                        "health": "up" if verdict.up else "down",
+                        "out_of_rotation": rot.explain(b.name, now_m, verdict, snap),
                         "checks_enabled": pcfg.health.enabled,
                         "admin_state": str(rec.admin),
                         "ejected": rec.ejected(now_m),
                         "ejected_for_s": round(max(0.0, rec.ejected_until - now_m), 3),
                         "ejections": rec.ejections_total,
                         "last_ejection_reason": rec.last_ejection_reason or None,
+                        "ejections_ended_by_checks": rec.ejections_ended_early,
                         "last_check": None
                         if res is None
                         else {
@@ -817,7 +987,7 @@ class Daemon:
 
     def status_line(self) -> str:
         usable = sum(s.usable for s in self.snapshots.values())
-        total = sum(len(r.records) for r in self.rotations.values())
+        total = sum(len(r.records) for r in self.table.rotations.values())
         return f"role={self.role()} backends_up={usable}/{total} workers={self.supervisor.count}"
 
     async def _status_loop(self) -> None:

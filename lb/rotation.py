@@ -1,16 +1,18 @@
 """Which backends are in rotation, and at what weight: the control process's pure verdict.
 
 Pure: no asyncio, socket, time or logging; the caller passes ``now`` (monotonic seconds)
-and logs what the returned values say. Inputs: active-check health, admin state
-(enabled/draining/maintenance), passive ejections reported by workers, slow start and the
-pool's panic threshold. Output: a snapshot (eligible + weight per backend) the control
-process pushes to every worker.
+and logs what the returned values say. This module owns admin state (enabled/draining/
+maintenance) and passive ejections; it does NOT keep a copy of active-check health: every
+call that needs it takes a :class:`Verdict` per backend, read from the one health owner
+(``healthcheck.HealthBook``) at that moment. Output: a snapshot (eligible + weight per
+backend) the control process pushes to every worker, a pure function of both.
 
 Rules, and why:
 - Ejection lasts ``eject_s x n`` for the n-th ejection in a row (Envoy's outlier detection),
   capped at ``max_eject_s``; the count resets once the backend has stayed in for
   ``max_eject_s`` since its last ejection ended.
-  An ejected backend comes back when the time is up *and* active checks say it is healthy.
+  An ejected backend comes back when the time is up *and* active checks say it is healthy,
+  or earlier when the caller ends the ejection (a passing active check: ``lb.backends``).
 - Never more than ``max_eject_percent`` of the pool ejected at once, so a wave of errors
   caused by the clients themselves cannot empty the pool.
 - Panic: when fewer than ``panic_percent`` of the enabled backends are usable, either spread
@@ -25,7 +27,7 @@ Rules, and why:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -40,28 +42,57 @@ SLOW_START_FLOOR = 0.05
 SLOW_START_STEPS = 20
 
 
+class OutReason(StrEnum):
+    """Why a backend gets no (or less) traffic; shown beside it in /status."""
+
+    HEALTH = "health"  # active checks say DOWN
+    ADMIN = "admin"  # draining or maintenance
+    WEIGHT = "weight"  # configured weight 0
+    EJECTED = "ejected"  # passive ejection running
+    PANIC = "panic"  # pool in panic, mode "fail" (or nothing healthy to spread over)
+    SLOW_START = "slow_start"  # in rotation at a reduced weight
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What active checks say of a backend right now, as the rotation needs it.
+
+    ``up_since``: when it last went DOWN -> UP (slow start ramps from there); None when it
+    has been up since checking began, or checks are off.
+    """
+
+    up: bool
+    up_since: float | None = None
+
+
+UNCHECKED = Verdict(True, None)
+"""Checks are off for the pool: the backend counts as healthy."""
+
+Verdicts = Mapping[str, Verdict]
+
+
 @dataclass(slots=True)
 class BackendRecord:
+    """Admin state and ejection of one backend: the facts this module owns."""
+
     name: str
     weight: int
-    healthy: bool
     admin: AdminState = AdminState.ENABLED
     ejected_until: float = 0.0
     ejections_in_row: int = 0
     ejections_total: int = 0
     last_ejection_at: float = 0.0
     last_ejection_reason: str = ""
-    up_since: float | None = None
-    """When it last became healthy (for slow start); None while down."""
+    ejections_ended_early: int = 0
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now
 
-    def usable(self, now: float) -> bool:
+    def usable(self, now: float, verdict: Verdict) -> bool:
         return (
             self.admin is AdminState.ENABLED
             and self.weight > 0
-            and self.healthy
+            and verdict.up
             and not self.ejected(now)
         )
 
@@ -104,24 +135,10 @@ class PoolRotation:
 
     @classmethod
     def create(
-        cls,
-        name: str,
-        backends: Iterable[tuple[str, int]],
-        *,
-        initially_healthy: bool,
-        **rules: float | int | str,
+        cls, name: str, backends: Iterable[tuple[str, int]], **rules: float | int | str
     ) -> PoolRotation:
-        records = {n: BackendRecord(n, w, initially_healthy) for n, w in backends}
+        records = {n: BackendRecord(n, w) for n, w in backends}
         return cls(name, records, **rules)  # type: ignore[arg-type]
-
-    def set_health(self, backend: str, healthy: bool, now: float) -> bool:
-        """Record an active-check verdict; True if it changed."""
-        rec = self.records[backend]
-        if rec.healthy == healthy:
-            return False
-        rec.healthy = healthy
-        rec.up_since = now if healthy else None
-        return True
 
     def set_admin(self, backend: str, state: AdminState) -> bool:
         rec = self.records[backend]
@@ -149,10 +166,21 @@ class PoolRotation:
         rec.last_ejection_reason = reason
         return Ejected(backend, rec.ejected_until, duration, reason)
 
-    def snapshot(self, now: float) -> Snapshot:
+    def end_ejection(self, backend: str, now: float) -> bool:
+        """End a running ejection early (the active checks vouched for the backend); the
+        streak is kept, so a backend that fails again is ejected for longer."""
+        rec = self.records.get(backend)
+        if rec is None or not rec.ejected(now):
+            return False
+        rec.ejected_until = now
+        rec.ejections_ended_early += 1
+        return True
+
+    def snapshot(self, now: float, verdicts: Verdicts) -> Snapshot:
+        """Who gets traffic: a pure function of the records and the verdicts passed in."""
         enabled = [r for r in self.records.values() if r.admin is AdminState.ENABLED and r.weight]
-        usable = [r for r in enabled if r.usable(now)]
-        healthy = [r for r in enabled if r.healthy]
+        usable = [r for r in enabled if r.usable(now, verdicts[r.name])]
+        healthy = [r for r in enabled if verdicts[r.name].up]
         panic = bool(enabled) and len(usable) * 100 < self.panic_percent * len(enabled)
         entries: dict[str, Entry] = {}
         for r in self.records.values():
@@ -161,38 +189,64 @@ class PoolRotation:
             elif panic:
                 ok = False
             else:
-                ok = r.usable(now)
-            entries[r.name] = Entry(ok, self._weight(r, now) if ok else 0.0)
+                ok = r.usable(now, verdicts[r.name])
+            entries[r.name] = Entry(ok, self._weight(r, now, verdicts[r.name]) if ok else 0.0)
         return Snapshot(self.name, entries, panic, len(usable), len(enabled))
 
-    def _weight(self, rec: BackendRecord, now: float) -> float:
-        if self.slow_start_s <= 0 or rec.up_since is None:
+    def explain(self, backend: str, now: float, verdict: Verdict, snap: Snapshot) -> list[str]:
+        """Every reason the backend gets no traffic or less than its weight (empty: full)."""
+        rec = self.records[backend]
+        entry = snap.entries.get(backend)
+        out: list[OutReason] = []
+        if not verdict.up:
+            out.append(OutReason.HEALTH)
+        if rec.admin is not AdminState.ENABLED:
+            out.append(OutReason.ADMIN)
+        if rec.weight <= 0:
+            out.append(OutReason.WEIGHT)
+        if rec.ejected(now):
+            out.append(OutReason.EJECTED)
+        if snap.panic and entry is not None and not entry.eligible and not out:
+            out.append(OutReason.PANIC)
+        if entry is not None and entry.eligible and 0 < entry.weight < rec.weight:
+            out.append(OutReason.SLOW_START)
+        return [str(r) for r in out]
+
+    def _weight(self, rec: BackendRecord, now: float, verdict: Verdict) -> float:
+        if self.slow_start_s <= 0 or verdict.up_since is None:
             return float(rec.weight)
-        elapsed = now - rec.up_since
+        elapsed = now - verdict.up_since
         if elapsed >= self.slow_start_s:
             return float(rec.weight)
         # Quantised so snapshots change in SLOW_START_STEPS steps, not on every push.
         step = int(elapsed / self.slow_start_s * SLOW_START_STEPS) / SLOW_START_STEPS
         return rec.weight * max(SLOW_START_FLOOR, step)
 
-    def next_change(self, now: float) -> float | None:
+    def next_change(self, now: float, verdicts: Verdicts) -> float | None:
         """When the snapshot will change by itself (ejection ends, slow-start step)."""
         times = [r.ejected_until for r in self.records.values() if r.ejected_until > now]
         if self.slow_start_s > 0:
             tick = self.slow_start_s / SLOW_START_STEPS
             for r in self.records.values():
-                if r.up_since is not None and now - r.up_since < self.slow_start_s:
-                    steps_done = int((now - r.up_since) / tick) + 1
-                    times.append(r.up_since + steps_done * tick)
+                up_since = verdicts[r.name].up_since
+                if up_since is not None and now - up_since < self.slow_start_s:
+                    steps_done = int((now - up_since) / tick) + 1
+                    times.append(up_since + steps_done * tick)
         return min(times) if times else None
 
-    def reconcile(self, backends: Iterable[tuple[str, int]], *, initially_healthy: bool) -> None:
-        """Config reload: keep the state of backends that stay, add new ones, drop removed."""
+    def reconcile(
+        self, backends: Iterable[tuple[str, int]], fresh: Collection[str] = ()
+    ) -> None:
+        """Config reload: keep the admin state and ejections of backends that stay, add new
+        ones, drop removed ones; ``fresh`` names backends that are another server now (a
+        new address): they start over."""
         new: dict[str, BackendRecord] = {}
         for name, weight in backends:
             rec = self.records.get(name)
             if rec is None:
-                rec = BackendRecord(name, weight, initially_healthy)
+                rec = BackendRecord(name, weight)
+            elif name in fresh:  # the operator's admin state is about the name: kept
+                rec = BackendRecord(name, weight, rec.admin)
             rec.weight = weight
             new[name] = rec
         self.records = new

@@ -334,8 +334,7 @@ def in_process_daemon(cfg_text: str, path: Path | None = None) -> Any:
         path.write_text(cfg_text)
     cfg = config_mod.loads(cfg_text)
     d = daemon_mod.Daemon(cfg, str(path) if path else None)
-    for pcfg in cfg.pool:
-        d.rotations[pcfg.name] = daemon_mod.make_rotation(pcfg)
+    d.health.set_targets(d.table.targets())  # fills the book; no probe runs
     d.push_snapshots()
     return d
 
@@ -399,8 +398,22 @@ class FakeFailover:
                     "config_digest_match": self.match,
                     "healthy_backends": 3,
                     "total_backends": 3,
+                    "clock_offset_s": -0.0021,
+                    "clock_skew_warning": False,
+                    "key_id": "3f2a9c1e",
+                    "interval_s": 0.03,
                 }
             ],
+            "max_clock_skew_s": 30.0,
+            "clock_skew_warning": False,
+            "rejected_clocks": [],
+            "keys": [{"id": "3f2a9c1e", "signing": True, "verified": 1190}],
+            "gateway": {
+                "up": True,
+                "targets": [{"target": "tcp:192.0.2.1:22", "ok": True, "detail": "refused",
+                             "rtt_ms": 0.2, "successes": 120, "failures": 1}],
+                "interval_s": 0.5, "timeout_s": 0.5, "fall": 3, "rise": 2, "transitions": 0,
+            },
             "counters": {
                 "heartbeats_sent": 1200,
                 "heartbeats_received": 1190,
@@ -409,6 +422,7 @@ class FakeFailover:
                 "late_sends": 0,
                 "delayed": 0,
                 "vip_errors": 0,
+                "interval_clamped": {},
             },
             "handover": {"enabled": True, "forwarding_to": None, "forwards": 0},
             "send_lag_ms": {"p50": 0.1, "p99": 0.4, "max": 1.2},

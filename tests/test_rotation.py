@@ -1,4 +1,8 @@
-"""Control-side rotation: health, admin states, ejection growth and budget, panic, slow start."""
+"""Control-side rotation: admin states, ejection growth and budget, panic, slow start.
+
+The rotation keeps no health of its own: each test holds the checks' verdicts in a dict
+(standing in for the health book) and passes them in, as ``lb.backends`` does.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,42 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.rotation import AdminState, PoolRotation
+from lb.rotation import AdminState, OutReason, PoolRotation, Verdict
+
+UP = Verdict(True)
+DOWN = Verdict(False)
 
 
-def rot(n: int = 4, healthy: bool = True, **rules: float | int | str) -> PoolRotation:
-    return PoolRotation.create(
-        "web", [(f"b{i}", 1) for i in range(n)], initially_healthy=healthy, **rules
-    )
+class Rot:
+    """A rotation plus the verdicts it is shown."""
+
+    def __init__(self, n: int = 4, healthy: bool = True, **rules: float | int | str) -> None:
+        self.r = PoolRotation.create("web", [(f"b{i}", 1) for i in range(n)], **rules)
+        self.v = {f"b{i}": UP if healthy else DOWN for i in range(n)}
+
+    def set_health(self, name: str, up: bool, now: float) -> None:
+        if self.v[name].up != up:
+            self.v[name] = Verdict(True, now) if up else DOWN
+
+    def snapshot(self, now: float):  # type: ignore[no-untyped-def]
+        return self.r.snapshot(now, self.v)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.r, name)
 
 
-def eligible(r: PoolRotation, now: float) -> set[str]:
+def rot(n: int = 4, healthy: bool = True, **rules: float | int | str) -> Rot:
+    return Rot(n, healthy, **rules)
+
+
+def eligible(r: Rot, now: float) -> set[str]:
     return {n for n, e in r.snapshot(now).entries.items() if e.eligible}
 
 
 def test_health_moves_backends_in_and_out() -> None:
     r = rot(2, healthy=False)
     assert eligible(r, 0) == set()
-    assert r.set_health("b0", True, 0)
-    assert not r.set_health("b0", True, 0)
+    r.set_health("b0", True, 0)
     assert eligible(r, 0) == {"b0"}
 
 
@@ -106,18 +128,48 @@ def test_slow_start_ramps_weight() -> None:
     assert w[0] == pytest.approx(0.05)
     assert w[1] == pytest.approx(0.25) and w[2] == pytest.approx(0.5)
     assert w[3] < 1 and w[4] == w[5] == 1
-    nxt = r.next_change(100)
+    nxt = r.next_change(100, r.v)
     assert nxt is not None and 100 < nxt <= 100.5 + 1e-9
 
 
-def test_reconcile_keeps_state_of_unchanged() -> None:
+def test_reconcile_keeps_admin_and_ejection_of_unchanged() -> None:
     r = rot(3)
     r.set_admin("b0", AdminState.DRAINING)
-    r.set_health("b1", False, 0)
-    r.reconcile([("b0", 1), ("b1", 5), ("new", 1)], initially_healthy=False)
+    r.eject("b1", "x", 0)
+    r.eject("b2", "x", 0)
+    r.reconcile([("b0", 1), ("b1", 5), ("b2", 1), ("new", 1)], fresh={"b2"})
     assert r.records["b0"].admin is AdminState.DRAINING
-    assert not r.records["b1"].healthy and r.records["b1"].weight == 5
-    assert "b2" not in r.records and not r.records["new"].healthy
+    assert r.records["b1"].ejected(1) and r.records["b1"].weight == 5
+    assert not r.records["b2"].ejected(1)  # another server now: starts over
+    assert "new" in r.records and not r.records["new"].ejected(0)
+
+
+def test_end_ejection_keeps_the_streak() -> None:
+    r = rot(4, eject_s=10)
+    r.eject("b0", "x", 0)
+    assert r.end_ejection("b0", 2)
+    assert not r.end_ejection("b0", 3)
+    assert "b0" in eligible(r, 2)
+    again = r.eject("b0", "x", 5)
+    assert again is not None and again.duration_s == 20
+
+
+def test_explain_names_every_reason() -> None:
+    r = rot(5, slow_start_s=10, panic_percent=0)
+    r.set_health("b0", False, 0)
+    r.set_admin("b1", AdminState.DRAINING)
+    r.eject("b2", "x", 0)
+    r.set_health("b3", False, 0)
+    r.set_health("b3", True, 100)
+    snap = r.snapshot(101)
+    why = {n: r.explain(n, 101, r.v[n], snap) for n in r.records}
+    assert why["b0"] == [OutReason.HEALTH]
+    assert why["b1"] == [OutReason.ADMIN]
+    assert why["b2"] == []  # ejection over at t=10
+    assert why["b3"] == [OutReason.SLOW_START]
+    assert why["b4"] == []
+    snap = r.snapshot(5)
+    assert r.explain("b2", 5, r.v["b2"], snap) == [OutReason.EJECTED]
 
 
 @given(
@@ -153,4 +205,6 @@ def test_snapshot_invariants(ops: list[tuple[str, int, bool, float]]) -> None:
             if e.eligible:
                 assert e.weight > 0
             if not snap.panic:
-                assert e.eligible == rec.usable(now)
+                assert e.eligible == rec.usable(now, r.v[n])
+            if not e.eligible:
+                assert r.explain(n, now, r.v[n], snap), "out of rotation without a reason"

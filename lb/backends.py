@@ -1,0 +1,226 @@
+"""Every backend's state in one table, and the rotation derived from it.
+
+Each fact has exactly one owner, and nothing here copies one:
+
+- the active checks' verdict (counter, last result, when it came up): ``healthcheck.HealthBook``;
+- admin state and passive ejections: the ``lb.rotation.PoolRotation`` records of each pool.
+
+:meth:`BackendTable.snapshots` computes who gets traffic from both at the moment it is
+called, so a reload, a check result, an admin action or an ejection can never leave a stale
+verdict behind: there is none to leave. A reload (:meth:`BackendTable.apply`) changes the
+pools' settings and records; the caller then gives :meth:`targets` and :attr:`in_service`
+to the health checker, which reconciles the book (``healthcheck.book`` says what is kept).
+
+Passive ejection ends early on active-check evidence (``[pool.passive] end_on_check``):
+
+- ``"pass"`` (default, Envoy's ``successful_active_health_check_uneject_host``): a passing
+  check that *started after* the ejection began ends it, as long as the checks say UP;
+- ``"recovery"`` (HAProxy's ``observe`` + ``on-error``): only a DOWN -> UP change of the
+  checks after the ejection began ends it (the checks saw the failure and the recovery);
+- ``"never"``: the ejection runs its course.
+
+Pure: no asyncio, socket, time or logging; the caller passes ``now`` and logs what the
+returned values say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from healthcheck import CheckResult, CheckSpec, Health, HealthBook, Target
+from lb.config import BackendConfig, PoolConfig
+from lb.rotation import UNCHECKED, AdminState, Ejected, PoolRotation, Snapshot, Verdict
+
+DOWN = Verdict(False, None)
+
+
+def check_spec(pcfg: PoolConfig, backend: BackendConfig) -> tuple[CheckSpec, int]:
+    """The pool's health settings with the backend's overrides; and the port to check."""
+    h = pcfg.health
+    o = backend.health
+
+    def pick(name: str) -> Any:
+        override = getattr(o, name) if o is not None else None
+        return override if override is not None else getattr(h, name)
+
+    spec = CheckSpec(
+        probe=h.type,
+        method=h.method,
+        path=pick("path"),
+        host=pick("host"),
+        expect_status=h.status_ranges(),
+        expect_body=h.expect_body,
+        interval_s=pick("interval_s"),
+        timeout_s=pick("timeout_s"),
+        rise=pick("rise"),
+        fall=pick("fall"),
+        fast_interval_s=pick("fast_interval_s"),
+        down_interval_s=pick("down_interval_s"),
+        jitter=h.jitter,
+        initial=h.initial,
+    )
+    port = o.port if o is not None and o.port is not None else backend.host_port[1]
+    return spec, port
+
+
+def make_rotation(pcfg: PoolConfig) -> PoolRotation:
+    return PoolRotation.create(
+        pcfg.name,
+        [(b.name, b.weight) for b in pcfg.backends],
+        eject_s=pcfg.passive.eject_s,
+        max_eject_s=pcfg.passive.max_eject_s,
+        max_eject_percent=pcfg.passive.max_eject_percent,
+        slow_start_s=pcfg.slow_start_s,
+        panic_percent=pcfg.panic_percent,
+        panic_mode=pcfg.panic_mode,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EjectionEnded:
+    """An ejection ended early because the active checks vouched for the backend."""
+
+    pool: str
+    backend: str
+    reason: str  # "active_check_passed" | "active_check_recovered"
+
+
+class BackendTable:
+    """The pools' backends: config, the rotation records and the shared health book."""
+
+    def __init__(self, book: HealthBook, pools: Sequence[PoolConfig]) -> None:
+        self.book = book
+        self.pools: dict[str, PoolConfig] = {}
+        self.rotations: dict[str, PoolRotation] = {}
+        self.in_service: frozenset[tuple[str, str]] = frozenset()
+        """Backends newly checked that were serving without checks (for the checker)."""
+        self.ejections_ended: dict[tuple[str, str, str], int] = {}
+        """(pool, backend, reason) -> ejections ended early by the active checks."""
+        self.apply(pools)
+
+    # -- config --------------------------------------------------------------------------
+
+    def apply(self, pools: Sequence[PoolConfig]) -> list[str]:
+        """Take a (new) config's pools; the changes, in words. Admin state and ejections of
+        backends that stay at the same address are kept."""
+        changes: list[str] = []
+        in_service: set[tuple[str, str]] = set()
+        old = self.pools
+        rotations: dict[str, PoolRotation] = {}
+        for pcfg in pools:
+            prev = old.get(pcfg.name)
+            if prev is None:
+                rotations[pcfg.name] = make_rotation(pcfg)
+                if old:
+                    changes.append(f"pool {pcfg.name} added")
+                continue
+            rot = make_rotation(pcfg)
+            prev_rot = self.rotations[pcfg.name]
+            rot.records = prev_rot.records
+            prev_addr = {b.name: b.address for b in prev.backends}
+            fresh = {b.name for b in pcfg.backends if prev_addr.get(b.name, b.address) != b.address}
+            rot.reconcile([(b.name, b.weight) for b in pcfg.backends], fresh)
+            rotations[pcfg.name] = rot
+            if pcfg.health.enabled and not prev.health.enabled:
+                in_service |= {
+                    (pcfg.name, b.name)
+                    for b in pcfg.backends
+                    if b.name in prev_addr and b.name not in fresh
+                }
+            if prev != pcfg:
+                changes.append(f"pool {pcfg.name} changed")
+        for name in old:
+            if name not in rotations:
+                changes.append(f"pool {name} removed")
+        self.pools = {p.name: p for p in pools}
+        self.rotations = rotations
+        self.in_service = frozenset(in_service)
+        return changes
+
+    def targets(self) -> list[Target]:
+        """What the health checker should check: every backend of pools with checks on."""
+        out = []
+        for pcfg in self.pools.values():
+            if not pcfg.health.enabled:
+                continue
+            for b in pcfg.backends:
+                spec, port = check_spec(pcfg, b)
+                out.append(Target((pcfg.name, b.name), b.host_port[0], port, spec))
+        return out
+
+    # -- derived state -------------------------------------------------------------------
+
+    def verdict(self, pool: str, backend: str) -> Verdict:
+        """The active checks' verdict, read from the book now (UNCHECKED if checks are off)."""
+        if not self.pools[pool].health.enabled:
+            return UNCHECKED
+        st = self.book.state((pool, backend))
+        if st is None:  # not yet handed to the checker: nothing vouches for it
+            return DOWN
+        return Verdict(st.health is Health.UP, st.up_since)
+
+    def verdicts(self, pool: str) -> dict[str, Verdict]:
+        return {name: self.verdict(pool, name) for name in self.rotations[pool].records}
+
+    def snapshots(self, now: float) -> dict[str, Snapshot]:
+        return {n: rot.snapshot(now, self.verdicts(n)) for n, rot in self.rotations.items()}
+
+    def next_change(self, now: float) -> float | None:
+        times = [
+            t
+            for name, rot in self.rotations.items()
+            if (t := rot.next_change(now, self.verdicts(name))) is not None
+        ]
+        return min(times) if times else None
+
+    def explain(self, pool: str, backend: str, now: float, snap: Snapshot) -> list[str]:
+        return self.rotations[pool].explain(backend, now, self.verdict(pool, backend), snap)
+
+    def usable_total(self, now: float) -> tuple[int, int]:
+        snaps = self.snapshots(now)
+        return sum(s.usable for s in snaps.values()), sum(
+            len(r.records) for r in self.rotations.values()
+        )
+
+    # -- events --------------------------------------------------------------------------
+
+    def set_admin(self, pool: str, backend: str, state: AdminState) -> bool:
+        """Raises KeyError for an unknown pool or backend."""
+        rot = self.rotations[pool]
+        if backend not in rot.records:
+            raise KeyError(backend)
+        return rot.set_admin(backend, state)
+
+    def eject(self, pool: str, backend: str, reason: str, now: float) -> Ejected | None:
+        rot = self.rotations.get(pool)
+        if rot is None or not self.pools[pool].passive.enabled:
+            return None
+        return rot.eject(backend, reason, now)
+
+    def on_check(
+        self, pool: str, backend: str, result: CheckResult, transitioned: bool, now: float
+    ) -> EjectionEnded | None:
+        """A check result was written to the book: end an ejection it vouches for."""
+        pcfg = self.pools.get(pool)
+        rot = self.rotations.get(pool)
+        if pcfg is None or rot is None or backend not in rot.records:
+            return None
+        rec = rot.records[backend]
+        mode = pcfg.passive.end_on_check
+        if mode == "never" or not rec.ejected(now) or not result.ok:
+            return None
+        if not self.verdict(pool, backend).up:
+            return None
+        started = now - result.duration_s
+        if started < rec.last_ejection_at:
+            return None  # this probe was on its way before the failures were seen
+        if mode == "recovery" and not transitioned:
+            return None
+        reason = "active_check_recovered" if transitioned else "active_check_passed"
+        if not rot.end_ejection(backend, now):
+            return None
+        k = (pool, backend, reason)
+        self.ejections_ended[k] = self.ejections_ended.get(k, 0) + 1
+        return EjectionEnded(pool, backend, reason)
