@@ -76,32 +76,32 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """`tcp:HOST:PORT`, `HOST:PORT`, `[v6]:PORT` or `arp:IPV4`; ValueError names the rule."""
+    """`tcp:HOST:PORT`, `HOST:PORT`, `[v6]:PORT` or `arp:IPV4`; ValueError says the rule."""
     raw = text.strip()
     if raw.startswith("arp:"):
         try:
             ip = ipaddress.ip_address(raw[4:])
         except ValueError:
-            raise ValueError(f"arp: needs an IPv4 address (got {text!r})") from None
+            raise ValueError("arp: needs an IPv4 address") from None
         if ip.version != 4:
-            raise ValueError(f"arp: IPv4 only; probe an IPv6 gateway with tcp: (got {text!r})")
+            raise ValueError("arp: IPv4 only; probe an IPv6 gateway with tcp:")
         return Target("arp", str(ip))
     rest = raw.removeprefix("tcp:")
     if rest.startswith("["):
         end = rest.find("]")
         host, sep, port_s = rest[1:end], rest[end + 1:end + 2], rest[end + 2:]
         if end < 0 or sep != ":":
-            raise ValueError(f"expected [v6]:port (got {text!r})")
+            raise ValueError("expected [v6]:port")
     else:
         host, sep, port_s = rest.rpartition(":")
         if not sep or ":" in host:
-            raise ValueError(f"expected host:port, [v6]:port or arp:IPV4 (got {text!r})")
+            raise ValueError("expected host:port, [v6]:port or arp:IPV4")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"the host must be an IP address (got {text!r})") from None
+        raise ValueError("the host must be an IP address") from None
     if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise ValueError(f"port must be 1..65535 (got {text!r})")
+        raise ValueError("port must be 1..65535")
     return Target("tcp", str(ip), int(port_s))
 
 
@@ -318,7 +318,7 @@ class GatewayTracker:
             try:
                 parsed.append(parse_target(text))
             except ValueError as exc:
-                raise TrackError(f"failover.track_gateway: {exc}") from None
+                raise TrackError(f"failover.track_gateway: {exc} (got {text!r})") from None
         if not (math.isfinite(interval_s) and interval_s > 0):
             raise TrackError(f"failover.track_gateway_interval_s: must be > 0 (got {interval_s})")
         if not (math.isfinite(timeout_s) and timeout_s > 0):

@@ -283,6 +283,49 @@ METRICS: tuple[MetricDef, ...] = (
         True,
     ),
     _d("pairlb_vip_errors_total", "counter", "", "Failed VIP add/remove/announce calls.", True),
+    _d(
+        "pairlb_failover_peer_clock_offset_seconds",
+        "gauge",
+        "peer",
+        "The peer's clock minus ours (from its fastest recent heartbeat); also for nodes "
+        "whose heartbeats are rejected for their clock.",
+        True,
+    ),
+    _d(
+        "pairlb_failover_max_clock_skew_seconds",
+        "gauge",
+        "",
+        "failover.max_clock_skew_s: past this offset a restarted node is not heard.",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeats_verified_total",
+        "counter",
+        "key_id",
+        "Heartbeat datagrams whose HMAC verified, by key id (a key rotation's progress).",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeat_interval_clamped_total",
+        "counter",
+        "reason",
+        "Peer heartbeats whose advertised interval was clamped (too_long, too_short).",
+        True,
+    ),
+    _d(
+        "pairlb_failover_gateway_up",
+        "gauge",
+        "",
+        "Partition guard: 1 while a track_gateway target answers, 0 when not (FAULT).",
+        True,
+    ),
+    _d(
+        "pairlb_failover_gateway_probes_total",
+        "counter",
+        "target result",
+        "Partition guard probes by target and result (success, failure).",
+        True,
+    ),
     # workers
     _d("pairlb_worker_ready", "gauge", "worker", "1 when the worker in this slot is serving."),
     _d(
@@ -614,6 +657,7 @@ class PairlbCollector:
             edges[(old.upper(), new.upper())] = n
         for (old, new), n in sorted(edges.items()):
             add("pairlb_role_transitions_total", [old, new], n)
+        offsets: dict[str, float] = {}
         for peer in peers:
             name = str(peer.get("name") or ",".join(peer.get("addresses") or []) or "?")
             age = peer.get("last_heard_s")
@@ -628,6 +672,27 @@ class PairlbCollector:
             add("pairlb_peer_backends", [name], float(peer.get("total_backends") or 0))
             is_alive = peer.get("alive", age is not None)
             add("pairlb_peer_alive", [name], 1.0 if is_alive else 0.0)
+            if peer.get("clock_offset_s") is not None:
+                offsets[name] = peer["clock_offset_s"]
+        for clock in fo.get("rejected_clocks") or []:  # newer than a peer entry of that name
+            offsets[str(clock["name"])] = clock["offset_s"]
+        for name, offset in sorted(offsets.items()):
+            add("pairlb_failover_peer_clock_offset_seconds", [name], offset)
+        add("pairlb_failover_max_clock_skew_seconds", [], fo.get("max_clock_skew_s", 30.0))
+        for key in fo.get("keys") or []:
+            add("pairlb_heartbeats_verified_total", [str(key["id"])], key.get("verified", 0))
+        clamped = {"too_long": 0, "too_short": 0}
+        clamped.update(counters.get("interval_clamped") or {})
+        for reason, n in sorted(clamped.items()):
+            add("pairlb_heartbeat_interval_clamped_total", [reason], n)
+        gateway = fo.get("gateway")
+        if gateway:
+            add("pairlb_failover_gateway_up", [], 1.0 if gateway.get("up") else 0.0)
+            for t in gateway.get("targets") or []:
+                add("pairlb_failover_gateway_probes_total", [t["target"], "success"],
+                    t.get("successes", 0))
+                add("pairlb_failover_gateway_probes_total", [t["target"], "failure"],
+                    t.get("failures", 0))
 
     def _workers(
         self, st: Mapping[str, Any], add: Callable[[str, Sequence[str], float], None]
