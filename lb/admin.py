@@ -7,6 +7,10 @@ with the token from ``[admin] token_file``. Without a token file the actions are
 button. The token file must not be readable by group or others; ``make_app`` refuses to
 build the app otherwise (``AdminError``, which the daemon reports as a startup error).
 
+Every request must name a Host this endpoint serves (``HostPolicy``: its bind address,
+localhost names on loopback, any IP on a wildcard bind, ``[admin] allowed_hosts``), else
+421: a DNS-rebinding page cannot read ``/`` or ``/status`` through a browser.
+
 Hostile input gets a clear 4xx and changes nothing: names in paths are checked against the
 config's name pattern before any lookup, bodies are capped at ``MAX_BODY_BYTES`` (413),
 unknown pools/backends are 404, and an action either applies completely or not at all.
@@ -26,9 +30,7 @@ import html
 import ipaddress
 import json
 import logging
-import os
 import re
-import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -101,33 +103,14 @@ LOCK: web.AppKey[asyncio.Lock] = web.AppKey("lock")
 
 
 def load_token(path: str) -> str:
-    """Read the bearer token; refuse a file others can read, a missing or an empty one."""
+    """Read the bearer token; refuse a file others can read, a missing or an empty one
+    (the rules are lb.preflight.read_token's, which check-config applies too)."""
+    from lb import preflight
+
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise AdminError(f"[admin] token_file {path}: cannot read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AdminError(f"[admin] token_file {path}: not a regular file")
-    if st.st_mode & 0o077:
-        raise AdminError(
-            f"[admin] token_file {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read(4096).strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdminError(f"[admin] token_file {path}: cannot read: {exc}") from None
-    if not token:
-        raise AdminError(
-            f"[admin] token_file {path} is empty; create one with: "
-            f"(umask 077; head -c 32 /dev/urandom | base64 > {path})"
-        )
-    if not re.fullmatch(r"[\x21-\x7e]+", token):
-        raise AdminError(
-            f"[admin] token_file {path}: the token must be one word of printable ASCII"
-        )
-    return token
+        return preflight.read_token(path)
+    except preflight.PreflightError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -139,7 +122,90 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LOCALHOST_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class HostPolicy:
+    """Which Host header values the admin endpoint answers (DNS rebinding defence).
+
+    A page on evil.example whose name is re-pointed at 127.0.0.1 makes the browser send
+    ``Host: evil.example``: such a request is refused. Allowed: the bind host; localhost
+    names and loopback IPs when bound to loopback; any IP address when bound to a wildcard
+    (an IP literal can never be an attacker's name); and ``admin.allowed_hosts``. The port
+    is not compared (an SSH tunnel or a NAT may change it); a request without Host (HTTP/1.0,
+    which no browser sends) is allowed.
+    """
+
+    def __init__(self, bind: str, extra: tuple[str, ...] = ()) -> None:
+        host, _ = config_mod.parse_hostport(bind)
+        self.names = {self.normalise(host)} | {self.normalise(h) for h in extra}
+        self.any_ip = False
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and ip.is_unspecified:
+            self.any_ip = True
+            self.names |= LOCALHOST_NAMES
+        elif is_loopback(host):
+            self.names |= LOCALHOST_NAMES
+            if host in LOCALHOST_NAMES:
+                self.names |= {"127.0.0.1", "::1"}
+
+    @staticmethod
+    def normalise(host: str) -> str:
+        h = host.strip().lower().rstrip(".")
+        if h.startswith("[") and h.endswith("]"):
+            h = h[1:-1]
+        return h
+
+    @classmethod
+    def host_of(cls, header: str) -> str:
+        """The host part of a Host header value, without port or IPv6 brackets."""
+        h = header.strip()
+        if h.startswith("["):
+            return cls.normalise(h[: h.find("]") + 1] if "]" in h else h)
+        name, sep, port = h.rpartition(":")
+        if sep and port.isdigit() and ":" not in name:
+            h = name
+        return cls.normalise(h)
+
+    def allows(self, header: str | None) -> bool:
+        if header is None:
+            return True
+        host = self.host_of(header)
+        if not host:
+            return False
+        if host in self.names:
+            return True
+        if self.any_ip:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            return True
+        return False
+
+
+HOSTS: web.AppKey[HostPolicy] = web.AppKey("hosts")
+
+
 # -- middlewares ----------------------------------------------------------------------------
+
+
+@web.middleware
+async def check_host(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """421 for a Host this endpoint does not serve (see HostPolicy), before anything else."""
+    header = request.headers.get("Host")
+    if not request.app[HOSTS].allows(header):
+        raise ApiError(
+            421,
+            f"this endpoint does not serve Host {(header or '')[:100]!r}: use its address, or add "
+            f"the name to [admin] allowed_hosts",
+        )
+    return await handler(request)
 
 
 @web.middleware
@@ -330,8 +396,9 @@ def make_app(daemon: AdminDaemon) -> web.Application:
             "clear text; bind 127.0.0.1 or put a TLS proxy in front",
         )
     app = web.Application(
-        middlewares=[json_errors, guard_actions], client_max_size=MAX_BODY_BYTES
+        middlewares=[json_errors, check_host, guard_actions], client_max_size=MAX_BODY_BYTES
     )
+    app[HOSTS] = HostPolicy(acfg.bind, acfg.allowed_hosts)
     app[DAEMON] = daemon
     app[TOKEN] = token
     app[REGISTRY] = metrics.make_registry(daemon)

@@ -70,10 +70,28 @@ def resolve(args: argparse.Namespace) -> tuple[str, str | None]:
     return url, token
 
 
+def _opener() -> Any:
+    """urllib without the two ways a bearer token leaks: no proxy from the environment
+    (HTTP_PROXY, http_proxy, ALL_PROXY ... would see the token in clear), and no redirect
+    followed (a 3xx is an error; urllib would resend the Authorization header to wherever
+    Location points)."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                             newurl: str) -> None:
+            return None  # urllib then raises HTTPError with the 3xx status
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
+
+
 def call(
     method: str, url: str, path: str, token: str | None = None, timeout_s: float = 10.0
 ) -> tuple[int, Any]:
-    """One API call; (status, parsed JSON). Raises ClientError when pairlb is unreachable."""
+    """One API call; (status, parsed JSON). Raises ClientError when pairlb is unreachable.
+
+    Straight to ``url``: never through a proxy from the environment, never following a
+    redirect (see ``_opener``)."""
     import urllib.error  # lazily: `pairlb run` should not pay for urllib and ssl
     import urllib.request
 
@@ -82,10 +100,16 @@ def call(
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with _opener().open(req, timeout=timeout_s) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
+        if 300 <= status < 400:
+            where = exc.headers.get("Location", "?") if exc.headers else "?"
+            raise ClientError(
+                f"admin at {url} answered {status} redirecting to {where[:200]}; not followed "
+                f"(the token goes only to --admin): point --admin at pairlb itself"
+            ) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, ConnectionRefusedError):

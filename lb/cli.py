@@ -19,15 +19,18 @@ def _load_or_report(path: str | None) -> config_mod.Config | None:
             return config_mod.loads(config_mod.DEFAULT_CONFIG_TOML, "<embedded default>")
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
-        from lb.log import stderr_is_journal
-
-        # Under systemd (ExecStartPre/ExecReload) these lines are errors in the journal too.
-        prio = "<3>" if stderr_is_journal() else ""
-        where = exc.source or "config"
-        print(f"{prio}{where}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for err in exc.errors:
-            print(f"{prio}  {err}", file=sys.stderr)
+        _report(exc.source or "config", exc.errors)
         return None
+
+
+def _report(where: str, errors: list[str]) -> None:
+    from lb.log import stderr_is_journal
+
+    # Under systemd (ExecStartPre/ExecReload) these lines are errors in the journal too.
+    prio = "<3>" if stderr_is_journal() else ""
+    print(f"{prio}{where}: {len(errors)} error(s)", file=sys.stderr)
+    for err in errors:
+        print(f"{prio}  {err}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -43,9 +46,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from lb import preflight
+
     cfg = _load_or_report(args.file)
     if cfg is None:
         return 2
+    # What `run` checks against this host before it starts (files, users, interfaces, the
+    # health checks as built): OK means it will start.
+    errors, notes = preflight.check(cfg)
+    if errors:
+        _report(args.file, errors)
+        return 2
+    for note in notes if not args.quiet else []:
+        print(f"{args.file}: note: {note}")
     if not args.quiet:
         print(
             f"{args.file}: OK (node {cfg.node.name}, {len(cfg.listener)} listener(s), "
@@ -64,11 +77,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     import failover
 
     try:
-        failover.write_key_file(args.file)
+        key = failover.write_key_file(args.file, force=args.force)
     except failover.FailoverError as exc:
         print(f"pairlb keygen: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote a new failover key to {args.file} (mode 0600); copy it to every node")
+    print(f"wrote a new failover key to {args.file} (mode 0600, key id "
+          f"{failover.key_id(key)}); copy it to every node")
     return 0
 
 
@@ -100,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="write a new failover key file (mode 0600)")
     p.add_argument("file", help="e.g. /etc/pairlb/failover.key")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file (atomically); for a running pair follow "
+                        "the key rotation procedure in docs/operations.md instead")
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("demo", help="the live demo on the embedded default config")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lb import channel
+from lb import channel, sysutil
 
 logger = logging.getLogger("lb.supervisor")
 
@@ -81,8 +81,13 @@ class Supervisor:
         on_message: Callable[[WorkerHandle, channel.Message], None],
         ping_interval_s: float = 1.0,
         ping_timeout_s: float = 5.0,
+        worker_args: Callable[[], list[str]] = list,
     ) -> None:
         self.count = count
+        self.worker_args = worker_args
+        """Extra arguments of each new worker (its user and group: lb.sysutil.Identity)."""
+        self.refused = 0
+        """Workers that exited because they could not drop their privileges."""
         self.listener_fds = listener_fds
         self.welcome = welcome
         self.on_message = on_message
@@ -109,6 +114,8 @@ class Supervisor:
         while time.monotonic() < deadline:
             if all(h.ready for h in self.slots.values()):
                 return True
+            if self.refused:
+                return False
             await asyncio.sleep(0.01)
         return False
 
@@ -186,6 +193,7 @@ class Supervisor:
                 "lb.worker",
                 str(child_sock.fileno()),
                 str(index),
+                *self.worker_args(),
                 pass_fds=[child_sock.fileno(), *fds.values()],
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -237,6 +245,13 @@ class Supervisor:
         st = self.slot_stats[handle.index]
         ran_s = now - handle.started_at
         how = f"signal={signal.Signals(-code).name}" if code < 0 else f"code={code}"
+        if code == sysutil.EXIT_PRIVILEGES:
+            self.refused += 1
+            logger.error(
+                "event=worker_refused_to_serve index=%d pid=%s reason=privilege_drop_failed",
+                handle.index,
+                handle.pid,
+            )
         st.crashes += 1
         st.backoff_s = (
             0.0

@@ -1,6 +1,9 @@
 """A proxy worker process: accepts on the listening sockets it inherited and proxies.
 
-Started by the control process as ``python -m lb.worker CHANNEL_FD``. Everything it knows
+Started by the control process as ``python -m lb.worker CHANNEL_FD INDEX --uid U --gid G``.
+Before anything else it gives up every privilege (lb.sysutil.drop_privileges: no
+capabilities, no_new_privs, and the unprivileged user when started as root) and raises its
+own OOM score; if the drop fails it exits with EXIT_PRIVILEGES and never serves. Everything it knows
 arrives over the channel (lb.channel): the validated config with the listener fds, then
 pool snapshots. It sends back counters and passive-health ejections. It never starts
 accepting before it has a snapshot, so a fresh worker cannot send traffic to a backend
@@ -22,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from lb import channel, log
+from lb import channel, log, sysutil
 from lb.config import Config, ListenerConfig, PoolConfig
 from lb.pool import BackendEntry, Ejection, Pool, build_pool
 from lb.proxy import ProxyServer
@@ -242,14 +245,52 @@ def _changed(old: Config, pcfg: PoolConfig) -> bool:
         return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    channel_fd, index = int(args[0]), int(args[1]) if len(args) > 1 else 0
-    log.setup("info", "auto", f"worker{index}")
-    worker = Worker(channel_fd, index)
+def _preload() -> Any:
+    """Import now what the worker would otherwise import on first use: after the drop, the
+    interpreter's own files may not be readable by the worker's user (a pyenv under /root)."""
+    import encodings.idna  # noqa: F401  (getaddrinfo of a backend host name)
+
     try:
         import uvloop
     except ImportError:
+        return None
+    return uvloop
+
+
+def _parse_args(args: list[str]) -> tuple[int, int, sysutil.Identity | None]:
+    channel_fd, index = int(args[0]), int(args[1]) if len(args) > 1 else 0
+    opts = dict(zip(args[2::2], args[3::2], strict=False))
+    target = None
+    if "--uid" in opts and "--gid" in opts:
+        uid, gid = int(opts["--uid"]), int(opts["--gid"])
+        target = sysutil.Identity(uid, gid, str(uid), str(gid), switch=uid != os.geteuid()
+                                  or gid != os.getegid() or os.geteuid() == 0)
+    return channel_fd, index, target
+
+
+def drop(target: sysutil.Identity | None) -> bool:
+    """Raise the OOM score, then drop every privilege; False (logged) when that failed."""
+    try:
+        sysutil.set_oom_score_adj(sysutil.OOM_SCORE_ADJ_WORKER)
+    except OSError as exc:
+        logger.warning("event=worker_oom_score_adj_failed error=%r", exc.strerror)
+    try:
+        st = sysutil.drop_privileges(target)
+    except sysutil.PrivilegeError as exc:
+        logger.critical("event=worker_privilege_drop_failed error=%r action=exit", str(exc))
+        return False
+    logger.debug("event=worker_privileges_dropped %s", st.summary())
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    channel_fd, index, target = _parse_args(sys.argv[1:] if argv is None else argv)
+    log.setup("info", "auto", f"worker{index}")
+    uvloop = _preload()
+    if not drop(target):
+        return sysutil.EXIT_PRIVILEGES
+    worker = Worker(channel_fd, index)
+    if uvloop is None:
         asyncio.run(worker.run())
     else:
         uvloop.run(worker.run())

@@ -60,10 +60,10 @@ def raw(port: int, data: bytes, host: str = "127.0.0.1", timeout_s: float = 5.0
     return int(buf.split(b" ", 2)[1]), buf.partition(b"\r\n\r\n")[2]
 
 
-def post(path: bytes, *, token: str | None = TOKEN, extra: bytes = b"", body: bytes = b""
-         ) -> bytes:
+def post(path: bytes, *, token: str | None = TOKEN, extra: bytes = b"", body: bytes = b"",
+         host: bytes = b"127.0.0.1") -> bytes:
     auth = b"Authorization: Bearer " + token.encode() + b"\r\n" if token else b""
-    return (b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + auth
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n" + auth
             + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
@@ -116,7 +116,7 @@ def pairlb(argv_prefix: list[str], cfg: Path, log: Path) -> Iterator[subprocess.
 
 
 def status(port: int) -> dict[str, Any]:
-    code, body = raw(port, b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    code, body = raw(port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert code == 200, body[:300]
     out: dict[str, Any] = json.loads(body)
     return out
@@ -160,7 +160,7 @@ HOSTILE: list[tuple[str, bytes]] = [
     ("non-UTF-8 name", post(b"/backends/web/b\xff\xfe1/drain")),
     ("overlong name", post(b"/backends/web/" + b"b" * 5000 + b"/drain")),
     ("unknown action", post(b"/backends/web/b1/delete")),
-    ("GET on an action", b"GET /backends/web/b1/drain HTTP/1.1\r\nHost: x\r\n"
+    ("GET on an action", b"GET /backends/web/b1/drain HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Connection: close\r\n\r\n"),
     ("oversized body", post(b"/backends/web/b1/drain", body=b"x" * 100_000)),
     ("lying content-length", post(b"/reload", body=b"{}")[:-2].replace(
@@ -213,8 +213,8 @@ def test_non_loopback_admin_address_warns_and_still_needs_the_token(tmp_path: Pa
             deadline = time.monotonic() + 20
             while True:
                 with contextlib.suppress(OSError):
-                    if ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                           )[0] == 200:
+                    if ask(f"GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+                           .encode())[0] == 200:
                         break
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
@@ -222,9 +222,13 @@ def test_non_loopback_admin_address_warns_and_still_needs_the_token(tmp_path: Pa
             text = log.read_text()
             assert f"event=admin_non_loopback bind={addr}:9900" in text
             assert "clear text" in text
-            assert ask(post(b"/backends/web/b1/drain", token=None))[0] == 401
-            assert ask(post(b"/backends/web/b1/drain", token="guess"))[0] == 403
-            code, body = ask(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            host = f"{addr}:9900".encode()
+            assert ask(post(b"/backends/web/b1/drain", token=None, host=host))[0] == 401
+            assert ask(post(b"/backends/web/b1/drain", token="guess", host=host))[0] == 403
+            # Its own address is the only Host it answers (no allowed_hosts): not localhost.
+            assert ask(post(b"/backends/web/b1/drain", host=b"localhost"))[0] == 421
+            code, body = ask(b"GET /status HTTP/1.1\r\nHost: " + host
+                             + b"\r\nConnection: close\r\n\r\n")
             assert code == 200
             assert {b["admin_state"] for b in json.loads(body)["pools"][0]["backends"]} \
                 == {"enabled"}

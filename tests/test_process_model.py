@@ -310,3 +310,103 @@ def test_sigterm_finishes_in_flight_then_refuses(node: Node) -> None:
     assert results == [200, 200, 200, 200]
     assert node.proc.wait(10) == 0
     assert time.monotonic() - t0 < 5.0
+
+
+# -- privileges and the OOM killer (issue 13) ------------------------------------------------
+
+
+def _wait_workers_serving(node: Node, n: int, timeout_s: float = 20.0) -> None:
+    end = time.monotonic() + timeout_s
+    while node.log_text().count("event=worker_serving") < n:
+        assert time.monotonic() < end, node.log_text()[-3000:]
+        time.sleep(0.05)
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _oom_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(os.geteuid() != 0, reason="the drop from root to nobody needs root")
+def test_workers_run_as_nobody_with_no_capability_and_still_serve(node: Node) -> None:
+    """Run by hand as root: every worker is nobody/nogroup, no supplementary groups, all
+    five capability sets empty, no_new_privs, and first in the OOM killer's choice; the
+    control process keeps its privileges (it needs them) and ranks last."""
+    import grp
+    import pwd
+
+    assert node.proc is not None
+    _wait_workers_serving(node, 2)
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_gid
+    pids = node.worker_pids()
+    assert len(pids) == 2
+    for pid in pids:
+        st = _status(pid)
+        assert st["Uid"].split() == [str(nobody.pw_uid)] * 4, st["Uid"]
+        assert st["Gid"].split() == [str(group)] * 4, st["Gid"]
+        assert st["Groups"] == ""
+        for caps in ("CapEff", "CapPrm", "CapAmb", "CapInh", "CapBnd"):
+            assert int(st[caps], 16) == 0, (caps, st[caps])
+        assert st["NoNewPrivs"] == "1"
+        assert _oom_adj(pid) == 500
+    control = _status(node.proc.pid)
+    assert control["Uid"].split()[1] == "0" and int(control["CapEff"], 16) != 0
+    adj = _oom_adj(node.proc.pid)
+    if int(control["CapEff"], 16) & (1 << 24):  # CAP_SYS_RESOURCE: it may lower its own
+        assert adj == -500
+    assert adj <= 0 < 500
+    assert "event=privileges workers_user=nobody workers_group=" in node.log_text()
+    # Traffic still flows through the unprivileged workers (both of them, new connections).
+    with Load(node.port, clients=4, max_requests=400) as load:
+        end = time.monotonic() + 10
+        while len(load.results) < 400 and time.monotonic() < end:
+            time.sleep(0.05)
+    assert load.ok() >= 400 and load.failures() == []
+    assert "ModuleNotFoundError" not in node.log_text()
+    assert "PermissionError" not in node.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_drop_refuses_to_serve(tmp_path: Path) -> None:
+    """Asked to become uid 0 (what a drop that silently failed would leave), the worker's
+    own check of /proc/self/status refuses: exit 78, a clear log line, nothing served."""
+    parent, child = socket.socketpair()
+    uid = os.geteuid()
+    args = ["--uid", str(uid), "--gid", str(os.getegid())]
+    if uid != 0:
+        pytest.skip("as non-root the worker keeps its own uid, which is not 0")
+    proc = subprocess.run(
+        [PY, "-m", "lb.worker", str(child.fileno()), "0", *args],
+        cwd=ROOT, pass_fds=[child.fileno()], capture_output=True, text=True, timeout=30,
+    )
+    child.close()
+    parent.settimeout(1)
+    assert parent.recv(100) == b""  # never said hello
+    parent.close()
+    assert proc.returncode == 78, proc.stderr
+    assert "event=worker_privilege_drop_failed" in proc.stderr
+    assert "still uid 0" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_an_unknown_worker_user_stops_the_start_with_the_key_named(tmp_path: Path) -> None:
+    n = Node(tmp_path)
+    text = n.config().replace("workers = 2\n", 'workers = 2\nworker_user = "plb-no-such-user"\n')
+    n.cfg.write_text(text)
+    proc = subprocess.run([PY, "-m", "lb", "run", "-c", str(n.cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "node.worker_user: no such user 'plb-no-such-user'" in proc.stderr
+    check = subprocess.run([PY, "-m", "lb", "check-config", str(n.cfg)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 2
+    assert "node.worker_user: no such user 'plb-no-such-user'" in check.stderr

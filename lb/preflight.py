@@ -1,0 +1,142 @@
+"""Checks of a valid config against this host: what ``pairlb run`` needs before it starts.
+
+``pairlb check-config`` and the daemon's startup both call ``check()``, so a config that
+check-config calls OK does start (bind errors aside: a port in use is only known by binding
+it, which a running node does). Each problem is one line naming the dotted key:
+
+- ``node.worker_user`` / ``worker_group`` exist and can be switched to (lb.sysutil);
+- ``admin.token_file``: exists, a regular file, not readable by group or others, one word
+  of printable ASCII (the rules ``read_token`` applies at startup);
+- ``failover.key_file``: the same rules and length as the failover code loads it with;
+  ``failover.interface`` exists on this host;
+- every health check builds (``pool[i].health.*`` and per-backend overrides), exactly as the
+  daemon builds them.
+
+Paths under ``/run/credentials/`` are systemd credentials (LoadCredential=): only the service
+sees them, so outside it (``$CREDENTIALS_DIRECTORY`` unset, e.g. install.sh or an operator's
+shell) they are reported as notes, not errors; the unit's ExecStartPre= and ExecReload=
+check-config run inside the service and check them for real.
+
+Imports neither aiohttp nor the failover package's network code: check-config stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+
+from lb import sysutil
+from lb.config import Config
+
+CREDENTIALS_ROOT = "/run/credentials/"
+
+
+class PreflightError(Exception):
+    """One problem; the message names the key and says how to fix it."""
+
+
+def read_token(path: str) -> str:
+    """Read the admin bearer token; refuse a file others can read, a missing or an empty one."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise PreflightError(f"[admin] token_file {path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PreflightError(f"[admin] token_file {path}: not a regular file")
+    if st.st_mode & 0o077:
+        raise PreflightError(
+            f"[admin] token_file {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PreflightError(f"[admin] token_file {path}: cannot read: {exc}") from None
+    if not token:
+        raise PreflightError(
+            f"[admin] token_file {path} is empty; create one with: "
+            f"(umask 077; head -c 32 /dev/urandom | base64 > {path})"
+        )
+    if not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise PreflightError(
+            f"[admin] token_file {path}: the token must be one word of printable ASCII"
+        )
+    return token
+
+
+def unseen_credential(path: str) -> bool:
+    """A systemd credential path while we are not inside the service that has it."""
+    if not path.startswith(CREDENTIALS_ROOT):
+        return False
+    here = os.environ.get("CREDENTIALS_DIRECTORY")
+    return not here or not path.startswith(here.rstrip("/") + "/")
+
+
+def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list[str]]:
+    """(errors, notes) for ``cfg`` on this host. ``inside_service``: never skip a credential
+    path (the daemon itself: if it cannot see the file, that is an error)."""
+    errors: list[str] = []
+    notes: list[str] = []
+
+    def skip(key: str, path: str) -> bool:
+        if inside_service or not unseen_credential(path):
+            return False
+        notes.append(
+            f"{key}: {path} is a systemd credential, visible only inside the service; "
+            f"not checked here (the unit's check-config checks it)"
+        )
+        return True
+
+    try:
+        sysutil.worker_identity(cfg.node.worker_user, cfg.node.worker_group)
+    except sysutil.PrivilegeError as exc:
+        errors.append(str(exc))
+    acfg = cfg.admin
+    if acfg.enabled and acfg.token_file and not skip("admin.token_file", acfg.token_file):
+        try:
+            read_token(acfg.token_file)
+        except PreflightError as exc:
+            errors.append(f"admin.token_file: {exc}")
+    fcfg = cfg.failover
+    if fcfg is not None:
+        what = "failover.key_files" if fcfg.key_files else "failover.key_file"
+        for path in fcfg.key_paths:  # each key of a rotation, the signing one first
+            if not skip(what, path):
+                from failover.codec import KeyFileError, load_key
+
+                try:
+                    load_key(path)
+                except KeyFileError as exc:
+                    errors.append(f"{what}: {exc}")
+        try:
+            socket.if_nametoindex(fcfg.interface)
+        except OSError:
+            errors.append(f"failover.interface: no interface named {fcfg.interface!r} on this "
+                          f"host (ip link)")
+    errors += _health_errors(cfg)
+    return errors, notes
+
+
+def _health_errors(cfg: Config) -> list[str]:
+    """Build every health check the way the daemon does; name the key of each refusal."""
+    from healthcheck import HealthConfigError, Target
+    from lb.backends import check_spec
+
+    out: list[str] = []
+    for i, pcfg in enumerate(cfg.pool):
+        if not pcfg.health.enabled:
+            continue
+        for j, b in enumerate(pcfg.backends):
+            try:
+                spec, port = check_spec(pcfg, b)
+                Target((pcfg.name, b.name), b.host_port[0], port, spec)
+            except HealthConfigError as exc:
+                override = b.health is not None and getattr(b.health, exc.field, None) is not None
+                key = f"pool[{i}].backends[{j}].health" if override else f"pool[{i}].health"
+                line = f"{key}.{exc.field}: {exc.rule} (got {exc.value!r})"
+                if line not in out:  # a pool setting fails once per backend: say it once
+                    out.append(line)
+    return out
