@@ -212,6 +212,8 @@ class ListenerConfig(_Model):
 
 
 StatusRange = Annotated[str, Field(pattern=r"^[1-5][0-9][0-9](-[1-5][0-9][0-9])?$")]
+HostHeader = Annotated[str, Field(pattern=r"^[\x21-\x7e]+$")]
+"""A Host header value: printable ASCII, no space, CR, LF or other control character."""
 
 
 class HealthConfig(_Model):
@@ -221,7 +223,7 @@ class HealthConfig(_Model):
     """HTTP method of the probe."""
     path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] = "/healthz"
     """Request target of the probe."""
-    host: str | None = None
+    host: HostHeader | None = None
     """Host header of the probe; default: the backend address."""
     expect_status: tuple[StatusRange, ...] = ("200-399",)
     """Passing statuses: codes or inclusive ranges like ``"200-399"``."""
@@ -268,7 +270,7 @@ class HealthOverride(_Model):
 
     path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] | None = None
     """Overrides ``[pool.health] path``."""
-    host: str | None = None
+    host: HostHeader | None = None
     """Overrides ``[pool.health] host``."""
     interval_s: Seconds | None = None
     """Overrides ``[pool.health] interval_s``."""

@@ -212,3 +212,202 @@ def test_check_config_cli(tmp_path: Path) -> None:
 def test_version_cli() -> None:
     r = _cli("version")
     assert r.returncode == 0 and r.stdout.startswith("pairlb ")
+
+
+# -- strict types (issue 13) ----------------------------------------------------------------
+
+NODE = '[node]\nname = "lb1"\n'
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (NODE, NODE + 'workers = "2"\n', "node.workers: Input should be a valid integer (got '2')"),
+        (NODE, NODE + "workers = 2.0\n", "node.workers: Input should be a valid integer (got 2.0)"),
+        (NODE, NODE + "shutdown_timeout_s = true\n",
+         "node.shutdown_timeout_s: Input should be a valid number (got True)"),
+        (NODE, NODE + 'shutdown_timeout_s = "30"\n',
+         "node.shutdown_timeout_s: Input should be a valid number (got '30')"),
+        (NODE, NODE + "worker_nice = true\n",
+         "node.worker_nice: Input should be a valid integer (got True)"),
+        ('mode = "http"', 'mode = "http"\nfreebind = "yes"',
+         "listener[0].freebind: Input should be a valid boolean (got 'yes')"),
+        ('mode = "http"', 'mode = "http"\nvia = 1',
+         "listener[0].via: Input should be a valid boolean (got 1)"),
+        ('mode = "http"', 'mode = "http"\ntrusted_proxies = [10]',
+         "listener[0].trusted_proxies[0]: Input should be a valid string (got 10)"),
+        ('weight = 2', 'weight = "2"',
+         "pool[0].backends[1].weight: Input should be a valid integer (got '2')"),
+        ('name = "lb1"', "name = 1", "node.name: Input should be a valid string (got 1)"),
+    ],
+)
+def test_types_are_strict(old: str, new: str, expected: str) -> None:
+    text = CONTRACT.replace(old, new, 1)
+    assert text != CONTRACT
+    with pytest.raises(c.ConfigError) as ei:
+        c.loads(text)
+    assert expected in ei.value.errors, ei.value.errors
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "[pool.health]\ninterval_s = 2\ntimeout_s = 1\n",  # TOML ints for floats: kept
+        "[admin]\nenabled = false\n",
+        '[pool.health]\nexpect_status = ["200", "300-399"]\n',  # arrays for tuples
+    ],
+)
+def test_ints_for_floats_and_arrays_for_tuples_are_fine(extra: str) -> None:
+    cfg = c.loads(CONTRACT + extra)
+    assert isinstance(cfg.pool[0].health.interval_s, float)
+    assert isinstance(cfg.pool[0].health.expect_status, tuple)
+
+
+def test_admin_and_admin_enabled_strings_are_refused_together() -> None:
+    with pytest.raises(c.ConfigError) as ei:
+        c.loads(CONTRACT + '[admin]\nenabled = "yes"\nallowed_hosts = ["a b"]\n')
+    assert "admin.enabled: Input should be a valid boolean (got 'yes')" in ei.value.errors
+    assert any(e.startswith("admin.allowed_hosts: not a host name") for e in ei.value.errors)
+
+
+@pytest.mark.parametrize(
+    "host", ["evil\r\nX-Injected: 1", "a\nb", "a b", "\x00", ""],
+)
+def test_a_health_host_header_with_cr_lf_or_controls_is_refused(host: str) -> None:
+    text = CONTRACT + f"[pool.health]\nhost = {_toml_str(host)}\n"
+    with pytest.raises(c.ConfigError) as ei:
+        c.loads(text)
+    assert any(e.startswith("pool[0].health.host: String should match pattern")
+               for e in ei.value.errors), ei.value.errors
+    override = CONTRACT.replace('weight = 2 }', f"weight = 2, health = {{ host = "
+                                                f"{_toml_str(host)} }} }}")
+    with pytest.raises(c.ConfigError) as ei:
+        c.loads(override)
+    assert any(e.startswith("pool[0].backends[1].health.host: String should match pattern")
+               for e in ei.value.errors), ei.value.errors
+
+
+def _toml_str(s: str) -> str:
+    return '"' + "".join(ch if 0x20 <= ord(ch) < 0x7f and ch not in '"\\' else
+                         f"\\u{ord(ch):04x}" for ch in s) + '"'
+
+
+# -- check-config checks what run checks (issue 13) -----------------------------------------
+
+
+def _run_and_check(tmp_path: Path, text: str, env: dict[str, str] | None = None
+                   ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """check-config and run on the same file (run stops at its checks: no port, no VIP)."""
+    import os
+
+    path = tmp_path / "lb.toml"
+    path.write_text(text)
+    full = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    full.update(env or {})
+    check = subprocess.run([sys.executable, "-m", "lb", "check-config", str(path)],
+                           capture_output=True, text=True, timeout=60, env=full)
+    run = subprocess.run([sys.executable, "-m", "lb", "run", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60, env=full)
+    return check, run
+
+
+def _secret(tmp_path: Path, name: str, content: str, mode: int) -> Path:
+    p = tmp_path / name
+    p.write_text(content)
+    p.chmod(mode)
+    return p
+
+
+TOKEN_OK = "t0ken-for-the-config-tests"
+KEY_OK = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+
+def _failover(key: Path, interface: str = "lo") -> str:
+    return (f'[failover]\ninterface = "{interface}"\nvips = ["192.0.2.100/24"]\n'
+            f'peers = ["192.0.2.12"]\nkey_file = "{key}"\n')
+
+
+CASES = {
+    "token file missing": (
+        lambda t: f'[admin]\ntoken_file = "{t / "nope.token"}"\n',
+        "admin.token_file: [admin] token_file {t}/nope.token: cannot read: No such file",
+    ),
+    "token file readable by others": (
+        lambda t: f'[admin]\ntoken_file = "{_secret(t, "a.token", TOKEN_OK, 0o644)}"\n',
+        "accessible by group or others (mode 0644); fix it with: chmod 600",
+    ),
+    "token file empty": (
+        lambda t: f'[admin]\ntoken_file = "{_secret(t, "e.token", "", 0o600)}"\n',
+        "is empty; create one with",
+    ),
+    "key file missing": (
+        lambda t: _failover(t / "nope.key") + '[admin]\nenabled = false\n',
+        "failover.key_file: {t}/nope.key: no such key file",
+    ),
+    "key file readable by others": (
+        lambda t: _failover(_secret(t, "k.key", KEY_OK, 0o640)),
+        "key file is accessible by group/others (mode 0640)",
+    ),
+    "key too short": (
+        lambda t: _failover(_secret(t, "s.key", "abcd", 0o600)),
+        "key too short",
+    ),
+    "no such VIP interface": (
+        lambda t: _failover(_secret(t, "i.key", KEY_OK, 0o600), "plbnone0"),
+        "failover.interface: no interface named 'plbnone0' on this host",
+    ),
+    "unknown worker user": (
+        lambda t: '[admin]\nenabled = false\n',
+        "node.worker_user: no such user 'plb-no-such-user'",
+    ),
+    "probe HEAD with a body to expect": (
+        lambda t: '[pool.health]\nmethod = "HEAD"\nexpect_body = "ok"\n',
+        "pool[0].health.expect_body: needs a method other than HEAD (got 'ok')",
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_check_config_refuses_what_run_refuses(tmp_path: Path, case: str) -> None:
+    make, message = CASES[case]
+    text = CONTRACT + make(tmp_path)
+    if case == "unknown worker user":
+        text = text.replace('name = "lb1"\n', 'name = "lb1"\nworker_user = "plb-no-such-user"\n',
+                            1)
+    check, run = _run_and_check(tmp_path, text)
+    want = message.format(t=tmp_path)
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert want in check.stderr, check.stderr
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "event=startup_failed" in run.stderr and want in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_credentials_are_checked_inside_the_service_and_noted_outside(tmp_path: Path) -> None:
+    """/run/credentials/pairlb.service/ exists only inside the service: check-config from a
+    shell (install.sh) notes the path; with $CREDENTIALS_DIRECTORY set (ExecStartPre) the
+    file is checked for real."""
+    text = CONTRACT + '[admin]\ntoken_file = "/run/credentials/pairlb.service/admin.token"\n'
+    path = tmp_path / "lb.toml"
+    path.write_text(text)
+    r = _cli("check-config", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "note: admin.token_file: /run/credentials/pairlb.service/admin.token is a systemd " \
+           "credential" in r.stdout
+    import os
+
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": "/run/credentials/pairlb.service"}
+    r = subprocess.run([sys.executable, "-m", "lb", "check-config", str(path)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2
+    assert "admin.token_file: [admin] token_file /run/credentials/pairlb.service/admin.token: " \
+           "cannot read" in r.stderr
+
+
+def test_check_config_ok_with_good_secrets(tmp_path: Path) -> None:
+    token = _secret(tmp_path, "ok.token", TOKEN_OK, 0o600)
+    path = tmp_path / "lb.toml"
+    path.write_text(CONTRACT + f'[admin]\ntoken_file = "{token}"\n')
+    r = _cli("check-config", str(path))
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
