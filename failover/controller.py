@@ -712,11 +712,14 @@ class FailoverController:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for task in (self._runner, self._tracker_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._tracker_task is not None:
+            self._tracker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged when it died
+                await self._tracker_task
         if self._tracker is not None:
             self._tracker.close()
         self._transport.close()

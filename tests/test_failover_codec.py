@@ -22,15 +22,19 @@ from failover.codec import (
     HEADER_LEN,
     MAC_LEN,
     MAGIC,
+    MAX_INTERVAL_MS,
     Heartbeat,
     HeartbeatFlags,
     HeartbeatRejected,
     KeyFileError,
     RejectReason,
     ReplayGuard,
+    bound_interval,
     decode,
+    decode_any,
     encode,
     generate_key,
+    key_id,
     load_key,
     write_key_file,
 )
@@ -277,3 +281,63 @@ def test_short_missing_and_raw_keys(tmp_path: os.PathLike[str]) -> None:
     os.write(fd, b"a passphrase that is long enough\n")
     os.close(fd)
     assert load_key(raw) == b"a passphrase that is long enough"
+
+
+def test_keygen_force_replaces_atomically_and_stays_private(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "failover.key")
+    first = write_key_file(path)
+    old_umask = os.umask(0)  # a careless umask must not make the key readable
+    try:
+        second = write_key_file(path, force=True)
+    finally:
+        os.umask(old_umask)
+    assert second != first and load_key(path) == second
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["failover.key"]  # no temporary file left
+    link = os.path.join(tmp_path, "link")
+    os.symlink(os.path.join(tmp_path, "elsewhere"), link)
+    with pytest.raises(KeyFileError, match="already exists"):
+        write_key_file(link)  # never written through a symlink
+    assert not os.path.exists(os.path.join(tmp_path, "elsewhere"))
+
+
+# -- key rotation and the advertised interval -------------------------------------------------
+
+
+def test_decode_any_says_which_key_verified_and_refuses_all_others() -> None:
+    old, new, other = b"o" * 32, b"n" * 32, b"x" * 32
+    assert decode_any(encode(hb(), old), [new, old]) == (hb(), 1)
+    assert decode_any(encode(hb(), new), [new, old]) == (hb(), 0)
+    for keys in ([new, old], [], [other]):
+        with pytest.raises(HeartbeatRejected) as exc:
+            decode_any(encode(hb(), b"y" * 32), keys)
+        assert exc.value.reason is RejectReason.BAD_MAC
+    assert decode(encode(hb(), old), old) == hb()
+
+
+def test_key_id_names_a_key_without_showing_it() -> None:
+    a, b = generate_key(), generate_key()
+    assert key_id(a) == key_id(a) and key_id(a) != key_id(b)
+    assert len(key_id(a)) == 8 and key_id(a) not in a.hex()
+
+
+@pytest.mark.parametrize("advertised,own,want", [
+    (30, 30, (30, None)),
+    (300, 30, (300, None)),            # 10 x ours: still within bounds
+    (301, 30, (300, "too_long")),
+    (10_000, 30, (300, "too_long")),   # the longest a config allows, clamped
+    (3, 30, (3, None)),
+    (2, 30, (3, "too_short")),
+    (1, 5, (1, None)),                 # 5 ms / 10 rounds up to 1 ms
+    (1, 1, (1, None)),
+])
+def test_bound_interval_table(advertised: int, own: int, want: tuple[int, str | None]) -> None:
+    assert bound_interval(advertised, own) == want
+
+
+def test_an_interval_no_config_can_send_is_rejected() -> None:
+    with pytest.raises(HeartbeatRejected) as exc:
+        bound_interval(MAX_INTERVAL_MS + 1, 30)
+    assert exc.value.reason is RejectReason.BAD_INTERVAL
+    # It is signed and well-formed: the codec itself still decodes it.
+    assert decode(encode(hb(interval_ms=MAX_INTERVAL_MS + 1), KEY), KEY).interval_ms == 10_001

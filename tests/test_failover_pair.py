@@ -14,6 +14,7 @@ The notify hooks are tested at the end on the real loop with real scripts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import selectors
 import stat
@@ -25,9 +26,11 @@ from typing import Any
 import pytest
 
 from failover import FailoverController, FailoverSpec, Role, master_down_s, skew_s
+from failover.codec import Heartbeat, HeartbeatFlags, encode, key_id
 from failover.codec import RejectReason as R
 from failover.hooks import HookRunner
 from failover.ports import Address, DatagramCallback
+from failover.track import ProbeFn, ProbeResult, Target
 
 KEY = b"pair-test-key-0123456789abcdef"
 INTERVAL_S = 0.05
@@ -247,16 +250,19 @@ class Node:
 
 
 def node(net: FakeNet, world: World, name: str, ips: Sequence[str], peers: Sequence[str],
-         priority: int, healthy: bool = True, stale: bool = False, **kw: Any) -> Node:
+         priority: int, healthy: bool = True, stale: bool = False, *,
+         interval_s: float = INTERVAL_S, wall_offset_s: float = 0.0,
+         gateway_probe: ProbeFn | None = None, **kw: Any) -> Node:
     loop = asyncio.get_running_loop()
+    kw.setdefault("key", KEY)
     spec = FailoverSpec(node_name=name, interface="eth0", vips=(VIP,), priority=priority,
-                        peers=tuple(peers), key=KEY, address=ips[0], interval_s=INTERVAL_S, **kw)
+                        peers=tuple(peers), address=ips[0], interval_s=interval_s, **kw)
     vip = FakeVip(name, world, stale=stale)
     roles: list[tuple[float, Role, Role]] = []
     ctl = FailoverController(
         spec, vip, transport=net.transport(ips, peers),
         on_role_change=lambda old, new: roles.append((loop.time(), old, new)),
-        wall_clock=lambda: 1.75e9 + loop.time())
+        wall_clock=lambda: 1.75e9 + wall_offset_s + loop.time(), gateway_probe=gateway_probe)
     ctl.set_local_health(healthy, 3 if healthy else 0, 3)
     return Node(ctl, vip, roles)
 
@@ -637,6 +643,310 @@ def test_forged_truncated_replayed_packets_are_counted_and_change_nothing() -> N
         assert rejected[R.REPLAYED] >= 20 and rejected.get(R.BAD_MAGIC, 0) >= 19
         assert rejected[R.UNKNOWN_SOURCE] == 20
         await stop_all(b)
+
+    run_virtual(scenario)
+
+
+# -- key rotation -----------------------------------------------------------------------------
+
+NEW_KEY = b"pair-test-NEW-key-9876543210fedcba"
+
+
+def _reload_keys(n: Node, keys: Sequence[bytes]) -> None:
+    """What a reload with failover.key_files = [...] does to the running controller."""
+    spec = dataclasses.replace(n.ctl.spec, key=keys[0], verify_keys=tuple(keys[1:]))
+    assert n.ctl.reconfigure(spec) == ()  # nothing that waits for a restart
+
+
+def test_key_rotation_step_by_step_with_reloads_never_changes_a_role() -> None:
+    """docs/operations.md, "Rotating the failover key": new key second on both, reload
+    both; new key first on both, reload both; old key removed, reload both. Between any two
+    reloads the nodes run with different key lists for longer than master_down, and at no
+    step may a heartbeat be rejected or a role change."""
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        a, b = await pair(world, net)
+        await asyncio.sleep(1.0)
+        assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP)
+        t0 = now()
+        roles = (len(a.roles), len(b.roles))
+        old_id, new_id = key_id(KEY), key_id(NEW_KEY)
+        steps = [(a, [KEY, NEW_KEY]), (b, [KEY, NEW_KEY]),   # 1. accept the new key
+                 (a, [NEW_KEY, KEY]), (b, [NEW_KEY, KEY]),   # 2. sign with it
+                 (a, [NEW_KEY]), (b, [NEW_KEY])]             # 3. forget the old one
+        for i, (n, keys) in enumerate(steps):
+            _reload_keys(n, keys)
+            await asyncio.sleep(3 * MD_B)  # the other node reloads much later
+            for x in (a, b):
+                st = x.ctl.status()
+                assert st.counters.rejected == {}, (i, x.ctl.spec.node_name, st.counters)
+                assert [k.key_id for k in st.keys] == [key_id(k) for k in x.ctl.spec.keys]
+                assert st.peers[0].alive
+            assert (len(a.roles), len(b.roles)) == roles, i
+            assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP), i
+        assert world.holders == {"lb1"} and world.max_overlap_s(t0) == 0.0
+        assert world.gaps_after(t0) == []
+        for x in (a, b):
+            st = x.ctl.status()
+            assert [(k.key_id, k.signing) for k in st.keys] == [(new_id, True)]
+            assert st.peers[0].key_id == new_id  # the peer signs with the new key now
+            assert st.counters.verified[old_id] > 0 and st.counters.verified[new_id] > 0
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+def test_a_key_swapped_on_one_node_only_is_a_split_brain() -> None:
+    """The control experiment: the shortcut the procedure avoids (replace the key on one
+    node, then the other) rejects every heartbeat in between, and both become MASTER."""
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        a, b = await pair(world, net)
+        await asyncio.sleep(1.0)
+        t0 = now()
+        _reload_keys(a, [NEW_KEY])
+        await wait_for(lambda: b.ctl.role is Role.MASTER, 2 * MD_B)
+        assert a.ctl.role is Role.MASTER and world.max_overlap_s(t0) == 0.0  # still both
+        assert b.ctl.status().counters.rejected[R.BAD_MAC] > 0
+        _reload_keys(b, [NEW_KEY])
+        await wait_for(lambda: b.ctl.role is Role.BACKUP)
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+# -- the advertised interval ------------------------------------------------------------------
+
+
+def test_a_peer_interval_far_longer_than_ours_is_clamped_and_bounds_the_takeover() -> None:
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        # lb1 advertises 0.6 s: 12 x lb2's 0.05 s. lb2 uses 10 x = 0.5 s for it.
+        a, b = await pair(world, net, a_kw={"interval_s": 0.6})
+        await asyncio.sleep(5.0)
+        assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP)  # no false failover
+        st = b.ctl.status()
+        assert st.counters.interval_clamped.get("too_long", 0) >= 5
+        assert st.peers[0].interval_s == pytest.approx(0.5)
+        # And lb1 sees lb2's 0.05 s as below 0.6 / 10: clamped up to 0.06 s.
+        assert a.ctl.status().peers[0].interval_s == pytest.approx(0.06)
+        await wait_for(lambda: b.ctl.status().peers[0].last_heard_age_s < 0.001, 2.0)
+        t_kill = now()
+        await a.ctl.abort()
+        await wait_for(lambda: b.vip.holding, 5.0)
+        took = now() - t_kill
+        clamped, advertised = master_down_s(100, 0.5, 3), master_down_s(100, 0.6, 3)
+        assert took == pytest.approx(clamped, abs=0.01), (took, clamped, advertised)
+        await stop_all(b)
+
+    run_virtual(scenario)
+
+
+def test_a_peer_interval_far_shorter_than_ours_is_clamped_up() -> None:
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        a, b = await pair(world, net, a_kw={"interval_s": 0.004})
+        await asyncio.sleep(1.0)
+        st = b.ctl.status()
+        assert st.counters.interval_clamped.get("too_short", 0) > 0
+        assert st.peers[0].interval_s == pytest.approx(0.005)
+        assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP)
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+def test_an_interval_no_config_can_send_is_rejected_and_changes_nothing() -> None:
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        a, b = await pair(world, net)
+        await asyncio.sleep(1.0)
+        target: FakeTransport = b.ctl._transport  # type: ignore[assignment]
+        absurd = encode(Heartbeat(name="lb3", role=Role.MASTER, priority=255, epoch=5, seq=1,
+                                  timestamp_ms=int((1.75e9 + now()) * 1000),
+                                  interval_ms=3_600_000, flags=HeartbeatFlags.HEALTHY), KEY)
+        target.receive(absurd, ("10.0.0.1", 5405))
+        await asyncio.sleep(0.5)
+        st = b.ctl.status()
+        assert st.counters.rejected == {R.BAD_INTERVAL: 1}
+        assert [p.name for p in st.peers] == ["lb1"] and b.ctl.role is Role.BACKUP
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+# -- clocks -----------------------------------------------------------------------------------
+
+
+def test_peer_clock_offset_is_measured_and_warned_past_half_the_window(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        # lb2's clock is 20 s behind lb1's: inside the 30 s window, past half of it.
+        a, b = await pair(world, net, b_kw={"wall_offset_s": -20.0})
+        await asyncio.sleep(2.0)
+        sa, sb = a.ctl.status(), b.ctl.status()
+        assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP)
+        # Its clock minus ours, less the one-way delay (LATENCY_S).
+        assert sa.peers[0].clock_offset_s == pytest.approx(-20.0 - LATENCY_S, abs=0.0011)
+        assert sb.peers[0].clock_offset_s == pytest.approx(20.0 - LATENCY_S, abs=0.0011)
+        assert sa.clock_skew_warning and sb.clock_skew_warning
+        assert sa.peers[0].clock_skew_warning and sa.max_clock_skew_s == 30.0
+        await stop_all(a, b)
+
+    with caplog.at_level("WARNING", logger="failover.controller"):
+        run_virtual(scenario)
+    warnings = [r for r in caplog.records if "failover_peer_clock_skew " in r.getMessage()]
+    assert len(warnings) == 2  # one per node: rate-limited, not one per heartbeat
+
+
+@pytest.mark.parametrize("window_s", [30.0, 60.0])
+def test_clocks_apart_beyond_the_window_are_two_masters_and_the_setting_fixes_it(
+        window_s: float) -> None:
+    """40 s apart: with the default 30 s window each rejects the other's start as STALE and
+    both hold the VIP (the issue-12 failure); with max_clock_skew_s = 60 they pair up."""
+    async def scenario() -> None:
+        world, net = World(), FakeNet()
+        kw = {"max_clock_skew_s": window_s}
+        a, b = await pair(world, net, a_kw=kw, b_kw={**kw, "wall_offset_s": 40.0})
+        await asyncio.sleep(2.0)
+        sa, sb = a.ctl.status(), b.ctl.status()
+        if window_s == 30.0:
+            assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.MASTER)
+            assert sa.counters.rejected[R.STALE] > 0 and sa.peers == ()
+            assert [(c.name, round(c.offset_s)) for c in sa.rejected_clocks] == [("lb2", 40)]
+            assert [(c.name, round(c.offset_s)) for c in sb.rejected_clocks] == [("lb1", -40)]
+        else:
+            assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP)
+            assert sa.rejected_clocks == () and sa.counters.rejected == {}
+            assert sa.peers[0].clock_offset_s == pytest.approx(40.0, abs=0.002)
+            assert sa.clock_skew_warning  # 40 > 60 / 2
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+# -- the partition guard (failover.track_gateway) ---------------------------------------------
+
+
+class FakeGateway:
+    """Which nodes reach the gateway; probes answer after GW_RTT_S or time out."""
+
+    def __init__(self) -> None:
+        self.reachable: dict[str, bool] = {}
+        self.probes: dict[str, int] = {}
+
+    def probe_for(self, name: str) -> ProbeFn:
+        async def probe(target: Target, timeout_s: float) -> ProbeResult:
+            self.probes[name] = self.probes.get(name, 0) + 1
+            if self.reachable.get(name, True):
+                await asyncio.sleep(GW_RTT_S)
+                return ProbeResult(True, "refused", GW_RTT_S)
+            await asyncio.sleep(timeout_s)
+            return ProbeResult(False, "timeout")
+
+        return probe
+
+
+GW_RTT_S = 0.0003
+GW = {"track_gateway": ("192.0.2.254:22",), "track_gateway_interval_s": 0.1,
+      "track_gateway_timeout_s": 0.1, "track_gateway_fall": 2, "track_gateway_rise": 2}
+GUARD_S = 2 * 0.1 + 0.1  # fall rounds (the second one's timeout included)
+
+
+async def guarded_pair(world: World, net: FakeNet, gw: FakeGateway) -> tuple[Node, Node]:
+    return await pair(world, net, a_kw={**GW, "gateway_probe": gw.probe_for("lb1")},
+                      b_kw={**GW, "gateway_probe": gw.probe_for("lb2")})
+
+
+def test_gateway_lost_by_the_master_moves_the_vip_and_comes_back() -> None:
+    async def scenario() -> None:
+        world, net, gw = World(), FakeNet(), FakeGateway()
+        a, b = await guarded_pair(world, net, gw)
+        await asyncio.sleep(1.0)
+        assert (a.ctl.role, b.ctl.role) == (Role.MASTER, Role.BACKUP)
+        # Joined through FAULT: not one moment as a candidate before the first answer.
+        assert [(o, n) for _, o, n in a.roles][:2] == [(Role.INIT, Role.FAULT),
+                                                        (Role.FAULT, Role.BACKUP)]
+        assert a.ctl.status().gateway is not None and a.ctl.status().gateway.up
+        t0 = now()
+        gw.reachable["lb1"] = False
+        await wait_for(lambda: a.ctl.role is Role.FAULT)
+        t_fault = now()
+        assert t_fault - t0 <= GUARD_S + 0.1 + 0.001
+        assert a.ctl.status().faults == ("gateway",)
+        # lb2 hears lb1 say FAULT: it takes over at once, not after master_down.
+        t_b = await wait_for(lambda: b.vip.holding)
+        assert t_b - t_fault <= INTERVAL_S + ACQUIRE_S + 2 * LATENCY_S
+        assert world.max_overlap_s(t0) == 0.0
+        await asyncio.sleep(1.0)
+        assert a.ctl.role is Role.FAULT and world.holders == {"lb2"}
+        gw.reachable["lb1"] = True
+        await wait_for(lambda: a.ctl.role is Role.MASTER, 2.0)  # rise, BACKUP, preempt
+        await asyncio.sleep(0.1)
+        assert world.holders == {"lb1"}
+        st = a.ctl.status().gateway
+        assert st is not None and st.transitions == 2 and st.targets[0].failures >= 2
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+def test_a_master_cut_off_from_peer_and_gateway_gives_the_vip_up() -> None:
+    """Without the guard an isolated MASTER whose link stays up keeps the VIP and the pair
+    has two MASTERs for as long as the cut lasts; with it, the overlap ends after the
+    guard's fall rounds."""
+    async def scenario() -> None:
+        world, net, gw = World(), FakeNet(), FakeGateway()
+        a, b = await guarded_pair(world, net, gw)
+        await asyncio.sleep(1.0)
+        t0 = now()
+        net.partition(a.ctl._transport, b.ctl._transport)  # type: ignore[arg-type]
+        gw.reachable["lb1"] = False
+        await wait_for(lambda: b.vip.holding)
+        await wait_for(lambda: a.ctl.role is Role.FAULT)
+        await asyncio.sleep(2.0)
+        assert world.holders == {"lb2"} and a.ctl.role is Role.FAULT
+        assert world.max_overlap_s(t0) <= GUARD_S + 0.1 - MD_B + 0.01
+        await stop_all(a, b)
+
+    run_virtual(scenario)
+
+
+def test_a_backup_cut_off_from_the_gateway_never_claims() -> None:
+    async def scenario() -> None:
+        world, net, gw = World(), FakeNet(), FakeGateway()
+        gw.reachable["lb2"] = False  # from the start: it never had an answer
+        a, b = await guarded_pair(world, net, gw)
+        await asyncio.sleep(1.0)
+        assert b.ctl.role is Role.FAULT and b.ctl.status().gateway.up is False  # type: ignore[union-attr]
+        await a.ctl.abort()  # the MASTER dies: the only candidate is cut off
+        await asyncio.sleep(2.0)
+        assert world.count("lb2", "acquired") == 0 and b.ctl.role is Role.FAULT
+        gw.reachable["lb2"] = True  # one answer after start-up is enough
+        await wait_for(lambda: b.vip.holding, 1.0)
+        await stop_all(b)
+
+    run_virtual(scenario)
+
+
+def test_a_dead_tracker_keeps_the_node_out_of_the_election() -> None:
+    async def scenario() -> None:
+        world, net, gw = World(), FakeNet(), FakeGateway()
+        a, b = await guarded_pair(world, net, gw)
+        await asyncio.sleep(1.0)
+        assert a.ctl._tracker_task is not None
+        a.ctl._tracker_task.cancel()  # only stop() cancels it; here: make room for a broken one
+        await asyncio.sleep(0.5)
+        assert a.ctl.role is Role.MASTER
+
+        async def broken() -> None:
+            raise RuntimeError("a bug in the tracker")
+
+        a.ctl._tracker_task = asyncio.create_task(broken())
+        a.ctl._tracker_task.add_done_callback(a.ctl._tracker_done)
+        await wait_for(lambda: a.ctl.role is Role.FAULT and b.vip.holding, 1.0)
+        await stop_all(a, b)
 
     run_virtual(scenario)
 
