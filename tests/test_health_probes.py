@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -14,9 +18,11 @@ from health_helpers import (
     raw_server,
     refused_port,
     run,
+    wait_for,
 )
 
 from healthcheck import CheckResult, CheckStatus, HealthConfigError, HttpProbe, TcpProbe
+from healthcheck.probes import LOOP_LAG_GRACE_S
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -248,3 +254,165 @@ def test_invalid_probe_settings_name_the_field(kwargs: dict[str, object], field:
     with pytest.raises(HealthConfigError) as err:
         HttpProbe(**kwargs)  # type: ignore[arg-type]
     assert err.value.field == field
+
+
+# -- hostile servers, the callback form and its bounds -----------------------------------------
+
+
+async def slowloris_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Status and headers at once, then one body byte every 20 ms, never the marker."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(200):
+        writer.write(b"x")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+
+
+async def slowloris_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A status line, then header bytes one at a time: the headers never end."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(200):
+        writer.write(b"X")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+
+
+async def huge_header_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One header line of 1 MiB, sent as fast as the socket takes it."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * (1 << 20))
+    await writer.drain()
+    await asyncio.sleep(1)
+
+
+async def reset_after_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # RST
+
+
+async def binary_noise(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(bytes(range(256)) * 64)
+    await writer.drain()
+    await asyncio.sleep(1)
+
+
+@pytest.mark.parametrize(
+    ("handler", "probe", "status", "detail", "max_s"),
+    [
+        (slowloris_body, HttpProbe(expect_body="ok", timeout_s=0.3), CheckStatus.L7_TIMEOUT,
+         "no response", 0.3),
+        (slowloris_headers, HttpProbe(timeout_s=0.3), CheckStatus.L7_TIMEOUT, "no response", 0.3),
+        (huge_header_line, HttpProbe(timeout_s=2), CheckStatus.L7_BAD_RESPONSE, "", 1.0),
+        (reset_after_request, HttpProbe(timeout_s=1), CheckStatus.L7_BAD_RESPONSE,
+         "before response", 0.5),
+        (binary_noise, HttpProbe(timeout_s=1), CheckStatus.L7_BAD_RESPONSE, "invalid HTTP", 0.5),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_hostile_servers_get_a_bounded_verdict(
+    handler: Handler, probe: HttpProbe, status: CheckStatus, detail: str, max_s: float
+) -> None:
+    async def body() -> CheckResult:
+        async with raw_server(handler) as port:
+            return await probe.run(LOOPBACK, port)
+
+    result = run(body())
+    assert result.status is status, result
+    assert detail in result.detail
+    # The deadline holds however the bytes trickle in (plus the loop-lag grace at most).
+    assert result.duration_s <= max_s + LOOP_LAG_GRACE_S + 0.1, result
+
+
+def test_start_reports_once_never_inside_start_and_abort_reports_nothing() -> None:
+    async def body() -> None:
+        app, _ = backend_app()
+        async with aiohttp_server(app) as port:
+            results: list[CheckResult] = []
+            inside = True
+            calls_inside: list[CheckResult] = []
+
+            def done(r: CheckResult) -> None:
+                (calls_inside if inside else results).append(r)
+
+            with refused_port() as closed:
+                handles = [HttpProbe(timeout_s=1).start(LOOPBACK, port, done),
+                           TcpProbe(timeout_s=1).start(LOOPBACK, closed, done),
+                           HttpProbe(timeout_s=1).start("not an address", port, done)]
+                inside = False
+                assert await wait_for(lambda: len(results) == 3, 2.0)
+            await asyncio.sleep(0.1)
+            assert calls_inside == [] and len(results) == 3
+            assert sorted(r.status for r in results) == sorted(
+                [CheckStatus.L7_OK, CheckStatus.L4_REFUSED, CheckStatus.L4_ERROR]
+            ), results
+            for h in handles:
+                h.abort()  # after the verdict: harmless
+            aborted: list[CheckResult] = []
+            h = HttpProbe(timeout_s=0.2).start(LOOPBACK, port, aborted.append)
+            h.abort()
+            await asyncio.sleep(0.4)  # past its deadline: still nothing
+            assert aborted == []
+
+    run(body())
+
+
+def test_many_probes_leave_no_socket_or_timer_behind() -> None:
+    async def body() -> None:
+        app, _ = backend_app()
+        async with aiohttp_server(app) as port:
+            before = len(os.listdir("/proc/self/fd"))
+            loop = asyncio.get_running_loop()
+            timers_before = len(loop._scheduled)  # type: ignore[attr-defined]
+            with refused_port() as closed:
+                results = await asyncio.gather(
+                    *(HttpProbe(timeout_s=2).run(LOOPBACK, port) for _ in range(150)),
+                    *(HttpProbe(timeout_s=2).run(LOOPBACK, closed) for _ in range(50)),
+                )
+            assert [r.status for r in results].count(CheckStatus.L7_OK) == 150
+            assert [r.status for r in results].count(CheckStatus.L4_REFUSED) == 50
+            await asyncio.sleep(0.05)
+            assert len(os.listdir("/proc/self/fd")) <= before
+            live = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+            assert len(live) <= timers_before
+
+    run(body())
+
+
+def test_a_busy_control_loop_is_not_blamed_on_the_backend() -> None:
+    """The loop blocks past the probe's deadline while the backend's answer is already in
+    the socket: the probe reads it (grace) instead of reporting a timeout."""
+
+    async def body() -> tuple[CheckResult, CheckResult]:
+        app, _ = backend_app()
+        async with aiohttp_server(app) as port, raw_server(silent) as quiet:
+            fut = asyncio.ensure_future(HttpProbe(timeout_s=0.1).run(LOOPBACK, port))
+            slow = asyncio.ensure_future(HttpProbe(timeout_s=0.1).run(LOOPBACK, quiet))
+            await asyncio.sleep(0)  # both probes start
+            time.sleep(0.3)  # noqa: ASYNC251 (the control loop is busy past the deadline)
+            return await fut, await slow
+
+    ok, silent_result = run(body())
+    assert ok.status is CheckStatus.L7_OK, ok
+    assert ok.duration_s > 0.1  # it really was judged after its deadline
+    # A backend that really says nothing still times out, within deadline + lag + grace.
+    assert silent_result.status is CheckStatus.L7_TIMEOUT, silent_result
+    assert silent_result.duration_s < 0.3 + LOOP_LAG_GRACE_S + 0.1
+
+
+def test_host_names_are_resolved_and_every_address_tried() -> None:
+    async def body() -> tuple[CheckResult, CheckResult]:
+        app, _ = backend_app()
+        async with aiohttp_server(app) as port:
+            ok = await HttpProbe(timeout_s=2).run("localhost", port)
+        with refused_port() as closed:
+            refused = await TcpProbe(timeout_s=2).run("localhost", closed)
+        return ok, refused
+
+    ok, refused = run(body())
+    assert ok.status is CheckStatus.L7_OK, ok
+    assert refused.status is CheckStatus.L4_REFUSED, refused
