@@ -887,10 +887,13 @@ class FailoverController:
     def _receive(self, data: bytes, source: Address) -> None:
         if self._closed:
             return
+        sources = self._sources
+        if sources is not None and source[0] not in sources and (
+                "%" not in source[0] or _host(source[0]) not in sources):
+            # Before the MAC: a flood from elsewhere costs a set lookup, not an HMAC.
+            self._unknown_source(source)
+            return
         try:
-            if self._sources is not None and _host(source[0]) not in self._sources:
-                # Before the MAC: a flood from elsewhere costs a set lookup, not an HMAC.
-                raise HeartbeatRejected(RejectReason.UNKNOWN_SOURCE, "not in failover.peers")
             hb, index = decode_any(data, self.spec.keys)
             kid = self._key_ids[index]
             self.counters.verified[kid] = self.counters.verified.get(kid, 0) + 1
@@ -995,9 +998,18 @@ class FailoverController:
         while len(self._rejected_clocks) > _MAX_REJECTED_CLOCKS:
             self._rejected_clocks.pop(next(iter(self._rejected_clocks)))
 
-    def _rejected(self, exc: HeartbeatRejected, source: Address) -> None:
+    def _unknown_source(self, source: Address) -> None:
+        reason = RejectReason.UNKNOWN_SOURCE
+        rejected = self.counters.rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
+        last = self._reject_logged.get(reason)
+        if last is None or self._now() - last >= 10.0:
+            self._rejected(HeartbeatRejected(reason, "not in failover.peers"), source, count=False)
+
+    def _rejected(self, exc: HeartbeatRejected, source: Address, *, count: bool = True) -> None:
         reason = exc.reason
-        self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
+        if count:
+            self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
         now = self._now()
         last = self._reject_logged.get(reason)
         if last is None or now - last >= 10.0:  # a flood must not flood the log
