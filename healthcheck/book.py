@@ -17,7 +17,8 @@ the *new* checks say:
   an UP backend at its first result; a passing one keeps it.
 - a key not checked before whose backend was serving without checks (checks turned on for a
   pool, listed in ``in_service``): starts "UP, going down" for the same reason;
-- a new key, or a changed address (another server): starts from the spec's ``initial``.
+- a new key, or a changed server address (another server; a new check port alone is not):
+  starts from the spec's ``initial``.
 
 Pure: no asyncio, socket, time or logging; the caller passes ``now`` (monotonic seconds).
 Imports nothing from lb or failover.
@@ -103,7 +104,7 @@ class HealthBook:
             if old is not None and old.target == target:
                 kept.append(key)
                 continue
-            if old is not None and (old.target.host, old.target.port) == (target.host, target.port):
+            if old is not None and old.target.identity == target.identity:
                 # Same server, new check: keep the state, drop the old check's evidence.
                 state = old.counter.state
                 counter = HealthCounter.initial(

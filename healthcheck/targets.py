@@ -86,6 +86,14 @@ class Target:
     host: str
     port: int
     spec: CheckSpec = CheckSpec()
+    server: str | None = None
+    """What this is a check of (the backend's traffic address). A reload that changes it is
+    another server (fresh state); one that changes only the check port is not. None: the
+    checked ``host:port`` is the server."""
+
+    @property
+    def identity(self) -> object:
+        return self.server if self.server is not None else (self.host, self.port)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -301,10 +301,11 @@ class PassiveConfig(_Model):
     """Cap on one ejection's length."""
     max_eject_percent: Annotated[int, Field(ge=0, le=100)] = 50
     """Never eject more than this share of a pool at once."""
-    end_on_check: Literal["pass", "recovery", "never"] = "pass"
-    """What active-check evidence ends an ejection early: ``pass``, a passing check begun
-    after the ejection (Envoy's default); ``recovery``, only the checks seeing it DOWN then
-    UP again (HAProxy's observe + on-error); ``never``, it runs its course."""
+    end_on_check: Literal["corroborated", "pass", "never"] = "corroborated"
+    """Active checks that end an ejection early: ``corroborated``, a passing check once a
+    check begun since the ejection has failed too (a crashed backend restarted); ``pass``,
+    any passing check begun since (Envoy's default; brings back a backend whose /healthz
+    passes while its traffic fails); ``never``, it runs its course."""
 
 
 class BackendConfig(_Model):

@@ -84,6 +84,8 @@ class BackendRecord:
     last_ejection_at: float = 0.0
     last_ejection_reason: str = ""
     ejections_ended_early: int = 0
+    check_failed_while_ejected: bool = False
+    """An active check begun during the current ejection failed (see ``lb.backends``)."""
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now
@@ -164,6 +166,7 @@ class PoolRotation:
         rec.ejected_until = now + duration
         rec.last_ejection_at = now
         rec.last_ejection_reason = reason
+        rec.check_failed_while_ejected = False
         return Ejected(backend, rec.ejected_until, duration, reason)
 
     def end_ejection(self, backend: str, now: float) -> bool:

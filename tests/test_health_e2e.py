@@ -17,6 +17,7 @@ the file stays well under the suite budget; the bounds below are computed from t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ import pytest
 from e2e_helpers import (
     Backend,
     Backends,
+    HttpError,
     Load,
     Pairlb,
     Sample,
@@ -575,6 +577,129 @@ async def scenario_reload(wd: Path, k: Knobs) -> Outcome:
     return out
 
 
+async def scenario_reload_check_change(wd: Path, k: Knobs) -> Outcome:
+    """Reloads that change ``[pool.health]``: the verdict is what the NEW checks say.
+
+    1. a passing change (interval, under load): no transition, no client error;
+    2. then kill -9 b1: DOWN within ``fall`` probes (the old code kept it UP for ever);
+    3. ``expect_body`` that no backend sends: every live backend DOWN at its first new
+       result, out of rotation, and no request reaches it;
+    4. back to a passing ``expect_body``: the live backends come back, dead b1 stays DOWN.
+    """
+    out = Outcome("reload changing [pool.health]")
+    health = {**HEALTH, "expect_body": "ok"}
+    with Backends(wd, NAMES) as bs, Pairlb(
+        wd, bs.members(), workers=WORKERS, health=health, passive=PASSIVE
+    ) as lb:
+
+        async def reload_with(**changes: Any) -> float:
+            gen = watch.latest()["config"]["generation"]
+            lb.settings["health"] = {**lb.settings["health"], **changes}
+            lb.write_config(bs.members())
+            lb.reload()
+            await wait_until_async(
+                lambda: watch.latest()["config"]["generation"] > gen, 5.0, "reloaded"
+            )
+            return time.monotonic()
+
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s)
+                transitions_before = len(lb.log_lines("event=health_transition"))
+                checks_before = {n: b["last_check"] for n, b in watch.backends(
+                    await watch.poll()).items()}
+                t_r1 = await reload_with(interval_s=INTERVAL_S * 0.9)
+                await asyncio.sleep(FALL * INTERVAL_S * 2)
+                flaps = lb.log_lines("event=health_transition")[transitions_before:]
+                out.expect(not flaps, f"a passing check change moves nobody: {flaps}")
+                for name in NAMES:
+                    seen = watch.values(name, "in_rotation", t_r1)
+                    out.expect(seen == [True], f"{name} stays in rotation ({seen})")
+                out.expect(all(checks_before.values()), "every backend was checked before")
+                t_kill = time.monotonic()
+                bs["b1"].kill()
+                t_down = await watch.wait("b1", _down, 5.0, "b1 DOWN after the reload", t_kill)
+                out.down_s = t_down - t_kill
+                out.expect(out.down_s <= DOWN_MAX_REFUSED_S,
+                           f"killed after a reload: DOWN within {DOWN_MAX_REFUSED_S:.2f}s "
+                           f"(took {out.down_s:.2f}s)")
+                await asyncio.sleep(k.steady_s / 2)
+            _finish(out, load, lb, method="GET")
+            out.expect(not out.failures, "clients see zero errors through reload and kill")
+            # 3. a check nobody passes.
+            t_r2 = await reload_with(expect_body="NOPE")
+            deadline = FALL * INTERVAL_S * (1 + JITTER) + SLACK_S
+            for name in ("b2", "b3"):
+                t = await watch.wait(name, _down, 5.0, f"{name} DOWN on the new check", t_r2)
+                out.expect(t - t_r2 <= deadline,
+                           f"{name} DOWN within fall x interval of the reload "
+                           f"({t - t_r2:.2f}s > {deadline:.2f}s)")
+                b = watch.backends(watch.latest())[name]
+                out.expect(not b["in_rotation"] and "health" in b["out_of_rotation"],
+                           f"{name} out of rotation with the reason beside it ({b})")
+                out.expect(b["last_check"]["status"] == "L7_BODY_MISMATCH",
+                           f"{name}: last check L7_BODY_MISMATCH ({b['last_check']})")
+            await asyncio.sleep(0.2)
+            served = {n: await _backend_requests(bs[n]) for n in ("b2", "b3")}
+            for _ in range(20):
+                with contextlib.suppress(OSError, TimeoutError, HttpError):
+                    await request(lb.listen_port, "GET", "/", timeout_s=2.0)
+            later = {n: await _backend_requests(bs[n]) for n in ("b2", "b3")}
+            out.expect(served == later, f"no request reaches a DOWN backend ({served} -> {later})")
+            # 4. a check they pass again.
+            t_r3 = await reload_with(expect_body="ok")
+            for name in ("b2", "b3"):
+                t = await watch.wait(name, _in, 5.0, f"{name} back on the fixed check", t_r3)
+                out.expect(t - t_r3 <= RISE * INTERVAL_S * (1 + JITTER) + SLACK_S,
+                           f"{name} back within rise x interval ({t - t_r3:.2f}s)")
+            await asyncio.sleep(INTERVAL_S * 2)
+            b1 = watch.backends(await watch.poll())["b1"]
+            out.expect(b1["health"] == "down" and not b1["in_rotation"],
+                       f"dead b1 stays DOWN after the fix ({b1['health']})")
+        out.log_tail = lb.logs(4000)
+    return out
+
+
+async def scenario_restart_ends_ejection(wd: Path, k: Knobs) -> Outcome:
+    """kill -9 b1 (ejected for 10 s), restart it 1 s later: back once its checks pass."""
+    out = Outcome("restart ends ejection")
+    eject_s = 10.0
+    passive = {**PASSIVE, "eject_s": eject_s, "max_eject_s": 30.0}
+    with Backends(wd, NAMES) as bs, Pairlb(
+        wd, bs.members(), workers=WORKERS, health=HEALTH, passive=passive
+    ) as lb:
+        b1 = bs["b1"]
+        async with StatusWatch(lb.admin_port) as watch:
+            load = Load(lb.listen_port, clients=k.clients, think_s=k.think_s)
+            async with load:
+                await asyncio.sleep(k.steady_s)
+                t_kill = time.monotonic()
+                b1.kill()
+                t_ej = await watch.wait("b1", lambda b: b["ejected"], 5.0, "ejected", t_kill)
+                out.leave_s = t_ej - t_kill
+                await asyncio.sleep(1.0)
+                b1.spawn()
+                t_listen = await b1.wait_listening_async()
+                t_in = await watch.wait("b1", _in, eject_s, "back in rotation", t_listen)
+                out.back_s = t_in - t_listen
+                await asyncio.sleep(max(k.steady_s, 0.6))
+        _finish(out, load, lb, method="GET")
+        bound = UP_MAX_S
+        out.expect(not out.failures, "GETs see zero errors")
+        out.expect(out.back_s <= bound,
+                   f"back within rise x interval of listening ({out.back_s:.2f}s > {bound:.2f}s)"
+                   f", not after the {eject_s:.0f}s ejection")
+        b = watch.backends(watch.latest())["b1"]
+        out.expect(b["ejections_ended_by_checks"] >= 1 and not b["ejected"],
+                   f"the ejection was ended by the checks ({b})")
+        lines = lb.log_lines("event=ejection_ended", "backend=b1 ")
+        out.expect(bool(lines), "the early end is logged with its reason")
+        out.expect(load.by_backend(t_in + PROPAGATION_S, float("inf"))["b1"] > 0,
+                   "b1 gets traffic again")
+    return out
+
+
 # -- tests -------------------------------------------------------------------------------------
 
 
@@ -632,6 +757,18 @@ def test_reload_keeps_health_state_of_unchanged_backends(tmp_path: Path) -> None
     assert not out.problems, out.explain()
 
 
+@pytest.mark.timeout(60)
+def test_reload_changing_checks_follows_the_new_checks(tmp_path: Path) -> None:
+    out = _run(scenario_reload_check_change, tmp_path)
+    assert not out.problems, out.explain()
+
+
+@pytest.mark.timeout(60)
+def test_passing_checks_end_an_ejection_early(tmp_path: Path) -> None:
+    out = _run(scenario_restart_ends_ejection, tmp_path)
+    assert not out.problems, out.explain()
+
+
 SCENARIOS: dict[str, Callable[..., Any]] = {
     "kill": scenario_kill,
     "kill_post": lambda wd, k: scenario_kill(wd, k, posts=True),
@@ -642,6 +779,8 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
     "drain": scenario_drain,
     "all_down": scenario_all_down,
     "reload": scenario_reload,
+    "reload_check_change": scenario_reload_check_change,
+    "restart_ends_ejection": scenario_restart_ends_ejection,
 }
 """Name -> coroutine(workdir, Knobs) -> Outcome; bench/health.py runs these."""
 
