@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install pairlb as a systemd service: a virtualenv in /opt/pairlb, the unit, the sysctl
-# drop-in, an example config, and the failover key and admin token (0600 root:root).
+# drop-in, an example config, and the failover key and admin token (0600 root:root; an
+# existing one keeps its content and gets that owner and mode back).
 #
 #   deploy/install.sh                      install or upgrade from this source tree
 #   deploy/install.sh --wheelhouse DIR     ... from wheels in DIR, offline (pip wheel . -w DIR)
@@ -150,16 +151,23 @@ install_venv() {
 }
 
 install_secret() {
-    local f=$ETC/$1 mode
+    local f=$ETC/$1 mode owner kept=1
     if [ -e "$f" ]; then
+        # Owner first: a key owned by another user (a copy made with scp as that user, a
+        # tarball unpacked elsewhere) is theirs to read or replace, whatever its mode.
+        owner=$(stat -c %u:%g "$f")
+        if [ "$(id -u)" = 0 ] && [ "$owner" != 0:0 ]; then
+            chown 0:0 "$f"
+            say "fixed owner ${f#$R} (was uid:gid $owner; root only)"
+            CHANGED=1; kept=0
+        fi
         mode=$(stat -c %a "$f")
         if [ $((8#$mode & 8#077)) != 0 ]; then
             chmod 0600 "$f"
             say "tightened  ${f#$R} (was mode $mode; group/others must not read it)"
-            CHANGED=1
-        else
-            say "kept       ${f#$R}"
+            CHANGED=1; kept=0
         fi
+        [ "$kept" = 0 ] || say "kept       ${f#$R}"
         return
     fi
     "$VENV/bin/pairlb" keygen "$f" >/dev/null

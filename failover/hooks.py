@@ -1,8 +1,14 @@
 """Notify hooks: operator scripts run on every role transition, in order, one at a time.
 
-Each script runs as `SCRIPT ROLE_FROM ROLE_TO NODE` (also in the environment as
-PAIRLB_ROLE_FROM, PAIRLB_ROLE_TO, PAIRLB_NODE, PAIRLB_REASON) in its own process group, under
-a timeout after which the whole group is killed. The outcome (exit status, duration, last
+Each script runs as `SCRIPT ROLE_FROM ROLE_TO NODE` in its own process group, under a timeout
+after which the whole group is killed. It gets only what docs/configuration.md ("Notify
+scripts") promises: a clean environment (PATH=HOOK_PATH, PAIRLB_ROLE_FROM, PAIRLB_ROLE_TO,
+PAIRLB_NODE, PAIRLB_REASON, and RUNTIME_DIRECTORY when the service has one; nothing else of
+pairlb's own environment, so no NOTIFY_SOCKET or CREDENTIALS_DIRECTORY), stdin from
+/dev/null, and no privilege it did not have as a plain process of its user: before the exec
+the child sets no_new_privs and empties its ambient, permitted, effective and inheritable
+capabilities (pairlb's own capabilities never reach it; a script run by a pairlb started by
+hand as root is root, with root's capabilities). The outcome (exit status, duration, last
 lines of output) is logged. Transitions queue up and run strictly in order in one worker
 task, so a slow script delays later scripts but never a heartbeat: the controller only
 enqueues. Imports nothing from lb or healthcheck.
@@ -23,6 +29,56 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 _TAIL_BYTES = 2048
+HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""PATH of every notify script (fixed: not pairlb's own)."""
+PASSED_THROUGH = ("RUNTIME_DIRECTORY",)
+"""Variables of pairlb's environment a script also gets when set (under the unit,
+RUNTIME_DIRECTORY=/run/pairlb, writable, for a path unit to watch)."""
+
+
+def hook_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment every script starts from (PAIRLB_* are added per transition)."""
+    env = {"PATH": HOOK_PATH}
+    env.update({k: base[k] for k in PASSED_THROUGH if k in base})
+    return env
+
+
+class _ChildPrivileges:
+    """Run in the forked child just before exec (``preexec_fn``): no_new_privs, then the
+    ambient set cleared and the other capability sets emptied. The C functions are looked
+    up in the parent; the child only calls them (no import, no allocation by Python code
+    beyond the call). Every step may fail harmlessly: a kernel without ambient capabilities
+    had none to pass on, and with the ambient set clear a non-root exec gains none."""
+
+    _PR_SET_NO_NEW_PRIVS = 38
+    _PR_CAP_AMBIENT = 47
+    _PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+    def __init__(self) -> None:
+        import ctypes
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                        ("inheritable", ctypes.c_uint32)]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._prctl = libc.prctl
+        self._prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                                ctypes.c_ulong]
+        self._capset = libc.capset
+        self._header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+        self._data = (Data * 2)()  # all zero
+        self._ref = ctypes.byref
+
+    def __call__(self) -> None:
+        self._prctl(self._PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        self._prctl(self._PR_CAP_AMBIENT, self._PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        # Empties inheritable too; a process that root's rules apply to regains the rest at
+        # exec anyway (documented: a pairlb run by hand as root runs its scripts as root).
+        self._capset(self._ref(self._header), self._data)
 
 
 @dataclass(frozen=True)
@@ -66,7 +122,8 @@ class HookRunner:
         self.scripts = tuple(scripts)
         self.node = node
         self.timeout_s = timeout_s
-        self._env = dict(os.environ if env is None else env)
+        self._env = hook_environment(os.environ) if env is None else dict(env)
+        self._preexec = _ChildPrivileges()
         self._queue: deque[_Transition] = deque()
         self._max_queued = max_queued
         self._wake = asyncio.Event()
@@ -144,6 +201,7 @@ class HookRunner:
                 script, t.role_from, t.role_to, self.node,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=self._preexec,
             )
         except OSError as exc:
             return HookResult(script, t.role_from, t.role_to, None,

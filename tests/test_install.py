@@ -367,6 +367,34 @@ def test_a_rerun_keeps_the_operators_config_and_tightens_a_loose_key(installed: 
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away and take it back")
+def test_a_rerun_gives_an_existing_secret_back_to_root(installed: Install) -> None:
+    """A secret another user owns (copied with scp as that user, unpacked from a tarball)
+    is theirs to read or replace whatever its mode: the rerun makes it root's again, keeps
+    its content, and says so. Owner and mode are fixed together."""
+    key = installed.path("/etc/pairlb/failover.key")
+    token = installed.path("/etc/pairlb/admin.token")
+    before = {p: p.read_bytes() for p in (key, token)}
+    os.chown(key, 65534, 65534)  # nobody:nogroup, mode still 0600
+    os.chown(token, 0, 65534)  # root, but group nogroup, and group-readable
+    token.chmod(0o640)
+    res = installed.run()
+    assert res.returncode == 0, res.stderr
+    for p in (key, token):
+        st = p.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600), p
+        assert p.read_bytes() == before[p]  # never regenerated
+    assert "fixed owner /etc/pairlb/failover.key (was uid:gid 65534:65534; root only)" \
+        in res.stdout
+    assert "fixed owner /etc/pairlb/admin.token (was uid:gid 0:65534; root only)" in res.stdout
+    assert "tightened  /etc/pairlb/admin.token (was mode 640" in res.stdout
+    # And a further run has nothing left to fix.
+    res = installed.run()
+    assert "kept       /etc/pairlb/failover.key" in res.stdout
+    assert "kept       /etc/pairlb/admin.token" in res.stdout
+
+
+@pytest.mark.timeout(600)
 def test_uninstall_removes_what_it_installed_but_keeps_config_and_secrets(
     installed: Install,
 ) -> None:
