@@ -309,34 +309,6 @@ class Daemon:
         self._update_local_health()
         await self.failover.start(self._failover_process_spec())
 
-    def _failover_spec(self) -> Any:
-        """The controller's failover.FailoverSpec from the config (key files read here)."""
-        import failover
-
-        fcfg = self.cfg.failover
-        assert fcfg is not None
-        key = failover.load_key(fcfg.key_file)
-        return failover.FailoverSpec(
-            node_name=self.cfg.node.name,
-            interface=fcfg.interface,
-            vips=fcfg.vips,
-            priority=fcfg.priority,
-            peers=fcfg.peers,
-            key=key,
-            port=fcfg.port,
-            bind=fcfg.bind,
-            address=fcfg.bind,
-            multicast_group=fcfg.multicast_group,
-            interval_s=fcfg.interval_s,
-            down_after=fcfg.down_after,
-            preempt=fcfg.preempt,
-            preempt_delay_s=fcfg.preempt_delay_s,
-            notify=fcfg.notify,
-            notify_timeout_s=fcfg.notify_timeout_s,
-            config_digest=self.cfg.digest_bytes(failover.DIGEST_LEN),
-            handover_forward_s=fcfg.handover_forward_s,
-        )
-
     def _failover_process_spec(self) -> Any:
         """What the failover process runs (lb.failover_link.Spec): the controller's spec and
         the settings of the process around it."""
@@ -346,7 +318,7 @@ class Daemon:
         assert fcfg is not None
         return failover_link.Spec(
             generation=self.generation,
-            failover=self._failover_spec(),
+            failover=failover_spec(self.cfg),
             garp_count=fcfg.garp_count,
             garp_interval_s=fcfg.garp_interval_s,
             garp_repeat_after_s=fcfg.garp_repeat_after_s,
@@ -359,20 +331,6 @@ class Daemon:
             log_level=self.cfg.logging.level,
             journald=self.cfg.logging.journald_prefix,
         )
-
-    def _reconfigure_failover(self) -> None:
-        """After a reload: the failover process applies what may change live (the config
-        digest, keys); its role is not disturbed."""
-        import failover
-
-        reconfigure = getattr(self.failover, "reconfigure", None)
-        if reconfigure is None or self.cfg.failover is None:
-            return
-        try:
-            reconfigure(self._failover_process_spec())
-        except failover.FailoverError as exc:
-            logger.error("event=failover_reconfigure_failed error=%r", str(exc))
-            self._record_event("reload", f"failover settings not applied: {exc}")
 
     def _vip_ports(self, vips: Sequence[str]) -> list[int]:
         """Ports of the listeners clients reach through a VIP (bound to it, or to any)."""
@@ -583,8 +541,6 @@ class Daemon:
             self.notifier.reloading()
             try:
                 result = await self._reload()
-                if result.ok:
-                    self._reconfigure_failover()
             finally:
                 self.notifier.ready(self.status_line())
         self.last_reload = result

@@ -79,6 +79,7 @@ class PairSettings:
     health_interval_s: float = 0.2
     health_rise: int = 2
     health_fall: int = 2
+    control_timeout_s: float = 10.0
 
     @property
     def label(self) -> str:
@@ -323,6 +324,7 @@ interval_s = {s.interval_s}
 down_after = {s.down_after}
 preempt = {str(s.preempt).lower()}
 preempt_delay_s = {s.preempt_delay_s}
+control_timeout_s = {s.control_timeout_s}
 
 [admin]
 enabled = true
@@ -375,6 +377,17 @@ level = "info"
                     lp.proc.wait(timeout=5.0)
         return t
 
+    def failover_pid(self, node: str) -> int | None:
+        """The node's failover process (its command line names lb.failover_main), if any."""
+        for pid in self.pids(node):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"lb.failover_main" in f.read():
+                        return pid
+            except OSError:
+                continue
+        return None
+
     def signal_control(self, node: str, sig: int) -> float:
         """Signal the control process only (SIGTERM = graceful stop, SIGUSR1 = switchover)."""
         lp = self.lbs[node]
@@ -400,9 +413,10 @@ level = "info"
         except FileNotFoundError:
             return ""
 
-    def log_time(self, node: str, needle: str) -> float | None:
+    def log_time(self, node: str, needle: str, after: float | None = None) -> float | None:
         """Monotonic time of the first log line of the node's latest start containing
-        `needle` (log stamps are wall clock with ms; converted with the current offset)."""
+        `needle` (log stamps are wall clock with ms; converted with the current offset);
+        with `after`, the first one at or after that time (less the stamps' 1 ms)."""
         text = self.log(node)
         last_start = text.rfind("--- start ")
         offset = time.time() - time.monotonic()
@@ -411,7 +425,8 @@ level = "info"
                 stamp = line.split()[0].rstrip("Z")
                 wall = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
                 wall += float("0" + stamp[19:]) - time.timezone
-                return wall - offset
+                if after is None or wall - offset >= after - 0.001:
+                    return wall - offset
         return None
 
     def log_tail(self, node: str, lines: int = 40) -> str:
@@ -969,6 +984,172 @@ def _send_udp(packets: Sequence[tuple[str, bytes]], dest: tuple[str, int], gap_s
     return len(packets)
 
 
+# -- the failover process (issue 12): its crash, the control process's crash or stall -------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill9_failover_process(rig: Rig) -> list[Outcome]:
+    """kill -9 the MASTER's failover process only (its control process and workers live on).
+    The peer takes the VIP on the missing heartbeats; the control process restarts the
+    failover process, which removes the VIP its predecessor left before it joins as BACKUP,
+    then takes the VIP back (preempt, make-before-break)."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    old = rig.failover_pid("lb1")
+    if old is None:
+        raise RigError(f"lb1 has no failover process\n{rig.log_tail('lb1')}")
+    t_fault = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+    rig.wait_for("lb2 to take the VIP", lambda: "lb2" in rig.watch.holding(), 5.0, 0.002)
+    rig.wait_for("a new failover process on lb1",
+                 lambda: rig.failover_pid("lb1") not in (None, old), 10.0, 0.01)
+    new = rig.failover_pid("lb1")
+    rig.wait_for("lb1 MASTER again", lambda: rig.role("lb1") == "MASTER", 10.0)
+    rig.wait_for("the VIP on lb1 only", lambda: rig.watch.holding() == {"lb1"}, 5.0, 0.005)
+    t_recovered = rig.log_time("lb1", "from=init to=backup", after=t_fault)
+    if t_recovered is None:
+        raise RigError(f"lb1's new failover process never joined\n{rig.log_tail('lb1')}")
+    settle(rig, "lb1", t_recovered)
+    until = time.monotonic()
+    out = measure(rig, "kill -9 failover process of the MASTER", since, t_recovered,
+                  fault_at=t_fault, new_node="lb2")
+    back = measure(rig, "its failover process restarted: failback", t_recovered, until,
+                   fault_at=t_recovered, new_node="lb1")
+    removed = [t for t, present in rig.watch.changes("lb1", t_fault) if not present]
+    after = rig.watch.overlaps(t_recovered, until)
+    st = rig.failover("lb1")
+    out.extra.update({
+        "old_pid": old, "new_pid": new,
+        "recovered_s": round(t_recovered - t_fault, 3),
+        "stale_vip_removed_s": round(removed[0] - t_fault, 3) if removed else None,
+        "process": st.get("process"),
+        "lb1_transitions": st["counters"]["transitions"],
+    })
+    back.extra.update({
+        "longest_overlap_after_recovery_s": max((e - s for s, e in after), default=0.0),
+        "masters": [n for n in LBS if rig.role(n) == "MASTER"],
+    })
+    return [out, back]
+
+
+def kill9_control(rig: Rig) -> list[Outcome]:
+    """kill -9 the MASTER's control process only: its failover process sees the channel
+    close, hands the VIP to the peer (priority 0, make-before-break) and exits; the
+    workers drain and exit. No orphan keeps the VIP."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    lp = rig.lbs["lb1"]
+    fo = rig.failover_pid("lb1")
+    if fo is None:
+        raise RigError(f"lb1 has no failover process\n{rig.log_tail('lb1')}")
+    t_fault = time.monotonic()
+    os.kill(lp.proc.pid, signal.SIGKILL)
+    rig.wait_for("lb2 to take the VIP", lambda: "lb2" in rig.watch.holding(), 5.0, 0.002)
+    settle(rig, "lb2", t_fault)
+    t_exit = rig.wait_for("lb1's failover process to exit", lambda: _gone(fo), 10.0, 0.005)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        lp.proc.wait(timeout=5.0)
+    rig.wait_for("lb1's workers to exit", lambda: all(_gone(p) for p in rig.pids("lb1")),
+                 10.0, 0.05)
+    out = measure(rig, "kill -9 control process of the MASTER", since, time.monotonic(),
+                  fault_at=t_fault, new_node="lb2")
+    released = [t for t, present in rig.watch.changes("lb1", t_fault) if not present]
+    out.extra.update({
+        "failover_exit_s": round(t_exit - t_fault, 3),
+        "vip_released_s": round(released[0] - t_fault, 3) if released else None,
+        "vip_on_lb1": "lb1" in rig.watch.holding(),
+        "left_gracefully": rig.log_time("lb1", "failover_control_gone", after=t_fault)
+        is not None,
+    })
+    return [out]
+
+
+def control_stall(rig: Rig, stopped_s: float = 2.0) -> list[Outcome]:
+    """SIGSTOP the MASTER's control process only, for less than control_timeout_s (a long
+    /metrics render, a reload of thousands of backends): heartbeats go on from the failover
+    process, nothing moves, and the workers serve on."""
+    rig.steady(rig.settings)
+    before = {n: rig.failover(n)["counters"]["transitions"] for n in LBS}
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = rig.signal_control("lb1", signal.SIGSTOP)
+    try:
+        time.sleep(stopped_s)
+    finally:
+        rig.signal_control("lb1", signal.SIGCONT)
+    time.sleep(PROBE_TIMEOUT_S + 0.2)
+    out = measure(rig, f"control process of the MASTER stopped {stopped_s:g} s", since,
+                  time.monotonic(), fault_at=t_fault, new_node=None)
+    after = {n: rig.failover(n) for n in LBS}
+    out.extra.update({
+        "transitions_changed": any(after[n]["counters"]["transitions"] != before[n]
+                                   for n in LBS),
+        "holders": sorted(rig.watch.holding()),
+        "vip_events": len(out.vip_events),
+        "lb2_received_gap_ms": (after["lb2"].get("heartbeat_gap_ms") or {}).get("received_max"),
+        "lb1_sent_gap_ms": (after["lb1"].get("heartbeat_gap_ms") or {}).get("sent_max"),
+    })
+    return [out]
+
+
+def control_wedged(rig: Rig, timeout_s: float = 1.0) -> list[Outcome]:
+    """SIGSTOP the MASTER's control process for longer than control_timeout_s (set to
+    `timeout_s`): its failover process counts it as failed (FAULT) and the VIP goes to the
+    peer; once it runs again, the node rejoins and takes the VIP back (preempt)."""
+    rig.steady(replace(rig.settings, control_timeout_s=timeout_s))
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = rig.signal_control("lb1", signal.SIGSTOP)
+    try:
+        rig.wait_for("lb2 to take the VIP", lambda: "lb2" in rig.watch.holding(),
+                     timeout_s + 5.0, 0.005)
+        settle(rig, "lb2", t_fault, timeout_s=timeout_s + 5.0)
+    finally:
+        t_cont = rig.signal_control("lb1", signal.SIGCONT)
+    rig.wait_for("lb1 MASTER again", lambda: rig.role("lb1") == "MASTER", 10.0)
+    settle(rig, "lb1", t_cont)
+    until = time.monotonic()
+    out = measure(rig, f"control process of the MASTER stopped > control_timeout_s "
+                       f"({timeout_s:g} s)", since, t_cont, fault_at=t_fault, new_node="lb2")
+    back = measure(rig, "control process runs again: failback", t_cont, until,
+                   fault_at=t_cont, new_node="lb1")
+    faulted = rig.log_time("lb1", "failover_control_silent", after=t_fault)
+    out.extra["control_fault_s"] = None if faulted is None else round(faulted - t_fault, 3)
+    back.extra["lb1_transitions"] = rig.failover("lb1")["counters"]["transitions"]
+    return [out, back]
+
+
+def reload_unchanged(rig: Rig) -> list[Outcome]:
+    """SIGHUP the MASTER with the same file: the failover process gets the spec again and
+    nothing moves."""
+    rig.steady(rig.settings)
+    before = rig.failover("lb1")["counters"]["transitions"]
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = rig.signal_control("lb1", signal.SIGHUP)
+    rig.wait_for("the reload", lambda: rig.log_time("lb1", "event=reloaded", after=t_fault)
+                 is not None, 10.0)
+    time.sleep(0.5)
+    out = measure(rig, "reload with nothing changed (SIGHUP)", since, time.monotonic(),
+                  fault_at=t_fault, new_node=None)
+    out.extra.update({
+        "transitions_changed": rig.failover("lb1")["counters"]["transitions"] != before,
+        "holders": sorted(rig.watch.holding()),
+        "pending_logged": rig.log_time("lb1", "failover_reload_pending", after=t_fault)
+        is not None,
+    })
+    return [out]
+
+
 SCENARIOS: dict[str, Callable[[Rig], list[Outcome]]] = {
     "kill9": kill9,
     "sigstop": sigstop,
@@ -979,6 +1160,11 @@ SCENARIOS: dict[str, Callable[[Rig], list[Outcome]]] = {
     "partition": partition_heal,
     "unhealthy": unhealthy_no_takeover,
     "bad_heartbeats": bad_heartbeats,
+    "kill9_failover": kill9_failover_process,
+    "kill9_control": kill9_control,
+    "control_stall": control_stall,
+    "control_wedged": control_wedged,
+    "reload_unchanged": reload_unchanged,
 }
 
 

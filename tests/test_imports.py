@@ -78,3 +78,42 @@ def test_prometheus_client_only_in_metrics_and_admin() -> None:
         for f in files(pkg):
             if any(top(i) == "prometheus_client" for i in imports_of(f)):
                 assert f in allowed, f"{f.relative_to(ROOT)} imports prometheus_client"
+
+
+def _first_party(path: Path) -> set[str]:
+    """lb modules (``from lb import x`` counts as lb.x) and third-party packages a file
+    imports; failover and the standard library are left out."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = ([f"lb.{a.name}" for a in node.names] if node.module == "lb"
+                     else [node.module])
+        for i in names:
+            if top(i) == "lb":
+                out.add(i)
+            elif top(i) not in {"failover", "__future__"} and not _stdlib(top(i)):
+                out.add(top(i))
+    return out
+
+
+def _stdlib(name: str) -> bool:
+    import sys
+
+    return name in sys.stdlib_module_names
+
+
+def test_the_failover_process_loads_only_failover_and_small_lb_modules() -> None:
+    """lb.failover_main is the whole failover process: heartbeats, VIP, nothing else. It must
+    not pull in the control process's machinery (config models, health checks, aiohttp,
+    prometheus_client, the daemon): less to start, nothing of theirs on its loop."""
+    allowed = {"lb.channel", "lb.log", "lb.sysutil", "lb.failover_link", "lb.__version__"}
+    for rel in ("lb/failover_main.py", "lb/failover_link.py", "lb/channel.py", "lb/log.py",
+                "lb/sysutil.py"):
+        path = ROOT / rel
+        if not path.exists():
+            pytest.skip(f"{rel} not present")
+        bad = _first_party(path) - allowed
+        assert not bad, f"{rel} imports {bad}"
