@@ -7,21 +7,30 @@ keeps no health state of its own: every result goes to the :class:`~healthcheck.
 (the one owner; pass the daemon's in), which also decides what a reload keeps. Listeners
 learn of results and changes through ``on_result`` / ``on_transition``.
 
-Cadence per target: the next check starts ``interval`` after the previous one started
-(or at once if the probe took longer), where ``interval`` is
+Cadence per target: the next check is due ``interval`` after the previous one was due
+(or at once if that time has passed), where ``interval`` is
 
 - ``fast_interval_s`` while the counter is between its extremes (a change may be near),
 - ``down_interval_s`` while the target is DOWN and stable,
 - ``interval_s`` while it is UP and stable,
 
 each multiplied by a random factor in ``[1 - jitter, 1 + jitter]`` so checks of many targets
-drift apart. A new target's first check waits a random ``[0, jitter * interval_s]``.
+drift apart. Counting from the due time rather than from when the check really started
+keeps a target's phase when the loop ran late, so a burst of late checks does not stay a
+burst. First checks are spread, not fired together: the ``n`` targets started at once
+(start-up, a reload) get evenly spaced deterministic phases over
+``min(interval_s, max(jitter * interval_s, n * FIRST_CHECK_SPACING_S))``: a single new
+backend is checked at once, 3000 are spread over the whole interval.
+
+Timing costs no task per target: each target has one timer (``loop.call_at``) for its next
+check and, while a probe runs, the probe's callback handle (see :mod:`healthcheck.probes`).
+Every check start records its lateness (start time minus due time) in :attr:`lateness`.
 
 Worst-case time for a fully UP target to be marked DOWN after it dies:
 ``interval_s * (1 + jitter) + (fall - 1) * fast_interval_s * (1 + jitter) + fall * timeout_s``.
 
-Each target's loop is an error boundary: a bug or a raising callback is logged with its
-traceback and the loop carries on; ``CancelledError`` always propagates. Logging: one INFO
+Each check is an error boundary: a bug or a raising callback is logged with its traceback
+and the target is checked again after ``error_backoff_s``. Logging: one INFO
 line per state change (with the result that caused it), one DEBUG line per result.
 
 Imports nothing from lb or failover. Call its methods from the event loop's thread.
@@ -30,14 +39,17 @@ Imports nothing from lb or failover. Call its methods from the event loop's thre
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from types import TracebackType
 
 from .book import HealthBook, TargetState
+from .lateness import Lateness
+from .probes import ProbeHandle
 from .state import CheckResult, Health, HealthCounter
 from .targets import CheckSpec, ProbeKind, Target, TargetKey
 
@@ -57,22 +69,39 @@ log = logging.getLogger(__name__)
 OnResult = Callable[[TargetKey, CheckResult, HealthCounter], None]
 OnTransition = Callable[[TargetKey, Health, Health, CheckResult], None]
 
+FIRST_CHECK_SPACING_S = 0.001
+"""First checks of targets started together are at least this far apart (module docstring)."""
+
 
 class _Runner:
-    """The task that probes one target; replaced (never reset) when the target changes.
+    """The timer and probe of one target; replaced (never reset) when the target changes.
     It holds no health state: results go to the book."""
 
-    __slots__ = ("probe", "target", "task", "wake")
+    __slots__ = ("check", "due", "on_done", "probe", "target", "timer")
 
     def __init__(self, target: Target) -> None:
         self.target = target
         self.probe = target.spec.make_probe()
-        self.task: asyncio.Task[None] | None = None
-        self.wake: asyncio.Future[None] | None = None
+        self.timer: asyncio.Handle | None = None
+        """The next check, while none is in flight."""
+        self.check: ProbeHandle | None = None
+        """The probe in flight."""
+        self.due = 0.0
+        """When the current or next check is (was) due, loop time."""
+        self.on_done: Callable[[CheckResult], None] = lambda result: None
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.check is not None:
+            self.check.abort()
+            self.check = None
 
 
 class HealthChecker:
-    """Owns one check task per target. ``async with HealthChecker(...)`` starts and stops it."""
+    """Checks every target on its own cadence. ``async with HealthChecker(...)`` starts and
+    stops it."""
 
     def __init__(
         self,
@@ -90,8 +119,9 @@ class HealthChecker:
         self._rng = rng or random.Random()
         self._error_backoff_s = error_backoff_s
         self._runners: dict[TargetKey, _Runner] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # live and cancelled-but-unfinished
         self._running = False
+        self.lateness = Lateness()
+        """Start time minus due time of every check (see :mod:`healthcheck.lateness`)."""
 
     async def __aenter__(self) -> HealthChecker:
         await self.start()
@@ -110,19 +140,19 @@ class HealthChecker:
         if self._running:
             return
         self._running = True
-        for runner in self._runners.values():
-            self._spawn(runner)
+        self._spawn_all(list(self._runners.values()))
 
     async def stop(self) -> None:
-        """Cancel every check and wait for them to finish. State is kept; start() resumes."""
+        """Cancel every check (probes in flight report nothing). State is kept; start()
+        resumes."""
         self._running = False
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
         for runner in self._runners.values():
-            runner.task = None
+            runner.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        """Probes running now."""
+        return sum(1 for r in self._runners.values() if r.check is not None)
 
     def set_targets(
         self, targets: Iterable[Target], in_service: Collection[TargetKey] = ()
@@ -137,15 +167,17 @@ class HealthChecker:
         done = self.book.reconcile(targets, time.monotonic(), in_service)
         for key in done.removed + done.changed:
             runner = self._runners.pop(key, None)
-            if runner is not None and runner.task is not None:
-                runner.task.cancel()
+            if runner is not None:
+                runner.cancel()
             if key in done.removed:
                 log.debug("event=health_target_removed pool=%s backend=%s", key[0], key[1])
+        started: list[_Runner] = []
         for key in done.started:
             target = self.book.target(key)
             assert target is not None
             runner = _Runner(target)
             self._runners[key] = runner
+            started.append(runner)
             log.debug(
                 "event=health_target_%s pool=%s backend=%s addr=%s:%s state=%s",
                 "added" if key in done.added else "changed",
@@ -155,8 +187,8 @@ class HealthChecker:
                 target.port,
                 self.book.state(key).health,  # type: ignore[union-attr]
             )
-            if self._running:
-                self._spawn(runner)
+        if self._running:
+            self._spawn_all(started)
 
     def state(self, key: TargetKey) -> TargetState | None:
         """Current health of one target, or None if it is not checked."""
@@ -166,56 +198,74 @@ class HealthChecker:
         return self.book.states()
 
     def force_check(self, key: TargetKey) -> bool:
-        """Check this target now instead of at its next slot; False if unknown."""
+        """Check this target now instead of at its next slot; False if unknown. A check
+        already in flight counts as now."""
         runner = self._runners.get(key)
         if runner is None:
             return False
-        if runner.wake is not None and not runner.wake.done():
-            runner.wake.set_result(None)
+        if runner.timer is not None:
+            runner.timer.cancel()
+            loop = asyncio.get_running_loop()
+            runner.due = loop.time()
+            runner.timer = loop.call_soon(self._fire, runner)
         return True
 
-    def _spawn(self, runner: _Runner) -> None:
-        pool, backend = runner.target.key
-        task = asyncio.get_running_loop().create_task(
-            self._run(runner), name=f"healthcheck:{pool}/{backend}"
-        )
-        runner.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- timing ---------------------------------------------------------------------------
 
-    async def _run(self, runner: _Runner) -> None:
-        target = runner.target
-        spec = target.spec
-        next_at = time.monotonic() + self._rng.uniform(0, spec.jitter * spec.interval_s)
-        while True:
-            await self._sleep(runner, next_at - time.monotonic())
-            started = time.monotonic()
-            wait_s = self._error_backoff_s
-            try:
-                result = await runner.probe.run(target.host, target.port)
-                counter = self._apply(runner, result)
-                if counter is None:
-                    return  # retired while the probe ran
-                wait_s = spec.base_interval_s(counter)
-            except Exception:  # error boundary: a bug here must not stop checking
-                log.exception(
-                    "event=health_loop_error pool=%s backend=%s", target.key[0], target.key[1]
-                )
-            next_at = started + wait_s * self._rng.uniform(1 - spec.jitter, 1 + spec.jitter)
+    def _spawn_all(self, runners: Sequence[_Runner]) -> None:
+        """First checks of targets started together, at evenly spread phases (module doc)."""
+        n = len(runners)
+        for i, runner in enumerate(runners):
+            spec = runner.target.spec
+            window = min(
+                spec.interval_s, max(spec.jitter * spec.interval_s, n * FIRST_CHECK_SPACING_S)
+            )
+            self._spawn(runner, window * i / n)
 
-    async def _sleep(self, runner: _Runner, delay_s: float) -> None:
-        """Sleep that force_check() can cut short; one future + one timer, no extra task."""
-        if delay_s <= 0:
+    def _spawn(self, runner: _Runner, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        runner.on_done = functools.partial(self._done, runner)
+        runner.due = loop.time() + delay_s
+        runner.timer = loop.call_at(runner.due, self._fire, runner)
+
+    def _fire(self, runner: _Runner) -> None:
+        """A check is due: start its probe (the result comes to ``_done``)."""
+        runner.timer = None
+        if not self._running or self._runners.get(runner.target.key) is not runner:
             return
         loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        runner.wake = wake
-        timer = loop.call_later(delay_s, _resolve, wake)
+        now = loop.time()
+        self.lateness.observe(now - runner.due, now)
+        target = runner.target
         try:
-            await wake
-        finally:
-            timer.cancel()
-            runner.wake = None
+            runner.check = runner.probe.start(target.host, target.port, runner.on_done)
+        except Exception:  # error boundary: a bug here must not stop checking
+            log.exception(
+                "event=health_loop_error pool=%s backend=%s", target.key[0], target.key[1]
+            )
+            self._next(runner, self._error_backoff_s)
+
+    def _done(self, runner: _Runner, result: CheckResult) -> None:
+        runner.check = None
+        if not self._running or self._runners.get(runner.target.key) is not runner:
+            return  # stopped, or retired while the probe ran: the result belongs to nobody
+        wait_s = self._error_backoff_s
+        try:
+            counter = self._apply(runner, result)
+            if counter is not None:
+                wait_s = runner.target.spec.base_interval_s(counter)
+        except Exception:  # error boundary, as in _fire
+            key = runner.target.key
+            log.exception("event=health_loop_error pool=%s backend=%s", key[0], key[1])
+        self._next(runner, wait_s)
+
+    def _next(self, runner: _Runner, wait_s: float) -> None:
+        """Schedule the next check ``wait_s`` (jittered) after this one was due (module doc)."""
+        spec = runner.target.spec
+        loop = asyncio.get_running_loop()
+        due = runner.due + wait_s * self._rng.uniform(1 - spec.jitter, 1 + spec.jitter)
+        runner.due = max(due, loop.time())
+        runner.timer = loop.call_at(runner.due, self._fire, runner)
 
     def _apply(self, runner: _Runner, result: CheckResult) -> HealthCounter | None:
         """Write one result to the book; the counter after it, or None if this runner was
@@ -276,8 +326,3 @@ class HealthChecker:
                     key[1],
                 )
         return counter
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
