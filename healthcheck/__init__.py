@@ -29,8 +29,11 @@ from .state import (
     Initial,
     Transition,
 )
+from .targets import COUNT_MAX, JITTER_MAX
 
 __all__ = [
+    "COUNT_MAX",
+    "JITTER_MAX",
     "CheckResult",
     "CheckSpec",
     "CheckStatus",

@@ -13,7 +13,12 @@ from typing import Literal
 from .probes import HttpProbe, Probe, TcpProbe
 from .state import Health, HealthConfigError, HealthCounter, Initial
 
-__all__ = ["CheckSpec", "ProbeKind", "Target", "TargetKey"]
+__all__ = ["COUNT_MAX", "JITTER_MAX", "CheckSpec", "ProbeKind", "Target", "TargetKey"]
+
+COUNT_MAX = 100
+"""Largest ``rise`` / ``fall``: more checks in a row than this is a misconfiguration."""
+JITTER_MAX = 0.5
+"""Largest ``jitter``: beyond half the interval the cadence stops meaning anything."""
 
 ProbeKind = Literal["http", "tcp"]
 TargetKey = tuple[str, str]
@@ -52,10 +57,22 @@ class CheckSpec:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise HealthConfigError(name, value, "must be > 0")
-        if not 0 <= self.jitter < 1:
-            raise HealthConfigError("jitter", self.jitter, "must be in [0, 1)")
+        if not 0 <= self.jitter <= JITTER_MAX:
+            raise HealthConfigError("jitter", self.jitter, f"must be in [0, {JITTER_MAX}]")
+        for name in ("rise", "fall"):
+            if getattr(self, name) > COUNT_MAX:
+                raise HealthConfigError(name, getattr(self, name), f"must be <= {COUNT_MAX}")
         HealthCounter.initial(self.rise, self.fall, self.initial)  # validates rise/fall/initial
         self.make_probe()  # validates method/path/host/expect_*/timeout_s
+
+    @staticmethod
+    def timeout_rule(timeout_s: float, interval_s: float) -> str | None:
+        """A probe should end before the next one is due; the broken rule, or None. The
+        config applies it (a direct CheckSpec may overrun: the next check then starts at
+        once)."""
+        if timeout_s > interval_s:
+            return f"must be <= interval_s (got timeout_s={timeout_s}, interval_s={interval_s})"
+        return None
 
     def make_probe(self) -> Probe:
         if self.probe == "tcp":

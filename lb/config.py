@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from healthcheck import COUNT_MAX, JITTER_MAX, CheckSpec
+
 
 class ConfigError(Exception):
     """A config that cannot be used; ``errors`` lists one line per problem."""
@@ -216,45 +218,48 @@ HostHeader = Annotated[str, Field(pattern=r"^[\x21-\x7e]+$")]
 """A Host header value: printable ASCII, no space, CR, LF or other control character."""
 
 
+_CHECK = CheckSpec()
+"""Defaults of every check setting live in ``healthcheck.CheckSpec``; read from there."""
+CheckCount = Annotated[int, Field(ge=1, le=COUNT_MAX)]
+
+
 class HealthConfig(_Model):
-    type: Literal["http", "tcp"] = "http"
+    type: Literal["http", "tcp"] = _CHECK.probe
     """``http``: a request must get an expected status; ``tcp``: a connect must succeed."""
-    method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
+    method: Literal["GET", "HEAD", "OPTIONS"] = _CHECK.method  # type: ignore[assignment]
     """HTTP method of the probe."""
-    path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] = "/healthz"
+    path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] = _CHECK.path
     """Request target of the probe."""
     host: HostHeader | None = None
     """Host header of the probe; default: the backend address."""
-    expect_status: tuple[StatusRange, ...] = ("200-399",)
+    expect_status: tuple[StatusRange, ...] = tuple(f"{a}-{b}" for a, b in _CHECK.expect_status)
     """Passing statuses: codes or inclusive ranges like ``"200-399"``."""
     expect_body: str | None = None
     """If set, the body (first 64 KiB) must contain this text."""
-    interval_s: Seconds = 1.0
+    interval_s: Seconds = _CHECK.interval_s
     """Time between checks of a backend whose state is settled."""
-    timeout_s: Seconds = 0.5
+    timeout_s: Seconds = _CHECK.timeout_s
     """Whole-probe deadline (connect + response)."""
-    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    rise: CheckCount = _CHECK.rise
     """Passing checks in a row that bring a DOWN backend UP."""
-    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    fall: CheckCount = _CHECK.fall
     """Failing checks in a row that take an UP backend DOWN."""
     fast_interval_s: Seconds | None = None
     """Interval while a backend is changing state; defaults to interval_s."""
     down_interval_s: Seconds | None = None
     """Interval while a backend is down; defaults to interval_s."""
-    jitter: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    jitter: Annotated[float, Field(ge=0, le=JITTER_MAX)] = _CHECK.jitter
     """Fraction of the interval added or removed at random so checks don't fire in lock-step."""
-    initial: Literal["down", "up"] = "down"
+    initial: Literal["down", "up"] = _CHECK.initial
     """'down': a new backend gets no traffic before its first passing check."""
     enabled: bool = True
     """False: no active checks; backends count as healthy."""
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> HealthConfig:
-        if self.timeout_s > self.interval_s:
-            raise ValueError(
-                f"timeout_s must be <= interval_s (got timeout_s={self.timeout_s}, "
-                f"interval_s={self.interval_s})"
-            )
+        rule = CheckSpec.timeout_rule(self.timeout_s, self.interval_s)
+        if rule is not None:
+            raise ValueError(f"timeout_s {rule}")
         return self
 
     def status_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -276,9 +281,9 @@ class HealthOverride(_Model):
     """Overrides ``[pool.health] interval_s``."""
     timeout_s: Seconds | None = None
     """Overrides ``[pool.health] timeout_s``."""
-    rise: Annotated[int, Field(ge=1, le=100)] | None = None
+    rise: CheckCount | None = None
     """Overrides ``[pool.health] rise``."""
-    fall: Annotated[int, Field(ge=1, le=100)] | None = None
+    fall: CheckCount | None = None
     """Overrides ``[pool.health] fall``."""
     fast_interval_s: Seconds | None = None
     """Overrides ``[pool.health] fast_interval_s``."""
