@@ -439,7 +439,8 @@ def backend_state(b: Mapping[str, Any]) -> tuple[str, str]:
         if b["effective_weight"] < b["weight"]:
             return "slow start", "green"
         return "up", "green"
-    return "out", "grey"
+    why = ", ".join(b.get("out_of_rotation") or ())
+    return (f"out ({why})" if why else "out"), "grey"
 
 
 def fmt_duration(seconds: float | None) -> str:

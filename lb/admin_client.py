@@ -165,7 +165,10 @@ def backend_state(b: dict[str, Any]) -> str:
         return "DOWN"
     if b["ejected"]:
         return f"ejected {b['ejected_for_s']:.0f}s"
-    return "up" if b["in_rotation"] else "out"
+    if b["in_rotation"]:
+        return "up"
+    why = ", ".join(b.get("out_of_rotation") or ())
+    return f"out ({why})" if why else "out"
 
 
 def render_status(st: dict[str, Any]) -> str:

@@ -154,6 +154,12 @@ METRICS: tuple[MetricDef, ...] = (
         "pool backend",
         "Passive-check ejections (consecutive failures seen by the proxy).",
     ),
+    _d(
+        "pairlb_backend_ejections_ended_total",
+        "counter",
+        "pool backend",
+        "Ejections ended early because active checks vouched for the backend.",
+    ),
     _d("pairlb_pool_panic", "gauge", "pool", "1 while too few backends are usable (panic)."),
     _d("pairlb_pool_usable_backends", "gauge", "pool", "Backends that can take requests."),
     _d("pairlb_pool_enabled_backends", "gauge", "pool", "Backends not drained or in maintenance."),
@@ -258,7 +264,49 @@ METRICS: tuple[MetricDef, ...] = (
         "pairlb_heartbeat_late_sends_total",
         "counter",
         "",
-        "Heartbeats sent late because the control loop was busy.",
+        "Heartbeats sent more than one interval late (the failover process's loop stalled).",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeat_send_lag_p99_seconds",
+        "gauge",
+        "",
+        "How late heartbeats left, 99th percentile over the last 4096 sends.",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeat_send_lag_max_seconds",
+        "gauge",
+        "",
+        "How late the latest of the last 4096 heartbeats left.",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeat_send_gap_max_seconds",
+        "gauge",
+        "",
+        "Longest time between two heartbeats sent to one peer address (last 4096).",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeat_receive_gap_max_seconds",
+        "gauge",
+        "",
+        "Longest time between two datagrams from one peer address (last 4096).",
+        True,
+    ),
+    _d(
+        "pairlb_failover_process_up",
+        "gauge",
+        "",
+        "1 while the failover process runs the controller (heartbeats, VIP), else 0.",
+        True,
+    ),
+    _d(
+        "pairlb_failover_process_restarts_total",
+        "counter",
+        "",
+        "Times the failover process was restarted after it died or hung.",
         True,
     ),
     _d(
@@ -606,6 +654,7 @@ class PairlbCollector:
                 add("pairlb_backend_inflight_requests", [p, n], b["in_flight"])
                 add("pairlb_backend_ejected", [p, n], 1.0 if b["ejected"] else 0.0)
                 add("pairlb_backend_ejections_total", [p, n], b["ejections"])
+                add("pairlb_backend_ejections_ended_total", [p, n], b["ejections_ended_by_checks"])
         for (pool_name, backend, status), count in sorted(self.daemon.check_counts.items()):
             if (pool_name, backend) in present:
                 add("pairlb_health_checks_total", [pool_name, backend, status], count)
@@ -637,6 +686,16 @@ class PairlbCollector:
         add("pairlb_failover_alive_peers", [], float(alive))
         counters = fo.get("counters") or {}
         add("pairlb_heartbeat_late_sends_total", [], counters.get("late_sends", 0))
+        lag = fo.get("send_lag_ms") or {}
+        add("pairlb_heartbeat_send_lag_p99_seconds", [], float(lag.get("p99", 0.0)) / 1000)
+        add("pairlb_heartbeat_send_lag_max_seconds", [], float(lag.get("max", 0.0)) / 1000)
+        gaps = fo.get("heartbeat_gap_ms") or {}
+        add("pairlb_heartbeat_send_gap_max_seconds", [], float(gaps.get("sent_max", 0.0)) / 1000)
+        add("pairlb_heartbeat_receive_gap_max_seconds", [],
+            float(gaps.get("received_max", 0.0)) / 1000)
+        process = fo.get("process") or {}  # absent: a controller in this process (tests)
+        add("pairlb_failover_process_up", [], 1.0 if process.get("running", True) else 0.0)
+        add("pairlb_failover_process_restarts_total", [], process.get("restarts", 0))
         add("pairlb_heartbeats_delayed_total", [], counters.get("delayed", 0))
         handover = fo.get("handover") or {}
         add("pairlb_handover_forwarding", [], 1.0 if handover.get("forwarding_to") else 0.0)
