@@ -290,7 +290,7 @@ class Daemon:
         logger.info(
             "event=privileges workers_user=%s workers_group=%s oom_score_adj=%d "
             "workers_oom_score_adj=%d",
-            ident.user, ident.group, adj, sysutil.OOM_SCORE_ADJ_WORKER,
+            ident.user, ident.group, adj, sysutil.worker_oom_score_adj(adj),
         )
 
     async def _spawn_failover(self) -> None:

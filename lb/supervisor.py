@@ -199,6 +199,11 @@ class Supervisor:
             )
         finally:
             child_sock.close()
+        # First in the OOM killer's choice from the start, not only once the worker has
+        # imported its modules and set this itself (it does that too).
+        with contextlib.suppress(OSError):
+            sysutil.set_oom_score_adj(
+                sysutil.worker_oom_score_adj(sysutil.get_oom_score_adj()), handle.proc.pid)
         handle.started_at = handle.last_pong = time.monotonic()
         loop = asyncio.get_running_loop()
         _, handle.chan = await loop.connect_accepted_socket(

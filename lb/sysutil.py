@@ -8,12 +8,15 @@ runs as root, switches to an unprivileged user with no supplementary groups. It 
 the caller must not serve then. The listening sockets are inherited, so a worker needs no
 privilege at all.
 
-``set_oom_score_adj()`` ranks processes for the kernel's OOM killer: workers raise their own
-score (``OOM_SCORE_ADJ_WORKER``) and the control process, which sends the heartbeats, keeps
-a low one (``OOM_SCORE_ADJ_CONTROL``: the unit's ``OOMScoreAdjust=``, or written at start
-when pairlb runs as root). Any other process pairlb starts (the failover process, say)
-inherits the control process's score; it should call
-``set_oom_score_adj(OOM_SCORE_ADJ_CONTROL)`` if it must never be chosen either, and
+``set_oom_score_adj()`` ranks processes for the kernel's OOM killer. The control process,
+which sends the heartbeats, keeps a low score (``OOM_SCORE_ADJ_CONTROL``: the unit's
+``OOMScoreAdjust=``, or written at start when it may lower its own); each worker sits
+``OOM_SCORE_ADJ_GAP`` (1000) points above it (``worker_oom_score_adj``: +500 under the unit,
++1000 where the control process stays at 0). A gap of 1000 points outweighs any difference
+in size (the OOM badness is RSS + adj/1000 x the memory available), so a worker is always
+chosen before the control process, however large the control process grew. Any other
+process pairlb starts (the failover process, say) inherits the control process's score;
+it may call ``lower_oom_score_adj(OOM_SCORE_ADJ_CONTROL)``, and
 ``drop_privileges(target, keep=...)`` to keep only the capabilities it needs.
 
 Linux only; stdlib only (ctypes for prctl(2) and capset(2)). Imports nothing from lb.
@@ -30,10 +33,11 @@ import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-OOM_SCORE_ADJ_WORKER = 500
-"""A worker is the first choice of the OOM killer: its slot is refilled in milliseconds."""
 OOM_SCORE_ADJ_CONTROL = -500
 """The control process (heartbeats, VIP, supervision) is the last choice."""
+OOM_SCORE_ADJ_GAP = 1000
+"""Workers sit this far above the control process: first choice of the OOM killer (their
+slot is refilled in milliseconds), whatever the sizes."""
 EXIT_PRIVILEGES = 78
 """A worker's exit status when it could not drop its privileges (EX_CONFIG): it never served."""
 DEFAULT_UNPRIVILEGED_USER = "nobody"
@@ -353,14 +357,20 @@ def get_oom_score_adj(pid: int | str = "self") -> int:
         return int(f.read())
 
 
-def set_oom_score_adj(value: int) -> None:
-    """Write /proc/self/oom_score_adj (-1000..1000). Raising it needs no privilege; lowering
-    it below what a privileged process set needs CAP_SYS_RESOURCE (OSError otherwise).
-    Write it before a uid change: after one, /proc/self belongs to root."""
+def set_oom_score_adj(value: int, pid: int | str = "self") -> None:
+    """Write /proc/PID/oom_score_adj (-1000..1000). Raising it needs no privilege (for a
+    process of one's own user); lowering it below what a privileged process set needs
+    CAP_SYS_RESOURCE (OSError otherwise). Write it before a uid change: after one,
+    /proc/self belongs to root."""
     if not -1000 <= value <= 1000:
         raise ValueError(f"oom_score_adj must be in -1000..1000 (got {value})")
-    with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+    with open(f"/proc/{pid}/oom_score_adj", "w", encoding="ascii") as f:
         f.write(str(value))
+
+
+def worker_oom_score_adj(control_adj: int) -> int:
+    """A worker's score given its control process's: OOM_SCORE_ADJ_GAP above, at most 1000."""
+    return max(-1000, min(1000, control_adj + OOM_SCORE_ADJ_GAP))
 
 
 def lower_oom_score_adj(value: int) -> int:

@@ -270,8 +270,9 @@ def _parse_args(args: list[str]) -> tuple[int, int, sysutil.Identity | None]:
 
 def drop(target: sysutil.Identity | None) -> bool:
     """Raise the OOM score, then drop every privilege; False (logged) when that failed."""
-    try:
-        sysutil.set_oom_score_adj(sysutil.OOM_SCORE_ADJ_WORKER)
+    try:  # the supervisor set it right after the spawn too; the parent is the control process
+        sysutil.set_oom_score_adj(
+            sysutil.worker_oom_score_adj(sysutil.get_oom_score_adj(os.getppid())))
     except OSError as exc:
         logger.warning("event=worker_oom_score_adj_failed error=%r", exc.strerror)
     try:

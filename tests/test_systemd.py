@@ -137,6 +137,18 @@ def test_unit_runs_unprivileged_with_exactly_three_capabilities(unit: list[Setti
     assert one(unit, "ProtectSystem") == "strict"
 
 
+def test_out_of_memory_the_unit_keeps_the_control_process_and_the_node(
+    unit: list[Setting],
+) -> None:
+    """The control process starts at OOMScoreAdjust (the workers go 1000 above it: see
+    tests/test_oom.py), and a worker killed for memory does not stop the service."""
+    from lb import sysutil
+
+    assert int(one(unit, "OOMScoreAdjust")) == sysutil.OOM_SCORE_ADJ_CONTROL
+    assert sysutil.worker_oom_score_adj(sysutil.OOM_SCORE_ADJ_CONTROL) == 500
+    assert one(unit, "OOMPolicy") == "continue"
+
+
 def test_every_relaxation_is_commented_with_its_reason(unit: list[Setting]) -> None:
     """Each capability, address family and system call granted is named in the comment
     above it, and each hardening option left out says why in the NOT SET block."""
