@@ -60,6 +60,8 @@ WHAT_LEAVES = {
     "drain": "drain call -> out of rotation",
     "all_down": "kill all -> every backend DOWN",
     "reload": "-",
+    "reload_check_change": "kill -9 after a check-changing reload -> DOWN",
+    "restart_ends_ejection": "kill -9 -> ejected (passive, eject_s 10)",
 }
 
 
@@ -187,6 +189,13 @@ def _note_text(key: str, notes: dict[str, Any]) -> str:
                 f"their state, no flap; health transitions after it: "
                 f"{one('transitions_after_reload')} (the new backend, which got no traffic "
                 f"before its first passing check; back = its /healthz fixed -> in rotation)")
+    if key == "reload_check_change":
+        return ("a passing check change moved nobody; expect_body nobody sends: every live "
+                "backend DOWN within fall x interval and unused; fixed: back within rise x "
+                "interval (down = kill -9 after the reload -> DOWN)")
+    if key == "restart_ends_ejection":
+        return ("restarted 1 s after the kill; back = listening -> in rotation, ended by its "
+                "passing checks, not by the 10 s ejection")
     return ""
 
 
