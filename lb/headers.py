@@ -11,9 +11,14 @@ Rules (RFC 9110 §7.6, RFC 9112, RFC 7239):
 - hop-by-hop fields are never forwarded: Connection, Keep-Alive, Proxy-Connection, TE,
   Trailer, Transfer-Encoding (re-added by the engine when it re-chunks), Upgrade (except on
   an upgrade request/101), and every field named in Connection;
-- forwarding fields (X-Forwarded-For/-Proto/-Host/-Port, X-Real-IP, Forwarded) from a
-  client that is not a trusted proxy are dropped and replaced by ours; from a trusted proxy
-  they are kept and our hop is appended;
+- forwarding fields (Forwarded, every X-Forwarded-*, and the client-address fields of
+  ``CLIENT_ADDRESS_FIELDS``: X-Real-IP, True-Client-IP, X-Client-IP, ...) from a client
+  that is not a trusted proxy are dropped and X-Forwarded-For/-Proto and Forwarded are set
+  from the connection; from a trusted proxy they are kept and our hop is appended;
+- a field whose name has an underscore (``X_Forwarded_For``) is dropped unless the listener
+  passes them (``underscores=True``); even then one that reads as a field handled here
+  (hop-by-hop, framing, Host, forwarding) once ``_`` becomes ``-`` is dropped, because
+  backends that map both to ``HTTP_X_FORWARDED_FOR`` would take it for ours;
 - X-Request-ID is added when absent; Via gets our hop appended (requests only: a reverse
   proxy is a gateway, RFC 9110 §7.6.3);
 - a request with a transfer coding other than plain ``chunked`` gets 501, a second Host or a
@@ -28,6 +33,7 @@ import os
 import re
 
 __all__ = [
+    "CLIENT_ADDRESS_FIELDS",
     "HOP_BY_HOP",
     "ClientContext",
     "HeaderError",
@@ -35,6 +41,7 @@ __all__ = [
     "RequestIds",
     "ResponseHeaders",
     "build_request_head",
+    "field_kind",
     "filter_response_block",
     "filter_response_headers",
     "forwarded_node",
@@ -64,12 +71,14 @@ _HOST = 4
 _CL = 5
 _FWD_XFF = 6
 _FWD_FORWARDED = 7
-_FWD_OTHER = 8  # X-Forwarded-Proto/-Host/-Port, X-Real-IP: kept only from trusted proxies
+_FWD_OTHER = 8  # other X-Forwarded-*, client-address fields: kept only from trusted proxies
 _REQUEST_ID = 9
 _VIA = 10
 _EXPECT = 11
 _UPGRADE = 12
 _XFP = 13
+_UNDERSCORE = 14  # dropped unless the listener passes underscores
+_PLAIN = 0  # forwarded as is
 
 _REQ: dict[bytes, int] = {
     b"connection": _CONNECTION,
@@ -91,6 +100,56 @@ _REQ: dict[bytes, int] = {
     b"via": _VIA,
     b"expect": _EXPECT,
 }
+
+CLIENT_ADDRESS_FIELDS = frozenset(
+    {
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-original-forwarded-for",
+    }
+)
+"""Fields other than Forwarded and X-Forwarded-* that backends read as the client's
+address: kept only from trusted proxies (as X-Forwarded-Host and the like)."""
+
+_KINDS: dict[bytes, int] = {}
+"""Field name as sent -> its class (memoised: clients send the same few names)."""
+
+
+def _kind_of(name: bytes) -> int:
+    low = name.lower()
+    kind = _REQ.get(low)
+    if kind is not None:
+        return kind
+    if b"_" in low:
+        alias = low.replace(b"_", b"-")
+        if alias in _REQ or alias in CLIENT_ADDRESS_FIELDS or alias.startswith(b"x-forwarded-"):
+            return _DROP  # passes for one of ours at a backend that reads _ as -
+        return _UNDERSCORE
+    if low in CLIENT_ADDRESS_FIELDS or low.startswith(b"x-forwarded-"):
+        return _FWD_OTHER
+    return _PLAIN
+
+
+def field_kind(name: bytes) -> int:
+    """The class of a request field name (memoised, bounded)."""
+    kind = _KINDS.get(name)
+    if kind is None:
+        kind = _kind_of(name)
+        if len(_KINDS) >= 4096:
+            _KINDS.clear()  # a client inventing names: start over rather than grow
+        _KINDS[name] = kind
+    return kind
+
 
 _HOST_RE = re.compile(
     rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?"
@@ -230,6 +289,7 @@ def build_request_head(
     host_override: bytes | None = None,
     default_host: bytes | None = None,
     into: RequestHead | None = None,
+    underscores: bool = False,
 ) -> RequestHead:
     """Rewrite a client's request head for the backend (always HTTP/1.1, keep-alive).
 
@@ -237,6 +297,7 @@ def build_request_head(
     authority of an absolute-form target. ``default_host`` is sent for an HTTP/1.0 request
     without Host (the backend gets HTTP/1.1, which requires one): the address the client
     connected to. ``into`` is filled in and returned (a new RequestHead when None).
+    ``underscores``: pass fields whose name has an underscore (else they are dropped).
     Raises HeaderError for requests to refuse.
     """
     res = RequestHead() if into is None else into
@@ -252,10 +313,17 @@ def build_request_head(
     conn_tokens: list[bytes] | None = None
     upgrade_value: bytes | None = None
     trusted = ctx.trusted
+    kinds = _KINDS
     for name, value in headers:
-        kind = _REQ.get(name.lower())
+        kind = kinds.get(name)
         if kind is None:
+            kind = field_kind(name)
+        if not kind:
             out += (name, b": ", value, b"\r\n")
+            continue
+        if kind == _UNDERSCORE:
+            if underscores:
+                out += (name, b": ", value, b"\r\n")
             continue
         if kind == _HOST:
             hosts += 1

@@ -3,6 +3,11 @@
 Under systemd (stderr is the journal, per $JOURNAL_STREAM) each line starts with a ``<N>``
 syslog priority so journald files it at the right level, and carries no timestamp (the
 journal adds one). Elsewhere lines start with an ISO-8601 UTC timestamp and the level name.
+
+Every character that is not printable (C0 controls with CR, LF, TAB and ESC, DEL, C1
+controls, Unicode line/paragraph separators and format characters such as bidi overrides)
+is written escaped (``\\r``, ``\\x1b``, ``\\u202e``): text that came from a request (an admin
+path, a backend's words) can neither forge a log line nor drive a terminal.
 """
 
 from __future__ import annotations
@@ -11,6 +16,24 @@ import logging
 import os
 import sys
 import time
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(c: str) -> str:
+    e = _ESCAPES.get(c)
+    if e is not None:
+        return e
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every non-printable character escaped (see the module docstring)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -43,8 +66,9 @@ class KeyValueFormatter(logging.Formatter):
         self.proc = f" proc={proc}" if proc else ""
 
     def format(self, record: logging.LogRecord) -> str:
-        # One event per line: a newline would split it into two journal entries.
-        msg = record.getMessage().replace("\n", "\\n")
+        # One event per line: a newline would split it into two journal entries, and a
+        # control character (CR, ESC, NUL, C1, ...) could hide or rewrite what precedes it.
+        msg = escape(record.getMessage())
         if record.exc_info:
             msg += " exc=" + repr(self.formatException(record.exc_info))
         if self.journald:

@@ -10,9 +10,10 @@ written once (``_Conn.send`` + ``ProxyServer.flush``), so a small response costs
 Timeouts are deadlines on connections, checked by one ticker per server (interval a tenth
 of the shortest timeout, 10-500 ms): header (408 once a byte of a head has arrived; a silent
 new connection is closed quietly), keep-alive idle (closed quietly), body read gap and
-client-not-reading (client_idle_timeout_s), backend connect, backend first byte and read gap
-(response_timeout_s), idle pooled backend connections (idle_timeout_s), upgraded tunnels
-idle both ways (client_idle_timeout_s, as TCP mode).
+client-not-reading (client_idle_timeout_s), whole body (client_body_timeout_s, 408), backend
+connect, backend first byte and read gap (response_timeout_s), whole backend exchange
+(exchange_timeout_s, 504 or a cut), idle pooled backend connections (idle_timeout_s),
+upgraded tunnels idle both ways (client_idle_timeout_s, as TCP mode).
 
 A refused request (400/405/408/413/414/417/431/501/505) is answered in its turn with
 ``Connection: close``, counted by reason, and the connection lingers briefly reading and
@@ -28,7 +29,14 @@ Choices worth knowing (docs/configuration.md repeats them for operators):
   gets at most a few hundred small requests parsed ahead, never a whole read's worth.
 - Absolute-form targets (``GET http://host/path``) are turned into origin-form and their
   authority replaces Host (RFC 9112 §3.2.2); CONNECT gets 405; ``OPTIONS *`` passes.
-- Request trailers are dropped; chunked bodies are re-chunked with the same data.
+- Request trailers are dropped; chunked bodies are re-chunked with the same data. What is
+  not body data in a chunked body is counted per read as it arrives (never per completed
+  line: llhttp keeps a partial trailer line in memory): trailers past max_header_bytes get
+  431, chunk framing (size lines, extensions) past 16 bytes per chunk plus twice the data
+  plus max_header_bytes gets 400 (the overhead rule of Go's net/http).
+- A request with ``Connection: close`` (or HTTP/1.0 without keep-alive) is the last one
+  read (RFC 9112 §9.6): bytes after it are dropped unanswered; likewise after any response
+  we send with ``Connection: close``, the connection closes once it is written.
 - A response that starts before its request body is complete closes the client connection
   after it; the backend connection is not reused.
 - Retries: connect failures on another backend (``retries``); an idempotent request whose
@@ -40,6 +48,11 @@ Choices worth knowing (docs/configuration.md repeats them for operators):
 - Header limits (max_headers, max_header_bytes) are checked once the head is parsed; while
   it is still arriving, the bytes it may take are bounded per read (request line + header
   limits), so a slow or endless head never grows without bound.
+- A backend connection goes back to the keep-alive pool only when nothing follows its
+  response: bytes after it in the same read, bytes arriving while it is idle, or bytes
+  already in the kernel's buffer when it is taken again (FIONREAD, one ioctl per reuse)
+  each discard it, so stray bytes (a body after HEAD/204/304, a second response) are never
+  read as the answer to the next request.
 - Response header blocks are filtered by a pure function whose results are memoised for
   identical blocks (a backend's answers usually differ only by Date, once a second).
 - 502/503/504 are logged at WARNING as ``event=proxy_error`` key=value lines, at most
@@ -53,8 +66,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
+import termios
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -86,7 +101,12 @@ MAX_RESPONSE_HEAD = 64 * 1024
 LOG_ERRORS_PER_S = 20
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
+CHUNK_ALLOWANCE = 16
+"""Framing bytes allowed per chunk (besides twice its data) before they count as excess."""
 INF = float("inf")
+_FIONREAD = termios.FIONREAD
+_FIONREAD_BUF = bytearray(4)
+_NOTHING = bytes(4)
 
 # Client read pause reasons (bit mask).
 _P_UPSTREAM = 1  # the backend connection's write buffer is full
@@ -326,6 +346,7 @@ class _Upstream(_Conn):
         "client",
         "deadline",
         "eof_body",
+        "fd",
         "got_eof",
         "head_buf",
         "head_rest",
@@ -342,6 +363,7 @@ class _Upstream(_Conn):
         "status",
         "tunnel",
         "wpaused",
+        "xdeadline",
     )
 
     def __init__(self, srv: ProxyServer, key: tuple[str, int]) -> None:
@@ -351,6 +373,9 @@ class _Upstream(_Conn):
         self.req: _Request | None = None
         self.client: _Client | None = None
         self.deadline = INF
+        self.xdeadline = INF
+        """The whole exchange's deadline (exchange_timeout_s); INF while idle."""
+        self.fd = -1
         self.idle_since = 0.0
         self.served = 0
         self.status = 0
@@ -371,7 +396,21 @@ class _Upstream(_Conn):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
         self.srv.upstreams.add(self)
+
+    def has_stray_bytes(self) -> bool:
+        """Bytes already in the kernel's receive buffer of an idle connection (not read by the
+        loop yet): whatever they are, they are not the answer to the next request."""
+        if self.fd < 0:
+            return False
+        try:
+            fcntl.ioctl(self.fd, _FIONREAD, _FIONREAD_BUF)
+        except OSError:
+            return True
+        return _FIONREAD_BUF != _NOTHING
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -433,6 +472,7 @@ class _Upstream(_Conn):
             # Bytes on an idle connection: the backend broke the protocol. Never reuse it.
             self.srv.forget_idle(self)
             self.abort()
+            self.srv.stray_bytes(self)
             return
         client = self.client
         assert client is not None
@@ -607,10 +647,13 @@ class _Upstream(_Conn):
             self.transport.write(req.head)  # nothing follows: no need to cork
         else:
             self.send(req.head)
+        now = self.srv.time()
         if req.complete:
-            self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
+            self.deadline = now + req.pool_cfg.response_timeout_s
         else:
             self.deadline = INF
+        xt = req.pool_cfg.exchange_timeout_s
+        self.xdeadline = now + xt if xt else INF
         if client.wpaused:
             self.pause_reading()
 
@@ -649,6 +692,7 @@ class _Upstream(_Conn):
         if self.wpaused and client is not None:
             client.unpause(_P_UPSTREAM)
         self.deadline = INF
+        self.xdeadline = INF
 
     def _complete(self) -> None:
         """The response has ended; hand the connection back, finish the exchange."""
@@ -682,6 +726,7 @@ class _Upstream(_Conn):
             return
         self.tunnel = True
         self.deadline = INF
+        self.xdeadline = INF
         client.start_tunnel(req, self, rest)
 
     def _bad_response(self, req: _Request, why: str) -> None:
@@ -701,9 +746,10 @@ class _Upstream(_Conn):
             return
         client = self.client
         assert client is not None
+        why = "exchange_timeout" if now >= self.xdeadline else "timeout"
         self.detach()
         self.abort()
-        client.upstream_failed(req, self, "timeout")
+        client.upstream_failed(req, self, why)
 
 
 class _Client(_Conn):
@@ -712,12 +758,17 @@ class _Client(_Conn):
     __slots__ = (
         "backlog",
         "backlog_scheduled",
+        "body_deadline",
         "chunk_len",
+        "chunk_mark",
+        "chunks",
         "closing",
         "ctx",
         "cur",
         "deadline",
+        "dropping",
         "eof",
+        "framing",
         "fresh",
         "hdrs",
         "head_cont",
@@ -750,6 +801,7 @@ class _Client(_Conn):
         self.wpaused = False
         self.closing = False
         self.stopped = False
+        self.dropping = False
         self.eof = False
         self.fresh = True
         self.last_call = False
@@ -763,6 +815,12 @@ class _Client(_Conn):
         self.chunk_len = 0
         self.head_cont = 0
         self.head_first = 0
+        self.body_deadline = INF
+        self.framing = 0
+        """Chunk framing and trailer bytes of the current body beyond its allowance."""
+        self.chunks = 0
+        self.chunk_mark = -1
+        """body_seen at the last chunk header: equal to it now means we are in trailers."""
         self.ctx: H.ClientContext | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -899,8 +957,13 @@ class _Client(_Conn):
 
     def _parse(self, data: bytes) -> None:
         srv = self.srv
-        in_head = self.state == _HEAD
+        state = self.state
+        in_head = state == _HEAD
         self.chunk_len = len(data)
+        body_req = self.cur if state == _BODY else None
+        if body_req is not None:
+            seen0 = body_req.body_seen
+            chunks0 = self.chunks
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -911,10 +974,27 @@ class _Client(_Conn):
                 self.reject(ctx.args[0], ctx.args[1])
             elif isinstance(ctx, H.HeaderError):
                 self.reject(ctx.status, ctx.reason)
-            elif not isinstance(ctx, _Stop):
+            elif isinstance(ctx, _Stop) or (self.closing and self.state == _IDLE):
+                # No more requests on this connection (after Connection: close, llhttp
+                # refuses any byte): the rest is dropped unanswered, never a 400.
+                self._stop_reading()
+            else:
                 self.reject(*_classify(exc))
         else:
-            if self.state == _HEAD:
+            if body_req is not None:
+                if self.state == _BODY and self.cur is body_req and body_req.chunked:
+                    # Still inside the same chunked body: what this read held that is not
+                    # body data is framing or trailer. Counted now, not per completed line.
+                    body = body_req.body_seen - seen0
+                    excess = (self.framing + len(data) - 3 * body
+                              - CHUNK_ALLOWANCE * (self.chunks - chunks0))
+                    if excess <= 0:
+                        self.framing = 0
+                    elif excess > srv.listener.max_header_bytes:
+                        self._framing_too_large(body_req)
+                    else:
+                        self.framing = excess
+            elif self.state == _HEAD:
                 # The head is still incomplete after this read: time it, bound its size.
                 if self.head_new:  # the head began in this read
                     self.head_new = False
@@ -928,6 +1008,22 @@ class _Client(_Conn):
                         self.reject(414, "request_line_too_long")
                     else:
                         self.reject(431, "headers_too_large")
+
+    def _framing_too_large(self, req: _Request) -> None:
+        if self.chunks and self.chunk_mark == req.body_seen:
+            self.reject(431, "trailers_too_large")  # after the last chunk: the trailer section
+        else:
+            self.reject(400, "chunk_framing_too_large")  # size lines, extensions
+
+    def _stop_reading(self) -> None:
+        """Parse nothing more (the parser has stopped for good); answers already due go out,
+        then the connection closes (lingering: unread input must not reset the answer)."""
+        self.stopped = True
+        self.closing = True
+        self.dropping = True
+        self.pause(_P_STOP)
+        if not self.queue and self.state == _IDLE:
+            self._linger()
 
     # -- httptools callbacks --------------------------------------------------------------
 
@@ -1003,8 +1099,8 @@ class _Client(_Conn):
         H.build_request_head(
             method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
             http10=http10, request_id=request_id,
-            via=srv.listener.via, host_override=host_override, default_host=srv.local_host,
-            into=req,
+            via=lst.via, host_override=host_override, default_host=srv.local_host,
+            into=req, underscores=srv.pass_underscores,
         )
         if http10 and req.chunked:
             # Transfer-Encoding did not exist in HTTP/1.0: such a message has been mangled
@@ -1022,8 +1118,8 @@ class _Client(_Conn):
             H.build_request_head(
                 method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
                 http10=http10, upgrade=True, request_id=request_id,
-                via=srv.listener.via, host_override=host_override,
-                default_host=srv.local_host, into=req,
+                via=lst.via, host_override=host_override,
+                default_host=srv.local_host, into=req, underscores=srv.pass_underscores,
             )
             req.upgrade = True
             req.tunnel_buf = []
@@ -1032,13 +1128,21 @@ class _Client(_Conn):
             raise _Reject(413, "body_too_large")
         if req.chunked or req.content_length > 0:
             self.state = _BODY
+            body = True
         else:
             req.complete = True
             self.state = _IDLE
+            body = False
         self.cur = req
         queue = self.queue
         queue.append(req)
         req.t0 = now = srv.time()
+        if body:
+            self.body_deadline = now + lst.client_body_timeout_s
+            if req.chunked:
+                self.framing = 0
+                self.chunks = 0
+                self.chunk_mark = -1
         if len(queue) == 1:
             self.dispatch(req, now)
         else:
@@ -1068,10 +1172,21 @@ class _Client(_Conn):
             if req.pending_bytes > BODY_BUFFER_LIMIT:
                 self.pause(_P_BUFFER)
 
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+        req = self.cur
+        if req is not None:
+            self.chunk_mark = req.body_seen
+
     def on_message_complete(self) -> None:
         req = self.cur
         self.state = _IDLE
-        if req is None or req.complete:
+        if req is None:
+            return
+        if not req.keep_alive:
+            # RFC 9112 §9.6: the last request on this connection; llhttp refuses what follows.
+            self.closing = True
+        if req.complete:
             return
         req.complete = True
         if req.finished:
@@ -1115,7 +1230,9 @@ class _Client(_Conn):
         elif self.state == _HEAD:
             self.deadline = self.head_deadline if not self.queue else INF
         elif self.state == _BODY:
-            self.deadline = srv.time() + lst.client_idle_timeout_s
+            deadline = srv.time() + lst.client_idle_timeout_s
+            body_deadline = self.body_deadline
+            self.deadline = deadline if deadline < body_deadline else body_deadline
         elif self.queue:
             self.deadline = INF
         else:
@@ -1176,9 +1293,12 @@ class _Client(_Conn):
         assert backend is not None
         bname = backend.name
         if req.resp_started:
-            outcome = Outcome.TIMEOUT if why == "timeout" else Outcome.RESET
-            srv.observe(req, backend, outcome)
-            self._abort(req, "response_timeout" if why == "timeout" else "backend_" + why, bname)
+            if why == "timeout" or why == "exchange_timeout":
+                srv.observe(req, backend, Outcome.TIMEOUT)
+                self._abort(req, "response_timeout" if why == "timeout" else why, bname)
+            else:
+                srv.observe(req, backend, Outcome.RESET)
+                self._abort(req, "backend_" + why, bname)
             return
         replayable = req.idempotent and req.replay is not None and not req.upgrade
         if why == "closed" and up.served > 0 and replayable and not req.stale_retried:
@@ -1192,6 +1312,10 @@ class _Client(_Conn):
             srv.observe(req, backend, Outcome.TIMEOUT)
             status, reason = 504, "response_timeout"
             may_retry = replayable and req.pool_cfg.retry_on_timeout
+        elif why == "exchange_timeout":
+            srv.observe(req, backend, Outcome.TIMEOUT)
+            status, reason = 504, why
+            may_retry = False  # the exchange's whole budget is spent
         elif why == "bad_response":
             srv.observe(req, backend, Outcome.RESET)
             status, reason = 502, "bad_response"
@@ -1318,7 +1442,7 @@ class _Client(_Conn):
         self._rearm()
 
     def _close_after_answer(self, clean: bool) -> None:
-        if clean and self.state == _IDLE and not self.queue:
+        if clean and self.state == _IDLE and not self.queue and not self.dropping:
             self.close()
         else:
             self._linger()
@@ -1413,13 +1537,14 @@ class _Client(_Conn):
                     self._abort(req, "client_body_timeout",
                                 req.backend.name if req.backend else "-")
                     return
-                self.srv.stats.bad_request(self.srv.listener.name, "body_timeout", 408)
+                reason = "body_total_timeout" if now >= self.body_deadline else "body_timeout"
+                self.srv.stats.bad_request(self.srv.listener.name, reason, 408)
                 self.stopped = True
                 self.closing = True
-                req.error = (408, "body_timeout")
+                req.error = (408, reason)
                 if self.queue[0] is req:
                     self.srv.release_upstream(req)
-                    self._answer_error(req, 408, "body_timeout", close=True)
+                    self._answer_error(req, 408, reason, close=True)
                 return
         if not self.queue and self.state == _IDLE:
             self.close()  # keep-alive idle: close quietly
@@ -1508,6 +1633,7 @@ class ProxyServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.request_ids = H.RequestIds()
         self.next_request_id = self.request_ids.next if listener.add_request_id else None
+        self.pass_underscores = listener.underscores_in_headers == "pass"
         self.draining = False
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -1713,8 +1839,22 @@ class ProxyServer:
             if not req.idempotent and now - up.idle_since > SAFE_REUSE_S:
                 return None
             lst.pop()
+            if up.has_stray_bytes():
+                up.abort()
+                self.stray_bytes(up)
+                continue
             return up
         return None
+
+    def stray_bytes(self, up: _Upstream) -> None:
+        """An idle backend connection had bytes to read: discarded, counted (rare path)."""
+        host, port = up.key
+        for b in self.pool.backends:
+            if b.host == host and b.port == port:
+                self.stats.error(self.pool.name, b.name, "stray_bytes")
+                break
+        logger.debug("event=stray_backend_bytes listener=%s backend=%s:%d",
+                     self.listener.name, host, port)
 
     def put_idle(self, up: _Upstream, now: float = 0.0) -> None:
         cfg = self.pool_cfg
@@ -1768,8 +1908,8 @@ class ProxyServer:
     def _tick_interval(self) -> float:
         lst, cfg = self.listener, self.pool_cfg
         shortest = min(
-            lst.client_header_timeout_s, lst.client_idle_timeout_s, cfg.response_timeout_s,
-            cfg.idle_timeout_s, LINGER_S,
+            lst.client_header_timeout_s, lst.client_idle_timeout_s, lst.client_body_timeout_s,
+            cfg.response_timeout_s, cfg.exchange_timeout_s or INF, cfg.idle_timeout_s, LINGER_S,
         )
         return min(0.5, max(0.01, shortest / 10))
 
@@ -1782,7 +1922,7 @@ class ProxyServer:
             for c in [c for c in self.clients if c.deadline <= now]:
                 if not c.closed:
                     c.on_deadline(now)
-            for up in [u for u in self.upstreams if u.deadline <= now]:
+            for up in [u for u in self.upstreams if u.deadline <= now or u.xdeadline <= now]:
                 if not up.closed:
                     up.on_deadline(now)
             self.flush()
