@@ -406,9 +406,9 @@ class FailoverConfig(_Model):
     key_file: str = "/etc/pairlb/failover.key"
     """Shared HMAC key; must not be readable by group or others (``pairlb keygen``)."""
     key_files: tuple[str, ...] = ()
-    """Key rotation: several key files (instead of key_file). Heartbeats are signed with the
-    first and accepted with any; a reload applies a change (docs/operations.md, "Rotating
-    the failover key")."""
+    """Key rotation: several key files, used instead of key_file (which, if set too, must be
+    one of them). Heartbeats are signed with the first and accepted with any; a reload reads
+    them again (docs/operations.md, "Rotating the failover key")."""
     max_clock_skew_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     """How far a peer's clock may be from ours for its heartbeats to be heard after either
     node restarts (the anti-replay window; keep clocks in sync with NTP). pairlb measures
@@ -505,8 +505,10 @@ class FailoverConfig(_Model):
 
     @model_validator(mode="after")
     def _keys(self) -> FailoverConfig:
-        if self.key_files and "key_file" in self.model_fields_set:
-            raise ValueError("set key_file or key_files, not both")
+        if (self.key_files and "key_file" in self.model_fields_set
+                and self.key_file not in self.key_files):
+            raise ValueError(f"key_file {self.key_file!r} is not one of key_files: with "
+                             f"key_files set, remove key_file or name one of them")
         if len(set(self.key_files)) != len(self.key_files):
             raise ValueError("key_files: the same file twice")
         return self

@@ -168,8 +168,10 @@ track_gateway_fall = 4
     assert spec.max_clock_skew_s == 90.0
     assert spec.track_gateway == ("arp:192.0.2.1",)
     assert (spec.track_gateway_interval_s, spec.track_gateway_fall) == (0.2, 4)
-    with pytest.raises(config_mod.ConfigError, match="key_file or key_files"):
+    with pytest.raises(config_mod.ConfigError, match="is not one of key_files"):
         config_mod.loads(cfg_text_with_both(str(old), str(new)))
+    both = config_mod.loads(cfg_text_with_both(str(old), f'{new}", "{old}'))
+    assert both.failover is not None and both.failover.key_paths == (str(new), str(old))
 
 
 def cfg_text_with_both(a: str, b: str) -> str:
