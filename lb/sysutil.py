@@ -48,6 +48,7 @@ PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_NET_BIND_SERVICE = 10
@@ -263,17 +264,27 @@ def _mask(caps: Iterable[int]) -> int:
     return out
 
 
-def drop_privileges(target: Identity | None, keep: Iterable[int] = ()) -> ProcStatus:
+def drop_privileges(
+    target: Identity | None, keep: Iterable[int] = (), *, keep_ambient: bool = False
+) -> ProcStatus:
     """Give up every privilege but the capabilities in ``keep``, then verify.
 
     In order: no_new_privs; ambient set cleared; bounding set reduced to ``keep`` (only
     possible with CAP_SETPCAP, i.e. as root; under the unit the bounding set is already the
     unit's three and no_new_privs makes it unreachable); then, when ``target.switch``,
     supplementary groups cleared and gid and uid set (real, effective and saved); finally
-    permitted and effective set to ``keep``, inheritable to nothing. Returns the resulting
-    /proc/self/status; raises PrivilegeError if anything did not take (never serve then).
+    permitted and effective set to ``keep``, inheritable to nothing. With ``keep_ambient``
+    the ``keep`` set is also made inheritable and ambient, so programs this process runs
+    (nft, ip) get exactly those. Returns the resulting /proc/self/status; raises
+    PrivilegeError if anything did not take (never serve then).
+
+    Workers call ``drop_privileges(identity)``. A process that needs some capabilities,
+    such as the failover process (CAP_NET_ADMIN, CAP_NET_RAW for the VIP, ARP and its nft
+    commands), calls ``drop_privileges(identity_or_None, {CAP_NET_ADMIN, CAP_NET_RAW},
+    keep_ambient=True)``.
     """
     keep_mask = _mask(keep)
+    inheritable = keep_mask if keep_ambient else 0
     try:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     except OSError as exc:
@@ -310,26 +321,37 @@ def drop_privileges(target: Identity | None, keep: Iterable[int] = ()) -> ProcSt
         with contextlib.suppress(OSError):  # nothing to keep: no uid change happens
             prctl(PR_SET_KEEPCAPS, 0)
     try:
-        capset(keep_mask, keep_mask, 0)
+        capset(keep_mask, keep_mask, inheritable)
     except OSError as exc:
         raise PrivilegeError(
             f"cannot empty the capability sets: {exc.strerror} (a SystemCallFilter= that "
             f"denies capset? the shipped unit allows it)"
         ) from None
-    return verify_dropped(target, keep_mask, bounding=bool(before.cap_eff & (1 << CAP_SETPCAP)))
+    for cap in range(_cap_last_cap() + 1) if inheritable else ():
+        if inheritable & (1 << cap):
+            try:
+                prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+            except OSError as exc:
+                raise PrivilegeError(
+                    f"cannot keep capability {cap} for programs run: {exc.strerror}"
+                ) from None
+    return verify_dropped(target, keep_mask, bounding=bool(before.cap_eff & (1 << CAP_SETPCAP)),
+                          ambient=inheritable)
 
 
-def verify_dropped(target: Identity | None, keep_mask: int = 0, bounding: bool = False
-                   ) -> ProcStatus:
-    """Read /proc/self/status; raise PrivilegeError unless the drop took everywhere."""
+def verify_dropped(target: Identity | None, keep_mask: int = 0, bounding: bool = False,
+                   ambient: int = 0) -> ProcStatus:
+    """Read /proc/self/status; raise PrivilegeError unless the drop took everywhere (only
+    ``keep_mask`` left in permitted and effective, only ``ambient`` in inheritable and
+    ambient)."""
     st = read_proc_status()
     problems = []
     for name, value in (("CapEff", st.cap_eff), ("CapPrm", st.cap_prm)):
         if value & ~keep_mask:
             problems.append(f"{name}={value:016x}")
-    if st.cap_inh:
+    if st.cap_inh & ~ambient:
         problems.append(f"CapInh={st.cap_inh:016x}")
-    if st.cap_amb:
+    if st.cap_amb & ~ambient:
         problems.append(f"CapAmb={st.cap_amb:016x}")
     if bounding and st.cap_bnd & ~keep_mask:
         problems.append(f"CapBnd={st.cap_bnd:016x}")
