@@ -411,3 +411,21 @@ def test_an_unknown_worker_user_stops_the_start_with_the_key_named(tmp_path: Pat
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 2
     assert "node.worker_user: no such user 'plb-no-such-user'" in check.stderr
+
+
+@pytest.mark.timeout(90)
+def test_reload_refuses_what_check_config_refuses(node: Node) -> None:
+    """SIGHUP runs the checks of check-config (lb.preflight), not only the schema: a probe
+    that cannot be built (HEAD with a body to expect) is refused, the old config serves."""
+    assert node.proc is not None
+    node.cfg.write_text(node.config(extra='method = "HEAD"\nexpect_body = "ok"\n'))
+    node.proc.send_signal(signal.SIGHUP)
+    end = time.monotonic() + 10
+    while "event=reload_failed" not in node.log_text():
+        assert time.monotonic() < end, node.log_text()[-3000:]
+        time.sleep(0.05)
+    log = node.log_text()
+    assert "pool[0].health.expect_body: needs a method other than HEAD" in log
+    assert "event=reload_failed kept_generation=1" in log
+    assert node.proc.poll() is None
+    wait_http(node.port)
