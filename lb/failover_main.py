@@ -139,6 +139,19 @@ def apply_scheduling(sched_priority: int, nice: int) -> str:
     return f"nice:{nice}"
 
 
+def drop_privileges() -> None:
+    """Keep CAP_NET_ADMIN and CAP_NET_RAW (the VIP, ARP, nft and ip), also for the programs
+    this process runs; nothing else (after the scheduling and OOM settings, which may need
+    more). A refusal is logged: failover without it is better than none."""
+    try:
+        st = sysutil.drop_privileges(None, {sysutil.CAP_NET_ADMIN, sysutil.CAP_NET_RAW},
+                                     keep_ambient=True)
+    except sysutil.PrivilegeError as exc:
+        log.error("failover_privilege_drop_failed error=%r action=continue", str(exc))
+        return
+    log.info("failover_privileges cap_eff=%#x", st.cap_eff)
+
+
 def _die_with_parent(parent_pid: int) -> bool:
     """SIGTERM when the control process dies (PR_SET_PDEATHSIG); False if it already has."""
     with contextlib.suppress(OSError, AttributeError):
@@ -280,6 +293,7 @@ class FailoverMain:
             log.info("failover_oom_score_adj_kept wanted=%d current=%d reason='not permitted "
                      "to lower it (OOMScoreAdjust= of the unit sets it)'", spec.oom_score_adj, adj)
         apply_scheduling(spec.sched_priority, spec.nice)
+        drop_privileges()
         fs = spec.failover
         try:
             self.vip = vip = failover.VipAdapter(

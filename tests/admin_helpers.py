@@ -426,6 +426,9 @@ class FakeFailover:
             },
             "handover": {"enabled": True, "forwarding_to": None, "forwards": 0},
             "send_lag_ms": {"p50": 0.1, "p99": 0.4, "max": 1.2},
+            "heartbeat_gap_ms": {"sent_max": 31.2, "received_max": 33.0},
+            "process": {"pid": 4242, "running": True, "uptime_s": 42.0, "status_age_s": 0.1,
+                        "restarts": 0, "crashes": 0, "hung_kills": 0, "crash_loop": False},
         }
 
 

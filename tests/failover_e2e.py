@@ -41,6 +41,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -227,6 +228,8 @@ class Rig:
 
     def __init__(self, workdir: Path | None = None) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pairlb-e2e-"))
+        self.source = REPO
+        """The source tree `pairlb run` starts from (benchmarks compare another one)."""
         self._own_workdir = workdir is None
         self.topo = netns.build(NODES)
         try:
@@ -290,6 +293,8 @@ class Rig:
         backends = ",\n".join(
             f'  {{ name = "{b}", address = "{self.addr[b]}:{BACKEND_PORT}" }}' for b in BACKENDS)
         s = settings
+        extra = ("" if s.control_timeout_s == PairSettings.control_timeout_s
+                 else f"control_timeout_s = {s.control_timeout_s}\n")
         return f"""\
 [node]
 name = "{node}"
@@ -324,8 +329,7 @@ interval_s = {s.interval_s}
 down_after = {s.down_after}
 preempt = {str(s.preempt).lower()}
 preempt_delay_s = {s.preempt_delay_s}
-control_timeout_s = {s.control_timeout_s}
-
+{extra}
 [admin]
 enabled = true
 bind = "{ADMIN[0]}:{ADMIN[1]}"
@@ -347,7 +351,7 @@ level = "info"
             log.write(f"--- start {self.restarts[node]} at {time.monotonic():.6f}\n".encode())
             log.flush()
             proc = self.topo.popen(node, [PYTHON, "-m", "lb", "run", "-c", str(cfg)],
-                                   stdout=log, stderr=log, cwd=str(REPO))
+                                   stdout=log, stderr=log, cwd=str(self.source))
         lp = LbProcess(node, proc, log_path, time.monotonic())
         self.lbs[node] = lp
         return lp
@@ -976,6 +980,71 @@ def _capture_heartbeats(dst: str, count: int, timeout_s: float) -> list[bytes]:
         s.close()
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def heartbeat_arrivals(src: str, stop: threading.Event, limit_s: float = 120.0
+                       ) -> list[float]:
+    """Arrival times of heartbeats from `src` at this namespace's eth0, until `stop` is set:
+    the peer's view, taken from the wire (AF_PACKET), not from pairlb. The times are the
+    kernel's receive stamps (SO_TIMESTAMPNS), on the monotonic clock, so a busy caller does
+    not stretch the gaps."""
+    eth_p_ip = 0x0800
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(eth_p_ip))
+    try:
+        s.bind((netns.NODE_IFNAME, eth_p_ip))
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.settimeout(0.05)
+        src_raw = socket.inet_aton(src)
+        out: list[float] = []
+        offset = time.time() - time.monotonic()
+        deadline = time.monotonic() + limit_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                ip, anc, _flags, _addr = s.recvmsg(2048, 64)
+            except TimeoutError:
+                continue
+            stamp = time.time()
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                    sec, nsec = struct.unpack_from("qq", data)
+                    stamp = sec + nsec / 1e9
+            ihl = (ip[0] & 0x0F) * 4
+            if ip[9] != socket.IPPROTO_UDP or ip[12:16] != src_raw:
+                continue
+            if struct.unpack_from("!H", ip, ihl + 2)[0] == 5405:
+                out.append(stamp - offset)
+        return out
+    finally:
+        s.close()
+
+
+class WireWatch:
+    """Heartbeats from one node as another node's NIC sees them, in a background thread:
+    `longest_gap()` is the longest silence the receiver had to sit through."""
+
+    def __init__(self, rig: Rig, sender: str, receiver: str) -> None:
+        self._stop = threading.Event()
+        self._result: list[float] = []
+        src = rig.addr[sender]
+
+        def run() -> None:
+            self._result = rig.topo.call(receiver, heartbeat_arrivals, src, self._stop)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        time.sleep(0.1)  # the socket is open before the caller acts
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(10.0)
+        return self._result
+
+    def longest_gap(self) -> float:
+        times = self.stop()
+        return max((b - a for a, b in itertools.pairwise(times)), default=float("inf"))
+
+
 def _send_udp(packets: Sequence[tuple[str, bytes]], dest: tuple[str, int], gap_s: float) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, data in packets:
@@ -1040,6 +1109,48 @@ def kill9_failover_process(rig: Rig) -> list[Outcome]:
     return [out, back]
 
 
+def failover_hung(rig: Rig) -> list[Outcome]:
+    """SIGSTOP the MASTER's failover process only: the peer takes over on the missing
+    heartbeats; the control process kills the silent process after node.worker_ping_timeout_s
+    and starts a new one, which removes the stale VIP and takes the VIP back (preempt)."""
+    rig.steady(rig.settings)
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    old = rig.failover_pid("lb1")
+    if old is None:
+        raise RigError(f"lb1 has no failover process\n{rig.log_tail('lb1')}")
+    t_fault = time.monotonic()
+    os.kill(old, signal.SIGSTOP)
+    try:
+        rig.wait_for("lb2 to take the VIP", lambda: "lb2" in rig.watch.holding(), 5.0, 0.002)
+        settle(rig, "lb2", t_fault)
+        rig.wait_for("a new failover process on lb1",
+                     lambda: rig.failover_pid("lb1") not in (None, old), 20.0, 0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)  # dead by now, or it must not stay stopped
+    rig.wait_for("lb1 MASTER again", lambda: rig.role("lb1") == "MASTER", 10.0)
+    rig.wait_for("the VIP on lb1 only", lambda: rig.watch.holding() == {"lb1"}, 5.0, 0.005)
+    t_recovered = rig.log_time("lb1", "from=init to=backup", after=t_fault)
+    if t_recovered is None:
+        raise RigError(f"lb1's new failover process never joined\n{rig.log_tail('lb1')}")
+    settle(rig, "lb1", t_recovered)
+    until = time.monotonic()
+    out = measure(rig, "failover process of the MASTER hung (SIGSTOP)", since, t_recovered,
+                  fault_at=t_fault, new_node="lb2")
+    back = measure(rig, "hung failover process replaced: failback", t_recovered, until,
+                   fault_at=t_recovered, new_node="lb1")
+    killed = rig.log_time("lb1", "event=failover_process_hung", after=t_fault)
+    out.extra.update({
+        "killed_after_s": None if killed is None else round(killed - t_fault, 3),
+        "recovered_s": round(t_recovered - t_fault, 3),
+        "process": rig.failover("lb1").get("process"),
+    })
+    back.extra["longest_overlap_after_recovery_s"] = max(
+        (e - s for s, e in rig.watch.overlaps(t_recovered, until)), default=0.0)
+    return [out, back]
+
+
 def kill9_control(rig: Rig) -> list[Outcome]:
     """kill -9 the MASTER's control process only: its failover process sees the channel
     close, hands the VIP to the peer (priority 0, make-before-break) and exits; the
@@ -1080,6 +1191,7 @@ def control_stall(rig: Rig, stopped_s: float = 2.0) -> list[Outcome]:
     rig.steady(rig.settings)
     before = {n: rig.failover(n)["counters"]["transitions"] for n in LBS}
     since = time.monotonic()
+    wire = WireWatch(rig, "lb1", "lb2")
     time.sleep(BASELINE_S)
     t_fault = rig.signal_control("lb1", signal.SIGSTOP)
     try:
@@ -1087,6 +1199,7 @@ def control_stall(rig: Rig, stopped_s: float = 2.0) -> list[Outcome]:
     finally:
         rig.signal_control("lb1", signal.SIGCONT)
     time.sleep(PROBE_TIMEOUT_S + 0.2)
+    gap = wire.longest_gap()
     out = measure(rig, f"control process of the MASTER stopped {stopped_s:g} s", since,
                   time.monotonic(), fault_at=t_fault, new_node=None)
     after = {n: rig.failover(n) for n in LBS}
@@ -1095,8 +1208,8 @@ def control_stall(rig: Rig, stopped_s: float = 2.0) -> list[Outcome]:
                                    for n in LBS),
         "holders": sorted(rig.watch.holding()),
         "vip_events": len(out.vip_events),
-        "lb2_received_gap_ms": (after["lb2"].get("heartbeat_gap_ms") or {}).get("received_max"),
-        "lb1_sent_gap_ms": (after["lb1"].get("heartbeat_gap_ms") or {}).get("sent_max"),
+        "longest_heartbeat_gap_on_the_wire_s": round(gap, 4),
+        "master_down_s": after["lb2"]["master_down_s"],
     })
     return [out]
 
@@ -1162,6 +1275,7 @@ SCENARIOS: dict[str, Callable[[Rig], list[Outcome]]] = {
     "bad_heartbeats": bad_heartbeats,
     "kill9_failover": kill9_failover_process,
     "kill9_control": kill9_control,
+    "failover_hung": failover_hung,
     "control_stall": control_stall,
     "control_wedged": control_wedged,
     "reload_unchanged": reload_unchanged,

@@ -243,3 +243,93 @@ def test_rig_leaves_nothing_behind() -> None:
     finally:
         rig.close()
     assert netns.list_namespaces(prefix + "-") == []
+
+
+# -- the failover process (issue 12) ----------------------------------------------------------
+
+
+def test_kill9_of_the_failover_process_peer_takes_over_and_the_restart_resumes(
+        rig: fe.Rig) -> None:
+    """Only the MASTER's failover process dies: the peer takes the VIP within the target;
+    the control process restarts it; the new one removes the stale VIP before it joins,
+    then preempts make-before-break. After that recovery the two nodes never hold the VIP
+    together for longer than one interval."""
+    rig.steady(fe.DEFAULT)
+    out, back = fe.kill9_failover_process(rig)
+    why = evidence(rig, [out, back])
+    x = out.extra
+    assert out.takeover_s is not None and out.takeover_s <= TAKEOVER_DEFAULT_S, why
+    assert x["new_pid"] != x["old_pid"], why
+    assert x["process"]["crashes"] == 1 and x["process"]["restarts"] == 1, why
+    assert x["stale_vip_removed_s"] is not None, why
+    assert x["stale_vip_removed_s"] <= x["recovered_s"] + 0.005, why
+    assert out.failed <= 3, why  # its workers served on until the peer's ARP
+    assert back.extra["masters"] == ["lb1"], why
+    assert back.extra["longest_overlap_after_recovery_s"] <= rig.settings.interval_s, why
+    assert no_5xx(back) and back.failed <= 2, why
+    assert "event=failover_process_died" in rig.log("lb1"), why
+
+
+def test_a_hung_failover_process_is_replaced(rig: fe.Rig) -> None:
+    """SIGSTOP of the MASTER's failover process alone: the peer takes over at once; the
+    control process kills the silent process after worker_ping_timeout_s (5 s) and the new
+    one takes the VIP back, never held by both for longer than one interval after that."""
+    rig.steady(fe.DEFAULT)
+    out, back = fe.failover_hung(rig)
+    why = evidence(rig, [out, back])
+    assert out.takeover_s is not None and out.takeover_s <= TAKEOVER_DEFAULT_S, why
+    assert out.extra["killed_after_s"] is not None, why
+    assert 4.5 <= out.extra["killed_after_s"] <= 8.0, why
+    assert out.extra["process"]["hung_kills"] == 1, why
+    assert back.extra["longest_overlap_after_recovery_s"] <= rig.settings.interval_s, why
+    assert rig.role("lb1") == "MASTER" and no_5xx(back) and back.failed <= 2, why
+
+
+def test_kill9_of_the_control_process_the_vip_moves_and_nothing_is_left(rig: fe.Rig) -> None:
+    """The control process dies: its failover process sees the channel close, hands the VIP
+    to the peer (priority 0) and exits; no process of the node keeps the VIP."""
+    rig.steady(fe.DEFAULT)
+    (out,) = fe.kill9_control(rig)
+    why = evidence(rig, [out])
+    x = out.extra
+    assert out.takeover_s is not None and out.takeover_s <= TAKEOVER_DEFAULT_S, why
+    assert x["left_gracefully"], why
+    assert x["vip_released_s"] is not None and not x["vip_on_lb1"], why
+    assert x["failover_exit_s"] <= 5.0, why
+    # The workers stop accepting as soon as their channel closes: new connections are
+    # refused on lb1 until the peer's ARP (one every 10 ms, for the ~0.06 s it takes).
+    assert out.failed <= 10, why
+
+
+def test_a_stalled_control_process_delays_no_heartbeat(rig: fe.Rig) -> None:
+    """SIGSTOP the MASTER's control process for 2 s (what a long /metrics render or reload
+    used to be): the heartbeats come from the failover process, so the peer's NIC sees no
+    gap near master_down, nothing moves, and the workers serve on."""
+    rig.steady(fe.DEFAULT)
+    (out,) = fe.control_stall(rig, 2.0)
+    why = evidence(rig, [out])
+    x = out.extra
+    assert not x["transitions_changed"] and x["holders"] == ["lb1"], why
+    assert x["vip_events"] == 0 and out.failed == 0, why
+    assert x["longest_heartbeat_gap_on_the_wire_s"] < x["master_down_s"] * 0.75, why
+
+
+def test_a_wedged_control_process_gives_the_vip_away(rig: fe.Rig) -> None:
+    """Silent past control_timeout_s (1 s here): the failover process counts the control
+    process as failed (FAULT), the peer takes over; when it runs again, failback."""
+    (out, back) = fe.control_wedged(rig, 1.0)
+    why = evidence(rig, [out, back])
+    assert out.extra["control_fault_s"] is not None, why
+    assert 0.5 <= out.extra["control_fault_s"] <= 2.0, why
+    assert out.takeover_s is not None and out.takeover_s <= 2.5, why
+    assert out.failed <= 10, why
+    assert "FAULT->BACKUP" in back.extra["lb1_transitions"], why
+    assert rig.role("lb1") == "MASTER" and no_5xx(back) and back.failed <= 2, why
+
+
+def test_a_reload_that_changes_nothing_moves_nothing(rig: fe.Rig) -> None:
+    rig.steady(fe.DEFAULT)
+    (out,) = fe.reload_unchanged(rig)
+    why = evidence(rig, [out])
+    assert not out.extra["transitions_changed"] and out.extra["holders"] == ["lb1"], why
+    assert not out.extra["pending_logged"] and out.failed == 0, why
