@@ -105,7 +105,7 @@ def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list
         what = "failover.key_files" if fcfg.key_files else "failover.key_file"
         for path in fcfg.key_paths:  # each key of a rotation, the signing one first
             if not skip(what, path):
-                from failover.codec import KeyFileError, load_key
+                from failover import KeyFileError, load_key
 
                 try:
                     load_key(path)
