@@ -901,8 +901,10 @@ def unhealthy_no_takeover(rig: Rig, hold_s: float = 1.5) -> list[Outcome]:
 
 
 def bad_heartbeats(rig: Rig, each: int = 50) -> list[Outcome]:
-    """Forged, truncated, replayed and wrong-key heartbeats from the client to lb1: counted,
-    and nothing changes."""
+    """Forged, truncated, replayed and wrong-key heartbeats from lb2's address (a listed
+    peer: they reach the MAC and replay checks), and correctly signed ones of a better
+    "lb2" from the client (not a listed peer: dropped before the MAC) to lb1: counted, and
+    nothing changes."""
     from failover import Heartbeat, HeartbeatFlags, Role, encode, generate_key
 
     rig.steady(rig.settings)
@@ -924,10 +926,13 @@ def bad_heartbeats(rig: Rig, each: int = 50) -> list[Outcome]:
     for i in range(each):
         packets += [("bad_mac", forged), ("bad_mac", wrong_key), ("truncated", truncated),
                     ("replayed", captured[i % len(captured)])]
+    stranger = [("unknown_source", good_shape)] * each
     since = time.monotonic()
     time.sleep(BASELINE_S)
     t_fault = time.monotonic()
-    rig.topo.call("client", _send_udp, packets, (rig.addr["lb1"], 5405), 0.002)
+    rig.topo.call("lb2", _send_udp, packets, (rig.addr["lb1"], 5405), 0.002)
+    rig.topo.call("client", _send_udp, stranger, (rig.addr["lb1"], 5405), 0.002)
+    packets += stranger
     time.sleep(0.5)
     after = rig.failover("lb1")
     after2 = rig.failover("lb2")
