@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the real pairlb.service under a real systemd (252, Debian bookworm) booted with
 # systemd-nspawn, and check what the unit promises: start + READY + STATUS, the sandbox
-# (dynamic user, three capabilities, no new privileges, seccomp), credentials, reload
+# (dynamic user, three capabilities, no new privileges, seccomp; workers with none; OOM
+# ranking and memory limits), credentials, reload
 # (valid and broken), stop with a request in flight, journald priorities, a watchdog restart
 # when the control loop hangs, and failover taking and releasing a VIP (with the connection
 # handover's nft table installed from inside the sandbox and removed at stop).
@@ -146,6 +147,21 @@ check "runs as uid $uid (dynamic), CapEff $caps (= NET_BIND_SERVICE|NET_ADMIN|NE
     test "$uid" -ge 61184 -a "$caps" = 0000000000003400 -a "$nnp" = 1 -a "$seccomp" = 2
 nices=$(C ps -o ni= --ppid "$main" | tr -s ' \n' ' ')
 check "workers reniced themselves (setpriority allowed): nice$nices" grep -q 5 <<<"$nices"
+workers=$(C pgrep -P "$main" -f 'lb[.]worker' | tr '\n' ' ')
+wbad=0
+for w in $workers; do
+    wst=$(C awk '/^(Uid|CapInh|CapPrm|CapEff|CapAmb|NoNewPrivs):/{printf "%s%s ", $1, $2}' "/proc/$w/status")
+    [ "$wst" = "Uid:$uid CapInh:0000000000000000 CapPrm:0000000000000000 CapEff:0000000000000000 CapAmb:0000000000000000 NoNewPrivs:1 " ] \
+        || { echo "      worker $w: $wst"; wbad=1; }
+done
+check "workers ($workers) dropped every capability (capset allowed), same dynamic user, NoNewPrivs" \
+    test -n "$workers" -a "$wbad" = 0
+adj_main=$(C cat "/proc/$main/oom_score_adj")
+adj_workers=$(for w in $workers; do C cat "/proc/$w/oom_score_adj"; done | sort -u | tr '\n' ' ')
+check "OOM ranking: control process $adj_main (OOMScoreAdjust=), workers $adj_workers" \
+    test "$adj_main" = -500 -a "$adj_workers" = "500 "
+check "memory limits: MemoryHigh=$(prop MemoryHigh) MemoryMax=$(prop MemoryMax) OOMPolicy=$(prop OOMPolicy)" \
+    test "$(prop MemoryMax)" != infinity -a "$(prop OOMPolicy)" = continue
 cred=$(C stat -c '%a %u' /run/credentials/pairlb.service/admin.token)
 check "credential copy of the token: mode/owner '$cred' (the service's uid)" \
     test "$cred" = "400 $uid"

@@ -149,6 +149,22 @@ def test_out_of_memory_the_unit_keeps_the_control_process_and_the_node(
     assert one(unit, "OOMPolicy") == "continue"
 
 
+def _bytes(value: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", value)
+    assert m, value
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+def test_memory_limits_are_the_ones_operations_md_derives(unit: list[Setting]) -> None:
+    """docs/operations.md ("Memory") measures ~200 MB + 60 MB per worker and sizes the unit
+    for 16 workers; the unit says the same numbers, High below Max, both above that peak."""
+    high, top = one(unit, "MemoryHigh"), one(unit, "MemoryMax")
+    ops = (REPO / "docs" / "operations.md").read_text()
+    assert f"`MemoryHigh={high}`" in ops and f"`MemoryMax={top}`" in ops
+    peak_16 = (200 + 60 * 16) << 20
+    assert peak_16 < _bytes(high) < _bytes(top)
+
+
 def test_every_relaxation_is_commented_with_its_reason(unit: list[Setting]) -> None:
     """Each capability, address family and system call granted is named in the comment
     above it, and each hardening option left out says why in the NOT SET block."""
