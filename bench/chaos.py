@@ -94,6 +94,7 @@ DRAIN_GRACE_S = 0.05
 OUTAGE_TARGET_S = 0.15
 """Issue 4: median outage after kill -9 and link cut of the active node, default settings."""
 DOCS = REPO / "docs" / "reliability.md"
+KEEP_MARKER = "<!-- kept by bench/chaos.py: everything below is not the chaos report -->"
 
 # What each fault costs in time, roughly (for the schedule: no fault starts after the end).
 FAULTS: dict[str, float] = {
@@ -695,6 +696,10 @@ def write_docs(report: Report, path: Path = DOCS) -> None:
         *table(report),
         "",
     ])
+    # Sections after KEEP_MARKER (the hostile-input table) are not ours: carried over.
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if KEEP_MARKER in old:
+        body += "\n" + old[old.index(KEEP_MARKER):]
     path.write_text(body, encoding="utf-8")
 
 

@@ -528,6 +528,8 @@ class _Upstream(_Conn):
         buf = self.head_buf
         assert buf is not None
         end = buf.find(b"\r\n\r\n")
+        if end > MAX_RESPONSE_HEAD:
+            raise _Reject("response head too large")  # arrived whole, in one read
         sl = buf.find(b"\r\n")
         line = buf[: sl + 2]
         block = buf[sl + 2 : end + 2] if end > sl else b""

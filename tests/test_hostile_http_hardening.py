@@ -347,6 +347,56 @@ def test_bytes_arriving_while_idle_or_waiting_in_the_kernel_discard_the_connecti
     run(scenario())
 
 
+HOSTILE_RESPONSES = {
+    "cl_and_te": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\n\r\n",
+    "two_lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "bad_chunk_size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+    "obs_fold": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n",
+    "bare_lf": b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+    "nul_in_value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    "head_over_64k": b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"h" * 70000 + b"\r\n\r\n",
+    "switching_unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+    "not_http": b"NOT HTTP AT ALL\r\n\r\n",
+    "two_responses": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2,
+}
+
+
+def test_hostile_backend_framing_gets_502_and_never_a_reused_connection() -> None:
+    def beh(seen: Seen, be: CountingBackend) -> Any:
+        name = seen.target.strip("/")
+        return HOSTILE_RESPONSES[name] if name in HOSTILE_RESPONSES else ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        be = await CountingBackend("web1", beh).start()
+        async with proxy_in_front_of([be], pool={"retries": 0}) as px:
+            for name in HOSTILE_RESPONSES:
+                c = await RawClient.connect(px.port)
+                await c.send(get("/" + name) + get("/after"))
+                rs = await c.responses(2, 5.0)
+                if name == "bad_chunk_size":
+                    # The head was good and went out: the client sees a cut, never a wrong
+                    # body nor a second answer.
+                    assert rs == [] and c.eof and c.raw.startswith(b"HTTP/1.1 200 OK\r\n")
+                    assert be.requests[-1].target == "/" + name
+                    await c.close()
+                    continue
+                # The first answer is refused (502), except for two responses to one request:
+                # the first is a valid answer. Either way the second never answers /after:
+                # that comes from a new connection; the client's stays usable.
+                want = 200 if name == "two_responses" else 502
+                assert [r.status for r in rs] == [want, 200], (name, c.raw[:300])
+                assert rs[1].body == b"web1 GET /after\n"
+                first, after = be.requests[-2:]
+                assert after.target == "/after" and after.conn_id != first.conn_id, name
+                await c.close()
+            # Still serving, on healthy connections.
+            assert (await request(px.port, get("/ok"))).body == b"web1 GET /ok\n"
+        await be.stop()
+
+    run(scenario())
+
+
 def test_a_backend_exchange_has_a_total_deadline() -> None:
     """A backend that answers one byte at a time, never idle for response_timeout_s, is cut
     at exchange_timeout_s: 504 before the response began, a cut connection after."""
