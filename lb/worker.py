@@ -280,7 +280,7 @@ def drop(target: sysutil.Identity | None) -> bool:
     except sysutil.PrivilegeError as exc:
         logger.critical("event=worker_privilege_drop_failed error=%r action=exit", str(exc))
         return False
-    logger.debug("event=worker_privileges_dropped %s", st.summary())
+    logger.info("event=worker_privileges_dropped %s", st.summary())
     return True
 
 
