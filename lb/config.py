@@ -10,6 +10,7 @@ Imports nothing from the rest of lb except nothing at all: this is a leaf module
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -347,10 +348,10 @@ class PoolConfig(_Model):
     """Time for the backend to start answering after the request is sent, and max gap between
     reads of its response."""
     exchange_timeout_s: NonNegSeconds = 300.0
-    """Total time of one exchange on a backend connection, from the request head sent to the
-    response's end (a backend that answers one byte per response_timeout_s would hold it
-    for ever). Past it: 504, or a cut connection once the response has begun. Raise it (or
-    0: no limit) for long downloads and streamed responses; WebSocket tunnels are not
+    """Total time of one exchange on a backend connection, from the request's last byte sent
+    to the response's end (a backend that answers one byte per response_timeout_s would hold
+    it for ever). Past it: 504, or a cut connection once the response has begun. Raise it
+    (or 0: no limit) for long downloads and streamed responses; WebSocket tunnels are not
     affected."""
     idle_timeout_s: Seconds = 30.0
     """Keep-alive backend connections idle longer than this are closed."""
@@ -530,6 +531,13 @@ class AdminConfig(_Model):
     """More Host header names the endpoint answers to (e.g. this node's DNS name), besides
     its bind address, ``localhost`` when bound to loopback, and any IP address when bound to
     a wildcard. Any other Host gets 421: a DNS-rebinding page cannot read /status."""
+    metrics_backend_series: Literal["all", "unhealthy", "none"] = "all"
+    """Per-backend series on /metrics: ``all``; ``unhealthy`` (state gauges of backends not
+    fully in service only); ``none``. Unless ``all``, counters, histograms and in-flight
+    requests are summed per pool as ``backend="*"``. ``?backend_series=`` overrides it."""
+    status_page_backends: Annotated[int, Field(ge=1, le=100000)] = 200
+    """The status page (``GET /``) lists this many backends per pool at most (problems
+    first); ``?pool=NAME&page=N`` pages through the rest."""
 
     @field_validator("bind")
     @classmethod
@@ -593,12 +601,23 @@ class Config(_Model):
 
     def digest_bytes(self, n: int = 32) -> bytes:
         """Digest of what must match between peers (listeners and pools, not node identity)."""
+        listener, pool, digest = self._digest_memo
+        if listener is not self.listener or pool is not self.pool:  # a model_copy(update=)
+            digest = self._compute_digest()
+        return digest[:n]
+
+    @functools.cached_property
+    def _digest_memo(self) -> tuple[Any, Any, bytes]:
+        # Once per config: dumping 3000 backends costs ~35 ms, and /status shows the digest.
+        return self.listener, self.pool, self._compute_digest()
+
+    def _compute_digest(self) -> bytes:
         doc = {
             "listener": [lst.model_dump(mode="json") for lst in self.listener],
             "pool": [p.model_dump(mode="json") for p in self.pool],
         }
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).digest()[:n]
+        return hashlib.sha256(blob).digest()
 
     def digest(self) -> str:
         """Short hex form of digest_bytes for logs and the status API."""

@@ -649,13 +649,14 @@ class _Upstream(_Conn):
             self.transport.write(req.head)  # nothing follows: no need to cork
         else:
             self.send(req.head)
-        now = self.srv.time()
         if req.complete:
+            now = self.srv.time()
             self.deadline = now + req.pool_cfg.response_timeout_s
+            xt = req.pool_cfg.exchange_timeout_s
+            if xt:
+                self.xdeadline = now + xt
         else:
-            self.deadline = INF
-        xt = req.pool_cfg.exchange_timeout_s
-        self.xdeadline = now + xt if xt else INF
+            self.deadline = INF  # the body's pace is the client's (client_body_timeout_s)
         if client.wpaused:
             self.pause_reading()
 
@@ -665,8 +666,12 @@ class _Upstream(_Conn):
             _keep_for_replay(req, [piece])
 
     def request_complete(self, req: _Request) -> None:
+        now = self.srv.time()
         if not self.rpaused and not req.resp_started:
-            self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
+            self.deadline = now + req.pool_cfg.response_timeout_s
+        xt = req.pool_cfg.exchange_timeout_s
+        if xt:
+            self.xdeadline = now + xt
 
     def pause_reading(self) -> None:
         if not self.rpaused and not self.closed:
