@@ -25,6 +25,7 @@ time (the daemon imports this module); it talks to the daemon through ``AdminDae
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hmac
 import html
 import ipaddress
@@ -32,6 +33,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -95,7 +97,7 @@ class ApiError(Exception):
 
 DAEMON: web.AppKey[AdminDaemon] = web.AppKey("daemon")
 TOKEN: web.AppKey[str | None] = web.AppKey("token")
-REGISTRY: web.AppKey[Any] = web.AppKey("registry")
+EXPOSITION: web.AppKey[metrics.Exposition] = web.AppKey("exposition")
 LOCK: web.AppKey[asyncio.Lock] = web.AppKey("lock")
 
 
@@ -303,14 +305,71 @@ async def get_readyz(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    """Prometheus exposition: ``?scope=`` and ``?backend_series=`` select (lb.metrics);
+    OpenMetrics or text by Accept (as prometheus_client decides); gzip when accepted."""
+    daemon = request.app[DAEMON]
+    _, content_type = choose_encoder(request.headers.get("Accept", ""))
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    try:
+        sel = metrics.parse_selection(
+            request.query.getall("scope", []),
+            request.query.get("backend_series"),
+            daemon.cfg.admin.metrics_backend_series,
+        )
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    body = request.app[EXPOSITION].render(openmetrics, sel)
+    headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        # zlib lets go of the GIL: the control loop runs while a big body is compressed.
+        body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 async def get_index(request: web.Request) -> web.Response:
-    page = render_page(full_status(request.app[DAEMON]), time.time())
+    daemon = request.app[DAEMON]
+    pool = request.query.get("pool")
+    if pool is not None:
+        _name("pool", pool)
+    try:
+        number = int(request.query.get("page", "1"))
+    except ValueError:
+        raise ApiError(400, "page must be a whole number >= 1") from None
+    if number < 1:
+        raise ApiError(400, "page must be a whole number >= 1")
+    page = render_page(
+        full_status(daemon),
+        time.time(),
+        limit=daemon.cfg.admin.status_page_backends,
+        pool_page=(pool, number) if pool is not None else None,
+    )
     return web.Response(text=page, content_type="text/html", charset="utf-8")
+
+
+GZIP_MIN_BYTES = 4096
+"""/metrics bodies at least this big are gzipped for a client that accepts it."""
+
+
+def accepts_gzip(header: str) -> bool:
+    """``Accept-Encoding`` names gzip (or ``*``) without ``q=0``."""
+    for item in header.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().lower()
+        if q.startswith("q="):
+            try:
+                if float(q[2:]) <= 0:
+                    continue
+            except ValueError:
+                continue
+        return True
+    return False
+
+
+def _gzip(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=1)
 
 
 def _name(kind: str, value: str) -> str:
@@ -401,7 +460,7 @@ def make_app(daemon: AdminDaemon) -> web.Application:
     app[HOSTS] = HostPolicy(acfg.bind, acfg.allowed_hosts)
     app[DAEMON] = daemon
     app[TOKEN] = token
-    app[REGISTRY] = metrics.make_registry(daemon)
+    app[EXPOSITION] = metrics.Exposition(daemon)
     app[LOCK] = asyncio.Lock()
     app.router.add_get("/", get_index)
     app.router.add_get("/status", get_status)
@@ -482,8 +541,18 @@ def _role_badge(role: str, big: bool = False) -> str:
     return f'<span class="role{size}" style="background:{colour}">{html.escape(role)}</span>'
 
 
-def render_page(st: Mapping[str, Any], now: float) -> str:
-    """The status page for people: server-rendered, no scripts or external assets."""
+def render_page(
+    st: Mapping[str, Any],
+    now: float,
+    *,
+    limit: int | None = None,
+    pool_page: tuple[str, int] | None = None,
+) -> str:
+    """The status page for people: server-rendered, no scripts or external assets.
+
+    A pool with more than ``limit`` backends shows ``limit`` of them, the ones with a
+    problem first, with counts per state and links to the next pages (``pool_page``: which
+    page of which pool this request asked for)."""
     e = html.escape
     role = str(st["role"])
     cfg = st["config"]
@@ -515,7 +584,8 @@ def render_page(st: Mapping[str, Any], now: float) -> str:
     ]
     parts.append(_failover_section(st.get("failover"), role, now))
     for pool in st["pools"]:
-        parts.append(_pool_section(pool))
+        number = pool_page[1] if pool_page is not None and pool_page[0] == pool["name"] else 1
+        parts.append(_pool_section(pool, limit, number))
     parts.append(_workers_section(st["workers"]))
     parts.append(_events_section(st.get("events") or [], now))
     parts.append(
@@ -572,10 +642,35 @@ def _failover_section(fo: Mapping[str, Any] | None, role: str, now: float) -> st
     )
 
 
-def _pool_section(pool: Mapping[str, Any]) -> str:
+def _pool_section(pool: Mapping[str, Any], limit: int | None = None, number: int = 1) -> str:
     e = html.escape
     rows = []
-    for b in pool["backends"]:
+    backends = list(pool["backends"])
+    pager = ""
+    if limit is not None and len(backends) > limit:
+        states = [backend_state(b)[0] for b in backends]
+        counts: dict[str, int] = {}
+        for label in states:
+            counts[label] = counts.get(label, 0) + 1
+        # Problems first (in config order), then the backends that are fine.
+        order = sorted(range(len(backends)), key=lambda i: (states[i] in ("up", "slow start"), i))
+        pages = (len(backends) + limit - 1) // limit
+        number = min(number, pages)
+        shown = order[(number - 1) * limit : number * limit]
+        backends = [backends[i] for i in shown]
+        name = urllib.parse.quote(str(pool["name"]))
+        links = " ".join(
+            f"<b>{n}</b>" if n == number else f"<a href='/?pool={name}&amp;page={n}'>{n}</a>"
+            for n in range(1, pages + 1)
+            if n <= 3 or abs(n - number) <= 2 or n == pages
+        )
+        summary = " · ".join(f"{e(k)} {v}" for k, v in sorted(counts.items()))
+        pager = (
+            f"<div class='facts'><span>{len(pool['backends'])} backends: {summary}</span>"
+            f"<span>showing {(number - 1) * limit + 1}-{(number - 1) * limit + len(shown)}, "
+            f"problems first · page {links}</span></div>"
+        )
+    for b in backends:
         label, cls = backend_state(b)
         if label == "draining" and b["in_flight"]:
             label = f"draining ({b['in_flight']} in flight)"
@@ -609,6 +704,7 @@ def _pool_section(pool: Mapping[str, Any]) -> str:
         f"<section><h2>Pool {e(str(pool['name']))} {panic}</h2>"
         f"<div class='facts'><span>balance <b>{e(str(pool['balance']))}</b></span>"
         f"<span>usable <b>{pool['usable']}</b> of <b>{pool['enabled']}</b> enabled</span></div>"
+        + pager
         + _thead("backend", "address", "state", "health", "admin", "weight#", "last check",
                  "in flight#", "requests#", "errors#", "ejections#")
         + "".join(rows)

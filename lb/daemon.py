@@ -928,6 +928,25 @@ class Daemon:
             "failover": self.failover_status(),
             "role": self.role(),
             "events": list(self.events),
+            "health_checks": self._health_checks_status(now_m),
+        }
+
+    def _health_checks_status(self, now_m: float) -> dict[str, Any]:
+        """How the active checks keep up: targets, probes in flight, check lateness."""
+        lat = self.health.lateness
+        return {
+            "targets": len(self.health.book.keys()),
+            "in_flight": self.health.in_flight,
+            "checks": lat.count,
+            "lateness_ms": {
+                "p50": round(lat.quantile(0.5) * 1000, 3),
+                "p99": round(lat.quantile(0.99) * 1000, 3),
+                "max": round(lat.max_s * 1000, 3),
+            },
+            "lateness_max_ms": {
+                "10s": round(lat.max_over(10, now_m) * 1000, 3),
+                "60s": round(lat.max_over(60, now_m) * 1000, 3),
+            },
         }
 
     def role(self) -> str:

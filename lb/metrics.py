@@ -6,12 +6,27 @@ supervisor). Copying it into prometheus_client objects on every change would be 
 copy that can drift; reading it at scrape time cannot. The only state kept here is the
 health-check duration histogram, fed by ``daemon.check_observers``.
 
-One ``CollectorRegistry`` per app (never the global one, so tests and several daemons in one
-process never share metrics). Every family this module can export is declared in
-``METRICS`` (name, type, labels, help): docs, the Grafana dashboard test and
-``describe()`` all read that table. Label sets are bounded by the config (pool, backend,
-listener, worker slot, peer) or by code (status classes, reasons, roles): never a client,
-path or request id.
+Every family this module can export is declared in ``METRICS`` (name, type, labels, help):
+docs, the Grafana dashboard test and ``describe()`` all read that table. Label sets are
+bounded by the config (pool, backend, listener, worker slot, peer) or by code (status
+classes, reasons, roles): never a client, path or request id.
+
+Rendering at scale (issue 12: 3000 backends gave 7.6 MB in 1.4-15 s through prometheus_client,
+whose per-sample objects and per-character name escaping cost ~10 us a sample): the
+collector's sections call ``add``/``info``/``hist`` on a :class:`Sink`. :class:`Exposition`
+renders straight to the exposition text with a :class:`TextSink` (sample-line prefixes
+cached per label set, values formatted like the library's ``floatToGoString``), byte for
+byte what prometheus_client would write for the same samples (tests compare the two, in both
+formats); :meth:`Exposition.registry` gives the same samples as prometheus_client families.
+
+What a scrape contains (HAProxy's exporter ``scope``, Envoy's stats filters): families belong
+to one scope (``SCOPES``: node, listener, pool, backend, failover, worker), chosen with
+``?scope=`` (repeatable or comma-separated; default all). Per-backend series follow
+``[admin] metrics_backend_series`` (or ``?backend_series=``): ``all``; ``unhealthy`` (the
+state gauges of backends not fully in service only); ``none``. Whenever per-backend series
+are not all exported, the additive ones (counters, histograms, in-flight requests) are
+exported per pool with ``backend="*"`` (the sum over the pool's backends), so pool totals and
+``sum by (pool)`` queries stay right and never count a backend twice.
 
 prometheus_client may be imported only here and in lb.admin. Must not import lb.daemon at run
 time (the daemon imports us), nor failover or healthcheck internals.
@@ -19,6 +34,8 @@ time (the daemon imports us), nor failover or healthcheck internals.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import generate_latest as _text_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -33,6 +51,8 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.openmetrics.exposition import generate_latest as _om_latest_untyped
+from prometheus_client.utils import floatToGoString as _float_to_go_untyped
 
 from lb import __version__
 from lb.rotation import AdminState
@@ -174,6 +194,13 @@ METRICS: tuple[MetricDef, ...] = (
         "histogram",
         "pool backend",
         "Duration of active health checks.",
+    ),
+    _d(
+        "pairlb_health_check_lateness_seconds",
+        "histogram",
+        "",
+        "How long after its scheduled time each active health check started (control loop "
+        "backlog).",
     ),
     # failover
     _d("pairlb_role", "gauge", "role", "1 for this node's role, 0 for the other roles."),
@@ -474,9 +501,27 @@ class MetricsSource(Protocol):
     def reloads(self) -> dict[str, int]: ...
     @property
     def events(self) -> deque[dict[str, Any]]: ...
+    @property
+    def health(self) -> HasLateness: ...
 
     def status(self) -> dict[str, Any]: ...
     def ready(self) -> bool: ...
+
+
+class LatenessLike(Protocol):
+    """What metrics reads of healthcheck's lateness recorder."""
+
+    @property
+    def bounds(self) -> tuple[float, ...]: ...
+    @property
+    def counts(self) -> list[int]: ...
+    @property
+    def sum_s(self) -> float: ...
+
+
+class HasLateness(Protocol):
+    @property
+    def lateness(self) -> LatenessLike: ...
 
 
 class CheckDurations:
@@ -501,12 +546,15 @@ class CheckDurations:
 
 def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
     """Per-bucket counts (the last one is +Inf) to Prometheus's cumulative ``le`` buckets."""
-    out: list[tuple[str, float]] = []
-    acc = 0
-    for i, le in enumerate((*bounds, math.inf)):
-        acc += counts[i] if i < len(counts) else 0
-        out.append(("+Inf" if le == math.inf else repr(float(le)), float(acc)))
-    return out
+    les = _le_strings(tuple(bounds))
+    if len(counts) != len(les):
+        counts = [*counts[: len(les)], *([0] * (len(les) - len(counts)))]
+    return list(zip(les, map(float, itertools.accumulate(counts)), strict=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _le_strings(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*(repr(float(le)) for le in bounds), "+Inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,36 +595,36 @@ class PairlbCollector:
             yield _family(m)
 
     def collect(self) -> Iterator[Metric]:
+        """Every family as prometheus_client objects (the reference for :class:`TextSink`)."""
+        sink = FamilySink()
+        self.emit(sink, ALL)
+        # Families without samples are left out (e.g. failover ones on a standalone node).
+        yield from sink.families()
+
+    def emit(self, sink: Sink, sel: Selection) -> None:
+        """Every sample the selection asks for, to ``sink``."""
         d = self.daemon
         st = d.status()
-        fams = {m.name: _family(m) for m in METRICS}
-
-        def add(name: str, labels: Sequence[str], value: float) -> None:
-            fam = fams[name]
-            assert isinstance(fam, (CounterMetricFamily, GaugeMetricFamily))
-            fam.add_metric(list(labels), value)
-
-        info = fams["pairlb_build_info"]
-        assert isinstance(info, InfoMetricFamily)
-        info.add_metric([], {"version": __version__, "node": str(st["node"])})
+        out: Sink = sink if sel == ALL else Select(sink, sel, _not_in_service(st, sel))
+        add = out.add
+        out.info("pairlb_build_info", {"version": __version__, "node": str(st["node"])})
         add("pairlb_start_time_seconds", [], float(st["started_at"]))
         add("pairlb_ready", [], 1.0 if d.ready() else 0.0)
         cfg_st = st["config"]
         add("pairlb_config_generation", [], float(cfg_st["generation"]))
-        cinfo = fams["pairlb_config_info"]
-        assert isinstance(cinfo, InfoMetricFamily)
-        cinfo.add_metric([], {"digest": str(cfg_st["digest"])})
+        out.info("pairlb_config_info", {"digest": str(cfg_st["digest"])})
         for result in ("success", "failure"):
             add("pairlb_config_reloads_total", [result], float(d.reloads.get(result, 0)))
         last = cfg_st.get("last_reload")
         add("pairlb_config_last_reload_successful", [], 0.0 if last and not last["ok"] else 1.0)
 
-        self._traffic(d.totals, d.worker_active, add, fams)
-        self._pools(st, add, fams)
+        self._traffic(d.totals, d.worker_active, add, out.hist)
+        self._pools(st, add, out.hist)
+        self._checks_timing(out.hist)
         self._failover(st, add)
         self._workers(st, add)
-        # Families without samples are left out (e.g. failover ones on a standalone node).
-        yield from (f for f in fams.values() if f.samples)
+        if isinstance(out, Select):
+            out.flush()
 
     # -- sections -------------------------------------------------------------------------
 
@@ -585,7 +633,7 @@ class PairlbCollector:
         totals: Mapping[str, Any],
         worker_active: Mapping[int, Mapping[str, int]],
         add: Callable[[str, Sequence[str], float], None],
-        fams: dict[str, Metric],
+        hist: HistFn,
     ) -> None:
         # Every configured backend and class from the start, at 0: Prometheus's rate() and
         # increase() cannot see the first increment of a series that appears with it.
@@ -598,11 +646,12 @@ class PairlbCollector:
                 n = classes.get(cls, 0)
                 if n or (pool, backend) in configured:
                     add("pairlb_requests_total", [pool, backend, cls], n)
-        hist = fams["pairlb_request_duration_seconds"]
-        assert isinstance(hist, HistogramMetricFamily)
         for pool, h in sorted(totals.get("duration", {}).items()):
-            hist.add_metric(
-                [pool], cumulative_buckets(DURATION_BUCKETS_S, h["buckets"]), float(h["sum"])
+            hist(
+                "pairlb_request_duration_seconds",
+                [pool],
+                cumulative_buckets(DURATION_BUCKETS_S, h["buckets"]),
+                float(h["sum"]),
             )
         for pool, backends in sorted(totals.get("errors", {}).items()):
             for backend, reasons in sorted(backends.items()):
@@ -634,7 +683,7 @@ class PairlbCollector:
         self,
         st: Mapping[str, Any],
         add: Callable[[str, Sequence[str], float], None],
-        fams: dict[str, Metric],
+        hist: HistFn,
     ) -> None:
         present: set[tuple[str, str]] = set()
         for pool in st["pools"]:
@@ -658,14 +707,27 @@ class PairlbCollector:
         for (pool_name, backend, status), count in sorted(self.daemon.check_counts.items()):
             if (pool_name, backend) in present:
                 add("pairlb_health_checks_total", [pool_name, backend, status], count)
-        hist = fams["pairlb_health_check_duration_seconds"]
-        assert isinstance(hist, HistogramMetricFamily)
+        bounds = self.checks.bounds
         for key, (counts, total) in sorted(self.checks.series.items()):
             # Backends removed by a reload stop being exported (bounded label sets).
             if key in present:
-                hist.add_metric(
-                    list(key), cumulative_buckets(self.checks.bounds, counts), total[0]
+                hist(
+                    "pairlb_health_check_duration_seconds",
+                    key,
+                    cumulative_buckets(bounds, counts),
+                    total[0],
                 )
+
+    def _checks_timing(self, hist: HistFn) -> None:
+        health = getattr(self.daemon, "health", None)
+        lat = getattr(health, "lateness", None)
+        if lat is not None:  # from the start, at 0 (see _traffic)
+            hist(
+                "pairlb_health_check_lateness_seconds",
+                [],
+                cumulative_buckets(lat.bounds, lat.counts),
+                float(lat.sum_s),
+            )
 
     def _failover(
         self, st: Mapping[str, Any], add: Callable[[str, Sequence[str], float], None]
@@ -786,12 +848,369 @@ def _family(m: MetricDef) -> Metric:
 def make_registry(daemon: MetricsSource) -> CollectorRegistry:
     """A fresh registry with the pairlb collector and the control process's process metrics;
     the check-duration observer is registered on the daemon."""
-    registry = CollectorRegistry()
-    checks = CheckDurations()
-    daemon.check_observers.append(checks.observe)
-    registry.register(PairlbCollector(daemon, checks))
-    ProcessCollector(namespace="pairlb", registry=registry)
-    return registry
+    return Exposition(daemon).registry()
+
+
+# -- selection: scopes and per-backend series ------------------------------------------------
+
+SCOPES = ("node", "listener", "pool", "backend", "failover", "worker")
+"""What ``?scope=`` may name (``all`` or ``*`` for every one)."""
+BACKEND_SERIES = ("all", "unhealthy", "none")
+"""Values of ``[admin] metrics_backend_series`` and ``?backend_series=``."""
+ADDITIVE_GAUGES = frozenset({"pairlb_backend_inflight_requests"})
+"""Per-backend gauges whose pool sum means something (exported as ``backend="*"``)."""
+_FAILOVER_PREFIXES = (
+    "pairlb_role_", "pairlb_failover", "pairlb_heartbeat", "pairlb_peer", "pairlb_vip",
+    "pairlb_handover",
+)
+
+
+def scope_of(m: MetricDef) -> str:
+    """The scope a family belongs to (``?scope=``)."""
+    if m.name == "pairlb_role":
+        return "node"  # STANDALONE included: alerts read it on every node
+    if m.failover_only or m.name.startswith(_FAILOVER_PREFIXES):
+        return "failover"
+    for label in ("backend", "pool", "listener", "worker"):
+        if label in m.labels:
+            return label
+    return "node"
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What one scrape exports: a set of scopes and the per-backend series mode."""
+
+    scopes: frozenset[str] = frozenset(SCOPES)
+    backend_series: str = "all"
+
+
+ALL = Selection()
+
+
+def parse_selection(scope_args: Sequence[str], series_arg: str | None, default: str) -> Selection:
+    """From ``?scope=`` (repeatable, comma-separated, ``all``/``*``; absent = all) and
+    ``?backend_series=``. Raises ValueError with a message for a client."""
+    scopes: set[str] = set()
+    if not scope_args:
+        scopes.update(SCOPES)
+    for arg in scope_args:
+        for word in arg.split(","):
+            word = word.strip().lower()
+            if word in ("all", "*"):
+                scopes.update(SCOPES)
+            elif word in SCOPES:
+                scopes.add(word)
+            elif word:
+                raise ValueError(
+                    f"unknown scope {word[:32]!r}: use {', '.join(SCOPES)} or all"
+                )
+    series = (series_arg if series_arg is not None else default).strip().lower()
+    if series not in BACKEND_SERIES:
+        raise ValueError(
+            f"unknown backend_series {series[:32]!r}: use {', '.join(BACKEND_SERIES)}"
+        )
+    return Selection(frozenset(scopes), series)
+
+
+def _in_service(b: Mapping[str, Any]) -> bool:
+    return bool(
+        b["health"] == "up" and b["admin_state"] == "enabled" and b["in_rotation"]
+        and not b["ejected"]
+    )
+
+
+def _not_in_service(st: Mapping[str, Any], sel: Selection) -> frozenset[tuple[str, str]]:
+    if sel.backend_series != "unhealthy":
+        return frozenset()
+    return frozenset(
+        (p["name"], b["name"]) for p in st["pools"] for b in p["backends"] if not _in_service(b)
+    )
+
+
+# -- sinks -------------------------------------------------------------------------------------
+
+HistFn = Callable[[str, Sequence[str], Sequence[tuple[str, float]], float], None]
+
+
+class Sink(Protocol):
+    """Where the collector's sections put samples (labels in the family's declared order)."""
+
+    def add(self, name: str, labels: Sequence[str], value: float) -> None: ...
+    def info(self, name: str, labels: Mapping[str, str]) -> None: ...
+    def hist(
+        self, name: str, labels: Sequence[str], buckets: Sequence[tuple[str, float]], total: float
+    ) -> None: ...
+
+
+class FamilySink:
+    """Samples as prometheus_client families (slow; the reference the tests compare with)."""
+
+    def __init__(self) -> None:
+        self.fams = {m.name: _family(m) for m in METRICS}
+
+    def add(self, name: str, labels: Sequence[str], value: float) -> None:
+        fam = self.fams[name]
+        assert isinstance(fam, (CounterMetricFamily, GaugeMetricFamily))
+        fam.add_metric(list(labels), value)
+
+    def info(self, name: str, labels: Mapping[str, str]) -> None:
+        fam = self.fams[name]
+        assert isinstance(fam, InfoMetricFamily)
+        fam.add_metric([], dict(labels))
+
+    def hist(
+        self, name: str, labels: Sequence[str], buckets: Sequence[tuple[str, float]], total: float
+    ) -> None:
+        fam = self.fams[name]
+        assert isinstance(fam, HistogramMetricFamily)
+        fam.add_metric(list(labels), list(buckets), total)
+
+    def families(self) -> Iterator[Metric]:
+        return (f for f in self.fams.values() if f.samples)
+
+
+class Select:
+    """A sink in front of another that applies a :class:`Selection` (module docstring)."""
+
+    def __init__(
+        self, inner: Sink, sel: Selection, not_in_service: frozenset[tuple[str, str]]
+    ) -> None:
+        self.inner = inner
+        self.sel = sel
+        self.chosen = not_in_service
+        scopes = sel.scopes
+        self.per_backend = "backend" in scopes and sel.backend_series == "all"
+        self.pool_level = not self.per_backend and bool({"pool", "backend"} & scopes)
+        self.states = "backend" in scopes and sel.backend_series == "unhealthy"
+        self.sums: dict[tuple[str, tuple[str, ...]], float] = {}
+        self.hists: dict[tuple[str, tuple[str, ...]], tuple[list[tuple[str, float]], float]] = {}
+
+    def _route(self, name: str, labels: Sequence[str]) -> tuple[str, tuple[str, ...] | None]:
+        """("emit", labels) | ("sum", labels with backend "*") | ("drop", None)."""
+        scope, additive, ip, ib = _FAMILY_ROUTES[name]
+        if scope != "backend":
+            return ("emit", tuple(labels)) if scope in self.sel.scopes else ("drop", None)
+        backend = labels[ib]
+        if backend == "-":  # "no backend chosen": a pool-level series already
+            ok = self.per_backend or self.pool_level
+            return ("emit", tuple(labels)) if ok else ("drop", None)
+        if self.per_backend:
+            return "emit", tuple(labels)
+        if not additive:
+            ok = self.states and (labels[ip], backend) in self.chosen
+            return ("emit", tuple(labels)) if ok else ("drop", None)
+        if not self.pool_level:
+            return "drop", None
+        starred = list(labels)
+        starred[ib] = "*"
+        return "sum", tuple(starred)
+
+    def add(self, name: str, labels: Sequence[str], value: float) -> None:
+        how, key = self._route(name, labels)
+        if how == "emit":
+            self.inner.add(name, labels, value)
+        elif how == "sum" and key is not None:
+            k = (name, key)
+            self.sums[k] = self.sums.get(k, 0) + value
+
+    def info(self, name: str, labels: Mapping[str, str]) -> None:
+        if _FAMILY_ROUTES[name][0] in self.sel.scopes:
+            self.inner.info(name, labels)
+
+    def hist(
+        self, name: str, labels: Sequence[str], buckets: Sequence[tuple[str, float]], total: float
+    ) -> None:
+        how, key = self._route(name, labels)
+        if how == "emit":
+            self.inner.hist(name, labels, buckets, total)
+        elif how == "sum" and key is not None:
+            k = (name, key)
+            prev = self.hists.get(k)
+            if prev is None:
+                self.hists[k] = (list(buckets), total)
+            else:
+                acc = [(le, n + m) for (le, n), (_, m) in zip(prev[0], buckets, strict=True)]
+                self.hists[k] = (acc, prev[1] + total)
+
+    def flush(self) -> None:
+        """The ``backend="*"`` series, after everything else of their family."""
+        for (name, labels), value in self.sums.items():
+            self.inner.add(name, labels, value)
+        for (name, labels), (buckets, total) in self.hists.items():
+            self.inner.hist(name, labels, buckets, total)
+        self.sums.clear()
+        self.hists.clear()
+
+
+def _routes() -> dict[str, tuple[str, bool, int, int]]:
+    out = {}
+    for m in METRICS:
+        additive = m.kind in ("counter", "histogram") or m.name in ADDITIVE_GAUGES
+        ip = m.labels.index("pool") if "pool" in m.labels else -1
+        ib = m.labels.index("backend") if "backend" in m.labels else -1
+        out[m.name] = (scope_of(m), additive, ip, ib)
+    return out
+
+
+_FAMILY_ROUTES = _routes()
+
+
+def _escape_label_value(v: str) -> str:
+    if "\\" in v or "\n" in v or '"' in v:
+        return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    return v
+
+
+_om_latest: Callable[[Any], bytes] = _om_latest_untyped
+_float_to_go: Callable[[float], str] = _float_to_go_untyped
+
+
+_SMALL: dict[float, str] = {float(i): f"{i}.0" for i in range(4096)}
+"""Whole numbers as floatToGoString writes them (ints and floats hash alike: 1 == 1.0)."""
+
+
+def fmt_value(v: float) -> str:
+    """``floatToGoString`` (what prometheus_client writes), with a fast path for counts."""
+    s = _SMALL.get(v)
+    if s is not None and (v or math.copysign(1.0, v) > 0):  # -0.0 is "-0.0"
+        return s
+    return _float_to_go(v)
+
+
+class TextSink:
+    """Writes sample lines straight to text, family by family (module docstring).
+
+    Sample lines are the same in the text and OpenMetrics formats (labels sorted by name,
+    values as ``floatToGoString``); only the headers differ, and those come from
+    prometheus_client itself (``_headers``). ``prefixes`` maps (name, *labels) to the line up
+    to the value; it lives as long as the :class:`Exposition` (bounded by the config).
+    """
+
+    def __init__(self, prefixes: dict[tuple[str, ...], Any]) -> None:
+        self.prefixes = prefixes
+        self.lines: dict[str, list[str]] = {}
+
+    def _prefix(self, name: str, sample: str, names: Sequence[str], labels: Sequence[str]) -> str:
+        pairs = sorted(zip(names, labels, strict=True))
+        inner = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in pairs)
+        return f"{sample}{{{inner}}} " if inner else f"{sample} "
+
+    def add(self, name: str, labels: Sequence[str], value: float) -> None:
+        key = (name, *labels)
+        p = self.prefixes.get(key)
+        if p is None:
+            p = self.prefixes[key] = self._prefix(name, name, _LABELS[name], labels)
+        lines = self.lines.get(name)
+        if lines is None:
+            lines = self.lines[name] = []
+        lines.append(p + fmt_value(value))
+
+    def info(self, name: str, labels: Mapping[str, str]) -> None:
+        names = tuple(labels)
+        line = self._prefix(name, name, names, [str(labels[k]) for k in names]) + "1.0"
+        self.lines.setdefault(name, []).append(line)
+
+    def hist(
+        self, name: str, labels: Sequence[str], buckets: Sequence[tuple[str, float]], total: float
+    ) -> None:
+        key = ("#h", name, *labels)
+        les = tuple(le for le, _ in buckets)
+        cached = self.prefixes.get(key)
+        if cached is None or cached[0] != les:
+            names = _LABELS[name]
+            bucket_names = (*names, "le")
+            cached = self.prefixes[key] = (
+                les,
+                [
+                    self._prefix(name, name + "_bucket", bucket_names, (*labels, le))
+                    for le in les
+                ],
+                self._prefix(name, name + "_count", names, labels),
+                self._prefix(name, name + "_sum", names, labels),
+            )
+        _, bucket_prefixes, count_prefix, sum_prefix = cached
+        lines = self.lines.get(name)
+        if lines is None:
+            lines = self.lines[name] = []
+        lines.extend(
+            [p + fmt_value(n) for p, (_, n) in zip(bucket_prefixes, buckets, strict=True)]
+        )
+        lines.append(count_prefix + fmt_value(buckets[-1][1] if buckets else 0.0))
+        lines.append(sum_prefix + fmt_value(total))
+
+    def text(self, openmetrics: bool) -> str:
+        heads = _HEADERS[1 if openmetrics else 0]
+        parts = []
+        for m in METRICS:
+            lines = self.lines.get(m.name)
+            if lines:
+                parts.append(heads[m.name])
+                parts.append("\n".join(lines))
+                parts.append("\n")
+        return "".join(parts)
+
+
+_LABELS = {m.name: m.labels for m in METRICS}
+
+
+def _headers() -> tuple[dict[str, str], dict[str, str]]:
+    """Each family's HELP/TYPE lines in the text and OpenMetrics formats, written by
+    prometheus_client once (so escaping and type names are the library's)."""
+    text: dict[str, str] = {}
+    om: dict[str, str] = {}
+    for m in METRICS:
+        fam = _family(m)
+
+        class _One:
+            def collect(self, fam: Metric = fam) -> Iterator[Metric]:
+                yield fam
+
+        text[m.name] = _text_latest(_One()).decode()
+        om[m.name] = _om_latest(_One()).decode().removesuffix("# EOF\n")
+    return text, om
+
+
+_HEADERS = _headers()
+
+
+class Exposition:
+    """Renders /metrics for one daemon (one per admin app). Registers the check-duration
+    observer on the daemon."""
+
+    def __init__(self, daemon: MetricsSource) -> None:
+        self.daemon = daemon
+        self.checks = CheckDurations()
+        daemon.check_observers.append(self.checks.observe)
+        self.collector = PairlbCollector(daemon, self.checks)
+        self.process = CollectorRegistry()
+        ProcessCollector(namespace="pairlb", registry=self.process)
+        self._prefixes: dict[tuple[str, ...], Any] = {}
+        self._generation = daemon.generation
+
+    def registry(self) -> CollectorRegistry:
+        """The same samples as prometheus_client families, plus the process metrics."""
+        registry = CollectorRegistry()
+        registry.register(self.collector)
+        ProcessCollector(namespace="pairlb", registry=registry)
+        return registry
+
+    def render(self, openmetrics: bool, sel: Selection = ALL) -> bytes:
+        """The exposition text in one format (the admin app picks it from Accept)."""
+        if self.daemon.generation != self._generation or len(self._prefixes) > 1_000_000:
+            self._prefixes = {}  # label sets of a previous config
+            self._generation = self.daemon.generation
+        sink = TextSink(self._prefixes)
+        self.collector.emit(sink, sel)
+        body = sink.text(openmetrics)
+        if "node" in sel.scopes:
+            if openmetrics:
+                body += _om_latest(self.process).decode().removesuffix("# EOF\n")
+            else:
+                body += _text_latest(self.process).decode()
+        if openmetrics:
+            body += "# EOF\n"
+        return body.encode()
 
 
 def declared_names() -> Iterable[str]:
