@@ -250,6 +250,8 @@ def _preload() -> Any:
     interpreter's own files may not be readable by the worker's user (a pyenv under /root)."""
     import encodings.idna  # noqa: F401  (getaddrinfo of a backend host name)
 
+    import failover  # noqa: F401  (config validation imports it for failover.track_gateway)
+
     try:
         import uvloop
     except ImportError:
@@ -281,6 +283,15 @@ def drop(target: sysutil.Identity | None) -> bool:
         logger.critical("event=worker_privilege_drop_failed error=%r action=exit", str(exc))
         return False
     logger.info("event=worker_privileges_dropped %s", st.summary())
+    stdlib = os.path.dirname(os.__file__)
+    if not os.access(stdlib, os.R_OK | os.X_OK):
+        # Everything the worker needs is imported already (_preload); anything imported
+        # later (a traceback's source lines, a module no path here needed) is not.
+        logger.warning(
+            "event=worker_cannot_read_python path=%s uid=%d hint=%r", stdlib, os.getuid(),
+            "the interpreter lives where the workers' user cannot read (a pyenv under "
+            "/root?); install pairlb with a system Python such as /usr/bin/python3",
+        )
     return True
 
 
