@@ -198,6 +198,17 @@ class Scraper:
             self._thread.join(60.0)
 
 
+def failover_status(rig: fe.Rig, node: str) -> dict[str, Any]:
+    """/status's failover section; /status of 1000 backends may take a while on a busy box."""
+    for _ in range(5):
+        st = rig.status(node, 15.0)
+        if st is not None and st.get("failover"):
+            fo: dict[str, Any] = st["failover"]
+            return fo
+        time.sleep(1.0)
+    raise fe.RigError(f"{node}: no /status\n{rig.log_tail(node)}")
+
+
 def cpu_s(pid: int | None) -> float:
     if pid is None:
         return 0.0
@@ -231,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for n in fe.LBS), args.up_timeout, 1.0)
         up_s = time.monotonic() - t0
         time.sleep(args.settle)
-        before = {n: rig.failover(n) for n in fe.LBS}
+        before = {n: failover_status(rig, n) for n in fe.LBS}
         pids = {n: (rig.lbs[n].proc.pid, rig.failover_pid(n)) for n in fe.LBS}
         cpu0 = {n: (cpu_s(pids[n][0]), cpu_s(pids[n][1])) for n in fe.LBS}
         wires = {n: fe.WireWatch(rig, n, other) for n, other in zip(fe.LBS, fe.LBS[::-1],
@@ -246,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         until = time.monotonic()
         arrivals = {n: w.stop() for n, w in wires.items()}
         cpu1 = {n: (cpu_s(pids[n][0]), cpu_s(pids[n][1])) for n in fe.LBS}
-        after = {n: rig.failover(n) for n in fe.LBS}
+        after = {n: failover_status(rig, n) for n in fe.LBS}
         out = fe.measure(rig, "scrape soak", since, until, fault_at=None, new_node=None)
         window = until - since
         nodes = {}

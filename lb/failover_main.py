@@ -27,7 +27,9 @@ import contextlib
 import ctypes
 import errno
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import socket
 import sys
@@ -106,6 +108,36 @@ class HeartbeatMeter:
         return link.HeartbeatGaps(
             samples=len(self.sent_gaps), sent_max_s=max(self.sent_gaps, default=0.0),
             received_max_s=max(self.received_gaps, default=0.0))
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are (same process: nothing to pickle),
+    with the message merged now (its arguments may change later)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def setup_logging(level: str, journald: str) -> None:
+    """lb.log's format, but written by a thread: a slow journal or a disk under writeback
+    throttling blocks that thread, never the loop that sends the heartbeats."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    log_setup.setup(level, journald, "failover")
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    for h in handlers:
+        root.removeHandler(h)
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root.addHandler(_Enqueue(q))
+    _listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+    _listener.start()
 
 
 def apply_scheduling(sched_priority: int, nice: int) -> str:
@@ -287,7 +319,7 @@ class FailoverMain:
     # -- life -------------------------------------------------------------------------------
 
     async def _start(self, spec: link.Spec) -> None:
-        log_setup.setup(spec.log_level, spec.journald, "failover")
+        setup_logging(spec.log_level, spec.journald)
         adj = sysutil.lower_oom_score_adj(spec.oom_score_adj)
         if adj > spec.oom_score_adj:
             log.info("failover_oom_score_adj_kept wanted=%d current=%d reason='not permitted "
@@ -332,7 +364,7 @@ class FailoverMain:
         assert old is not None
         self.spec = spec
         if spec.log_level != old.log_level:
-            log_setup.setup(spec.log_level, spec.journald, "failover")
+            setup_logging(spec.log_level, spec.journald)
         pending = old.restart_only_changes(spec)
         if self.ctl is not None:
             pending += [f"failover.{name}" for name in self.ctl.reconfigure(spec.failover)]
@@ -437,9 +469,11 @@ class FailoverMain:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd, parent_pid = int(args[0]), int(args[1])
-    log_setup.setup("info", "auto", "failover")
+    setup_logging("info", "auto")
     if not _die_with_parent(parent_pid):
         log.warning("failover_parent_gone_at_start action=exit")
+        if _listener is not None:
+            _listener.stop()
         return 0
     # Load the netlink code now, while the control process starts its workers, so the
     # spec finds everything ready.
@@ -452,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("failover_channel_missing fd=%d", fd)
             return 1
         raise
+    finally:
+        if _listener is not None:
+            _listener.stop()  # writes what is queued
 
 
 if __name__ == "__main__":

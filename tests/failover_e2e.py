@@ -1028,13 +1028,14 @@ class WireWatch:
     """Heartbeats from one node as another node's NIC sees them, in a background thread:
     `longest_gap()` is the longest silence the receiver had to sit through."""
 
-    def __init__(self, rig: Rig, sender: str, receiver: str) -> None:
+    def __init__(self, rig: Rig, sender: str, receiver: str, limit_s: float = 600.0) -> None:
         self._stop = threading.Event()
         self._result: list[float] = []
         src = rig.addr[sender]
 
         def run() -> None:
-            self._result = rig.topo.call(receiver, heartbeat_arrivals, src, self._stop)
+            self._result = netns.call_in_netns(rig.topo[receiver].netns, heartbeat_arrivals,
+                                               src, self._stop, limit_s, timeout_s=limit_s + 5)
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
