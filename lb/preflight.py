@@ -14,8 +14,10 @@ it, which a running node does). Each problem is one line naming the dotted key:
 
 Paths under ``/run/credentials/`` are systemd credentials (LoadCredential=): only the service
 sees them, so outside it (``$CREDENTIALS_DIRECTORY`` unset, e.g. install.sh or an operator's
-shell) they are reported as notes, not errors; the unit's ExecStartPre= and ExecReload=
-check-config run inside the service and check them for real.
+shell) they are reported as notes, not errors. The unit's ExecStartPre= check-config runs
+inside the service and checks them for real; its ExecReload= one cannot read them (systemd
+252 refuses that command the directory), so there the daemon checks them itself before it
+applies a reload (``check(..., inside_service=True)``).
 
 Imports neither aiohttp nor the failover package's network code: check-config stays fast.
 """
@@ -68,11 +70,14 @@ def read_token(path: str) -> str:
 
 
 def unseen_credential(path: str) -> bool:
-    """A systemd credential path while we are not inside the service that has it."""
-    if not path.startswith(CREDENTIALS_ROOT):
-        return False
+    """A systemd credential path we cannot see: not inside the service that has it, or in
+    one of its commands that systemd gives no access (systemd 252 sets CREDENTIALS_DIRECTORY
+    for ExecReload= but refuses it the directory; ExecStartPre= and the service itself
+    have it)."""
     here = os.environ.get("CREDENTIALS_DIRECTORY")
-    return not here or not path.startswith(here.rstrip("/") + "/")
+    if not here or not path.startswith(here.rstrip("/") + "/"):
+        return path.startswith(CREDENTIALS_ROOT)
+    return not os.access(here, os.R_OK | os.X_OK)
 
 
 def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list[str]]:
