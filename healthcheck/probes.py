@@ -15,11 +15,14 @@ needed 0.75 of a core. And a probe that awaits futures is judged late: when the 
 busy, the connect's completion and the timeout are processed in the same pass, and the
 timeout wins, so a busy control loop marked healthy backends DOWN (L4_TIMEOUT) by the
 thousand. So a probe here is a small state machine on a non-blocking socket, driven by
-``loop.add_writer``/``add_reader`` callbacks and one timer: connect, send one pre-formatted
+readiness callbacks and one timer: connect, send one pre-formatted
 ``Connection: close`` request, feed what arrives to httptools (llhttp, the data plane's
 parser), close as soon as the verdict is known: at the end of the headers when no body check
 is asked for, or once the substring is seen in the first 64 KiB of body. No Task, no
-Future, no transport. ``start(host, port, done)`` runs one and calls ``done(result)`` once,
+Future, no transport, and not even the loop's ``add_reader``/``add_writer`` per socket
+(~10 us of Python each in the stdlib loop): the probes of a loop share one epoll set of
+their own, which the loop watches as a single reader (``_Poller``).
+``start(host, port, done)`` runs one and calls ``done(result)`` once,
 never from inside ``start``; ``abort()`` on its handle stops it without a result. ``run()``
 is the awaitable form of the same machine (tests and one-off checks use it).
 
@@ -53,7 +56,9 @@ import functools
 import ipaddress
 import logging
 import os
+import select
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -227,6 +232,7 @@ class _Check:
     reports once. Every callback is an error boundary (module docstring)."""
 
     __slots__ = (
+        "_batch",
         "_connected",
         "_deadline",
         "_done",
@@ -235,6 +241,8 @@ class _Check:
         "_finished",
         "_host",
         "_loop",
+        "_mask",
+        "_poller",
         "_port",
         "_probe",
         "_reading",
@@ -268,6 +276,9 @@ class _Check:
         self._extended = False
         self._reading = False
         self._writing = False
+        self._mask = 0
+        self._batch = -1
+        self._poller = _poller(loop)
         self._timer: asyncio.TimerHandle | None = None
         self.on_connect_failure: Callable[[CheckStatus, str], bool] | None = None
         """Set by a resolver trying several addresses: True means "handled, stay quiet"."""
@@ -291,8 +302,7 @@ class _Check:
             self._defer(CheckStatus.L4_ERROR, None, _describe(exc))
             return
         if err == errno.EINPROGRESS or err == errno.EAGAIN:
-            self._writing = True
-            loop.add_writer(self._fd, self._on_writable)
+            self._watch(read=False, write=True)
         elif err == 0:
             loop.call_soon(self._on_connected_soon)
         else:
@@ -311,13 +321,40 @@ class _Check:
         if sock is None:
             return
         self._sock = None
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
+        if self._mask:
+            # Closing the socket takes it out of the epoll set.
+            self._mask = 0
+            self._reading = self._writing = False
+            if self._poller.checks.get(self._fd) is self:
+                del self._poller.checks[self._fd]
         sock.close()
+
+    def _watch(self, *, read: bool, write: bool) -> None:
+        """Which readiness events of our socket we want (one epoll_ctl when it changes)."""
+        mask = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        old = self._mask
+        if mask == old:
+            return
+        poller = self._poller
+        if not old:
+            poller.ep.register(self._fd, mask)
+            poller.checks[self._fd] = self
+            self._batch = poller.batch  # events polled before now are not ours
+        elif not mask:
+            poller.ep.unregister(self._fd)
+            del poller.checks[self._fd]
+        else:
+            poller.ep.modify(self._fd, mask)
+        self._mask = mask
+        self._reading = read
+        self._writing = write
+
+    def event(self, events: int) -> None:
+        """Readiness from the poller (errors and hang-ups are reported whatever we asked)."""
+        if self._writing:
+            self._on_writable()
+        elif self._reading:
+            self._on_readable()
 
     def _finish(self, status: CheckStatus, code: int | None = None, detail: str = "") -> None:
         if self._finished:
@@ -360,8 +397,6 @@ class _Check:
             return
         try:
             if not self._connected:
-                self._writing = False
-                self._loop.remove_writer(self._fd)
                 err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     self._finish(*_connect_failure(err))
@@ -465,17 +500,8 @@ class _HttpCheck(_Check):
             self.closed(f"connection lost: {_describe(exc)}")
             return
         self._out = self._out[n:]
-        if self._out:  # rare: a full send buffer; finish when it drains
-            if not self._writing:
-                self._writing = True
-                self._loop.add_writer(self._fd, self._on_writable)
-            return
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-        if not self._reading:
-            self._reading = True
-            self._loop.add_reader(self._fd, self._on_readable)
+        # Rare: a full send buffer; we finish sending when it drains.
+        self._watch(read=not self._out, write=bool(self._out))
 
     def received(self, data: bytes) -> None:
         self._seen += len(data)
@@ -614,6 +640,49 @@ class _Resolving:
         self._task.cancel()
         if self._check is not None:
             self._check.abort()
+
+
+class _Poller:
+    """One epoll set for every probe running on a loop; the loop watches it as one reader.
+
+    ``batch`` counts polls: a probe that registers its socket while the events of a poll are
+    dispatched takes no event of that poll (they may be for a closed socket whose number the
+    new one reuses); level-triggered epoll reports what is really pending again next time.
+    """
+
+    __slots__ = ("__weakref__", "batch", "checks", "ep")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ep = select.epoll()
+        self.checks: dict[int, _Check] = {}
+        self.batch = 0
+        loop.add_reader(self.ep.fileno(), self._ready)
+        weakref.finalize(loop, self.ep.close)
+
+    def _ready(self) -> None:
+        self.batch += 1
+        batch = self.batch
+        try:
+            events = self.ep.poll(0)
+        except InterruptedError:
+            return
+        checks = self.checks
+        for fd, ev in events:
+            check = checks.get(fd)
+            if check is not None and check._batch != batch:
+                check.event(ev)
+
+
+_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
+    poller = _POLLERS.get(loop)
+    if poller is None:
+        poller = _POLLERS[loop] = _Poller(loop)
+    return poller
 
 
 def _connect_failure(err: int) -> tuple[CheckStatus, None, str]:

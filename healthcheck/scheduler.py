@@ -17,7 +17,8 @@ Cadence per target: the next check is due ``interval`` after the previous one wa
 each multiplied by a random factor in ``[1 - jitter, 1 + jitter]`` so checks of many targets
 drift apart. Counting from the due time rather than from when the check really started
 keeps a target's phase when the loop ran late, so a burst of late checks does not stay a
-burst. First checks are spread, not fired together: the ``n`` targets started at once
+burst; but two checks of a target never start closer than ``interval * (1 - jitter)``.
+First checks are spread, not fired together: the ``n`` targets started at once
 (start-up, a reload) get evenly spaced deterministic phases over
 ``min(interval_s, max(jitter * interval_s, n * FIRST_CHECK_SPACING_S))``: a single new
 backend is checked at once, 3000 are spread over the whole interval.
@@ -77,7 +78,7 @@ class _Runner:
     """The timer and probe of one target; replaced (never reset) when the target changes.
     It holds no health state: results go to the book."""
 
-    __slots__ = ("check", "due", "on_done", "probe", "target", "timer")
+    __slots__ = ("check", "due", "on_done", "probe", "started", "target", "timer")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -88,6 +89,8 @@ class _Runner:
         """The probe in flight."""
         self.due = 0.0
         """When the current or next check is (was) due, loop time."""
+        self.started = 0.0
+        """When the last check really started, loop time."""
         self.on_done: Callable[[CheckResult], None] = lambda result: None
 
     def cancel(self) -> None:
@@ -235,6 +238,7 @@ class HealthChecker:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
+        runner.started = now
         self.lateness.observe(now - runner.due, now)
         target = runner.target
         try:
@@ -259,12 +263,18 @@ class HealthChecker:
             log.exception("event=health_loop_error pool=%s backend=%s", key[0], key[1])
         self._next(runner, wait_s)
 
+    @staticmethod
+    def _started_at(runner: _Runner, now: float) -> float:
+        return runner.started or now
+
     def _next(self, runner: _Runner, wait_s: float) -> None:
         """Schedule the next check ``wait_s`` (jittered) after this one was due (module doc)."""
         spec = runner.target.spec
         loop = asyncio.get_running_loop()
+        now = loop.time()
         due = runner.due + wait_s * self._rng.uniform(1 - spec.jitter, 1 + spec.jitter)
-        runner.due = max(due, loop.time())
+        # Never closer to the previous start than the shortest interval the spec allows.
+        runner.due = max(due, self._started_at(runner, now) + wait_s * (1 - spec.jitter), now)
         runner.timer = loop.call_at(runner.due, self._fire, runner)
 
     def _apply(self, runner: _Runner, result: CheckResult) -> HealthCounter | None:

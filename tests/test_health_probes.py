@@ -365,6 +365,7 @@ def test_many_probes_leave_no_socket_or_timer_behind() -> None:
     async def body() -> None:
         app, _ = backend_app()
         async with aiohttp_server(app) as port:
+            await HttpProbe(timeout_s=2).run(LOOPBACK, port)  # the loop's epoll set exists
             before = len(os.listdir("/proc/self/fd"))
             loop = asyncio.get_running_loop()
             timers_before = len(loop._scheduled)  # type: ignore[attr-defined]
