@@ -142,6 +142,10 @@ install_venv() {
     if [ -n "$WHEELHOUSE" ]; then
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-index \
             --find-links "$WHEELHOUSE" --upgrade pairlb
+        # Same version number, new build (the digest above changed): --upgrade keeps the old
+        # files, so put pairlb itself in again (its dependencies stay as they are).
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-index \
+            --find-links "$WHEELHOUSE" --force-reinstall --no-deps pairlb
     else
         "$VENV/bin/pip" install --quiet --disable-pip-version-check "$SOURCE"
     fi
