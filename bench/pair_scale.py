@@ -96,10 +96,11 @@ class ScaleRig(fe.Rig):
     """fe.Rig with a second listener (VIP:81) and pool of `backends` backends on web3."""
 
     def __init__(self, backends: int, check_interval_s: float,
-                 source: Path | None = None) -> None:
+                 source: Path | None = None, failover_extra: str = "") -> None:
         super().__init__()
         self.backends = backends
         self.check_interval_s = check_interval_s
+        self.failover_extra = failover_extra
         if source is not None:
             self.source = source
         try:
@@ -137,7 +138,7 @@ rise = 2
 fall = 3
 """
         head, sep, tail = text.partition("\n[failover]\n")
-        return head + scale + sep + tail
+        return head + scale + sep + self.failover_extra + tail
 
 
 def subprocess_devnull() -> Any:
@@ -233,7 +234,8 @@ def pct(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = fe.PairSettings(workers=args.workers)
-    with ScaleRig(args.backends, args.check_interval, args.source) as rig:
+    extra = "".join(f"{line}\n" for line in args.failover_setting)
+    with ScaleRig(args.backends, args.check_interval, args.source, extra) as rig:
         t0 = time.monotonic()
         rig.steady(settings, timeout_s=120.0)
         rig.wait_for(f"all {args.backends} backends up on both nodes", lambda: all(
@@ -256,6 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             s.stop()
         until = time.monotonic()
         arrivals = {n: w.stop() for n, w in wires.items()}
+        drops = {n: w.drops for n, w in wires.items()}
         cpu1 = {n: (cpu_s(pids[n][0]), cpu_s(pids[n][1])) for n in fe.LBS}
         after = {n: failover_status(rig, n) for n in fe.LBS}
         out = fe.measure(rig, "scrape soak", since, until, fault_at=None, new_node=None)
@@ -272,6 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "send_lag_ms": after[n].get("send_lag_ms"),
                 "heartbeat_gap_ms": after[n].get("heartbeat_gap_ms"),
                 "wire_heartbeats": len(g) + 1 if g else 0,
+                "wire_capture_drops": drops[n],
                 "wire_gap_max_ms": round(max(g, default=float("nan")) * 1000, 2),
                 "wire_gap_p99_ms": round(pct(g, 0.99) * 1000, 2),
                 "scrapes": len(s.times), "scrape_errors": s.errors,
@@ -287,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": f"{platform.node()} ({os.cpu_count()} CPUs, Linux {platform.release()}, "
                        f"Python {platform.python_version()})",
             "source": str(args.source or REPO), "backends": args.backends,
+            "failover_settings": args.failover_setting,
             "check_interval_s": args.check_interval, "duration_s": round(window, 1),
             "all_up_s": round(up_s, 1), "probe_requests": out.requests,
             "probe_failed": out.failed, "probe_errors": out.errors,
@@ -300,9 +305,11 @@ def table(r: dict[str, Any], label: str) -> str:
         lag = x["send_lag_ms"] or {}
         gap = x["heartbeat_gap_ms"] or {}
         fo_cpu = "-" if x["failover_cpu"] is None else f"{x['failover_cpu']:.2f}"
+        drops = f" ({x['wire_capture_drops']} lost by the capture)" if x.get(
+            "wire_capture_drops") else ""
         rows.append(
             f"| {label} | {n} ({x['role']}) | {x['transitions']} | {x['wire_gap_max_ms']} / "
-            f"{x['wire_gap_p99_ms']} | {lag.get('p50', '-')} / {lag.get('p99', '-')} / "
+            f"{x['wire_gap_p99_ms']}{drops} | {lag.get('p50', '-')} / {lag.get('p99', '-')} / "
             f"{lag.get('max', '-')} | {gap.get('sent_max', '-')} / {gap.get('received_max', '-')}"
             f" | {x['late_sends']} | {x['scrapes']} ({x['scrape_errors']} failed), "
             f"{x['scrape_p50_s']} / {x['scrape_max_s']} s, {x['metrics_bytes'] / 1e6:.1f} MB | "
@@ -330,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--up-timeout", type=float, default=180.0)
     p.add_argument("--source", type=Path, help="run pairlb from this source tree")
     p.add_argument("--label", default="this tree")
+    p.add_argument("--failover-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra [failover] line, e.g. 'sched_priority = 10' (repeatable)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if reason := netns.skip_reason():

@@ -986,19 +986,49 @@ def _capture_heartbeats(dst: str, count: int, timeout_s: float) -> list[bytes]:
 
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SO_ATTACH_FILTER = 26
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+
+
+def _heartbeat_filter(src: str) -> tuple[bytes, Any]:
+    """Classic BPF for an AF_PACKET/SOCK_DGRAM socket (data starts at the IP header):
+    UDP from `src` to port 5405. Returns the sock_fprog and the buffer it points to."""
+    import ctypes
+
+    src_k = int.from_bytes(socket.inet_aton(src), "big")
+    prog = [
+        (0x30, 0, 0, 9),        # A = protocol
+        (0x15, 0, 6, 17),       # UDP?            else drop
+        (0x20, 0, 0, 12),       # A = source address
+        (0x15, 0, 4, src_k),    # from src?       else drop
+        (0xB1, 0, 0, 0),        # X = IP header length
+        (0x48, 0, 0, 2),        # A = UDP destination port
+        (0x15, 0, 1, 5405),     # heartbeat port? else drop
+        (0x06, 0, 0, 0xFFFF),   # accept
+        (0x06, 0, 0, 0),        # drop
+    ]
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return struct.pack("HL", len(prog), ctypes.addressof(buf)), buf
 
 
 def heartbeat_arrivals(src: str, stop: threading.Event, limit_s: float = 120.0
-                       ) -> list[float]:
-    """Arrival times of heartbeats from `src` at this namespace's eth0, until `stop` is set:
-    the peer's view, taken from the wire (AF_PACKET), not from pairlb. The times are the
-    kernel's receive stamps (SO_TIMESTAMPNS), on the monotonic clock, so a busy caller does
-    not stretch the gaps."""
+                       ) -> tuple[list[float], int]:
+    """Arrival times of heartbeats from `src` at this namespace's eth0, until `stop` is set,
+    and how many the capture dropped: the peer's view, taken from the wire (AF_PACKET, a BPF
+    filter so nothing else fills the buffer), not from pairlb. The times are the kernel's
+    receive stamps (SO_TIMESTAMPNS), on the monotonic clock, so a busy caller does not
+    stretch the gaps."""
     eth_p_ip = 0x0800
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(eth_p_ip))
     try:
+        fprog, keep = _heartbeat_filter(src)
+        s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind((netns.NODE_IFNAME, eth_p_ip))
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)  # resets the counters
         s.settimeout(0.05)
         src_raw = socket.inet_aton(src)
         out: list[float] = []
@@ -1019,18 +1049,21 @@ def heartbeat_arrivals(src: str, stop: threading.Event, limit_s: float = 120.0
                 continue
             if struct.unpack_from("!H", ip, ihl + 2)[0] == 5405:
                 out.append(stamp - offset)
-        return out
+        _packets, drops = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        del keep
+        return out, drops
     finally:
         s.close()
 
 
 class WireWatch:
     """Heartbeats from one node as another node's NIC sees them, in a background thread:
-    `longest_gap()` is the longest silence the receiver had to sit through."""
+    `longest_gap()` is the longest silence the receiver had to sit through (inf when the
+    capture itself dropped packets: then it cannot tell)."""
 
     def __init__(self, rig: Rig, sender: str, receiver: str, limit_s: float = 600.0) -> None:
         self._stop = threading.Event()
-        self._result: list[float] = []
+        self._result: tuple[list[float], int] = ([], 0)
         src = rig.addr[sender]
 
         def run() -> None:
@@ -1042,12 +1075,19 @@ class WireWatch:
         time.sleep(0.1)  # the socket is open before the caller acts
 
     def stop(self) -> list[float]:
+        """The arrival times (stops the capture); `drops` says how many it missed."""
         self._stop.set()
         self._thread.join(10.0)
-        return self._result
+        return self._result[0]
+
+    @property
+    def drops(self) -> int:
+        return self._result[1]
 
     def longest_gap(self) -> float:
         times = self.stop()
+        if self.drops:
+            return float("inf")
         return max((b - a for a, b in itertools.pairwise(times)), default=float("inf"))
 
 
