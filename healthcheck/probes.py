@@ -21,7 +21,8 @@ parser), close as soon as the verdict is known: at the end of the headers when n
 is asked for, or once the substring is seen in the first 64 KiB of body. No Task, no
 Future, no transport, and not even the loop's ``add_reader``/``add_writer`` per socket
 (~10 us of Python each in the stdlib loop): the probes of a loop share one epoll set of
-their own, which the loop watches as a single reader (``_Poller``).
+their own, which the loop watches as a single reader (``_Poller``), and their deadlines
+sit in one timer wheel of ``TICK_S`` slots (one loop timer while probes run, not one each).
 ``start(host, port, done)`` runs one and calls ``done(result)`` once,
 never from inside ``start``; ``abort()`` on its handle stops it without a result. ``run()``
 is the awaitable form of the same machine (tests and one-off checks use it).
@@ -55,6 +56,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import math
 import os
 import select
 import socket
@@ -83,6 +85,8 @@ __all__ = [
 MAX_BODY_BYTES = 64 * 1024  # body bytes searched for ``expect_body``
 MAX_HEAD_BYTES = 64 * 1024  # bytes read before the headers must be complete
 LOOP_LAG_GRACE_S = 0.05
+TICK_S = 0.005
+"""Slot of the probes' deadline wheel: a timeout is reported up to this much after it."""
 """Extra time a probe gets, once, when its deadline timer ran this much late (module doc)."""
 _RECV_BYTES = 65536
 
@@ -248,7 +252,6 @@ class _Check:
         "_reading",
         "_sock",
         "_t0",
-        "_timer",
         "_writing",
         "on_connect_failure",
     )
@@ -279,7 +282,6 @@ class _Check:
         self._mask = 0
         self._batch = -1
         self._poller = _poller(loop)
-        self._timer: asyncio.TimerHandle | None = None
         self.on_connect_failure: Callable[[CheckStatus, str], bool] | None = None
         """Set by a resolver trying several addresses: True means "handled, stay quiet"."""
 
@@ -287,7 +289,7 @@ class _Check:
 
     def connect(self, family: int, addr: tuple[Any, ...]) -> None:
         loop = self._loop
-        self._timer = loop.call_at(self._deadline, self._on_timeout)
+        self._poller.arm(self, self._deadline)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -314,9 +316,7 @@ class _Check:
         self._teardown()
 
     def _teardown(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        # A finished probe stays in the timer wheel until its slot; the wheel skips it.
         sock = self._sock
         if sock is None:
             return
@@ -377,7 +377,6 @@ class _Check:
     # -- callbacks --------------------------------------------------------------------------
 
     def _on_timeout(self) -> None:
-        self._timer = None
         if self._finished:
             return
         now = self._loop.time()
@@ -385,7 +384,7 @@ class _Check:
             # The loop was busy past our deadline: give what may already be waiting in the
             # socket one more look before blaming the backend.
             self._extended = True
-            self._timer = self._loop.call_at(now + LOOP_LAG_GRACE_S, self._on_timeout)
+            self._poller.arm(self, now + LOOP_LAG_GRACE_S)
             return
         if self._connected:
             self._finish(CheckStatus.L7_TIMEOUT, None, "no response within timeout")
@@ -650,14 +649,53 @@ class _Poller:
     new one reuses); level-triggered epoll reports what is really pending again next time.
     """
 
-    __slots__ = ("__weakref__", "batch", "checks", "ep")
+    __slots__ = ("__weakref__", "_loop", "_tick", "_tick_key", "batch", "checks", "ep", "wheel")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ep = select.epoll()
         self.checks: dict[int, _Check] = {}
         self.batch = 0
+        self.wheel: dict[int, list[_Check]] = {}
+        """Deadline slot (``ceil(deadline / TICK_S)``) -> probes due then."""
+        self._loop = weakref.ref(loop)  # the loop keys _POLLERS weakly: no strong ref back
+        self._tick: asyncio.TimerHandle | None = None
+        self._tick_key = 0
         loop.add_reader(self.ep.fileno(), self._ready)
         weakref.finalize(loop, self.ep.close)
+
+    def arm(self, check: _Check, when: float) -> None:
+        """Call ``check._on_timeout()`` at ``when`` (rounded up to the next slot) unless it
+        has finished by then."""
+        key = math.ceil(when / TICK_S)
+        bucket = self.wheel.get(key)
+        if bucket is None:
+            self.wheel[key] = [check]
+        else:
+            bucket.append(check)
+        if self._tick is None or key < self._tick_key:
+            self._schedule(key)
+
+    def _schedule(self, key: int) -> None:
+        loop = self._loop()
+        if loop is None:
+            return
+        if self._tick is not None:
+            self._tick.cancel()
+        self._tick_key = key
+        self._tick = loop.call_at(key * TICK_S, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        loop = self._loop()
+        if loop is None:
+            return
+        limit = math.floor((loop.time() + 1e-6) / TICK_S)
+        for key in sorted(k for k in self.wheel if k <= limit):
+            for check in self.wheel.pop(key):
+                if not check._finished:
+                    check._on_timeout()
+        if self.wheel and self._tick is None:
+            self._schedule(min(self.wheel))
 
     def _ready(self) -> None:
         self.batch += 1
