@@ -10,11 +10,16 @@ Reload rules (:meth:`HealthBook.reconcile`), each so that the verdict after a re
 the *new* checks say:
 
 - same key, address and spec: everything is kept (state, counter, last result, checks);
-- same key and address, different spec (path, expect_*, interval, rise/fall, type, a
-  per-backend override): the health state is kept but the old counter is evidence about the
-  old check, so it restarts at the edge of that state with no evidence ("UP, going down" or
-  "DOWN, going up"): the first result of the new check decides. A failing new check drains
-  an UP backend at its first result; a passing one keeps it.
+- same key and server, a different *check* (what decides a pass: type, method, path, host,
+  expect_*, timeout, the check port; also through a per-backend override): the health
+  state is kept but the old counter is evidence about another check, so it restarts at the
+  edge of that state with no evidence ("UP, going down" or "DOWN, going up"): the first
+  result of the new check decides. A failing new check drains an UP backend at its first
+  result; a passing one keeps it. The last result (of the old check) is dropped.
+- same check counted on a new scale (rise/fall): the state is kept, a settled counter stays
+  settled (top stays top, 0 stays 0), one between the extremes restarts at the edge;
+- only when it is checked changed (interval_s, fast/down intervals, jitter, initial):
+  everything is kept, as for an unchanged target (the scheduler still re-plans it).
 - a key not checked before whose backend was serving without checks (checks turned on for a
   pool, listed in ``in_service``): starts "UP, going down" for the same reason;
 - a new key, or a changed server address (another server; a new check port alone is not):
@@ -29,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from .state import CheckResult, Health, HealthConfigError, HealthCounter, Transition
+from .state import CheckResult, Health, HealthConfigError, HealthCounter, Initial, Transition
 from .targets import Target, TargetKey
 
 __all__ = ["HealthBook", "Reconciled", "TargetState"]
@@ -105,14 +110,7 @@ class HealthBook:
                 kept.append(key)
                 continue
             if old is not None and old.target.identity == target.identity:
-                # Same server, new check: keep the state, drop the old check's evidence.
-                state = old.counter.state
-                counter = HealthCounter.initial(
-                    spec.rise, spec.fall, "up" if state is Health.UP else "down"
-                )
-                self._entries[key] = _Entry(
-                    target, counter, old.since, old.last, old.checks, old.up_since
-                )
+                self._entries[key] = _carry(old, target)
                 changed.append(key)
                 continue
             initial = "up" if old is None and key in in_service else spec.initial
@@ -120,6 +118,15 @@ class HealthBook:
             self._entries[key] = _Entry(target, counter, now)
             (added if old is None else changed).append(key)
         return Reconciled(tuple(added), tuple(changed), removed, tuple(kept))
+
+    def up(self, key: TargetKey) -> tuple[bool, float | None] | None:
+        """(UP?, up_since) of one target, or None if it is not checked: the rotation's
+        per-backend read, kept cheap (no view object) because it runs for every backend
+        at every snapshot."""
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        return e.counter.health >= e.counter.rise, e.up_since
 
     def record(self, key: TargetKey, result: CheckResult, now: float) -> Transition | None:
         """Apply one probe result; the transition if the state changed. Unknown keys (a
@@ -157,3 +164,25 @@ class HealthBook:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _carry(old: _Entry, target: Target) -> _Entry:
+    """The entry of the same server after its check settings changed (module docstring)."""
+    spec, was = target.spec, old.target.spec
+    state = old.counter.state
+    if (spec.tested(), target.port) != (was.tested(), old.target.port):
+        # Another check: keep the state, not the old check's evidence.
+        edge: Initial = "up" if state is Health.UP else "down"
+        counter = HealthCounter.initial(spec.rise, spec.fall, edge)
+        return _Entry(target, counter, old.since, None, old.checks, old.up_since)
+    if (spec.rise, spec.fall) != (was.rise, was.fall):
+        # The same check counted on a new scale: a settled state stays settled.
+        c = old.counter
+        if state is Health.UP:
+            health = spec.rise + spec.fall - 1 if c.health == c.top else spec.rise
+        else:
+            health = 0 if c.health == 0 else spec.rise - 1
+        counter = HealthCounter(spec.rise, spec.fall, health)
+        return _Entry(target, counter, old.since, old.last, old.checks, old.up_since)
+    # Only when or how often it is checked changed: everything is kept.
+    return _Entry(target, old.counter, old.since, old.last, old.checks, old.up_since)

@@ -65,6 +65,15 @@ class CheckSpec:
         HealthCounter.initial(self.rise, self.fall, self.initial)  # validates rise/fall/initial
         self.make_probe()  # validates method/path/host/expect_*/timeout_s
 
+    def tested(self) -> tuple[object, ...]:
+        """The settings that decide whether a probe passes. A reload that changes one of
+        them makes the old counter evidence about another check; the others (interval_s,
+        fast/down intervals, jitter, initial, rise/fall) only change when or how often."""
+        return (
+            self.probe, self.method, self.path, self.host, self.expect_status,
+            self.expect_body, self.timeout_s,
+        )
+
     @staticmethod
     def timeout_rule(timeout_s: float, interval_s: float) -> str | None:
         """A probe should end before the next one is due; the broken rule, or None. The

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from healthcheck import CheckResult, CheckSpec, Health, HealthBook, Target
+from healthcheck import CheckResult, CheckSpec, HealthBook, Target
 from lb.config import BackendConfig, PoolConfig
 from lb.rotation import UNCHECKED, AdminState, Ejected, PoolRotation, Snapshot, Verdict
 
@@ -88,7 +88,7 @@ class EjectionEnded:
 
     pool: str
     backend: str
-    reason: str  # "active_check_passed" | "active_check_recovered"
+    reason: str  # "active_check_passed" (the one reason today; logs and events carry it)
 
 
 class BackendTable:
@@ -100,8 +100,6 @@ class BackendTable:
         self.rotations: dict[str, PoolRotation] = {}
         self.in_service: frozenset[tuple[str, str]] = frozenset()
         """Backends newly checked that were serving without checks (for the checker)."""
-        self.ejections_ended: dict[tuple[str, str, str], int] = {}
-        """(pool, backend, reason) -> ejections ended early by the active checks."""
         self.apply(pools)
 
     # -- config --------------------------------------------------------------------------
@@ -160,24 +158,31 @@ class BackendTable:
         """The active checks' verdict, read from the book now (UNCHECKED if checks are off)."""
         if not self.pools[pool].health.enabled:
             return UNCHECKED
-        st = self.book.state((pool, backend))
-        if st is None:  # not yet handed to the checker: nothing vouches for it
+        up = self.book.up((pool, backend))
+        if up is None or not up[0]:  # None: not yet handed to the checker, nothing vouches
             return DOWN
-        return Verdict(st.health is Health.UP, st.up_since)
+        return UNCHECKED if up[1] is None else Verdict(True, up[1])
 
     def verdicts(self, pool: str) -> dict[str, Verdict]:
         return {name: self.verdict(pool, name) for name in self.rotations[pool].records}
 
+    def derive(self, now: float) -> tuple[dict[str, Snapshot], float | None]:
+        """Every pool's snapshot and when one will change by itself, from one read of the
+        book per backend (this runs at every push: O(backends), nothing more)."""
+        snaps: dict[str, Snapshot] = {}
+        times: list[float] = []
+        for name, rot in self.rotations.items():
+            verdicts = self.verdicts(name)
+            snaps[name] = rot.snapshot(now, verdicts)
+            if (t := rot.next_change(now, verdicts)) is not None:
+                times.append(t)
+        return snaps, (min(times) if times else None)
+
     def snapshots(self, now: float) -> dict[str, Snapshot]:
-        return {n: rot.snapshot(now, self.verdicts(n)) for n, rot in self.rotations.items()}
+        return self.derive(now)[0]
 
     def next_change(self, now: float) -> float | None:
-        times = [
-            t
-            for name, rot in self.rotations.items()
-            if (t := rot.next_change(now, self.verdicts(name))) is not None
-        ]
-        return min(times) if times else None
+        return self.derive(now)[1]
 
     def explain(self, pool: str, backend: str, now: float, snap: Snapshot) -> list[str]:
         return self.rotations[pool].explain(backend, now, self.verdict(pool, backend), snap)
@@ -204,7 +209,7 @@ class BackendTable:
         return rot.eject(backend, reason, now)
 
     def on_check(
-        self, pool: str, backend: str, result: CheckResult, transitioned: bool, now: float
+        self, pool: str, backend: str, result: CheckResult, now: float
     ) -> EjectionEnded | None:
         """A check result was written to the book: end an ejection it vouches for."""
         pcfg = self.pools.get(pool)
@@ -224,9 +229,6 @@ class BackendTable:
             return None
         if mode == "corroborated" and not rec.check_failed_while_ejected:
             return None
-        reason = "active_check_recovered" if transitioned else "active_check_passed"
         if not rot.end_ejection(backend, now):
             return None
-        k = (pool, backend, reason)
-        self.ejections_ended[k] = self.ejections_ended.get(k, 0) + 1
-        return EjectionEnded(pool, backend, reason)
+        return EjectionEnded(pool, backend, "active_check_passed")

@@ -44,11 +44,12 @@ RECENT_EVENTS = 50
 FAILOVER_RELOADABLE = ("key_file", "key_files", "max_clock_skew_s")
 """[failover] keys a reload applies (FailoverController.reconfigure); the rest need a restart."""
 ACCEPT_GRACE_S = 0.1
-HEALTH_PUSH_GAP_S = 0.01
-"""Health transitions go to the workers in one snapshot per loop pass, and at most one such
-snapshot per this many seconds: a snapshot costs O(backends), so 3000 backends changing
-state one snapshot each (start-up, a rack that died) would cost O(N^2) and starve the loop."""
 """After a graceful stop handed the VIP over: how long the listeners stay open (see shutdown)."""
+HEALTH_PUSH_GAP_S = 0.01
+"""Health transitions and ejections go to the workers in one snapshot per loop pass, and at
+most one such snapshot per this many seconds: a snapshot costs O(backends), so 3000 backends
+changing state one snapshot each (start-up, a rack that died) would cost O(N^2) and starve
+the loop."""
 
 
 def failover_spec(cfg: Config) -> Any:
@@ -163,6 +164,8 @@ class Daemon:
         self._snap_timer: asyncio.TimerHandle | None = None
         self._push_handle: asyncio.TimerHandle | None = None
         self._last_push = 0.0
+        self._force_push = False
+        """An ejection the workers already applied locally was refused: push regardless."""
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -671,12 +674,7 @@ class Daemon:
         self.check_counts[ck] = self.check_counts.get(ck, 0) + 1
         for observe in self.check_observers:
             observe(key, result)
-        self._maybe_end_ejection(key, result, transitioned=False)
-
-    def _maybe_end_ejection(
-        self, key: tuple[str, str], result: CheckResult, *, transitioned: bool
-    ) -> None:
-        ended = self.table.on_check(key[0], key[1], result, transitioned, time.monotonic())
+        ended = self.table.on_check(key[0], key[1], result, time.monotonic())
         if ended is None:
             return
         logger.info(
@@ -695,8 +693,6 @@ class Daemon:
         # The book has the new state already; the rotation is derived from it at the push.
         why = f"{result.status} {result.detail}".strip()
         self._record_event("health", f"{key[0]}/{key[1]} {old} -> {new} ({why})")
-        if new is Health.UP:
-            self._maybe_end_ejection(key, result, transitioned=True)
         self._push_soon()
 
     def _checked(self, pool: str) -> bool:
@@ -736,7 +732,8 @@ class Daemon:
     def _compute_snapshots(self) -> bool:
         now = time.monotonic()
         changed = False
-        for name, snap in self.table.snapshots(now).items():
+        snaps, next_change = self.table.derive(now)
+        for name, snap in snaps.items():
             rot = self.table.rotations[name]
             prev = self.snapshots.get(name)
             if prev is None or prev.entries != snap.entries or prev.panic != snap.panic:
@@ -762,22 +759,24 @@ class Daemon:
                 changed = True
         if changed:
             self.snap_version += 1
-        self._schedule_snapshot_timer(now)
+        self._schedule_snapshot_timer(now, next_change)
         return changed
 
     def push_snapshots(self) -> None:
         self._last_push = time.monotonic()
-        if self._compute_snapshots():
+        forced, self._force_push = self._force_push, False
+        if forced:
+            self.snap_version += 1  # the workers apply only a newer version than theirs
+        if self._compute_snapshots() or forced:
             self.supervisor.broadcast(self._snapshot_message())
             self._update_local_health()
         for cb in self.on_state_change:
             cb()
 
-    def _schedule_snapshot_timer(self, now: float) -> None:
+    def _schedule_snapshot_timer(self, now: float, nxt: float | None) -> None:
         if self._snap_timer:
             self._snap_timer.cancel()
             self._snap_timer = None
-        nxt = self.table.next_change(now)
         if nxt is not None and not self.stopping:
             delay = max(0.0, nxt - now) + 0.001
             self._snap_timer = asyncio.get_running_loop().call_later(delay, self.push_snapshots)
@@ -837,10 +836,10 @@ class Daemon:
                 self._record_event(
                     "eject", f"{pool}/{backend} ejected for {ej.duration_s:.0f}s ({reason})"
                 )
-            # Push even when refused: the worker's local ejection must be overridden.
-            self.snap_version += 1
-            self._compute_snapshots()
-            self.supervisor.broadcast(self._snapshot_message())
+            # Push even when refused: the worker's local ejection must be overridden. One
+            # push per loop pass for all the ejections a failing rack sends at once.
+            self._force_push = True
+            self._push_soon()
         elif kind == "config_failed":
             logger.error(
                 "event=worker_config_failed index=%d error=%r", handle.index, msg.get("error")
@@ -856,9 +855,13 @@ class Daemon:
         now_m = time.monotonic()
         pools = []
         totals = self.totals
+        # Derived now, like the reasons beside each backend, so one answer never mixes a
+        # fresh verdict with a rotation pushed a moment ago (the workers get the same
+        # rotation within HEALTH_PUSH_GAP_S).
+        live = self.table.snapshots(now_m)
         for pcfg in self.cfg.pool:
             rot = self.table.rotations.get(pcfg.name)
-            snap = self.snapshots.get(pcfg.name)
+            snap = live.get(pcfg.name)
             if rot is None or snap is None:
                 continue
             backends = []

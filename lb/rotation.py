@@ -181,20 +181,21 @@ class PoolRotation:
 
     def snapshot(self, now: float, verdicts: Verdicts) -> Snapshot:
         """Who gets traffic: a pure function of the records and the verdicts passed in."""
-        enabled = [r for r in self.records.values() if r.admin is AdminState.ENABLED and r.weight]
-        usable = [r for r in enabled if r.usable(now, verdicts[r.name])]
-        healthy = [r for r in enabled if verdicts[r.name].up]
-        panic = bool(enabled) and len(usable) * 100 < self.panic_percent * len(enabled)
-        entries: dict[str, Entry] = {}
+        rows = []
         for r in self.records.values():
-            if panic and self.panic_mode == "spread" and healthy:
-                ok = r.admin is AdminState.ENABLED and r.weight > 0
-            elif panic:
-                ok = False
-            else:
-                ok = r.usable(now, verdicts[r.name])
-            entries[r.name] = Entry(ok, self._weight(r, now, verdicts[r.name]) if ok else 0.0)
-        return Snapshot(self.name, entries, panic, len(usable), len(enabled))
+            v = verdicts[r.name]
+            enabled = r.admin is AdminState.ENABLED and r.weight > 0
+            rows.append((r, v, enabled, enabled and v.up and not r.ejected(now)))
+        n_enabled = sum(1 for row in rows if row[2])
+        n_usable = sum(1 for row in rows if row[3])
+        any_healthy = any(row[2] and row[1].up for row in rows)
+        panic = bool(n_enabled) and n_usable * 100 < self.panic_percent * n_enabled
+        spread = panic and self.panic_mode == "spread" and any_healthy
+        entries: dict[str, Entry] = {}
+        for r, v, enabled, usable in rows:
+            ok = enabled if spread else (usable and not panic)
+            entries[r.name] = Entry(ok, self._weight(r, now, v) if ok else 0.0)
+        return Snapshot(self.name, entries, panic, n_usable, n_enabled)
 
     def explain(self, backend: str, now: float, verdict: Verdict, snap: Snapshot) -> list[str]:
         """Every reason the backend gets no traffic or less than its weight (empty: full)."""
@@ -209,7 +210,9 @@ class PoolRotation:
             out.append(OutReason.WEIGHT)
         if rec.ejected(now):
             out.append(OutReason.EJECTED)
-        if snap.panic and entry is not None and not entry.eligible and not out:
+        usable = rec.usable(now, verdict)
+        if snap.panic and entry is not None and entry.eligible != usable:
+            # Panic overrode the normal verdict: spread took it in, or fail took it out.
             out.append(OutReason.PANIC)
         if entry is not None and entry.eligible and 0 < entry.weight < rec.weight:
             out.append(OutReason.SLOW_START)

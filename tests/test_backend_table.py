@@ -79,8 +79,8 @@ class World:
         key = ("web", name)
         if key not in self.book:
             return
-        t = self.book.record(key, result, self.now)
-        self.table.on_check("web", name, result, t is not None, self.now)
+        self.book.record(key, result, self.now)
+        self.table.on_check("web", name, result, self.now)
 
     def eligible(self) -> set[str]:
         snap = self.table.snapshots(self.now)["web"]
@@ -98,33 +98,49 @@ class World:
 
 # -- the reload table -------------------------------------------------------------------------
 
-CHANGES: dict[str, dict[str, Any]] = {
+CHECK_CHANGES: dict[str, dict[str, Any]] = {
     "path": {"health": {"path": "/other"}},
     "expect_body": {"health": {"expect_body": "NOPE"}},
     "expect_status": {"health": {"expect_status": ["204"]}},
-    "interval": {"health": {"interval_s": 2.0}},
-    "rise_fall": {"health": {"rise": 4, "fall": 5}},
+    "timeout": {"health": {"timeout_s": 0.2}},
+    "method": {"health": {"method": "OPTIONS"}},
+    "host": {"health": {"host": "example.test"}},
     "type": {"health": {"type": "tcp"}},
     "override": {"overrides": {n: {"path": "/b"} for n in NAMES}},
     "override_port": {"overrides": {n: {"port": 7000 + i} for i, n in enumerate(NAMES)}},
 }
+"""Changes of what decides a pass: the old counter is evidence about another check."""
+
+SCHEDULE_CHANGES: dict[str, dict[str, Any]] = {
+    "interval": {"health": {"interval_s": 2.0}},
+    "jitter": {"health": {"jitter": 0.3}},
+    "initial": {"health": {"initial": "up"}},
+    "fast_down_intervals": {"health": {"fast_interval_s": 0.2, "down_interval_s": 0.7}},
+    "override_interval": {"overrides": {n: {"interval_s": 0.5} for n in NAMES}},
+}
+"""Changes of when a backend is checked: nothing about its health is lost."""
 
 
-@pytest.mark.parametrize("change", sorted(CHANGES))
-def test_changed_check_keeps_state_and_the_first_new_result_decides(change: str) -> None:
+def _world_with_b3_down() -> World:
     w = World(config())
     w.bring_up()
-    w.check("b3", BAD)
-    w.check("b3", BAD)
-    w.check("b3", BAD)
+    for _ in range(3):
+        w.check("b3", BAD)
     assert w.health("b3") is Health.DOWN
+    return w
+
+
+@pytest.mark.parametrize("change", sorted(CHECK_CHANGES))
+def test_changed_check_keeps_state_and_the_first_new_result_decides(change: str) -> None:
+    w = _world_with_b3_down()
     before = w.book.state(("web", "b0"))
     assert before is not None
-    w.reload(config(**CHANGES[change]))
+    w.reload(config(**CHECK_CHANGES[change]))
     # Nobody moves at the reload itself.
     assert w.eligible() == {"b0", "b1", "b2"}
     st0 = w.book.state(("web", "b0"))
     assert st0 is not None and st0.checks == before.checks and st0.since == before.since
+    assert st0.last_result is None  # the old check's result says nothing of the new one
     # One failing result of the new check drains an UP backend; one pass keeps it.
     w.check("b0", BAD)
     w.check("b1", OK)
@@ -133,6 +149,36 @@ def test_changed_check_keeps_state_and_the_first_new_result_decides(change: str)
     w.check("b3", OK)
     assert w.health("b3") is Health.UP
     assert w.eligible() == {"b1", "b2", "b3"}
+
+
+@pytest.mark.parametrize("change", sorted(SCHEDULE_CHANGES))
+def test_changed_schedule_keeps_state_and_counters(change: str) -> None:
+    w = _world_with_b3_down()
+    w.check("b1", BAD)  # b1 UP, one failure in: "UP, going down"
+    before = w.book.states()
+    w.reload(config(**SCHEDULE_CHANGES[change]))
+    after = w.book.states()
+    assert {k: (s.health, s.counter.health, s.checks, s.last_result) for k, s in after.items()} == {
+        k: (s.health, s.counter.health, s.checks, s.last_result) for k, s in before.items()
+    }
+    # One failure does not take a fully UP backend out (it did when a jitter change reset
+    # every counter to "UP, going down").
+    w.check("b0", BAD)
+    assert w.health("b0") is Health.UP
+
+
+def test_changed_rise_fall_keeps_settled_counters_settled() -> None:
+    w = _world_with_b3_down()
+    w.reload(config(health={"rise": 4, "fall": 5}))
+    st0, st3 = w.book.state(("web", "b0")), w.book.state(("web", "b3"))
+    assert st0 is not None and st3 is not None
+    assert (st0.health, st0.counter.health) == (Health.UP, 4 + 5 - 1)
+    assert (st3.health, st3.counter.health) == (Health.DOWN, 0)
+    for _ in range(4):
+        w.check("b0", BAD)
+    assert w.health("b0") is Health.UP
+    w.check("b0", BAD)
+    assert w.health("b0") is Health.DOWN
 
 
 def test_unchanged_pool_keeps_state_and_counters() -> None:
@@ -206,7 +252,7 @@ def test_passing_check_ends_ejection(mode: str, checks: list[CheckResult], back:
         w.now += 0.5
         w.check("b0", r)
     assert ("b0" in w.eligible()) is back
-    ended = sum(w.table.ejections_ended.values())
+    ended = w.table.rotations["web"].records["b0"].ejections_ended_early
     assert ended == (1 if back else 0)
 
 

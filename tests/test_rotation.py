@@ -208,3 +208,18 @@ def test_snapshot_invariants(ops: list[tuple[str, int, bool, float]]) -> None:
                 assert e.eligible == rec.usable(now, r.v[n])
             if not e.eligible:
                 assert r.explain(n, now, r.v[n], snap), "out of rotation without a reason"
+
+
+def test_panic_is_named_where_it_overrides_the_verdict() -> None:
+    r = rot(4, panic_percent=50, panic_mode="spread")
+    for b in ("b0", "b1", "b2"):
+        r.set_health(b, False, 0)
+    snap = r.snapshot(0)
+    assert snap.panic and snap.entries["b0"].eligible
+    assert r.explain("b0", 0, r.v["b0"], snap) == [OutReason.HEALTH, OutReason.PANIC]
+    assert r.explain("b3", 0, r.v["b3"], snap) == []
+    f = rot(4, panic_percent=50, panic_mode="fail")
+    for b in ("b0", "b1", "b2"):
+        f.set_health(b, False, 0)
+    snap = f.snapshot(0)
+    assert f.explain("b3", 0, f.v["b3"], snap) == [OutReason.PANIC]
