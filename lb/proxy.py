@@ -969,8 +969,11 @@ class _Client(_Conn):
         self.chunk_len = len(data)
         body_req = self.cur if state == _BODY else None
         if body_req is not None:
-            seen0 = body_req.body_seen
-            chunks0 = self.chunks
+            if body_req.chunked:
+                seen0 = body_req.body_seen
+                chunks0 = self.chunks
+            else:
+                body_req = None  # a Content-Length body has no framing to count
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -989,7 +992,7 @@ class _Client(_Conn):
                 self.reject(*_classify(exc))
         else:
             if body_req is not None:
-                if self.state == _BODY and self.cur is body_req and body_req.chunked:
+                if self.state == _BODY and self.cur is body_req:
                     # Still inside the same chunked body: what this read held that is not
                     # body data is framing or trailer. Counted now, not per completed line.
                     body = body_req.body_seen - seen0
@@ -1181,9 +1184,7 @@ class _Client(_Conn):
 
     def on_chunk_header(self) -> None:
         self.chunks += 1
-        req = self.cur
-        if req is not None:
-            self.chunk_mark = req.body_seen
+        self.chunk_mark = self.cur.body_seen  # type: ignore[union-attr]  # set in a body
 
     def on_message_complete(self) -> None:
         req = self.cur
