@@ -25,7 +25,7 @@ time (the daemon imports this module); it talks to the daemon through ``AdminDae
 from __future__ import annotations
 
 import asyncio
-import gzip
+import functools
 import hmac
 import html
 import ipaddress
@@ -284,7 +284,10 @@ def full_status(daemon: AdminDaemon) -> dict[str, Any]:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(full_status(request.app[DAEMON]), dumps=_dumps)
+    st = full_status(request.app[DAEMON])  # on the loop: a consistent, fresh structure
+    # Encoding 3000 backends takes tens of ms: off the control loop (st is ours alone).
+    text = await asyncio.to_thread(_dumps, st)
+    return web.Response(text=text, content_type="application/json")
 
 
 async def get_healthz(request: web.Request) -> web.Response:
@@ -318,11 +321,12 @@ async def get_metrics(request: web.Request) -> web.Response:
         )
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
-    body = request.app[EXPOSITION].render(openmetrics, sel)
+    gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    body, gzipped = await request.app[EXPOSITION].render_async(
+        openmetrics, sel, gzip_min=GZIP_MIN_BYTES if gzipped else None
+    )
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
-    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(request.headers.get("Accept-Encoding", "")):
-        # zlib lets go of the GIL: the control loop runs while a big body is compressed.
-        body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)
+    if gzipped:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
 
@@ -338,11 +342,14 @@ async def get_index(request: web.Request) -> web.Response:
         raise ApiError(400, "page must be a whole number >= 1") from None
     if number < 1:
         raise ApiError(400, "page must be a whole number >= 1")
-    page = render_page(
-        full_status(daemon),
-        time.time(),
-        limit=daemon.cfg.admin.status_page_backends,
-        pool_page=(pool, number) if pool is not None else None,
+    page = await asyncio.to_thread(
+        functools.partial(
+            render_page,
+            full_status(daemon),
+            time.time(),
+            limit=daemon.cfg.admin.status_page_backends,
+            pool_page=(pool, number) if pool is not None else None,
+        )
     )
     return web.Response(text=page, content_type="text/html", charset="utf-8")
 
@@ -366,10 +373,6 @@ def accepts_gzip(header: str) -> bool:
                 continue
         return True
     return False
-
-
-def _gzip(body: bytes) -> bytes:
-    return gzip.compress(body, compresslevel=1)
 
 
 def _name(kind: str, value: str) -> str:

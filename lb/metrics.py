@@ -34,7 +34,9 @@ time (the daemon imports us), nor failover or healthcheck internals.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gzip
 import itertools
 import math
 import os
@@ -1174,6 +1176,57 @@ def _headers() -> tuple[dict[str, str], dict[str, str]]:
 _HEADERS = _headers()
 
 
+def _copy_tree(x: Any) -> Any:
+    """Nested dicts and lists of numbers (the workers' merged counters), copied."""
+    if isinstance(x, dict):
+        return {k: _copy_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return list(x)
+    return x
+
+
+class _FrozenLateness:
+    def __init__(self, lat: LatenessLike) -> None:
+        self.bounds = tuple(lat.bounds)
+        self.counts = list(lat.counts)
+        self.sum_s = lat.sum_s
+
+
+class _FrozenHealth:
+    def __init__(self, lateness: LatenessLike) -> None:
+        self.lateness: LatenessLike = _FrozenLateness(lateness)
+
+
+class Frozen:
+    """What the collector reads of a daemon, copied on the control loop at one instant, so a
+    thread can format it while the loop keeps changing the originals (``status()`` already
+    returns a fresh structure)."""
+
+    def __init__(self, daemon: MetricsSource, checks: CheckDurations) -> None:
+        self.cfg = daemon.cfg
+        self.generation = daemon.generation
+        self._status = daemon.status()
+        self._ready = daemon.ready()
+        self.totals = _copy_tree(daemon.totals)
+        self.worker_active = _copy_tree(daemon.worker_active)
+        self.supervisor = daemon.supervisor
+        self.check_counts = dict(daemon.check_counts)
+        self.check_observers: list[Callable[[tuple[str, str], CheckResult], None]] = []
+        self.reloads = dict(daemon.reloads)
+        self.events = daemon.events
+        self.health = _FrozenHealth(daemon.health.lateness)
+        self.checks = CheckDurations(checks.bounds)
+        self.checks.series = {
+            key: (list(counts), list(total)) for key, (counts, total) in checks.series.items()
+        }
+
+    def status(self) -> dict[str, Any]:
+        return self._status
+
+    def ready(self) -> bool:
+        return self._ready
+
+
 class Exposition:
     """Renders /metrics for one daemon (one per admin app). Registers the check-duration
     observer on the daemon."""
@@ -1197,11 +1250,37 @@ class Exposition:
 
     def render(self, openmetrics: bool, sel: Selection = ALL) -> bytes:
         """The exposition text in one format (the admin app picks it from Accept)."""
+        self._check_generation()
+        return self._render(self.collector, openmetrics, sel)
+
+    async def render_async(
+        self, openmetrics: bool, sel: Selection = ALL, *, gzip_min: int | None = None
+    ) -> tuple[bytes, bool]:
+        """As :meth:`render`, gzipped when ``gzip_min`` is set and the body is at least that
+        big; returns (body, gzipped). Only a copy of the daemon's state is taken on the
+        control loop (``Frozen``); formatting and compressing run in a thread, so a scrape
+        of thousands of backends does not hold the loop (the GIL is handed back every few
+        ms, and zlib lets go of it)."""
+        self._check_generation()
+        view = Frozen(self.daemon, self.checks)
+        collector = PairlbCollector(view, view.checks)
+
+        def work() -> tuple[bytes, bool]:
+            body = self._render(collector, openmetrics, sel)
+            if gzip_min is not None and len(body) >= gzip_min:
+                return gzip.compress(body, compresslevel=1), True
+            return body, False
+
+        return await asyncio.to_thread(work)
+
+    def _check_generation(self) -> None:
         if self.daemon.generation != self._generation or len(self._prefixes) > 1_000_000:
             self._prefixes = {}  # label sets of a previous config
             self._generation = self.daemon.generation
+
+    def _render(self, collector: PairlbCollector, openmetrics: bool, sel: Selection) -> bytes:
         sink = TextSink(self._prefixes)
-        self.collector.emit(sink, sel)
+        collector.emit(sink, sel)
         body = sink.text(openmetrics)
         if "node" in sel.scopes:
             if openmetrics:

@@ -76,6 +76,15 @@ def test_renderer_writes_what_prometheus_client_writes() -> None:
                     assert a.rsplit(" ", 1)[0] == b.rsplit(" ", 1)[0]
             assert "pairlb_process_cpu_seconds_total" in fast
         assert 'reason="quo\\"te\\\\back\\nline"' in fast
+        # The scrape path: a copy taken on the loop, formatted (and gzipped) in a thread.
+        threaded, gzipped = await exp.render_async(True, gzip_min=1)
+        assert gzipped
+        def names(text: str) -> list[str]:  # clock readings differ between two renders
+            return [line.rsplit(" ", 1)[0] for line in without_process(text).splitlines()]
+
+        assert names(gzip.decompress(threaded).decode()) == names(exp.render(True).decode())
+        plain, gzipped = await exp.render_async(False, gzip_min=None)
+        assert not gzipped and plain.startswith(b"# HELP pairlb_build_info")
 
     asyncio.run(body())
 
