@@ -160,7 +160,8 @@ class ListenerConfig(_Model):
     client_body_timeout_s: Seconds = 300.0
     """A request body (chunk framing and trailers included) must arrive in full within this
     of its head's end, however steadily it trickles (else 408, or a cut connection when the
-    response has already begun)."""
+    response has already begun). Time we are not reading it (a pipelined request waiting
+    its turn, a backend not taking the body) does not count."""
     max_request_line_bytes: Annotated[int, Field(ge=64, le=1 << 20)] = 8192
     """Longer request line: 414."""
     max_header_bytes: Annotated[int, Field(ge=256, le=1 << 22)] = 32768
@@ -350,8 +351,9 @@ class PoolConfig(_Model):
     exchange_timeout_s: NonNegSeconds = 300.0
     """Total time of one exchange on a backend connection, from the request's last byte sent
     to the response's end (a backend that answers one byte per response_timeout_s would hold
-    it for ever). Past it: 504, or a cut connection once the response has begun. Raise it
-    (or 0: no limit) for long downloads and streamed responses; WebSocket tunnels are not
+    it for ever). Past it: 504, or a cut connection once the response has begun. Time we are
+    not reading the backend because the client is not reading us does not count. Raise it
+    (or 0: no limit) for long-polling and streamed responses; WebSocket tunnels are not
     affected."""
     idle_timeout_s: Seconds = 30.0
     """Keep-alive backend connections idle longer than this are closed."""

@@ -364,6 +364,7 @@ class _Upstream(_Conn):
         "tunnel",
         "wpaused",
         "xdeadline",
+        "xleft",
     )
 
     def __init__(self, srv: ProxyServer, key: tuple[str, int]) -> None:
@@ -374,7 +375,10 @@ class _Upstream(_Conn):
         self.client: _Client | None = None
         self.deadline = INF
         self.xdeadline = INF
-        """The whole exchange's deadline (exchange_timeout_s); INF while idle."""
+        """The whole exchange's deadline (exchange_timeout_s); INF while idle, and while we
+        stop reading because the client does not (a slow download is not the backend's)."""
+        self.xleft = -1.0
+        """Time left of xdeadline while reading is paused; -1 when not paused."""
         self.fd = -1
         self.idle_since = 0.0
         self.served = 0
@@ -671,13 +675,19 @@ class _Upstream(_Conn):
             self.deadline = now + req.pool_cfg.response_timeout_s
         xt = req.pool_cfg.exchange_timeout_s
         if xt:
-            self.xdeadline = now + xt
+            if self.rpaused:
+                self.xleft = xt
+            else:
+                self.xdeadline = now + xt
 
     def pause_reading(self) -> None:
         if not self.rpaused and not self.closed:
             self.rpaused = True
             self.transport.pause_reading()
             self.deadline = INF
+            if self.xdeadline < INF:
+                self.xleft = max(0.0, self.xdeadline - self.srv.time())
+                self.xdeadline = INF
 
     def resume_reading(self) -> None:
         if self.rpaused and not self.closed:
@@ -685,7 +695,11 @@ class _Upstream(_Conn):
             self.transport.resume_reading()
             req = self.req
             if req is not None:
-                self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
+                now = self.srv.time()
+                self.deadline = now + req.pool_cfg.response_timeout_s
+                if self.xleft >= 0:
+                    self.xdeadline = now + self.xleft
+            self.xleft = -1.0
 
     def detach(self) -> None:
         client = self.client
@@ -700,6 +714,7 @@ class _Upstream(_Conn):
             client.unpause(_P_UPSTREAM)
         self.deadline = INF
         self.xdeadline = INF
+        self.xleft = -1.0
 
     def _complete(self) -> None:
         """The response has ended; hand the connection back, finish the exchange."""
@@ -734,6 +749,7 @@ class _Upstream(_Conn):
         self.tunnel = True
         self.deadline = INF
         self.xdeadline = INF
+        self.xleft = -1.0
         client.start_tunnel(req, self, rest)
 
     def _bad_response(self, req: _Request, why: str) -> None:
@@ -766,6 +782,7 @@ class _Client(_Conn):
         "backlog",
         "backlog_scheduled",
         "body_deadline",
+        "body_left",
         "chunk_len",
         "chunk_mark",
         "chunks",
@@ -823,6 +840,9 @@ class _Client(_Conn):
         self.head_cont = 0
         self.head_first = 0
         self.body_deadline = INF
+        self.body_left = -1.0
+        """Time left of body_deadline while reading is paused (the client is not the one
+        waiting: a pipelined request's turn, a backend not taking the body); -1 otherwise."""
         self.framing = 0
         """Chunk framing and trailer bytes of the current body beyond its allowance."""
         self.chunks = 0
@@ -1149,6 +1169,7 @@ class _Client(_Conn):
         req.t0 = now = srv.time()
         if body:
             self.body_deadline = now + lst.client_body_timeout_s
+            self.body_left = -1.0
             if req.chunked:
                 self.framing = 0
                 self.chunks = 0
@@ -1214,6 +1235,8 @@ class _Client(_Conn):
     def pause(self, reason: int) -> None:
         if not self.paused and not self.closed:
             self.transport.pause_reading()
+            if self.state == _BODY:
+                self.body_left = max(0.0, self.body_deadline - self.srv.time())
         self.paused |= reason
 
     def unpause(self, reason: int) -> None:
@@ -1221,6 +1244,9 @@ class _Client(_Conn):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+                if self.body_left >= 0:
+                    self.body_deadline = self.srv.time() + self.body_left
+                    self.body_left = -1.0
                 self._rearm()
 
     def _rearm(self) -> None:

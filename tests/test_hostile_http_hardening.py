@@ -209,6 +209,31 @@ def test_a_body_trickling_in_forever_hits_the_total_body_deadline() -> None:
     run(scenario())
 
 
+def test_the_body_deadline_does_not_run_while_a_pipelined_request_waits_its_turn() -> None:
+    def beh(seen: Seen, be: CountingBackend) -> Any:
+        if seen.target == "/slow":
+            return ("delay", 1.0, ok_behaviour(seen, be))
+        return ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        be = await CountingBackend("web1", beh).start()
+        async with proxy_in_front_of([be], listener={"client_body_timeout_s": 0.5}) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get("/slow") + b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n"
+                         b"\r\nhello")
+            (first,) = await c.responses(1, 3.0)  # 1 s: twice the body deadline
+            assert first.status == 200
+            await asyncio.sleep(0.2)
+            await c.send(b"world")  # the rest, 0.2 s after its turn came
+            (second,) = await c.responses(1, 3.0)
+            assert second.status == 200, second.body
+            assert be.requests[-1].body == b"helloworld"
+            await c.close()
+        await be.stop()
+
+    run(scenario())
+
+
 # -- 2. Connection: close ends the connection ------------------------------------------------
 
 
@@ -430,6 +455,36 @@ def test_a_backend_exchange_has_a_total_deadline() -> None:
             assert len(c.raw.split(b"\r\n\r\n", 1)[1]) < 200  # cut, never a complete body
             await c.close()
             assert backend_errors(px) == {"exchange_timeout": 2}
+        await be.stop()
+
+    run(scenario())
+
+
+def test_the_exchange_deadline_does_not_run_while_a_slow_client_reads() -> None:
+    """A download the client reads slowly takes longer than exchange_timeout_s: the backend
+    is not the one late (we stopped reading it), so the exchange is not cut."""
+    size = 24 << 20  # well past what the kernel's socket buffers hold
+
+    def big(seen: Seen, be: CountingBackend) -> Any:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size
+
+    async def scenario() -> None:
+        be = await CountingBackend("web1", big).start()
+        async with proxy_in_front_of([be], pool={"exchange_timeout_s": 0.3}) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get("/big"))
+            got = 0
+            t0 = time.monotonic()
+            while got < size + 30:
+                data = await asyncio.wait_for(c.reader.read(1 << 18), 5)
+                if not data:
+                    break
+                got += len(data)
+                await asyncio.sleep(0.01)  # ~25 MB/s at most: about a second in all
+            assert time.monotonic() - t0 > 0.6
+            assert got > size, got  # the whole body arrived
+            assert backend_errors(px) == {}
+            await c.close()
         await be.stop()
 
     run(scenario())
