@@ -94,7 +94,8 @@ def target_of(row: Row) -> tuple[str, bool | None]:
     s = row.scenario
     bound = 0.05 if row.interval_s <= 0.01 else 0.15
     takeovers = row.values(lambda o: o.takeover_s)
-    if s.startswith(("kill -9 active", "link cut of", "SIGSTOP active")):
+    if s.startswith(("kill -9 active", "link cut of", "SIGSTOP active", "kill -9 failover",
+                     "failover process of the MASTER hung", "kill -9 control")):
         med = statistics.median(takeovers) if takeovers else None
         return f"median <= {bound * 1000:.0f} ms", med is not None and med <= bound
     if s.startswith("SIGCONT"):
@@ -103,7 +104,17 @@ def target_of(row: Row) -> tuple[str, bool | None]:
                 bool(conv) and max(conv) <= row.interval_s)
     if s.startswith(("graceful stop", "planned switchover", "partition healed")):
         return "0 failed", all(o.failed == 0 for o in row.outcomes)
-    if s.startswith(("failback", "checks pass")):
+    if s.startswith(("its failover process restarted", "hung failover process replaced")):
+        return (f"both held <= {row.interval_s * 1000:g} ms after recovery, no 5xx", all(
+            o.extra["longest_overlap_after_recovery_s"] <= row.interval_s
+            and not any(e.startswith("http5") for e in o.errors) for o in row.outcomes))
+    if s.startswith(("control process of the MASTER stopped 2", "reload with nothing")):
+        return "nothing moves, 0 failed", all(
+            not o.extra["transitions_changed"] and o.failed == 0 and not o.vip_events
+            for o in row.outcomes)
+    if s.startswith("control process of the MASTER stopped >"):
+        return "the peer takes over", all(o.takeover_s is not None for o in row.outcomes)
+    if s.startswith(("failback", "checks pass", "control process runs again")):
         return "no 5xx", all(not any(e.startswith("http5") for e in o.errors)
                              for o in row.outcomes)
     if s.startswith("restart without healthy"):
@@ -141,6 +152,14 @@ def notes_of(row: Row) -> str:
     loads = row.values(lambda o: o.extra.get("foreign_load"))
     if loads and max(loads) >= 0.3:
         out.append(f"foreign load up to {max(loads):.1f} cores")
+    for key, what in (("longest_heartbeat_gap_on_the_wire_s", "longest heartbeat gap on the "
+                       "peer's wire"), ("control_fault_s", "FAULT after"),
+                      ("killed_after_s", "killed after"), ("recovered_s", "rejoined after"),
+                      ("vip_released_s", "VIP released after"),
+                      ("failover_exit_s", "failover process exited after")):
+        got = row.values(lambda o, k=key: o.extra.get(k))
+        if got:
+            out.append(f"{what} {spread(got)} ms")
     winners = [o.extra["winner"] for o in row.outcomes if "winner" in o.extra]
     if winners:
         out.append("winner " + "/".join(sorted(set(winners))))

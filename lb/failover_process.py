@@ -382,9 +382,13 @@ class FailoverProcess:
         loop = asyncio.get_running_loop()
         last = loop.time()
         while True:
-            await asyncio.sleep(self.keepalive_s)
+            # Several keepalives within the failover process's limit, so it notices a stall
+            # of about that limit, not up to one keepalive earlier.
+            every = self.keepalive_s if self.spec is None else min(
+                self.keepalive_s, self.spec.control_timeout_s / 5)
+            await asyncio.sleep(every)
             now = loop.time()
-            if now - last > self.keepalive_s + STALL_S:
+            if now - last > every + STALL_S:
                 self.last_heard = max(self.last_heard, time.monotonic())  # we stalled, not it
             last = now
             if self.stopping or not self._alive():
