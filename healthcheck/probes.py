@@ -317,6 +317,7 @@ class _Check:
 
     def _teardown(self) -> None:
         # A finished probe stays in the timer wheel until its slot; the wheel skips it.
+        self.unlink()
         sock = self._sock
         if sock is None:
             return
@@ -445,6 +446,11 @@ class _Check:
         status = CheckStatus.L7_BAD_RESPONSE if self._connected else CheckStatus.L4_ERROR
         self._finish(status, None, _describe(exc))
 
+    def unlink(self) -> None:
+        """Drop references that form a cycle (the HTTP parser points back at us): a probe
+        must be freed by reference counting, or 3000 a second feed the cyclic GC, whose
+        full passes over a big control process stop the loop for hundreds of ms."""
+
     # -- what the kind of probe does once connected ---------------------------------------
 
     def connected(self) -> None:
@@ -480,6 +486,9 @@ class _HttpCheck(_Check):
         self._body: bytearray | None = None
         self._seen = 0
         self._out = b""
+
+    def unlink(self) -> None:
+        self._parser = None
 
     def connected(self) -> None:
         self._out = self._probe.request_bytes(self._host, self._port)
