@@ -20,7 +20,7 @@ from collections.abc import Sequence
 __all__ = ["LATENESS_BUCKETS_S", "Lateness"]
 
 LATENESS_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
 )
 """Histogram bounds: 0.2 is 20 % of the default 1 s interval (issue 12's target)."""
 
