@@ -320,7 +320,9 @@ def test_a_wedged_control_process_gives_the_vip_away(rig: fe.Rig) -> None:
     (out, back) = fe.control_wedged(rig, 1.0)
     why = evidence(rig, [out, back])
     assert out.extra["control_fault_s"] is not None, why
-    assert 0.8 <= out.extra["control_fault_s"] <= 2.0, why
+    # Silence counts from the control process's last message (a keepalive every 0.2 s here),
+    # so a control process starved by other load just before the stop faults a bit sooner.
+    assert 0.25 <= out.extra["control_fault_s"] <= 2.0, why
     assert out.takeover_s is not None and out.takeover_s <= 2.5, why
     assert out.failed <= 10, why
     assert "FAULT->BACKUP" in back.extra["lb1_transitions"], why
