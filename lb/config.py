@@ -340,7 +340,9 @@ class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique pool name, referenced by listeners."""
     balance: Literal["round_robin", "least_connections", "random_two"] = "round_robin"
-    """Smooth weighted round robin, least in-flight per weight, or power of two choices."""
+    """Smooth weighted round robin (earliest deadline first: weights exact, no bursts), least
+    in-flight per weight (exact; ties to the backend idle longest), or power of two choices.
+    A pick costs O(log N) or O(1) in the pool's size."""
     backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
     """The pool's members."""
     connect_timeout_s: Seconds = 2.0

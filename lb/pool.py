@@ -8,6 +8,30 @@ snapshot; a worker's ``Pool`` applies it and picks among the eligible ones. The 
 ejects a backend locally the moment it sees ``consecutive_failures`` in a row, so a dead
 backend leaves its rotation before the control process has even heard of it; the next
 snapshot from the control process is authoritative again.
+
+Cost: a pick, a release and a local ejection never look at every backend. The rotation (the
+backends in it: eligible, weight > 0, not ejected locally) is kept in one structure per
+balance mode, rebuilt in O(N) when a snapshot arrives:
+
+- ``round_robin``: an earliest-deadline-first heap (Envoy's EDF scheduler). A backend of
+  weight w is due every 1/w of virtual time; a pick takes the earliest deadline (ties: the
+  backend listed first) and moves it 1/w later. O(log N). Picks are as smooth as nginx's
+  smooth weighted round robin: a backend's picks are evenly spaced, never in bursts. While
+  the rotation is unchanged a backend's share of any run of picks is its weight's share
+  within ``1 + n * w / W`` picks (n backends, W the sum of weights); with integer weights,
+  from a fresh pool, every cycle of W picks gives each backend exactly its weight. A snapshot
+  keeps everyone's place: unchanged backends keep their deadline, a new weight (slow start)
+  rescales the time left to the next pick, a backend joining starts 1/w after the last pick.
+- ``least_connections``: a heap keyed by in-flight / weight with lazy updates (a pick or a
+  release pushes a fresh entry, out-of-date ones are dropped when they surface, the heap is
+  compacted when it grows past twice the rotation). The pick is exactly a backend with the
+  least in-flight per weight; ties go to the one that waited longest. O(log N).
+- ``random_two``: two distinct backends drawn from an array of the rotation (swap-removal on
+  ejection), the less loaded per weight wins. O(1).
+
+A local ejection leaves the rotation at once (O(log N)) and comes back through a heap of
+ejection deadlines checked at each pick. Retries exclude the backends already tried: the
+pick skips them (O(k log N) for k excluded), never scans N.
 """
 
 from __future__ import annotations
@@ -16,6 +40,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from heapq import heapify, heappop, heappush, heapreplace
 
 
 class Outcome(StrEnum):
@@ -30,6 +55,12 @@ class Outcome(StrEnum):
 
 
 FAILURES = frozenset({Outcome.CONNECT_FAILED, Outcome.TIMEOUT, Outcome.HTTP_5XX, Outcome.RESET})
+
+_OUT, _IN, _EJECTED = 0, 1, 2
+"""Where a backend is: out of rotation (snapshot), in it, or out until its local ejection ends."""
+_RR, _LC, _R2 = 0, 1, 2
+_RENORMALIZE_AT = float(1 << 30)
+"""Virtual time past which round robin's deadlines are shifted back (float precision)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -47,8 +78,21 @@ class Backend:
     failures_in_row: int = 0
     ejected_until: float = 0.0
     """Local ejection deadline (monotonic); 0 when not ejected locally."""
-    current: float = 0.0
-    """Smooth weighted round-robin accumulator."""
+    # The pool's bookkeeping (see Pool): not for callers.
+    _idx: int = field(default=0, repr=False)
+    _where: int = field(default=_OUT, repr=False)
+    _ver: int = field(default=0, repr=False)
+    """Bumped whenever the backend's heap entry changes: older entries are stale."""
+    _w: float = field(default=0.0, repr=False)
+    """The weight its round-robin deadline was computed with."""
+    _base: float = field(default=0.0, repr=False)
+    _k: int = field(default=0, repr=False)
+    _deadline: float = field(default=0.0, repr=False)
+    """Round robin: next pick due at ``_base + _k / weight`` of virtual time."""
+    _seq: int = field(default=0, repr=False)
+    """Least connections: tie-breaker (when its entry was pushed)."""
+    _pos: int = field(default=-1, repr=False)
+    """random_two: index in the rotation array."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -56,6 +100,10 @@ class Backend:
 
     def usable(self, now: float) -> bool:
         return self.eligible and self.weight > 0 and self.ejected_until <= now
+
+
+_Entry = tuple[float, int, int, Backend]
+"""A heap entry: (key, tie-breaker, the backend's _ver when pushed, backend)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +125,11 @@ class Ejection:
 
 @dataclass(slots=True)
 class Pool:
-    """Selection among a pool's backends: round robin, least connections or two random."""
+    """Selection among a pool's backends: round robin, least connections or two random.
+
+    Change ``backends``' eligibility or weight only through ``apply`` (or call ``rebuild``
+    after changing them by hand): the rotation structures are derived from them.
+    """
 
     name: str
     balance: str
@@ -88,11 +140,31 @@ class Pool:
     rng: random.Random = field(default_factory=random.Random)
     version: int = 0
     panic: bool = False
-    _rr_offset: int = 0
-    _by_name: dict[str, Backend] = field(default_factory=dict)
+    _by_name: dict[str, Backend] = field(default_factory=dict, repr=False)
+    _mode: int = field(default=_RR, repr=False)
+    _heap: list[_Entry] = field(default_factory=list, repr=False)
+    """round_robin: (deadline, idx, ver, backend); least_connections: (load, seq, ver, b)."""
+    _arr: list[Backend] = field(default_factory=list, repr=False)
+    """random_two: the rotation."""
+    _live: int = field(default=0, repr=False)
+    """Backends in the rotation."""
+    _cap: int = field(default=64, repr=False)
+    """Heap size past which it is compacted (stale entries dropped)."""
+    _vt: float = field(default=0.0, repr=False)
+    """round_robin's virtual time: the deadline of the last pick."""
+    _seq: int = field(default=0, repr=False)
+    _ejq: list[_Entry] = field(default_factory=list, repr=False)
+    """Local ejections: (ejected_until, idx, ver, backend)."""
+    _ejected_n: int = field(default=0, repr=False)
+    """Eligible backends ejected locally since the last snapshot (the ejection budget)."""
 
     def __post_init__(self) -> None:
         self._by_name = {b.name: b for b in self.backends}
+        self._mode = {"least_connections": _LC, "random_two": _R2}.get(self.balance, _RR)
+        for i, b in enumerate(self.backends):
+            b._idx = i
+        self._ejected_n = sum(1 for b in self.backends if b.ejected_until > 0 and b.eligible)
+        self.rebuild()
 
     def get(self, name: str) -> Backend | None:
         return self._by_name.get(name)
@@ -112,34 +184,115 @@ class Pool:
             b.weight = entry.weight
             b.ejected_until = 0.0
             b.failures_in_row = 0
+        self._ejected_n = 0
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Derive the rotation from the backends' eligibility and weight: O(N).
+
+        Round robin keeps each backend's place (see the module doc); a backend ejected
+        locally comes back only through ``apply`` or when its ejection ends.
+        """
+        self._ejq = [e for e in self._ejq if e[2] == e[3]._ver and e[3]._where == _EJECTED]
+        vt = self._vt
+        heap: list[_Entry] = []
+        arr: list[Backend] = []
+        mode = self._mode
+        for b in self.backends:
+            if not (b.eligible and b.weight > 0):
+                b._where = _OUT
+                b._ver += 1
+                continue
+            if b._where == _EJECTED:
+                if b.ejected_until > 0:
+                    continue  # until its ejection ends (apply clears ejections first)
+                b._where = _OUT
+            if mode == _RR:
+                w = b.weight
+                if b._where != _IN:
+                    b._base, b._k, b._deadline = vt, 1, vt + 1 / w
+                elif b._w != w:
+                    # A new weight (slow start): the time left to its next pick rescaled.
+                    left = b._deadline - vt
+                    d = vt + (left * b._w / w if left > 0 else 0.0)
+                    b._base, b._k, b._deadline = d, 0, d
+                b._w = w
+                b._ver += 1
+                heap.append((b._deadline, b._idx, b._ver, b))
+            elif mode == _LC:
+                if b._where != _IN:
+                    self._seq += 1
+                    b._seq = self._seq
+                b._ver += 1
+                heap.append((b.in_flight / b.weight, b._seq, b._ver, b))
+            else:
+                b._pos = len(arr)
+                arr.append(b)
+            b._where = _IN
+        heapify(heap)
+        self._heap = heap
+        self._arr = arr
+        self._live = len(heap) + len(arr)
+        self._cap = 2 * self._live + 64
 
     def pick(self, now: float, exclude: Iterable[Backend] = ()) -> Backend | None:
         """Choose a backend for a new request or connection and count it in flight."""
+        ejq = self._ejq
+        if ejq and ejq[0][0] <= now:
+            self._readmit(now)
         if exclude:
-            skip = set(map(id, exclude))
-            cands = [b for b in self.backends if b.usable(now) and id(b) not in skip]
-        else:
-            # Hot path (every request): usable() inlined.
-            cands = [
-                b for b in self.backends
-                if b.eligible and b.weight > 0 and b.ejected_until <= now
-            ]
-        if not cands:
+            return self._pick_excluding(set(exclude))
+        mode = self._mode
+        heap = self._heap
+        if mode == _RR:
+            while heap:
+                d, i, v, b = heap[0]
+                if v != b._ver:
+                    heappop(heap)
+                    continue
+                b._k += 1
+                b._deadline = nd = b._base + b._k / b.weight
+                heapreplace(heap, (nd, i, v, b))
+                b.in_flight += 1
+                b.requests += 1
+                if d > self._vt:
+                    self._vt = d
+                    if d > _RENORMALIZE_AT:
+                        self._renormalize()
+                return b
             return None
-        if len(cands) == 1:
-            chosen = cands[0]
-        elif self.balance == "least_connections":
-            chosen = self._least(cands)
-        elif self.balance == "random_two":
-            chosen = self._two(cands)
+        if mode == _LC:
+            while heap:
+                b = heap[0][3]
+                if heap[0][2] != b._ver:
+                    heappop(heap)
+                    continue
+                self._charge_lc(b)
+                return b
+            return None
+        arr = self._arr
+        n = len(arr)
+        if n == 0:
+            return None
+        if n == 1:
+            chosen = arr[0]
         else:
-            chosen = self._smooth_rr(cands)
+            a, c = self.rng.sample(arr, 2)
+            chosen = a if a.in_flight * c.weight <= c.in_flight * a.weight else c
         chosen.in_flight += 1
         chosen.requests += 1
         return chosen
 
     def release(self, backend: Backend) -> None:
         backend.in_flight -= 1
+        if self._mode == _LC and backend._where == _IN:
+            self._seq += 1
+            backend._seq = self._seq
+            backend._ver += 1
+            heap = self._heap
+            heappush(heap, (backend.in_flight / backend.weight, self._seq, backend._ver, backend))
+            if len(heap) > self._cap:
+                self._compact()
 
     def observe(self, backend: Backend, outcome: Outcome, now: float) -> Ejection | None:
         """Passive health: count failures in a row; eject locally at the threshold."""
@@ -151,42 +304,159 @@ class Pool:
             return None
         if not self._may_eject():
             return None
-        backend.ejected_until = now + self.local_eject_s
+        until = now + self.local_eject_s
+        if backend.eligible and backend.ejected_until <= 0 < until:
+            self._ejected_n += 1
+        backend.ejected_until = until
         backend.failures_in_row = 0
+        if backend._where != _OUT:
+            self._leave(backend)
+            heappush(self._ejq, (until, backend._idx, backend._ver, backend))
         return Ejection(self.name, backend.name, outcome)
 
     def _may_eject(self) -> bool:
         # Out of rotation already (not eligible) does not count against the budget.
-        total = len(self.backends)
-        ejected = sum(1 for b in self.backends if b.ejected_until > 0 and b.eligible)
-        return (ejected + 1) * 100 <= self.max_eject_percent * total
+        return (self._ejected_n + 1) * 100 <= self.max_eject_percent * len(self.backends)
 
-    def _smooth_rr(self, cands: list[Backend]) -> Backend:
-        # nginx's smooth weighted round robin: even spread, no bursts to heavy backends.
-        total = 0.0
-        best = cands[0]
-        for b in cands:
-            b.current += b.weight
-            total += b.weight
-            if b.current > best.current:
-                best = b
-        best.current -= total
-        return best
+    # -- the rotation's structures ---------------------------------------------------------
 
-    def _least(self, cands: list[Backend]) -> Backend:
-        # Rotate the starting point so ties don't always land on the first backend.
-        n = len(cands)
-        self._rr_offset = (self._rr_offset + 1) % n
-        best = cands[self._rr_offset]
-        for i in range(n):
-            b = cands[(self._rr_offset + i) % n]
-            if b.in_flight * best.weight < best.in_flight * b.weight:
-                best = b
-        return best
+    def _charge_lc(self, b: Backend) -> None:
+        """Count a least-connections pick of ``b``, the valid top of the heap."""
+        b.in_flight += 1
+        b.requests += 1
+        self._seq += 1
+        b._seq = self._seq
+        b._ver += 1
+        heapreplace(self._heap, (b.in_flight / b.weight, self._seq, b._ver, b))
 
-    def _two(self, cands: list[Backend]) -> Backend:
-        a, b = self.rng.sample(cands, 2)
-        return a if a.in_flight * b.weight <= b.in_flight * a.weight else b
+    def _pick_excluding(self, skip: set[Backend]) -> Backend | None:
+        """A pick that skips ``skip`` (a retry): O(len(skip) log N), no scan of the pool."""
+        mode = self._mode
+        if mode == _R2:
+            return self._two_excluding(skip)
+        heap = self._heap
+        held = []
+        chosen = None
+        while heap:
+            top = heap[0]
+            b = top[3]
+            if top[2] != b._ver:
+                heappop(heap)
+            elif b in skip:
+                held.append(heappop(heap))
+            else:
+                chosen = b
+                break
+        if chosen is not None:
+            if mode == _RR:
+                d, i, v, _ = heap[0]
+                chosen._k += 1
+                chosen._deadline = nd = chosen._base + chosen._k / chosen.weight
+                heapreplace(heap, (nd, i, v, chosen))
+                chosen.in_flight += 1
+                chosen.requests += 1
+                if d > self._vt:
+                    self._vt = d
+            else:
+                self._charge_lc(chosen)
+        for e in held:
+            heappush(heap, e)
+        return chosen
+
+    def _two_excluding(self, skip: set[Backend]) -> Backend | None:
+        arr = self._arr
+        n = len(arr)
+        skipped = sum(1 for b in skip if b._where == _IN)
+        if n - skipped <= 0:
+            return None
+        if n <= 2 * skipped + 8:
+            # Small: most of the rotation is excluded, filter it (n is bounded by the skips).
+            cands = [b for b in arr if b not in skip]
+        else:
+            # Large: draw until two not excluded (each draw misses with p < 1/2; bounded).
+            cands = []
+            randbelow = self.rng.randrange
+            for _ in range(64):
+                b = arr[randbelow(n)]
+                if b not in skip and (not cands or b is not cands[0]):
+                    cands.append(b)
+                    if len(cands) == 2:
+                        break
+            else:
+                cands = [b for b in arr if b not in skip]
+        if len(cands) == 1:
+            chosen = cands[0]
+        else:
+            a, c = cands[0], cands[1]
+            if len(cands) > 2:
+                a, c = self.rng.sample(cands, 2)
+            chosen = a if a.in_flight * c.weight <= c.in_flight * a.weight else c
+        chosen.in_flight += 1
+        chosen.requests += 1
+        return chosen
+
+    def _leave(self, b: Backend) -> None:
+        """Take ``b`` out of the rotation until it is readmitted (local ejection)."""
+        if b._where == _IN:
+            self._live -= 1
+            if self._mode == _R2:
+                arr = self._arr
+                last = arr.pop()
+                if last is not b:
+                    arr[b._pos] = last
+                    last._pos = b._pos
+                b._pos = -1
+        b._where = _EJECTED
+        b._ver += 1  # its heap entry (and any older ejection entry) is stale now
+
+    def _readmit(self, now: float) -> None:
+        """Bring back the backends whose local ejection has ended."""
+        ejq = self._ejq
+        while ejq and ejq[0][0] <= now:
+            _, _, v, b = heappop(ejq)
+            if v != b._ver or b._where != _EJECTED:
+                continue
+            if not (b.eligible and b.weight > 0):
+                b._where = _OUT
+                continue
+            b._ver += 1
+            b._where = _IN
+            self._live += 1
+            self._cap = max(self._cap, 2 * self._live + 64)
+            mode = self._mode
+            if mode == _RR:
+                vt, w = self._vt, b.weight
+                b._w, b._base, b._k, b._deadline = w, vt, 1, vt + 1 / w
+                heappush(self._heap, (b._deadline, b._idx, b._ver, b))
+            elif mode == _LC:
+                self._seq += 1
+                b._seq = self._seq
+                heappush(self._heap, (b.in_flight / b.weight, b._seq, b._ver, b))
+            else:
+                b._pos = len(self._arr)
+                self._arr.append(b)
+
+    def _compact(self) -> None:
+        """Drop stale heap entries: O(N), after at least N pushes (amortised O(1))."""
+        heap = [e for e in self._heap if e[2] == e[3]._ver]
+        heapify(heap)
+        self._heap = heap
+        self._cap = 2 * self._live + 64
+
+    def _renormalize(self) -> None:
+        """Shift round robin's virtual time back near 0, keeping every deadline's order: O(N),
+        once per ~1e9 cycles of the rotation (float precision stays far below 1/weight)."""
+        shift = float(int(self._vt))
+        self._vt -= shift
+        heap = []
+        for b in self.backends:
+            if b._where == _IN:
+                b._deadline -= shift
+                b._base, b._k = b._deadline, 0
+                heap.append((b._deadline, b._idx, b._ver, b))
+        heapify(heap)
+        self._heap = heap
+        self._cap = 2 * self._live + 64
 
 
 def build_pool(

@@ -215,10 +215,13 @@ class Worker:
 
     def _send_stats(self) -> None:
         delta = self.stats.take_delta()
+        # Only the backends with requests in flight (absent means 0 to the control process):
+        # with thousands of backends the message stays as small as the load.
         inflight = {
-            f"{p.name}/{b.name}": b.in_flight for p in self.pools.values() for b in p.backends
+            f"{p.name}/{b.name}": b.in_flight
+            for p in self.pools.values() for b in p.backends if b.in_flight
         }
-        if self.chan is not None and (delta or any(inflight.values()) or self.started):
+        if self.chan is not None and (delta or inflight or self.started):
             self.chan.send({"t": "stats", "d": delta, "inflight": inflight})
 
     async def _shutdown(self, timeout_s: float) -> None:

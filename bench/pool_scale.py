@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""A proxy worker's cost per request against the size of its pool: 50 vs 1000 vs 3000 backends.
+
+One nginx (1 worker) listens on the largest N ports of 127.0.0.1 with keep-alive and answers
+every path with a 100-byte body; a pool of N uses the first N of them. For each (variant,
+balance mode, N) a fresh ``pairlb run`` (``[node] workers = 1``, health checks every
+``--interval`` s) is started, every backend is waited UP (``pairlb_pool_usable_backends``), wrk
+warms it up for ``--warmup`` s (so the worker's keep-alive pool to the backends is filled),
+then drives it for ``--duration`` s. Reported per run:
+
+- **worker CPU us/req**: utime+stime of the worker process during the wrk run / requests
+  completed: the figure that says whether a request costs more with more backends (noise
+  from other processes on the box barely moves it, unlike req/s);
+- **req/s**, p50/p99 from wrk, errors (non-2xx + socket errors);
+- **control cores**: CPU of the control process over the run (mostly health checks);
+- the 1-minute load average at the end of the run.
+
+Variants let one run compare code trees: ``--variant NAME=GITREF`` runs ``python -m lb`` from
+``git archive GITREF`` unpacked in the work dir (PYTHONPATH, the same venv); ``current`` (always
+measured unless ``--no-current``) is the installed ``pairlb``. Runs are interleaved: each round
+runs every (variant, mode, N) once in a shuffled order, and the table reports the median
+over rounds, plus each N's ratio to N=50 of the same variant and mode.
+
+With 2+ CPUs the proxy (control + worker) is pinned to CPU 0 and wrk + nginx to CPU 1, as
+in bench/perf.py. Every process is started by this script and stopped by PID, also on
+Ctrl-C; all traffic stays on 127.0.0.1.
+
+    .venv/bin/python bench/pool_scale.py                                  # 50,1000,3000 x rr
+    .venv/bin/python bench/pool_scale.py --variant before=cf233fd --balance \\
+        round_robin,least_connections,random_two --rounds 2 --markdown
+    .venv/bin/python bench/pool_scale.py --quick                          # smoke: 50,200, 2 s
+
+Imports nothing from lb: it measures the command (or the tree) it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("round_robin", "least_connections", "random_two")
+BODY = b"x" * 100
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--backends", default="50,1000,3000", help="comma-separated N values")
+    ap.add_argument("--balance", default="round_robin", help="comma-separated balance modes")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=GITREF: also measure that tree (repeatable)")
+    ap.add_argument("--no-current", action="store_true", help="measure only the --variant trees")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--duration", type=int, default=8, help="seconds of wrk per run")
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured wrk before")
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c")
+    ap.add_argument("--interval", type=float, default=1.0, help="health check interval_s")
+    ap.add_argument("--up-timeout", type=float, default=90.0,
+                    help="seconds to wait for every backend to be UP")
+    ap.add_argument("--no-pin", action="store_true", help="never use taskset")
+    ap.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
+    ap.add_argument("--json", type=Path, help="write every sample and the summary here")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs")
+    ap.add_argument("--quick", action="store_true", help="smoke run: N=50,200, 2 s, no warm-up")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.backends, args.duration, args.warmup, args.interval = "50,200", 2, 0, 2.0
+    args.sizes = sorted({int(n) for n in args.backends.split(",") if n.strip()})
+    args.modes = [m.strip() for m in args.balance.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        ap.error(f"--balance: unknown {bad}; choose from {','.join(MODES)}")
+    if not args.sizes or min(args.sizes) < 1:
+        ap.error("--backends: positive integers")
+    variants: dict[str, str | None] = {} if args.no_current else {"current": None}
+    for v in args.variant:
+        name, sep, ref = v.partition("=")
+        if not sep or not name or not ref or name in variants:
+            ap.error(f"--variant {v!r}: NAME=GITREF with a new NAME")
+        variants[name] = ref
+    if not variants:
+        ap.error("nothing to measure")
+    args.variants = variants
+    args.pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    if args.seed is None:
+        args.seed = random.randrange(1 << 30)
+    return args
+
+
+def write_nginx(workdir: Path, ports: list[int]) -> Path:
+    """One nginx, one worker, every port in one server block; keep-alive never recycled."""
+    name = "backends"
+    c.prepare_nginx_dirs(workdir, name)
+    listens = "".join(f"        listen 127.0.0.1:{p} backlog=1024;\n" for p in ports)
+    text = (
+        c._NGINX_COMMON.format(workers=1, dir=workdir, name=name)
+        + "http {\n"
+        + c._NGINX_TEMP.format(dir=workdir, name=name)
+        + "    access_log off;\n    tcp_nodelay on;\n"
+        + "    keepalive_timeout 300s;\n    keepalive_requests 100000000;\n    server {\n"
+        + listens
+        + f'        location / {{ return 200 "{BODY.decode()}"; }}\n    }}\n}}\n'
+    )
+    conf = workdir / f"{name}.conf"
+    conf.write_text(text)
+    return conf
+
+
+def pairlb_config(
+    args: argparse.Namespace, workdir: Path, tag: str, mode: str, port: int, admin_port: int,
+    ports: list[int],
+) -> Path:
+    entries = ",\n".join(
+        f'  {{ name = "b{i}", address = "127.0.0.1:{p}" }}' for i, p in enumerate(ports, 1)
+    )
+    text = f"""# written by bench/pool_scale.py
+[node]
+name = "poolscale"
+workers = 1
+shutdown_timeout_s = 1
+
+[[listener]]
+name = "web"
+bind = "127.0.0.1:{port}"
+mode = "http"
+pool = "web"
+
+[[pool]]
+name = "web"
+balance = "{mode}"
+backends = [
+{entries},
+]
+
+[pool.health]
+path = "/healthz"
+interval_s = {args.interval}
+timeout_s = 0.5
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+
+[logging]
+level = "warning"
+"""
+    conf = workdir / f"pairlb-{tag}.toml"
+    conf.write_text(text)
+    return conf
+
+
+def unpack_tree(ref: str, dest: Path) -> Path:
+    """``git archive ref`` unpacked into dest (read-only use of the repository)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "lb", "healthcheck", "failover"],
+        check=True, capture_output=True, timeout=60,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    return dest
+
+
+def pairlb_argv(venv: Path, tree: Path | None, conf: Path) -> list[str]:
+    if tree is None:
+        return [str(venv / "bin" / "pairlb"), "run", "-c", str(conf)]
+    # `env` execs python, so the PID we track is the control process itself.
+    return ["env", f"PYTHONPATH={tree}", str(venv / "bin" / "python"), "-m", "lb", "run",
+            "-c", str(conf)]
+
+
+def usable_backends(admin_port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+    try:
+        conn.request("GET", "/metrics?scope=pool")
+        r = conn.getresponse()
+        text = r.read().decode()
+    except (OSError, http.client.HTTPException):
+        return -1
+    finally:
+        conn.close()
+    if r.status != 200:
+        # An older tree without ?scope: the whole text.
+        conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        except (OSError, http.client.HTTPException):
+            return -1
+        finally:
+            conn.close()
+    vals = re.findall(r"^pairlb_pool_usable_backends(?:\{[^}]*\})? (\S+)$", text, re.M)
+    return int(sum(float(v) for v in vals)) if vals else -1
+
+
+def worker_pids(root: int) -> list[int]:
+    out = []
+    for pid in c.tree_pids(root):
+        with contextlib.suppress(OSError):
+            if b"lb.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+    return out
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(s.cpu_s for p in pids if (s := c.read_stat(p)) is not None)
+
+
+def run_one(
+    args: argparse.Namespace, workdir: Path, procs: c.ProcessSet, variant: str,
+    tree: Path | None, mode: str, n: int, ports: list[int], rnd: int,
+) -> dict[str, Any]:
+    port, admin_port = c.free_ports(2)
+    c.require_free([port, admin_port])
+    tag = f"{variant}-{mode}-{n}-r{rnd}"
+    conf = pairlb_config(args, workdir, tag, mode, port, admin_port, ports[:n])
+    venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
+    cpus = "0" if args.pin else None
+    lb = procs.start("pairlb", pairlb_argv(venv, tree, conf), workdir / f"{tag}.log", cpus=cpus)
+    try:
+        t_start = time.monotonic()
+        c.wait_http_ok("127.0.0.1", admin_port, "/healthz", 30.0, proc=lb)
+        deadline = time.monotonic() + args.up_timeout
+        up = -1
+        while time.monotonic() < deadline:
+            if not lb.alive():
+                raise RuntimeError(f"pairlb exited:\n{lb.log_tail()}")
+            up = usable_backends(admin_port)
+            if up >= n:
+                break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"only {up}/{n} backends usable after {args.up_timeout} s")
+        up_s = time.monotonic() - t_start
+        url = f"http://127.0.0.1:{port}/"
+        load_cpus = "1" if args.pin else None
+        wrk_kw: dict[str, Any] = {"connections": args.connections, "cpus": load_cpus,
+                                  "log_path": workdir / "wrk.out"}
+        if args.warmup:
+            c.run_wrk(url, args.warmup, **wrk_kw)
+        lb.remember_tree()
+        workers = worker_pids(lb.pid)
+        w0, k0, t0 = cpu_of(workers), cpu_of([lb.pid]), time.monotonic()
+        res = c.run_wrk(url, args.duration, **wrk_kw)
+        w1, k1, t1 = cpu_of(workers), cpu_of([lb.pid]), time.monotonic()
+        if not lb.alive():
+            raise RuntimeError(f"pairlb exited during the run:\n{lb.log_tail()}")
+    finally:
+        procs.stop(lb, timeout_s=5)
+    return {
+        "variant": variant, "mode": mode, "backends": n, "round": rnd,
+        "requests": res.requests, "rps": round(res.rps, 1),
+        "worker_us_per_req": round((w1 - w0) / res.requests * 1e6, 2) if res.requests else None,
+        "worker_cores": round((w1 - w0) / (t1 - t0), 3),
+        "control_cores": round((k1 - k0) / (t1 - t0), 3),
+        "p50_us": res.latency_us.get("50"), "p99_us": res.latency_us.get("99"),
+        "errors": res.errors, "up_s": round(up_s, 2),
+        "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
+    }
+
+
+def summarize(samples: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for variant in args.variants:
+        for mode in args.modes:
+            base = None
+            for n in args.sizes:
+                ss = [s for s in samples
+                      if (s["variant"], s["mode"], s["backends"]) == (variant, mode, n)]
+                us = [s["worker_us_per_req"] for s in ss if s["worker_us_per_req"]]
+                if not us:
+                    continue
+                row = {
+                    "variant": variant, "mode": mode, "backends": n, "runs": len(ss),
+                    "worker_us_per_req": round(statistics.median(us), 1),
+                    "rps": round(statistics.median(s["rps"] for s in ss)),
+                    "p99_us": statistics.median(s["p99_us"] or 0 for s in ss),
+                    "control_cores": round(statistics.median(s["control_cores"] for s in ss), 2),
+                    "errors": sum(s["errors"] for s in ss),
+                    "loadavg_1m": max(s["loadavg_1m"] for s in ss),
+                }
+                if base is None:
+                    base = row
+                row["us_vs_first"] = round(row["worker_us_per_req"] / base["worker_us_per_req"], 2)
+                row["rps_vs_first"] = round(row["rps"] / base["rps"], 2) if base["rps"] else None
+                rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], markdown: bool) -> str:
+    head = ["variant", "balance", "backends", "worker CPU us/req", "vs first N", "req/s",
+            "vs first N", "p99", "control cores", "errors", "load avg"]
+    lines = []
+    for r in rows:
+        p99 = r["p99_us"]
+        lines.append([
+            r["variant"], r["mode"], str(r["backends"]), f"{r['worker_us_per_req']:.1f}",
+            f"{r['us_vs_first']:.2f}x", f"{r['rps']:,}",
+            f"{r['rps_vs_first']:.2f}x" if r["rps_vs_first"] is not None else "-",
+            f"{p99 / 1000:.2f} ms" if p99 else "-", f"{r['control_cores']:.2f}",
+            str(r["errors"]), f"{r['loadavg_1m']:.2f}",
+        ])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(x) + " |" for x in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h)
+              for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)) for x in lines]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found", file=sys.stderr)
+            return 2
+    workdir = Path(tempfile.mkdtemp(prefix="pool-scale-"))
+    workdir.chmod(0o755)
+    samples: list[dict[str, Any]] = []
+    rng = random.Random(args.seed)
+    t_begin = time.monotonic()
+    try:
+        with c.sigterm_as_exit(), c.ProcessSet() as procs:
+            trees = {
+                v: None if ref is None else unpack_tree(ref, workdir / f"tree-{v}")
+                for v, ref in args.variants.items()
+            }
+            ports = c.free_ports(max(args.sizes))
+            conf = write_nginx(workdir, ports)
+            cpus = "1" if args.pin else None
+            nginx = procs.start("backends", c.nginx_argv(conf, workdir),
+                                workdir / "backends.log", cpus=cpus)
+            for p in (ports[0], ports[-1]):
+                c.wait_http_ok("127.0.0.1", p, "/", 20.0, proc=nginx)
+            for rnd in range(1, args.rounds + 1):
+                order = [(v, m, n) for v in args.variants for m in args.modes for n in args.sizes]
+                rng.shuffle(order)
+                for v, m, n in order:
+                    s = run_one(args, workdir, procs, v, trees[v], m, n, ports, rnd)
+                    samples.append(s)
+                    print(f"round {rnd} {v:>10} {m:>17} N={n:<5} "
+                          f"{s['worker_us_per_req']} us/req  {s['rps']:,.0f} req/s  "
+                          f"control {s['control_cores']} cores  errors {s['errors']}  "
+                          f"load {s['loadavg_1m']}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"workdir kept: {workdir}")
+    rows = summarize(samples, args)
+    print()
+    print(table(rows, args.markdown))
+    print(f"\nseed {args.seed}, {len(samples)} runs in {time.monotonic() - t_begin:.0f} s, "
+          f"pinned: {args.pin}, health interval {args.interval} s, wrk -c{args.connections} "
+          f"-d{args.duration}s after {args.warmup} s warm-up")
+    if args.json:
+        args.json.write_text(json.dumps({"samples": samples, "summary": rows,
+                                         "seed": args.seed}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
