@@ -27,9 +27,7 @@ import contextlib
 import ctypes
 import errno
 import logging
-import logging.handlers
 import os
-import queue
 import signal
 import socket
 import sys
@@ -110,34 +108,11 @@ class HeartbeatMeter:
             received_max_s=max(self.received_gaps, default=0.0))
 
 
-class _Enqueue(logging.handlers.QueueHandler):
-    """Hands records to the writer thread as they are (same process: nothing to pickle),
-    with the message merged now (its arguments may change later)."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record.msg = record.getMessage()
-        record.args = None
-        return record
-
-
-_listener: logging.handlers.QueueListener | None = None
-
-
 def setup_logging(level: str, journald: str) -> None:
-    """lb.log's format, but written by a thread: a slow journal or a disk under writeback
-    throttling blocks that thread, never the loop that sends the heartbeats."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
+    """lb.log's setup: lines go through its bounded queue and writer thread, so a slow or
+    stalled journal (or a disk under writeback throttling) blocks that thread, never the loop
+    that sends the heartbeats; past the queue's bound lines are dropped and counted."""
     log_setup.setup(level, journald, "failover")
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    for h in handlers:
-        root.removeHandler(h)
-    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    root.addHandler(_Enqueue(q))
-    _listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
-    _listener.start()
 
 
 def apply_scheduling(sched_priority: int, nice: int) -> str:
@@ -472,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("info", "auto")
     if not _die_with_parent(parent_pid):
         log.warning("failover_parent_gone_at_start action=exit")
-        if _listener is not None:
-            _listener.stop()
+        log_setup.flush()
         return 0
     # Load the netlink code now, while the control process starts its workers, so the
     # spec finds everything ready.
@@ -487,8 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        if _listener is not None:
-            _listener.stop()  # writes what is queued
+        log_setup.flush()  # what is queued, unless the sink is stalled (bounded wait)
 
 
 if __name__ == "__main__":
