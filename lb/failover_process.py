@@ -90,6 +90,8 @@ class FailoverProcess:
 
     @property
     def role(self) -> failover.Role:
+        if self._status is None and self.spec is None:
+            return failover.Role.INIT  # spawned, not started yet
         return self.status().role
 
     def status(self) -> failover.FailoverStatus:
