@@ -70,8 +70,11 @@ def prom(
     jobs = {
         "pairlb": [f"{LOOPBACK}:{lb.admin_port}"],
         "pairlb-pair": [u.removeprefix("http://") for u in pair["urls"].values()],
+        # The same node scraped without per-backend series (big pools, issue 12).
+        "pairlb-pools": [f"{LOOPBACK}:{lb.admin_port}"],
     }
-    p = Prometheus(tmp_path_factory.mktemp("prometheus"), jobs)
+    params = {"pairlb-pools": {"backend_series": ["none"]}}
+    p = Prometheus(tmp_path_factory.mktemp("prometheus"), jobs, params)
     try:
         yield p
     finally:
@@ -167,11 +170,18 @@ def _substitute(expr: str, job: str = "pairlb") -> str:
 class Prometheus:
     """Debian's prometheus scraping every second, in a temp dir; stopped by PID."""
 
-    def __init__(self, tmp: Path, jobs: dict[str, list[str]]) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        jobs: dict[str, list[str]],
+        params: dict[str, dict[str, list[str]]] | None = None,
+    ) -> None:
         self.port = free_port()
         self.tmp = tmp
+        params = params or {}
         scrape = "".join(
             f"  - job_name: {job}\n    static_configs:\n      - targets: {targets!r}\n"
+            + (f"    params: {json.dumps(params[job])}\n" if job in params else "")
             for job, targets in jobs.items()
         )
         (tmp / "prometheus.yml").write_text(
@@ -311,3 +321,20 @@ def test_prometheus_shows_the_pair_and_follows_a_switchover(
     )
     assert changes is not None and changes >= 1
 
+
+def test_prometheus_scrapes_pool_totals_without_per_backend_series(
+    node: tuple[Pairlb, Backends], prom: Prometheus
+) -> None:
+    """?backend_series=none (the option for pools of thousands): Prometheus gets one
+    backend="*" series per pool and class, whose sums equal the per-backend job's."""
+    lb, _ = node
+    drive(lb.url + "/", 20)
+    time.sleep(0.6)
+    full = 'sum(pairlb_requests_total{job="pairlb"})'
+    pools = 'sum(pairlb_requests_total{job="pairlb-pools"})'
+    wait_until(lambda: prom.value(full) is not None and prom.value(full) == prom.value(pools),
+               15, "the same request total from both jobs", 0.3)
+    res = prom.query('count by (backend) (pairlb_requests_total{job="pairlb-pools"})')
+    assert {r["metric"]["backend"] for r in res["data"]["result"]} <= {"*", "-"}
+    assert prom.query('pairlb_backend_healthy{job="pairlb-pools"}')["data"]["result"] == []
+    assert prom.value('sum(pairlb_pool_usable_backends{job="pairlb-pools"})') == 2
