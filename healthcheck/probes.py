@@ -38,8 +38,9 @@ Rules every probe keeps:
   instead of killing the check loop.
 - ``timeout_s`` is the whole budget, connect + request + response; the phase reached when it
   runs out picks L4_TIMEOUT or L7_TIMEOUT. If the timer itself ran more than
-  ``LOOP_LAG_GRACE_S`` late (the control loop was busy, so the probe could not read what
-  may already have arrived), the budget is extended once by ``LOOP_LAG_GRACE_S``: a late
+  ``LOOP_LAG_GRACE_S`` late (the control loop was busy or the process had no CPU, so the
+  probe could not read what may already have arrived), the budget is extended once, by as
+  long as the timer was late (at least ``LOOP_LAG_GRACE_S``, at most ``timeout_s``): a late
   control loop must not be blamed on the backend.
 - Once connected, anything that is not a well-formed HTTP response (garbage, a close or reset
   before the response, oversized headers) is L7_BAD_RESPONSE. Reading is bounded: at most
@@ -85,6 +86,7 @@ __all__ = [
 MAX_BODY_BYTES = 64 * 1024  # body bytes searched for ``expect_body``
 MAX_HEAD_BYTES = 64 * 1024  # bytes read before the headers must be complete
 LOOP_LAG_GRACE_S = 0.05
+"""A deadline timer this late means the loop was late: the probe gets one extension."""
 TICK_S = 0.005
 """Slot of the probes' deadline wheel: a timeout is reported up to this much after it."""
 """Extra time a probe gets, once, when its deadline timer ran this much late (module doc)."""
@@ -381,11 +383,13 @@ class _Check:
         if self._finished:
             return
         now = self._loop.time()
-        if not self._extended and now - self._deadline > LOOP_LAG_GRACE_S:
-            # The loop was busy past our deadline: give what may already be waiting in the
-            # socket one more look before blaming the backend.
+        lag = now - self._deadline
+        if not self._extended and lag > LOOP_LAG_GRACE_S:
+            # The loop was busy (or the process without a CPU) past our deadline: what came
+            # meanwhile was not read yet. One more look, after as long again as the loop
+            # was late (at least the grace, at most the budget), before blaming the backend.
             self._extended = True
-            self._poller.arm(self, now + LOOP_LAG_GRACE_S)
+            self._poller.arm(self, now + min(max(lag, LOOP_LAG_GRACE_S), self._probe.timeout_s))
             return
         if self._connected:
             self._finish(CheckStatus.L7_TIMEOUT, None, "no response within timeout")
