@@ -5,8 +5,10 @@ One nginx (1 worker) listens on the largest N ports of 127.0.0.1 with keep-alive
 every path with a 100-byte body; a pool of N uses the first N of them. For each (variant,
 balance mode, N) a fresh ``pairlb run`` (``[node] workers = 1``, health checks every
 ``--interval`` s) is started, every backend is waited UP (``pairlb_pool_usable_backends``), wrk
-warms it up for ``--warmup`` s (so the worker's keep-alive pool to the backends is filled),
-then drives it for ``--duration`` s. Reported per run:
+warms it up for ``--warmup`` s and then 2 s at a time while the worker is still opening
+keep-alive connections to backends (up to ``--max-warmup`` s: with random picks reaching all
+N backends takes ~N ln N requests, and a connect costs more than a pick), then drives it for
+``--duration`` s. Reported per run:
 
 - **worker CPU us/req**: utime+stime of the worker process during the wrk run / requests
   completed: the figure that says whether a request costs more with more backends (noise
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--duration", type=int, default=8, help="seconds of wrk per run")
     ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured wrk before")
+    ap.add_argument("--max-warmup", type=int, default=40,
+                    help="keep warming (2 s at a time) up to this long while the worker is "
+                         "still opening backend connections")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c")
     ap.add_argument("--interval", type=float, default=1.0, help="health check interval_s")
     ap.add_argument("--up-timeout", type=float, default=90.0,
@@ -82,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="write every sample and the summary here")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs")
+    ap.add_argument("--report", type=Path,
+                    help="print the table of a JSON written by --json (no run)")
     ap.add_argument("--quick", action="store_true", help="smoke run: N=50,200, 2 s, no warm-up")
     args = ap.parse_args(argv)
     if args.quick:
@@ -180,12 +187,26 @@ def unpack_tree(ref: str, dest: Path) -> Path:
     return dest
 
 
+def check_tree(venv: Path, tree: Path) -> None:
+    """The tree's lb is the one that runs (not the repository's, nor the installed one)."""
+    argv = ["env", "-C", str(tree), f"PYTHONPATH={tree}", str(venv / "bin" / "python"), "-c",
+            "import lb.pool; print(lb.pool.__file__)"]
+    where = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
+    if not where.strip().startswith(str(tree)):
+        raise RuntimeError(f"{tree}: python imports lb from {where.strip()}")
+
+
 def pairlb_argv(venv: Path, tree: Path | None, conf: Path) -> list[str]:
     if tree is None:
         return [str(venv / "bin" / "pairlb"), "run", "-c", str(conf)]
-    # `env` execs python, so the PID we track is the control process itself.
-    return ["env", f"PYTHONPATH={tree}", str(venv / "bin" / "python"), "-m", "lb", "run",
-            "-c", str(conf)]
+    # `env` execs python, so the PID we track is the control process itself. The working
+    # directory is the tree too: `-m` puts it first on sys.path, and the workers inherit it.
+    return ["env", "-C", str(tree), f"PYTHONPATH={tree}", str(venv / "bin" / "python"), "-m",
+            "lb", "run", "-c", str(conf)]
+
+
+def venv_of() -> Path:
+    return REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
 
 
 def usable_backends(admin_port: int) -> int:
@@ -221,6 +242,18 @@ def worker_pids(root: int) -> list[int]:
     return out
 
 
+def sockets(pids: list[int]) -> int:
+    """Open sockets of these processes (client and backend connections, listeners)."""
+    n = 0
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    n += os.readlink(fd_dir / fd).startswith("socket:")
+    return n
+
+
 def cpu_of(pids: list[int]) -> float:
     return sum(s.cpu_s for p in pids if (s := c.read_stat(p)) is not None)
 
@@ -233,7 +266,7 @@ def run_one(
     c.require_free([port, admin_port])
     tag = f"{variant}-{mode}-{n}-r{rnd}"
     conf = pairlb_config(args, workdir, tag, mode, port, admin_port, ports[:n])
-    venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
+    venv = venv_of()
     cpus = "0" if args.pin else None
     lb = procs.start("pairlb", pairlb_argv(venv, tree, conf), workdir / f"{tag}.log", cpus=cpus)
     try:
@@ -255,25 +288,39 @@ def run_one(
         load_cpus = "1" if args.pin else None
         wrk_kw: dict[str, Any] = {"connections": args.connections, "cpus": load_cpus,
                                   "log_path": workdir / "wrk.out"}
-        if args.warmup:
-            c.run_wrk(url, args.warmup, **wrk_kw)
         lb.remember_tree()
         workers = worker_pids(lb.pid)
+        warm_s = 0
+        if args.warmup:
+            c.run_wrk(url, args.warmup, **wrk_kw)
+            warm_s = args.warmup
+            # Until the worker has its keep-alive connections: with random picks, reaching
+            # all N backends takes ~N ln N requests, and a connect costs far more than a pick.
+            while warm_s < args.max_warmup:
+                before = sockets(workers)
+                c.run_wrk(url, 2, **wrk_kw)
+                warm_s += 2
+                if sockets(workers) - before <= max(5, n // 100):
+                    break
         w0, k0, t0 = cpu_of(workers), cpu_of([lb.pid]), time.monotonic()
         res = c.run_wrk(url, args.duration, **wrk_kw)
         w1, k1, t1 = cpu_of(workers), cpu_of([lb.pid]), time.monotonic()
+        open_sockets = sockets(workers)
         if not lb.alive():
             raise RuntimeError(f"pairlb exited during the run:\n{lb.log_tail()}")
     finally:
+        lb.remember_tree()
         procs.stop(lb, timeout_s=5)
     return {
+        "pids": sorted(lb.known),
         "variant": variant, "mode": mode, "backends": n, "round": rnd,
         "requests": res.requests, "rps": round(res.rps, 1),
         "worker_us_per_req": round((w1 - w0) / res.requests * 1e6, 2) if res.requests else None,
         "worker_cores": round((w1 - w0) / (t1 - t0), 3),
         "control_cores": round((k1 - k0) / (t1 - t0), 3),
         "p50_us": res.latency_us.get("50"), "p99_us": res.latency_us.get("99"),
-        "errors": res.errors, "up_s": round(up_s, 2),
+        "errors": res.errors, "up_s": round(up_s, 2), "warmup_s": warm_s,
+        "worker_sockets": open_sockets,
         "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
     }
 
@@ -292,6 +339,7 @@ def summarize(samples: list[dict[str, Any]], args: argparse.Namespace) -> list[d
                 row = {
                     "variant": variant, "mode": mode, "backends": n, "runs": len(ss),
                     "worker_us_per_req": round(statistics.median(us), 1),
+                    "worker_us_best": round(min(us), 1),
                     "rps": round(statistics.median(s["rps"] for s in ss)),
                     "p99_us": statistics.median(s["p99_us"] or 0 for s in ss),
                     "control_cores": round(statistics.median(s["control_cores"] for s in ss), 2),
@@ -301,20 +349,23 @@ def summarize(samples: list[dict[str, Any]], args: argparse.Namespace) -> list[d
                 if base is None:
                     base = row
                 row["us_vs_first"] = round(row["worker_us_per_req"] / base["worker_us_per_req"], 2)
+                row["best_vs_first"] = round(row["worker_us_best"] / base["worker_us_best"], 2)
                 row["rps_vs_first"] = round(row["rps"] / base["rps"], 2) if base["rps"] else None
                 rows.append(row)
     return rows
 
 
 def table(rows: list[dict[str, Any]], markdown: bool) -> str:
-    head = ["variant", "balance", "backends", "worker CPU us/req", "vs first N", "req/s",
+    head = ["variant", "balance", "backends", "worker CPU us/req", "vs first N", "best",
+            "vs first N", "req/s",
             "vs first N", "p99", "control cores", "errors", "load avg"]
     lines = []
     for r in rows:
         p99 = r["p99_us"]
         lines.append([
             r["variant"], r["mode"], str(r["backends"]), f"{r['worker_us_per_req']:.1f}",
-            f"{r['us_vs_first']:.2f}x", f"{r['rps']:,}",
+            f"{r['us_vs_first']:.2f}x", f"{r['worker_us_best']:.1f}",
+            f"{r['best_vs_first']:.2f}x", f"{r['rps']:,}",
             f"{r['rps_vs_first']:.2f}x" if r["rps_vs_first"] is not None else "-",
             f"{p99 / 1000:.2f} ms" if p99 else "-", f"{r['control_cores']:.2f}",
             str(r["errors"]), f"{r['loadavg_1m']:.2f}",
@@ -332,6 +383,13 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        samples = json.loads(args.report.read_text())["samples"]
+        args.variants = dict.fromkeys(dict.fromkeys(s["variant"] for s in samples))
+        args.modes = [m for m in MODES if any(s["mode"] == m for s in samples)]
+        args.sizes = sorted({s["backends"] for s in samples})
+        print(table(summarize(samples, args), args.markdown))
+        return 0
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             print(f"{tool} not found", file=sys.stderr)
@@ -339,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pool-scale-"))
     workdir.chmod(0o755)
     samples: list[dict[str, Any]] = []
+    nginx_pids: list[int] = []
     rng = random.Random(args.seed)
     t_begin = time.monotonic()
     try:
@@ -347,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                 v: None if ref is None else unpack_tree(ref, workdir / f"tree-{v}")
                 for v, ref in args.variants.items()
             }
+            for tree in trees.values():
+                if tree is not None:
+                    check_tree(venv_of(), tree)
             ports = c.free_ports(max(args.sizes))
             conf = write_nginx(workdir, ports)
             cpus = "1" if args.pin else None
@@ -354,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                                 workdir / "backends.log", cpus=cpus)
             for p in (ports[0], ports[-1]):
                 c.wait_http_ok("127.0.0.1", p, "/", 20.0, proc=nginx)
+            nginx_pids = nginx.remember_tree()
             for rnd in range(1, args.rounds + 1):
                 order = [(v, m, n) for v in args.variants for m in args.modes for n in args.sizes]
                 rng.shuffle(order)
@@ -379,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
           f"pinned: {args.pin}, health interval {args.interval} s, wrk -c{args.connections} "
           f"-d{args.duration}s after {args.warmup} s warm-up")
     if args.json:
+        started = sorted({*nginx_pids, *(p for s in samples for p in s["pids"])})
         args.json.write_text(json.dumps({"samples": samples, "summary": rows,
-                                         "seed": args.seed}, indent=1))
+                                         "seed": args.seed, "started_pids": started}, indent=1))
     return 0
 
 
