@@ -13,7 +13,22 @@ rounds pick at random; no fault of a later round starts after `--duration`.
 Faults: kill -9 / SIGSTOP / graceful restart of a backend; kill -9 of one proxy worker;
 kill -9 / SIGSTOP / link cut / graceful restart of the active node; SIGHUP with a changed
 (valid) config and with a broken one; drain then maintenance then enable of a backend (on
-both nodes, as an operator would); planned switchover (admin API).
+both nodes, as an operator would); planned switchover (admin API). Issue 12's faults, things
+a node does to itself that must not stall its heartbeats:
+
+- scrape storm: 20 concurrent scrapers GET /metrics and /status back to back (keep-alive,
+  Prometheus's Accept header, gzip) for 3 s on the MASTER, on the BACKUP, on both at once;
+- huge reload: SIGHUP with a config that adds a pool of 2500 backends (one cheap asyncio
+  process listening on 2500 ports in a backend's namespace, checked every second), then
+  SIGHUP with it removed again; on the MASTER alone, and on both nodes at once;
+- stalled log: the MASTER's stderr (a pipe, read by a `cat` into its log file, as journald
+  reads a unit's stream) stops being read: the reader is SIGSTOPped and the pipe filled to
+  the last byte, so the next line any of the node's processes writes would block; the node
+  is reloaded meanwhile (every process logs), /status is asked every 0.25 s; after 4 s the
+  reader reads again.
+
+Every fault, old and new, runs with Prometheus-like scraping: /metrics of both nodes every
+second (a scraper process in each node's namespace, for the whole run).
 
 Invariants, from records that do not trust pairlb (client records, the backends' kill-proof
 journals, the kernel's address events):
@@ -26,6 +41,10 @@ journals, the kernel's address events):
 - never two VIP holders answering the client for longer than one heartbeat interval
   (successive successful requests, by start time, alternating between lb1 and lb2);
 - after every fault the pair converges to exactly one MASTER holding the VIP;
+- scrape storms, huge reloads and a stalled log change no role (pairlb's transition
+  counters of both nodes, before the fault and once the pair is steady again) and move no
+  VIP (the kernel's address events), and cost no client request; during a stalled log the
+  node's control process answers every /status;
 - each fault's outage (longest time without a successful request) and failed requests
   within the earlier issues' targets: median outage after kill -9 and link cut of the active
   node <= 0.15 s (the same bound for a hung node), 0 failed requests for a graceful stop,
@@ -47,6 +66,10 @@ pyroute2 or pairlb's internals: what it judges is the running processes.
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
+import fcntl
+import itertools
 import json
 import os
 import platform
@@ -55,8 +78,12 @@ import shlex
 import shutil
 import signal
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
 import traceback
 from collections import Counter
@@ -70,6 +97,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # bench/failover.py would shadow the failover package: the repo first, bench/ not at all.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+sys.path.append(str(REPO / "tests"))
+
+from failover_e2e import heartbeat_arrivals  # noqa: E402
 
 from lb import demo_net, netns  # noqa: E402
 from lb.demo_load import (  # noqa: E402
@@ -93,6 +124,39 @@ DRAIN_GRACE_S = 0.05
 """Issue 5: a worker applies a pool snapshot within milliseconds of the change."""
 OUTAGE_TARGET_S = 0.15
 """Issue 4: median outage after kill -9 and link cut of the active node, default settings."""
+STORM_S = 3.0
+STORM_CONCURRENCY = 20
+STORM_MAX = 30000
+"""A storm's bound in requests per node (20 scrapers back to back for 3 s do far fewer)."""
+SCHED_PRIORITY = 10
+"""failover.sched_priority of both nodes: SCHED_RR for the failover process, as
+docs/operations.md advises where other work can saturate the CPUs; this shared 2-vCPU box,
+running both nodes, the client, the backends and other engineers' benchmarks, is such a
+host. With 0 (the shipped default: nice -10) storms on both nodes at once delayed heartbeats
+past master_down now and then (docs/reliability.md); `--sched-priority 0` runs that way."""
+SCRAPER_NICE = 10
+"""The scrapers stand for a Prometheus on another host: their own CPU is not the node's doing,
+and on the shared 2 vCPUs (everything of both nodes, the client and the backends) it would
+compete with the failover processes as no remote scraper does. `--scraper-nice 0` runs them
+at the nodes' own priority (docs/reliability.md has both)."""
+SCRAPE_EVERY_S = 1.0
+"""The background scrape interval (Prometheus's usual 15 s would hide nothing; 1 s is a
+demanding setting), on both nodes for the whole run."""
+BULK_BACKENDS = 2500
+BULK_FIRST_PORT = 20000
+BULK_HOST = "web3"
+"""Namespace of the many-port backend process (not the backend web3 itself: a fault on that
+one does not touch it)."""
+BULK_CHECK_INTERVAL_S = 5.0
+"""The bulk pool's check interval: 500 checks/s on a node, what its control process can keep
+up with on the shared 2-vCPU test box (at 1 s it cannot: docs/reliability.md)."""
+HUGE_HOLD_S = 5.0
+"""From the SIGHUP that adds the pool to the one that removes it: every backend checked
+rise (2) times and more, under /metrics scrapes of every backend every second."""
+LOG_STALL_S = 4.0
+LOG_STALL_POLL_S = 0.25
+LOG_STALL_STATUS_TIMEOUT_S = 2.0
+HELPERS = HERE / "chaos_helpers.py"
 DOCS = REPO / "docs" / "reliability.md"
 KEEP_MARKER = "<!-- kept by bench/chaos.py: everything below is not the chaos report -->"
 
@@ -110,10 +174,21 @@ FAULTS: dict[str, float] = {
     "reload_bad": 1.5,
     "drain": 3.0,
     "switchover": 2.0,
+    "scrape_storm_master": 4.5,
+    "scrape_storm_backup": 4.5,
+    "scrape_storm_both": 4.5,
+    "reload_huge_master": 8.0,
+    "reload_huge_both": 8.0,
+    "log_stall": 6.0,
 }
+COUNTED = frozenset({"scrape_storm_master", "scrape_storm_backup", "scrape_storm_both",
+                     "reload_huge_master", "reload_huge_both", "log_stall"})
+"""Faults after which pairlb's role-transition counters must not have moved (no process of
+either node restarts during them, so the counters are comparable)."""
 
 # Per phase kind: (target text, check(stats) -> ok). Kinds without a check are reported only.
 ZERO_FAILED = "0 failed"
+NO_ROLE_CHANGE = "0 failed, no role change"
 
 
 @dataclass
@@ -136,6 +211,14 @@ class Phase:
     target: str = ""
     ok: bool = True
     note: str = ""
+    vip_moves: int = 0
+    """VIP gained or lost by either node in the phase (the kernel's address events)."""
+    hb_gap_s: float | None = None
+    """Longest silence between two heartbeats on the wire (either direction) overlapping the
+    phase; None when the capture missed packets or saw none."""
+    role_changes: int | None = None
+    """Role transitions of both nodes from the fault's start until the pair was steady again
+    (pairlb's counters; measured for the COUNTED faults, on their first phase)."""
 
 
 @dataclass
@@ -152,20 +235,23 @@ class Report:
     failed: int = 0
     posts: int = 0
     elapsed_s: float = 0.0
+    load: tuple[float, float] = (0.0, 0.0)
+    """1-minute load average at the start and at the end of the run."""
     error: str = ""
 
 
-def schedule(seed: int, duration_s: float) -> list[str]:
+def schedule(seed: int, duration_s: float, kinds: Sequence[str] | None = None) -> list[str]:
     """Every fault once in a seeded order, then seeded random picks, about `duration_s` long
-    in total (the runner also stops starting faults once the time is up)."""
+    in total (the runner also stops starting faults once the time is up). `kinds` narrows
+    the faults (a subset of FAULTS, for a focused run)."""
     rng = random.Random(seed)
-    first = list(FAULTS)
+    first = list(FAULTS) if kinds is None else [k for k in FAULTS if k in kinds]
     rng.shuffle(first)
     out, budget = [], 0.0
     for name in first:
         out.append(name)
         budget += FAULTS[name]
-    names = list(FAULTS)
+    names = sorted(first, key=list(FAULTS).index)
     while budget < duration_s:
         name = rng.choice(names)
         out.append(name)
@@ -177,10 +263,268 @@ class ChaosError(RuntimeError):
     pass
 
 
+F_GETPIPE_SZ = 1032
+
+
+def _proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("T" stopped), "" if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+class ChaosCluster(demo_net.Cluster):
+    """The demo's Cluster, with what the issue-12 faults need: each node's stdout and stderr
+    a pipe read by a `cat` into its log file (a log sink the suite can stall), an optional
+    pool of many backends in each node's config, the many-port process those backends live
+    on, and scraper processes inside the nodes' namespaces."""
+
+    def __post_init__(self) -> None:
+        self.bulk_on: set[str] = set()
+        self.bulk_count = BULK_BACKENDS
+        self.bulk_interval_s = BULK_CHECK_INTERVAL_S
+        self.scraper_nice = SCRAPER_NICE
+        self.failover_extra = ""
+        """TOML lines added to [failover] (e.g. ``sched_priority = 10``)."""
+        self.variants: dict[str, str] = {}
+        self.relays: dict[str, subprocess.Popen[bytes]] = {}
+        self.helpers: list[subprocess.Popen[bytes]] = []
+        """Everything we started outside pairlb (relays, scrapers, farm): stopped by pid."""
+        self.farm: subprocess.Popen[bytes] | None = None
+        self.background_scrapes: dict[str, Path] = {}
+        self.background_procs: list[subprocess.Popen[bytes]] = []
+        self.wire: dict[str, tuple[threading.Event, threading.Thread, dict[str, Any]]] = {}
+        super().__post_init__()
+
+    def __enter__(self) -> ChaosCluster:
+        return self
+
+    # configs
+
+    def bulk_toml(self) -> str:
+        host = self.addr[BULK_HOST]
+        rows = ",\n".join(f'  {{ name = "bulk{i}", address = "{host}:{BULK_FIRST_PORT + i}" }}'
+                          for i in range(self.bulk_count))
+        return f"""
+# Added by bench/chaos.py for a huge reload: {self.bulk_count} backends of one cheap process.
+[[pool]]
+name = "bulk"
+backends = [
+{rows},
+]
+
+[pool.health]
+interval_s = {self.bulk_interval_s}
+timeout_s = 1.0
+rise = 2
+fall = 3
+"""
+
+    def write_config(self, node: str, variant: str = "") -> None:
+        self.variants[node] = variant
+        text = demo_net.node_config(self.base, node, addr=self.addr, vip=self.vip,
+                                    key_file=str(self.key_file),
+                                    token_file=str(self.token_file), settings=self.settings,
+                                    variant=variant)
+        if self.failover_extra:
+            head, sep, tail = text.partition("\n[admin]\n")
+            text = head + "\n" + self.failover_extra.strip() + "\n" + sep + tail
+        if node in self.bulk_on:
+            text += self.bulk_toml()
+        tmp = self.config_path(node).with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(self.config_path(node))
+
+    def set_bulk(self, node: str, on: bool) -> None:
+        """Add or remove the bulk pool in `node`'s config file (the reload is the caller's)."""
+        if on:
+            self.bulk_on.add(node)
+        else:
+            self.bulk_on.discard(node)
+        self.write_config(node, self.variants.get(node, ""))
+
+    def start_farm(self, timeout_s: float = 60.0) -> None:
+        if self.farm is not None:
+            return
+        argv = [self.python, str(HELPERS), "farm", self.addr[BULK_HOST], str(BULK_FIRST_PORT),
+                str(self.bulk_count)]
+        with open(self.log("farm"), "ab") as out:
+            self.farm = self.topo.popen(BULK_HOST, argv, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=out, start_new_session=True)
+        self.helpers.append(self.farm)
+        last = BULK_FIRST_PORT + self.bulk_count - 1
+        farm = self.farm
+
+        def listening() -> bool:
+            if farm.poll() is not None:
+                raise demo_net.DemoError(f"the many-port process exited:\n"
+                                         f"{self.log_tail('farm')}")
+            return self.topo.tcp_probe(demo_net.CLIENT, self.addr[BULK_HOST], last, 0.2) \
+                is netns.Probe.OPEN
+
+        self.wait_for(f"{self.bulk_count} backends listening", listening, timeout_s, 0.1)
+
+    # the log sink
+
+    def start_lb(self, node: str) -> demo_net.Proc:
+        """As Cluster.start_lb, but stdout and stderr go to a pipe a `cat` copies into the
+        log file: the sink the stalled-log fault stops reading."""
+        if node in self.lbs and self.lbs[node].running:
+            raise demo_net.DemoError(f"{node} already runs (pid {self.lbs[node].proc.pid})")
+        if not self.config_path(node).exists():
+            self.write_config(node)
+        with open(self.log(node), "ab") as f:
+            f.write(f"--- start at {time.monotonic():.6f}\n".encode())
+        r, w = os.pipe()
+        try:
+            with open(self.log(node), "ab") as out:
+                relay = subprocess.Popen(["cat"], stdin=r, stdout=out,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+            self.helpers.append(relay)
+            self.relays[node] = relay
+            argv = [self.python, "-m", "lb", "run", "-c", str(self.config_path(node))]
+            proc = self.topo.popen(node, argv, stdin=subprocess.DEVNULL, stdout=w, stderr=w,
+                                   env=self._env(), start_new_session=True)
+        finally:
+            os.close(r)
+            os.close(w)
+        p = demo_net.Proc(node, proc, time.monotonic())
+        self.lbs[node] = p
+        return p
+
+    def stall_log(self, node: str) -> tuple[int, int]:
+        """Stop `node`'s log reader and fill its pipe until not one more byte goes in: from
+        then on any write by any of the node's processes blocks. Returns (bytes in the pipe,
+        its capacity); the bytes can be fewer (a page the reader had partly read is not
+        written into again)."""
+        relay = self.relays[node]
+        os.kill(relay.pid, signal.SIGSTOP)
+        self.wait_for("the log reader stopped", lambda: _proc_state(relay.pid) in ("T", ""),
+                      2.0, 0.005)
+        # A description of our own (non-blocking) onto the same pipe: setting O_NONBLOCK on
+        # the node's would change how the node's own writes behave.
+        fd = os.open(f"/proc/{relay.pid}/fd/0", os.O_WRONLY | os.O_NONBLOCK)
+        filler = b"# chaos: the log sink is stalled; this line fills its pipe #######\n"
+        try:
+            for chunk in (filler * 64, filler, b"\n"):
+                while True:
+                    try:
+                        os.write(fd, chunk)
+                    except BlockingIOError:
+                        break
+            queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+            capacity = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        finally:
+            os.close(fd)
+        return int(queued), int(capacity)
+
+    def resume_log(self, node: str) -> None:
+        relay = self.relays.get(node)
+        if relay is not None and relay.poll() is None:
+            os.kill(relay.pid, signal.SIGCONT)
+
+    # scrapers
+
+    def start_scraper(self, node: str, out: Path, *, paths: str, concurrency: int,
+                      every_s: float, duration_s: float, max_requests: int,
+                      timeout_s: float = 10.0) -> subprocess.Popen[bytes]:
+        nice = ["nice", "-n", str(self.scraper_nice)] if self.scraper_nice else []
+        argv = [*nice, self.python, str(HELPERS), "scrape", str(out), "--port",
+                str(demo_net.ADMIN_PORT), "--paths", paths, "--concurrency", str(concurrency),
+                "--every", str(every_s), "--duration", str(duration_s), "--max",
+                str(max_requests), "--timeout", str(timeout_s)]
+        with open(self.log(f"scrape-{node}"), "ab") as log:
+            proc = self.topo.popen(node, argv, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=log, start_new_session=True)
+        self.helpers.append(proc)
+        return proc
+
+    def failover_scheduling(self, node: str) -> str:
+        """How the kernel schedules `node`'s failover process: "rr:PRIO" or "nice:N"."""
+        for pid in self.topo.pids(node):
+            if demo_net.is_ours(pid, "lb.failover_main"):
+                try:
+                    policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
+                    if policy == os.SCHED_RR:
+                        return f"rr:{os.sched_getparam(pid).sched_priority}"
+                    return f"nice:{os.getpriority(os.PRIO_PROCESS, pid)}"
+                except OSError:
+                    continue
+        return "?"
+
+    def start_wire(self, limit_s: float) -> None:
+        """Capture each node's heartbeats at the other node's NIC for the run (AF_PACKET,
+        kernel receive stamps: tests/failover_e2e.heartbeat_arrivals)."""
+        for sender, receiver in (demo_net.LBS, demo_net.LBS[::-1]):
+            stop = threading.Event()
+            box: dict[str, Any] = {}
+
+            def capture(sender: str = sender, receiver: str = receiver,
+                        stop: threading.Event = stop, box: dict[str, Any] = box) -> None:
+                try:
+                    box["result"] = netns.call_in_netns(
+                        self.topo[receiver].netns, heartbeat_arrivals, self.addr[sender],
+                        stop, limit_s, timeout_s=limit_s + 10)
+                except Exception as exc:  # reported as no data, never a crash of the run
+                    box["error"] = repr(exc)
+
+            t = threading.Thread(target=capture, daemon=True, name=f"wire-{sender}")
+            t.start()
+            self.wire[sender] = (stop, t, box)
+        time.sleep(0.1)  # the sockets are open before anything happens
+
+    def stop_wire(self) -> dict[str, tuple[list[float], int]]:
+        """{sender: (arrival times at the peer, capture drops)}."""
+        out: dict[str, tuple[list[float], int]] = {}
+        for sender, (stop, t, box) in self.wire.items():
+            stop.set()
+            t.join(10.0)
+            out[sender] = box.get("result", ([], -1))
+        return out
+
+    def start_background_scrapes(self, duration_s: float) -> None:
+        """/metrics of every node every SCRAPE_EVERY_S, as Prometheus would, for the run."""
+        for n in demo_net.LBS:
+            path = self.workdir / f"scrapes-{n}.txt"
+            self.background_scrapes[n] = path
+            self.background_procs.append(self.start_scraper(
+                n, path, paths="/metrics", concurrency=1, every_s=SCRAPE_EVERY_S,
+                duration_s=duration_s, max_requests=int(duration_s / SCRAPE_EVERY_S) + 10,
+                timeout_s=SCRAPE_EVERY_S * 5))
+
+    def stop_background_scrapes(self) -> None:
+        for proc in self.background_procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.background_procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(SCRAPE_EVERY_S * 6)
+
+    def close(self) -> None:
+        """Log readers reading again (a node blocked on its log stops slowly), the Cluster,
+        then whatever of ours is left (by pid: relays, scrapers, the farm)."""
+        for node in list(self.relays):
+            with contextlib.suppress(ProcessLookupError):
+                self.resume_log(node)
+        try:
+            super().close()
+        finally:
+            for proc in self.helpers:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGCONT)
+                        os.kill(proc.pid, signal.SIGKILL)
+            for proc in self.helpers:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5.0)
+
+
 class Chaos:
     """Runs the schedule on a Cluster and records marks; `analyse` computes the report."""
 
-    def __init__(self, cluster: demo_net.Cluster, report: Report, rng: random.Random,
+    def __init__(self, cluster: ChaosCluster, report: Report, rng: random.Random,
                  log: Callable[[str], None]) -> None:
         self.c = cluster
         self.report = report
@@ -193,7 +537,16 @@ class Chaos:
         self.worker_kills: list[tuple[int, float]] = []
         self.variant = ""
         self.fault_no = 0
+        self.first_round = len(FAULTS)
         self.started = time.monotonic()
+        self.storms: list[dict[str, Any]] = []
+        """Each scrape storm: fault, nodes, record file."""
+        self.huge: list[dict[str, Any]] = []
+        """Each huge reload: fault, nodes, how long each step took."""
+        self.stalls: list[dict[str, Any]] = []
+        """Each stalled log: fault, node, pipe fill, /status asked and answered, reload."""
+        self.wire: dict[str, tuple[list[float], int]] = {}
+        """Heartbeat arrival times at the peer's NIC per sender, and the capture's drops."""
 
     # marks and settling
 
@@ -257,12 +610,34 @@ class Chaos:
         self.started = time.monotonic()
         end = self.started + duration_s
         for i, name in enumerate(names):
-            if i >= len(FAULTS) and time.monotonic() >= end:
+            if i >= self.first_round and time.monotonic() >= end:
                 break
             self.fault_no += 1
             self.report.schedule.append(name)
+            before = self.transitions() if name in COUNTED else None
+            first = len(self.phases)
             getattr(self, f"f_{name}")()
             self.settle()
+            if name in COUNTED:
+                after = self.transitions()
+                ph = self.phases[first]
+                if before is None or after is None:
+                    ph.note = (ph.note + "; " if ph.note else "") + \
+                        "role counters unreadable (a node did not answer /status)"
+                    ph.role_changes = -1
+                else:
+                    ph.role_changes = sum(after[n] - before[n] for n in demo_net.LBS)
+
+    def transitions(self) -> dict[str, int] | None:
+        """Role transitions each node counted since it started (pairlb's own counters)."""
+        out = {}
+        for n in demo_net.LBS:
+            st = self.c.status(n, 5.0)
+            if st is None:
+                return None
+            counters = (st.get("failover") or {}).get("counters") or {}
+            out[n] = sum(int(v) for v in (counters.get("transitions") or {}).values())
+        return out
 
     def master(self) -> str:
         m = self.c.master()
@@ -354,7 +729,8 @@ class Chaos:
     def _generations(self) -> dict[str, tuple[int, Any]]:
         out = {}
         for n in demo_net.LBS:
-            st = self.c.status(n) or {}
+            # A /status of thousands of backends from a busy control process: more than 1 s.
+            st = self.c.status(n, 10.0) or {}
             cfg = st.get("config") or {}
             out[n] = (int(cfg.get("generation", -1)), cfg.get("last_reload"))
         return out
@@ -426,6 +802,117 @@ class Chaos:
         self.mark("switchover", f"planned switchover {m} -> {peer} (admin API)", t)
         self.c.switchover(m)
 
+    # issue 12: what a node does to itself
+
+    def _storm(self, kind: str, nodes: Sequence[str], what: str) -> None:
+        out = self.c.workdir / f"storm-{self.fault_no}.txt"
+        procs = {n: self.c.start_scraper(
+            n, out.with_suffix(f".{n}.txt"), paths="/metrics,/status",
+            concurrency=STORM_CONCURRENCY, every_s=0.0, duration_s=STORM_S,
+            max_requests=STORM_MAX) for n in nodes}
+        t = time.monotonic()
+        self.mark(kind, f"scrape storm on {what}: {STORM_CONCURRENCY} scrapers of /metrics "
+                  f"and /status, {STORM_S:g} s", t)
+        for n, proc in procs.items():
+            try:
+                proc.wait(STORM_S + 20.0)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5.0)
+                self.report.violations.append(
+                    f"fault #{self.fault_no}: the scrape storm on {n} did not end in time")
+        self.storms.append({"fault": self.fault_no, "files": {
+            n: str(out.with_suffix(f".{n}.txt")) for n in nodes}})
+
+    def f_scrape_storm_master(self) -> None:
+        m = self.master()
+        self._storm("scrape_storm", [m], f"the MASTER {m}")
+
+    def f_scrape_storm_backup(self) -> None:
+        m = self.master()
+        b = next(n for n in demo_net.LBS if n != m)
+        self._storm("scrape_storm", [b], f"the BACKUP {b}")
+
+    def f_scrape_storm_both(self) -> None:
+        self._storm("scrape_storm", list(demo_net.LBS), "both nodes")
+
+    def _bulk_usable(self, nodes: Sequence[str]) -> dict[str, int]:
+        """Backends of the bulk pool in rotation on each of `nodes` (-1: no /status). One
+        /status each: polling a 2500-backend /status would be a load of its own."""
+        usable: dict[str, int] = {}
+        for n in nodes:
+            st = self.c.status(n, 10.0)
+            pool: dict[str, Any] = next(
+                (p for p in (st or {}).get("pools", []) if p.get("name") == "bulk"), {})
+            usable[n] = int(pool.get("usable", 0)) if st is not None else -1
+        return usable
+
+    def _huge(self, nodes: Sequence[str], what: str) -> None:
+        self.c.start_farm()
+        n_b = self.c.bulk_count
+        entry: dict[str, Any] = {"fault": self.fault_no, "nodes": list(nodes)}
+        self.huge.append(entry)
+        before = self._generations()
+        for n in nodes:
+            self.c.set_bulk(n, True)
+        t = time.monotonic()
+        for n in nodes:
+            self.c.signal_control(n, signal.SIGHUP)
+        self.mark("huge_add", f"reload adding a pool of {n_b} backends on {what}", t)
+        self.c.wait_for(f"{what} reloaded", lambda: all(
+            self._generations()[n][0] == before[n][0] + 1 for n in nodes), 60.0, 0.1)
+        entry["applied_s"] = round(time.monotonic() - t, 3)
+        time.sleep(max(0.0, t + HUGE_HOLD_S - time.monotonic()))
+        entry["usable"] = self._bulk_usable(nodes)
+        entry["held_s"] = round(time.monotonic() - t, 3)
+        for n in nodes:
+            self.c.set_bulk(n, False)
+        t = time.monotonic()
+        for n in nodes:
+            self.c.signal_control(n, signal.SIGHUP)
+        self.mark("huge_remove", f"reload removing the {n_b} backends on {what}", t)
+        self.c.wait_for(f"{what} reloaded", lambda: all(
+            self._generations()[n][0] == before[n][0] + 2 for n in nodes), 60.0, 0.1)
+        entry["removed_s"] = round(time.monotonic() - t, 3)
+        time.sleep(0.5)
+
+    def f_reload_huge_master(self) -> None:
+        m = self.master()
+        self._huge([m], f"the MASTER {m}")
+
+    def f_reload_huge_both(self) -> None:
+        self._huge(list(demo_net.LBS), "both nodes")
+
+    def f_log_stall(self) -> None:
+        m = self.master()
+        before = self._generations()[m][0]
+        queued, capacity = self.c.stall_log(m)
+        t = time.monotonic()
+        self.mark("log_stall", f"log sink of the MASTER {m} stalled {LOG_STALL_S:g} s (pipe "
+                  "full), SIGHUP on it", t)
+        entry: dict[str, Any] = {"fault": self.fault_no, "node": m, "pipe_bytes": queued,
+                                 "pipe_capacity": capacity, "asked": 0, "answered": 0,
+                                 "slowest_s": 0.0, "reloaded_after_s": None}
+        self.stalls.append(entry)
+        self.c.signal_control(m, signal.SIGHUP)
+        while time.monotonic() < t + LOG_STALL_S:
+            t_ask = time.monotonic()
+            entry["asked"] += 1
+            st = self.c.status(m, LOG_STALL_STATUS_TIMEOUT_S)
+            took = time.monotonic() - t_ask
+            entry["slowest_s"] = round(max(entry["slowest_s"], took), 3)
+            if st is not None:
+                entry["answered"] += 1
+                gen = int((st.get("config") or {}).get("generation", -1))
+                if gen == before + 1 and entry["reloaded_after_s"] is None:
+                    entry["reloaded_after_s"] = round(time.monotonic() - t, 3)
+            time.sleep(max(0.0, t_ask + LOG_STALL_POLL_S - time.monotonic()))
+        t = time.monotonic()
+        self.c.resume_log(m)
+        self.mark("log_back", f"log sink of {m} read again", t)
+        # The lines written during the stall are in the log file once the reader caught up.
+        time.sleep(0.5)
+
 
 # -- analysis ------------------------------------------------------------------------------
 
@@ -448,6 +935,11 @@ TARGETS: dict[str, str] = {
     "drain": ZERO_FAILED,
     "enable": ZERO_FAILED,
     "switchover": ZERO_FAILED,
+    "scrape_storm": NO_ROLE_CHANGE,
+    "huge_add": NO_ROLE_CHANGE,
+    "huge_remove": NO_ROLE_CHANGE,
+    "log_stall": NO_ROLE_CHANGE,
+    "log_back": NO_ROLE_CHANGE,
 }
 
 
@@ -459,8 +951,12 @@ def analyse(chaos: Chaos, report: Report) -> None:
     report.failed = sum(1 for r in recs if not r.ok)
     report.posts = sum(1 for r in recs if r.method == "POST")
     journal = c.journal_entries()
+    events = list(c.watch.events) if c.watch is not None else []
     for ph in chaos.phases:
-        ws = window_stats(recs, ph.t0, ph.t1 or time.monotonic(), SLOW_S)
+        end = ph.t1 or time.monotonic()
+        ph.vip_moves = sum(1 for t, _n, _p in events if ph.t0 <= t < end)
+        ph.hb_gap_s = _wire_gap(chaos.wire, ph.t0, end)
+        ws = window_stats(recs, ph.t0, end, SLOW_S)
         ph.requests, ph.failed, ph.retried = ws.requests, ws.failed, ws.retried
         ph.failed_get, ph.failed_post, ph.five_xx = ws.failed_get, ws.failed_post, ws.five_xx
         ph.outage_s = ws.max_gap_s
@@ -472,19 +968,158 @@ def analyse(chaos: Chaos, report: Report) -> None:
             ph.ok = ph.failed_get == 0
         elif ph.target == "no 5xx":
             ph.ok = ph.five_xx == 0
+        elif ph.target == NO_ROLE_CHANGE:
+            ph.ok = ph.failed == 0 and ph.vip_moves == 0 and not ph.role_changes
     for ph in chaos.phases:
         if not ph.ok:
+            moved = "" if ph.target != NO_ROLE_CHANGE else (
+                f", {ph.vip_moves} VIP moves (kernel), "
+                + ("role changes not measured" if ph.role_changes is None else
+                   "role counters unreadable" if ph.role_changes < 0 else
+                   f"{ph.role_changes} role changes"))
             report.violations.append(
                 f"fault #{ph.fault} {ph.label}: target {ph.target}, got {ph.failed} failed "
                 f"({ph.failed_get} GET, {ph.failed_post} POST, {ph.five_xx} 5xx: "
-                f"{ph.errors})")
+                f"{ph.errors}){moved}")
     _check_worker_kills(chaos, recs, report)
     _check_outage_medians(chaos, report)
     _check_posts(recs, journal, report)
     _check_drains(chaos, recs, journal, report)
     _check_dual_answers(chaos, recs, report)
+    _check_storms(chaos, report)
+    _check_huge_reloads(chaos, report)
+    _check_log_stalls(chaos, report)
+    _check_background_scrapes(chaos, report)
+    _check_wire(chaos, report)
     _check_final(chaos, report)
     report.phases = chaos.phases
+
+
+def _wire_gap(wire: dict[str, tuple[list[float], int]], t0: float, t1: float
+              ) -> float | None:
+    """Longest silence between consecutive heartbeats (either sender) that overlaps [t0,
+    t1); None if a capture dropped packets or there is none."""
+    worst = None
+    for times, drops in wire.values():
+        if drops != 0 or not times:
+            return None
+        i = max(0, bisect.bisect_left(times, t0) - 1)
+        j = bisect.bisect_left(times, t1)
+        seg = times[i:j + 1]
+        gaps = [b - a for a, b in itertools.pairwise(seg)]
+        if gaps:
+            worst = max(worst or 0.0, max(gaps))
+    return worst
+
+
+def _check_wire(chaos: Chaos, report: Report) -> None:
+    report.checks["wire"] = {s: {"heartbeats": len(t), "capture_drops": d}
+                             for s, (t, d) in chaos.wire.items()}
+
+
+Scrape = tuple[float, float, str, int, int, str]
+"""t0, t1, path, status, bytes, error: one line of a chaos_helpers scrape file."""
+
+
+def read_scrapes(path: str | Path) -> list[Scrape]:
+    out: list[Scrape] = []
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 6:
+            with contextlib.suppress(ValueError):
+                out.append((float(f[0]), float(f[1]), f[2], int(f[3]), int(f[4]), f[5]))
+    return out
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q * len(v)) - 1))]
+
+
+def scrape_summary(rows: Sequence[Scrape]) -> dict[str, Any]:
+    ok = [r for r in rows if r[3] == 200]
+    took = [r[1] - r[0] for r in ok]
+    failed = Counter(r[5] if r[3] == 0 else f"http{r[3]}" for r in rows if r[3] != 200)
+    return {"requests": len(rows), "ok": len(ok), "failed": sum(failed.values()),
+            "errors": dict(failed),
+            "by_path": dict(Counter(r[2] for r in rows)),
+            "p50_ms": round(1000 * _pct(took, 0.5), 1),
+            "p99_ms": round(1000 * _pct(took, 0.99), 1),
+            "max_ms": round(1000 * max(took, default=0.0), 1),
+            "bytes_max": max((r[4] for r in ok), default=0)}
+
+
+def _check_storms(chaos: Chaos, report: Report) -> None:
+    out = []
+    for storm in chaos.storms:
+        per_node = {n: scrape_summary(read_scrapes(f)) for n, f in storm["files"].items()}
+        out.append({"fault": storm["fault"], "nodes": per_node})
+        notes = [f"{n}: {s['requests']} scrapes ({s['failed']} failed), p50 {s['p50_ms']:g} ms,"
+                 f" p99 {s['p99_ms']:g} ms" for n, s in per_node.items()]
+        for ph in chaos.phases:
+            if ph.fault == storm["fault"] and ph.kind == "scrape_storm":
+                ph.note = "; ".join(notes)
+        for n, s in per_node.items():
+            if s["requests"] < STORM_CONCURRENCY:
+                report.violations.append(
+                    f"fault #{storm['fault']}: the storm on {n} made only {s['requests']} "
+                    "requests (the scrapers did not run)")
+    report.checks["scrape_storms"] = out
+
+
+def _check_huge_reloads(chaos: Chaos, report: Report) -> None:
+    for h in chaos.huge:
+        short = {n: u for n, u in h.get("usable", {}).items() if u < chaos.c.bulk_count}
+        for ph in chaos.phases:
+            if ph.fault == h["fault"] and ph.kind == "huge_add":
+                ph.note = (f"applied after {h.get('applied_s')} s; in rotation after "
+                           f"{h.get('held_s')} s: " + (f"all {chaos.c.bulk_count}" if not short
+                                                       else str(short)))
+            elif ph.fault == h["fault"] and ph.kind == "huge_remove":
+                ph.note = f"applied after {h.get('removed_s')} s"
+    report.checks["huge_reloads"] = chaos.huge
+
+
+def _check_log_stalls(chaos: Chaos, report: Report) -> None:
+    for st in chaos.stalls:
+        where = f"fault #{st['fault']} (log sink of {st['node']} stalled)"
+        if st["answered"] < st["asked"]:
+            report.violations.append(
+                f"{where}: the control process answered {st['answered']} of {st['asked']} "
+                f"/status calls ({LOG_STALL_STATUS_TIMEOUT_S:g} s each): blocked on its log")
+        if st["reloaded_after_s"] is None:
+            report.violations.append(f"{where}: the reload was not seen applied during the "
+                                     "stall")
+        for ph in chaos.phases:
+            if ph.fault == st["fault"] and ph.kind == "log_stall":
+                ph.note = (f"pipe {st['pipe_bytes']}/{st['pipe_capacity']} bytes; /status "
+                           f"answered {st['answered']}/{st['asked']} (slowest "
+                           f"{st['slowest_s']:.3f} s); reload applied after "
+                           f"{st['reloaded_after_s']} s")
+    report.checks["log_stalls"] = chaos.stalls
+
+
+def _check_background_scrapes(chaos: Chaos, report: Report) -> None:
+    """The Prometheus-like scrapes that ran through every fault: how they fared, and in
+    which phases the failed ones fell (a node that is down does not answer: expected)."""
+    out: dict[str, Any] = {}
+    for node, path in chaos.c.background_scrapes.items():
+        rows = read_scrapes(path)
+        s = scrape_summary(rows)
+        where: Counter[str] = Counter()
+        for r in rows:
+            if r[3] != 200:
+                ph = next((p for p in chaos.phases if p.t0 <= r[0] < (p.t1 or r[0] + 1)), None)
+                where[ph.kind if ph is not None else "outside faults"] += 1
+        s["failed_in"] = dict(where)
+        out[node] = s
+    report.checks["background_scrapes"] = out
 
 
 def _check_worker_kills(chaos: Chaos, recs: Sequence[Record], report: Report) -> None:
@@ -614,14 +1249,19 @@ def _check_final(chaos: Chaos, report: Report) -> None:
 
 def table(report: Report) -> list[str]:
     head = ("#", "fault", "target", "req", "failed (GET/POST)", "retried", "outage",
-            "errors", "ok")
+            "errors", "hb gap", "VIP moves", "role changes", "ok")
     rows = [head]
     for ph in report.phases:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(ph.errors.items(),
                                                            key=lambda kv: -kv[1])[:3]) or "-"
+        roles = "-" if ph.role_changes is None else "?" if ph.role_changes < 0 else \
+            str(ph.role_changes)
         rows.append((str(ph.fault), ph.label, ph.target or "-", str(ph.requests),
                      f"{ph.failed} ({ph.failed_get}/{ph.failed_post})", str(ph.retried),
-                     f"{ph.outage_s:.3f} s", errors, "yes" if ph.ok else "NO"))
+                     f"{ph.outage_s:.3f} s", errors,
+                     "?" if ph.hb_gap_s is None else f"{1000 * ph.hb_gap_s:.0f} ms",
+                     str(ph.vip_moves), roles,
+                     "yes" if ph.ok else "NO"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     out = ["| " + " | ".join(r[i].ljust(widths[i]) for i in range(len(head))) + " |"
            for r in rows]
@@ -654,10 +1294,80 @@ def summary_lines(report: Report) -> list[str]:
     for what, v in med.items():
         lines.append(f"- median outage, {what}: "
                      + ("-" if v is None else f"{v:.3f} s") + f" (target <= {OUTAGE_TARGET_S} s)")
+    for storm in ch.get("scrape_storms", []):
+        parts = [f"{n}: {v['requests']} scrapes ({v['by_path'].get('/metrics', 0)} /metrics, "
+                 f"{v['by_path'].get('/status', 0)} /status), {v['failed']} failed"
+                 + (f" {v['errors']}" if v["errors"] else "")
+                 + f", p50/p99/max {v['p50_ms']:g}/{v['p99_ms']:g}/{v['max_ms']:g} ms"
+                 for n, v in storm["nodes"].items()]
+        lines.append(f"- scrape storm (fault #{storm['fault']}): " + "; ".join(parts))
+    for h in ch.get("huge_reloads", []):
+        lines.append(f"- huge reload on {', '.join(h['nodes'])} (fault #{h['fault']}): applied "
+                     f"after {h.get('applied_s')} s; bulk backends in rotation after "
+                     f"{h.get('held_s')} s: {h.get('usable')}; removal applied after "
+                     f"{h.get('removed_s')} s")
+    for st in ch.get("log_stalls", []):
+        lines.append(f"- stalled log of {st['node']} (fault #{st['fault']}): pipe "
+                     f"{st['pipe_bytes']}/{st['pipe_capacity']} bytes; /status answered "
+                     f"{st['answered']} of {st['asked']} (slowest {st['slowest_s']:.3f} s); "
+                     f"reload applied after {st['reloaded_after_s']} s of the stall")
+    for node, v in ch.get("background_scrapes", {}).items():
+        lines.append(f"- background /metrics scrapes of {node} (every {SCRAPE_EVERY_S:g} s): "
+                     f"{v['requests']}, {v['failed']} failed"
+                     + (f" (in: {v['failed_in']})" if v["failed"] else "")
+                     + f", p50/p99/max {v['p50_ms']:g}/{v['p99_ms']:g}/{v['max_ms']:g} ms")
+    lines.append(f"- failover processes scheduled as: {ch.get('failover_scheduling')}")
     lines.append(f"- final roles: {ch.get('final_roles')}")
     lines.append(f"- invariant violations: {len(report.violations)}")
     lines += [f"  - {v}" for v in report.violations]
     return lines
+
+
+ISSUE12_DOC = """\
+## What a node does to itself (issue 12)
+
+Faults after which nothing may change: no role on either node (pairlb's transition counters
+of both nodes, read before the fault and once the pair is steady again), no VIP (the
+kernel's address events), no client request. The `hb gap` column is the longest silence
+between two heartbeats on the wire during the phase, either direction, from an AF_PACKET
+capture at the receiving node's NIC with kernel timestamps (a BACKUP takes over after
+{down} intervals of silence plus its priority's skew: 102 ms for lb1, 108 ms for lb2).
+
+- **Scrape storm**: {storm_n} scrapers (one process, one keep-alive connection each, gzip,
+  Prometheus's Accept header) GET /metrics and /status back to back for {storm_s:g} s: on the
+  MASTER, on the BACKUP, on both at once.
+- **Huge reload**: SIGHUP with a config that adds a pool of {bulk} backends (one asyncio
+  process listening on {bulk} ports in a backend's namespace; checked every {bulk_every:g} s,
+  timeout 1 s), {hold:g} s later SIGHUP with it removed; on the MASTER alone and on both
+  nodes at once. Meanwhile /metrics (every backend's series) is scraped every second.
+- **Stalled log**: each node's stdout and stderr is a pipe that a `cat` copies into its log
+  file, as journald reads a unit's stream. The MASTER's `cat` is SIGSTOPped and the pipe
+  filled until not one more byte goes in, so whatever any process of the node writes next
+  would block; the node is reloaded (control process and workers log), /status is asked
+  every {poll:g} s (2 s timeout); after {stall:g} s the `cat` reads again.
+
+The scrapers stand for a Prometheus on another host: they run at nice {nice} (their own CPU
+is not the node's doing; on this box it would compete with the nodes as no remote scraper
+does). Both nodes run their failover process SCHED_RR (`failover.sched_priority =
+{sched}`), as docs/operations.md advises for hosts whose CPUs other work can saturate: this
+box (2 vCPUs for both nodes, the client, the backends and other engineers' benchmarks) is
+one. Runs with other settings are under "Measured apart" below.
+
+**Log lines while the sink is stalled** (lb/log.py): no process writes to stderr from its
+event loop. Each process (control, every worker, the failover process) formats a line in
+the thread that logs it and puts it on a bounded queue (`lb.log.QUEUE_LINES`, 8192 lines)
+that one writer thread of that process empties into stderr; a stalled sink blocks only that
+thread. Lines that fit the queue are delayed, not lost. While the queue is full new lines
+are dropped and counted; once the sink takes lines again the writer adds
+`event=log_lines_dropped count=N total=M` after the lines it had. A process that exits waits
+for its queue at most `lb.log.FLUSH_TIMEOUT_S` (1 s), so a stalled journal cannot hold up a
+stop either.
+"""
+
+MEASURED_APART = """\
+"""
+"""Runs with other settings than the documented one (hand-written after measuring; kept in
+docs/reliability.md by write_docs)."""
 
 
 def write_docs(report: Report, path: Path = DOCS) -> None:
@@ -667,15 +1377,27 @@ def write_docs(report: Report, path: Path = DOCS) -> None:
         "Produced by `bench/chaos.py` (the short version runs in `tests/test_chaos.py`). It",
         "builds the demo's network in namespaces (a client, lb1 and lb2 sharing a VIP, three",
         "backends; two real `pairlb run` processes with 2 workers each, heartbeat interval",
-        f"{demo_net.Settings().interval_s * 1000:g} ms, the default), sends 100 requests/s to"
-        " the VIP (GETs and every 4th a POST with a unique",
+        f"{demo_net.Settings().interval_s * 1000:g} ms, the default; failover processes "
+        "SCHED_RR, see below),",
+        "sends 100 requests/s to the VIP (GETs and every 4th a POST with a unique",
         "`X-Client-Id`; every 10th a GET the backend answers after 0.2 s, so requests are in",
         "flight when a fault hits; half on reused keep-alive connections; a GET that fails on a",
         "reused connection before any response byte is retried once, as browsers do; a POST",
         "never), and plays a seeded schedule of faults, each followed by a wait for a steady",
         "pair.",
         "Client records, the backends' kill-proof journals and the kernel's address events are",
-        "the evidence; pairlb's own counters are not.",
+        "the evidence; pairlb's own counters are not (except the role-transition counters the",
+        "issue-12 faults compare, next to the kernel's VIP events).",
+        "",
+        "Every fault runs with Prometheus-like scraping: a scraper in each node's namespace GETs",
+        f"/metrics every {SCRAPE_EVERY_S:g} s (Prometheus's Accept header, gzip, keep-alive) for"
+        " the whole run.",
+        "",
+        *ISSUE12_DOC.format(
+            down=demo_net.Settings().down_after, storm_n=STORM_CONCURRENCY,
+            storm_s=STORM_S, bulk=BULK_BACKENDS, bulk_every=BULK_CHECK_INTERVAL_S,
+            hold=HUGE_HOLD_S, poll=LOG_STALL_POLL_S, stall=LOG_STALL_S, nice=SCRAPER_NICE,
+            sched=SCHED_PRIORITY).splitlines(),
         "",
         "A request belongs to the phase in which its answer was due (its start + 50 ms, + 0.2 s",
         "for a slow GET): one in flight when a fault hits belongs to the fault, however late it",
@@ -685,7 +1407,8 @@ def write_docs(report: Report, path: Path = DOCS) -> None:
         "",
         f"Run: `{report.command}` (seed {report.seed}), {time.strftime('%Y-%m-%d')}, "
         f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, Linux {platform.release()}; "
-        f"{report.elapsed_s:.0f} s.",
+        f"{report.elapsed_s:.0f} s; load average (1 min) {report.load[0]:.2f} at the start, "
+        f"{report.load[1]:.2f} at the end (the machine is shared).",
         "",
         "## Invariants",
         "",
@@ -695,6 +1418,8 @@ def write_docs(report: Report, path: Path = DOCS) -> None:
         "",
         *table(report),
         "",
+        *(["## Measured apart", "", *MEASURED_APART.splitlines(), ""]
+          if MEASURED_APART.strip() else []),
     ])
     # Sections after KEEP_MARKER (the hostile-input table) are not ours: carried over.
     old = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -708,28 +1433,45 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run(seed: int, duration_s: float, command: str, say: Callable[[str], None] = print,
-        keep_workdir: bool = False) -> Report:
+        keep_workdir: bool = False, kinds: Sequence[str] | None = None,
+        bulk: int = BULK_BACKENDS, bulk_interval_s: float = BULK_CHECK_INTERVAL_S,
+        scraper_nice: int = SCRAPER_NICE, failover_extra: str = "",
+        sched_priority: int = SCHED_PRIORITY) -> Report:
     """Build, run the schedule, analyse, tear down. Raises only on interrupt."""
     report = Report(seed=seed, duration_s=duration_s, command=command)
+    report.load = (os.getloadavg()[0], 0.0)
     reason = netns.skip_reason()
     if reason is not None:
         report.error = f"cannot run: {reason}"
         return report
     rng = random.Random(seed)
-    names = schedule(seed, duration_s)
+    names = schedule(seed, duration_s, kinds)
     workdir = Path(tempfile.mkdtemp(prefix=demo_net.WORKDIR_PREFIX + "chaos-"))
     t_start = time.monotonic()
     try:
-        with demo_net.Cluster(workdir) as c:
+        with ChaosCluster(workdir) as c:
+            c.bulk_count = bulk
+            c.bulk_interval_s = bulk_interval_s
+            c.scraper_nice = scraper_nice
+            c.failover_extra = "\n".join(
+                ([f"sched_priority = {sched_priority}"] if sched_priority else [])
+                + ([failover_extra] if failover_extra else []))
             report.prefix = c.prefix
             say(f"chaos: seed {seed}, {duration_s:g} s of faults; namespaces {c.prefix}-*, "
-                f"work dir {workdir}")
+                f"work dir {workdir}; load average {report.load[0]:.2f}")
             c.start_backends()
+            if any(n.startswith("reload_huge") for n in names):
+                c.start_farm()
             c.start_pair(timeout_s=30.0)
             c.wait_for("a steady pair", lambda: c.steady_problem() is None, 30.0, 0.05)
+            report.checks["failover_scheduling"] = {n: c.failover_scheduling(n)
+                                                    for n in demo_net.LBS}
+            c.start_background_scrapes(duration_s + 300.0)
+            c.start_wire(duration_s + 600.0)
             c.start_load(workdir / "requests.txt", rate=RATE, duration_s=duration_s + 120.0,
                          timeout_s=REQUEST_TIMEOUT_S, slow_every=SLOW_EVERY, slow_s=SLOW_S)
             chaos = Chaos(c, report, rng, say)
+            chaos.first_round = len(set(names))
             chaos.started = time.monotonic()
             time.sleep(1.0)
             try:
@@ -743,12 +1485,15 @@ def run(seed: int, duration_s: float, command: str, say: Callable[[str], None] =
                     chaos.phases[-1].t1 = time.monotonic()
             time.sleep(REQUEST_TIMEOUT_S / 2)
             c.stop_load()
+            c.stop_background_scrapes()
+            chaos.wire = c.stop_wire()
             analyse(chaos, report)
-            if report.violations and keep_workdir:
+            if keep_workdir:
                 say(f"logs kept in {workdir}")
     finally:
         report.elapsed_s = time.monotonic() - t_start
-        if not (keep_workdir and report.violations):
+        report.load = (report.load[0], os.getloadavg()[0])
+        if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return report
 
@@ -761,14 +1506,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/reliability.md")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ap.add_argument("--keep-logs", action="store_true",
-                    help="keep the work dir (configs, logs, records) when an invariant fails")
+                    help="keep the work dir (configs, logs, records, scrapes)")
+    ap.add_argument("--faults", metavar="A,B", default="",
+                    help=f"only these faults (of: {', '.join(FAULTS)}); implies --no-docs")
+    ap.add_argument("--bulk", type=int, default=BULK_BACKENDS,
+                    help=f"backends a huge reload adds (default {BULK_BACKENDS})")
+    ap.add_argument("--bulk-interval", type=float, default=BULK_CHECK_INTERVAL_S,
+                    help="check interval of those backends (default "
+                         f"{BULK_CHECK_INTERVAL_S:g} s)")
+    ap.add_argument("--scraper-nice", type=int, default=SCRAPER_NICE,
+                    help=f"niceness of the scraper processes (default {SCRAPER_NICE})")
+    ap.add_argument("--sched-priority", type=int, default=SCHED_PRIORITY,
+                    help="failover.sched_priority of both nodes (0: the shipped default, "
+                         f"nice -10; default {SCHED_PRIORITY}: SCHED_RR)")
+    ap.add_argument("--failover-setting", action="append", default=[], metavar="'K = V'",
+                    help="a line added to both nodes' [failover] (e.g. 'sched_priority = 10')")
     args = ap.parse_args(argv)
+    kinds = [k for k in args.faults.split(",") if k] or None
+    unknown = sorted(set(kinds or ()) - set(FAULTS))
+    if unknown:
+        ap.error(f"unknown faults: {unknown}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 16)
+    extra = (["--faults", args.faults] if kinds else []) + \
+        (["--bulk", str(args.bulk)] if args.bulk != BULK_BACKENDS else []) + \
+        (["--bulk-interval", f"{args.bulk_interval:g}"]
+         if args.bulk_interval != BULK_CHECK_INTERVAL_S else []) + \
+        (["--scraper-nice", str(args.scraper_nice)]
+         if args.scraper_nice != SCRAPER_NICE else []) + \
+        (["--sched-priority", str(args.sched_priority)]
+         if args.sched_priority != SCHED_PRIORITY else []) + \
+        [a for line in args.failover_setting for a in ("--failover-setting", line)]
     command = "sudo .venv/bin/python bench/chaos.py " + " ".join(
-        shlex.quote(a) for a in ["--duration", f"{args.duration:g}", "--seed", str(seed)])
+        shlex.quote(a) for a in ["--duration", f"{args.duration:g}", "--seed", str(seed),
+                                 *extra])
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        report = run(seed, args.duration, command, keep_workdir=args.keep_logs)
+        report = run(seed, args.duration, command, keep_workdir=args.keep_logs, kinds=kinds,
+                     bulk=args.bulk, bulk_interval_s=args.bulk_interval,
+                     scraper_nice=args.scraper_nice,
+                     failover_extra="\n".join(args.failover_setting),
+                     sched_priority=args.sched_priority)
     except KeyboardInterrupt:
         print("chaos: interrupted; everything was torn down", file=sys.stderr)
         return 130
@@ -786,7 +1563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(report), indent=1, default=str),
                                    encoding="utf-8")
-    if not args.no_docs:
+    if not args.no_docs and not kinds and args.bulk == BULK_BACKENDS and \
+            args.bulk_interval == BULK_CHECK_INTERVAL_S and \
+            args.scraper_nice == SCRAPER_NICE and not args.failover_setting and \
+            args.sched_priority == SCHED_PRIORITY:
         write_docs(report)
         print(f"\nwrote {DOCS.relative_to(REPO)}")
     return 1 if report.violations else 0

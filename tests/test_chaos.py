@@ -1,9 +1,12 @@
-"""The chaos suite's short version (issue 8): every kind of fault once, in a fixed seeded
-order, under load through the VIP, and the invariants checked on what it recorded.
+"""The chaos suite's short version (issues 8 and 12): every kind of fault once, in a fixed
+seeded order, under load through the VIP and with /metrics scraped every second on both
+nodes, and the invariants checked on what it recorded.
 
-One run of ``bench/chaos.py --duration 30 --seed 7`` (about 40 s, root: namespaces) feeds the
+One run of ``bench/chaos.py --duration 30 --seed 7`` (about 80 s, root: namespaces) feeds the
 tests below; each asserts one invariant or one group of targets, so a miss names itself.
-The analysis is also fed hand-made records, to show each check can fail.
+Issue 12's faults (scrape storms, huge reloads, a stalled log) are in it: what a node does to
+itself must change no role, move no VIP and cost no request. The analysis is also fed
+hand-made records, to show each check can fail.
 """
 
 from __future__ import annotations
@@ -107,6 +110,46 @@ def test_a_request_to_a_drained_backend_after_the_drain_is_a_violation() -> None
     assert len(report.violations) == 2 and not phase.ok
 
 
+def test_a_stalled_log_that_blocked_the_control_process_is_a_violation() -> None:
+    report = chaos.Report(seed=1, duration_s=1.0, command="x")
+    phase = chaos.Phase(fault=1, kind="log_stall", label="stall", t0=1.0, t1=5.0)
+    blocked = {"fault": 1, "node": "lb1", "pipe_bytes": 65536, "pipe_capacity": 65536,
+               "asked": 16, "answered": 1, "slowest_s": 2.0, "reloaded_after_s": None}
+    chaos._check_log_stalls(SimpleNamespace(stalls=[blocked], phases=[phase]), report)
+    assert len(report.violations) == 2
+    assert "answered 1 of 16" in report.violations[0] and "blocked on its log" in \
+        report.violations[0]
+    report.violations.clear()
+    fine = {**blocked, "answered": 16, "slowest_s": 0.01, "reloaded_after_s": 0.02}
+    chaos._check_log_stalls(SimpleNamespace(stalls=[fine], phases=[phase]), report)
+    assert report.violations == [] and "answered 16/16" in phase.note
+
+
+def test_scrape_records_are_summarised_with_their_failures(tmp_path: Path) -> None:
+    f = tmp_path / "s.txt"
+    f.write_text("1.0 1.010 /metrics 200 5000 -\n"
+                 "1.0 1.030 /status 200 900 -\n"
+                 "2.0 4.0 /metrics 0 0 timeout\n"
+                 "3.0 3.001 /status 503 10 -\n"
+                 "garbage line\n")
+    rows = chaos.read_scrapes(f)
+    assert len(rows) == 4
+    s = chaos.scrape_summary(rows)
+    assert (s["requests"], s["ok"], s["failed"]) == (4, 2, 2)
+    assert s["errors"] == {"timeout": 1, "http503": 1}
+    assert s["by_path"] == {"/metrics": 2, "/status": 2} and s["bytes_max"] == 5000
+    assert s["max_ms"] == pytest.approx(30.0)
+
+
+def test_the_longest_heartbeat_silence_is_the_one_overlapping_the_phase() -> None:
+    a = [i * 0.03 for i in range(100)]  # every 30 ms for 3 s
+    b = [t for t in a if not 1.0 < t < 1.2]  # silent from 0.99 to 1.20 s
+    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 0)}, 0.0, 0.5) == pytest.approx(0.03)
+    # A silence that began before the phase and ends inside it counts whole.
+    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 0)}, 1.1, 2.0) == pytest.approx(0.21)
+    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 3)}, 0.0, 0.5) is None  # drops: blind
+
+
 # -- the real run -------------------------------------------------------------------------
 
 
@@ -118,7 +161,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("chaos") / "report.json"
     cmd = [sys.executable, str(ROOT / "bench" / "chaos.py"), "--duration", str(DURATION_S),
            "--seed", str(SEED), "--no-docs", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
     m = re.search(r"namespaces (plb[0-9a-f]+)-\*", proc.stdout)
     prefix = m.group(1) if m else None
     try:
@@ -142,7 +185,7 @@ def evidence(report: dict[str, Any]) -> str:
 
 @pytest.mark.netns
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_every_kind_of_fault_played_and_nothing_broke_the_run(run: dict[str, Any]) -> None:
     assert run["error"] == "", evidence(run)
     assert set(run["schedule"]) == set(chaos.FAULTS), evidence(run)
@@ -232,3 +275,63 @@ def test_median_outage_after_node_kill_and_link_cut(run: dict[str, Any]) -> None
     for what, value in medians.items():
         assert value is not None, what
         assert value <= chaos.OUTAGE_TARGET_S, f"{what}: {value:.3f} s\n{evidence(run)}"
+
+
+ISSUE12_KINDS = ("scrape_storm", "huge_add", "huge_remove", "log_stall", "log_back")
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_what_a_node_does_to_itself_changes_no_role_and_loses_no_request(
+        run: dict[str, Any]) -> None:
+    """Issue 12: scrape storms (MASTER, BACKUP, both), a reload adding and removing 2500
+    backends (MASTER, both), a stalled log sink: 0 role changes (both nodes' counters), 0 VIP
+    moves (the kernel), 0 failed requests, from the fault's start until the pair was steady."""
+    assert {"scrape_storm_master", "scrape_storm_backup", "scrape_storm_both",
+            "reload_huge_master", "reload_huge_both", "log_stall"} <= set(run["schedule"])
+    checked = phases(run, *ISSUE12_KINDS)
+    assert {p["kind"] for p in checked} == set(ISSUE12_KINDS)
+    missed = [f"#{p['fault']} {p['label']}: {p['failed']} failed {p['errors']}, VIP moves "
+              f"{p['vip_moves']}, role changes {p['role_changes']}, longest heartbeat gap "
+              f"{p['hb_gap_s']}" for p in checked if not p["ok"]]
+    assert missed == [], evidence(run)
+    measured = [p["role_changes"] for p in checked if p["role_changes"] is not None]
+    assert len(measured) == 6 and set(measured) == {0}
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_a_stalled_log_sink_blocks_neither_the_control_process_nor_the_workers(
+        run: dict[str, Any]) -> None:
+    """The MASTER's stderr pipe full and unread for 4 s while it reloads: every /status is
+    answered and the reload applies meanwhile (before: neither, and every request waited)."""
+    (stall,) = run["checks"]["log_stalls"]
+    assert stall["asked"] >= 8 and stall["answered"] == stall["asked"], evidence(run)
+    assert stall["reloaded_after_s"] is not None
+    assert stall["reloaded_after_s"] < chaos.LOG_STALL_S
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_storms_were_storms_and_were_answered(run: dict[str, Any]) -> None:
+    storms = run["checks"]["scrape_storms"]
+    assert sorted(len(s["nodes"]) for s in storms) == [1, 1, 2]
+    for s in storms:
+        for node, v in s["nodes"].items():
+            assert v["requests"] >= 5 * chaos.STORM_CONCURRENCY, (node, v)
+            assert v["failed"] == 0, (node, v)
+            assert v["by_path"].get("/metrics") and v["by_path"].get("/status")
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_prometheus_scraped_both_nodes_through_every_fault(run: dict[str, Any]) -> None:
+    """/metrics every second on both nodes for the whole run; a scrape fails only while its
+    node is down (killed, restarting, stopped)."""
+    down = {"node_kill", "node_back", "node_term", "node_start", "node_stop", "node_cont"}
+    scrapes = run["checks"]["background_scrapes"]
+    assert set(scrapes) == {"lb1", "lb2"}
+    faults_s = run["phases"][-1]["t1"] - run["phases"][0]["t0"]
+    for node, v in scrapes.items():
+        assert v["requests"] >= faults_s / chaos.SCRAPE_EVERY_S * 0.5, (node, v)
+        assert set(v["failed_in"]) <= down, (node, v)
