@@ -31,8 +31,10 @@ Ctrl-C; all traffic stays on 127.0.0.1.
     .venv/bin/python bench/pool_scale.py --variant before=cf233fd --balance \\
         round_robin,least_connections,random_two --rounds 2 --markdown
     .venv/bin/python bench/pool_scale.py --quick                          # smoke: 50,200, 2 s
+    .venv/bin/python bench/pool_scale.py --micro --variant before=GITREF  # picks alone, in-process
 
-Imports nothing from lb: it measures the command (or the tree) it is given.
+Imports nothing from lb: it measures the command (or the tree) it is given; `--micro` loads
+lb/pool.py of each variant from its file (pure: no other import) and times picks in-process.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="write every sample and the summary here")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs")
+    ap.add_argument("--micro", action="store_true",
+                    help="no servers: time lb/pool.py's picks in-process for each variant")
     ap.add_argument("--report", type=Path,
                     help="print the table of a JSON written by --json (no run)")
     ap.add_argument("--quick", action="store_true", help="smoke run: N=50,200, 2 s, no warm-up")
@@ -381,8 +385,55 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
     return "\n".join(out)
 
 
+def micro(args: argparse.Namespace) -> int:
+    """In-process: CPU per pick + release (and per retry pick) of lb/pool.py of each variant,
+    loaded from the file alone (it is pure), for each N and mode. No servers."""
+    import importlib.util
+
+    out = []
+    for variant, ref in args.variants.items():
+        src = (REPO / "lb" / "pool.py").read_text() if ref is None else subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{ref}:lb/pool.py"],
+            check=True, capture_output=True, text=True, timeout=30).stdout
+        path = Path(tempfile.mkdtemp(prefix="pool-micro-")) / f"pool_{variant}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"pool_{variant}", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        shutil.rmtree(path.parent, ignore_errors=True)
+        for mode in args.modes:
+            for n in args.sizes:
+                pool = mod.build_pool("p", mode, [(f"b{i}", "127.0.0.1", 1, 1.0 + i % 3)
+                                                  for i in range(n)], seed=1)
+                k = max(2000, min(100_000, 20_000_000 // (n * 50)))
+                t0 = time.process_time()
+                for _ in range(k):
+                    pool.release(pool.pick(0.0))
+                pick_us = (time.process_time() - t0) / k * 1e6
+                t0 = time.process_time()
+                for _ in range(k // 2):
+                    b = pool.pick(0.0)
+                    c2 = pool.pick(0.0, [b])
+                    pool.release(b)
+                    pool.release(c2)
+                retry_us = (time.process_time() - t0) / (k // 2) * 1e6
+                out.append((variant, mode, n, pick_us, retry_us))
+                print(f"{variant:>10} {mode:>17} N={n:<5} pick+release {pick_us:8.2f} us   "
+                      f"pick + retry pick {retry_us:8.2f} us", flush=True)
+    print()
+    print("| variant | balance | backends | pick + release, us CPU | pick + retry pick, us CPU |")
+    print("|---|---|---|---|---|")
+    for variant, mode, n, pick_us, retry_us in out:
+        print(f"| {variant} | {mode} | {n} | {pick_us:.2f} | {retry_us:.2f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.micro:
+        return micro(args)
     if args.report:
         samples = json.loads(args.report.read_text())["samples"]
         args.variants = dict.fromkeys(dict.fromkeys(s["variant"] for s in samples))
