@@ -253,7 +253,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         since = time.monotonic()
         for s in scrapers:
             s.start()
-        time.sleep(args.duration)
+        reloads: list[float] = []
+        if args.reloads:
+            step = args.duration / (args.reloads + 1)
+            for k in range(args.reloads):
+                time.sleep(max(0.0, since + step * (k + 1) - time.monotonic()))
+                reloads.append(reload_both(rig, settings, k))
+        time.sleep(max(0.0, since + args.duration - time.monotonic()))
         for s in scrapers:
             s.stop()
         until = time.monotonic()
@@ -296,7 +302,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "all_up_s": round(up_s, 1), "probe_requests": out.requests,
             "probe_failed": out.failed, "probe_errors": out.errors,
             "vip_events": len(out.vip_events), "nodes": nodes,
+            "reloads": reloads,
         }
+
+
+def reload_both(rig: ScaleRig, settings: fe.PairSettings, k: int) -> float:
+    """Every scale target's check changes (interval x1.1 and back: each of them re-planned,
+    none loses its state), written to both nodes' files and SIGHUP to both at once; returns
+    how long until both logged the reload."""
+    rig.check_interval_s = round(rig.check_interval_s * (1.1 if k % 2 == 0 else 1 / 1.1), 3)
+    for n in fe.LBS:
+        (rig.workdir / f"{n}.toml").write_text(rig.config_text(n, settings), encoding="utf-8")
+    t = time.monotonic()
+    for n in fe.LBS:
+        rig.signal_control(n, signal.SIGHUP)
+    for n in fe.LBS:
+        rig.wait_for(f"{n} reloaded", lambda n=n: rig.log_time(n, "event=reloaded", after=t)
+                     is not None or rig.log_time(n, "event=reload_failed", after=t)
+                     is not None, 60.0, 0.2)
+        if rig.log_time(n, "event=reload_failed", after=t) is not None:
+            raise fe.RigError(f"{n}: reload refused\n{rig.log_tail(n)}")
+    return round(time.monotonic() - t, 3)
 
 
 def table(r: dict[str, Any], label: str) -> str:
@@ -332,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-interval", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--scrape-every", type=float, default=1.0)
+    p.add_argument("--reloads", type=int, default=0,
+                   help="SIGHUP both nodes this many times during the window (every check "
+                        "re-planned)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--settle", type=float, default=5.0)
     p.add_argument("--up-timeout", type=float, default=180.0)
@@ -356,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
           f"checked every {result['check_interval_s']} s by each node, /metrics scraped on both "
           f"every {args.scrape_every} s for {result['duration_s']} s; client probes "
           f"{result['probe_requests']}, failed {result['probe_failed']}, VIP changes "
-          f"{result['vip_events']}.\n")
+          f"{result['vip_events']}; reloads of both nodes (s until both applied): "
+          f"{result['reloads'] or 'none'}.\n")
     print(HEADER)
     print(table(result, args.label))
     return 0
