@@ -106,8 +106,9 @@ class _Model(BaseModel):
         return data
 
 
-Seconds = Annotated[float, Field(gt=0)]
-NonNegSeconds = Annotated[float, Field(ge=0)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""Durations are finite: ``inf`` would silently turn a deadline off."""
 AccountName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")]
 """A user or group name (or a numeric id) on this host."""
 

@@ -116,6 +116,23 @@ CLIENT_ADDRESS_FIELDS = frozenset(
         b"x-forwarded",
         b"forwarded-for",
         b"x-original-forwarded-for",
+        # Found by an outside review: vendor and platform names backends also read.
+        b"wl-proxy-client-ip",
+        b"proxy-client-ip",
+        b"x-proxyuser-ip",
+        b"x-envoy-external-address",
+        b"remote-addr",
+        b"cloudfront-viewer-address",
+        b"x-appengine-user-ip",
+        b"x-azure-clientip",
+        b"x-azure-socketip",
+        b"x-vercel-forwarded-for",
+        b"z-forwarded-for",
+        b"x.forwarded.for",
+        # Routing fields some frameworks obey as the request's real target or host.
+        b"x-host",
+        b"x-original-url",
+        b"x-rewrite-url",
     }
 )
 """Fields other than Forwarded and X-Forwarded-* that backends read as the client's

@@ -44,9 +44,12 @@ def _escape_char(c: str) -> str:
 
 def escape(text: str) -> str:
     """``text`` with every non-printable character escaped (see the module docstring)."""
-    if text.isprintable():
+    if text.isprintable() and "\\" not in text:
         return text
-    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+    # A backslash is escaped too, so a client's literal "\x0a" cannot pass for an escape.
+    return "".join(
+        "\\\\" if c == "\\" else c if c.isprintable() else _escape_char(c) for c in text
+    )
 
 
 _PRIORITY = {
