@@ -141,13 +141,16 @@ def test_scrape_records_are_summarised_with_their_failures(tmp_path: Path) -> No
     assert s["max_ms"] == pytest.approx(30.0)
 
 
-def test_the_longest_heartbeat_silence_is_the_one_overlapping_the_phase() -> None:
+def test_a_heartbeat_silence_belongs_to_the_phase_its_missing_heartbeat_was_due_in() -> None:
     a = [i * 0.03 for i in range(100)]  # every 30 ms for 3 s
-    b = [t for t in a if not 1.0 < t < 1.2]  # silent from 0.99 to 1.20 s
-    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 0)}, 0.0, 0.5) == pytest.approx(0.03)
-    # A silence that began before the phase and ends inside it counts whole.
-    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 0)}, 1.1, 2.0) == pytest.approx(0.21)
-    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 3)}, 0.0, 0.5) is None  # drops: blind
+    b = [t for t in a if not 1.0 < t < 1.2]  # the last at 0.99 s, the next due at 1.02 s
+    wire = {"lb1": (a, 0), "lb2": (b, 0)}
+    assert chaos._wire_gap(wire, 0.0, 0.5, 0.03) == pytest.approx(0.03)
+    # A fault at 1.0 s silenced it: the whole silence is the fault's, none the phase before.
+    assert chaos._wire_gap(wire, 0.5, 1.0, 0.03) == pytest.approx(0.03)
+    assert chaos._wire_gap(wire, 1.0, 1.1, 0.03) == pytest.approx(0.21)
+    assert chaos._wire_gap(wire, 1.1, 2.0, 0.03) == pytest.approx(0.03)
+    assert chaos._wire_gap({"lb1": (a, 0), "lb2": (b, 3)}, 0.0, 0.5, 0.03) is None  # blind
 
 
 # -- the real run -------------------------------------------------------------------------
