@@ -179,19 +179,8 @@ class BackendTable:
         return snaps, (min(times) if times else None)
 
     def snapshots(self, now: float) -> dict[str, Snapshot]:
-        return self.derive(now)[0]
-
-    def next_change(self, now: float) -> float | None:
-        return self.derive(now)[1]
-
-    def explain(self, pool: str, backend: str, now: float, snap: Snapshot) -> list[str]:
-        return self.rotations[pool].explain(backend, now, self.verdict(pool, backend), snap)
-
-    def usable_total(self, now: float) -> tuple[int, int]:
-        snaps = self.snapshots(now)
-        return sum(s.usable for s in snaps.values()), sum(
-            len(r.records) for r in self.rotations.values()
-        )
+        """Every pool's snapshot alone (what /status shows)."""
+        return {n: rot.snapshot(now, self.verdicts(n)) for n, rot in self.rotations.items()}
 
     # -- events --------------------------------------------------------------------------
 
