@@ -57,7 +57,7 @@ STALL_S = 0.5
 
 CarrierCallback = Callable[[str, bool], Awaitable[None] | None]
 
-# <linux/if.h>, <linux/if_addr.h>, <linux/rtnetlink.h>
+# <linux/if.h>, <linux/if_addr.h>, <linux/rtnetlink.h>, <linux/neighbour.h>
 IFF_UP = 0x1
 IFF_NOARP = 0x80
 IFF_LOWER_UP = 0x10000
@@ -67,6 +67,8 @@ IFA_F_TENTATIVE = 0x40
 RTMGRP_LINK = 0x1
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+NUD_INCOMPLETE = 0x01
+NUD_FAILED = 0x20
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -336,8 +338,11 @@ class VipAdapter:
         async def report(name: str, up: bool) -> None:
             if last.get(name) == up:
                 return
+            regained = up and last.get(name) is False
             last[name] = up
             log.info("link_carrier interface=%s up=%s", name, up)
+            if regained:
+                await self.forget_unresolved(name)
             try:
                 result = callback(name, up)
                 if inspect.isawaitable(result):
@@ -384,6 +389,40 @@ class VipAdapter:
             finally:
                 if ipr is not None:
                     _close_quietly(ipr)
+
+    async def forget_unresolved(self, ifname: str) -> int:
+        """Delete the link's neighbour entries still resolving or failed; return how many.
+
+        While the carrier was down, heartbeats to the peer queued behind an address
+        resolution the kernel retries only every second (`retrans_time`): after the link
+        came back the peer heard this node up to 1 s late, the whole queue at once, and both
+        nodes held the VIP meanwhile (seen in the link-cut chaos runs). Without the entry
+        the next packet resolves at once, and the stale queue goes with it. Errors are
+        logged, never raised: this only shortens a delay.
+        """
+        gone = 0
+        try:
+            link = await self._find_link(ifname, "forget_unresolved")
+            if link is None:
+                return 0
+            async with self._netlink(f"forget_unresolved: neighbours on {ifname}") as ipr:
+                msgs = [m async for m in await ipr.neigh("dump", ifindex=link.index)]
+                for m in msgs:
+                    dst = m.get("NDA_DST")
+                    if m.get("ifindex") != link.index or not isinstance(dst, str):
+                        continue
+                    if not m.get("state", 0) & (NUD_INCOMPLETE | NUD_FAILED):
+                        continue
+                    with contextlib.suppress(NetlinkError):  # resolved or gone meanwhile
+                        await ipr.neigh("del", dst=dst, ifindex=link.index,
+                                        family=m.get("family"))
+                        gone += 1
+        except VipError as e:
+            log.warning("neighbours_forget_failed interface=%s error=%s", ifname, e)
+            return gone
+        if gone:
+            log.info("neighbours_forgotten interface=%s unresolved=%d", ifname, gone)
+        return gone
 
     # -- netlink -------------------------------------------------------------------------------
 

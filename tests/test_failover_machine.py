@@ -193,12 +193,28 @@ def test_master_reannounces_when_a_lost_or_former_master_peer_is_heard_as_backup
     s, acts = hear(s, 30.0, role=Role.BACKUP, priority=100)  # silent for long: lost, back
     assert s.role is Role.MASTER
     assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
-    s, _ = hear(s, 32.0, role=Role.MASTER, priority=100)  # a worse master, then it yields
-    s, acts = hear(s, 32.1, role=Role.BACKUP, priority=100)  # covered by the last announce
-    assert s.role is Role.MASTER and kinds(acts) == ["SendHeartbeat"]
-    s, _ = hear(s, 40.0, role=Role.MASTER, priority=100)
-    s, acts = hear(s, 40.0 + P150.reannounce_holdoff_s, role=Role.BACKUP, priority=100)
+    s, acts = hear(s, 32.0, role=Role.MASTER, priority=100)  # a worse master: announce
     assert kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
+    # It may have announced after us before it yielded: its yield is an edge that passes
+    # the holdoff, so the last announcement clients hear is ours.
+    s, acts = hear(s, 32.1, role=Role.BACKUP, priority=100)
+    assert s.role is Role.MASTER and kinds(acts) == ["AnnounceVip", "SendHeartbeat"]
+    s, acts = hear(s, 32.1 + I, role=Role.BACKUP, priority=100)  # steady again: nothing
+    assert kinds(acts) == []
+
+
+def test_delayed_heartbeats_never_make_a_master_reannounce() -> None:
+    """A healed link flushes the peer's queued heartbeats (FAULT, BACKUP: the past). The
+    chaos run where this MASTER announced on them, 16 ms before the peer's fresh MASTER
+    heartbeat made it yield, left the client on its MAC for 4 s (the peer's holdoff
+    swallowed its own answer)."""
+    s = as_master()
+    for i, role in enumerate((Role.FAULT, Role.BACKUP, Role.FAULT)):
+        s, acts = step(s, HeartbeatReceived(peer="b", role=role, priority=200, healthy=True,
+                                            interval_s=I, delayed=True), 10.0 + i * 0.001)
+        assert s.role is Role.MASTER and "AnnounceVip" not in kinds(acts)
+    s, acts = hear(s, 10.01, priority=200)  # the fresh better MASTER: yield
+    assert s.role is Role.BACKUP and "AnnounceVip" not in kinds(acts)
 
 
 def test_master_never_yields_to_a_delayed_heartbeat() -> None:
@@ -448,6 +464,9 @@ class Sim:
         self._q: list[tuple[float, int, str, str, object]] = []
         self._n = itertools.count()
         self.blocked: set[tuple[str, str]] = set()
+        self.client_on: str | None = None
+        """Whose MAC a client on the segment uses: the last node that took or announced
+        the VIP (a GARP moves it)."""
 
     def at(self, t: float, kind: str, name: str, payload: object = None) -> None:
         heapq.heappush(self._q, (t, next(self._n), kind, name, payload))
@@ -465,11 +484,13 @@ class Sim:
                 assert not node.held
                 node.held = True
                 node.acquired_at.append(self.now)
+                self.client_on = name
             elif isinstance(a, ReleaseVip):
                 assert node.held
                 node.held = False
             elif isinstance(a, AnnounceVip):
                 node.announces += 1
+                self.client_on = name
             elif isinstance(a, SendHeartbeat):
                 self.broadcast(name)
         d = m.next_deadline(node.state, self.now)
@@ -542,7 +563,36 @@ def test_sim_partition_heal_converges_within_one_interval_and_winner_reannounces
     sim.blocked = set()
     sim.run(2.0 + a.interval_s + 2 * sim.latency_s)
     assert sim.masters() == ["a"]
-    assert sim.nodes["a"].announces == 1 and not sim.nodes["b"].held
+    assert not sim.nodes["b"].held and sim.client_on == "a"
+
+
+def test_sim_heal_the_loser_announcing_last_before_it_yields_does_not_keep_the_client() -> None:
+    """The chaos run behind this test: a's link came back, b heard a (better) MASTER only
+    1 s later (a's heartbeats queued behind ARP), and in between b announced on a's flushed
+    stale heartbeats. a's answer to b's yield fell in its re-announce holdoff: the client
+    stayed on b, which no longer held the VIP, until a's repeat burst 5 s later."""
+    a = Params(name="a", priority=200, interval_s=0.05)
+    b = Params(name="b", priority=100, interval_s=0.05)
+    sim = Sim([a, b])
+    sim.start("a", 0.0)
+    sim.start("b", 0.0)
+    sim.run(1.0)
+    sim.blocked = {("a", "b"), ("b", "a")}
+    sim.run(2.0)
+    assert sim.masters() == ["a", "b"] and sim.client_on == "b"
+    sim.blocked = {("a", "b")}  # b's heartbeats reach a: a announces, the client moves
+    sim.run(2.3)
+    assert sim.client_on == "a"
+    sim.now = 2.3
+    for role in (Role.FAULT, Role.BACKUP):  # a's queued past reaches b, flagged delayed
+        sim.feed("b", HeartbeatReceived(peer="a", role=role, priority=200, healthy=True,
+                                        interval_s=0.05, delayed=True))
+    assert sim.client_on == "a"
+    sim.client_on = "b"  # had b announced anyway (a stray GARP), a's answer must follow it
+    sim.blocked = set()
+    sim.run(2.3 + 0.05 + 3 * sim.latency_s)
+    assert sim.masters() == ["a"] and not sim.nodes["b"].held
+    assert sim.client_on == "a"
 
 
 # -- import rules (DESIGN.md) ------------------------------------------------------------------
