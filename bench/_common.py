@@ -605,6 +605,24 @@ backend be
     return conf
 
 
+def write_nginx_many(workdir: Path, host: str, ports: list[int], name: str = "backends") -> Path:
+    """One nginx (one worker) answering every request on every host:port with ``200 ok``:
+    the cheapest many-port backend farm, so the box's CPU goes to what is measured."""
+    prepare_nginx_dirs(workdir, name)
+    listens = "".join(f"        listen {host}:{p} backlog=512;\n" for p in ports)
+    text = (
+        _NGINX_COMMON.format(workers=1, dir=workdir, name=name)
+        + "http {\n"
+        + _NGINX_TEMP.format(dir=workdir, name=name)
+        + "    access_log off;\n    keepalive_timeout 0;\n    server {\n"
+        + listens
+        + '        location / { return 200 "ok\\n"; }\n    }\n}\n'
+    )
+    conf = workdir / f"{name}.conf"
+    conf.write_text(text)
+    return conf
+
+
 def nginx_argv(conf: Path, workdir: Path) -> list[str]:
     """nginx on our own config and prefix; -e so it never opens the system error log."""
     exe = shutil.which("nginx") or "/usr/sbin/nginx"

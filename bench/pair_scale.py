@@ -3,8 +3,8 @@
 
 The namespace topology of tests/failover_e2e.py (client, lb1, lb2, web1..3 on one bridge,
 two real `pairlb run`), plus a second pool of `--backends` backends (default 1000): one
-asyncio process in web3's namespace answers on that many ports (cheap: one socket each,
-every request answered `200 ok` and closed). Both nodes health-check all of them
+nginx in web3's namespace answers on that many ports (`200 ok`, then close), or without
+nginx (`--backend-server python`) one asyncio process. Both nodes health-check all of them
 (`--check-interval`, default 1 s). For `--duration` seconds (default 60) /metrics is scraped
 on both nodes every `--scrape-every` s (default 1) while the client probes the VIP every
 10 ms. Measured:
@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -49,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
 
+import _common as c  # noqa: E402
 import failover_e2e as fe  # noqa: E402
 
 from lb import netns  # noqa: E402
@@ -96,17 +98,32 @@ class ScaleRig(fe.Rig):
     """fe.Rig with a second listener (VIP:81) and pool of `backends` backends on web3."""
 
     def __init__(self, backends: int, check_interval_s: float,
-                 source: Path | None = None, failover_extra: str = "") -> None:
+                 source: Path | None = None, failover_extra: str = "",
+                 backend_server: str = "auto") -> None:
         super().__init__()
         self.backends = backends
         self.check_interval_s = check_interval_s
         self.failover_extra = failover_extra
         if source is not None:
             self.source = source
+        if backend_server == "auto":
+            backend_server = "nginx" if shutil.which("nginx") else "python"
+        self.backend_server = backend_server
         try:
+            if backend_server == "nginx":
+                # Two nodes checking 3000 backends ask for 6000 answers a second: the one
+                # Python process fell behind (L7 timeouts before all were ever UP); nginx
+                # answers them with a few percent of a core.
+                os.chmod(self.workdir, 0o755)
+                conf = c.write_nginx_many(
+                    self.workdir, self.addr["web3"],
+                    [FIRST_PORT + i for i in range(backends)])
+                argv = c.nginx_argv(conf, self.workdir)
+            else:
+                argv = [fe.PYTHON, __file__, "serve", self.addr["web3"], str(FIRST_PORT),
+                        str(backends)]
             self.scale_server = self.topo.popen(
-                "web3", [fe.PYTHON, __file__, "serve", self.addr["web3"], str(FIRST_PORT),
-                         str(backends)], stdout=subprocess_devnull(), stderr=None)
+                "web3", argv, stdout=subprocess_devnull(), stderr=None)
             self.wait_for("the many-port backend", lambda: self.topo.tcp_probe(
                 "client", self.addr["web3"], FIRST_PORT + backends - 1, 0.2)
                 is netns.Probe.OPEN, 30.0, 0.1)
@@ -235,7 +252,8 @@ def pct(values: list[float], q: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = fe.PairSettings(workers=args.workers)
     extra = "".join(f"{line}\n" for line in args.failover_setting)
-    with ScaleRig(args.backends, args.check_interval, args.source, extra) as rig:
+    with ScaleRig(args.backends, args.check_interval, args.source, extra,
+                  args.backend_server) as rig:
         t0 = time.monotonic()
         rig.steady(settings, timeout_s=120.0)
         rig.wait_for(f"all {args.backends} backends up on both nodes", lambda: all(
@@ -302,7 +320,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "all_up_s": round(up_s, 1), "probe_requests": out.requests,
             "probe_failed": out.failed, "probe_errors": out.errors,
             "vip_events": len(out.vip_events), "nodes": nodes,
-            "reloads": reloads,
+            "reloads": reloads, "backend_server": rig.backend_server,
+            "load_1m": round(os.getloadavg()[0], 2),
         }
 
 
@@ -362,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="SIGHUP both nodes this many times during the window (every check "
                         "re-planned)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--backend-server", choices=("auto", "nginx", "python"), default="auto",
+                   help="what answers the many backends in web3's namespace (auto: nginx "
+                        "if installed)")
     p.add_argument("--settle", type=float, default=5.0)
     p.add_argument("--up-timeout", type=float, default=180.0)
     p.add_argument("--source", type=Path, help="run pairlb from this source tree")
@@ -381,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    print(f"\nMeasured {result['when']} on {result['machine']}: {result['backends']} backends "
-          f"checked every {result['check_interval_s']} s by each node, /metrics scraped on both "
+    print(f"\nMeasured {result['when']} on {result['machine']} (load {result['load_1m']}): "
+          f"{result['backends']} backends ({result['backend_server']}) checked every "
+          f"{result['check_interval_s']} s by each node, /metrics scraped on both "
           f"every {args.scrape_every} s for {result['duration_s']} s; client probes "
           f"{result['probe_requests']}, failed {result['probe_failed']}, VIP changes "
           f"{result['vip_events']}; reloads of both nodes (s until both applied): "

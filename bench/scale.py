@@ -143,23 +143,6 @@ def serve_ports(path: Path) -> None:
         asyncio.run(main())
 
 
-def write_nginx_many(workdir: Path, ports: list[int]) -> Path:
-    name = "backends"
-    c.prepare_nginx_dirs(workdir, name)
-    listens = "".join(f"        listen 127.0.0.1:{p} backlog=512;\n" for p in ports)
-    text = (
-        c._NGINX_COMMON.format(workers=1, dir=workdir, name=name)
-        + "http {\n"
-        + c._NGINX_TEMP.format(dir=workdir, name=name)
-        + "    access_log off;\n    keepalive_timeout 0;\n    server {\n"
-        + listens
-        + '        location / { return 200 "ok\\n"; }\n    }\n}\n'
-    )
-    conf = workdir / f"{name}.conf"
-    conf.write_text(text)
-    return conf
-
-
 def start_backends(
     args: argparse.Namespace, workdir: Path, procs: c.ProcessSet, n: int
 ) -> tuple[c.Managed, list[int], str]:
@@ -168,7 +151,7 @@ def start_backends(
     if kind == "auto":
         kind = "nginx" if shutil.which("nginx") else "python"
     if kind == "nginx":
-        conf = write_nginx_many(workdir, ports)
+        conf = c.write_nginx_many(workdir, "127.0.0.1", ports)
         proc = procs.start("backends", c.nginx_argv(conf, workdir), workdir / "backends.log")
     else:
         pf = workdir / "ports.txt"
