@@ -99,8 +99,10 @@ class ScaleRig(fe.Rig):
 
     def __init__(self, backends: int, check_interval_s: float,
                  source: Path | None = None, failover_extra: str = "",
-                 backend_server: str = "auto") -> None:
-        super().__init__()
+                 backend_server: str = "auto", workdir: Path | None = None) -> None:
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir)
         self.backends = backends
         self.check_interval_s = check_interval_s
         self.failover_extra = failover_extra
@@ -253,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = fe.PairSettings(workers=args.workers)
     extra = "".join(f"{line}\n" for line in args.failover_setting)
     with ScaleRig(args.backends, args.check_interval, args.source, extra,
-                  args.backend_server) as rig:
+                  args.backend_server, args.keep_logs) as rig:
         t0 = time.monotonic()
         rig.steady(settings, timeout_s=120.0)
         rig.wait_for(f"all {args.backends} backends up on both nodes", lambda: all(
@@ -391,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--failover-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra [failover] line, e.g. 'sched_priority = 10' (repeatable)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--keep-logs", type=Path, metavar="DIR",
+                   help="work in DIR and keep it (configs, both nodes' logs, probes)")
     args = p.parse_args(argv)
     if reason := netns.skip_reason():
         print(f"pair_scale: {reason}", file=sys.stderr)
