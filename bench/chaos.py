@@ -1463,9 +1463,10 @@ nodes MASTER for that second. lb2 re-announced on the flushed stale heartbeats (
 back" edge) 16 ms before the fresh one made it yield; lb1 heard the yield, but its answer
 fell within its 1 s re-announce holdoff. The client stayed on lb2's MAC, where the
 transparent listeners kept accepting its connections, until lb1's repeat burst 5 s after
-acquire. Fixed in three places (docs/architecture.md, the failover machine): delayed
-heartbeats never trigger a re-announce, a peer's yield or return passes the holdoff, and a
-regained carrier deletes the link's unresolved neighbour entries. The same command after:
+acquire. Fixed in two places (docs/architecture.md): a peer's yield passes the
+re-announce holdoff, so the holder's GARP comes last, and a regained carrier deletes the
+peers' unresolved neighbour entries, so the peer hears this node at once. The same
+command after:
 
 | code | link cuts | blackholes | both nodes answering, longest | longest heartbeat gap in a cut phase | violations |
 |---|---|---|---|---|---|

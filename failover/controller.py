@@ -448,6 +448,12 @@ class FailoverController:
     # -- public API ---------------------------------------------------------------------------
 
     @property
+    def peer_hosts(self) -> frozenset[str]:
+        """The peers' addresses (empty in multicast mode without peers): whose unresolved
+        neighbour entries a regained carrier forgets (VipAdapter.watch_carrier)."""
+        return self._sources or frozenset()
+
+    @property
     def role(self) -> Role:
         return self._state.role
 

@@ -36,9 +36,9 @@ Rules beyond VRRP, each from a failure measured on keepalived:
   (section 6.4.3 sends an advert; the re-announce is ours: after a healed partition
   clients otherwise stay on the loser's MAC for ~53 s). The loser may hear us first and
   yield before its MASTER heartbeat reaches us, so a MASTER also re-announces when it
-  hears a peer it had lost, or one that was MASTER, say BACKUP. Those two are edges and
-  pass the holdoff: the last announcement clients hear must be the holder's. Delayed
-  heartbeats never trigger one.
+  hears a peer it had lost, or one that was MASTER, say BACKUP. The yield passes the
+  holdoff: the last announcement clients hear must be the holder's, and the loser
+  releases (ending its own bursts) before it says BACKUP.
 - Every planned handover is make-before-break. Switchover: the MASTER sets the switchover
   flag; the best eligible BACKUP takes the VIP at once (acquire, announce, then its first
   MASTER heartbeat); the old MASTER releases only when it hears that heartbeat. Graceful
@@ -500,17 +500,17 @@ def _heard(st: _Step, e: HeartbeatReceived, now: float) -> None:
     if view.role is not Role.MASTER:
         # A peer we had lost (healed partition) or that just stopped being MASTER may have
         # held the VIP; its heartbeat saying MASTER may never reach us (it can yield to ours
-        # first), so re-announce now: clients must not stay on its MAC. Both are edges (one
-        # per loss or yield), so they pass the holdoff: the announcement after the peer's
-        # last one must be ours, or clients stay on a node that no longer holds the VIP
-        # (seen in a link-cut chaos run: the loser announced 16 ms before it yielded).
-        # A delayed heartbeat describes the past (queued while a link was down): no edge.
-        if e.delayed:
-            return
+        # first), so re-announce now: clients must not stay on its MAC. A yield (MASTER ->
+        # not) passes the holdoff: the announcement after the peer's last one must be ours,
+        # or clients stay on a node that no longer holds the VIP (seen in a link-cut chaos
+        # run: the loser announced 16 ms before it yielded, our answer fell in the holdoff).
+        # It releases before it says BACKUP, so nothing of its can follow ours. Delayed
+        # heartbeats count too: skipping them could lose the edge for good (the view below
+        # already holds the role they carried).
         was_master = prev is not None and prev.role is Role.MASTER
         if prev is None or was_master or not alive(s, prev, now):
             st.force_send = True
-            _reannounce(st, now, edge=True)
+            _reannounce(st, now, edge=was_master)
         return
     handing_over = s.switchover and not view.leaving
     if e.delayed and not (s.leaving or handing_over):
@@ -532,8 +532,9 @@ def _heard(st: _Step, e: HeartbeatReceived, now: float) -> None:
 
 
 def _reannounce(st: _Step, now: float, *, edge: bool = False) -> None:
-    """GARP/NA again, at most once per holdoff while a worse MASTER keeps prompting it;
-    an `edge` (a peer lost and back, or one that stopped being MASTER) always announces."""
+    """GARP/NA again, at most once per holdoff while peers keep prompting it (a worse
+    MASTER talking, a lossy peer lost and back again); an `edge` (a peer that stopped
+    being MASTER: one per yield) always announces."""
     s = st.s
     if edge or s.reannounced_at is None or now >= s.reannounced_at + s.params.reannounce_holdoff_s:
         st.actions.append(AnnounceVip())

@@ -42,7 +42,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,8 @@ RTM_NEWLINK = 16
 RTM_DELLINK = 17
 NUD_INCOMPLETE = 0x01
 NUD_FAILED = 0x20
+NTF_EXT_LEARNED = 0x10
+NTF_EXT_MANAGED = 0x01  # in NDA_FLAGS_EXT
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -321,6 +323,7 @@ class VipAdapter:
 
     async def watch_carrier(
         self, interfaces: Sequence[str], callback: CarrierCallback,
+        peers: Callable[[], Collection[str]] | None = None,
     ) -> None:
         """Call callback(ifname, up) with each interface's state, then on every change.
 
@@ -328,6 +331,8 @@ class VipAdapter:
         current state second, so no change is lost in between; after a socket error (e.g.
         ENOBUFS when events arrive faster than we read) it reconnects with backoff and reads
         the state again. A callback may be sync or async; its exceptions are logged, not fatal.
+        With `peers` (the heartbeat peers' addresses, asked at each event), a regained
+        carrier first forgets their unresolved neighbour entries (forget_unresolved).
         """
         names = list(dict.fromkeys(interfaces))
         for name in names:
@@ -341,8 +346,8 @@ class VipAdapter:
             regained = up and last.get(name) is False
             last[name] = up
             log.info("link_carrier interface=%s up=%s", name, up)
-            if regained:
-                await self.forget_unresolved(name)
+            if regained and peers is not None:
+                await self.forget_unresolved(name, peers())
             try:
                 result = callback(name, up)
                 if inspect.isawaitable(result):
@@ -390,16 +395,25 @@ class VipAdapter:
                 if ipr is not None:
                     _close_quietly(ipr)
 
-    async def forget_unresolved(self, ifname: str) -> int:
-        """Delete the link's neighbour entries still resolving or failed; return how many.
+    async def forget_unresolved(self, ifname: str, addresses: Collection[str]) -> int:
+        """Delete the link's neighbour entries of `addresses` that are still resolving or
+        failed; return how many went.
 
         While the carrier was down, heartbeats to the peer queued behind an address
         resolution the kernel retries only every second (`retrans_time`): after the link
         came back the peer heard this node up to 1 s late, the whole queue at once, and both
         nodes held the VIP meanwhile (seen in the link-cut chaos runs). Without the entry
-        the next packet resolves at once, and the stale queue goes with it. Errors are
-        logged, never raised: this only shortens a delay.
+        the next heartbeat resolves at once, and the stale queue goes with it. Only the
+        peers' entries: deleting one fails whatever else waits on it (a connect gets
+        EHOSTUNREACH). Entries other software manages (externally learned or managed) are
+        left alone. Errors are logged, never raised: this only shortens a delay.
         """
+        wanted = set()
+        for a in addresses:
+            with contextlib.suppress(ValueError):
+                wanted.add(ipaddress.ip_address(a).compressed)
+        if not wanted:
+            return 0
         gone = 0
         try:
             link = await self._find_link(ifname, "forget_unresolved")
@@ -411,17 +425,26 @@ class VipAdapter:
                     dst = m.get("NDA_DST")
                     if m.get("ifindex") != link.index or not isinstance(dst, str):
                         continue
+                    if ipaddress.ip_address(dst).compressed not in wanted:
+                        continue
                     if not m.get("state", 0) & (NUD_INCOMPLETE | NUD_FAILED):
                         continue
-                    with contextlib.suppress(NetlinkError):  # resolved or gone meanwhile
+                    if m.get("flags", 0) & NTF_EXT_LEARNED or (
+                            (m.get("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED):
+                        continue
+                    try:
                         await ipr.neigh("del", dst=dst, ifindex=link.index,
                                         family=m.get("family"))
+                    except NetlinkError as e:
+                        if e.code != errno.ENOENT:  # gone meanwhile is fine
+                            raise
+                    else:
                         gone += 1
         except VipError as e:
             log.warning("neighbours_forget_failed interface=%s error=%s", ifname, e)
             return gone
         if gone:
-            log.info("neighbours_forgotten interface=%s unresolved=%d", ifname, gone)
+            log.info("neighbours_forgotten interface=%s peers=%d", ifname, gone)
         return gone
 
     # -- netlink -------------------------------------------------------------------------------

@@ -329,7 +329,8 @@ class FailoverMain:
         self._send_status()
         self._send(link.Started())
         tracked = tuple(dict.fromkeys((fs.interface, *spec.track_interfaces)))
-        self._spawn(vip.watch_carrier(tracked, ctl.carrier_changed), "failover-carrier")
+        self._spawn(vip.watch_carrier(tracked, ctl.carrier_changed,
+                                      peers=lambda: ctl.peer_hosts), "failover-carrier")
 
     def _reconfigure(self, spec: link.Spec) -> None:
         """A reload: what may change live is applied (the controller's reconfigure: keys,

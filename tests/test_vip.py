@@ -407,7 +407,8 @@ def test_a_regained_carrier_forgets_unresolved_neighbours_so_the_peer_hears_us_a
         return asyncio.create_task(beat())
 
     async def watch() -> asyncio.Task[None]:
-        return asyncio.create_task(vip.watch_carrier(["eth0"], lambda _n, _u: None))
+        return asyncio.create_task(
+            vip.watch_carrier(["eth0"], lambda _n, _u: None, peers=lambda: [peer]))
 
     rx_sock = rx_loop.run(receive())
     loop.run(watch())
@@ -427,6 +428,28 @@ def test_a_regained_carrier_forgets_unresolved_neighbours_so_the_peer_hears_us_a
     assert len(stale) <= 1, f"{len(stale)} heartbeats queued while the link was down arrived"
     rx_loop.run(asyncio.sleep(0))
     rx_sock.close()
+
+
+def test_forget_unresolved_deletes_only_the_peers_entries(topo: netns.Topology, make: Make) -> None:
+    """Deleting an entry fails whatever waits on it (a connect gets EHOSTUNREACH): a
+    backend's or the gateway's entry must survive; only the heartbeat peers' go."""
+    loop, vip = make("lb1")
+    peer, other = topo.nodes["lb2"].ipv4, topo.nodes["be1"].ipv4
+    topo.cut_link("lb1")
+
+    def send(to: str) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"x", (to, 9))
+
+    topo.call("lb1", send, peer)
+    topo.call("lb1", send, other)
+    states = {e["dst"]: e.get("state") for e in topo.ip_json("lb1", "neigh", "show", "dev", "eth0")}
+    assert peer in states and other in states, states
+    assert loop.run(vip.forget_unresolved("eth0", [peer, "not an address"])) == 1
+    left = {e["dst"] for e in topo.ip_json("lb1", "neigh", "show", "dev", "eth0")}
+    assert peer not in left and other in left
+    assert loop.run(vip.forget_unresolved("eth0", [])) == 0
+    topo.restore_link("lb1")
 
 
 def iter_queue(q: queue.Queue[tuple[float, float]]) -> list[tuple[float, float]]:
