@@ -565,19 +565,25 @@ def test_any_group_converges_to_the_best_single_master(
         assert sim.nodes[masters[0]].state.healthy
 
 
-def test_sim_partition_heal_converges_within_one_interval_and_winner_reannounces() -> None:
-    a = Params(name="a", priority=200, interval_s=0.05)
-    b = Params(name="b", priority=100, interval_s=0.05)
-    sim = Sim([a, b])
+def split_pair() -> Sim:
+    """a (200) and b (100), 50 ms heartbeats: a MASTER after 1 s, then cut apart until
+    2 s, so both are MASTER and the client follows b's takeover."""
+    sim = Sim([Params(name="a", priority=200, interval_s=0.05),
+               Params(name="b", priority=100, interval_s=0.05)])
     sim.start("a", 0.0)
     sim.start("b", 0.0)
     sim.run(1.0)
     assert sim.masters() == ["a"]
     sim.blocked = {("a", "b"), ("b", "a")}
     sim.run(2.0)
-    assert sim.masters() == ["a", "b"]
+    assert sim.masters() == ["a", "b"] and sim.client_on == "b"
+    return sim
+
+
+def test_sim_partition_heal_converges_within_one_interval_and_winner_reannounces() -> None:
+    sim = split_pair()
     sim.blocked = set()
-    sim.run(2.0 + a.interval_s + 2 * sim.latency_s)
+    sim.run(2.0 + 0.05 + 2 * sim.latency_s)
     assert sim.masters() == ["a"]
     assert not sim.nodes["b"].held and sim.client_on == "a"
 
@@ -587,15 +593,7 @@ def test_sim_heal_the_loser_announcing_last_before_it_yields_does_not_keep_the_c
     1 s later (a's heartbeats queued behind ARP), and in between b announced on a's flushed
     stale heartbeats. a's answer to b's yield fell in its re-announce holdoff: the client
     stayed on b, which no longer held the VIP, until a's repeat burst 5 s later."""
-    a = Params(name="a", priority=200, interval_s=0.05)
-    b = Params(name="b", priority=100, interval_s=0.05)
-    sim = Sim([a, b])
-    sim.start("a", 0.0)
-    sim.start("b", 0.0)
-    sim.run(1.0)
-    sim.blocked = {("a", "b"), ("b", "a")}
-    sim.run(2.0)
-    assert sim.masters() == ["a", "b"] and sim.client_on == "b"
+    sim = split_pair()
     sim.blocked = {("a", "b")}  # b's heartbeats reach a: a announces, the client moves
     sim.run(2.3)
     assert sim.client_on == "a"
