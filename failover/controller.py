@@ -890,12 +890,16 @@ class FailoverController:
             log.exception("failover_receive_failed node=%s source=%s", self.spec.node_name,
                           source[0])
 
+    def from_peer(self, host: str) -> bool:
+        """Whether a datagram from `host` is looked at at all (a peer's address; anyone in
+        multicast mode without peers)."""
+        sources = self._sources
+        return sources is None or host in sources or ("%" in host and _host(host) in sources)
+
     def _receive(self, data: bytes, source: Address) -> None:
         if self._closed:
             return
-        sources = self._sources
-        if sources is not None and source[0] not in sources and (
-                "%" not in source[0] or _host(source[0]) not in sources):
+        if not self.from_peer(source[0]):
             # Before the MAC: a flood from elsewhere costs a set lookup, not an HMAC.
             self._unknown_source(source)
             return

@@ -7,12 +7,13 @@ a slow control process can only make that status older, never a heartbeat later.
 
 Supervised like a worker (lb.supervisor's backoff and crash-loop rules): an unexpected exit
 is logged (`event=failover_process_died`), counted, shown as role FAULT until the new
-process reports, and the process is restarted after the backoff; the new one removes the
-VIPs the dead one left (`VipAdapter.remove_stale`) before it joins as BACKUP, while the peer
-has taken over on the missing heartbeats. A failover process that reports nothing for
-`hung_timeout_s` is killed and restarted the same way. The control process sends its
-health verdict at least every `keepalive_s`: that is how the failover process tells a
-wedged control process from a quiet one.
+process reports, and the process is restarted after the backoff. The peer takes over on
+the missing heartbeats; the control process removes the VIPs the dead one left
+(`VipAdapter.remove_stale`) once the peer could have, before any restart (the new one would
+too, but a crash loop or a start that keeps failing would leave them on both nodes). A
+failover process that reports nothing for `hung_timeout_s` is killed and restarted the
+same way. The control process sends its health verdict at least every `keepalive_s`: that
+is how the failover process tells a wedged control process from a quiet one.
 
 Has the same surface as failover.FailoverController where the daemon uses it (`role`,
 `status()`, `set_local_health`, `request_switchover`, `cancel_switchover`, `stop`,
@@ -45,6 +46,8 @@ PROCESS_FAULT = "failover_process"
 START_GRACE_S = 15.0
 """On top of the VIP timeout: how long a new failover process may take to start (imports)."""
 STALL_S = 0.5
+RELEASE_TIMEOUT_S = 2.0
+"""How long removing a dead failover process's VIPs may take (netlink answers in ms)."""
 LIVE_FIELDS = ("key", "verify_keys", "max_clock_skew_s", "config_digest")
 """What FailoverController.reconfigure applies live (a reload); the rest waits for a restart."""
 
@@ -187,6 +190,9 @@ class FailoverProcess:
         self.spec = spec
         if self.proc is None or self.proc.returncode is not None:
             await self.spawn()
+        # Loaded now (pyroute2: ~0.1 s), so a crash's VIPs go at once, not after the peer
+        # took over (_release_left_vips).
+        failover.VipAdapter  # noqa: B018
         error = await self._begin(spec)
         if error is not None:
             raise failover.FailoverError(error)
@@ -341,8 +347,9 @@ class FailoverProcess:
         logger.error("event=failover_process_died pid=%s %s ran_s=%.2f restart_in_s=%.2f",
                      proc.pid, how, ran_s, st.backoff_s)
         self._mark_down(f"failover process died ({how})")
-        if st.backoff_s:
-            await asyncio.sleep(st.backoff_s)
+        waited_s = await self._release_left_vips()
+        if st.backoff_s > waited_s:
+            await asyncio.sleep(st.backoff_s - waited_s)
         while not self.stopping and self.spec is not None:
             st.restarts += 1
             try:
@@ -363,6 +370,40 @@ class FailoverProcess:
                     return  # ... likewise, already under way
             st.backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, st.backoff_s * 2))
             await asyncio.sleep(st.backoff_s)
+
+    async def _release_left_vips(self) -> float:
+        """Remove the VIPs a dead failover process left on the interface once the peer has
+        had its master_down to take over; return how long that took.
+
+        kill -9 releases nothing, and the peer takes over after master_down on the missing
+        heartbeats: until a new process got far enough to remove them, both nodes held the
+        VIP (an outside review: 0.4-3.5 s per crash in a crash loop, 23-25 s when the new
+        process kept failing to start). Released at once, nobody held it for ~80 ms; after
+        the longest master_down a peer can have ((down_after + 1) x interval) the peer holds
+        it first, and this node's workers answer the clients still on its MAC meanwhile.
+        Before any restart, so a new process never races it. The control process keeps
+        CAP_NET_ADMIN for this.
+        """
+        spec = self.spec
+        if spec is None:
+            return 0.0
+        fs = spec.failover
+        started = time.monotonic()
+        await asyncio.sleep((fs.down_after + 1) * fs.interval_s)
+        try:
+            vip = failover.VipAdapter(fs.interface, fs.vips, garp_count=0)
+            try:
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    removed = await vip.remove_stale()
+            finally:
+                await vip.close()
+        except Exception as exc:  # never stops the restart
+            logger.error("event=failover_vips_not_released error=%r", str(exc) or repr(exc))
+            return time.monotonic() - started
+        if removed:
+            logger.warning("event=failover_vips_released_after_crash vips=%s",
+                           ",".join(removed))
+        return time.monotonic() - started
 
     def _mark_down(self, why: str) -> None:
         """No failover process: this node sends no heartbeats and acts on nothing. Shown as

@@ -1112,9 +1112,10 @@ def _gone(pid: int) -> bool:
 
 def kill9_failover_process(rig: Rig) -> list[Outcome]:
     """kill -9 the MASTER's failover process only (its control process and workers live on).
-    The peer takes the VIP on the missing heartbeats; the control process restarts the
-    failover process, which removes the VIP its predecessor left before it joins as BACKUP,
-    then takes the VIP back (preempt, make-before-break)."""
+    The peer takes the VIP on the missing heartbeats; the control process removes the one
+    the dead process left (kill -9 releases nothing) once the peer could have, restarts the
+    failover process, which joins as BACKUP, then takes the VIP back (preempt,
+    make-before-break)."""
     rig.steady(rig.settings)
     since = time.monotonic()
     time.sleep(BASELINE_S)
@@ -1140,11 +1141,13 @@ def kill9_failover_process(rig: Rig) -> list[Outcome]:
                    fault_at=t_recovered, new_node="lb1")
     removed = [t for t, present in rig.watch.changes("lb1", t_fault) if not present]
     after = rig.watch.overlaps(t_recovered, until)
+    before = rig.watch.overlaps(t_fault, t_recovered)
     st = rig.failover("lb1")
     out.extra.update({
         "old_pid": old, "new_pid": new,
         "recovered_s": round(t_recovered - t_fault, 3),
         "stale_vip_removed_s": round(removed[0] - t_fault, 3) if removed else None,
+        "longest_overlap_before_recovery_s": max((e - s for s, e in before), default=0.0),
         "process": st.get("process"),
         "lb1_transitions": st["counters"]["transitions"],
     })

@@ -250,10 +250,11 @@ def test_rig_leaves_nothing_behind() -> None:
 
 def test_kill9_of_the_failover_process_peer_takes_over_and_the_restart_resumes(
         rig: fe.Rig) -> None:
-    """Only the MASTER's failover process dies: the peer takes the VIP within the target;
-    the control process restarts it; the new one removes the stale VIP before it joins,
-    then preempts make-before-break. After that recovery the two nodes never hold the VIP
-    together for longer than one interval."""
+    """Only the MASTER's failover process dies: the peer takes the VIP within the target,
+    and the control process removes the one the dead process left once the peer could have
+    (never after more than a peer's longest master_down); it restarts the process, the new
+    one joins and preempts make-before-break. After that recovery the two nodes never hold
+    the VIP together for longer than one interval."""
     rig.steady(fe.DEFAULT)
     out, back = fe.kill9_failover_process(rig)
     why = evidence(rig, [out, back])
@@ -262,12 +263,17 @@ def test_kill9_of_the_failover_process_peer_takes_over_and_the_restart_resumes(
     assert x["new_pid"] != x["old_pid"], why
     assert x["process"]["crashes"] == 1 and x["process"]["restarts"] == 1, why
     assert x["stale_vip_removed_s"] is not None, why
-    assert x["stale_vip_removed_s"] <= x["recovered_s"] + 0.005, why
+    # By the control process, once the peer had its longest master_down to take over:
+    # long before the new process could (it imports for ~0.3 s first).
+    release_s = (rig.settings.down_after + 1) * rig.settings.interval_s
+    assert x["stale_vip_removed_s"] <= release_s + 0.15, why
+    assert x["longest_overlap_before_recovery_s"] <= release_s, why
     assert out.failed <= 3, why  # its workers served on until the peer's ARP
     assert back.extra["masters"] == ["lb1"], why
     assert back.extra["longest_overlap_after_recovery_s"] <= rig.settings.interval_s, why
     assert no_5xx(back) and back.failed <= 2, why
     assert "event=failover_process_died" in rig.log("lb1"), why
+    assert "event=failover_vips_released_after_crash" in rig.log("lb1"), why
 
 
 def test_a_hung_failover_process_is_replaced(rig: fe.Rig) -> None:
