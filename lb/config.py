@@ -460,8 +460,9 @@ class FailoverConfig(_Model):
 
     control_timeout_s: Annotated[float, Field(ge=1, le=3600)] = 10.0
     """The failover process (heartbeats, VIP) runs apart from the control process (checks,
-    admin, metrics) and never waits for it; a control process silent this long counts as
-    failed: FAULT, and the VIP goes to the peer, until it answers again."""
+    admin, metrics) and never waits for it; a control process silent this long makes the
+    node count as unhealthy (a healthy peer takes the VIP; with none, the best node keeps
+    it) until it answers again."""
     sched_priority: Annotated[int, Field(ge=0, le=99)] = 0
     """1..99: run the failover process SCHED_RR at this real-time priority (needs
     CAP_SYS_NICE or LimitRTPRIO=, and RestrictRealtime=no in the unit); 0: normal

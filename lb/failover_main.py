@@ -42,8 +42,6 @@ from lb import log as log_setup
 
 log = logging.getLogger("lb.failover_main")
 
-CONTROL_FAULT = "control"
-"""Fault reason while the control process has been silent for longer than its limit."""
 MAX_BACKLOG = 256 * 1024
 """Unsent bytes toward a control process that does not read, beyond which periodic status
 messages are dropped (role changes and answers still go)."""
@@ -239,10 +237,12 @@ class FailoverMain:
         self.last_heard = self._loop.time()
         if self.control_fault:
             self.control_fault = False
-            log.warning("failover_control_back action=clear_fault")
-            self._event("failover", "control process answers again: fault cleared")
+            log.warning("failover_control_back action=restore_health")
+            self._event("failover", "control process answers again: its health verdict counts")
+            h = self.health
             if self.ctl is not None:
-                self.ctl.clear_fault(CONTROL_FAULT)
+                self.ctl.set_local_health(*((h.healthy, h.healthy_count, h.total)
+                                            if h is not None else (False, 0, 0)))
         try:
             self._handle(msg)
         except Exception:
@@ -252,7 +252,7 @@ class FailoverMain:
         ctl = self.ctl
         if isinstance(msg, link.LocalHealth):
             self.health = msg
-            if ctl is not None:
+            if ctl is not None and not self.control_fault:
                 ctl.set_local_health(msg.healthy, msg.healthy_count, msg.total)
         elif isinstance(msg, link.Spec):
             if self.spec is None:
@@ -325,7 +325,7 @@ class FailoverMain:
             # The controller's own transport, timed (pairlb_heartbeat_*_gap_max_seconds).
             self.meter = HeartbeatMeter(ctl._transport, self._loop.time, ctl.from_peer)
             ctl._transport = self.meter
-            if self.health is not None:
+            if self.health is not None and not self.control_fault:
                 ctl.set_local_health(self.health.healthy, self.health.healthy_count,
                                      self.health.total)
             self.ctl = ctl
@@ -437,11 +437,17 @@ class FailoverMain:
                 return
             silent = now - self.last_heard
             if silent > spec.control_timeout_s and not self.control_fault:
+                # Counted as "no healthy backends here", not as a fault: a healthy peer gets
+                # the VIP (make-before-break), but when both control processes are silent
+                # (both stopped, one heavy reload on both) the best node keeps it, where two
+                # faults left the VIP on neither (an outside review: 3.3 s, no holder).
                 self.control_fault = True
-                log.error("failover_control_silent silent_s=%.1f limit_s=%.1f action=fault",
+                log.error("failover_control_silent silent_s=%.1f limit_s=%.1f action=demote",
                           silent, spec.control_timeout_s)
-                ctl.report_fault(CONTROL_FAULT)
-                self._event("failover", f"control process silent for {silent:.1f} s: fault")
+                total = self.health.total if self.health is not None else 0
+                ctl.set_local_health(False, 0, total)
+                self._event("failover", f"control process silent for {silent:.1f} s: "
+                                        "counted as unhealthy")
             self._send_status()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:

@@ -1265,8 +1265,8 @@ def control_stall(rig: Rig, stopped_s: float = 2.0) -> list[Outcome]:
 
 def control_wedged(rig: Rig, timeout_s: float = 1.0) -> list[Outcome]:
     """SIGSTOP the MASTER's control process for longer than control_timeout_s (set to
-    `timeout_s`): its failover process counts it as failed (FAULT) and the VIP goes to the
-    peer; once it runs again, the node rejoins and takes the VIP back (preempt)."""
+    `timeout_s`): its failover process counts the node as unhealthy, so the VIP goes to the
+    healthy peer (make-before-break); once it runs again, the node takes it back (preempt)."""
     rig.steady(replace(rig.settings, control_timeout_s=timeout_s))
     since = time.monotonic()
     time.sleep(BASELINE_S)
@@ -1288,6 +1288,33 @@ def control_wedged(rig: Rig, timeout_s: float = 1.0) -> list[Outcome]:
     out.extra["control_fault_s"] = None if faulted is None else round(faulted - t_fault, 3)
     back.extra["lb1_transitions"] = rig.failover("lb1")["counters"]["transitions"]
     return [out, back]
+
+
+def control_wedged_both(rig: Rig, timeout_s: float = 1.0, stop_s: float = 2.5) -> list[Outcome]:
+    """SIGSTOP both control processes for longer than control_timeout_s: both failover
+    processes count their node as unhealthy, none has a healthy peer, so the best keeps
+    the VIP (two faults used to leave it on neither). Then both run again."""
+    rig.steady(replace(rig.settings, control_timeout_s=timeout_s))
+    since = time.monotonic()
+    time.sleep(BASELINE_S)
+    t_fault = rig.signal_control("lb1", signal.SIGSTOP)
+    rig.signal_control("lb2", signal.SIGSTOP)
+    try:
+        time.sleep(stop_s)
+    finally:
+        t_cont = rig.signal_control("lb1", signal.SIGCONT)
+        rig.signal_control("lb2", signal.SIGCONT)
+    settle(rig, "lb1", t_cont)
+    until = time.monotonic()
+    out = measure(rig, f"both control processes stopped {stop_s:g} s > control_timeout_s "
+                       f"({timeout_s:g} s)", since, until, fault_at=t_fault, new_node=None)
+    out.extra.update({
+        "silent_logged": [n for n in LBS
+                          if rig.log_time(n, "failover_control_silent", after=t_fault)],
+        "unheld_s": sum(e - s for s, e in rig.watch.unheld(t_fault, until)),
+        "holders": sorted(rig.watch.holding()),
+    })
+    return [out]
 
 
 def reload_unchanged(rig: Rig) -> list[Outcome]:
@@ -1327,6 +1354,7 @@ SCENARIOS: dict[str, Callable[[Rig], list[Outcome]]] = {
     "failover_hung": failover_hung,
     "control_stall": control_stall,
     "control_wedged": control_wedged,
+    "control_wedged_both": control_wedged_both,
     "reload_unchanged": reload_unchanged,
 }
 

@@ -321,8 +321,8 @@ def test_a_stalled_control_process_delays_no_heartbeat(rig: fe.Rig) -> None:
 
 
 def test_a_wedged_control_process_gives_the_vip_away(rig: fe.Rig) -> None:
-    """Silent past control_timeout_s (1 s here): the failover process counts the control
-    process as failed (FAULT), the peer takes over; when it runs again, failback."""
+    """Silent past control_timeout_s (1 s here): the failover process counts its node as
+    unhealthy, the healthy peer takes over; when it runs again, failback."""
     (out, back) = fe.control_wedged(rig, 1.0)
     why = evidence(rig, [out, back])
     assert out.extra["control_fault_s"] is not None, why
@@ -333,6 +333,18 @@ def test_a_wedged_control_process_gives_the_vip_away(rig: fe.Rig) -> None:
     assert out.failed <= 10, why
     assert "FAULT->BACKUP" in back.extra["lb1_transitions"], why
     assert rig.role("lb1") == "MASTER" and no_5xx(back) and back.failed <= 2, why
+
+
+def test_both_control_processes_wedged_the_best_node_keeps_the_vip(rig: fe.Rig) -> None:
+    """Both silent past control_timeout_s (an outside review: both went FAULT and neither
+    held the VIP for 3.3 s). Both now count as unhealthy; with no healthy peer the best
+    keeps the VIP, and nothing moves."""
+    (out,) = fe.control_wedged_both(rig, 1.0, 2.5)
+    why = evidence(rig, [out])
+    x = out.extra
+    assert x["silent_logged"] == ["lb1", "lb2"], why
+    assert x["unheld_s"] == 0 and x["holders"] == ["lb1"], why
+    assert out.failed == 0, why
 
 
 def test_a_reload_that_changes_nothing_moves_nothing(rig: fe.Rig) -> None:
