@@ -203,6 +203,8 @@ GUARD_S = 2 * 0.1 + 0.1
 """Longest time from a cut to the guard's verdict: fall rounds, the last one's timeout."""
 SLACK_S = 0.2
 """Scheduling on a shared 2-core box, VIP add/remove and the rtnetlink event."""
+WATCH_SKEW_S = 0.001
+"""How far apart the VIP watch can stamp two events of different namespaces."""
 
 
 def _nft(topo: netns.Topology, script: str) -> None:
@@ -379,7 +381,10 @@ def test_partitions_leave_exactly_one_vip_holder(topo: netns.Topology) -> None:
         time.sleep(1.0)
         t1 = time.monotonic()
         assert pair.role("lb1") is Role.FAULT and pair.status("lb1").faults == ("gateway",)
-        assert pair.watch.holding() == {"lb2"} and pair.overlap_s(t0, t1) == 0.0
+        # The watch stamps each namespace's netlink events as its thread reads them: a
+        # release and the peer's add that follows it can come out tens of us apart either
+        # way (seen once in CI-sized runs: 40 us). Anything longer is a real overlap.
+        assert pair.watch.holding() == {"lb2"} and pair.overlap_s(t0, t1) < WATCH_SKEW_S
         assert t_b - t0 <= GUARD_S + 2 * SLACK_S
         report.append(f"lb1|gw cut: lb2 holds it {t_b - t0:.3f} s after the cut, overlap "
                       f"{pair.overlap_s(t0, t1):.3f} s, lb1 FAULT")
@@ -402,7 +407,7 @@ def test_partitions_leave_exactly_one_vip_holder(topo: netns.Topology) -> None:
         assert pair.role("lb1") is Role.FAULT and pair.role("lb2") is Role.MASTER
         assert pair.watch.holding() == {"lb2"}
         assert overlap <= GUARD_S + SLACK_S, overlap  # and none after the guard's verdict
-        assert pair.overlap_s(t0 + GUARD_S + SLACK_S, t1) == 0.0
+        assert pair.overlap_s(t0 + GUARD_S + SLACK_S, t1) < WATCH_SKEW_S
         assert topo.neighbour("client", pair.vip_ip) == topo["lb2"].mac  # clients follow
         report.append(f"lb1|lb2+gw cut: two holders for {overlap:.3f} s (lb2 after "
                       f"master_down, lb1 released after the guard's fall rounds), lb2 alone "
