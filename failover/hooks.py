@@ -6,9 +6,13 @@ scripts") promises: a clean environment (PATH=HOOK_PATH, PAIRLB_ROLE_FROM, PAIRL
 PAIRLB_NODE, PAIRLB_REASON, and RUNTIME_DIRECTORY when the service has one; nothing else of
 pairlb's own environment, so no NOTIFY_SOCKET or CREDENTIALS_DIRECTORY), stdin from
 /dev/null, and no privilege it did not have as a plain process of its user: before the exec
-the child sets no_new_privs and empties its ambient, permitted, effective and inheritable
-capabilities (pairlb's own capabilities never reach it; a script run by a pairlb started by
-hand as root is root, with root's capabilities). The outcome (exit status, duration, last
+the child sets no_new_privs and empties its ambient and inheritable capabilities, so it
+execs with no permitted or effective ones either (pairlb's own capabilities never reach it;
+a script run by a pairlb started by hand as root is root, with root's capabilities). That is
+done by util-linux's `setpriv` in front of the script, so the child is spawned without a
+Python `preexec_fn` (vfork, no copy of the failover process's page tables: forking one
+stalled its loop 7-8 ms per script); without `setpriv` the child does it itself before the
+exec (`_ChildPrivileges`). The outcome (exit status, duration, last
 lines of output) is logged. Transitions queue up and run strictly in order in one worker
 task, so a slow script delays later scripts but never a heartbeat: the controller only
 enqueues. Imports nothing from lb or healthcheck.
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from collections import deque
@@ -123,7 +128,8 @@ class HookRunner:
         self.node = node
         self.timeout_s = timeout_s
         self._env = hook_environment(os.environ) if env is None else dict(env)
-        self._preexec = _ChildPrivileges()
+        self._setpriv = shutil.which("setpriv", path=HOOK_PATH)
+        self._preexec = None if self._setpriv else _ChildPrivileges()
         self._queue: deque[_Transition] = deque()
         self._max_queued = max_queued
         self._wake = asyncio.Event()
@@ -196,9 +202,17 @@ class HookRunner:
         env = dict(self._env, PAIRLB_ROLE_FROM=t.role_from, PAIRLB_ROLE_TO=t.role_to,
                    PAIRLB_NODE=self.node, PAIRLB_REASON=t.reason)
         start = time.monotonic()
+        argv = [script, t.role_from, t.role_to, self.node]
         try:
+            if self._setpriv is not None:
+                # setpriv would report a missing script as its own exit 127: say it here.
+                if not os.access(script, os.X_OK):
+                    os.stat(script)  # the reason (missing, no access) if there is one
+                    raise PermissionError(13, "Permission denied")
+                argv = [self._setpriv, "--no-new-privs", "--inh-caps=-all",
+                        "--ambient-caps=-all", "--", *argv]
             proc = await asyncio.create_subprocess_exec(
-                script, t.role_from, t.role_to, self.node,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
                 preexec_fn=self._preexec,

@@ -103,6 +103,15 @@ def test_scripts_get_a_clean_environment_and_no_new_privileges(
         assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == 0
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+def test_scripts_start_through_setpriv_without_a_python_preexec_fn() -> None:
+    """A preexec_fn forces a real fork of the failover process (7-8 ms of its loop per
+    script, an outside review); setpriv drops the privileges instead, so the child is
+    vforked. The two tests above check what the script gets either way."""
+    runner = HookRunner(["/bin/true"], node="lb1")
+    assert runner._setpriv is not None and runner._preexec is None
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                     reason="needs root and setpriv to give a process ambient capabilities")
