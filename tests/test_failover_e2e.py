@@ -30,6 +30,8 @@ TAKEOVER_DEFAULT_S = 0.15
 """Issue 4: median outage after kill -9, link cut or a hung node, default settings."""
 TAKEOVER_FAST_S = 0.05
 """Issue 4: the fastest documented setting (interval 10 ms)."""
+FAST_RUNS = 5
+"""Runs of each fault whose median is held to TAKEOVER_FAST_S."""
 HTTP_5XX = ("http500", "http502", "http503", "http504")
 
 
@@ -216,10 +218,13 @@ def test_failback_with_preempt_off_keeps_the_new_master(rig: fe.Rig) -> None:
 
 
 def test_fast_setting_kill9_and_link_cut(rig: fe.Rig) -> None:
-    """The target is a median: three runs of each (one run is too noisy at 10 ms)."""
+    """The target is a median: five runs of each. One run is too noisy at 10 ms, and the
+    link cut's median sits just under the target (48 ms, runs 43-51 in docs/operations.md;
+    master_down alone is 36 ms), so three runs put the median over it once in a while (a
+    full suite saw 50.1 ms from 44.8, 50.1 and 52.2)."""
     rig.steady(fe.FAST)
     kills, cuts, backs = [], [], []
-    for _ in range(3):
+    for _ in range(FAST_RUNS):
         kills.append(fe.kill9(rig)[0])
         cut, back = fe.link_cut(rig)
         cuts.append(cut)
@@ -227,7 +232,7 @@ def test_fast_setting_kill9_and_link_cut(rig: fe.Rig) -> None:
     why = evidence(rig, [*kills, *cuts, *backs])
     kill_s = [o.takeover_s for o in kills if o.takeover_s is not None]
     cut_s = [o.takeover_s for o in cuts if o.takeover_s is not None]
-    assert len(kill_s) == 3 and len(cut_s) == 3, why
+    assert len(kill_s) == FAST_RUNS and len(cut_s) == FAST_RUNS, why
     assert all(b.unheld_s == 0.0 for b in backs), why
     assert statistics.median(kill_s) <= TAKEOVER_FAST_S, why
     assert statistics.median(cut_s) <= TAKEOVER_FAST_S, why

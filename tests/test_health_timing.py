@@ -47,8 +47,13 @@ def test_first_checks_of_many_targets_are_spread_evenly() -> None:
         async with raw_server(srv.handle) as port, HealthChecker() as hc:
             t0 = asyncio.get_running_loop().time()
             hc.set_targets(targets(n, port, spec))
-            await asyncio.sleep(window + 0.1)
-            return [t - t0 for t in srv.times]
+            # Until all n arrived (a full suite once saw 117 of 150 within window + 0.1 s on
+            # a busy box); the spread below is judged from the arrival times themselves.
+            for _ in range(int((window + 2.0) / 0.01)):
+                if len(srv.times) >= n:
+                    break
+                await asyncio.sleep(0.01)
+            return [t - t0 for t in srv.times[:n]]
 
     first = sorted(run(body()))
     assert len(first) == n
