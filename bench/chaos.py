@@ -441,20 +441,10 @@ fall = 3
         self.helpers.append(proc)
         return proc
 
-    def signal_node(self, node: str, sig: int) -> float:
-        """As Cluster.signal_node (every process of the node at once), but not our scrapers
-        in its namespace: they stand for a Prometheus elsewhere, which a node's death or
-        hang does not kill."""
-        ours = {p.pid for p in self.helpers if p.poll() is None}
-        pids = [pid for pid in self.topo.pids(node) if pid not in ours]
-        t = time.monotonic()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        if sig == signal.SIGKILL and node in self.lbs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.lbs[node].proc.wait(5.0)
-        return t
+    def spared_pids(self) -> set[int]:
+        """Our scrapers in a node's namespace: they stand for a Prometheus elsewhere, which
+        a node's death or hang (signal_node) does not kill."""
+        return {p.pid for p in self.helpers if p.poll() is None}
 
     def failover_scheduling(self, node: str) -> str:
         """How the kernel schedules `node`'s failover process: "rr:PRIO" or "nice:N"."""

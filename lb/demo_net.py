@@ -645,9 +645,14 @@ class Cluster:
         p = self.lbs.get(node)
         return p is not None and p.running
 
+    def spared_pids(self) -> set[int]:
+        """Processes in a node's namespace that signal_node leaves alone (none here)."""
+        return set()
+
     def signal_node(self, node: str, sig: int) -> float:
         """`sig` to every process of the node (control and workers) at once."""
-        pids = self.topo.pids(node)
+        spared = self.spared_pids()
+        pids = [pid for pid in self.topo.pids(node) if pid not in spared]
         t = time.monotonic()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

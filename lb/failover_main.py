@@ -189,7 +189,7 @@ class FailoverMain:
         self.vip: Any = None
         self.health: link.LocalHealth | None = None
         self.stopping = False
-        self.control_fault = False
+        self.control_silent = False
         self.last_heard = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[int] | None = None
@@ -235,14 +235,11 @@ class FailoverMain:
             return
         assert self._loop is not None
         self.last_heard = self._loop.time()
-        if self.control_fault:
-            self.control_fault = False
+        if self.control_silent:
+            self.control_silent = False
             log.warning("failover_control_back action=restore_health")
             self._event("failover", "control process answers again: its health verdict counts")
-            h = self.health
-            if self.ctl is not None:
-                self.ctl.set_local_health(*((h.healthy, h.healthy_count, h.total)
-                                            if h is not None else (False, 0, 0)))
+            self._apply_health()
         try:
             self._handle(msg)
         except Exception:
@@ -252,8 +249,7 @@ class FailoverMain:
         ctl = self.ctl
         if isinstance(msg, link.LocalHealth):
             self.health = msg
-            if ctl is not None and not self.control_fault:
-                ctl.set_local_health(msg.healthy, msg.healthy_count, msg.total)
+            self._apply_health()
         elif isinstance(msg, link.Spec):
             if self.spec is None:
                 self.spec = msg
@@ -325,10 +321,8 @@ class FailoverMain:
             # The controller's own transport, timed (pairlb_heartbeat_*_gap_max_seconds).
             self.meter = HeartbeatMeter(ctl._transport, self._loop.time, ctl.from_peer)
             ctl._transport = self.meter
-            if self.health is not None and not self.control_fault:
-                ctl.set_local_health(self.health.healthy, self.health.healthy_count,
-                                     self.health.total)
             self.ctl = ctl
+            self._apply_health()
             if self.spec is not None and self.spec is not spec:
                 # A reload read while the controller was being built (before self.ctl was
                 # set) only reached self.spec: apply it now, or e.g. a key rotation step is
@@ -346,6 +340,17 @@ class FailoverMain:
         tracked = tuple(dict.fromkeys((fs.interface, *spec.track_interfaces)))
         self._spawn(vip.watch_carrier(tracked, ctl.carrier_changed,
                                       peers=lambda: ctl.peer_hosts), "failover-carrier")
+
+    def _apply_health(self) -> None:
+        """The controller's local health, derived from the control process's last verdict
+        and whether it has gone silent (then: no healthy backends here)."""
+        ctl, h = self.ctl, self.health
+        if ctl is None or h is None:
+            return
+        if self.control_silent:
+            ctl.set_local_health(False, 0, h.total)
+        else:
+            ctl.set_local_health(h.healthy, h.healthy_count, h.total)
 
     def _reconfigure(self, spec: link.Spec) -> None:
         """A reload: what may change live is applied (the controller's reconfigure: keys,
@@ -436,16 +441,15 @@ class FailoverMain:
                 self._finish(2)
                 return
             silent = now - self.last_heard
-            if silent > spec.control_timeout_s and not self.control_fault:
+            if silent > spec.control_timeout_s and not self.control_silent:
                 # Counted as "no healthy backends here", not as a fault: a healthy peer gets
                 # the VIP (make-before-break), but when both control processes are silent
                 # (both stopped, one heavy reload on both) the best node keeps it, where two
                 # faults left the VIP on neither (an outside review: 3.3 s, no holder).
-                self.control_fault = True
+                self.control_silent = True
                 log.error("failover_control_silent silent_s=%.1f limit_s=%.1f action=demote",
                           silent, spec.control_timeout_s)
-                total = self.health.total if self.health is not None else 0
-                ctl.set_local_health(False, 0, total)
+                self._apply_health()
                 self._event("failover", f"control process silent for {silent:.1f} s: "
                                         "counted as unhealthy")
             self._send_status()
