@@ -153,7 +153,7 @@ def notes_of(row: Row) -> str:
     if loads and max(loads) >= 0.3:
         out.append(f"foreign load up to {max(loads):.1f} cores")
     for key, what in (("longest_heartbeat_gap_on_the_wire_s", "longest heartbeat gap on the "
-                       "peer's wire"), ("control_fault_s", "FAULT after"),
+                       "peer's wire"), ("control_fault_s", "counted unhealthy after"),
                       ("killed_after_s", "killed after"), ("recovered_s", "rejoined after"),
                       ("vip_released_s", "VIP released after"),
                       ("failover_exit_s", "failover process exited after")):
