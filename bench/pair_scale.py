@@ -99,13 +99,15 @@ class ScaleRig(fe.Rig):
 
     def __init__(self, backends: int, check_interval_s: float,
                  source: Path | None = None, failover_extra: str = "",
-                 backend_server: str = "auto", workdir: Path | None = None) -> None:
+                 backend_server: str = "auto", workdir: Path | None = None,
+                 health_extra: str = "") -> None:
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir)
         self.backends = backends
         self.check_interval_s = check_interval_s
         self.failover_extra = failover_extra
+        self.health_extra = health_extra
         if source is not None:
             self.source = source
         if backend_server == "auto":
@@ -155,7 +157,7 @@ interval_s = {self.check_interval_s}
 timeout_s = 1.0
 rise = 2
 fall = 3
-"""
+{self.health_extra}"""
         head, sep, tail = text.partition("\n[failover]\n")
         return head + scale + sep + self.failover_extra + tail
 
@@ -254,8 +256,9 @@ def pct(values: list[float], q: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = fe.PairSettings(workers=args.workers)
     extra = "".join(f"{line}\n" for line in args.failover_setting)
+    health = "".join(f"{line}\n" for line in args.health_setting)
     with ScaleRig(args.backends, args.check_interval, args.source, extra,
-                  args.backend_server, args.keep_logs) as rig:
+                  args.backend_server, args.keep_logs, health) as rig:
         t0 = time.monotonic()
         rig.steady(settings, timeout_s=120.0)
         rig.wait_for(f"all {args.backends} backends up on both nodes", lambda: all(
@@ -318,6 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        f"Python {platform.python_version()})",
             "source": str(args.source or REPO), "backends": args.backends,
             "failover_settings": args.failover_setting,
+            "health_settings": args.health_setting,
             "check_interval_s": args.check_interval, "duration_s": round(window, 1),
             "all_up_s": round(up_s, 1), "probe_requests": out.requests,
             "probe_failed": out.failed, "probe_errors": out.errors,
@@ -392,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="this tree")
     p.add_argument("--failover-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra [failover] line, e.g. 'sched_priority = 10' (repeatable)")
+    p.add_argument("--health-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra [pool.health] line of the big pool, e.g. "
+                        "'reuse_connection = true' (repeatable)")
     p.add_argument("--json", type=Path)
     p.add_argument("--keep-logs", type=Path, metavar="DIR",
                    help="work in DIR and keep it (configs, both nodes' logs, probes)")

@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds after all are UP before the window starts")
     ap.add_argument("--admin-extra", action="append", default=[],
                     help="extra TOML line for [admin] (repeatable)")
+    ap.add_argument("--health-extra", action="append", default=[],
+                    help="extra TOML line for [pool.health], e.g. 'reuse_connection = true'")
     ap.add_argument("--pairlb-cmd", default="{venv}/bin/pairlb run -c {config}",
                     help="command to start pairlb ({venv}, {config}, {python})")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50 backends, 5 s")
@@ -173,6 +175,7 @@ def pairlb_config(
         f'  {{ name = "b{i}", address = "127.0.0.1:{p}" }}' for i, p in enumerate(backends, 1)
     )
     extra = "".join(line + "\n" for line in args.admin_extra)
+    health_extra = "".join(line + "\n" for line in args.health_extra)
     text = f"""# written by bench/scale.py
 [node]
 name = "scale"
@@ -195,7 +198,7 @@ backends = [
 path = "/healthz"
 interval_s = {args.interval}
 timeout_s = {args.timeout}
-
+{health_extra}
 [admin]
 bind = "127.0.0.1:{admin_port}"
 {extra}

@@ -27,6 +27,18 @@ sit in one timer wheel of ``TICK_S`` slots (one loop timer while probes run, not
 never from inside ``start``; ``abort()`` on its handle stops it without a result. ``run()``
 is the awaitable form of the same machine (tests and one-off checks use it).
 
+``reuse_connection`` (Envoy's health checker does it by default; HAProxy never does) keeps
+the connection of a passing check open for the next check of the same target, so a check
+costs one request instead of a connect, a request and a close: at 3000 backends checked
+every second, most of the prober's CPU was the kernel's TCP set-up and tear-down. The
+price is the one HAProxy avoids it for: a backend that still answers on its old connection
+but accepts no new ones passes. So it is off by default. A connection is reused only when
+the response said keep-alive and was read to its end with nothing after it; before reuse a
+one-byte peek drops a connection the backend closed (or wrote to) while it sat idle; and a
+reused connection that fails before the first response byte (the backend closed it while
+our request was on the way) is retried once on a fresh connection inside the same budget,
+so a backend's idle timeout never shows up as a failed check.
+
 A host that is not an IP literal is resolved first (``loop.getaddrinfo``, inside the same
 budget) and its addresses are tried in order until one accepts the connection; all refused
 is L4_REFUSED.
@@ -89,7 +101,9 @@ LOOP_LAG_GRACE_S = 0.05
 """A deadline timer this late means the loop was late: the probe gets one extension."""
 TICK_S = 0.005
 """Slot of the probes' deadline wheel: a timeout is reported up to this much after it."""
-"""Extra time a probe gets, once, when its deadline timer ran this much late (module doc)."""
+IDLE_MAX_S = 60.0
+"""A kept connection idle longer than this is closed instead of reused (a firewall or NAT
+between may have forgotten it without telling either end)."""
 _RECV_BYTES = 65536
 
 _TOKEN_CHARS = frozenset(
@@ -112,6 +126,9 @@ class Probe(Protocol):
 
     async def run(self, host: str, port: int) -> CheckResult: ...
 
+    def close(self) -> None:
+        """Close a connection kept for reuse (the target is retired or checks stop)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TcpProbe:
@@ -128,6 +145,9 @@ class TcpProbe:
     async def run(self, host: str, port: int) -> CheckResult:
         return await _run(self, host, port)
 
+    def close(self) -> None:
+        pass
+
 
 @dataclass(frozen=True, slots=True)
 class HttpProbe:
@@ -135,6 +155,8 @@ class HttpProbe:
 
     ``host`` is the Host header; None means the target's address (and port unless 80).
     ``expect_status`` is inclusive ranges, default 200-399 like HAProxy's ``httpchk``.
+    ``reuse_connection``: keep the connection for the next check (module docstring). One
+    probe object serves one target: it holds that target's kept connection.
     """
 
     method: str = "GET"
@@ -143,7 +165,10 @@ class HttpProbe:
     expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
     expect_body: str | None = None
     timeout_s: float = 0.5
+    reuse_connection: bool = False
     _needle: bytes | None = field(init=False, repr=False, compare=False)
+    _idle: list[_Idle] = field(default_factory=list, init=False, repr=False, compare=False)
+    """At most one kept connection."""
 
     def __post_init__(self) -> None:
         _check_timeout(self.timeout_s)
@@ -167,31 +192,82 @@ class HttpProbe:
             raise HealthConfigError(
                 "expect_body", self.expect_body, "needs a method other than HEAD"
             )
+        if self.reuse_connection and self.method == "HEAD":
+            # llhttp cannot know a response answers HEAD, so it would wait for the body
+            # Content-Length announces and the connection could never be reused.
+            raise HealthConfigError(
+                "reuse_connection", self.reuse_connection, "needs a method other than HEAD"
+            )
         object.__setattr__(self, "_needle", needle)
 
     def request_bytes(self, host: str, port: int) -> bytes:
         """The exact request sent to ``host:port`` (public so tests and docs can show it)."""
-        return _request(self.method, self.path, self.host, host, port)
+        return _request(self.method, self.path, self.host, host, port, self.reuse_connection)
 
     def start(self, host: str, port: int, done: OnDone) -> ProbeHandle:
+        if self.reuse_connection:
+            kept = self._take(host, port)
+            if kept is not None:
+                return _HttpCheck.adopt(asyncio.get_running_loop(), self, host, port, done, kept)
         return _launch(_HttpCheck, self, host, port, done)
 
     async def run(self, host: str, port: int) -> CheckResult:
         return await _run(self, host, port)
 
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().sock.close()
+
+    def _keep(self, host: str, port: int, sock: socket.socket, now: float) -> None:
+        self.close()
+        self._idle.append(_Idle(sock, host, port, now))
+
+    def _take(self, host: str, port: int) -> socket.socket | None:
+        """The kept connection to ``host:port`` if it is still fit for a request."""
+        if not self._idle:
+            return None
+        idle = self._idle.pop()
+        sock = idle.sock
+        if (idle.host, idle.port) != (host, port) or (
+            asyncio.get_running_loop().time() - idle.since > IDLE_MAX_S
+        ):
+            sock.close()
+            return None
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return sock  # nothing pending, no FIN: quiet and open
+        except OSError:
+            pass
+        # EOF (the backend's idle timeout), a reset, or bytes nobody asked for (a 408):
+        # not a connection to send a request on.
+        sock.close()
+        return None
+
+
+@dataclass(slots=True)
+class _Idle:
+    sock: socket.socket
+    host: str
+    port: int
+    since: float
+
 
 @functools.lru_cache(maxsize=16384)
-def _request(method: str, path: str, host_header: str | None, host: str, port: int) -> bytes:
+def _request(
+    method: str, path: str, host_header: str | None, host: str, port: int, keep_alive: bool
+) -> bytes:
     if host_header is not None:
         authority = host_header
     else:
         authority = _bracket(host) if port == 80 else f"{_bracket(host)}:{port}"
+    connection = "" if keep_alive else "Connection: close\r\n"
     return (
         f"{method} {path} HTTP/1.1\r\n"
         f"Host: {authority}\r\n"
         "User-Agent: pairlb-healthcheck\r\n"
         "Accept: */*\r\n"
-        "Connection: close\r\n\r\n"
+        f"{connection}\r\n"
     ).encode("latin-1")
 
 
@@ -222,15 +298,16 @@ async def _run(probe: TcpProbe | HttpProbe, host: str, port: int) -> CheckResult
 
 
 def _launch(
-    kind: type[_Check], probe: Any, host: str, port: int, done: OnDone
+    kind: type[_Check], probe: Any, host: str, port: int, done: OnDone, t0: float | None = None
 ) -> ProbeHandle:
+    """A probe on a new connection; ``t0``: when its budget started (a retry keeps it)."""
     loop = asyncio.get_running_loop()
     family = _literal_family(host)
     if family is not None:
-        check = kind(loop, probe, host, port, done)
+        check = kind(loop, probe, host, port, done, t0)
         check.connect(family, (host, port))
         return check
-    return _Resolving(loop, kind, probe, host, port, done)
+    return _Resolving(loop, kind, probe, host, port, done, t0)
 
 
 class _Check:
@@ -324,13 +401,19 @@ class _Check:
         if sock is None:
             return
         self._sock = None
+        keep = self.keepable()
         if self._mask:
-            # Closing the socket takes it out of the epoll set.
+            # Closing the socket takes it out of the epoll set; a kept one must leave it.
+            if keep:
+                self._poller.ep.unregister(self._fd)
             self._mask = 0
             self._reading = self._writing = False
             if self._poller.checks.get(self._fd) is self:
                 del self._poller.checks[self._fd]
-        sock.close()
+        if keep:
+            self._probe._keep(self._host, self._port, sock, self._loop.time())
+        else:
+            sock.close()
 
     def _watch(self, *, read: bool, write: bool) -> None:
         """Which readiness events of our socket we want (one epoll_ctl when it changes)."""
@@ -457,6 +540,10 @@ class _Check:
 
     # -- what the kind of probe does once connected ---------------------------------------
 
+    def keepable(self) -> bool:
+        """At teardown: hand the socket to the probe for the next check instead of closing."""
+        return False
+
     def connected(self) -> None:
         self._finish(CheckStatus.L4_OK)
 
@@ -471,9 +558,17 @@ class _Check:
 
 
 class _HttpCheck(_Check):
-    """Sends the request, then feeds the response to llhttp until the verdict is known."""
+    """Sends the request, then feeds the response to llhttp until the verdict is known.
 
-    __slots__ = ("_body", "_code", "_out", "_parser", "_seen")
+    With ``reuse_connection`` a verdict found inside a chunk is held until llhttp has seen
+    the rest of that chunk, so the connection is kept only when the response ended in it,
+    said keep-alive and nothing followed it (``_reusable``).
+    """
+
+    __slots__ = (
+        "_body", "_code", "_messages", "_out", "_parser", "_reusable", "_reuse", "_reused",
+        "_seen", "_successor", "_verdict",
+    )
 
     def __init__(
         self,
@@ -490,9 +585,59 @@ class _HttpCheck(_Check):
         self._body: bytearray | None = None
         self._seen = 0
         self._out = b""
+        self._reuse: bool = probe.reuse_connection
+        self._reused = False  # the socket came from the previous check
+        self._verdict: tuple[CheckStatus, int | None, str] | None = None
+        self._messages = 0
+        self._reusable = False
+        self._successor: ProbeHandle | None = None  # the fresh-connection retry
+
+    @classmethod
+    def adopt(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        probe: Any,
+        host: str,
+        port: int,
+        done: OnDone,
+        sock: socket.socket,
+    ) -> _HttpCheck:
+        """A check on the connection the previous check kept (connected already)."""
+        check = cls(loop, probe, host, port, done)
+        check._sock = sock
+        check._fd = sock.fileno()
+        check._reused = True
+        check._poller.arm(check, check._deadline)
+        loop.call_soon(check._on_connected_soon)
+        return check
+
+    def abort(self) -> None:
+        super().abort()
+        if self._successor is not None:
+            self._successor.abort()
 
     def unlink(self) -> None:
         self._parser = None
+
+    def keepable(self) -> bool:
+        return self._reusable and self._verdict is not None
+
+    def _decide(self, status: CheckStatus, code: int | None, detail: str = "") -> None:
+        """A verdict from inside llhttp's callbacks: at once, or (reusing) once the chunk
+        is parsed (class docstring)."""
+        if not self._reuse:
+            self._finish(status, code, detail)
+        elif self._verdict is None:
+            self._verdict = (status, code, detail)
+
+    def _retry_fresh(self) -> None:
+        """The kept connection died under our request (the backend's idle timeout met it
+        on the way): the same check on a new connection, inside the same budget."""
+        self._finished = True
+        self._teardown()
+        self._successor = _launch(
+            _HttpCheck, self._probe, self._host, self._port, self._done, self._t0
+        )
 
     def connected(self) -> None:
         self._out = self._probe.request_bytes(self._host, self._port)
@@ -520,57 +665,76 @@ class _HttpCheck(_Check):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._reusable = False
             self._finish(CheckStatus.L7_BAD_RESPONSE, self._code, "unexpected protocol upgrade")
         except httptools.HttpParserError as exc:
-            self._finish(CheckStatus.L7_BAD_RESPONSE, self._code, f"invalid HTTP response: {exc}")
+            self._reusable = False  # (bytes after a judged response: its verdict stands)
+            if self._verdict is None:
+                detail = f"invalid HTTP response: {exc}"
+                self._finish(CheckStatus.L7_BAD_RESPONSE, self._code, detail)
+        if self._verdict is not None:
+            self._finish(*self._verdict)
         if not self._finished and self._code is None and self._seen > MAX_HEAD_BYTES:
             self._finish(
                 CheckStatus.L7_BAD_RESPONSE, None, f"no complete headers in {self._seen} bytes"
             )
 
     def closed(self, why: str) -> None:
-        if self._code is None:
+        self._reusable = False
+        if self._reused and self._seen == 0 and not self._finished:
+            self._retry_fresh()
+        elif self._code is None:
             self._finish(CheckStatus.L7_BAD_RESPONSE, None, f"{why} before response")
         else:  # a body delimited by the close ended: judge what arrived
             self._judge_body()
+            if self._verdict is not None:
+                self._finish(*self._verdict)
 
     # llhttp callbacks
+    def on_message_begin(self) -> None:
+        self._messages += 1
+        self._reusable = False  # a second message (after a 1xx, or unasked): not reused
+
     def on_headers_complete(self) -> None:
-        if self._finished:
+        if self._finished or self._verdict is not None:
             return
         code = self._parser.get_status_code()
         if 100 <= code < 200 and code != 101:
             return  # interim response (100 Continue, 103 Early Hints): the real one follows
         self._code = code
         if not any(lo <= code <= hi for lo, hi in self._probe.expect_status):
-            self._finish(CheckStatus.L7_STATUS, code, f"unexpected status {code}")
+            self._decide(CheckStatus.L7_STATUS, code, f"unexpected status {code}")
         elif self._probe._needle is None:
-            self._finish(CheckStatus.L7_OK, code)
+            self._decide(CheckStatus.L7_OK, code)
         else:
             self._body = bytearray()
 
     def on_body(self, body: bytes) -> None:
-        if self._finished or self._body is None:
+        if self._finished or self._body is None or self._verdict is not None:
             return
         needle: bytes = self._probe._needle
         start = max(0, len(self._body) - len(needle) + 1)
         self._body += body[: MAX_BODY_BYTES - len(self._body)]
         if self._body.find(needle, start) >= 0:
-            self._finish(CheckStatus.L7_OK, self._code)
+            self._decide(CheckStatus.L7_OK, self._code)
         elif len(self._body) >= MAX_BODY_BYTES:
             self._judge_body()
 
     def on_message_complete(self) -> None:
+        if self._reuse and self._messages == 1 and self._parser is not None:
+            self._reusable = bool(self._parser.should_keep_alive())
         if self._code is not None:
             self._judge_body()
 
     def _judge_body(self) -> None:
+        if self._verdict is not None:
+            return
         needle = self._probe._needle
         body = self._body or b""
         if needle is None or needle in body:
-            self._finish(CheckStatus.L7_OK, self._code)
+            self._decide(CheckStatus.L7_OK, self._code)
         else:
-            self._finish(
+            self._decide(
                 CheckStatus.L7_BODY_MISMATCH,
                 self._code,
                 f"body substring not found in first {len(body)} bytes",
@@ -591,6 +755,7 @@ class _Resolving:
         host: str,
         port: int,
         done: OnDone,
+        t0: float | None = None,
     ) -> None:
         self._loop = loop
         self._kind = kind
@@ -598,7 +763,7 @@ class _Resolving:
         self.host = host
         self.port = port
         self._done = done
-        self._t0 = loop.time()
+        self._t0 = loop.time() if t0 is None else t0
         self._finished = False
         self._check: _Check | None = None
         self._addrs: list[tuple[int, tuple[Any, ...]]] = []
@@ -607,7 +772,7 @@ class _Resolving:
 
     async def _resolve(self) -> None:
         try:
-            async with asyncio.timeout(self._probe.timeout_s):
+            async with asyncio.timeout_at(self._t0 + self._probe.timeout_s):
                 infos = await self._loop.getaddrinfo(
                     self.host, self.port, type=socket.SOCK_STREAM
                 )

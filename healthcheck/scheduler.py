@@ -100,6 +100,7 @@ class _Runner:
         if self.check is not None:
             self.check.abort()
             self.check = None
+        self.probe.close()
 
 
 class HealthChecker:

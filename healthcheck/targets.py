@@ -47,6 +47,7 @@ class CheckSpec:
     down_interval_s: float | None = None
     jitter: float = 0.1
     initial: Initial = "down"
+    reuse_connection: bool = False
 
     def __post_init__(self) -> None:
         ranges = tuple((int(lo), int(hi)) for lo, hi in self.expect_status)
@@ -68,7 +69,8 @@ class CheckSpec:
     def tested(self) -> tuple[object, ...]:
         """The settings that decide whether a probe passes. A reload that changes one of
         them makes the old counter evidence about another check; the others (interval_s,
-        fast/down intervals, jitter, initial, rise/fall) only change when or how often."""
+        fast/down intervals, jitter, initial, rise/fall) only change when or how often,
+        and reuse_connection only whether a passing check's connection is kept."""
         return (
             self.probe, self.method, self.path, self.host, self.expect_status,
             self.expect_body, self.timeout_s,
@@ -93,6 +95,7 @@ class CheckSpec:
             expect_status=self.expect_status,
             expect_body=self.expect_body,
             timeout_s=self.timeout_s,
+            reuse_connection=self.reuse_connection,
         )
 
     def base_interval_s(self, counter: HealthCounter) -> float:

@@ -64,6 +64,7 @@ def check_spec(pcfg: PoolConfig, backend: BackendConfig) -> tuple[CheckSpec, int
         down_interval_s=pick("down_interval_s"),
         jitter=h.jitter,
         initial=h.initial,
+        reuse_connection=h.reuse_connection,
     )
     port = o.port if o is not None and o.port is not None else backend.host_port[1]
     return spec, port

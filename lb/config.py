@@ -257,12 +257,18 @@ class HealthConfig(_Model):
     """'down': a new backend gets no traffic before its first passing check."""
     enabled: bool = True
     """False: no active checks; backends count as healthy."""
+    reuse_connection: bool = _CHECK.reuse_connection
+    """Keep a passing HTTP check's connection for the next check (Envoy's default): a
+    request per check instead of a connect, request and close; for big pools. A backend
+    that answers on an old connection but accepts no new ones then passes."""
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> HealthConfig:
         rule = CheckSpec.timeout_rule(self.timeout_s, self.interval_s)
         if rule is not None:
             raise ValueError(f"timeout_s {rule}")
+        if self.reuse_connection and (self.type != "http" or self.method == "HEAD"):
+            raise ValueError('reuse_connection needs type = "http" and a method other than HEAD')
         return self
 
     def status_ranges(self) -> tuple[tuple[int, int], ...]:
