@@ -447,7 +447,7 @@ worker_processes {workers};
 worker_rlimit_nofile 65536;
 pid {dir}/{name}.pid;
 error_log {dir}/{name}.error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {connections}; }}
 """
 
 _NGINX_TEMP = """\
@@ -508,7 +508,7 @@ def write_nginx_backends(
         for port in ports
     )
     text = (
-        _NGINX_COMMON.format(workers=workers, dir=workdir, name=name)
+        _NGINX_COMMON.format(workers=workers, dir=workdir, name=name, connections=8192)
         + "http {\n"
         + _NGINX_TEMP.format(dir=workdir, name=name)
         + """    access_log off;
@@ -539,7 +539,7 @@ def write_nginx_proxy(
     name = "nginx-proxy"
     upstream = "".join(f"        server 127.0.0.1:{p};\n" for p in backend_ports)
     text = (
-        _NGINX_COMMON.format(workers=workers, dir=workdir, name=name)
+        _NGINX_COMMON.format(workers=workers, dir=workdir, name=name, connections=8192)
         + "http {\n"
         + _NGINX_TEMP.format(dir=workdir, name=name)
         + f"""    access_log off;
@@ -612,8 +612,10 @@ def write_nginx_many(workdir: Path, host: str, ports: list[int], name: str = "ba
     checks with ``reuse_connection``; checks that send ``Connection: close`` are closed."""
     prepare_nginx_dirs(workdir, name)
     listens = "".join(f"        listen {host}:{p} backlog=512;\n" for p in ports)
+    # Every listening socket takes a connection slot; kept check connections from two
+    # nodes need two more per port (past the limit nginx closes idle ones early).
     text = (
-        _NGINX_COMMON.format(workers=1, dir=workdir, name=name)
+        _NGINX_COMMON.format(workers=1, dir=workdir, name=name, connections=4 * len(ports) + 1024)
         + "http {\n"
         + _NGINX_TEMP.format(dir=workdir, name=name)
         + "    access_log off;\n    keepalive_timeout 65s;\n    server {\n"
