@@ -15,29 +15,33 @@ needed 0.75 of a core. And a probe that awaits futures is judged late: when the 
 busy, the connect's completion and the timeout are processed in the same pass, and the
 timeout wins, so a busy control loop marked healthy backends DOWN (L4_TIMEOUT) by the
 thousand. So a probe here is a small state machine on a non-blocking socket, driven by
-readiness callbacks and one timer: connect, send one pre-formatted
-``Connection: close`` request, feed what arrives to httptools (llhttp, the data plane's
-parser), close as soon as the verdict is known: at the end of the headers when no body check
-is asked for, or once the substring is seen in the first 64 KiB of body. No Task, no
-Future, no transport, and not even the loop's ``add_reader``/``add_writer`` per socket
-(~10 us of Python each in the stdlib loop): the probes of a loop share one epoll set of
-their own, which the loop watches as a single reader (``_Poller``), and their deadlines
+readiness callbacks and one timer: connect, send one pre-formatted request (``Connection:
+close`` unless the connection is to be kept), feed what arrives to httptools (llhttp, the
+data plane's parser), close as soon as the verdict is known: at the end of the headers when
+no body check is asked for, or once the substring is seen in the first 64 KiB of body. No
+Task, no Future, no transport, and not even the loop's ``add_reader``/``add_writer`` per
+socket (~10 us of Python each in the stdlib loop): the probes of a loop share one epoll set
+of their own, which the loop watches as a single reader (``_Poller``), and their deadlines
 sit in one timer wheel of ``TICK_S`` slots (one loop timer while probes run, not one each).
-``start(host, port, done)`` runs one and calls ``done(result)`` once,
-never from inside ``start``; ``abort()`` on its handle stops it without a result. ``run()``
-is the awaitable form of the same machine (tests and one-off checks use it).
+``start(host, port, done)`` runs one and calls ``done(result)`` once, never from inside
+``start``; ``abort()`` on its handle stops it without a result. ``run()`` is the awaitable
+form of the same machine (tests and one-off checks use it).
 
 ``reuse_connection`` (Envoy's health checker does it by default; HAProxy never does) keeps
 the connection of a passing check open for the next check of the same target, so a check
 costs one request instead of a connect, a request and a close: at 3000 backends checked
 every second, most of the prober's CPU was the kernel's TCP set-up and tear-down. The
 price is the one HAProxy avoids it for: a backend that still answers on its old connection
-but accepts no new ones passes. So it is off by default. A connection is reused only when
-the response said keep-alive and was read to its end with nothing after it; before reuse a
-one-byte peek drops a connection the backend closed (or wrote to) while it sat idle; and a
-reused connection that fails before the first response byte (the backend closed it while
-our request was on the way) is retried once on a fresh connection inside the same budget,
-so a backend's idle timeout never shows up as a failed check.
+but accepts no new ones passes, until the connection is ``REUSE_MAX_AGE_S`` old. So it is
+off by default. A connection is kept only after a passing check whose response said
+keep-alive and was read to its end with nothing after it (a passing verdict known before
+the end waits for the end, inside the budget); never to a host name (a kept connection
+would pin the check to an address DNS may have moved away from). Before reuse a one-byte
+peek drops a connection the backend closed (or wrote to) while it sat idle; a reused
+connection that fails before the first response byte (the backend closed it while our
+request was on the way) is retried once on a fresh connection inside the same budget. So
+a backend's idle timeout does not fail a check, unless it answers our request with bytes
+(a 408) as it closes.
 
 A host that is not an IP literal is resolved first (``loop.getaddrinfo``, inside the same
 budget) and its addresses are tried in order until one accepts the connection; all refused
@@ -104,6 +108,9 @@ TICK_S = 0.005
 IDLE_MAX_S = 60.0
 """A kept connection idle longer than this is closed instead of reused (a firewall or NAT
 between may have forgotten it without telling either end)."""
+REUSE_MAX_AGE_S = 30.0
+"""A kept connection older than this is closed instead of reused: a backend that stopped
+accepting connections is found within this (plus ``fall`` checks) even with reuse."""
 _RECV_BYTES = 65536
 
 _TOKEN_CHARS = frozenset(
@@ -208,7 +215,8 @@ class HttpProbe:
         if self.reuse_connection:
             kept = self._take(host, port)
             if kept is not None:
-                return _HttpCheck.adopt(asyncio.get_running_loop(), self, host, port, done, kept)
+                loop = asyncio.get_running_loop()
+                return _HttpCheck.adopt(loop, self, host, port, done, *kept)
         return _launch(_HttpCheck, self, host, port, done)
 
     async def run(self, host: str, port: int) -> CheckResult:
@@ -218,25 +226,31 @@ class HttpProbe:
         while self._idle:
             self._idle.pop().sock.close()
 
-    def _keep(self, host: str, port: int, sock: socket.socket, now: float) -> None:
+    def _keep(
+        self, host: str, port: int, sock: socket.socket, born: float, now: float
+    ) -> None:
         self.close()
-        self._idle.append(_Idle(sock, host, port, now))
+        self._idle.append(_Idle(sock, host, port, born, now))
 
-    def _take(self, host: str, port: int) -> socket.socket | None:
-        """The kept connection to ``host:port`` if it is still fit for a request."""
+    def _take(self, host: str, port: int) -> tuple[socket.socket, float] | None:
+        """The kept connection to ``host:port`` and when it was made, if it is still fit
+        for a request."""
         if not self._idle:
             return None
         idle = self._idle.pop()
         sock = idle.sock
-        if (idle.host, idle.port) != (host, port) or (
-            asyncio.get_running_loop().time() - idle.since > IDLE_MAX_S
+        now = asyncio.get_running_loop().time()
+        if (
+            (idle.host, idle.port) != (host, port)
+            or now - idle.since > IDLE_MAX_S
+            or now - idle.born > REUSE_MAX_AGE_S
         ):
             sock.close()
             return None
         try:
             sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return sock  # nothing pending, no FIN: quiet and open
+            return sock, idle.born  # nothing pending, no FIN: quiet and open
         except OSError:
             pass
         # EOF (the backend's idle timeout), a reset, or bytes nobody asked for (a 408):
@@ -250,7 +264,10 @@ class _Idle:
     sock: socket.socket
     host: str
     port: int
+    born: float
+    """When the connection was made (``REUSE_MAX_AGE_S``)."""
     since: float
+    """When it was last used (``IDLE_MAX_S``)."""
 
 
 @functools.lru_cache(maxsize=16384)
@@ -316,6 +333,7 @@ class _Check:
 
     __slots__ = (
         "_batch",
+        "_born",
         "_connected",
         "_deadline",
         "_done",
@@ -351,6 +369,7 @@ class _Check:
         self._done = done
         self._t0 = loop.time() if t0 is None else t0
         self._deadline = self._t0 + probe.timeout_s
+        self._born = self._t0  # when our connection was made (an adopted one: earlier)
         self._sock: socket.socket | None = None
         self._fd = -1
         self._finished = False
@@ -411,7 +430,7 @@ class _Check:
             if self._poller.checks.get(self._fd) is self:
                 del self._poller.checks[self._fd]
         if keep:
-            self._probe._keep(self._host, self._port, sock, self._loop.time())
+            self._probe._keep(self._host, self._port, sock, self._born, self._loop.time())
         else:
             sock.close()
 
@@ -464,6 +483,8 @@ class _Check:
 
     def _on_timeout(self) -> None:
         if self._finished:
+            return
+        if self.held():
             return
         now = self._loop.time()
         lag = now - self._deadline
@@ -544,6 +565,11 @@ class _Check:
         """At teardown: hand the socket to the probe for the next check instead of closing."""
         return False
 
+    def held(self) -> bool:
+        """At the deadline: a verdict already known was reported (the rest of its response
+        never came); True means nothing is left to time out."""
+        return False
+
     def connected(self) -> None:
         self._finish(CheckStatus.L4_OK)
 
@@ -566,8 +592,8 @@ class _HttpCheck(_Check):
     """
 
     __slots__ = (
-        "_body", "_code", "_messages", "_out", "_parser", "_reusable", "_reuse", "_reused",
-        "_seen", "_successor", "_verdict",
+        "_body", "_code", "_ended", "_messages", "_out", "_parser", "_reusable", "_reuse",
+        "_reused", "_seen", "_successor", "_verdict",
     )
 
     def __init__(
@@ -585,8 +611,10 @@ class _HttpCheck(_Check):
         self._body: bytearray | None = None
         self._seen = 0
         self._out = b""
-        self._reuse: bool = probe.reuse_connection
+        # Never kept to a host name (module docstring).
+        self._reuse: bool = probe.reuse_connection and _literal_family(host) is not None
         self._reused = False  # the socket came from the previous check
+        self._ended = False  # llhttp saw the end of the (first) response
         self._verdict: tuple[CheckStatus, int | None, str] | None = None
         self._messages = 0
         self._reusable = False
@@ -601,9 +629,11 @@ class _HttpCheck(_Check):
         port: int,
         done: OnDone,
         sock: socket.socket,
+        born: float,
     ) -> _HttpCheck:
         """A check on the connection the previous check kept (connected already)."""
         check = cls(loop, probe, host, port, done)
+        check._born = born
         check._sock = sock
         check._fd = sock.fileno()
         check._reused = True
@@ -620,7 +650,17 @@ class _HttpCheck(_Check):
         self._parser = None
 
     def keepable(self) -> bool:
-        return self._reusable and self._verdict is not None
+        # Only after a pass: a failing backend must meet a new connection next time.
+        return (
+            self._reusable and self._verdict is not None and self._verdict[0] is CheckStatus.L7_OK
+        )
+
+    def held(self) -> bool:
+        if self._verdict is None:
+            return False
+        self._reusable = False  # the response did not end in time: not a connection to keep
+        self._finish(*self._verdict)
+        return True
 
     def _decide(self, status: CheckStatus, code: int | None, detail: str = "") -> None:
         """A verdict from inside llhttp's callbacks: at once, or (reusing) once the chunk
@@ -635,9 +675,12 @@ class _HttpCheck(_Check):
         on the way): the same check on a new connection, inside the same budget."""
         self._finished = True
         self._teardown()
-        self._successor = _launch(
+        successor = _launch(
             _HttpCheck, self._probe, self._host, self._port, self._done, self._t0
         )
+        if isinstance(successor, _Check):
+            successor._extended = self._extended  # one late-timer extension per check
+        self._successor = successor
 
     def connected(self) -> None:
         self._out = self._probe.request_bytes(self._host, self._port)
@@ -666,14 +709,23 @@ class _HttpCheck(_Check):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reusable = False
-            self._finish(CheckStatus.L7_BAD_RESPONSE, self._code, "unexpected protocol upgrade")
+            if self._verdict is None:
+                detail = "unexpected protocol upgrade"
+                self._finish(CheckStatus.L7_BAD_RESPONSE, self._code, detail)
         except httptools.HttpParserError as exc:
             self._reusable = False  # (bytes after a judged response: its verdict stands)
             if self._verdict is None:
                 detail = f"invalid HTTP response: {exc}"
                 self._finish(CheckStatus.L7_BAD_RESPONSE, self._code, detail)
-        if self._verdict is not None:
-            self._finish(*self._verdict)
+        verdict = self._verdict
+        if verdict is not None and not self._finished:
+            if (
+                verdict[0] is CheckStatus.L7_OK
+                and not self._ended
+                and self._seen < MAX_HEAD_BYTES + MAX_BODY_BYTES
+            ):
+                return  # a pass whose response goes on: read to its end to keep the conn
+            self._finish(*verdict)
         if not self._finished and self._code is None and self._seen > MAX_HEAD_BYTES:
             self._finish(
                 CheckStatus.L7_BAD_RESPONSE, None, f"no complete headers in {self._seen} bytes"
@@ -681,7 +733,9 @@ class _HttpCheck(_Check):
 
     def closed(self, why: str) -> None:
         self._reusable = False
-        if self._reused and self._seen == 0 and not self._finished:
+        if self._verdict is not None:
+            self._finish(*self._verdict)  # a pass held for the response's end: it stands
+        elif self._reused and self._seen == 0 and not self._finished:
             self._retry_fresh()
         elif self._code is None:
             self._finish(CheckStatus.L7_BAD_RESPONSE, None, f"{why} before response")
@@ -722,6 +776,7 @@ class _HttpCheck(_Check):
 
     def on_message_complete(self) -> None:
         if self._reuse and self._messages == 1 and self._parser is not None:
+            self._ended = True
             self._reusable = bool(self._parser.should_keep_alive())
         if self._code is not None:
             self._judge_body()

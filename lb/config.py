@@ -260,7 +260,8 @@ class HealthConfig(_Model):
     reuse_connection: bool = _CHECK.reuse_connection
     """Keep a passing HTTP check's connection for the next check (Envoy's default): a
     request per check instead of a connect, request and close; for big pools. A backend
-    that answers on an old connection but accepts no new ones then passes."""
+    that answers on an old connection but accepts no new ones then passes for up to 30 s
+    (a kept connection's age limit). Not for backends given by host name."""
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> HealthConfig:

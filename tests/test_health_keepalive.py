@@ -241,10 +241,10 @@ def test_unsolicited_bytes_on_an_idle_connection_are_never_taken_for_the_answer(
     assert srv.accepted == 2
 
 
-def test_failing_status_keeps_its_verdict_and_a_timeout_drops_the_connection() -> None:
+def test_a_timeout_on_a_kept_connection_drops_it() -> None:
     async def serve(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await srv.read_request(n, reader)
-        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+        writer.write(OK)
         await writer.drain()
         await srv.read_request(n, reader)  # the second request is never answered
         await asyncio.sleep(1)
@@ -254,16 +254,87 @@ def test_failing_status_keeps_its_verdict_and_a_timeout_drops_the_connection() -
     async def body() -> list[CheckResult]:
         async with raw_server(srv.handler) as port:
             probe = HttpProbe(timeout_s=0.2, reuse_connection=True)
-            return await checks(probe, port, 3)
+            try:
+                return await checks(probe, port, 3)
+            finally:
+                probe.close()
 
     results = run(body())
     assert [r.status for r in results] == [
-        CheckStatus.L7_STATUS,
+        CheckStatus.L7_OK,
         CheckStatus.L7_TIMEOUT,
-        CheckStatus.L7_STATUS,
+        CheckStatus.L7_OK,
     ], results
-    assert results[0].code == 503
     assert srv.accepted == 2  # the timed-out connection was not kept
+
+
+def test_a_pass_known_before_the_response_ends_waits_for_its_end_to_keep_the_connection() -> None:
+    """Headers in one segment, the body 50 ms later: the verdict (at the headers) is held
+    until the body ends, so the connection is kept; the check still passes."""
+
+    async def serve(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await srv.read_request(n, reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"ok")
+            await writer.drain()
+
+    srv = Counting(serve)
+
+    async def body() -> list[CheckResult]:
+        async with raw_server(srv.handler) as port:
+            probe = HttpProbe(timeout_s=1, reuse_connection=True)
+            try:
+                return await checks(probe, port, 3)
+            finally:
+                probe.close()
+
+    results = run(body())
+    assert [r.status for r in results] == [CheckStatus.L7_OK] * 3
+    assert srv.accepted == 1
+
+
+def test_a_pass_whose_response_never_ends_passes_and_is_not_kept() -> None:
+    """Content-Length 10, 2 bytes sent: at the deadline the held pass is reported (not a
+    timeout) and the connection is closed, not kept."""
+
+    async def serve(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(n, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    srv = Counting(serve)
+
+    async def body() -> list[CheckResult]:
+        async with raw_server(srv.handler) as port:
+            probe = HttpProbe(timeout_s=0.2, reuse_connection=True)
+            return await checks(probe, port, 2)
+
+    results = run(body())
+    assert [r.status for r in results] == [CheckStatus.L7_OK] * 2
+    assert srv.accepted == 2
+
+
+def test_a_connection_older_than_the_age_limit_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The documented price is bounded: past REUSE_MAX_AGE_S the check connects anew."""
+    monkeypatch.setattr("healthcheck.probes.REUSE_MAX_AGE_S", 0.15)
+
+    async def body() -> Counting:
+        srv = keep_alive_server()
+        async with raw_server(srv.handler) as port:
+            probe = HttpProbe(timeout_s=1, reuse_connection=True)
+            results = await checks(probe, port, 6, 0.05)
+            probe.close()
+            assert [r.status for r in results] == [CheckStatus.L7_OK] * 6
+            return srv
+
+    accepted = run(body()).accepted
+    assert 2 <= accepted <= 4, accepted
 
 
 def test_the_known_price_an_old_connection_passes_after_the_listener_is_gone() -> None:
