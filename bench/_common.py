@@ -450,6 +450,11 @@ error_log {dir}/{name}.error.log warn;
 events {{ worker_connections {connections}; }}
 """
 
+def nginx_head(workers: int, workdir: Path, name: str, connections: int = 8192) -> str:
+    """The top of every nginx config here (main context and events)."""
+    return _NGINX_COMMON.format(workers=workers, dir=workdir, name=name, connections=connections)
+
+
 _NGINX_TEMP = """\
     client_body_temp_path {dir}/{name}-tmp/body;
     proxy_temp_path {dir}/{name}-tmp/proxy;
@@ -508,7 +513,7 @@ def write_nginx_backends(
         for port in ports
     )
     text = (
-        _NGINX_COMMON.format(workers=workers, dir=workdir, name=name, connections=8192)
+        nginx_head(workers, workdir, name)
         + "http {\n"
         + _NGINX_TEMP.format(dir=workdir, name=name)
         + """    access_log off;
@@ -539,7 +544,7 @@ def write_nginx_proxy(
     name = "nginx-proxy"
     upstream = "".join(f"        server 127.0.0.1:{p};\n" for p in backend_ports)
     text = (
-        _NGINX_COMMON.format(workers=workers, dir=workdir, name=name, connections=8192)
+        nginx_head(workers, workdir, name)
         + "http {\n"
         + _NGINX_TEMP.format(dir=workdir, name=name)
         + f"""    access_log off;
@@ -615,7 +620,7 @@ def write_nginx_many(workdir: Path, host: str, ports: list[int], name: str = "ba
     # Every listening socket takes a connection slot; kept check connections from two
     # nodes need two more per port (past the limit nginx closes idle ones early).
     text = (
-        _NGINX_COMMON.format(workers=1, dir=workdir, name=name, connections=4 * len(ports) + 1024)
+        nginx_head(1, workdir, name, connections=4 * len(ports) + 1024)
         + "http {\n"
         + _NGINX_TEMP.format(dir=workdir, name=name)
         + "    access_log off;\n    keepalive_timeout 65s;\n    server {\n"

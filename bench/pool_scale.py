@@ -125,7 +125,7 @@ def write_nginx(workdir: Path, ports: list[int]) -> Path:
     c.prepare_nginx_dirs(workdir, name)
     listens = "".join(f"        listen 127.0.0.1:{p} backlog=1024;\n" for p in ports)
     text = (
-        c._NGINX_COMMON.format(workers=1, dir=workdir, name=name)
+        c.nginx_head(1, workdir, name)
         + "http {\n"
         + c._NGINX_TEMP.format(dir=workdir, name=name)
         + "    access_log off;\n    tcp_nodelay on;\n"
