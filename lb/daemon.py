@@ -34,7 +34,7 @@ from lb import __version__, channel, sysutil
 from lb import config as config_mod
 from lb.backends import BackendTable
 from lb.config import Config
-from lb.proxy import make_listen_socket
+from lb.listen import make_listen_socket
 from lb.rotation import AdminState, Snapshot
 from lb.sdnotify import Notifier, watchdog_interval_s
 from lb.supervisor import Supervisor, WorkerHandle

@@ -23,8 +23,9 @@ import httptools
 from aiohttp import web
 
 from lb.config import ListenerConfig, PoolConfig
+from lb.listen import make_listen_socket
 from lb.pool import Pool, build_pool
-from lb.proxy import ProxyServer, make_listen_socket
+from lb.proxy import ProxyServer
 from lb.stats import Stats
 from lb.tcpproxy import TcpProxyServer
 

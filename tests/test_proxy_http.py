@@ -811,7 +811,7 @@ def test_make_listen_socket_ipv6_and_freebind() -> None:
     import socket
 
     from lb.config import ListenerConfig
-    from lb.proxy import make_listen_socket
+    from lb.listen import make_listen_socket
 
     s6 = make_listen_socket(ListenerConfig(name="v6", bind=f"[::1]:{free_port()}", pool="p"))
     assert s6.family == socket.AF_INET6
@@ -840,7 +840,7 @@ def test_listen_socket_is_transparent_and_accepted_connections_inherit_it() -> N
     import socket
 
     from lb.config import ListenerConfig
-    from lb.proxy import make_listen_socket
+    from lb.listen import make_listen_socket
 
     ls = make_listen_socket(ListenerConfig(name="t", bind=f"127.0.0.1:{free_port()}", pool="p"))
     ls.setblocking(True)
@@ -862,8 +862,9 @@ def test_ipv6_client_through_proxy() -> None:
     async def scenario() -> None:
         (be,) = await backends("web1")
         from lb.config import ListenerConfig, PoolConfig
+        from lb.listen import make_listen_socket
         from lb.pool import build_pool
-        from lb.proxy import ProxyServer, make_listen_socket
+        from lb.proxy import ProxyServer
         from lb.stats import Stats
 
         port = free_port()
