@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Chaos suite: a seeded random schedule of faults under steady load, and what must hold.
 
-Builds the demo's network (lb.demo_net: a client, lb1 and lb2 sharing a VIP, three backends,
+Builds the demo's network (lab.cluster: a client, lb1 and lb2 sharing a VIP, three backends,
 in namespaces; two real `pairlb run` processes with 2 workers each), sends 100 requests/s to
-the VIP from the client (lb.demo_load: GETs, every 4th a POST with a unique X-Client-Id,
+the VIP from the client (lab.load: GETs, every 4th a POST with a unique X-Client-Id,
 every 10th a GET the backend answers after 0.2 s, half on reused keep-alive connections,
 open loop), and plays faults one after another, each
 followed by a wait for a steady pair (one MASTER, one BACKUP, the VIP on the MASTER only,
@@ -59,7 +59,7 @@ the faults (plus the time the last one needs to settle), the load capped in requ
     sudo .venv/bin/python bench/chaos.py --duration 120 --seed 1
     sudo .venv/bin/python bench/chaos.py --duration 30 --seed 7 --no-docs --json /tmp/c.json
 
-Imports lb.demo_net, lb.demo_load and lb.netns (the rig and the load the demo uses), never
+Imports lab.cluster, lab.load and lab.netns (the rig and the load the demo uses), never
 pyroute2 or pairlb's internals: what it judges is the running processes.
 """
 
@@ -95,21 +95,20 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# bench/failover.py would shadow the failover package: the repo first, bench/ not at all.
+# The repo first (lab, lb), bench/ not at all: its scripts are programs, not modules.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-sys.path.append(str(REPO / "tests"))
 
-from failover_e2e import heartbeat_arrivals  # noqa: E402
-
-from lb import demo_net, netns  # noqa: E402
-from lb.demo_load import (  # noqa: E402
+from lab import cluster as demo_net  # noqa: E402
+from lab import netns  # noqa: E402
+from lab.load import (  # noqa: E402
     Record,
     RecordLog,
     attributed_at,
     handovers,
     window_stats,
 )
+from lab.pair_rig import heartbeat_arrivals  # noqa: E402
 
 RATE = 100.0
 SLOW_EVERY = 10
@@ -449,7 +448,7 @@ fall = 3
     def failover_scheduling(self, node: str) -> str:
         """How the kernel schedules `node`'s failover process: "rr:PRIO" or "nice:N"."""
         for pid in self.topo.pids(node):
-            if demo_net.is_ours(pid, "lb.failover_main"):
+            if demo_net.is_ours(pid, "lb.failoverd.main"):
                 try:
                     policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
                     if policy == os.SCHED_RR:

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Health-check measurements: how long a broken backend stays in rotation, what clients see.
 
-Reruns the real-process scenarios of tests/test_health_e2e.py (kill -9, kill -9 with POSTs,
-SIGSTOP with and without ``retry_on_timeout``, /healthz 500, 503 on traffic, operator drain,
-all backends down, reload) with more clients and several repetitions, each in a fresh
-temporary directory with its own backends and ``pairlb run`` on free 127.0.0.1 ports, and
-prints a Markdown table: time to leave rotation, to be marked DOWN, to come back; requests
-sent; client errors; whether every promise of the scenario held (and which did not).
+Reruns the real-process scenarios of lab/health_scenarios.py (which tests/test_health_e2e.py
+asserts: kill -9, kill -9 with POSTs, SIGSTOP with and without ``retry_on_timeout``,
+/healthz 500, 503 on traffic, operator drain, all backends down, reload) with more clients
+and several repetitions, each in a fresh temporary directory with its own backends and
+``pairlb run`` on free 127.0.0.1 ports, and prints a Markdown table: time to leave rotation,
+to be marked DOWN, to come back; requests sent; client errors; whether every promise of the
+scenario held (and which did not).
 
 ``--write`` puts the table into docs/operations.md between ``<!-- BEGIN health table -->`` and
 ``<!-- END health table -->`` (nothing else in that file is touched; a file without the
@@ -35,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-import test_health_e2e as scen  # noqa: E402  (the scenarios live beside their tests)
+from lab import health_scenarios as scen  # noqa: E402
 
 BEGIN = "<!-- BEGIN health table -->"
 END = "<!-- END health table -->"

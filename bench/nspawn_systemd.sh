@@ -125,7 +125,7 @@ check "systemd-analyze security (online, real manager): exposure $exposure" \
 conf=$TREE/etc/pairlb/pairlb.toml
 sed -i 's/10.0.0.11:8080/127.0.0.1:9001/; s/10.0.0.12:8080/127.0.0.1:9002/' "$conf"
 for b in 1 2; do
-    C systemd-run -q --unit "plb-backend$b" /opt/pairlb/bin/python -m lb.backend_app "b$b" "127.0.0.1:900$b"
+    C systemd-run -q --unit "plb-backend$b" /opt/pairlb/bin/python -m lab.backend_app "b$b" "127.0.0.1:900$b"
 done
 sleep 1
 
@@ -177,7 +177,7 @@ check "process metrics present in the sandbox (needs /proc/stat, so no ProcSubse
     test "$fds" -ge 1
 start_backends() {
     for b in 1 2; do
-        C systemd-run -q --unit "plb-backend$b" /opt/pairlb/bin/python -m lb.backend_app "b$b" "127.0.0.1:900$b"
+        C systemd-run -q --unit "plb-backend$b" /opt/pairlb/bin/python -m lab.backend_app "b$b" "127.0.0.1:900$b"
     done
 }
 C systemctl stop plb-backend1 plb-backend2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A pair at scale: do the heartbeats hold while the control processes are busy?
 
-The namespace topology of tests/failover_e2e.py (client, lb1, lb2, web1..3 on one bridge,
+The namespace topology of lab/pair_rig.py (client, lb1, lb2, web1..3 on one bridge,
 two real `pairlb run`), plus a second pool of `--backends` backends (default 1000): one
 nginx in web3's namespace answers on that many ports (`200 ok`, then close), or without
 nginx (`--backend-server python`) one asyncio process. Both nodes health-check all of them
@@ -48,12 +48,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
+sys.path[:0] = [str(REPO), str(HERE)]
 
 import _common as c  # noqa: E402
-import failover_e2e as fe  # noqa: E402
 
-from lb import netns  # noqa: E402
+from lab import netns  # noqa: E402
+from lab import pair_rig as fe  # noqa: E402
 
 FIRST_PORT = 10000
 SCALE_HTTP_PORT = 81

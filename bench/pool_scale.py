@@ -34,7 +34,7 @@ Ctrl-C; all traffic stays on 127.0.0.1.
     .venv/bin/python bench/pool_scale.py --micro --variant before=GITREF  # picks alone, in-process
 
 Imports nothing from lb: it measures the command (or the tree) it is given; `--micro` loads
-lb/pool.py of each variant from its file (pure: no other import) and times picks in-process.
+lb/data/pool.py of each variant from its file (pure: no other import) and times picks in-process.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs")
     ap.add_argument("--micro", action="store_true",
-                    help="no servers: time lb/pool.py's picks in-process for each variant")
+                    help="no servers: time lb/data/pool.py's picks in-process for each variant")
     ap.add_argument("--report", type=Path,
                     help="print the table of a JSON written by --json (no run)")
     ap.add_argument("--quick", action="store_true", help="smoke run: N=50,200, 2 s, no warm-up")
@@ -194,7 +194,7 @@ def unpack_tree(ref: str, dest: Path) -> Path:
 def check_tree(venv: Path, tree: Path) -> None:
     """The tree's lb is the one that runs (not the repository's, nor the installed one)."""
     argv = ["env", "-C", str(tree), f"PYTHONPATH={tree}", str(venv / "bin" / "python"), "-c",
-            "import lb.pool; print(lb.pool.__file__)"]
+            "import lb.data.pool; print(lb.data.pool.__file__)"]
     where = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
     if not where.strip().startswith(str(tree)):
         raise RuntimeError(f"{tree}: python imports lb from {where.strip()}")
@@ -241,7 +241,7 @@ def worker_pids(root: int) -> list[int]:
     out = []
     for pid in c.tree_pids(root):
         with contextlib.suppress(OSError):
-            if b"lb.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"lb.data.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 out.append(pid)
     return out
 
@@ -386,14 +386,14 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
 
 
 def micro(args: argparse.Namespace) -> int:
-    """In-process: CPU per pick + release (and per retry pick) of lb/pool.py of each variant,
+    """In-process: CPU per pick + release (and per retry pick) of lb/data/pool.py of each variant,
     loaded from the file alone (it is pure), for each N and mode. No servers."""
     import importlib.util
 
     out = []
     for variant, ref in args.variants.items():
         src = (REPO / "lb" / "pool.py").read_text() if ref is None else subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{ref}:lb/pool.py"],
+            ["git", "-C", str(REPO), "show", f"{ref}:lb/data/pool.py"],
             check=True, capture_output=True, text=True, timeout=30).stdout
         path = Path(tempfile.mkdtemp(prefix="pool-micro-")) / f"pool_{variant}.py"
         path.write_text(src)

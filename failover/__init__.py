@@ -1,6 +1,6 @@
 """Failover: heartbeat codec, role machine, UDP transport, VIP adapter, partition guard.
 
-Imports nothing from lb or healthcheck. The names below are the public API (lb.daemon wires
+Imports nothing from lb or healthcheck. The names below are the public API (lb.control.daemon wires
 them); everything else is internal. `VipAdapter` and `VipError` load failover.vip (and so
 pyroute2) only when first used, so `pairlb keygen` and pure tests never import netlink code.
 """

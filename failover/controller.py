@@ -1,7 +1,7 @@
 """The failover controller: the async shell around the role machine.
 
 Owns the machine state, the heartbeat transport, the timers, the VIP port and the hooks,
-and nothing else: the daemon (lb.daemon) creates it, feeds it local health and carrier
+and nothing else: the daemon (lb.control.daemon) creates it, feeds it local health and carrier
 events, and hears about role changes through `on_role_change`. Imports nothing from lb or
 healthcheck; the VIP and the network come in through `failover.ports`.
 

@@ -34,7 +34,8 @@ def _report(where: str, errors: list[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lb import daemon, log
+    from lb import log
+    from lb.control import daemon
 
     cfg = _load_or_report(args.config)
     if cfg is None:
@@ -46,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from lb import preflight
+    from lb.control import preflight
 
     cfg = _load_or_report(args.file)
     if cfg is None:
@@ -87,9 +88,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lb import demo
+    """The demo lives in the lab package, which the runtime never imports: this process
+    becomes ``python -m lab.demo`` (same PID, so signals and exit status are the demo's)."""
+    import os
 
-    return demo.main(args)
+    argv = [sys.executable, "-m", "lab.demo", "--duration", str(args.duration)]
+    argv += ["--keep"] if args.keep else []
+    argv += ["--cleanup"] if args.cleanup else []
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove what an earlier --keep left running")
     p.set_defaults(func=cmd_demo)
 
-    # -- admin API commands (lb/admin_client.py) --
-    from lb import admin_client
+    # -- admin API commands (lb/admin/client.py) --
+    from lb.admin import client as admin_client
 
     admin_client.add_commands(sub)
     # -- end admin API commands --

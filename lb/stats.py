@@ -1,7 +1,7 @@
 """Plain counters a proxy worker updates on its hot path and ships to the control process.
 
 Pure: no asyncio, socket, time or logging. Updating a counter is a dict lookup and an
-add; nothing here formats or exports (that is lb.metrics' job in the control process).
+add; nothing here formats or exports (that is lb.admin.metrics' job in the control process).
 
 ``take_delta()`` returns what changed since the previous call as nested dicts/lists of
 numbers with string keys (JSON-ready; summing deltas gives totals, also for the gauge,

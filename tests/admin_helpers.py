@@ -2,10 +2,10 @@
 
 - ``free_port()``: a port the kernel just handed out on 127.0.0.1 (other engineers run
   servers on this machine at the same time, so no fixed ports anywhere).
-- ``Backends``: ``python -m lb.backend_app NAME 127.0.0.1:PORT`` subprocesses.
+- ``Backends``: ``python -m lab.backend_app NAME 127.0.0.1:PORT`` subprocesses.
 - ``Pairlb``: ``python -m lb run -c CFG`` as a subprocess, ready when /readyz says 200;
   stopped with SIGTERM (SIGKILL after a deadline), killed by PID only.
-- ``in_process_daemon()``: a real ``lb.daemon.Daemon`` with its pools set up but no workers
+- ``in_process_daemon()``: a real ``lb.control.daemon.Daemon`` with its pools set up but no workers
   or checks started, for tests of the admin app that need no traffic.
 - ``FakeFailover``: stands in for the failover controller where a test needs a MASTER with a
   peer without building namespaces (the status shape is the daemon's ``failover_status``).
@@ -181,7 +181,7 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
 
 
 class Backends:
-    """Real backend web servers (lb.backend_app) in subprocesses on free ports."""
+    """Real backend web servers (lab.backend_app) in subprocesses on free ports."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
@@ -192,7 +192,7 @@ class Backends:
         try:
             for n, port in self.ports.items():
                 self.procs[n] = subprocess.Popen(
-                    [PYTHON, "-m", "lb.backend_app", n, f"{LOOPBACK}:{port}"],
+                    [PYTHON, "-m", "lab.backend_app", n, f"{LOOPBACK}:{port}"],
                     cwd=ROOT,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
@@ -328,7 +328,7 @@ def in_process_daemon(cfg_text: str, path: Path | None = None) -> Any:
     Call inside a running event loop. Backends start healthy or not as the config says.
     """
     from lb import config as config_mod
-    from lb import daemon as daemon_mod
+    from lb.control import daemon as daemon_mod
 
     if path is not None:
         path.write_text(cfg_text)
@@ -608,7 +608,7 @@ def failover_pair(tmp: Path) -> Iterator[dict[str, Any]]:
     import asyncio
 
     import failover
-    from lb import admin
+    from lb.admin import server as admin
 
     lt = LoopThread()
     key = failover.generate_key()

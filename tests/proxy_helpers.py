@@ -23,11 +23,11 @@ import httptools
 from aiohttp import web
 
 from lb.config import ListenerConfig, PoolConfig
+from lb.data.pool import Pool, build_pool
+from lb.data.proxy import ProxyServer
+from lb.data.tcpproxy import TcpProxyServer
 from lb.listen import make_listen_socket
-from lb.pool import Pool, build_pool
-from lb.proxy import ProxyServer
 from lb.stats import Stats
-from lb.tcpproxy import TcpProxyServer
 
 
 @dataclass

@@ -46,9 +46,9 @@ from admin_helpers import (
 from aiohttp import web
 
 import failover
-from lb import admin
 from lb import config as config_mod
-from lb.metrics import ROLES
+from lb.admin import server as admin
+from lb.admin.metrics import ROLES
 
 TOKEN = "s3cret-token-for-tests"
 STATUS_SCHEMA = json.loads(SCHEMA.read_text())
@@ -125,7 +125,7 @@ def test_non_loopback_admin_address_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def body() -> None:
-        caplog.set_level(logging.WARNING, "lb.admin")
+        caplog.set_level(logging.WARNING, "lb.admin.server")
         admin.make_app(in_process_daemon(cfg(tmp_path)))
         assert "admin_non_loopback" not in caplog.text
         admin.make_app(in_process_daemon(cfg(tmp_path, bind_host="0.0.0.0")))

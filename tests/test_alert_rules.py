@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from admin_helpers import ROOT, promql_metric_names
 
-from lb import metrics
+from lb.admin import metrics
 
 RULES = ROOT / "deploy" / "prometheus" / "pairlb-alerts.yml"
 TESTS = ROOT / "deploy" / "prometheus" / "pairlb-alerts.test.yml"

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from healthcheck import CheckResult, CheckStatus, Health, HealthBook
-from lb.backends import BackendTable
 from lb.config import Config, loads
-from lb.rotation import AdminState
+from lb.control.backends import BackendTable
+from lb.control.rotation import AdminState
 
 OK = CheckResult(CheckStatus.L7_OK, 0.001, 200)
 BAD = CheckResult(CheckStatus.L7_STATUS, 0.001, 500)

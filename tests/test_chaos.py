@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from lb import netns
-from lb.demo_load import Record, attributed_at, handovers, window_stats
+from lab import netns
+from lab.load import Record, attributed_at, handovers, window_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7

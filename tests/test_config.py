@@ -415,7 +415,7 @@ def test_a_credential_directory_systemd_sets_but_refuses_is_noted(
 ) -> None:
     """systemd 252 sets $CREDENTIALS_DIRECTORY for ExecReload= but denies it the directory
     (measured under bench/nspawn_systemd.sh): note it there; the daemon checks on reload."""
-    from lb import preflight
+    from lb.control import preflight
 
     creds = tmp_path / "creds"
     creds.mkdir()

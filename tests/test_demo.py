@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from lb import demo, demo_net, netns
-from lb.demo_load import Record
+from lab import cluster as demo_net
+from lab import demo, netns
+from lab.load import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 NS_EVENTS = [

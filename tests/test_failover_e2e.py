@@ -1,8 +1,8 @@
 """Failover with real hosts (issue 4): two pairlb processes in namespaces, a client that sends
 a request to the VIP every 10 ms, and the kernel's own record of who holds the VIP.
 
-Each test runs one scenario once and asserts the issue's target for it; bench/failover.py runs
-the same scenarios many times and prints the table. The harness is tests/failover_e2e.py.
+Each test runs one scenario once and asserts the issue's target for it; bench/takeover.py runs
+the same scenarios many times and prints the table. The harness is lab/pair_rig.py.
 Needs root (namespaces); skipped otherwise. The whole module takes about a minute and a half
 (longer when a blackhole is being measured: up to failover_e2e.BLACKHOLE_LIMIT_S).
 """
@@ -14,10 +14,10 @@ import socket
 import statistics
 from collections.abc import Iterator
 
-import failover_e2e as fe
 import pytest
 
-from lb import netns
+from lab import netns
+from lab import pair_rig as fe
 
 pytestmark = [
     pytest.mark.netns,

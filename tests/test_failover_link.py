@@ -1,4 +1,4 @@
-"""The control <-> failover process messages (lb.failover_link): every message survives the
+"""The control <-> failover process messages (lb.failoverd.link): every message survives the
 channel exactly (through JSON, as lb.channel sends it), and what is not a message of this
 version is refused rather than guessed at."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import failover
-from lb import failover_link as link
+from lb.failoverd import link
 
 KEY = b"link-test-key-0123456789abcdef"
 

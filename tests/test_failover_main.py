@@ -18,8 +18,8 @@ import pytest
 import failover
 from failover import FailoverSpec, key_id
 from lb import channel
-from lb import failover_link as link
-from lb import failover_main as fm
+from lb.failoverd import link
+from lb.failoverd import main as fm
 
 
 class Inner:

@@ -1,4 +1,4 @@
-"""The failover process's own settings (lb.failover_main): scheduling and the OOM score,
+"""The failover process's own settings (lb.failoverd.main): scheduling and the OOM score,
 each in a fresh process (they change the process they run in). The process itself, its
 crash, hang and the control process's death are tested with real pairs in namespaces
 (tests/test_failover_e2e.py)."""
@@ -25,7 +25,7 @@ def run_in_fresh_process(body: str, *, as_nobody: bool = False, nice_rlimit: int
     """Run `body` (which sets `result`) after the identity/rlimit changes; its JSON result."""
     prelude = textwrap.dedent(f"""
         import json, logging, os, resource, sys
-        from lb import failover_main as fm
+        from lb.failoverd import main as fm
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
         NICE_RLIMIT = {nice_rlimit!r}
         if NICE_RLIMIT is not None:
@@ -101,13 +101,13 @@ def test_the_unit_grants_what_the_default_nice_needs() -> None:
 
 
 def test_the_failover_process_starts_with_little_imported() -> None:
-    """What `python -m lb.failover_main` loads before the spec arrives: failover (with the
+    """What `python -m lb.failoverd.main` loads before the spec arrives: failover (with the
     netlink code, loaded early on purpose) and the small lb modules, not the control
     process's (config models, aiohttp, prometheus_client, health checks)."""
-    code = ("import sys; from lb import failover_main; import failover; failover.VipAdapter; "
+    code = ("import sys; from lb.failoverd import main; import failover; failover.VipAdapter; "
             "print(' '.join(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=30, check=True).stdout.split()
     for heavy in ("aiohttp", "prometheus_client", "pydantic", "healthcheck", "lb.config",
-                  "lb.daemon", "lb.metrics", "uvloop"):
+                  "lb.control.daemon", "lb.admin.metrics", "uvloop"):
         assert heavy not in out, heavy

@@ -356,9 +356,9 @@ def test_real_udp_hung_master_is_replaced_and_pair_converges_when_it_wakes() -> 
 
 def _netns_skip() -> str | None:
     try:
-        import netns
+        from lab import netns
     except ImportError:
-        return "tests/netns.py not importable"
+        return "lab/netns.py not importable"
     return netns.skip_reason()
 
 
@@ -366,9 +366,8 @@ def _netns_skip() -> str | None:
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(_netns_skip() is not None, reason=_netns_skip() or "")
 def test_netns_multicast_pair_moves_the_real_vip_on_link_cut_and_removes_stale() -> None:
-    import netns
-
     from failover.vip import VipAdapter
+    from lab import netns
 
     group = "224.0.0.88"
     with netns.build(["lb1", "lb2"]) as topo:

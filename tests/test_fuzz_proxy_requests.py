@@ -1,6 +1,6 @@
 """Fuzz ring: hypothesis drives the proxy's request state machine, in memory.
 
-The real engine (``lb.proxy``: ``_Client``, ``_Upstream``, ``ProxyServer``, llhttp via
+The real engine (``lb.data.proxy``: ``_Client``, ``_Upstream``, ``ProxyServer``, llhttp via
 httptools) runs on fake transports and a fake clock, so an example costs about a
 millisecond and hypothesis can try thousands: random bytes, and streams of valid requests
 (Content-Length and chunked bodies, chunk extensions, trailers, pipelining, HTTP/1.0,
@@ -42,10 +42,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lb import headers as H
-from lb import proxy as P
 from lb.config import ListenerConfig, PoolConfig
-from lb.pool import build_pool
+from lb.data import headers as H
+from lb.data import proxy as P
+from lb.data.pool import build_pool
 from lb.stats import Stats
 
 LONG = os.environ.get("PAIRLB_FUZZ") == "long"

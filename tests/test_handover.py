@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from failover import handover as ho
-from lb import netns
+from lab import netns
 
 
 def test_base_ruleset_flags_foreign_flows_and_delivers_ours_per_family() -> None:

@@ -1,4 +1,4 @@
-"""Header rewriting (lb.headers): what the backend and the client get to see."""
+"""Header rewriting (lb.data.headers): what the backend and the client get to see."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb import headers as H
+from lb.data import headers as H
 
 
 def lines(head: bytes) -> list[tuple[bytes, bytes]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from lb import netns
+from lab import netns
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 ROOT = Path(__file__).resolve().parents[1]

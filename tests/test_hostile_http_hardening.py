@@ -564,11 +564,13 @@ CONTROLS = "\r\n\t\x00\x07\x1b[31m\x7f\x85\x9b\u2028\u2029\u202e\ufeff"
 def test_every_control_character_is_escaped_in_a_log_line() -> None:
     fmt = KeyValueFormatter(journald=True, proc="worker0")
     # A line as the admin app writes it for a path it was sent (aiohttp decodes %XX).
-    rec = logging.LogRecord("lb.admin", logging.WARNING, __file__, 1,
+    rec = logging.LogRecord("lb.admin.server", logging.WARNING, __file__, 1,
                             "event=admin_auth_failed method=%s path=%s remote=%s",
                             ("GET", "/x" + CONTROLS + "<4>forged event=y", "1.2.3.4"), None)
     line = fmt.format(rec)
-    assert line.startswith("<4>lb.admin proc=worker0 event=admin_auth_failed method=GET path=/x")
+    assert line.startswith(
+        "<4>lb.admin.server proc=worker0 event=admin_auth_failed method=GET path=/x"
+    )
     assert line.isprintable(), line
     escaped = r"\r\n\t\x00\x07\x1b[31m\x7f\x85\x9b\u2028\u2029\u202e\ufeff<4>forged"
     assert escaped in line
@@ -593,7 +595,7 @@ def test_request_derived_text_in_a_worker_log_line_is_escaped(
             await request(px.port, b"GET /x HTTP/1.1\r\nHost: a\r\nX\x1bY: 1\r\n\r\n")
         await be.stop()
 
-    with caplog.at_level(logging.DEBUG, logger="lb.proxy"):
+    with caplog.at_level(logging.DEBUG, logger="lb.data.proxy"):
         run(scenario())
     fmt = KeyValueFormatter(journald=False)
     lines = [fmt.format(r) for r in caplog.records]

@@ -9,9 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
-    "lb/pool.py",
-    "lb/rotation.py",
-    "lb/headers.py",
+    "lb/data/pool.py",
+    "lb/control/rotation.py",
+    "lb/data/headers.py",
     "healthcheck/state.py",
     "failover/codec.py",
     "failover/machine.py",
@@ -73,7 +73,7 @@ def test_pyroute2_only_in_the_vip_adapter() -> None:
 
 
 def test_prometheus_client_only_in_metrics_and_admin() -> None:
-    allowed = {ROOT / "lb" / "metrics.py", ROOT / "lb" / "admin.py"}
+    allowed = {ROOT / "lb" / "admin" / "metrics.py", ROOT / "lb" / "admin" / "server.py"}
     for pkg in ("lb", "healthcheck", "failover"):
         for f in files(pkg):
             if any(top(i) == "prometheus_client" for i in imports_of(f)):
@@ -89,14 +89,71 @@ def _first_party(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = ([f"lb.{a.name}" for a in node.names] if node.module == "lb"
-                     else [node.module])
+            names = [_submodule(node.module, a.name) for a in node.names]
         for i in names:
             if top(i) == "lb":
                 out.add(i)
             elif top(i) not in {"failover", "__future__"} and not _stdlib(top(i)):
                 out.add(top(i))
     return out
+
+
+def _submodule(module: str, name: str) -> str:
+    """``from lb.x import y``: lb.x.y when y is a module of ours, else lb.x."""
+    base = ROOT.joinpath(*module.split("."))
+    if (base / f"{name}.py").exists() or (base / name / "__init__.py").exists():
+        return f"{module}.{name}"
+    return module
+
+
+def lb_modules(path: Path) -> set[str]:
+    """Every module of ours (lb, lab, healthcheck, failover) a file imports, by full name."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.update(_submodule(node.module, a.name) for a in node.names)
+    return {m for m in out if top(m) in {"lb", "lab", "healthcheck", "failover"}}
+
+
+def test_the_runtime_never_imports_the_lab() -> None:
+    for pkg in ("lb", "healthcheck", "failover"):
+        for f in files(pkg):
+            bad = {m for m in lb_modules(f) if top(m) == "lab"}
+            assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
+def _within(module: str, room: str) -> bool:
+    return module == room or module.startswith(room + ".")
+
+
+@pytest.mark.parametrize(
+    "room,forbidden",
+    [
+        # the control process talks to workers over lb.channel; it never loads their engine
+        ("lb/control", ("lb.data",)),
+        ("lb/admin", ("lb.data",)),
+        # a worker knows nothing of the control process, its admin edge or failover
+        # (failover itself it may load: lb.config validates track_gateway with it)
+        ("lb/data", ("lb.control", "lb.admin", "lb.failoverd")),
+        ("lb/failoverd", ("lb.control", "lb.admin", "lb.data", "healthcheck")),
+    ],
+)
+def test_rooms_import_only_what_their_process_runs(room: str, forbidden: tuple[str, ...]) -> None:
+    for f in files(room):
+        bad = {m for m in lb_modules(f) if any(_within(m, r) for r in forbidden)}
+        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
+def test_bench_and_tests_share_helpers_through_the_lab_not_each_other() -> None:
+    """No bench script reaches into tests/ (sys.path or imports); no test imports bench/
+    except the bench smoke tests, which run the scripts as programs."""
+    for f in files("bench"):
+        text = f.read_text()
+        assert '"tests"' not in text and "'tests'" not in text, f"{f.relative_to(ROOT)}"
+        bad = {m for m in imports_of(f) if top(m).startswith(("test_", "e2e_", "failover_e2e"))}
+        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
 
 
 def _stdlib(name: str) -> bool:
@@ -106,11 +163,11 @@ def _stdlib(name: str) -> bool:
 
 
 def test_the_failover_process_loads_only_failover_and_small_lb_modules() -> None:
-    """lb.failover_main is the whole failover process: heartbeats, VIP, nothing else. It must
+    """lb.failoverd.main is the whole failover process: heartbeats, VIP, nothing else. It must
     not pull in the control process's machinery (config models, health checks, aiohttp,
     prometheus_client, the daemon): less to start, nothing of theirs on its loop."""
-    allowed = {"lb.channel", "lb.log", "lb.sysutil", "lb.failover_link", "lb.__version__"}
-    for rel in ("lb/failover_main.py", "lb/failover_link.py", "lb/channel.py", "lb/log.py",
+    allowed = {"lb.channel", "lb.log", "lb.sysutil", "lb.failoverd.link", "lb.__version__"}
+    for rel in ("lb/failoverd/main.py", "lb/failoverd/link.py", "lb/channel.py", "lb/log.py",
                 "lb/sysutil.py"):
         path = ROOT / rel
         if not path.exists():

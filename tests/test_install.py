@@ -196,7 +196,7 @@ def test_check_config_rejects_a_broken_copy_of_the_example(tmp_path: Path) -> No
 
 def _snapshot_source(dst: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("lb", "healthcheck", "failover", "deploy", "docs"):
+    for name in ("lb", "healthcheck", "failover", "lab", "deploy", "docs"):
         if (REPO / name).exists():
             shutil.copytree(REPO / name, dst / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):

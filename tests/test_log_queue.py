@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import PYTHON, ROOT, Backends, Pairlb, http, wait_port, wait_until
 
+from lab.node_rig import PYTHON, ROOT, Backends, Pairlb, http, wait_port, wait_until
 from lb import log
 
 F_SETPIPE_SZ = 1031

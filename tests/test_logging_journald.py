@@ -162,6 +162,6 @@ enabled = false
     lines = err.read_text().splitlines()
     failed = [ln for ln in lines if "event=startup_failed" in ln]
     assert failed, lines
-    assert failed[0].startswith("<3>lb.daemon proc=control event=startup_failed")
+    assert failed[0].startswith("<3>lb.control.daemon proc=control event=startup_failed")
     assert "Address already in use" in failed[0]
     assert all(re.match(r"^<[0-7]>", ln) for ln in lines), lines

@@ -34,9 +34,10 @@ from admin_helpers import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from healthcheck import CheckResult, CheckStatus
-from lb import admin, metrics
-from lb.daemon import merge_counts
-from lb.rotation import AdminState
+from lb.admin import metrics
+from lb.admin import server as admin
+from lb.control.daemon import merge_counts
+from lb.control.rotation import AdminState
 from lb.stats import CLASSES, DURATION_BUCKETS_S, Stats
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "pairlb-dashboard.json"

@@ -33,9 +33,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_lates
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import busy_daemon, check_done
 
-from lb import admin, metrics
-from lb.daemon import merge_counts
-from lb.rotation import AdminState
+from lb.admin import metrics
+from lb.admin import server as admin
+from lb.control.daemon import merge_counts
+from lb.control.rotation import AdminState
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,8 +14,9 @@ import subprocess
 import time
 from collections.abc import Callable
 
-import netns
 import pytest
+
+from lab import netns
 
 pytestmark = [
     pytest.mark.netns,

@@ -137,7 +137,7 @@ def test_out_of_memory_takes_a_worker_never_the_control_process(
     node = Node(tmp_path)
     for i, p in enumerate(node.bports):
         node.backends.append(subprocess.Popen(
-            [sys.executable, "-m", "lb.backend_app", f"web{i + 1}", f"127.0.0.1:{p}"], cwd=ROOT))
+            [sys.executable, "-m", "lab.backend_app", f"web{i + 1}", f"127.0.0.1:{p}"], cwd=ROOT))
     try:
         for p in node.bports:
             wait_http(p, "/healthz")

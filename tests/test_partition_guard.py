@@ -38,7 +38,7 @@ from failover import (
     parse_target,
 )
 from failover.track import ArpProber, tcp_probe
-from lb import netns
+from lab import netns
 
 KEY = b"partition-guard-test-key-0123456789"
 
@@ -139,7 +139,7 @@ def test_tcp_probe_open_refused_and_silent() -> None:
 def test_the_daemon_builds_the_guard_and_the_key_list_from_the_config(tmp_path: Path) -> None:
     import failover
     from lb import config as config_mod
-    from lb.daemon import failover_spec
+    from lb.control.daemon import failover_spec
 
     old, new = tmp_path / "old.key", tmp_path / "new.key"
     k_old, k_new = failover.write_key_file(str(old)), failover.write_key_file(str(new))
@@ -234,7 +234,7 @@ class Pair:
     namespace; heartbeats to the peer's bridge address and to its address behind gw."""
 
     def __init__(self, topo: netns.Topology) -> None:
-        from lb.demo_net import VipWatch
+        from lab.cluster import VipWatch
 
         self.topo = topo
         self.vip_ip = topo.host4(100)

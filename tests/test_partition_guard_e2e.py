@@ -3,7 +3,7 @@
 tests/test_partition_guard.py drives FailoverControllers directly; this runs the whole chain
 as deployed: `[failover] track_gateway` in the config file, the control process, the
 failover process (which probes with the capabilities it keeps: ARP needs CAP_NET_RAW), the
-status it reports back, /status and the client's view. The rig is tests/failover_e2e.py's
+status it reports back, /status and the client's view. The rig is lab/pair_rig.py's
 (client, lb1, lb2, three backends, a client sending a request to the VIP every 10 ms).
 
 The fault: lb1, the MASTER, loses the client side of the network (frames between its
@@ -20,10 +20,10 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-import failover_e2e as fe
 import pytest
 
-from lb import netns
+from lab import netns
+from lab import pair_rig as fe
 
 pytestmark = [
     pytest.mark.netns,

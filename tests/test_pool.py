@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.pool import Backend, BackendEntry, Outcome, Pool, build_pool
+from lb.data.pool import Backend, BackendEntry, Outcome, Pool, build_pool
 
 
 def make(balance: str = "round_robin", weights: tuple[float, ...] = (1, 2, 1), **kw: int):

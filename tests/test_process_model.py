@@ -138,7 +138,7 @@ enabled = false
         for i, p in enumerate(self.bports):
             self.backends.append(
                 subprocess.Popen(
-                    [PY, "-m", "lb.backend_app", f"web{i + 1}", f"127.0.0.1:{p}"], cwd=ROOT
+                    [PY, "-m", "lab.backend_app", f"web{i + 1}", f"127.0.0.1:{p}"], cwd=ROOT
                 )
             )
         for p in self.bports:
@@ -388,7 +388,7 @@ def test_a_worker_that_cannot_drop_refuses_to_serve(tmp_path: Path) -> None:
     if uid != 0:
         pytest.skip("as non-root the worker keeps its own uid, which is not 0")
     proc = subprocess.run(
-        [PY, "-m", "lb.worker", str(child.fileno()), "0", *args],
+        [PY, "-m", "lb.data.worker", str(child.fileno()), "0", *args],
         cwd=ROOT, pass_fds=[child.fileno()], capture_output=True, text=True, timeout=30,
     )
     child.close()
@@ -417,7 +417,7 @@ def test_an_unknown_worker_user_stops_the_start_with_the_key_named(tmp_path: Pat
 
 @pytest.mark.timeout(90)
 def test_reload_refuses_what_check_config_refuses(node: Node) -> None:
-    """SIGHUP runs the checks of check-config (lb.preflight), not only the schema: a probe
+    """SIGHUP runs the checks of check-config (lb.control.preflight), not only the schema: a probe
     that cannot be built (HEAD with a body to expect) is refused, the old config serves."""
     assert node.proc is not None
     node.cfg.write_text(node.config(extra='method = "HEAD"\nexpect_body = "ok"\n'))

@@ -39,7 +39,7 @@ from admin_helpers import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb import metrics
+from lb.admin import metrics
 
 N = 400
 DASHBOARD = ROOT / "deploy" / "grafana" / "pairlb-dashboard.json"

@@ -26,7 +26,7 @@ from proxy_helpers import (
     wait_for,
 )
 
-from lb.pool import BackendEntry, build_pool
+from lb.data.pool import BackendEntry, build_pool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -390,7 +390,7 @@ def test_503_when_no_backend_is_eligible(caplog: pytest.LogCaptureFixture) -> No
             await c.close()
         await stop_all([be])
 
-    with caplog.at_level(logging.WARNING, logger="lb.proxy"):
+    with caplog.at_level(logging.WARNING, logger="lb.data.proxy"):
         run(scenario())
     line = "event=proxy_error status=503 listener=l pool=p backend=- reason=no_backend"
     assert line in caplog.text
@@ -420,7 +420,7 @@ def test_connect_failure_retried_on_another_backend(caplog: pytest.LogCaptureFix
         await stop_proxy(px2)
         await stop_all([be])
 
-    with caplog.at_level(logging.WARNING, logger="lb.proxy"):
+    with caplog.at_level(logging.WARNING, logger="lb.data.proxy"):
         run(scenario())
     assert "status=502" in caplog.text and "reason=connect_refused" in caplog.text
 
@@ -862,9 +862,9 @@ def test_ipv6_client_through_proxy() -> None:
     async def scenario() -> None:
         (be,) = await backends("web1")
         from lb.config import ListenerConfig, PoolConfig
+        from lb.data.pool import build_pool
+        from lb.data.proxy import ProxyServer
         from lb.listen import make_listen_socket
-        from lb.pool import build_pool
-        from lb.proxy import ProxyServer
         from lb.stats import Stats
 
         port = free_port()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lb import headers
 from lb.config import ConfigError, loads
+from lb.data import headers
 from lb.log import escape
 
 VENDOR_FIELDS = [
@@ -18,7 +18,7 @@ VENDOR_FIELDS = [
 
 @pytest.mark.parametrize("name", VENDOR_FIELDS)
 def test_vendor_client_address_and_routing_fields_are_not_plain(name: bytes) -> None:
-    # Not plain: kept only from trusted proxies, like X-Real-IP (lb.headers).
+    # Not plain: kept only from trusted proxies, like X-Real-IP (lb.data.headers).
     assert headers.field_kind(name) != headers.field_kind(b"X-Plain-Header")
     assert headers.field_kind(name) == headers.field_kind(b"X-Real-IP")
 

@@ -1,7 +1,7 @@
 """Control-side rotation: admin states, ejection growth and budget, panic, slow start.
 
 The rotation keeps no health of its own: each test holds the checks' verdicts in a dict
-(standing in for the health book) and passes them in, as ``lb.backends`` does.
+(standing in for the health book) and passes them in, as ``lb.control.backends`` does.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.rotation import AdminState, OutReason, PoolRotation, Verdict
+from lb.control.rotation import AdminState, OutReason, PoolRotation, Verdict
 
 UP = Verdict(True)
 DOWN = Verdict(False)

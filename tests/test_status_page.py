@@ -30,10 +30,10 @@ from admin_helpers import (
     serve,
 )
 
-from lb import admin
-from lb import daemon as daemon_mod
+from lb.admin import server as admin
 from lb.config import loads
-from lb.rotation import AdminState
+from lb.control import daemon as daemon_mod
+from lb.control.rotation import AdminState
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -380,7 +380,7 @@ enabled = false
 def _start_backend(name: str, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
-        [sys.executable, "-m", "lb.backend_app", name, f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "lab.backend_app", name, f"127.0.0.1:{port}"],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,

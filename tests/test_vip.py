@@ -3,7 +3,7 @@ new holder because of our gratuitous ARP / unsolicited NA, leftovers of a kill -
 and link cuts are reported.
 
 Topology: client, lb1, lb2 (IPv4 + IPv6) and be1 (IPv4 only) on one bridge, in namespaces
-(tests/netns.py). Needs root; skipped otherwise.
+(lab/netns.py). Needs root; skipped otherwise.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import netns
 import pytest
 
 from failover.ports import FailoverError, VipPort
 from failover.vip import VipAdapter, VipError
+from lab import netns
 
 pytestmark = [
     pytest.mark.netns,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Failover benchmark: the real-host scenarios of issue 4, many times each, and a soak.
 
-Builds the namespace topology of tests/failover_e2e.py (client, lb1, lb2, three backends on a
+Builds the namespace topology of lab/pair_rig.py (client, lb1, lb2, three backends on a
 bridge; two real `pairlb run` processes), then runs each scenario `--reps` times with the
 default settings (interval 50 ms, down_after 3) and the fast ones (interval 10 ms): kill -9 of
 the whole active node, SIGSTOP/SIGCONT, link cut, graceful stop, planned switchover,
@@ -17,8 +17,8 @@ Prints a markdown table and writes it between `<!-- BEGIN failover table -->` an
 `<!-- END failover table -->` in docs/operations.md (docs/failover-measurements.md when that
 file does not exist yet). Needs root. Reports numbers; asserts nothing (the tests do).
 
-    sudo .venv/bin/python bench/failover.py                    # 10 runs each, 60 s soaks
-    sudo .venv/bin/python bench/failover.py --reps 3 --soak-duration 20 --no-docs
+    sudo .venv/bin/python bench/takeover.py                    # 10 runs each, 60 s soaks
+    sudo .venv/bin/python bench/takeover.py --reps 3 --soak-duration 20 --no-docs
 """
 
 from __future__ import annotations
@@ -42,18 +42,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # This file is named like the `failover` package: the repo must come before bench/ (which
 # Python puts first for a script), or `import failover` in the harness would find us.
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
+sys.path[:0] = [str(REPO), str(HERE)]
 
 import _common as c  # noqa: E402
-import failover_e2e as fe  # noqa: E402
 
-from lb import netns  # noqa: E402
+from lab import netns  # noqa: E402
+from lab import pair_rig as fe  # noqa: E402
 
 BEGIN = "<!-- BEGIN failover table -->"
 END = "<!-- END failover table -->"
 OPERATIONS = REPO / "docs" / "operations.md"
 FALLBACK = REPO / "docs" / "failover-measurements.md"
-HEADING = "### Failover (bench/failover.py)"
+HEADING = "### Failover (bench/takeover.py)"
 
 DEFAULT_SCENARIOS = ("kill9", "sigstop", "link_cut", "graceful", "switchover", "partition",
                      "preempt_off", "unhealthy", "bad_heartbeats")
@@ -305,7 +305,7 @@ def write_docs(section: str) -> Path:
 def section(rows: list[Row], soaks: list[Soak], args: argparse.Namespace, took_s: float) -> str:
     cpus = os.cpu_count()
     return f"""\
-Produced by `bench/failover.py --reps {args.reps} --fast-reps {args.fast_reps} \
+Produced by `bench/takeover.py --reps {args.reps} --fast-reps {args.fast_reps} \
 --soak-duration {args.soak_duration}` on {platform.node() or "this host"} ({cpus} CPUs, \
 Linux {platform.release()}, Python {platform.python_version()}), {time.strftime('%Y-%m-%d')}, \
 {took_s / 60:.0f} min. Topology: client, lb1 (priority 150), lb2 (priority 100) and three \
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     reason = netns.skip_reason()
     if reason is not None:
-        print(f"bench/failover.py: {reason}", file=sys.stderr)
+        print(f"bench/takeover.py: {reason}", file=sys.stderr)
         return 2
     started = time.monotonic()
     rows, soaks = run_all(args)

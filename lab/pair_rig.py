@@ -1,9 +1,9 @@
 """Real-host failover harness: two pairlb processes, a client and three backends in namespaces.
 
 Shared by tests/test_failover_e2e.py (one run per scenario, asserts the targets of issue 4)
-and bench/failover.py (many runs, prints the table for docs/operations.md).
+and bench/takeover.py (many runs, prints the table for docs/operations.md).
 
-Topology (tests/netns.py, one bridge): client .11, lb1 .12 (priority 150), lb2 .13 (priority
+Topology (lab/netns.py, one bridge): client .11, lb1 .12 (priority 150), lb2 .13 (priority
 100), web1..3 .14-.16, VIP .100/24. Each LB runs `python -m lb run -c CFG` in its namespace
 with the admin app on its own 127.0.0.1:9900 (namespaces have their own loopback).
 
@@ -12,7 +12,7 @@ What is measured, and how, without trusting the code under test:
 - `Prober`: a subprocess in the client namespace sends `GET /` to the VIP every 10 ms, each
   on a new connection with a short deadline (a fresh connection is what a new client does
   during a failover), and writes one line per attempt: start, end, status, and which LB
-  carried it. The backends here are lb.backend_app with one extra response header,
+  carried it. The backends here are lab.backend_app with one extra response header,
   `X-Peer`, the address the request came from: the LB's own address, so the client knows
   which node answered (pairlb's own Via says only "pairlb").
 - `VipWatch`: rtnetlink address events from lb1 and lb2 (a socket opened inside each
@@ -21,7 +21,7 @@ What is measured, and how, without trusting the code under test:
 - Times everywhere are CLOCK_MONOTONIC (time.monotonic), one clock for every process.
 
 Run as a script it is the two helper programs (`backend NAME HOST:PORT`, `probe HOST OUT`).
-Imports lb.netns (stdlib only) at the top, the rest of lb and failover lazily (the helpers
+Imports lab.netns (stdlib only) at the top, the rest of lb and failover lazily (the helpers
 must start fast); never pyroute2 (only failover/vip.py may).
 """
 
@@ -48,9 +48,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from lb import netns
+from lab import netns
+from lab.cluster import VipWatch
 from lb.config import DEFAULT_HEARTBEAT_INTERVAL_S
-from lb.demo_net import VipWatch
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
@@ -97,10 +97,10 @@ FAST = PairSettings(interval_s=0.01)
 
 
 def backend_main(name: str, addr: str) -> int:
-    """lb.backend_app plus `X-Peer: <address the request came from>` on every response."""
+    """lab.backend_app plus `X-Peer: <address the request came from>` on every response."""
     from aiohttp import web
 
-    from lb.backend_app import make_app
+    from lab.backend_app import make_app
     from lb.config import parse_hostport
 
     app = make_app(name)
@@ -205,7 +205,7 @@ class Attempt:
         return self.status == 200
 
 
-# -- VIP events from the kernel: lb.demo_net.VipWatch (the demo and chaos use it too) --------
+# -- VIP events from the kernel: lab.cluster.VipWatch (the demo and chaos use it too) --------
 
 
 # -- the rig --------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ class Rig:
             self.lbs: dict[str, LbProcess] = {}
             self.restarts: dict[str, int] = {n: 0 for n in LBS}
             for name in BACKENDS:
-                self.topo.popen(name, [PYTHON, __file__, "backend", name,
+                self.topo.popen(name, [PYTHON, "-m", "lab.pair_rig", "backend", name,
                                        f"{self.addr[name]}:{BACKEND_PORT}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name in BACKENDS:
@@ -254,7 +254,7 @@ class Rig:
             self._probe_offset = 0
             self._attempts: list[Attempt] = []
             self.prober = self.topo.popen(
-                "client", [PYTHON, __file__, "probe", f"{self.vip}:{HTTP_PORT}",
+                "client", [PYTHON, "-m", "lab.pair_rig", "probe", f"{self.vip}:{HTTP_PORT}",
                            str(self.probe_path)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except BaseException:
@@ -382,11 +382,11 @@ level = "info"
         return t
 
     def failover_pid(self, node: str) -> int | None:
-        """The node's failover process (its command line names lb.failover_main), if any."""
+        """The node's failover process (its command line names lb.failoverd.main), if any."""
         for pid in self.pids(node):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"lb.failover_main" in f.read():
+                    if b"lb.failoverd.main" in f.read():
                         return pid
             except OSError:
                 continue

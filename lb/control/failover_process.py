@@ -1,11 +1,11 @@
-"""The control process's handle on the failover process (lb.failover_main).
+"""The control process's handle on the failover process (lb.failoverd.main).
 
-Spawns it, sends it the spec, the local health verdict and requests (lb.failover_link), and
+Spawns it, sends it the spec, the local health verdict and requests (lb.failoverd.link), and
 keeps the last status it reported, which is what /status, /metrics, sd_notify STATUS= and
 `role` show. It never waits on the failover process except in `start()` and at shutdown:
 a slow control process can only make that status older, never a heartbeat later.
 
-Supervised like a worker (lb.supervisor's backoff and crash-loop rules): an unexpected exit
+Supervised like a worker (lb.control.supervisor's backoff and crash-loop rules): an unexpected exit
 is logged (`event=failover_process_died`), counted, shown as role FAULT until the new
 process reports, and the process is restarted after the backoff. The peer takes over on
 the missing heartbeats; the control process removes the VIPs the dead one left
@@ -36,10 +36,10 @@ from typing import Any
 
 import failover
 from lb import channel
-from lb import failover_link as link
-from lb.supervisor import BACKOFF_MAX_S, BACKOFF_MIN_S, STABLE_AFTER_S, SlotStats
+from lb.control.supervisor import BACKOFF_MAX_S, BACKOFF_MIN_S, STABLE_AFTER_S, SlotStats
+from lb.failoverd import link
 
-logger = logging.getLogger("lb.failover_process")
+logger = logging.getLogger("lb.control.failover_process")
 
 PROCESS_FAULT = "failover_process"
 """The fault shown while no failover process runs (between a crash and its restart)."""
@@ -166,7 +166,7 @@ class FailoverProcess:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "lb.failover_main", str(child_sock.fileno()),
+                self.python, "-m", "lb.failoverd.main", str(child_sock.fileno()),
                 str(os.getpid()), pass_fds=[child_sock.fileno()],
                 stdin=asyncio.subprocess.DEVNULL)
         finally:

@@ -25,7 +25,7 @@ from typing import Any
 
 from lb import channel, sysutil
 
-logger = logging.getLogger("lb.supervisor")
+logger = logging.getLogger("lb.control.supervisor")
 
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 10.0
@@ -190,7 +190,7 @@ class Supervisor:
             handle.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "lb.worker",
+                "lb.data.worker",
                 str(child_sock.fileno()),
                 str(index),
                 *self.worker_args(),

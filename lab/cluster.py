@@ -1,7 +1,7 @@
 """The demo's network: a client, two pairlb nodes and three backends in namespaces.
 
-Shared by ``pairlb demo`` (lb/demo.py) and the chaos suite (bench/chaos.py). ``Cluster``
-builds the topology with lb.netns (client .11, lb1 .12, lb2 .13, one host per backend from
+Shared by ``pairlb demo`` (lab/demo.py) and the chaos suite (bench/chaos.py). ``Cluster``
+builds the topology with lab.netns (client .11, lb1 .12, lb2 .13, one host per backend from
 .14, VIP .100, all in TEST-NET-1), writes each node's config derived from the embedded
 default (same listener, pool, backend names and weights; addresses moved into the
 topology; ``[failover]`` and ``[admin]`` added), generates the failover key and the admin
@@ -9,8 +9,8 @@ token into a work directory, and starts real ``pairlb run`` processes and demo b
 It then knows how to hurt them (kill, stop, cut a link, reload, drain, switch over) and how
 to look at them without trusting them:
 
-- the load generator (lb.demo_load) in the client namespace records every request;
-- the backends (``python -m lb.demo_net backend``) are lb.backend_app plus an ``X-Peer``
+- the load generator (lab.load) in the client namespace records every request;
+- the backends (``python -m lab.cluster backend``) are lab.backend_app plus an ``X-Peer``
   response header (the address the request came from: the load balancer's own address, so
   the client knows which node carried it; pairlb's Via names no node) and a journal of every
   request with an ``X-Client-Id``, one write(2) per request so it survives kill -9;
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab import netns
 from lb import config as config_mod
-from lb import netns
 
 CLIENT = "client"
 LBS = ("lb1", "lb2")
@@ -169,14 +169,14 @@ token_file = "{token_file}"
 
 
 def backend_main(name: str, address: str, journal: str) -> int:
-    """lb.backend_app, plus X-Peer on every response and a kill-proof journal.
+    """lab.backend_app, plus X-Peer on every response and a kill-proof journal.
 
     Journal line: ``MONOTONIC METHOD CLIENT_ID PEER``, written before the answer.
     """
     from aiohttp import web
     from aiohttp.typedefs import Handler
 
-    from lb.backend_app import make_app
+    from lab.backend_app import make_app
 
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     app = make_app(name)
@@ -549,7 +549,7 @@ class Cluster:
 
     def start_backend(self, name: str) -> Proc:
         b = next(b for b in self.backends if b.name == name)
-        argv = [self.python, "-m", "lb.demo_net", "backend", name,
+        argv = [self.python, "-m", "lab.cluster", "backend", name,
                 f"{self.addr[name]}:{b.port}", str(self.journal(name))]
         p = Proc(name, self._popen(name, argv, self.log(name)), time.monotonic())
         self.backend_procs[name] = p
@@ -778,7 +778,7 @@ class Cluster:
     def start_load(self, out: Path, *, rate: float, duration_s: float, timeout_s: float = 2.0,
                    post_every: int = 4, prefix: str = "r", slow_every: int = 0,
                    slow_s: float = 0.2) -> Proc:
-        argv = [self.python, "-m", "lb.demo_load", f"{self.vip}:{self.listen_port}", str(out),
+        argv = [self.python, "-m", "lab.load", f"{self.vip}:{self.listen_port}", str(out),
                 "--rate", str(rate), "--duration", str(duration_s), "--timeout", str(timeout_s),
                 "--max-requests", str(int(rate * duration_s * 1.2) + 100),
                 "--post-every", str(post_every), "--prefix", prefix,
@@ -804,7 +804,7 @@ class Cluster:
         specs = [f"{ports[n]}={self.topo[n].netns}:127.0.0.1:{ADMIN_PORT}" for n in LBS]
         specs.append(f"{ports['vip']}={self.topo[CLIENT].netns}:{self.vip}:{self.listen_port}")
         with open(self.log("forward"), "ab") as out:
-            proc = subprocess.Popen([self.python, "-m", "lb.demo_net", "forward", *specs],
+            proc = subprocess.Popen([self.python, "-m", "lab.cluster", "forward", *specs],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     env=self._env(), start_new_session=True)
         return proc.pid
@@ -845,7 +845,7 @@ def cleanup_run(state: dict[str, Any]) -> list[str]:
 
     done = []
     fwd = state.get("forwarder_pid")
-    if isinstance(fwd, int) and is_ours(fwd, "lb.demo_net forward"):
+    if isinstance(fwd, int) and is_ours(fwd, "lab.cluster forward"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(fwd, signal.SIGTERM)
         done.append(f"stopped forwarder pid {fwd}")
@@ -864,7 +864,7 @@ def main(argv: Sequence[str]) -> int:
         return backend_main(argv[1], argv[2], argv[3])
     if argv[:1] == ["forward"] and len(argv) > 1:
         return forward_main(argv[1:])
-    print("usage: python -m lb.demo_net backend NAME HOST:PORT JOURNAL | "
+    print("usage: python -m lab.cluster backend NAME HOST:PORT JOURNAL | "
           "forward PORT=NETNS:HOST:PORT ...", file=sys.stderr)
     return 2
 

@@ -128,7 +128,7 @@ def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list
 def _health_errors(cfg: Config) -> list[str]:
     """Build every health check the way the daemon does; name the key of each refusal."""
     from healthcheck import HealthConfigError, Target
-    from lb.backends import check_spec
+    from lb.control.backends import check_spec
 
     out: list[str] = []
     for i, pcfg in enumerate(cfg.pool):

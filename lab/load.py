@@ -1,6 +1,6 @@
 """Open-loop HTTP load for ``pairlb demo`` and bench/chaos.py, and what its records say.
 
-``python -m lb.demo_load HOST:PORT OUT [--rate R] [--duration S] ...`` (started inside the
+``python -m lab.load HOST:PORT OUT [--rate R] [--duration S] ...`` (started inside the
 client namespace, or on loopback) starts one request every 1/rate seconds whatever happened
 to the earlier ones. Open loop on purpose: during an outage a closed-loop client stops
 asking, and the outage would hide as "fewer requests" instead of showing as a gap.
@@ -448,7 +448,7 @@ class LoadClient:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lb.demo_load")
+    ap = argparse.ArgumentParser(prog="python -m lab.load")
     ap.add_argument("target", help="HOST:PORT")
     ap.add_argument("out", help="record file (appended)")
     ap.add_argument("--rate", type=float, default=100.0, help="requests per second")

@@ -1,9 +1,9 @@
 """``pairlb demo``: the live demo on the embedded default config (what ``./dev demo`` runs).
 
 With root (network namespaces need CAP_NET_ADMIN) it builds a client, two load balancers and
-the default config's three backends in namespaces (lb.demo_net), starts two real pairlb
+the default config's three backends in namespaces (lab.cluster), starts two real pairlb
 nodes that share a VIP, sends steady HTTP load to the VIP from the client namespace
-(lb.demo_load) and plays a story: a backend killed and restarted, a backend drained and
+(lab.load) and plays a story: a backend killed and restarted, a backend drained and
 enabled, the active load balancer killed with -9 and brought back, a planned switchover.
 A live view (redrawn once per second with plain ANSI codes; one plain line per second when
 stdout is not a terminal) shows requests/s, errors, who holds the VIP and each backend's
@@ -20,7 +20,7 @@ the main thread prints. Work files (configs, key, token, logs, records) live in 
 directory that is removed at the end.
 
 Imports lb (config, netns, demo_net, demo_load) only; failover reaches it through
-lb.demo_net, healthcheck not at all, and nothing here touches the root namespace.
+lab.cluster, healthcheck not at all, and nothing here touches the root namespace.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from lab import cluster as demo_net
+from lab import netns
+from lab.load import Record, RecordLog, window_stats
 from lb import config as config_mod
-from lb import demo_net, netns
-from lb.demo_load import Record, RecordLog, window_stats
 
 DEFAULT_DURATION_S = 60.0
 MIN_DURATION_S = 15.0
@@ -801,7 +802,7 @@ token_file = "{token_file}"
             time.sleep(0.05)
 
     def start_backend(self, name: str) -> None:
-        self._spawn(name, [sys.executable, "-m", "lb.demo_net", "backend", name,
+        self._spawn(name, [sys.executable, "-m", "lab.cluster", "backend", name,
                            f"127.0.0.1:{self.ports[name]}",
                            str(self.workdir / f"{name}.journal")])
 
@@ -821,7 +822,7 @@ token_file = "{token_file}"
             return bool(states) and all(s == "up" for s in states.values())
 
         self._wait("pairlb and its backends", all_up, 30.0)
-        self._spawn("load", [sys.executable, "-m", "lb.demo_load", f"127.0.0.1:{self.port}",
+        self._spawn("load", [sys.executable, "-m", "lab.load", f"127.0.0.1:{self.port}",
                              str(self.records_path), "--rate", str(RATE), "--duration",
                              str(self.duration_s + 60.0), "--timeout", str(REQUEST_TIMEOUT_S),
                              "--max-requests", str(int(RATE * (self.duration_s + 60.0)))])
@@ -986,3 +987,17 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
           f"backends on 127.0.0.1, a {duration:.0f} s story (--duration to change)",
           file=out, flush=True)
     return LoopbackDemo(duration, keep, out).run()
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m lab.demo`` (what ``pairlb demo`` becomes)."""
+    p = argparse.ArgumentParser(prog="pairlb demo",
+                                description="the live demo on the embedded default config")
+    p.add_argument("--duration", type=float, default=DEFAULT_DURATION_S)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--cleanup", action="store_true")
+    return main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -12,7 +12,7 @@ Rules, and why:
   capped at ``max_eject_s``; the count resets once the backend has stayed in for
   ``max_eject_s`` since its last ejection ended.
   An ejected backend comes back when the time is up *and* active checks say it is healthy,
-  or earlier when the caller ends the ejection (a passing active check: ``lb.backends``).
+  or earlier when the caller ends the ejection (a passing active check: ``lb.control.backends``).
 - Never more than ``max_eject_percent`` of the pool ejected at once, so a wave of errors
   caused by the clients themselves cannot empty the pool.
 - Panic: when fewer than ``panic_percent`` of the enabled backends are usable, either spread
@@ -85,7 +85,7 @@ class BackendRecord:
     last_ejection_reason: str = ""
     ejections_ended_early: int = 0
     check_failed_while_ejected: bool = False
-    """An active check begun during the current ejection failed (see ``lb.backends``)."""
+    """An active check begun during the current ejection failed (see ``lb.control.backends``)."""
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now

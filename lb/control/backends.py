@@ -3,7 +3,7 @@
 Each fact has exactly one owner, and nothing here copies one:
 
 - the active checks' verdict (counter, last result, when it came up): ``healthcheck.HealthBook``;
-- admin state and passive ejections: the ``lb.rotation.PoolRotation`` records of each pool.
+- admin state and passive ejections: the ``lb.control.rotation.PoolRotation`` records of each pool.
 
 :meth:`BackendTable.snapshots` computes who gets traffic from both at the moment it is
 called, so a reload, a check result, an admin action or an ejection can never leave a stale
@@ -35,7 +35,7 @@ from typing import Any
 
 from healthcheck import CheckResult, CheckSpec, HealthBook, Target
 from lb.config import BackendConfig, PoolConfig
-from lb.rotation import UNCHECKED, AdminState, Ejected, PoolRotation, Snapshot, Verdict
+from lb.control.rotation import UNCHECKED, AdminState, Ejected, PoolRotation, Snapshot, Verdict
 
 DOWN = Verdict(False, None)
 

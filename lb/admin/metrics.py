@@ -28,8 +28,9 @@ are not all exported, the additive ones (counters, histograms, in-flight request
 exported per pool with ``backend="*"`` (the sum over the pool's backends), so pool totals and
 ``sum by (pool)`` queries stay right and never count a backend twice.
 
-prometheus_client may be imported only here and in lb.admin. Must not import lb.daemon at run
-time (the daemon imports us), nor failover or healthcheck internals.
+prometheus_client may be imported only here and in lb.admin.server. Must not import
+lb.control.daemon at run time (the daemon imports us), nor failover or healthcheck
+internals.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as _om_late
 from prometheus_client.utils import floatToGoString as _float_to_go_untyped
 
 from lb import __version__
-from lb.rotation import AdminState
+from lb.control.rotation import AdminState
 from lb.stats import CLASSES, DURATION_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
     from healthcheck import CheckResult
     from lb.config import Config
-    from lb.supervisor import Supervisor
+    from lb.control.supervisor import Supervisor
 
 ROLES = ("MASTER", "BACKUP", "FAULT", "INIT", "STANDALONE")
 """Every value the ``role`` label can take (one-hot gauges)."""
@@ -483,7 +484,7 @@ def _kind(name: str) -> Kind | None:
 
 
 class MetricsSource(Protocol):
-    """What the collector reads from the daemon (lb.daemon.Daemon satisfies it)."""
+    """What the collector reads from the daemon (lb.control.daemon.Daemon satisfies it)."""
 
     @property
     def cfg(self) -> Config: ...

@@ -1,7 +1,7 @@
 """The failover process: the failover controller alone on its own event loop.
 
-Started by the control process (lb.failover_process) as ``python -m lb.failover_main FD
-PARENT_PID``; FD is its end of a socketpair carrying lb.failover_link messages. It runs
+Started by the control process (lb.control.failover_process) as ``python -m lb.failoverd.main FD
+PARENT_PID``; FD is its end of a socketpair carrying lb.failoverd.link messages. It runs
 heartbeats, the role machine, the VIP adapter, connection handover, the carrier watch and
 the notify hooks, and nothing else: health checks, /metrics, /status, admin calls and
 reloads stay in the control process, so none of them can delay a heartbeat (at 1000
@@ -37,10 +37,10 @@ from typing import Any
 
 import failover
 from lb import channel, sysutil
-from lb import failover_link as link
 from lb import log as log_setup
+from lb.failoverd import link
 
-log = logging.getLogger("lb.failover_main")
+log = logging.getLogger("lb.failoverd.main")
 
 MAX_BACKLOG = 256 * 1024
 """Unsent bytes toward a control process that does not read, beyond which periodic status

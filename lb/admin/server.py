@@ -18,8 +18,9 @@ unknown pools/backends are 404, and an action either applies completely or not a
 Runs on the control loop, so handlers never block: ``/metrics`` reads state in memory (and
 a few /proc files), ``/reload`` and ``/failover/switchover`` await the daemon.
 
-prometheus_client is imported only here and in lb.metrics. Must not import lb.daemon at run
-time (the daemon imports this module); it talks to the daemon through ``AdminDaemon``.
+prometheus_client is imported only here and in lb.admin.metrics. Must not import
+lb.control.daemon at run time (the daemon imports this module); it talks to the daemon
+through ``AdminDaemon``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from lb import config as config_mod
-from lb import metrics
-from lb.rotation import AdminState
+from lb.admin import metrics
+from lb.control.rotation import AdminState
 
-logger = logging.getLogger("lb.admin")
+logger = logging.getLogger("lb.admin.server")
 
 MAX_BODY_BYTES = 4096
 """No admin request needs a body; a small cap keeps a hostile client from using memory."""
@@ -71,7 +72,7 @@ class ReloadOutcome(Protocol):
 
 
 class AdminDaemon(metrics.MetricsSource, Protocol):
-    """What the admin app needs from the control process (lb.daemon.Daemon satisfies it).
+    """What the admin app needs from the control process (lb.control.daemon.Daemon satisfies it).
 
     ``switchover()`` is looked up with getattr: it exists only with failover support.
     """
@@ -106,8 +107,8 @@ LOCK: web.AppKey[asyncio.Lock] = web.AppKey("lock")
 
 def load_token(path: str) -> str:
     """Read the bearer token; refuse a file others can read, a missing or an empty one
-    (the rules are lb.preflight.read_token's, which check-config applies too)."""
-    from lb import preflight
+    (the rules are lb.control.preflight.read_token's, which check-config applies too)."""
+    from lb.control import preflight
 
     try:
         return preflight.read_token(path)
@@ -308,7 +309,7 @@ async def get_readyz(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition: ``?scope=`` and ``?backend_series=`` select (lb.metrics);
+    """Prometheus exposition: ``?scope=`` and ``?backend_series=`` select (lb.admin.metrics);
     OpenMetrics or text by Accept (as prometheus_client decides); gzip when accepted."""
     daemon = request.app[DAEMON]
     _, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lb.config import ListenerConfig, PoolConfig
-from lb.pool import Backend, Ejection, Outcome, Pool
+from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 
 logger = logging.getLogger(__name__)

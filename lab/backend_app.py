@@ -1,6 +1,6 @@
 """A small backend web server for the demo, the tests and the benchmarks' sanity checks.
 
-``python -m lb.backend_app NAME HOST:PORT`` serves:
+``python -m lab.backend_app NAME HOST:PORT`` serves:
   GET  /healthz           200 "ok" (or the status set with POST /admin/health/NNN)
   GET  /                  200 "hello from NAME"
   GET  /status/NNN        that status

@@ -2,8 +2,8 @@
 
 Runs on the stdlib asyncio loop (pyroute2 does not run on uvloop). It owns the listening
 sockets (created once, shared by every worker), the control-side pool state
-(``lb.rotation``), the health checker, the admin app and sd_notify, and supervises the
-proxy workers and the failover process (lb.failover_process: heartbeats and the VIP run
+(``lb.control.rotation``), the health checker, the admin app and sd_notify, and supervises the
+proxy workers and the failover process (lb.control.failover_process: heartbeats and the VIP run
 there, on a loop of their own, and this process only keeps the status it last reported).
 Phases are separate and ordered: startup, main loop (signals are queued by their handlers
 and dispatched here), shutdown. A second SIGTERM or SIGINT during shutdown forces exit.
@@ -32,14 +32,14 @@ from typing import Any
 from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCounter
 from lb import __version__, channel, sysutil
 from lb import config as config_mod
-from lb.backends import BackendTable
 from lb.config import Config
+from lb.control.backends import BackendTable
+from lb.control.rotation import AdminState, Snapshot
+from lb.control.supervisor import Supervisor, WorkerHandle
 from lb.listen import make_listen_socket
-from lb.rotation import AdminState, Snapshot
 from lb.sdnotify import Notifier, watchdog_interval_s
-from lb.supervisor import Supervisor, WorkerHandle
 
-logger = logging.getLogger("lb.daemon")
+logger = logging.getLogger("lb.control.daemon")
 
 RECENT_EVENTS = 50
 FAILOVER_RELOADABLE = ("key_file", "key_files", "max_clock_skew_s")
@@ -155,8 +155,9 @@ class Daemon:
         self.check_observers: list[Callable[[tuple[str, str], CheckResult], None]] = []
         """Called for every health-check result (metrics registers here)."""
         self.failover: Any = None
-        """With [failover]: the failover process (lb.failover_process.FailoverProcess); tests
-        may attach an in-process failover.FailoverController, which has the same surface."""
+        """With [failover]: the failover process
+        (lb.control.failover_process.FailoverProcess); tests may attach an in-process
+        failover.FailoverController, which has the same surface."""
         self.admin_runner: Any = None
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.last_reload: ReloadResult | None = None
@@ -278,9 +279,9 @@ class Daemon:
             self._spawn(self._watchdog_loop(wd), "watchdog")
 
     def _set_privileges(self) -> None:
-        """Every check check-config makes (lb.preflight); who the workers will be; and this
+        """Every check check-config makes (lb.control.preflight); who the workers will be; and this
         process last in the OOM killer's choice."""
-        from lb import preflight
+        from lb.control import preflight
 
         errors, _ = preflight.check(self.cfg, inside_service=True)
         if errors:
@@ -299,7 +300,7 @@ class Daemon:
         )
 
     async def _spawn_failover(self) -> None:
-        from lb.failover_process import FailoverProcess
+        from lb.control.failover_process import FailoverProcess
 
         self.failover = FailoverProcess(
             on_role_change=self._on_role_change, on_event=self._record_event,
@@ -315,9 +316,9 @@ class Daemon:
         await self.failover.start(self._failover_process_spec())
 
     def _failover_process_spec(self) -> Any:
-        """What the failover process runs (lb.failover_link.Spec): the controller's spec and
+        """What the failover process runs (lb.failoverd.link.Spec): the controller's spec and
         the settings of the process around it."""
-        from lb import failover_link
+        from lb.failoverd import link as failover_link
 
         fcfg = self.cfg.failover
         assert fcfg is not None
@@ -489,7 +490,7 @@ class Daemon:
         """Build the admin app early: a bad token file fails start-up before any worker."""
         from aiohttp import web
 
-        from lb import admin
+        from lb.admin import server as admin
 
         try:
             app = admin.make_app(self)
@@ -564,7 +565,7 @@ class Daemon:
                 logger.error("event=reload_rejected file=%s error=%r", exc.source, err)
             logger.error("event=reload_failed kept_generation=%d", self.generation)
             return ReloadResult(False, now, self.generation, exc.errors)
-        from lb import preflight
+        from lb.control import preflight
 
         errors, _ = preflight.check(new, inside_service=True)
         if errors:  # what ExecReload's check-config refuses, refused here too

@@ -1,6 +1,6 @@
 """A proxy worker process: accepts on the listening sockets it inherited and proxies.
 
-Started by the control process as ``python -m lb.worker CHANNEL_FD INDEX --uid U --gid G``.
+Started by the control process as ``python -m lb.data.worker CHANNEL_FD INDEX --uid U --gid G``.
 Before anything else it gives up every privilege (lb.sysutil.drop_privileges: no
 capabilities, no_new_privs, and the unprivileged user when started as root) and raises its
 own OOM score; if the drop fails it exits with EXIT_PRIVILEGES and never serves. Everything it knows
@@ -27,12 +27,12 @@ from typing import Any
 
 from lb import channel, log, sysutil
 from lb.config import Config, ListenerConfig, PoolConfig
-from lb.pool import BackendEntry, Ejection, Pool, build_pool
-from lb.proxy import ProxyServer
+from lb.data.pool import BackendEntry, Ejection, Pool, build_pool
+from lb.data.proxy import ProxyServer
+from lb.data.tcpproxy import TcpProxyServer
 from lb.stats import Stats
-from lb.tcpproxy import TcpProxyServer
 
-logger = logging.getLogger("lb.worker")
+logger = logging.getLogger("lb.data.worker")
 
 STATS_INTERVAL_S = 0.25
 

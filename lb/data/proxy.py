@@ -76,9 +76,9 @@ from typing import Any, cast
 
 import httptools
 
-from lb import headers as H
 from lb.config import ListenerConfig, PoolConfig
-from lb.pool import Backend, Ejection, Outcome, Pool
+from lb.data import headers as H
+from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ prove behaviour a user would notice (errors, latency, who answered) with real pr
 
 - :func:`free_port`, :func:`wait_port`, :func:`wait_until` / :func:`wait_until_async`:
   loopback ports and waits that always have a deadline.
-- :class:`Backend`: one backend web server process (``lb.backend_app`` plus two options
+- :class:`Backend`: one backend web server process (``lab.backend_app`` plus two options
   this module adds: a *journal* file that records every request's ``X-Client-Id`` with
   ``os.write`` before it is answered, so the record survives ``kill -9``; and
   ``traffic_status``, a status every non-health request gets, for a backend that passes its
@@ -24,9 +24,9 @@ Everything binds or connects to 127.0.0.1 only. Processes are stopped by PID, ne
 every process a helper started is stopped by its ``close()`` / context manager, even when a
 test fails. Timestamps are ``time.monotonic()`` seconds throughout.
 
-Run as a script (``python tests/e2e_helpers.py backend NAME HOST:PORT [--journal FILE]
+Run as a module (``python -m lab.node_rig backend NAME HOST:PORT [--journal FILE]
 [--traffic-status N]``) it is the backend server itself. Imports from lb only
-``lb.backend_app`` (and only in that server mode).
+``lab.backend_app`` (and only in that server mode).
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ class Backend:
 
     def spawn(self) -> None:
         """Start the process without waiting for it to listen."""
-        argv = [PYTHON, str(Path(__file__).resolve()), "backend", self.name, self.address,
+        argv = [PYTHON, "-m", "lab.node_rig", "backend", self.name, self.address,
                 "--journal", str(self.journal)]
         if self.traffic_status is not None:
             argv += ["--traffic-status", str(self.traffic_status)]
@@ -956,12 +956,12 @@ def summarize_failures(samples: Iterable[Sample], limit: int = 8) -> str:
 
 
 def serve_backend(argv: Sequence[str]) -> int:
-    """``backend NAME HOST:PORT [--journal FILE] [--traffic-status N]``: lb.backend_app with a
+    """``backend NAME HOST:PORT [--journal FILE] [--traffic-status N]``: lab.backend_app with a
     kill-proof journal of client ids and optional failing traffic."""
     from aiohttp import web
     from aiohttp.typedefs import Handler
 
-    from lb.backend_app import make_app
+    from lab.backend_app import make_app
     from lb.config import parse_hostport
 
     ap = argparse.ArgumentParser(prog="e2e_helpers.py backend")

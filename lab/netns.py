@@ -12,7 +12,7 @@ called setns(2), which moves only that thread. Addresses come from TEST-NET (192
 198.51.100.0/24) and ULA (fd00::/8) and exist only inside our namespaces.
 
 Must not import pyroute2 (only failover/vip.py may) nor healthcheck or failover: this is
-infrastructure their tests stand on. Tests import it as ``netns`` (tests/netns.py aliases it).
+infrastructure their tests stand on. Tests import it as ``netns`` (lab/netns.py aliases it).
 """
 
 from __future__ import annotations
@@ -683,7 +683,7 @@ def topology(names: Iterable[str], **kwargs: Any) -> Iterator[Topology]:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m lb.netns list` / `python -m lb.netns cleanup plbXXXX` after a crash."""
+    """`python -m lab.netns list` / `python -m lab.netns cleanup plbXXXX` after a crash."""
     if len(argv) == 1 and argv[0] == "list":
         print("\n".join(list_namespaces()))
         return 0

@@ -3,7 +3,7 @@
 Pure: no asyncio, socket, time or logging. The caller passes ``now`` (monotonic seconds).
 
 The control process decides which backends are in rotation and at what weight (health,
-admin state, ejections, slow start, panic: see ``lb.rotation``) and pushes that as a
+admin state, ejections, slow start, panic: see ``lb.control.rotation``) and pushes that as a
 snapshot; a worker's ``Pool`` applies it and picks among the eligible ones. The worker also
 ejects a backend locally the moment it sees ``consecutive_failures`` in a row, so a dead
 backend leaves its rotation before the control process has even heard of it; the next

@@ -1,7 +1,7 @@
 """The control <-> failover process channel: typed, versioned messages (lb.channel framing).
 
-The failover controller runs in a process of its own (lb.failover_main), a child of the
-control process (lb.failover_process supervises it). They talk over a socketpair with
+The failover controller runs in a process of its own (lb.failoverd.main), a child of the
+control process (lb.control.failover_process supervises it). They talk over a socketpair with
 lb.channel's length-prefixed JSON frames; every frame is one of the dataclasses below,
 ``{"t": TYPE, "v": VERSION, <fields>}``. Both sides encode and decode with `encode` and
 `decode` here and nowhere else: the fields are written once, as dataclass fields, and the
