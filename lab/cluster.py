@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -46,6 +45,7 @@ from typing import Any
 
 from lab import netns
 from lb import config as config_mod
+from lb.admin import client
 
 CLIENT = "client"
 LBS = ("lb1", "lb2")
@@ -418,19 +418,22 @@ class VipWatch:
 # -- talking to a node's admin API from inside its namespace ------------------------------------
 
 
-def _http(method: str, path: str, token: str | None, timeout_s: float) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", ADMIN_PORT, timeout=timeout_s)
+def admin_call(base: str, method: str, path: str, token: str | None, timeout_s: float
+               ) -> tuple[int, Any]:
+    """One admin API call through lb.admin.client (the project's one admin client);
+    (status, parsed JSON or text), or (0, the error) when nothing answered."""
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        conn.request(method, path, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read()
-        try:
-            return resp.status, json.loads(body)
-        except ValueError:
-            return resp.status, body.decode("utf-8", "replace")
-    finally:
-        conn.close()
+        status, _, raw = client.exchange(method, base + path, token=token, timeout_s=timeout_s)
+    except OSError as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def _http(method: str, path: str, token: str | None, timeout_s: float) -> tuple[int, Any]:
+    return admin_call(f"http://127.0.0.1:{ADMIN_PORT}", method, path, token, timeout_s)
 
 
 class DemoError(RuntimeError):
@@ -689,7 +692,7 @@ class Cluster:
         try:
             return self.topo.call(node, _http, method, path,
                                   self.token if method == "POST" else None, timeout_s)
-        except (OSError, http.client.HTTPException, TimeoutError) as exc:
+        except OSError as exc:  # the namespace itself (setns), not the API
             return 0, f"{type(exc).__name__}: {exc}"
 
     def status(self, node: str, timeout_s: float = 1.0) -> dict[str, Any] | None:

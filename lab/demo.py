@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -770,20 +769,8 @@ token_file = "{token_file}"
         return text
 
     def admin(self, method: str, path: str, timeout_s: float = 2.0) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout_s)
-        try:
-            headers = {"Authorization": f"Bearer {self.token}"} if method == "POST" else {}
-            conn.request(method, path, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read()
-            try:
-                return resp.status, json.loads(body)
-            except ValueError:
-                return resp.status, body.decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as exc:
-            return 0, str(exc)
-        finally:
-            conn.close()
+        return demo_net.admin_call(f"http://127.0.0.1:{self.admin_port}", method, path,
+                                   self.token if method == "POST" else None, timeout_s)
 
     def status(self) -> dict[str, Any] | None:
         code, body = self.admin("GET", "/status", 0.5)

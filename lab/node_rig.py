@@ -42,14 +42,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+from lb.admin import client
 
 T = TypeVar("T")
 
@@ -156,13 +156,9 @@ def http(
     headers: Mapping[str, str] | None = None,
     timeout_s: float = 5.0,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One urllib request; 4xx/5xx are returned, not raised."""
-    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return int(resp.status), dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), dict(exc.headers), exc.read()
+    """One request through lb.admin.client.exchange; 4xx/5xx are returned, not raised."""
+    return client.exchange(method, url, body=body, headers=dict(headers or {}),
+                           timeout_s=timeout_s)
 
 
 # -- raw async HTTP/1.1 client ----------------------------------------------------------------

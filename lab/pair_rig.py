@@ -50,6 +50,7 @@ from typing import Any, TextIO
 
 from lab import netns
 from lab.cluster import VipWatch
+from lb.admin import client
 from lb.config import DEFAULT_HEARTBEAT_INTERVAL_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -566,16 +567,11 @@ level = "info"
 
 
 def _get_json(addr: tuple[str, int], path: str, timeout_s: float) -> Any:
-    conn = http.client.HTTPConnection(addr[0], addr[1], timeout=timeout_s)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise ValueError(f"{path}: HTTP {resp.status}")
-        return json.loads(body)
-    finally:
-        conn.close()
+    status, _, body = client.exchange("GET", f"http://{addr[0]}:{addr[1]}{path}",
+                                      timeout_s=timeout_s)
+    if status != 200:
+        raise ValueError(f"{path}: HTTP {status}")
+    return json.loads(body)
 
 
 # -- outcomes ---------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from typing import Any
 
 from aiohttp import web
 
+from lb.admin import client
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 if not Path(PYTHON).exists():
@@ -118,14 +120,8 @@ def http(
     headers: dict[str, str] | None = None,
     timeout_s: float = 5.0,
 ) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    return client.exchange(method, url, token=token, body=body, headers=headers,
+                           timeout_s=timeout_s)
 
 
 def get_json(url: str) -> Any:

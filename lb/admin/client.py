@@ -1,11 +1,14 @@
 """``pairlb status|drain|enable|maintenance|switchover|reload``: the admin API from a shell.
 
-Stdlib only (urllib), so the commands work on a host where only the package is installed
-and stay fast to start. The admin URL comes from ``--admin``, else from the ``[admin] bind``
-of ``--config FILE``, else http://127.0.0.1:9900; the token from ``--token-file``, else the
-config's ``[admin] token_file``. Output is a readable table, or the API's JSON with
-``--json``. Every failure is one line on stderr and a non-zero exit code:
-1 the API refused (4xx/5xx), 2 usage or config problem, 3 pairlb unreachable.
+``exchange`` is the one HTTP client of the admin API in the project: these commands, the
+demo and the lab's rigs all go through it (urllib with no proxy from the environment and no
+redirect followed, so a bearer token never leaves for another host). Stdlib only at import
+(lb.config is loaded when a ``--config`` is read), so the commands stay fast to start. The
+admin URL comes from ``--admin``, else from the ``[admin] bind`` of ``--config FILE``, else
+http://127.0.0.1:9900; the token from ``--token-file``, else the config's ``[admin]
+token_file``. Output is a readable table, or the API's JSON with ``--json``. Every failure
+is one line on stderr and a non-zero exit code: 1 the API refused (4xx/5xx), 2 usage or
+config problem, 3 pairlb unreachable.
 
 Must not import aiohttp, prometheus_client or the daemon.
 """
@@ -18,9 +21,10 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lb import config as config_mod
+if TYPE_CHECKING:
+    from lb import config as config_mod
 
 DEFAULT_ADMIN = "http://127.0.0.1:9900"
 EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
@@ -39,6 +43,8 @@ class ClientError(Exception):
 
 def admin_url_from_bind(bind: str) -> str:
     """``[admin] bind`` to a URL a local client can use (wildcards mean loopback)."""
+    from lb import config as config_mod
+
     host, port = config_mod.parse_hostport(bind)
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
@@ -49,7 +55,9 @@ def admin_url_from_bind(bind: str) -> str:
 
 def resolve(args: argparse.Namespace) -> tuple[str, str | None]:
     """(admin base URL, token or None) from the flags and the config file."""
-    cfg = None
+    from lb import config as config_mod
+
+    cfg: config_mod.Config | None = None
     if args.config:
         try:
             cfg = config_mod.load(args.config)
@@ -66,7 +74,9 @@ def resolve(args: argparse.Namespace) -> tuple[str, str | None]:
             with open(token_file, encoding="utf-8") as f:
                 token = f.read(4096).strip()
         except OSError as exc:
-            raise ClientError(f"cannot read token file {token_file}: {exc.strerror}", 2) from None
+            raise ClientError(
+                f"cannot read token file {token_file}: {exc.strerror}", EXIT_USAGE
+            ) from None
     return url, token
 
 
@@ -85,27 +95,47 @@ def _opener() -> Any:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
 
 
-def call(
-    method: str, url: str, path: str, token: str | None = None, timeout_s: float = 10.0
-) -> tuple[int, Any]:
-    """One API call; (status, parsed JSON). Raises ClientError when pairlb is unreachable.
-
-    Straight to ``url``: never through a proxy from the environment, never following a
-    redirect (see ``_opener``)."""
+def exchange(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to ``url``; (status, headers, body). Every HTTP status is returned (a
+    3xx too: never followed); OSError (``urllib.error.URLError``, ``TimeoutError``) when
+    nothing answered. Never through a proxy from the environment (see ``_opener``)."""
     import urllib.error  # lazily: `pairlb run` should not pay for urllib and ssl
     import urllib.request
 
-    req = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None)
-    req.add_header("Accept", "application/json")
+    if body is None and method == "POST":
+        body = b""
+    req = urllib.request.Request(url, method=method, data=body, headers=dict(headers or {}))
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with _opener().open(req, timeout=timeout_s) as resp:
-            status, raw = resp.status, resp.read()
+            return int(resp.status), dict(resp.headers), resp.read()
     except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
+        return int(exc.code), dict(exc.headers or {}), exc.read()
+
+
+def call(
+    method: str, url: str, path: str, token: str | None = None, timeout_s: float = 10.0
+) -> tuple[int, Any]:
+    """One API call; (status, parsed JSON). Raises ClientError when pairlb is unreachable
+    or answers with a redirect (not followed: the token goes only to ``url``)."""
+    import urllib.error
+
+    try:
+        status, headers, raw = exchange(
+            method, url + path, token=token, headers={"Accept": "application/json"},
+            timeout_s=timeout_s,
+        )
         if 300 <= status < 400:
-            where = exc.headers.get("Location", "?") if exc.headers else "?"
+            where = headers.get("Location", "?")
             raise ClientError(
                 f"admin at {url} answered {status} redirecting to {where[:200]}; not followed "
                 f"(the token goes only to --admin): point --admin at pairlb itself"
@@ -113,12 +143,15 @@ def call(
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, ConnectionRefusedError):
-            raise ClientError(f"is pairlb running? admin at {url} refused", 3) from None
-        raise ClientError(f"is pairlb running? admin at {url}: {reason}", 3) from None
+            raise ClientError(f"is pairlb running? admin at {url} refused",
+                              EXIT_UNREACHABLE) from None
+        raise ClientError(f"is pairlb running? admin at {url}: {reason}",
+                          EXIT_UNREACHABLE) from None
     except TimeoutError:
-        raise ClientError(f"admin at {url} did not answer within {timeout_s:g}s", 3) from None
+        raise ClientError(f"admin at {url} did not answer within {timeout_s:g}s",
+                          EXIT_UNREACHABLE) from None
     except OSError as exc:
-        raise ClientError(f"is pairlb running? admin at {url}: {exc}", 3) from None
+        raise ClientError(f"is pairlb running? admin at {url}: {exc}", EXIT_UNREACHABLE) from None
     try:
         return status, json.loads(raw) if raw else None
     except ValueError:
