@@ -17,6 +17,7 @@ from failover.codec import (
     KeyFileError,
     RejectReason,
     ReplayGuard,
+    SecretFileError,
     bound_interval,
     decode,
     decode_any,
@@ -24,6 +25,7 @@ from failover.codec import (
     generate_key,
     key_id,
     load_key,
+    read_secret,
     write_key_file,
 )
 from failover.controller import (
@@ -105,6 +107,7 @@ __all__ = [
     "RejectReason",
     "ReplayGuard",
     "Role",
+    "SecretFileError",
     "SendLag",
     "TargetStatus",
     "TrackError",
@@ -123,6 +126,7 @@ __all__ = [
     "master_down_s",
     "parse_peer",
     "parse_target",
+    "read_secret",
     "skew_s",
     "write_key_file",
 ]

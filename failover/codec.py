@@ -411,29 +411,62 @@ def write_key_file(path: str, key: bytes | None = None, *, force: bool = False) 
     return key
 
 
-def load_key(path: str) -> bytes:
-    """Read the shared key: hex (as `pairlb keygen` writes) or raw bytes, >= 16 bytes.
+class SecretFileError(FailoverError):
+    """A secret file that cannot be read safely. ``reason``: "missing", "unreadable",
+    "type" or "mode"; ``detail`` says what is wrong (the message is "PATH: detail")."""
 
-    Refuses a file that group or others may access: with the key anyone can forge a
-    heartbeat and take the VIP.
-    """
+    def __init__(self, path: str, reason: str, detail: str, mode: int = 0) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+        self.mode = mode
+
+
+def read_secret(path: str, max_bytes: int = 64 * 1024) -> bytes:
+    """The one way pairlb reads a secret (the failover key, the admin token): opened with
+    O_NOFOLLOW (a symlink is refused, not followed) and checked on the open descriptor
+    (no window between the check and the read): a regular file that neither group nor
+    others may access. Returns at most ``max_bytes``, stripped."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file; create one with "
-                           f"`pairlb keygen {path}` and copy it to every node") from None
+        raise SecretFileError(path, "missing", "No such file or directory") from None
     except OSError as exc:
-        raise KeyFileError(f"{path}: cannot open key file: {exc.strerror}") from None
+        raise SecretFileError(path, "unreadable", str(exc.strerror)) from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path}: not a regular file")
+            raise SecretFileError(path, "type", "not a regular file")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
+            raise SecretFileError(path, "mode", f"accessible by group or others (mode "
+                                  f"{mode:04o}); fix it with: chmod 600 {path}", mode)
+        try:
+            return f.read(max_bytes).strip()
+        except OSError as exc:
+            raise SecretFileError(path, "unreadable", str(exc.strerror)) from None
+
+
+def load_key(path: str) -> bytes:
+    """Read the shared key: hex (as `pairlb keygen` writes) or raw bytes, >= 16 bytes.
+
+    Refuses a file that group or others may access (`read_secret`): with the key anyone
+    can forge a heartbeat and take the VIP.
+    """
+    try:
+        raw = read_secret(path)
+    except SecretFileError as exc:
+        if exc.reason == "missing":
+            raise KeyFileError(f"{path}: no such key file; create one with "
+                               f"`pairlb keygen {path}` and copy it to every node") from None
+        if exc.reason == "mode":
             raise KeyFileError(
-                f"{path}: key file is accessible by group/others (mode {mode:04o}); "
-                f"fix with: chmod 600 {path}")
-        raw = f.read(64 * 1024).strip()
+                f"{path}: key file is accessible by group/others (mode {exc.mode:04o}); "
+                f"fix with: chmod 600 {path}") from None
+        if exc.reason == "type":
+            raise KeyFileError(f"{path}: not a regular file") from None
+        raise KeyFileError(f"{path}: cannot open key file: {exc.detail}") from None
     key = bytes.fromhex(raw.decode()) if _HEX.fullmatch(raw) else raw
     if len(key) < MIN_KEY_LEN:
         raise KeyFileError(f"{path}: key too short ({len(key)} bytes, need {MIN_KEY_LEN}); "

@@ -117,6 +117,14 @@ def test_missing_or_empty_token_file_is_a_clear_startup_error(tmp_path: Path) ->
         token_file.unlink()
         with pytest.raises(admin.AdminError, match="cannot read: No such file"):
             admin.make_app(in_process_daemon(text))
+        # A symlink is refused, not followed (the failover key's reader: O_NOFOLLOW, and
+        # the mode is checked on the open file, so nothing can be swapped in between).
+        real = tmp_path / "real.token"
+        real.write_text("s3cret-token\n")
+        real.chmod(0o600)
+        token_file.symlink_to(real)
+        with pytest.raises(admin.AdminError, match="cannot read: Too many levels of symbolic"):
+            admin.make_app(in_process_daemon(text))
 
     run(body())
 
@@ -358,6 +366,10 @@ def test_cli_status_drain_enable_errors(tmp_path: Path) -> None:
     token_file = str(tmp_path / "admin.token")
     bad_token = tmp_path / "bad.token"
     bad_token.write_text("wrong\n")
+    bad_token.chmod(0o600)
+    loose_token = tmp_path / "loose.token"
+    loose_token.write_text("wrong\n")
+    loose_token.chmod(0o644)
 
     async def body() -> None:
         d = in_process_daemon(text, path)
@@ -398,6 +410,11 @@ def test_cli_status_drain_enable_errors(tmp_path: Path) -> None:
             assert (rc, err.strip()) == (1, "pairlb drain: drain web/b2: 403 wrong token")
             rc, _, err = unknown
             assert rc == 1 and "404 no backend named 'nope'" in err
+            # The client reads a token file with the daemon's rules (failover.read_secret):
+            # one others can read is refused before anything is sent.
+            rc, _, err = await pairlb_cli("drain", "web", "b2", "--admin", url,
+                                          "--token-file", str(loose_token))
+            assert rc == 2 and "accessible by group or others (mode 0644)" in err, err
             assert set(admin_states(d).values()) == {"enabled"}
             rc, out, err = await pairlb_cli("switchover", "--admin", url,
                                             "--token-file", token_file)

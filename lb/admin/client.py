@@ -70,13 +70,13 @@ def resolve(args: argparse.Namespace) -> tuple[str, str | None]:
     token_file = args.token_file or (cfg.admin.token_file if cfg else None)
     token = None
     if token_file:
+        from failover import SecretFileError, read_secret  # the daemon's reader, same rules
+
         try:
-            with open(token_file, encoding="utf-8") as f:
-                token = f.read(4096).strip()
-        except OSError as exc:
-            raise ClientError(
-                f"cannot read token file {token_file}: {exc.strerror}", EXIT_USAGE
-            ) from None
+            token = read_secret(token_file, 4096).decode("utf-8", "replace")
+        except SecretFileError as exc:
+            raise ClientError(f"cannot read token file {token_file}: {exc.detail}",
+                              EXIT_USAGE) from None
     return url, token
 
 

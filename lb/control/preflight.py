@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import stat
 
 from lb import sysutil
 from lb.config import Config
@@ -40,22 +39,21 @@ class PreflightError(Exception):
 
 
 def read_token(path: str) -> str:
-    """Read the admin bearer token; refuse a file others can read, a missing or an empty one."""
+    """Read the admin bearer token; refuse a file others can read, a symlink, a missing or
+    an empty one (failover.read_secret: the same reader as the failover key)."""
+    from failover import SecretFileError, read_secret
+
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise PreflightError(f"[admin] token_file {path}: cannot read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise PreflightError(f"[admin] token_file {path}: not a regular file")
-    if st.st_mode & 0o077:
-        raise PreflightError(
-            f"[admin] token_file {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
-        )
+        raw = read_secret(path, 4096)
+    except SecretFileError as exc:
+        if exc.reason == "mode":
+            raise PreflightError(f"[admin] token_file {path} is {exc.detail}") from None
+        if exc.reason == "type":
+            raise PreflightError(f"[admin] token_file {path}: {exc.detail}") from None
+        raise PreflightError(f"[admin] token_file {path}: cannot read: {exc.detail}") from None
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read(4096).strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        token = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise PreflightError(f"[admin] token_file {path}: cannot read: {exc}") from None
     if not token:
         raise PreflightError(
