@@ -27,6 +27,7 @@ from failover.codec import (
     load_key,
     read_secret,
     write_key_file,
+    write_secret,
 )
 from failover.controller import (
     FailoverConfigError,
@@ -129,4 +130,5 @@ __all__ = [
     "read_secret",
     "skew_s",
     "write_key_file",
+    "write_secret",
 ]

@@ -374,46 +374,57 @@ def generate_key() -> bytes:
 
 
 def write_key_file(path: str, key: bytes | None = None, *, force: bool = False) -> bytes:
-    """Create `path` (mode 0600) holding a new key in hex; return the key.
-
-    Never overwrites unless `force`; then the new file is written beside it (mode 0600 from
-    the start, never readable by others even for a moment) and renamed over it, so a crash
-    leaves the old key or the new one, never a torn file.
-    """
+    """Create `path` (mode 0600) holding a new key in hex; return the key (`write_secret`:
+    never overwritten unless `force`, never readable by others, never torn)."""
     key = generate_key() if key is None else key
     if len(key) < MIN_KEY_LEN:
         raise KeyFileError(f"failover key: at least {MIN_KEY_LEN} bytes (got {len(key)})")
+    try:
+        write_secret(path, key.hex().encode() + b"\n", replace=force)
+    except SecretFileError as exc:
+        if exc.reason == "exists":
+            raise KeyFileError(f"{path}: already exists; use --force to replace the key "
+                               f"(every node of the pair needs the same key: see the key "
+                               f"rotation procedure in docs/operations.md)") from None
+        raise KeyFileError(str(exc)) from None
+    return key
+
+
+def write_secret(path: str, data: bytes, *, replace: bool = False) -> None:
+    """The one way pairlb writes a secret (keygen, the lab's tokens): created mode 0600
+    from the start (O_EXCL, O_NOFOLLOW: never through a symlink, never readable by others
+    even for a moment) and fsynced. An existing file is an error unless ``replace``; then
+    the new file is written beside it and renamed over it, so a crash leaves the old
+    secret or the new one, never a torn file."""
     target = path
-    if force:
+    if replace:
         directory = os.path.dirname(os.path.abspath(path))
         path = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise KeyFileError(f"{path}: already exists; use --force to replace the key "
-                           f"(every node of the pair needs the same key: see the key "
-                           f"rotation procedure in docs/operations.md)") from None
+        raise SecretFileError(path, "exists", "already exists") from None
     except OSError as exc:
-        raise KeyFileError(f"{path}: cannot create: {exc.strerror}") from None
+        raise SecretFileError(path, "unwritable", f"cannot create: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)  # whatever the umask or the directory's ACL said
-            f.write(key.hex().encode() + b"\n")
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if force:
+        if replace:
             os.replace(path, target)
     except OSError as exc:
-        if force:
+        if replace:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        raise KeyFileError(f"{target}: cannot write: {exc.strerror}") from None
-    return key
+        raise SecretFileError(target, "unwritable", f"cannot write: {exc.strerror}") from None
 
 
 class SecretFileError(FailoverError):
-    """A secret file that cannot be read safely. ``reason``: "missing", "unreadable",
-    "type" or "mode"; ``detail`` says what is wrong (the message is "PATH: detail")."""
+    """A secret file that cannot be read or written safely. ``reason``: "missing",
+    "unreadable", "type", "mode" (reading), "exists", "unwritable" (writing); ``detail``
+    says what is wrong (the message is "PATH: detail")."""
 
     def __init__(self, path: str, reason: str, detail: str, mode: int = 0) -> None:
         super().__init__(f"{path}: {detail}")

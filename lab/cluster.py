@@ -481,10 +481,8 @@ class Cluster:
 
             failover.write_key_file(str(self.key_file))
             self.token_file = self.workdir / "admin.token"
-            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                self.token = os.urandom(16).hex()
-                f.write(self.token + "\n")
+            self.token = os.urandom(16).hex()
+            failover.write_secret(str(self.token_file), self.token.encode() + b"\n")
             self.write_state()
         except BaseException:
             self.topo.teardown()

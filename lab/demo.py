@@ -719,10 +719,10 @@ class LoopbackDemo(_Demo):
 
     def config_text(self) -> str:
         """The embedded default with free ports if needed, an admin token and fast checks."""
+        import failover
+
         token_file = self.workdir / "admin.token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.token + "\n")
+        failover.write_secret(str(token_file), self.token.encode() + b"\n", replace=True)
         lst = self.base.listener[0]
         pool = self.base.pool_by_name(lst.pool)
         backends = ",\n".join(

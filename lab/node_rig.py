@@ -543,8 +543,9 @@ class Pairlb:
         self.listen_port = free_port()
         self.admin_port = free_port()
         self.token_file = workdir / "admin.token"
-        self.token_file.write_text(TOKEN + "\n")
-        self.token_file.chmod(0o600)
+        import failover
+
+        failover.write_secret(str(self.token_file), TOKEN.encode() + b"\n", replace=True)
         self.config = workdir / "pairlb.toml"
         self.log = workdir / "pairlb.log"
         self.settings = settings
