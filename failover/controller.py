@@ -76,7 +76,7 @@ from failover.machine import (
 )
 from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
 from failover.track import GATEWAY_FAULT, GatewayStatus, GatewayTracker, ProbeFn, parse_target
-from failover.transport import UdpTransport, parse_peer
+from failover.transport import DEFAULT_PORT, UdpTransport, parse_peer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,21 @@ class FailoverConfigError(FailoverError, ValueError):
     """A FailoverSpec value breaks a rule; the message names the key, value and rule."""
 
 
+# Bounds of the settings an operator writes in [failover], here once: FailoverSpec checks
+# them and lb.config declares them from these (its defaults are FailoverSpec's).
+INTERVAL_MIN_S = 0.005
+INTERVAL_MAX_S = MAX_INTERVAL_MS / 1000
+"""Heartbeat interval: under 5 ms the timer cannot keep time; above, peers bound it anyway
+(failover.codec.bound_interval)."""
+CLOCK_SKEW_MIN_S = 1.0
+CLOCK_SKEW_MAX_S = 3600.0
+TRACK_INTERVAL_MIN_S = 0.01
+TRACK_MAX_S = 60.0
+"""Largest track_gateway interval and timeout."""
+TRACK_COUNT_MAX = 100
+"""Largest track_gateway fall / rise."""
+
+
 @dataclass(frozen=True)
 class FailoverSpec:
     """Everything the controller needs, validated once. Keys mirror `[failover]`."""
@@ -101,12 +116,12 @@ class FailoverSpec:
     peers: tuple[str, ...]
     key: bytes = field(repr=False)
     """Signs our heartbeats, and verifies the peers'."""
-    port: int = 5405
+    port: int = DEFAULT_PORT
     bind: str | None = None
     address: str | None = None
     """Tie-break address sent in heartbeats; default: `bind` unless it is a wildcard."""
     multicast_group: str | None = None
-    interval_s: float = 0.05
+    interval_s: float = 0.03
     down_after: int = 3
     preempt: bool = True
     preempt_delay_s: float = 0.0
@@ -138,8 +153,9 @@ class FailoverSpec:
         name_len = len(self.node_name.encode())
         if not 1 <= name_len <= MAX_NAME_LEN or not self.node_name.isprintable():
             raise bad("node_name", f"1..{MAX_NAME_LEN} printable UTF-8 bytes", self.node_name)
-        if not 1 <= self.priority <= 255:
-            raise bad("priority", "must be 1..255 (0 is reserved for leaving)", self.priority)
+        if not machine.PRIORITY_MIN <= self.priority <= machine.PRIORITY_MAX:
+            raise bad("priority", f"must be {machine.PRIORITY_MIN}..{machine.PRIORITY_MAX} "
+                      "(0 is reserved for leaving)", self.priority)
         if not self.peers and self.multicast_group is None:
             raise bad("peers", "at least one peer (or a multicast_group)", self.peers)
         for k in self.keys:
@@ -148,24 +164,34 @@ class FailoverSpec:
         if len(set(self.keys)) != len(self.keys):
             raise bad("key_files", "the same key twice", [key_id(k) for k in self.keys])
         if not (math.isfinite(self.interval_s)
-                and 0.001 <= self.interval_s <= MAX_INTERVAL_MS / 1000):
-            raise bad("interval_s", f"must be 0.001..{MAX_INTERVAL_MS // 1000}", self.interval_s)
-        if not (math.isfinite(self.max_clock_skew_s) and 1 <= self.max_clock_skew_s <= 3600):
-            raise bad("max_clock_skew_s", "must be 1..3600", self.max_clock_skew_s)
-        if self.down_after < 1:
-            raise bad("down_after", "must be >= 1", self.down_after)
+                and INTERVAL_MIN_S <= self.interval_s <= INTERVAL_MAX_S):
+            raise bad("interval_s", f"must be {INTERVAL_MIN_S:g}..{INTERVAL_MAX_S:g}",
+                      self.interval_s)
+        if not (math.isfinite(self.max_clock_skew_s)
+                and CLOCK_SKEW_MIN_S <= self.max_clock_skew_s <= CLOCK_SKEW_MAX_S):
+            raise bad("max_clock_skew_s", f"must be {CLOCK_SKEW_MIN_S:g}..{CLOCK_SKEW_MAX_S:g}",
+                      self.max_clock_skew_s)
+        if not machine.DOWN_AFTER_MIN <= self.down_after <= machine.DOWN_AFTER_MAX:
+            raise bad("down_after",
+                      f"must be {machine.DOWN_AFTER_MIN}..{machine.DOWN_AFTER_MAX}",
+                      self.down_after)
         if len(self.config_digest) != DIGEST_LEN:
             raise bad("config_digest", f"must be {DIGEST_LEN} bytes", self.config_digest)
         for key in ("preempt_delay_s", "leave_timeout_s", "handover_forward_s"):
             if not getattr(self, key) >= 0:
                 raise bad(key, "must be >= 0", getattr(self, key))
-        for key in ("notify_timeout_s", "vip_timeout_s", "vip_retry_s",
-                    "track_gateway_interval_s", "track_gateway_timeout_s"):
+        for key in ("notify_timeout_s", "vip_timeout_s", "vip_retry_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0", getattr(self, key))
+        if not TRACK_INTERVAL_MIN_S <= self.track_gateway_interval_s <= TRACK_MAX_S:
+            raise bad("track_gateway_interval_s", f"must be {TRACK_INTERVAL_MIN_S:g}.."
+                      f"{TRACK_MAX_S:g}", self.track_gateway_interval_s)
+        if not 0 < self.track_gateway_timeout_s <= TRACK_MAX_S:
+            raise bad("track_gateway_timeout_s", f"must be > 0 and <= {TRACK_MAX_S:g}",
+                      self.track_gateway_timeout_s)
         for key in ("track_gateway_fall", "track_gateway_rise"):
-            if not getattr(self, key) >= 1:
-                raise bad(key, "must be >= 1", getattr(self, key))
+            if not 1 <= getattr(self, key) <= TRACK_COUNT_MAX:
+                raise bad(key, f"must be 1..{TRACK_COUNT_MAX}", getattr(self, key))
         for target in self.track_gateway:
             try:
                 parse_target(target)

@@ -109,6 +109,15 @@ class IllegalEvent(MachineError):
         self.role = role
 
 
+PRIORITY_MIN = 1
+PRIORITY_MAX = 254
+"""A node's own priority: 1..254 (0 is a leaving node's, 255 VRRP's address owner, which a
+pair of load balancers never has). Heartbeats on the wire may carry 0..255."""
+DOWN_AFTER_MIN = 2
+DOWN_AFTER_MAX = 100
+"""Missed intervals before a peer is dead: 1 would fail over on one late heartbeat."""
+
+
 def skew_s(priority: int, interval_s: float) -> float:
     """RFC 5798 section 6.1 Skew_Time: better nodes react sooner."""
     return (256 - priority) / 256 * interval_s
@@ -139,12 +148,14 @@ class Params:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name: must not be empty")
-        if not 1 <= self.priority <= 255:
-            raise ValueError(f"priority: must be 1..255 (got {self.priority})")
+        if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
+            raise ValueError(
+                f"priority: must be {PRIORITY_MIN}..{PRIORITY_MAX} (got {self.priority})")
         if not self.interval_s > 0:
             raise ValueError(f"interval_s: must be > 0 (got {self.interval_s})")
-        if self.down_after < 1:
-            raise ValueError(f"down_after: must be >= 1 (got {self.down_after})")
+        if not DOWN_AFTER_MIN <= self.down_after <= DOWN_AFTER_MAX:
+            raise ValueError(f"down_after: must be {DOWN_AFTER_MIN}..{DOWN_AFTER_MAX} "
+                             f"(got {self.down_after})")
         for key in ("preempt_delay_s", "leave_timeout_s", "reannounce_holdoff_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0 (got {getattr(self, key)})")

@@ -5,11 +5,15 @@ Every error names the dotted key path, the bad value and the rule, e.g.
 are errors, so a typo never silently falls back to a default. A bad reload keeps the old
 config: callers get a ``ConfigError`` and decide; nothing here has side effects.
 
-Imports nothing from the rest of lb except nothing at all: this is a leaf module.
+Imports nothing from the rest of lb. The defaults and bounds of the settings the leaf
+packages own are read from them, so each is written once: [pool.health] from
+``healthcheck.CheckSpec``, [failover] from ``failover.FailoverSpec`` and the bounds in
+failover.controller and failover.machine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -30,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+import failover
+from failover import machine as failover_machine
 from healthcheck import COUNT_MAX, JITTER_MAX, CheckSpec
 
 
@@ -394,7 +400,14 @@ class PoolConfig(_Model):
         return self
 
 
-DEFAULT_HEARTBEAT_INTERVAL_S = 0.03
+_FO: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(failover.FailoverSpec)
+    if f.default is not dataclasses.MISSING
+}
+"""Defaults of the [failover] settings live in ``failover.FailoverSpec``, their bounds in
+failover.controller / failover.machine; read from there."""
+_FC = failover.controller
+DEFAULT_HEARTBEAT_INTERVAL_S: float = _FO["interval_s"]
 """The default heartbeat interval; demo, chaos and tests run on it."""
 
 
@@ -403,14 +416,16 @@ class FailoverConfig(_Model):
     """Interface the VIPs are added to (and whose carrier loss means FAULT)."""
     vips: Annotated[tuple[str, ...], Field(min_length=1)]
     """Virtual IPs with prefix length, IPv4 and/or IPv6."""
-    priority: Annotated[int, Field(ge=1, le=254)] = 100
+    priority: Annotated[
+        int, Field(ge=failover_machine.PRIORITY_MIN, le=failover_machine.PRIORITY_MAX)
+    ] = 100
     """Higher wins the election; ties go to the higher address. 0 is reserved for leaving."""
     peers: Annotated[tuple[str, ...], Field(min_length=1)]
     """Peer addresses (``ip`` or ``ip:port``); several addresses of one node count as one peer.
     Heartbeats from any other source address are dropped before their HMAC is computed
     (``unknown_source``): list every address a peer sends from (its ``bind``, or its primary
     address on that network), also with ``multicast_group``."""
-    port: Annotated[int, Field(ge=1, le=65535)] = 5405
+    port: Annotated[int, Field(ge=1, le=65535)] = _FO["port"]
     """UDP port of heartbeats."""
     bind: str | None = None
     """Local address for heartbeats; default all addresses."""
@@ -422,24 +437,30 @@ class FailoverConfig(_Model):
     """Key rotation: several key files, used instead of key_file (which, if set too, must be
     one of them). Heartbeats are signed with the first and accepted with any; a reload reads
     them again (docs/operations.md, "Rotating the failover key")."""
-    max_clock_skew_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    max_clock_skew_s: Annotated[
+        float, Field(ge=_FC.CLOCK_SKEW_MIN_S, le=_FC.CLOCK_SKEW_MAX_S)
+    ] = _FO["max_clock_skew_s"]
     """How far a peer's clock may be from ours for its heartbeats to be heard after either
     node restarts (the anti-replay window; keep clocks in sync with NTP). pairlb measures
     each peer's offset and warns past half of this. A reload applies a change."""
-    interval_s: Annotated[float, Field(ge=0.005, le=10)] = DEFAULT_HEARTBEAT_INTERVAL_S
+    interval_s: Annotated[
+        float, Field(ge=_FC.INTERVAL_MIN_S, le=_FC.INTERVAL_MAX_S)
+    ] = DEFAULT_HEARTBEAT_INTERVAL_S
     """Heartbeat interval. The peer is declared dead after down_after x interval + skew
     (skew = (256 - priority)/256 x interval): ~0.11 s with the defaults."""
-    down_after: Annotated[int, Field(ge=2, le=100)] = 3
+    down_after: Annotated[
+        int, Field(ge=failover_machine.DOWN_AFTER_MIN, le=failover_machine.DOWN_AFTER_MAX)
+    ] = _FO["down_after"]
     """Missed intervals (plus skew) before the peer is declared dead."""
-    preempt: bool = True
+    preempt: bool = _FO["preempt"]
     """Take the VIP back from a lower-priority MASTER."""
-    preempt_delay_s: NonNegSeconds = 0.0
+    preempt_delay_s: NonNegSeconds = _FO["preempt_delay_s"]
     """Preempt only after being healthy and better than the MASTER for this long."""
     track_interfaces: tuple[str, ...] = ()
     """Interfaces whose carrier loss means FAULT; the VIP interface is always tracked."""
     notify: tuple[str, ...] = ()
     """Scripts run in order on each transition: SCRIPT ROLE_FROM ROLE_TO NODE."""
-    notify_timeout_s: Seconds = 5.0
+    notify_timeout_s: Seconds = _FO["notify_timeout_s"]
     """A notify script running longer is killed."""
     garp_count: Annotated[int, Field(ge=1, le=100)] = 5
     """Gratuitous ARPs / unsolicited NAs per burst."""
@@ -447,7 +468,7 @@ class FailoverConfig(_Model):
     """Spacing inside a burst."""
     garp_repeat_after_s: NonNegSeconds = 5.0
     """A second burst this long after taking the VIP (0: none)."""
-    handover_forward_s: NonNegSeconds = 30.0
+    handover_forward_s: NonNegSeconds = _FO["handover_forward_s"]
     """After taking the VIP from a live peer, pass packets of the connections it still
     serves to it for this long, so a planned move resets none (needs nftables; 0: off)."""
     track_gateway: tuple[str, ...] = ()
@@ -455,13 +476,21 @@ class FailoverConfig(_Model):
     ``host:port`` (TCP connect; a refused connection counts as an answer) or ``arp:IPV4``
     (ARP on the VIP interface). While none answers, the node is in FAULT: it does not claim
     the VIP, and releases it if it holds it."""
-    track_gateway_interval_s: Annotated[float, Field(ge=0.01, le=60)] = 0.5
+    track_gateway_interval_s: Annotated[
+        float, Field(ge=_FC.TRACK_INTERVAL_MIN_S, le=_FC.TRACK_MAX_S)
+    ] = _FO["track_gateway_interval_s"]
     """How often the track_gateway targets are probed (all at once)."""
-    track_gateway_timeout_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    track_gateway_timeout_s: Annotated[
+        float, Field(gt=0, le=_FC.TRACK_MAX_S)
+    ] = _FO["track_gateway_timeout_s"]
     """A probe without an answer within this failed."""
-    track_gateway_fall: Annotated[int, Field(ge=1, le=100)] = 3
+    track_gateway_fall: Annotated[
+        int, Field(ge=1, le=_FC.TRACK_COUNT_MAX)
+    ] = _FO["track_gateway_fall"]
     """Rounds in a row without any answer before the gateway counts as unreachable."""
-    track_gateway_rise: Annotated[int, Field(ge=1, le=100)] = 2
+    track_gateway_rise: Annotated[
+        int, Field(ge=1, le=_FC.TRACK_COUNT_MAX)
+    ] = _FO["track_gateway_rise"]
     """Rounds in a row with an answer before it counts as reachable again (the first answer
     after start-up is enough)."""
 
@@ -511,7 +540,7 @@ class FailoverConfig(_Model):
     @classmethod
     def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if v:
-            from failover import parse_target  # only when used: check-config stays fast
+            from failover import parse_target
 
             for target in v:
                 parse_target(target)

@@ -406,7 +406,7 @@ events = st.one_of(
 
 
 @settings(max_examples=400)
-@given(st.integers(1, 255), st.booleans(), st.lists(
+@given(st.integers(m.PRIORITY_MIN, m.PRIORITY_MAX), st.booleans(), st.lists(
     st.tuples(events, st.floats(0, 3, allow_nan=False)), max_size=60))
 def test_vip_is_held_exactly_while_master(priority: int, preempt: bool,
                                           script: list[tuple[m.Event, float]]) -> None:
