@@ -1,6 +1,7 @@
 """VIP adapter: put the virtual IPs on the interface, tell the segment, take them off again.
 
-The one module of pairlb that imports pyroute2 (DESIGN.md); it must run on stdlib asyncio,
+The one module of pairlb that imports pyroute2 (docs/architecture.md, "Packages and import
+rules"); it must run on stdlib asyncio,
 because pyroute2 does not run on uvloop. Imports nothing from lb or healthcheck; the
 controller reaches it only through the `VipPort` protocol (failover/ports.py, whose contract
 this class implements), so pure tests use a fake and the real thing is tested in network

@@ -1,6 +1,6 @@
 """Active probes: one HTTP request or one TCP connect, labelled with an L4/L7 status.
 
-Why not aiohttp here (DESIGN.md suggested it): its client hides the phase a failure happened
+Why not aiohttp here (the first design said so): its client hides the phase a failure happened
 in. A total timeout raises the same ``TimeoutError`` whether the connect or the response
 was slow, so L4_TIMEOUT and L7_TIMEOUT cannot be told apart without splitting the budget,
 and a probe through ``ClientSession`` costs a session, a connector, a request and a response

@@ -771,13 +771,25 @@ _SECTIONS: tuple[tuple[str, type[_Model], str], ...] = (
 )
 
 
-def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    text = str(annotation) if "[" in str(annotation) else text
-    for noise in ("typing.", "Annotated[", "lb.config.", "__main__."):
-        text = text.replace(noise, "")
-    text = text.split(", FieldInfo")[0].split(", Ge(")[0].split(", Gt(")[0]
-    return text.replace("NoneType", "None")
+def _type_name(tp: Any) -> str:
+    """A type as an operator reads it: ``str | None``, ``tuple[str, ...]``, ``Literal[...]``
+    (the constraints of Annotated types are printed beside it, from the field's metadata)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if tp is type(None):
+        return "None"
+    return str(getattr(tp, "__name__", tp))
 
 
 def reference_markdown() -> str:
@@ -806,7 +818,7 @@ def reference_markdown() -> str:
                 .replace("le", "<=")
                 .replace("lt", "<")
             )
-            typ = _type_name(f.annotation)
+            typ = _type_name(f.annotation).replace("|", "\\|")  # a pipe ends a table cell
             typ = typ if not meta else f"{typ} ({meta})"
             desc = (f.description or "").replace("\n", " ")
             out.append(f"| `{name}` | {typ} | {default} | {desc} |")

@@ -608,7 +608,7 @@ def test_sim_heal_the_loser_announcing_last_before_it_yields_does_not_keep_the_c
     assert sim.client_on == "a"
 
 
-# -- import rules (DESIGN.md) ------------------------------------------------------------------
+# -- import rules (docs/architecture.md) ------------------------------------------------------
 
 
 def _imports(path: str) -> set[str]:
