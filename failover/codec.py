@@ -113,7 +113,6 @@ MAX_INTERVAL_RATIO: Final = 10
 _HEADER = struct.Struct("!4sBBBBQQQ16s16sHHIB")
 HEADER_LEN: Final = _HEADER.size  # 73
 MIN_PACKET_LEN: Final = HEADER_LEN + 1 + MAC_LEN
-MAX_PACKET_LEN: Final = HEADER_LEN + MAX_NAME_LEN + MAC_LEN
 
 _ROLE_CODES: Final = {Role.INIT: 0, Role.BACKUP: 1, Role.MASTER: 2, Role.FAULT: 3}
 _CODE_ROLES: Final = {v: k for k, v in _ROLE_CODES.items()}
@@ -358,9 +357,6 @@ class ReplayGuard:
         while len(self._senders) > self._max_senders:
             self._senders.popitem(last=False)
         return True
-
-    def forget(self, name: str) -> None:
-        self._senders.pop(name, None)
 
 
 # -- the key file ---------------------------------------------------------------------------

@@ -55,7 +55,6 @@ CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 CAP_SETPCAP = 8
-CAP_SETUID = 7
 
 
 class PrivilegeError(Exception):

@@ -168,6 +168,25 @@ track_gateway_fall = 4
     assert spec.max_clock_skew_s == 90.0
     assert spec.track_gateway == ("arp:192.0.2.1",)
     assert (spec.track_gateway_interval_s, spec.track_gateway_fall) == (0.2, 4)
+    # A wildcard bind is no tie-break address (it was passed as one: every node sent 0.0.0.0)
+    wild = config_mod.loads(f"""
+[node]
+name = "lb1"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8080"
+pool = "web"
+[[pool]]
+name = "web"
+backends = [{{ name = "a", address = "127.0.0.1:9001" }}]
+[failover]
+interface = "eth0"
+vips = ["192.0.2.100/24"]
+peers = ["192.0.2.12"]
+key_file = "{new}"
+bind = "0.0.0.0"
+""")
+    assert failover_spec(wild).tiebreak_address is None
     with pytest.raises(config_mod.ConfigError, match="is not one of key_files"):
         config_mod.loads(cfg_text_with_both(str(old), str(new)))
     both = config_mod.loads(cfg_text_with_both(str(old), f'{new}", "{old}'))

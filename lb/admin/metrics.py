@@ -848,12 +848,6 @@ def _family(m: MetricDef) -> Metric:
     return InfoMetricFamily(m.name.removesuffix("_info"), m.help, labels=labels)
 
 
-def make_registry(daemon: MetricsSource) -> CollectorRegistry:
-    """A fresh registry with the pairlb collector and the control process's process metrics;
-    the check-duration observer is registered on the daemon."""
-    return Exposition(daemon).registry()
-
-
 # -- selection: scopes and per-backend series ------------------------------------------------
 
 SCOPES = ("node", "listener", "pool", "backend", "failover", "worker")

@@ -73,7 +73,6 @@ def failover_spec(cfg: Config) -> Any:
         verify_keys=tuple(keys[1:]),
         port=fcfg.port,
         bind=fcfg.bind,
-        address=fcfg.bind,
         multicast_group=fcfg.multicast_group,
         interval_s=fcfg.interval_s,
         down_after=fcfg.down_after,
@@ -162,7 +161,6 @@ class Daemon:
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.last_reload: ReloadResult | None = None
         self.reloads = {"success": 0, "failure": 0}
-        self.on_state_change: list[Callable[[], None]] = []
         self._snap_timer: asyncio.TimerHandle | None = None
         self._push_handle: asyncio.TimerHandle | None = None
         self._last_push = 0.0
@@ -358,8 +356,6 @@ class Daemon:
             # response instead, so clients reconnect (to the new holder) cleanly.
             self.supervisor.broadcast({"t": "close_idle"})
         self.notifier.status(self.status_line())
-        for cb in self.on_state_change:
-            cb()
 
     def _update_local_health(self) -> None:
         """Tell failover whether this node can serve (its own checks found backends)."""
@@ -774,8 +770,6 @@ class Daemon:
         if self._compute_snapshots() or forced:
             self.supervisor.broadcast(self._snapshot_message())
             self._update_local_health()
-        for cb in self.on_state_change:
-            cb()
 
     def _schedule_snapshot_timer(self, now: float, nxt: float | None) -> None:
         if self._snap_timer:

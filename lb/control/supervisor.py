@@ -176,10 +176,6 @@ class Supervisor:
             )
         return out
 
-    @property
-    def total_restarts(self) -> int:
-        return sum(s.restarts for s in self.slot_stats.values())
-
     # -- internals ---------------------------------------------------------------------
 
     async def _spawn(self, index: int) -> WorkerHandle:

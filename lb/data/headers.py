@@ -588,5 +588,3 @@ def status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
-def reason_phrase(status: int) -> bytes:
-    return _REASONS.get(status, b"")
