@@ -75,7 +75,7 @@ def test_every_message_round_trips_through_json() -> None:
         link.Status(a_status(), link.HeartbeatGaps(10, 0.031, 0.035), 0.2),
         link.Event("failover", "text"), link.Stopped(),
     ]
-    assert {type(m) for m in msgs} == set(link._TYPES.values()), "a message type is untested"
+    assert {type(m) for m in msgs} == set(link._CODEC.types.values()), "a message type is untested"
     for msg in msgs:
         assert through_the_channel(msg) == msg, msg
 
