@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCounter
-from lb import __version__, channel, sysutil
+from lb import __version__, sysutil
 from lb import config as config_mod
+from lb import worker_link as wl
 from lb.config import Config
 from lb.control.backends import BackendTable
 from lb.control.rotation import AdminState, Snapshot
@@ -354,7 +355,7 @@ class Daemon:
             # Clients now reach the new MASTER; keep-alive connections still open here would
             # be reset when their next packet arrives there. Close them after their current
             # response instead, so clients reconnect (to the new holder) cleanly.
-            self.supervisor.broadcast({"t": "close_idle"})
+            self.supervisor.broadcast(wl.CloseIdle())
         self.notifier.status(self.status_line())
 
     def _update_local_health(self) -> None:
@@ -779,48 +780,44 @@ class Daemon:
             delay = max(0.0, nxt - now) + 0.001
             self._snap_timer = asyncio.get_running_loop().call_later(delay, self.push_snapshots)
 
-    def _snapshot_message(self) -> channel.Message:
-        return {
-            "t": "snap",
-            "ver": self.snap_version,
-            "pools": {
-                name: {
-                    "panic": s.panic,
-                    "e": {bn: [e.eligible, e.weight] for bn, e in s.entries.items()},
-                }
+    def _snapshot_message(self) -> wl.Snap:
+        return wl.Snap(
+            self.snap_version,
+            {
+                name: wl.PoolSnap(
+                    s.panic, {bn: (e.eligible, e.weight) for bn, e in s.entries.items()}
+                )
                 for name, s in self.snapshots.items()
             },
-        }
+        )
 
-    def _config_message(self) -> channel.Message:
-        return {
-            "t": "config",
-            "gen": self.generation,
-            "config": self.cfg.model_dump(mode="json"),
-            "fds": {n: s.fileno() for n, s in self.sockets.items()},
-        }
+    def _config_message(self) -> wl.Config:
+        return wl.Config(
+            self.generation,
+            self.cfg.model_dump(mode="json"),
+            {n: s.fileno() for n, s in self.sockets.items()},
+        )
 
     # -- workers -----------------------------------------------------------------------
 
-    def _welcome(self, handle: WorkerHandle) -> list[channel.Message]:
+    def _welcome(self, handle: WorkerHandle) -> list[wl.Message]:
         return [self._config_message(), self._snapshot_message()]
 
-    def _on_worker_message(self, handle: WorkerHandle, msg: channel.Message) -> None:
-        kind = msg["t"]
-        if kind == "stats":
-            delta = msg.get("d") or {}
+    def _on_worker_message(self, handle: WorkerHandle, msg: wl.Message) -> None:
+        if isinstance(msg, wl.Stats):
+            delta = msg.d
             # Gauges travel as changes; keep them per worker so a dead worker's share can go.
             active = self.worker_active.setdefault(handle.index, {})
             for listener, c in delta.get("connections", {}).items():
                 active[listener] = active.get(listener, 0) + c.pop("active", 0)
             merge_counts(self.totals, delta)
-            self.inflight[handle.index] = msg.get("inflight") or {}
-        elif kind == "hello":
+            self.inflight[handle.index] = msg.inflight
+        elif isinstance(msg, wl.Hello):
             # A new process in this slot: the previous one's gauges died with it.
             self.worker_active.pop(handle.index, None)
             self.inflight.pop(handle.index, None)
-        elif kind == "eject":
-            pool, backend, reason = msg["pool"], msg["backend"], msg["reason"]
+        elif isinstance(msg, wl.Eject):
+            pool, backend, reason = msg.pool, msg.backend, msg.reason
             ej = self.table.eject(pool, backend, reason, time.monotonic())
             if ej is not None:
                 logger.warning(
@@ -838,10 +835,13 @@ class Daemon:
             # push per loop pass for all the ejections a failing rack sends at once.
             self._force_push = True
             self._push_soon()
-        elif kind == "config_failed":
+        elif isinstance(msg, wl.ConfigFailed):
             logger.error(
-                "event=worker_config_failed index=%d error=%r", handle.index, msg.get("error")
+                "event=worker_config_failed index=%d gen=%d error=%r",
+                handle.index, msg.gen, msg.error,
             )
+        elif isinstance(msg, wl.Stopped):
+            logger.debug("event=worker_stopped index=%d pid=%d", handle.index, msg.pid)
 
     # -- status ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb import channel, sysutil
+from lb import worker_link as wl
 
 logger = logging.getLogger("lb.control.supervisor")
 
@@ -43,8 +44,9 @@ class WorkerHandle:
     chan: channel.ChannelProtocol | None = None
     started_at: float = 0.0
     last_pong: float = 0.0
-    ping_id: int = 0
     ready: bool = False
+    applied_generation: int | None = None
+    """The config generation this worker last applied (its ConfigApplied)."""
     retiring: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -52,8 +54,12 @@ class WorkerHandle:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def send(self, msg: channel.Message) -> bool:
-        return self.chan is not None and self.chan.send(msg)
+    def send(self, msg: wl.Message) -> bool:
+        return self.chan is not None and self.chan.send(wl.encode(msg))
+
+    def send_frame(self, frame: channel.Message) -> bool:
+        """An already encoded message (a broadcast encodes once for every worker)."""
+        return self.chan is not None and self.chan.send(frame)
 
 
 @dataclass
@@ -77,8 +83,8 @@ class Supervisor:
         self,
         count: int,
         listener_fds: Callable[[], dict[str, int]],
-        welcome: Callable[[WorkerHandle], list[channel.Message]],
-        on_message: Callable[[WorkerHandle, channel.Message], None],
+        welcome: Callable[[WorkerHandle], list[wl.Message]],
+        on_message: Callable[[WorkerHandle, wl.Message], None],
         ping_interval_s: float = 1.0,
         ping_timeout_s: float = 5.0,
         worker_args: Callable[[], list[str]] = list,
@@ -126,7 +132,7 @@ class Supervisor:
             self._ping_task.cancel()
         handles = [*self.slots.values(), *self.retiring]
         for h in handles:
-            h.send({"t": "stop", "timeout_s": timeout_s})
+            h.send(wl.Stop(timeout_s))
         await self._reap(handles, timeout_s + 2.0)
         for t in list(self._tasks):
             t.cancel()
@@ -148,14 +154,15 @@ class Supervisor:
             await self._spawn(i)
         await self.wait_ready(10.0)
         for h in old:
-            h.send({"t": "stop", "timeout_s": drain_s})
+            h.send(wl.Stop(drain_s))
         task = asyncio.create_task(self._reap(old, drain_s + 2.0))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def broadcast(self, msg: channel.Message) -> None:
+    def broadcast(self, msg: wl.Message) -> None:
+        frame = wl.encode(msg)
         for h in self.slots.values():
-            h.send(msg)
+            h.send_frame(frame)
 
     def status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -219,16 +226,22 @@ class Supervisor:
         )
         return handle
 
-    def _on_message(self, handle: WorkerHandle, msg: channel.Message) -> None:
-        kind = msg["t"]
-        if kind == "pong":
+    def _on_message(self, handle: WorkerHandle, frame: channel.Message) -> None:
+        try:
+            msg = wl.decode(frame)
+        except wl.WorkerLinkError as exc:
+            logger.error("event=worker_message_invalid index=%d error=%s", handle.index, exc)
+            return
+        if isinstance(msg, wl.Pong):
             handle.last_pong = time.monotonic()
-        elif kind == "ready":
+        elif isinstance(msg, wl.Ready):
             handle.ready = True
+        elif isinstance(msg, wl.ConfigApplied):
+            handle.applied_generation = msg.gen
         try:
             self.on_message(handle, msg)
         except Exception:
-            logger.exception("event=worker_message_failed type=%s", kind)
+            logger.exception("event=worker_message_failed type=%s", msg.TYPE)
 
     async def _watch(self, handle: WorkerHandle) -> None:
         assert handle.proc is not None
@@ -305,8 +318,7 @@ class Supervisor:
                     h.last_pong = now
                     self._kill(h, signal.SIGKILL)
                     continue
-                h.ping_id += 1
-                h.send({"t": "ping", "id": h.ping_id})
+                h.send(wl.Ping())
 
     async def _reap(self, handles: list[WorkerHandle], timeout_s: float) -> None:
         waits = [h.stopped.wait() for h in handles if h.proc is not None]

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from lb import channel, log, sysutil
+from lb import worker_link as wl
 from lb.config import Config, ListenerConfig, PoolConfig
 from lb.data.pool import BackendEntry, Ejection, Pool, build_pool
 from lb.data.proxy import ProxyServer
@@ -65,7 +66,7 @@ class Worker:
         self.chan: channel.ChannelProtocol | None = None
         self.done = asyncio.Event()
         self.started = False
-        self.last_snap: dict[str, Any] | None = None
+        self.last_snap: wl.Snap | None = None
         self.stop_timeout_s: float | None = None
 
     async def run(self) -> None:
@@ -79,7 +80,7 @@ class Worker:
             # The control process owns shutdown; a stray signal to the group must not
             # make a worker vanish mid-request. SIGKILL still works.
             loop.add_signal_handler(sig, lambda: None)
-        self.chan.send({"t": "hello", "pid": os.getpid(), "index": self.index})
+        self.send(wl.Hello(os.getpid(), self.index))
         ticker = asyncio.create_task(self._stats_loop())
         try:
             await self.done.wait()
@@ -88,7 +89,7 @@ class Worker:
             ticker.cancel()
             self._send_stats()
             if self.chan is not None:
-                self.chan.send({"t": "stopped", "pid": os.getpid()})
+                self.send(wl.Stopped(os.getpid()))
                 if self.chan.transport is not None:
                     self.chan.transport.close()
 
@@ -99,29 +100,36 @@ class Worker:
                 self.stop_timeout_s = self.config.node.shutdown_timeout_s
             self.done.set()
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
+    def send(self, msg: wl.Message) -> None:
+        if self.chan is not None:
+            self.chan.send(wl.encode(msg))
+
+    def _on_message(self, frame: dict[str, Any]) -> None:
         try:
-            if kind == "ping":
-                assert self.chan is not None
-                self.chan.send({"t": "pong", "id": msg.get("id")})
-            elif kind == "snap":
+            msg = wl.decode(frame)
+        except wl.WorkerLinkError as exc:
+            logger.error("event=worker_message_invalid error=%s", exc)
+            return
+        try:
+            if isinstance(msg, wl.Ping):
+                self.send(wl.Pong())
+            elif isinstance(msg, wl.Snap):
                 self._apply_snapshot(msg)
-            elif kind == "config":
+            elif isinstance(msg, wl.Config):
                 asyncio.get_running_loop().create_task(self._apply_config(msg))
-            elif kind == "close_idle":
+            elif isinstance(msg, wl.CloseIdle):
                 for server in self.servers.values():
                     server.close_idle(spare_fresh=True)
-            elif kind == "stop":
-                self.stop_timeout_s = float(msg.get("timeout_s", 0.0))
+            elif isinstance(msg, wl.Stop):
+                self.stop_timeout_s = msg.timeout_s
                 self.done.set()
         except Exception:
-            logger.exception("event=worker_message_failed type=%s", kind)
+            logger.exception("event=worker_message_failed type=%s", msg.TYPE)
 
-    async def _apply_config(self, msg: dict[str, Any]) -> None:
+    async def _apply_config(self, msg: wl.Config) -> None:
         try:
-            cfg = Config.model_validate(msg["config"])
-            fds: dict[str, int] = msg.get("fds", {})
+            cfg = Config.model_validate(msg.config)
+            fds = msg.fds
             old = self.config
             self.config = cfg
             if old is None and cfg.node.worker_nice:
@@ -150,14 +158,12 @@ class Worker:
                 # Never accept before a snapshot said which backends are in rotation.
                 self.started = True
                 await self._start_servers()
-            assert self.chan is not None
-            self.chan.send({"t": "config_applied", "gen": msg.get("gen")})
+            self.send(wl.ConfigApplied(msg.gen))
         except Exception as exc:
             logger.exception("event=worker_config_failed")
-            if self.chan is not None:
-                self.chan.send({"t": "config_failed", "gen": msg.get("gen"), "error": str(exc)})
+            self.send(wl.ConfigFailed(msg.gen, str(exc)))
 
-    def _apply_snapshot(self, msg: dict[str, Any]) -> None:
+    def _apply_snapshot(self, msg: wl.Snap) -> None:
         self.last_snap = msg
         if self.config is None:
             return  # applied with the config
@@ -166,14 +172,13 @@ class Worker:
             self.started = True
             asyncio.get_running_loop().create_task(self._start_servers())
 
-    def _apply_pools(self, msg: dict[str, Any]) -> None:
-        version = int(msg["ver"])
-        for name, p in msg["pools"].items():
+    def _apply_pools(self, msg: wl.Snap) -> None:
+        for name, p in msg.pools.items():
             pool = self.pools.get(name)
             if pool is None:
                 continue
-            entries = {bn: BackendEntry(bool(e[0]), float(e[1])) for bn, e in p["e"].items()}
-            pool.apply(version, entries, bool(p.get("panic", False)))
+            entries = {bn: BackendEntry(e, w) for bn, (e, w) in p.entries.items()}
+            pool.apply(msg.ver, entries, p.panic)
 
     async def _start_servers(self) -> None:
         assert self.config is not None
@@ -198,15 +203,11 @@ class Worker:
             self.servers[name] = server
             self.socks[name] = sock
             await server.start(sock)
-        if self.chan is not None:
-            self.chan.send({"t": "ready", "pid": os.getpid(), "listeners": sorted(self.servers)})
+        self.send(wl.Ready(os.getpid(), tuple(sorted(self.servers))))
         logger.info("event=worker_serving listeners=%s", ",".join(sorted(self.servers)))
 
     def _on_ejection(self, ej: Ejection) -> None:
-        if self.chan is not None:
-            self.chan.send(
-                {"t": "eject", "pool": ej.pool, "backend": ej.backend, "reason": str(ej.outcome)}
-            )
+        self.send(wl.Eject(ej.pool, ej.backend, str(ej.outcome)))
 
     async def _stats_loop(self) -> None:
         while True:
@@ -221,8 +222,8 @@ class Worker:
             f"{p.name}/{b.name}": b.in_flight
             for p in self.pools.values() for b in p.backends if b.in_flight
         }
-        if self.chan is not None and (delta or inflight or self.started):
-            self.chan.send({"t": "stats", "d": delta, "inflight": inflight})
+        if delta or inflight or self.started:
+            self.send(wl.Stats(delta, inflight))
 
     async def _shutdown(self, timeout_s: float) -> None:
         t0 = time.monotonic()

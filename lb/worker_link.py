@@ -1,0 +1,174 @@
+"""The control <-> worker channel: typed, versioned messages (lb.channel framing and Codec).
+
+The control process (lb.control.supervisor, lb.control.daemon) and each proxy worker
+(lb.data.worker) encode and decode with `encode` and `decode` here and nowhere else; every
+frame is one of the dataclasses below, ``{"t": TYPE, "v": VERSION, <fields>}``.
+
+control -> worker: `Config` (generation, the validated config as JSON, listener fds),
+`Snap` (versioned pool snapshot: per backend eligible + weight, and the pool's panic flag),
+`Ping`, `CloseIdle` (after losing the VIP), `Stop` (drain with a deadline).
+worker -> control: `Hello`, `Ready`, `Pong`, `Stats` (counter deltas and in-flight per
+backend), `Eject` (a passive ejection the worker applied locally), `ConfigApplied` /
+`ConfigFailed`, `Stopped`.
+
+`Snap` carries every backend of every pool (thousands at scale, pushed on each health
+change), so it has a bulk `to_wire` / `from_wire` instead of the per-field path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from lb import channel
+
+VERSION = 1
+"""Bump on any change that an older peer would misread."""
+
+
+class WorkerLinkError(channel.ChannelError):
+    """A frame that is not a valid worker-channel message of this VERSION."""
+
+
+# -- control -> worker ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    TYPE: ClassVar[str] = "config"
+    gen: int
+    config: dict[str, Any]
+    """``Config.model_dump(mode="json")``: the worker validates it again."""
+    fds: dict[str, int]
+    """Listener name -> the inherited listening socket's fd number."""
+
+
+@dataclass(frozen=True)
+class PoolSnap:
+    panic: bool
+    entries: dict[str, tuple[bool, float]]
+    """Backend -> (eligible, weight)."""
+
+
+@dataclass(frozen=True)
+class Snap:
+    TYPE: ClassVar[str] = "snap"
+    ver: int
+    pools: dict[str, PoolSnap] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "ver": self.ver,
+            "pools": {
+                name: {"panic": p.panic, "e": {b: [e, w] for b, (e, w) in p.entries.items()}}
+                for name, p in self.pools.items()
+            },
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Snap:
+        if not isinstance(data, dict) or not isinstance(data.get("ver"), int):
+            raise TypeError("snap: expected {ver: int, pools: {...}}")
+        pools: dict[str, PoolSnap] = {}
+        for name, p in data.get("pools", {}).items():
+            entries = {
+                str(b): (bool(e[0]), float(e[1])) for b, e in p["e"].items()
+            }
+            pools[str(name)] = PoolSnap(bool(p.get("panic", False)), entries)
+        return cls(data["ver"], pools)
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
+class CloseIdle:
+    """Close keep-alive connections after their current response (the VIP moved away)."""
+
+    TYPE: ClassVar[str] = "close_idle"
+
+
+@dataclass(frozen=True)
+class Stop:
+    TYPE: ClassVar[str] = "stop"
+    timeout_s: float
+    """Drain for at most this long, then close what is left."""
+
+
+# -- worker -> control ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    pid: int
+    index: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    TYPE: ClassVar[str] = "ready"
+    pid: int
+    listeners: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+
+
+@dataclass(frozen=True)
+class Stats:
+    TYPE: ClassVar[str] = "stats"
+    d: dict[str, Any]
+    """Counter deltas since the last Stats (lb.stats.Stats.take_delta)."""
+    inflight: dict[str, int]
+    """"pool/backend" -> requests in flight, only the non-zero ones."""
+
+
+@dataclass(frozen=True)
+class Eject:
+    TYPE: ClassVar[str] = "eject"
+    pool: str
+    backend: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ConfigApplied:
+    TYPE: ClassVar[str] = "config_applied"
+    gen: int
+
+
+@dataclass(frozen=True)
+class ConfigFailed:
+    TYPE: ClassVar[str] = "config_failed"
+    gen: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    TYPE: ClassVar[str] = "stopped"
+    pid: int
+
+
+Message = Union[  # noqa: UP007 (a runtime alias: typing.get_args needs the Union)
+    Config, Snap, Ping, CloseIdle, Stop,
+    Hello, Ready, Pong, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
+]
+
+_CODEC = channel.Codec(VERSION, Message, WorkerLinkError)
+
+
+def encode(msg: Message) -> dict[str, Any]:
+    """The JSON object of a message (for lb.channel.ChannelProtocol.send)."""
+    return _CODEC.encode(msg)
+
+
+def decode(frame: dict[str, Any]) -> Message:
+    """The message of a frame; WorkerLinkError when it is not one of this VERSION."""
+    msg: Message = _CODEC.decode(frame)
+    return msg
