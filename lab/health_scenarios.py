@@ -56,8 +56,11 @@ SLOW_START_S = 2.0
 RESPONSE_TIMEOUT_S = 0.5
 SLACK_S = 0.35
 """Poll period of /status, snapshot push to workers and a loaded 2-core box."""
-PROPAGATION_S = 0.05
-"""After /status shows a backend out, a request that starts this much later must not reach it."""
+PROPAGATION_S = 0.1
+"""After /status shows a backend out, a request that starts this much later must not reach it.
+The push itself takes a few ms; the margin is for a 2-core box running the whole suite, where
+a worker's loop waited over 50 ms for a CPU (one 502 in the all-down window, 1 full run in 4;
+alone the scenario passes every time)."""
 
 # Worst cases from healthcheck.scheduler's docstring, with our settings.
 DOWN_MIN_S = (FALL - 1) * INTERVAL_S * (1 - JITTER)

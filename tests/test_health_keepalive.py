@@ -64,6 +64,26 @@ async def checks(probe: HttpProbe, port: int, count: int, gap_s: float = 0.01) -
     return out
 
 
+def run_checks(
+    srv: Counting,
+    count: int,
+    gap_s: float = 0.01,
+    timeout_s: float = 1.0,
+    expect_body: str | None = None,
+) -> list[CheckResult]:
+    """``count`` checks of ``srv`` by one reusing probe (closed at the end)."""
+
+    async def body() -> list[CheckResult]:
+        async with raw_server(srv.handler) as port:
+            probe = HttpProbe(timeout_s=timeout_s, expect_body=expect_body, reuse_connection=True)
+            try:
+                return await checks(probe, port, count, gap_s)
+            finally:
+                probe.close()
+
+    return run(body())
+
+
 def test_passing_checks_share_one_connection_and_send_no_connection_close() -> None:
     async def body() -> tuple[list[CheckResult], Counting]:
         srv = keep_alive_server()
@@ -105,15 +125,7 @@ def test_chunked_response_and_body_check_are_reused() -> None:
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            probe = HttpProbe(expect_body="ready: yes", timeout_s=1, reuse_connection=True)
-            try:
-                return await checks(probe, port, 4)
-            finally:
-                probe.close()
-
-    results = run(body())
+    results = run_checks(srv, 4, expect_body="ready: yes")
     assert [r.status for r in results] == [CheckStatus.L7_OK] * 4
     assert srv.accepted == 1
 
@@ -127,11 +139,7 @@ def test_connection_close_response_is_not_reused() -> None:
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            return await checks(HttpProbe(timeout_s=1, reuse_connection=True), port, 3)
-
-    results = run(body())
+    results = run_checks(srv, 3)
     assert [r.status for r in results] == [CheckStatus.L7_OK] * 3
     assert srv.accepted == 3
 
@@ -148,11 +156,7 @@ def test_backend_idle_timeout_closing_the_kept_connection_costs_nothing() -> Non
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            return await checks(HttpProbe(timeout_s=1, reuse_connection=True), port, 4, 0.15)
-
-    results = run(body())
+    results = run_checks(srv, 4, 0.15)
     assert [r.status for r in results] == [CheckStatus.L7_OK] * 4
     assert srv.accepted == 4
 
@@ -176,15 +180,7 @@ def test_connection_closed_under_the_request_is_retried_on_a_new_one(how: str) -
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            probe = HttpProbe(timeout_s=1, reuse_connection=True)
-            try:
-                return await checks(probe, port, 2)
-            finally:
-                probe.close()
-
-    results = run(body())
+    results = run_checks(srv, 2)
     assert [r.status for r in results] == [CheckStatus.L7_OK] * 2, results
     assert srv.accepted == 2
     assert [n for n, _ in srv.requests] == [1, 1, 2]
@@ -203,11 +199,7 @@ def test_a_retry_is_not_repeated_when_the_new_connection_fails_too() -> None:
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            return await checks(HttpProbe(timeout_s=1, reuse_connection=True), port, 2)
-
-    results = run(body())
+    results = run_checks(srv, 2)
     assert results[0].status is CheckStatus.L7_OK
     assert results[1].status is CheckStatus.L7_BAD_RESPONSE
     assert "before response" in results[1].detail
@@ -228,15 +220,7 @@ def test_unsolicited_bytes_on_an_idle_connection_are_never_taken_for_the_answer(
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            probe = HttpProbe(timeout_s=1, reuse_connection=True)
-            try:
-                return await checks(probe, port, 2, 0.1)
-            finally:
-                probe.close()
-
-    results = run(body())
+    results = run_checks(srv, 2, 0.1)
     assert [r.status for r in results] == [CheckStatus.L7_OK] * 2, results
     assert srv.accepted == 2
 
@@ -251,15 +235,7 @@ def test_a_timeout_on_a_kept_connection_drops_it() -> None:
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            probe = HttpProbe(timeout_s=0.2, reuse_connection=True)
-            try:
-                return await checks(probe, port, 3)
-            finally:
-                probe.close()
-
-    results = run(body())
+    results = run_checks(srv, 3, timeout_s=0.2)
     assert [r.status for r in results] == [
         CheckStatus.L7_OK,
         CheckStatus.L7_TIMEOUT,
@@ -283,15 +259,7 @@ def test_a_pass_known_before_the_response_ends_waits_for_its_end_to_keep_the_con
 
     srv = Counting(serve)
 
-    async def body() -> list[CheckResult]:
-        async with raw_server(srv.handler) as port:
-            probe = HttpProbe(timeout_s=1, reuse_connection=True)
-            try:
-                return await checks(probe, port, 3)
-            finally:
-                probe.close()
-
-    results = run(body())
+    results = run_checks(srv, 3)
     assert [r.status for r in results] == [CheckStatus.L7_OK] * 3
     assert srv.accepted == 1
 
