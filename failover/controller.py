@@ -541,7 +541,7 @@ class FailoverController:
                     await self._actions.join()
             except TimeoutError:
                 log.warning("failover_stop_timeout node=%s role=%s", self.spec.node_name,
-                            self.role)
+                            self.role.label)
             for _ in range(2):  # one lost datagram must not cost the peer master_down
                 self._send_round()
             await self._hooks.drain(self.spec.notify_timeout_s + 1.0)
@@ -683,7 +683,8 @@ class FailoverController:
                 self.counters.transitions[key] = self.counters.transitions.get(key, 0) + 1
                 self._role_since_wall = self._wall()
                 log.info("failover_role_changed node=%s from=%s to=%s reason=%r",
-                         self.spec.node_name, action.old, action.new, action.reason)
+                         self.spec.node_name, action.old.label, action.new.label,
+                         action.reason)
             self._actions.put_nowait(action)
         if new.role is Role.INIT and new.leaving and self._left is not None:
             self._left.set()
@@ -974,7 +975,7 @@ class FailoverController:
         if delayed:
             self.counters.delayed += 1
             log.info("failover_heartbeat_delayed node=%s peer=%s role=%s delay_ms=%d",
-                     self.spec.node_name, hb.name, hb.role, delay_ms)
+                     self.spec.node_name, hb.name, hb.role.label, delay_ms)
         info.healthy_count, info.total_count = hb.healthy_count, hb.total_count
         match = hb.config_digest == self.spec.config_digest
         if match != info.digest_match:

@@ -80,6 +80,12 @@ class Role(StrEnum):
     MASTER = "master"
     FAULT = "fault"
 
+    @property
+    def label(self) -> str:
+        """How operators see it (/status, logs, metrics, events): ``MASTER``. Only notify
+        scripts get the lower-case value, a documented contract."""
+        return self.value.upper()
+
 
 TRANSITIONS: Mapping[Role, frozenset[Role]] = MappingProxyType({
     Role.INIT: frozenset({Role.BACKUP, Role.FAULT}),

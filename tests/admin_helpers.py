@@ -8,7 +8,7 @@
 - ``in_process_daemon()``: a real ``lb.control.daemon.Daemon`` with its pools set up but no workers
   or checks started, for tests of the admin app that need no traffic.
 - ``FakeFailover``: stands in for the failover controller where a test needs a MASTER with a
-  peer without building namespaces (the status shape is the daemon's ``failover_status``).
+  peer without building namespaces (the daemon's ``failover_view``, typed).
 - ``http()``: one urllib request, returning (status, headers, body) also for 4xx/5xx.
 
 Everything binds 127.0.0.1.
@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from lb.admin import client
+from lb.control import status as status_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -368,70 +369,50 @@ class FakeFailover:
     async def stop(self, graceful: bool = True) -> None:
         pass
 
-    def status_dict(self) -> dict[str, Any]:
-        now = time.time()
-        return {
-            "role": self.role,
-            "reason": "highest priority",
-            "since": now - 42.0,
-            "priority": 150,
-            "effective_priority": 150,
-            "interface": "eth0",
-            "vips": ["192.0.2.10/24", "2001:db8::10/64"],
-            "vip_held": self.role == "MASTER",
-            "healthy": True,
-            "faults": [],
-            "switchover_pending": False,
-            "master_down_s": 0.16,
-            "peers": [
-                {
-                    "name": "lb2",
-                    "addresses": ["10.0.0.2:5405"],
-                    "alive": True,
-                    "last_heard_s": 0.031,
-                    "role": self.peer_role,
-                    "priority": 100,
-                    "config_digest_match": self.match,
-                    "healthy_backends": 3,
-                    "total_backends": 3,
-                    "clock_offset_s": -0.0021,
-                    "clock_skew_warning": False,
-                    "key_id": "3f2a9c1e",
-                    "interval_s": 0.03,
-                }
-            ],
-            "max_clock_skew_s": 30.0,
-            "clock_skew_warning": False,
-            "rejected_clocks": [],
-            "keys": [{"id": "3f2a9c1e", "signing": True, "verified": 1190}],
-            "gateway": {
-                "up": True,
-                "targets": [{"target": "tcp:192.0.2.1:22", "ok": True, "detail": "refused",
-                             "rtt_ms": 0.2, "successes": 120, "failures": 1}],
-                "interval_s": 0.5, "timeout_s": 0.5, "fall": 3, "rise": 2, "transitions": 0,
-            },
-            "counters": {
-                "heartbeats_sent": 1200,
-                "heartbeats_received": 1190,
-                "rejected": {"bad_hmac": 3, "replay": 1},
-                "transitions": {"INIT->BACKUP": 1, "BACKUP->MASTER": 1},
-                "late_sends": 0,
-                "delayed": 0,
-                "vip_errors": 0,
-                "interval_clamped": {},
-            },
-            "handover": {"enabled": True, "forwarding_to": None, "forwards": 0},
-            "send_lag_ms": {"p50": 0.1, "p99": 0.4, "max": 1.2},
-            "heartbeat_gap_ms": {"sent_max": 31.2, "received_max": 33.0},
-            "process": {"pid": 4242, "running": True, "uptime_s": 42.0, "status_age_s": 0.1,
-                        "restarts": 0, "crashes": 0, "hung_kills": 0, "crash_loop": False},
-        }
+    def view(self) -> status_mod.FailoverView:
+        """The typed view the daemon's status() gives (lb.control.status.FailoverView)."""
+        import failover
+        from failover.track import GatewayStatus, TargetStatus
+
+        role = failover.Role(self.role.lower())
+        peer = failover.PeerStatus(
+            name="lb2", role=failover.Role(self.peer_role.lower()), priority=100, alive=True,
+            last_heard_age_s=0.031, paths=(failover.PathStatus("10.0.0.2:5405", 0.031),),
+            healthy=True, healthy_count=3, total_count=3, config_digest_match=self.match,
+            leaving=False, switchover=False, clock_offset_s=-0.0021,
+            clock_skew_warning=False, key_id="3f2a9c1e", interval_s=0.03,
+        )
+        R = failover.Role
+        st = failover.FailoverStatus(
+            node="t1", role=role, role_reason="highest priority", role_since=time.time() - 42.0,
+            role_age_s=42.0, priority=150, healthy=True, healthy_count=3, total_count=3,
+            faults=(), vip_holding=self.role == "MASTER", switchover_pending=False,
+            preempt_suppressed=False, master_down_s=0.16, peers=(peer,),
+            counters=failover.FailoverCounters(
+                heartbeats_sent=1200, heartbeats_received=1190,
+                rejected={failover.RejectReason.BAD_MAC: 3, failover.RejectReason.REPLAYED: 1},
+                transitions={(R.INIT, R.BACKUP): 1, (R.BACKUP, R.MASTER): 1},
+            ),
+            send_lag=failover.SendLag(100, 0.0001, 0.0004, 0.0012),
+            handover_enabled=True,
+            keys=(failover.KeyStatus("3f2a9c1e", True, 1190),),
+            gateway=GatewayStatus(
+                up=True, targets=(TargetStatus("tcp:192.0.2.1:22", True, "refused", 0.0002,
+                                               120, 1),),
+                interval_s=0.5, timeout_s=0.5, fall=3, rise=2, transitions=0,
+            ),
+        )
+        return status_mod.FailoverView(
+            st, "eth0", ("192.0.2.10/24", "2001:db8::10/64"),
+            sent_gap_max_s=0.0312, received_gap_max_s=0.033,
+            process=status_mod.ProcessStatus(4242, True, 42.0, 0.1, 0, 0, 0, False),
+        )
 
 
 def attach_fake_failover(daemon: Any, fake: FakeFailover) -> None:
     """Make ``daemon`` report ``fake``'s failover state and answer switchover from it."""
     daemon.failover = fake
-    daemon.failover_status = fake.status_dict
+    daemon.failover_view = fake.view
 
     async def switchover() -> dict[str, Any]:
         fake.switchovers += 1

@@ -84,7 +84,7 @@ async def _req(
 
 
 def admin_states(d: Any) -> dict[str, str]:
-    return {b["name"]: b["admin_state"] for b in d.status()["pools"][0]["backends"]}
+    return {b["name"]: b["admin_state"] for b in d.status_json()["pools"][0]["backends"]}
 
 
 # -- secrets and bind address ---------------------------------------------------------------
@@ -331,13 +331,13 @@ def test_switchover_and_reload(tmp_path: Path) -> None:
             status, res, _ = await _req(s, "POST", url + "/reload", token=TOKEN)
             assert (status, res["ok"], res["generation"]) == (200, True, 2)
             assert "pool web changed" in res["changes"]
-            digest = d.status()["config"]["digest"]
+            digest = d.status_json()["config"]["digest"]
             # ...a broken one is refused and the running config kept.
             path.write_text(text.replace("interval_s = 0.2", "interval_s = -1"))
             status, res, _ = await _req(s, "POST", url + "/reload", token=TOKEN)
             assert status == 422 and res["ok"] is False and res["generation"] == 2
             assert any("interval_s" in e for e in res["errors"])
-            st = d.status()
+            st = d.status_json()
             assert st["config"]["digest"] == digest and st["config"]["generation"] == 2
             assert len(st["pools"][0]["backends"]) == 4
             assert d.reloads == {"success": 1, "failure": 1}

@@ -257,7 +257,7 @@ def test_failover_metrics_follow_the_controller() -> None:
             assert total(s, "pairlb_vip_held") == 1
             assert total(s, "pairlb_role_transitions_total", to="MASTER") == 1
             assert total(s, "pairlb_role_transitions_total", **{"from": "INIT"}) == 1
-            assert total(s, "pairlb_heartbeats_rejected_total", reason="bad_hmac") == 3
+            assert total(s, "pairlb_heartbeats_rejected_total", reason="bad_mac") == 3
             assert total(s, "pairlb_heartbeats_sent_total") == 1200
             assert total(s, "pairlb_peer_heartbeat_age_seconds", peer="lb2") == 0.031
             assert total(s, "pairlb_peer_config_digest_match", peer="lb2") == 1

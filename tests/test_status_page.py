@@ -131,11 +131,11 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
             d = daemon_mod.Daemon(loads(text), None)
             try:
                 await d.startup()
-                pool = lambda: d.status()["pools"][0]  # noqa: E731
+                pool = lambda: d.status_json()["pools"][0]  # noqa: E731
                 await wait_for(lambda: pool()["usable"] == 4, 10, "4 healthy backends")
                 fake = FakeFailover(role="MASTER")
                 attach_fake_failover(d, fake)
-                d.events.append({"at": fake.status_dict()["since"], "kind": "role",
+                d.events.append({"at": fake.view().status.role_since, "kind": "role",
                                  "text": "BACKUP -> MASTER (peer lb2 stopped answering)"})
                 listen = d.cfg.listener[0].bind
                 async with aiohttp.ClientSession() as s:

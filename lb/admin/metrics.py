@@ -59,6 +59,7 @@ from prometheus_client.utils import floatToGoString as _float_to_go_untyped
 
 from lb import __version__
 from lb.control.rotation import AdminState
+from lb.control.status import BackendStatus, NodeStatus, role_label
 from lb.stats import CLASSES, DURATION_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -507,7 +508,7 @@ class MetricsSource(Protocol):
     @property
     def health(self) -> HasLateness: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> NodeStatus: ...
     def ready(self) -> bool: ...
 
 
@@ -610,15 +611,14 @@ class PairlbCollector:
         st = d.status()
         out: Sink = sink if sel == ALL else Select(sink, sel, _not_in_service(st, sel))
         add = out.add
-        out.info("pairlb_build_info", {"version": __version__, "node": str(st["node"])})
-        add("pairlb_start_time_seconds", [], float(st["started_at"]))
-        add("pairlb_ready", [], 1.0 if d.ready() else 0.0)
-        cfg_st = st["config"]
-        add("pairlb_config_generation", [], float(cfg_st["generation"]))
-        out.info("pairlb_config_info", {"digest": str(cfg_st["digest"])})
+        out.info("pairlb_build_info", {"version": __version__, "node": st.node})
+        add("pairlb_start_time_seconds", [], float(st.started_at))
+        add("pairlb_ready", [], 1.0 if st.ready else 0.0)
+        add("pairlb_config_generation", [], float(st.config.generation))
+        out.info("pairlb_config_info", {"digest": st.config.digest})
         for result in ("success", "failure"):
             add("pairlb_config_reloads_total", [result], float(d.reloads.get(result, 0)))
-        last = cfg_st.get("last_reload")
+        last = st.config.last_reload
         add("pairlb_config_last_reload_successful", [], 0.0 if last and not last["ok"] else 1.0)
 
         self._traffic(d.totals, d.worker_active, add, out.hist)
@@ -684,29 +684,29 @@ class PairlbCollector:
 
     def _pools(
         self,
-        st: Mapping[str, Any],
+        st: NodeStatus,
         add: Callable[[str, Sequence[str], float], None],
         hist: HistFn,
     ) -> None:
         present: set[tuple[str, str]] = set()
-        for pool in st["pools"]:
-            p = pool["name"]
-            add("pairlb_pool_panic", [p], 1.0 if pool["panic"] else 0.0)
-            add("pairlb_pool_usable_backends", [p], pool["usable"])
-            add("pairlb_pool_enabled_backends", [p], pool["enabled"])
-            for b in pool["backends"]:
-                n = b["name"]
+        for pool in st.pools:
+            p = pool.name
+            add("pairlb_pool_panic", [p], 1.0 if pool.panic else 0.0)
+            add("pairlb_pool_usable_backends", [p], pool.usable)
+            add("pairlb_pool_enabled_backends", [p], pool.enabled)
+            for b in pool.backends:
+                n = b.name
                 present.add((p, n))
-                add("pairlb_backend_healthy", [p, n], 1.0 if b["health"] == "up" else 0.0)
+                add("pairlb_backend_healthy", [p, n], 1.0 if b.up else 0.0)
                 for state in AdminState:
-                    one = 1.0 if b["admin_state"] == state else 0.0
+                    one = 1.0 if b.admin_state == state else 0.0
                     add("pairlb_backend_admin_state", [p, n, str(state)], one)
-                add("pairlb_backend_in_rotation", [p, n], 1.0 if b["in_rotation"] else 0.0)
-                add("pairlb_backend_effective_weight", [p, n], float(b["effective_weight"]))
-                add("pairlb_backend_inflight_requests", [p, n], b["in_flight"])
-                add("pairlb_backend_ejected", [p, n], 1.0 if b["ejected"] else 0.0)
-                add("pairlb_backend_ejections_total", [p, n], b["ejections"])
-                add("pairlb_backend_ejections_ended_total", [p, n], b["ejections_ended_by_checks"])
+                add("pairlb_backend_in_rotation", [p, n], 1.0 if b.in_rotation else 0.0)
+                add("pairlb_backend_effective_weight", [p, n], float(b.effective_weight))
+                add("pairlb_backend_inflight_requests", [p, n], b.in_flight)
+                add("pairlb_backend_ejected", [p, n], 1.0 if b.ejected else 0.0)
+                add("pairlb_backend_ejections_total", [p, n], b.ejections)
+                add("pairlb_backend_ejections_ended_total", [p, n], b.ejections_ended_by_checks)
         for (pool_name, backend, status), count in sorted(self.daemon.check_counts.items()):
             if (pool_name, backend) in present:
                 add("pairlb_health_checks_total", [pool_name, backend, status], count)
@@ -732,106 +732,94 @@ class PairlbCollector:
                 float(lat.sum_s),
             )
 
-    def _failover(
-        self, st: Mapping[str, Any], add: Callable[[str, Sequence[str], float], None]
-    ) -> None:
-        role = str(st["role"]).upper()
+    def _failover(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]
+                  ) -> None:
         for r in ROLES:
-            add("pairlb_role", [r], 1.0 if r == role else 0.0)
-        fo = st.get("failover")
-        if not fo:
+            add("pairlb_role", [r], 1.0 if r == st.role else 0.0)
+        view = st.failover
+        if view is None:
             return
-        add("pairlb_role_changed_timestamp_seconds", [], float(fo.get("since") or 0.0))
-        add("pairlb_failover_priority", [], float(fo.get("priority", 0)))
-        add("pairlb_failover_effective_priority", [], float(fo.get("effective_priority", 0)))
-        add("pairlb_vip_held", [], 1.0 if fo.get("vip_held") else 0.0)
-        add("pairlb_failover_healthy", [], 1.0 if fo.get("healthy", True) else 0.0)
-        peers = fo.get("peers") or []
-        alive = sum(1 for p in peers if p.get("alive", p.get("last_heard_s") is not None))
-        add("pairlb_failover_alive_peers", [], float(alive))
-        counters = fo.get("counters") or {}
-        add("pairlb_heartbeat_late_sends_total", [], counters.get("late_sends", 0))
-        lag = fo.get("send_lag_ms") or {}
-        add("pairlb_heartbeat_send_lag_p99_seconds", [], float(lag.get("p99", 0.0)) / 1000)
-        add("pairlb_heartbeat_send_lag_max_seconds", [], float(lag.get("max", 0.0)) / 1000)
-        gaps = fo.get("heartbeat_gap_ms") or {}
-        add("pairlb_heartbeat_send_gap_max_seconds", [], float(gaps.get("sent_max", 0.0)) / 1000)
-        add("pairlb_heartbeat_receive_gap_max_seconds", [],
-            float(gaps.get("received_max", 0.0)) / 1000)
-        process = fo.get("process") or {}  # absent: a controller in this process (tests)
-        add("pairlb_failover_process_up", [], 1.0 if process.get("running", True) else 0.0)
-        add("pairlb_failover_process_restarts_total", [], process.get("restarts", 0))
-        add("pairlb_heartbeats_delayed_total", [], counters.get("delayed", 0))
-        handover = fo.get("handover") or {}
-        add("pairlb_handover_forwarding", [], 1.0 if handover.get("forwarding_to") else 0.0)
-        add("pairlb_handover_forwards_total", [], handover.get("forwards", 0))
-        add("pairlb_vip_errors_total", [], counters.get("vip_errors", 0))
-        add("pairlb_heartbeats_sent_total", [], counters.get("heartbeats_sent", 0))
-        add("pairlb_heartbeats_received_total", [], counters.get("heartbeats_received", 0))
         import failover  # only with [failover]; its public names only
 
+        fo = view.status
+        add("pairlb_role_changed_timestamp_seconds", [], float(fo.role_since or 0.0))
+        add("pairlb_failover_priority", [], float(fo.priority))
+        add("pairlb_failover_effective_priority", [], float(fo.priority if fo.healthy else 0))
+        add("pairlb_vip_held", [], 1.0 if fo.vip_holding else 0.0)
+        add("pairlb_failover_healthy", [], 1.0 if fo.healthy else 0.0)
+        add("pairlb_failover_alive_peers", [], float(sum(1 for p in fo.peers if p.alive)))
+        c = fo.counters
+        add("pairlb_heartbeat_late_sends_total", [], c.late_sends)
+        add("pairlb_heartbeat_send_lag_p99_seconds", [], fo.send_lag.p99_s)
+        add("pairlb_heartbeat_send_lag_max_seconds", [], fo.send_lag.max_s)
+        add("pairlb_heartbeat_send_gap_max_seconds", [], view.sent_gap_max_s or 0.0)
+        add("pairlb_heartbeat_receive_gap_max_seconds", [], view.received_gap_max_s or 0.0)
+        process = view.process  # None: a controller in this process (tests)
+        add("pairlb_failover_process_up", [], 1.0 if process is None or process.running else 0.0)
+        add("pairlb_failover_process_restarts_total", [], process.restarts if process else 0)
+        add("pairlb_heartbeats_delayed_total", [], c.delayed)
+        add("pairlb_handover_forwarding", [], 1.0 if fo.handover_forwarding_to else 0.0)
+        add("pairlb_handover_forwards_total", [], fo.handover_forwards)
+        add("pairlb_vip_errors_total", [], c.vip_errors)
+        add("pairlb_heartbeats_sent_total", [], c.heartbeats_sent)
+        add("pairlb_heartbeats_received_total", [], c.heartbeats_received)
         # Known reasons and role changes exported at 0 from the start (see _traffic).
         rejected = {str(r): 0 for r in failover.RejectReason}
-        rejected.update(counters.get("rejected") or {})
+        rejected.update({str(r): n for r, n in c.rejected.items()})
         for reason, n in sorted(rejected.items()):
             add("pairlb_heartbeats_rejected_total", [reason], n)
         edges = {(a, b): 0 for a in ROLES[:4] for b in ROLES[:4] if a != b}
-        for edge, n in (counters.get("transitions") or {}).items():
-            old, _, new = edge.partition("->")
-            edges[(old.upper(), new.upper())] = n
-        for (old, new), n in sorted(edges.items()):
-            add("pairlb_role_transitions_total", [old, new], n)
+        for (old, new), n in c.transitions.items():
+            edges[(role_label(old), role_label(new))] = n
+        for (old_s, new_s), n in sorted(edges.items()):
+            add("pairlb_role_transitions_total", [old_s, new_s], n)
         offsets: dict[str, float] = {}
-        for peer in peers:
-            name = str(peer.get("name") or ",".join(peer.get("addresses") or []) or "?")
-            age = peer.get("last_heard_s")
-            add("pairlb_peer_heartbeat_age_seconds", [name], math.inf if age is None else age)
-            prole = str(peer.get("role") or "").upper()
+        for peer in fo.peers:
+            name = peer.name or ",".join(path.address for path in peer.paths) or "?"
+            add("pairlb_peer_heartbeat_age_seconds", [name], peer.last_heard_age_s)
+            prole = role_label(peer.role)
             for r in ROLES[:4]:
                 add("pairlb_peer_role", [name, r], 1.0 if r == prole else 0.0)
-            add("pairlb_peer_priority", [name], float(peer.get("priority") or 0))
-            match = 1.0 if peer.get("config_digest_match") else 0.0
-            add("pairlb_peer_config_digest_match", [name], match)
-            add("pairlb_peer_healthy_backends", [name], float(peer.get("healthy_backends") or 0))
-            add("pairlb_peer_backends", [name], float(peer.get("total_backends") or 0))
-            is_alive = peer.get("alive", age is not None)
-            add("pairlb_peer_alive", [name], 1.0 if is_alive else 0.0)
-            if peer.get("clock_offset_s") is not None:
-                offsets[name] = peer["clock_offset_s"]
-        for clock in fo.get("rejected_clocks") or []:  # newer than a peer entry of that name
-            offsets[str(clock["name"])] = clock["offset_s"]
+            add("pairlb_peer_priority", [name], float(peer.priority))
+            add("pairlb_peer_config_digest_match", [name],
+                1.0 if peer.config_digest_match else 0.0)
+            add("pairlb_peer_healthy_backends", [name], float(peer.healthy_count))
+            add("pairlb_peer_backends", [name], float(peer.total_count))
+            add("pairlb_peer_alive", [name], 1.0 if peer.alive else 0.0)
+            if peer.clock_offset_s is not None:
+                offsets[name] = round(peer.clock_offset_s, 4)
+        for clock in fo.rejected_clocks:  # newer than a peer entry of that name
+            offsets[clock.name] = round(clock.offset_s, 3)
         for name, offset in sorted(offsets.items()):
             add("pairlb_failover_peer_clock_offset_seconds", [name], offset)
-        add("pairlb_failover_max_clock_skew_seconds", [], fo.get("max_clock_skew_s", 30.0))
-        for key in fo.get("keys") or []:
-            add("pairlb_heartbeats_verified_total", [str(key["id"])], key.get("verified", 0))
+        add("pairlb_failover_max_clock_skew_seconds", [], fo.max_clock_skew_s)
+        for key in fo.keys:
+            add("pairlb_heartbeats_verified_total", [key.key_id], key.verified)
         clamped = {"too_long": 0, "too_short": 0}
-        clamped.update(counters.get("interval_clamped") or {})
+        clamped.update(c.interval_clamped)
         for reason, n in sorted(clamped.items()):
             add("pairlb_heartbeat_interval_clamped_total", [reason], n)
-        gateway = fo.get("gateway")
-        if gateway:
-            add("pairlb_failover_gateway_up", [], 1.0 if gateway.get("up") else 0.0)
-            for t in gateway.get("targets") or []:
-                add("pairlb_failover_gateway_probes_total", [t["target"], "success"],
-                    t.get("successes", 0))
-                add("pairlb_failover_gateway_probes_total", [t["target"], "failure"],
-                    t.get("failures", 0))
+        gateway = fo.gateway
+        if gateway is not None:
+            add("pairlb_failover_gateway_up", [], 1.0 if gateway.up else 0.0)
+            for t in gateway.targets:
+                add("pairlb_failover_gateway_probes_total", [t.target, "success"], t.successes)
+                add("pairlb_failover_gateway_probes_total", [t.target, "failure"], t.failures)
 
     def _workers(
-        self, st: Mapping[str, Any], add: Callable[[str, Sequence[str], float], None]
+        self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]
     ) -> None:
         active = self.daemon.worker_active
-        for w in st["workers"]:
-            slot = [str(w["index"])]
-            conns = sum(active.get(int(w["index"]), {}).values())
+        for w in st.workers:
+            slot = [str(w.index)]
+            conns = sum(active.get(w.index, {}).values())
             add("pairlb_worker_connections_active", slot, float(max(0, conns)))
-            add("pairlb_worker_ready", slot, 1.0 if w["ready"] else 0.0)
-            add("pairlb_worker_restarts_total", slot, w["restarts"])
-            add("pairlb_worker_crashes_total", slot, w["crashes"])
-            add("pairlb_worker_hung_kills_total", slot, w["hung_kills"])
-            add("pairlb_worker_crash_loop", slot, 1.0 if w["crash_loop"] else 0.0)
-            sample = read_proc(int(w["pid"])) if w.get("pid") else None
+            add("pairlb_worker_ready", slot, 1.0 if w.ready else 0.0)
+            add("pairlb_worker_restarts_total", slot, w.restarts)
+            add("pairlb_worker_crashes_total", slot, w.crashes)
+            add("pairlb_worker_hung_kills_total", slot, w.hung_kills)
+            add("pairlb_worker_crash_loop", slot, 1.0 if w.crash_loop else 0.0)
+            sample = read_proc(w.pid) if w.pid else None
             if sample is not None:
                 add("pairlb_worker_cpu_seconds_total", slot, sample.cpu_s)
                 add("pairlb_worker_resident_memory_bytes", slot, sample.rss_bytes)
@@ -910,18 +898,15 @@ def parse_selection(scope_args: Sequence[str], series_arg: str | None, default: 
     return Selection(frozenset(scopes), series)
 
 
-def _in_service(b: Mapping[str, Any]) -> bool:
-    return bool(
-        b["health"] == "up" and b["admin_state"] == "enabled" and b["in_rotation"]
-        and not b["ejected"]
-    )
+def _in_service(b: BackendStatus) -> bool:
+    return b.up and b.admin_state == "enabled" and b.in_rotation and not b.ejected
 
 
-def _not_in_service(st: Mapping[str, Any], sel: Selection) -> frozenset[tuple[str, str]]:
+def _not_in_service(st: NodeStatus, sel: Selection) -> frozenset[tuple[str, str]]:
     if sel.backend_series != "unhealthy":
         return frozenset()
     return frozenset(
-        (p["name"], b["name"]) for p in st["pools"] for b in p["backends"] if not _in_service(b)
+        (p.name, b.name) for p in st.pools for b in p.backends if not _in_service(b)
     )
 
 
@@ -1215,7 +1200,7 @@ class Frozen:
             key: (list(counts), list(total)) for key, (counts, total) in checks.series.items()
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         return self._status
 
     def ready(self) -> bool:

@@ -43,6 +43,7 @@ from prometheus_client.exposition import choose_encoder
 
 from lb import config as config_mod
 from lb.admin import metrics
+from lb.control import status as status_mod
 from lb.control.rotation import AdminState
 
 logger = logging.getLogger("lb.admin.server")
@@ -278,10 +279,8 @@ def _dumps(obj: Any) -> str:
 
 
 def full_status(daemon: AdminDaemon) -> dict[str, Any]:
-    """``daemon.status()`` plus readiness (what GET /status returns)."""
-    st = daemon.status()
-    st["ready"] = daemon.ready()
-    return st
+    """What GET /status returns: the daemon's typed status, serialised here, once."""
+    return status_mod.to_json(daemon.status())
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -298,12 +297,12 @@ async def get_healthz(request: web.Request) -> web.Response:
 async def get_readyz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     st = daemon.status()
-    ready = daemon.ready()
+    ready = st.ready
     body = {
         "ready": ready,
-        "workers_ready": sum(1 for w in st["workers"] if w["ready"]),
-        "workers": len(st["workers"]),
-        "usable_backends": sum(p["usable"] for p in st["pools"]),
+        "workers_ready": sum(1 for w in st.workers if w.ready),
+        "workers": len(st.workers),
+        "usable_backends": sum(p.usable for p in st.pools),
     }
     return web.json_response(body, status=200 if ready else 503)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -34,6 +35,7 @@ from lb import __version__, sysutil
 from lb import config as config_mod
 from lb import worker_link as wl
 from lb.config import Config
+from lb.control import status as status_mod
 from lb.control.backends import BackendTable
 from lb.control.rotation import AdminState, Snapshot
 from lb.control.supervisor import Supervisor, WorkerHandle
@@ -348,7 +350,7 @@ class Daemon:
         return ports
 
     def _on_role_change(self, old: Any, new: Any) -> None:
-        old_s, new_s = str(old).upper(), str(new).upper()
+        old_s, new_s = status_mod.role_label(old), status_mod.role_label(new)
         logger.info("event=role_change node=%s from=%s to=%s", self.cfg.node.name, old_s, new_s)
         self._record_event("role", f"{old_s} -> {new_s}")
         if old_s == "MASTER":
@@ -382,106 +384,20 @@ class Daemon:
         self.failover.cancel_switchover()
         return {"ok": False, "error": "no peer took over within 5 s; still MASTER"}
 
-    def failover_status(self) -> dict[str, Any] | None:
+    def failover_view(self) -> status_mod.FailoverView | None:
         if self.failover is None:
             return None
-        st = self.failover.status()
         fcfg = self.cfg.failover
         assert fcfg is not None
-        return {
-            "role": str(st.role).upper(),
-            "reason": st.role_reason,
-            "since": st.role_since,
-            "priority": st.priority,
-            "effective_priority": st.priority if st.healthy else 0,
-            "interface": fcfg.interface,
-            "vips": list(fcfg.vips),
-            "vip_held": st.vip_holding,
-            "healthy": st.healthy,
-            "faults": list(st.faults),
-            "switchover_pending": st.switchover_pending,
-            "master_down_s": st.master_down_s,
-            "peers": [
-                {
-                    "name": p.name,
-                    "addresses": [path.address for path in p.paths],
-                    "alive": p.alive,
-                    "last_heard_s": round(p.last_heard_age_s, 4),
-                    "role": str(p.role).upper(),
-                    "priority": p.priority,
-                    "config_digest_match": p.config_digest_match,
-                    "healthy_backends": p.healthy_count,
-                    "total_backends": p.total_count,
-                    "clock_offset_s": None if p.clock_offset_s is None
-                    else round(p.clock_offset_s, 4),
-                    "clock_skew_warning": p.clock_skew_warning,
-                    "key_id": p.key_id,
-                    "interval_s": p.interval_s,
-                }
-                for p in st.peers
-            ],
-            "max_clock_skew_s": st.max_clock_skew_s,
-            "clock_skew_warning": st.clock_skew_warning,
-            "rejected_clocks": [
-                {"name": c.name, "offset_s": round(c.offset_s, 3),
-                 "last_seen_s": round(c.last_seen_age_s, 3)}
-                for c in st.rejected_clocks
-            ],
-            "keys": [{"id": k.key_id, "signing": k.signing, "verified": k.verified}
-                     for k in st.keys],
-            "gateway": None if st.gateway is None else {
-                "up": st.gateway.up,
-                "targets": [
-                    {"target": t.target, "ok": t.ok, "detail": t.detail,
-                     "rtt_ms": None if t.rtt_s is None else round(t.rtt_s * 1000, 3),
-                     "successes": t.successes, "failures": t.failures}
-                    for t in st.gateway.targets
-                ],
-                "interval_s": st.gateway.interval_s,
-                "timeout_s": st.gateway.timeout_s,
-                "fall": st.gateway.fall,
-                "rise": st.gateway.rise,
-                "transitions": st.gateway.transitions,
-            },
-            "counters": {
-                "heartbeats_sent": st.counters.heartbeats_sent,
-                "heartbeats_received": st.counters.heartbeats_received,
-                "rejected": {str(k): v for k, v in st.counters.rejected.items()},
-                "transitions": {
-                    f"{str(a).upper()}->{str(b).upper()}": v
-                    for (a, b), v in st.counters.transitions.items()
-                },
-                "late_sends": st.counters.late_sends,
-                "delayed": st.counters.delayed,
-                "vip_errors": st.counters.vip_errors,
-                "interval_clamped": dict(st.counters.interval_clamped),
-            },
-            "handover": {
-                "enabled": st.handover_enabled,
-                "forwarding_to": st.handover_forwarding_to,
-                "forwards": st.handover_forwards,
-            },
-            "send_lag_ms": {
-                "p50": round(st.send_lag.p50_s * 1000, 3),
-                "p99": round(st.send_lag.p99_s * 1000, 3),
-                "max": round(st.send_lag.max_s * 1000, 3),
-            },
-            **self._failover_process_status(),
-        }
-
-    def _failover_process_status(self) -> dict[str, Any]:
-        """The failover process (absent when a test attached an in-process controller)."""
+        view = status_mod.FailoverView(self.failover.status(), fcfg.interface, tuple(fcfg.vips))
         process_status = getattr(self.failover, "process_status", None)
-        if process_status is None:
-            return {}
+        if process_status is None:  # a controller attached in this process (tests)
+            return view
         gaps = self.failover.heartbeat_gaps
-        return {
-            "heartbeat_gap_ms": {
-                "sent_max": round(gaps.sent_max_s * 1000, 3),
-                "received_max": round(gaps.received_max_s * 1000, 3),
-            },
-            "process": process_status(),
-        }
+        return dataclasses.replace(
+            view, sent_gap_max_s=gaps.sent_max_s, received_gap_max_s=gaps.received_max_s,
+            process=process_status(),
+        )
 
     def _make_admin(self) -> None:
         """Build the admin app early: a bad token file fails start-up before any worker."""
@@ -848,8 +764,9 @@ class Daemon:
     def _record_event(self, kind: str, text: str) -> None:
         self.events.append({"at": time.time(), "kind": kind, "text": text})
 
-    def status(self) -> dict[str, Any]:
-        """Everything the admin API and the status page show (JSON-ready)."""
+    def status(self) -> status_mod.NodeStatus:
+        """Everything the admin API, the status page and /metrics show, typed
+        (lb.control.status; the admin edge serialises it once)."""
         now_m = time.monotonic()
         pools = []
         totals = self.totals
@@ -870,91 +787,76 @@ class Daemon:
                 res = hs.last_result if hs is not None else None
                 verdict = self.table.verdict(pcfg.name, b.name)
                 backends.append(
-                    {
-                        "name": b.name,
-                        "address": b.address,
-                        "weight": b.weight,
-                        "effective_weight": entry.weight if entry else 0.0,
-                        "in_rotation": bool(entry and entry.eligible),
-                        "health": "up" if verdict.up else "down",
-                        "out_of_rotation": rot.explain(b.name, now_m, verdict, snap),
-                        "checks_enabled": pcfg.health.enabled,
-                        "admin_state": str(rec.admin),
-                        "ejected": rec.ejected(now_m),
-                        "ejected_for_s": round(max(0.0, rec.ejected_until - now_m), 3),
-                        "ejections": rec.ejections_total,
-                        "last_ejection_reason": rec.last_ejection_reason or None,
-                        "ejections_ended_by_checks": rec.ejections_ended_early,
-                        "last_check": None
-                        if res is None
-                        else {
-                            "status": str(res.status),
-                            "code": res.code,
-                            "duration_ms": round(res.duration_s * 1000, 3),
-                            "detail": res.detail,
-                        },
-                        "in_flight": self.backend_inflight(pcfg.name, b.name),
-                        "requests": _backend_total(totals, pcfg.name, b.name, "requests"),
-                        "errors": _backend_total(totals, pcfg.name, b.name, "errors"),
-                    }
+                    status_mod.BackendStatus(
+                        name=b.name,
+                        address=b.address,
+                        weight=b.weight,
+                        effective_weight=entry.weight if entry else 0.0,
+                        in_rotation=bool(entry and entry.eligible),
+                        up=verdict.up,
+                        out_of_rotation=tuple(rot.explain(b.name, now_m, verdict, snap)),
+                        checks_enabled=pcfg.health.enabled,
+                        admin_state=str(rec.admin),
+                        ejected=rec.ejected(now_m),
+                        ejected_for_s=max(0.0, rec.ejected_until - now_m),
+                        ejections=rec.ejections_total,
+                        last_ejection_reason=rec.last_ejection_reason or None,
+                        ejections_ended_by_checks=rec.ejections_ended_early,
+                        last_check=None if res is None else status_mod.CheckView(
+                            str(res.status), res.code, res.duration_s, res.detail),
+                        in_flight=self.backend_inflight(pcfg.name, b.name),
+                        requests=_backend_total(totals, pcfg.name, b.name, "requests"),
+                        errors=_backend_total(totals, pcfg.name, b.name, "errors"),
+                    )
                 )
             pools.append(
-                {
-                    "name": pcfg.name,
-                    "balance": pcfg.balance,
-                    "panic": snap.panic,
-                    "usable": snap.usable,
-                    "enabled": snap.enabled,
-                    "backends": backends,
-                }
+                status_mod.PoolStatus(
+                    pcfg.name, pcfg.balance, snap.panic, snap.usable, snap.enabled,
+                    tuple(backends),
+                )
             )
-        return {
-            "node": self.cfg.node.name,
-            "version": __version__,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "uptime_s": round(now_m - self.started_mono, 3),
-            "config": {
-                "path": self.config_path,
-                "generation": self.generation,
-                "digest": self.cfg.digest(),
-                "last_reload": self.last_reload.as_dict() if self.last_reload else None,
-            },
-            "listeners": [
-                {"name": lst.name, "bind": lst.bind, "mode": lst.mode, "pool": lst.pool}
-                for lst in self.cfg.listener
-            ],
-            "pools": pools,
-            "workers": self.supervisor.status(),
-            "failover": self.failover_status(),
-            "role": self.role(),
-            "events": list(self.events),
-            "health_checks": self._health_checks_status(now_m),
-        }
-
-    def _health_checks_status(self, now_m: float) -> dict[str, Any]:
-        """How the active checks keep up: targets, probes in flight, check lateness."""
         lat = self.health.lateness
-        return {
-            "targets": len(self.health.book.keys()),
-            "in_flight": self.health.in_flight,
-            "checks": lat.count,
-            "lateness_ms": {
-                "p50": round(lat.quantile(0.5) * 1000, 3),
-                "p99": round(lat.quantile(0.99) * 1000, 3),
-                "max": round(lat.max_s * 1000, 3),
-            },
-            "lateness_max_ms": {
-                "10s": round(lat.max_over(10, now_m) * 1000, 3),
-                "60s": round(lat.max_over(60, now_m) * 1000, 3),
-            },
-        }
+        return status_mod.NodeStatus(
+            node=self.cfg.node.name,
+            version=__version__,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            uptime_s=round(now_m - self.started_mono, 3),
+            config=status_mod.ConfigStatus(
+                self.config_path, self.generation, self.cfg.digest(),
+                self.last_reload.as_dict() if self.last_reload else None,
+            ),
+            listeners=tuple(
+                status_mod.ListenerStatus(lst.name, lst.bind, lst.mode, lst.pool)
+                for lst in self.cfg.listener
+            ),
+            pools=tuple(pools),
+            workers=self.supervisor.status(),
+            failover=self.failover_view(),
+            role=self.role(),
+            events=tuple(self.events),
+            health_checks=status_mod.HealthChecksStatus(
+                targets=len(self.health.book.keys()),
+                in_flight=self.health.in_flight,
+                checks=lat.count,
+                lateness_p50_s=lat.quantile(0.5),
+                lateness_p99_s=lat.quantile(0.99),
+                lateness_max_s=lat.max_s,
+                lateness_max_10s_s=lat.max_over(10, now_m),
+                lateness_max_60s_s=lat.max_over(60, now_m),
+            ),
+            ready=self.ready(),
+        )
+
+    def status_json(self) -> dict[str, Any]:
+        """GET /status's JSON (tests and tools; the admin edge does the same)."""
+        return status_mod.to_json(self.status())
 
     def role(self) -> str:
         """MASTER/BACKUP/FAULT/INIT with failover; STANDALONE without."""
         if self.failover is None:
-            return "STANDALONE"
-        return str(self.failover.role).upper()
+            return status_mod.STANDALONE
+        return status_mod.role_label(self.failover.role)
 
     def ready(self) -> bool:
         """Able to serve: workers up and at least one pool with a usable backend."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import failover
 from lb import channel
+from lb.control.status import ProcessStatus
 from lb.control.supervisor import BACKOFF_MAX_S, BACKOFF_MIN_S, STABLE_AFTER_S, SlotStats
 from lb.failoverd import link
 
@@ -108,18 +109,18 @@ class FailoverProcess:
     def heartbeat_gaps(self) -> link.HeartbeatGaps:
         return self._gaps
 
-    def process_status(self) -> dict[str, Any]:
+    def process_status(self) -> ProcessStatus:
         now = time.monotonic()
-        return {
-            "pid": self.proc.pid if self.proc is not None and self._alive() else None,
-            "running": self.running,
-            "uptime_s": round(now - self.started_at, 3) if self.running else 0.0,
-            "status_age_s": round(now - self._status_at, 3) if self._status_at else None,
-            "restarts": self.stats.restarts,
-            "crashes": self.stats.crashes,
-            "hung_kills": self.stats.hung_kills,
-            "crash_loop": self.stats.crash_loop(now),
-        }
+        return ProcessStatus(
+            pid=self.proc.pid if self.proc is not None and self._alive() else None,
+            running=self.running,
+            uptime_s=round(now - self.started_at, 3) if self.running else 0.0,
+            status_age_s=round(now - self._status_at, 3) if self._status_at else None,
+            restarts=self.stats.restarts,
+            crashes=self.stats.crashes,
+            hung_kills=self.stats.hung_kills,
+            crash_loop=self.stats.crash_loop(now),
+        )
 
     # -- what the daemon tells it -------------------------------------------------------------
 

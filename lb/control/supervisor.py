@@ -21,10 +21,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from lb import channel, sysutil
 from lb import worker_link as wl
+from lb.control.status import WorkerStatus
 
 logger = logging.getLogger("lb.control.supervisor")
 
@@ -164,24 +164,24 @@ class Supervisor:
         for h in self.slots.values():
             h.send_frame(frame)
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> tuple[WorkerStatus, ...]:
         now = time.monotonic()
         out = []
         for i, h in sorted(self.slots.items()):
             st = self.slot_stats[i]
             out.append(
-                {
-                    "index": i,
-                    "pid": h.pid,
-                    "ready": h.ready,
-                    "uptime_s": round(now - h.started_at, 3) if h.started_at else 0.0,
-                    "restarts": st.restarts,
-                    "crashes": st.crashes,
-                    "hung_kills": st.hung_kills,
-                    "crash_loop": st.crash_loop(now),
-                }
+                WorkerStatus(
+                    index=i,
+                    pid=h.pid,
+                    ready=h.ready,
+                    uptime_s=round(now - h.started_at, 3) if h.started_at else 0.0,
+                    restarts=st.restarts,
+                    crashes=st.crashes,
+                    hung_kills=st.hung_kills,
+                    crash_loop=st.crash_loop(now),
+                )
             )
-        return out
+        return tuple(out)
 
     # -- internals ---------------------------------------------------------------------
 

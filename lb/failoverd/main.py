@@ -258,8 +258,8 @@ class FailoverMain:
                 self._reconfigure(msg)
         elif isinstance(msg, link.Switchover):
             if ctl is None or not ctl.request_switchover():
-                role = ctl.role if ctl is not None else "-"
-                self._event("switchover", f"refused: not MASTER (role {str(role).upper()})")
+                role = ctl.role.label if ctl is not None else "-"
+                self._event("switchover", f"refused: not MASTER (role {role})")
             self._send_status()
         elif isinstance(msg, link.CancelSwitchover):
             if ctl is not None:

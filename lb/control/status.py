@@ -1,0 +1,339 @@
+"""The node's status as typed values: what the control process knows, built once per
+question by ``Daemon.status()``.
+
+Readers take the types: /metrics reads them directly (no parsing JSON back), the admin edge
+serialises them once with :func:`to_json` (GET /status, the status page, the CLI all see that
+JSON; its shape is docs/status.schema.json). Role names have one spelling for operators,
+upper case (``MASTER``), from :func:`role_label`; only notify scripts get failover's own
+lower-case values (docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import failover
+
+STANDALONE = "STANDALONE"
+"""The role of a node without [failover]."""
+
+
+def role_label(role: object) -> str:
+    """How operators see a failover role: ``failover.Role.label`` (``MASTER``); a plain
+    string (a test's stand-in) is upper-cased the same way."""
+    label = getattr(role, "label", None)
+    return label if isinstance(label, str) else str(role).upper()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckView:
+    status: str
+    code: int | None
+    duration_s: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    name: str
+    address: str
+    weight: float
+    effective_weight: float
+    in_rotation: bool
+    up: bool
+    out_of_rotation: tuple[str, ...]
+    checks_enabled: bool
+    admin_state: str
+    ejected: bool
+    ejected_for_s: float
+    ejections: int
+    last_ejection_reason: str | None
+    ejections_ended_by_checks: int
+    last_check: CheckView | None
+    in_flight: int
+    requests: int
+    errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    name: str
+    balance: str
+    panic: bool
+    usable: int
+    enabled: int
+    backends: tuple[BackendStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStatus:
+    name: str
+    bind: str
+    mode: str
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigStatus:
+    path: str | None
+    generation: int
+    digest: str
+    last_reload: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    index: int
+    pid: int | None
+    ready: bool
+    uptime_s: float
+    restarts: int
+    crashes: int
+    hung_kills: int
+    crash_loop: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStatus:
+    """The failover process as its supervisor sees it."""
+
+    pid: int | None
+    running: bool
+    uptime_s: float
+    status_age_s: float | None
+    restarts: int
+    crashes: int
+    hung_kills: int
+    crash_loop: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverView:
+    """What the failover process last reported, and how the control process runs it.
+    ``gaps`` and ``process`` are None for a controller in this process (tests)."""
+
+    status: failover.FailoverStatus
+    interface: str
+    vips: tuple[str, ...]
+    sent_gap_max_s: float | None = None
+    received_gap_max_s: float | None = None
+    process: ProcessStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChecksStatus:
+    targets: int
+    in_flight: int
+    checks: int
+    lateness_p50_s: float
+    lateness_p99_s: float
+    lateness_max_s: float
+    lateness_max_10s_s: float
+    lateness_max_60s_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    node: str
+    version: str
+    pid: int
+    started_at: float
+    uptime_s: float
+    config: ConfigStatus
+    listeners: tuple[ListenerStatus, ...]
+    pools: tuple[PoolStatus, ...]
+    workers: tuple[WorkerStatus, ...]
+    failover: FailoverView | None
+    role: str
+    """``role_label`` of the failover role, or STANDALONE."""
+    events: tuple[dict[str, Any], ...]
+    health_checks: HealthChecksStatus
+    ready: bool
+
+
+# -- the one serialisation ------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _backend_json(b: BackendStatus) -> dict[str, Any]:
+    c = b.last_check
+    return {
+        "name": b.name,
+        "address": b.address,
+        "weight": b.weight,
+        "effective_weight": b.effective_weight,
+        "in_rotation": b.in_rotation,
+        "health": "up" if b.up else "down",
+        "out_of_rotation": list(b.out_of_rotation),
+        "checks_enabled": b.checks_enabled,
+        "admin_state": b.admin_state,
+        "ejected": b.ejected,
+        "ejected_for_s": round(b.ejected_for_s, 3),
+        "ejections": b.ejections,
+        "last_ejection_reason": b.last_ejection_reason,
+        "ejections_ended_by_checks": b.ejections_ended_by_checks,
+        "last_check": None if c is None else {
+            "status": c.status, "code": c.code, "duration_ms": _ms(c.duration_s),
+            "detail": c.detail,
+        },
+        "in_flight": b.in_flight,
+        "requests": b.requests,
+        "errors": b.errors,
+    }
+
+
+def _failover_json(v: FailoverView) -> dict[str, Any]:
+    st = v.status
+    out: dict[str, Any] = {
+        "role": role_label(st.role),
+        "reason": st.role_reason,
+        "since": st.role_since,
+        "priority": st.priority,
+        "effective_priority": st.priority if st.healthy else 0,
+        "interface": v.interface,
+        "vips": list(v.vips),
+        "vip_held": st.vip_holding,
+        "healthy": st.healthy,
+        "faults": list(st.faults),
+        "switchover_pending": st.switchover_pending,
+        "master_down_s": st.master_down_s,
+        "peers": [
+            {
+                "name": p.name,
+                "addresses": [path.address for path in p.paths],
+                "alive": p.alive,
+                "last_heard_s": round(p.last_heard_age_s, 4),
+                "role": role_label(p.role),
+                "priority": p.priority,
+                "config_digest_match": p.config_digest_match,
+                "healthy_backends": p.healthy_count,
+                "total_backends": p.total_count,
+                "clock_offset_s": None if p.clock_offset_s is None
+                else round(p.clock_offset_s, 4),
+                "clock_skew_warning": p.clock_skew_warning,
+                "key_id": p.key_id,
+                "interval_s": p.interval_s,
+            }
+            for p in st.peers
+        ],
+        "max_clock_skew_s": st.max_clock_skew_s,
+        "clock_skew_warning": st.clock_skew_warning,
+        "rejected_clocks": [
+            {"name": c.name, "offset_s": round(c.offset_s, 3),
+             "last_seen_s": round(c.last_seen_age_s, 3)}
+            for c in st.rejected_clocks
+        ],
+        "keys": [{"id": k.key_id, "signing": k.signing, "verified": k.verified}
+                 for k in st.keys],
+        "gateway": None if st.gateway is None else {
+            "up": st.gateway.up,
+            "targets": [
+                {"target": t.target, "ok": t.ok, "detail": t.detail,
+                 "rtt_ms": None if t.rtt_s is None else _ms(t.rtt_s),
+                 "successes": t.successes, "failures": t.failures}
+                for t in st.gateway.targets
+            ],
+            "interval_s": st.gateway.interval_s,
+            "timeout_s": st.gateway.timeout_s,
+            "fall": st.gateway.fall,
+            "rise": st.gateway.rise,
+            "transitions": st.gateway.transitions,
+        },
+        "counters": {
+            "heartbeats_sent": st.counters.heartbeats_sent,
+            "heartbeats_received": st.counters.heartbeats_received,
+            "rejected": {str(k): n for k, n in st.counters.rejected.items()},
+            "transitions": {
+                f"{role_label(a)}->{role_label(b)}": n
+                for (a, b), n in st.counters.transitions.items()
+            },
+            "late_sends": st.counters.late_sends,
+            "delayed": st.counters.delayed,
+            "vip_errors": st.counters.vip_errors,
+            "interval_clamped": dict(st.counters.interval_clamped),
+        },
+        "handover": {
+            "enabled": st.handover_enabled,
+            "forwarding_to": st.handover_forwarding_to,
+            "forwards": st.handover_forwards,
+        },
+        "send_lag_ms": {
+            "p50": _ms(st.send_lag.p50_s),
+            "p99": _ms(st.send_lag.p99_s),
+            "max": _ms(st.send_lag.max_s),
+        },
+    }
+    if v.process is not None:
+        p = v.process
+        out["heartbeat_gap_ms"] = {
+            "sent_max": _ms(v.sent_gap_max_s or 0.0),
+            "received_max": _ms(v.received_gap_max_s or 0.0),
+        }
+        out["process"] = {
+            "pid": p.pid, "running": p.running, "uptime_s": p.uptime_s,
+            "status_age_s": p.status_age_s, "restarts": p.restarts, "crashes": p.crashes,
+            "hung_kills": p.hung_kills, "crash_loop": p.crash_loop,
+        }
+    return out
+
+
+def to_json(st: NodeStatus) -> dict[str, Any]:
+    """The JSON of GET /status (docs/status.schema.json): the one place it is written."""
+    hc = st.health_checks
+    return {
+        "node": st.node,
+        "version": st.version,
+        "pid": st.pid,
+        "started_at": st.started_at,
+        "uptime_s": st.uptime_s,
+        "config": {
+            "path": st.config.path,
+            "generation": st.config.generation,
+            "digest": st.config.digest,
+            "last_reload": st.config.last_reload,
+        },
+        "listeners": [
+            {"name": lst.name, "bind": lst.bind, "mode": lst.mode, "pool": lst.pool}
+            for lst in st.listeners
+        ],
+        "pools": [
+            {
+                "name": p.name,
+                "balance": p.balance,
+                "panic": p.panic,
+                "usable": p.usable,
+                "enabled": p.enabled,
+                "backends": [_backend_json(b) for b in p.backends],
+            }
+            for p in st.pools
+        ],
+        "workers": [
+            {"index": w.index, "pid": w.pid, "ready": w.ready, "uptime_s": w.uptime_s,
+             "restarts": w.restarts, "crashes": w.crashes, "hung_kills": w.hung_kills,
+             "crash_loop": w.crash_loop}
+            for w in st.workers
+        ],
+        "failover": None if st.failover is None else _failover_json(st.failover),
+        "role": st.role,
+        "events": list(st.events),
+        "health_checks": {
+            "targets": hc.targets,
+            "in_flight": hc.in_flight,
+            "checks": hc.checks,
+            "lateness_ms": {
+                "p50": _ms(hc.lateness_p50_s),
+                "p99": _ms(hc.lateness_p99_s),
+                "max": _ms(hc.lateness_max_s),
+            },
+            "lateness_max_ms": {
+                "10s": _ms(hc.lateness_max_10s_s),
+                "60s": _ms(hc.lateness_max_60s_s),
+            },
+        },
+        "ready": st.ready,
+    }
