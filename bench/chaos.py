@@ -460,7 +460,7 @@ fall = 3
 
     def start_wire(self, limit_s: float) -> None:
         """Capture each node's heartbeats at the other node's NIC for the run (AF_PACKET,
-        kernel receive stamps: tests/failover_e2e.heartbeat_arrivals)."""
+        kernel receive stamps: lab.pair_rig.heartbeat_arrivals)."""
         for sender, receiver in (demo_net.LBS, demo_net.LBS[::-1]):
             stop = threading.Event()
             box: dict[str, Any] = {}

@@ -147,7 +147,7 @@ check "runs as uid $uid (dynamic), CapEff $caps (= NET_BIND_SERVICE|NET_ADMIN|NE
     test "$uid" -ge 61184 -a "$caps" = 0000000000003400 -a "$nnp" = 1 -a "$seccomp" = 2
 nices=$(C ps -o ni= --ppid "$main" | tr -s ' \n' ' ')
 check "workers reniced themselves (setpriority allowed): nice$nices" grep -q 5 <<<"$nices"
-workers=$(C pgrep -P "$main" -f 'lb[.]worker' | tr '\n' ' ')
+workers=$(C pgrep -P "$main" -f 'lb[.]data[.]worker' | tr '\n' ' ')
 wbad=0
 for w in $workers; do
     wst=$(C awk '/^(Uid|CapInh|CapPrm|CapEff|CapAmb|NoNewPrivs):/{printf "%s%s ", $1, $2}' "/proc/$w/status")

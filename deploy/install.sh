@@ -102,7 +102,7 @@ source_digest() {
     if [ -n "$WHEELHOUSE" ]; then
         (cd "$WHEELHOUSE" && find . -maxdepth 1 -name '*.whl' -type f | LC_ALL=C sort | xargs -r sha256sum)
     else
-        (cd "$SOURCE" && find pyproject.toml lb healthcheck failover -type f \
+        (cd "$SOURCE" && find pyproject.toml lb healthcheck failover lab -type f \
             \( -name '*.py' -o -name '*.toml' -o -name 'py.typed' \) -not -path '*/__pycache__/*' \
             | LC_ALL=C sort | xargs sha256sum)
     fi | sha256sum | cut -d' ' -f1

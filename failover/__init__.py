@@ -30,6 +30,13 @@ from failover.codec import (
     write_secret,
 )
 from failover.controller import (
+    CLOCK_SKEW_MAX_S,
+    CLOCK_SKEW_MIN_S,
+    INTERVAL_MAX_S,
+    INTERVAL_MIN_S,
+    TRACK_COUNT_MAX,
+    TRACK_INTERVAL_MIN_S,
+    TRACK_MAX_S,
     FailoverConfigError,
     FailoverController,
     FailoverCounters,
@@ -44,7 +51,11 @@ from failover.controller import (
 from failover.handover import Handover, HandoverError
 from failover.hooks import HookResult, HookRunner
 from failover.machine import (
+    DOWN_AFTER_MAX,
+    DOWN_AFTER_MIN,
     HEALTH_FAULT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     IllegalEvent,
     IllegalTransition,
     MachineError,
@@ -76,9 +87,20 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CLOCK_SKEW_MAX_S",
+    "CLOCK_SKEW_MIN_S",
     "DIGEST_LEN",
+    "DOWN_AFTER_MAX",
+    "DOWN_AFTER_MIN",
     "GATEWAY_FAULT",
     "HEALTH_FAULT",
+    "INTERVAL_MAX_S",
+    "INTERVAL_MIN_S",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
+    "TRACK_COUNT_MAX",
+    "TRACK_INTERVAL_MIN_S",
+    "TRACK_MAX_S",
     "Address",
     "FailoverConfigError",
     "FailoverController",

@@ -82,6 +82,7 @@ Anti-replay (`ReplayGuard`), per sender name:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -440,6 +441,9 @@ def read_secret(path: str, max_bytes: int = 64 * 1024) -> bytes:
     except FileNotFoundError:
         raise SecretFileError(path, "missing", "No such file or directory") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SecretFileError(path, "unreadable", "is a symbolic link (refused, not "
+                                  "followed): point at the file itself") from None
         raise SecretFileError(path, "unreadable", str(exc.strerror)) from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())

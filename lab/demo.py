@@ -925,7 +925,8 @@ def cleanup(out: TextIO) -> int:
             continue
         if state.get("mode") == "loopback":
             for name, p in (state.get("pids") or {}).items():
-                needle = "lb run" if name == "lb1" else "lb.demo_"
+                needle = ("lb run" if name == "lb1"
+                          else "lab.load" if name == "load" else "lab.cluster backend")
                 if isinstance(p, int) and demo_net.is_ours(p, needle):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p, signal.SIGCONT)
@@ -983,7 +984,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=DEFAULT_DURATION_S)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--cleanup", action="store_true")
-    return main(p.parse_args(argv))
+    try:
+        return main(p.parse_args(argv))
+    except KeyboardInterrupt:
+        return 130  # as `pairlb` exits on Ctrl-C: quietly
 
 
 if __name__ == "__main__":

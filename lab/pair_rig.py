@@ -700,7 +700,7 @@ def restart_after_kill(rig: Rig, name: str) -> list[Outcome]:
     if not rig.settings.preempt:
         out.takeover_s = None
     removed = [t for t, present in rig.watch.changes("lb1", t_start) if not present]
-    joined = rig.log_time("lb1", "from=init to=backup")
+    joined = rig.log_time("lb1", "from=INIT to=BACKUP")
     out.extra.update({
         "stale_vip_before_start": stale_before,
         "stale_vip_removed_s": round(removed[0] - t_start, 3) if removed else None,
@@ -1126,7 +1126,7 @@ def kill9_failover_process(rig: Rig) -> list[Outcome]:
     new = rig.failover_pid("lb1")
     rig.wait_for("lb1 MASTER again", lambda: rig.role("lb1") == "MASTER", 10.0)
     rig.wait_for("the VIP on lb1 only", lambda: rig.watch.holding() == {"lb1"}, 5.0, 0.005)
-    t_recovered = rig.log_time("lb1", "from=init to=backup", after=t_fault)
+    t_recovered = rig.log_time("lb1", "from=INIT to=BACKUP", after=t_fault)
     if t_recovered is None:
         raise RigError(f"lb1's new failover process never joined\n{rig.log_tail('lb1')}")
     settle(rig, "lb1", t_recovered)
@@ -1176,7 +1176,7 @@ def failover_hung(rig: Rig) -> list[Outcome]:
             os.kill(old, signal.SIGCONT)  # dead by now, or it must not stay stopped
     rig.wait_for("lb1 MASTER again", lambda: rig.role("lb1") == "MASTER", 10.0)
     rig.wait_for("the VIP on lb1 only", lambda: rig.watch.holding() == {"lb1"}, 5.0, 0.005)
-    t_recovered = rig.log_time("lb1", "from=init to=backup", after=t_fault)
+    t_recovered = rig.log_time("lb1", "from=INIT to=BACKUP", after=t_fault)
     if t_recovered is None:
         raise RigError(f"lb1's new failover process never joined\n{rig.log_tail('lb1')}")
     settle(rig, "lb1", t_recovered)

@@ -92,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     becomes ``python -m lab.demo`` (same PID, so signals and exit status are the demo's)."""
     import os
 
-    argv = [sys.executable, "-m", "lab.demo", "--duration", str(args.duration)]
+    # -P: never the working directory first on sys.path (the demo often runs as root).
+    argv = [sys.executable, "-P", "-m", "lab.demo", "--duration", str(args.duration)]
     argv += ["--keep"] if args.keep else []
     argv += ["--cleanup"] if args.cleanup else []
     sys.stdout.flush()

@@ -35,7 +35,6 @@ from pydantic import (
 )
 
 import failover
-from failover import machine as failover_machine
 from healthcheck import COUNT_MAX, JITTER_MAX, CheckSpec
 
 
@@ -405,8 +404,7 @@ _FO: dict[str, Any] = {
     if f.default is not dataclasses.MISSING
 }
 """Defaults of the [failover] settings live in ``failover.FailoverSpec``, their bounds in
-failover.controller / failover.machine; read from there."""
-_FC = failover.controller
+failover (PRIORITY_*, DOWN_AFTER_*, INTERVAL_*, ...); read from there."""
 DEFAULT_HEARTBEAT_INTERVAL_S: float = _FO["interval_s"]
 """The default heartbeat interval; demo, chaos and tests run on it."""
 
@@ -417,7 +415,7 @@ class FailoverConfig(_Model):
     vips: Annotated[tuple[str, ...], Field(min_length=1)]
     """Virtual IPs with prefix length, IPv4 and/or IPv6."""
     priority: Annotated[
-        int, Field(ge=failover_machine.PRIORITY_MIN, le=failover_machine.PRIORITY_MAX)
+        int, Field(ge=failover.PRIORITY_MIN, le=failover.PRIORITY_MAX)
     ] = 100
     """Higher wins the election; ties go to the higher address. 0 is reserved for leaving."""
     peers: Annotated[tuple[str, ...], Field(min_length=1)]
@@ -438,18 +436,18 @@ class FailoverConfig(_Model):
     one of them). Heartbeats are signed with the first and accepted with any; a reload reads
     them again (docs/operations.md, "Rotating the failover key")."""
     max_clock_skew_s: Annotated[
-        float, Field(ge=_FC.CLOCK_SKEW_MIN_S, le=_FC.CLOCK_SKEW_MAX_S)
+        float, Field(ge=failover.CLOCK_SKEW_MIN_S, le=failover.CLOCK_SKEW_MAX_S)
     ] = _FO["max_clock_skew_s"]
     """How far a peer's clock may be from ours for its heartbeats to be heard after either
     node restarts (the anti-replay window; keep clocks in sync with NTP). pairlb measures
     each peer's offset and warns past half of this. A reload applies a change."""
     interval_s: Annotated[
-        float, Field(ge=_FC.INTERVAL_MIN_S, le=_FC.INTERVAL_MAX_S)
+        float, Field(ge=failover.INTERVAL_MIN_S, le=failover.INTERVAL_MAX_S)
     ] = DEFAULT_HEARTBEAT_INTERVAL_S
     """Heartbeat interval. The peer is declared dead after down_after x interval + skew
     (skew = (256 - priority)/256 x interval): ~0.11 s with the defaults."""
     down_after: Annotated[
-        int, Field(ge=failover_machine.DOWN_AFTER_MIN, le=failover_machine.DOWN_AFTER_MAX)
+        int, Field(ge=failover.DOWN_AFTER_MIN, le=failover.DOWN_AFTER_MAX)
     ] = _FO["down_after"]
     """Missed intervals (plus skew) before the peer is declared dead."""
     preempt: bool = _FO["preempt"]
@@ -477,19 +475,19 @@ class FailoverConfig(_Model):
     (ARP on the VIP interface). While none answers, the node is in FAULT: it does not claim
     the VIP, and releases it if it holds it."""
     track_gateway_interval_s: Annotated[
-        float, Field(ge=_FC.TRACK_INTERVAL_MIN_S, le=_FC.TRACK_MAX_S)
+        float, Field(ge=failover.TRACK_INTERVAL_MIN_S, le=failover.TRACK_MAX_S)
     ] = _FO["track_gateway_interval_s"]
     """How often the track_gateway targets are probed (all at once)."""
     track_gateway_timeout_s: Annotated[
-        float, Field(gt=0, le=_FC.TRACK_MAX_S)
+        float, Field(gt=0, le=failover.TRACK_MAX_S)
     ] = _FO["track_gateway_timeout_s"]
     """A probe without an answer within this failed."""
     track_gateway_fall: Annotated[
-        int, Field(ge=1, le=_FC.TRACK_COUNT_MAX)
+        int, Field(ge=1, le=failover.TRACK_COUNT_MAX)
     ] = _FO["track_gateway_fall"]
     """Rounds in a row without any answer before the gateway counts as unreachable."""
     track_gateway_rise: Annotated[
-        int, Field(ge=1, le=_FC.TRACK_COUNT_MAX)
+        int, Field(ge=1, le=failover.TRACK_COUNT_MAX)
     ] = _FO["track_gateway_rise"]
     """Rounds in a row with an answer before it counts as reachable again (the first answer
     after start-up is enough)."""

@@ -55,10 +55,10 @@ def admin_url_from_bind(bind: str) -> str:
 
 def resolve(args: argparse.Namespace) -> tuple[str, str | None]:
     """(admin base URL, token or None) from the flags and the config file."""
-    from lb import config as config_mod
-
     cfg: config_mod.Config | None = None
     if args.config:
+        from lb import config as config_mod
+
         try:
             cfg = config_mod.load(args.config)
         except config_mod.ConfigError as exc:
@@ -70,12 +70,15 @@ def resolve(args: argparse.Namespace) -> tuple[str, str | None]:
     token_file = args.token_file or (cfg.admin.token_file if cfg else None)
     token = None
     if token_file:
-        from failover import SecretFileError, read_secret  # the daemon's reader, same rules
-
+        # As given, unlike the daemon's secrets at rest (failover.read_secret): the client's
+        # copy may come from a pipe (`--token-file <(pass show pairlb)`), /dev/stdin or a
+        # file an operators' group shares.
         try:
-            token = read_secret(token_file, 4096).decode("utf-8", "replace")
-        except SecretFileError as exc:
-            raise ClientError(f"cannot read token file {token_file}: {exc.detail}",
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ClientError(f"cannot read token file {token_file}: {why}",
                               EXIT_USAGE) from None
     return url, token
 

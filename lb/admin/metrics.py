@@ -750,10 +750,11 @@ class PairlbCollector:
         add("pairlb_failover_alive_peers", [], float(sum(1 for p in fo.peers if p.alive)))
         c = fo.counters
         add("pairlb_heartbeat_late_sends_total", [], c.late_sends)
-        add("pairlb_heartbeat_send_lag_p99_seconds", [], fo.send_lag.p99_s)
-        add("pairlb_heartbeat_send_lag_max_seconds", [], fo.send_lag.max_s)
-        add("pairlb_heartbeat_send_gap_max_seconds", [], view.sent_gap_max_s or 0.0)
-        add("pairlb_heartbeat_receive_gap_max_seconds", [], view.received_gap_max_s or 0.0)
+        # Whole microseconds, as /status shows them (milliseconds to 3 places).
+        add("pairlb_heartbeat_send_lag_p99_seconds", [], _us(fo.send_lag.p99_s))
+        add("pairlb_heartbeat_send_lag_max_seconds", [], _us(fo.send_lag.max_s))
+        add("pairlb_heartbeat_send_gap_max_seconds", [], _us(view.sent_gap_max_s or 0.0))
+        add("pairlb_heartbeat_receive_gap_max_seconds", [], _us(view.received_gap_max_s or 0.0))
         process = view.process  # None: a controller in this process (tests)
         add("pairlb_failover_process_up", [], 1.0 if process is None or process.running else 0.0)
         add("pairlb_failover_process_restarts_total", [], process.restarts if process else 0)
@@ -776,7 +777,7 @@ class PairlbCollector:
         offsets: dict[str, float] = {}
         for peer in fo.peers:
             name = peer.name or ",".join(path.address for path in peer.paths) or "?"
-            add("pairlb_peer_heartbeat_age_seconds", [name], peer.last_heard_age_s)
+            add("pairlb_peer_heartbeat_age_seconds", [name], round(peer.last_heard_age_s, 4))
             prole = role_label(peer.role)
             for r in ROLES[:4]:
                 add("pairlb_peer_role", [name, r], 1.0 if r == prole else 0.0)
@@ -896,6 +897,10 @@ def parse_selection(scope_args: Sequence[str], series_arg: str | None, default: 
             f"unknown backend_series {series[:32]!r}: use {', '.join(BACKEND_SERIES)}"
         )
     return Selection(frozenset(scopes), series)
+
+
+def _us(seconds: float) -> float:
+    return round(seconds * 1000, 3) / 1000
 
 
 def _in_service(b: BackendStatus) -> bool:
