@@ -90,6 +90,9 @@ class FailoverConfigError(FailoverError, ValueError):
     """A FailoverSpec value breaks a rule; the message names the key, value and rule."""
 
 
+LIVE_FIELDS = ("key", "verify_keys", "max_clock_skew_s", "config_digest")
+"""What `FailoverController.reconfigure` applies live (a reload); the rest waits for a restart."""
+
 # Bounds of the settings an operator writes in [failover], here once: FailoverSpec checks
 # them and lb.config declares them from these (its defaults are FailoverSpec's).
 INTERVAL_MIN_S = 0.005
@@ -598,8 +601,7 @@ class FailoverController:
         """Apply what a reload may change live: the keys (a rotation), max_clock_skew_s and
         the config digest. Returns the names of the other fields that differ, which only a
         restart applies (the VIP never moves on reload)."""
-        live = ("key", "verify_keys", "max_clock_skew_s", "config_digest")
-        pending = tuple(f.name for f in fields(FailoverSpec) if f.name not in live
+        pending = tuple(f.name for f in fields(FailoverSpec) if f.name not in LIVE_FIELDS
                         and getattr(spec, f.name) != getattr(self.spec, f.name))
         old = self.spec
         self.spec = replace(old, key=spec.key, verify_keys=spec.verify_keys,

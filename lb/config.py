@@ -36,6 +36,7 @@ from pydantic import (
 
 import failover
 from healthcheck import COUNT_MAX, JITTER_MAX, CheckSpec
+from lb.failoverd import link as failover_link
 
 
 class ConfigError(Exception):
@@ -396,6 +397,14 @@ class PoolConfig(_Model):
             if b.name in seen:
                 raise ValueError(f"duplicate backend name {b.name!r}")
             seen.add(b.name)
+            o = b.health
+            if o is not None and (o.timeout_s is not None or o.interval_s is not None):
+                # The pool's rule, on what this backend is really checked with.
+                timeout = o.timeout_s if o.timeout_s is not None else self.health.timeout_s
+                interval = o.interval_s if o.interval_s is not None else self.health.interval_s
+                rule = CheckSpec.timeout_rule(timeout, interval)
+                if rule is not None:
+                    raise ValueError(f"backend {b.name!r}: health.timeout_s {rule}")
         return self
 
 
@@ -405,6 +414,13 @@ _FO: dict[str, Any] = {
 }
 """Defaults of the [failover] settings live in ``failover.FailoverSpec``, their bounds in
 failover (PRIORITY_*, DOWN_AFTER_*, INTERVAL_*, ...); read from there."""
+_LINK: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(failover_link.Spec)
+    if f.default is not dataclasses.MISSING
+}
+"""Defaults of the failover process's own settings (GARP, scheduling, the control
+timeout) live in lb.failoverd.link.Spec, which the failover process reads without loading
+this module."""
 DEFAULT_HEARTBEAT_INTERVAL_S: float = _FO["interval_s"]
 """The default heartbeat interval; demo, chaos and tests run on it."""
 
@@ -460,11 +476,11 @@ class FailoverConfig(_Model):
     """Scripts run in order on each transition: SCRIPT ROLE_FROM ROLE_TO NODE."""
     notify_timeout_s: Seconds = _FO["notify_timeout_s"]
     """A notify script running longer is killed."""
-    garp_count: Annotated[int, Field(ge=1, le=100)] = 5
+    garp_count: Annotated[int, Field(ge=1, le=100)] = _LINK["garp_count"]
     """Gratuitous ARPs / unsolicited NAs per burst."""
-    garp_interval_s: NonNegSeconds = 0.01
+    garp_interval_s: NonNegSeconds = _LINK["garp_interval_s"]
     """Spacing inside a burst."""
-    garp_repeat_after_s: NonNegSeconds = 5.0
+    garp_repeat_after_s: NonNegSeconds = _LINK["garp_repeat_after_s"]
     """A second burst this long after taking the VIP (0: none)."""
     handover_forward_s: NonNegSeconds = _FO["handover_forward_s"]
     """After taking the VIP from a live peer, pass packets of the connections it still
@@ -492,16 +508,16 @@ class FailoverConfig(_Model):
     """Rounds in a row with an answer before it counts as reachable again (the first answer
     after start-up is enough)."""
 
-    control_timeout_s: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    control_timeout_s: Annotated[float, Field(ge=1, le=3600)] = _LINK["control_timeout_s"]
     """The failover process (heartbeats, VIP) runs apart from the control process (checks,
     admin, metrics) and never waits for it; a control process silent this long makes the
     node count as unhealthy (a healthy peer takes the VIP; with none, the best node keeps
     it) until it answers again."""
-    sched_priority: Annotated[int, Field(ge=0, le=99)] = 0
+    sched_priority: Annotated[int, Field(ge=0, le=99)] = _LINK["sched_priority"]
     """1..99: run the failover process SCHED_RR at this real-time priority (needs
     CAP_SYS_NICE or LimitRTPRIO=, and RestrictRealtime=no in the unit); 0: normal
     scheduling at ``nice``. Refused: one warning, then ``nice``."""
-    nice: Annotated[int, Field(ge=-20, le=19)] = -10
+    nice: Annotated[int, Field(ge=-20, le=19)] = _LINK["nice"]
     """Niceness of the failover process under normal scheduling (lower is first). Below 0
     needs CAP_SYS_NICE or LimitNICE= (the shipped unit sets LimitNICE=-10); refused: one
     warning, and it runs at the control process's."""
@@ -522,11 +538,10 @@ class FailoverConfig(_Model):
     @classmethod
     def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for p in v:
-            host = parse_hostport(p, default_port=1)[0]
             try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                raise ValueError(f"peer must be an IP address (got {p!r})") from None
+                failover.parse_peer(p)  # what the failover process will parse them with
+            except ValueError as exc:
+                raise ValueError(f"peer {p!r}: {exc}") from None
         return v
 
     @field_validator("track_gateway", mode="before")

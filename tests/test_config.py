@@ -436,3 +436,29 @@ def test_check_config_ok_with_good_secrets(tmp_path: Path) -> None:
     path.write_text(CONTRACT + f'[admin]\ntoken_file = "{token}"\n')
     r = _cli("check-config", str(path))
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+
+
+def test_a_backends_own_check_timeout_follows_the_pools_rule() -> None:
+    """timeout_s <= interval_s holds for what a backend is really checked with: its own
+    override against the pool's interval, or the pool's timeout against its own."""
+    text = CONTRACT.replace(
+        '{ name = "web1", address = "127.0.0.1:9001" },',
+        '{ name = "web1", address = "127.0.0.1:9001", health = { timeout_s = 2.0 } },',
+    )
+    with pytest.raises(c.ConfigError) as ei:
+        c.loads(text)
+    assert any("backend 'web1': health.timeout_s must be <= interval_s" in e
+               for e in ei.value.errors), ei.value.errors
+    ok = CONTRACT.replace(
+        '{ name = "web1", address = "127.0.0.1:9001" },',
+        '{ name = "web1", address = "127.0.0.1:9001", '
+        'health = { timeout_s = 2.0, interval_s = 3.0 } },',
+    )
+    c.loads(ok)
+
+
+@pytest.mark.parametrize("peer", ["fd00::2", "[fd00::2]:5405", "192.0.2.3", "192.0.2.3:5405"])
+def test_peers_are_parsed_as_the_failover_process_parses_them(peer: str) -> None:
+    """A bare IPv6 peer is valid to failover, so it is valid here (it was refused)."""
+    cfg = c.loads(CONTRACT + FAILOVER.replace('peers = ["192.0.2.12"]', f'peers = ["{peer}"]'))
+    assert cfg.failover is not None and cfg.failover.peers == (peer,)

@@ -46,11 +46,8 @@ PROCESS_FAULT = "failover_process"
 """The fault shown while no failover process runs (between a crash and its restart)."""
 START_GRACE_S = 15.0
 """On top of the VIP timeout: how long a new failover process may take to start (imports)."""
-STALL_S = 0.5
 RELEASE_TIMEOUT_S = 2.0
 """How long removing a dead failover process's VIPs may take (netlink answers in ms)."""
-LIVE_FIELDS = ("key", "verify_keys", "max_clock_skew_s", "config_digest")
-"""What FailoverController.reconfigure applies live (a reload); the rest waits for a restart."""
 
 
 class FailoverProcess:
@@ -156,7 +153,7 @@ class FailoverProcess:
                 self._status, max_clock_skew_s=spec.max_clock_skew_s,
                 keys=tuple(failover.KeyStatus(i, n == 0, verified.get(i, 0))
                            for n, i in enumerate(ids)))
-        return tuple(f.name for f in dataclasses.fields(spec) if f.name not in LIVE_FIELDS
+        return tuple(f.name for f in dataclasses.fields(spec) if f.name not in failover.LIVE_FIELDS
                      and getattr(spec, f.name) != getattr(old, f.name))
 
     # -- life ---------------------------------------------------------------------------------
@@ -432,7 +429,7 @@ class FailoverProcess:
                 self.keepalive_s, self.spec.control_timeout_s / 5)
             await asyncio.sleep(every)
             now = loop.time()
-            if now - last > every + STALL_S:
+            if now - last > every + link.STALL_S:
                 self.last_heard = max(self.last_heard, time.monotonic())  # we stalled, not it
             last = now
             if self.stopping or not self._alive():

@@ -29,6 +29,9 @@ from lb import channel
 
 VERSION = 1
 """Bump on any change that an older peer would misread."""
+STALL_S = 0.5
+"""A periodic tick this much later than planned means the process was stopped or starved
+(both ends watch their own loop with it)."""
 
 
 class LinkError(channel.ChannelError):
@@ -55,7 +58,8 @@ class Spec:
     status_interval_s: float = 0.2
     sched_priority: int = 0
     """1..99: SCHED_RR at this priority; 0: normal scheduling."""
-    nice: int = 0
+    nice: int = -10
+    """Niceness under normal scheduling (the shipped unit allows -10: LimitNICE=)."""
     oom_score_adj: int = 0
     """Lowered to this when permitted (lb.sysutil.lower_oom_score_adj)."""
     log_level: str = "info"

@@ -45,8 +45,6 @@ log = logging.getLogger("lb.failoverd.main")
 MAX_BACKLOG = 256 * 1024
 """Unsent bytes toward a control process that does not read, beyond which periodic status
 messages are dropped (role changes and answers still go)."""
-STALL_S = 0.5
-"""A tick this much later than planned means this process itself was stopped or starved."""
 GAP_SAMPLES = 4096
 MAX_TIMED_SOURCES = 256
 """Addresses whose receive gaps are timed at once (in multicast mode without peers, anyone)."""
@@ -428,7 +426,7 @@ class FailoverMain:
             interval = self.spec.status_interval_s if self.spec is not None else 0.2
             await asyncio.sleep(interval)
             now = loop.time()
-            if now - last > interval + STALL_S:
+            if now - last > interval + link.STALL_S:
                 # We were stopped or starved ourselves: that is not the control's silence.
                 self.last_heard = max(self.last_heard, now - interval)
             last = now
