@@ -1,7 +1,7 @@
 """Failover: heartbeat codec, role machine, UDP transport, VIP adapter, partition guard.
 
 Imports nothing from lb or healthcheck. The names below are the public API (lb.control.daemon wires
-them); everything else is internal. `VipAdapter` and `VipError` load failover.vip (and so
+them); everything else is internal. `VipAdapter` and `VipError` load failover.adapters.vip (and so
 pyroute2) only when first used, so `pairlb keygen` and pure tests never import netlink code.
 """
 
@@ -9,26 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from failover.codec import (
-    DIGEST_LEN,
-    Heartbeat,
-    HeartbeatFlags,
-    HeartbeatRejected,
-    KeyFileError,
-    RejectReason,
-    ReplayGuard,
-    SecretFileError,
-    bound_interval,
-    decode,
-    decode_any,
-    encode,
-    generate_key,
-    key_id,
-    load_key,
-    read_secret,
-    write_key_file,
-    write_secret,
+from failover.adapters.handover import Handover, HandoverError
+from failover.adapters.hooks import HookResult, HookRunner
+from failover.adapters.track import (
+    GATEWAY_FAULT,
+    GatewayStatus,
+    GatewayTracker,
+    TargetStatus,
+    TrackError,
+    parse_target,
 )
+from failover.adapters.transport import TransportError, UdpTransport, parse_peer
 from failover.controller import (
     CLOCK_SKEW_MAX_S,
     CLOCK_SKEW_MIN_S,
@@ -49,9 +40,27 @@ from failover.controller import (
     PeerStatus,
     SendLag,
 )
-from failover.handover import Handover, HandoverError
-from failover.hooks import HookResult, HookRunner
-from failover.machine import (
+from failover.core.codec import (
+    DIGEST_LEN,
+    Heartbeat,
+    HeartbeatFlags,
+    HeartbeatRejected,
+    KeyFileError,
+    RejectReason,
+    ReplayGuard,
+    SecretFileError,
+    bound_interval,
+    decode,
+    decode_any,
+    encode,
+    generate_key,
+    key_id,
+    load_key,
+    read_secret,
+    write_key_file,
+    write_secret,
+)
+from failover.core.machine import (
     DOWN_AFTER_MAX,
     DOWN_AFTER_MIN,
     HEALTH_FAULT,
@@ -64,24 +73,15 @@ from failover.machine import (
     master_down_s,
     skew_s,
 )
-from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
-from failover.track import (
-    GATEWAY_FAULT,
-    GatewayStatus,
-    GatewayTracker,
-    TargetStatus,
-    TrackError,
-    parse_target,
-)
-from failover.transport import TransportError, UdpTransport, parse_peer
+from failover.core.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
 
 if TYPE_CHECKING:
-    from failover.vip import VipAdapter, VipError
+    from failover.adapters.vip import VipAdapter, VipError
 
 
 def __getattr__(name: str) -> Any:
     if name in ("VipAdapter", "VipError"):
-        from failover import vip
+        from failover.adapters import vip
 
         return getattr(vip, name)
     raise AttributeError(f"module 'failover' has no attribute {name!r}")

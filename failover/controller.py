@@ -3,7 +3,7 @@
 Owns the machine state, the heartbeat transport, the timers, the VIP port and the hooks,
 and nothing else: the daemon (lb.control.daemon) creates it, feeds it local health and carrier
 events, and hears about role changes through `on_role_change`. Imports nothing from lb or
-healthcheck; the VIP and the network come in through `failover.ports`.
+healthcheck; the VIP and the network come in through `failover.core.ports`.
 
 How it keeps its promises:
 
@@ -25,7 +25,7 @@ How it keeps its promises:
   (codec.bound_interval) before it sets that peer's master_down.
 - Each peer's clock offset is measured from its fastest recent heartbeat and warned about
   past half of max_clock_skew_s (the replay window: beyond it a restarted node is not heard).
-- Partition guard (failover.track): with `track_gateway`, a node whose gateway does not
+- Partition guard (failover.adapters.track): with `track_gateway`, a node whose gateway does not
   answer is in FAULT (the probes run in a task of their own, off the heartbeat path).
 - Graceful stop is make-before-break: priority 0 heartbeats; a peer takes over after its
   Skew_Time; we release when we hear it as MASTER (or after `leave_timeout_s`, or at once
@@ -45,8 +45,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
-from failover import machine
-from failover.codec import (
+from failover.adapters.hooks import HookRunner
+from failover.adapters.track import (
+    GATEWAY_FAULT,
+    GatewayStatus,
+    GatewayTracker,
+    ProbeFn,
+    parse_target,
+)
+from failover.adapters.transport import DEFAULT_PORT, UdpTransport, parse_peer
+from failover.core import machine
+from failover.core.codec import (
     DIGEST_LEN,
     MAX_INTERVAL_MS,
     MAX_NAME_LEN,
@@ -61,8 +70,7 @@ from failover.codec import (
     encode,
     key_id,
 )
-from failover.hooks import HookRunner
-from failover.machine import (
+from failover.core.machine import (
     AcquireVip,
     Action,
     Advert,
@@ -74,9 +82,7 @@ from failover.machine import (
     RunHooks,
     SendHeartbeat,
 )
-from failover.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
-from failover.track import GATEWAY_FAULT, GatewayStatus, GatewayTracker, ProbeFn, parse_target
-from failover.transport import DEFAULT_PORT, UdpTransport, parse_peer
+from failover.core.ports import Address, FailoverError, HandoverPort, HeartbeatTransport, VipPort
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,7 @@ LIVE_FIELDS = ("key", "verify_keys", "max_clock_skew_s", "config_digest")
 INTERVAL_MIN_S = 0.005
 INTERVAL_MAX_S = MAX_INTERVAL_MS / 1000
 """Heartbeat interval: under 5 ms the timer cannot keep time; above, peers bound it anyway
-(failover.codec.bound_interval)."""
+(failover.core.codec.bound_interval)."""
 CLOCK_SKEW_MIN_S = 1.0
 CLOCK_SKEW_MAX_S = 3600.0
 TRACK_INTERVAL_MIN_S = 0.01
@@ -141,9 +147,10 @@ class FailoverSpec:
     vip_retry_s: float = 1.0
     handover_forward_s: float = 30.0
     """After taking the VIP from a live peer: how long packets of its connections are
-    passed to it (failover.handover); 0 disables."""
+    passed to it (failover.adapters.handover); 0 disables."""
     track_gateway: tuple[str, ...] = ()
-    """Partition guard targets (failover.track): while none answers, this node is in FAULT."""
+    """Partition guard targets (failover.adapters.track): while none answers, this node is
+    in FAULT."""
     track_gateway_interval_s: float = 0.5
     track_gateway_timeout_s: float = 0.5
     track_gateway_fall: int = 3

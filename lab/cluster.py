@@ -21,7 +21,7 @@ Run as a script it is those helper programs: ``backend NAME HOST:PORT JOURNAL`` 
 ``forward PORT=NETNS:HOST:PORT ...`` (a loopback TCP forwarder from the root namespace into
 the namespaces, so ``--keep`` can print admin URLs a browser can open).
 
-Must not import pyroute2 (only failover/vip.py may): VipWatch speaks rtnetlink with
+Must not import pyroute2 (only failover/adapters/vip.py may): VipWatch speaks rtnetlink with
 ``socket`` and ``struct``. Imports lb (config, netns) and failover's public names only.
 """
 

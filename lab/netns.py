@@ -11,7 +11,7 @@ The root namespace is never touched: devices are created directly inside our nam
 called setns(2), which moves only that thread. Addresses come from TEST-NET (192.0.2.0/24,
 198.51.100.0/24) and ULA (fd00::/8) and exist only inside our namespaces.
 
-Must not import pyroute2 (only failover/vip.py may) nor healthcheck or failover: this is
+Must not import pyroute2 (only failover/adapters/vip.py may) nor healthcheck or failover: this is
 infrastructure their tests stand on. Tests import it as ``netns`` (lab/netns.py aliases it).
 """
 

@@ -22,7 +22,7 @@ What is measured, and how, without trusting the code under test:
 
 Run as a script it is the two helper programs (`backend NAME HOST:PORT`, `probe HOST OUT`).
 Imports lab.netns (stdlib only) at the top, the rest of lb and failover lazily (the helpers
-must start fast); never pyroute2 (only failover/vip.py may).
+must start fast); never pyroute2 (only failover/adapters/vip.py may).
 """
 
 from __future__ import annotations

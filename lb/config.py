@@ -8,7 +8,7 @@ config: callers get a ``ConfigError`` and decide; nothing here has side effects.
 Imports nothing from the rest of lb. The defaults and bounds of the settings the leaf
 packages own are read from them, so each is written once: [pool.health] from
 ``healthcheck.CheckSpec``, [failover] from ``failover.FailoverSpec`` and the bounds in
-failover.controller and failover.machine.
+failover.controller and failover.core.machine.
 """
 
 from __future__ import annotations

@@ -372,7 +372,7 @@ class FakeFailover:
     def view(self) -> status_mod.FailoverView:
         """The typed view the daemon's status() gives (lb.control.status.FailoverView)."""
         import failover
-        from failover.track import GatewayStatus, TargetStatus
+        from failover.adapters.track import GatewayStatus, TargetStatus
 
         role = failover.Role(self.role.lower())
         peer = failover.PeerStatus(

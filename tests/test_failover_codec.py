@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from failover.codec import (
+from failover.core.codec import (
     HEADER_LEN,
     MAC_LEN,
     MAGIC,
@@ -38,7 +38,7 @@ from failover.codec import (
     load_key,
     write_key_file,
 )
-from failover.machine import Role
+from failover.core.machine import Role
 
 KEY = b"k" * 32
 NOW_MS = 1_750_000_000_000

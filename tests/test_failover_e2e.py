@@ -113,7 +113,7 @@ def test_graceful_stop_loses_nothing(rig: fe.Rig) -> None:
     assert out.takeover_s is not None, why
     assert out.extra["lb1_exit"] == 0, why
     assert out.unheld_s == 0.0, why  # make-before-break
-    assert out.failed == 0, why  # in-flight and half-open connections: failover.handover
+    assert out.failed == 0, why  # in-flight and half-open connections: failover.adapters.handover
 
 
 def test_planned_switchover_loses_nothing(rig: fe.Rig) -> None:
@@ -146,7 +146,7 @@ def _get_on(sock: socket.socket, host: str) -> tuple[int, str, bool]:
 def test_connections_open_at_a_switchover_are_finished_by_the_old_holder(rig: fe.Rig) -> None:
     """The handshake race made deterministic: connections accepted by lb1, their request
     sent only after the client moved to lb2's MAC. lb2 passes their packets to lb1
-    (failover.handover), lb1 answers from the VIP it no longer holds and closes them; a new
+    (failover.adapters.handover), lb1 answers from the VIP it no longer holds and closes them; a new
     connection is served by lb2. Without the handover each would be reset by lb2."""
     rig.steady(fe.DEFAULT)
     vip = rig.vip

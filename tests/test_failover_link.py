@@ -52,7 +52,7 @@ def a_status() -> failover.FailoverStatus:
         more["keys"] = (failover.KeyStatus("0123abcd", True, 7),
                         failover.KeyStatus("89abcdef", False, 0))
     if "gateway" in status_fields:
-        from failover.track import GatewayStatus, TargetStatus
+        from failover.adapters.track import GatewayStatus, TargetStatus
 
         more["gateway"] = GatewayStatus(
             up=None, targets=(TargetStatus("192.0.2.1:80", None, "", None, 0, 0),

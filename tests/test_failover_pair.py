@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 
 from failover import FailoverController, FailoverSpec, Role, master_down_s, skew_s
-from failover.codec import Heartbeat, HeartbeatFlags, encode, key_id
-from failover.codec import RejectReason as R
-from failover.hooks import HookRunner
-from failover.ports import Address, DatagramCallback
-from failover.track import ProbeFn, ProbeResult, Target
+from failover.adapters.hooks import HookRunner
+from failover.adapters.track import ProbeFn, ProbeResult, Target
+from failover.core.codec import Heartbeat, HeartbeatFlags, encode, key_id
+from failover.core.codec import RejectReason as R
+from failover.core.ports import Address, DatagramCallback
 
 KEY = b"pair-test-key-0123456789abcdef"
 INTERVAL_S = 0.05
@@ -384,7 +384,7 @@ def test_planned_switchover_no_gap_and_no_preempt_back() -> None:
 
 
 class FakeHandover:
-    """Records what the controller asks of failover.handover, into the world's timeline."""
+    """Records what the controller asks of failover.adapters.handover, into the world's timeline."""
 
     def __init__(self, name: str, world: World) -> None:
         self.name, self.world = name, world
@@ -621,7 +621,7 @@ def test_forged_truncated_replayed_packets_are_counted_and_change_nothing() -> N
                         else None)
         a, b = await pair(world, net)
         await asyncio.sleep(1.0)
-        from failover.codec import Heartbeat, HeartbeatFlags, encode
+        from failover.core.codec import Heartbeat, HeartbeatFlags, encode
         forged = encode(Heartbeat(name="lb1", role=Role.MASTER, priority=255, epoch=1, seq=1,
                                   timestamp_ms=int((1.75e9 + now()) * 1000),
                                   flags=HeartbeatFlags.HEALTHY), b"wrong-key-wrong-key!")

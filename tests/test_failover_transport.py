@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import pytest
 
 from failover import FailoverController, FailoverSpec, Role, UdpTransport, master_down_s
-from failover.codec import Heartbeat, HeartbeatFlags, decode, encode
-from failover.codec import RejectReason as R
-from failover.transport import TransportError, parse_peer
+from failover.adapters.transport import TransportError, parse_peer
+from failover.core.codec import Heartbeat, HeartbeatFlags, decode, encode
+from failover.core.codec import RejectReason as R
 
 KEY = os.urandom(32)
 T = TypeVar("T")
@@ -366,7 +366,7 @@ def _netns_skip() -> str | None:
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(_netns_skip() is not None, reason=_netns_skip() or "")
 def test_netns_multicast_pair_moves_the_real_vip_on_link_cut_and_removes_stale() -> None:
-    from failover.vip import VipAdapter
+    from failover.adapters.vip import VipAdapter
     from lab import netns
 
     group = "224.0.0.88"

@@ -1,4 +1,4 @@
-"""failover.handover: the nft scripts (pure), and installing, arming and removing them in a
+"""failover.adapters.handover: the nft scripts (pure), and installing, arming and removing them in a
 real network namespace (root). The end-to-end proof is in tests/test_failover_e2e.py
 (connections open at a switchover are finished by the old holder)."""
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from failover import handover as ho
+from failover.adapters import handover as ho
 from lab import netns
 
 

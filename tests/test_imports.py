@@ -13,8 +13,8 @@ PURE = [
     "lb/control/rotation.py",
     "lb/data/headers.py",
     "healthcheck/state.py",
-    "failover/codec.py",
-    "failover/machine.py",
+    "failover/core/codec.py",
+    "failover/core/machine.py",
 ]
 IMPURE = {"asyncio", "socket", "time", "logging", "selectors", "threading", "subprocess"}
 
@@ -50,7 +50,7 @@ def test_leaf_packages_do_not_import_the_app_or_each_other(pkg: str, forbidden: 
 
 
 def test_lb_uses_only_public_names_of_the_leaf_packages() -> None:
-    """``from failover import machine`` reaches in as much as ``import failover.machine``."""
+    """``from failover import machine`` reaches in as much as ``import failover.core.machine``."""
     for f in files("lb"):
         for i in lb_modules(f):
             if top(i) in {"healthcheck", "failover"}:
@@ -70,7 +70,8 @@ def test_pyroute2_only_in_the_vip_adapter() -> None:
     for pkg in ("lb", "healthcheck", "failover"):
         for f in files(pkg):
             if any(top(i) == "pyroute2" for i in imports_of(f)):
-                assert f == ROOT / "failover" / "vip.py", f"{f.relative_to(ROOT)} imports pyroute2"
+                assert f == ROOT / "failover" / "adapters" / "vip.py", (
+                    f"{f.relative_to(ROOT)} imports pyroute2")
 
 
 def test_prometheus_client_only_in_metrics_and_admin() -> None:
@@ -144,6 +145,15 @@ def _within(module: str, room: str) -> bool:
 def test_rooms_import_only_what_their_process_runs(room: str, forbidden: tuple[str, ...]) -> None:
     for f in files(room):
         bad = {m for m in lb_modules(f) if any(_within(m, r) for r in forbidden)}
+        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_failover_core_knows_no_adapter() -> None:
+    """failover/core (role machine, codec, ports) is what the adapters and the controller
+    build on, never the other way round."""
+    for f in files("failover/core"):
+        bad = {m for m in lb_modules(f)
+               if _within(m, "failover.adapters") or _within(m, "failover.controller")}
         assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from failover.hooks import HOOK_PATH, HookRunner
+from failover.adapters.hooks import HOOK_PATH, HookRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ tr '\\000' '\\n' < /proc/$$/environ > "{out}.env"
 
 RUNNER = """
 import asyncio, sys
-from failover.hooks import HookRunner
+from failover.adapters.hooks import HookRunner
 
 async def main() -> None:
     runner = HookRunner([sys.argv[1]], node="lb1", timeout_s=5.0)

@@ -37,7 +37,7 @@ from failover import (
     Role,
     parse_target,
 )
-from failover.track import ArpProber, tcp_probe
+from failover.adapters.track import ArpProber, tcp_probe
 from lab import netns
 
 KEY = b"partition-guard-test-key-0123456789"
@@ -272,7 +272,7 @@ class Pair:
         return f"198.51.100.{topo[name].ipv4.rsplit('.', 1)[1]}"
 
     async def _start(self, name: str, priority: int, other: str, gw: str) -> None:
-        from failover.vip import VipAdapter
+        from failover.adapters.vip import VipAdapter
 
         adapter = VipAdapter("eth0", [self.vip], garp_count=1, garp_repeat_after_s=None)
         spec = FailoverSpec(

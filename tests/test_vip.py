@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from failover.ports import FailoverError, VipPort
-from failover.vip import VipAdapter, VipError
+from failover.adapters.vip import VipAdapter, VipError
+from failover.core.ports import FailoverError, VipPort
 from lab import netns
 
 pytestmark = [
@@ -131,7 +131,7 @@ def test_remove_stale_removes_the_vips_a_killed_node_left_behind(
     own = set(cidrs(topo, "lb1"))
     script = (
         "import asyncio, sys\n"
-        "from failover.vip import VipAdapter\n"
+        "from failover.adapters.vip import VipAdapter\n"
         "async def main():\n"
         f"    await VipAdapter('eth0', {[vip4(topo), vip6(topo)]!r}).acquire()\n"
         "    print('held', flush=True)\n"
@@ -496,7 +496,7 @@ def test_an_announcement_due_while_the_process_was_stopped_is_skipped() -> None:
     VIP its peer has taken meanwhile (the controller re-announces if it is still MASTER)."""
     import time as _time
 
-    from failover import vip as vip_mod
+    from failover.adapters import vip as vip_mod
 
     adapter = VipAdapter("eth0", ["192.0.2.100/24"])
 

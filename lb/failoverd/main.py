@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     # Load the netlink code now, while the control process starts its workers, so the
     # spec finds everything ready.
     with contextlib.suppress(Exception):
-        failover.VipAdapter  # noqa: B018 (a lazy import: failover.vip and pyroute2)
+        failover.VipAdapter  # noqa: B018 (a lazy import: failover.adapters.vip and pyroute2)
     try:
         return asyncio.run(FailoverMain(fd, parent_pid).run())
     except OSError as exc:

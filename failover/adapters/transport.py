@@ -1,7 +1,7 @@
 """UDP heartbeat transport: one socket, unicast to the listed peers, optional multicast.
 
 Carries opaque datagrams (the codec signs and checks them). Implements
-`failover.ports.HeartbeatTransport` on an asyncio DatagramProtocol of the stdlib loop.
+`failover.core.ports.HeartbeatTransport` on an asyncio DatagramProtocol of the stdlib loop.
 Imports nothing from lb or healthcheck.
 
 - Peers are "ip", "ip:port", "[v6]" or "[v6]:port"; several addresses of one node are
@@ -25,7 +25,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from failover.ports import Address, DatagramCallback, FailoverError
+from failover.core.ports import Address, DatagramCallback, FailoverError
 
 log = logging.getLogger(__name__)
 

@@ -97,8 +97,8 @@ from dataclasses import dataclass
 from enum import IntFlag, StrEnum
 from typing import Final
 
-from failover.machine import IPAddress, Role
-from failover.ports import FailoverError
+from failover.core.machine import IPAddress, Role
+from failover.core.ports import FailoverError
 
 MAGIC: Final = b"PLBH"
 VERSION: Final = 1

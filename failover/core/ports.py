@@ -2,7 +2,8 @@
 
 The controller owns no netlink and no socket of its own; it reaches the VIP and the network
 through the two Protocols below, so ring-3 tests plug in fakes (an in-memory network, a fake
-VIP) and the daemon plugs in `failover.vip.VipAdapter` and `failover.transport.UdpTransport`.
+VIP) and the daemon plugs in `failover.adapters.vip.VipAdapter` and
+`failover.adapters.transport.UdpTransport`.
 Imports nothing (stdlib typing only), and nothing from lb or healthcheck.
 """
 
@@ -80,7 +81,7 @@ class HeartbeatTransport(Protocol):
 
 
 class HandoverPort(Protocol):
-    """Connection handover around a VIP move (failover.handover.Handover).
+    """Connection handover around a VIP move (failover.adapters.handover.Handover).
 
     - start(): install what lets this node keep serving its connections after it released
       the VIP; False (logged) if it cannot, and then the other calls do nothing.

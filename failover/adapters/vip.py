@@ -3,7 +3,7 @@
 The one module of pairlb that imports pyroute2 (docs/architecture.md, "Packages and import
 rules"); it must run on stdlib asyncio,
 because pyroute2 does not run on uvloop. Imports nothing from lb or healthcheck; the
-controller reaches it only through the `VipPort` protocol (failover/ports.py, whose contract
+controller reaches it only through the `VipPort` protocol (failover/core/ports.py, whose contract
 this class implements), so pure tests use a fake and the real thing is tested in network
 namespaces.
 
@@ -50,7 +50,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from failover.ports import FailoverError
+from failover.core.ports import FailoverError
 
 log = logging.getLogger(__name__)
 STALL_S = 0.5

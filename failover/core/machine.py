@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 
-from failover.ports import FailoverError
+from failover.core.ports import FailoverError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

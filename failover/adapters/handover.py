@@ -39,7 +39,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 
-from failover.ports import FailoverError
+from failover.core.ports import FailoverError
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from failover.ports import FailoverError
+from failover.core.ports import FailoverError
 
 log = logging.getLogger(__name__)
 
