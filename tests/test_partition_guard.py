@@ -143,7 +143,8 @@ def test_the_daemon_builds_the_guard_and_the_key_list_from_the_config(tmp_path: 
 
     old, new = tmp_path / "old.key", tmp_path / "new.key"
     k_old, k_new = failover.write_key_file(str(old)), failover.write_key_file(str(new))
-    cfg = config_mod.loads(f"""
+    def node(failover_lines: str) -> config_mod.Config:
+        return config_mod.loads(f"""
 [node]
 name = "lb1"
 [[listener]]
@@ -157,7 +158,9 @@ backends = [{{ name = "a", address = "127.0.0.1:9001" }}]
 interface = "eth0"
 vips = ["192.0.2.100/24"]
 peers = ["192.0.2.12"]
-key_files = ["{new}", "{old}"]
+{failover_lines}""")
+
+    cfg = node(f"""key_files = ["{new}", "{old}"]
 max_clock_skew_s = 90
 track_gateway = "arp:192.0.2.1"
 track_gateway_interval_s = 0.2
@@ -169,23 +172,7 @@ track_gateway_fall = 4
     assert spec.track_gateway == ("arp:192.0.2.1",)
     assert (spec.track_gateway_interval_s, spec.track_gateway_fall) == (0.2, 4)
     # A wildcard bind is no tie-break address (it was passed as one: every node sent 0.0.0.0)
-    wild = config_mod.loads(f"""
-[node]
-name = "lb1"
-[[listener]]
-name = "web"
-bind = "127.0.0.1:8080"
-pool = "web"
-[[pool]]
-name = "web"
-backends = [{{ name = "a", address = "127.0.0.1:9001" }}]
-[failover]
-interface = "eth0"
-vips = ["192.0.2.100/24"]
-peers = ["192.0.2.12"]
-key_file = "{new}"
-bind = "0.0.0.0"
-""")
+    wild = node(f'key_file = "{new}"\nbind = "0.0.0.0"\n')
     assert failover_spec(wild).tiebreak_address is None
     with pytest.raises(config_mod.ConfigError, match="is not one of key_files"):
         config_mod.loads(cfg_text_with_both(str(old), str(new)))
