@@ -70,7 +70,7 @@ def test_every_message_round_trips_through_json() -> None:
         link.Spec(3, spec(), handover_ports=(80, 443), track_interfaces=("eth1",),
                   sched_priority=10, nice=-5, oom_score_adj=-500),
         link.LocalHealth(True, 2, 3), link.Switchover(), link.CancelSwitchover(),
-        link.Stop("abort"), link.CloseHandover(), link.Hello(42), link.Started(),
+        link.Stop("fast"), link.CloseHandover(), link.Hello(42), link.Started(),
         link.StartFailed("no interface"), link.RoleChanged("backup", "master", "peer dead"),
         link.Status(a_status(), link.HeartbeatGaps(10, 0.031, 0.035), 0.2),
         link.Event("failover", "text"), link.Stopped(),

@@ -93,7 +93,7 @@ class CancelSwitchover:
     TYPE: ClassVar[str] = "switchover_cancel"
 
 
-StopMode = Literal["graceful", "fast", "abort"]
+StopMode = Literal["graceful", "fast"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,6 @@ class Hello:
 @dataclass(frozen=True)
 class Started:
     TYPE: ClassVar[str] = "started"
-    stale_vips_removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

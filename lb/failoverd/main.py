@@ -386,10 +386,7 @@ class FailoverMain:
         ctl = self.ctl
         if ctl is not None:
             try:
-                if mode == "abort":
-                    await ctl.abort()
-                else:
-                    await ctl.stop(graceful=mode == "graceful")
+                await ctl.stop(graceful=mode == "graceful")
             except Exception:
                 log.exception("failover_stop_failed mode=%s", mode)
             self._send_status()
