@@ -98,8 +98,7 @@ StopMode = Literal["graceful", "fast"]
 
 @dataclass(frozen=True)
 class Stop:
-    """graceful: hand the VIP over first; fast: release without waiting for a successor;
-    abort: stop at once and leave the VIP as it is (as kill -9 would)."""
+    """graceful: hand the VIP over first; fast: release without waiting for a successor."""
 
     TYPE: ClassVar[str] = "stop"
     mode: StopMode = "graceful"
