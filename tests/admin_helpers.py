@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+import failover
 from lb.admin import client
 from lb.control import status as status_mod
 
@@ -354,7 +355,7 @@ class FakeFailover:
     """The parts of the failover controller the daemon's status() reads, frozen in a state."""
 
     def __init__(self, role: str = "MASTER", peer_role: str = "BACKUP", match: bool = True):
-        self.role = role
+        self.role = role  # the setter makes it a failover.Role
         self.peer_role = peer_role
         self.match = match
         self.switchovers = 0
@@ -369,12 +370,21 @@ class FakeFailover:
     async def stop(self, graceful: bool = True) -> None:
         pass
 
+    @property
+    def role(self) -> failover.Role:
+        """A real failover.Role, as the daemon reads it; set it with "MASTER" etc."""
+        return self._role
+
+    @role.setter
+    def role(self, name: str | failover.Role) -> None:
+        self._role = failover.Role(str(name).lower())
+
     def view(self) -> status_mod.FailoverView:
         """The typed view the daemon's status() gives (lb.control.status.FailoverView)."""
         import failover
         from failover.adapters.track import GatewayStatus, TargetStatus
 
-        role = failover.Role(self.role.lower())
+        role = self.role
         peer = failover.PeerStatus(
             name="lb2", role=failover.Role(self.peer_role.lower()), priority=100, alive=True,
             last_heard_age_s=0.031, paths=(failover.PathStatus("10.0.0.2:5405", 0.031),),
@@ -386,7 +396,7 @@ class FakeFailover:
         st = failover.FailoverStatus(
             node="t1", role=role, role_reason="highest priority", role_since=time.time() - 42.0,
             role_age_s=42.0, priority=150, healthy=True, healthy_count=3, total_count=3,
-            faults=(), vip_holding=self.role == "MASTER", switchover_pending=False,
+            faults=(), vip_holding=role is failover.Role.MASTER, switchover_pending=False,
             preempt_suppressed=False, master_down_s=0.16, peers=(peer,),
             counters=failover.FailoverCounters(
                 heartbeats_sent=1200, heartbeats_received=1190,
@@ -416,8 +426,8 @@ def attach_fake_failover(daemon: Any, fake: FakeFailover) -> None:
 
     async def switchover() -> dict[str, Any]:
         fake.switchovers += 1
-        if fake.role != "MASTER":
-            return {"ok": False, "error": f"not MASTER (role {fake.role})"}
+        if fake.role is not failover.Role.MASTER:
+            return {"ok": False, "error": f"not MASTER (role {fake.role.label})"}
         fake.role, fake.peer_role = "BACKUP", "MASTER"
         return {"ok": True, "role": "BACKUP"}
 

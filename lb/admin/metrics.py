@@ -59,7 +59,7 @@ from prometheus_client.utils import floatToGoString as _float_to_go_untyped
 
 from lb import __version__
 from lb.control.rotation import AdminState
-from lb.control.status import BackendStatus, NodeStatus, role_label
+from lb.control.status import BackendStatus, NodeStatus
 from lb.stats import CLASSES, DURATION_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -771,14 +771,14 @@ class PairlbCollector:
             add("pairlb_heartbeats_rejected_total", [reason], n)
         edges = {(a, b): 0 for a in ROLES[:4] for b in ROLES[:4] if a != b}
         for (old, new), n in c.transitions.items():
-            edges[(role_label(old), role_label(new))] = n
+            edges[(old.label, new.label)] = n
         for (old_s, new_s), n in sorted(edges.items()):
             add("pairlb_role_transitions_total", [old_s, new_s], n)
         offsets: dict[str, float] = {}
         for peer in fo.peers:
             name = peer.name or ",".join(path.address for path in peer.paths) or "?"
             add("pairlb_peer_heartbeat_age_seconds", [name], round(peer.last_heard_age_s, 4))
-            prole = role_label(peer.role)
+            prole = peer.role.label
             for r in ROLES[:4]:
                 add("pairlb_peer_role", [name, r], 1.0 if r == prole else 0.0)
             add("pairlb_peer_priority", [name], float(peer.priority))

@@ -350,7 +350,7 @@ class Daemon:
         return ports
 
     def _on_role_change(self, old: Any, new: Any) -> None:
-        old_s, new_s = status_mod.role_label(old), status_mod.role_label(new)
+        old_s, new_s = old.label, new.label
         logger.info("event=role_change node=%s from=%s to=%s", self.cfg.node.name, old_s, new_s)
         self._record_event("role", f"{old_s} -> {new_s}")
         if old_s == "MASTER":
@@ -856,7 +856,7 @@ class Daemon:
         """MASTER/BACKUP/FAULT/INIT with failover; STANDALONE without."""
         if self.failover is None:
             return status_mod.STANDALONE
-        return status_mod.role_label(self.failover.role)
+        return str(self.failover.role.label)
 
     def ready(self) -> bool:
         """Able to serve: workers up and at least one pool with a usable backend."""

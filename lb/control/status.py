@@ -4,7 +4,7 @@ question by ``Daemon.status()``.
 Readers take the types: /metrics reads them directly (no parsing JSON back), the admin edge
 serialises them once with :func:`to_json` (GET /status, the status page, the CLI all see that
 JSON; its shape is docs/status.schema.json). Role names have one spelling for operators,
-upper case (``MASTER``), from :func:`role_label`; only notify scripts get failover's own
+upper case (``MASTER``), from ``failover.Role.label``; only notify scripts get failover's own
 lower-case values (docs/configuration.md).
 """
 
@@ -18,13 +18,6 @@ if TYPE_CHECKING:
 
 STANDALONE = "STANDALONE"
 """The role of a node without [failover]."""
-
-
-def role_label(role: object) -> str:
-    """How operators see a failover role: ``failover.Role.label`` (``MASTER``); a plain
-    string (a test's stand-in) is upper-cased the same way."""
-    label = getattr(role, "label", None)
-    return label if isinstance(label, str) else str(role).upper()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +140,7 @@ class NodeStatus:
     workers: tuple[WorkerStatus, ...]
     failover: FailoverView | None
     role: str
-    """``role_label`` of the failover role, or STANDALONE."""
+    """The failover role's ``label``, or STANDALONE."""
     events: tuple[dict[str, Any], ...]
     health_checks: HealthChecksStatus
     ready: bool
@@ -190,7 +183,7 @@ def _backend_json(b: BackendStatus) -> dict[str, Any]:
 def _failover_json(v: FailoverView) -> dict[str, Any]:
     st = v.status
     out: dict[str, Any] = {
-        "role": role_label(st.role),
+        "role": st.role.label,
         "reason": st.role_reason,
         "since": st.role_since,
         "priority": st.priority,
@@ -208,7 +201,7 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
                 "addresses": [path.address for path in p.paths],
                 "alive": p.alive,
                 "last_heard_s": round(p.last_heard_age_s, 4),
-                "role": role_label(p.role),
+                "role": p.role.label,
                 "priority": p.priority,
                 "config_digest_match": p.config_digest_match,
                 "healthy_backends": p.healthy_count,
@@ -249,7 +242,7 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
             "heartbeats_received": st.counters.heartbeats_received,
             "rejected": {str(k): n for k, n in st.counters.rejected.items()},
             "transitions": {
-                f"{role_label(a)}->{role_label(b)}": n
+                f"{a.label}->{b.label}": n
                 for (a, b), n in st.counters.transitions.items()
             },
             "late_sends": st.counters.late_sends,
