@@ -11,8 +11,10 @@ worker -> control: `Hello`, `Ready`, `Pong`, `Stats` (counter deltas and in-flig
 backend), `Eject` (a passive ejection the worker applied locally), `ConfigApplied` /
 `ConfigFailed`, `Stopped`.
 
-`Snap` carries every backend of every pool (thousands at scale, pushed on each health
-change), so it has a bulk `to_wire` / `from_wire` instead of the per-field path.
+`Snap` (every backend of every pool, pushed on each health change), `Stats` (every busy
+backend, every 0.25 s from every worker) and `Config` (the whole config) carry thousands of
+entries at scale, so they have a bulk `to_wire` / `from_wire` instead of the per-field
+walk.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Config:
     """``Config.model_dump(mode="json")``: the worker validates it again."""
     fds: dict[str, int]
     """Listener name -> the inherited listening socket's fd number."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"gen": self.gen, "config": self.config, "fds": self.fds}  # JSON already
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,20 @@ class Stats:
     """Counter deltas since the last Stats (lb.stats.Stats.take_delta)."""
     inflight: dict[str, int]
     """"pool/backend" -> requests in flight, only the non-zero ones."""
+
+    # Sent every 0.25 s by every worker, one entry per busy backend: the counters are JSON
+    # already, so no per-field walk (13 ms a message at 3000 busy backends).
+    def to_wire(self) -> dict[str, Any]:
+        return {"d": self.d, "inflight": self.inflight}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Stats:
+        if not isinstance(data, dict):
+            raise TypeError("stats: expected an object")
+        d, inflight = data.get("d"), data.get("inflight")
+        if not isinstance(d, dict) or not isinstance(inflight, dict):
+            raise TypeError("stats: expected {d: {...}, inflight: {...}}")
+        return cls(d, inflight)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ def test_the_wire_shape_is_the_documented_one() -> None:
     ({"t": "snap", "v": wl.VERSION, "ver": "9", "pools": {}}, "snap"),
     ({"t": "snap", "v": wl.VERSION, "ver": 9, "pools": {"web": {"panic": False}}}, "'e'"),
     ({"t": "hello", "v": wl.VERSION, "pid": True, "index": 0}, "int"),
+    ({"t": "stats", "v": wl.VERSION, "d": [], "inflight": {}}, "stats"),
+    ({"t": "stats", "v": wl.VERSION, "d": {}}, "stats"),
 ])
 def test_what_is_not_a_message_of_this_version_is_refused(frame: dict[str, Any],
                                                           why: str) -> None:
