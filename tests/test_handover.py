@@ -34,25 +34,30 @@ def test_forward_rules_only_for_the_peers_family() -> None:
 @pytest.mark.netns
 @pytest.mark.skipif(netns.skip_reason() is not None, reason=netns.skip_reason() or "")
 def test_install_arm_disarm_and_remove_in_a_namespace() -> None:
-    with netns.topology(["lb"]) as topo:
+    with netns.topology(["lb"], ipv6=True) as topo:
         ns = topo["lb"].netns
 
         def nft_list() -> str:
             return subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
                                   capture_output=True, text=True, check=True).stdout
 
-        def ip_rules() -> str:
-            return subprocess.run(["ip", "netns", "exec", ns, "ip", "rule"],
+        def ip(*args: str) -> str:
+            return subprocess.run(["ip", "netns", "exec", ns, "ip", *args],
                                   capture_output=True, text=True, check=True).stdout
 
-        h = ho.Handover("lb", "eth0", ["192.0.2.100/24"], [80])
+        h = ho.Handover("lb", "eth0", ["192.0.2.100/24", "2001:db8::100/64"], [80])
 
         async def install() -> bool:
             return await h.start()
 
         assert topo.call("lb", asyncio.run, install())
+        assert topo.call("lb", asyncio.run, install())  # a restart after kill -9: no second rule
         assert "socket transparent 1" in nft_list() and "dup to" not in nft_list()
-        assert f"fwmark {ho.TPROXY_MARK:#x} lookup {ho.TPROXY_TABLE}" in ip_rules()
+        rule = f"fwmark {ho.TPROXY_MARK:#x} lookup {ho.TPROXY_TABLE}"
+        for family in ("-4", "-6"):
+            assert ip(family, "rule").count(rule) == 1, ip(family, "rule")
+            routes = ip(family, "route", "show", "table", str(ho.TPROXY_TABLE))
+            assert routes.startswith("local default dev lo"), routes
 
         async def arm() -> None:
             await h.forward_to("192.0.2.12", 0.3)
@@ -75,4 +80,6 @@ def test_install_arm_disarm_and_remove_in_a_namespace() -> None:
 
         topo.call("lb", asyncio.run, remove())
         assert "pairlb" not in nft_list()
-        assert f"{ho.TPROXY_MARK:#x}" not in ip_rules()
+        for family in ("-4", "-6"):
+            assert f"{ho.TPROXY_MARK:#x}" not in ip(family, "rule")
+            assert ip(family, "route", "show", "table", str(ho.TPROXY_TABLE)) == ""

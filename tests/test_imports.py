@@ -15,6 +15,7 @@ PURE = [
     "healthcheck/state.py",
     "failover/core/codec.py",
     "failover/core/machine.py",
+    "failover/core/frames.py",
 ]
 IMPURE = {"asyncio", "socket", "time", "logging", "selectors", "threading", "subprocess"}
 
@@ -66,11 +67,19 @@ def test_pure_modules_do_no_io(rel: str) -> None:
     assert not bad, f"{rel} imports {bad}"
 
 
-def test_pyroute2_only_in_the_vip_adapter() -> None:
-    for pkg in ("lb", "healthcheck", "failover"):
+def test_one_netlink_dialect() -> None:
+    """The runtime talks rtnetlink through pyroute2 behind failover.adapters.rtnl and never
+    shells out to ``ip``; nothing packs rtnetlink by hand (the lab's VIP watch reads pyroute2
+    too; the lab still builds its namespaces with the ``ip`` tool, as an operator would)."""
+    for pkg in ("lb", "healthcheck", "failover", "lab"):
         for f in files(pkg):
+            text = f.read_text()
+            assert "NETLINK_ROUTE" not in text, f"{f.relative_to(ROOT)} packs rtnetlink"
+            if pkg == "lab":
+                continue
+            assert '["ip", ' not in text, f"{f.relative_to(ROOT)} runs the ip tool"
             if any(top(i) == "pyroute2" for i in imports_of(f)):
-                assert f == ROOT / "failover" / "adapters" / "vip.py", (
+                assert f == ROOT / "failover" / "adapters" / "rtnl.py", (
                     f"{f.relative_to(ROOT)} imports pyroute2")
 
 

@@ -7,7 +7,7 @@ holder a moment before sends the rest of its handshake to the new one, and clien
 request in flight keep sending ACKs. The new holder would answer those with a reset.
 
 Netfilter state in this node's network namespace fixes that (``nft`` table
-``pairlb_<node>`` per address family, one ``ip rule``):
+``pairlb_<node>`` per address family, one policy rule and route per family):
 
 - **Receiving (always installed):** the old holder must accept packets for the VIP after
   it removed the address. Its listeners and the connections they accept are
@@ -26,19 +26,23 @@ Netfilter state in this node's network namespace fixes that (``nft`` table
 The cost: conntrack runs in the namespace (a few hundred bytes per connection; size
 ``nf_conntrack_max`` for the connection rate times the TCP timeouts).
 
-Driven with the ``nft`` command (Debian package nftables) and ``ip`` (iproute2); when
-either is missing or not permitted, handover is disabled with one warning and the VIP
-still moves as before. Imports nothing from lb or healthcheck.
+Driven with the ``nft`` command (Debian package nftables) and rtnetlink
+(failover.adapters.rtnl); when nft is missing or either is not permitted, handover is
+disabled with one warning and the VIP still moves as before. Imports nothing from lb or healthcheck.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import ipaddress
 import logging
 import shutil
+import socket
 from collections.abc import Sequence
 
+from failover.adapters.rtnl import SCOPE_HOST, AsyncIPRoute, NetlinkError, Rtnl
 from failover.core.ports import FailoverError
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ Per network namespace; deploy/sysctl/90-pairlb.conf sets them where pairlb may n
 
 
 class HandoverError(FailoverError):
-    """A netfilter or routing command failed; the message has its output."""
+    """A netfilter command or a netlink request failed; the message says which and why."""
 
 
 def _family(vip: str) -> int:
@@ -132,31 +136,26 @@ class Handover:
         self.forwards = 0
         self._expiry: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
+        self._rtnl = Rtnl(_TIMEOUT_S, HandoverError)
 
     async def start(self) -> bool:
         """Install the receiving half; False (and one warning) if it cannot be."""
         if not self.ports:
             return False
-        missing = [c for c in ("nft", "ip") if shutil.which(c) is None]
-        if missing:
-            log.warning("handover_disabled node=%s reason='%s not installed' effect='a VIP "
-                        "move resets connections still open on the old holder'",
-                        self.node, " and ".join(missing))
+        if shutil.which("nft") is None:
+            log.warning("handover_disabled node=%s reason='nft not installed' effect='a VIP "
+                        "move resets connections still open on the old holder'", self.node)
             return False
         try:
             await _run(["nft", "-f", "-"], base_ruleset(self.node, self.vips, self.ports))
-            for version in sorted({_family(v) for v in self.vips}):
-                v = f"-{version}"
-                await _run(["ip", v, "rule", "del", "priority", str(RULE_PRIORITY)],
-                           check=False)
-                await _run(["ip", v, "rule", "add", "priority", str(RULE_PRIORITY), "fwmark",
-                            f"{TPROXY_MARK:#x}", "lookup", str(TPROXY_TABLE)])
-                await _run(["ip", v, "route", "replace", "local", "default", "dev", "lo",
-                            "table", str(TPROXY_TABLE)])
+            for family in self._families():
+                await self._route_marked_locally(family)
         except HandoverError as exc:
             log.warning("handover_disabled node=%s reason=%r", self.node, str(exc))
             await self.close()
             return False
+        finally:
+            await self._rtnl.close()  # needed again only at close(): no socket held meanwhile
         self.enabled = True
         unset = _set_sysctls(CONNTRACK_SYSCTLS)
         log.info("handover_ready node=%s vips=%s ports=%s", self.node, ",".join(self.vips),
@@ -220,10 +219,56 @@ class Handover:
         script = "".join(f"table {fam} {t}\ndelete table {fam} {t}\n"
                          for fam in _families(self.vips))
         await _run(["nft", "-f", "-"], script, check=False)
-        for version in sorted({_family(v) for v in self.vips}):
-            v = f"-{version}"
-            await _run(["ip", v, "rule", "del", "priority", str(RULE_PRIORITY)], check=False)
-            await _run(["ip", v, "route", "flush", "table", str(TPROXY_TABLE)], check=False)
+        for family in self._families():
+            with contextlib.suppress(HandoverError):
+                await self._unroute_marked(family)
+        await self._rtnl.close()
+
+    # -- the TPROXY rule and route (rtnetlink) ---------------------------------------------
+
+    def _families(self) -> list[int]:
+        return sorted({socket.AF_INET if _family(v) == 4 else socket.AF_INET6
+                       for v in self.vips})
+
+    async def _route_marked_locally(self, family: int) -> None:
+        """``ip rule add priority 9000 fwmark TPROXY_MARK lookup TPROXY_TABLE`` and
+        ``ip route replace local default dev lo table TPROXY_TABLE``, idempotently."""
+        name = "IPv4" if family == socket.AF_INET else "IPv6"
+        async with self._rtnl.exchange(f"handover: {name} fwmark rule") as ipr:
+            await _delete_rules(ipr, family)
+            await ipr.rule("add", family=family, priority=RULE_PRIORITY, fwmark=TPROXY_MARK,
+                           table=TPROXY_TABLE)
+        async with self._rtnl.exchange(f"handover: {name} local route in table "
+                                       f"{TPROXY_TABLE}") as ipr:
+            await ipr.route("replace", family=family, type="local", dst="default",
+                            scope=SCOPE_HOST, oif=await _loopback(ipr), table=TPROXY_TABLE)
+
+    async def _unroute_marked(self, family: int) -> None:
+        async with self._rtnl.exchange("handover: remove the fwmark rule and route") as ipr:
+            await _delete_rules(ipr, family)
+            with contextlib.suppress(NetlinkError):
+                await ipr.route("del", family=family, type="local", dst="default",
+                                scope=SCOPE_HOST, oif=await _loopback(ipr),
+                                table=TPROXY_TABLE)
+
+
+async def _delete_rules(ipr: AsyncIPRoute, family: int) -> None:
+    """Remove our rule (an earlier run may have left it, once per start), never another's."""
+    for _ in range(8):
+        try:
+            await ipr.rule("del", family=family, priority=RULE_PRIORITY, fwmark=TPROXY_MARK,
+                           table=TPROXY_TABLE)
+        except NetlinkError as e:
+            if e.code == errno.ENOENT:
+                return
+            raise
+
+
+async def _loopback(ipr: AsyncIPRoute) -> int:
+    found = await ipr.link_lookup(ifname="lo")
+    if not found:
+        raise HandoverError("handover: no loopback interface")
+    return int(found[0])
 
 
 def _set_sysctls(values: dict[str, str]) -> list[str]:

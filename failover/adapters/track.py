@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from failover.core.frames import ETH_P_ARP, arp_request, parse_arp_reply
 from failover.core.ports import FailoverError
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,7 @@ log = logging.getLogger(__name__)
 GATEWAY_FAULT = "gateway"
 """The fault reason while the tracked gateway is not known to be reachable."""
 
-ETH_P_ARP = 0x0806
-ARPOP_REQUEST = 1
-ARPOP_REPLY = 2
 _SIOCGIFADDR = 0x8915
-_BROADCAST = b"\xff" * 6
 
 
 class TrackError(FailoverError):
@@ -166,24 +163,6 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> ProbeResult:
         return ProbeResult(False, detail)
     finally:
         sock.close()
-
-
-def arp_request(sender_mac: bytes, sender_ip: bytes, target_ip: bytes) -> bytes:
-    """An Ethernet broadcast frame asking who has `target_ip`."""
-    eth = _BROADCAST + sender_mac + struct.pack("!H", ETH_P_ARP)
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, ARPOP_REQUEST, sender_mac, sender_ip,
-                      bytes(6), target_ip)
-    return eth + arp
-
-
-def parse_arp_reply(frame: bytes) -> bytes | None:
-    """The sender IPv4 of an ARP reply frame (Ethernet + ARP), else None."""
-    if len(frame) < 42 or frame[12:14] != b"\x08\x06":
-        return None
-    htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, 14)
-    if (htype, ptype, hlen, plen, op) != (1, 0x0800, 6, 4, ARPOP_REPLY):
-        return None
-    return frame[28:32]
 
 
 class ArpProber:

@@ -1,11 +1,9 @@
 """VIP adapter: put the virtual IPs on the interface, tell the segment, take them off again.
 
-The one module of pairlb that imports pyroute2 (docs/architecture.md, "Packages and import
-rules"); it must run on stdlib asyncio,
-because pyroute2 does not run on uvloop. Imports nothing from lb or healthcheck; the
-controller reaches it only through the `VipPort` protocol (failover/core/ports.py, whose contract
-this class implements), so pure tests use a fake and the real thing is tested in network
-namespaces.
+Netlink goes through failover.adapters.rtnl (pyroute2), so it runs on stdlib asyncio.
+Imports nothing from lb or healthcheck; the controller reaches it only through the `VipPort`
+protocol (failover/core/ports.py, whose contract this class implements), so pure tests use
+a fake and the real thing is tested in network namespaces.
 
 What it does, and why:
 
@@ -40,16 +38,18 @@ import errno
 import inspect
 import ipaddress
 import logging
-import os
 import socket
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from failover.adapters.rtnl import AsyncIPRoute, NetlinkError, Rtnl, close_quietly
+from failover.core.frames import (
+    ARPOP_REPLY,
+    ARPOP_REQUEST,
+    arp_announcement,
+    neighbour_advertisement,
+)
 from failover.core.ports import FailoverError
 
 log = logging.getLogger(__name__)
@@ -73,17 +73,8 @@ NUD_FAILED = 0x20
 NTF_EXT_LEARNED = 0x10
 NTF_EXT_MANAGED = 0x01  # in NDA_FLAGS_EXT
 
-ETH_P_ARP = 0x0806
-ETH_P_IP = 0x0800
-ARPOP_REQUEST = 1
-ARPOP_REPLY = 2
-ND_NEIGHBOR_ADVERT = 136
-ND_NA_FLAG_OVERRIDE = 0x20000000
-ND_OPT_TARGET_LINKADDR = 2
 ICMP6_FILTER = 1  # <netinet/icmp6.h>, level IPPROTO_ICMPV6
-BROADCAST_MAC = b"\xff" * 6
 ALL_NODES = "ff02::1"
-ETH_MIN_FRAME = 60  # without FCS; pad so strict NICs and switches do not drop runts
 
 _GONE_ON_DELETE = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH, errno.ENODEV})
 _POLL_FIRST_S = 0.001
@@ -194,8 +185,7 @@ class VipAdapter:
         self.announcements_sent = 0
         self.announcement_errors = 0
         self._holding = False
-        self._ipr: AsyncIPRoute | None = None
-        self._nl_lock = asyncio.Lock()
+        self._rtnl = Rtnl(netlink_timeout_s, VipError)
         self._op_lock = asyncio.Lock()
         self._repeat_task: asyncio.Task[None] | None = None
         self._burst_task: asyncio.Task[None] | None = None
@@ -312,8 +302,7 @@ class VipAdapter:
         """Stop announcing and close the sockets. Leaves the addresses as they are."""
         await self._cancel_announcements()
         self._close_raw_sockets()
-        async with self._nl_lock:
-            self._reset()
+        await self._rtnl.close()
 
     # -- link state ---------------------------------------------------------------------------
 
@@ -394,7 +383,7 @@ class VipAdapter:
                 backoff_s = min(backoff_s * 2, 2.0)
             finally:
                 if ipr is not None:
-                    _close_quietly(ipr)
+                    close_quietly(ipr)
 
     async def forget_unresolved(self, ifname: str, addresses: Collection[str]) -> int:
         """Delete the link's neighbour entries of `addresses` that are still resolving or
@@ -420,7 +409,7 @@ class VipAdapter:
             link = await self._find_link(ifname, "forget_unresolved")
             if link is None:
                 return 0
-            async with self._netlink(f"forget_unresolved: neighbours on {ifname}") as ipr:
+            async with self._rtnl.exchange(f"forget_unresolved: neighbours on {ifname}") as ipr:
                 msgs = [m async for m in await ipr.neigh("dump", ifindex=link.index)]
                 for m in msgs:
                     dst = m.get("NDA_DST")
@@ -450,40 +439,9 @@ class VipAdapter:
 
     # -- netlink -------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _netlink(self, what: str) -> AsyncIterator[AsyncIPRoute]:
-        """One netlink exchange: serialised, under a deadline, errors turned into VipError.
-
-        A timed-out, cancelled or broken exchange may leave replies queued on the socket, so
-        the socket is dropped and the next exchange opens a fresh one.
-        """
-        async with self._nl_lock:
-            try:
-                if self._ipr is None:
-                    self._ipr = AsyncIPRoute()
-                async with asyncio.timeout(self.netlink_timeout_s):
-                    yield self._ipr
-            except NetlinkError as e:
-                raise VipError(f"{what}: {_strerror(e.code)}") from e
-            except TimeoutError as e:
-                self._reset()
-                raise VipError(
-                    f"{what}: no answer from netlink within {self.netlink_timeout_s}s") from e
-            except asyncio.CancelledError:
-                self._reset()
-                raise
-            except OSError as e:
-                self._reset()
-                raise VipError(f"{what}: {e}") from e
-
-    def _reset(self) -> None:
-        if self._ipr is not None:
-            _close_quietly(self._ipr)
-            self._ipr = None
-
     async def _find_link(self, ifname: str, step: str) -> _Link | None:
         """The interface's index, flags and MAC, or None if there is no such interface."""
-        async with self._netlink(f"{step}: look up interface {ifname}") as ipr:
+        async with self._rtnl.exchange(f"{step}: look up interface {ifname}") as ipr:
             try:
                 msgs = list(await ipr.link("get", ifname=ifname))
             except NetlinkError as e:
@@ -502,7 +460,7 @@ class VipAdapter:
         self, link: _Link, step: str, *, include_tentative: bool = False,
     ) -> set[tuple[str, int]]:
         """(address, prefixlen) of the usable addresses on the link, as the kernel lists them."""
-        async with self._netlink(f"{step}: list addresses on {link.ifname}") as ipr:
+        async with self._rtnl.exchange(f"{step}: list addresses on {link.ifname}") as ipr:
             msgs = [m async for m in await ipr.addr("dump", index=link.index)]
         out: set[tuple[str, int]] = set()
         for m in msgs:
@@ -528,7 +486,7 @@ class VipAdapter:
             spec["flags"] = IFA_F_NODAD
         elif self.label is not None:
             spec["label"] = self.label
-        async with self._netlink(f"acquire: add {vip} on {link.ifname}") as ipr:
+        async with self._rtnl.exchange(f"acquire: add {vip} on {link.ifname}") as ipr:
             try:
                 await ipr.addr("add", **spec)
             except NetlinkError as e:
@@ -541,7 +499,7 @@ class VipAdapter:
                 raise
 
     async def _delete(self, link: _Link, vip: _Vip, step: str) -> None:
-        async with self._netlink(f"{step}: delete {vip} from {link.ifname}") as ipr:
+        async with self._rtnl.exchange(f"{step}: delete {vip} from {link.ifname}") as ipr:
             try:
                 await ipr.addr("del", index=link.index, address=vip.address,
                                prefixlen=vip.prefixlen)
@@ -706,38 +664,6 @@ class VipAdapter:
         self._raw.clear()
 
 
-# -- wire formats ------------------------------------------------------------------------------
-
-
-def arp_announcement(mac: bytes, ipv4: str, op: int = ARPOP_REQUEST) -> bytes:
-    """A broadcast Ethernet frame carrying a gratuitous ARP for `ipv4`.
-
-        dst ff:ff:ff:ff:ff:ff | src MAC | 0x0806 |
-        htype 1 | ptype 0x0800 | hlen 6 | plen 4 | op |
-        sha MAC | spa VIP | tha (00.. for a request, MAC for a reply) | tpa VIP | padding
-
-    Linux treats a reply as gratuitous only if tha == sha (arp_is_garp), hence the MAC there.
-    """
-    ip = socket.inet_aton(ipv4)
-    tha = mac if op == ARPOP_REPLY else b"\x00" * 6
-    frame = (BROADCAST_MAC + mac + struct.pack("!H", ETH_P_ARP)
-             + struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, op) + mac + ip + tha + ip)
-    return frame.ljust(ETH_MIN_FRAME, b"\x00")
-
-
-def neighbour_advertisement(mac: bytes, ipv6: str) -> bytes:
-    """ICMPv6 unsolicited NA for `ipv6` (the kernel fills in the checksum).
-
-        type 136 | code 0 | checksum | R=0 S=0 O=1, reserved | target (16) |
-        option 2 (target link-layer address) | length 1 (x8 bytes) | MAC
-
-    Solicited must be 0 (RFC 4861 7.2.6); Override makes receivers replace a cached MAC.
-    """
-    target = socket.inet_pton(socket.AF_INET6, ipv6)
-    return (struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, ND_NA_FLAG_OVERRIDE) + target
-            + struct.pack("!BB", ND_OPT_TARGET_LINKADDR, 1) + mac)
-
-
 # -- helpers -----------------------------------------------------------------------------------
 
 
@@ -750,16 +676,3 @@ def _link_from(msg: Any) -> _Link:
             mac = raw
     return _Link(index=int(msg["index"]), ifname=str(msg.get("ifname")),
                  flags=int(msg["flags"]), mac=mac)
-
-
-def _strerror(code: int) -> str:
-    try:
-        name = errno.errorcode[code]
-    except KeyError:
-        name = f"errno {code}"
-    return f"{os.strerror(code)} ({name})"
-
-
-def _close_quietly(ipr: AsyncIPRoute) -> None:
-    with contextlib.suppress(Exception):
-        ipr.close()
