@@ -147,7 +147,7 @@ def test_idle_timeout_closes_both_sides() -> None:
             await asyncio.wait_for(r.readexactly(1), 3)
         assert 0.2 < loop.time() - t0 < 2.0
         w.close()
-        await wait_for(lambda: px.in_flight == 0 and not px.server.pipes)  # type: ignore[union-attr]
+        await wait_for(lambda: px.in_flight == 0 and not px.server.clients)  # type: ignore[union-attr]
         await stop_proxy(px)
         await be.stop()
 

@@ -68,7 +68,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import socket
 import termios
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +77,7 @@ import httptools
 
 from lb.config import ListenerConfig, PoolConfig
 from lb.data import headers as H
+from lb.data.listener import ListenerServer
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 
@@ -1588,10 +1588,6 @@ class _Client(_Conn):
         self.close()
 
 
-def _no_loop() -> float:
-    raise RuntimeError("ProxyServer.start() has not been called")
-
-
 def _classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, httptools.HttpParserInvalidMethodError):
         return 400, "bad_method"
@@ -1604,8 +1600,8 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     return 400, "bad_request"
 
 
-class ProxyServer:
-    """The HTTP proxy for one listener."""
+class ProxyServer(ListenerServer["_Client"]):
+    """The HTTP proxy for one listener (lifecycle: lb.data.listener)."""
 
     def __init__(
         self,
@@ -1616,29 +1612,16 @@ class ProxyServer:
         on_ejection: Callable[[Ejection], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.listener = listener
-        self.pool = pool
-        self.pool_cfg = pool_cfg
-        self.stats = stats
-        self.on_ejection = on_ejection
-        self.loop: Any = loop
-        self.time: Callable[[], float] = loop.time if loop is not None else _no_loop
+        super().__init__(listener, pool, pool_cfg, stats, on_ejection, loop)
         self.dirty: list[_Conn] = []
-        self.clients: set[_Client] = set()
         self.upstreams: set[_Upstream] = set()
         self.idle: dict[tuple[str, int], list[_Upstream]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
         self.request_ids = H.RequestIds()
         self.next_request_id = self.request_ids.next if listener.add_request_id else None
         self.pass_underscores = listener.underscores_in_headers == "pass"
         self.draining = False
-        self._sock: socket.socket | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._accepting = False
-        self._ticker: asyncio.TimerHandle | None = None
         self._trusted = H.parse_networks(listener.trusted_proxies)
         self._ctx_cache: dict[str, H.ClientContext] = {}
-        self._drained: asyncio.Event | None = None
         self._log_t0 = 0.0
         self._log_n = 0
         self._log_dropped = 0
@@ -1648,34 +1631,8 @@ class ProxyServer:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket) -> None:
-        """Accept on an already-bound listening socket (shared with other workers)."""
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-            self.time = self.loop.time
-        self._sock = sock
-        await self._listen()
-        self._schedule_tick()
-
-    async def _listen(self) -> None:
-        assert self._sock is not None
-        # Our own fd for the shared socket: closing it stops our accepting only.
-        self._server = await self.loop.create_server(
-            lambda: cast(asyncio.Protocol, _Client(self)), sock=self._sock.dup(),
-            backlog=self.listener.backlog,
-        )
-        self._accepting = True
-
-    def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
-        """New requests use the new pool; in-flight ones finish on the one they started on."""
-        self.pool = pool
-        self.pool_cfg = pool_cfg
-
-    async def stop_accepting(self) -> None:
-        self._accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+    def protocol(self) -> asyncio.Protocol:
+        return cast(asyncio.Protocol, _Client(self))
 
     def close_idle(self, *, spare_fresh: bool = False) -> None:
         """Close idle keep-alive clients now and busy ones after their current response
@@ -1693,41 +1650,18 @@ class ProxyServer:
             if not c.queue and c.state == _IDLE and not c.linger:
                 c.close()
 
-    async def drain(self, timeout_s: float) -> int:
-        """Finish in-flight requests, close idle keep-alive clients; return how many client
-        connections were still open at the deadline (then closed hard)."""
+    def begin_drain(self) -> None:
+        """Finish in-flight requests, close idle keep-alive clients and idle backends."""
         self.draining = True
-        await self.stop_accepting()
         self.close_idle()
         for lst in self.idle.values():
             for up in lst:
                 up.close()
         self.idle.clear()
-        if self.clients:
-            self._drained = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._drained.wait()
-        cut = len(self.clients)
-        for c in list(self.clients):
-            c.abort()
-        return cut
 
-    def close(self) -> None:
-        """Hard stop: every connection is cut."""
-        self._accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
-        for c in list(self.clients):
-            c.abort()
+    def abort_more(self) -> None:
         for up in list(self.upstreams):
             up.abort()
-        for t in list(self.tasks):
-            t.cancel()
         self.idle.clear()
 
     # -- connections ----------------------------------------------------------------------------
@@ -1740,33 +1674,6 @@ class ProxyServer:
                 self._ctx_cache.clear()
             self._ctx_cache[ip] = ctx
         return ctx
-
-    def client_opened(self, c: _Client) -> None:
-        self.clients.add(c)
-        self.stats.connection_opened(self.listener.name)
-        mc = self.listener.max_connections
-        if mc and len(self.clients) >= mc and self._server is not None:
-            # Leave further connections in the shared backlog for other workers.
-            self._server.close()
-            self._server = None
-
-    def client_gone(self, c: _Client) -> None:
-        if c in self.clients:
-            self.clients.discard(c)
-            self.stats.connection_closed(self.listener.name)
-            if not self.clients and self._drained is not None:
-                self._drained.set()
-        mc = self.listener.max_connections
-        if (
-            mc and self._accepting and self._server is None and self._sock is not None
-            and len(self.clients) < mc
-        ):
-            self._spawn(self._listen())
-
-    def _spawn(self, coro: Any) -> None:
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def flush(self) -> None:
         dirty = self.dirty
@@ -1811,16 +1718,8 @@ class ProxyServer:
     def observe(self, req: _Request, backend: Backend, outcome: Outcome) -> None:
         if outcome is Outcome.OK and backend.failures_in_row == 0:
             return  # nothing to reset: skip the call on the hot path
-        if not req.pool_cfg.passive.enabled:
-            return
-        ej = req.pool.observe(backend, outcome, self.time())
-        if ej is not None:
-            logger.warning(
-                "event=backend_ejected_locally listener=%s pool=%s backend=%s reason=%s",
-                self.listener.name, ej.pool, ej.backend, ej.outcome,
-            )
-            if self.on_ejection is not None:
-                self.on_ejection(ej)
+        if req.pool_cfg.passive.enabled:
+            self.eject_on(req.pool, backend, outcome)
 
     # -- backend connections ----------------------------------------------------------------
 
@@ -1874,7 +1773,7 @@ class ProxyServer:
                 lst.remove(up)
 
     def connect(self, req: _Request, client: _Client, backend: Backend, gen: int) -> None:
-        self._spawn(self._connect(req, client, backend, gen))
+        self.spawn(self._connect(req, client, backend, gen))
 
     async def _connect(self, req: _Request, client: _Client, backend: Backend, gen: int) -> None:
         key = (backend.host, backend.port)
@@ -1902,7 +1801,7 @@ class ProxyServer:
 
     # -- timers ---------------------------------------------------------------------------------
 
-    def _tick_interval(self) -> float:
+    def tick_interval(self) -> float:
         lst, cfg = self.listener, self.pool_cfg
         shortest = min(
             lst.client_header_timeout_s, lst.client_idle_timeout_s, lst.client_body_timeout_s,
@@ -1910,22 +1809,14 @@ class ProxyServer:
         )
         return min(0.5, max(0.01, shortest / 10))
 
-    def _schedule_tick(self) -> None:
-        self._ticker = self.loop.call_later(self._tick_interval(), self._tick)
-
-    def _tick(self) -> None:
-        now = self.time()
-        try:
-            for c in [c for c in self.clients if c.deadline <= now]:
-                if not c.closed:
-                    c.on_deadline(now)
-            for up in [u for u in self.upstreams if u.deadline <= now or u.xdeadline <= now]:
-                if not up.closed:
-                    up.on_deadline(now)
-            self.flush()
-        except Exception:
-            logger.exception("event=proxy_tick_failed listener=%s", self.listener.name)
-        self._schedule_tick()
+    def on_tick(self, now: float) -> None:
+        for c in [c for c in self.clients if c.deadline <= now]:
+            if not c.closed:
+                c.on_deadline(now)
+        for up in [u for u in self.upstreams if u.deadline <= now or u.xdeadline <= now]:
+            if not up.closed:
+                up.on_deadline(now)
+        self.flush()
 
 
 # Re-exported for tests that need to classify a reason the way the engine does.

@@ -14,13 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-from collections.abc import Callable
 from typing import Any
 
-from lb.config import ListenerConfig, PoolConfig
-from lb.data.pool import Backend, Ejection, Outcome, Pool
-from lb.stats import Stats
+from lb.data.listener import ListenerServer
+from lb.data.pool import Backend, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +143,17 @@ class _Pipe:
         self.done = False
 
     def touch(self) -> None:
-        self.deadline = self.srv.loop.time() + self.srv.listener.client_idle_timeout_s
+        self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
 
     def client_connected(self, client: _ClientSide) -> None:
         self.client = client
-        self.srv.pipe_opened(self)
+        self.srv.client_opened(self)
         self.touch()
         self._pick()
 
     def _pick(self) -> None:
         srv = self.srv
-        backend = self.pool.pick(srv.loop.time(), self.excluded)
+        backend = self.pool.pick(srv.time(), self.excluded)
         if backend is None:
             logger.warning(
                 "event=proxy_error status=0 listener=%s pool=%s backend=- reason=no_backend",
@@ -264,7 +261,7 @@ class _Pipe:
         if b is not None:
             srv.stats.tcp_bytes(self.pool.name, b.name, self.bytes_in, self.bytes_out)
         self._release()
-        srv.pipe_closed(self)
+        srv.client_gone(self)
 
     def abort(self) -> None:
         if self.client is not None and self.client.transport is not None:
@@ -276,143 +273,28 @@ class _Pipe:
         self.finish()
 
 
-class TcpProxyServer:
-    """The TCP proxy for one listener; same lifecycle as ``ProxyServer``."""
+class TcpProxyServer(ListenerServer["_Pipe"]):
+    """The TCP proxy for one listener (lifecycle: lb.data.listener)."""
 
-    def __init__(
-        self,
-        listener: ListenerConfig,
-        pool: Pool,
-        pool_cfg: PoolConfig,
-        stats: Stats,
-        on_ejection: Callable[[Ejection], None] | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.listener = listener
-        self.pool = pool
-        self.pool_cfg = pool_cfg
-        self.stats = stats
-        self.on_ejection = on_ejection
-        self._loop = loop
-        self.pipes: set[_Pipe] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._sock: socket.socket | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._accepting = False
-        self._ticker: asyncio.TimerHandle | None = None
-        self._drained: asyncio.Event | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
-
-    async def start(self, sock: socket.socket) -> None:
-        self._sock = sock
-        await self._listen()
-        self._schedule_tick()
-
-    async def _listen(self) -> None:
-        assert self._sock is not None
-        self._server = await self.loop.create_server(
-            lambda: _ClientSide(_Pipe(self)), sock=self._sock.dup(),
-            backlog=self.listener.backlog,
-        )
-        self._accepting = True
-
-    def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
-        """New connections use the new pool; open ones stay on theirs."""
-        self.pool = pool
-        self.pool_cfg = pool_cfg
+    def protocol(self) -> asyncio.Protocol:
+        return _ClientSide(_Pipe(self))
 
     def close_idle(self, *, spare_fresh: bool = False) -> None:
         """TCP connections carry no request boundaries: nothing can be closed cleanly."""
 
-    async def stop_accepting(self) -> None:
-        self._accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-
-    async def drain(self, timeout_s: float) -> int:
-        """Let open connections finish until ``timeout_s``; cut the rest, return how many."""
-        await self.stop_accepting()
-        if self.pipes:
-            self._drained = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._drained.wait()
-        cut = len(self.pipes)
-        for p in list(self.pipes):
-            p.abort()
-        return cut
-
-    def close(self) -> None:
-        self._accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
-        for p in list(self.pipes):
-            p.abort()
-        for t in list(self.tasks):
-            t.cancel()
-
-    # -- internals ------------------------------------------------------------------------
-
-    def spawn(self, coro: Any) -> None:
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def pipe_opened(self, pipe: _Pipe) -> None:
-        self.pipes.add(pipe)
-        self.stats.connection_opened(self.listener.name)
-        mc = self.listener.max_connections
-        if mc and len(self.pipes) >= mc and self._server is not None:
-            self._server.close()
-            self._server = None
-
-    def pipe_closed(self, pipe: _Pipe) -> None:
-        if pipe in self.pipes:
-            self.pipes.discard(pipe)
-            self.stats.connection_closed(self.listener.name)
-            if not self.pipes and self._drained is not None:
-                self._drained.set()
-        mc = self.listener.max_connections
-        if mc and self._accepting and self._server is None and len(self.pipes) < mc:
-            self.spawn(self._listen())
-
     def observe(self, pipe: _Pipe, backend: Backend, outcome: Outcome) -> None:
-        if not pipe.pool_cfg.passive.enabled:
-            return
-        ej = pipe.pool.observe(backend, outcome, self.loop.time())
-        if ej is not None:
-            logger.warning(
-                "event=backend_ejected_locally listener=%s pool=%s backend=%s reason=%s",
-                self.listener.name, ej.pool, ej.backend, ej.outcome,
+        if pipe.pool_cfg.passive.enabled:
+            self.eject_on(pipe.pool, backend, outcome)
+
+    def tick_interval(self) -> float:
+        return min(0.5, max(0.01, self.listener.client_idle_timeout_s / 10))
+
+    def on_tick(self, now: float) -> None:
+        for p in [p for p in self.clients if p.deadline <= now]:
+            logger.info(
+                "event=tcp_idle_timeout listener=%s pool=%s", self.listener.name, p.pool.name
             )
-            if self.on_ejection is not None:
-                self.on_ejection(ej)
-
-    def _schedule_tick(self) -> None:
-        interval = min(0.5, max(0.01, self.listener.client_idle_timeout_s / 10))
-        self._ticker = self.loop.call_later(interval, self._tick)
-
-    def _tick(self) -> None:
-        now = self.loop.time()
-        try:
-            for p in [p for p in self.pipes if p.deadline <= now]:
-                logger.info(
-                    "event=tcp_idle_timeout listener=%s pool=%s", self.listener.name, p.pool.name
-                )
-                p.abort()
-        except Exception:
-            logger.exception("event=tcp_tick_failed listener=%s", self.listener.name)
-        self._schedule_tick()
+            p.abort()
 
 
 __all__ = ["TcpProxyServer"]

@@ -1,0 +1,198 @@
+"""What a proxy worker does the same way for every listener, whatever it speaks.
+
+`ListenerServer` is the lifecycle the HTTP engine (lb.data.proxy) and the TCP engine
+(lb.data.tcpproxy) share: accept on the listening socket the control process passed down
+(each worker its own duplicate, so closing it stops only this worker's accepting), stop
+accepting at ``max_connections`` and resume below it (further connections wait in the shared
+backlog for another worker), drain, close, own every task it starts, tick its deadlines,
+and turn a passive-check outcome into a local ejection. An engine supplies the protocol of
+one client connection, its tick and what else to close; nothing here runs per request.
+
+Imports no control-plane module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from lb.config import ListenerConfig, PoolConfig
+from lb.data.pool import Backend, Ejection, Outcome, Pool
+from lb.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=Hashable)
+"""One client connection of the engine (an HTTP client, a TCP pipe)."""
+
+
+def _no_loop() -> float:
+    raise RuntimeError("the listener's server has not been started")
+
+
+class ListenerServer(Generic[C]):
+    """One listener in one worker: its accepting, its client connections and its tasks."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        pool: Pool,
+        pool_cfg: PoolConfig,
+        stats: Stats,
+        on_ejection: Callable[[Ejection], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.listener = listener
+        self.pool = pool
+        self.pool_cfg = pool_cfg
+        self.stats = stats
+        self.on_ejection = on_ejection
+        self.loop: Any = loop
+        self.time: Callable[[], float] = loop.time if loop is not None else _no_loop
+        self.clients: set[C] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._sock: socket.socket | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._accepting = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Event | None = None
+
+    # -- what an engine supplies -------------------------------------------------------------
+
+    def protocol(self) -> asyncio.Protocol:
+        """The protocol of one newly accepted client connection."""
+        raise NotImplementedError
+
+    def tick_interval(self) -> float:
+        """Seconds between deadline checks: a tenth of the shortest timeout, 10-500 ms."""
+        raise NotImplementedError
+
+    def on_tick(self, now: float) -> None:
+        """Act on the deadlines that passed by ``now``."""
+        raise NotImplementedError
+
+    def begin_drain(self) -> None:
+        """Called once accepting stopped and before waiting for the clients to finish."""
+
+    def abort_more(self) -> None:
+        """Cut what else the engine holds (backend connections) at a hard stop."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket) -> None:
+        """Accept on an already-bound listening socket (shared with other workers)."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.time = self.loop.time
+        self._sock = sock
+        await self._listen()
+        self._schedule_tick()
+
+    async def _listen(self) -> None:
+        assert self._sock is not None
+        # Our own fd for the shared socket: closing it stops our accepting only.
+        self._server = await self.loop.create_server(
+            self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog)
+        self._accepting = True
+
+    def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
+        """New connections (HTTP: new requests) use the new pool; open ones keep theirs."""
+        self.pool = pool
+        self.pool_cfg = pool_cfg
+
+    async def stop_accepting(self) -> None:
+        self._accepting = False
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def drain(self, timeout_s: float) -> int:
+        """Let open connections finish until ``timeout_s``; cut the rest, return how many."""
+        await self.stop_accepting()
+        self.begin_drain()
+        if self.clients:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._drained.wait()
+        cut = len(self.clients)
+        for c in list(self.clients):
+            c.abort()  # type: ignore[attr-defined]
+        return cut
+
+    def close(self) -> None:
+        """Hard stop: every connection is cut, every task cancelled."""
+        self._accepting = False
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for c in list(self.clients):
+            c.abort()  # type: ignore[attr-defined]
+        self.abort_more()
+        for t in list(self.tasks):
+            t.cancel()
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task this server owns (cancelled by close())."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- client connections ------------------------------------------------------------------
+
+    def client_opened(self, c: C) -> None:
+        self.clients.add(c)
+        self.stats.connection_opened(self.listener.name)
+        mc = self.listener.max_connections
+        if mc and len(self.clients) >= mc and self._server is not None:
+            # Leave further connections in the shared backlog for other workers.
+            self._server.close()
+            self._server = None
+
+    def client_gone(self, c: C) -> None:
+        if c in self.clients:
+            self.clients.discard(c)
+            self.stats.connection_closed(self.listener.name)
+            if not self.clients and self._drained is not None:
+                self._drained.set()
+        mc = self.listener.max_connections
+        if (
+            mc and self._accepting and self._server is None and self._sock is not None
+            and len(self.clients) < mc
+        ):
+            self.spawn(self._listen())
+
+    # -- passive checks ------------------------------------------------------------------------
+
+    def eject_on(self, pool: Pool, backend: Backend, outcome: Outcome) -> None:
+        """Feed one outcome to the pool's passive check; log and report an ejection."""
+        ej = pool.observe(backend, outcome, self.time())
+        if ej is not None:
+            logger.warning(
+                "event=backend_ejected_locally listener=%s pool=%s backend=%s reason=%s",
+                self.listener.name, ej.pool, ej.backend, ej.outcome,
+            )
+            if self.on_ejection is not None:
+                self.on_ejection(ej)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        self._ticker = self.loop.call_later(self.tick_interval(), self._tick)
+
+    def _tick(self) -> None:
+        try:
+            self.on_tick(self.time())
+        except Exception:
+            logger.exception("event=listener_tick_failed listener=%s", self.listener.name)
+        self._schedule_tick()
+
+
+__all__ = ["ListenerServer"]
