@@ -42,6 +42,8 @@ from failover.controller import (
 )
 from failover.core.codec import (
     DIGEST_LEN,
+    NODE_NAME_MAX,
+    NODE_NAME_PATTERN,
     Heartbeat,
     HeartbeatFlags,
     HeartbeatRejected,
@@ -56,6 +58,7 @@ from failover.core.codec import (
     generate_key,
     key_id,
     load_key,
+    node_name_error,
     read_secret,
     write_key_file,
     write_secret,
@@ -98,6 +101,8 @@ __all__ = [
     "INTERVAL_MAX_S",
     "INTERVAL_MIN_S",
     "LIVE_FIELDS",
+    "NODE_NAME_MAX",
+    "NODE_NAME_PATTERN",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "TRACK_COUNT_MAX",
@@ -149,6 +154,7 @@ __all__ = [
     "key_id",
     "load_key",
     "master_down_s",
+    "node_name_error",
     "parse_peer",
     "parse_target",
     "read_secret",

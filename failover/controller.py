@@ -58,7 +58,6 @@ from failover.core import machine
 from failover.core.codec import (
     DIGEST_LEN,
     MAX_INTERVAL_MS,
-    MAX_NAME_LEN,
     MIN_KEY_LEN,
     Heartbeat,
     HeartbeatFlags,
@@ -69,6 +68,7 @@ from failover.core.codec import (
     decode_any,
     encode,
     key_id,
+    node_name_error,
 )
 from failover.core.machine import (
     AcquireVip,
@@ -160,9 +160,9 @@ class FailoverSpec:
         def bad(key: str, rule: str, value: object) -> FailoverConfigError:
             return FailoverConfigError(f"failover.{key}: {rule} (got {value!r})")
 
-        name_len = len(self.node_name.encode())
-        if not 1 <= name_len <= MAX_NAME_LEN or not self.node_name.isprintable():
-            raise bad("node_name", f"1..{MAX_NAME_LEN} printable UTF-8 bytes", self.node_name)
+        name_rule = node_name_error(self.node_name)
+        if name_rule is not None:
+            raise bad("node_name", name_rule, self.node_name)
         if not machine.PRIORITY_MIN <= self.priority <= machine.PRIORITY_MAX:
             raise bad("priority", f"must be {machine.PRIORITY_MIN}..{machine.PRIORITY_MAX} "
                       "(0 is reserved for leaving)", self.priority)

@@ -120,8 +120,10 @@ AccountName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$"
 
 
 class NodeConfig(_Model):
-    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
-    """This node's name in heartbeats, logs, metrics and the status API."""
+    name: Annotated[str, Field(min_length=1, max_length=failover.NODE_NAME_MAX,
+                               pattern=failover.NODE_NAME_PATTERN)]
+    """This node's name in heartbeats, logs, metrics and the status API: ASCII letters,
+    digits, ``_``, ``.`` and ``-`` (the heartbeat's rule, ``failover.NODE_NAME_*``)."""
     workers: Annotated[int, Field(ge=0, le=256)] = 0
     """Proxy worker processes; 0 means one per CPU."""
     shutdown_timeout_s: NonNegSeconds = 30.0
@@ -805,6 +807,11 @@ def _type_name(tp: Any) -> str:
     return str(getattr(tp, "__name__", tp))
 
 
+_BOUND_SIGNS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
+                ("min_length", "len>="), ("max_length", "len<="))
+"""A field's bounds as the reference prints them (lengths too: node names' is failover's)."""
+
+
 def reference_markdown() -> str:
     """The configuration reference (docs/configuration.md is this, checked by a test)."""
     out = []
@@ -819,17 +826,11 @@ def reference_markdown() -> str:
             else:
                 d = f.get_default(call_default_factory=True)
                 default = "-" if isinstance(d, _Model) else f"`{json.dumps(d)}`"
-            meta = (
-                " ".join(
-                    f"{k}{getattr(m, k)}"
-                    for m in f.metadata
-                    for k in ("ge", "gt", "le", "lt")
-                    if getattr(m, k, None) is not None
-                )
-                .replace("ge", ">=")
-                .replace("gt", ">")
-                .replace("le", "<=")
-                .replace("lt", "<")
+            meta = " ".join(
+                f"{sign}{getattr(m, k)}"
+                for m in f.metadata
+                for k, sign in _BOUND_SIGNS
+                if getattr(m, k, None) is not None
             )
             typ = _type_name(f.annotation).replace("|", "\\|")  # a pipe ends a table cell
             typ = typ if not meta else f"{typ} ({meta})"

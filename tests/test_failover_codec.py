@@ -23,6 +23,7 @@ from failover.core.codec import (
     MAC_LEN,
     MAGIC,
     MAX_INTERVAL_MS,
+    NODE_NAME_MAX,
     Heartbeat,
     HeartbeatFlags,
     HeartbeatRejected,
@@ -56,9 +57,7 @@ def hb(**kw: object) -> Heartbeat:
 
 heartbeats = st.builds(
     Heartbeat,
-    name=st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cf", "Zl", "Zp", "Co", "Cn",
-                                                     "Zs")),
-                 min_size=1, max_size=16),
+    name=st.from_regex(r"[A-Za-z0-9_.-]{1,32}", fullmatch=True),
     role=st.sampled_from(list(Role)),
     priority=st.integers(0, 255),
     epoch=st.integers(0, 2**64 - 1),
@@ -103,6 +102,45 @@ def test_wire_layout_is_as_drawn() -> None:
 def test_name_too_long_cannot_be_encoded() -> None:
     with pytest.raises(ValueError):
         encode(hb(name="x" * 65), KEY)
+
+
+@pytest.mark.parametrize("name", ["x" * (NODE_NAME_MAX + 1), "nœud", "lb 1", "lb1\n", ""])
+def test_a_name_outside_the_node_name_rule_cannot_be_encoded(name: str) -> None:
+    """What [node] name refuses, the codec refuses too (one rule, failover's)."""
+    with pytest.raises(ValueError, match="heartbeat name"):
+        encode(hb(name=name), KEY)
+
+
+def _signed_with_name(raw_name: bytes, key: bytes = KEY) -> bytes:
+    """A heartbeat as a peer running an older build could send it: any name of 1..255 bytes,
+    correctly signed (encode() of this build refuses such names)."""
+    head = encode(hb(name="lb1"), key)[: HEADER_LEN - 1]
+    body = head + bytes([len(raw_name)]) + raw_name
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+@pytest.mark.parametrize("raw_name", [
+    b"x" * (NODE_NAME_MAX + 1),  # the old codec took 64 bytes
+    b"y" * 64,
+    "nœud-ß".encode(),  # printable UTF-8: FailoverSpec used to allow it
+    b"lb 1",
+    b"\xff\xfe",
+])
+def test_an_authentic_heartbeat_with_a_name_this_build_refuses_is_malformed(
+        raw_name: bytes) -> None:
+    """Counted and dropped like any bad heartbeat (HeartbeatRejected), never another error."""
+    data = _signed_with_name(raw_name)
+    with pytest.raises(HeartbeatRejected) as info:
+        decode(data, KEY)
+    assert info.value.reason is RejectReason.MALFORMED
+
+
+def test_the_longest_valid_name_round_trips() -> None:
+    name = "a." + "Z-_9" * ((NODE_NAME_MAX - 2) // 4)
+    name += "q" * (NODE_NAME_MAX - len(name))
+    assert len(name) == NODE_NAME_MAX
+    assert decode(_signed_with_name(name.encode()), KEY).name == name
+    assert decode(encode(hb(name=name), KEY), KEY).name == name
 
 
 # -- hostile input ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Pure: no asyncio, socket, time or logging; the caller passes `now_ms`. The only I/O is
 reading and writing the key file (`load_key`, `write_key_file`).
 
-Wire format, version 1, network byte order, 73 + N + 32 bytes (N = name length, 1..64):
+Wire format, version 1, network byte order, 73 + N + 32 bytes (N = name length, 1..32):
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -34,7 +34,7 @@ Wire format, version 1, network byte order, 73 + N + 32 bytes (N = name length, 
     +-------------------------------+-------------------------------+
     |                    interval (4): heartbeat interval, ms       |
     +---------------+-----------------------------------------------+
-    |  name len (1) |  name (N bytes, UTF-8) ...                    |
+    |  name len (1) |  name (N bytes, ASCII) ...                    |
     +---------------+-----------------------------------------------+
     |                    HMAC-SHA256 over all bytes above (32)      |
     ~                                                               ~
@@ -45,6 +45,12 @@ healthy backends), 2 leaving (priority is 0 too, as in VRRP), 4 switchover (a MA
 the best backup to take over). Unknown role values, flag bits, healthy > total, interval 0,
 a bad name or any trailing byte are MALFORMED. The MAC is compared with
 hmac.compare_digest; nothing but the layout fields is read before it is verified.
+
+Node names: `NODE_NAME_MAX` (32) ASCII letters, digits, ``_``, ``.`` and ``-``
+(`NODE_NAME_PATTERN`, `node_name_error`), the one rule of ``[node] name``, `FailoverSpec` and
+this codec. A heartbeat whose name breaks it (an older build let 64 printable UTF-8 bytes
+through FailoverSpec; its config never did) is MALFORMED once its MAC verifies: counted and
+dropped like any bad heartbeat, never an exception.
 
 Keys: `decode_any` verifies against several keys (a key rotation: every node signs with its
 first key and accepts any of its keys) and says which one matched. `key_id` names a key in
@@ -104,7 +110,11 @@ MAGIC: Final = b"PLBH"
 VERSION: Final = 1
 MAC_LEN: Final = 32
 DIGEST_LEN: Final = 16
-MAX_NAME_LEN: Final = 64
+NODE_NAME_MAX: Final = 32
+"""The longest node name, in characters (ASCII: the same in bytes on the wire)."""
+NODE_NAME_PATTERN: Final = r"^[A-Za-z0-9_.-]+$"
+"""What a node name is made of: ASCII letters, digits, '_', '.' and '-' (safe as they are in
+logs, metric labels, notify scripts' arguments and file names)."""
 MIN_KEY_LEN: Final = 16
 MAX_INTERVAL_MS: Final = 10_000
 """The longest heartbeat interval a peer may advertise (failover.interval_s allows 10 s)."""
@@ -190,11 +200,24 @@ def _unpack_address(raw: bytes) -> IPAddress | None:
     return v6.ipv4_mapped or v6
 
 
+_NODE_NAME_RE: Final = re.compile(NODE_NAME_PATTERN)
+
+
+def node_name_error(name: str) -> str | None:
+    """Why `name` cannot name a node (the rule broken), or None when it can."""
+    if not 1 <= len(name) <= NODE_NAME_MAX:
+        return f"1..{NODE_NAME_MAX} characters (got {len(name)})"
+    if _NODE_NAME_RE.fullmatch(name) is None:
+        return "only ASCII letters, digits, '_', '.' and '-'"
+    return None
+
+
 def encode(hb: Heartbeat, key: bytes) -> bytes:
     """Serialize and sign. Raises ValueError for a heartbeat that cannot be represented."""
-    name = hb.name.encode("utf-8")
-    if not 1 <= len(name) <= MAX_NAME_LEN:
-        raise ValueError(f"heartbeat name: 1..{MAX_NAME_LEN} UTF-8 bytes (got {len(name)})")
+    bad_name = node_name_error(hb.name)
+    if bad_name is not None:
+        raise ValueError(f"heartbeat name {hb.name!r}: {bad_name}")
+    name = hb.name.encode("ascii")
     if not 0 <= hb.priority <= 255:
         raise ValueError(f"priority: must be 0..255 (got {hb.priority})")
     if len(hb.config_digest) != DIGEST_LEN:
@@ -259,14 +282,15 @@ def _decode(data: bytes, keys: Sequence[bytes]) -> tuple[Heartbeat, int]:
         raise HeartbeatRejected(RejectReason.MALFORMED, f"healthy {healthy} > total {total}")
     if interval_ms == 0:
         raise HeartbeatRejected(RejectReason.MALFORMED, "interval 0")
-    if name_len == 0 or name_len > MAX_NAME_LEN:
+    if name_len == 0 or name_len > NODE_NAME_MAX:
         raise HeartbeatRejected(RejectReason.MALFORMED, f"name length {name_len}")
     try:
-        name = body[HEADER_LEN:].decode("utf-8")
+        name = body[HEADER_LEN:].decode("ascii")
     except UnicodeDecodeError:
-        raise HeartbeatRejected(RejectReason.MALFORMED, "name not UTF-8") from None
-    if not name.isprintable():
-        raise HeartbeatRejected(RejectReason.MALFORMED, "name not printable")
+        raise HeartbeatRejected(RejectReason.MALFORMED, "name not ASCII") from None
+    bad_name = node_name_error(name)
+    if bad_name is not None:
+        raise HeartbeatRejected(RejectReason.MALFORMED, f"name {name!r}: {bad_name}")
     return Heartbeat(
         name=name, role=role, priority=priority, epoch=epoch, seq=seq, timestamp_ms=ts,
         config_digest=digest, address=_unpack_address(addr), healthy_count=healthy,
