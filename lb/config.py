@@ -311,6 +311,12 @@ class HealthOverride(_Model):
     """Check a different port than the traffic port."""
 
 
+Balance = Literal["round_robin", "least_connections", "random_two"]
+"""How a pool picks a backend (lb.data.pool builds one structure per value)."""
+PanicMode = Literal["spread", "fail"]
+"""What a pool in panic does (lb.control.rotation)."""
+
+
 class PassiveConfig(_Model):
     enabled: bool = True
     """False: errors seen by the proxy never eject a backend."""
@@ -355,7 +361,7 @@ class BackendConfig(_Model):
 class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique pool name, referenced by listeners."""
-    balance: Literal["round_robin", "least_connections", "random_two"] = "round_robin"
+    balance: Balance = "round_robin"
     """Smooth weighted round robin (earliest deadline first: weights exact, no bursts), least
     in-flight per weight (exact; ties to the backend idle longest), or power of two choices.
     A pick costs O(log N) or O(1) in the pool's size."""
@@ -385,7 +391,7 @@ class PoolConfig(_Model):
     """A backend that comes back ramps its weight from 5% to 100% over this time."""
     panic_percent: Annotated[int, Field(ge=0, le=100)] = 50
     """Below this share of usable backends the pool is in panic."""
-    panic_mode: Literal["spread", "fail"] = "spread"
+    panic_mode: PanicMode = "spread"
     """In panic: ``spread`` over all enabled backends, or ``fail`` with 503."""
     health: HealthConfig = HealthConfig()
     """See ``[pool.health]``."""
@@ -408,6 +414,17 @@ class PoolConfig(_Model):
                 if rule is not None:
                     raise ValueError(f"backend {b.name!r}: health.timeout_s {rule}")
         return self
+
+
+PASSIVE_DEFAULTS = PassiveConfig()
+"""[pool.passive] when a pool says nothing. Its rules are written once, here: lb.data.pool
+(each worker's own ejection, at once) and lb.control.rotation (the control process's, for
+the whole node) default to these values, and take the configured ones from the config."""
+SLOW_START_S_DEFAULT: float = PoolConfig.model_fields["slow_start_s"].default
+PANIC_PERCENT_DEFAULT: int = PoolConfig.model_fields["panic_percent"].default
+PANIC_MODE_DEFAULT: PanicMode = PoolConfig.model_fields["panic_mode"].default
+"""The [[pool]] rules lb.control.rotation defaults to (a PoolConfig needs backends, so
+they are read from its fields)."""
 
 
 _FO: dict[str, Any] = {

@@ -282,7 +282,7 @@ def test_round_robin_share_and_spread_after_changes(weights: list[float], data: 
 def test_local_ejection_ends_by_itself(mode: str) -> None:
     """A locally ejected backend comes back when its ejection ends, without a snapshot."""
     pool = make(mode, weights=(1, 1, 1), consecutive_failures=1, max_eject_percent=50,
-                seed=5)  # type: ignore[arg-type]
+                local_eject_s=1.0, seed=5)  # type: ignore[arg-type]
     b0 = pool.get("b0")
     assert b0 is not None and pool.observe(b0, Outcome.RESET, 0.0) is not None
     picked = []

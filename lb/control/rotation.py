@@ -23,6 +23,9 @@ Rules, and why:
 - Draining and maintenance backends get no new requests; in-flight ones finish (the worker
   keeps the connection). Maintenance keeps health checks running, so enabling it again
   puts it back at once if it is healthy.
+
+The rules' defaults are lb.config's (``PASSIVE_DEFAULTS`` and the [[pool]] ones), so a
+rotation built without a config behaves as one configured with nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+
+from lb.config import (
+    PANIC_MODE_DEFAULT,
+    PANIC_PERCENT_DEFAULT,
+    PASSIVE_DEFAULTS,
+    SLOW_START_S_DEFAULT,
+    PanicMode,
+)
 
 
 class AdminState(StrEnum):
@@ -128,12 +139,12 @@ class PoolRotation:
 
     name: str
     records: dict[str, BackendRecord]
-    eject_s: float = 10.0
-    max_eject_s: float = 300.0
-    max_eject_percent: int = 50
-    slow_start_s: float = 0.0
-    panic_percent: int = 50
-    panic_mode: str = "spread"
+    eject_s: float = PASSIVE_DEFAULTS.eject_s
+    max_eject_s: float = PASSIVE_DEFAULTS.max_eject_s
+    max_eject_percent: int = PASSIVE_DEFAULTS.max_eject_percent
+    slow_start_s: float = SLOW_START_S_DEFAULT
+    panic_percent: int = PANIC_PERCENT_DEFAULT
+    panic_mode: PanicMode = PANIC_MODE_DEFAULT
 
     @classmethod
     def create(

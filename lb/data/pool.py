@@ -32,6 +32,9 @@ balance mode, rebuilt in O(N) when a snapshot arrives:
 A local ejection leaves the rotation at once (O(log N)) and comes back through a heap of
 ejection deadlines checked at each pick. Retries exclude the backends already tried: the
 pick skips them (O(k log N) for k excluded), never scans N.
+
+The balance modes and the passive-ejection defaults are lb.config's (``Balance``,
+``PASSIVE_DEFAULTS``): a pool built without a config behaves as one configured with nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from heapq import heapify, heappop, heappush, heapreplace
+
+from lb.config import PASSIVE_DEFAULTS, Balance
 
 
 class Outcome(StrEnum):
@@ -59,6 +64,8 @@ FAILURES = frozenset({Outcome.CONNECT_FAILED, Outcome.TIMEOUT, Outcome.HTTP_5XX,
 _OUT, _IN, _EJECTED = 0, 1, 2
 """Where a backend is: out of rotation (snapshot), in it, or out until its local ejection ends."""
 _RR, _LC, _R2 = 0, 1, 2
+_MODES: dict[str, int] = {"round_robin": _RR, "least_connections": _LC, "random_two": _R2}
+"""Every lb.config.Balance, and the structure it is kept in."""
 _RENORMALIZE_AT = float(1 << 30)
 """Virtual time past which round robin's deadlines are shifted back (float precision)."""
 
@@ -132,11 +139,13 @@ class Pool:
     """
 
     name: str
-    balance: str
+    balance: Balance
     backends: list[Backend]
-    consecutive_failures: int = 3
-    local_eject_s: float = 1.0
-    max_eject_percent: int = 50
+    consecutive_failures: int = PASSIVE_DEFAULTS.consecutive_failures
+    local_eject_s: float = PASSIVE_DEFAULTS.eject_s
+    """How long a local ejection lasts at most (the worker passes [pool.passive] eject_s);
+    the control process's next snapshot decides sooner."""
+    max_eject_percent: int = PASSIVE_DEFAULTS.max_eject_percent
     rng: random.Random = field(default_factory=random.Random)
     version: int = 0
     panic: bool = False
@@ -160,7 +169,10 @@ class Pool:
 
     def __post_init__(self) -> None:
         self._by_name = {b.name: b for b in self.backends}
-        self._mode = {"least_connections": _LC, "random_two": _R2}.get(self.balance, _RR)
+        mode = _MODES.get(self.balance)
+        if mode is None:
+            raise ValueError(f"pool {self.name}: unknown balance {self.balance!r}")
+        self._mode = mode
         for i, b in enumerate(self.backends):
             b._idx = i
         self._ejected_n = sum(1 for b in self.backends if b.ejected_until > 0 and b.eligible)
@@ -461,12 +473,12 @@ class Pool:
 
 def build_pool(
     name: str,
-    balance: str,
+    balance: Balance,
     backends: Iterable[tuple[str, str, int, float]],
     *,
-    consecutive_failures: int = 3,
-    local_eject_s: float = 1.0,
-    max_eject_percent: int = 50,
+    consecutive_failures: int = PASSIVE_DEFAULTS.consecutive_failures,
+    local_eject_s: float = PASSIVE_DEFAULTS.eject_s,
+    max_eject_percent: int = PASSIVE_DEFAULTS.max_eject_percent,
     eligible: bool = True,
     seed: int | None = None,
 ) -> Pool:
