@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from failover.adapters.handover import Handover, HandoverError
-from failover.adapters.hooks import HookResult, HookRunner
+from failover.adapters.hooks import HookCounters, HookResult, HookRunner
 from failover.adapters.track import (
     GATEWAY_FAULT,
     GatewayStatus,
@@ -26,6 +26,7 @@ from failover.controller import (
     INTERVAL_MAX_S,
     INTERVAL_MIN_S,
     LIVE_FIELDS,
+    SEND_LAG_SAMPLES,
     TRACK_COUNT_MAX,
     TRACK_INTERVAL_MIN_S,
     TRACK_MAX_S,
@@ -105,6 +106,7 @@ __all__ = [
     "NODE_NAME_PATTERN",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
+    "SEND_LAG_SAMPLES",
     "TRACK_COUNT_MAX",
     "TRACK_INTERVAL_MIN_S",
     "TRACK_MAX_S",
@@ -124,6 +126,7 @@ __all__ = [
     "HeartbeatFlags",
     "HeartbeatRejected",
     "HeartbeatTransport",
+    "HookCounters",
     "HookResult",
     "HookRunner",
     "IllegalEvent",

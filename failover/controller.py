@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
-from failover.adapters.hooks import HookRunner
+from failover.adapters.hooks import HookCounters, HookRunner
 from failover.adapters.track import (
     GATEWAY_FAULT,
     GatewayStatus,
@@ -112,6 +112,8 @@ TRACK_MAX_S = 60.0
 """Largest track_gateway interval and timeout."""
 TRACK_COUNT_MAX = 100
 """Largest track_gateway fall / rise."""
+SEND_LAG_SAMPLES = 4096
+"""How many recent sends `FailoverStatus.send_lag` is taken over."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,8 @@ class FailoverCounters:
     """Heartbeats that arrived more than master_down later than their peers usually do
     (queued by the network, e.g. during ARP resolution); never a reason to yield."""
     internal_errors: int = 0
+    """Exceptions caught at the controller's error boundaries (receive, send, an action, an
+    event the machine refused): a bug, logged with its traceback."""
     verified: dict[str, int] = field(default_factory=dict)
     """Datagrams whose MAC verified, by key id (which key of a rotation the peers use)."""
     interval_clamped: dict[str, int] = field(default_factory=dict)
@@ -348,6 +352,15 @@ class FailoverStatus:
     """The configured keys, signing one first."""
     gateway: GatewayStatus | None = None
     """The partition guard (failover.track_gateway), if configured."""
+    heartbeat_send_errors: int = 0
+    """Heartbeat datagrams the transport could not send, and ICMP errors for earlier ones
+    (a peer's port unreachable): the transport's `send_errors`."""
+    vip_announcements: int = 0
+    """Gratuitous ARP / unsolicited NA packets the VIP adapter sent."""
+    vip_announcement_errors: int = 0
+    """Announcement rounds the VIP adapter failed to send (the VIPs stay held)."""
+    notify: HookCounters = field(default_factory=HookCounters)
+    """The notify scripts: runs, failures, timeouts, transitions dropped."""
 
 
 @dataclass
@@ -444,7 +457,7 @@ class FailoverController:
         self._health = (False, 0, 0)
         self._early_faults: set[str] = set()  # reported before start()
         self.counters = FailoverCounters()
-        self._lags: deque[float] = deque(maxlen=4096)
+        self._lags: deque[float] = deque(maxlen=SEND_LAG_SAMPLES)
         self._role_since_wall = self._wall()
         self._reject_logged: dict[RejectReason, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -667,6 +680,11 @@ class FailoverController:
             keys=tuple(KeyStatus(kid, i == 0, verified.get(kid, 0))
                        for i, kid in enumerate(self._key_ids)),
             gateway=self._tracker.status() if self._tracker is not None else None,
+            heartbeat_send_errors=self._transport.send_errors,
+            # Not part of VipPort: VipAdapter counts them; a test's fake may not.
+            vip_announcements=int(getattr(self._vip, "announcements_sent", 0)),
+            vip_announcement_errors=int(getattr(self._vip, "announcement_errors", 0)),
+            notify=self._hooks.counters(),
         )
 
     # -- the machine ----------------------------------------------------------------------------

@@ -594,6 +594,10 @@ class FailoverConfig(_Model):
         return self.key_files or (self.key_file,)
 
 
+BackendSeries = Literal["all", "unhealthy", "none"]
+"""Per-backend series on /metrics (lb.admin.metrics.BACKEND_SERIES)."""
+
+
 class AdminConfig(_Model):
     bind: str = "127.0.0.1:9900"
     """Address of the admin HTTP endpoint (status, metrics, actions)."""
@@ -605,7 +609,7 @@ class AdminConfig(_Model):
     """More Host header names the endpoint answers to (e.g. this node's DNS name), besides
     its bind address, ``localhost`` when bound to loopback, and any IP address when bound to
     a wildcard. Any other Host gets 421: a DNS-rebinding page cannot read /status."""
-    metrics_backend_series: Literal["all", "unhealthy", "none"] = "all"
+    metrics_backend_series: BackendSeries = "all"
     """Per-backend series on /metrics: ``all``; ``unhealthy`` (state gauges of backends not
     fully in service only); ``none``. Unless ``all``, counters, histograms and in-flight
     requests are summed per pool as ``backend="*"``. ``?backend_series=`` overrides it."""

@@ -14,8 +14,10 @@ formats the line in the caller, ``LineQueue.put`` never waits) and one writer th
 process writes them out. A sink that stops taking lines (journald stalled or restarting, a
 pipe nobody reads, a disk under writeback throttling) blocks that thread only: the loops
 that send heartbeats, check backends and proxy requests carry on. While the queue is full
-(``QUEUE_LINES``) new lines are dropped and counted (``dropped()``); when the sink takes lines
-again the writer adds ``event=log_lines_dropped count=N total=M`` after what it had queued.
+(``QUEUE_LINES``) new lines are dropped and counted; when the sink takes lines again the
+writer adds ``event=log_lines_dropped count=N total=M`` after what it had queued. ``counts()``
+says how many lines a process wrote and dropped (``pairlb_log_lines_total``: the control
+process reads its own, the failover process sends its own with its status).
 At exit a process waits for its queue at most ``FLUSH_TIMEOUT_S``. Python warnings go
 through the same queue (``logging.captureWarnings``).
 """
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TextIO
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -238,9 +241,26 @@ def _queue() -> LineQueue:
     return _lines
 
 
+@dataclass(frozen=True)
+class LogCounts:
+    """One process's log lines so far: written to its sink, and dropped because the sink
+    did not take them while the queue was full."""
+
+    written: int = 0
+    dropped: int = 0
+
+
+def counts() -> LogCounts:
+    """This process's log lines written and dropped (zero before its first line)."""
+    lines = _lines
+    if lines is None or lines.pid != os.getpid():
+        return LogCounts()
+    return LogCounts(lines.written_total, lines.dropped_total)
+
+
 def dropped() -> int:
     """Log lines this process dropped because its sink did not take them."""
-    return 0 if _lines is None or _lines.pid != os.getpid() else _lines.dropped_total
+    return counts().dropped
 
 
 def flush(timeout_s: float = FLUSH_TIMEOUT_S) -> bool:

@@ -4,7 +4,7 @@
   them; the worker's Pool (lb.data.pool) and the control process's PoolRotation
   (lb.control.rotation) default to the same values (they used to declare their own: the
   worker's local ejection defaulted to 1 s where the config says 10 s).
-- Balance and panic modes: lb.config's Literal types.
+- Balance modes, panic modes and /metrics' backend series: lb.config's Literal types.
 - Node names: tests/test_node_names.py.
 """
 
@@ -16,6 +16,7 @@ import typing
 import pytest
 
 from lb import config
+from lb.admin import metrics
 from lb.control.rotation import PoolRotation
 from lb.data import pool as pool_mod
 
@@ -63,3 +64,8 @@ def test_every_balance_mode_builds_a_pool_and_nothing_else_does() -> None:
         assert p.pick(0.0) is not None
     with pytest.raises(ValueError, match="unknown balance"):
         pool_mod.build_pool("web", "roundrobin", [("b1", "127.0.0.1", 1, 1.0)])  # type: ignore[arg-type]
+
+
+def test_backend_series_values_are_the_configs() -> None:
+    assert typing.get_args(config.BackendSeries) == metrics.BACKEND_SERIES
+    assert config.AdminConfig().metrics_backend_series == "all"

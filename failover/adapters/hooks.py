@@ -13,9 +13,10 @@ done by util-linux's `setpriv` in front of the script, so the child is spawned w
 Python `preexec_fn` (vfork, no copy of the failover process's page tables: forking one
 stalled its loop 7-8 ms per script); without `setpriv` the child does it itself before the
 exec (`_ChildPrivileges`). The outcome (exit status, duration, last
-lines of output) is logged. Transitions queue up and run strictly in order in one worker
-task, so a slow script delays later scripts but never a heartbeat: the controller only
-enqueues. Imports nothing from lb or healthcheck.
+lines of output) is logged and counted (`counters()`: runs, failures, timeouts, transitions
+dropped; the failover status carries them to /metrics and /status). Transitions queue up
+and run strictly in order in one worker task, so a slow script delays later scripts but
+never a heartbeat: the controller only enqueues. Imports nothing from lb or healthcheck.
 """
 
 from __future__ import annotations
@@ -104,6 +105,20 @@ class HookResult:
 
 
 @dataclass(frozen=True)
+class HookCounters:
+    """What the notify scripts did so far (pairlb_failover_notify_*_total, /status "notify")."""
+
+    runs: int = 0
+    """Scripts run, whatever the outcome."""
+    failures: int = 0
+    """Runs that failed: non-zero exit, could not start, killed on timeout, an error."""
+    timeouts: int = 0
+    """Failures that were killed at notify_timeout_s."""
+    dropped: int = 0
+    """Transitions whose scripts never ran: queued behind more than `max_queued` others."""
+
+
+@dataclass(frozen=True)
 class _Transition:
     role_from: str
     role_to: str
@@ -170,6 +185,7 @@ class HookRunner:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    self.runs += 1
                     self.failures += 1
                     log.exception("notify_failed script=%s", script)
                     continue
@@ -183,6 +199,9 @@ class HookRunner:
         except TimeoutError:
             return False
         return True
+
+    def counters(self) -> HookCounters:
+        return HookCounters(self.runs, self.failures, self.timeouts, self.dropped)
 
     def _record(self, r: HookResult) -> None:
         self.runs += 1

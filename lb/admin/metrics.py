@@ -41,6 +41,7 @@ import gzip
 import itertools
 import math
 import os
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -57,9 +58,13 @@ from prometheus_client.core import (
 from prometheus_client.openmetrics.exposition import generate_latest as _om_latest_untyped
 from prometheus_client.utils import floatToGoString as _float_to_go_untyped
 
+from failover import SEND_LAG_SAMPLES
 from lb import __version__
+from lb import log as lb_log
+from lb.config import BackendSeries
 from lb.control.rotation import AdminState
 from lb.control.status import BackendStatus, NodeStatus
+from lb.failoverd.link import GAP_SAMPLES
 from lb.stats import CLASSES, DURATION_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -109,6 +114,13 @@ METRICS: tuple[MetricDef, ...] = (
         "gauge",
         "",
         "0 when the last reload was rejected (the old config is kept), else 1.",
+    ),
+    _d(
+        "pairlb_log_lines_total",
+        "counter",
+        "process result",
+        "Log lines of the control and failover processes by result: written to the log sink "
+        "(journald, stderr), or dropped while it did not take them.",
     ),
     # traffic (merged from every worker)
     _d(
@@ -234,6 +246,22 @@ METRICS: tuple[MetricDef, ...] = (
     _d("pairlb_heartbeats_sent_total", "counter", "", "Heartbeats sent.", True),
     _d("pairlb_heartbeats_received_total", "counter", "", "Valid heartbeats received.", True),
     _d(
+        "pairlb_heartbeats_duplicated_total",
+        "counter",
+        "",
+        "Heartbeats heard again via another path (normal with several peer addresses); not "
+        "counted as received.",
+        True,
+    ),
+    _d(
+        "pairlb_heartbeat_send_errors_total",
+        "counter",
+        "",
+        "Heartbeat datagrams that could not be sent, and ICMP errors for earlier ones (a "
+        "peer's port unreachable).",
+        True,
+    ),
+    _d(
         "pairlb_heartbeats_rejected_total",
         "counter",
         "reason",
@@ -302,28 +330,28 @@ METRICS: tuple[MetricDef, ...] = (
         "pairlb_heartbeat_send_lag_p99_seconds",
         "gauge",
         "",
-        "How late heartbeats left, 99th percentile over the last 4096 sends.",
+        f"How late heartbeats left, 99th percentile over the last {SEND_LAG_SAMPLES} sends.",
         True,
     ),
     _d(
         "pairlb_heartbeat_send_lag_max_seconds",
         "gauge",
         "",
-        "How late the latest of the last 4096 heartbeats left.",
+        f"How late the latest of the last {SEND_LAG_SAMPLES} heartbeats left.",
         True,
     ),
     _d(
         "pairlb_heartbeat_send_gap_max_seconds",
         "gauge",
         "",
-        "Longest time between two heartbeats sent to one peer address (last 4096).",
+        f"Longest time between two heartbeats sent to one peer address (last {GAP_SAMPLES}).",
         True,
     ),
     _d(
         "pairlb_heartbeat_receive_gap_max_seconds",
         "gauge",
         "",
-        "Longest time between two datagrams from one peer address (last 4096).",
+        f"Longest time between two datagrams from one peer address (last {GAP_SAMPLES}).",
         True,
     ),
     _d(
@@ -338,6 +366,22 @@ METRICS: tuple[MetricDef, ...] = (
         "counter",
         "",
         "Times the failover process was restarted after it died or hung.",
+        True,
+    ),
+    _d(
+        "pairlb_failover_control_silent_seconds",
+        "gauge",
+        "",
+        "How long the control process had been silent when the failover process last "
+        "reported; from failover.control_timeout_s on, the node counts as unhealthy.",
+        True,
+    ),
+    _d(
+        "pairlb_failover_internal_errors_total",
+        "counter",
+        "",
+        "Exceptions caught at the failover controller's error boundaries (a bug: the "
+        "failover process logs the traceback).",
         True,
     ),
     _d(
@@ -362,6 +406,20 @@ METRICS: tuple[MetricDef, ...] = (
         True,
     ),
     _d("pairlb_vip_errors_total", "counter", "", "Failed VIP add/remove/announce calls.", True),
+    _d(
+        "pairlb_vip_announcements_total",
+        "counter",
+        "",
+        "Gratuitous ARP / unsolicited NA packets sent for the virtual IPs.",
+        True,
+    ),
+    _d(
+        "pairlb_vip_announcement_errors_total",
+        "counter",
+        "",
+        "VIP announcement rounds that failed to send (the virtual IPs stay held).",
+        True,
+    ),
     _d(
         "pairlb_failover_peer_clock_offset_seconds",
         "gauge",
@@ -403,6 +461,29 @@ METRICS: tuple[MetricDef, ...] = (
         "counter",
         "target result",
         "Partition guard probes by target and result (success, failure).",
+        True,
+    ),
+    _d(
+        "pairlb_failover_notify_runs_total",
+        "counter",
+        "result",
+        "Notify script runs by result (success; failure: non-zero exit, not started, killed "
+        "on timeout).",
+        True,
+    ),
+    _d(
+        "pairlb_failover_notify_timeouts_total",
+        "counter",
+        "",
+        "Notify script runs killed at failover.notify_timeout_s (counted as failures too).",
+        True,
+    ),
+    _d(
+        "pairlb_failover_notify_dropped_total",
+        "counter",
+        "",
+        "Role transitions whose notify scripts never ran (their queue was full: the role "
+        "changed faster than the scripts ran).",
         True,
     ),
     # workers
@@ -620,6 +701,9 @@ class PairlbCollector:
             add("pairlb_config_reloads_total", [result], float(d.reloads.get(result, 0)))
         last = st.config.last_reload
         add("pairlb_config_last_reload_successful", [], 0.0 if last and not last["ok"] else 1.0)
+        own = lb_log.counts()  # the control process's; the failover process's with its status
+        add("pairlb_log_lines_total", ["control", "written"], own.written)
+        add("pairlb_log_lines_total", ["control", "dropped"], own.dropped)
 
         self._traffic(d.totals, d.worker_active, add, out.hist)
         self._pools(st, add, out.hist)
@@ -758,12 +842,21 @@ class PairlbCollector:
         process = view.process  # None: a controller in this process (tests)
         add("pairlb_failover_process_up", [], 1.0 if process is None or process.running else 0.0)
         add("pairlb_failover_process_restarts_total", [], process.restarts if process else 0)
+        if process is not None:
+            add("pairlb_failover_control_silent_seconds", [], process.control_silent_s)
+            add("pairlb_log_lines_total", ["failover", "written"], process.log_lines_written)
+            add("pairlb_log_lines_total", ["failover", "dropped"], process.log_lines_dropped)
+        add("pairlb_failover_internal_errors_total", [], c.internal_errors)
         add("pairlb_heartbeats_delayed_total", [], c.delayed)
         add("pairlb_handover_forwarding", [], 1.0 if fo.handover_forwarding_to else 0.0)
         add("pairlb_handover_forwards_total", [], fo.handover_forwards)
         add("pairlb_vip_errors_total", [], c.vip_errors)
+        add("pairlb_vip_announcements_total", [], fo.vip_announcements)
+        add("pairlb_vip_announcement_errors_total", [], fo.vip_announcement_errors)
         add("pairlb_heartbeats_sent_total", [], c.heartbeats_sent)
         add("pairlb_heartbeats_received_total", [], c.heartbeats_received)
+        add("pairlb_heartbeats_duplicated_total", [], c.duplicates)
+        add("pairlb_heartbeat_send_errors_total", [], fo.heartbeat_send_errors)
         # Known reasons and role changes exported at 0 from the start (see _traffic).
         rejected = {str(r): 0 for r in failover.RejectReason}
         rejected.update({str(r): n for r, n in c.rejected.items()})
@@ -806,6 +899,11 @@ class PairlbCollector:
             for t in gateway.targets:
                 add("pairlb_failover_gateway_probes_total", [t.target, "success"], t.successes)
                 add("pairlb_failover_gateway_probes_total", [t.target, "failure"], t.failures)
+        hooks = fo.notify
+        add("pairlb_failover_notify_runs_total", ["success"], hooks.runs - hooks.failures)
+        add("pairlb_failover_notify_runs_total", ["failure"], hooks.failures)
+        add("pairlb_failover_notify_timeouts_total", [], hooks.timeouts)
+        add("pairlb_failover_notify_dropped_total", [], hooks.dropped)
 
     def _workers(
         self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]
@@ -841,8 +939,8 @@ def _family(m: MetricDef) -> Metric:
 
 SCOPES = ("node", "listener", "pool", "backend", "failover", "worker")
 """What ``?scope=`` may name (``all`` or ``*`` for every one)."""
-BACKEND_SERIES = ("all", "unhealthy", "none")
-"""Values of ``[admin] metrics_backend_series`` and ``?backend_series=``."""
+BACKEND_SERIES: tuple[str, ...] = typing.get_args(BackendSeries)
+"""Values of ``[admin] metrics_backend_series`` and ``?backend_series=`` (lb.config's)."""
 ADDITIVE_GAUGES = frozenset({"pairlb_backend_inflight_requests"})
 """Per-backend gauges whose pool sum means something (exported as ``backend="*"``)."""
 _FAILOVER_PREFIXES = (

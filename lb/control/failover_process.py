@@ -39,6 +39,7 @@ from lb import channel
 from lb.control.status import ProcessStatus
 from lb.control.supervisor import BACKOFF_MAX_S, BACKOFF_MIN_S, STABLE_AFTER_S, SlotStats
 from lb.failoverd import link
+from lb.log import LogCounts
 
 logger = logging.getLogger("lb.control.failover_process")
 
@@ -80,6 +81,7 @@ class FailoverProcess:
         self._status_at = 0.0
         self._gaps = link.HeartbeatGaps()
         self._control_silent_s = 0.0
+        self._log = LogCounts()
         self._health = link.LocalHealth(False, 0, 0)
         self._start_result: asyncio.Future[str | None] | None = None
         self._stopped = asyncio.Event()
@@ -117,6 +119,10 @@ class FailoverProcess:
             crashes=self.stats.crashes,
             hung_kills=self.stats.hung_kills,
             crash_loop=self.stats.crash_loop(now),
+            control_silent_s=self._control_silent_s,
+            heartbeat_gap_samples=self._gaps.samples,
+            log_lines_written=self._log.written,
+            log_lines_dropped=self._log.dropped,
         )
 
     # -- what the daemon tells it -------------------------------------------------------------
@@ -293,6 +299,7 @@ class FailoverProcess:
             self._status_at = time.monotonic()
             self._gaps = msg.gaps
             self._control_silent_s = msg.control_silent_s
+            self._log = msg.log
         elif isinstance(msg, link.RoleChanged):
             old, new = failover.Role(msg.old), failover.Role(msg.new)
             if self._status is not None:

@@ -100,6 +100,15 @@ class ProcessStatus:
     crashes: int
     hung_kills: int
     crash_loop: bool
+    control_silent_s: float = 0.0
+    """How long the control process had been silent, as the failover process saw it when it
+    last reported (past failover.control_timeout_s the node counts as unhealthy)."""
+    heartbeat_gap_samples: int = 0
+    """How many sent gaps FailoverView's gap maxima are taken over (at most
+    lb.failoverd.link.GAP_SAMPLES)."""
+    log_lines_written: int = 0
+    log_lines_dropped: int = 0
+    """The failover process's log lines (lb.log.counts), as it last reported them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,10 +254,21 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
                 f"{a.label}->{b.label}": n
                 for (a, b), n in st.counters.transitions.items()
             },
+            "duplicates": st.counters.duplicates,
             "late_sends": st.counters.late_sends,
             "delayed": st.counters.delayed,
+            "heartbeat_send_errors": st.heartbeat_send_errors,
             "vip_errors": st.counters.vip_errors,
+            "vip_announcements": st.vip_announcements,
+            "vip_announcement_errors": st.vip_announcement_errors,
             "interval_clamped": dict(st.counters.interval_clamped),
+            "internal_errors": st.counters.internal_errors,
+        },
+        "notify": {
+            "runs": st.notify.runs,
+            "failures": st.notify.failures,
+            "timeouts": st.notify.timeouts,
+            "dropped": st.notify.dropped,
         },
         "handover": {
             "enabled": st.handover_enabled,
@@ -256,6 +276,7 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
             "forwards": st.handover_forwards,
         },
         "send_lag_ms": {
+            "samples": st.send_lag.samples,
             "p50": _ms(st.send_lag.p50_s),
             "p99": _ms(st.send_lag.p99_s),
             "max": _ms(st.send_lag.max_s),
@@ -264,6 +285,7 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
     if v.process is not None:
         p = v.process
         out["heartbeat_gap_ms"] = {
+            "samples": p.heartbeat_gap_samples,
             "sent_max": _ms(v.sent_gap_max_s or 0.0),
             "received_max": _ms(v.received_gap_max_s or 0.0),
         }
@@ -271,6 +293,8 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
             "pid": p.pid, "running": p.running, "uptime_s": p.uptime_s,
             "status_age_s": p.status_age_s, "restarts": p.restarts, "crashes": p.crashes,
             "hung_kills": p.hung_kills, "crash_loop": p.crash_loop,
+            "control_silent_s": p.control_silent_s,
+            "log_lines": {"written": p.log_lines_written, "dropped": p.log_lines_dropped},
         }
     return out
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from failover import FailoverSpec, FailoverStatus
 from lb import channel
+from lb.log import LogCounts
 
 VERSION = 1
 """Bump on any change that an older peer would misread."""
@@ -139,10 +140,15 @@ class RoleChanged:
     reason: str = ""
 
 
+GAP_SAMPLES = 4096
+"""How many gaps between heartbeats the failover process keeps, sent and received."""
+
+
 @dataclass(frozen=True)
 class HeartbeatGaps:
-    """Longest time between two heartbeats, over the last `samples` of each (seconds):
-    sent (between our own rounds) and received (from one peer address)."""
+    """Longest time between two heartbeats, over the last `samples` sent gaps and as many
+    received ones at most (seconds): sent (between our own rounds) and received (from one
+    peer address)."""
 
     samples: int = 0
     sent_max_s: float = 0.0
@@ -156,6 +162,8 @@ class Status:
     gaps: HeartbeatGaps = field(default_factory=HeartbeatGaps)
     control_silent_s: float = 0.0
     """How long the control process had been silent when this was sent."""
+    log: LogCounts = field(default_factory=LogCounts)
+    """The failover process's own log lines, written and dropped."""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,6 @@ log = logging.getLogger("lb.failoverd.main")
 MAX_BACKLOG = 256 * 1024
 """Unsent bytes toward a control process that does not read, beyond which periodic status
 messages are dropped (role changes and answers still go)."""
-GAP_SAMPLES = 4096
 MAX_TIMED_SOURCES = 256
 """Addresses whose receive gaps are timed at once (in multicast mode without peers, anyone)."""
 _PR_SET_PDEATHSIG = 1
@@ -62,8 +61,8 @@ class HeartbeatMeter:
         self._from_peer = from_peer
         self._last_sent: dict[Any, float] = {}
         self._last_received: dict[str, float] = {}
-        self.sent_gaps: deque[float] = deque(maxlen=GAP_SAMPLES)
-        self.received_gaps: deque[float] = deque(maxlen=GAP_SAMPLES)
+        self.sent_gaps: deque[float] = deque(maxlen=link.GAP_SAMPLES)
+        self.received_gaps: deque[float] = deque(maxlen=link.GAP_SAMPLES)
 
     @property
     def send_errors(self) -> int:
@@ -292,8 +291,8 @@ class FailoverMain:
         if self.ctl is None or self.meter is None or self._loop is None:
             return
         silent = self._loop.time() - self.last_heard
-        self._send(link.Status(self.ctl.status(), self.meter.gaps(), round(silent, 3)),
-                   droppable=True)
+        self._send(link.Status(self.ctl.status(), self.meter.gaps(), round(silent, 3),
+                               log_setup.counts()), droppable=True)
 
     # -- life -------------------------------------------------------------------------------
 
