@@ -14,15 +14,15 @@ to look at them without trusting them:
   response header (the address the request came from: the load balancer's own address, so
   the client knows which node carried it; pairlb's Via names no node) and a journal of every
   request with an ``X-Client-Id``, one write(2) per request so it survives kill -9;
-- ``VipWatch`` reads rtnetlink address events from inside lb1 and lb2: the kernel's own
-  record of who held the VIP when.
+- the VIP watch (lab.vipwatch.VipWatch) reads rtnetlink address events from inside lb1 and
+  lb2: the kernel's own record of who held the VIP when.
 
 Run as a script it is those helper programs: ``backend NAME HOST:PORT JOURNAL`` and
 ``forward PORT=NETNS:HOST:PORT ...`` (a loopback TCP forwarder from the root namespace into
 the namespaces, so ``--keep`` can print admin URLs a browser can open).
 
-Must not import pyroute2 (only failover/adapters/vip.py may): VipWatch speaks rtnetlink with
-``socket`` and ``struct``. Imports lb (config, netns) and failover's public names only.
+Imports lab (netns, vipwatch), lb (config, the admin client) and failover's public names
+only.
 """
 
 from __future__ import annotations
@@ -33,17 +33,16 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lab import netns
+from lab.vipwatch import VipWatch
 from lb import config as config_mod
 from lb.admin import client
 
@@ -256,163 +255,6 @@ def forward_main(args: Sequence[str]) -> int:
         specs.append((int(lport), ns, host, int(port)))
     asyncio.run(_forward(specs))
     return 0
-
-
-# -- the kernel's record of the VIP -------------------------------------------------------------
-
-_RTM_NEWADDR, _RTM_DELADDR, _RTM_GETADDR = 20, 21, 22
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
-_IFA_ADDRESS, _IFA_LOCAL = 1, 2
-_RTNLGRP_IPV4_IFADDR = 5
-_NLMSG = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_RTATTR = struct.Struct("=HH")
-
-
-def open_rtnl(groups: int) -> socket.socket:
-    """An rtnetlink socket of the calling thread's namespace (call it inside one)."""
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    s.bind((0, groups))
-    return s
-
-
-def addr_messages(data: bytes) -> Iterator[tuple[int, str]]:
-    """(message type, IPv4 address) for each address message in one netlink read."""
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size:
-            return
-        if mtype in (_RTM_NEWADDR, _RTM_DELADDR):
-            body = off + _NLMSG.size
-            family = data[body]
-            a = body + _IFADDRMSG.size
-            found = None
-            while a + _RTATTR.size <= off + length:
-                alen, atype = _RTATTR.unpack_from(data, a)
-                if alen < _RTATTR.size:
-                    break
-                if family == socket.AF_INET and atype in (_IFA_LOCAL, _IFA_ADDRESS) \
-                        and alen == 8:
-                    value = socket.inet_ntoa(data[a + 4:a + 8])
-                    if atype == _IFA_LOCAL or found is None:
-                        found = value
-                a += (alen + 3) & ~3
-            if found is not None:
-                yield mtype, found
-        off += (length + 3) & ~3
-
-
-class VipWatch:
-    """When did each node's kernel gain and lose the VIP (rtnetlink events, monotonic)."""
-
-    def __init__(self, topo: netns.Topology, nodes: Sequence[str], vip: str) -> None:
-        self.vip = vip
-        self.events: list[tuple[float, str, bool]] = []
-        self._state: dict[str, bool] = {}
-        self._lock = threading.Lock()
-        self._stop = False
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        for node in nodes:
-            sock = topo.call(node, open_rtnl, 1 << (_RTNLGRP_IPV4_IFADDR - 1))
-            sock.settimeout(0.2)
-            self._socks.append(sock)
-            self._state[node] = False
-            t = threading.Thread(target=self._read, args=(node, sock), daemon=True,
-                                 name=f"vipwatch-{node}")
-            t.start()
-            self._threads.append(t)
-            dump = _NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR,
-                               _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) \
-                + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
-            sock.send(dump)  # the current state, read before any later event
-
-    def _read(self, node: str, sock: socket.socket) -> None:
-        while not self._stop:
-            try:
-                data = sock.recv(1 << 16)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            now = time.monotonic()
-            for mtype, addr in addr_messages(data):
-                if addr != self.vip:
-                    continue
-                present = mtype == _RTM_NEWADDR
-                with self._lock:
-                    if self._state.get(node) != present:
-                        self._state[node] = present
-                        self.events.append((now, node, present))
-
-    def holding(self) -> set[str]:
-        with self._lock:
-            return {n for n, v in self._state.items() if v}
-
-    def intervals(self, node: str, until: float) -> list[tuple[float, float]]:
-        """[start, end) spans during which `node` held the VIP, up to `until`."""
-        with self._lock:
-            events = [(t, p) for t, n, p in self.events if n == node]
-        spans: list[tuple[float, float]] = []
-        start: float | None = None
-        for t, present in events:
-            if present and start is None:
-                start = t
-            elif not present and start is not None:
-                spans.append((start, t))
-                start = None
-        if start is not None:
-            spans.append((start, until))
-        return spans
-
-    def overlaps(self, since: float, until: float) -> list[tuple[float, float]]:
-        """Spans within [since, until] during which both lb1 and lb2 held the VIP."""
-        out = []
-        for s1, e1 in self.intervals(LBS[0], until):
-            for s2, e2 in self.intervals(LBS[1], until):
-                s, e = max(s1, s2, since), min(e1, e2, until)
-                if e > s:
-                    out.append((s, e))
-        return sorted(out)
-
-    def unheld(self, since: float, until: float) -> list[tuple[float, float]]:
-        """Spans within [since, until] during which no watched node held the VIP."""
-        with self._lock:
-            events = sorted(self.events)
-            state = dict.fromkeys(self._state, False)
-        out: list[tuple[float, float]] = []
-        gap_start: float | None = None
-        for t, node, present in events:
-            state[node] = present
-            held = any(state.values())
-            if t < since:
-                gap_start = None if held else since
-                continue
-            if t > until:
-                break
-            if not held and gap_start is None:
-                gap_start = t
-            elif held and gap_start is not None:
-                if t > gap_start:
-                    out.append((gap_start, t))
-                gap_start = None
-        if gap_start is not None and until > gap_start:
-            out.append((gap_start, until))
-        return out
-
-    def changes(self, node: str, since: float) -> list[tuple[float, bool]]:
-        """(time, held) of each change of `node` at or after `since`."""
-        with self._lock:
-            return [(t, p) for t, n, p in self.events if n == node and t >= since]
-
-    def close(self) -> None:
-        self._stop = True
-        for t in self._threads:
-            t.join(timeout=1.0)
-        for s in self._socks:
-            s.close()
 
 
 # -- talking to a node's admin API from inside its namespace ------------------------------------

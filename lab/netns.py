@@ -11,8 +11,9 @@ The root namespace is never touched: devices are created directly inside our nam
 called setns(2), which moves only that thread. Addresses come from TEST-NET (192.0.2.0/24,
 198.51.100.0/24) and ULA (fd00::/8) and exist only inside our namespaces.
 
-Must not import pyroute2 (only failover/adapters/vip.py may) nor healthcheck or failover: this is
-infrastructure their tests stand on. Tests import it as ``netns`` (lab/netns.py aliases it).
+Must not import pyroute2 (lab.vipwatch is the lab's one netlink reader) nor healthcheck or
+failover: this is infrastructure their tests stand on. Tests import it as ``netns``
+(lab/netns.py aliases it).
 """
 
 from __future__ import annotations

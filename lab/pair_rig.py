@@ -21,8 +21,8 @@ What is measured, and how, without trusting the code under test:
 - Times everywhere are CLOCK_MONOTONIC (time.monotonic), one clock for every process.
 
 Run as a script it is the two helper programs (`backend NAME HOST:PORT`, `probe HOST OUT`).
-Imports lab.netns (stdlib only) at the top, the rest of lb and failover lazily (the helpers
-must start fast); never pyroute2 (only failover/adapters/vip.py may).
+Imports lab (netns, vipwatch) and lb (config, the admin client) at the top, failover
+lazily; never pyroute2 itself (lab.vipwatch reads netlink).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lab import netns
-from lab.cluster import VipWatch
+from lab.vipwatch import VipWatch
 from lb.admin import client
 from lb.config import DEFAULT_HEARTBEAT_INTERVAL_S
 
@@ -206,7 +206,7 @@ class Attempt:
         return self.status == 200
 
 
-# -- VIP events from the kernel: lab.cluster.VipWatch (the demo and chaos use it too) --------
+# -- VIP events from the kernel: lab.vipwatch.VipWatch (the demo and chaos use it too) -------
 
 
 # -- the rig --------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ class Pair:
     namespace; heartbeats to the peer's bridge address and to its address behind gw."""
 
     def __init__(self, topo: netns.Topology) -> None:
-        from lab.cluster import VipWatch
+        from lab.vipwatch import VipWatch
 
         self.topo = topo
         self.vip_ip = topo.host4(100)
