@@ -551,7 +551,8 @@ class FailoverController:
             self._tracker_task.add_done_callback(self._tracker_done)
 
     async def stop(self, *, graceful: bool = True) -> None:
-        """Leave the pair. Graceful: hand the VIP over first (see module doc), bounded."""
+        """Leave the pair. Graceful: hand the VIP over first (see module doc), bounded. Not
+        graceful: stop at once without a word and without touching the VIP (as kill -9)."""
         if not self._started or self._closed:
             return
         assert self._actions is not None and self._left is not None
@@ -574,12 +575,6 @@ class FailoverController:
                 async with asyncio.timeout(self.spec.vip_timeout_s):
                     await self._vip.release()
         log.info("failover_stopped node=%s graceful=%s", self.spec.node_name, graceful)
-
-    async def abort(self) -> None:
-        """Stop at once without a word and without touching the VIP (as kill -9 would)."""
-        if not self._started or self._closed:
-            return
-        await self._shutdown()
 
     def set_local_health(self, healthy: bool, healthy_count: int = 0, total: int = 0) -> None:
         """What this node's own checks say: `healthy` once they found healthy backends."""
@@ -682,8 +677,8 @@ class FailoverController:
             gateway=self._tracker.status() if self._tracker is not None else None,
             heartbeat_send_errors=self._transport.send_errors,
             # Not part of VipPort: VipAdapter counts them; a test's fake may not.
-            vip_announcements=int(getattr(self._vip, "announcements_sent", 0)),
-            vip_announcement_errors=int(getattr(self._vip, "announcement_errors", 0)),
+            vip_announcements=self._vip.announcements_sent,
+            vip_announcement_errors=self._vip.announcement_errors,
             notify=self._hooks.counters(),
         )
 

@@ -490,6 +490,8 @@ def free_udp_port() -> int:
 
 class MemoryVip:
     """A VIP port that only remembers (no netlink): the controller's contract, nothing more."""
+    announcements_sent = 0
+    announcement_errors = 0
 
     def __init__(self) -> None:
         self._holding = False

@@ -80,6 +80,8 @@ def test_without_a_peer_list_the_table_stays_bounded() -> None:
 
 
 class FakeVip:
+    announcements_sent = 0
+    announcement_errors = 0
     holding = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -148,6 +148,8 @@ class World:
 
 
 class FakeVip:
+    announcements_sent = 0
+    announcement_errors = 0
     def __init__(self, node: str, world: World, stale: bool = False) -> None:
         self.node = node
         self.world = world
@@ -289,7 +291,7 @@ async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0, step_s: flo
 
 async def stop_all(*nodes: Node) -> None:
     for n in nodes:
-        await n.ctl.abort()
+        await n.ctl.stop(graceful=False)
 
 
 MD_B = master_down_s(100, INTERVAL_S, 3)  # 0.1805 s: what the backup (priority 100) waits
@@ -327,7 +329,7 @@ def test_kill_master_takeover_within_master_down(phase: float) -> None:
         a, b = await pair(world, net)
         await asyncio.sleep(1.0 + phase)
         t_kill = now()
-        await a.ctl.abort()  # kill -9: no goodbye, the VIP stays where it is
+        await a.ctl.stop(graceful=False)  # kill -9: no goodbye, the VIP stays where it is
         t_b = await wait_for(lambda: b.vip.holding)
         takeover = t_b - t_kill
         # B hears A's last heartbeat at most one interval before the kill; it waits
@@ -429,7 +431,7 @@ def test_handover_armed_before_a_planned_takeover_and_never_toward_a_dead_peer()
         assert ("stop_forwarding", None) in hos["lb1"].calls  # it released the VIP
         await asyncio.sleep(1.0)
         calls = len(hos["lb1"].calls)
-        await b.ctl.abort()  # lb2 dies: lb1 takes over with nobody to pass packets to
+        await b.ctl.stop(graceful=False)  # lb2 dies: lb1 takes over with nobody to pass packets to
         await wait_for(lambda: a.ctl.role is Role.MASTER, 2.0)
         await asyncio.sleep(0.2)
         assert [c for c in hos["lb1"].calls[calls:] if c[0] == "forward_to"] == []
@@ -576,7 +578,7 @@ def test_three_nodes_next_best_healthy_takes_over_and_never_two() -> None:
         await asyncio.sleep(1.0)
         assert [n for n, x in nodes.items() if x.ctl.role is Role.MASTER] == ["lb1"]
         t0 = now()
-        await nodes["lb1"].ctl.abort()
+        await nodes["lb1"].ctl.stop(graceful=False)
         await wait_for(lambda: nodes["lb3"].vip.holding)
         assert now() - t0 <= master_down_s(100, INTERVAL_S, 3) + ACQUIRE_S + 0.002
         await asyncio.sleep(1.0)
@@ -636,7 +638,7 @@ def test_forged_truncated_replayed_packets_are_counted_and_change_nothing() -> N
             target.receive(b"", ("10.0.0.1", 5405))
         # Stop A's real heartbeats: replays of them must not keep A alive either.
         t0 = now()
-        await a.ctl.abort()
+        await a.ctl.stop(graceful=False)
         for _ in range(20):
             await asyncio.sleep(INTERVAL_S)
             target.receive(captured[-1], ("10.0.0.1", 5405))
@@ -736,7 +738,7 @@ def test_a_peer_interval_far_longer_than_ours_is_clamped_and_bounds_the_takeover
         assert a.ctl.status().peers[0].interval_s == pytest.approx(0.06)
         await wait_for(lambda: b.ctl.status().peers[0].last_heard_age_s < 0.001, 2.0)
         t_kill = now()
-        await a.ctl.abort()
+        await a.ctl.stop(graceful=False)
         await wait_for(lambda: b.vip.holding, 5.0)
         took = now() - t_kill
         clamped, advertised = master_down_s(100, 0.5, 3), master_down_s(100, 0.6, 3)
@@ -930,7 +932,7 @@ def test_a_backup_cut_off_from_the_gateway_never_claims() -> None:
         a, b = await guarded_pair(world, net, gw)
         await asyncio.sleep(1.0)
         assert b.ctl.role is Role.FAULT and b.ctl.status().gateway.up is False  # type: ignore[union-attr]
-        await a.ctl.abort()  # the MASTER dies: the only candidate is cut off
+        await a.ctl.stop(graceful=False)  # the MASTER dies: the only candidate is cut off
         await asyncio.sleep(2.0)
         assert world.count("lb2", "acquired") == 0 and b.ctl.role is Role.FAULT
         gw.reachable["lb2"] = True  # one answer after start-up is enough

@@ -165,6 +165,8 @@ class LoopThread:
 
 class RecordingVip:
     """A VIP that only records (time.monotonic) when it was taken and given back."""
+    announcements_sent = 0
+    announcement_errors = 0
 
     def __init__(self) -> None:
         self._holding = False
@@ -211,7 +213,7 @@ class Member:
         return self.lt.call(lambda: self.ctl.role)
 
     def close(self) -> None:
-        self.lt.run(self.ctl.abort())
+        self.lt.run(self.ctl.stop(graceful=False))
         self.lt.close()
 
 
@@ -247,7 +249,7 @@ def test_real_udp_election_and_kill_takeover_time(interval_s: float) -> None:
             assert not b.vip.acquired
             lags.append(a.lt.call(a.ctl.status).send_lag)
             t_kill = time.monotonic()
-            a.lt.run(a.ctl.abort())  # kill -9: silent, VIP left in place
+            a.lt.run(a.ctl.stop(graceful=False))  # kill -9: silent, VIP left in place
             wait_until(lambda b=b: b.vip.holding)  # type: ignore[misc]
             takeovers.append(b.vip.acquired[0] - t_kill)
         finally:
@@ -444,4 +446,4 @@ async def _abort(ctl: FailoverController, watch: asyncio.Task[None],
     if release:
         await ctl.stop()
     else:
-        await ctl.abort()
+        await ctl.stop(graceful=False)

@@ -44,6 +44,8 @@ T = TypeVar("T")
 
 class RecordingVip:
     """A VIP that only records: no root, no interface touched."""
+    announcements_sent = 0
+    announcement_errors = 0
 
     def __init__(self) -> None:
         self._holding = False
@@ -98,7 +100,7 @@ class Node:
         return self.call(self.ctl.status)
 
     def close(self) -> None:
-        self.run(self.ctl.abort())
+        self.run(self.ctl.stop(graceful=False))
 
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
