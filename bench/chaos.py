@@ -59,8 +59,8 @@ the faults (plus the time the last one needs to settle), the load capped in requ
     sudo .venv/bin/python bench/chaos.py --duration 120 --seed 1
     sudo .venv/bin/python bench/chaos.py --duration 30 --seed 7 --no-docs --json /tmp/c.json
 
-Imports lab.cluster, lab.load and lab.netns (the rig and the load the demo uses), never
-pyroute2 or pairlb's internals: what it judges is the running processes.
+Imports lab.cluster and lab.pair (the demo's pair), lab.load, lab.netns and lab.pair_rig's
+wire capture, never pyroute2 or pairlb's internals: what it judges is the running processes.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 
 from lab import cluster as demo_net  # noqa: E402
-from lab import netns  # noqa: E402
+from lab import netns, pair  # noqa: E402
 from lab.load import (  # noqa: E402
     Record,
     RecordLog,
@@ -280,7 +280,7 @@ class ChaosCluster(demo_net.Cluster):
     pool of many backends in each node's config, the many-port process those backends live
     on, and scraper processes inside the nodes' namespaces."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.bulk_on: set[str] = set()
         self.bulk_count = BULK_BACKENDS
         self.bulk_interval_s = BULK_CHECK_INTERVAL_S
@@ -295,7 +295,7 @@ class ChaosCluster(demo_net.Cluster):
         self.background_scrapes: dict[str, Path] = {}
         self.background_procs: list[subprocess.Popen[bytes]] = []
         self.wire: dict[str, tuple[threading.Event, threading.Thread, dict[str, Any]]] = {}
-        super().__post_init__()
+        super().__init__(workdir)
 
     def __enter__(self) -> ChaosCluster:
         return self
@@ -321,20 +321,18 @@ rise = 2
 fall = 3
 """
 
-    def write_config(self, node: str, variant: str = "") -> None:
-        self.variants[node] = variant
-        text = demo_net.node_config(self.base, node, addr=self.addr, vip=self.vip,
-                                    key_file=str(self.key_file),
-                                    token_file=str(self.token_file), settings=self.settings,
-                                    variant=variant)
+    def config_text(self, node: str, variant: str = "") -> str:
+        text = super().config_text(node, variant)
         if self.failover_extra:
             head, sep, tail = text.partition("\n[admin]\n")
             text = head + "\n" + self.failover_extra.strip() + "\n" + sep + tail
         if node in self.bulk_on:
             text += self.bulk_toml()
-        tmp = self.config_path(node).with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(self.config_path(node))
+        return text
+
+    def write_config(self, node: str, variant: str = "") -> None:
+        self.variants[node] = variant
+        super().write_config(node, variant)
 
     def set_bulk(self, node: str, on: bool) -> None:
         """Add or remove the bulk pool in `node`'s config file (the reload is the caller's)."""
@@ -349,7 +347,7 @@ fall = 3
             return
         argv = [self.python, str(HELPERS), "farm", self.addr[BULK_HOST], str(BULK_FIRST_PORT),
                 str(self.bulk_count)]
-        with open(self.log("farm"), "ab") as out:
+        with open(self.log_path("farm"), "ab") as out:
             self.farm = self.topo.popen(BULK_HOST, argv, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=out, start_new_session=True)
         self.helpers.append(self.farm)
@@ -360,38 +358,29 @@ fall = 3
             if farm.poll() is not None:
                 raise demo_net.DemoError(f"the many-port process exited:\n"
                                          f"{self.log_tail('farm')}")
-            return self.topo.tcp_probe(demo_net.CLIENT, self.addr[BULK_HOST], last, 0.2) \
+            return self.topo.tcp_probe(pair.CLIENT, self.addr[BULK_HOST], last, 0.2) \
                 is netns.Probe.OPEN
 
         self.wait_for(f"{self.bulk_count} backends listening", listening, timeout_s, 0.1)
 
     # the log sink
 
-    def start_lb(self, node: str) -> demo_net.Proc:
-        """As Cluster.start_lb, but stdout and stderr go to a pipe a `cat` copies into the
-        log file: the sink the stalled-log fault stops reading."""
-        if node in self.lbs and self.lbs[node].running:
-            raise demo_net.DemoError(f"{node} already runs (pid {self.lbs[node].proc.pid})")
-        if not self.config_path(node).exists():
-            self.write_config(node)
-        with open(self.log(node), "ab") as f:
-            f.write(f"--- start at {time.monotonic():.6f}\n".encode())
+    def spawn_lb(self, node: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """As Pair.spawn_lb, but stdout and stderr go to a pipe a `cat` copies into the log
+        file: the sink the stalled-log fault stops reading."""
         r, w = os.pipe()
         try:
-            with open(self.log(node), "ab") as out:
+            with open(self.log_path(node), "ab") as out:
                 relay = subprocess.Popen(["cat"], stdin=r, stdout=out,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
             self.helpers.append(relay)
             self.relays[node] = relay
-            argv = [self.python, "-m", "lb", "run", "-c", str(self.config_path(node))]
-            proc = self.topo.popen(node, argv, stdin=subprocess.DEVNULL, stdout=w, stderr=w,
-                                   env=self._env(), start_new_session=True)
+            return self.topo.popen(node, argv, stdin=subprocess.DEVNULL, stdout=w, stderr=w,
+                                   env=pair.child_env(), cwd=self.source,
+                                   start_new_session=True)
         finally:
             os.close(r)
             os.close(w)
-        p = demo_net.Proc(node, proc, time.monotonic())
-        self.lbs[node] = p
-        return p
 
     def stall_log(self, node: str) -> tuple[int, int]:
         """Stop `node`'s log reader and fill its pipe until not one more byte goes in: from
@@ -431,10 +420,10 @@ fall = 3
                       timeout_s: float = 10.0) -> subprocess.Popen[bytes]:
         nice = ["nice", "-n", str(self.scraper_nice)] if self.scraper_nice else []
         argv = [*nice, self.python, str(HELPERS), "scrape", str(out), "--port",
-                str(demo_net.ADMIN_PORT), "--paths", paths, "--concurrency", str(concurrency),
+                str(pair.ADMIN_PORT), "--paths", paths, "--concurrency", str(concurrency),
                 "--every", str(every_s), "--duration", str(duration_s), "--max",
                 str(max_requests), "--timeout", str(timeout_s)]
-        with open(self.log(f"scrape-{node}"), "ab") as log:
+        with open(self.log_path(f"scrape-{node}"), "ab") as log:
             proc = self.topo.popen(node, argv, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=log, start_new_session=True)
         self.helpers.append(proc)
@@ -448,7 +437,7 @@ fall = 3
     def failover_scheduling(self, node: str) -> str:
         """How the kernel schedules `node`'s failover process: "rr:PRIO" or "nice:N"."""
         for pid in self.topo.pids(node):
-            if demo_net.is_ours(pid, "lb.failoverd.main"):
+            if pair.is_ours(pid, "lb.failoverd.main"):
                 try:
                     policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
                     if policy == os.SCHED_RR:
@@ -461,7 +450,7 @@ fall = 3
     def start_wire(self, limit_s: float) -> None:
         """Capture each node's heartbeats at the other node's NIC for the run (AF_PACKET,
         kernel receive stamps: lab.pair_rig.heartbeat_arrivals)."""
-        for sender, receiver in (demo_net.LBS, demo_net.LBS[::-1]):
+        for sender, receiver in (pair.LBS, pair.LBS[::-1]):
             stop = threading.Event()
             box: dict[str, Any] = {}
 
@@ -490,7 +479,7 @@ fall = 3
 
     def start_background_scrapes(self, duration_s: float) -> None:
         """/metrics of every node every SCRAPE_EVERY_S, as Prometheus would, for the run."""
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             path = self.workdir / f"scrapes-{n}.txt"
             self.background_scrapes[n] = path
             self.background_procs.append(self.start_scraper(
@@ -604,7 +593,7 @@ class Chaos:
             self.report.violations.append(
                 f"fault #{self.fault_no}: steady pair but the client is not served by the "
                 f"MASTER {master} within 5 s (a blackhole)")
-            c.topo.run(demo_net.CLIENT, ["ip", "neigh", "flush", "to", c.vip], check=False)
+            c.topo.run(pair.CLIENT, ["ip", "neigh", "flush", "to", c.vip], check=False)
         time.sleep(BASELINE_S)
         self.phases[-1].t1 = time.monotonic()
 
@@ -631,12 +620,12 @@ class Chaos:
                         "role counters unreadable (a node did not answer /status)"
                     ph.role_changes = -1
                 else:
-                    ph.role_changes = sum(after[n] - before[n] for n in demo_net.LBS)
+                    ph.role_changes = sum(after[n] - before[n] for n in pair.LBS)
 
     def transitions(self) -> dict[str, int] | None:
         """Role transitions each node counted since it started (pairlb's own counters)."""
         out = {}
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             st = self.c.status(n, 5.0)
             if st is None:
                 return None
@@ -733,7 +722,7 @@ class Chaos:
 
     def _generations(self) -> dict[str, tuple[int, Any]]:
         out = {}
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             # A /status of thousands of backends from a busy control process: more than 1 s.
             st = self.c.status(n, 10.0) or {}
             cfg = st.get("config") or {}
@@ -743,10 +732,10 @@ class Chaos:
     def f_reload_ok(self) -> None:
         self.variant = "alt" if self.variant == "" else ""
         before = self._generations()
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             self.c.write_config(n, self.variant)
         t = time.monotonic()
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             self.c.signal_control(n, signal.SIGHUP)
         self.mark("reload_ok", "SIGHUP both nodes with a changed, valid config", t)
         self.c.wait_for("both nodes reloaded", lambda: all(
@@ -755,10 +744,10 @@ class Chaos:
 
     def f_reload_bad(self) -> None:
         before = self._generations()
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             self.c.write_config(n, "broken")
         t = time.monotonic()
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             self.c.signal_control(n, signal.SIGHUP)
         self.mark("reload_bad", "SIGHUP both nodes with a broken config", t)
 
@@ -769,7 +758,7 @@ class Chaos:
 
         self.c.wait_for("both nodes to refuse the reload", refused, 10.0)
         after = self._generations()
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             if after[n][0] != before[n][0]:
                 self.report.violations.append(
                     f"fault #{self.fault_no}: {n} changed generation on a broken config "
@@ -786,7 +775,7 @@ class Chaos:
         self.drains.append(entry)
 
         def idle() -> bool:
-            for n in demo_net.LBS:
+            for n in pair.LBS:
                 st = self.c.status(n) or {}
                 if self.c.backend_states(st).get(b, {}).get("in_flight", 1) != 0:
                     return False
@@ -802,7 +791,7 @@ class Chaos:
 
     def f_switchover(self) -> None:
         m = self.master()
-        peer = next(n for n in demo_net.LBS if n != m)
+        peer = next(n for n in pair.LBS if n != m)
         t = time.monotonic()
         self.mark("switchover", f"planned switchover {m} -> {peer} (admin API)", t)
         self.c.switchover(m)
@@ -835,11 +824,11 @@ class Chaos:
 
     def f_scrape_storm_backup(self) -> None:
         m = self.master()
-        b = next(n for n in demo_net.LBS if n != m)
+        b = next(n for n in pair.LBS if n != m)
         self._storm("scrape_storm", [b], f"the BACKUP {b}")
 
     def f_scrape_storm_both(self) -> None:
-        self._storm("scrape_storm", list(demo_net.LBS), "both nodes")
+        self._storm("scrape_storm", list(pair.LBS), "both nodes")
 
     def _bulk_usable(self, nodes: Sequence[str]) -> dict[str, int]:
         """Backends of the bulk pool in rotation on each of `nodes` (-1: no /status). One
@@ -886,7 +875,7 @@ class Chaos:
         self._huge([m], f"the MASTER {m}")
 
     def f_reload_huge_both(self) -> None:
-        self._huge(list(demo_net.LBS), "both nodes")
+        self._huge(list(pair.LBS), "both nodes")
 
     def f_log_stall(self) -> None:
         m = self.master()
@@ -956,7 +945,7 @@ def analyse(chaos: Chaos, report: Report) -> None:
     report.failed = sum(1 for r in recs if not r.ok)
     report.posts = sum(1 for r in recs if r.method == "POST")
     journal = c.journal_entries()
-    events = list(c.watch.events) if c.watch is not None else []
+    events = list(c.watch.events)
     for ph in chaos.phases:
         end = ph.t1 or time.monotonic()
         ph.vip_moves = sum(1 for t, _n, _p in events if ph.t0 <= t < end)
@@ -1233,15 +1222,13 @@ def _check_dual_answers(chaos: Chaos, recs: Sequence[Record], report: Report) ->
             report.violations.append(
                 f"both nodes answered the client for {e - s:.3f} s ({n} alternations) at "
                 f"{s - chaos.started:.1f} s: longer than one heartbeat interval ({interval} s)")
-    watch = chaos.c.watch
-    if watch is not None:
-        report.checks["kernel_overlaps"] = [
-            {"at_s": round(s - chaos.started, 3), "length_s": round(e - s, 4)}
-            for s, e in watch.overlaps(chaos.started, time.monotonic())]
+    report.checks["kernel_overlaps"] = [
+        {"at_s": round(s - chaos.started, 3), "length_s": round(e - s, 4)}
+        for s, e in chaos.c.watch.overlaps(chaos.started, time.monotonic())]
 
 
 def _check_final(chaos: Chaos, report: Report) -> None:
-    roles = {n: chaos.c.role(n) for n in demo_net.LBS}
+    roles = {n: chaos.c.role(n) for n in pair.LBS}
     report.checks["final_roles"] = roles
     masters = [n for n, r in roles.items() if r == "MASTER"]
     if len(masters) != 1:
@@ -1561,7 +1548,7 @@ def run(seed: int, duration_s: float, command: str, say: Callable[[str], None] =
             c.start_pair(timeout_s=30.0)
             c.wait_for("a steady pair", lambda: c.steady_problem() is None, 30.0, 0.05)
             report.checks["failover_scheduling"] = {n: c.failover_scheduling(n)
-                                                    for n in demo_net.LBS}
+                                                    for n in pair.LBS}
             c.start_background_scrapes(duration_s + 300.0)
             c.start_wire(duration_s + 600.0)
             c.start_load(workdir / "requests.txt", rate=RATE, duration_s=duration_s + 120.0,

@@ -54,6 +54,7 @@ import _common as c  # noqa: E402
 
 from lab import netns  # noqa: E402
 from lab import pair_rig as fe  # noqa: E402
+from lab.pair import ADMIN_PORT  # noqa: E402
 
 FIRST_PORT = 10000
 SCALE_HTTP_PORT = 81
@@ -104,7 +105,7 @@ class ScaleRig(fe.Rig):
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir)
-        self.backends = backends
+        self.scale_backends = backends
         self.check_interval_s = check_interval_s
         self.failover_extra = failover_extra
         self.health_extra = health_extra
@@ -139,7 +140,7 @@ class ScaleRig(fe.Rig):
         text = super().config_text(node, settings)
         host = self.addr["web3"]
         backends = ",\n".join(f'  {{ name = "s{i}", address = "{host}:{FIRST_PORT + i}" }}'
-                              for i in range(self.backends))
+                              for i in range(self.scale_backends))
         scale = f"""
 [[listener]]
 name = "scale"
@@ -203,7 +204,8 @@ class Scraper:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                status, size = self.rig.topo.call(self.node, _get, fe.ADMIN, "/metrics", 30.0)
+                status, size = self.rig.topo.call(self.node, _get, ("127.0.0.1", ADMIN_PORT),
+                                                  "/metrics", 30.0)
                 if status == 200:
                     self.times.append(time.monotonic() - t0)
                     self.sizes.append(size)
@@ -337,7 +339,7 @@ def reload_both(rig: ScaleRig, settings: fe.PairSettings, k: int) -> float:
     how long until both logged the reload."""
     rig.check_interval_s = round(rig.check_interval_s * (1.1 if k % 2 == 0 else 1 / 1.1), 3)
     for n in fe.LBS:
-        (rig.workdir / f"{n}.toml").write_text(rig.config_text(n, settings), encoding="utf-8")
+        rig.install_config(n, rig.config_text(n, settings))
     t = time.monotonic()
     for n in fe.LBS:
         rig.signal_control(n, signal.SIGHUP)

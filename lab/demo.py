@@ -19,8 +19,9 @@ The story runs on a thread of its own so the view keeps moving while an action w
 the main thread prints. Work files (configs, key, token, logs, records) live in a temporary
 directory that is removed at the end.
 
-Imports lb (config, netns, demo_net, demo_load) only; failover reaches it through
-lab.cluster, healthcheck not at all, and nothing here touches the root namespace.
+Imports lab (cluster, pair, netns, load) and lb.config; failover only to write the loopback
+run's admin token (the namespace run's nodes, key and token are lab.cluster's), healthcheck
+not at all, and nothing here touches the root namespace.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from lab import cluster as demo_net
-from lab import netns
+from lab import netns, pair
 from lab.load import Record, RecordLog, window_stats
 from lb import config as config_mod
 
@@ -533,12 +534,12 @@ class NamespaceDemo(_Demo):
             # After the restart the higher-priority node takes the VIP back (preempt) once its
             # own checks pass; switch over only after that, from a steady pair.
             c.wait_for("a steady pair before the switchover",
-                       lambda: c.steady_problem() is None and c.master() == demo_net.LBS[0],
+                       lambda: c.steady_problem() is None and c.master() == pair.LBS[0],
                        30.0, 0.1)
             node = c.master()
             if node is None:
                 raise DemoError("no MASTER to switch over from")
-            peer = next(n for n in demo_net.LBS if n != node)
+            peer = next(n for n in pair.LBS if n != node)
             t, _ = c.switchover(node)
             return f"planned switchover {node} -> {peer} (admin API)", t
 
@@ -557,7 +558,7 @@ class NamespaceDemo(_Demo):
         holders = sorted(c.holding())
         nodes = []
         sts: dict[str, dict[str, Any] | None] = {}
-        for n in demo_net.LBS:
+        for n in pair.LBS:
             st = c.status(n, timeout_s=0.4)
             sts[n] = st
             if n in self.process_note:
@@ -583,7 +584,7 @@ class NamespaceDemo(_Demo):
         label = ev.label
         if "load balancer" in label and "killed" in label:
             node = label.split()[3]
-            other = next(n for n in demo_net.LBS if n != node)
+            other = next(n for n in pair.LBS if n != node)
             first = _first_answer(self.log.records, c.addr[other], ev.t, until)
             return f"{other} answered {first} after the kill" if first else ""
         if "brought back" in label:
@@ -591,7 +592,7 @@ class NamespaceDemo(_Demo):
             first = _first_answer(self.log.records, c.addr[node], ev.t, until)
             return f"{node} answers again {first} later (after its checks passed)" \
                 if first else ""
-        if "switchover" in label and c.watch is not None:
+        if "switchover" in label:
             peer = label.split()[4]
             first = _first_answer(self.log.records, c.addr[peer], ev.t, until)
             both = sum(e - s for s, e in c.watch.overlaps(ev.t, until))
@@ -612,7 +613,7 @@ class NamespaceDemo(_Demo):
     def keep_lines(self) -> list[str]:
         c = self.c
         c.keep = True
-        ports = {n: demo_net.free_loopback_port() for n in (*demo_net.LBS, "vip")}
+        ports = {n: demo_net.free_loopback_port() for n in (*pair.LBS, "vip")}
         pid = c.start_forwarder(ports)
         c.write_state(kept=True, forwarder_pid=pid, mode=self.kind)
         ns = {n: c.topo[n].netns for n in c.nodes}
@@ -696,15 +697,10 @@ class LoopbackDemo(_Demo):
         self.ports = {b.name: b.port for b in self.layout}
         self.admin_port = 9900
 
-    def _env(self) -> dict[str, str]:
-        path = os.environ.get("PYTHONPATH")
-        return {**os.environ, "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": demo_net.PACKAGE_ROOT + (os.pathsep + path if path else "")}
-
     def _spawn(self, name: str, argv: list[str]) -> None:
         with open(self.workdir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self._env(),
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=pair.child_env(),
                 start_new_session=True)
 
     def _choose_ports(self) -> None:
@@ -769,7 +765,7 @@ token_file = "{token_file}"
         return text
 
     def admin(self, method: str, path: str, timeout_s: float = 2.0) -> tuple[int, Any]:
-        return demo_net.admin_call(f"http://127.0.0.1:{self.admin_port}", method, path,
+        return pair.admin_call(f"http://127.0.0.1:{self.admin_port}", method, path,
                                    self.token if method == "POST" else None, timeout_s)
 
     def status(self) -> dict[str, Any] | None:
@@ -789,7 +785,7 @@ token_file = "{token_file}"
             time.sleep(0.05)
 
     def start_backend(self, name: str) -> None:
-        self._spawn(name, [sys.executable, "-m", "lab.cluster", "backend", name,
+        self._spawn(name, [sys.executable, "-m", "lab.pair", "backend", name,
                            f"127.0.0.1:{self.ports[name]}",
                            str(self.workdir / f"{name}.journal")])
 
@@ -919,15 +915,15 @@ def cleanup(out: TextIO) -> int:
     for state in runs:
         pid = state.get("pid")
         if (not state.get("kept") and isinstance(pid, int)
-                and (demo_net.is_ours(pid, "demo") or demo_net.is_ours(pid, "chaos.py"))):
+                and (pair.is_ours(pid, "demo") or pair.is_ours(pid, "chaos.py"))):
             print(f"skipped {state.get('workdir')}: its demo is still running (pid {pid})",
                   file=out)
             continue
         if state.get("mode") == "loopback":
             for name, p in (state.get("pids") or {}).items():
                 needle = ("lb run" if name == "lb1"
-                          else "lab.load" if name == "load" else "lab.cluster backend")
-                if isinstance(p, int) and demo_net.is_ours(p, needle):
+                          else "lab.load" if name == "load" else "lab.pair backend")
+                if isinstance(p, int) and pair.is_ours(p, needle):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p, signal.SIGCONT)
                         os.kill(p, signal.SIGTERM)

@@ -1,37 +1,39 @@
 """Real-host failover harness: two pairlb processes, a client and three backends in namespaces.
 
 Shared by tests/test_failover_e2e.py (one run per scenario, asserts the targets of issue 4)
-and bench/takeover.py (many runs, prints the table for docs/operations.md).
+and bench/takeover.py (many runs, prints the table for docs/operations.md); the partition
+guard's end-to-end test and bench/pair_scale.py build on `Rig` too.
 
-Topology (lab/netns.py, one bridge): client .11, lb1 .12 (priority 150), lb2 .13 (priority
-100), web1..3 .14-.16, VIP .100/24. Each LB runs `python -m lb run -c CFG` in its namespace
-with the admin app on its own 127.0.0.1:9900 (namespaces have their own loopback).
+`Rig` is a lab.pair.Pair (the topology, the nodes' and backends' processes, their logs, the
+admin API, the kernel's record of the VIP): lb1 priority 150, lb2 priority 100, web1..3 on
+port 8080, each node running `python -m lb run -c CFG` with the config of a `PairSettings`
+(`Rig.config_text`) and its admin app on its own 127.0.0.1:9900 (namespaces have their own
+loopback).
 
 What is measured, and how, without trusting the code under test:
 
 - `Prober`: a subprocess in the client namespace sends `GET /` to the VIP every 10 ms, each
   on a new connection with a short deadline (a fresh connection is what a new client does
   during a failover), and writes one line per attempt: start, end, status, and which LB
-  carried it. The backends here are lab.backend_app with one extra response header,
-  `X-Peer`, the address the request came from: the LB's own address, so the client knows
-  which node answered (pairlb's own Via says only "pairlb").
-- `VipWatch`: rtnetlink address events from lb1 and lb2 (a socket opened inside each
-  namespace, subscribed to RTNLGRP_IPV4_IFADDR): exact times at which each kernel gained or
-  lost the VIP, so "both held it at once, for how long" comes from the kernel itself.
+  carried it (the backends' `X-Peer` header: the address the request came from, i.e. the
+  LB's own address; pairlb's own Via says only "pairlb").
+- `rig.watch` (lab.vipwatch.VipWatch): rtnetlink address events from lb1 and lb2: exact
+  times at which each kernel gained or lost the VIP, so "both held it at once, for how long"
+  comes from the kernel itself.
+- Heartbeats on the wire (`WireWatch`, `heartbeat_arrivals`): AF_PACKET in the receiver's
+  namespace, the kernel's receive stamps.
 - Times everywhere are CLOCK_MONOTONIC (time.monotonic), one clock for every process.
 
-Run as a script it is the two helper programs (`backend NAME HOST:PORT`, `probe HOST OUT`).
-Imports lab (netns, vipwatch) and lb (config, the admin client) at the top, failover
-lazily; never pyroute2 itself (lab.vipwatch reads netlink).
+Run as a script it is the prober (`probe HOST[:PORT] OUT`). Imports lab.pair and lb.config
+at the top (the prober pays for them once, before it starts probing), failover where a
+scenario forges heartbeats; never pyroute2 (lab.vipwatch reads netlink).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -49,19 +51,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lab import netns
-from lab.vipwatch import VipWatch
-from lb.admin import client
+from lab.pair import ADMIN_PORT, LBS, PACKAGE_ROOT, Backend, Pair, Proc, failover_toml
 from lb.config import DEFAULT_HEARTBEAT_INTERVAL_S
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(PACKAGE_ROOT)
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
-NODES = ("client", "lb1", "lb2", "web1", "web2", "web3")
-LBS = ("lb1", "lb2")
 BACKENDS = ("web1", "web2", "web3")
-VIP_HOST = 100
 BACKEND_PORT = 8080
 HTTP_PORT = 80
-ADMIN = ("127.0.0.1", 9900)
 PROBE_INTERVAL_S = 0.01
 PROBE_TIMEOUT_S = 0.5
 
@@ -94,29 +91,7 @@ FAST = PairSettings(interval_s=0.01)
 """The fastest setting the docs name (interval 10 ms)."""
 
 
-# -- helper programs (run inside namespaces) --------------------------------------------------
-
-
-def backend_main(name: str, addr: str) -> int:
-    """lab.backend_app plus `X-Peer: <address the request came from>` on every response."""
-    from aiohttp import web
-
-    from lab.backend_app import make_app
-    from lb.config import parse_hostport
-
-    app = make_app(name)
-
-    @web.middleware
-    async def peer(request: web.Request, handler: Any) -> web.StreamResponse:
-        resp: web.StreamResponse = await handler(request)
-        resp.headers["X-Peer"] = request.remote or "?"
-        return resp
-
-    app.middlewares.append(peer)
-    host, port = parse_hostport(addr)
-    web.run_app(app, host=host, port=port, print=None, access_log=None,
-                handle_signals=True)
-    return 0
+# -- the prober (runs in the client namespace) ----------------------------------------------
 
 
 async def _probe_once(host: str, port: int, timeout_s: float) -> tuple[int, str, str]:
@@ -206,9 +181,6 @@ class Attempt:
         return self.status == 200
 
 
-# -- VIP events from the kernel: lab.vipwatch.VipWatch (the demo and chaos use it too) -------
-
-
 # -- the rig --------------------------------------------------------------------------------
 
 
@@ -216,86 +188,48 @@ class RigError(AssertionError):
     """The rig could not reach the state a scenario needs (with the evidence)."""
 
 
-@dataclass
-class LbProcess:
-    node: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    started_at: float
+class Rig(Pair):
+    """The pair the failover scenarios drive: PairSettings configs, three backends and the
+    long-lived client prober (and the VIP watch every Pair has)."""
 
-
-class Rig:
-    """The topology, backends, key, configs and the long-lived client prober and VIP watch."""
+    error = RigError
+    evidence_lines = 40
 
     def __init__(self, workdir: Path | None = None) -> None:
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pairlb-e2e-"))
-        self.source = REPO
-        """The source tree `pairlb run` starts from (benchmarks compare another one)."""
         self._own_workdir = workdir is None
-        self.topo = netns.build(NODES)
+        super().__init__(workdir or Path(tempfile.mkdtemp(prefix="pairlb-e2e-")),
+                         [Backend(name, BACKEND_PORT) for name in BACKENDS], PYTHON)
         try:
-            self.vip = self.topo.host4(VIP_HOST)
-            self.addr = {n: self.topo[n].ipv4 for n in NODES}
-            self.addr_to_node = {v: k for k, v in self.addr.items()}
-            self.key_path = self.workdir / "failover.key"
-            from failover import write_key_file
-
-            self.key = write_key_file(str(self.key_path))
             self.settings = DEFAULT
-            self.lbs: dict[str, LbProcess] = {}
-            self.restarts: dict[str, int] = {n: 0 for n in LBS}
-            for name in BACKENDS:
-                self.topo.popen(name, [PYTHON, "-m", "lab.pair_rig", "backend", name,
-                                       f"{self.addr[name]}:{BACKEND_PORT}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name in BACKENDS:
-                self._wait_tcp("client", self.addr[name], BACKEND_PORT, 10.0)
-            self.watch = VipWatch(self.topo, LBS, self.vip)
+            self.start_backends(10.0)
             self.probe_path = self.workdir / "probes.txt"
             self._probe_offset = 0
             self._attempts: list[Attempt] = []
-            self.prober = self.topo.popen(
-                "client", [PYTHON, "-m", "lab.pair_rig", "probe", f"{self.vip}:{HTTP_PORT}",
-                           str(self.probe_path)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.prober = self.popen(
+                "client", [self.python, "-m", "lab.pair_rig", "probe", f"{self.vip}:{HTTP_PORT}",
+                           str(self.probe_path)], self.log_path("probe"))
         except BaseException:
-            self.topo.teardown()
+            self.close()
             raise
 
-    def _wait_tcp(self, node: str, host: str, port: int, timeout_s: float) -> None:
-        self.wait_for(f"{host}:{port} to accept from {node}",
-                      lambda: self.topo.tcp_probe(node, host, port, 0.2) is netns.Probe.OPEN,
-                      timeout_s, poll_s=0.05)
-
-    # lifecycle
-
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.watch.close()
-        for node in list(self.lbs):
-            with contextlib.suppress(Exception):
-                self.kill(node, signal.SIGCONT)  # a stopped node first wakes, then dies
-                self.kill(node, signal.SIGKILL)
-        self.topo.teardown()
+        super().close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Rig:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # configs and nodes
 
     def config_text(self, node: str, settings: PairSettings) -> str:
-        me = LBS.index(node)
-        peer = LBS[1 - me]
         backends = ",\n".join(
             f'  {{ name = "{b}", address = "{self.addr[b]}:{BACKEND_PORT}" }}' for b in BACKENDS)
         s = settings
-        extra = ("" if s.control_timeout_s == PairSettings.control_timeout_s
-                 else f"control_timeout_s = {s.control_timeout_s}\n")
+        more = f"preempt_delay_s = {s.preempt_delay_s}\n" + (
+            "" if s.control_timeout_s == PairSettings.control_timeout_s
+            else f"control_timeout_s = {s.control_timeout_s}\n")
+        failover = failover_toml(node, addr=self.addr, vip=self.vip, key_file=self.key_file,
+                                 priority=s.priorities[LBS.index(node)],
+                                 interval_s=s.interval_s, down_after=s.down_after,
+                                 preempt=s.preempt, more=more)
         return f"""\
 [node]
 name = "{node}"
@@ -319,159 +253,20 @@ timeout_s = {s.health_interval_s}
 rise = {s.health_rise}
 fall = {s.health_fall}
 
-[failover]
-interface = "eth0"
-vips = ["{self.vip}/24"]
-priority = {s.priorities[me]}
-peers = ["{self.addr[peer]}"]
-bind = "{self.addr[node]}"
-key_file = "{self.key_path}"
-interval_s = {s.interval_s}
-down_after = {s.down_after}
-preempt = {str(s.preempt).lower()}
-preempt_delay_s = {s.preempt_delay_s}
-{extra}
+{failover}
 [admin]
 enabled = true
-bind = "{ADMIN[0]}:{ADMIN[1]}"
+bind = "127.0.0.1:{ADMIN_PORT}"
 
 [logging]
 level = "info"
 """
 
-    def start(self, node: str, settings: PairSettings | None = None) -> LbProcess:
+    def start(self, node: str, settings: PairSettings | None = None) -> Proc:
         """Start pairlb in `node` (it must not run) with `settings` (default: the rig's)."""
-        if node in self.lbs and self.lbs[node].proc.poll() is None:
-            raise RigError(f"{node} already runs (pid {self.lbs[node].proc.pid})")
-        settings = settings or self.settings
-        cfg = self.workdir / f"{node}.toml"
-        cfg.write_text(self.config_text(node, settings), encoding="utf-8")
-        log_path = self.workdir / f"{node}.log"
-        self.restarts[node] += 1
-        with open(log_path, "ab") as log:
-            log.write(f"--- start {self.restarts[node]} at {time.monotonic():.6f}\n".encode())
-            log.flush()
-            proc = self.topo.popen(node, [PYTHON, "-m", "lb", "run", "-c", str(cfg)],
-                                   stdout=log, stderr=log, cwd=str(self.source))
-        lp = LbProcess(node, proc, log_path, time.monotonic())
-        self.lbs[node] = lp
-        return lp
+        return self.start_lb(node, self.config_text(node, settings or self.settings))
 
-    def running(self, node: str) -> bool:
-        lp = self.lbs.get(node)
-        return lp is not None and lp.proc.poll() is None
-
-    def pids(self, node: str) -> list[int]:
-        return self.topo.pids(node)
-
-    def kill(self, node: str, sig: int = signal.SIGKILL, pids: Sequence[int] | None = None
-             ) -> float:
-        """Send `sig` to every process of the node (SIGKILL: the whole node dies at once).
-
-        Returns the monotonic time just before the first signal.
-        """
-        pids = list(pids) if pids is not None else self.pids(node)
-        t = time.monotonic()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        if sig == signal.SIGKILL:
-            lp = self.lbs.get(node)
-            if lp is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    lp.proc.wait(timeout=5.0)
-        return t
-
-    def failover_pid(self, node: str) -> int | None:
-        """The node's failover process (its command line names lb.failoverd.main), if any."""
-        for pid in self.pids(node):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"lb.failoverd.main" in f.read():
-                        return pid
-            except OSError:
-                continue
-        return None
-
-    def signal_control(self, node: str, sig: int) -> float:
-        """Signal the control process only (SIGTERM = graceful stop, SIGUSR1 = switchover)."""
-        lp = self.lbs[node]
-        t = time.monotonic()
-        os.kill(lp.proc.pid, sig)
-        return t
-
-    def stop(self, node: str, timeout_s: float = 10.0) -> None:
-        """Graceful stop and wait for exit (SIGKILL after the timeout)."""
-        lp = self.lbs.get(node)
-        if lp is None or lp.proc.poll() is not None:
-            return
-        os.kill(lp.proc.pid, signal.SIGTERM)
-        try:
-            lp.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill(node, signal.SIGCONT)
-            self.kill(node, signal.SIGKILL)
-
-    def log(self, node: str) -> str:
-        try:
-            return (self.workdir / f"{node}.log").read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_time(self, node: str, needle: str, after: float | None = None) -> float | None:
-        """Monotonic time of the first log line of the node's latest start containing
-        `needle` (log stamps are wall clock with ms; converted with the current offset);
-        with `after`, the first one at or after that time (less the stamps' 1 ms)."""
-        text = self.log(node)
-        last_start = text.rfind("--- start ")
-        offset = time.time() - time.monotonic()
-        for line in text[max(0, last_start):].splitlines():
-            if needle in line and line[:4].isdigit():
-                stamp = line.split()[0].rstrip("Z")
-                wall = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
-                wall += float("0" + stamp[19:]) - time.timezone
-                if after is None or wall - offset >= after - 0.001:
-                    return wall - offset
-        return None
-
-    def log_tail(self, node: str, lines: int = 40) -> str:
-        return "\n".join(self.log(node).splitlines()[-lines:])
-
-    # looking
-
-    def status(self, node: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
-        """GET /status of the node's admin app, or None if it does not answer."""
-        try:
-            result: dict[str, Any] = self.topo.call(node, _get_json, ADMIN, "/status", timeout_s)
-        except (OSError, ValueError, http.client.HTTPException, TimeoutError):
-            return None
-        return result
-
-    def role(self, node: str) -> str | None:
-        st = self.status(node)
-        return None if st is None else str(st.get("role"))
-
-    def failover(self, node: str) -> dict[str, Any]:
-        st = self.status(node)
-        if st is None or st.get("failover") is None:
-            raise RigError(f"{node}: no status from the admin app\n{self.log_tail(node)}")
-        fo: dict[str, Any] = st["failover"]
-        return fo
-
-    def wait_for(self, what: str, cond: Callable[[], bool], timeout_s: float,
-                 poll_s: float = 0.02) -> float:
-        """Poll until cond() holds; returns when it first held (monotonic). Raises RigError."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if cond():
-                return time.monotonic()
-            if time.monotonic() > deadline:
-                raise RigError(f"timed out after {timeout_s}s waiting for {what}\n"
-                               + "\n".join(f"== {n} log ==\n{self.log_tail(n)}" for n in LBS))
-            time.sleep(poll_s)
-
-    def wait_role(self, node: str, role: str, timeout_s: float = 10.0) -> float:
-        return self.wait_for(f"{node} to be {role}", lambda: self.role(node) == role, timeout_s)
+    # the client's view
 
     def attempts(self, since: float = 0.0, until: float = float("inf")) -> list[Attempt]:
         """Client requests that started in [since, until], in the order they ended."""
@@ -491,7 +286,7 @@ level = "info"
             parts = line.split()
             if len(parts) == 5:
                 self._attempts.append(Attempt(float(parts[0]), float(parts[1]), int(parts[2]),
-                                              self.addr_to_node.get(parts[3], parts[3]),
+                                              self.node_of_addr.get(parts[3], parts[3]),
                                               parts[4]))
 
     def served_by(self, node: str, since: float) -> bool:
@@ -510,12 +305,12 @@ level = "info"
             self.unblock_backends(node)
         if settings != self.settings:
             for node in LBS:
-                self.stop(node)
+                self.stop_lb(node)
             self.settings = settings
         for node in LBS:
-            if not self.running(node):
-                self.kill(node, signal.SIGCONT)  # a SIGSTOPped leftover cannot die otherwise
-                self.kill(node, signal.SIGKILL)
+            if not self.lb_running(node):
+                self.signal_node(node, signal.SIGCONT)  # a SIGSTOPped leftover cannot die otherwise
+                self.signal_node(node, signal.SIGKILL)
                 self.start(node)
         self.wait_for("both nodes healthy with a role", lambda: all(
             (fo := self._fo_or_none(n)) is not None and fo["healthy"]
@@ -564,14 +359,6 @@ level = "info"
         for b in BACKENDS:
             self.topo.run(node, ["ip", "route", "del", "unreachable", f"{self.addr[b]}/32"],
                           check=False)
-
-
-def _get_json(addr: tuple[str, int], path: str, timeout_s: float) -> Any:
-    status, _, body = client.exchange("GET", f"http://{addr[0]}:{addr[1]}{path}",
-                                      timeout_s=timeout_s)
-    if status != 200:
-        raise ValueError(f"{path}: HTTP {status}")
-    return json.loads(body)
 
 
 # -- outcomes ---------------------------------------------------------------------------------
@@ -670,7 +457,7 @@ def kill9(rig: Rig) -> list[Outcome]:
     since = time.monotonic()
     time.sleep(BASELINE_S)
     pids = rig.pids("lb1")
-    t_fault = rig.kill("lb1", signal.SIGKILL, pids)
+    t_fault = rig.signal_node("lb1", signal.SIGKILL, pids)
     settle(rig, "lb2", t_fault)
     out = measure(rig, "kill -9 active node", since, time.monotonic(), fault_at=t_fault,
                   new_node="lb2")
@@ -715,7 +502,7 @@ def failback_preempt_off(rig: Rig) -> list[Outcome]:
     """kill -9 lb1 with preempt off; restart it: lb2 keeps the VIP, no request lost."""
     rig.steady(replace(rig.settings, preempt=False))
     pids = rig.pids("lb1")
-    t_fault = rig.kill("lb1", signal.SIGKILL, pids)
+    t_fault = rig.signal_node("lb1", signal.SIGKILL, pids)
     settle(rig, "lb2", t_fault)
     return restart_after_kill(rig, "failback after kill -9")
 
@@ -726,7 +513,7 @@ def sigstop(rig: Rig, stopped_s: float = 1.0) -> list[Outcome]:
     since = time.monotonic()
     time.sleep(BASELINE_S)
     pids = rig.pids("lb1")
-    t_fault = rig.kill("lb1", signal.SIGSTOP, pids)
+    t_fault = rig.signal_node("lb1", signal.SIGSTOP, pids)
     try:
         rig.wait_for("lb2 to take the VIP", lambda: "lb2" in rig.watch.holding(), 5.0, 0.005)
         settle(rig, "lb2", t_fault)
@@ -734,7 +521,7 @@ def sigstop(rig: Rig, stopped_s: float = 1.0) -> list[Outcome]:
         if remaining > 0:
             time.sleep(remaining)
     finally:
-        t_cont = rig.kill("lb1", signal.SIGCONT, pids)
+        t_cont = rig.signal_node("lb1", signal.SIGCONT, pids)
     t_single = rig.wait_for("a single VIP holder", lambda: len(rig.watch.holding()) == 1, 5.0,
                             0.002)
     time.sleep(PROBE_TIMEOUT_S + 0.5)
@@ -866,7 +653,7 @@ def unhealthy_no_takeover(rig: Rig, hold_s: float = 1.5) -> list[Outcome]:
     """lb1 restarts while it cannot reach any backend: it must not preempt; once its checks
     pass it takes the VIP back without a failed request."""
     rig.steady(rig.settings)
-    rig.stop("lb1")  # graceful: lb2 takes over without loss
+    rig.stop_lb("lb1")  # graceful: lb2 takes over without loss
     settle(rig, "lb2", time.monotonic())
     rig.block_backends("lb1")
     since = time.monotonic()
@@ -1360,12 +1147,9 @@ def median(values: Sequence[float]) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["backend"] and len(argv) == 3:
-        return backend_main(argv[1], argv[2])
     if argv[:1] == ["probe"] and len(argv) == 3:
         return probe_main(argv[1], argv[2])
-    print("usage: failover_e2e.py backend NAME HOST:PORT | probe HOST[:PORT] OUT",
-          file=sys.stderr)
+    print("usage: python -m lab.pair_rig probe HOST[:PORT] OUT", file=sys.stderr)
     return 2
 
 

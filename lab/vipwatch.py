@@ -12,9 +12,10 @@ pyroute2's sockets belong to the thread that made them (a call from another thre
 fresh socket in that thread's namespace), which is why each one is made, read and closed on
 its node's loop, and never touched from the caller's thread.
 
-The lab's only netlink code (the runtime's is failover/adapters/rtnl.py); lab.cluster (the
-demo and the chaos bench), lab.pair_rig (the failover tests and benchmarks) and the
-partition-guard tests use it.
+The lab's only netlink code (the runtime's is failover/adapters/rtnl.py). Every lab.pair.Pair
+has one (`watch`: the demo, the chaos bench, the failover tests and benchmarks); the
+partition-guard tests use it directly. lab.pair imports it lazily, so the helper programs
+that import lab.pair do not load pyroute2.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ a request to the VIP every 10 ms, and the kernel's own record of who holds the V
 Each test runs one scenario once and asserts the issue's target for it; bench/takeover.py runs
 the same scenarios many times and prints the table. The harness is lab/pair_rig.py.
 Needs root (namespaces); skipped otherwise. The whole module takes about a minute and a half
-(longer when a blackhole is being measured: up to failover_e2e.BLACKHOLE_LIMIT_S).
+(longer when a blackhole is being measured: up to pair_rig.BLACKHOLE_LIMIT_S).
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def test_rig_leaves_nothing_behind() -> None:
     prefix = rig.topo.prefix
     try:
         rig.steady(fe.DEFAULT)
-        rig.kill("lb2", signal.SIGSTOP)
+        rig.signal_node("lb2", signal.SIGSTOP)
     finally:
         rig.close()
     assert netns.list_namespaces(prefix + "-") == []
@@ -277,8 +277,8 @@ def test_kill9_of_the_failover_process_peer_takes_over_and_the_restart_resumes(
     assert back.extra["masters"] == ["lb1"], why
     assert back.extra["longest_overlap_after_recovery_s"] <= rig.settings.interval_s, why
     assert no_5xx(back) and back.failed <= 2, why
-    assert "event=failover_process_died" in rig.log("lb1"), why
-    assert "event=failover_vips_released_after_crash" in rig.log("lb1"), why
+    assert "event=failover_process_died" in rig.log_text("lb1"), why
+    assert "event=failover_vips_released_after_crash" in rig.log_text("lb1"), why
 
 
 def test_a_hung_failover_process_is_replaced(rig: fe.Rig) -> None:

@@ -43,7 +43,7 @@ def test_failover_role_change_log_still_matches_pair_rig_needle(
 # -- pairlb demo --cleanup stops a kept loopback demo's backends and load -------------------
 
 
-@pytest.mark.parametrize(("name", "argv"), [("web1", ["-m", "lab.cluster", "backend", "web1"]),
+@pytest.mark.parametrize(("name", "argv"), [("web1", ["-m", "lab.pair", "backend", "web1"]),
                                             ("load", ["-m", "lab.load", "127.0.0.1:1"])])
 def test_demo_cleanup_stops_kept_loopback_processes(
         name: str, argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
