@@ -676,7 +676,6 @@ class FailoverController:
                        for i, kid in enumerate(self._key_ids)),
             gateway=self._tracker.status() if self._tracker is not None else None,
             heartbeat_send_errors=self._transport.send_errors,
-            # Not part of VipPort: VipAdapter counts them; a test's fake may not.
             vip_announcements=self._vip.announcements_sent,
             vip_announcement_errors=self._vip.announcement_errors,
             notify=self._hooks.counters(),

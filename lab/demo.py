@@ -921,9 +921,9 @@ def cleanup(out: TextIO) -> int:
             continue
         if state.get("mode") == "loopback":
             for name, p in (state.get("pids") or {}).items():
-                needle = ("lb run" if name == "lb1"
-                          else "lab.load" if name == "load" else "lab.pair backend")
-                if isinstance(p, int) and pair.is_ours(p, needle):
+                needles = (("lb run",) if name == "lb1" else ("lab.load",) if name == "load"
+                           else ("lab.pair backend", "lab.cluster backend"))  # older demos
+                if isinstance(p, int) and any(pair.is_ours(p, n) for n in needles):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p, signal.SIGCONT)
                         os.kill(p, signal.SIGTERM)

@@ -274,7 +274,7 @@ def drop_privileges(
     supplementary groups cleared and gid and uid set (real, effective and saved); finally
     permitted and effective set to ``keep``, inheritable to nothing. With ``keep_ambient``
     the ``keep`` set is also made inheritable and ambient, so programs this process runs
-    (nft, ip) get exactly those. Returns the resulting /proc/self/status; raises
+    (nft) get exactly those. Returns the resulting /proc/self/status; raises
     PrivilegeError if anything did not take (never serve then).
 
     Workers call ``drop_privileges(identity)``. A process that needs some capabilities,

@@ -209,7 +209,11 @@ class Handover:
         await _run(["nft", "-f", "-"], base_ruleset(self.node, self.vips, self.ports))
 
     async def close(self) -> None:
-        """Remove everything this node installed (idempotent)."""
+        """Remove this node's nft tables, and the fwmark rule and route (idempotent).
+
+        The rule and route are the same for every pairlb in a network namespace, so a second
+        instance in the same namespace loses its receiving half here; one node per namespace
+        is the supported layout (each node of a pair is a host of its own)."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -253,7 +257,8 @@ class Handover:
 
 
 async def _delete_rules(ipr: AsyncIPRoute, family: int) -> None:
-    """Remove our rule (an earlier run may have left it, once per start), never another's."""
+    """Remove pairlb's rule (an earlier run may have left it): only a rule with our priority,
+    mark and table, so an operator's other rule at the same priority stays."""
     for _ in range(8):
         try:
             await ipr.rule("del", family=family, priority=RULE_PRIORITY, fwmark=TPROXY_MARK,

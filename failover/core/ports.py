@@ -43,8 +43,8 @@ class VipPort(Protocol):
     - holding: what the port last did (True after acquire, False after release); cheap.
 
     Each call may raise; the controller bounds every call with a deadline, logs and counts
-    failures, and never lets one stop heartbeats. `announcements_sent` and
-    `announcement_errors` count GARP/NA packets sent and failed, for metrics.
+    failures, and never lets one stop heartbeats. `announcements_sent` counts
+    GARP/NA packets sent and `announcement_errors` the rounds that failed, for metrics.
     """
 
     announcements_sent: int

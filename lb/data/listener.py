@@ -37,6 +37,9 @@ def _no_loop() -> float:
 class ListenerServer(Generic[C]):
     """One listener in one worker: its accepting, its client connections and its tasks."""
 
+    TICK_FAILED = "listener_tick_failed"
+    """The log event of a tick that raised (each engine keeps its own name)."""
+
     def __init__(
         self,
         listener: ListenerConfig,
@@ -191,7 +194,7 @@ class ListenerServer(Generic[C]):
         try:
             self.on_tick(self.time())
         except Exception:
-            logger.exception("event=listener_tick_failed listener=%s", self.listener.name)
+            logger.exception("event=%s listener=%s", self.TICK_FAILED, self.listener.name)
         self._schedule_tick()
 
 

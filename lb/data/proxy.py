@@ -1603,6 +1603,8 @@ def _classify(exc: BaseException) -> tuple[int, str]:
 class ProxyServer(ListenerServer["_Client"]):
     """The HTTP proxy for one listener (lifecycle: lb.data.listener)."""
 
+    TICK_FAILED = "proxy_tick_failed"
+
     def __init__(
         self,
         listener: ListenerConfig,

@@ -276,6 +276,8 @@ class _Pipe:
 class TcpProxyServer(ListenerServer["_Pipe"]):
     """The TCP proxy for one listener (lifecycle: lb.data.listener)."""
 
+    TICK_FAILED = "tcp_tick_failed"
+
     def protocol(self) -> asyncio.Protocol:
         return _ClientSide(_Pipe(self))
 

@@ -152,8 +152,8 @@ def apply_scheduling(sched_priority: int, nice: int) -> str:
 
 
 def drop_privileges() -> None:
-    """Keep CAP_NET_ADMIN and CAP_NET_RAW (the VIP, ARP, nft and ip), also for the programs
-    this process runs; nothing else (after the scheduling and OOM settings, which may need
+    """Keep CAP_NET_ADMIN and CAP_NET_RAW (the VIP, ARP, the TPROXY rule, nft), also for the
+    programs this process runs; nothing else (after the scheduling and OOM settings, which may need
     more). A refusal is logged: failover without it is better than none."""
     try:
         st = sysutil.drop_privileges(None, {sysutil.CAP_NET_ADMIN, sysutil.CAP_NET_RAW},

@@ -1,0 +1,75 @@
+"""The listener lifecycle both engines share (lb.data.listener): a tick that raises is
+logged under the engine's own event name and the ticking goes on; max_connections pauses
+accepting and resumes it; drain ends what is still open."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+from proxy_helpers import run, start_proxy, stop_proxy, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("mode,event", [("http", "proxy_tick_failed"),
+                                        ("tcp", "tcp_tick_failed")])
+def test_a_failing_tick_is_logged_and_ticking_goes_on(
+    mode: str, event: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        px = await start_proxy([("a", "127.0.0.1:9")], mode=mode)
+        calls = 0
+
+        def boom(now: float) -> None:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("tick")
+
+        px.server.on_tick = boom  # type: ignore[method-assign]
+        try:
+            with caplog.at_level(logging.ERROR):
+                await wait_for(lambda: calls >= 2, timeout_s=5.0)
+        finally:
+            await stop_proxy(px)
+
+    run(main())
+    assert f"event={event} listener=l" in caplog.text
+
+
+@pytest.mark.parametrize("mode,cut", [("http", 0), ("tcp", 1)])
+def test_max_connections_pauses_then_resumes_and_drain_ends_the_rest(mode: str, cut: int) -> None:
+    """Drain closes an idle HTTP client cleanly (nothing cut); a TCP pipe has no request
+    boundary, so one still open at the deadline is cut and counted."""
+
+    async def main() -> None:
+        async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read()  # a backend that keeps its connections open
+            w.close()
+
+        backend = await asyncio.start_server(hold, "127.0.0.1", 0)
+        bport = backend.sockets[0].getsockname()[1]
+        px = await start_proxy([("a", f"127.0.0.1:{bport}")], mode=mode,
+                               listener={"max_connections": 1, "client_idle_timeout_s": 30})
+        srv = px.server
+        held = socket.create_connection(("127.0.0.1", px.port))
+        again: socket.socket | None = None
+        try:
+            await wait_for(lambda: len(srv.clients) == 1, timeout_s=5.0)
+            assert srv._server is None  # paused: the next one waits in the shared backlog
+            held.close()
+            await wait_for(lambda: srv._server is not None and not srv.clients, timeout_s=5.0)
+            again = socket.create_connection(("127.0.0.1", px.port))
+            await wait_for(lambda: len(srv.clients) == 1, timeout_s=5.0)
+            assert await srv.drain(0.2) == cut
+            assert not srv.clients and srv._server is None
+        finally:
+            held.close()
+            if again is not None:
+                again.close()
+            await stop_proxy(px)
+            backend.close()
+
+    run(main())
