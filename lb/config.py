@@ -143,6 +143,62 @@ class NodeConfig(_Model):
     """Group of the workers (no supplementary groups). Default: worker_user's primary group
     (``nogroup`` for ``nobody``); pairlb's own group when not root."""
 
+TlsVersion = Literal["1.2", "1.3"]
+ServerName = Annotated[str, Field(min_length=1, max_length=253,
+                                  pattern=r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")]
+"""A DNS name, or ``*.`` and a name (one leftmost label, as certificates allow)."""
+AbsPath = Annotated[str, Field(min_length=2, pattern=r"^/")]
+"""An absolute path: a relative one would depend on where the daemon happens to start."""
+
+
+class CertificateConfig(_Model):
+    cert_file: AbsPath
+    """PEM: the certificate, then its intermediates (the chain as served)."""
+    key_file: AbsPath
+    """PEM private key of the certificate, unencrypted. Read by the control process only
+    (the workers get it over their channel): a regular file, no symlink, owned by root or
+    pairlb's user, not accessible by group or others."""
+
+
+class ListenerTlsConfig(_Model):
+    certificates: Annotated[tuple[CertificateConfig, ...], Field(min_length=1, max_length=1000)]
+    """Chosen by the client's SNI against each certificate's names (exact names first, then
+    ``*.`` wildcards, in this order); the first one serves clients without SNI or with a
+    name no certificate has."""
+    min_version: TlsVersion = "1.2"
+    """Oldest protocol accepted."""
+    ciphers: Annotated[str, Field(min_length=1, pattern=r"^[\x21-\x7e]+$")] = (
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+        "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+    """OpenSSL cipher list for TLS 1.2 (1.3 suites are all AEAD and stay OpenSSL's). The
+    default is forward secret AEAD only (Mozilla's "intermediate"); the server's order is
+    preferred."""
+    alpn: tuple[Literal["http/1.1"], ...] = ("http/1.1",)
+    """ALPN protocols offered (``[]``: none). pairlb speaks HTTP/1.1 to clients."""
+    session_tickets: bool = True
+    """Resumption by session tickets. Their key is shared by every worker and, through
+    ``ticket_key_file`` or the failover key, by both nodes: a client resumes on the peer
+    after a failover."""
+    ticket_key_file: AbsPath | None = None
+    """80 bytes (160 hex digits; ``pairlb keygen --tls-ticket``) shared by the nodes, read
+    like the other secrets. Default: derived from the failover key when there is one, else a
+    random key per start of the node."""
+    handshake_timeout_s: Seconds = 10.0
+    """A TLS handshake must finish within this (slow or stalled clients are cut)."""
+    hsts_max_age_s: Annotated[int, Field(ge=0, le=2 * 365 * 86400)] = 0
+    """Add ``Strict-Transport-Security: max-age=N`` to responses that have none (0: off).
+    Browsers take it only over HTTPS, so it belongs here, not on the plain listener."""
+    hsts_include_subdomains: bool = False
+    """Add ``; includeSubDomains`` to it."""
+
+
+class SniRoute(_Model):
+    server_name: ServerName
+    """Exact name, or ``*.example.com`` for one label under it."""
+    pool: str
+    """Where a TLS connection naming it goes (passed through, not terminated)."""
+
 
 class ListenerConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -198,6 +254,23 @@ class ListenerConfig(_Model):
     reverse proxy is a gateway (RFC 9110 §7.6.3), and clients learn nothing of the path."""
     max_connections: Annotated[int, Field(ge=0)] = 0
     """Per worker; 0 means unlimited."""
+    tls: ListenerTlsConfig | None = None
+    """See ``[listener.tls]``: terminate TLS on this listener (http or tcp mode)."""
+    redirect_to_https: bool = False
+    """HTTP mode without tls: answer every request (but ACME challenges) with a redirect to
+    ``https://`` the same host and target (301 for GET and HEAD, 308 for the rest, which
+    keeps the method and body)."""
+    https_port: Annotated[int, Field(ge=1, le=65535)] = 443
+    """The port the redirect names (omitted when 443)."""
+    acme_challenge_dir: AbsPath | None = None
+    """HTTP mode: answer ``GET /.well-known/acme-challenge/TOKEN`` from this directory
+    (certbot ``--webroot -w DIR`` writes there), whichever node holds the VIP. Never sent to
+    a backend."""
+    sni_routes: tuple[SniRoute, ...] = ()
+    """TCP mode without tls: route TLS connections by their ClientHello's server name
+    without terminating them (HAProxy's ``req.ssl_sni``); ``pool`` takes the rest."""
+    sni_inspect_timeout_s: Seconds = 5.0
+    """With sni_routes: how long to wait for the ClientHello; then ``pool`` takes it."""
 
     @field_validator("bind")
     @classmethod
@@ -219,9 +292,37 @@ class ListenerConfig(_Model):
                 raise ValueError(f"not a CIDR: {cidr!r}") from None
         return v
 
+    @model_validator(mode="after")
+    def _modes(self) -> ListenerConfig:
+        http_only = ("redirect_to_https", "acme_challenge_dir")
+        if self.mode == "tcp":
+            for k in http_only:
+                if k in self.model_fields_set:
+                    raise ValueError(f"{k} needs mode = \"http\"")
+        if self.tls is not None and self.redirect_to_https:
+            raise ValueError("redirect_to_https is for a plain listener; this one has tls")
+        if self.sni_routes:
+            if self.mode != "tcp" or self.tls is not None:
+                raise ValueError("sni_routes needs mode = \"tcp\" without tls (a terminating "
+                                 "listener chooses its certificate by SNI itself)")
+            names = [r.server_name.lower().rstrip(".") for r in self.sni_routes]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"sni_routes: the same server_name twice: {dup}")
+        return self
+
     @property
     def host_port(self) -> tuple[str, int]:
         return parse_hostport(self.bind)
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool this listener sends to: ``pool`` first, then its SNI routes'."""
+        out = [self.pool]
+        for r in self.sni_routes:
+            if r.pool not in out:
+                out.append(r.pool)
+        return tuple(out)
 
 
 StatusRange = Annotated[str, Field(pattern=r"^[1-5][0-9][0-9](-[1-5][0-9][0-9])?$")]
@@ -358,6 +459,18 @@ class BackendConfig(_Model):
         return parse_hostport(self.address)
 
 
+class PoolTlsConfig(_Model):
+    verify: bool = True
+    """Verify the backend's certificate (chain and name). Off only for a lab."""
+    ca_file: AbsPath | None = None
+    """PEM CA certificates to verify with; default: the system's store."""
+    server_name: ServerName | None = None
+    """SNI sent and name verified; default: the backend's host (an IP is verified against
+    the certificate's IP addresses)."""
+    min_version: TlsVersion = "1.2"
+    """Oldest protocol offered to backends."""
+
+
 class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique pool name, referenced by listeners."""
@@ -397,6 +510,8 @@ class PoolConfig(_Model):
     """See ``[pool.health]``."""
     passive: PassiveConfig = PassiveConfig()
     """See ``[pool.passive]``."""
+    tls: PoolTlsConfig | None = None
+    """See ``[pool.tls]``: speak TLS to this pool's backends (requests and health checks)."""
 
     @model_validator(mode="after")
     def _unique_backends(self) -> PoolConfig:
@@ -669,6 +784,10 @@ class Config(_Model):
         for i, lst in enumerate(self.listener):
             if lst.pool not in pools:
                 raise ValueError(f"listener[{i}].pool: no pool named {lst.pool!r} (pools: {pools})")
+            for j, r in enumerate(lst.sni_routes):
+                if r.pool not in pools:
+                    raise ValueError(f"listener[{i}].sni_routes[{j}].pool: no pool named "
+                                     f"{r.pool!r} (pools: {pools})")
         return self
 
     def pool_by_name(self, name: str) -> PoolConfig:

@@ -56,6 +56,10 @@ class Stats:
         self._active: dict[str, int] = {}
         self._active_sent: dict[str, int] = {}
         self._tcp: dict[tuple[str, str], list[int]] = {}
+        self._tls: dict[tuple[str, str, str], int] = {}
+        self._tls_late: list[tuple[str, str]] = []
+        """Failures counted from a finalizer (any allocation may run one): appended only,
+        folded into ``_tls`` when read, so no dict changes size under an iteration."""
         self._dirty = False
 
     # -- hot path -------------------------------------------------------------------------
@@ -109,6 +113,26 @@ class Stats:
         row[1] += bytes_in
         row[2] += bytes_out
 
+    def tls_handshake(self, listener: str, cert: str, resumed: bool) -> None:
+        """A TLS handshake finished with ``cert`` (the chosen certificate's id)."""
+        key = (listener, "resumed" if resumed else "full", cert)
+        self._tls[key] = self._tls.get(key, 0) + 1
+        self._dirty = True
+
+    def tls_failure(self, listener: str, reason: str) -> None:
+        key = (listener, "failed", reason)
+        self._tls[key] = self._tls.get(key, 0) + 1
+        self._dirty = True
+
+    def tls_failure_late(self, listener: str, reason: str) -> None:
+        """tls_failure from a finalizer (an abandoned handshake collected)."""
+        self._tls_late.append((listener, reason))
+
+    def _fold_late(self) -> None:
+        late, self._tls_late = self._tls_late, []
+        for listener, reason in late:
+            self.tls_failure(listener, reason)
+
     def _tcp_row(self, pool: str, backend: str) -> list[int]:
         key = (pool, backend)
         row = self._tcp.get(key)
@@ -125,10 +149,13 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         """What ``take_delta`` would return now, without resetting (the gauge as its current
         value rather than its change)."""
+        self._fold_late()
         return self._render(self._active)
 
     def take_delta(self) -> dict[str, Any]:
         """Changes since the previous call (empty dict when nothing changed), then reset."""
+        if self._tls_late:
+            self._fold_late()
         if not self._dirty:
             return {}
         change = {
@@ -145,6 +172,7 @@ class Stats:
         self._retries.clear()
         self._accepted.clear()
         self._tcp.clear()
+        self._tls.clear()
         self._dirty = False
         return out
 
@@ -191,4 +219,9 @@ class Stats:
                     "connections": row[0], "bytes_in": row[1], "bytes_out": row[2]
                 }
             out["tcp"] = tcp
+        if self._tls:
+            tls: dict[str, Any] = {}
+            for (listener, kind, what), n in self._tls.items():
+                tls.setdefault(listener, {}).setdefault(kind, {})[what] = n
+            out["tls"] = tls
         return out

@@ -43,9 +43,13 @@ class Config:
     """``Config.model_dump(mode="json")``: the worker validates it again."""
     fds: dict[str, int]
     """Listener name -> the inherited listening socket's fd number."""
+    tls: dict[str, Any] = field(default_factory=dict)
+    """TLS listener name -> ``{"certs": [CertBundle.to_wire()], "ticket_key": hex or
+    None}``: the control process read the key files, the workers cannot."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"gen": self.gen, "config": self.config, "fds": self.fds}  # JSON already
+        return {"gen": self.gen, "config": self.config, "fds": self.fds,
+                "tls": self.tls}  # JSON already
 
 
 @dataclass(frozen=True)

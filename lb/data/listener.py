@@ -17,14 +17,21 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Hashable
-from typing import Any, Generic, TypeVar
+import ssl
+from collections.abc import Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from lb.config import ListenerConfig, PoolConfig
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 
+if TYPE_CHECKING:
+    from lb.tls.server import ListenerTls
+
 logger = logging.getLogger(__name__)
+
+TLS_SHUTDOWN_TIMEOUT_S = 5.0
+"""How long a TLS connection's close_notify exchange may take before it is cut."""
 
 C = TypeVar("C", bound=Hashable)
 """One client connection of the engine (an HTTP client, a TCP pipe)."""
@@ -63,6 +70,13 @@ class ListenerServer(Generic[C]):
         self._accepting = False
         self._ticker: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
+        self.tls: ListenerTls | None = None
+        """Set by the worker before start() on a ``[listener.tls]`` listener: connections
+        are accepted with its front context (the SNI callback picks the certificate)."""
+        self.pools: Mapping[str, Pool] = {pool.name: pool}
+        self.pool_cfgs: Mapping[str, PoolConfig] = {pool_cfg.name: pool_cfg}
+        self.backend_tls: Mapping[str, ssl.SSLContext] = {}
+        """Pool name -> the context of its backend connections (``[pool.tls]``)."""
 
     # -- what an engine supplies -------------------------------------------------------------
 
@@ -98,14 +112,31 @@ class ListenerServer(Generic[C]):
     async def _listen(self) -> None:
         assert self._sock is not None
         # Our own fd for the shared socket: closing it stops our accepting only.
-        self._server = await self.loop.create_server(
-            self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog)
+        tls = self.tls
+        if tls is None:
+            self._server = await self.loop.create_server(
+                self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog)
+        else:
+            self._server = await self.loop.create_server(
+                self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog,
+                ssl=tls.front, ssl_handshake_timeout=tls.settings.handshake_timeout_s,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
         self._accepting = True
 
     def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         """New connections (HTTP: new requests) use the new pool; open ones keep theirs."""
         self.pool = pool
         self.pool_cfg = pool_cfg
+
+    def routes_changed(
+        self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],
+        backend_tls: Mapping[str, ssl.SSLContext],
+    ) -> None:
+        """Every pool of the worker, by name (an engine routing to more than ``pool``, as the
+        TCP engine's SNI routes do, reads them here), and each pool's backend TLS context."""
+        self.pools = pools
+        self.pool_cfgs = pool_cfgs
+        self.backend_tls = backend_tls
 
     async def stop_accepting(self) -> None:
         self._accepting = False

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import Any
@@ -32,6 +33,9 @@ from lb.data.pool import BackendEntry, Ejection, Pool, build_pool
 from lb.data.proxy import ProxyServer
 from lb.data.tcpproxy import TcpProxyServer
 from lb.stats import Stats
+from lb.tls import contexts as tls_contexts
+from lb.tls.files import CertBundle
+from lb.tls.server import ListenerTls
 
 logger = logging.getLogger("lb.data.worker")
 
@@ -68,6 +72,10 @@ class Worker:
         self.started = False
         self.last_snap: wl.Snap | None = None
         self.stop_timeout_s: float | None = None
+        self.tls: dict[str, ListenerTls] = {}
+        """TLS listener -> its contexts (kept across reloads: the front context is the one
+        the listening server was started with)."""
+        self.backend_tls: dict[str, ssl.SSLContext] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,10 +154,12 @@ class Worker:
                 # New pool objects start out of rotation; the last snapshot puts back what it
                 # knows until the control process sends the one for this generation.
                 self._apply_pools(self.last_snap)
+            self._apply_tls(cfg, msg.tls)
             for lcfg in cfg.listener:
                 server = self.servers.get(lcfg.name)
                 if server is not None:
                     server.update(self.pools[lcfg.pool], pool_cfgs[lcfg.pool])
+                    server.routes_changed(self.pools, pool_cfgs, self.backend_tls)
                     self.listener_cfgs[lcfg.name] = lcfg
                 elif lcfg.name in fds:
                     self.fds[lcfg.name] = fds[lcfg.name]
@@ -162,6 +172,43 @@ class Worker:
         except Exception as exc:
             logger.exception("event=worker_config_failed")
             self.send(wl.ConfigFailed(msg.gen, str(exc)))
+
+    def _apply_tls(self, cfg: Config, wire: dict[str, Any]) -> None:
+        """Certificates (new connections get them; open ones keep theirs), settings and
+        ticket keys of the TLS listeners; backend contexts of the TLS pools. Everything is
+        built before anything is swapped in, so an error leaves the old contexts serving."""
+        listeners = wire.get("listeners", {})
+        built: dict[str, tuple[ListenerTls, tuple[CertBundle, ...], bytes | None]] = {}
+        for lcfg in cfg.listener:
+            if lcfg.tls is None or lcfg.name not in listeners:
+                continue
+            entry = listeners[lcfg.name]
+            bundles = tuple(CertBundle.from_wire(b) for b in entry["certs"])
+            key = bytes.fromhex(entry["ticket_key"]) if entry.get("ticket_key") else None
+            lt = self.tls.get(lcfg.name) or ListenerTls(lcfg.name, lcfg.tls, self.stats)
+            built[lcfg.name] = (lt, bundles, key)
+        backend: dict[str, ssl.SSLContext] = {}
+        pools = wire.get("pools", {})
+        for pcfg in cfg.pool:
+            if pcfg.tls is None:
+                continue
+            ca = pools.get(pcfg.name, {}).get("ca_pem")
+            backend[pcfg.name] = tls_contexts.client_context(
+                verify=pcfg.tls.verify, ca_pem=ca.encode("ascii") if ca else None,
+                min_version=pcfg.tls.min_version,
+                alpn=("http/1.1",) if _http_pool(cfg, pcfg.name) else ())
+        for name, (lt, bundles, key) in built.items():
+            tls_cfg = next(lc.tls for lc in cfg.listener if lc.name == name)
+            assert tls_cfg is not None
+            if bundles != lt.bundles:
+                lt.load(bundles)  # raises before swapping anything of its own
+            lt.apply(tls_cfg)
+            lt.set_ticket_key(key)
+            self.tls[name] = lt
+        for name in list(self.tls):
+            if name not in built:
+                del self.tls[name]
+        self.backend_tls = backend
 
     def _apply_snapshot(self, msg: wl.Snap) -> None:
         self.last_snap = msg
@@ -199,6 +246,8 @@ class Worker:
                     lcfg, self.pools[lcfg.pool], pool_cfgs[lcfg.pool], self.stats,
                     on_ejection=self._on_ejection,
                 )
+            server.tls = self.tls.get(name)
+            server.routes_changed(self.pools, pool_cfgs, self.backend_tls)
             # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
             self.socks[name] = sock
@@ -242,6 +291,12 @@ class Worker:
         )
 
 
+def _http_pool(cfg: Config, pool: str) -> bool:
+    """Whether an HTTP listener sends to ``pool`` (its backend TLS then offers ALPN
+    http/1.1; a pool behind TCP listeners offers none)."""
+    return any(lc.mode == "http" and pool in lc.pools for lc in cfg.listener)
+
+
 def _changed(old: Config, pcfg: PoolConfig) -> bool:
     try:
         return old.pool_by_name(pcfg.name) != pcfg
@@ -255,6 +310,12 @@ def _preload() -> Any:
     import encodings.idna  # noqa: F401  (getaddrinfo of a backend host name)
 
     import failover  # noqa: F401  (config validation imports it for failover.track_gateway)
+    from lb.tls import ticketkeys
+
+    # libssl found through /proc/self/maps and dlopen'd while its path is readable; a
+    # failure is reported per listener when a key is set.
+    with contextlib.suppress(ticketkeys.TicketKeyUnsupported, OSError):
+        ticketkeys.libssl()
 
     try:
         import uvloop
