@@ -21,6 +21,8 @@ RULES = ROOT / "deploy" / "prometheus" / "pairlb-alerts.yml"
 TESTS = ROOT / "deploy" / "prometheus" / "pairlb-alerts.test.yml"
 REQUIRED = {
     "PairlbNoMaster",
+    "PairlbTlsCertificateExpiringSoon",
+    "PairlbTlsCertificateExpired",
     "PairlbTwoMasters",
     "PairlbPeerNotHeard",
     "PairlbConfigDigestMismatch",

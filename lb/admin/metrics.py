@@ -66,6 +66,7 @@ from lb.control.rotation import AdminState
 from lb.control.status import BackendStatus, NodeStatus
 from lb.failoverd.link import GAP_SAMPLES
 from lb.stats import CLASSES, DURATION_BUCKETS_S
+from lb.tls.server import FAILURE_REASONS as TLS_FAILURE_REASONS
 
 if TYPE_CHECKING:
     from collections import deque
@@ -151,6 +152,40 @@ METRICS: tuple[MetricDef, ...] = (
     _d("pairlb_connections_accepted_total", "counter", "listener", "Client connections accepted."),
     _d("pairlb_connections_active", "gauge", "listener", "Client connections open now."),
     _d("pairlb_tcp_connections_total", "counter", "pool backend", "TCP-mode connections piped."),
+    _d(
+        "pairlb_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "listener cert",
+        "notAfter of each certificate a TLS listener serves (cert: its cert_file), unix time.",
+    ),
+    _d(
+        "pairlb_tls_handshakes_total",
+        "counter",
+        "listener cert kind",
+        "TLS handshakes completed, by the certificate SNI chose and kind (full or resumed).",
+    ),
+    _d(
+        "pairlb_tls_handshake_failures_total",
+        "counter",
+        "listener reason",
+        "TLS handshakes that failed or were abandoned, by reason (protocol_version, "
+        "no_shared_cipher, http_request, not_tls, client_alert, aborted_before_hello, aborted, "
+        "timeout, other).",
+    ),
+    _d(
+        "pairlb_tls_ticket_key_shared",
+        "gauge",
+        "listener",
+        "1 when the listener's session ticket key is shared by every worker (and, from a file or "
+        "the failover key, by the peer), else 0.",
+    ),
+    _d(
+        "pairlb_sni_routing_total",
+        "counter",
+        "listener decision",
+        "TCP-mode connections by how SNI routing chose their pool (route, default, no_sni, "
+        "not_tls, timeout).",
+    ),
     _d(
         "pairlb_tcp_bytes_total",
         "counter",
@@ -706,6 +741,7 @@ class PairlbCollector:
         add("pairlb_log_lines_total", ["control", "dropped"], own.dropped)
 
         self._traffic(d.totals, d.worker_active, add, out.hist)
+        self._tls(st, add)
         self._pools(st, add, out.hist)
         self._checks_timing(out.hist)
         self._failover(st, add)
@@ -765,6 +801,25 @@ class PairlbCollector:
                 add("pairlb_tcp_connections_total", [pool, backend], row.get("connections", 0))
                 add("pairlb_tcp_bytes_total", [pool, backend, "in"], row.get("bytes_in", 0))
                 add("pairlb_tcp_bytes_total", [pool, backend, "out"], row.get("bytes_out", 0))
+        for listener, decisions in sorted(totals.get("sni", {}).items()):
+            for decision, n in sorted(decisions.items()):
+                add("pairlb_sni_routing_total", [listener, decision], n)
+
+    def _tls(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]) -> None:
+        for lst in st.listeners:
+            t = lst.tls
+            if t is None:
+                continue
+            for c in t.certificates:
+                add("pairlb_tls_certificate_expiry_timestamp_seconds", [lst.name, c.cert_file],
+                    c.not_after)
+                add("pairlb_tls_handshakes_total", [lst.name, c.cert_file, "full"], c.handshakes)
+                add("pairlb_tls_handshakes_total", [lst.name, c.cert_file, "resumed"], c.resumed)
+            for reason in TLS_FAILURE_REASONS:
+                add("pairlb_tls_handshake_failures_total", [lst.name, reason],
+                    t.failures.get(reason, 0))
+            shared = t.ticket_key in ("file", "failover_key", "random")
+            add("pairlb_tls_ticket_key_shared", [lst.name], 1.0 if shared else 0.0)
 
     def _pools(
         self,

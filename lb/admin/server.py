@@ -589,6 +589,9 @@ def render_page(
     for pool in st["pools"]:
         number = pool_page[1] if pool_page is not None and pool_page[0] == pool["name"] else 1
         parts.append(_pool_section(pool, limit, number))
+    tls = _tls_section(st.get("listeners") or [], now)
+    if tls:
+        parts.append(tls)
     parts.append(_workers_section(st["workers"]))
     parts.append(_events_section(st.get("events") or [], now))
     parts.append(
@@ -712,6 +715,41 @@ def _pool_section(pool: Mapping[str, Any], limit: int | None = None, number: int
                  "in flight#", "requests#", "errors#", "ejections#")
         + "".join(rows)
         + "</tbody></table></section>"
+    )
+
+
+def _tls_section(listeners: list[Mapping[str, Any]], now: float) -> str:
+    """Certificates of the TLS listeners: names, expiry (amber under 14 days, red past it),
+    handshakes; the failures by reason and where the ticket key comes from."""
+    e = html.escape
+    rows, notes = [], []
+    for lst in listeners:
+        tls = lst.get("tls")
+        if not tls:
+            continue
+        for c in tls["certificates"]:
+            left = float(c["not_after"]) - now
+            colour = "red" if left <= 0 else "amber" if left < 14 * 86400 else "green"
+            expiry = _pill("expired" if left <= 0 else f"{left / 86400:.0f} days", colour)
+            names = ", ".join(list(c["names"]) + list(c["ips"]))
+            rows.append(
+                f"<tr><td>{e(str(lst['name']))}</td><td>{e(names)}"
+                f"{' ' + _pill('default', 'grey') if c['default'] else ''}</td>"
+                f"<td><code>{e(str(c['cert_file']))}</code></td>"
+                f"<td>{time.strftime('%Y-%m-%d', time.gmtime(float(c['not_after'])))} {expiry}"
+                f"</td><td class='num'>{e(str(c['handshakes']))}</td>"
+                f"<td class='num'>{e(str(c['resumed']))}</td></tr>")
+        failures = ", ".join(f"{e(k)} {n}" for k, n in tls["failures"].items() if n) or "none"
+        notes.append(f"<li>{e(str(lst['name']))}: TLS {e(str(tls['min_version']))}+, ticket "
+                     f"key <b>{e(str(tls['ticket_key']))}</b>, failed handshakes: "
+                     f"{failures}</li>")
+    if not rows:
+        return ""
+    return (
+        "<section><h2>TLS certificates</h2>"
+        + _thead("listener", "names", "file", "expires", "handshakes#", "resumed#")
+        + "".join(rows) + "</tbody></table>"
+        + f"<ul class='events'>{''.join(notes)}</ul></section>"
     )
 
 

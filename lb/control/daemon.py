@@ -39,6 +39,7 @@ from lb.control import status as status_mod
 from lb.control.backends import BackendTable
 from lb.control.rotation import AdminState, Snapshot
 from lb.control.supervisor import Supervisor, WorkerHandle
+from lb.control.tls import TlsKeeper, log_certificates, tls_changes
 from lb.listen import make_listen_socket
 from lb.sdnotify import Notifier, watchdog_interval_s
 
@@ -181,6 +182,8 @@ class Daemon:
             ping_timeout_s=cfg.node.worker_ping_timeout_s,
             worker_args=lambda: self.worker_identity.args() if self.worker_identity else [],
         )
+        self.tls = TlsKeeper()
+        """Certificates, keys and ticket keys the workers get (lb.control.tls)."""
         self.worker_identity: sysutil.Identity | None = None
         """Whom the workers run as (resolved at startup from node.worker_user/worker_group)."""
 
@@ -243,6 +246,13 @@ class Daemon:
 
     async def startup(self) -> None:
         self._set_privileges()
+        if self.tls.needed(self.cfg):
+            material, errors = self.tls.load(self.cfg)
+            if errors:
+                raise StartupError("; ".join(errors))
+            await self.tls.selftest(material)
+            self.tls.material = self.tls.apply_selftest(material)
+            log_certificates(self.tls.material)
         for lcfg in self.cfg.listener:
             try:
                 self.sockets[lcfg.name] = make_listen_socket(lcfg)
@@ -486,8 +496,18 @@ class Daemon:
                 logger.error("event=reload_rejected file=%s error=%r", self.config_path, err)
             logger.error("event=reload_failed kept_generation=%d", self.generation)
             return ReloadResult(False, now, self.generation, errors)
+        material = self.tls.material
+        if self.tls.needed(new):
+            material, errors = self.tls.load(new)
+            if errors:  # a bad certificate keeps the old ones (and the old config) serving
+                for err in errors:
+                    logger.error("event=reload_rejected file=%s error=%r", self.config_path, err)
+                logger.error("event=reload_failed kept_generation=%d", self.generation)
+                return ReloadResult(False, now, self.generation, errors)
+            await self.tls.selftest(material)
+            material = self.tls.apply_selftest(material)
         old = self.cfg
-        changes: list[str] = []
+        changes: list[str] = tls_changes(self.tls.material, material)
         if new.node.name != old.node.name:
             changes.append("node.name changed: needs a restart, ignored")
             new = new.model_copy(
@@ -531,7 +551,9 @@ class Daemon:
                     or prev.backlog != lcfg.backlog
                     or prev.freebind != lcfg.freebind
                     or prev.transparent != lcfg.transparent
-                ):
+                    or prev.mode != lcfg.mode
+                    or (prev.tls is None) != (lcfg.tls is None)
+                ):  # a worker's server is built for its mode and TLS at start: new workers
                     fresh[name] = make_listen_socket(lcfg)
         except OSError as exc:
             for s in fresh.values():
@@ -561,6 +583,7 @@ class Daemon:
             if before.max_clock_skew_s != after.max_clock_skew_s:
                 changes.append(f"failover.max_clock_skew_s {after.max_clock_skew_s:g}")
         self.cfg = new
+        self.tls.material = material
         self.generation += 1
         self.health.set_targets(self.table.targets(), self.table.in_service)
         self._compute_snapshots()
@@ -712,6 +735,7 @@ class Daemon:
             self.generation,
             self.cfg.model_dump(mode="json"),
             {n: s.fileno() for n, s in self.sockets.items()},
+            self.tls.material.wire(),
         )
 
     # -- workers -----------------------------------------------------------------------
@@ -826,10 +850,7 @@ class Daemon:
                 self.config_path, self.generation, self.cfg.digest(),
                 self.last_reload.as_dict() if self.last_reload else None,
             ),
-            listeners=tuple(
-                status_mod.ListenerStatus(lst.name, lst.bind, lst.mode, lst.pool)
-                for lst in self.cfg.listener
-            ),
+            listeners=tuple(self._listener_status(lst) for lst in self.cfg.listener),
             pools=tuple(pools),
             workers=self.supervisor.status(),
             failover=self.failover_view(),
@@ -847,6 +868,30 @@ class Daemon:
             ),
             ready=self.ready(),
         )
+
+    def _listener_status(self, lst: config_mod.ListenerConfig) -> status_mod.ListenerStatus:
+        tls = None
+        m = self.tls.material.listeners.get(lst.name)
+        if lst.tls is not None and m is not None:
+            counts = self.totals.get("tls", {}).get(lst.name, {})
+            full, resumed = counts.get("full", {}), counts.get("resumed", {})
+            tls = status_mod.ListenerTlsStatus(
+                certificates=tuple(
+                    status_mod.CertificateStatus(
+                        b.cert_file, b.names, b.ips, b.not_before, b.not_after, b.fingerprint,
+                        i == 0, full.get(b.cert_id, 0), resumed.get(b.cert_id, 0))
+                    for i, b in enumerate(m.bundles)),
+                min_version=lst.tls.min_version,
+                ticket_key=m.ticket_key_source,
+                failures=dict(counts.get("failed", {})),
+                loaded_at=self.tls.material.loaded_at,
+            )
+        routes = decisions = None
+        if lst.sni_routes:
+            routes = {r.server_name: r.pool for r in lst.sni_routes}
+            decisions = dict(self.totals.get("sni", {}).get(lst.name, {}))
+        return status_mod.ListenerStatus(lst.name, lst.bind, lst.mode, lst.pool, tls,
+                                         routes, decisions)
 
     def status_json(self) -> dict[str, Any]:
         """GET /status's JSON (tests and tools; the admin edge does the same)."""

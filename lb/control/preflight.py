@@ -10,7 +10,10 @@ it, which a running node does). Each problem is one line naming the dotted key:
 - ``failover.key_file``: the same rules and length as the failover code loads it with;
   ``failover.interface`` exists on this host;
 - every health check builds (``pool[i].health.*`` and per-backend overrides), exactly as the
-  daemon builds them.
+  daemon builds them;
+- every TLS file (``listener[i].tls.certificates[j]``, ``ticket_key_file``,
+  ``pool[i].tls.ca_file``) reads and checks as the daemon reads it (lb.control.tls): a
+  certificate with its matching key, keys kept secret.
 
 Paths under ``/run/credentials/`` are systemd credentials (LoadCredential=): only the service
 sees them, so outside it (``$CREDENTIALS_DIRECTORY`` unset, e.g. install.sh or an operator's
@@ -120,6 +123,10 @@ def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list
             errors.append(f"failover.interface: no interface named {fcfg.interface!r} on this "
                           f"host (ip link)")
     errors += _health_errors(cfg)
+    if any(lc.tls is not None for lc in cfg.listener) or any(p.tls is not None for p in cfg.pool):
+        from lb.control.tls import TlsKeeper
+
+        errors += TlsKeeper().load(cfg, skip)[1]
     return errors, notes
 
 

@@ -61,11 +61,44 @@ class PoolStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateStatus:
+    cert_file: str
+    names: tuple[str, ...]
+    ips: tuple[str, ...]
+    not_before: float
+    not_after: float
+    fingerprint: str
+    default: bool
+    """Served to clients without SNI or with a name no certificate has."""
+    handshakes: int
+    """Full handshakes that chose it, since the node started."""
+    resumed: int
+    """Resumed handshakes that chose it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTlsStatus:
+    certificates: tuple[CertificateStatus, ...]
+    min_version: str
+    ticket_key: str
+    """Where the session ticket key comes from: file, failover_key, random, off, or
+    unsupported (this OpenSSL cannot share one: each worker has its own)."""
+    failures: dict[str, int]
+    """Failed handshakes by reason (lb.tls.server.FAILURE_REASONS)."""
+    loaded_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerStatus:
     name: str
     bind: str
     mode: str
     pool: str
+    tls: ListenerTlsStatus | None = None
+    sni_routes: dict[str, str] | None = None
+    """TCP mode: server name -> pool."""
+    sni_decisions: dict[str, int] | None = None
+    """TCP mode with SNI routes: connections by how their pool was chosen."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +332,30 @@ def _failover_json(v: FailoverView) -> dict[str, Any]:
     return out
 
 
+def _listener_json(lst: ListenerStatus) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": lst.name, "bind": lst.bind, "mode": lst.mode,
+                           "pool": lst.pool}
+    if lst.tls is not None:
+        t = lst.tls
+        out["tls"] = {
+            "min_version": t.min_version,
+            "ticket_key": t.ticket_key,
+            "loaded_at": t.loaded_at,
+            "failures": dict(sorted(t.failures.items())),
+            "certificates": [
+                {"cert_file": c.cert_file, "names": list(c.names), "ips": list(c.ips),
+                 "not_before": c.not_before, "not_after": c.not_after,
+                 "fingerprint": c.fingerprint, "default": c.default,
+                 "handshakes": c.handshakes, "resumed": c.resumed}
+                for c in t.certificates
+            ],
+        }
+    if lst.sni_routes is not None:
+        out["sni_routes"] = dict(lst.sni_routes)
+        out["sni_decisions"] = dict(sorted((lst.sni_decisions or {}).items()))
+    return out
+
+
 def to_json(st: NodeStatus) -> dict[str, Any]:
     """The JSON of GET /status (docs/status.schema.json): the one place it is written."""
     hc = st.health_checks
@@ -314,10 +371,7 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
             "digest": st.config.digest,
             "last_reload": st.config.last_reload,
         },
-        "listeners": [
-            {"name": lst.name, "bind": lst.bind, "mode": lst.mode, "pool": lst.pool}
-            for lst in st.listeners
-        ],
+        "listeners": [_listener_json(lst) for lst in st.listeners],
         "pools": [
             {
                 "name": p.name,
