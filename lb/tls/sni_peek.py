@@ -38,7 +38,8 @@ _HANDSHAKE: Final = 22
 _CLIENT_HELLO: Final = 1
 _EXT_SERVER_NAME: Final = 0
 _HOST_NAME: Final = 0
-_HOST_RE: Final = re.compile(rb"(?=.{1,253}\Z)[a-z0-9_][a-z0-9_-]{0,62}(?:\.[a-z0-9_][a-z0-9_-]{0,62})*")
+_LABEL: Final = rb"[a-z0-9_][a-z0-9_-]{0,62}"
+_HOST_RE: Final = re.compile(rb"(?=.{1,253}\Z)" + _LABEL + rb"(?:\." + _LABEL + rb")*")
 
 
 class Status(enum.Enum):
