@@ -77,6 +77,22 @@ def cmd_version(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     import failover
 
+    if args.tls_ticket:
+        import os
+
+        from lb.tls.ticketkeys import KEY_LEN
+
+        try:
+            failover.write_secret(args.file, os.urandom(KEY_LEN).hex().encode() + b"\n",
+                                  replace=args.force)
+        except failover.SecretFileError as exc:
+            hint = "; use --force to replace it" if exc.reason == "exists" else ""
+            print(f"pairlb keygen: {args.file}: {exc.detail}{hint}", file=sys.stderr)
+            return 1
+        print(f"wrote a new TLS session ticket key to {args.file} (mode 0600); copy it to "
+              f"every node and reload them (listener.tls.ticket_key_file)")
+        return 0
+
     try:
         key = failover.write_key_file(args.file, force=args.force)
     except failover.FailoverError as exc:
@@ -122,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="write a new failover key file (mode 0600)")
     p.add_argument("file", help="e.g. /etc/pairlb/failover.key")
+    p.add_argument("--tls-ticket", action="store_true",
+                   help="write a TLS session ticket key (80 bytes, hex) instead, for "
+                        "[listener.tls] ticket_key_file")
     p.add_argument("--force", action="store_true",
                    help="replace an existing file (atomically); for a running pair follow "
                         "the key rotation procedure in docs/operations.md instead")

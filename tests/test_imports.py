@@ -16,6 +16,7 @@ PURE = [
     "failover/core/codec.py",
     "failover/core/machine.py",
     "failover/core/frames.py",
+    "lb/tls/names.py",
 ]
 IMPURE = {"asyncio", "socket", "time", "logging", "selectors", "threading", "subprocess"}
 

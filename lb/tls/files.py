@@ -105,10 +105,11 @@ def read_secret_file(path: str, what: str = "key_file") -> bytes:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise TlsFileError(f"{what} {path}: cannot open: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise TlsFileError(f"{what} {path}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise TlsFileError(f"{what} {path}: not a regular file")
         if not _trusted_owner(st.st_uid):
             raise TlsFileError(f"{what} {path}: owned by uid {st.st_uid}; a secret must "
                                f"belong to root or pairlb's user (chown root {path})")
