@@ -6,6 +6,17 @@ Same balancing as HTTP (``Pool.pick``), a connect failure retried on another bac
 (EOF one way keeps the other way open), and an idle timeout (``client_idle_timeout_s``, no
 byte either way) checked by one ticker per server.
 
+SNI routes (``sni_routes``, TLS passed through, not terminated): the connection's first bytes
+are held (at most ``SNI_PEEK_MAX`` of them, for at most ``sni_inspect_timeout_s``) until they
+make a ClientHello (lb.tls.sni_peek); its server name chooses the pool (exact name, then a
+one-label wildcard), anything else goes to ``pool``. Only then is a backend picked and
+connected; the held bytes go to it first, unchanged. How each choice was made is counted in
+``TcpProxyServer.sni_decisions``. A listener without routes never looks at the bytes.
+
+A pool with ``[pool.tls]`` is connected to with TLS (its context from the worker, the name
+sent and verified ``server_name`` or the backend's host); a failed handshake or verification
+is a connect failure, retried on another backend like a refused connect.
+
 Imports no control-plane module.
 """
 
@@ -14,15 +25,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+from collections.abc import Callable
 from typing import Any
 
+from lb.config import ListenerConfig, PoolConfig
 from lb.data.listener import ListenerServer
-from lb.data.pool import Backend, Outcome
+from lb.data.pool import Backend, Ejection, Outcome, Pool
+from lb.stats import Stats
+from lb.tls.names import NameTable
+from lb.tls.sni_peek import NEED_MORE, NOT_TLS, SniPeeker
 
 logger = logging.getLogger(__name__)
 
 BUFFER_LIMIT = 256 * 1024
 """Client bytes held while the backend connection is being made, before reading pauses."""
+
+SNI_PEEK_MAX = 16 * 1024
+"""Client bytes held, at most, waiting for a complete ClientHello (HAProxy's buffer size)."""
+
+SNI_DECISIONS = ("route", "no_match", "no_sni", "not_tls", "oversize", "timeout", "eof", "closed")
+"""How the pool of a connection to a listener with SNI routes was chosen:
+
+- ``route``: a ClientHello whose server name matches a route: that route's pool;
+- ``no_match``: a ClientHello with a server name no route matches: ``pool``;
+- ``no_sni``: a ClientHello without a server name: ``pool``;
+- ``not_tls``: the first bytes are not a (well-formed) ClientHello: ``pool``, at once;
+- ``oversize``: ``SNI_PEEK_MAX`` bytes and still no complete ClientHello: ``pool``;
+- ``timeout``: no complete ClientHello within ``sni_inspect_timeout_s`` (a client that
+  waits for the server to speak first, a slow one): ``pool``;
+- ``eof``: the client half-closed before a complete ClientHello: ``pool``;
+- ``closed``: the client went away (or was cut) before any of these: no pool."""
 
 
 class _Side(asyncio.Protocol):
@@ -100,6 +133,36 @@ class _ClientSide(_Side):
         self.pipe.side_lost(self)
 
 
+class _PeekingClientSide(_ClientSide):
+    """The client of a listener with SNI routes: what it sends is held and read as a
+    ClientHello until the pipe has chosen its pool."""
+
+    __slots__ = ("sni",)
+
+    def __init__(self, pipe: _SniPipe) -> None:
+        super().__init__(pipe)
+        self.sni = pipe
+
+    def data_received(self, data: bytes) -> None:
+        pipe = self.sni
+        if pipe.peeker is None:
+            _ClientSide.data_received(self, data)
+            return
+        pipe.touch()
+        pipe.bytes_in += len(data)
+        self.buf.append(data)
+        self.buf_bytes += len(data)
+        pipe.peek(data, self.buf_bytes)
+
+    def eof_received(self) -> bool:
+        pipe = self.sni
+        if pipe.peeker is None:
+            return _ClientSide.eof_received(self)
+        self.eof = True
+        pipe.decide(None, "eof")  # the EOF follows the held bytes once connected
+        return pipe.half_close(self)
+
+
 class _BackendSide(_Side):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -169,9 +232,18 @@ class _Pipe:
         srv = self.srv
         try:
             async with asyncio.timeout(self.pool_cfg.connect_timeout_s):
-                _, side = await srv.loop.create_connection(
-                    lambda: _BackendSide(self), backend.host, backend.port
-                )
+                ctx = srv.backend_tls.get(self.pool.name)
+                if ctx is None:
+                    _, side = await srv.loop.create_connection(
+                        lambda: _BackendSide(self), backend.host, backend.port
+                    )
+                else:
+                    tls = self.pool_cfg.tls
+                    name = tls.server_name if tls is not None and tls.server_name else None
+                    _, side = await srv.loop.create_connection(
+                        lambda: _BackendSide(self), backend.host, backend.port,
+                        ssl=ctx, server_hostname=name or backend.host,
+                    )
         except (OSError, TimeoutError) as exc:
             self._connect_failed(backend, exc)
             return
@@ -189,7 +261,8 @@ class _Pipe:
             side.write(b"".join(client.buf))
             client.buf = []
             client.buf_bytes = 0
-        if client.eof:
+        if client.eof and side.transport.can_write_eof():
+            # (A TLS backend cannot take a half-close: it stays open for its answer.)
             with contextlib.suppress(OSError):
                 side.transport.write_eof()
         client.resume_read()
@@ -199,6 +272,10 @@ class _Pipe:
         srv = self.srv
         if isinstance(exc, TimeoutError):
             reason, outcome = "connect_timeout", Outcome.TIMEOUT
+        elif isinstance(exc, ssl.SSLCertVerificationError):
+            reason, outcome = "tls_verify_failed", Outcome.CONNECT_FAILED
+        elif isinstance(exc, ssl.SSLError):
+            reason, outcome = "tls_failed", Outcome.CONNECT_FAILED
         elif isinstance(exc, ConnectionRefusedError):
             reason, outcome = "connect_refused", Outcome.CONNECT_FAILED
         else:
@@ -234,7 +311,14 @@ class _Pipe:
                 peer.transport.write_eof()
                 return True
         except OSError:
-            pass
+            self.finish()
+            return False
+        if side is self.client:
+            # A TLS backend cannot be half-closed (close_notify ends both ways): it stays
+            # open for its answer; its own close, or the idle timeout, ends the pipe.
+            return True
+        # The backend is done and the TLS client cannot be half-closed: close it once what
+        # the backend sent is written.
         self.finish()
         return False
 
@@ -273,13 +357,105 @@ class _Pipe:
         self.finish()
 
 
+class _SniPipe(_Pipe):
+    """A pipe of a listener with SNI routes: no backend until the pool is chosen."""
+
+    __slots__ = ("peeker", "timer")
+
+    def __init__(self, srv: TcpProxyServer) -> None:
+        super().__init__(srv)
+        self.peeker: SniPeeker | None = SniPeeker()
+        """Reads the ClientHello; None once the pool is chosen."""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def client_connected(self, client: _ClientSide) -> None:
+        self.client = client
+        srv = self.srv
+        srv.client_opened(self)
+        self.touch()
+        self.timer = srv.loop.call_later(srv.listener.sni_inspect_timeout_s, self._timed_out)
+
+    def peek(self, data: bytes, held: int) -> None:
+        """``data`` arrived, ``held`` bytes in all so far (``data`` included)."""
+        peeker = self.peeker
+        assert peeker is not None
+        room = SNI_PEEK_MAX - (held - len(data))
+        result = peeker.feed(data if len(data) <= room else data[:room])
+        if result is NEED_MORE:
+            if held >= SNI_PEEK_MAX:
+                self.decide(None, "oversize")
+        elif result is NOT_TLS:
+            self.decide(None, "not_tls")
+        elif result.server_name is None:
+            self.decide(None, "no_sni")
+        else:
+            srv = self.srv
+            assert srv.sni_table is not None
+            pool = srv.sni_table.match(result.server_name)
+            if pool is not None and pool in srv.pools and pool in srv.pool_cfgs:
+                self.decide(pool, "route")
+            else:
+                self.decide(None, "no_match")
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.peeker is not None and not self.done:
+            self.decide(None, "timeout")
+
+    def decide(self, pool: str | None, why: str) -> None:
+        """Send this connection to ``pool`` (None: the listener's) and connect it."""
+        self.peeker = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        srv = self.srv
+        srv.sni_decisions[why] += 1
+        if pool is None:
+            self.pool, self.pool_cfg = srv.pool, srv.pool_cfg
+        else:
+            self.pool, self.pool_cfg = srv.pools[pool], srv.pool_cfgs[pool]
+        self.tries_left = self.pool_cfg.retries
+        self._pick()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        if self.peeker is not None:
+            self.peeker = None
+            self.srv.sni_decisions["closed"] += 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        super().finish()
+
+
 class TcpProxyServer(ListenerServer["_Pipe"]):
     """The TCP proxy for one listener (lifecycle: lb.data.listener)."""
 
     TICK_FAILED = "tcp_tick_failed"
 
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        pool: Pool,
+        pool_cfg: PoolConfig,
+        stats: Stats,
+        on_ejection: Callable[[Ejection], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(listener, pool, pool_cfg, stats, on_ejection, loop)
+        self.sni_table: NameTable[str] | None = None
+        """Server name -> pool name of the SNI routes; None without routes."""
+        if listener.sni_routes:
+            self.sni_table = NameTable(
+                "", [((r.server_name,), r.pool) for r in listener.sni_routes])
+        self.sni_decisions: dict[str, int] = dict.fromkeys(SNI_DECISIONS, 0)
+        """How many connections had their pool chosen which way (see SNI_DECISIONS)."""
+
     def protocol(self) -> asyncio.Protocol:
-        return _ClientSide(_Pipe(self))
+        if self.sni_table is None:
+            return _ClientSide(_Pipe(self))
+        return _PeekingClientSide(_SniPipe(self))
 
     def close_idle(self, *, spare_fresh: bool = False) -> None:
         """TCP connections carry no request boundaries: nothing can be closed cleanly."""
@@ -299,4 +475,4 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
             p.abort()
 
 
-__all__ = ["TcpProxyServer"]
+__all__ = ["SNI_DECISIONS", "SNI_PEEK_MAX", "TcpProxyServer"]
