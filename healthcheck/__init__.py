@@ -8,7 +8,7 @@ pure core (no asyncio, time or logging);
 """
 
 from .book import HealthBook, Reconciled
-from .probes import HttpProbe, Probe, TcpProbe
+from .probes import HttpProbe, Probe, ProbeTls, TcpProbe
 from .scheduler import (
     CheckSpec,
     HealthChecker,
@@ -49,6 +49,7 @@ __all__ = [
     "OnTransition",
     "Probe",
     "ProbeKind",
+    "ProbeTls",
     "Reconciled",
     "Target",
     "TargetKey",

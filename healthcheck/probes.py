@@ -43,6 +43,39 @@ request was on the way) is retried once on a fresh connection inside the same bu
 a backend's idle timeout does not fail a check, unless it answers our request with bytes
 (a 408) as it closes.
 
+TLS (a pool with ``[pool.tls]``: :class:`ProbeTls`): once TCP is connected the probe does the
+handshake itself, in the same state machine: an ``ssl.SSLObject`` from
+``SSLContext.wrap_bio`` between two ``ssl.MemoryBIO`` (what arrives on the socket is written
+to the incoming one, what OpenSSL writes to the outgoing one is sent), ``SSLWantReadError``
+meaning "wait for the socket to be readable". No ``SSLSocket`` (it would block or need the
+loop's transports) and no extra file descriptor or task: a TLS probe costs what a plain one
+does plus OpenSSL's work. A ``tcp`` check over TLS passes (L4_OK) when the handshake
+completes; an ``http`` one then sends its request and parses the response through the
+``SSLObject``. The handshake has its own labels: L6_ERROR when it fails (the certificate
+does not verify, no common protocol version, a backend that does not speak TLS), with
+OpenSSL's reason in ``detail`` ("certificate verify failed: IP address mismatch, ..."), and
+L6_TIMEOUT when the budget runs out before it completes (a backend that accepts and says
+nothing). A probe ends a TLS connection with close_notify (one non-blocking send, best
+effort), so the backend logs no truncated connection.
+
+``reuse_connection`` works over TLS too: the kept connection keeps its ``SSLObject`` and
+BIOs, and the next check writes its request into the same session (no handshake at all).
+The one-byte peek before reuse reads the raw socket, so it sees TLS records: any byte the
+backend sent while the connection sat idle (a close_notify alert before its FIN, a 408, a
+late session ticket) drops the connection, as plain bytes do; and a connection whose
+incoming BIO or ``SSLObject`` still holds bytes is not kept. The price is the same as for
+plain connections (a backend that keeps its old connections but accepts no new ones), and
+a certificate replaced on the backend is seen only on the next new connection (at most
+``REUSE_MAX_AGE_S`` later).
+
+TLS session resumption (``ProbeTls.resume_s`` > 0, off by default): a probe keeps the last
+session the backend gave it (a TLS 1.3 ticket arrives with the response, so an ``http``
+check keeps one; a ``tcp`` check closes at the end of the handshake, before a TLS 1.3
+ticket, and resumes only with TLS 1.2) and offers it on the next connection, so the backend
+skips sending and proving its certificate. A resumed handshake verifies no certificate:
+the session is offered only while the last full handshake is at most ``resume_s`` old, so
+a certificate that stopped verifying is seen within ``resume_s``.
+
 A host that is not an IP literal is resolved first (``loop.getaddrinfo``, inside the same
 budget) and its addresses are tried in order until one accepts the connection; all refused
 is L4_REFUSED.
@@ -69,14 +102,18 @@ Imports nothing from lb or failover.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
+import hashlib
 import ipaddress
 import logging
 import math
 import os
+import re
 import select
 import socket
+import ssl
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +133,7 @@ __all__ = [
     "OnDone",
     "Probe",
     "ProbeHandle",
+    "ProbeTls",
     "TcpProbe",
 ]
 
@@ -138,10 +176,66 @@ class Probe(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeTls:
+    """TLS before the check (module docstring): how a probe's handshake is made.
+
+    ``context`` is a client context (``ssl.PROTOCOL_TLS_CLIENT``): it decides what is
+    verified (the chain, and the name unless ``check_hostname`` is off) against which CAs,
+    and the protocol versions. Share one among the targets of a pool (3000 contexts would
+    each hold a CA store). It takes no part in equality; what it does is compared through
+    the fields read from it when this object is made: ``verify`` (the chain is checked),
+    ``check_hostname``, ``min_version`` and ``ca`` (SHA-256 of the CA certificates it
+    holds, sorted; "" for none loaded, e.g. the system store's directory, read lazily).
+    ``server_name``: SNI sent and name verified; None means the target's host (an IP
+    literal sends no SNI and is verified against the certificate's IP addresses).
+    ``resume_s``: offer the last TLS session while the last full handshake is at most this
+    old (0: never; module docstring).
+    """
+
+    context: ssl.SSLContext = field(compare=False, repr=False)
+    server_name: str | None = None
+    resume_s: float = 0.0
+    verify: bool = field(init=False)
+    check_hostname: bool = field(init=False)
+    min_version: str = field(init=False)
+    ca: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        ctx = self.context
+        if not isinstance(ctx, ssl.SSLContext) or ctx.protocol is ssl.PROTOCOL_TLS_SERVER:
+            raise HealthConfigError("tls.context", ctx, "must be a client ssl.SSLContext")
+        if self.server_name is not None and (
+            not self.server_name or _has_ctl(self.server_name) or " " in self.server_name
+        ):
+            raise HealthConfigError(
+                "tls.server_name", self.server_name, "must be non-empty, no spaces or controls"
+            )
+        if not self.resume_s >= 0:
+            raise HealthConfigError("tls.resume_s", self.resume_s, "must be >= 0")
+        ders = sorted(ctx.get_ca_certs(binary_form=True))
+        ca = hashlib.sha256(b"".join(ders)).hexdigest()[:16] if ders else ""
+        object.__setattr__(self, "verify", ctx.verify_mode != ssl.CERT_NONE)
+        object.__setattr__(self, "check_hostname", ctx.check_hostname)
+        object.__setattr__(self, "min_version", ctx.minimum_version.name)
+        object.__setattr__(self, "ca", ca)
+
+    def tested(self) -> tuple[object, ...]:
+        """What decides whether a handshake passes (``resume_s`` only how often it is full)."""
+        return (self.server_name, self.verify, self.check_hostname, self.min_version, self.ca)
+
+
+@dataclass(frozen=True, slots=True)
 class TcpProbe:
-    """Healthy when a TCP connection is accepted within ``timeout_s``."""
+    """Healthy when a TCP connection is accepted within ``timeout_s`` (with ``tls``: and the
+    TLS handshake completes). One probe object serves one target: it holds that target's
+    TLS session (``ProbeTls.resume_s``)."""
 
     timeout_s: float = 0.5
+    tls: ProbeTls | None = None
+    _session: list[tuple[ssl.SSLSession, float]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+    """At most one: the last TLS session and when its full handshake was."""
 
     def __post_init__(self) -> None:
         _check_timeout(self.timeout_s)
@@ -153,7 +247,7 @@ class TcpProbe:
         return await _run(self, host, port)
 
     def close(self) -> None:
-        pass
+        self._session.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +256,9 @@ class HttpProbe:
 
     ``host`` is the Host header; None means the target's address (and port unless 80).
     ``expect_status`` is inclusive ranges, default 200-399 like HAProxy's ``httpchk``.
-    ``reuse_connection``: keep the connection for the next check (module docstring). One
-    probe object serves one target: it holds that target's kept connection.
+    ``reuse_connection``: keep the connection for the next check (module docstring).
+    ``tls``: the check runs over TLS (module docstring). One probe object serves one
+    target: it holds that target's kept connection and TLS session.
     """
 
     method: str = "GET"
@@ -173,9 +268,14 @@ class HttpProbe:
     expect_body: str | None = None
     timeout_s: float = 0.5
     reuse_connection: bool = False
+    tls: ProbeTls | None = None
     _needle: bytes | None = field(init=False, repr=False, compare=False)
     _idle: list[_Idle] = field(default_factory=list, init=False, repr=False, compare=False)
     """At most one kept connection."""
+    _session: list[tuple[ssl.SSLSession, float]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+    """At most one: the last TLS session and when its full handshake was."""
 
     def __post_init__(self) -> None:
         _check_timeout(self.timeout_s)
@@ -225,16 +325,26 @@ class HttpProbe:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().sock.close()
+        self._session.clear()
 
     def _keep(
-        self, host: str, port: int, sock: socket.socket, born: float, now: float
+        self,
+        host: str,
+        port: int,
+        sock: socket.socket,
+        born: float,
+        now: float,
+        tls: _TlsConn | None,
     ) -> None:
-        self.close()
-        self._idle.append(_Idle(sock, host, port, born, now))
+        while self._idle:
+            self._idle.pop().sock.close()
+        self._idle.append(_Idle(sock, host, port, born, now, tls))
 
-    def _take(self, host: str, port: int) -> tuple[socket.socket, float] | None:
-        """The kept connection to ``host:port`` and when it was made, if it is still fit
-        for a request."""
+    def _take(
+        self, host: str, port: int
+    ) -> tuple[socket.socket, float, _TlsConn | None] | None:
+        """The kept connection to ``host:port``, when it was made and its TLS state, if it
+        is still fit for a request."""
         if not self._idle:
             return None
         idle = self._idle.pop()
@@ -250,13 +360,19 @@ class HttpProbe:
         try:
             sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return sock, idle.born  # nothing pending, no FIN: quiet and open
+            # Nothing pending, no FIN: quiet and open (over TLS the peek sees records: a
+            # close_notify or a late ticket is a byte like any other).
+            return sock, idle.born, idle.tls
         except OSError:
             pass
         # EOF (the backend's idle timeout), a reset, or bytes nobody asked for (a 408):
         # not a connection to send a request on.
         sock.close()
         return None
+
+
+_TlsConn = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
+"""A connection's TLS state: the SSLObject, its incoming and its outgoing BIO."""
 
 
 @dataclass(slots=True)
@@ -268,6 +384,7 @@ class _Idle:
     """When the connection was made (``REUSE_MAX_AGE_S``)."""
     since: float
     """When it was last used (``IDLE_MAX_S``)."""
+    tls: _TlsConn | None = None
 
 
 @functools.lru_cache(maxsize=16384)
@@ -296,6 +413,32 @@ def _literal_family(host: str) -> int | None:
     except ValueError:
         return None
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def _resumable(probe: Any, now: float) -> ssl.SSLSession | None:
+    """The session to offer on a new connection, if the probe resumes and has a fresh one."""
+    tls: ProbeTls = probe.tls
+    if tls.resume_s <= 0 or not probe._session:
+        return None
+    session: ssl.SSLSession
+    session, full_at = probe._session[0]
+    if now - full_at > tls.resume_s:
+        probe._session.clear()
+        return None
+    return session
+
+
+def _remember(probe: Any, sslobj: ssl.SSLObject, now: float) -> None:
+    """After a connection: keep its session for the next one (``resume_s``)."""
+    if probe.tls.resume_s <= 0:
+        return
+    session = sslobj.session
+    if session is None or not (session.has_ticket or session.id):
+        return
+    full_at = now
+    if sslobj.session_reused and probe._session:
+        full_at = probe._session[0][1]  # resumed: no certificate was verified this time
+    probe._session[:] = [(session, full_at)]
 
 
 async def _run(probe: TcpProbe | HttpProbe, host: str, port: int) -> CheckResult:
@@ -337,18 +480,24 @@ class _Check:
         "_connected",
         "_deadline",
         "_done",
+        "_eof",
         "_extended",
         "_fd",
         "_finished",
         "_host",
         "_loop",
         "_mask",
+        "_out",
         "_poller",
         "_port",
         "_probe",
         "_reading",
+        "_secured",
         "_sock",
         "_t0",
+        "_tls",
+        "_tls_in",
+        "_tls_out",
         "_writing",
         "on_connect_failure",
     )
@@ -379,6 +528,13 @@ class _Check:
         self._writing = False
         self._mask = 0
         self._batch = -1
+        self._out = b""
+        """Bytes for the socket not sent yet (the request, or TLS records)."""
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in: ssl.MemoryBIO | None = None
+        self._tls_out: ssl.MemoryBIO | None = None
+        self._secured = False  # the TLS handshake completed (or the kept connection had)
+        self._eof = False  # the backend closed its side (TLS: written to the incoming BIO)
         self._poller = _poller(loop)
         self.on_connect_failure: Callable[[CheckStatus, str], bool] | None = None
         """Set by a resolver trying several addresses: True means "handled, stay quiet"."""
@@ -421,6 +577,19 @@ class _Check:
             return
         self._sock = None
         keep = self.keepable()
+        tls = self._tls
+        tls_conn: _TlsConn | None = None
+        if tls is not None:
+            assert self._tls_in is not None and self._tls_out is not None
+            self._tls = None
+            if self._secured:
+                _remember(self._probe, tls, self._loop.time())
+            if keep and (self._tls_in.pending or tls.pending()):
+                keep = False  # bytes after the response, still encrypted: not a clean end
+            if keep:
+                tls_conn = (tls, self._tls_in, self._tls_out)
+            else:
+                _goodbye(sock, tls, self._tls_out, self._secured)
         if self._mask:
             # Closing the socket takes it out of the epoll set; a kept one must leave it.
             if keep:
@@ -430,7 +599,9 @@ class _Check:
             if self._poller.checks.get(self._fd) is self:
                 del self._poller.checks[self._fd]
         if keep:
-            self._probe._keep(self._host, self._port, sock, self._born, self._loop.time())
+            self._probe._keep(
+                self._host, self._port, sock, self._born, self._loop.time(), tls_conn
+            )
         else:
             sock.close()
 
@@ -495,7 +666,9 @@ class _Check:
             self._extended = True
             self._poller.arm(self, now + min(max(lag, LOOP_LAG_GRACE_S), self._probe.timeout_s))
             return
-        if self._connected:
+        if self._handshaking():
+            self._finish(CheckStatus.L6_TIMEOUT, None, "TLS handshake timeout")
+        elif self._connected:
             self._finish(CheckStatus.L7_TIMEOUT, None, "no response within timeout")
         else:
             self._finish(CheckStatus.L4_TIMEOUT, None, "connect timeout")
@@ -510,9 +683,9 @@ class _Check:
                     self._finish(*_connect_failure(err))
                     return
                 self._connected = True
-                self.connected()
+                self._tcp_up()
             else:
-                self.writable()
+                self._send()
         except Exception as exc:  # probe boundary: never raise (module docstring)
             self._bug(exc)
 
@@ -521,7 +694,7 @@ class _Check:
             return
         self._connected = True
         try:
-            self.connected()
+            self._tcp_up()
         except Exception as exc:  # probe boundary
             self._bug(exc)
 
@@ -536,7 +709,9 @@ class _Check:
             self.closed(f"connection lost: {_describe(exc)}")
             return
         try:
-            if data:
+            if self._tls is not None:
+                self._tls_received(data)
+            elif data:
                 self.received(data)
             else:
                 self.closed("connection closed")
@@ -551,8 +726,138 @@ class _Check:
             self._port,
             exc_info=exc,
         )
-        status = CheckStatus.L7_BAD_RESPONSE if self._connected else CheckStatus.L4_ERROR
+        if self._handshaking():
+            status = CheckStatus.L6_ERROR
+        elif self._connected:
+            status = CheckStatus.L7_BAD_RESPONSE
+        else:
+            status = CheckStatus.L4_ERROR
         self._finish(status, None, _describe(exc))
+
+    # -- bytes on the wire, and TLS ---------------------------------------------------------
+
+    def _handshaking(self) -> bool:
+        return self._connected and self._probe.tls is not None and not self._secured
+
+    def _tcp_up(self) -> None:
+        """TCP is connected: the TLS handshake first if the probe has TLS (a kept
+        connection had its handshake), then the check itself."""
+        tls = self._probe.tls
+        if tls is None or self._secured:
+            self.connected()
+            return
+        self._tls_in = ssl.MemoryBIO()
+        self._tls_out = ssl.MemoryBIO()
+        try:
+            self._tls = tls.context.wrap_bio(
+                self._tls_in,
+                self._tls_out,
+                server_hostname=tls.server_name or self._host,
+                session=_resumable(self._probe, self._loop.time()),
+            )
+        except (ssl.SSLError, ValueError) as exc:
+            self._finish(CheckStatus.L6_ERROR, None, f"TLS set-up failed: {_tls_reason(exc)}")
+            return
+        self._handshake()
+
+    def _handshake(self) -> None:
+        tls = self._tls
+        assert tls is not None
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._eof:
+                self._finish(
+                    CheckStatus.L6_ERROR, None, "connection closed during TLS handshake"
+                )
+            else:
+                self._send()  # our next flight (the ClientHello first), then wait to read
+            return
+        except ssl.SSLError as exc:  # SSLCertVerificationError included
+            detail = _tls_reason(exc)
+            if self._eof and isinstance(exc, ssl.SSLEOFError):
+                detail = "connection closed during TLS handshake"
+            self._finish(CheckStatus.L6_ERROR, None, detail)
+            return
+        self._secured = True
+        self.connected()
+
+    def _tls_received(self, data: bytes) -> None:
+        """Raw bytes (b"": EOF) for the SSLObject: the handshake's, then the plaintext it
+        decrypts, which goes to ``received`` like a plain connection's."""
+        tls, incoming = self._tls, self._tls_in
+        assert tls is not None and incoming is not None
+        if data:
+            incoming.write(data)
+        else:
+            self._eof = True
+            incoming.write_eof()
+        if not self._secured:
+            self._handshake()
+            if self._finished or not self._secured:
+                return
+        while not self._finished and (incoming.pending or tls.pending() or self._eof):
+            # (Checking for bytes first saves a read that raises SSLWantReadError.)
+            try:
+                chunk = tls.read(_RECV_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # close_notify, or a close without it (many servers skip it after
+                # ``Connection: close``): the end of the stream either way.
+                self.closed("connection closed")
+                return
+            except ssl.SSLError as exc:
+                self.closed(f"connection lost: TLS error: {_tls_reason(exc)}")
+                return
+            if not chunk:
+                self.closed("connection closed")
+                return
+            self.received(chunk)
+        if self._finished:
+            return
+        if self._eof:
+            self.closed("connection closed")
+        elif self._tls_out is not None and self._tls_out.pending:
+            self._send()  # OpenSSL answers something (a key update)
+
+    def _write(self, data: bytes) -> None:
+        """Queue application bytes (encrypted first over TLS) and send what the socket
+        takes."""
+        if self._tls is not None:
+            try:
+                self._tls.write(data)
+            except ssl.SSLError as exc:
+                self.closed(f"connection lost: TLS error: {_tls_reason(exc)}")
+                return
+        else:
+            self._out += data
+        self._send()
+
+    def _send(self) -> None:
+        """Send pending bytes (TLS records OpenSSL wrote included); then wait to read, or
+        (rare: a full send buffer) to write the rest."""
+        sock = self._sock
+        assert sock is not None
+        out = self._tls_out
+        if out is not None and out.pending:
+            self._out += out.read()
+        if self._out:
+            try:
+                n = sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._lost(f"connection lost: {_describe(exc)}")
+                return
+            self._out = self._out[n:]
+        self._watch(read=not self._out, write=bool(self._out))
+
+    def _lost(self, why: str) -> None:
+        if self._handshaking():
+            self._finish(CheckStatus.L6_ERROR, None, f"{why} during TLS handshake")
+        else:
+            self.closed(why)
 
     def unlink(self) -> None:
         """Drop references that form a cycle (the HTTP parser points back at us): a probe
@@ -571,10 +876,11 @@ class _Check:
         return False
 
     def connected(self) -> None:
-        self._finish(CheckStatus.L4_OK)
-
-    def writable(self) -> None:  # only HTTP writes
-        pass
+        """TCP connected (and the TLS handshake done): a TCP check has its verdict."""
+        if self._tls is not None:
+            self._finish(CheckStatus.L4_OK, None, f"TLS handshake done ({self._tls.version()})")
+        else:
+            self._finish(CheckStatus.L4_OK)
 
     def received(self, data: bytes) -> None:  # only HTTP reads
         pass
@@ -592,7 +898,7 @@ class _HttpCheck(_Check):
     """
 
     __slots__ = (
-        "_body", "_code", "_ended", "_messages", "_out", "_parser", "_reusable", "_reuse",
+        "_body", "_code", "_ended", "_messages", "_parser", "_reusable", "_reuse",
         "_reused", "_seen", "_successor", "_verdict",
     )
 
@@ -610,7 +916,6 @@ class _HttpCheck(_Check):
         self._code: int | None = None  # set once a final (non-1xx) status line is parsed
         self._body: bytearray | None = None
         self._seen = 0
-        self._out = b""
         # Never kept to a host name (module docstring).
         self._reuse: bool = probe.reuse_connection and _literal_family(host) is not None
         self._reused = False  # the socket came from the previous check
@@ -630,13 +935,18 @@ class _HttpCheck(_Check):
         done: OnDone,
         sock: socket.socket,
         born: float,
+        tls: _TlsConn | None,
     ) -> _HttpCheck:
-        """A check on the connection the previous check kept (connected already)."""
+        """A check on the connection the previous check kept (connected, and through its
+        TLS handshake, already)."""
         check = cls(loop, probe, host, port, done)
         check._born = born
         check._sock = sock
         check._fd = sock.fileno()
         check._reused = True
+        if tls is not None:
+            check._tls, check._tls_in, check._tls_out = tls
+            check._secured = True
         check._poller.arm(check, check._deadline)
         loop.call_soon(check._on_connected_soon)
         return check
@@ -683,25 +993,8 @@ class _HttpCheck(_Check):
         self._successor = successor
 
     def connected(self) -> None:
-        self._out = self._probe.request_bytes(self._host, self._port)
         self._parser = httptools.HttpResponseParser(self)
-        self._send()
-
-    def writable(self) -> None:
-        self._send()
-
-    def _send(self) -> None:
-        assert self._sock is not None
-        try:
-            n = self._sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as exc:
-            self.closed(f"connection lost: {_describe(exc)}")
-            return
-        self._out = self._out[n:]
-        # Rare: a full send buffer; we finish sending when it drains.
-        self._watch(read=not self._out, write=bool(self._out))
+        self._write(self._probe.request_bytes(self._host, self._port))
 
     def received(self, data: bytes) -> None:
         self._seen += len(data)
@@ -964,6 +1257,36 @@ def _connect_failure(err: int) -> tuple[CheckStatus, None, str]:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+_SSL_NOISE = re.compile(r"^\[[A-Z0-9_]+: [A-Z0-9_]+\] | \(_ssl\.c:\d+\)$")
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason in words: "certificate verify failed: Hostname mismatch, ...",
+    "wrong version number" (without the ``[SSL: ...]`` prefix and the ``_ssl.c`` line)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and len(exc.args) > 1 and isinstance(exc.args[1], str):
+        text = _SSL_NOISE.sub("", exc.args[1])
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            text += " (is the backend speaking TLS?)"
+        return text
+    return str(exc) or type(exc).__name__
+
+
+def _goodbye(
+    sock: socket.socket, tls: ssl.SSLObject, out: ssl.MemoryBIO, secured: bool
+) -> None:
+    """Before closing: what OpenSSL still has for the backend (an alert after a failed
+    handshake; after a good one, close_notify), in one non-blocking send, best effort."""
+    if secured:
+        # SSLWantReadError: close_notify is written; the backend's is not awaited.
+        with contextlib.suppress(ssl.SSLError):
+            tls.unwrap()
+    if out.pending:
+        with contextlib.suppress(OSError):
+            sock.send(out.read())
 
 
 def _check_timeout(timeout_s: float) -> None:

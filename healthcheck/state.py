@@ -63,7 +63,10 @@ class HealthConfigError(HealthError, ValueError):
 class CheckStatus(enum.StrEnum):
     """Outcome label of one probe; shown in logs, the admin API and as a metric label.
 
-    L4_* labels describe the TCP connect, L7_* what happened after it succeeded.
+    L4_* labels describe the TCP connect, L7_* what happened after it succeeded; L6_* the
+    TLS handshake in between, for a pool with ``[pool.tls]`` (HAProxy's L6TOUT and L6RSP;
+    ``detail`` carries OpenSSL's reason). A ``tcp`` check over TLS that completes the
+    handshake reports L4_OK, so the passing labels stay L4_OK and L7_OK.
     A body that lacks the expected substring gets its own label, L7_BODY_MISMATCH, instead
     of reusing L7_STATUS: "status 200 but wrong body" and "status 503" need different fixes,
     and the operator should not have to read ``detail`` to tell them apart.
@@ -73,6 +76,8 @@ class CheckStatus(enum.StrEnum):
     L4_TIMEOUT = "L4_TIMEOUT"  # no connection within the time budget
     L4_REFUSED = "L4_REFUSED"  # RST in answer to SYN: nothing listens
     L4_ERROR = "L4_ERROR"  # other connect failure (unreachable, DNS, ...)
+    L6_TIMEOUT = "L6_TIMEOUT"  # TLS pool: connected, but the handshake did not end in time
+    L6_ERROR = "L6_ERROR"  # TLS pool: the handshake failed (verification, protocol, not TLS)
     L7_OK = "L7_OK"  # HTTP probe: expected status (and body substring)
     L7_STATUS = "L7_STATUS"  # status outside the expected ranges; code is set
     L7_BODY_MISMATCH = "L7_BODY_MISMATCH"  # status fine, body substring missing

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .probes import HttpProbe, Probe, TcpProbe
+from .probes import HttpProbe, Probe, ProbeTls, TcpProbe
 from .state import Health, HealthConfigError, HealthCounter, Initial
 
-__all__ = ["COUNT_MAX", "JITTER_MAX", "CheckSpec", "ProbeKind", "Target", "TargetKey"]
+__all__ = [
+    "COUNT_MAX", "JITTER_MAX", "CheckSpec", "ProbeKind", "ProbeTls", "Target", "TargetKey",
+]
 
 COUNT_MAX = 100
 """Largest ``rise`` / ``fall``: more checks in a row than this is a misconfiguration."""
@@ -31,6 +33,12 @@ class CheckSpec:
 
     ``expect_status`` holds inclusive ``(lo, hi)`` ranges; lists (from TOML) are turned into
     tuples so equal configs compare equal across reloads.
+
+    ``tls``: run the check over TLS (a pool with ``[pool.tls]``; :class:`ProbeTls`). Its
+    ``ssl.SSLContext`` takes no part in equality; what the context does (verification, CA
+    certificates, minimum version) and the server name do, through ``tls.tested()``, so a
+    reload with the same TLS settings keeps the evidence and one that changes the CA file's
+    content or the server name starts it afresh.
     """
 
     probe: ProbeKind = "http"
@@ -48,6 +56,7 @@ class CheckSpec:
     jitter: float = 0.1
     initial: Initial = "down"
     reuse_connection: bool = False
+    tls: ProbeTls | None = None
 
     def __post_init__(self) -> None:
         ranges = tuple((int(lo), int(hi)) for lo, hi in self.expect_status)
@@ -70,10 +79,11 @@ class CheckSpec:
         """The settings that decide whether a probe passes. A reload that changes one of
         them makes the old counter evidence about another check; the others (interval_s,
         fast/down intervals, jitter, initial, rise/fall) only change when or how often,
-        and reuse_connection only whether a passing check's connection is kept."""
+        reuse_connection only whether a passing check's connection is kept, and
+        ``tls.resume_s`` only how often the handshake is a full one."""
         return (
             self.probe, self.method, self.path, self.host, self.expect_status,
-            self.expect_body, self.timeout_s,
+            self.expect_body, self.timeout_s, None if self.tls is None else self.tls.tested(),
         )
 
     @staticmethod
@@ -87,7 +97,7 @@ class CheckSpec:
 
     def make_probe(self) -> Probe:
         if self.probe == "tcp":
-            return TcpProbe(self.timeout_s)
+            return TcpProbe(self.timeout_s, tls=self.tls)
         return HttpProbe(
             method=self.method,
             path=self.path,
@@ -96,6 +106,7 @@ class CheckSpec:
             expect_body=self.expect_body,
             timeout_s=self.timeout_s,
             reuse_connection=self.reuse_connection,
+            tls=self.tls,
         )
 
     def base_interval_s(self, counter: HealthCounter) -> float:

@@ -23,25 +23,131 @@ Only checks that *started after* the ejection began count, and the checks must s
 - ``"pass"``: any passing check ends it (Envoy's ``successful_active_health_check_uneject_host``);
 - ``"never"``: the ejection runs its course.
 
+Health checks of a pool with ``[pool.tls]`` run over TLS (``healthcheck.ProbeTls``):
+:func:`check_spec` gives every backend of the pool the same client context, built once per
+(settings, CA file content) by :func:`probe_tls` and kept for later reloads, so 3000
+backends share one context (and one CA store) and a reload that changes nothing TLS hands
+the checker equal specs (its evidence is kept). ``ca_file`` is read here (the control
+process runs as root); a file that cannot be read or holds no PEM certificate raises
+:class:`PoolTlsError` naming ``pool[i].tls.ca_file``. The daemon has read every ca_file
+already for the workers (lb.control.tls): passing those bytes (``targets(ca_pems)``) saves
+reading them again, and a file changed in between cannot make the checks and the workers
+disagree.
+
 Pure: no asyncio, socket, time or logging; the caller passes ``now`` and logs what the
-returned values say.
+returned values say (reading a ca_file is the one exception: file I/O, no sockets).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from healthcheck import CheckResult, CheckSpec, HealthBook, Target
+from healthcheck import CheckResult, CheckSpec, HealthBook, HealthConfigError, ProbeTls, Target
 from lb.config import BackendConfig, PoolConfig
+from lb.control import tls as control_tls
 from lb.control.rotation import UNCHECKED, AdminState, Ejected, PoolRotation, Snapshot, Verdict
+from lb.tls.contexts import client_context
 
 DOWN = Verdict(False, None)
+PROBE_TLS_RESUME_S = 0.0
+"""``ProbeTls.resume_s`` of the checks: 0, every check makes a full handshake (it verifies the
+backend's certificate every time, as the workers' connections do). See healthcheck.probes
+for what resumption saves and costs."""
+_CACHE_MAX = 256
+
+_ca_reads: dict[tuple[str, int, int, int, int], bytes] = {}
+"""(path, device, inode, size, mtime) -> content: preflight builds every backend's spec."""
+_probe_tls: dict[tuple[object, ...], ProbeTls] = {}
+"""(verify, server_name, min_version, CA bytes) -> the ProbeTls checks of such pools share."""
 
 
-def check_spec(pcfg: PoolConfig, backend: BackendConfig) -> tuple[CheckSpec, int]:
-    """The pool's health settings with the backend's overrides; and the port to check."""
+class PoolTlsError(HealthConfigError):
+    """A pool's ``[pool.tls]`` cannot be used for its checks; ``str()`` names the key,
+    ``pool[i].tls.ca_file`` when the pool's index is known (else ``pool <name>: tls.ca_file``).
+    A HealthConfigError, so whoever builds checks and reports their errors reports it too."""
+
+    def __init__(self, where: str, field: str, value: object, rule: str) -> None:
+        super().__init__(field, value, rule)
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}.{self.field}: {self.rule}"
+
+
+def _where(pcfg: PoolConfig, index: int | None) -> str:
+    return f"pool[{index}]" if index is not None else f"pool {pcfg.name}"
+
+
+def read_ca_file(path: str) -> bytes:
+    """A CA bundle's bytes, read and checked as lb.control.tls reads it for the workers
+    (same rules, same messages); TlsFileError says what is wrong. Cached by the file's
+    identity and mtime: preflight builds every backend's spec, 3000 of them in one pool."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return control_tls.read_ca_file(path)  # raises, with the keeper's message
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    data = _ca_reads.get(key)
+    if data is None:
+        data = control_tls.read_ca_file(path)
+        if len(_ca_reads) >= _CACHE_MAX:
+            _ca_reads.clear()
+        _ca_reads[key] = data
+    return data
+
+
+def probe_tls(
+    pcfg: PoolConfig, ca_pem: bytes | None = None, index: int | None = None
+) -> ProbeTls | None:
+    """The TLS of the pool's checks (None without ``[pool.tls]``). ``ca_pem``: the
+    ca_file's content if the caller has read it; else it is read here. The same settings and
+    CA content give the same object (one context per pool, across reloads). Raises
+    :class:`PoolTlsError` (``index``: the pool's place in the config, for the message)."""
+    tls = pcfg.tls
+    if tls is None:
+        return None
+    if tls.ca_file is not None and ca_pem is None:
+        try:
+            ca_pem = read_ca_file(tls.ca_file)
+        except ValueError as exc:
+            raise PoolTlsError(_where(pcfg, index), "tls.ca_file", tls.ca_file, str(exc)) from None
+    if tls.ca_file is None:
+        ca_pem = None
+    key = (tls.verify, tls.server_name, tls.min_version, ca_pem)
+    found = _probe_tls.get(key)
+    if found is not None:
+        return found
+    try:
+        ctx = client_context(verify=tls.verify, ca_pem=ca_pem, min_version=tls.min_version)
+    except (ssl.SSLError, ValueError) as exc:
+        raise PoolTlsError(
+            _where(pcfg, index), "tls.ca_file", tls.ca_file,
+            f"ca_file {tls.ca_file}: not usable as CA certificates: {exc}",
+        ) from None
+    made = ProbeTls(ctx, server_name=tls.server_name, resume_s=PROBE_TLS_RESUME_S)
+    if len(_probe_tls) >= _CACHE_MAX:
+        _probe_tls.clear()
+    _probe_tls[key] = made
+    return made
+
+
+def check_spec(
+    pcfg: PoolConfig,
+    backend: BackendConfig,
+    tls: ProbeTls | None = None,
+    *,
+    index: int | None = None,
+) -> tuple[CheckSpec, int]:
+    """The pool's health settings with the backend's overrides; and the port to check.
+
+    ``tls``: the pool's :func:`probe_tls` if the caller made it (once for all its backends);
+    else it is made here (``index`` names the pool in a :class:`PoolTlsError`)."""
+    if tls is None and pcfg.tls is not None:
+        tls = probe_tls(pcfg, index=index)
     h = pcfg.health
     o = backend.health
 
@@ -65,6 +171,7 @@ def check_spec(pcfg: PoolConfig, backend: BackendConfig) -> tuple[CheckSpec, int
         jitter=h.jitter,
         initial=h.initial,
         reuse_connection=h.reuse_connection,
+        tls=tls,
     )
     port = o.port if o is not None and o.port is not None else backend.host_port[1]
     return spec, port
@@ -142,14 +249,18 @@ class BackendTable:
         self.in_service = frozenset(in_service)
         return changes
 
-    def targets(self) -> list[Target]:
-        """What the health checker should check: every backend of pools with checks on."""
+    def targets(self, ca_pems: Mapping[str, bytes | None] | None = None) -> list[Target]:
+        """What the health checker should check: every backend of pools with checks on.
+        ``ca_pems``: pool name -> its ca_file's content, as the caller read it (module
+        docstring); a pool missing from it has its file read here. Raises PoolTlsError."""
         out = []
-        for pcfg in self.pools.values():
+        for i, pcfg in enumerate(self.pools.values()):
             if not pcfg.health.enabled:
                 continue
+            ca_pem = None if ca_pems is None else ca_pems.get(pcfg.name)
+            tls = probe_tls(pcfg, ca_pem, i)
             for b in pcfg.backends:
-                spec, port = check_spec(pcfg, b)
+                spec, port = check_spec(pcfg, b, tls)
                 out.append(Target((pcfg.name, b.name), b.host_port[0], port, spec, b.address))
         return out
 
