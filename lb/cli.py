@@ -103,6 +103,26 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage_tls(args: argparse.Namespace) -> int:
+    """Root's copy of the TLS files for a service that cannot read them (see lb.tls.files.stage)."""
+    import os
+
+    from lb.tls.files import TlsFileError, stage
+
+    if os.geteuid() != 0:
+        print("pairlb stage-tls: run it as root (the unit's ExecStartPre=+ does)",
+              file=sys.stderr)
+        return 1
+    try:
+        copied = stage(args.src, args.dst)
+    except (TlsFileError, OSError) as exc:
+        print(f"pairlb stage-tls: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"staged {len(copied)} file(s) from {args.src} into {args.dst}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The demo lives in the lab package, which the runtime never imports: this process
     becomes ``python -m lab.demo`` (same PID, so signals and exit status are the demo's)."""
@@ -145,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing file (atomically); for a running pair follow "
                         "the key rotation procedure in docs/operations.md instead")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("stage-tls", help="copy root's TLS files where the service's user can "
+                       "read them (the systemd unit runs it at start and reload)")
+    p.add_argument("src", help="e.g. /etc/pairlb/tls")
+    p.add_argument("dst", help="e.g. /run/pairlb/tls")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_stage_tls)
 
     p = sub.add_parser("demo", help="the live demo on the embedded default config")
     p.add_argument("--duration", type=float, default=60.0,

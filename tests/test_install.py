@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from tls_helpers import Pki
 
 import failover
 from lb import config as config_mod
@@ -127,6 +128,8 @@ def test_example_config_lists_every_key_of_every_model() -> None:
 NOT_THE_DEFAULT = {
     # The unit hands the key over as a credential; the model's default is the file on disk.
     ("failover", "key_file"),
+    # The commented TCP listener that shows sni_routes (its own [[listener]] block).
+    ("listener", "mode"),
 }
 
 
@@ -173,6 +176,17 @@ def test_example_config_passes_check_config_as_shipped() -> None:
 def test_example_config_passes_with_every_commented_setting_switched_on(tmp_path: Path) -> None:
     """Every commented line is a valid setting in the right place (unknown keys are errors)."""
     on = re.sub(r"(?m)^#(\[|[a-z0-9_]+ = )", r"\1", EXAMPLE.read_text())
+    # The TLS files it names must exist for check-config (it reads them): real test ones.
+    leaf = Pki(tmp_path / "pki").leaf("example", ["www.example.com"])
+    ticket = tmp_path / "ticket.key"
+    ticket.write_text(os.urandom(80).hex())
+    ticket.chmod(0o600)
+    for shown, real in (("/run/pairlb/tls/example.pem", leaf.cert),
+                        ("/run/pairlb/tls/example.key", leaf.key),
+                        ("/run/pairlb/tls/ticket.key", ticket),
+                        ("/etc/pairlb/backend-ca.pem", tmp_path / "pki" / "ca.pem")):
+        assert shown in on
+        on = on.replace(shown, str(real))
     path = tmp_path / "all-on.toml"
     path.write_text(on)
     res = _check_config(path)

@@ -108,11 +108,14 @@ def test_unit_is_a_notify_service_with_watchdog_checked_start_and_validated_relo
     assert one(unit, "Restart") == "on-failure"
     exe = "/opt/pairlb/bin/pairlb"
     conf = "/etc/pairlb/pairlb.toml"
-    assert one(unit, "ExecStartPre") == f"{exe} check-config -q {conf}"
+    stage = f"+{exe} stage-tls -q /etc/pairlb/tls /run/pairlb/tls"
+    assert values(unit, "ExecStartPre") == [stage, f"{exe} check-config -q {conf}"]
     assert one(unit, "ExecStart") == f"{exe} run -c {conf}"
     # Order matters: systemd runs ExecReload= lines in sequence and stops at the first
-    # failure, so a broken file never reaches the daemon.
+    # failure, so a broken file never reaches the daemon. The TLS files are staged (as root,
+    # "+") first, so check-config and the daemon read the same new copies.
     assert values(unit, "ExecReload") == [
+        stage,
         f"{exe} check-config -q {conf}",
         "/bin/kill -HUP $MAINPID",
     ]
@@ -133,7 +136,7 @@ def test_unit_runs_unprivileged_with_exactly_three_capabilities(unit: list[Setti
     assert one(unit, "NoNewPrivileges") == "yes"
     assert set(one(unit, "CapabilityBoundingSet").split()) == CAPS
     assert set(one(unit, "AmbientCapabilities").split()) == CAPS
-    assert one(unit, "RuntimeDirectory") == "pairlb"
+    assert one(unit, "RuntimeDirectory") == "pairlb pairlb/tls"
     assert one(unit, "ProtectSystem") == "strict"
 
 

@@ -391,3 +391,29 @@ def test_without_sharing_the_keys_are_dropped(pki: Pki) -> None:
     m, _ = keeper.load(_config(pki))
     assert m.listeners["https"].ticket_key is None
     assert m.listeners["https"].ticket_key_source == "unsupported"
+
+
+def test_stage_copies_for_the_service_user(pki: Pki, tmp_path: Path) -> None:
+    """What the unit's ExecStartPre=+/ExecReload=+ run: keys readable by the dynamic user."""
+    if os.geteuid() != 0:
+        pytest.skip("staging chowns: needs root")
+    a = pki.leaf("st", ["st.test"])
+    src, dst = tmp_path / "etc", tmp_path / "run"
+    src.mkdir()
+    dst.mkdir()
+    os.chown(dst, 65534, 65534)
+    (src / "st.pem").write_bytes(a.cert.read_bytes())
+    (src / "st.key").write_bytes(a.key.read_bytes())
+    (src / "st.key").chmod(0o600)
+    (src / "archive").mkdir()  # certbot-style subdirectories are skipped
+    (dst / "stale.key").write_text("old")
+    assert files.stage(str(src), str(dst)) == ["st.key", "st.pem"]
+    assert sorted(os.listdir(dst)) == ["st.key", "st.pem"]
+    for name in ("st.key", "st.pem"):
+        st = os.stat(dst / name)
+        assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o600)
+    assert (dst / "st.key").read_bytes() == a.key.read_bytes()
+    (src / "st.key").chmod(0o644)  # a key readable by others is refused at the source
+    with pytest.raises(files.TlsFileError, match="chmod 600"):
+        files.stage(str(src), str(dst))
+    assert files.stage(str(tmp_path / "missing"), str(dst)) == []

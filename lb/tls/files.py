@@ -16,6 +16,7 @@ reload) and is reported: /status shows its not-after, /metrics its expiry and an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import ssl
@@ -224,4 +225,55 @@ __all__ = [
     "read_key_file",
     "read_secret_file",
     "read_ticket_key",
+    "stage",
 ]
+
+
+def stage(src: str, dst: str) -> list[str]:
+    """Copy the files of ``src`` (certificates and keys, root's) into ``dst``, owned by
+    ``dst``'s owner, mode 0600: what the systemd unit runs as root (``ExecStartPre=+``,
+    ``ExecReload=+``) so that the service's dynamic user can read the keys at every reload.
+    Each file is replaced atomically (written beside, then renamed); files no longer in
+    ``src`` are removed. Links are followed by the key rules (owned by root or us). A
+    missing ``src`` is an empty one. Returns the names copied."""
+    st = os.stat(dst)
+    if not stat.S_ISDIR(st.st_mode):
+        raise TlsFileError(f"{dst}: not a directory")
+    names = sorted(os.listdir(src)) if os.path.isdir(src) else []
+    copied = []
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = os.path.join(src, name)
+        real = _resolve(path)
+        if not os.path.isfile(real):
+            continue  # subdirectories (certbot's archive/, live/) are not staged
+        data = _read_plain(path)
+        if b"PRIVATE KEY" in data or name.endswith(".key"):
+            data = read_secret_file(path, "file")  # a key's source is checked as a secret
+        tmp = os.path.join(dst, f".{name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(dst, name))
+        copied.append(name)
+    for name in os.listdir(dst):
+        if name not in copied:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(dst, name))
+    return copied
+
+
+def _read_plain(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(MAX_PEM_BYTES + 1)
+    if len(data) > MAX_PEM_BYTES:
+        raise TlsFileError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
+    return data
