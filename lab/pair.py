@@ -11,7 +11,9 @@ record of who held it when), and owns every process it starts there:
   time stamps after the latest mark;
 - the backends: ``python -m lab.pair backend NAME HOST:PORT JOURNAL`` is lab.backend_app plus
   an ``X-Peer`` response header (the address the request came from: the load balancer's own,
-  so a client knows which node carried it; pairlb's Via names no node) and a journal of
+  so a client knows which node carried it; pairlb's Via names no node), an ``X-Seen-Proto``
+  response header and ``GET /whoami`` (the X-Forwarded-Proto the request arrived with: a
+  client of an HTTPS listener can tell the backend learnt it was HTTPS) and a journal of
   every request that has an ``X-Client-Id``, one write(2) per request so it survives kill -9.
 
 It looks at them without trusting them: each node's admin API from inside its namespace
@@ -452,9 +454,12 @@ class Pair:
 
 
 def backend_main(name: str, address: str, journal: str) -> int:
-    """lab.backend_app, plus X-Peer on every response and a kill-proof journal.
+    """lab.backend_app, plus X-Peer and X-Seen-Proto on every response, ``GET /whoami`` and
+    a kill-proof journal.
 
     Journal line: ``MONOTONIC METHOD CLIENT_ID PEER``, written before the answer.
+    ``/whoami`` answers ``NAME saw proto=XFP host=HOST peer=PEER`` (XFP ``-`` when the
+    request had none): a page whose body says over what the load balancer received it.
     """
     from aiohttp import web
     from aiohttp.typedefs import Handler
@@ -478,9 +483,16 @@ def backend_main(name: str, address: str, journal: str) -> int:
         # At prepare time, so streamed answers (POST /echo) carry the headers too.
         response.headers["X-Peer"] = request.remote or "?"
         response.headers.setdefault("X-Backend", name)
+        response.headers["X-Seen-Proto"] = request.headers.get("X-Forwarded-Proto", "-")
+
+    async def whoami(request: web.Request) -> web.Response:
+        proto = request.headers.get("X-Forwarded-Proto", "-")
+        return web.Response(text=f"{name} saw proto={proto} host={request.host} "
+                                 f"peer={request.remote or '?'}\n")
 
     app.middlewares.append(journal_first)
     app.on_response_prepare.append(tag)
+    app.router.add_get("/whoami", whoami)
     host, port = parse_hostport(address)
     web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
     return 0
