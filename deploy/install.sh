@@ -194,6 +194,7 @@ do_install() {
     fi
     if [ ! -d "$ETC" ]; then
         install -d -m 0755 "$ETC"
+        install -d -m 0700 "$ETC/tls"
         CHANGED=1
     fi
     put "$DEPLOY_DIR/pairlb.toml" "$ETC/pairlb.toml.example" 0644

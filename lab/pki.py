@@ -1,10 +1,12 @@
-"""Test certificates made with the openssl CLI (as an operator would): a test CA and ECDSA
-P-256 leaves with the names a test asks for. Nothing here is pairlb code."""
+"""Certificates for tests, benchmarks and the demo, made with the openssl CLI as an operator
+would: a CA and ECDSA P-256 (or RSA) leaves with the names asked for. Never used by pairlb
+itself."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ class Pki:
             _run("openssl", "req", "-x509", "-new", "-key", str(self.ca_key), "-sha256",
                  "-days", "30", "-subj", "/CN=pairlb test CA", "-out", str(self.ca))
 
-    def leaf(self, name: str, dns: list[str], ips: list[str] = (),  # type: ignore[assignment]
+    def leaf(self, name: str, dns: Sequence[str], ips: Sequence[str] = (),
              days: int = 20, key_type: str = "ec") -> Leaf:
         """A certificate for ``dns`` (and ``ips``), valid ``days`` (negative: expired)."""
         cert, key = self.root / f"{name}.pem", self.root / f"{name}.key"

@@ -57,6 +57,7 @@ class Stats:
         self._active_sent: dict[str, int] = {}
         self._tcp: dict[tuple[str, str], list[int]] = {}
         self._tls: dict[tuple[str, str, str], int] = {}
+        self._sni: dict[tuple[str, str], int] = {}
         self._tls_late: list[tuple[str, str]] = []
         """Failures counted from a finalizer (any allocation may run one): appended only,
         folded into ``_tls`` when read, so no dict changes size under an iteration."""
@@ -124,6 +125,12 @@ class Stats:
         self._tls[key] = self._tls.get(key, 0) + 1
         self._dirty = True
 
+    def sni(self, listener: str, decision: str) -> None:
+        """A TCP connection's pool chosen by SNI routing (lb.data.tcpproxy.SNI_DECISIONS)."""
+        key = (listener, decision)
+        self._sni[key] = self._sni.get(key, 0) + 1
+        self._dirty = True
+
     def tls_failure_late(self, listener: str, reason: str) -> None:
         """tls_failure from a finalizer (an abandoned handshake collected)."""
         self._tls_late.append((listener, reason))
@@ -173,6 +180,7 @@ class Stats:
         self._accepted.clear()
         self._tcp.clear()
         self._tls.clear()
+        self._sni.clear()
         self._dirty = False
         return out
 
@@ -224,4 +232,9 @@ class Stats:
             for (listener, kind, what), n in self._tls.items():
                 tls.setdefault(listener, {}).setdefault(kind, {})[what] = n
             out["tls"] = tls
+        if self._sni:
+            sni: dict[str, Any] = {}
+            for (listener, decision), n in self._sni.items():
+                sni.setdefault(listener, {})[decision] = n
+            out["sni"] = sni
         return out

@@ -17,6 +17,7 @@ PURE = [
     "failover/core/machine.py",
     "failover/core/frames.py",
     "lb/tls/names.py",
+    "lb/tls/sni_peek.py",
 ]
 IMPURE = {"asyncio", "socket", "time", "logging", "selectors", "threading", "subprocess"}
 

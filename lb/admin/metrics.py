@@ -183,8 +183,9 @@ METRICS: tuple[MetricDef, ...] = (
         "pairlb_sni_routing_total",
         "counter",
         "listener decision",
-        "TCP-mode connections by how SNI routing chose their pool (route, default, no_sni, "
-        "not_tls, timeout).",
+        "TCP-mode connections by how SNI routing chose their pool: route (a route matched), "
+        "no_match, no_sni, not_tls, oversize (no ClientHello in 16 KiB), timeout, eof (the "
+        "listener's pool for all of these), closed (the client left first).",
     ),
     _d(
         "pairlb_tcp_bytes_total",

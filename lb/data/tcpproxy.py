@@ -410,6 +410,7 @@ class _SniPipe(_Pipe):
             self.timer = None
         srv = self.srv
         srv.sni_decisions[why] += 1
+        srv.stats.sni(srv.listener.name, why)
         if pool is None:
             self.pool, self.pool_cfg = srv.pool, srv.pool_cfg
         else:
@@ -423,6 +424,7 @@ class _SniPipe(_Pipe):
         if self.peeker is not None:
             self.peeker = None
             self.srv.sni_decisions["closed"] += 1
+            self.srv.stats.sni(self.srv.listener.name, "closed")
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
