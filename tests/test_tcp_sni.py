@@ -27,7 +27,7 @@ import pytest
 from proxy_helpers import free_port, run, wait_for
 from tls_helpers import Leaf, Pki
 
-from lb.config import ListenerConfig, PoolConfig
+from lb.config import ListenerConfig, PoolConfig, SniRoute
 from lb.data.pool import Pool, build_pool
 from lb.data.tcpproxy import SNI_DECISIONS, SNI_PEEK_MAX, TcpProxyServer, _ClientSide
 from lb.listen import make_listen_socket
@@ -487,5 +487,23 @@ def test_listener_without_routes_keeps_the_plain_path(setup: Setup) -> None:
         assert type(server.protocol()) is _ClientSide
         assert set(server.sni_decisions) == set(SNI_DECISIONS)
         assert not any(server.sni_decisions.values())
+
+    run(scenario())
+
+
+def test_a_reload_changes_the_routes_of_new_connections(setup: Setup) -> None:
+    """The worker hands a reloaded listener to its server (listener_changed): the next
+    connection routes by the new table, without a new socket or worker."""
+    async def scenario() -> None:
+        async with sni_proxy(setup) as px:
+            lax = client_ctx(setup, check_hostname=False)
+            assert (await tls_greeting(px.port, lax, "a.example.test"))[0] in ("a1", "a2")
+            moved = px.server.listener.model_copy(update={"sni_routes": (
+                SniRoute(server_name="a.example.test", pool="pw"),)})
+            px.server.listener_changed(moved)
+            assert await tls_greeting(px.port, lax, "a.example.test") == \
+                ("w1", "w1.backend.test")
+            assert await tls_greeting(px.port, lax, "x.wild.example.test") == \
+                ("d1", "d1.backend.test")  # its route is gone: the default pool
 
     run(scenario())

@@ -128,6 +128,11 @@ class ListenerServer(Generic[C]):
         self.pool = pool
         self.pool_cfg = pool_cfg
 
+    def listener_changed(self, listener: ListenerConfig) -> None:
+        """A reload's settings of this listener (the same name, socket and TLS presence; a
+        change of those replaces the workers): new connections use them."""
+        self.listener = listener
+
     def routes_changed(
         self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],
         backend_tls: Mapping[str, ssl.SSLContext],

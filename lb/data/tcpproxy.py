@@ -446,13 +446,14 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(listener, pool, pool_cfg, stats, on_ejection, loop)
-        self.sni_table: NameTable[str] | None = None
+        self.sni_table: NameTable[str] | None = _sni_table(listener)
         """Server name -> pool name of the SNI routes; None without routes."""
-        if listener.sni_routes:
-            self.sni_table = NameTable(
-                "", [((r.server_name,), r.pool) for r in listener.sni_routes])
         self.sni_decisions: dict[str, int] = dict.fromkeys(SNI_DECISIONS, 0)
         """How many connections had their pool chosen which way (see SNI_DECISIONS)."""
+
+    def listener_changed(self, listener: ListenerConfig) -> None:
+        super().listener_changed(listener)
+        self.sni_table = _sni_table(listener)  # new connections route by the new table
 
     def protocol(self) -> asyncio.Protocol:
         if self.sni_table is None:
@@ -475,6 +476,12 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
                 "event=tcp_idle_timeout listener=%s pool=%s", self.listener.name, p.pool.name
             )
             p.abort()
+
+
+def _sni_table(listener: ListenerConfig) -> NameTable[str] | None:
+    if not listener.sni_routes:
+        return None
+    return NameTable("", [((r.server_name,), r.pool) for r in listener.sni_routes])
 
 
 __all__ = ["SNI_DECISIONS", "SNI_PEEK_MAX", "TcpProxyServer"]

@@ -158,6 +158,7 @@ class Worker:
             for lcfg in cfg.listener:
                 server = self.servers.get(lcfg.name)
                 if server is not None:
+                    server.listener_changed(lcfg)
                     server.update(self.pools[lcfg.pool], pool_cfgs[lcfg.pool])
                     server.routes_changed(self.pools, pool_cfgs, self.backend_tls)
                     self.listener_cfgs[lcfg.name] = lcfg
