@@ -22,7 +22,13 @@ Rules (RFC 9110 §7.6, RFC 9112, RFC 7239):
 - X-Request-ID is added when absent; Via gets our hop appended (requests only: a reverse
   proxy is a gateway, RFC 9110 §7.6.3);
 - a request with a transfer coding other than plain ``chunked`` gets 501, a second Host or a
-  malformed one 400, an expectation other than 100-continue 417.
+  malformed one 400, an expectation other than 100-continue 417;
+- X-Forwarded-Proto and Forwarded's ``proto=`` say ``https`` on a TLS listener (the
+  ``ClientContext`` of the connection carries it);
+- the Location of an HTTP-to-HTTPS redirect is built from a Host checked more strictly than
+  the one forwarded (``https_location``: a DNS name or IP literal, nothing a URL parser could
+  read as userinfo, path or another host); Strict-Transport-Security is added to a response
+  that has none (``hsts_field``, ``ResponseHeaders.hsts_for``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ __all__ = [
     "filter_response_block",
     "filter_response_headers",
     "forwarded_node",
+    "hsts_field",
+    "https_location",
     "is_trusted",
     "parse_networks",
     "split_absolute_form",
@@ -465,7 +473,7 @@ def _drop_named(out: list[bytes], names: list[bytes]) -> list[bytes]:
 class ResponseHeaders:
     """A backend's response head filtered for the client, plus its framing."""
 
-    __slots__ = ("chunked", "content_length", "fields", "te_value")
+    __slots__ = ("chunked", "content_length", "fields", "has_hsts", "te_value")
 
     def __init__(self, fields: bytes, content_length: int, chunked: bool,
                  te_value: bytes | None) -> None:
@@ -475,6 +483,54 @@ class ResponseHeaders:
         self.chunked = chunked
         self.te_value = te_value
         """The backend's Transfer-Encoding value (None when absent)."""
+        self.has_hsts: bool | None = None
+        """Whether ``fields`` has Strict-Transport-Security (None: not looked at yet)."""
+
+    def hsts_for(self, hsts: bytes) -> bytes:
+        """``hsts`` (a whole header line), or nothing when the backend sent its own. Looked
+        up once per object: the engine memoises these per identical header block."""
+        has = self.has_hsts
+        if has is None:
+            has = self.has_hsts = b"\nstrict-transport-security:" in b"\n" + self.fields.lower()
+        return b"" if has else hsts
+
+
+def hsts_field(max_age_s: int, include_subdomains: bool) -> bytes:
+    """The Strict-Transport-Security line (RFC 6797) a TLS listener adds; b"" when off."""
+    if max_age_s <= 0:
+        return b""
+    sub = b"; includeSubDomains" if include_subdomains else b""
+    return b"Strict-Transport-Security: max-age=%d%s\r\n" % (max_age_s, sub)
+
+
+_REDIRECT_HOST_RE = re.compile(
+    rb"([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[([0-9A-Fa-f:.]{2,45})\])(?::[0-9]{0,5})?"
+)
+
+
+def https_location(host: bytes, target: bytes, port: int) -> bytes | None:
+    """``https://HOST[:port]TARGET`` for a redirect, or None when ``host`` will not do.
+
+    ``host`` is a Host value (already past the forwarding check): its port is dropped, and
+    only a DNS name (letters, digits, ``-``, ``_``, ``.``) or a bracketed IPv6 literal is
+    taken, so nothing in it can end the authority (``/``, ``?``, ``#``, ``@``, ``\\``),
+    split a header (CR, LF) or be decoded into either (``%``). ``port`` 443 is omitted.
+    ``target`` is the origin-form target (kept as is: llhttp allows no CR, LF or space in
+    it); ``*`` (OPTIONS) becomes ``/``.
+    """
+    m = _REDIRECT_HOST_RE.fullmatch(host)
+    if m is None:
+        return None
+    v6 = m.group(2)
+    if v6 is not None:
+        try:
+            ipaddress.IPv6Address(v6.decode("ascii"))
+        except ValueError:
+            return None
+    if target[:1] != b"/":
+        target = b"/"
+    authority = m.group(1) if port == 443 else b"%s:%d" % (m.group(1), port)
+    return b"https://" + authority + target
 
 
 _RESP_SPECIAL = re.compile(
@@ -565,7 +621,8 @@ def filter_response_headers(
 
 _REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
-    301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 400: b"Bad Request",
+    301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 307: b"Temporary Redirect",
+    308: b"Permanent Redirect", 400: b"Bad Request",
     404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 417: b"Expectation Failed",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",

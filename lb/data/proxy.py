@@ -59,6 +59,51 @@ Choices worth knowing (docs/configuration.md repeats them for operators):
   LOG_ERRORS_PER_S per second per listener (the rest counted in ``suppressed_before``);
   refused requests are counted in the stats and logged at DEBUG only.
 
+TLS and the answers pairlb gives itself (issue 15):
+
+- A TLS listener (``self.tls``, set by the worker before start) gets connections already
+  decrypted by the event loop's SSL transport: the engine is the same, with three changes
+  decided once per connection or per listener, never per request: X-Forwarded-Proto and
+  Forwarded's ``proto=`` say https (the per-peer ClientContext carries it); with
+  ``hsts_max_age_s`` a Strict-Transport-Security line (built once, ``self.hsts``) is added
+  to every final response without one (the backend's own is kept, never doubled; the check
+  is memoised with the response head) and to the answers pairlb makes itself; and EOF from
+  the client is not a half-close (an SSL transport closes on it whatever the protocol says,
+  so ``_TlsClient.eof_received`` never asks to stay open; a request sent before the
+  client's close_notify is cut, as asyncio's SSL has no half-close).
+- ``[pool.tls]``: backend connections are opened with ``self.backend_tls[pool]``
+  (``server_hostname`` = ``server_name`` or the backend's host; an IP host is checked
+  against the certificate's IP addresses). A handshake or verification failure is a
+  connect failure (502, retried on another backend like a refused connect, counted as
+  ``tls_verify`` or ``tls_handshake``). An idle TLS connection is reused only when its
+  SSLObject holds no decrypted byte and the kernel holds no byte (FIONREAD on the raw
+  socket): a record there may be application data (stray) or a close_notify, so it is
+  discarded as stray. TLS 1.3 session tickets arrive with the first response and are
+  consumed by the loop before the connection goes idle; measured against Python and nginx
+  TLS backends, keep-alive reuse stays whole (see tests/test_proxy_tls.py). Idle backend
+  connections are dropped when the pool's TLS settings or context change (a reload).
+- ``redirect_to_https`` (plain listener): every request but an ACME challenge is answered
+  ``301`` (GET, HEAD) or ``308`` (others, which keep method and body) with ``Location:
+  https://HOST[:https_port]TARGET``, ``Content-Length: 0``; HOST is the request's Host (or
+  absolute-form authority) without its port, checked strictly (``H.https_location``: a DNS
+  name or bracketed IPv6 literal, else 400 ``bad_redirect_host`` and no redirect); a request
+  without a usable Host (HTTP/1.0 without one, an empty one) names the address the client
+  connected to. Nothing reaches a backend. Keep-alive as for the engine's own errors: a
+  request whose body has not all arrived is answered at once with ``Connection: close``
+  (the rest of the body is read and dropped while lingering), as is an upgrade request.
+- ``acme_challenge_dir``: ``GET``/``HEAD /.well-known/acme-challenge/TOKEN`` with TOKEN of
+  1-255 base64url characters (RFC 8555 §8.3: ``[A-Za-z0-9_-]``) is answered 200 with the
+  file DIR/TOKEN (``application/octet-stream``, at most ACME_MAX_BYTES), on every listener
+  with the setting, plain (also with redirect_to_https: challenges are not redirected) or
+  TLS. Anything else under that prefix is answered 404 here, never forwarded: another
+  method, a token with other characters (``.``, ``%``, so no ``..`` and no encoded slash),
+  a query string, a trailing slash, a missing or unreadable file, a symlink, a file that is
+  not regular or is too big. The file is opened with O_NOFOLLOW relative to a descriptor of
+  DIR (opened per challenge, so a directory recreated by certbot is seen), synchronously (a
+  few requests per renewal). The worker runs unprivileged: DIR and its files must be
+  readable by the worker user (``certbot --webroot`` writes 0644 files in 0755 dirs).
+  Counted in ``ProxyServer.acme_served`` / ``acme_missing``; redirects in ``redirects``.
+
 Imports no control-plane module: the engine is fed a Pool and configs, nothing else.
 """
 
@@ -66,11 +111,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
+import os
+import re
+import socket
+import ssl
+import stat
 import termios
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import httptools
@@ -103,7 +154,13 @@ LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
 CHUNK_ALLOWANCE = 16
 """Framing bytes allowed per chunk (besides twice its data) before they count as excess."""
+ACME_PREFIX = b"/.well-known/acme-challenge/"
+ACME_MAX_BYTES = 64 * 1024
+"""A challenge file larger than this is not served (404): a key authorization is ~90 bytes."""
+_ACME_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,255}")
 INF = float("inf")
+_RETIRED = ("", 0)
+"""The idle-pool key of a backend connection that must not be reused (see ProxyServer)."""
 _FIONREAD = termios.FIONREAD
 _FIONREAD_BUF = bytearray(4)
 _NOTHING = bytes(4)
@@ -115,6 +172,10 @@ _P_QUEUE = 4  # a pipelined request is waiting its turn
 _P_STOP = 8  # no more parsing (error queued, upgrade waiting for 101)
 _P_BACKLOG = 16  # part of a read is kept unparsed while the pipeline queue is full
 
+# Answers the proxy makes itself (``_Request.local``).
+_L_REDIRECT = 1
+_L_ACME = 2
+
 # Client parse states.
 _IDLE = 0
 _HEAD = 1
@@ -122,6 +183,7 @@ _BODY = 2
 
 _ERROR_TEXT = {
     400: b"Bad request.\n",
+    404: b"Not found.\n",
     405: b"Method not allowed.\n",
     408: b"Request timeout: the request was not received in time.\n",
     413: b"Request body too large.\n",
@@ -178,8 +240,10 @@ class _HeadDone(Exception):
 _HEAD_DONE = _HeadDone()
 
 
-def error_response(status: int, *, close: bool, extra: bytes = b"") -> bytes:
-    """A short text response the proxy answers itself."""
+def error_response(
+    status: int, *, close: bool, extra: bytes = b"", with_body: bool = True
+) -> bytes:
+    """A short text response the proxy answers itself (``with_body=False``: to HEAD)."""
     body = _ERROR_TEXT.get(status, b"Error.\n")
     return b"".join(
         (
@@ -190,7 +254,7 @@ def error_response(status: int, *, close: bool, extra: bytes = b"") -> bytes:
             b"Connection: close\r\n" if close else b"",
             extra,
             b"Cache-Control: no-store\r\n\r\n",
-            body,
+            body if with_body else b"",
         )
     )
 
@@ -229,6 +293,10 @@ class _Request(H.RequestHead):
     conn_gen = 0
     t0 = 0.0
     tunnel_buf: list[bytes] | None = None
+    local = 0
+    """_L_REDIRECT or _L_ACME: answered by the proxy (with ``error`` set, see dispatch)."""
+    local_arg = b""
+    """The redirect's Location, or the ACME token (b"": not a valid one, 404)."""
 
     def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         self.pool = pool
@@ -560,6 +628,9 @@ class _Upstream(_Conn):
             extra += b"Connection: close\r\n"
         if not keep:
             client.closing = True
+        hsts = self.srv.hsts
+        if hsts:
+            extra += rh.hsts_for(hsts)
         client.send(line + rh.fields + extra + b"\r\n")
         req.resp_started = True
         backend = req.backend
@@ -736,6 +807,32 @@ class _Upstream(_Conn):
         self.detach()
         self.abort()
         client.upstream_failed(req, self, why)
+
+
+class _TlsUpstream(_Upstream):
+    """A backend connection over TLS (``[pool.tls]``)."""
+
+    __slots__ = ("sslobj",)
+
+    def __init__(self, srv: ProxyServer, key: tuple[str, int]) -> None:
+        super().__init__(srv, key)
+        self.sslobj: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.sslobj = transport.get_extra_info("ssl_object")
+
+    def has_stray_bytes(self) -> bool:
+        """Decrypted bytes the SSLObject holds, or any byte in the kernel's buffer: a TLS
+        record there may be data (stray) or a close_notify; either way not reused."""
+        sslobj = self.sslobj
+        if sslobj is not None and sslobj.pending():
+            return True
+        return super().has_stray_bytes()
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False  # an SSL transport closes on EOF whatever we return (and warns)
 
 
 class _Client(_Conn):
@@ -1014,6 +1111,8 @@ class _Client(_Conn):
         self.stopped = True
         self.closing = True
         self.dropping = True
+        if self.linger:
+            return  # answered already (before the body ended): keep reading and dropping
         self.pause(_P_STOP)
         if not self.queue and self.state == _IDLE:
             self._linger()
@@ -1119,6 +1218,8 @@ class _Client(_Conn):
         max_body = srv.listener.max_body_bytes
         if max_body and req.content_length > max_body:
             raise _Reject(413, "body_too_large")
+        if srv.local_answers:
+            self._local_answer_for(req, method, target)
         if req.chunked or req.content_length > 0:
             self.state = _BODY
             body = True
@@ -1241,6 +1342,9 @@ class _Client(_Conn):
         """Send the request at the head of the queue to a backend (or answer it ourselves)."""
         srv = self.srv
         if req.error is not None:
+            if req.local:
+                self._answer_local(req)
+                return
             status, reason = req.error
             self._answer_error(req, status, reason, close=True)
             return
@@ -1270,6 +1374,14 @@ class _Client(_Conn):
             reason, status, outcome = "connect_timeout", 504, Outcome.TIMEOUT
         elif isinstance(exc, ConnectionRefusedError):
             reason, status, outcome = "connect_refused", 502, Outcome.CONNECT_FAILED
+        elif isinstance(exc, ssl.SSLCertVerificationError):
+            reason, status, outcome = "tls_verify", 502, Outcome.CONNECT_FAILED
+            logger.debug("event=backend_tls_verify_failed backend=%s detail=%r",
+                         backend.name, exc.verify_message)
+        elif isinstance(exc, ssl.SSLError):
+            reason, status, outcome = "tls_handshake", 502, Outcome.CONNECT_FAILED
+            logger.debug("event=backend_tls_handshake_failed backend=%s detail=%r",
+                         backend.name, exc.reason)
         else:
             reason, status, outcome = "connect_failed", 502, Outcome.CONNECT_FAILED
         srv.observe(req, backend, outcome)
@@ -1366,13 +1478,92 @@ class _Client(_Conn):
             up.detach()
             up.abort()
         srv.release(req)
+        self._drop_pending(req)
         keep = req.keep_alive and not close and not self.closing and not srv.draining
         extra = b"Connection: keep-alive\r\n" if (keep and req.http10) else b""
-        self.send(error_response(status, close=not keep, extra=extra))
+        self.send(error_response(status, close=not keep, extra=extra + srv.hsts,
+                                 with_body=not req.head_only))
         if not keep:
             self.closing = True
         if req.error is None:
             srv.stats.request(req.pool.name, bname, status, srv.time() - req.t0)
+        self.response_done(req, status, counted=True)
+
+    def _drop_pending(self, req: _Request) -> None:
+        """Body buffered for a backend that will never get it: let go (and read again)."""
+        if req.pending is not None:
+            req.pending = None
+            req.pending_bytes = 0
+            self.unpause(_P_BUFFER)
+
+    # -- answers of our own ---------------------------------------------------------------
+
+    def _local_answer_for(self, req: _Request, method: bytes, target: bytes) -> None:
+        """On a listener with redirect_to_https or acme_challenge_dir: mark the request the
+        proxy answers itself (dispatch does, in its turn). Raises _Reject for a Host that
+        cannot go into a Location."""
+        srv = self.srv
+        if srv.acme_dir is not None and target.startswith(ACME_PREFIX):
+            token = target[len(ACME_PREFIX):]
+            ok = (method == b"GET" or method == b"HEAD") and _ACME_TOKEN.fullmatch(token)
+            req.local = _L_ACME
+            req.local_arg = token if ok else b""
+            req.error = (200, "acme_challenge")
+            return
+        if not srv.redirect:
+            return
+        host = req.host
+        if not host or host is srv.local_host:
+            host = self._local_address()  # no Host: the address the client connected to
+        location = H.https_location(host, target, srv.https_port)
+        if location is None:
+            raise _Reject(400, "bad_redirect_host")
+        req.local = _L_REDIRECT
+        req.local_arg = location
+        req.error = (301, "redirect")
+
+    def _local_address(self) -> bytes:
+        sockname = self.transport.get_extra_info("sockname")
+        ip = sockname[0] if isinstance(sockname, tuple) else self.srv.listener.host_port[0]
+        return ("[" + ip + "]" if ":" in ip else ip).encode("ascii")
+
+    def _answer_local(self, req: _Request) -> None:
+        """A redirect or an ACME challenge: answered here, in the request's turn."""
+        srv = self.srv
+        srv.release(req)
+        self._drop_pending(req)
+        keep = (req.keep_alive and req.complete and not req.upgrade and not self.closing
+                and not srv.draining)
+        if keep:
+            conn = b"Connection: keep-alive\r\n" if req.http10 else b""
+        else:
+            conn = b"Connection: close\r\n"
+        head_only = req.head_only
+        if req.local == _L_REDIRECT:
+            status = 301 if req.method == b"GET" or head_only else 308
+            srv.redirects += 1
+            out = b"".join((H.status_line(status, b""), b"Location: ", req.local_arg,
+                            b"\r\nContent-Length: 0\r\n", conn, b"\r\n"))
+        else:
+            body = srv.acme_file(req.local_arg)
+            if body is None:
+                status = 404
+                out = error_response(404, close=not keep,
+                                     extra=(conn if keep else b"") + srv.hsts,
+                                     with_body=not head_only)
+            else:
+                status = 200
+                out = b"".join((
+                    H.status_line(200, b""),
+                    b"Content-Type: application/octet-stream\r\nContent-Length: ",
+                    str(len(body)).encode(), b"\r\n", conn, srv.hsts,
+                    b"Cache-Control: no-store\r\n\r\n", b"" if head_only else body,
+                ))
+        logger.debug("event=local_answer listener=%s status=%d peer=%s",
+                     srv.listener.name, status, self.ctx.ip if self.ctx else "-")
+        self.send(out)
+        if not keep:
+            self.closing = True
         self.response_done(req, status, counted=True)
 
     def _abort(self, req: _Request, reason: str, bname: str) -> None:
@@ -1466,6 +1657,7 @@ class _Client(_Conn):
                 self._abort(cur, reason, cur.backend.name if cur.backend else "-")
                 return
             cur.error = (status, reason)
+            cur.local = 0
             if self.queue[0] is cur:
                 srv.release_upstream(cur)
                 self._answer_error(cur, status, reason, close=True)
@@ -1539,6 +1731,7 @@ class _Client(_Conn):
                 self.stopped = True
                 self.closing = True
                 req.error = (408, reason)
+                req.local = 0
                 if self.queue[0] is req:
                     self.srv.release_upstream(req)
                     self._answer_error(req, 408, reason, close=True)
@@ -1588,6 +1781,18 @@ class _Client(_Conn):
         self.close()
 
 
+class _TlsClient(_Client):
+    """A client connection on a TLS listener."""
+
+    __slots__ = ()
+
+    def eof_received(self) -> bool:
+        # An SSL transport closes on EOF (close_notify or a bare FIN) whatever this returns:
+        # no half-close, and asking for one only logs a warning per connection.
+        super().eof_received()
+        return False
+
+
 def _classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, httptools.HttpParserInvalidMethodError):
         return 400, "bad_method"
@@ -1630,10 +1835,72 @@ class ProxyServer(ListenerServer["_Client"]):
         host, port = listener.host_port
         self.local_host = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         """Host for HTTP/1.0 requests that carry none."""
+        # Decided once per listener (the hot path reads flags, never the config).
+        self.hsts = b""
+        """The Strict-Transport-Security line of a TLS listener (b"": none); see _tls_set."""
+        self.redirect = listener.redirect_to_https
+        self.https_port = listener.https_port
+        self.acme_dir = listener.acme_challenge_dir
+        self.local_answers = self.redirect or self.acme_dir is not None
+        """Requests may be answered here (checked once per request when set)."""
+        self.redirects = 0
+        """Requests answered with a redirect to https."""
+        self.acme_served = 0
+        """ACME challenges answered from acme_challenge_dir (200)."""
+        self.acme_missing = 0
+        """Requests under /.well-known/acme-challenge/ answered 404."""
+        self._acme_warned = -INF
+        self._backend_ctx: ssl.SSLContext | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    async def start(self, sock: socket.socket) -> None:
+        self._tls_set()
+        await super().start(sock)
+
+    def _tls_set(self) -> None:
+        """Flags that follow the listener's TLS settings (at start and on every reload)."""
+        tls = self.tls
+        if tls is None:
+            self.hsts = b""
+        else:
+            st = tls.settings
+            self.hsts = H.hsts_field(st.hsts_max_age_s, st.hsts_include_subdomains)
+
+    def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
+        if pool_cfg.tls != self.pool_cfg.tls:
+            self._retire_upstreams()
+        super().update(pool, pool_cfg)
+
+    def routes_changed(
+        self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],
+        backend_tls: Mapping[str, ssl.SSLContext],
+    ) -> None:
+        super().routes_changed(pools, pool_cfgs, backend_tls)
+        ctx = backend_tls.get(self.pool.name)
+        if ctx is not self._backend_ctx:
+            if self._backend_ctx is not None:
+                self._retire_upstreams()  # verified with another CA or settings
+            self._backend_ctx = ctx
+        self._tls_set()
+
+    def _retire_upstreams(self) -> None:
+        """The pool's backend TLS changed: no connection made before is pooled again (a
+        plain one must never carry a request meant for TLS). Idle ones close now; busy ones
+        finish their exchange and then idle under a key nobody takes until they time out."""
+        for up in self.upstreams:
+            up.key = _RETIRED
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        for lst in self.idle.values():
+            for up in lst:
+                up.close()
+        self.idle.clear()
+
     def protocol(self) -> asyncio.Protocol:
+        if self.tls is not None:
+            return cast(asyncio.Protocol, _TlsClient(self))
         return cast(asyncio.Protocol, _Client(self))
 
     def close_idle(self, *, spare_fresh: bool = False) -> None:
@@ -1656,10 +1923,7 @@ class ProxyServer(ListenerServer["_Client"]):
         """Finish in-flight requests, close idle keep-alive clients and idle backends."""
         self.draining = True
         self.close_idle()
-        for lst in self.idle.values():
-            for up in lst:
-                up.close()
-        self.idle.clear()
+        self._drop_idle()
 
     def abort_more(self) -> None:
         for up in list(self.upstreams):
@@ -1671,7 +1935,8 @@ class ProxyServer(ListenerServer["_Client"]):
     def client_context(self, ip: str) -> H.ClientContext:
         ctx = self._ctx_cache.get(ip)
         if ctx is None:
-            ctx = H.ClientContext(ip, H.is_trusted(ip, self._trusted))
+            ctx = H.ClientContext(ip, H.is_trusted(ip, self._trusted),
+                                  "https" if self.tls is not None else "http")
             if len(self._ctx_cache) > 4096:
                 self._ctx_cache.clear()
             self._ctx_cache[ip] = ctx
@@ -1779,11 +2044,26 @@ class ProxyServer(ListenerServer["_Client"]):
 
     async def _connect(self, req: _Request, client: _Client, backend: Backend, gen: int) -> None:
         key = (backend.host, backend.port)
+        cfg = req.pool_cfg
+        tls = cfg.tls
+        ctx: ssl.SSLContext | None = None
         try:
-            async with asyncio.timeout(req.pool_cfg.connect_timeout_s):
-                _, up = await self.loop.create_connection(
-                    lambda: cast(asyncio.Protocol, _Upstream(self, key)), backend.host, backend.port
-                )
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                if tls is None:
+                    _, up = await self.loop.create_connection(
+                        lambda: cast(asyncio.Protocol, _Upstream(self, key)),
+                        backend.host, backend.port,
+                    )
+                else:
+                    ctx = self.backend_tls.get(req.pool.name)
+                    if ctx is None:
+                        raise ssl.SSLError(f"no TLS context for pool {req.pool.name!r}")
+                    _, up = await self.loop.create_connection(
+                        lambda: cast(asyncio.Protocol, _TlsUpstream(self, key)),
+                        backend.host, backend.port, ssl=ctx,
+                        server_hostname=tls.server_name or backend.host,
+                        ssl_handshake_timeout=cfg.connect_timeout_s,
+                    )
         except (OSError, TimeoutError) as exc:
             if req.conn_gen == gen and req.backend is backend and not req.finished:
                 client.connect_failed(req, backend, exc)
@@ -1795,11 +2075,75 @@ class ProxyServer(ListenerServer["_Client"]):
                 client.connect_failed(req, backend, exc)
                 self.flush()
             return
+        if tls != self.pool_cfg.tls or (
+            tls is not None and self.backend_tls.get(req.pool.name) is not ctx
+        ):
+            up.key = _RETIRED  # made with settings a reload has since changed
         if req.conn_gen == gen and req.backend is backend and not req.finished:
             up.attach(req, client)
         else:
             self.put_idle(up)
         self.flush()
+
+    # -- ACME challenges ------------------------------------------------------------------------
+
+    def acme_file(self, token: bytes) -> bytes | None:
+        """The challenge file DIR/TOKEN (``token`` already checked: base64url, no ``/`` or
+        ``.``), or None (404). O_NOFOLLOW relative to a descriptor of DIR: a symlink is
+        never followed out of it; a FIFO does not block (O_NONBLOCK, then not regular)."""
+        if not token:
+            self.acme_missing += 1
+            return None
+        assert self.acme_dir is not None
+        data: bytes | None = None
+        try:
+            dfd = os.open(self.acme_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = os.open(token, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size <= ACME_MAX_BYTES:
+                    chunks = []
+                    n = 0
+                    while n <= ACME_MAX_BYTES:
+                        chunk = os.read(fd, ACME_MAX_BYTES + 1 - n)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                        n += len(chunk)
+                    if n <= ACME_MAX_BYTES:
+                        data = b"".join(chunks)
+                if data is None:
+                    self._acme_warn(token, "not a regular file of at most 64 KiB")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                logger.debug("event=acme_challenge_missing listener=%s token=%s",
+                             self.listener.name, token.decode("ascii"))
+            elif exc.errno == errno.ELOOP:
+                self._acme_warn(token, "a symbolic link (not followed)")
+            else:
+                self._acme_warn(token, f"unreadable: {exc.strerror} (the worker user must "
+                                       "be able to read the directory and its files)")
+        if data is None:
+            self.acme_missing += 1
+        else:
+            self.acme_served += 1
+            logger.info("event=acme_challenge_served listener=%s token=%s",
+                        self.listener.name, token.decode("ascii"))
+        return data
+
+    def _acme_warn(self, token: bytes, why: str) -> None:
+        now = self.time()
+        if now - self._acme_warned < 60.0:
+            return  # at most one a minute: anyone can ask for any token
+        self._acme_warned = now
+        logger.warning("event=acme_challenge_refused listener=%s dir=%s token=%s reason=%r",
+                       self.listener.name, self.acme_dir, token.decode("ascii"), why)
 
     # -- timers ---------------------------------------------------------------------------------
 
