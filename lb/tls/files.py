@@ -252,7 +252,11 @@ def stage(src: str, dst: str) -> list[str]:
         if b"PRIVATE KEY" in data or name.endswith(".key"):
             data = read_secret_file(path, "file")  # a key's source is checked as a secret
         tmp = os.path.join(dst, f".{name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # dst belongs to the service's user: never open what it may have put there.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             os.fchown(fd, st.st_uid, st.st_gid)
             os.fchmod(fd, 0o600)
