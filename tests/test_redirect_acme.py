@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -509,6 +510,80 @@ def test_draining_listener_closes_after_a_redirect() -> None:
             assert r.status == 301 and r.header("connection") == "close"
             await wait_for(lambda: not px.server.clients)
             await c.close()
+        await be.stop()
+
+    run(scenario())
+
+
+def test_hostless_redirect_names_the_address_connected_to() -> None:
+    async def scenario() -> None:
+        be = await CountingBackend("web").start()
+        port = free_port_on("127.0.0.5")
+        lst = redirect_listener(bind=f"127.0.0.5:{port}")
+        async with proxy_in_front_of([be], listener=lst) as px:
+            c = await RawClient.connect(px.port, host="127.0.0.5")
+            await c.send(b"GET /x HTTP/1.0\r\n\r\n")
+            r = await c.response()
+            assert r.header("location") == "https://127.0.0.5/x"
+            await c.close()
+        await be.stop()
+
+    run(scenario())
+
+
+def free_port_on(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_local_address_of_an_ipv6_connection_is_bracketed() -> None:
+    from lb.data import proxy as P
+
+    class T:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("2001:db8::5", 80, 0, 0) if name == "sockname" else default
+
+    c = P._Client.__new__(P._Client)
+    c.transport = T()
+    assert c._local_address() == b"[2001:db8::5]"
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "want"),
+    [
+        (b"a.test", 443, b"https://a.test/t"),
+        (b"a.test:8080", 443, b"https://a.test/t"),
+        (b"[::1]:80", 8443, b"https://[::1]:8443/t"),
+        (b"[::1]", 443, b"https://[::1]/t"),
+        (b"[1:2:3:4:5:6:7:8:9]", 443, None),
+        (b"[::1]x", 443, None),
+        (b"a.test@b", 443, None),
+        (b"", 443, None),
+        (b"a" * 300, 443, None),
+    ],
+)
+def test_https_location(host: bytes, port: int, want: bytes | None) -> None:
+    from lb.data.headers import https_location
+
+    assert https_location(host, b"/t", port) == want
+
+
+def test_challenge_between_proxied_requests_pipelined(acme_dir: Path) -> None:
+    async def scenario() -> None:
+        be = await CountingBackend("web").start()
+        async with proxy_in_front_of([be], listener={"acme_challenge_dir": str(acme_dir)}) as px:
+            c = await RawClient.connect(px.port)
+            await c.send(get("/app1") + get(f"/.well-known/acme-challenge/{TOKEN}")
+                         + get("/.well-known/acme-challenge/nope") + get("/app2"))
+            rs = await c.responses(4)
+            assert [r.status for r in rs] == [200, 200, 404, 200]
+            assert rs[0].body == b"web GET /app1\n" and rs[1].body == KEY_AUTH.encode()
+            assert rs[3].body == b"web GET /app2\n"
+            assert all(r.keep_alive for r in rs)
+            await c.close()
+        assert [s.target for s in be.requests] == ["/app1", "/app2"]
         await be.stop()
 
     run(scenario())
