@@ -12,11 +12,20 @@ how to look at it without trusting it:
 - the backends' journals (lab.pair's backend helper) record every request that reached one;
 - the VIP watch (lab.vipwatch) is the kernel's own record of who held the VIP when.
 
+HTTPS (the demo's, optional): `make_demo_tls` makes a CA and a certificate for
+``demo.pairlb.test`` and the VIP with the openssl CLI in the work directory; with
+``Cluster.tls`` set, both nodes also serve it on VIP:8443 (no ticket key configured: both
+derive it from the failover key, so a client resumes its TLS session on the peer).
+`HttpsProbe` is a client in the client namespace that sends one HTTPS GET at a time on a new
+connection, offering the session it got last, and records what happened (who answered,
+resumed or not, certificate errors).
+
 Run as a script it is a helper program: ``forward PORT=NETNS:HOST:PORT ...`` (a loopback
 TCP forwarder from the root namespace into the namespaces, so ``--keep`` can print admin
 URLs a browser can open).
 
-Imports lab.pair, lb.config and failover's public names only.
+Imports lab.pair, lb.config and failover's public names only (ssl and the openssl CLI for
+the HTTPS part).
 """
 
 from __future__ import annotations
@@ -25,13 +34,17 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http.client import HTTPException, HTTPResponse
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +96,208 @@ def default_layout() -> tuple[config_mod.Config, list[Backend]]:
     return base, [Backend(b.name, b.host_port[1], b.weight) for b in pool.backends]
 
 
+# -- HTTPS ------------------------------------------------------------------------------------
+
+HTTPS_NAME = "demo.pairlb.test"
+HTTPS_PORT = 8443
+
+
+class DemoTlsUnavailable(Exception):
+    """The demo's certificates could not be made (the message says why, in a few words)."""
+
+
+@dataclass(frozen=True)
+class DemoTls:
+    """The demo's HTTPS: a CA made at start, and a certificate it signed for `name`."""
+
+    ca: Path
+    cert: Path
+    """The certificate, then the CA (the chain as served)."""
+    key: Path
+    name: str = HTTPS_NAME
+    port: int = HTTPS_PORT
+
+
+def make_demo_tls(directory: Path, ips: Sequence[str], name: str = HTTPS_NAME,
+                  days: int = 2) -> DemoTls:
+    """A CA and an ECDSA P-256 certificate for `name` and `ips` it signed, made with the
+    openssl CLI (as an operator would) in `directory`; the key mode 0600."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise DemoTlsUnavailable("the openssl command is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "demo-ca.pem", directory / "demo-ca.key"
+    key, csr = directory / "demo.key", directory / "demo.csr"
+    leaf, cert, ext = directory / "demo.leaf.pem", directory / "demo.pem", directory / "demo.ext"
+    san = ",".join([f"DNS:{name}", *(f"IP:{ip}" for ip in ips)])
+    ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n", encoding="ascii")
+    steps = [
+        ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(ca_key)],
+        ["req", "-x509", "-new", "-key", str(ca_key), "-sha256", "-days", str(days), "-subj",
+         "/CN=pairlb demo CA", "-out", str(ca)],
+        ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+        ["req", "-new", "-key", str(key), "-subj", f"/CN={name}", "-out", str(csr)],
+        ["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-sha256", "-days", str(days), "-extfile", str(ext), "-out",
+         str(leaf)],
+    ]
+    old = os.umask(0o077)  # the keys are born 0600
+    try:
+        for argv in steps:
+            try:
+                done = subprocess.run([openssl, *argv], capture_output=True, timeout=30,
+                                      stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise DemoTlsUnavailable(f"openssl {argv[0]}: {exc}") from None
+            if done.returncode != 0:
+                last = (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+                raise DemoTlsUnavailable(f"openssl {argv[0]} failed: {last}")
+    finally:
+        os.umask(old)
+    cert.write_bytes(leaf.read_bytes() + ca.read_bytes())
+    cert.chmod(0o644)
+    ca.chmod(0o644)
+    key.chmod(0o600)
+    return DemoTls(ca, cert, key, name)
+
+
+def tls_listener_toml(lst_name: str, bind: str, pool: str, tls: DemoTls) -> str:
+    """The demo's HTTPS listener (no ticket_key_file: derived from the failover key)."""
+    return f"""
+[[listener]]
+name = "{lst_name}-tls"
+bind = "{bind}"
+mode = "http"
+pool = "{pool}"
+
+[listener.tls]
+certificates = [
+  {{ cert_file = "{tls.cert}", key_file = "{tls.key}" }},
+]
+"""
+
+
+@dataclass(frozen=True)
+class HttpsRecord:
+    """One HTTPS request of the probe, as the client saw it."""
+
+    t0: float
+    t1: float
+    status: int
+    peer: str
+    """The X-Peer of the answer: the address of the node that carried it."""
+    reused: bool
+    """The TLS session the client offered was resumed."""
+    tries: int
+    """Connections it took (more than 1: the first ones failed before an answer)."""
+    error: str
+    """"-", "certificate" (verification failed: never retried), or the last error."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error == "-"
+
+
+def https_get(host: str, port: int, name: str, ctx: ssl.SSLContext,
+              session: ssl.SSLSession | None, timeout_s: float
+              ) -> tuple[int, str, bool, ssl.SSLSession | None]:
+    """GET / on a new TLS connection offering `session`: (status, X-Peer, resumed, the
+    session to offer next). Runs in the namespace of the thread that calls it."""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with ctx.wrap_socket(sock, server_hostname=name, session=session) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+                      .encode())
+            resp = HTTPResponse(s)
+            resp.begin()
+            resp.read()
+            # A TLS 1.3 ticket arrives after the handshake: read with the response.
+            return (resp.status, resp.getheader("X-Peer") or "-", bool(s.session_reused),
+                    s.session)
+
+
+class HttpsProbe:
+    """HTTPS GETs to the VIP from the client namespace, one every `every_s` on a new
+    connection offering the last session (as a browser resumes). A connection that fails
+    before an answer is tried again 20 ms later until `timeout_s` (a browser reconnects);
+    a certificate error is recorded at once. Bounded by `max_requests` and stop()."""
+
+    RETRY_S = 0.02
+
+    def __init__(self, pair: Pair, host: str, tls: DemoTls, *, every_s: float = 0.25,
+                 timeout_s: float = 2.0, max_requests: int = 10_000) -> None:
+        self.pair = pair
+        self.host = host
+        self.tls = tls
+        self.every_s = every_s
+        self.timeout_s = timeout_s
+        self.max_requests = max_requests
+        self.records: list[HttpsRecord] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="https-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.timeout_s + 5.0)
+
+    def snapshot(self) -> list[HttpsRecord]:
+        with self._lock:
+            return list(self.records)
+
+    def _run(self) -> None:
+        ctx = ssl.create_default_context(cafile=str(self.tls.ca))
+        session: ssl.SSLSession | None = None
+        due = time.monotonic()
+        for _ in range(self.max_requests):
+            if self._stop.is_set():
+                return
+            rec, session = self._one(ctx, session)
+            with self._lock:
+                self.records.append(rec)
+            due = max(due + self.every_s, time.monotonic())
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                return
+
+    def _one(self, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+             ) -> tuple[HttpsRecord, ssl.SSLSession | None]:
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout_s
+        tries, error = 0, "-"
+        while True:
+            tries += 1
+            left = max(0.05, deadline - time.monotonic())
+            try:
+                status, peer, reused, new = self.pair.topo.call(
+                    CLIENT, https_get, self.host, self.tls.port, self.tls.name, ctx, session,
+                    left)
+            except ssl.SSLCertVerificationError:
+                return HttpsRecord(t0, time.monotonic(), 0, "-", False, tries,
+                                   "certificate"), session
+            except (OSError, ssl.SSLError, HTTPException) as exc:
+                error = type(exc).__name__
+                if self._stop.is_set() or time.monotonic() + self.RETRY_S >= deadline:
+                    return HttpsRecord(t0, time.monotonic(), 0, "-", False, tries,
+                                       error), session
+                time.sleep(self.RETRY_S)
+                continue
+            return HttpsRecord(t0, time.monotonic(), status, peer, reused, tries,
+                               "-" if status == 200 else f"http{status}"), new or session
+
+
+# -- node configs -------------------------------------------------------------------------------
+
+
 def node_config(
     base: config_mod.Config, node: str, *, addr: dict[str, str], vip: str, key_file: str,
-    token_file: str, settings: Settings, variant: str = "",
+    token_file: str, settings: Settings, variant: str = "", tls: DemoTls | None = None,
 ) -> str:
-    """TOML for `node`: the embedded default moved into the topology, plus failover/admin.
+    """TOML for `node`: the embedded default moved into the topology, plus failover/admin
+    (and, with `tls`, an HTTPS listener on VIP:tls.port in front of the same pool).
 
     variant "alt" changes one pool setting (a valid reload that changes the pool), "broken"
     is a config with an error (a reload that must be refused).
@@ -103,6 +313,8 @@ def node_config(
         f"weight = {b.weight} }}" for b in pool.backends)
     connect = 0.4 if variant == "alt" else 0.5
     broken = 'weight = "heavy"\n' if variant == "broken" else ""
+    https = "" if tls is None else tls_listener_toml(lst.name, f"{vip}:{tls.port}", pool.name,
+                                                     tls)
     text = f"""\
 # Written by pairlb demo: the embedded default config moved into the demo's namespaces,
 # plus [failover] and [admin]. Timers are faster than the defaults so the story is quick.
@@ -116,7 +328,7 @@ name = "{lst.name}"
 bind = "{vip}:{lst.host_port[1]}"
 mode = "{lst.mode}"
 pool = "{pool.name}"
-
+{https}
 [[pool]]
 name = "{pool.name}"
 balance = "{pool.balance}"
@@ -224,6 +436,8 @@ class Cluster(Pair):
         self.settings = settings or Settings()
         self.base, backends = default_layout()
         self.load: Proc | None = None
+        self.tls: DemoTls | None = None
+        """Set (make_demo_tls) before the nodes start: they serve HTTPS too."""
         super().__init__(workdir, backends, python)
         try:
             self.listen_port = self.base.listener[0].host_port[1]
@@ -253,7 +467,7 @@ class Cluster(Pair):
     def config_text(self, node: str, variant: str = "") -> str:
         return node_config(self.base, node, addr=self.addr, vip=self.vip,
                            key_file=str(self.key_file), token_file=str(self.token_file),
-                           settings=self.settings, variant=variant)
+                           settings=self.settings, variant=variant, tls=self.tls)
 
     def write_config(self, node: str, variant: str = "") -> None:
         """Install `node`'s config (a reload is the caller's: SIGHUP)."""

@@ -5,6 +5,10 @@ the default config's three backends in namespaces (lab.cluster), starts two real
 nodes that share a VIP, sends steady HTTP load to the VIP from the client namespace
 (lab.load) and plays a story: a backend killed and restarted, a backend drained and
 enabled, the active load balancer killed with -9 and brought back, a planned switchover.
+The pair serves HTTPS too, with a certificate made at start with the openssl CLI (skipped,
+in one line, without it): a second client sends HTTPS requests to the VIP all along, each
+on a new connection resuming its TLS session, and the demo shows that it went through the
+failover with no certificate error and resumed its session on the other node.
 A live view (redrawn once per second with plain ANSI codes; one plain line per second when
 stdout is not a terminal) shows requests/s, errors, who holds the VIP and each backend's
 state. At the end a table shows, per event, the outage it caused (the longest time without
@@ -60,6 +64,8 @@ DRAIN_GRACE_S = 0.05
 """A worker applies a new pool snapshot within milliseconds of the admin call returning."""
 NONE_BELOW_S = 0.05
 """Gaps shorter than five request intervals are the load's own rhythm, not an outage."""
+HTTPS_EVERY_S = 0.25
+"""The HTTPS client's pace (each request a new connection resuming the last session)."""
 
 
 class DemoError(Exception):
@@ -112,6 +118,10 @@ class Frame:
     nodes: list[tuple[str, str]]
     backends: list[BackendView]
     step: str
+    https_ok: int | None = None
+    """HTTPS answers in the last second (None: no HTTPS client)."""
+    https_resumed: int = 0
+    https_failed: int = 0
 
 
 @dataclass
@@ -153,11 +163,17 @@ def render(frame: Frame, ansi: bool, width: int = 100) -> list[str]:
                      for v in frame.backends)
     failed = frame.failed_rps
     failed_text = f"{failed} failed" if not ansi or not failed else f"{_RED}{failed} failed{_RESET}"
+    https = ""
+    if frame.https_ok is not None:
+        https = f"   HTTPS {frame.https_ok} ok, {frame.https_resumed} resumed"
+        if frame.https_failed:
+            more = f"{frame.https_failed} failed"
+            https += ", " + (f"{_RED}{more}{_RESET}" if ansi else more)
     lines = [
         f"{b[0]}pairlb demo{b[1]}  {frame.elapsed_s:3.0f} s of {frame.duration_s:.0f} s"
         f"   now: {frame.step}",
         f"  requests/s  {frame.ok_rps} ok, {failed_text}"
-        f"   (so far {frame.total} requests, {frame.failed_total} failed)",
+        f"   (so far {frame.total} requests, {frame.failed_total} failed){https}",
         (f"  VIP         {frame.target} held by {frame.holder}   {nodes}" if frame.holder != "-"
          else f"  serving     {frame.target} (one node, no VIP)   {nodes}"),
         f"  backends    {bes}",
@@ -190,8 +206,10 @@ def plain_line(frame: Frame) -> str:
     """One line per tick when stdout is not a terminal (logs, CI)."""
     nodes = " ".join(f"{n}={r.replace(' ', '_')}" for n, r in frame.nodes)
     bes = " ".join(f"{v.name}={v.state.replace(' ', '_')}" for v in frame.backends)
+    https = ("" if frame.https_ok is None else
+             f"https_ok/s={frame.https_ok} https_failed/s={frame.https_failed} ")
     return (f"t={frame.elapsed_s:.0f}s ok/s={frame.ok_rps} failed/s={frame.failed_rps} "
-            f"vip={frame.holder.split(' (')[0].replace(' and ', '+')} {nodes} {bes}")
+            f"{https}vip={frame.holder.split(' (')[0].replace(' and ', '+')} {nodes} {bes}")
 
 
 def summarize(events: Sequence[Event], records: Sequence[Record], start: float,
@@ -279,6 +297,18 @@ class _Demo:
 
     def note(self, ev: Event, until: float) -> str:
         return ev.note
+
+    def https_rates(self, now: float) -> tuple[int, int, int] | None:
+        """HTTPS (ok, resumed, failed) that ended in the last tick; None: no HTTPS client."""
+        return None
+
+    def live_lines(self) -> list[str]:
+        """Lines to print above the view at this tick (things the story does not time)."""
+        return []
+
+    def summary_lines(self) -> list[str]:
+        """Lines after the summary table."""
+        return []
 
     # output
 
@@ -382,6 +412,8 @@ class _Demo:
         now = time.monotonic()
         with self._lock:
             lines, self.pending = [e.label for e in self.pending], []
+        lines += self.live_lines()
+        https = self.https_rates(now)
         recent = [r for r in self.log.records if now - TICK_S <= r.t1 < now]
         ok = [r for r in recent if r.ok]
         per_backend = Counter(r.backend for r in ok)
@@ -392,6 +424,8 @@ class _Demo:
         frame = Frame(now - self.started_at, self.duration_s, len(ok), len(recent) - len(ok),
                       len(self.log.records), failed_total, target, holder, nodes, backends,
                       self.step_text)
+        if https is not None:
+            frame.https_ok, frame.https_resumed, frame.https_failed = https
         if self.ansi:
             self._clear()
             for line in lines:
@@ -434,6 +468,11 @@ class _Demo:
               f"{NONE_BELOW_S * 1000:.0f} ms)", file=self.out)
         for line in render_summary(rows):
             print("  " + line, file=self.out)
+        extra = self.summary_lines()
+        if extra:
+            print("", file=self.out)
+            for line in extra:
+                print(line, file=self.out)
         if self.problems:
             print(f"\n{len(self.problems)} step(s) did not go as planned:", file=self.out)
             for p in self.problems:
@@ -460,6 +499,9 @@ class NamespaceDemo(_Demo):
         self.victim = layout[-1].name
         self.drained = max(layout, key=lambda b: b.weight).name
         self.killed_node = ""
+        self.killed_at = 0.0
+        self.https: demo_net.HttpsProbe | None = None
+        self.https_told = False
 
     @property
     def c(self) -> demo_net.Cluster:
@@ -476,6 +518,13 @@ class NamespaceDemo(_Demo):
         names = ", ".join(c.nodes)
         self.say(f"network: {names} in namespaces {c.prefix}-* "
                  f"(built in {c.topo.build_s:.2f} s; VIP {c.vip})")
+        try:
+            c.tls = demo_net.make_demo_tls(self.workdir / "tls", [c.vip])
+            self.say(f"HTTPS: a CA and a certificate for {c.tls.name} made with openssl; "
+                     f"the nodes also serve https://{c.tls.name}:{c.tls.port}/ on the VIP "
+                     "(session ticket key derived from the failover key both share)")
+        except demo_net.DemoTlsUnavailable as exc:
+            self.say(f"HTTPS: skipped ({exc}); the pair serves HTTP only this time")
         c.start_backends()
         self.say(f"backends {', '.join(c.backend_names)} listening; starting pairlb on lb1 "
                  "(priority 150) and lb2 (priority 100)")
@@ -486,6 +535,15 @@ class NamespaceDemo(_Demo):
         self.say(f"lb1 is MASTER, lb2 BACKUP ({time.monotonic() - t0:.1f} s); the client "
                  f"sends {RATE:.0f} requests/s to http://{c.vip}:{c.listen_port}/ "
                  "(GETs, and every 4th a POST)")
+        if c.tls is not None:
+            self.https = demo_net.HttpsProbe(c, c.vip, c.tls, every_s=HTTPS_EVERY_S,
+                                             timeout_s=REQUEST_TIMEOUT_S,
+                                             max_requests=int((self.duration_s + 60.0)
+                                                              / HTTPS_EVERY_S))
+            self.https.start()
+            self.say(f"a second client sends HTTPS to https://{c.tls.name}:{c.tls.port}/ "
+                     f"({1 / HTTPS_EVERY_S:.0f}/s, each on a new connection resuming its TLS "
+                     "session; it trusts the demo's CA only)")
         self.say("")
 
     def steps(self) -> list[Step]:
@@ -520,6 +578,7 @@ class NamespaceDemo(_Demo):
                 raise DemoError("no MASTER to kill")
             self.killed_node = node
             t = c.signal_node(node, signal.SIGKILL)
+            self.killed_at = t
             self.process_note[node] = "killed"
             return f"active load balancer {node} killed (kill -9)", t
 
@@ -586,7 +645,15 @@ class NamespaceDemo(_Demo):
             node = label.split()[3]
             other = next(n for n in pair.LBS if n != node)
             first = _first_answer(self.log.records, c.addr[other], ev.t, until)
-            return f"{other} answered {first} after the kill" if first else ""
+            if not first:
+                return ""
+            text = f"{other} answered {first} after the kill"
+            https = self._https_after(other, ev.t, until)
+            if https is not None:
+                rec, _ = https
+                text += f" (HTTPS {1000 * (rec.t1 - ev.t):.0f} ms, " + (
+                    "session resumed)" if rec.reused else "full handshake)")
+            return text
         if "brought back" in label:
             node = label.split()[0]
             first = _first_answer(self.log.records, c.addr[node], ev.t, until)
@@ -602,11 +669,93 @@ class NamespaceDemo(_Demo):
             return _drain_note(self.drained, ev.t, until, self.log.records)
         return ""
 
+    # HTTPS
+
+    def _https_after(self, node: str, t: float, until: float = float("inf")
+                     ) -> tuple[demo_net.HttpsRecord, int] | None:
+        """The first HTTPS answer from `node` that ended after `t` (and before `until`),
+        and how many HTTPS requests ended between `t` and it."""
+        if self.https is None or self.cluster is None:
+            return None
+        recs = [r for r in self.https.snapshot() if r.t1 > t]
+        for i, r in enumerate(recs):
+            if r.ok and r.peer == self.cluster.addr[node] and r.t1 < until:
+                return r, i
+        return None
+
+    def https_rates(self, now: float) -> tuple[int, int, int] | None:
+        if self.https is None:
+            return None
+        recent = [r for r in self.https.snapshot() if now - TICK_S <= r.t1 < now]
+        ok = [r for r in recent if r.ok]
+        return len(ok), sum(1 for r in ok if r.reused), len(recent) - len(ok)
+
+    def live_lines(self) -> list[str]:
+        if self.https is None or not self.killed_at or self.https_told:
+            return []
+        other = next(n for n in pair.LBS if n != self.killed_node)
+        found = self._https_after(other, self.killed_at)
+        if found is None:
+            if time.monotonic() - self.killed_at > 10.0:
+                self.https_told = True  # reported in the summary instead
+            return []
+        rec, _ = found
+        self.https_told = True
+        how = ("resumed the client's TLS session (no new handshake)" if rec.reused
+               else "a full handshake (the session was not resumed)")
+        cert = self._https_cert_errors()
+        return [f"  {rec.t1 - self.started_at:5.1f} s  HTTPS through the failover: {other} "
+                f"answered {1000 * (rec.t1 - self.killed_at):.0f} ms after the kill, {how}; "
+                f"certificate errors so far: {cert}"]
+
+    def _https_cert_errors(self) -> int:
+        if self.https is None:
+            return 0
+        return sum(1 for r in self.https.snapshot() if r.error == "certificate")
+
+    def summary_lines(self) -> list[str]:
+        c = self.cluster
+        if self.https is None or c is None or c.tls is None:
+            return []
+        self.https.stop()
+        recs = self.https.snapshot()
+        failed = [r for r in recs if not r.ok]
+        cert = self._https_cert_errors()
+        resumed = sum(1 for r in recs if r.ok and r.reused)
+        again = sum(1 for r in recs if r.ok and r.tries > 1)
+        errors = Counter(r.error for r in failed)
+        lines = [f"HTTPS: {len(recs)} requests to https://{c.tls.name}:{c.tls.port}/, "
+                 f"{len(failed)} failed, {cert} certificate errors, {resumed} resumed their "
+                 f"TLS session ({again} reconnected to get an answer)"
+                 + (f"; errors: {', '.join(f'{k} {v}' for k, v in errors.items())}"
+                    if errors else "")]
+        if self.killed_at:
+            other = next(n for n in pair.LBS if n != self.killed_node)
+            found = self._https_after(other, self.killed_at)
+            if found is None:
+                lines.append(f"  {self.killed_node} killed: no HTTPS answer from {other} "
+                             "after it")
+            else:
+                rec, _ = found
+                how = (f"and resumed the TLS session {self.killed_node} had issued (no new "
+                       "handshake)" if rec.reused else
+                       f"with a full handshake (the session {self.killed_node} had issued "
+                       "was not resumed)")
+                lines.append(f"  {self.killed_node} killed: {other} answered HTTPS "
+                             f"{1000 * (rec.t1 - self.killed_at):.0f} ms later {how}")
+        if cert:
+            self.problems.append(f"HTTPS: {cert} certificate errors")
+        return lines
+
     def stop_load(self) -> None:
+        if self.https is not None:
+            self.https.stop()
         if self.cluster is not None:
             self.cluster.stop_load()
 
     def teardown(self) -> None:
+        if self.https is not None:
+            self.https.stop()
         if self.cluster is not None:
             self.cluster.close()
 
@@ -625,6 +774,9 @@ class NamespaceDemo(_Demo):
             f"{c.vip}:{c.listen_port} from the client namespace)",
             f"  inside      sudo ip netns exec {ns['client']} curl -si "
             f"http://{c.vip}:{c.listen_port}/",
+            *([f"              sudo ip netns exec {ns['client']} curl -si --cacert "
+               f"{c.tls.ca} --resolve {c.tls.name}:{c.tls.port}:{c.vip} "
+               f"https://{c.tls.name}:{c.tls.port}/"] if c.tls is not None else []),
             f"              sudo ip netns exec {ns['lb1']} pairlb status -c "
             f"{c.config_path('lb1')}",
             f"              sudo ip netns exec {ns['lb2']} pairlb switchover -c "

@@ -1,5 +1,7 @@
 """``pairlb demo`` as a user runs it (issue 8): the namespace story with root, the loopback
-version without, Ctrl-C, --keep and --cleanup; and the view and summary rendering.
+version without, Ctrl-C, --keep and --cleanup; and the view and summary rendering. The
+namespace story serves HTTPS too (issue 15): a client resumes its TLS session through the
+failover with no error; its certificates are made with the openssl CLI at start.
 
 The root tests run the real command (``python -m lb demo``) with stdout on a pipe, so the
 view degrades to one plain line per second; the summary is parsed from that output. Each
@@ -9,11 +11,13 @@ its processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -93,6 +97,16 @@ def test_live_view_lines_fit_the_terminal_and_plain_lines_carry_the_state() -> N
     assert "held by lb2 (stale copy on lb1)" in plain[2] and "3 failed" in plain[1]
     line = demo.plain_line(frame())
     assert "vip=lb2 " in line and "lb1=down_(killed)" in line and "web2=draining" in line
+    assert "https" not in line and "HTTPS" not in plain[1]
+    # With the HTTPS client: its rate on the requests line, still four lines that fit.
+    https = frame(https_ok=4, https_resumed=4, https_failed=1)
+    lines = demo.render(https, ansi=True, width=60)
+    assert len(lines) == 4
+    assert all(len(re.sub(r"\x1b\[[0-9;]*m", "", line)) <= 60 for line in lines)
+    wide = demo.render(https, ansi=False, width=300)
+    assert wide[1].endswith("HTTPS 4 ok, 4 resumed, 1 failed"), wide[1]
+    line = demo.plain_line(https)
+    assert "https_ok/s=4 https_failed/s=1 vip=lb2 lb1=down_(killed)" in line, line
 
 
 def test_summary_counts_each_events_failures_and_longest_gap() -> None:
@@ -109,6 +123,35 @@ def test_summary_counts_each_events_failures_and_longest_gap() -> None:
     assert rows[1].outage_s == pytest.approx(0.21, abs=0.011)
     text = "\n".join(demo.render_summary(rows))
     assert "0.21" in text and "refused 1" in text
+
+
+def test_demo_certificates_are_made_with_openssl_or_skipped_in_one_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+    tls = demo_net.make_demo_tls(tmp_path / "tls", ["192.0.2.100"])
+    assert tls.name == "demo.pairlb.test" and tls.port == 8443
+    assert tls.key.stat().st_mode & 0o777 == 0o600
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tls.cert, tls.key)  # the chain and its key match
+    client = ssl.create_default_context(cafile=str(tls.ca))
+    # A handshake in memory: the client trusts the demo CA and the name and the VIP verify.
+    for name in ("demo.pairlb.test", "192.0.2.100"):
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        cobj = client.wrap_bio(c_in, c_out, server_hostname=name)
+        sobj = server.wrap_bio(s_in, s_out, server_side=True)
+        for _ in range(10):
+            for obj in (cobj, sobj):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        assert cobj.version() and cobj.getpeercert()["subject"] == (
+            (("commonName", "demo.pairlb.test"),),), name
+    # Without the openssl command: one reason, for the demo's one line.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(demo_net.DemoTlsUnavailable, match="openssl command is not installed"):
+        demo_net.make_demo_tls(tmp_path / "none", ["192.0.2.100"])
 
 
 # -- with namespaces ----------------------------------------------------------------------------
@@ -144,6 +187,24 @@ def test_namespace_demo_plays_every_event_and_leaves_nothing() -> None:
         assert re.search(r"\snone\s+0\s", row_for(rows, "planned switchover")), out[-3000:]
         # The live view (plain lines on a pipe) showed the VIP move.
         assert re.search(r"vip=lb2 lb1=down_\(killed\) lb2=MASTER", out)
+        # HTTPS through all of it: certificates made at start, not one failed request or
+        # certificate error, every session after the first resumed, across the kill too.
+        if shutil.which("openssl") is None:
+            assert "HTTPS: skipped (the openssl command is not installed)" in out, out[:3000]
+            return
+        assert "HTTPS: a CA and a certificate for demo.pairlb.test made with openssl" in out
+        m = re.search(r"^HTTPS: (\d+) requests to https://demo\.pairlb\.test:8443/, (\d+) "
+                      r"failed, (\d+) certificate errors, (\d+) resumed", out, re.M)
+        assert m, out[-3000:]
+        requests, failed, cert_errors, resumed = map(int, m.groups())
+        assert (failed, cert_errors) == (0, 0), m.group(0)
+        assert requests >= 20 * 4 * 0.5 and resumed == requests - 1, m.group(0)
+        assert re.search(r"^  lb1 killed: lb2 answered HTTPS \d+ ms later and resumed the TLS "
+                         r"session lb1 had issued", out, re.M), out[-3000:]
+        assert re.search(r"HTTPS through the failover: lb2 answered \d+ ms after the kill, "
+                         r"resumed the client's TLS session", out), out[-5000:]
+        assert re.search(r"\(HTTPS \d+ ms, session resumed\)", kill), kill
+        assert re.search(r"https_ok/s=[1-9]", out)
     finally:
         left = netns.list_namespaces(prefix + "-")
         netns.cleanup(prefix)
