@@ -346,8 +346,12 @@ def test_acme_challenge_on_a_tls_listener(pki: Pki, site: Leaf, tmp_path: Path) 
 def test_client_closing_tls_logs_no_eof_warning(
     loop: str, pki: Pki, site: Leaf, caplog: pytest.LogCaptureFixture
 ) -> None:
+    def beh(seen: Seen, be: CountingBackend) -> Any:
+        out = ok_behaviour(seen, be)
+        return ("delay", 0.2, out) if seen.target == "/slow" else out
+
     async def scenario() -> None:
-        be = Backend("web")
+        be = Backend("web", beh)
         async with running(be):
             px = await start_tls_proxy([("web", be.address)], site)
             for _ in range(3):
@@ -355,6 +359,13 @@ def test_client_closing_tls_logs_no_eof_warning(
                 await c.send(get("/", host="site.test"))
                 assert (await c.response()).status == 200
                 await c.close()  # close_notify
+            # EOF while an answer is due: no half-close over TLS, the exchange is cut.
+            for _ in range(3):
+                c = await tls_client(px.port, pki)
+                await c.send(get("/slow", host="site.test"))
+                await asyncio.sleep(0.05)
+                await c.close()
+            await asyncio.sleep(0.3)
             c = await tls_client(px.port, pki)
             c.writer.transport.abort()  # a bare reset
             await asyncio.sleep(0.2)
