@@ -58,6 +58,7 @@ class Stats:
         self._tcp: dict[tuple[str, str], list[int]] = {}
         self._tls: dict[tuple[str, str, str], int] = {}
         self._sni: dict[tuple[str, str], int] = {}
+        self._local: dict[tuple[str, str], int] = {}
         self._tls_late: list[tuple[str, str]] = []
         """Failures counted from a finalizer (any allocation may run one): appended only,
         folded into ``_tls`` when read, so no dict changes size under an iteration."""
@@ -131,6 +132,12 @@ class Stats:
         self._sni[key] = self._sni.get(key, 0) + 1
         self._dirty = True
 
+    def local_answer(self, listener: str, kind: str) -> None:
+        """A request pairlb answered itself: https_redirect, acme_served, acme_missing."""
+        key = (listener, kind)
+        self._local[key] = self._local.get(key, 0) + 1
+        self._dirty = True
+
     def tls_failure_late(self, listener: str, reason: str) -> None:
         """tls_failure from a finalizer (an abandoned handshake collected)."""
         self._tls_late.append((listener, reason))
@@ -181,6 +188,7 @@ class Stats:
         self._tcp.clear()
         self._tls.clear()
         self._sni.clear()
+        self._local.clear()
         self._dirty = False
         return out
 
@@ -237,4 +245,9 @@ class Stats:
             for (listener, decision), n in self._sni.items():
                 sni.setdefault(listener, {})[decision] = n
             out["sni"] = sni
+        if self._local:
+            local: dict[str, Any] = {}
+            for (listener, kind), n in self._local.items():
+                local.setdefault(listener, {})[kind] = n
+            out["local"] = local
         return out

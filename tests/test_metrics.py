@@ -199,11 +199,11 @@ def test_families_are_declared_typed_and_bounded_and_promtool_agrees(tmp_path: P
     alone = _check_families(standalone, failover=False)
     both = _check_families(paired, failover=True)
     # Everything a busy standalone node can say is said, and ProcessCollector is namespaced.
-    # (TLS and SNI-routing series exist only with such listeners: tests/test_tls_e2e.py
-    # scrapes them from a daemon that has them.)
+    # (TLS, SNI-routing and local-answer series exist only with such listeners:
+    # tests/test_tls_e2e.py scrapes them from a daemon that has them.)
     missing = {
         m.name for m in metrics.METRICS if not m.failover_only and not m.name.startswith(
-            ("pairlb_worker_", "pairlb_tls_", "pairlb_sni_")
+            ("pairlb_worker_", "pairlb_tls_", "pairlb_sni_", "pairlb_local_")
         )
     } - alone
     assert not missing, missing

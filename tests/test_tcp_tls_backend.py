@@ -278,19 +278,19 @@ def test_wrong_name_fails_the_connection_as_a_connect_failure(
             w.close()
             await wait_for(lambda: not px.server.clients)
             snap = px.stats.snapshot()
-            assert snap["errors"]["p"] == {"named": {"tls_verify_failed": 1},
-                                           "named2": {"tls_verify_failed": 1}}
-            assert snap["retries"]["p"] == {"tls_verify_failed": 1}
+            assert snap["errors"]["p"] == {"named": {"tls_verify": 1},
+                                           "named2": {"tls_verify": 1}}
+            assert snap["retries"]["p"] == {"tls_verify": 1}
             assert "tcp" not in snap or not snap["tcp"].get("p")
             assert sorted((e.backend, str(e.outcome)) for e in px.ejections) == \
                 [("named", "connect_failed"), ("named2", "connect_failed")]
-        assert "reason=tls_verify_failed" in caplog.text
+        assert "reason=tls_verify" in caplog.text
         # By IP, a certificate without the IP in its SANs fails the same way.
         async with tls_pool_proxy(pki, [backends["named"]], {}, pool={"retries": 0}) as px:
             r, w = await asyncio.open_connection("127.0.0.1", px.port)
             assert await asyncio.wait_for(r.read(), 10) == b""
             w.close()
-            assert px.stats.snapshot()["errors"]["p"] == {"named": {"tls_verify_failed": 1}}
+            assert px.stats.snapshot()["errors"]["p"] == {"named": {"tls_verify": 1}}
 
     run_on(loop, scenario())
 
@@ -304,7 +304,7 @@ def test_failure_on_one_backend_is_retried_on_another(pki: Pki,
                 greeting, rest = await exchange(px.port, b"x bye\n", eof=False)
                 assert (greeting, rest) == (b"ip2\n", b"x bye\n")
             snap = px.stats.snapshot()
-            assert snap["errors"]["p"] == {"named": {"tls_verify_failed": 1}}  # then ejected
+            assert snap["errors"]["p"] == {"named": {"tls_verify": 1}}  # then ejected
             assert [e.backend for e in px.ejections] == ["named"]
 
     run_on("asyncio", scenario())
@@ -319,7 +319,7 @@ def test_untrusted_certificate_and_verify_off(pki: Pki, tmp_path_factory: pytest
             r, w = await asyncio.open_connection("127.0.0.1", px.port)
             assert await asyncio.wait_for(r.read(), 10) == b""
             w.close()
-            assert px.stats.snapshot()["errors"]["p"] == {"ip1": {"tls_verify_failed": 1}}
+            assert px.stats.snapshot()["errors"]["p"] == {"ip1": {"tls_verify": 1}}
         # verify = false: a lab backend with the wrong name and an unknown CA is accepted.
         async with tls_pool_proxy(other, [backends["named"]],
                                   {"verify": False, "server_name": "wrong.example.test"}) as px:
@@ -336,7 +336,7 @@ def test_plain_backend_in_a_tls_pool_is_a_tls_failure(pki: Pki,
             r, w = await asyncio.open_connection("127.0.0.1", px.port)
             assert await asyncio.wait_for(r.read(), 10) == b""
             w.close()
-            assert px.stats.snapshot()["errors"]["p"] == {"plain": {"tls_failed": 1}}
+            assert px.stats.snapshot()["errors"]["p"] == {"plain": {"tls_handshake": 1}}
 
     run_on("asyncio", scenario())
 

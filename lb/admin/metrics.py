@@ -180,6 +180,13 @@ METRICS: tuple[MetricDef, ...] = (
         "the failover key, by the peer), else 0.",
     ),
     _d(
+        "pairlb_local_responses_total",
+        "counter",
+        "listener kind",
+        "Requests pairlb answered itself, never sent to a backend: https_redirect, "
+        "acme_served (an ACME challenge file), acme_missing (404 under the challenge path).",
+    ),
+    _d(
         "pairlb_sni_routing_total",
         "counter",
         "listener decision",
@@ -802,6 +809,9 @@ class PairlbCollector:
                 add("pairlb_tcp_connections_total", [pool, backend], row.get("connections", 0))
                 add("pairlb_tcp_bytes_total", [pool, backend, "in"], row.get("bytes_in", 0))
                 add("pairlb_tcp_bytes_total", [pool, backend, "out"], row.get("bytes_out", 0))
+        for listener, kinds in sorted(totals.get("local", {}).items()):
+            for kind, n in sorted(kinds.items()):
+                add("pairlb_local_responses_total", [listener, kind], n)
         for listener, decisions in sorted(totals.get("sni", {}).items()):
             for decision, n in sorted(decisions.items()):
                 add("pairlb_sni_routing_total", [listener, decision], n)

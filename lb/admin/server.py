@@ -740,9 +740,11 @@ def _tls_section(listeners: list[Mapping[str, Any]], now: float) -> str:
                 f"</td><td class='num'>{e(str(c['handshakes']))}</td>"
                 f"<td class='num'>{e(str(c['resumed']))}</td></tr>")
         failures = ", ".join(f"{e(k)} {n}" for k, n in tls["failures"].items() if n) or "none"
+        kid = tls.get("ticket_key_id")
         notes.append(f"<li>{e(str(lst['name']))}: TLS {e(str(tls['min_version']))}+, ticket "
-                     f"key <b>{e(str(tls['ticket_key']))}</b>, failed handshakes: "
-                     f"{failures}</li>")
+                     f"key <b>{e(str(tls['ticket_key']))}</b>"
+                     f"{f' (id <code>{e(str(kid))}</code>)' if kid else ''}, failed "
+                     f"handshakes: {failures}</li>")
     if not rows:
         return ""
     return (

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import ipaddress
 import logging
 import os
@@ -885,6 +886,8 @@ class Daemon:
                 ticket_key=m.ticket_key_source,
                 failures=dict(counts.get("failed", {})),
                 loaded_at=self.tls.material.loaded_at,
+                ticket_key_id=(hashlib.sha256(m.ticket_key).hexdigest()[:8]
+                               if m.ticket_key else None),
             )
         routes = decisions = None
         if lst.sni_routes:

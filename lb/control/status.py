@@ -86,6 +86,9 @@ class ListenerTlsStatus:
     failures: dict[str, int]
     """Failed handshakes by reason (lb.tls.server.FAILURE_REASONS)."""
     loaded_at: float
+    ticket_key_id: str | None = None
+    """SHA-256 of the ticket key, first 8 hex digits: equal on both nodes when a client can
+    resume on either (the key itself is never shown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +343,7 @@ def _listener_json(lst: ListenerStatus) -> dict[str, Any]:
         out["tls"] = {
             "min_version": t.min_version,
             "ticket_key": t.ticket_key,
+            "ticket_key_id": t.ticket_key_id,
             "loaded_at": t.loaded_at,
             "failures": dict(sorted(t.failures.items())),
             "certificates": [

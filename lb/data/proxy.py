@@ -1542,6 +1542,7 @@ class _Client(_Conn):
         if req.local == _L_REDIRECT:
             status = 301 if req.method == b"GET" or head_only else 308
             srv.redirects += 1
+            srv.stats.local_answer(srv.listener.name, "https_redirect")
             out = b"".join((H.status_line(status, b""), b"Location: ", req.local_arg,
                             b"\r\nContent-Length: 0\r\n", conn, b"\r\n"))
         else:
@@ -1824,10 +1825,7 @@ class ProxyServer(ListenerServer["_Client"]):
         self.upstreams: set[_Upstream] = set()
         self.idle: dict[tuple[str, int], list[_Upstream]] = {}
         self.request_ids = H.RequestIds()
-        self.next_request_id = self.request_ids.next if listener.add_request_id else None
-        self.pass_underscores = listener.underscores_in_headers == "pass"
         self.draining = False
-        self._trusted = H.parse_networks(listener.trusted_proxies)
         self._ctx_cache: dict[str, H.ClientContext] = {}
         self._log_t0 = 0.0
         self._log_n = 0
@@ -1838,11 +1836,7 @@ class ProxyServer(ListenerServer["_Client"]):
         # Decided once per listener (the hot path reads flags, never the config).
         self.hsts = b""
         """The Strict-Transport-Security line of a TLS listener (b"": none); see _tls_set."""
-        self.redirect = listener.redirect_to_https
-        self.https_port = listener.https_port
-        self.acme_dir = listener.acme_challenge_dir
-        self.local_answers = self.redirect or self.acme_dir is not None
-        """Requests may be answered here (checked once per request when set)."""
+        self._listener_set(listener)
         self.redirects = 0
         """Requests answered with a redirect to https."""
         self.acme_served = 0
@@ -1852,11 +1846,28 @@ class ProxyServer(ListenerServer["_Client"]):
         self._acme_warned = -INF
         self._backend_ctx: ssl.SSLContext | None = None
 
+    def _listener_set(self, listener: ListenerConfig) -> None:
+        """Flags that follow the listener's settings (decided once per listener and reload:
+        the hot path reads flags, never the config)."""
+        self.next_request_id = self.request_ids.next if listener.add_request_id else None
+        self.pass_underscores = listener.underscores_in_headers == "pass"
+        self._trusted = H.parse_networks(listener.trusted_proxies)
+        self._ctx_cache = {}  # trust is decided per client address from _trusted
+        self.redirect = listener.redirect_to_https
+        self.https_port = listener.https_port
+        self.acme_dir = listener.acme_challenge_dir
+        self.local_answers = self.redirect or self.acme_dir is not None
+        """Requests may be answered here (checked once per request when set)."""
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, sock: socket.socket) -> None:
         self._tls_set()
         await super().start(sock)
+
+    def listener_changed(self, listener: ListenerConfig) -> None:
+        super().listener_changed(listener)
+        self._listener_set(listener)
 
     def _tls_set(self) -> None:
         """Flags that follow the listener's TLS settings (at start and on every reload)."""
@@ -2093,6 +2104,7 @@ class ProxyServer(ListenerServer["_Client"]):
         never followed out of it; a FIFO does not block (O_NONBLOCK, then not regular)."""
         if not token:
             self.acme_missing += 1
+            self.stats.local_answer(self.listener.name, "acme_missing")
             return None
         assert self.acme_dir is not None
         data: bytes | None = None
@@ -2131,8 +2143,10 @@ class ProxyServer(ListenerServer["_Client"]):
                                        "be able to read the directory and its files)")
         if data is None:
             self.acme_missing += 1
+            self.stats.local_answer(self.listener.name, "acme_missing")
         else:
             self.acme_served += 1
+            self.stats.local_answer(self.listener.name, "acme_served")
             logger.info("event=acme_challenge_served listener=%s token=%s",
                         self.listener.name, token.decode("ascii"))
         return data

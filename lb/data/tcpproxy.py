@@ -273,9 +273,9 @@ class _Pipe:
         if isinstance(exc, TimeoutError):
             reason, outcome = "connect_timeout", Outcome.TIMEOUT
         elif isinstance(exc, ssl.SSLCertVerificationError):
-            reason, outcome = "tls_verify_failed", Outcome.CONNECT_FAILED
+            reason, outcome = "tls_verify", Outcome.CONNECT_FAILED
         elif isinstance(exc, ssl.SSLError):
-            reason, outcome = "tls_failed", Outcome.CONNECT_FAILED
+            reason, outcome = "tls_handshake", Outcome.CONNECT_FAILED
         elif isinstance(exc, ConnectionRefusedError):
             reason, outcome = "connect_refused", Outcome.CONNECT_FAILED
         else:
