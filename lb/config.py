@@ -263,9 +263,9 @@ class ListenerConfig(_Model):
     https_port: Annotated[int, Field(ge=1, le=65535)] = 443
     """The port the redirect names (omitted when 443)."""
     acme_challenge_dir: AbsPath | None = None
-    """HTTP mode: answer ``GET /.well-known/acme-challenge/TOKEN`` from this directory
-    (certbot ``--webroot -w DIR`` writes there), whichever node holds the VIP. Never sent to
-    a backend."""
+    """HTTP mode: answer ``GET /.well-known/acme-challenge/TOKEN`` from the file TOKEN in
+    this directory, whichever node holds the VIP; never sent to a backend. With certbot
+    ``--webroot -w W`` it is ``W/.well-known/acme-challenge`` (certbot writes there)."""
     sni_routes: tuple[SniRoute, ...] = ()
     """TCP mode without tls: route TLS connections by their ClientHello's server name
     without terminating them (HAProxy's ``req.ssl_sni``); ``pool`` takes the rest."""
