@@ -26,6 +26,8 @@ the table shows the median over rounds.
 - idle memory (once per server, before the rounds, on fresh processes): after ``--idle-warm``
   warm-up connections, ``--idle-conns`` keep-alive connections that made one request each
   and stay open; the RSS delta of the server's processes / connections, plain and TLS.
+  Use thousands: with a few hundred, memory the process freed at start-up is reused and
+  the figure comes out low.
 
 For each: requests (connections) per second, the ratio to HAProxy (median, and paired per
 round), **server CPU microseconds per request** (utime+stime of the server's process tree
@@ -37,6 +39,16 @@ A client handshake costs more than the server's (it verifies a signature and doe
 key exchange), so on one load core the handshake workloads are often load-generator bound:
 then req/s ratios are squeezed towards 1 and the CPU-per-request ratio is the one to read
 (the notes say which CPU was full).
+
+Usage (results and their reading: docs/performance.md, "TLS termination")::
+
+    .venv/bin/python bench/tls.py --markdown --json /tmp/tls.json   # defaults: under 5 min
+    .venv/bin/python bench/tls.py --quick      # about 30 s: what tests/test_bench_tls_smoke.py runs
+
+``--rounds``, ``--duration``, ``--servers``, ``--workloads``, ``--idle-conns`` narrow it;
+``--budget`` (s) stops the waits for a quiet box and the repeats of disturbed runs once the
+run would otherwise overrun it. Exit status: 0; 1 if a run failed or a server did not come
+up (HAProxy not installed is only skipped); 2 if a tool is missing; 130 on Ctrl-C.
 
 Only processes this script started are stopped, by PID, also on Ctrl-C, SIGTERM or error.
 Imports nothing from lb: it measures the installed ``pairlb`` command (or ``--pairlb-cmd``).
@@ -913,8 +925,14 @@ def notes(
         out.append(
             f"pairlb counted {handshakes.get('full', 0):,.0f} full and "
             f"{handshakes.get('resumed', 0):,.0f} resumed handshakes over the whole run "
-            f"(measured newconn runs alone made {nc:,} connections): wrk's Connection: close "
-            "connections resume"
+            f"(measured newconn runs alone made {nc:,} connections)"
+            + (
+                ""
+                if not nc
+                else ": wrk's Connection: close connections resume"
+                if handshakes.get("resumed", 0) >= nc / 2
+                else ": wrk's Connection: close connections did NOT resume"
+            )
         )
     if args.pin:
         load_cpu = "cpu" + args.load_cpus.split(",")[0].split("-")[0]
@@ -1091,7 +1109,9 @@ def run(args: argparse.Namespace) -> int:
         }
         args.json.write_text(json.dumps(doc, indent=2, default=str))
     failed = [r for r in rows if not r.get("ok")]
-    return 1 if failed or any("error" in m for m in mem) else 0
+    # A server that is not installed is skipped; one that did not come up is a failure.
+    broken = [n for n, why in skipped.items() if why.startswith("did not come up")]
+    return 1 if failed or broken or any("error" in m for m in mem) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
