@@ -2,7 +2,7 @@
 """TLS termination benchmark: pairlb against HAProxy and nginx, in one run (issue 15).
 
 Every server terminates TLS with the same ECDSA P-256 certificate (a test CA and a leaf for
-bench.test and 127.0.0.1, made with the openssl CLI by tests/tls_helpers.py) in front of the
+bench.test and 127.0.0.1, made with the openssl CLI by lab/pki.py) in front of the
 same nginx backends that bench/perf.py uses, and also serves plain HTTP on a second port of
 the same process, so the plain ratio of the same run sits beside the TLS one. One worker
 each: pairlb ``workers = 1`` (mode http, a ``[listener.tls]`` listener), HAProxy
@@ -83,9 +83,9 @@ import _common as c
 import perf
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from tls_helpers import Pki  # noqa: E402  (the test PKI: openssl CLI, nothing of pairlb)
+from lab.pki import Pki  # noqa: E402  (certificates made with the openssl CLI)
 
 ALL_SERVERS = ("pairlb", "haproxy", "nginx")
 ALL_WORKLOADS = ("plain", "keepalive", "newconn", "full")
