@@ -417,3 +417,30 @@ def test_stage_copies_for_the_service_user(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(files.TlsFileError, match="chmod 600"):
         files.stage(str(src), str(dst))
     assert files.stage(str(tmp_path / "missing"), str(dst)) == []
+
+
+def test_check_config_notes_tls_checks_that_would_take_a_core() -> None:
+    from lb.control.preflight import _tls_check_load
+
+    backends = ", ".join(f'{{ name = "b{i}", address = "127.0.0.1:{2000 + i}" }}'
+                         for i in range(300))
+    base = f"""
+[node]
+name = "n"
+[[listener]]
+name = "l"
+bind = "127.0.0.1:1"
+pool = "p"
+[[pool]]
+name = "p"
+backends = [{backends}]
+[pool.tls]
+verify = false
+"""
+    notes = _tls_check_load(config_mod.loads(base))
+    assert len(notes) == 1 and "300 TLS handshakes a second" in notes[0]
+    assert "reuse_connection = true" in notes[0]
+    kept = config_mod.loads(base + "[pool.health]\nreuse_connection = true\n")
+    assert _tls_check_load(kept) == []
+    slow = config_mod.loads(base + "[pool.health]\ninterval_s = 5.0\ntimeout_s = 1.0\n")
+    assert _tls_check_load(slow) == []

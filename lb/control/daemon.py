@@ -261,7 +261,7 @@ class Daemon:
                 raise StartupError(
                     f"listener {lcfg.name}: cannot bind {lcfg.bind}: {exc.strerror}"
                 ) from None
-        self.health.set_targets(self.table.targets())
+        self.health.set_targets(self.table.targets(self.tls.material.pool_ca))
         self._compute_snapshots()
         if self.cfg.admin.enabled:
             self._make_admin()
@@ -586,7 +586,8 @@ class Daemon:
         self.cfg = new
         self.tls.material = material
         self.generation += 1
-        self.health.set_targets(self.table.targets(), self.table.in_service)
+        self.health.set_targets(self.table.targets(self.tls.material.pool_ca),
+                               self.table.in_service)
         self._compute_snapshots()
         if replace_workers:
             await self.supervisor.replace_all(new.node.shutdown_timeout_s)

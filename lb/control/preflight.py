@@ -123,6 +123,7 @@ def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list
             errors.append(f"failover.interface: no interface named {fcfg.interface!r} on this "
                           f"host (ip link)")
     errors += _health_errors(cfg)
+    notes += _tls_check_load(cfg)
     if any(lc.tls is not None for lc in cfg.listener) or any(p.tls is not None for p in cfg.pool):
         from lb.control.tls import TlsKeeper
 
@@ -130,10 +131,32 @@ def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list
     return errors, notes
 
 
+TLS_HANDSHAKES_PER_CORE_S = 800
+"""Full TLS handshakes a second one core of the control process does for health checks
+(bench/health_tls.py: about 1 ms of CPU each on OpenSSL 3.0)."""
+
+
+def _tls_check_load(cfg: Config) -> list[str]:
+    """A note when a pool's TLS checks would need a full handshake per check at a rate
+    that takes a large share of the control process's core (checks then start late)."""
+    out = []
+    for i, pcfg in enumerate(cfg.pool):
+        h = pcfg.health
+        if pcfg.tls is None or not h.enabled or h.reuse_connection:
+            continue
+        rate = len(pcfg.backends) / h.interval_s
+        if rate > TLS_HANDSHAKES_PER_CORE_S / 4:
+            out.append(
+                f"pool[{i}].health: {rate:.0f} TLS handshakes a second for checks (about "
+                f"{rate / TLS_HANDSHAKES_PER_CORE_S:.1f} of a core); set reuse_connection = "
+                f"true (one handshake per kept connection) or a longer interval_s")
+    return out
+
+
 def _health_errors(cfg: Config) -> list[str]:
     """Build every health check the way the daemon does; name the key of each refusal."""
     from healthcheck import HealthConfigError, Target
-    from lb.control.backends import check_spec
+    from lb.control.backends import PoolTlsError, check_spec
 
     out: list[str] = []
     for i, pcfg in enumerate(cfg.pool):
@@ -143,6 +166,8 @@ def _health_errors(cfg: Config) -> list[str]:
             try:
                 spec, port = check_spec(pcfg, b)
                 Target((pcfg.name, b.name), b.host_port[0], port, spec)
+            except PoolTlsError:
+                break  # [pool.tls] is reported once, by the TLS checks below
             except HealthConfigError as exc:
                 override = b.health is not None and getattr(b.health, exc.field, None) is not None
                 key = f"pool[{i}].backends[{j}].health" if override else f"pool[{i}].health"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -83,6 +84,10 @@ def read_ca_file(path: str) -> bytes:
         raise TlsFileError(f"ca_file {path}: larger than {MAX_CA_BYTES} bytes")
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsFileError(f"ca_file {path}: no PEM certificate in it")
+    try:  # what the workers and the health checks will do with it
+        ssl.create_default_context(cadata=data.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsFileError(f"ca_file {path}: not usable as CA certificates ({exc})") from None
     return data
 
 
