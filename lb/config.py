@@ -192,6 +192,25 @@ class ListenerTlsConfig(_Model):
     hsts_include_subdomains: bool = False
     """Add ``; includeSubDomains`` to it."""
 
+    @field_validator("ciphers")
+    @classmethod
+    def _ciphers(cls, v: str) -> str:
+        import ssl
+
+        try:  # OpenSSL's own parser: a list it cannot use fails here, not in the workers
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(v)
+        except ssl.SSLError:
+            raise ValueError("OpenSSL selects no cipher from this list") from None
+        return v
+
+    @model_validator(mode="after")
+    def _unique_files(self) -> ListenerTlsConfig:
+        files = [c.cert_file for c in self.certificates]
+        dup = sorted({f for f in files if files.count(f) > 1})
+        if dup:
+            raise ValueError(f"certificates: the same cert_file twice: {dup}")
+        return self
+
 
 class SniRoute(_Model):
     server_name: ServerName

@@ -1,7 +1,8 @@
 """An outside review of TLS termination (issue 15): regression tests for what it found.
 
-Each ``xfail(strict=True)`` is a bug that was reproduced against a real ``pairlb run`` (or the
-real functions) and is described in its reason; the others pin down what held up.
+Each test below was a bug reproduced against a real ``pairlb run`` (or the real functions),
+fixed since; the one ``xfail(strict=True)`` left is a known limit (docs/tls.md), and the rest
+pin down what held up.
 
 - Unit level (no daemon): ``ciphers`` nobody can use passes check-config; a failed settings
   change leaves the front context half changed and a later good reload does not repair it;
@@ -159,11 +160,6 @@ def _client(alpn: tuple[str, ...] = (), max_version: ssl.TLSVersion | None = Non
 # -- unit level -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "[listener.tls] ciphers is only checked for printable characters: ciphers = \"NOPE\" "
-    "passes check-config (exit 0) and the daemon starts and says ready, but every worker "
-    "fails its config (SSLError 'No cipher can be selected') and serves nothing, not even "
-    "the plain listeners; lb/config.py ListenerTlsConfig.ciphers, lb/control/preflight.py"))
 def test_check_config_refuses_ciphers_openssl_cannot_use(tmp_path: Path, leaf: Leaf) -> None:
     port = free_port()
     _valid(tmp_path / "base.toml", _cfg(tmp_path, _tls_listener("tls", port, leaf)))
@@ -175,12 +171,6 @@ def test_check_config_refuses_ciphers_openssl_cannot_use(tmp_path: Path, leaf: L
     assert "ciphers" in out.stdout + out.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ListenerTls.apply changes the live front context one setting at a time and records the "
-    "settings only at the end: when set_ciphers raises after minimum_version was already "
-    "set, the front keeps min 1.3 while self.settings says 1.2, so reloading the previous "
-    "(good) config returns early (settings == self.settings) and TLS 1.2 clients stay "
-    "refused until a restart, with every reload reporting ok; lb/tls/server.py apply()"))
 def test_a_failed_settings_change_does_not_stick(leaf: Leaf) -> None:
     cc = CertificateConfig(cert_file=str(leaf.cert), key_file=str(leaf.key))
     good = ListenerTlsConfig(certificates=(cc,))
@@ -195,11 +185,6 @@ def test_a_failed_settings_change_does_not_stick(leaf: Leaf) -> None:
     assert srv.version() == "TLSv1.2"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ALPN is set on the certificate contexts when they are built (ListenerTls.load, with the "
-    "settings of before the reload); a reload that changes only alpn never rebuilds them, so "
-    "alpn = [] keeps offering http/1.1 until a restart; lb/data/worker.py _apply_tls (load "
-    "before apply, and only when the bundles changed), lb/tls/server.py load/apply"))
 def test_alpn_change_applies_on_reload(tmp_path: Path, leaf: Leaf) -> None:
     from lb.data.worker import Worker
 
@@ -219,12 +204,6 @@ def test_alpn_change_applies_on_reload(tmp_path: Path, leaf: Leaf) -> None:
     assert srv.selected_alpn_protocol() is None
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "read_cert_file (and read_ca_file) open the path with a blocking open() and no file type "
-    "check: a cert_file that is a FIFO hangs check-config forever, and a reload blocks the "
-    "control process's event loop (admin API dead; under systemd the watchdog kills the "
-    "node); the key file path is safe (O_NONBLOCK + S_ISREG); lb/tls/files.py "
-    "read_cert_file, lb/control/tls.py read_ca_file"))
 def test_cert_file_fifo_does_not_hang_check_config(tmp_path: Path, leaf: Leaf) -> None:
     port = free_port()
     _valid(tmp_path / "base.toml", _cfg(tmp_path, _tls_listener("tls", port, leaf)))
@@ -241,13 +220,6 @@ def test_cert_file_fifo_does_not_hang_check_config(tmp_path: Path, leaf: Leaf) -
     assert "cert_file" in out.stdout + out.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "stage() resolves dst with os.stat (following a symlink) and then writes into it and "
-    "unlinks every name it did not copy: the service's user owns /run/pairlb and can replace "
-    "/run/pairlb/tls with a symlink to any directory; the next `systemctl reload` runs "
-    "stage-tls as root (ExecReload=+) and deletes the files of that directory (reproduced: "
-    "authorized_keys and sudoers gone). Open dst with O_DIRECTORY|O_NOFOLLOW and work with "
-    "dir_fd; lb/tls/files.py stage"))
 def test_stage_does_not_follow_a_symlinked_destination(tmp_path: Path, leaf: Leaf) -> None:
     src, victim, run = tmp_path / "src", tmp_path / "victim", tmp_path / "run"
     for d in (src, victim, run):
@@ -263,11 +235,6 @@ def test_stage_does_not_follow_a_symlinked_destination(tmp_path: Path, leaf: Lea
     assert not (victim / "rev.key").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the same cert_file twice in one listener passes check-config; /metrics then has "
-    "duplicate series (pairlb_tls_handshakes_total{cert=...} twice, each with the full "
-    "count, so sum() doubles) and the second entry is never selected; lb/config.py "
-    "ListenerTlsConfig.certificates"))
 def test_the_same_cert_file_twice_in_a_listener_is_refused(tmp_path: Path, leaf: Leaf) -> None:
     port = free_port()
     _valid(tmp_path / "base.toml", _cfg(tmp_path, _tls_listener("tls", port, leaf)))
@@ -280,13 +247,6 @@ def test_the_same_cert_file_twice_in_a_listener_is_refused(tmp_path: Path, leaf:
     assert out.returncode != 0, out.stdout
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the certificates and keys travel to each worker inside the Config message, whose frame "
-    "limit is lb.channel.MAX_MESSAGE (16 MiB); a config with more (17 legal 1 MiB chains "
-    "here; in practice ~3 listeners x 1000 Let's Encrypt RSA chains) passes check-config and "
-    "a reload answers ok, then every worker drops its channel ('channel message too large') "
-    "and exits, and the supervisor restarts them in a loop: nothing is served on any "
-    "listener; lb/control/tls.py Material.wire, lb/control/daemon.py _config_message"))
 def test_tls_material_too_large_for_the_worker_channel_is_refused(tmp_path: Path,
                                                                   leaf: Leaf) -> None:
     chain = leaf.cert.read_text()
@@ -485,13 +445,6 @@ def test_hostile_hellos_are_counted_by_reason(node: Node) -> None:
     assert "Traceback" not in node.logs()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a server name that is not ASCII makes CPython's SNI glue raise UnicodeDecodeError before "
-    "pairlb's callback runs; it goes to sys.unraisablehook, which prints 'Exception ignored "
-    "in: b...' and a 4-line traceback to the worker's stderr (the journal) for every such "
-    "connection: ~1 KB of log per connection from anyone, ~1800 connections/s from one "
-    "client here, enough to trip journald's per-unit rate limit and lose pairlb's own "
-    "events; lb/data/worker.py (no unraisablehook), lb/tls/server.py"))
 def test_a_non_ascii_server_name_writes_no_traceback(node: Node) -> None:
     before = node.failures()
     for _ in range(3):
@@ -538,13 +491,6 @@ def test_a_ticket_of_one_listener_does_not_resume_on_another(node: Node) -> None
         assert s.session_reused
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "handshake_timeout_s is passed to create_server once, when the worker starts serving; a "
-    "reload only swaps the counting class (whose 'late' threshold does follow the new "
-    "value), so after 2 s -> 6 s connections are still cut at 2 s and are then counted as "
-    "aborted_before_hello instead of timeout; the reload reports ok with no note that a "
-    "restart is needed; lb/data/listener.py _listen, lb/tls/server.py apply, "
-    "lb/control/daemon.py _reload"))
 def test_handshake_timeout_change_applies_on_reload(node: Node) -> None:
     node.write(handshake_timeout_s=6.0)
     try:
@@ -559,12 +505,6 @@ def test_handshake_timeout_change_applies_on_reload(node: Node) -> None:
         node.reload()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "turning a plain listener into a TLS one (same name, same bind) by a reload binds the "
-    "new socket before the old one is closed: the reload fails with 'listener bind failed: "
-    "[Errno 98] Address already in use' (no listener named, no hint that a restart is "
-    "needed), though the code means to replace the workers for it; lb/control/daemon.py "
-    "_reload (fresh sockets)"))
 def test_a_reload_turns_a_plain_listener_into_tls(node: Node) -> None:
     node.write(plain_tls=True)
     try:

@@ -248,7 +248,7 @@ class Daemon:
     async def startup(self) -> None:
         self._set_privileges()
         if self.tls.needed(self.cfg):
-            material, errors = self.tls.load(self.cfg)
+            material, errors = await asyncio.to_thread(self.tls.load, self.cfg)
             if errors:
                 raise StartupError("; ".join(errors))
             await self.tls.selftest(material)
@@ -295,7 +295,7 @@ class Daemon:
         process last in the OOM killer's choice."""
         from lb.control import preflight
 
-        errors, _ = preflight.check(self.cfg, inside_service=True)
+        errors, _ = preflight.check(self.cfg, inside_service=True, tls=False)
         if errors:
             raise StartupError("; ".join(errors))
         node = self.cfg.node
@@ -491,7 +491,7 @@ class Daemon:
             return ReloadResult(False, now, self.generation, exc.errors)
         from lb.control import preflight
 
-        errors, _ = preflight.check(new, inside_service=True)
+        errors, _ = preflight.check(new, inside_service=True, tls=False)
         if errors:  # what ExecReload's check-config refuses, refused here too
             for err in errors:
                 logger.error("event=reload_rejected file=%s error=%r", self.config_path, err)
@@ -499,7 +499,9 @@ class Daemon:
             return ReloadResult(False, now, self.generation, errors)
         material = self.tls.material
         if self.tls.needed(new):
-            material, errors = self.tls.load(new)
+            # Off the loop: a thousand certificates take seconds to read and check, and the
+            # loop answers the workers' pings and the admin API meanwhile.
+            material, errors = await asyncio.to_thread(self.tls.load, new)
             if errors:  # a bad certificate keeps the old ones (and the old config) serving
                 for err in errors:
                     logger.error("event=reload_rejected file=%s error=%r", self.config_path, err)
@@ -543,6 +545,10 @@ class Daemon:
         old_l = {lst.name: lst for lst in old.listener}
         new_l = {lst.name: lst for lst in new.listener}
         fresh: dict[str, socket.socket] = {}
+        rebuilt = [  # a worker builds a listener's server for its mode and TLS: new workers
+            n for n, lcfg in new_l.items() if n in old_l and (
+                old_l[n].mode != lcfg.mode or (old_l[n].tls is None) != (lcfg.tls is None))
+        ]
         try:
             for name, lcfg in new_l.items():
                 prev = old_l.get(name)
@@ -552,9 +558,7 @@ class Daemon:
                     or prev.backlog != lcfg.backlog
                     or prev.freebind != lcfg.freebind
                     or prev.transparent != lcfg.transparent
-                    or prev.mode != lcfg.mode
-                    or (prev.tls is None) != (lcfg.tls is None)
-                ):  # a worker's server is built for its mode and TLS at start: new workers
+                ):
                     fresh[name] = make_listen_socket(lcfg)
         except OSError as exc:
             for s in fresh.values():
@@ -562,7 +566,7 @@ class Daemon:
             err = f"listener bind failed: {exc}"
             logger.error("event=reload_failed error=%r kept_generation=%d", err, self.generation)
             return ReloadResult(False, now, self.generation, [err])
-        replace_workers = bool(fresh) or set(old_l) != set(new_l)
+        replace_workers = bool(fresh) or bool(rebuilt) or set(old_l) != set(new_l)
         retired = [self.sockets[n] for n in old_l if n not in new_l or n in fresh]
         for name in old_l:
             if name not in new_l or name in fresh:
@@ -571,6 +575,8 @@ class Daemon:
         changes += [f"listener {n} added" for n in new_l if n not in old_l]
         changes += [f"listener {n} removed" for n in old_l if n not in new_l]
         changes += [f"listener {n} rebound" for n in fresh if n in old_l]
+        changes += [f"listener {n} now {new_l[n].mode}{' with TLS' if new_l[n].tls else ''}: "
+                    f"new workers" for n in rebuilt if n not in fresh]
         # Pools: the table keeps admin state and ejections; the book keeps health by the
         # rules in healthcheck.book (a changed check restarts from the state it is in).
         changes += self.table.apply(new.pool)

@@ -170,7 +170,7 @@ class FailoverProcess:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "lb.failoverd.main", str(child_sock.fileno()),
+                self.python, "-P", "-m", "lb.failoverd.main", str(child_sock.fileno()),
                 str(os.getpid()), pass_fds=[child_sock.fileno()],
                 stdin=asyncio.subprocess.DEVNULL)
         finally:

@@ -81,9 +81,11 @@ def unseen_credential(path: str) -> bool:
     return not os.access(here, os.R_OK | os.X_OK)
 
 
-def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list[str]]:
+def check(cfg: Config, *, inside_service: bool = False, tls: bool = True
+          ) -> tuple[list[str], list[str]]:
     """(errors, notes) for ``cfg`` on this host. ``inside_service``: never skip a credential
-    path (the daemon itself: if it cannot see the file, that is an error)."""
+    path (the daemon itself: if it cannot see the file, that is an error). ``tls=False``:
+    the caller reads the TLS files itself (the daemon does, with the same errors)."""
     errors: list[str] = []
     notes: list[str] = []
 
@@ -124,7 +126,8 @@ def check(cfg: Config, *, inside_service: bool = False) -> tuple[list[str], list
                           f"host (ip link)")
     errors += _health_errors(cfg)
     notes += _tls_check_load(cfg)
-    if any(lc.tls is not None for lc in cfg.listener) or any(p.tls is not None for p in cfg.pool):
+    if tls and (any(lc.tls is not None for lc in cfg.listener)
+                or any(p.tls is not None for p in cfg.pool)):
         from lb.control.tls import TlsKeeper
 
         errors += TlsKeeper().load(cfg, skip)[1]

@@ -192,6 +192,7 @@ class Supervisor:
         try:
             handle.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # never the working directory's modules (the daemon may run as root)
                 "-m",
                 "lb.data.worker",
                 str(child_sock.fileno()),
@@ -301,9 +302,19 @@ class Supervisor:
             logger.exception("event=worker_spawn_failed index=%d", handle.index)
 
     async def _ping_loop(self) -> None:
+        prev = time.monotonic()
         while True:
             await asyncio.sleep(self.ping_interval_s)
             now = time.monotonic()
+            late = now - prev - self.ping_interval_s
+            prev = now
+            if late > self.ping_interval_s:
+                # This loop was stalled (a long reload, no CPU): the workers' answers may be
+                # waiting unread. Their silence counts only while we were listening.
+                logger.warning("event=control_loop_stalled late_s=%.1f", late)
+                for h in self.slots.values():
+                    h.last_pong += late
+                continue
             for h in list(self.slots.values()):
                 if h.stopped.is_set():
                     continue

@@ -21,6 +21,8 @@ not, tickets stay on, each worker with OpenSSL's own key, and /status says why.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import ssl
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb.channel import MAX_MESSAGE
 from lb.config import Config, ListenerConfig
 from lb.tls import files, ticketkeys
 from lb.tls.files import CertBundle, TlsFileError
@@ -38,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 SELFTEST_TIMEOUT_S = 10.0
 MAX_CA_BYTES = 4 << 20
+MAX_WIRE_BYTES = MAX_MESSAGE * 3 // 4
+"""The TLS material of one config must fit in a worker's Config message (lb.channel's
+frame limit) beside the rest of the config: a reload that would not is refused."""
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,22 @@ class Material:
     loaded_at: float = 0.0
 
     def wire(self) -> dict[str, Any]:
-        """The ``tls`` field of the worker Config message."""
+        """The ``tls`` field of the worker Config message. Each certificate travels once,
+        however many listeners serve it (``bundles``, by id; listeners name the ids)."""
+        bundles: dict[str, dict[str, object]] = {}
+        listeners: dict[str, Any] = {}
+        for name, m in self.listeners.items():
+            ids = []
+            for b in m.bundles:
+                bid = bundle_id(b)
+                if bid not in bundles:
+                    bundles[bid] = b.to_wire()
+                ids.append(bid)
+            listeners[name] = {"certs": ids,
+                               "ticket_key": m.ticket_key.hex() if m.ticket_key else None}
         return {
-            "listeners": {
-                name: {"certs": [b.to_wire() for b in m.bundles],
-                       "ticket_key": m.ticket_key.hex() if m.ticket_key else None}
-                for name, m in self.listeners.items()
-            },
+            "bundles": bundles,
+            "listeners": listeners,
             "pools": {
                 name: {"ca_pem": ca.decode("ascii", "replace") if ca else None}
                 for name, ca in self.pool_ca.items()
@@ -71,17 +86,20 @@ class Material:
         }
 
 
+def bundle_id(b: CertBundle) -> str:
+    """A certificate's id on the worker channel: its files and their content."""
+    h = hashlib.sha256(b.cert_file.encode() + b"\0" + b.key_file.encode() + b"\0" + b.pem)
+    return h.hexdigest()[:24]
+
+
+def wire_size(material: Material) -> int:
+    """Bytes the material takes in a worker's Config message."""
+    return len(json.dumps(material.wire(), separators=(",", ":")))
+
+
 def read_ca_file(path: str) -> bytes:
     """A CA bundle (public, may be a symlink): PEM certificates, at most 4 MiB."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CA_BYTES + 1)
-    except FileNotFoundError:
-        raise TlsFileError(f"ca_file {path}: no such file") from None
-    except OSError as exc:
-        raise TlsFileError(f"ca_file {path}: cannot read: {exc.strerror}") from None
-    if len(data) > MAX_CA_BYTES:
-        raise TlsFileError(f"ca_file {path}: larger than {MAX_CA_BYTES} bytes")
+    data = files.read_public_file(path, "ca_file", MAX_CA_BYTES)
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsFileError(f"ca_file {path}: no PEM certificate in it")
     try:  # what the workers and the health checks will do with it
@@ -148,7 +166,16 @@ class TlsKeeper:
                 pool_ca[pcfg.name] = read_ca_file(pcfg.tls.ca_file)
             except TlsFileError as exc:
                 errors.append(f"pool[{i}].tls.ca_file: {exc}")
-        return Material(listeners, pool_ca, time.time()), errors
+        material = Material(listeners, pool_ca, time.time())
+        if not errors:
+            size = wire_size(material)
+            if size > MAX_WIRE_BYTES:
+                errors.append(
+                    f"listener.tls: the certificates and keys take {size / 2**20:.1f} MiB, "
+                    f"more than the {MAX_WIRE_BYTES / 2**20:.0f} MiB the workers' channel "
+                    f"carries per config (fewer or shorter chains; a certificate served by "
+                    f"several listeners counts once)")
+        return material, errors
 
     def _failover_key(self, cfg: Config) -> bytes | None:
         if cfg.failover is None:
@@ -189,7 +216,7 @@ class TlsKeeper:
         rc, err = -1, b""
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "lb.tls.ticketkeys", stdin=asyncio.subprocess.PIPE,
+                sys.executable, "-P", "-m", "lb.tls.ticketkeys", stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             try:
                 async with asyncio.timeout(SELFTEST_TIMEOUT_S):

@@ -131,7 +131,16 @@ class ListenerServer(Generic[C]):
     def listener_changed(self, listener: ListenerConfig) -> None:
         """A reload's settings of this listener (the same name, socket and TLS presence; a
         change of those replaces the workers): new connections use them."""
-        self.listener = listener
+        old, self.listener = self.listener, listener
+        if (self.tls is not None and old.tls is not None and listener.tls is not None
+                and old.tls.handshake_timeout_s != listener.tls.handshake_timeout_s
+                and self._server is not None):
+            # The loop's server holds the handshake timeout: a new one takes over (the
+            # shared socket stays open; meanwhile the kernel queues, or another worker takes,
+            # what arrives).
+            server, self._server = self._server, None
+            server.close()
+            self.spawn(self._listen())
 
     def routes_changed(
         self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],

@@ -179,12 +179,13 @@ class Worker:
         ticket keys of the TLS listeners; backend contexts of the TLS pools. Everything is
         built before anything is swapped in, so an error leaves the old contexts serving."""
         listeners = wire.get("listeners", {})
+        shared = {bid: CertBundle.from_wire(b) for bid, b in wire.get("bundles", {}).items()}
         built: dict[str, tuple[ListenerTls, tuple[CertBundle, ...], bytes | None]] = {}
         for lcfg in cfg.listener:
             if lcfg.tls is None or lcfg.name not in listeners:
                 continue
             entry = listeners[lcfg.name]
-            bundles = tuple(CertBundle.from_wire(b) for b in entry["certs"])
+            bundles = tuple(shared[bid] for bid in entry["certs"])
             key = bytes.fromhex(entry["ticket_key"]) if entry.get("ticket_key") else None
             lt = self.tls.get(lcfg.name) or ListenerTls(lcfg.name, lcfg.tls, self.stats)
             built[lcfg.name] = (lt, bundles, key)
@@ -361,9 +362,34 @@ def drop(target: sysutil.Identity | None) -> bool:
     return True
 
 
+UNRAISABLE_LOG_INTERVAL_S = 60.0
+
+
+class _Unraisable:
+    """sys.unraisablehook: an exception nobody can catch (CPython's SNI callback cannot
+    decode a client's non-ASCII server name, a finalizer fails) is one log line, at most
+    one a minute with the count of the rest, never a traceback per connection that any
+    client could make."""
+
+    def __init__(self) -> None:
+        self.last = -UNRAISABLE_LOG_INTERVAL_S
+        self.suppressed = 0
+
+    def __call__(self, u: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < UNRAISABLE_LOG_INTERVAL_S:
+            self.suppressed += 1
+            return
+        self.last, n, self.suppressed = now, self.suppressed, 0
+        logger.warning("event=worker_unraisable error=%r object=%.80r suppressed_before=%d",
+                       f"{u.exc_type.__name__}: {u.exc_value}", u.object, n)
+
+
+
 def main(argv: list[str] | None = None) -> int:
     channel_fd, index, target = _parse_args(sys.argv[1:] if argv is None else argv)
     log.setup("info", "auto", f"worker{index}")
+    sys.unraisablehook = _Unraisable()
     uvloop = _preload()
     if not drop(target):
         return sysutil.EXIT_PRIVILEGES

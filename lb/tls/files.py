@@ -77,16 +77,16 @@ def _trusted_owner(uid: int) -> bool:
     return uid == 0 or uid == os.geteuid()
 
 
-def _resolve(path: str) -> str:
+def _resolve(path: str, what: str = "file") -> str:
     """Follow symbolic links only while each is owned by root or us."""
     seen = 0
     while True:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            raise TlsFileError(f"{path}: no such file") from None
+            raise TlsFileError(f"{what} {path}: no such file") from None
         except OSError as exc:
-            raise TlsFileError(f"{path}: {exc.strerror}") from None
+            raise TlsFileError(f"{what} {path}: {exc.strerror}") from None
         if not stat.S_ISLNK(st.st_mode):
             return path
         if not _trusted_owner(st.st_uid):
@@ -101,7 +101,7 @@ def _resolve(path: str) -> str:
 
 def read_secret_file(path: str, what: str = "key_file") -> bytes:
     """A secret file's bytes, after the checks in the module docstring."""
-    real = _resolve(path)
+    real = _resolve(path, what)
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -113,11 +113,11 @@ def read_secret_file(path: str, what: str = "key_file") -> bytes:
     with os.fdopen(fd, "rb") as f:
         if not _trusted_owner(st.st_uid):
             raise TlsFileError(f"{what} {path}: owned by uid {st.st_uid}; a secret must "
-                               f"belong to root or pairlb's user (chown root {path})")
+                               f"belong to root or pairlb's user (chown root {real})")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             raise TlsFileError(f"{what} {path}: accessible by group or others (mode "
-                               f"{mode:04o}); fix it with: chmod 600 {path}")
+                               f"{mode:04o}); fix it with: chmod 600 {real}")
         data = f.read(MAX_PEM_BYTES + 1)
     if len(data) > MAX_PEM_BYTES:
         raise TlsFileError(f"{what} {path}: larger than {MAX_PEM_BYTES} bytes")
@@ -136,15 +136,7 @@ def read_key_file(path: str) -> bytes:
 
 
 def read_cert_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PEM_BYTES + 1)
-    except FileNotFoundError:
-        raise TlsFileError(f"cert_file {path}: no such file") from None
-    except OSError as exc:
-        raise TlsFileError(f"cert_file {path}: cannot read: {exc.strerror}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise TlsFileError(f"cert_file {path}: larger than {MAX_PEM_BYTES} bytes")
+    data = read_public_file(path, "cert_file")
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsFileError(f"cert_file {path}: no PEM certificate in it")
     return data
@@ -183,8 +175,9 @@ def load_certificate(cc: CertificateConfig) -> CertBundle:
 
 def read_ticket_key(path: str) -> bytes:
     """The 80-byte session ticket key in ``path`` (a secret, like a private key)."""
+    raw = read_secret_file(path, "ticket_key_file")
     try:
-        return ticketkeys.parse_key_file(read_secret_file(path, "ticket_key_file"), path)
+        return ticketkeys.parse_key_file(raw, path)
     except ValueError as exc:
         raise TlsFileError(f"ticket_key_file {exc}") from None
 
@@ -223,6 +216,7 @@ __all__ = [
     "load_all",
     "load_certificate",
     "read_key_file",
+    "read_public_file",
     "read_secret_file",
     "read_ticket_key",
     "stage",
@@ -234,50 +228,77 @@ def stage(src: str, dst: str) -> list[str]:
     ``dst``'s owner, mode 0600: what the systemd unit runs as root (``ExecStartPre=+``,
     ``ExecReload=+``) so that the service's dynamic user can read the keys at every reload.
     Each file is replaced atomically (written beside, then renamed); files no longer in
-    ``src`` are removed. Links are followed by the key rules (owned by root or us). A
-    missing ``src`` is an empty one. Returns the names copied."""
-    st = os.stat(dst)
-    if not stat.S_ISDIR(st.st_mode):
-        raise TlsFileError(f"{dst}: not a directory")
-    names = sorted(os.listdir(src)) if os.path.isdir(src) else []
-    copied = []
-    for name in names:
-        if name.startswith("."):
-            continue
-        path = os.path.join(src, name)
-        real = _resolve(path)
-        if not os.path.isfile(real):
-            continue  # subdirectories (certbot's archive/, live/) are not staged
-        data = _read_plain(path)
-        if b"PRIVATE KEY" in data or name.endswith(".key"):
-            data = read_secret_file(path, "file")  # a key's source is checked as a secret
-        tmp = os.path.join(dst, f".{name}.tmp")
-        # dst belongs to the service's user: never open what it may have put there.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.fchown(fd, st.st_uid, st.st_gid)
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(dst, name))
-        copied.append(name)
-    for name in os.listdir(dst):
-        if name not in copied:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(dst, name))
-    return copied
+    ``src`` are removed. Links in ``src`` are followed by the key rules (owned by root or
+    us). A missing ``src`` is an empty one. Returns the names copied.
+
+    ``dst`` belongs to the service's user, who may have put anything there: it is opened
+    with O_NOFOLLOW (a symlink in its place is refused) and every write, rename and unlink
+    goes through that descriptor, never through a path."""
+    try:
+        dfd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TlsFileError(f"{dst}: not a directory (a symbolic link is refused): "
+                           f"{exc.strerror}") from None
+    try:
+        st = os.fstat(dfd)
+        names = sorted(os.listdir(src)) if os.path.isdir(src) else []
+        copied = []
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(src, name)
+            real = _resolve(path)
+            if not os.path.isfile(real):
+                continue  # subdirectories (certbot's archive/, live/) are not staged
+            data = read_public_file(path, "file")
+            if b"PRIVATE KEY" in data or name.endswith(".key"):
+                data = read_secret_file(path, "file")  # a key's source is checked as a secret
+            tmp = f".{name}.tmp"
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(tmp, dir_fd=dfd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            copied.append(name)
+        for name in os.listdir(dfd):
+            if name not in copied:
+                with contextlib.suppress(OSError):  # a directory planted there stays
+                    os.unlink(name, dir_fd=dfd)
+        return copied
+    finally:
+        os.close(dfd)
 
 
-def _read_plain(path: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(MAX_PEM_BYTES + 1)
-    if len(data) > MAX_PEM_BYTES:
-        raise TlsFileError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
-    return data
+def read_public_file(path: str, what: str, limit: int = MAX_PEM_BYTES) -> bytes:
+    """A file that is not secret (a certificate chain, a CA bundle): a regular file (a FIFO
+    or a device would block or never end) of at most ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TlsFileError(f"{what} {path}: no such file") from None
+    except OSError as exc:
+        raise TlsFileError(f"{what} {path}: cannot read: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TlsFileError(f"{what} {path}: not a regular file")
+        chunks, n = [], 0
+        while n <= limit:
+            chunk = os.read(fd, limit + 1 - n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    if n > limit:
+        raise TlsFileError(f"{what} {path}: larger than {limit} bytes")
+    return b"".join(chunks)

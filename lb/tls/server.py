@@ -116,6 +116,7 @@ class ListenerTls:
             listener, stats, settings.handshake_timeout_s)
         self.table: NameTable[contexts.CertContext] | None = None
         self.bundles: tuple[CertBundle, ...] = ()
+        self._built: dict[tuple[CertBundle, tuple[str, ...]], contexts.CertContext] = {}
         self.ticket_key_shared = False
 
     def _sni(self, sslobj: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -130,21 +131,32 @@ class ListenerTls:
         return None
 
     def load(self, bundles: Sequence[CertBundle]) -> None:
-        """Build the certificate contexts, then swap them in (all or nothing)."""
+        """Build the certificate contexts, then swap them in (all or nothing). A bundle
+        unchanged since the last load keeps its context (a renewal of one certificate
+        among a thousand builds one)."""
         if not bundles:
             raise ValueError("no certificate")
         alpn = tuple(self.settings.alpn)
-        built = [(b, contexts.cert_context(b.pem, b.cert_id, alpn)) for b in bundles]
+        built = []
+        for b in bundles:
+            ctx = self._built.get((b, alpn))
+            if ctx is None:
+                ctx = contexts.cert_context(b.pem, b.cert_id, alpn)
+            built.append((b, ctx))
         self.table = NameTable(built[0][1], ((b.names, c) for b, c in built))
         self.bundles = tuple(bundles)
+        self._built = {(b, alpn): c for b, c in built}
 
     def apply(self, settings: ListenerTlsConfig) -> None:
-        """New settings for new connections (open ones keep what they negotiated)."""
+        """New settings for new connections (open ones keep what they negotiated). Checked
+        on a scratch context first: a setting OpenSSL refuses changes nothing."""
         if settings == self.settings:
             return
+        contexts.server_context(settings.min_version, settings.ciphers,
+                                settings.session_tickets)  # raises before any change
         front = self.front
-        front.minimum_version = contexts.VERSIONS[settings.min_version]
         front.set_ciphers(settings.ciphers)
+        front.minimum_version = contexts.VERSIONS[settings.min_version]
         if settings.session_tickets:
             front.options &= ~ssl.OP_NO_TICKET
             front.num_tickets = 1
@@ -153,7 +165,10 @@ class ListenerTls:
             front.num_tickets = 0
         front.sslobject_class = counting_class(
             self.listener, self.stats, settings.handshake_timeout_s)
+        alpn_changed = settings.alpn != self.settings.alpn
         self.settings = settings
+        if alpn_changed and self.bundles:
+            self.load(self.bundles)  # ALPN is read from the certificate contexts
 
     def set_ticket_key(self, key: bytes | None) -> None:
         """Share the session ticket key (None: OpenSSL's own key, this worker only)."""
