@@ -1,8 +1,7 @@
 """An outside review of TLS termination (issue 15): regression tests for what it found.
 
 Each test below was a bug reproduced against a real ``pairlb run`` (or the real functions),
-fixed since; the one ``xfail(strict=True)`` left is a known limit (docs/tls.md), and the rest
-pin down what held up.
+fixed since; the rest pin down what held up.
 
 - Unit level (no daemon): ``ciphers`` nobody can use passes check-config; a failed settings
   change leaves the front context half changed and a later good reload does not repair it;
@@ -454,12 +453,6 @@ def test_a_non_ascii_server_name_writes_no_traceback(node: Node) -> None:
     assert "Exception ignored" not in logs and "Traceback" not in logs, logs[-2000:]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "max_connections counts a client from connection_made, which asyncio/uvloop call only "
-    "after the TLS handshake: connections still in their handshake are accepted without "
-    "limit (500 idle connections all accepted with max_connections = 5; each costs an fd and "
-    "~50 KiB), are not in pairlb_connections_active, and a flood can exhaust the worker's "
-    "fds and memory; lb/data/listener.py client_opened/_listen"))
 def test_max_connections_bounds_connections_in_their_handshake(node: Node) -> None:
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2)")

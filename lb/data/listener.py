@@ -70,6 +70,9 @@ class ListenerServer(Generic[C]):
         self._accepting = False
         self._ticker: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
+        self.handshaking = 0
+        """TLS connections accepted whose handshake has not finished (or failed) yet."""
+        self._relistening = False
         self.tls: ListenerTls | None = None
         """Set by the worker before start() on a ``[listener.tls]`` listener: connections
         are accepted with its front context (the SNI callback picks the certificate)."""
@@ -106,21 +109,33 @@ class ListenerServer(Generic[C]):
             self.loop = asyncio.get_running_loop()
             self.time = self.loop.time
         self._sock = sock
+        if self.tls is not None:
+            self.tls.hooks = self
         await self._listen()
         self._schedule_tick()
 
-    async def _listen(self) -> None:
+    async def _listen(self, resume: bool = False) -> None:
+        """Start accepting; ``resume``: again, after max_connections or a new handshake
+        timeout paused it (unless a stop or another resume came first)."""
         assert self._sock is not None
         # Our own fd for the shared socket: closing it stops our accepting only.
         tls = self.tls
-        if tls is None:
-            self._server = await self.loop.create_server(
-                self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog)
-        else:
-            self._server = await self.loop.create_server(
-                self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog,
-                ssl=tls.front, ssl_handshake_timeout=tls.settings.handshake_timeout_s,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
+        try:
+            if tls is None:
+                server = await self.loop.create_server(
+                    self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog)
+            else:
+                server = await self.loop.create_server(
+                    self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog,
+                    ssl=tls.front, ssl_handshake_timeout=tls.settings.handshake_timeout_s,
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
+        finally:
+            if resume:
+                self._relistening = False
+        if resume and (not self._accepting or self._server is not None):
+            server.close()
+            return
+        self._server = server
         self._accepting = True
 
     def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
@@ -140,7 +155,8 @@ class ListenerServer(Generic[C]):
             # what arrives).
             server, self._server = self._server, None
             server.close()
-            self.spawn(self._listen())
+            self._relistening = True
+            self.spawn(self._listen(resume=True))
 
     def routes_changed(
         self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],
@@ -198,11 +214,7 @@ class ListenerServer(Generic[C]):
     def client_opened(self, c: C) -> None:
         self.clients.add(c)
         self.stats.connection_opened(self.listener.name)
-        mc = self.listener.max_connections
-        if mc and len(self.clients) >= mc and self._server is not None:
-            # Leave further connections in the shared backlog for other workers.
-            self._server.close()
-            self._server = None
+        self._maybe_pause()
 
     def client_gone(self, c: C) -> None:
         if c in self.clients:
@@ -210,12 +222,36 @@ class ListenerServer(Generic[C]):
             self.stats.connection_closed(self.listener.name)
             if not self.clients and self._drained is not None:
                 self._drained.set()
+        self._maybe_resume()
+
+    # A TLS connection reaches the engine (client_opened) only once its handshake is done;
+    # until then it is counted here, so max_connections bounds it too.
+
+    def handshake_started(self) -> None:
+        self.handshaking += 1
+        self._maybe_pause()
+
+    def handshake_ended(self) -> None:
+        self.handshaking -= 1
+        if self.listener.max_connections and self.loop is not None:
+            # Maybe from a finalizer (an abandoned handshake collected): act from the loop.
+            self.loop.call_soon(self._maybe_resume)
+
+    def _maybe_pause(self) -> None:
+        mc = self.listener.max_connections
+        if mc and len(self.clients) + self.handshaking >= mc and self._server is not None:
+            # Leave further connections in the shared backlog for other workers.
+            self._server.close()
+            self._server = None
+
+    def _maybe_resume(self) -> None:
         mc = self.listener.max_connections
         if (
             mc and self._accepting and self._server is None and self._sock is not None
-            and len(self.clients) < mc
+            and not self._relistening and len(self.clients) + self.handshaking < mc
         ):
-            self.spawn(self._listen())
+            self._relistening = True  # one _listen at a time
+            self.spawn(self._listen(resume=True))
 
     # -- passive checks ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from lb.config import ListenerTlsConfig
 from lb.stats import Stats
@@ -64,31 +64,54 @@ def failure_reason(exc: BaseException) -> str:
     return "aborted"
 
 
-def counting_class(listener: str, stats: Stats, timeout_s: float) -> type[ssl.SSLObject]:
-    """An SSLObject subclass counting this listener's handshakes into ``stats``."""
+class HandshakeHooks(Protocol):
+    """Told when a connection's handshake starts and ends (the listener counts connections
+    still in their handshake against max_connections: the loop reports a TLS connection to
+    its protocol only once the handshake is done)."""
+
+    def handshake_started(self) -> None: ...
+    def handshake_ended(self) -> None: ...
+
+
+def counting_class(listener: str, stats: Stats, timeout_s: float,
+                   owner: ListenerTls | None = None) -> type[ssl.SSLObject]:
+    """An SSLObject subclass counting this listener's handshakes into ``stats`` (and telling
+    ``owner.hooks``, when set, that one started and ended)."""
     late = timeout_s * 0.95
 
     class Counted(ssl.SSLObject):
         # Class attributes as defaults: nothing per connection until they change.
         _t0 = 0.0
         _done = False
+        _hooks: HandshakeHooks | None = None
         hello = False
         """Set by the SNI callback: the ClientHello arrived."""
 
         def do_handshake(self) -> None:
             if not self._t0:
                 self._t0 = time.monotonic()
+                hooks = owner.hooks if owner is not None else None
+                if hooks is not None:
+                    self._hooks = hooks
+                    hooks.handshake_started()
             try:
                 super().do_handshake()
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except OSError as exc:  # SSLError is one
-                self._done = True
+                self._finish()
                 stats.tls_failure(listener, failure_reason(exc))
                 raise
-            self._done = True
+            self._finish()
             ctx = self.context
             stats.tls_handshake(listener, getattr(ctx, "cert_id", ""), self.session_reused)
+
+        def _finish(self) -> None:
+            self._done = True
+            hooks = self._hooks
+            if hooks is not None:
+                self._hooks = None
+                hooks.handshake_ended()
 
         def __del__(self) -> None:
             if self._t0 and not self._done:
@@ -97,6 +120,7 @@ def counting_class(listener: str, stats: Stats, timeout_s: float) -> type[ssl.SS
                 else:
                     reason = "aborted" if self.hello else "aborted_before_hello"
                 stats.tls_failure_late(listener, reason)
+                self._finish()
 
     Counted.__name__ = Counted.__qualname__ = "CountedSSLObject"
     return Counted
@@ -112,8 +136,10 @@ class ListenerTls:
         self.front = contexts.server_context(
             settings.min_version, settings.ciphers, settings.session_tickets)
         self.front.sni_callback = self._sni
+        self.hooks: HandshakeHooks | None = None
+        """The listener's server in this worker (set when it starts)."""
         self.front.sslobject_class = counting_class(
-            listener, stats, settings.handshake_timeout_s)
+            listener, stats, settings.handshake_timeout_s, self)
         self.table: NameTable[contexts.CertContext] | None = None
         self.bundles: tuple[CertBundle, ...] = ()
         self._built: dict[tuple[CertBundle, tuple[str, ...]], contexts.CertContext] = {}
@@ -164,7 +190,7 @@ class ListenerTls:
             front.options |= ssl.OP_NO_TICKET
             front.num_tickets = 0
         front.sslobject_class = counting_class(
-            self.listener, self.stats, settings.handshake_timeout_s)
+            self.listener, self.stats, settings.handshake_timeout_s, self)
         alpn_changed = settings.alpn != self.settings.alpn
         self.settings = settings
         if alpn_changed and self.bundles:
