@@ -4,9 +4,11 @@ side driven by in-memory handshakes (MemoryBIO) against real certificates."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -444,3 +446,50 @@ verify = false
     assert _tls_check_load(kept) == []
     slow = config_mod.loads(base + "[pool.health]\ninterval_s = 5.0\ntimeout_s = 1.0\n")
     assert _tls_check_load(slow) == []
+
+
+def test_ticket_keys_rotate_together_on_both_nodes(pki: Pki, tmp_path: Path) -> None:
+    """Derived keys change at each period's start, the same on two nodes with the same
+    failover key; a ticket_key_file's key is left alone."""
+    from lb.control.tls import TICKET_KEY_ROTATE_S
+
+    secret = os.urandom(32)
+    one, two = TlsKeeper(), TlsKeeper()
+    m = dataclasses.replace(one.load(_config(pki))[0], secret=secret)
+    m = dataclasses.replace(m, listeners={n: dataclasses.replace(
+        lm, ticket_key_source="failover_key") for n, lm in m.listeners.items()})
+    t = 1_000_000 * TICKET_KEY_ROTATE_S + 5.0
+    a, b = one.rotate(m, t), two.rotate(m, t)
+    assert a is not None and b is not None
+    ka, kb = a.listeners["https"].ticket_key, b.listeners["https"].ticket_key
+    assert ka == kb == ticketkeys.derive(secret, "https", 1_000_000)
+    assert one.rotate(a, t + 60) is None  # same period: nothing to send
+    later = one.rotate(a, t + TICKET_KEY_ROTATE_S)
+    assert later is not None and later.listeners["https"].ticket_key != ka
+    r = one.load(_config(pki))[0]  # random keys rotate too, the old one forgotten
+    assert r.listeners["https"].ticket_key_source == "random"
+    r2 = one.rotate(r, time.time() + TICKET_KEY_ROTATE_S)
+    assert r2 is not None and r2.listeners["https"].ticket_key != r.listeners["https"].ticket_key
+    assert len([k for k in one.random_keys if k[0] == "https"]) == 1
+    f = tmp_path / "t.key"
+    f.write_text(os.urandom(80).hex())
+    f.chmod(0o600)
+    fm = one.load(_config(pki, extra=f'ticket_key_file = "{f}"'))[0]
+    assert one.rotate(fm, t + TICKET_KEY_ROTATE_S) is None
+
+
+def test_a_certificate_whose_names_an_earlier_one_has_is_reported(pki: Pki) -> None:
+    from lb.control.tls import shadowed
+
+    cfg = _config(pki, names=("sh1", "sh2"))
+    m, _ = TlsKeeper().load(cfg)
+    assert shadowed(cfg, m) == []
+    twin = pki.leaf("sh1rsa", ["sh1.test"], key_type="rsa")
+    text = _config(pki, names=("sh1",)).model_dump(mode="json")
+    text["listener"][0]["tls"]["certificates"].append(
+        {"cert_file": str(twin.cert), "key_file": str(twin.key)})
+    cfg2 = config_mod.parse_config(text)
+    m2, errors = TlsKeeper().load(cfg2)
+    assert errors == []
+    (line,) = shadowed(cfg2, m2)
+    assert line.startswith("listener[0].tls.certificates[1]: every name of")

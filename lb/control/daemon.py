@@ -40,7 +40,13 @@ from lb.control import status as status_mod
 from lb.control.backends import BackendTable
 from lb.control.rotation import AdminState, Snapshot
 from lb.control.supervisor import Supervisor, WorkerHandle
-from lb.control.tls import TlsKeeper, log_certificates, tls_changes
+from lb.control.tls import (
+    TICKET_KEY_ROTATE_S,
+    TlsKeeper,
+    log_certificates,
+    shadowed,
+    tls_changes,
+)
 from lb.listen import make_listen_socket
 from lb.sdnotify import Notifier, watchdog_interval_s
 
@@ -254,6 +260,8 @@ class Daemon:
             await self.tls.selftest(material)
             self.tls.material = self.tls.apply_selftest(material)
             log_certificates(self.tls.material)
+            for line in shadowed(self.cfg, material):
+                logger.warning("event=tls_certificate_never_served %s", line)
         for lcfg in self.cfg.listener:
             try:
                 self.sockets[lcfg.name] = make_listen_socket(lcfg)
@@ -286,6 +294,7 @@ class Daemon:
         if self.cfg.admin.enabled:
             await self._start_admin()
         self._spawn(self._status_loop(), "status")
+        self._spawn(self._ticket_key_loop(), "tls_ticket_keys")  # sleeps 12 h at a time
         wd = watchdog_interval_s()
         if wd is not None:
             self._spawn(self._watchdog_loop(wd), "watchdog")
@@ -922,6 +931,22 @@ class Daemon:
         usable = sum(s.usable for s in self.snapshots.values())
         total = sum(len(r.records) for r in self.table.rotations.values())
         return f"role={self.role()} backends_up={usable}/{total} workers={self.supervisor.count}"
+
+    async def _ticket_key_loop(self) -> None:
+        """Rotate the ticket keys pairlb makes at each period's start (lb.control.tls)."""
+        while True:
+            now = time.time()
+            nxt = (self.tls.epoch(now) + 1) * TICKET_KEY_ROTATE_S
+            await asyncio.sleep(nxt - now + 0.05)
+            async with self._reload_lock:
+                rotated = self.tls.rotate(self.tls.material)
+                if rotated is None:
+                    continue
+                self.tls.material = rotated
+                self.supervisor.broadcast(self._config_message())
+            logger.info("event=tls_ticket_keys_rotated listeners=%s", ",".join(
+                n for n, m in rotated.listeners.items()
+                if m.ticket_key_source in ("failover_key", "random")))
 
     async def _status_loop(self) -> None:
         last = ""

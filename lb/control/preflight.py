@@ -128,9 +128,11 @@ def check(cfg: Config, *, inside_service: bool = False, tls: bool = True
     notes += _tls_check_load(cfg)
     if tls and (any(lc.tls is not None for lc in cfg.listener)
                 or any(p.tls is not None for p in cfg.pool)):
-        from lb.control.tls import TlsKeeper
+        from lb.control.tls import TlsKeeper, shadowed
 
-        errors += TlsKeeper().load(cfg, skip)[1]
+        material, tls_errors = TlsKeeper().load(cfg, skip)
+        errors += tls_errors
+        notes += shadowed(cfg, material)
     return errors, notes
 
 

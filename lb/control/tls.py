@@ -40,6 +40,10 @@ from lb.tls.files import CertBundle, TlsFileError
 logger = logging.getLogger(__name__)
 
 SELFTEST_TIMEOUT_S = 10.0
+TICKET_KEY_ROTATE_S = 12 * 3600
+"""Ticket keys pairlb makes (derived or random) change every 12 hours, at the same moment
+on both nodes: a stolen key opens at most that period's TLS 1.2 sessions. A client holding
+an older ticket makes one full handshake."""
 MAX_CA_BYTES = 4 << 20
 MAX_WIRE_BYTES = MAX_MESSAGE * 3 // 4
 """The TLS material of one config must fit in a worker's Config message (lb.channel's
@@ -61,6 +65,8 @@ class Material:
     listeners: dict[str, ListenerMaterial] = field(default_factory=dict)
     pool_ca: dict[str, bytes | None] = field(default_factory=dict)
     loaded_at: float = 0.0
+    secret: bytes | None = field(default=None, repr=False)
+    """The failover key the ticket keys are derived from (never sent to the workers)."""
 
     def wire(self) -> dict[str, Any]:
         """The ``tls`` field of the worker Config message. Each certificate travels once,
@@ -114,7 +120,7 @@ class TlsKeeper:
     sharing ticket keys works here, the material of the config being served."""
 
     def __init__(self) -> None:
-        self.random_keys: dict[str, bytes] = {}
+        self.random_keys: dict[tuple[str, int], bytes] = {}
         self.sharing: bool | None = None
         """None: not tested yet; then whether the self-test passed."""
         self.sharing_error = ""
@@ -166,7 +172,7 @@ class TlsKeeper:
                 pool_ca[pcfg.name] = read_ca_file(pcfg.tls.ca_file)
             except TlsFileError as exc:
                 errors.append(f"pool[{i}].tls.ca_file: {exc}")
-        material = Material(listeners, pool_ca, time.time())
+        material = Material(listeners, pool_ca, time.time(), fo_key)
         if not errors:
             size = wire_size(material)
             if size > MAX_WIRE_BYTES:
@@ -176,6 +182,38 @@ class TlsKeeper:
                     f"carries per config (fewer or shorter chains; a certificate served by "
                     f"several listeners counts once)")
         return material, errors
+
+    @staticmethod
+    def epoch(now: float | None = None) -> int:
+        """The ticket key period ``now`` is in (both nodes agree: their clocks are kept
+        within failover.max_clock_skew_s)."""
+        return int((time.time() if now is None else now) // TICKET_KEY_ROTATE_S)
+
+    def rotate(self, material: Material, now: float | None = None) -> Material | None:
+        """``material`` with the keys of the current period, or None when none changed.
+        Only the keys pairlb makes rotate (derived from the failover key, or random); a
+        ticket_key_file's key is the operator's to change."""
+        epoch = self.epoch(now)
+        listeners, changed = {}, False
+        for name, m in material.listeners.items():
+            key = m.ticket_key
+            if m.ticket_key_source == "failover_key" and material.secret is not None:
+                key = ticketkeys.derive(material.secret, name, epoch)
+            elif m.ticket_key_source == "random":
+                key = self._random(name, epoch)
+            changed |= key != m.ticket_key
+            listeners[name] = ListenerMaterial(m.bundles, key, m.ticket_key_source)
+        if not changed:
+            return None
+        return Material(listeners, material.pool_ca, material.loaded_at, material.secret)
+
+    def _random(self, listener: str, epoch: int) -> bytes:
+        key = self.random_keys.get((listener, epoch))
+        if key is None:
+            for k in [k for k in self.random_keys if k[0] == listener]:
+                del self.random_keys[k]  # the previous period's key is gone for good
+            key = self.random_keys[(listener, epoch)] = os.urandom(ticketkeys.KEY_LEN)
+        return key
 
     def _failover_key(self, cfg: Config) -> bytes | None:
         if cfg.failover is None:
@@ -196,10 +234,9 @@ class TlsKeeper:
         if tls.ticket_key_file is not None:
             key, source = files.read_ticket_key(tls.ticket_key_file), "file"
         elif fo_key is not None:
-            key, source = ticketkeys.derive(fo_key, lcfg.name), "failover_key"
+            key, source = ticketkeys.derive(fo_key, lcfg.name, self.epoch()), "failover_key"
         else:
-            key = self.random_keys.setdefault(lcfg.name, os.urandom(ticketkeys.KEY_LEN))
-            source = "random"
+            key, source = self._random(lcfg.name, self.epoch()), "random"
         if self.sharing is False:
             return None, "unsupported"
         return key, source
@@ -249,7 +286,28 @@ class TlsKeeper:
                                 m.ticket_key_source)
             for n, m in material.listeners.items()
         }
-        return Material(listeners, material.pool_ca, material.loaded_at)
+        return Material(listeners, material.pool_ca, material.loaded_at, material.secret)
+
+
+def shadowed(cfg: Config, material: Material) -> list[str]:
+    """A certificate whose every name an earlier one of the listener has (an RSA one beside
+    an ECDSA one for the same names, say) is never chosen: say so."""
+    from lb.tls.names import normalize
+
+    out = []
+    for i, lcfg in enumerate(cfg.listener):
+        m = material.listeners.get(lcfg.name)
+        if m is None:
+            continue
+        seen: set[str] = set()
+        for j, b in enumerate(m.bundles):
+            names = {normalize(n) for n in b.names}
+            if j and names and names <= seen:
+                out.append(f"listener[{i}].tls.certificates[{j}]: every name of {b.cert_file} "
+                           f"is on an earlier certificate, which SNI chooses first: this one "
+                           f"is never served")
+            seen |= names
+    return out
 
 
 def log_certificates(material: Material) -> None:
@@ -291,5 +349,6 @@ __all__ = [
     "TlsKeeper",
     "log_certificates",
     "read_ca_file",
+    "shadowed",
     "tls_changes",
 ]

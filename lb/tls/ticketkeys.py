@@ -104,11 +104,12 @@ def set_ticket_key(ctx: ssl.SSLContext, key: bytes) -> None:
         raise TicketKeyUnsupported("the ticket key did not read back")
 
 
-def derive(secret: bytes, listener: str) -> bytes:
+def derive(secret: bytes, listener: str, epoch: int = 0) -> bytes:
     """A listener's ticket key from a secret both nodes have (HKDF-SHA256, RFC 5869): one
-    per listener, so a ticket of one listener never resumes on another."""
+    per listener, so a ticket of one listener never resumes on another, and one per
+    ``epoch``, so the key rotates on both nodes at once without a word between them."""
     prk = hmac.new(b"pairlb tls ticket key", secret, hashlib.sha256).digest()
-    info = b"pairlb tls ticket key v1\x00" + listener.encode()
+    info = b"pairlb tls ticket key v1\x00" + listener.encode() + b"\x00" + str(epoch).encode()
     out, block = b"", b""
     for i in range(1, 4):
         block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
