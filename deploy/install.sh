@@ -194,9 +194,10 @@ do_install() {
     fi
     if [ ! -d "$ETC" ]; then
         install -d -m 0755 "$ETC"
-        install -d -m 0700 "$ETC/tls"
         CHANGED=1
     fi
+    # Certificates and keys for [listener.tls]; the unit stages them for its user.
+    [ -d "$ETC/tls" ] || install -d -m 0700 "$ETC/tls"
     put "$DEPLOY_DIR/pairlb.toml" "$ETC/pairlb.toml.example" 0644
     if [ -e "$ETC/pairlb.toml" ]; then
         say "kept       ${ETC#$R}/pairlb.toml"
@@ -251,6 +252,9 @@ do_uninstall() {
         for f in "$ETC/pairlb.toml" "${SECRETS[@]/#/$ETC/}"; do
             if [ -e "$f" ]; then rm -f "$f"; say "removed    ${f#$R}"; fi
         done
+        if [ -d "$ETC/tls" ] && ! rmdir "$ETC/tls" 2>/dev/null; then
+            say "left       ${ETC#$R}/tls (it holds certificates or keys)"
+        fi
         if [ -d "$ETC" ]; then
             if rmdir "$ETC" 2>/dev/null; then
                 say "removed    ${ETC#$R}"
