@@ -43,7 +43,7 @@ from lb import config as config_mod
 from lb.config import CertificateConfig, ListenerTlsConfig
 from lb.control.tls import TlsKeeper
 from lb.stats import Stats
-from lb.tls import files
+from lb.tls import files, ticketkeys
 from lb.tls.server import ListenerTls
 
 pytestmark = [
@@ -124,24 +124,7 @@ def _valid(path: Path, text: str) -> None:
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
     """An in-memory handshake; the server side's SSLObject."""
-    cin, cout, sin, sout = (ssl.MemoryBIO() for _ in range(4))
-    cli = client.wrap_bio(cin, cout, server_hostname="rev.test")
-    srv = server.wrap_bio(sin, sout, server_side=True)
-    for _ in range(20):
-        done = 0
-        for obj in (cli, srv):
-            try:
-                obj.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-        if cout.pending:
-            sin.write(cout.read())
-        if sout.pending:
-            cin.write(sout.read())
-        if done == 2:
-            return srv
-    raise AssertionError("the in-memory handshake did not finish")
+    return ticketkeys.memory_handshake(server, client, "rev.test", exchange=False)[1]
 
 
 def _client(alpn: tuple[str, ...] = (), max_version: ssl.TLSVersion | None = None

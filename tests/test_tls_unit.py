@@ -192,35 +192,9 @@ def _client(pki: Pki, **kw: object) -> ssl.SSLContext:
     return c
 
 
-def _pump(cli: ssl.SSLObject, srv: ssl.SSLObject, bios: tuple[ssl.MemoryBIO, ...]) -> None:
-    cin, cout, sin, sout = bios
-    for _ in range(30):
-        done = 0
-        for obj in (cli, srv):
-            try:
-                obj.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-        if cout.pending:
-            sin.write(cout.read())
-        if sout.pending:
-            cin.write(sout.read())
-        if done == 2:
-            return
-    raise AssertionError("no handshake")
-
-
 def handshake(lt: ListenerTls, client: ssl.SSLContext, name: str | None,
               session: ssl.SSLSession | None = None) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    bios = tuple(ssl.MemoryBIO() for _ in range(4))
-    cli = client.wrap_bio(bios[0], bios[1], server_hostname=name, session=session)
-    srv = lt.front.wrap_bio(bios[2], bios[3], server_side=True)
-    _pump(cli, srv, bios)
-    srv.write(b"x")
-    bios[0].write(bios[3].read())
-    assert cli.read(1) == b"x"
-    return cli, srv
+    return ticketkeys.memory_handshake(lt.front, client, name, session)
 
 
 @pytest.fixture
