@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -215,34 +215,16 @@ class Backends:
         return get_json(f"http://{LOOPBACK}:{self.ports[name]}/stats")
 
 
-class Pairlb:
-    """``pairlb run -c FILE`` in a subprocess; log in ``tmp/pairlb.log`` (shown on failure)."""
+class Daemon:
+    """``pairlb run -c FILE`` in a subprocess, ready when /readyz says 200; log in
+    ``tmp/pairlb.log`` (shown on failure). A subclass writes ``self.config`` first."""
 
-    def __init__(
-        self,
-        tmp: Path,
-        backends: Backends,
-        *,
-        token: bool = True,
-        workers: int = 2,
-        response_timeout_s: float = 30.0,
-    ) -> None:
+    def __init__(self, tmp: Path, *, token: bool = True) -> None:
         self.tmp = tmp
         self.token_file = write_token(tmp) if token else None
         self.token = self.token_file.read_text().strip() if self.token_file else None
-        self.listen_port = free_port()
         self.admin_port = free_port()
         self.config = tmp / "pairlb.toml"
-        self.config.write_text(
-            config_text(
-                listen_port=self.listen_port,
-                admin_port=self.admin_port,
-                backends=backends.members,
-                token_file=self.token_file,
-                workers=workers,
-                response_timeout_s=response_timeout_s,
-            )
-        )
         self.log = tmp / "pairlb.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -250,12 +232,8 @@ class Pairlb:
     def admin(self) -> str:
         return f"http://{LOOPBACK}:{self.admin_port}"
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.listen_port}"
-
-    def __enter__(self) -> Pairlb:
-        with open(self.log, "wb") as log:
+    def __enter__(self) -> Self:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "lb", "run", "-c", str(self.config)],
                 cwd=ROOT,
@@ -293,6 +271,37 @@ class Pairlb:
         status, _, body = http("GET", self.admin + "/metrics")
         assert status == 200
         return body.decode()
+
+
+class Pairlb(Daemon):
+    """A node on the config_text() config: one HTTP listener, one pool of ``backends``."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        backends: Backends,
+        *,
+        token: bool = True,
+        workers: int = 2,
+        response_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(tmp, token=token)
+        self.listen_port = free_port()
+        self.config.write_text(
+            config_text(
+                listen_port=self.listen_port,
+                admin_port=self.admin_port,
+                backends=backends.members,
+                token_file=self.token_file,
+                workers=workers,
+                response_timeout_s=response_timeout_s,
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.listen_port}"
+
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -39,16 +39,14 @@ from pathlib import Path
 import pytest
 from admin_helpers import (
     LOOPBACK,
-    PYTHON,
-    ROOT,
     Backends,
+    Daemon,
     _stop,
     free_port,
     http,
     parse_metrics,
     total,
     wait_until,
-    write_token,
 )
 from tls_helpers import Pki
 
@@ -192,21 +190,18 @@ token_file = "{token_file}"
 """
 
 
-class Node:
-    """``pairlb run -c FILE``; ready when /readyz says 200. ``retarget()`` rewrites the TLS
-    listener's certificate in the file (then POST /reload applies it)."""
+class Node(Daemon):
+    """A node with a plain listener serving ACME challenges and a TLS listener.
+    ``retarget()`` rewrites the TLS listener's certificate in the file (then POST /reload
+    applies it)."""
 
     def __init__(self, tmp: Path, backend_port: int, acme_dir: Path, cert: Path,
                  key: Path) -> None:
-        self.token_file = write_token(tmp)
-        self.token = self.token_file.read_text().strip()
-        self.http_port, self.tls_port, self.admin_port = free_port(), free_port(), free_port()
+        super().__init__(tmp)
+        self.http_port, self.tls_port = free_port(), free_port()
         self.backend_port = backend_port
         self.acme_dir = acme_dir
-        self.config = tmp / "pairlb.toml"
         self.retarget(cert, key)
-        self.log = tmp / "pairlb.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def retarget(self, cert: Path, key: Path) -> None:
         self.config.write_text(node_config(
@@ -214,42 +209,8 @@ class Node:
             backend_port=self.backend_port, acme_dir=self.acme_dir, cert=cert, key=key,
             token_file=self.token_file))
 
-    @property
-    def admin(self) -> str:
-        return f"http://{LOOPBACK}:{self.admin_port}"
-
-    def __enter__(self) -> Node:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PYTHON, "-m", "lb", "run", "-c", str(self.config)], cwd=ROOT,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._ready, 25.0, "pairlb /readyz == 200", 0.1)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"pairlb exited with {self.proc.returncode}:\n{self.logs()}")
-        try:
-            return http("GET", self.admin + "/readyz", timeout_s=1.0)[0] == 200
-        except OSError:
-            return False
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            _stop(self.proc, 10.0)
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
     def acme_served(self) -> float:
-        code, _, body = http("GET", self.admin + "/metrics")
-        assert code == 200, body
-        return float(total(parse_metrics(body.decode()), "pairlb_local_responses_total",
+        return float(total(parse_metrics(self.metrics()), "pairlb_local_responses_total",
                            listener="web", kind="acme_served"))
 
 

@@ -110,13 +110,13 @@ def test_chromium_gets_the_page_over_tls_and_refuses_it_untrusted(
         node: TlsNode, pki: Pki, tmp_path: Path) -> None:
     url = f"https://{NAME}:{node.port}/whoami"
     exact = str(node.certs["exact"].cert)
-    full_before = tls_total(node.metrics(), "pairlb_tls_handshakes_total", cert=exact,
+    full_before = tls_total(node.samples(), "pairlb_tls_handshakes_total", cert=exact,
                             kind="full")
 
     # Control: nothing trusts the test CA, so no page; pairlb counts the refusal.
     untrusted = chromium(url, tmp_path / "untrusted", [])
     assert "web1 saw" not in untrusted, untrusted[-2000:]
-    wait_until(lambda: tls_total(node.metrics(), "pairlb_tls_handshake_failures_total",
+    wait_until(lambda: tls_total(node.samples(), "pairlb_tls_handshake_failures_total",
                                  reason="client_alert") >= 1, 5.0,
                "the browser's refusal counted (client_alert)", 0.1)
 
@@ -131,7 +131,7 @@ def test_chromium_gets_the_page_over_tls_and_refuses_it_untrusted(
     assert "web1 saw proto=" in dom, f"trusting {how}:\n{dom[-2000:]}"
     assert f"host={NAME}:{node.port}" in dom, dom[-2000:]
     # The browser's handshake chose the exact certificate (SNI) and completed.
-    wait_until(lambda: tls_total(node.metrics(), "pairlb_tls_handshakes_total", cert=exact,
+    wait_until(lambda: tls_total(node.samples(), "pairlb_tls_handshakes_total", cert=exact,
                                  kind="full") > full_before, 5.0,
                f"a full handshake on {exact} (listener {LISTENER})", 0.1)
     assert "proto=https " in dom, dom[-2000:]  # the backend's X-Forwarded-Proto

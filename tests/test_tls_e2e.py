@@ -47,13 +47,13 @@ from admin_helpers import (
     PYTHON,
     ROOT,
     SCHEMA,
+    Daemon,
     free_port,
     http,
     parse_metrics,
     total,
     wait_port,
     wait_until,
-    write_token,
 )
 from tls_helpers import Leaf, Pki
 
@@ -169,71 +169,23 @@ token_file = "{token_file}"
 """
 
 
-class TlsNode:
-    """``pairlb run -c FILE`` with a TLS listener; ready when /readyz says 200."""
+class TlsNode(Daemon):
+    """A node with a TLS listener (tls_config())."""
 
     def __init__(self, tmp: Path, backend: PairBackend, certs: dict[str, Leaf], *,
                  min_version: str = "1.2", workers: int = 2) -> None:
-        self.tmp = tmp
+        super().__init__(tmp)
         self.certs = certs
-        self.token_file = write_token(tmp)
-        self.token = self.token_file.read_text().strip()
         self.port = free_port()
-        self.admin_port = free_port()
-        self.config = tmp / "pairlb.toml"
         self.config.write_text(tls_config(
             port=self.port, admin_port=self.admin_port, backend_port=backend.port,
             token_file=self.token_file, certs=certs, min_version=min_version, workers=workers))
-        self.log = tmp / "pairlb.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def admin(self) -> str:
-        return f"http://{LOOPBACK}:{self.admin_port}"
-
-    def __enter__(self) -> TlsNode:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PYTHON, "-m", "lb", "run", "-c", str(self.config)], cwd=ROOT,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._ready, 25.0, "pairlb /readyz == 200", 0.1)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"pairlb exited with {self.proc.returncode}:\n{self.logs()}")
-        try:
-            return http("GET", self.admin + "/readyz", timeout_s=1.0)[0] == 200
-        except OSError:
-            return False
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            _stop(self.proc, 10.0)
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def status(self) -> Any:
-        code, _, body = http("GET", self.admin + "/status")
-        assert code == 200, body
-        return json.loads(body)
 
     def tls_status(self) -> Any:
         return self.status()["listeners"][0]["tls"]
 
-    def metrics_text(self) -> str:
-        code, _, body = http("GET", self.admin + "/metrics")
-        assert code == 200
-        return body.decode()
-
-    def metrics(self) -> Any:
-        return parse_metrics(self.metrics_text())
+    def samples(self) -> Any:
+        return parse_metrics(self.metrics())
 
     def reload(self) -> tuple[int, Any]:
         code, _, body = http("POST", self.admin + "/reload", token=self.token, timeout_s=15.0)
@@ -382,7 +334,7 @@ def test_sni_picks_exact_wildcard_and_default_certificates_and_alpn(
     certs = node.certs
 
     def counted() -> bool:
-        s = node.metrics()
+        s = node.samples()
         return all(tls_total(s, "pairlb_tls_handshakes_total", cert=str(certs[c].cert),
                              kind="full") >= n for c, n in (("exact", 3), ("wild", 2),
                                                             ("default", 3)))
@@ -445,7 +397,7 @@ def test_session_resumes_on_the_other_worker(
         lines.append(session_line(out))
     assert lines == [f"Reused TLSv{version}"] * 7, lines
     wait_until(lambda: resumed_count() >= before + 7, 5.0, "/status resumed +7", 0.1)
-    s = node.metrics()
+    s = node.samples()
     assert tls_total(s, "pairlb_tls_handshakes_total", cert=exact, kind="resumed") >= 7
     assert tls_total(s, "pairlb_tls_ticket_key_shared") == 1
 
@@ -462,7 +414,7 @@ def test_status_schema_and_promtool_with_the_tls_series(node: TlsNode) -> None:
     for c, leaf in zip(certs, node.certs.values(), strict=True):
         assert c["fingerprint"] == fingerprint(leaf.cert)
         assert 19 * 86400 < c["not_after"] - time.time() < 21 * 86400, c
-    text = node.metrics_text()
+    text = node.metrics()
     s = parse_metrics(text)
     for c in certs:
         assert tls_total(s, "pairlb_tls_certificate_expiry_timestamp_seconds",
@@ -616,7 +568,7 @@ def test_min_version_13_refuses_tls12_and_counts_failures_by_reason(
                 assert not data.startswith(b"HTTP/"), data
 
         def failures() -> Any:
-            s = n.metrics()
+            s = n.samples()
             got = {r: tls_total(s, "pairlb_tls_handshake_failures_total", reason=r)
                    for r in ("protocol_version", "http_request")}
             return got if all(v >= 1 for v in got.values()) else None
