@@ -7,7 +7,9 @@ Expected failures (``xfail(strict=True)``), each reproduced against a real ``pai
   process sends ``Config.model_dump()`` (every field, defaults included) and the worker's
   ``Config.model_validate`` then sees ``redirect_to_https``/``acme_challenge_dir`` as set on a
   tcp listener and refuses the whole config. A daemon with a tcp listener never serves; a
-  reload that adds one reports ok and then every listener of the node stops serving.
+  reload that adds one reports ok and then every listener of the node stops serving. The
+  same mechanism refuses a ``[failover]`` with ``key_files`` (a key rotation) and no
+  ``key_file``: the dump carries key_file's default, which is not one of key_files.
 - TCP mode drops what a backend sends before ``_Pipe._connect`` has wired the two sides
   (``_BackendSide.data_received`` with ``peer`` still None): a server-speaks-first backend's
   greeting (SMTP, MySQL, SSH, and the SNI listener's documented "server speaks first" case)
@@ -96,6 +98,36 @@ def test_a_tcp_listener_config_survives_the_trip_to_the_workers(extra: str) -> N
     wire = cfg.model_dump(mode="json")  # what Daemon._config_message sends
     again = Config.model_validate(wire)  # what Worker._apply_config does with it
     assert again.listener[0].mode == "tcp"
+
+
+FAILOVER_KEY_FILES = """\
+[node]
+name = "review2"
+
+[[listener]]
+name = "h"
+bind = "127.0.0.1:{port}"
+pool = "p"
+
+[[pool]]
+name = "p"
+backends = [ {{ name = "b", address = "127.0.0.1:9" }} ]
+
+[failover]
+interface = "lo"
+vips = ["192.0.2.10/24"]
+peers = ["127.0.0.1:9"]
+bind = "127.0.0.1"
+key_files = ["/etc/pairlb/failover-new.key", "/etc/pairlb/failover-old.key"]
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="the same round trip refuses [failover] key_files without "
+                   "key_file: the dump sets key_file's default, FailoverConfig._keys then refuses")
+def test_a_failover_key_rotation_config_survives_the_trip_to_the_workers() -> None:
+    cfg = config_mod.loads(FAILOVER_KEY_FILES.format(port=_port()))
+    again = Config.model_validate(cfg.model_dump(mode="json"))
+    assert again.failover is not None and again.failover.key_files == cfg.failover.key_files
 
 
 class _GreetingBackend:
