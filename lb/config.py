@@ -313,11 +313,12 @@ class ListenerConfig(_Model):
 
     @model_validator(mode="after")
     def _modes(self) -> ListenerConfig:
-        http_only = ("redirect_to_https", "acme_challenge_dir")
         if self.mode == "tcp":
-            for k in http_only:
-                if k in self.model_fields_set:
-                    raise ValueError(f"{k} needs mode = \"http\"")
+            # By value, not by what was written: the workers validate a full dump again.
+            if self.redirect_to_https:
+                raise ValueError("redirect_to_https needs mode = \"http\"")
+            if self.acme_challenge_dir is not None:
+                raise ValueError("acme_challenge_dir needs mode = \"http\"")
         if self.tls is not None and self.redirect_to_https:
             raise ValueError("redirect_to_https is for a plain listener; this one has tls")
         if self.sni_routes:
@@ -808,6 +809,12 @@ class Config(_Model):
                     raise ValueError(f"listener[{i}].sni_routes[{j}].pool: no pool named "
                                      f"{r.pool!r} (pools: {pools})")
         return self
+
+    def wire(self) -> dict[str, Any]:
+        """The config as the control process sends it to a worker, which validates it again
+        into this same config: what was written, not the defaults (validators that read
+        which keys were set, such as [failover]'s key_file/key_files rule, see the same)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
     def pool_by_name(self, name: str) -> PoolConfig:
         for p in self.pool:

@@ -40,7 +40,7 @@ class Config:
     TYPE: ClassVar[str] = "config"
     gen: int
     config: dict[str, Any]
-    """``Config.model_dump(mode="json")``: the worker validates it again."""
+    """``Config.wire()``: the worker validates it again, into the same config."""
     fds: dict[str, int]
     """Listener name -> the inherited listening socket's fd number."""
     tls: dict[str, Any] = field(default_factory=dict)

@@ -1,10 +1,11 @@
 """A second outside review of issue 15 (TLS, SNI routing, redirects, ACME, backend TLS), after
 the first review's fixes: regression tests for what it found.
 
-Expected failures (``xfail(strict=True)``), each reproduced against a real ``pairlb run`` too:
+Each was reproduced against a real ``pairlb run`` too, and is fixed:
 
 - A ``mode = "tcp"`` listener's config does not survive the trip to the workers: the control
-  process sends ``Config.model_dump()`` (every field, defaults included) and the worker's
+  process sent ``Config.model_dump()`` (every field, defaults included; now ``Config.wire()``,
+  what was written) and the worker's
   ``Config.model_validate`` then sees ``redirect_to_https``/``acme_challenge_dir`` as set on a
   tcp listener and refuses the whole config. A daemon with a tcp listener never serves; a
   reload that adds one reports ok and then every listener of the node stops serving. The
@@ -90,12 +91,10 @@ backends = [ {{ name = "b", address = "127.0.0.1:9" }} ]
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the worker refuses the control's dump of a tcp listener "
-                   "(ListenerConfig._modes checks model_fields_set, which a full dump sets)")
 @pytest.mark.parametrize("extra", ["", 'sni_routes = [ { server_name = "a.test", pool = "p" } ]'])
 def test_a_tcp_listener_config_survives_the_trip_to_the_workers(extra: str) -> None:
     cfg = config_mod.loads(TCP_CONFIG.format(port=_port(), extra=extra))
-    wire = cfg.model_dump(mode="json")  # what Daemon._config_message sends
+    wire = cfg.wire()  # what Daemon._config_message sends
     again = Config.model_validate(wire)  # what Worker._apply_config does with it
     assert again.listener[0].mode == "tcp"
 
@@ -122,11 +121,9 @@ key_files = ["/etc/pairlb/failover-new.key", "/etc/pairlb/failover-old.key"]
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the same round trip refuses [failover] key_files without "
-                   "key_file: the dump sets key_file's default, FailoverConfig._keys then refuses")
 def test_a_failover_key_rotation_config_survives_the_trip_to_the_workers() -> None:
     cfg = config_mod.loads(FAILOVER_KEY_FILES.format(port=_port()))
-    again = Config.model_validate(cfg.model_dump(mode="json"))
+    again = Config.model_validate(cfg.wire())
     assert again.failover is not None and again.failover.key_files == cfg.failover.key_files
 
 
@@ -164,8 +161,6 @@ class _GreetingBackend:
         self.sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="TCP mode drops backend bytes that arrive before "
-                   "_Pipe._connect sets side.peer (_BackendSide.data_received)")
 def test_a_server_speaks_first_greeting_is_not_lost_under_uvloop() -> None:
     uvloop = pytest.importorskip("uvloop")
     be = _GreetingBackend()
@@ -198,8 +193,6 @@ def test_a_server_speaks_first_greeting_is_not_lost_under_uvloop() -> None:
 # -- max_connections and reloads -----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a worker paused at max_connections never resumes once "
-                   "a reload sets max_connections = 0 (ListenerServer._maybe_resume)")
 def test_lifting_max_connections_by_reload_resumes_a_paused_worker() -> None:
     async def scenario() -> int:
         px = await start_proxy([("b", f"{LOOPBACK}:9")], listener={"max_connections": 1})
@@ -258,8 +251,6 @@ def test_stage_unlinks_a_symlink_planted_as_its_temporary_file(
     assert st.st_uid == pwd.getpwnam("nobody").pw_uid and st.st_mode & 0o777 == 0o600
 
 
-@pytest.mark.xfail(strict=True, reason="a directory planted at DST/.NAME.tmp: O_EXCL fails with "
-                   "EEXIST after the suppressed IsADirectoryError (lb.tls.files.stage)")
 def test_stage_survives_a_directory_planted_as_its_temporary_file(
         staging: tuple[Path, Path]) -> None:
     src, dst = staging
@@ -267,9 +258,6 @@ def test_stage_survives_a_directory_planted_as_its_temporary_file(
     assert sorted(files.stage(str(src), str(dst))) == ["r2.key", "r2.pem"]
 
 
-@pytest.mark.xfail(strict=True, reason="stage-tls checks a file as a secret only when it holds "
-                   "'PRIVATE KEY' or ends in .key: a ticket key file named otherwise is copied "
-                   "whatever its mode")
 def test_stage_refuses_a_world_readable_ticket_key(staging: tuple[Path, Path]) -> None:
     src, dst = staging
     ticket = src / "ticket"

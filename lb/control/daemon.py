@@ -750,7 +750,7 @@ class Daemon:
     def _config_message(self) -> wl.Config:
         return wl.Config(
             self.generation,
-            self.cfg.model_dump(mode="json"),
+            self.cfg.wire(),
             {n: s.fileno() for n, s in self.sockets.items()},
             self.tls.material.wire(),
         )

@@ -157,6 +157,9 @@ class ListenerServer(Generic[C]):
             server.close()
             self._relistening = True
             self.spawn(self._listen(resume=True))
+        if listener.max_connections != old.max_connections:
+            self._maybe_pause()
+            self._maybe_resume()
 
     def routes_changed(
         self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],
@@ -233,7 +236,7 @@ class ListenerServer(Generic[C]):
 
     def handshake_ended(self) -> None:
         self.handshaking -= 1
-        if self.listener.max_connections and self.loop is not None:
+        if self._server is None and self.loop is not None:
             # Maybe from a finalizer (an abandoned handshake collected): act from the loop.
             self.loop.call_soon(self._maybe_resume)
 
@@ -245,10 +248,10 @@ class ListenerServer(Generic[C]):
             self._server = None
 
     def _maybe_resume(self) -> None:
-        mc = self.listener.max_connections
+        mc = self.listener.max_connections  # 0 (no limit) resumes too: a reload lifted it
         if (
-            mc and self._accepting and self._server is None and self._sock is not None
-            and not self._relistening and len(self.clients) + self.handshaking < mc
+            self._accepting and self._server is None and self._sock is not None
+            and not self._relistening and (not mc or len(self.clients) + self.handshaking < mc)
         ):
             self._relistening = True  # one _listen at a time
             self.spawn(self._listen(resume=True))

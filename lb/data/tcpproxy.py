@@ -164,6 +164,14 @@ class _PeekingClientSide(_ClientSide):
 
 
 class _BackendSide(_Side):
+    __slots__ = ("early",)
+
+    def __init__(self, pipe: _Pipe) -> None:
+        super().__init__(pipe)
+        self.early: list[bytes] = []
+        """What the backend sent before the pipe joined the two sides (a server that
+        speaks first; uvloop delivers it before create_connection returns)."""
+
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
@@ -173,9 +181,13 @@ class _BackendSide(_Side):
         pipe.bytes_out += len(data)
         if self.peer is not None:
             self.peer.write(data)
+        else:
+            self.early.append(data)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.peer is None:
+            return True  # passed on once joined, after what it sent first
         return self.pipe.half_close(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -257,6 +269,11 @@ class _Pipe:
         self.backend_side = side
         side.peer = client
         client.peer = side
+        if side.early:
+            client.write(b"".join(side.early))
+            side.early = []
+        if side.eof:
+            self.half_close(side)
         if client.buf:
             side.write(b"".join(client.buf))
             client.buf = []

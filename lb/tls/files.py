@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import ssl
 import stat
 from dataclasses import dataclass
@@ -242,33 +243,50 @@ def stage(src: str, dst: str) -> list[str]:
     try:
         st = os.fstat(dfd)
         names = sorted(os.listdir(src)) if os.path.isdir(src) else []
-        copied = []
-        for name in names:
-            if name.startswith("."):
-                continue
-            path = os.path.join(src, name)
-            real = _resolve(path)
-            if not os.path.isfile(real):
-                continue  # subdirectories (certbot's archive/, live/) are not staged
-            data = read_public_file(path, "file")
-            if b"PRIVATE KEY" in data or name.endswith(".key"):
-                data = read_secret_file(path, "file")  # a key's source is checked as a secret
-            tmp = f".{name}.tmp"
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(tmp, dir_fd=dfd)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-            try:
-                os.fchown(fd, st.st_uid, st.st_gid)
-                os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            copied.append(name)
+        staged: list[tuple[str, str]] = []  # (temporary name, name): renamed when all are in
+        try:
+            for name in names:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(src, name)
+                real = _resolve(path)
+                if not os.path.isfile(real):
+                    continue  # subdirectories (certbot's archive/, live/) are not staged
+                data = read_public_file(path, "file")
+                if b"PRIVATE KEY" in data or b"-----BEGIN CERTIFICATE-----" not in data:
+                    # Public only when it holds certificates and no key: anything else (a
+                    # key, a ticket key) must pass the secret checks at its source.
+                    data = read_secret_file(path, "file")
+                tmp = f".{name}.{secrets.token_hex(6)}.tmp"  # nothing the user can foresee
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                staged.append((tmp, name))
+                try:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                    os.fchmod(fd, 0o600)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            copied = []
+            for tmp, name in staged:
+                try:
+                    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except IsADirectoryError:
+                    try:  # a directory in the way: only an empty one goes
+                        os.rmdir(name, dir_fd=dfd)
+                    except OSError:
+                        raise TlsFileError(f"{dst}/{name}: a directory is in the way of "
+                                           f"{src}/{name}; remove it") from None
+                    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                copied.append(name)
+        except BaseException:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+            raise
         for name in os.listdir(dfd):
             if name not in copied:
                 with contextlib.suppress(OSError):  # a directory planted there stays
