@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from admin_helpers import Daemon, wait_until
 from proxy_helpers import free_port, run, wait_for
 from tls_helpers import Leaf, Pki
 
@@ -507,3 +508,86 @@ def test_a_reload_changes_the_routes_of_new_connections(setup: Setup) -> None:
                 ("d1", "d1.backend.test")  # its route is gone: the default pool
 
     run(scenario())
+
+
+# -- a real node -------------------------------------------------------------------------------
+
+
+class TcpNode(Daemon):
+    """``pairlb run`` with a TCP listener routing by SNI and a plain TCP listener: what the
+    in-process tests above cannot show (the config's trip to the workers, uvloop)."""
+
+    def __init__(self, tmp: Path, s: Setup) -> None:
+        super().__init__(tmp)
+        self.sni_port, self.tcp_port = free_port(), free_port()
+        b = s.backends
+        self.config.write_text(f"""
+[node]
+name = "tcp1"
+workers = 2
+shutdown_timeout_s = 2.0
+
+[[listener]]
+name = "sni"
+bind = "127.0.0.1:{self.sni_port}"
+mode = "tcp"
+pool = "dflt"
+sni_routes = [{{ server_name = "a.example.test", pool = "pa" }},
+              {{ server_name = "*.wild.example.test", pool = "pw" }}]
+sni_inspect_timeout_s = 0.5
+
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:{self.tcp_port}"
+mode = "tcp"
+pool = "pa"
+
+[[pool]]
+name = "dflt"
+backends = [{{ name = "d1", address = "{b['d1'].address}" }}]
+[pool.health]
+type = "tcp"
+
+[[pool]]
+name = "pa"
+backends = [{{ name = "a1", address = "{b['a1'].address}" }},
+            {{ name = "a2", address = "{b['a2'].address}" }}]
+[pool.health]
+type = "tcp"
+
+[[pool]]
+name = "pw"
+backends = [{{ name = "w1", address = "{b['w1'].address}" }}]
+[pool.health]
+type = "tcp"
+
+[admin]
+bind = "127.0.0.1:{self.admin_port}"
+token_file = "{self.token_file}"
+""")
+
+
+def test_a_node_routes_by_sni_and_pipes_a_server_that_speaks_first(
+        setup: Setup, tmp_path: Path) -> None:
+    with TcpNode(tmp_path, setup) as node:
+        async def scenario() -> None:
+            lax = client_ctx(setup, check_hostname=False)
+            for _ in range(10):
+                assert (await tls_greeting(node.sni_port, lax, "a.example.test"))[0] in (
+                    "a1", "a2")
+                assert (await tls_greeting(node.sni_port, lax, "x.wild.example.test"))[0] == "w1"
+                assert (await tls_greeting(node.sni_port, lax, "other.test"))[0] == "d1"
+            for _ in range(40):  # the backend speaks first: its greeting arrives every time
+                r, w = await asyncio.open_connection("127.0.0.1", node.tcp_port)
+                try:
+                    greeting = await asyncio.wait_for(r.readline(), 5)
+                    assert greeting in (b"a1\n", b"a2\n")
+                finally:
+                    w.close()
+
+        run(scenario())
+        wait_until(lambda: node.status()["listeners"][0].get("sni_decisions", {}).get(
+            "route", 0) >= 20, 5.0, "the workers' counts")
+        st = node.status()["listeners"][0]
+        assert st["sni_routes"] == {"a.example.test": "pa", "*.wild.example.test": "pw"}
+        assert st["sni_decisions"]["route"] == 20 and st["sni_decisions"]["no_match"] == 10
