@@ -182,8 +182,9 @@ class ListenerTlsConfig(_Model):
     after a failover."""
     ticket_key_file: AbsPath | None = None
     """80 bytes (160 hex digits; ``pairlb keygen --tls-ticket``) shared by the nodes, read
-    like the other secrets. Default: derived from the failover key when there is one, else a
-    random key per start of the node."""
+    like the other secrets; it changes when the file does. Default: derived from the
+    failover key when there is one, else random (this node's workers only); those change
+    every 12 hours, on both nodes at once."""
     handshake_timeout_s: Seconds = 10.0
     """A TLS handshake must finish within this (slow or stalled clients are cut)."""
     hsts_max_age_s: Annotated[int, Field(ge=0, le=2 * 365 * 86400)] = 0
