@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import socket
 import ssl
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 from admin_helpers import Daemon, wait_until
 from proxy_helpers import free_port, run, wait_for
-from tls_helpers import Leaf, Pki
+from tls_helpers import EchoBackend, Pki
 
 from lb.config import ListenerConfig, PoolConfig, SniRoute
 from lb.data.pool import Pool, build_pool
@@ -38,73 +36,10 @@ from lb.tls.sni_peek import NEED_MORE, Hello, peek_sni
 pytestmark = pytest.mark.timeout(120)
 
 
-class DualBackend:
-    """Says its name, then echoes until EOF or a line ``bye``. TLS (its certificate) when the
-    connection's first byte is 0x16, plain otherwise or when nothing comes within 0.3 s.
-    Records the first bytes (up to 64 KiB, peeked) of every connection."""
-
-    def __init__(self, name: str, leaf: Leaf | None) -> None:
-        self.name = name
-        self.ctx: ssl.SSLContext | None = None
-        if leaf is not None:
-            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ctx.load_cert_chain(leaf.cert, leaf.key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.first: list[bytes] = []
-        self.tls_ok = 0
-        self.stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def connections(self) -> int:
-        return len(self.first)
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        c: Any = conn
-        try:
-            conn.settimeout(10)
-            ready, _, _ = select.select([conn], [], [], 0.3)
-            head = conn.recv(65536, socket.MSG_PEEK) if ready else b""
-            self.first.append(head)
-            if head[:1] == b"\x16" and self.ctx is not None:
-                c = self.ctx.wrap_socket(conn, server_side=True)
-                self.tls_ok += 1
-            c.sendall(self.name.encode() + b"\n")
-            while True:
-                data = c.recv(65536)
-                if not data:
-                    break
-                c.sendall(data)
-                if data.endswith(b"bye\n"):
-                    break
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                c.close()
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.sock.close()
-
-
 @dataclass
 class Setup:
     pki: Pki
-    backends: dict[str, DualBackend] = field(default_factory=dict)
+    backends: dict[str, EchoBackend] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +50,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                       ("a2", ["a2.backend.test", "a.example.test"]),
                       ("w1", ["w1.backend.test", "*.wild.example.test"]),
                       ("d1", ["d1.backend.test", "default.example.test"])]:
-        s.backends[name] = DualBackend(name, pki.leaf(name, dns))
+        s.backends[name] = EchoBackend(name, pki.leaf(name, dns), sniff=True)
     yield s
     for b in s.backends.values():
         b.stop()

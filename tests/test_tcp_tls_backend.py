@@ -13,9 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 import uvloop
 from proxy_helpers import free_port, wait_for
-from tls_helpers import Leaf, Pki
+from tls_helpers import EchoBackend, Leaf, Pki
 
 from lb.config import ListenerConfig, ListenerTlsConfig, PoolConfig
 from lb.data.pool import Pool, build_pool
@@ -37,73 +35,19 @@ from lb.tls.server import ListenerTls
 pytestmark = pytest.mark.timeout(120)
 
 
-class TlsBackend:
-    """A TLS server (or a plain one, ``leaf=None``) that says its name, then echoes until EOF
-    or a line ending in ``bye``, then closes. Records the SNI of every handshake."""
-
-    def __init__(self, name: str, leaf: Leaf | None) -> None:
-        self.name = name
-        self.ctx: ssl.SSLContext | None = None
-        self.sni: list[str | None] = []
-        if leaf is not None:
-            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ctx.load_cert_chain(leaf.cert, leaf.key)
-            self.ctx.sni_callback = lambda _o, n, _c: self.sni.append(n)  # type: ignore[assignment,misc,func-returns-value]
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.handshakes = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        c: Any = conn
-        try:
-            conn.settimeout(10)
-            if self.ctx is not None:
-                c = self.ctx.wrap_socket(conn, server_side=True)
-                self.handshakes += 1
-            c.sendall(self.name.encode() + b"\n")
-            while True:
-                data = c.recv(65536)
-                if not data:
-                    break
-                c.sendall(data)
-                if data.endswith(b"bye\n"):
-                    break
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                c.close()
-
-    def stop(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def backends(pki: Pki) -> Iterator[dict[str, TlsBackend]]:
+def backends(pki: Pki) -> Iterator[dict[str, EchoBackend]]:
     bes = {
-        "ip1": TlsBackend("ip1", pki.leaf("ip1", ["ip1.backend.test"], ips=["127.0.0.1"])),
-        "ip2": TlsBackend("ip2", pki.leaf("ip2", ["ip2.backend.test"], ips=["127.0.0.1"])),
-        "named": TlsBackend("named", pki.leaf("named", ["backend.internal.test"])),
-        "named2": TlsBackend("named2", pki.leaf("named", ["backend.internal.test"])),
-        "plain": TlsBackend("plain", None),
+        "ip1": EchoBackend("ip1", pki.leaf("ip1", ["ip1.backend.test"], ips=["127.0.0.1"])),
+        "ip2": EchoBackend("ip2", pki.leaf("ip2", ["ip2.backend.test"], ips=["127.0.0.1"])),
+        "named": EchoBackend("named", pki.leaf("named", ["backend.internal.test"])),
+        "named2": EchoBackend("named2", pki.leaf("named", ["backend.internal.test"])),
+        "plain": EchoBackend("plain", None),
     }
     yield bes
     for b in bes.values():
@@ -120,7 +64,7 @@ class Px:
 
 
 @contextlib.asynccontextmanager
-async def tls_pool_proxy(pki: Pki, bes: list[TlsBackend], tls: dict[str, Any] | None,
+async def tls_pool_proxy(pki: Pki, bes: list[EchoBackend], tls: dict[str, Any] | None,
                          *, listener: dict[str, Any] | None = None,
                          pool: dict[str, Any] | None = None,
                          listener_tls: Leaf | None = None) -> AsyncIterator[Px]:
@@ -196,7 +140,7 @@ async def exchange(port: int, payload: bytes, *, eof: bool = True,
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_pipes_to_a_tls_backend_verified_by_ip(loop: str, pki: Pki,
-                                               backends: dict[str, TlsBackend]) -> None:
+                                               backends: dict[str, EchoBackend]) -> None:
     """No server_name: the backend's IP is verified against the certificate's IP SANs."""
 
     async def scenario() -> None:
@@ -217,7 +161,7 @@ def test_pipes_to_a_tls_backend_verified_by_ip(loop: str, pki: Pki,
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_server_name_is_sent_and_verified(loop: str, pki: Pki,
-                                          backends: dict[str, TlsBackend]) -> None:
+                                          backends: dict[str, EchoBackend]) -> None:
     async def scenario() -> None:
         async with tls_pool_proxy(pki, [backends["named"]],
                                   {"server_name": "backend.internal.test"}) as px:
@@ -231,7 +175,7 @@ def test_server_name_is_sent_and_verified(loop: str, pki: Pki,
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_client_eof_before_and_after_the_tls_backend_connects(
-        loop: str, pki: Pki, backends: dict[str, TlsBackend]) -> None:
+        loop: str, pki: Pki, backends: dict[str, EchoBackend]) -> None:
     """A TLS connection cannot be half-closed: the client's EOF is not passed on, the
     backend stays open for its answer, and its close ends the pipe."""
 
@@ -266,7 +210,7 @@ def test_client_eof_before_and_after_the_tls_backend_connects(
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_wrong_name_fails_the_connection_as_a_connect_failure(
-        loop: str, pki: Pki, backends: dict[str, TlsBackend], caplog: pytest.LogCaptureFixture,
+        loop: str, pki: Pki, backends: dict[str, EchoBackend], caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario() -> None:
         caplog.set_level(logging.WARNING)
@@ -296,7 +240,7 @@ def test_wrong_name_fails_the_connection_as_a_connect_failure(
 
 
 def test_failure_on_one_backend_is_retried_on_another(pki: Pki,
-                                                      backends: dict[str, TlsBackend]) -> None:
+                                                      backends: dict[str, EchoBackend]) -> None:
     async def scenario() -> None:
         bes = [backends["named"], backends["ip2"]]  # by IP: only ip2's certificate fits
         async with tls_pool_proxy(pki, bes, {}) as px:
@@ -311,7 +255,7 @@ def test_failure_on_one_backend_is_retried_on_another(pki: Pki,
 
 
 def test_untrusted_certificate_and_verify_off(pki: Pki, tmp_path_factory: pytest.TempPathFactory,
-                                              backends: dict[str, TlsBackend]) -> None:
+                                              backends: dict[str, EchoBackend]) -> None:
     other = Pki(tmp_path_factory.mktemp("other-ca"))
 
     async def scenario() -> None:
@@ -330,7 +274,7 @@ def test_untrusted_certificate_and_verify_off(pki: Pki, tmp_path_factory: pytest
 
 
 def test_plain_backend_in_a_tls_pool_is_a_tls_failure(pki: Pki,
-                                                      backends: dict[str, TlsBackend]) -> None:
+                                                      backends: dict[str, EchoBackend]) -> None:
     async def scenario() -> None:
         async with tls_pool_proxy(pki, [backends["plain"]], {}, pool={"retries": 0}) as px:
             r, w = await asyncio.open_connection("127.0.0.1", px.port)
@@ -342,7 +286,7 @@ def test_plain_backend_in_a_tls_pool_is_a_tls_failure(pki: Pki,
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_tls_listener_to_tls_backend(loop: str, pki: Pki, backends: dict[str, TlsBackend],
+def test_tls_listener_to_tls_backend(loop: str, pki: Pki, backends: dict[str, EchoBackend],
                                      caplog: pytest.LogCaptureFixture) -> None:
     """TLS on both sides (terminated, then re-encrypted): neither side can be half-closed;
     nothing raises."""
