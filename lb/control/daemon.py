@@ -178,6 +178,8 @@ class Daemon:
         self._force_push = False
         """An ejection the workers already applied locally was refused: push regardless."""
         self._reload_lock = asyncio.Lock()
+        self._config_failures: dict[int, tuple[int, str]] = {}
+        """Worker slot -> (generation, error) of the last config it refused."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.supervisor = Supervisor(
@@ -609,6 +611,8 @@ class Daemon:
         else:
             self.supervisor.broadcast(self._config_message())
             self.supervisor.broadcast(self._snapshot_message())
+        refused = [] if replace_workers else await self._workers_applied(
+            self.generation, WORKER_APPLY_TIMEOUT_S)
         for s in retired:
             s.close()
         logger.info(
@@ -620,7 +624,33 @@ class Daemon:
         self._record_event(
             "reload", f"generation {self.generation}: {'; '.join(changes) or 'no changes'}"
         )
+        if refused:  # the control process took the config, these workers did not
+            for err in refused:
+                logger.error("event=reload_not_applied error=%r", err)
+            return ReloadResult(False, now, self.generation, refused, changes)
         return ReloadResult(True, now, self.generation, [], changes)
+
+    async def _workers_applied(self, gen: int, timeout_s: float) -> list[str]:
+        """Wait until every serving worker has applied config ``gen`` (a reload's answer
+        then means the new settings serve new connections); what each one refused, or
+        did not confirm in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pending, refused = [], []
+            for h in self.supervisor.slots.values():
+                if h.retiring or h.stopped.is_set() or h.chan is None:
+                    continue
+                fail = self._config_failures.get(h.index)
+                if fail is not None and fail[0] == gen:
+                    refused.append(f"worker {h.index} refused the config: {fail[1]}")
+                elif (h.applied_generation or 0) < gen:
+                    pending.append(h.index)
+            if not pending:
+                return refused
+            if time.monotonic() >= deadline:
+                return refused + [f"worker {i} did not confirm the config within "
+                                  f"{timeout_s:g} s" for i in pending]
+            await asyncio.sleep(0.01)
 
     # -- pools, checks and snapshots --------------------------------------------------
 
@@ -793,6 +823,7 @@ class Daemon:
             self._force_push = True
             self._push_soon()
         elif isinstance(msg, wl.ConfigFailed):
+            self._config_failures[handle.index] = (msg.gen, msg.error)
             logger.error(
                 "event=worker_config_failed index=%d gen=%d error=%r",
                 handle.index, msg.gen, msg.error,
@@ -968,6 +999,10 @@ class Daemon:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+WORKER_APPLY_TIMEOUT_S = 5.0
+"""How long a reload waits for the workers to confirm the new config."""
 
 
 def settle_gc() -> None:
