@@ -109,7 +109,8 @@ def read_ca_file(path: str) -> bytes:
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsFileError(f"ca_file {path}: no PEM certificate in it")
     try:  # what the workers and the health checks will do with it
-        ssl.create_default_context(cadata=data.decode("ascii", "replace"))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=data.decode("ascii", "replace"))
     except (ssl.SSLError, ValueError) as exc:
         raise TlsFileError(f"ca_file {path}: not usable as CA certificates ({exc})") from None
     return data

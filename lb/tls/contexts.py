@@ -109,10 +109,9 @@ def cert_context(pem: bytes, cert_id: str, alpn: tuple[str, ...]) -> CertContext
 def client_context(*, verify: bool, ca_pem: bytes | None, min_version: str,
                    alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     """A context for connections to backends (``[pool.tls]``)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_pem is not None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+    # One context, its CA store read once: the pool's file, else the system's.
+    cadata = ca_pem.decode("ascii", "replace") if ca_pem is not None else None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=cadata)
     ctx.minimum_version = VERSIONS[min_version]
     if not verify:
         ctx.check_hostname = False
