@@ -48,6 +48,7 @@ from admin_helpers import (
     ROOT,
     SCHEMA,
     Daemon,
+    _stop,
     free_port,
     http,
     parse_metrics,
@@ -73,19 +74,6 @@ CERTS = {
 
 
 # -- processes ------------------------------------------------------------------------------
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5.0)
 
 
 class PairBackend:
