@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import ssl
+import termios
 from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -35,6 +37,24 @@ TLS_SHUTDOWN_TIMEOUT_S = 5.0
 
 C = TypeVar("C", bound=Hashable)
 """One client connection of the engine (an HTTP client, a TCP pipe)."""
+
+
+def unread_bytes(transport: Any) -> bool:
+    """Bytes in the kernel's receive buffer that the loop has not read yet.
+
+    Asked only when a client's idle or first-header deadline expires: uvloop runs due timers
+    before it polls for I/O, so after a loop stall longer than the timeout (CPU starvation, a
+    long GC) the sweep would close a connection whose next bytes already arrived.
+    """
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except (OSError, ValueError):
+        return False
+    return any(buf)
 
 
 def _no_loop() -> float:

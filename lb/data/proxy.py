@@ -128,7 +128,7 @@ import httptools
 
 from lb.config import ListenerConfig, PoolConfig
 from lb.data import headers as H
-from lb.data.listener import ListenerServer
+from lb.data.listener import ListenerServer, unread_bytes
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 
@@ -164,6 +164,7 @@ _RETIRED = ("", 0)
 _FIONREAD = termios.FIONREAD
 _FIONREAD_BUF = bytearray(4)
 _NOTHING = bytes(4)
+
 
 # Client read pause reasons (bit mask).
 _P_UPSTREAM = 1  # the backend connection's write buffer is full
@@ -1715,7 +1716,13 @@ class _Client(_Conn):
                 self.abort()
             return
         if self.state == _HEAD and not self.queue:
-            if self.srv.draining and self.head_cont == 0 and not self.hdrs and not self.url:
+            untouched = self.head_cont == 0 and not self.hdrs and not self.url
+            if untouched and not self.paused and unread_bytes(self.transport):
+                # The request arrived while the loop was stalled: read it first (this
+                # happens at most once per request, since reading it makes it touched).
+                self.deadline = now + self.srv.tick_interval()
+                return
+            if self.srv.draining and untouched:
                 self.close()
                 return
             self.reject(408, "header_timeout")
@@ -1738,6 +1745,11 @@ class _Client(_Conn):
                     self._answer_error(req, 408, reason, close=True)
                 return
         if not self.queue and self.state == _IDLE:
+            if not self.paused and unread_bytes(self.transport):
+                # The next request arrived while the loop was stalled: serve it (reading it
+                # leaves the idle state, so this cannot repeat without a new request).
+                self.deadline = now + self.srv.tick_interval()
+                return
             self.close()  # keep-alive idle: close quietly
             return
         self.deadline = INF

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lb.config import ListenerConfig, PoolConfig
-from lb.data.listener import ListenerServer
+from lb.data.listener import ListenerServer, unread_bytes
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 from lb.tls.names import NameTable
@@ -216,6 +216,14 @@ class _Pipe:
         self.bytes_in = 0
         self.bytes_out = 0
         self.done = False
+
+    def has_unread(self) -> bool:
+        """A side that is reading has bytes in the kernel the loop has not taken yet."""
+        return any(
+            side is not None and not side.rpaused and not side.closed
+            and unread_bytes(side.transport)
+            for side in (self.client, self.backend_side)
+        )
 
     def touch(self) -> None:
         self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
@@ -489,6 +497,11 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
 
     def on_tick(self, now: float) -> None:
         for p in [p for p in self.clients if p.deadline <= now]:
+            if p.has_unread():
+                # Bytes arrived while the loop was stalled (uvloop runs timers before it
+                # polls): the pipe is not idle, move them first.
+                p.deadline = now + self.tick_interval()
+                continue
             logger.info(
                 "event=tcp_idle_timeout listener=%s pool=%s", self.listener.name, p.pool.name
             )
