@@ -106,7 +106,7 @@ bind = "127.0.0.1:{listen}"
 pool = "web"
 max_body_bytes = 1000
 client_header_timeout_s = 1.0
-client_idle_timeout_s = 1.0
+client_idle_timeout_s = 3.0  # the good clients must never race it, even on a loaded box
 
 [[pool]]
 name = "web"
