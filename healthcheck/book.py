@@ -119,6 +119,19 @@ class HealthBook:
             (added if old is None else changed).append(key)
         return Reconciled(tuple(added), tuple(changed), removed, tuple(kept))
 
+    def add(self, target: Target, now: float) -> bool:
+        """One target more (a backend added at runtime), without walking the others as
+        :meth:`reconcile` does. False if its key is taken (nothing changes)."""
+        if target.key in self._entries:
+            return False
+        counter = HealthCounter.initial(target.spec.rise, target.spec.fall, target.spec.initial)
+        self._entries[target.key] = _Entry(target, counter, now)
+        return True
+
+    def remove(self, key: TargetKey) -> bool:
+        """Forget one target (a backend removed at runtime): its evidence goes with it."""
+        return self._entries.pop(key, None) is not None
+
     def up(self, key: TargetKey) -> tuple[bool, float | None] | None:
         """(UP?, up_since) of one target, or None if it is not checked: the rotation's
         per-backend read, kept cheap (no view object) because it runs for every backend

@@ -194,6 +194,25 @@ class HealthChecker:
         if self._running:
             self._spawn_all(started)
 
+    def add_target(self, target: Target) -> bool:
+        """Check one more target, first check at once (a backend added at runtime gets no
+        traffic before a passing check, so the first one should not wait an interval).
+        O(1): the other targets are not looked at. False if its key is checked already."""
+        if not self.book.add(target, time.monotonic()):
+            return False
+        runner = _Runner(target)
+        self._runners[target.key] = runner
+        if self._running:
+            self._spawn(runner, 0.0)
+        return True
+
+    def remove_target(self, key: TargetKey) -> bool:
+        """Stop checking one target; a probe in flight finishes unseen."""
+        runner = self._runners.pop(key, None)
+        if runner is not None:
+            runner.cancel()
+        return self.book.remove(key)
+
     def state(self, key: TargetKey) -> TargetState | None:
         """Current health of one target, or None if it is not checked."""
         return self.book.state(key)

@@ -30,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -142,6 +143,11 @@ class NodeConfig(_Model):
     worker_group: AccountName | None = None
     """Group of the workers (no supplementary groups). Default: worker_user's primary group
     (``nogroup`` for ``nobody``); pairlb's own group when not root."""
+    state_dir: Annotated[str, Field(min_length=2, pattern=r"^/")] = "/var/lib/pairlb"
+    """Where runtime changes to pools (backends added or removed through the admin API or
+    by the peer) are kept across restarts and reloads: the overlay on top of this file
+    (docs/elastic-pools.md). The systemd unit's ``StateDirectory=``; created (0700) on the
+    first change if missing."""
 
 TlsVersion = Literal["1.2", "1.3"]
 ServerName = Annotated[str, Field(min_length=1, max_length=253,
@@ -492,6 +498,71 @@ class PoolTlsConfig(_Model):
     """Oldest protocol offered to backends."""
 
 
+DnsRecord = Literal["A", "AAAA", "A+AAAA", "SRV"]
+
+
+class DiscoveryConfig(_Model):
+    """Backends found at runtime, re-read as they change; a failure keeps the last good set
+    (lb.control.discovery)."""
+
+    type: Literal["dns", "file"]
+    """``dns``: the addresses of a DNS name (A, AAAA or SRV records); ``file``: a JSON file
+    ``[{"name": ..., "address": ..., "weight": ...}]`` replaced by rename."""
+    name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """dns: the name to resolve (for SRV, e.g. ``_http._tcp.web.example``)."""
+    record: DnsRecord = "A"
+    """dns: which records; SRV gives each backend's port and weight."""
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """dns: the backends' port for A/AAAA records."""
+    resolvers: tuple[str, ...] = ()
+    """dns: ``ip`` or ``ip:port`` of the servers to ask; default /etc/resolv.conf's."""
+    min_ttl_s: Seconds = 1.0
+    """dns: a record's TTL below this counts as this (TTL 0 would mean a query per loop)."""
+    max_ttl_s: Seconds = 300.0
+    """dns: re-resolved at least this often whatever the TTL says."""
+    timeout_s: Seconds = 2.0
+    """dns: how long one resolution may take, every server tried."""
+    weight: Annotated[int, Field(ge=0, le=1000)] = 1
+    """dns A/AAAA: the weight of each backend found."""
+    path: Annotated[str, Field(min_length=2, pattern=r"^/")] | None = None
+    """file: the JSON file."""
+    interval_s: Seconds = 1.0
+    """file: how often its identity (inode, size, mtime) is looked at."""
+
+    @model_validator(mode="after")
+    def _kind(self) -> DiscoveryConfig:
+        if self.type == "dns":
+            if self.name is None:
+                raise ValueError("name: required with type = \"dns\"")
+            if self.record != "SRV" and self.port is None:
+                raise ValueError(f"port: required with record = \"{self.record}\" (SRV "
+                                 f"records carry their own)")
+            if self.min_ttl_s > self.max_ttl_s:
+                raise ValueError("min_ttl_s: above max_ttl_s")
+            for r in self.resolvers:
+                _resolver(r)
+        elif self.path is None:
+            raise ValueError("path: required with type = \"file\"")
+        return self
+
+
+def _resolver(v: str) -> tuple[str, int]:
+    """``ip`` or ``ip:port`` / ``[v6]:port`` of a DNS server (an address, not a name: the
+    resolver cannot need itself)."""
+    host, port = (parse_hostport(v) if ":" in v and not _is_ip(v) else (v, 53))
+    if not _is_ip(host):
+        raise ValueError(f"resolvers: {v!r} is not an IP address (or ip:port)")
+    return host, port
+
+
+def _is_ip(v: str) -> bool:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
+
+
 class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique pool name, referenced by listeners."""
@@ -499,8 +570,14 @@ class PoolConfig(_Model):
     """Smooth weighted round robin (earliest deadline first: weights exact, no bursts), least
     in-flight per weight (exact; ties to the backend idle longest), or power of two choices.
     A pick costs O(log N) or O(1) in the pool's size."""
-    backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
-    """The pool's members."""
+    backends: tuple[BackendConfig, ...] = ()
+    """The pool's members from this file (at least one, unless ``[pool.discovery]`` finds
+    them). Backends added at runtime (admin API, the peer) come on top: docs/elastic-pools.md."""
+    discovery: DiscoveryConfig | None = None
+    """See ``[pool.discovery]``: backends from DNS or a watched file, besides ``backends``."""
+    drain_timeout_s: NonNegSeconds = 30.0
+    """A backend removed at runtime (``DELETE /pools/{pool}/backends/{name}``) gets no new
+    requests at once, and leaves when its requests in flight are done or after this long."""
     connect_timeout_s: Seconds = 2.0
     """Backend TCP connect deadline."""
     response_timeout_s: Seconds = 30.0
@@ -535,7 +612,11 @@ class PoolConfig(_Model):
     """See ``[pool.tls]``: speak TLS to this pool's backends (requests and health checks)."""
 
     @model_validator(mode="after")
-    def _unique_backends(self) -> PoolConfig:
+    def _unique_backends(self, info: ValidationInfo) -> PoolConfig:
+        effective = bool((info.context or {}).get("effective"))
+        if not self.backends and self.discovery is None and not effective:
+            # The effective config (what workers get) may hold an emptied pool.
+            raise ValueError("backends: at least one backend, or [pool.discovery]")
         seen: set[str] = set()
         for b in self.backends:
             if b.name in seen:
@@ -781,11 +862,31 @@ class LoggingConfig(_Model):
     """'<N>' priority prefixes for journald; auto = when stderr is the journal."""
 
 
+class SyncConfig(_Model):
+    """Runtime pool changes between the nodes of a pair (lb.control.sync): a TCP channel
+    beside the heartbeats, authenticated with a key derived from the failover key."""
+
+    enabled: bool = True
+    """With ``[failover]``: send runtime changes to the peer and take the peer's."""
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """TCP port; default the heartbeats' port number (one firewall rule, two protocols)."""
+    bind: str | None = None
+    """Local address; default ``[failover] bind``, else every address."""
+    op_timeout_s: Seconds = 1.0
+    """How long an API change waits for the peer's answer before it says ``pending``."""
+
+
+EFFECTIVE: dict[str, bool] = {"effective": True}
+"""Validation context of the effective config (file + runtime changes) the control process
+sends its workers: there a pool may be empty (every backend removed at runtime)."""
+
+
 class Config(_Model):
     node: NodeConfig
     listener: Annotated[tuple[ListenerConfig, ...], Field(min_length=1)]
     pool: Annotated[tuple[PoolConfig, ...], Field(min_length=1)]
     failover: FailoverConfig | None = None
+    sync: SyncConfig = SyncConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -953,7 +1054,11 @@ _SECTIONS: tuple[tuple[str, type[_Model], str], ...] = (
     ("backend health = {...}", HealthOverride, "Per-backend overrides of [pool.health]."),
     ("[pool.passive]", PassiveConfig, "Passive checks: ejection on errors seen by the proxy."),
     ("[pool.tls]", PoolTlsConfig, "TLS to the pool's backends: requests and health checks."),
+    ("[pool.discovery]", DiscoveryConfig,
+     "Backends from DNS or a watched file, re-read at runtime (docs/elastic-pools.md)."),
     ("[failover]", FailoverConfig, "Heartbeats and the virtual IP. Omit for a single node."),
+    ("[sync]", SyncConfig,
+     "Runtime pool changes between the nodes of a pair (docs/elastic-pools.md)."),
     ("[admin]", AdminConfig, "The admin HTTP endpoint (status, metrics, actions)."),
     ("[logging]", LoggingConfig, ""),
 )

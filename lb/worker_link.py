@@ -6,6 +6,7 @@ frame is one of the dataclasses below, ``{"t": TYPE, "v": VERSION, <fields>}``.
 
 control -> worker: `Config` (generation, the validated config as JSON, listener fds),
 `Snap` (versioned pool snapshot: per backend eligible + weight, and the pool's panic flag),
+`PoolEdit` (backends added to or removed from one pool at runtime),
 `Ping`, `CloseIdle` (after losing the VIP), `Stop` (drain with a deadline).
 worker -> control: `Hello`, `Ready`, `Pong`, `Stats` (counter deltas and in-flight per
 backend), `Eject` (a passive ejection the worker applied locally), `ConfigApplied` /
@@ -85,6 +86,33 @@ class Snap:
             }
             pools[str(name)] = PoolSnap(bool(p.get("panic", False)), entries)
         return cls(data["ver"], pools)
+
+
+@dataclass(frozen=True)
+class PoolEdit:
+    """Backends added to or removed from one pool at runtime (admin API, discovery, the
+    peer): applied to the worker's pool in place, so no other backend loses its load, place
+    or ejection. ``gen``: the config generation it applies on top of (FIFO after that
+    ``Config``); a worker on another generation refuses it and gets a full config."""
+
+    TYPE: ClassVar[str] = "pool_edit"
+    gen: int
+    pool: str
+    add: tuple[tuple[str, str, int], ...] = ()
+    """(name, address, weight) of each backend added (out of rotation until a snapshot)."""
+    remove: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"gen": self.gen, "pool": self.pool, "add": [list(a) for a in self.add],
+                "remove": list(self.remove)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> PoolEdit:
+        if not isinstance(data, dict) or not isinstance(data.get("gen"), int):
+            raise TypeError("pool_edit: expected {gen: int, pool: str, add: [...], remove: [...]}")
+        add = tuple((str(n), str(a), int(w)) for n, a, w in data.get("add", ()))
+        return cls(data["gen"], str(data["pool"]), add,
+                   tuple(str(n) for n in data.get("remove", ())))
 
 
 @dataclass(frozen=True)
@@ -179,7 +207,7 @@ class Stopped:
 
 
 Message = Union[  # noqa: UP007 (a runtime alias: typing.get_args needs the Union)
-    Config, Snap, Ping, CloseIdle, Stop,
+    Config, Snap, PoolEdit, Ping, CloseIdle, Stop,
     Hello, Ready, Pong, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
 ]
 

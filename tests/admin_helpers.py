@@ -81,6 +81,7 @@ def config_text(
     workers: int = 2,
     admin_bind_host: str = LOOPBACK,
     response_timeout_s: float = 30.0,
+    state_dir: Path | None = None,
 ) -> str:
     members = ", ".join(
         f'{{ name = "{n}", address = "{LOOPBACK}:{p}" }}' for n, p in backends
@@ -91,6 +92,7 @@ def config_text(
 name = "{node}"
 workers = {workers}
 shutdown_timeout_s = 2.0
+{f'state_dir = "{state_dir}"' if state_dir else ''}
 
 [[listener]]
 name = "web"
@@ -295,6 +297,7 @@ class Pairlb(Daemon):
                 token_file=self.token_file,
                 workers=workers,
                 response_timeout_s=response_timeout_s,
+                state_dir=tmp / "state",
             )
         )
 

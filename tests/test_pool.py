@@ -162,22 +162,41 @@ def _reference_may_eject(pool: Pool) -> bool:
 @settings(max_examples=150, deadline=None)
 @given(mode=st.sampled_from(MODES), n=st.integers(1, 12), data=st.data())
 def test_random_operations_keep_every_promise(mode: str, n: int, data: st.DataObject) -> None:
-    """Snapshots, local ejections, time, picks with and without retries' exclusions, releases:
-    a pick is always usable and never excluded, None only when nothing is, least connections
+    """Snapshots, local ejections, time, picks with and without retries' exclusions, releases,
+    backends added and removed at runtime: a pick is always usable, in the pool and never
+    excluded, None only when nothing is, least connections
     picks exactly a least-loaded backend, and the ejection budget matches a full scan."""
     weights = data.draw(st.lists(WEIGHT, min_size=n, max_size=n))
     pool = build_pool(
         "web", mode, [(f"b{i}", "127.0.0.1", 9000 + i, w) for i, w in enumerate(weights)],
         consecutive_failures=2, local_eject_s=1.0, max_eject_percent=60, seed=3,
     )
-    now, version = 0.0, 0
+    now, version, added = 0.0, 0, 0
     held: list[Backend] = []
+    removed: list[Backend] = []
     for _ in range(data.draw(st.integers(20, 120))):
         op = data.draw(st.sampled_from(["pick", "pick", "pick", "retry", "release", "release",
-                                        "fail", "ok", "snapshot", "time"]))
+                                        "fail", "ok", "snapshot", "time", "add", "remove"]))
+        if op == "add":
+            added += 1
+            b = Backend("web", f"new{added}", "127.0.0.1", 9500 + added, data.draw(WEIGHT))
+            assert pool.add_backend(b)
+            assert not pool.add_backend(Backend("web", b.name, "127.0.0.1", 1))
+            assert not b.usable(now)  # out until a snapshot says otherwise
+            continue
+        if op == "remove":
+            if pool.backends:
+                b = data.draw(st.sampled_from(pool.backends))
+                flying = b.in_flight
+                assert pool.remove_backend(b.name) is b
+                assert b.in_flight == flying and pool.get(b.name) is None
+                removed.append(b)
+            continue
+        if not pool.backends and op in ("fail", "ok"):
+            continue
         if op in ("pick", "retry"):
             exclude: list[Backend] = []
-            if op == "retry":
+            if op == "retry" and pool.backends:
                 exclude = data.draw(st.lists(st.sampled_from(pool.backends), max_size=n,
                                              unique_by=id))
             usable = [b for b in pool.backends if b.usable(now) and b not in exclude]
@@ -187,6 +206,7 @@ def test_random_operations_keep_every_promise(mode: str, n: int, data: st.DataOb
                 assert b is None
                 continue
             assert b is not None and b.usable(now) and b not in exclude
+            assert b in pool.backends and b not in removed
             b.in_flight -= 1  # compare the load it was picked at
             if mode == "least_connections":
                 assert _load(b) == best, (b.name, _load(b), best)

@@ -21,6 +21,8 @@ EVERY = [
     wl.Config(3, {"node": {"name": "lb1"}, "pool": []}, {"web": 7, "tcp": 8}),
     wl.Snap(9, {"web": wl.PoolSnap(False, {"b1": (True, 1.0), "b2": (False, 0.25)}),
                 "empty": wl.PoolSnap(True, {})}),
+    wl.PoolEdit(4, "web", add=(("web9", "10.0.0.9:8080", 2),), remove=("web1", "web2")),
+    wl.PoolEdit(5, "web"),
     wl.Ping(),
     wl.CloseIdle(),
     wl.Stop(2.5),

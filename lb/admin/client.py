@@ -126,16 +126,22 @@ def exchange(
 
 
 def call(
-    method: str, url: str, path: str, token: str | None = None, timeout_s: float = 10.0
+    method: str, url: str, path: str, token: str | None = None, timeout_s: float = 10.0,
+    body: Any = None,
 ) -> tuple[int, Any]:
-    """One API call; (status, parsed JSON). Raises ClientError when pairlb is unreachable
-    or answers with a redirect (not followed: the token goes only to ``url``)."""
+    """One API call, ``body`` sent as JSON if given; (status, parsed JSON). Raises
+    ClientError when pairlb is unreachable or answers with a redirect (not followed: the
+    token goes only to ``url``)."""
     import urllib.error
 
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
     try:
         status, headers, raw = exchange(
-            method, url + path, token=token, headers={"Accept": "application/json"},
-            timeout_s=timeout_s,
+            method, url + path, token=token, headers=headers, body=data, timeout_s=timeout_s,
         )
         if 300 <= status < 400:
             where = headers.get("Location", "?")
@@ -345,6 +351,53 @@ def _wait_drained(url: str, pool: str, backend: str, limit_s: float, res: Any) -
         time.sleep(0.2)
 
 
+def _peer_note(res: dict[str, Any]) -> str:
+    peer = res.get("peer")
+    if not isinstance(peer, dict) or not peer:
+        return ""
+    return "; peer " + ", ".join(f"{n}: {r}" for n, r in sorted(peer.items()))
+
+
+def cmd_backend_add(args: argparse.Namespace) -> int:
+    url, token = resolve(args)
+    pool = urllib.parse.quote(args.pool, safe="")
+    body = {"name": args.name, "address": args.address, "weight": args.weight}
+    status, res = call("POST", url, f"/pools/{pool}/backends", token, args.timeout, body)
+    res = _check(status, res, f"backend add {args.pool}/{args.name}")
+    text = (f"{args.pool}/{args.name} added at {args.address} (weight {args.weight}); in "
+            f"rotation after its first passing check{_peer_note(res)}")
+    _emit(args, res, text)
+    return 0
+
+
+def cmd_backend_remove(args: argparse.Namespace) -> int:
+    url, token = resolve(args)
+    pool = urllib.parse.quote(args.pool, safe="")
+    name = urllib.parse.quote(args.name, safe="")
+    status, res = call("DELETE", url, f"/pools/{pool}/backends/{name}", token, args.timeout)
+    res = _check(status, res, f"backend remove {args.pool}/{args.name}")
+    if args.wait is not None:
+        deadline = time.monotonic() + args.wait
+        while _listed(url, args.pool, args.name):
+            if time.monotonic() >= deadline:
+                raise ClientError(f"backend remove {args.pool}/{args.name}: still draining "
+                                  f"after {args.wait:g}s")
+            time.sleep(0.2)
+        res = {**res, "removed": True}
+    state = "removed" if res.get("removed") else (
+        f"draining ({res.get('in_flight', 0)} in flight), then removed")
+    _emit(args, res, f"{args.pool}/{args.name}: {state}{_peer_note(res)}")
+    return 0
+
+
+def _listed(url: str, pool: str, name: str) -> bool:
+    _, st = call("GET", url, "/status")
+    for p in st.get("pools", []) if isinstance(st, dict) else []:
+        if p["name"] == pool:
+            return any(b["name"] == name for b in p["backends"])
+    return False
+
+
 def cmd_switchover(args: argparse.Namespace) -> int:
     url, token = resolve(args)
     status, body = call("POST", url, "/failover/switchover", token, args.timeout)
@@ -408,6 +461,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             p.set_defaults(wait=None)
         _common(p, token=True)
         p.set_defaults(func=_guarded(cmd_backend))
+    p = sub.add_parser("backend", help="add or remove a pool's backend at runtime (kept "
+                       "across restarts and sent to the peer)")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    q = verbs.add_parser("add", help="add a backend; it serves after its first passing check")
+    q.add_argument("pool")
+    q.add_argument("name")
+    q.add_argument("address", help="host:port or [v6]:port")
+    q.add_argument("--weight", type=int, default=1, help="default 1")
+    _common(q, token=True)
+    q.set_defaults(func=_guarded(cmd_backend_add))
+    q = verbs.add_parser("remove", help="drain a backend, then remove it")
+    q.add_argument("pool")
+    q.add_argument("name")
+    q.add_argument("--wait", type=float, metavar="S",
+                   help="then wait up to S seconds until it is gone from /status")
+    _common(q, token=True)
+    q.set_defaults(func=_guarded(cmd_backend_remove))
     p = sub.add_parser("switchover", help="planned handover of the VIP to the peer")
     _common(p, token=True)
     p.set_defaults(func=_guarded(cmd_switchover))

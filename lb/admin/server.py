@@ -44,6 +44,7 @@ from prometheus_client.exposition import choose_encoder
 from lb import config as config_mod
 from lb.admin import metrics
 from lb.control import status as status_mod
+from lb.control.elastic import ChangeRefused
 from lb.control.rotation import AdminState
 
 logger = logging.getLogger("lb.admin.server")
@@ -85,6 +86,10 @@ class AdminDaemon(metrics.MetricsSource, Protocol):
     def set_admin_state(self, pool: str, backend: str, state: AdminState) -> bool: ...
     def backend_inflight(self, pool: str, backend: str) -> int: ...
     async def reload(self) -> ReloadOutcome: ...
+    async def add_backend(
+        self, pool: str, name: str, address: str, weight: int) -> dict[str, Any]: ...
+    async def remove_backend(self, pool: str, name: str) -> dict[str, Any]: ...
+    def has_backend(self, pool: str, name: str) -> bool | None: ...
 
 
 class ApiError(Exception):
@@ -389,11 +394,10 @@ async def post_backend_action(request: web.Request) -> web.Response:
         raise ApiError(404, f"unknown action {action[:32]!r}: use drain, enable or maintenance")
     pool = _name("pool", request.match_info["pool"])
     backend = _name("backend", request.match_info["backend"])
-    try:
-        pcfg = daemon.cfg.pool_by_name(pool)
-    except KeyError:
-        raise ApiError(404, f"no pool named {pool!r}") from None
-    if backend not in {b.name for b in pcfg.backends}:
+    known = daemon.has_backend(pool, backend)
+    if known is None:
+        raise ApiError(404, f"no pool named {pool!r}")
+    if not known:
         raise ApiError(404, f"no backend named {backend!r} in pool {pool!r}")
     try:
         changed = daemon.set_admin_state(pool, backend, state)
@@ -418,6 +422,56 @@ async def post_backend_action(request: web.Request) -> web.Response:
             "in_flight": in_flight,
         }
     )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read() or b"null")
+    except ValueError:
+        raise ApiError(400, "body: not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, 'body: expected a JSON object {"name": ..., "address": ...}')
+    return body
+
+
+async def post_pool_backend(request: web.Request) -> web.Response:
+    """Add a backend at runtime: 201 once it is kept on disk and applied here (it serves
+    after its first passing check); ``peer`` says what the other node did with it."""
+    daemon = request.app[DAEMON]
+    pool = _name("pool", request.match_info["pool"])
+    body = await _json_body(request)
+    unknown = sorted(set(body) - {"name", "address", "weight"})
+    if unknown:
+        raise ApiError(400, f"body: unknown key(s) {unknown[:5]}: only name, address, weight")
+    name, address, weight = body.get("name"), body.get("address"), body.get("weight", 1)
+    if not isinstance(name, str):
+        raise ApiError(400, "body.name: required, a string")
+    _name("backend", name)
+    if not isinstance(address, str) or len(address) > 300:
+        raise ApiError(400, "body.address: required, host:port or [v6]:port")
+    if isinstance(weight, bool) or not isinstance(weight, int):
+        raise ApiError(400, "body.weight: an integer 0..1000")
+    try:
+        res = await daemon.add_backend(pool, name, address, weight)
+    except ChangeRefused as exc:
+        raise ApiError(exc.status, exc.message) from None
+    logger.info("event=admin_action action=backend_add pool=%s backend=%s address=%s "
+                "remote=%s", pool, name, address, request.remote)
+    return web.json_response(res, status=201, dumps=_dumps)
+
+
+async def delete_pool_backend(request: web.Request) -> web.Response:
+    """Remove a backend at runtime: 202, it drains, then it is gone from /status."""
+    daemon = request.app[DAEMON]
+    pool = _name("pool", request.match_info["pool"])
+    name = _name("backend", request.match_info["backend"])
+    try:
+        res = await daemon.remove_backend(pool, name)
+    except ChangeRefused as exc:
+        raise ApiError(exc.status, exc.message) from None
+    logger.info("event=admin_action action=backend_remove pool=%s backend=%s remote=%s",
+                pool, name, request.remote)
+    return web.json_response(res, status=202, dumps=_dumps)
 
 
 async def post_switchover(request: web.Request) -> web.Response:
@@ -471,6 +525,8 @@ def make_app(daemon: AdminDaemon) -> web.Application:
     app.router.add_get("/readyz", get_readyz)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_post("/backends/{pool}/{backend}/{action}", post_backend_action)
+    app.router.add_post("/pools/{pool}/backends", post_pool_backend)
+    app.router.add_delete("/pools/{pool}/backends/{backend}", delete_pool_backend)
     app.router.add_post("/failover/switchover", post_switchover)
     app.router.add_post("/reload", post_reload)
     return app

@@ -40,6 +40,7 @@ returned values say (reading a ca_file is the one exception: file I/O, no socket
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,15 @@ from typing import Any
 from healthcheck import CheckResult, CheckSpec, HealthBook, HealthConfigError, ProbeTls, Target
 from lb.config import BackendConfig, PoolConfig
 from lb.control import tls as control_tls
-from lb.control.rotation import UNCHECKED, AdminState, Ejected, PoolRotation, Snapshot, Verdict
+from lb.control.rotation import (
+    UNCHECKED,
+    AdminState,
+    BackendRecord,
+    Ejected,
+    PoolRotation,
+    Snapshot,
+    Verdict,
+)
 from lb.tls.contexts import client_context
 
 DOWN = Verdict(False, None)
@@ -263,6 +272,45 @@ class BackendTable:
                 spec, port = check_spec(pcfg, b, tls)
                 out.append(Target((pcfg.name, b.name), b.host_port[0], port, spec, b.address))
         return out
+
+    def target(self, pool: str, backend: BackendConfig) -> Target | None:
+        """The check target of one backend added at runtime (None: checks off). It starts
+        DOWN whatever ``initial`` says: no request before its first passing check."""
+        pcfg = self.pools[pool]
+        if not pcfg.health.enabled:
+            return None
+        spec, port = check_spec(pcfg, backend)
+        if spec.initial != "down":
+            spec = dataclasses.replace(spec, initial="down")
+        return Target((pool, backend.name), backend.host_port[0], port, spec, backend.address)
+
+    def add_backend(self, pool: str, backend: BackendConfig) -> None:
+        """One backend more in ``pool`` (runtime: admin API, discovery, the peer), without
+        rebuilding the pool: O(1) records plus one tuple copy of the pool's list. Raises
+        KeyError for an unknown pool, ValueError for a name the pool has."""
+        pcfg = self.pools[pool]
+        rot = self.rotations[pool]
+        if backend.name in rot.records:
+            raise ValueError(f"pool {pool} has a backend named {backend.name}")
+        rot.records[backend.name] = BackendRecord(backend.name, backend.weight)
+        self.pools[pool] = pcfg.model_copy(update={"backends": (*pcfg.backends, backend)})
+
+    def remove_backend(self, pool: str, name: str) -> bool:
+        """Forget a backend of ``pool`` (its admin state and ejections go with it)."""
+        rot = self.rotations.get(pool)
+        if rot is None or rot.records.pop(name, None) is None:
+            return False
+        pcfg = self.pools[pool]
+        self.pools[pool] = pcfg.model_copy(
+            update={"backends": tuple(b for b in pcfg.backends if b.name != name)})
+        return True
+
+    def backend(self, pool: str, name: str) -> BackendConfig | None:
+        """A backend of the effective pool (config and runtime), or None."""
+        pcfg = self.pools.get(pool)
+        if pcfg is None or name not in self.rotations[pool].records:
+            return None
+        return next((b for b in pcfg.backends if b.name == name), None)
 
     # -- derived state -------------------------------------------------------------------
 

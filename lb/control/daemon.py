@@ -38,6 +38,7 @@ from lb import worker_link as wl
 from lb.config import Config
 from lb.control import status as status_mod
 from lb.control.backends import BackendTable
+from lb.control.elastic import Elastic
 from lb.control.rotation import AdminState, Snapshot
 from lb.control.supervisor import Supervisor, WorkerHandle
 from lb.control.tls import (
@@ -193,6 +194,8 @@ class Daemon:
         )
         self.tls = TlsKeeper()
         """Certificates, keys and ticket keys the workers get (lb.control.tls)."""
+        self.elastic = Elastic(self)
+        """Backends added and removed at runtime (lb.control.elastic)."""
         self.worker_identity: sysutil.Identity | None = None
         """Whom the workers run as (resolved at startup from node.worker_user/worker_group)."""
 
@@ -326,7 +329,7 @@ class Daemon:
         from lb.control.failover_process import FailoverProcess
 
         self.failover = FailoverProcess(
-            on_role_change=self._on_role_change, on_event=self._record_event,
+            on_role_change=self._on_role_change, on_event=self.record_event,
             hung_timeout_s=self.cfg.node.worker_ping_timeout_s)
         await self.failover.spawn()
 
@@ -374,7 +377,7 @@ class Daemon:
     def _on_role_change(self, old: Any, new: Any) -> None:
         old_s, new_s = old.label, new.label
         logger.info("event=role_change node=%s from=%s to=%s", self.cfg.node.name, old_s, new_s)
-        self._record_event("role", f"{old_s} -> {new_s}")
+        self.record_event("role", f"{old_s} -> {new_s}")
         if old_s == "MASTER":
             # Clients now reach the new MASTER; keep-alive connections still open here would
             # be reset when their next packet arrives there. Close them after their current
@@ -397,7 +400,7 @@ class Daemon:
         if not self.failover.request_switchover():
             return {"ok": False, "error": f"not MASTER (role {self.role()})"}
         logger.info("event=switchover_requested node=%s", self.cfg.node.name)
-        self._record_event("switchover", "planned handover requested")
+        self.record_event("switchover", "planned handover requested")
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
             if self.role() != "MASTER":
@@ -467,6 +470,7 @@ class Daemon:
         await self.supervisor.stop(timeout_s)
         if self.failover is not None:
             await self.failover.close_handover()  # the workers have finished with it
+        await self.elastic.stop()
         await self.health.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
@@ -621,7 +625,7 @@ class Daemon:
             new.digest(),
             "; ".join(changes) or "none",
         )
-        self._record_event(
+        self.record_event(
             "reload", f"generation {self.generation}: {'; '.join(changes) or 'no changes'}"
         )
         if refused:  # the control process took the config, these workers did not
@@ -671,7 +675,7 @@ class Daemon:
             ended.reason,
             result.status,
         )
-        self._record_event("eject", f"{ended.pool}/{ended.backend} back early ({ended.reason})")
+        self.record_event("eject", f"{ended.pool}/{ended.backend} back early ({ended.reason})")
         self._push_soon()
 
     def _on_transition(
@@ -679,7 +683,7 @@ class Daemon:
     ) -> None:
         # The book has the new state already; the rotation is derived from it at the push.
         why = f"{result.status} {result.detail}".strip()
-        self._record_event("health", f"{key[0]}/{key[1]} {old} -> {new} ({why})")
+        self.record_event("health", f"{key[0]}/{key[1]} {old} -> {new} ({why})")
         self._push_soon()
 
     def _checked(self, pool: str) -> bool:
@@ -699,6 +703,11 @@ class Daemon:
         delay = max(0.0, self._last_push + HEALTH_PUSH_GAP_S - time.monotonic())
         self._push_handle = asyncio.get_running_loop().call_later(delay, self._pushed_soon)
 
+    def push_soon(self) -> None:
+        """A rotation change (a backend joined, left or was re-weighted): pushed on the next
+        loop pass, coalesced with the others (HEALTH_PUSH_GAP_S)."""
+        self._push_soon()
+
     def _pushed_soon(self) -> None:
         self._push_handle = None
         self.push_snapshots()
@@ -708,9 +717,24 @@ class Daemon:
         if not self.table.set_admin(pool, backend, state):
             return False
         logger.info("event=admin_state pool=%s backend=%s state=%s", pool, backend, state)
-        self._record_event("admin", f"{pool}/{backend} -> {state}")
+        self.record_event("admin", f"{pool}/{backend} -> {state}")
         self.push_snapshots()
         return True
+
+    async def add_backend(self, pool: str, name: str, address: str,
+                          weight: int) -> dict[str, Any]:
+        """Admin API: a backend added at runtime (lb.control.elastic; raises ChangeRefused)."""
+        return await self.elastic.add(pool, name, address, weight)
+
+    async def remove_backend(self, pool: str, name: str) -> dict[str, Any]:
+        """Admin API: drain a backend, then remove it (lb.control.elastic)."""
+        return await self.elastic.remove(pool, name)
+
+    def has_backend(self, pool: str, name: str) -> bool | None:
+        """None: no such pool."""
+        if pool not in self.table.rotations:
+            return None
+        return name in self.table.rotations[pool].records
 
     def backend_inflight(self, pool: str, backend: str) -> int:
         key = f"{pool}/{backend}"
@@ -734,7 +758,7 @@ class Daemon:
                         snap.enabled,
                         rot.panic_mode,
                     )
-                    self._record_event(
+                    self.record_event(
                         "panic", f"pool {name} in panic ({snap.usable}/{snap.enabled} usable)"
                     )
                 elif prev is not None and prev.panic and not snap.panic and checked:
@@ -777,10 +801,19 @@ class Daemon:
             },
         )
 
+    def effective_config(self) -> Config:
+        """The config file's config with each pool's members as they are now (runtime
+        changes included): what the workers run. The file's own stays in ``cfg`` (its
+        digest is what the peer compares)."""
+        pools = tuple(self.table.pools.get(p.name, p) for p in self.cfg.pool)
+        if all(a is b for a, b in zip(pools, self.cfg.pool, strict=True)):
+            return self.cfg
+        return self.cfg.model_copy(update={"pool": pools})
+
     def _config_message(self) -> wl.Config:
         return wl.Config(
             self.generation,
-            self.cfg.wire(),
+            self.effective_config().wire(),
             {n: s.fileno() for n, s in self.sockets.items()},
             self.tls.material.wire(),
         )
@@ -815,7 +848,7 @@ class Daemon:
                     ej.duration_s,
                     handle.index,
                 )
-                self._record_event(
+                self.record_event(
                     "eject", f"{pool}/{backend} ejected for {ej.duration_s:.0f}s ({reason})"
                 )
             # Push even when refused: the worker's local ejection must be overridden. One
@@ -833,7 +866,7 @@ class Daemon:
 
     # -- status ------------------------------------------------------------------------
 
-    def _record_event(self, kind: str, text: str) -> None:
+    def record_event(self, kind: str, text: str) -> None:
         self.events.append({"at": time.time(), "kind": kind, "text": text})
 
     def status(self) -> status_mod.NodeStatus:
@@ -846,7 +879,9 @@ class Daemon:
         # fresh verdict with a rotation pushed a moment ago (the workers get the same
         # rotation within HEALTH_PUSH_GAP_S).
         live = self.table.snapshots(now_m)
-        for pcfg in self.cfg.pool:
+        elastic = self.elastic
+        for file_pcfg in self.cfg.pool:
+            pcfg = self.table.pools.get(file_pcfg.name, file_pcfg)
             rot = self.table.rotations.get(pcfg.name)
             snap = live.get(pcfg.name)
             if rot is None or snap is None:
@@ -854,6 +889,7 @@ class Daemon:
             backends = []
             for b in pcfg.backends:
                 rec = rot.records[b.name]
+                origin = elastic.origin(pcfg.name, b.name)
                 entry = snap.entries.get(b.name)
                 hs = self.health.state((pcfg.name, b.name))
                 res = hs.last_result if hs is not None else None
@@ -879,6 +915,9 @@ class Daemon:
                         in_flight=self.backend_inflight(pcfg.name, b.name),
                         requests=_backend_total(totals, pcfg.name, b.name, "requests"),
                         errors=_backend_total(totals, pcfg.name, b.name, "errors"),
+                        source=origin.source,
+                        shadows=origin.shadows,
+                        removing=(pcfg.name, b.name) in elastic.removing,
                     )
                 )
             pools.append(

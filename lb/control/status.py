@@ -48,6 +48,12 @@ class BackendStatus:
     in_flight: int
     requests: int
     errors: int
+    source: str = "config"
+    """Where it comes from: config, api (the overlay), dns or file (discovery)."""
+    shadows: str | None = None
+    """A runtime entry replaces the backend of this name from that source."""
+    removing: bool = False
+    """Removed at runtime, draining until its requests in flight are done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +228,9 @@ def _backend_json(b: BackendStatus) -> dict[str, Any]:
         "in_flight": b.in_flight,
         "requests": b.requests,
         "errors": b.errors,
+        "source": b.source,
+        "shadows": b.shadows,
+        "removing": b.removing,
     }
 
 

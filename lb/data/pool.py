@@ -166,6 +166,9 @@ class Pool:
     """Local ejections: (ejected_until, idx, ver, backend)."""
     _ejected_n: int = field(default=0, repr=False)
     """Eligible backends ejected locally since the last snapshot (the ejection budget)."""
+    _next_idx: int = field(default=0, repr=False)
+    """The tie-breaker of the next backend added: never reused, so two heap entries never
+    tie on (key, idx) and fall through to comparing backends."""
 
     def __post_init__(self) -> None:
         self._by_name = {b.name: b for b in self.backends}
@@ -175,11 +178,42 @@ class Pool:
         self._mode = mode
         for i, b in enumerate(self.backends):
             b._idx = i
+        self._next_idx = len(self.backends)
         self._ejected_n = sum(1 for b in self.backends if b.ejected_until > 0 and b.eligible)
         self.rebuild()
 
     def get(self, name: str) -> Backend | None:
         return self._by_name.get(name)
+
+    def add_backend(self, backend: Backend) -> bool:
+        """A backend added at runtime (admin API, discovery): out of rotation until a
+        snapshot puts it in. O(1); every other backend keeps its load, place and ejection
+        (rebuilding the pool would forget them). False if the name is taken."""
+        if backend.name in self._by_name:
+            return False
+        backend.eligible = False
+        backend._where = _OUT
+        backend._idx = self._next_idx
+        self._next_idx += 1
+        self.backends.append(backend)
+        self._by_name[backend.name] = backend
+        return True
+
+    def remove_backend(self, name: str) -> Backend | None:
+        """Take a backend out of the pool for good; requests in flight keep the object and
+        release into it. O(log N) to leave the rotation, O(N) list removal (a C loop)."""
+        b = self._by_name.pop(name, None)
+        if b is None:
+            return None
+        if b._where == _IN:
+            self._leave(b)
+        elif b._where == _EJECTED and b.eligible:
+            self._ejected_n = max(0, self._ejected_n - 1)
+        b._where = _OUT
+        b._ver += 1  # any heap or ejection entry of it is stale now
+        b.eligible = False
+        self.backends.remove(b)
+        return b
 
     def apply(self, version: int, entries: Mapping[str, BackendEntry], panic: bool) -> None:
         """Take a snapshot from the control process; it overrides local ejections."""

@@ -28,8 +28,8 @@ from typing import Any
 
 from lb import channel, log, sysutil
 from lb import worker_link as wl
-from lb.config import Config, ListenerConfig, PoolConfig
-from lb.data.pool import BackendEntry, Ejection, Pool, build_pool
+from lb.config import EFFECTIVE, BackendConfig, Config, ListenerConfig, PoolConfig
+from lb.data.pool import Backend, BackendEntry, Ejection, Pool, build_pool
 from lb.data.proxy import ProxyServer
 from lb.data.tcpproxy import TcpProxyServer
 from lb.stats import Stats
@@ -76,6 +76,8 @@ class Worker:
         """TLS listener -> its contexts (kept across reloads: the front context is the one
         the listening server was started with)."""
         self.backend_tls: dict[str, ssl.SSLContext] = {}
+        self.gen = 0
+        """The config generation applied (a PoolEdit names the one it builds on)."""
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,7 +126,12 @@ class Worker:
             elif isinstance(msg, wl.Snap):
                 self._apply_snapshot(msg)
             elif isinstance(msg, wl.Config):
-                asyncio.get_running_loop().create_task(self._apply_config(msg))
+                # Pools and settings now, before the next frame (a PoolEdit of this
+                # generation may follow in the same read); starting servers awaits.
+                if self._apply_config(msg):
+                    asyncio.get_running_loop().create_task(self._config_done(msg.gen))
+            elif isinstance(msg, wl.PoolEdit):
+                self._apply_edit(msg)
             elif isinstance(msg, wl.CloseIdle):
                 for server in self.servers.values():
                     server.close_idle(spare_fresh=True)
@@ -134,18 +141,24 @@ class Worker:
         except Exception:
             logger.exception("event=worker_message_failed type=%s", msg.TYPE)
 
-    async def _apply_config(self, msg: wl.Config) -> None:
+    def _apply_config(self, msg: wl.Config) -> bool:
+        """Everything of a config but starting servers; False (and ConfigFailed) on error."""
         try:
-            cfg = Config.model_validate(msg.config)
+            cfg = Config.model_validate(msg.config, context=EFFECTIVE)
             fds = msg.fds
             old = self.config
             self.config = cfg
+            self.gen = msg.gen
             if old is None and cfg.node.worker_nice:
                 os.nice(cfg.node.worker_nice)
             log.setup(cfg.logging.level, cfg.logging.journald_prefix, f"worker{self.index}")
             pool_cfgs = {p.name: p for p in cfg.pool}
             for name, pcfg in pool_cfgs.items():
-                if old is None or name not in self.pools or _changed(old, pcfg):
+                prev = _pool_cfg(old, name)
+                pool = self.pools.get(name)
+                if pool is not None and prev is not None and _only_backends_differ(prev, pcfg):
+                    _edit_pool(pool, prev, pcfg)  # runtime adds and removes: loads kept
+                elif pool is None or prev is None or prev != pcfg:
                     self.pools[name] = make_pool(pcfg)
             for name in list(self.pools):
                 if name not in pool_cfgs:
@@ -165,14 +178,47 @@ class Worker:
                 elif lcfg.name in fds:
                     self.fds[lcfg.name] = fds[lcfg.name]
                     self.listener_cfgs[lcfg.name] = lcfg
+        except Exception as exc:
+            logger.exception("event=worker_config_failed")
+            self.send(wl.ConfigFailed(msg.gen, str(exc)))
+            return False
+        return True
+
+    async def _config_done(self, gen: int) -> None:
+        try:
             if self.last_snap is not None:
                 # Never accept before a snapshot said which backends are in rotation.
                 self.started = True
                 await self._start_servers()
-            self.send(wl.ConfigApplied(msg.gen))
+            self.send(wl.ConfigApplied(gen))
         except Exception as exc:
             logger.exception("event=worker_config_failed")
-            self.send(wl.ConfigFailed(msg.gen, str(exc)))
+            self.send(wl.ConfigFailed(gen, str(exc)))
+
+    def _apply_edit(self, msg: wl.PoolEdit) -> None:
+        """Backends added or removed at runtime, in place (lb.data.pool: O(1) per backend)."""
+        cfg = self.config
+        pool = self.pools.get(msg.pool)
+        if cfg is None or msg.gen != self.gen or pool is None:
+            err = (f"pool_edit for generation {msg.gen} pool {msg.pool} does not apply here "
+                   f"(generation {self.gen}, pools {sorted(self.pools)})")
+            logger.error("event=worker_pool_edit_refused error=%r", err)
+            self.send(wl.ConfigFailed(msg.gen, err))
+            return
+        pcfg = cfg.pool_by_name(msg.pool)
+        gone = set(msg.remove)
+        for name in msg.remove:
+            pool.remove_backend(name)
+        added = [BackendConfig(name=n, address=a, weight=w) for n, a, w in msg.add]
+        for b in added:
+            pool.remove_backend(b.name)  # the same name at a new address: a new server
+            host, port = b.host_port
+            pool.add_backend(Backend(pool.name, b.name, host, port, float(b.weight)))
+        gone |= {b.name for b in added}
+        backends = tuple(b for b in pcfg.backends if b.name not in gone) + tuple(added)
+        new_pcfg = pcfg.model_copy(update={"backends": backends})
+        self.config = cfg.model_copy(update={"pool": [
+            new_pcfg if p.name == msg.pool else p for p in cfg.pool]})
 
     def _apply_tls(self, cfg: Config, wire: dict[str, Any]) -> None:
         """Certificates (new connections get them; open ones keep theirs), settings and
@@ -299,11 +345,36 @@ def _http_pool(cfg: Config, pool: str) -> bool:
     return any(lc.mode == "http" and pool in lc.pools for lc in cfg.listener)
 
 
-def _changed(old: Config, pcfg: PoolConfig) -> bool:
+def _pool_cfg(cfg: Config | None, name: str) -> PoolConfig | None:
+    if cfg is None:
+        return None
     try:
-        return old.pool_by_name(pcfg.name) != pcfg
+        return cfg.pool_by_name(name)
     except KeyError:
-        return True
+        return None
+
+
+def _only_backends_differ(old: PoolConfig, new: PoolConfig) -> bool:
+    """The pool's settings are the same; its backends may not be (a runtime change, or a
+    reload that added or removed backends): the pool is edited, not rebuilt."""
+    if old.backends == new.backends:
+        return False  # nothing differs, or something else does: the caller compares
+    return old.model_copy(update={"backends": ()}) == new.model_copy(update={"backends": ()})
+
+
+def _edit_pool(pool: Pool, old: PoolConfig, new: PoolConfig) -> None:
+    """Turn ``pool`` (built from ``old``) into ``new``'s backends: removed ones leave, new
+    ones (or a name at a new address) join out of rotation; weights come by snapshot."""
+    before = {b.name: b.address for b in old.backends}
+    after = {b.name: b for b in new.backends}
+    for name, addr in before.items():
+        b = after.get(name)
+        if b is None or b.address != addr:
+            pool.remove_backend(name)
+    for name, b in after.items():
+        if before.get(name) != b.address:
+            host, port = b.host_port
+            pool.add_backend(Backend(pool.name, name, host, port, float(b.weight)))
 
 
 def _preload() -> Any:
