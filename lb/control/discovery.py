@@ -31,7 +31,8 @@ DNS (:class:`DnsSpec`), with dnspython's ``dns.asyncresolver``:
   because dnspython's asyncio backend uses unconnected UDP sockets and so never sees the ICMP
   port-unreachable); ``unreachable`` (no route: the send itself failed); ``too_many`` (more
   than ``max_backends``); ``invalid`` (an answer we cannot use); ``error`` (any other rcode or
-  exception).
+  exception). With several servers failing differently, the reason is the most telling one
+  (SERVFAIL > REFUSED > unreachable > timeout); the message lists what each said.
 - **An empty answer is a failure** (``on_empty = "fail"``, the default): NXDOMAIN or NODATA
   during a DNS server's restart or a botched zone push must not empty a pool that was
   serving. ``on_empty = "accept"`` makes NXDOMAIN and NODATA an empty set instead (Envoy's
@@ -549,12 +550,10 @@ class _DnsSource:
             raise DiscoveryError("nxdomain", f"{what}: NXDOMAIN (no such name)") from None
         except dns.resolver.NoAnswer:
             return _Rrs([], None), None
-        except dns.exception.Timeout:
-            raise DiscoveryError(
-                "timeout", f"{what}: no answer within {self.spec.timeout_s:g}s "
-                f"from {self._servers()}") from None
+        except dns.exception.Timeout as e:
+            raise _server_errors(what, e, "timeout", self.spec.timeout_s) from None
         except dns.resolver.NoNameservers as e:
-            raise _no_nameservers(what, e) from None
+            raise _server_errors(what, e, "error", self.spec.timeout_s) from None
         except dns.exception.DNSException as e:
             raise DiscoveryError("error", f"{what}: {_short(str(e), 200)}") from None
         except OSError as e:
@@ -563,9 +562,6 @@ class _DnsSource:
         if rrset is None:
             return _Rrs([], None), answer.response
         return _Rrs(list(rrset), float(rrset.ttl)), answer.response
-
-    def _servers(self) -> str:
-        return ", ".join(str(ns) for ns in self.resolver.nameservers) or "no servers"
 
     async def _addresses(self, qname: dns.name.Name, record: str,
                          known: Mapping[tuple[dns.name.Name, str], _Rrs] | None = None) -> _Rrs:
@@ -683,27 +679,35 @@ def _too_many(target: str, n: int, cap: int) -> DiscoveryError:
                           "may get from discovery")
 
 
-def _no_nameservers(what: str, e: dns.resolver.NoNameservers) -> DiscoveryError:
-    """Every server failed: SERVFAIL, REFUSED, unreachable, or another rcode."""
-    errors = e.kwargs.get("errors") or []
-    reason, details = "error", []
-    rank = {"servfail": 3, "refused": 2, "unreachable": 1, "error": 0}
+def _server_errors(what: str, e: dns.exception.DNSException, default: str,
+                   timeout_s: float) -> DiscoveryError:
+    """Every server failed or time ran out: the reason is the most telling of what each
+    server said (SERVFAIL > REFUSED > unreachable > no answer > anything else); a server
+    that answered says more than one that did not."""
+    errors = (e.kwargs.get("errors") if isinstance(e.kwargs, dict) else None) or []
+    rank = {"servfail": 4, "refused": 3, "unreachable": 2, "timeout": 1, "error": 0}
+    reason, details = default, []
+    best = -1
     for err in errors:
         server, exc, response = err[0], err[3], err[4]
         this = "error"
         if response is not None:
-            rcode = response.rcode()
-            text = dns.rcode.to_text(rcode)
+            text = dns.rcode.to_text(response.rcode())
             this = {"SERVFAIL": "servfail", "REFUSED": "refused"}.get(text, "error")
-            details.append(f"{server} answered {text}")
+            detail = f"{server} answered {text}"
+        elif isinstance(exc, dns.exception.Timeout):
+            this, detail = "timeout", f"{server}: no answer"
         elif isinstance(exc, OSError):
-            this = "unreachable"
-            details.append(f"{server}: {exc.strerror or exc}")
+            this, detail = "unreachable", f"{server}: {exc.strerror or exc}"
         else:
-            details.append(f"{server}: {_short(str(exc), 80)}")
-        if rank[this] > rank[reason]:
-            reason = this
-    return DiscoveryError(reason, f"{what}: {'; '.join(details[:3]) or 'no server answered'}")
+            detail = f"{server}: {_short(str(exc), 80)}"
+        if detail not in details:
+            details.append(detail)
+        if rank[this] > best:
+            reason, best = this, rank[this]
+    head = f"no answer within {timeout_s:g}s: " if default == "timeout" else ""
+    said = "; ".join(details[:3]) or "no server answered"
+    return DiscoveryError(reason, f"{what}: {head}{said}")
 
 
 # -- file -------------------------------------------------------------------------------
