@@ -643,3 +643,87 @@ def test_measure_state_encode_at_3000_entries() -> None:
     assert 250_000 < len(frame) < sync.DEFAULT_MAX_FRAME
     assert best < 0.1  # a few ms on any box; a whole-loop stall would be 10x that
 
+
+
+# -- network namespaces ---------------------------------------------------------------------------
+
+
+def _netns_skip() -> str | None:
+    from lab import netns
+
+    return netns.skip_reason()
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.skipif(_netns_skip() is not None, reason=_netns_skip() or "")
+def test_netns_link_cut_then_restored_reconnects_and_converges() -> None:
+    """Two namespaces on a bridge; lb1's bridge port goes down while both nodes change their
+    pools; when it comes back the channel reconnects by itself and both states converge."""
+    from lab import netns
+
+    port = 7471
+
+    async def make(node: str, handler: FakeHandler, bind: str, peer: str) -> SyncChannel:
+        ch = SyncChannel(node, (K1,), (bind, port), [(peer, port)], handler,
+                         ping_interval_s=0.2, op_timeout_s=0.5)
+        ch.start()
+        return ch
+
+    async def call(fn: Callable[[], T]) -> T:
+        return fn()
+
+    def wait(loop: netns.NetnsLoop, cond: Callable[[], bool], timeout_s: float, what: str
+             ) -> float:
+        t0 = time.monotonic()
+        while not loop.run(call(cond)):
+            if time.monotonic() - t0 > timeout_s:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    with netns.build(["lb1", "lb2"]) as topo:
+        l1, l2 = topo.loop("lb1"), topo.loop("lb2")
+        ip1, ip2 = topo["lb1"].ipv4, topo["lb2"].ipv4
+        h1, h2 = FakeHandler("lb1"), FakeHandler("lb2")
+        a = l1.run(make("lb1", h1, ip1, ip2))
+        b = l2.run(make("lb2", h2, ip2, ip1))
+        try:
+            wait(l1, lambda: a.connected() == ["lb2"], 5, "the pair to connect")
+            wait(l2, lambda: b.connected() == ["lb1"], 5, "the pair to connect")
+            op = l1.run(call(lambda: h1.local("web", "w1", "v1")))
+            assert l1.run(a.send_op(op)).applied
+            assert l1.run(call(lambda: a.status()["peers"][0]["address"])).startswith(ip2)
+
+            topo.cut_link("lb1")
+            silent_s = wait(l1, lambda: a.connected() == [], 5, "lb1 to notice")
+            wait(l2, lambda: b.connected() == [], 5, "lb2 to notice")
+            op = l1.run(call(lambda: h1.local("web", "w2", "v2")))
+            ack = l1.run(a.send_op(op))
+            assert ack.peers == {"lb2": "pending"}
+            l2.run(call(lambda: h2.local("web", "w3", "v3")))
+            time.sleep(1.0)  # a few failed dials on both sides
+
+            t_restore = time.monotonic()
+            topo.restore_link("lb1")
+            wait(l1, lambda: a.connected() == ["lb2"], 15, "reconnect")
+            reconnect_s = time.monotonic() - t_restore
+
+            def digests() -> tuple[str, str]:
+                return (l1.run(call(h1.overlay_digest)), l2.run(call(h2.overlay_digest)))
+
+            deadline = time.monotonic() + 5
+            while len(set(digests())) != 1:
+                assert time.monotonic() < deadline, "digests did not converge"
+                time.sleep(0.05)
+            assert set(l1.run(call(lambda: dict(h1.entries)))) == {"web/w1", "web/w2",
+                                                                     "web/w3"}
+            op = l2.run(call(lambda: h2.local("web", "w4", "v4")))
+            assert l2.run(b.send_op(op)).applied
+            st = l1.run(call(a.status))
+            assert st["counters"]["reconnects"] == 1 and not st["rejected"]
+            print(f"\nnetns: silence noticed after {silent_s:.2f} s, reconnected "
+                  f"{reconnect_s:.2f} s after the link came back")
+        finally:
+            l1.run(a.stop())
+            l2.run(b.stop())

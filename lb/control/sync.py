@@ -1024,6 +1024,11 @@ class SyncChannel:
                 self._log_rejection(reason, remote, "")
                 return
             await self._run_conn(reader, writer, remote, None)
+        except asyncio.CancelledError:
+            # stop(): end quietly (asyncio's start_server logs a cancelled callback task
+            # as an error)
+            if not self._stopping:
+                raise
         finally:
             if task is not None:
                 self._conn_tasks.discard(task)
