@@ -391,6 +391,17 @@ def test_retire_drops_the_entry_and_updates_the_digest() -> None:
     assert ov.digest() == "0" * 64 and ov.lamport == 2 and ov.next_seq == 3
 
 
+def test_copy_is_independent() -> None:
+    ov = ov_with(("web", "x", "present", "10.0.0.1:80", 1))
+    c = ov.copy()
+    ov.local("web", "y", "present", "10.0.0.2:80", 1, "api", T0)
+    ov.retire("web", "x")
+    assert set(c.entries) == {("web", "x")} and c.lamport == 1 and c.next_seq == 2
+    assert c.digest() == ov_with(("web", "x", "present", "10.0.0.1:80", 1)).digest()
+    c.local("web", "z", "present", "10.0.0.3:80", 1, "api", T0)
+    assert set(ov.entries) == {("web", "y")}
+
+
 def test_digest_is_order_independent_and_sees_every_field() -> None:
     a, b = Overlay("lb-a"), Overlay("lb-b")
     ops = [Overlay("lb-c").local("web", f"x{i}", "present", "10.0.0.1:80", i, "api", T0)
@@ -427,6 +438,8 @@ def _history(n: int, plan: list[Any]) -> list[Intent]:
     made: list[Intent] = []
     for rep, (pool, backend), kind, weight, deliveries in plan:
         ov = reps[rep % n]
+        held = max((e.stamp for e in ov.entries.values()), default=(0, ""))
+        lamport = ov.lamport
         if kind == "add":
             made.append(ov.local(pool, backend, "present", f"10.0.0.{weight}:80", weight, "api",
                                  T0))
@@ -434,6 +447,8 @@ def _history(n: int, plan: list[Any]) -> list[Intent]:
             made.append(ov.local(pool, backend, "present", None, weight, "api", T0))
         else:
             made.append(ov.local(pool, backend, "removed", None, None, "api", T0))
+        # Lamport causality: a change made here beats everything this replica has seen.
+        assert made[-1].stamp == (lamport + 1, ov.node) and made[-1].stamp > held
         for src, dst in deliveries:
             reps[dst % n].merge_state(reps[src % n].entries)
     return made

@@ -445,6 +445,17 @@ class Overlay:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def copy(self) -> Overlay:
+        """An independent overlay with the same state (the intents are immutable and
+        shared): O(entries) dict copies, ~0.1 ms at 3,000, so a snapshot can be serialized
+        on another thread while this one keeps changing."""
+        out = Overlay(self.node, self.lamport)
+        out.entries = dict(self.entries)
+        out.seen = dict(self.seen)
+        out._hashes = dict(self._hashes)
+        out._xor = self._xor
+        return out
+
     def _put(self, intent: Intent) -> None:
         key = intent.key
         h = _canonical_hash(intent)
