@@ -121,6 +121,8 @@ MAX_KEYS: Final = 8
 MAX_HELLO: Final = 4096
 """Longest HELLO body."""
 MAX_DIGEST_LEN: Final = 128
+MIN_KEY_LEN: Final = 16
+"""As failover's: `failover.load_key` refuses shorter keys."""
 DEFAULT_MAX_FRAME: Final = 4 << 20
 HANDSHAKE_TIMEOUT_S: Final = 2.0
 SILENT_PINGS: Final = 3
@@ -734,6 +736,8 @@ class SyncChannel:
         no longer among them are closed (their dialers reconnect with the new keys)."""
         if not 1 <= len(keys) <= MAX_KEYS:
             raise ValueError(f"1..{MAX_KEYS} keys (got {len(keys)})")
+        if any(len(k) < MIN_KEY_LEN for k in keys):
+            raise ValueError(f"a key of fewer than {MIN_KEY_LEN} bytes")
         self._ksync = [derive_key(bytes(k)) for k in keys]
         for conn in list(self._conns):
             if conn.established and conn.k_sync not in self._ksync:
@@ -1099,6 +1103,10 @@ class SyncChannel:
         except asyncio.IncompleteReadError as exc:
             if conn.close_reason:
                 reason = conn.close_reason
+            elif dial is not None and not conn.established and not exc.partial:
+                # the listener hung up on our HELLO: it refused our key, our source
+                # address or our name (its counters say which); not a rejection here
+                reason = "closed by the peer during the handshake"
             elif exc.partial or not conn.established:
                 reason, rejected = Reason.TRUNCATED, True
                 detail = f"EOF after {len(exc.partial)} of {exc.expected} bytes"
