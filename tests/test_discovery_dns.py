@@ -320,6 +320,10 @@ def test_300_names_and_a_300_record_name(lab: ldns.DnsLab, pool: Pool) -> None:
         assert addrs(pool.of(f"p{i:03d}")[-1][1]) == {f"10.7.{i // 256}.{i % 256}:8080"}
     big = pool.of("big")[-1][1]
     assert len(big) == 300  # bigger than 1232 bytes: dnspython retried over TCP
+    # a big answer turns EDNS on for its source (no more UDP-then-TCP for 21-70 records)
+    big_src, small_src = pool.runners["big"]._dns, pool.runners["p000"]._dns
+    assert big_src is not None and small_src is not None
+    assert big_src.edns and not small_src.edns
     failures = sum(pool.status(p)["failures_total"] for p in pool.runners)
     assert failures == 0
 

@@ -17,7 +17,10 @@ DNS (:class:`DnsSpec`), with dnspython's ``dns.asyncresolver``:
 - The servers are the spec's ``resolvers`` (``ip``, ``ip:port``, ``[v6]:port``), or
   /etc/resolv.conf's when there are none (its search list never applies: names are absolute).
   No cache: every refresh asks the server, so our TTL bounds decide when a change is seen.
-  EDNS with a 1232-byte UDP payload; a truncated answer is retried over TCP (dnspython).
+  A truncated answer is retried over TCP (dnspython). A source whose last answer held more
+  than :data:`EDNS_AFTER_RECORDS` records asks with EDNS (1232-byte UDP payload) from then on,
+  saving that TCP round; the others ask without, since EDNS costs dnspython ~100 us of CPU
+  per query (measured: 0.38 vs 0.29 ms), a third more for the common small answer.
 - Re-resolved when the answer's TTL runs out, clamped to ``[min_ttl_s, max_ttl_s]`` (TTL 0,
   dnsmasq's default, would otherwise mean a query per loop pass), with ``jitter`` (10 %) so
   pools started together spread out: early by up to 10 %, or late by up to 10 % when the TTL
@@ -116,6 +119,10 @@ SRV_LOOKUPS_IN_FLIGHT = 16
 """SRV target lookups at once, per refresh."""
 EDNS_PAYLOAD = 1232
 """UDP payload size offered (the DNS flag day 2020 value: no IP fragmentation)."""
+EDNS_AFTER_RECORDS = 20
+"""An answer with more records than this (20 A records make ~350 bytes, 20 AAAA ~670; plain
+DNS over UDP carries 512) turns EDNS on for that source; one with fewer than half turns it
+off again."""
 WEIGHT_MAX = 1000
 """Largest backend weight (lb.config.BackendConfig)."""
 NAME_MAX = 64
@@ -424,11 +431,11 @@ def parse_backend_file(data: bytes, *, source: str, max_backends: int = MAX_BACK
         except ValueError as e:
             errors.append(f"[{i}]{e}")
         else:
-            if b.name in names:
-                errors.append(f"[{i}].name: duplicate {b.name!r} (also [{names[b.name]}])")
-            elif b.address in addresses:
+            if b.address in addresses:
                 errors.append(f"[{i}].address: duplicate {b.address!r} "
                               f"(also [{addresses[b.address]}])")
+            elif b.name in names:
+                errors.append(f"[{i}].name: duplicate {b.name!r} (also [{names[b.name]}])")
             else:
                 names[b.name] = i
                 addresses[b.address] = i
@@ -515,11 +522,27 @@ class _DnsSource:
         # Two tries per server within the refresh's budget; a retry of ours follows anyway.
         r.timeout = spec.timeout_s / 2
         r.lifetime = spec.timeout_s
-        r.use_edns(0, 0, EDNS_PAYLOAD)
         self.resolver = r
+        self.edns = False
+        self._largest = 0
         self.qname = dns.name.from_text(spec.name)
 
     async def fetch(self) -> tuple[list[Backend], float]:
+        self._largest = 0
+        try:
+            return await self._fetch()
+        finally:
+            self._tune_edns()
+
+    def _tune_edns(self) -> None:
+        if not self.edns and self._largest > EDNS_AFTER_RECORDS:
+            self.resolver.use_edns(0, 0, EDNS_PAYLOAD)
+            self.edns = True
+        elif self.edns and self._largest < EDNS_AFTER_RECORDS // 2:
+            self.resolver.use_edns(False)
+            self.edns = False
+
+    async def _fetch(self) -> tuple[list[Backend], float]:
         spec = self.spec
         if spec.record == "SRV":
             return await self._srv()
@@ -561,6 +584,7 @@ class _DnsSource:
         rrset = answer.rrset
         if rrset is None:
             return _Rrs([], None), answer.response
+        self._largest = max(self._largest, len(rrset))
         return _Rrs(list(rrset), float(rrset.ttl)), answer.response
 
     async def _addresses(self, qname: dns.name.Name, record: str,
@@ -569,9 +593,12 @@ class _DnsSource:
         types = ["A", "AAAA"] if record == "A+AAAA" else [record]
         known = known or {}
         todo = [t for t in types if (qname, t) not in known]
-        results: list[BaseException | tuple[_Rrs, Any]] = list(
-            await asyncio.gather(*(self._query(qname, t) for t in todo), return_exceptions=True)
-        )
+        results: list[BaseException | tuple[_Rrs, Any]]
+        if len(todo) == 1:  # the common case: no task for a single query
+            results = [await self._query(qname, todo[0])]
+        else:
+            results = list(await asyncio.gather(
+                *(self._query(qname, t) for t in todo), return_exceptions=True))
         got = [known[(qname, t)] for t in types if (qname, t) in known]
         for res in results:
             if isinstance(res, BaseException):
