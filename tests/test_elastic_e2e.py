@@ -195,3 +195,43 @@ def test_runtime_changes_are_refused_with_a_reason_and_change_nothing(tmp_path: 
         assert status == 400 and b"not JSON" in raw
         assert set(members(node)) == {"web1"}
         assert get_json(node.admin + "/readyz")["ready"] is True
+
+
+def test_runtime_changes_survive_reloads_and_restarts_and_the_config_takes_over(
+        tmp_path: Path) -> None:
+    """Precedence (docs/elastic-pools.md): the config is the base, runtime changes an overlay
+    kept in state_dir; a reload or restart keeps them, and an entry the config now carries
+    identically is retired (the config shows through again), with a note saying so."""
+    with Backends(["web1", "web2", "web3"]) as be:
+        base = Backends.__new__(Backends)
+        base.ports = {n: be.ports[n] for n in ("web1", "web2")}
+        web3 = f"{LOOPBACK}:{be.ports['web3']}"
+        with Pairlb(tmp_path, base) as node:
+            status, _ = api(node, "POST", "/pools/web/backends", {"name": "web3", "address": web3})
+            assert status == 201
+            assert api(node, "DELETE", "/pools/web/backends/web1")[0] == 202
+            wait_until(lambda: "web1" not in members(node), 10, "web1 gone")
+            status, body = api(node, "POST", "/reload")
+            assert status == 200, body
+            m = members(node)
+            assert set(m) == {"web2", "web3"} and m["web3"]["source"] == "api"
+            st = node.status()
+            assert st["pools"][0]["tombstoned"] == ["web1"]
+            assert st["runtime"]["overlay"]["entries"] == 2
+            digest = st["runtime"]["overlay"]["digest"]
+        with Pairlb(tmp_path, base) as node:  # a restart: same state_dir
+            wait_until(lambda: members(node).get("web3", {}).get("in_rotation"), 5,
+                       "web3 back in rotation after the restart")
+            assert set(members(node)) == {"web2", "web3"}
+            assert node.status()["runtime"]["overlay"]["digest"] == digest
+            # The config now lists web3 as the API made it: the runtime entry retires.
+            text = node.config.read_text().replace(
+                "backends = [ ", f'backends = [ {{ name = "web3", address = "{web3}" }}, ')
+            node.config.write_text(text)
+            status, body = api(node, "POST", "/reload")
+            assert status == 200, body
+            assert any("web3: now in the config, runtime entry retired" in c
+                       for c in body["changes"]), body["changes"]
+            m = members(node)
+            assert m["web3"]["source"] == "config" and "web1" not in m
+            assert node.status()["runtime"]["overlay"]["entries"] == 1  # web1's tombstone

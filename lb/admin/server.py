@@ -545,6 +545,8 @@ ROLE_COLOURS = {
 
 def backend_state(b: Mapping[str, Any]) -> tuple[str, str]:
     """(label, css class) a person should see for a backend; the most important reason wins."""
+    if b.get("removing"):
+        return "removing", "amber"
     if b["admin_state"] == AdminState.MAINTENANCE:
         return "maintenance", "grey"
     if b["admin_state"] == AdminState.DRAINING:
@@ -734,8 +736,11 @@ def _pool_section(pool: Mapping[str, Any], limit: int | None = None, number: int
         )
     for b in backends:
         label, cls = backend_state(b)
-        if label == "draining" and b["in_flight"]:
-            label = f"draining ({b['in_flight']} in flight)"
+        if label in ("draining", "removing") and b["in_flight"]:
+            label = f"{label} ({b['in_flight']} in flight)"
+        source = str(b.get("source") or "config")
+        if b.get("shadows"):
+            source += f" (replaces {b['shadows']})"
         check = b.get("last_check")
         if check is None:
             check_txt = "checks off" if not b.get("checks_enabled") else "no check yet"
@@ -750,6 +755,7 @@ def _pool_section(pool: Mapping[str, Any], limit: int | None = None, number: int
             f"<tr class='row-{cls}'>"
             f"<td><b>{e(str(b['name']))}</b></td>"
             f"<td><code>{e(str(b['address']))}</code></td>"
+            f"<td>{e(source)}</td>"
             f"<td>{_pill(label, cls)}</td>"
             f"<td>{e(str(b['health']))}</td>"
             f"<td>{e(str(b['admin_state']))}</td>"
@@ -767,7 +773,8 @@ def _pool_section(pool: Mapping[str, Any], limit: int | None = None, number: int
         f"<div class='facts'><span>balance <b>{e(str(pool['balance']))}</b></span>"
         f"<span>usable <b>{pool['usable']}</b> of <b>{pool['enabled']}</b> enabled</span></div>"
         + pager
-        + _thead("backend", "address", "state", "health", "admin", "weight#", "last check",
+        + _thead("backend", "address", "source", "state", "health", "admin", "weight#",
+                 "last check",
                  "in flight#", "requests#", "errors#", "ejections#")
         + "".join(rows)
         + "</tbody></table></section>"

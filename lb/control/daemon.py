@@ -258,6 +258,17 @@ class Daemon:
 
     async def startup(self) -> None:
         self._set_privileges()
+        from lb.control.overlay_store import OverlayStoreError
+
+        try:
+            for warning in self.elastic.load():
+                logger.warning("event=overlay_repaired detail=%r", warning)
+        except OverlayStoreError as exc:
+            raise StartupError(f"node.state_dir: {exc}") from None
+        pools, notes = self.elastic.compose(self.cfg)
+        self.table.apply(pools)
+        for note in notes:
+            logger.warning("event=overlay_note %s", note)
         if self.tls.needed(self.cfg):
             material, errors = await asyncio.to_thread(self.tls.load, self.cfg)
             if errors:
@@ -279,6 +290,7 @@ class Daemon:
         if self.cfg.admin.enabled:
             self._make_admin()
         await self.health.start()
+        self.elastic.start()  # discovery and the peer channel
         if self.cfg.failover is not None:
             await self._spawn_failover()  # its imports overlap with the workers' start
         await self.supervisor.start()
@@ -594,7 +606,10 @@ class Daemon:
                     f"new workers" for n in rebuilt if n not in fresh]
         # Pools: the table keeps admin state and ejections; the book keeps health by the
         # rules in healthcheck.book (a changed check restarts from the state it is in).
-        changes += self.table.apply(new.pool)
+        # The effective pools: the file's, discovery's, the runtime overlay on top.
+        pools, notes = self.elastic.compose(new)
+        changes += self.table.apply(pools)
+        changes += notes
         if fo_spec is not None:
             before = self.failover.status()
             self.failover.reconfigure(fo_spec)
@@ -607,6 +622,7 @@ class Daemon:
         self.cfg = new
         self.tls.material = material
         self.generation += 1
+        changes += self.elastic.reconfigured(new)
         self.health.set_targets(self.table.targets(self.tls.material.pool_ca),
                                self.table.in_service)
         self._compute_snapshots()
@@ -923,7 +939,8 @@ class Daemon:
             pools.append(
                 status_mod.PoolStatus(
                     pcfg.name, pcfg.balance, snap.panic, snap.usable, snap.enabled,
-                    tuple(backends),
+                    tuple(backends), elastic.discovery_status(pcfg.name),
+                    tuple(n for p, n in elastic.tombstoned if p == pcfg.name),
                 )
             )
         lat = self.health.lateness
@@ -954,6 +971,7 @@ class Daemon:
                 lateness_max_60s_s=lat.max_over(60, now_m),
             ),
             ready=self.ready(),
+            runtime=elastic.status(),
         )
 
     def _listener_status(self, lst: config_mod.ListenerConfig) -> status_mod.ListenerStatus:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from lb import worker_link as wl
-from lb.config import BackendConfig
+from lb.config import BackendConfig, Config, DiscoveryConfig, PoolConfig, parse_hostport
+from lb.control import overlay as ov
 from lb.control.rotation import AdminState
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ logger = logging.getLogger("lb.control.elastic")
 
 MAX_BACKENDS_PER_POOL = 10_000
 """Runtime additions stop here: a runaway script must not grow a pool without bound."""
+RECENT_REFUSALS = 20
 STATS_SETTLE_S = 0.6
 """A drain trusts the workers' in-flight counts only after this long: they report every
 0.25 s, so a request picked just before the drain snapshot arrived shows up in the next
@@ -66,6 +70,29 @@ class Elastic:
         self.removing: dict[tuple[str, str], float] = {}
         """Backends draining before they leave: key -> when the drain gives up (monotonic)."""
         self._drains: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.overlay = ov.Overlay(daemon.cfg.node.name)
+        """Runtime intents (lb.control.overlay), loaded from the state dir at start-up."""
+        self.store: Any = None
+        """lb.control.overlay_store.OverlayStore of ``[node] state_dir`` (None: in memory)."""
+        self.discovered: dict[str, tuple[str, tuple[BackendConfig, ...]]] = {}
+        """pool -> (source, the backends discovery last found) (lb.control.discovery)."""
+        self._config_index: dict[str, dict[str, BackendConfig]] = {}
+        self._discovered_index: dict[str, dict[str, BackendConfig]] = {}
+        self.notes: list[str] = []
+        """What the last composition reported (shadowing, retirements, orphans)."""
+        self.tombstoned: list[tuple[str, str]] = []
+        self.discoveries: dict[str, tuple[Any, Any]] = {}
+        """pool -> (its DiscoveryConfig, the lb.control.discovery.Discovery running it)."""
+        self._stopping: set[asyncio.Task[Any]] = set()
+        self.sync_error: str | None = None
+        self._compacting = False
+        self.sync: Any = None
+        """lb.control.sync.SyncChannel to the peer (with [failover] and [sync] enabled)."""
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
+        """Runtime changes refused by the peer (ours) or here (the peer's), newest last."""
+        self.counts: dict[str, int] = {"applied_local": 0, "applied_peer": 0,
+                                       "refused_by_peer": 0, "refused_here": 0,
+                                       "conflicts": 0, "pending": 0}
         self._pending: set[tuple[str, str]] = set()
         """Changes being written to disk: a second change of the same name waits (409)."""
         self._after_leave: dict[tuple[str, str], tuple[BackendConfig, Origin]] = {}
@@ -181,6 +208,287 @@ class Elastic:
             backend if b.name == backend.name else b for b in pcfg.backends)})
         d.push_soon()
 
+    # -- composition --------------------------------------------------------------------------
+
+    def compose(self, cfg: Config) -> tuple[list[PoolConfig], list[str]]:
+        """The effective pools of ``cfg`` (its pools, discovery, the overlay on top: the
+        precedence of lb.control.overlay.compose) and the notes to report. Sets each
+        backend's origin and retires the overlay entries the config now carries."""
+        comp = ov.compose(cfg.pool, self.overlay, self.discovered, now=time.time())
+        retired = [r for key in comp.retire if (r := self.overlay.retire(*key)) is not None]
+        if retired:
+            self._journal_now(retired)
+        self.notes = list(comp.notes)
+        self.tombstoned = list(comp.tombstoned)
+        self._config_index = {p.name: {b.name: b for b in p.backends} for p in cfg.pool}
+        origins: dict[tuple[str, str], Origin] = {}
+        pools = []
+        for pcfg in cfg.pool:
+            eff = comp.pools.get(pcfg.name, [])
+            for e in eff:
+                origins[(pcfg.name, e.backend.name)] = Origin(e.source, e.shadows, e.patched)
+            pools.append(pcfg.model_copy(update={"backends": tuple(e.backend for e in eff)}))
+        self.origins = origins
+        return pools, self.notes
+
+    def want(self, pool: str, name: str) -> tuple[BackendConfig, Origin] | None:
+        """What one name of ``pool`` should be now: lb.control.overlay.compose's rules for
+        one register (tests check both agree), in O(1) instead of O(pool)."""
+        base: tuple[BackendConfig, str] | None = None
+        b = self._config_index.get(pool, {}).get(name)
+        if b is not None:
+            base = (b, "config")
+        else:
+            b = self._discovered_index.get(pool, {}).get(name)
+            if b is not None:
+                base = (b, self.discovered[pool][0])
+        intent = self.overlay.entries.get((pool, name))
+        if intent is None:
+            return None if base is None else (base[0], Origin(base[1]))
+        if intent.state == "removed":
+            return None
+        if intent.address is None:  # a weight patch of a base backend
+            if base is None:
+                return None
+            if base[1] == "config" and base[0].weight == intent.weight:
+                return base[0], Origin("config")
+            return (base[0].model_copy(update={"weight": intent.weight}),
+                    Origin(base[1], None, True))
+        added = BackendConfig.model_construct(
+            name=name, address=intent.address, weight=intent.weight)
+        if base is None:
+            return added, Origin("api")
+        same = ov._same(base[0], intent)
+        if same and base[1] == "config":
+            return base[0], Origin("config")
+        return added, Origin("api", None if same else base[1])
+
+    def apply_key(self, pool: str, name: str) -> None:
+        if pool in self.d.table.rotations:
+            self.set_member(pool, name, self.want(pool, name))
+
+    # -- start, reload, stop ----------------------------------------------------------------
+
+    def load(self) -> list[str]:
+        """Read the overlay from ``[node] state_dir`` (start-up, before the first
+        composition); warnings to log. Raises OverlayStoreError naming the file and line:
+        never start on a silently emptied overlay (it would resurrect or withdraw
+        backends)."""
+        from lb.control.overlay_store import OverlayStore
+
+        cfg = self.d.cfg
+        self.store = OverlayStore(cfg.node.state_dir, cfg.node.name)
+        self.overlay = self.store.load()
+        return list(self.store.warnings)
+
+    def start(self) -> None:
+        """Discovery runners and the sync channel (after the checker and the table)."""
+        self._reconfigure_discovery(self.d.cfg)
+        self._start_sync(self.d.cfg)
+
+    def reconfigured(self, cfg: Config) -> list[str]:
+        """A reload took ``cfg``: runners for new or changed ``[pool.discovery]``, stopped
+        for the rest; the peer channel rekeyed. Drains of backends the reload dropped end."""
+        for key in [k for k in self._drains if self.d.table.backend(*k) is None]:
+            self._drains.pop(key).cancel()
+            self.removing.pop(key, None)
+        changes = self._reconfigure_discovery(cfg)
+        if self.sync is not None and cfg.failover is not None:
+            import failover
+
+            self.sync.rekey([failover.load_key(p) for p in cfg.failover.key_paths])
+        return changes
+
+    def _reconfigure_discovery(self, cfg: Config) -> list[str]:
+        from lb.control import discovery as disc
+
+        changes = []
+        wanted = {p.name: p.discovery for p in cfg.pool if p.discovery is not None}
+        for pool, (dcfg, runner) in list(self.discoveries.items()):
+            if wanted.get(pool) != dcfg:
+                del self.discoveries[pool]
+                self._background(runner.stop())
+                if pool not in wanted:
+                    self.discovered.pop(pool, None)
+                    self._discovered_index.pop(pool, None)
+                    changes.append(f"pool {pool}: discovery stopped")
+        for pool, dcfg in wanted.items():
+            if pool in self.discoveries:
+                continue
+            current = self.discovered.get(pool)
+            initial = None if current is None else [
+                (b.name, b.address, b.weight) for b in current[1]]
+            runner = disc.Discovery(pool, discovery_spec(dcfg), self.on_discovered,
+                                    initial=initial)
+            runner.start()
+            self.discoveries[pool] = (dcfg, runner)
+            changes.append(f"pool {pool}: discovery {dcfg.type} started")
+        return changes
+
+    def _start_sync(self, cfg: Config) -> None:
+        fcfg = cfg.failover
+        if fcfg is None or not cfg.sync.enabled:
+            return
+        import failover
+        from lb.control.sync import SyncChannel
+
+        port = cfg.sync.port or fcfg.port
+        peers = [(peer_host(p), port) for p in fcfg.peers]
+        v6 = any(":" in h for h, _ in peers)
+        host = cfg.sync.bind or fcfg.bind or ("::" if v6 else "0.0.0.0")
+        channel = SyncChannel(cfg.node.name, [failover.load_key(p) for p in fcfg.key_paths],
+                              (host, port), peers, self, op_timeout_s=cfg.sync.op_timeout_s)
+        try:
+            channel.start()
+        except OSError as exc:
+            self.sync_error = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            logger.error("event=sync_start_failed error=%r", self.sync_error)
+            self.d.record_event("sync", f"not started: {self.sync_error}")
+            return
+        self.sync = channel
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def on_discovered(self, pool: str, backends: list[tuple[str, str, int]], source: str
+                      ) -> None:
+        """lb.control.discovery found a new set for ``pool``: apply the difference."""
+        if pool not in self.d.table.rotations:
+            return
+        new = {n: BackendConfig.model_construct(name=n, address=a, weight=w)
+               for n, a, w in backends}
+        old = self._discovered_index.get(pool, {})
+        self.discovered[pool] = (source, tuple(new.values()))
+        self._discovered_index[pool] = new
+        changed = [n for n in new.keys() | old.keys()
+                   if n not in old or n not in new or old[n].address != new[n].address
+                   or old[n].weight != new[n].weight]
+        for name in sorted(changed):
+            self.apply_key(pool, name)
+        logger.info("event=discovery_changed pool=%s source=%s backends=%d changed=%d",
+                    pool, source, len(new), len(changed))
+        self.d.record_event("discovery", f"pool {pool}: {source} now gives {len(new)} "
+                                         f"backend(s), {len(changed)} changed")
+
+    # -- the peer (lb.control.sync's SyncHandler) ----------------------------------------------
+
+    def config_digest(self) -> str:
+        return self.d.cfg.digest()
+
+    def overlay_digest(self) -> str:
+        return self.overlay.digest()
+
+    def state(self) -> dict[str, Any]:
+        return {"entries": ov.entries_to_wire(self.overlay.entries.values()),
+                "seen": dict(self.overlay.seen)}
+
+    async def on_op(self, op: dict[str, Any]) -> tuple[str, str]:
+        """One change from the peer: checked against this node's config, merged (LWW),
+        kept on disk, applied; or refused with the reason (reported on both nodes)."""
+        try:
+            intent = ov.from_wire(op)
+        except ov.OverlayError as exc:
+            return self._refuse_here(op, f"malformed: {exc}")
+        pool, name = intent.key
+        if pool not in self.d.table.rotations:
+            return self._refuse_here(op, f"pool {pool}: no such pool on {self.d.cfg.node.name} "
+                                         f"(config digest {self.d.cfg.digest()} here)")
+        if intent.state == "present" and intent.address is not None:
+            try:
+                BackendConfig(name=name, address=intent.address, weight=intent.weight or 0)
+            except ValidationError as exc:
+                return self._refuse_here(op, first_error(exc, "backend"))
+            if (self.d.table.backend(pool, name) is None
+                    and len(self.d.table.rotations[pool].records) >= MAX_BACKENDS_PER_POOL):
+                return self._refuse_here(op, f"pool {pool}: {MAX_BACKENDS_PER_POOL} backends "
+                                             f"already")
+        merged = self.overlay.merge(intent)
+        if merged.conflict is not None:
+            self._conflict(intent, merged.conflict, merged.won)
+        if merged.won:
+            await self._journal([intent])
+            self.apply_key(pool, name)
+            self.counts["applied_peer"] += 1
+            what = "removed" if intent.state == "removed" else f"set to {intent.address}"
+            self.d.record_event("backend", f"{pool}/{name} {what} (from {intent.origin})")
+        return ("applied", "")
+
+    async def on_state(self, state: dict[str, Any]) -> None:
+        """The peer's whole overlay (after a reconnect, or when the digests differ)."""
+        try:
+            entries = ov.entries_from_wire(state.get("entries"), "state.entries")
+            seen = {str(k): int(v) for k, v in dict(state.get("seen") or {}).items()}
+        except (ov.OverlayError, TypeError, ValueError, AttributeError) as exc:
+            logger.error("event=sync_state_refused error=%r", str(exc))
+            return
+        changed = self.overlay.merge_state(entries, seen)
+        if not changed:
+            return
+        await self._journal([self.overlay.entries[k] for k in changed
+                             if k in self.overlay.entries])
+        for pool, name in changed:
+            self.apply_key(pool, name)
+        logger.info("event=sync_state_merged changed=%d", len(changed))
+        self.d.record_event("sync", f"{len(changed)} runtime change(s) from the peer merged")
+
+    def on_ack(self, origin: str, seq: int, result: str, reason: str) -> None:
+        if result != "applied":
+            self.counts["refused_by_peer"] += 1
+            self.refusals.append({"at": time.time(), "where": "peer", "reason": reason})
+            logger.error("event=sync_refused_by_peer seq=%d reason=%r", seq, reason)
+            self.d.record_event("sync", f"the peer refused change {seq}: {reason}")
+
+    def on_peer(self, node: str | None) -> None:
+        self.d.record_event("sync", f"peer {node} connected" if node else "a peer disconnected")
+
+    def _refuse_here(self, op: dict[str, Any], reason: str) -> tuple[str, str]:
+        self.counts["refused_here"] += 1
+        what = f"{op.get('pool', '?')}/{op.get('backend', '?')}" if isinstance(op, dict) else "?"
+        self.refusals.append({"at": time.time(), "where": "here", "change": what[:140],
+                              "reason": reason})
+        logger.error("event=sync_op_refused change=%s reason=%r", what[:140], reason)
+        self.d.record_event("sync", f"refused {what[:140]} from the peer: {reason}")
+        return ("refused", reason)
+
+    def _conflict(self, intent: ov.Intent, other: ov.Intent, won: bool) -> None:
+        self.counts["conflicts"] += 1
+        winner, loser = (intent, other) if won else (other, intent)
+        logger.warning("event=sync_conflict pool=%s backend=%s winner=%s loser=%s",
+                       intent.pool, intent.backend, winner.origin, loser.origin)
+        self.d.record_event("sync", f"{intent.pool}/{intent.backend}: concurrent changes, "
+                                    f"{winner.origin}'s kept")
+
+    # -- persistence -----------------------------------------------------------------------
+
+    async def _journal(self, records: list[Any]) -> None:
+        """Durable before the caller answers (group-committed with concurrent changes);
+        the journal compacted into the snapshot when it has grown."""
+        store = self.store
+        if store is None or not records:
+            return
+        await store.append_async(records)
+        if store.needs_compaction() and not self._compacting:
+            self._compacting = True
+            self._background(self._compact())
+
+    async def _compact(self) -> None:
+        try:
+            await self.store.compact_async(self.overlay)
+        except Exception as exc:  # the journal still holds everything: retried next time
+            logger.error("event=overlay_compaction_failed error=%r", str(exc))
+        finally:
+            self._compacting = False
+
+    def _journal_now(self, records: list[Any]) -> None:
+        """Retirements found by a composition: journaled in the background (they are
+        found again from the same config if this write is lost)."""
+        if self.store is not None and records:
+            self._background(self.store.append_async(records))
+
     # -- the admin API's changes -------------------------------------------------------------
 
     async def add(self, pool: str, name: str, address: str, weight: int,
@@ -208,7 +516,7 @@ class Elastic:
         self._pending.add(key)
         try:
             peer = await self._record(pool, name, "present", b.address, b.weight, via)
-            self.set_member(pool, name, (b, Origin("api")))
+            self.apply_key(pool, name)
         finally:
             self._pending.discard(key)
         d.record_event("backend", f"{pool}/{name} added at {b.address} ({via})")
@@ -235,7 +543,7 @@ class Elastic:
         self._pending.add(key)
         try:
             peer = await self._record(pool, name, "removed", None, None, via)
-            self.set_member(pool, name, None)
+            self.apply_key(pool, name)
         finally:
             self._pending.discard(key)
         d.record_event("backend", f"{pool}/{name} removed ({via}): draining")
@@ -247,11 +555,19 @@ class Elastic:
                 "drain_timeout_s": self.d.table.pools[pool].drain_timeout_s,
                 "in_flight": self.d.backend_inflight(pool, name), "peer": peer}
 
-    async def _record(self, pool: str, name: str, state: str, address: str | None,
+    async def _record(self, pool: str, name: str, state: ov.State, address: str | None,
                       weight: int | None, via: str) -> dict[str, str]:
-        """Keep the change on disk and send it to the peer (lb.control.overlay, sync);
-        the peer's answer by node name."""
-        return {}
+        """Make the change an intent of the overlay, keep it on disk (durable before the
+        API answers) and send it to the peer; the peer's answer by node name."""
+        intent = self.overlay.local(pool, name, state, address, weight, via, time.time())
+        await self._journal([intent])
+        self.counts["applied_local"] += 1
+        sync = self.sync
+        if sync is None:
+            return {}
+        ack = await sync.send_op(ov.to_wire(intent))
+        self.counts["pending"] += sum(1 for r in ack.peers.values() if r == "pending")
+        return dict(ack.peers)
 
     def origin(self, pool: str, name: str) -> Origin:
         return self.origins.get((pool, name), Origin("config"))
@@ -266,6 +582,11 @@ class Elastic:
             del self._after_leave[key]
 
     async def stop(self) -> None:
+        if self.sync is not None:
+            await self.sync.stop()
+        for _, runner in self.discoveries.values():
+            await runner.stop()
+        self.discoveries.clear()
         tasks = list(self._drains.values())
         self._drains.clear()
         for t in tasks:
@@ -273,9 +594,35 @@ class Elastic:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for t in list(self._stopping):  # journal writes and runner stops: let them finish
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, 5.0)
+        if self.store is not None:
+            self.store.close()
+
+    def discovery_status(self, pool: str) -> dict[str, Any] | None:
+        found = self.discoveries.get(pool)
+        return None if found is None else dict(found[1].status())
 
     def status(self) -> dict[str, Any]:
-        return {"removing": [f"{p}/{n}" for p, n in self.removing]}
+        """/status ``runtime``: the overlay, what the last composition said, the changes
+        made and refused, the peer channel."""
+        sync: dict[str, Any] | None = None
+        if self.sync is not None:
+            sync = self.sync.status()
+        elif self.sync_error is not None:
+            sync = {"error": self.sync_error}
+        return {
+            "state_dir": self.d.cfg.node.state_dir,
+            "overlay": {"entries": len(self.overlay), "digest": self.overlay.digest(),
+                        "lamport": self.overlay.lamport,
+                        "journal_lines": getattr(self.store, "log_lines", 0)},
+            "notes": list(self.notes),
+            "removing": [f"{p}/{n}" for p, n in self.removing],
+            "changes": dict(self.counts),
+            "refusals": list(self.refusals),
+            "sync": sync,
+        }
 
 
 class ChangeRefused(Exception):
@@ -294,3 +641,26 @@ def first_error(exc: ValidationError, prefix: str) -> str:
     loc = ".".join(str(p) for p in e["loc"])
     msg = str(e["msg"]).removeprefix("Value error, ")
     return f"{prefix}{'.' + loc if loc else ''}: {msg}"
+
+
+def discovery_spec(dcfg: DiscoveryConfig) -> Any:
+    """The lb.control.discovery spec of a ``[pool.discovery]`` section."""
+    from lb.control import discovery as disc
+
+    if dcfg.type == "file":
+        assert dcfg.path is not None
+        return disc.FileSpec(dcfg.path, interval_s=dcfg.interval_s)
+    assert dcfg.name is not None
+    return disc.DnsSpec(dcfg.name, record=dcfg.record, port=dcfg.port,
+                        resolvers=dcfg.resolvers, min_ttl_s=dcfg.min_ttl_s,
+                        max_ttl_s=dcfg.max_ttl_s, timeout_s=dcfg.timeout_s, weight=dcfg.weight)
+
+
+def peer_host(peer: str) -> str:
+    """The address of a ``[failover] peers`` entry (``ip``, ``ip:port``, ``[v6]:port``)."""
+    bare = peer[1:-1] if peer.startswith("[") and peer.endswith("]") else peer
+    try:
+        ipaddress.ip_address(bare)
+        return bare
+    except ValueError:
+        return parse_hostport(peer)[0]

@@ -64,6 +64,10 @@ class PoolStatus:
     usable: int
     enabled: int
     backends: tuple[BackendStatus, ...]
+    discovery: dict[str, Any] | None = None
+    """lb.control.discovery.Discovery.status() of a pool with [pool.discovery]."""
+    tombstoned: tuple[str, ...] = ()
+    """Backends of the config (or discovery) a runtime removal hides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,9 @@ class NodeStatus:
     events: tuple[dict[str, Any], ...]
     health_checks: HealthChecksStatus
     ready: bool
+    runtime: dict[str, Any] | None = None
+    """Runtime pool changes: the overlay, the last composition's notes, the peer channel
+    (lb.control.elastic.Elastic.status)."""
 
 
 # -- the one serialisation ------------------------------------------------------------------
@@ -393,6 +400,8 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
                 "usable": p.usable,
                 "enabled": p.enabled,
                 "backends": [_backend_json(b) for b in p.backends],
+                "discovery": p.discovery,
+                "tombstoned": list(p.tombstoned),
             }
             for p in st.pools
         ],
@@ -405,6 +414,7 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
         "failover": None if st.failover is None else _failover_json(st.failover),
         "role": st.role,
         "events": list(st.events),
+        "runtime": st.runtime,
         "health_checks": {
             "targets": hc.targets,
             "in_flight": hc.in_flight,
