@@ -283,6 +283,7 @@ def test_local_stamps_numbers_and_links_to_the_previous_value() -> None:
     (("web", "x" * 65, "present", "h:1", 1), "backend: expected 1..64"),
     (("web", "", "present", "h:1", 1), "backend: expected 1..64"),
     (("web", "x", "gone", None, None), "state: expected present or removed"),
+    (("web", "x\n", "present", "h:1", 1), "backend: expected 1..64"),
 ])
 def test_local_refuses_what_the_config_would(
     args: tuple[str, str, Any, str | None, int | None], message: str
@@ -295,6 +296,14 @@ def test_local_refuses_what_the_config_would(
         ov.local("web", "x", "present", "h:1", 1, "web", T0)
     with pytest.raises(OverlayError, match="at"):
         ov.local("web", "x", "present", "h:1", 1, "api", math.nan)
+
+
+def test_an_integer_time_digests_as_the_peer_decodes_it() -> None:
+    a, b = Overlay("lb-a"), Overlay("lb-b")
+    op = a.local("web", "x", "present", "10.0.0.1:80", 1, "api", 1_800_000_000)
+    assert type(op.at) is float
+    b.merge(from_wire(json.loads(json.dumps(to_wire(op)))))
+    assert b.digest() == a.digest()
 
 
 def test_overlay_refuses_a_bad_node_name() -> None:

@@ -345,7 +345,7 @@ def test_a_silent_peer_is_disconnected_after_three_pings() -> None:
                 conn.writer.transport.pause_reading()
             t0 = time.monotonic()
             await until(lambda: a.connected() == [], timeout_s=5, what="silence")
-            assert 0.25 <= time.monotonic() - t0 <= 1.5
+            assert 0.25 <= time.monotonic() - t0 <= 3.0
             assert a.disconnects.get("silent") == 1
         finally:
             await stop_all(a, b)
@@ -573,7 +573,7 @@ def test_a_flood_of_garbage_connections_does_not_stop_a_legit_op() -> None:
             ack = await a.send_op(ha.local("web", "w1", "v"))
             op_s = time.perf_counter() - t0
             assert ack.applied, ack
-            assert op_s < 0.5
+            assert op_s < 1.5
             await flood
             await until(lambda: sum(b.rejected.values()) >= 200
                         and b.status()["pending_handshakes"] == 0, timeout_s=10,

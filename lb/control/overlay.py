@@ -476,6 +476,7 @@ class Overlay:
         gets the BackendConfig default. Raises :class:`OverlayError`."""
         key = (pool, backend)
         cur = self.entries.get(key)
+        at = _at(at, "at")  # a float, as every peer decodes it (the digest sees the type)
         if state == "present":
             if address is None and cur is not None and cur.address is not None:
                 address = cur.address
