@@ -378,3 +378,21 @@ def test_runner_loop_is_not_blocked(lab: ldns.DnsLab, pool: Pool) -> None:
     worst = pool.lp.run(lateness())
     print(f"worst timer lateness with 50 pools at 0.05 s: {worst * 1000:.1f} ms")
     assert worst < 0.2
+
+
+def test_system_resolv_conf_is_used_and_read_again_when_it_changes(
+        lab: ldns.DnsLab, pool: Pool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "resolv.conf"
+    monkeypatch.setattr(d, "RESOLV_CONF", str(conf))
+    lab.set_hosts({"web": ["10.11.0.1"]})
+    fast = {"min_ttl_s": 0.05, "max_ttl_s": 0.2, "retry_max_s": 0.1, "timeout_s": 0.2}
+    pool.start("sys", "web", resolvers=(), **fast)
+    st = pool.wait_status("sys", lambda s: s["failures"].get("error", 0) >= 1, 5)
+    assert "no resolvers configured" in st["last_error"] and str(conf) in st["last_error"]
+    # search domains and ndots must not apply: the name is asked as it is
+    conf.write_text(f"search example.org\noptions ndots:9\nnameserver {lab.server4}\n")
+    pool.wait_set("sys", {"10.11.0.1:8080"}, 5)
+    conf.write_text("nameserver 198.51.100.1\n")  # now unroutable: failures, set kept
+    st = pool.wait_status("sys", lambda s: s["failures"].get("unreachable", 0) >= 1, 5)
+    assert st["backends"] == 1
+    assert lab.query_count(f"web.{ldns.DOMAIN}.example.org") == 0

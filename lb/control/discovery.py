@@ -15,7 +15,8 @@ stays; a source that has never succeeded hands over nothing. ``status()`` says w
 DNS (:class:`DnsSpec`), with dnspython's ``dns.asyncresolver``:
 
 - The servers are the spec's ``resolvers`` (``ip``, ``ip:port``, ``[v6]:port``), or
-  /etc/resolv.conf's when there are none (its search list never applies: names are absolute).
+  /etc/resolv.conf's when there are none (read again when the file changes; its search list
+  and ndots never apply: names are absolute).
   No cache: every refresh asks the server, so our TTL bounds decide when a change is seen.
   A truncated answer is retried over TCP (dnspython). A source whose last answer held more
   than :data:`EDNS_AFTER_RECORDS` records asks with EDNS (1232-byte UDP payload) from then on,
@@ -113,6 +114,8 @@ FILE_MAX_BYTES = 16 << 20
 """Largest discovery file read (10,000 entries of ~100 bytes is 1 MB)."""
 FILE_THREAD_BYTES = 64 << 10
 """Files larger than this are read and parsed in a thread, off the loop."""
+RESOLV_CONF = "/etc/resolv.conf"
+"""The system's resolver configuration, used when a DnsSpec names no resolvers."""
 RACY_S = 1.0
 """A file modified less than this before it was read is read again on the next poll."""
 SRV_LOOKUPS_IN_FLIGHT = 16
@@ -205,7 +208,8 @@ class DnsSpec:
     min_ttl_s: float = 1.0
     max_ttl_s: float = 300.0
     timeout_s: float = 2.0
-    """One refresh (every server, every query of it) must finish within this."""
+    """Each question (A, AAAA, SRV, a target's A) gets an answer within this, every server
+    tried (two tries each); questions of one refresh run at once, an SRV's targets after it."""
     weight: int = 1
     """A/AAAA: every backend's weight (0-1000). SRV: from the records."""
     target_record: TargetRecord = "A"
@@ -509,23 +513,52 @@ class _DnsSource:
 
     def __init__(self, spec: DnsSpec) -> None:
         self.spec = spec
+        self.edns = False
+        self._largest = 0
+        self.qname = dns.name.from_text(spec.name)
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._conf_key: tuple[int, ...] | None = None
         if spec.resolvers:
             r = dns.asyncresolver.Resolver(configure=False)
             r.nameservers = [
                 dns.nameserver.Do53Nameserver(*parse_resolver(v)) for v in spec.resolvers
             ]
-        else:
-            r = dns.asyncresolver.Resolver(configure=True)  # /etc/resolv.conf
+            self._resolver = self._tune(r)
+
+    def _tune(self, r: dns.asyncresolver.Resolver) -> dns.asyncresolver.Resolver:
         r.cache = None
         r.search = []
         r.use_search_by_default = False
-        # Two tries per server within the refresh's budget; a retry of ours follows anyway.
-        r.timeout = spec.timeout_s / 2
-        r.lifetime = spec.timeout_s
-        self.resolver = r
-        self.edns = False
-        self._largest = 0
-        self.qname = dns.name.from_text(spec.name)
+        # Two tries per server within the question's budget; a retry of ours follows anyway.
+        r.timeout = self.spec.timeout_s / 2
+        r.lifetime = self.spec.timeout_s
+        if self.edns:
+            r.use_edns(0, 0, EDNS_PAYLOAD)
+        return r
+
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The spec's servers, or resolv.conf's, read again whenever that file changed (a
+        missing or serverless file is a failure of each refresh until it is fixed)."""
+        if self.spec.resolvers:
+            assert self._resolver is not None
+            return self._resolver
+        try:
+            st = os.stat(RESOLV_CONF)
+        except OSError as e:
+            self._resolver = self._conf_key = None
+            raise DiscoveryError("error", f"{self.spec.target}: no resolvers configured and "
+                                 f"{RESOLV_CONF}: {e.strerror or e}") from None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._resolver is None or key != self._conf_key:
+            try:
+                r = dns.asyncresolver.Resolver(filename=RESOLV_CONF, configure=True)
+            except dns.exception.DNSException as e:
+                self._resolver = self._conf_key = None
+                raise DiscoveryError("error", f"{self.spec.target}: no resolvers configured "
+                                     f"and {RESOLV_CONF}: {_short(str(e), 100)}") from None
+            self._resolver, self._conf_key = self._tune(r), key
+        return self._resolver
 
     async def fetch(self) -> tuple[list[Backend], float]:
         self._largest = 0
@@ -535,12 +568,15 @@ class _DnsSource:
             self._tune_edns()
 
     def _tune_edns(self) -> None:
+        r = self._resolver
         if not self.edns and self._largest > EDNS_AFTER_RECORDS:
-            self.resolver.use_edns(0, 0, EDNS_PAYLOAD)
             self.edns = True
+            if r is not None:
+                r.use_edns(0, 0, EDNS_PAYLOAD)
         elif self.edns and self._largest < EDNS_AFTER_RECORDS // 2:
-            self.resolver.use_edns(False)
             self.edns = False
+            if r is not None:
+                r.use_edns(False)
 
     async def _fetch(self) -> tuple[list[Backend], float]:
         spec = self.spec
@@ -565,8 +601,9 @@ class _DnsSource:
     async def _query(self, qname: dns.name.Name, rdtype: str) -> tuple[_Rrs, Any]:
         """One question; NODATA -> no items (ttl None); every other failure DiscoveryError."""
         what = f"{qname.to_text(omit_final_dot=True)} {rdtype}"
+        resolver = self.resolver
         try:
-            answer = await self.resolver.resolve(
+            answer = await resolver.resolve(
                 qname, rdtype, search=False, raise_on_no_answer=False,
             )
         except dns.resolver.NXDOMAIN:
