@@ -297,6 +297,27 @@ def test_oversize_op_is_refused_before_sending() -> None:
     run(body())
 
 
+def test_a_frame_above_the_receivers_max_frame_is_refused_there_too() -> None:
+    async def body() -> None:
+        ha, hb = FakeHandler("lb-a"), FakeHandler("lb-b")
+        a = channel("lb-a", ha, max_frame=1 << 20)
+        b = channel("lb-b", hb, max_frame=4096)  # a peer configured with a smaller limit
+        assert a.address and b.address
+        a.set_peers([b.address])
+        b.set_peers([a.address])
+        try:
+            await until(lambda: a.connected() == ["lb-b"] and b.connected() == ["lb-a"])
+            ack = await a.send_op({"pool": "web", "blob": "x" * 10_000})
+            assert ack.peers == {"lb-b": "pending"}  # the session closed: no wait
+            assert b.rejected == {"oversize": 1} and hb.ops == []
+            await until(lambda: a.connected() == ["lb-b"], what="the reconnect")
+            assert (await a.send_op(ha.local("web", "w1", "v"))).applied
+        finally:
+            await stop_all(a, b)
+
+    run(body())
+
+
 # -- peer down, catch-up ------------------------------------------------------------------------
 
 
