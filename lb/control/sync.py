@@ -81,7 +81,16 @@ probed with a ping at once: if it was a leftover the peer had already dropped (p
 restart without FIN) the peer's kernel answers with a reset, and the next dial wins. A
 dialer does not dial an address whose node is connected (by any session).
 
+An address's node is learned from the first session dialled there, or from an accepted
+session whose source IP is that of exactly one address not yet named.
+
 Reconnects: backoff from `BACKOFF_MIN_S` doubling to `BACKOFF_MAX_S`, jittered +-25 %.
+
+Limits: frames are authenticated, not encrypted (as heartbeats: backend addresses travel
+in the clear). Anyone who can send from a peer's address can hold `MAX_PENDING_HANDSHAKES`
+connections open for 2 s each and so delay a *new* inbound session (``busy``); an
+established session, and our own dials to the peer, are not affected. Both nodes should use
+the same ``max_frame``: each refuses what exceeds its own, on sending and on receiving.
 """
 
 from __future__ import annotations
@@ -680,7 +689,14 @@ _COUNTER_NAMES: Final = (
 
 class SyncChannel:
     """The sync channel of one node (module doc). Use from one asyncio loop: `start()`,
-    then `send_op` / `send_state` / `offer_config` / `status`, then `await stop()`."""
+    then `send_op` / `send_state` / `offer_config` / `status`, then `await stop()`.
+
+    `keys`: the failover keys as `failover.load_key` returns them (first = sign with).
+    `bind`: numeric address ("" / "0.0.0.0" / "::" = all) and port (0 = the kernel's:
+    read `address` after `start`); a specific address is also the source of our dials, so
+    the peer's source filter sees it. `peers`: (IP, port) of every address of every peer;
+    accepted connections must come from one of these IPs. `set_peers` and `rekey` apply a
+    reload live."""
 
     def __init__(
         self, node: str, keys: Sequence[bytes], bind: tuple[str, int],
