@@ -520,3 +520,13 @@ def test_retired_records_are_encoded_as_retire_lines() -> None:
     assert int(crc, 16) == zlib.crc32(body)
     assert json.loads(body) == {"t": "retire", "v": 1, "pool": "web", "backend": "x",
                                 "stamp": [3, "lb-a"]}
+
+
+def test_loading_again_starts_the_counts_over(tmp_path: Path) -> None:
+    store, ov = fresh(tmp_path)
+    history(store, ov)
+    again = store.load()
+    same(again, ov)
+    assert store.log_lines == 7 and store.log_bytes == log_path(tmp_path).stat().st_size
+    store.append(add(again, "more"))
+    assert store.log_lines == 8

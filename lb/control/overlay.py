@@ -64,10 +64,11 @@ with no per-backend health override (HAProxy's ``add server`` ignores ``default-
 haproxy/haproxy#1994; here the pool's settings apply).
 
 Pure: no asyncio, socket, time or logging; callers pass the wall-clock ``at``/``now``
-(seconds since the epoch: grace periods of days, compared across nodes). Measured on the
-project's box (Python 3.11, 2 cores): :func:`compose` over 3,000 config backends + 3,000
-overlay entries ~7 ms; :meth:`Overlay.digest` O(1) (kept up to date per change, ~4 us);
-:func:`from_wire` ~10 us per op.
+(seconds since the epoch: grace periods of days, compared across nodes). Measured (Python
+3.11, 2 busy cores, best of 7): :func:`compose` of 3,000 config backends + 3,000 overlay
+entries 9 ms (1,000 each of tombstones, patches, adds), 11 ms (3,000 adds), 14 ms (3,000
+shadowings); :meth:`Overlay.digest` O(1), kept up to date by every change (~3 us of
+hashing); :meth:`Overlay.local` ~9 us; :func:`from_wire` ~10 us an op.
 """
 
 from __future__ import annotations
