@@ -32,6 +32,8 @@ from lb.control.overlay import (
     from_wire,
     retired_from_wire,
     retired_to_wire,
+    same_definition,
+    seen_from_wire,
     to_wire,
 )
 
@@ -732,3 +734,20 @@ def test_int_bounds_are_json_safe() -> None:
     ov = Overlay("lb-a", lamport=INT_MAX)
     with pytest.raises(OverlayError, match="lamport"):
         ov.local("web", "x", "present", "h:1", 1, "api", T0)
+
+
+def test_seen_from_wire_is_strict() -> None:
+    assert seen_from_wire({"lb-a": 3, "lb-b": 0}) == {"lb-a": 3, "lb-b": 0}
+    for bad in ([], {"lb-a": -1}, {"lb-a": 2**60}, {"a b": 1}, {"lb-a": "1"},
+                {f"n{i}": 1 for i in range(65)}):
+        with pytest.raises(OverlayError, match="seen"):
+            seen_from_wire(bad)
+
+
+def test_same_definition() -> None:
+    ov = Overlay("lb-a")
+    it = ov.local("web", "web2", "present", "10.0.0.2:080", 2, "api", T0)
+    assert same_definition(WEB.backends[1], it)
+    assert not same_definition(WEB.backends[0], it)
+    patch = ov.local("web", "web9", "present", None, 2, "api", T0)
+    assert not same_definition(WEB.backends[1], patch)

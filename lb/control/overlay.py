@@ -397,7 +397,9 @@ def entries_from_wire(d: object, where: str = "entries") -> dict[tuple[str, str]
     return out
 
 
-def _seen_from_wire(d: object, where: str) -> dict[str, int]:
+def seen_from_wire(d: object, where: str = "seen") -> dict[str, int]:
+    """The ``seen`` cursors of a snapshot or a peer's ``state``/``ping``: node name -> seq
+    (0..2^53-1), at most 64 nodes; :class:`OverlayError` otherwise."""
     if not isinstance(d, dict) or len(d) > 64:
         raise OverlayError(f"{where}: expected an object of node -> seq (got {_show(d)})")
     return {_node(k, f"{where} key"): _int(v, f"{where}[{_show(k)}]", 0, INT_MAX)
@@ -566,9 +568,9 @@ class Overlay:
             raise OverlayError(f"snapshot.format: expected {FORMAT} (got {_show(d['format'])})")
         ov = cls(_node(d["node"], "snapshot.node"),
                  _int(d["lamport"], "snapshot.lamport", 0, INT_MAX))
-        seen = _seen_from_wire(d["seen"], "snapshot.seen")
+        seen = seen_from_wire(d["seen"], "snapshot.seen")
         if "compacted_at" in d:
-            _seen_from_wire(d["compacted_at"], "snapshot.compacted_at")
+            seen_from_wire(d["compacted_at"], "snapshot.compacted_at")
         for intent in entries_from_wire(d["entries"], "snapshot.entries").values():
             ov.merge(intent)
         for origin, seq in seen.items():
@@ -622,7 +624,9 @@ Discovered = Mapping[str, tuple[str, Sequence[BackendConfig]]]
 _NO_DISCOVERY: Final[Discovered] = MappingProxyType({})
 
 
-def _same(b: BackendConfig, intent: Intent) -> bool:
+def same_definition(b: BackendConfig, intent: Intent) -> bool:
+    """``intent`` defines ``b`` as it is (same parsed address, same weight): the row where
+    the runtime entry is retired because the config now carries it."""
     if b.weight != intent.weight or intent.address is None:
         return False
     if b.address == intent.address:
@@ -631,6 +635,9 @@ def _same(b: BackendConfig, intent: Intent) -> bool:
         return parse_hostport(b.address) == parse_hostport(intent.address)
     except ValueError:
         return False
+
+
+_same = same_definition  # the name lb.control.elastic used first
 
 
 def _added(intent: Intent) -> BackendConfig:
@@ -729,7 +736,7 @@ def compose(
                 adds.append(intent)
                 continue
             b, src = cur
-            same = _same(b, intent)
+            same = same_definition(b, intent)
             if same and src == "config":
                 out.retire.append(intent.key)
                 out.notes.append(f"pool {pool}: {name}: now in the config, runtime entry"
