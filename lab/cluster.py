@@ -295,6 +295,7 @@ class HttpsProbe:
 def node_config(
     base: config_mod.Config, node: str, *, addr: dict[str, str], vip: str, key_file: str,
     token_file: str, settings: Settings, variant: str = "", tls: DemoTls | None = None,
+    state_dir: str | None = None,
 ) -> str:
     """TOML for `node`: the embedded default moved into the topology, plus failover/admin
     (and, with `tls`, an HTTPS listener on VIP:tls.port in front of the same pool).
@@ -322,6 +323,7 @@ def node_config(
 name = "{node}"
 workers = {s.workers}
 shutdown_timeout_s = {s.shutdown_timeout_s}
+{f'state_dir = "{state_dir}"' if state_dir else ""}
 
 [[listener]]
 name = "{lst.name}"
@@ -467,7 +469,8 @@ class Cluster(Pair):
     def config_text(self, node: str, variant: str = "") -> str:
         return node_config(self.base, node, addr=self.addr, vip=self.vip,
                            key_file=str(self.key_file), token_file=str(self.token_file),
-                           settings=self.settings, variant=variant, tls=self.tls)
+                           settings=self.settings, variant=variant, tls=self.tls,
+                           state_dir=str(self.workdir / f"{node}-state"))
 
     def write_config(self, node: str, variant: str = "") -> None:
         """Install `node`'s config (a reload is the caller's: SIGHUP)."""

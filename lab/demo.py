@@ -883,6 +883,7 @@ class LoopbackDemo(_Demo):
 name = "{self.base.node.name}"
 workers = 1
 shutdown_timeout_s = 2.0
+state_dir = "{self.workdir / 'state'}"
 
 [[listener]]
 name = "{lst.name}"

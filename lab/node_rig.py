@@ -548,6 +548,8 @@ class Pairlb:
         failover.write_secret(str(self.token_file), TOKEN.encode() + b"\n", replace=True)
         self.config = workdir / "pairlb.toml"
         self.log = workdir / "pairlb.log"
+        # Runtime pool changes are kept per test, never in the machine's /var/lib/pairlb.
+        settings["node"] = {"state_dir": str(workdir / "state"), **(settings.get("node") or {})}
         self.settings = settings
         self.write_config(backends)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -235,6 +235,7 @@ class Rig(Pair):
 name = "{node}"
 workers = {s.workers}
 shutdown_timeout_s = 2.0
+state_dir = "{self.workdir / (node + '-state')}"
 
 [[listener]]
 name = "web"

@@ -148,6 +148,9 @@ def _check_families(text: str, failover: bool) -> set[str]:
         "state": {str(s) for s in AdminState},
         "status": {str(s) for s in CheckStatus},
         "result": {"success", "failure", "written", "dropped"},
+        "outcome": {"applied_local", "applied_peer", "refused_by_peer", "refused_here",
+                    "conflicts", "pending"},
+        "source": {"config", "api", "dns", "file"},
         "process": {"control", "failover"},
         "direction": {"in", "out"},
         "peer": {"lb2"},
@@ -200,10 +203,12 @@ def test_families_are_declared_typed_and_bounded_and_promtool_agrees(tmp_path: P
     both = _check_families(paired, failover=True)
     # Everything a busy standalone node can say is said, and ProcessCollector is namespaced.
     # (TLS, SNI-routing and local-answer series exist only with such listeners:
-    # tests/test_tls_e2e.py scrapes them from a daemon that has them.)
+    # tests/test_tls_e2e.py scrapes them from a daemon that has them; discovery and sync
+    # series only with [pool.discovery] and a peer: tests/test_elastic_pair.py.)
     missing = {
         m.name for m in metrics.METRICS if not m.failover_only and not m.name.startswith(
-            ("pairlb_worker_", "pairlb_tls_", "pairlb_sni_", "pairlb_local_")
+            ("pairlb_worker_", "pairlb_tls_", "pairlb_sni_", "pairlb_local_",
+             "pairlb_discovery_", "pairlb_sync_")
         )
     } - alone
     assert not missing, missing

@@ -573,6 +573,36 @@ METRICS: tuple[MetricDef, ...] = (
         "worker",
         "Resident memory of the worker process.",
     ),
+    # runtime pool changes (docs/elastic-pools.md)
+    _d("pairlb_pool_backends", "gauge", "pool source",
+       "Backends of the pool by where they come from: config, api (runtime changes, from "
+       "the admin API or the peer), dns or file (discovery)."),
+    _d("pairlb_discovery_up", "gauge", "pool kind",
+       "1 when the pool's last discovery refresh succeeded; 0 while it fails (the last good "
+       "set is kept)."),
+    _d("pairlb_discovery_last_success_timestamp_seconds", "gauge", "pool",
+       "Unix time of the pool's last successful discovery refresh (0: never)."),
+    _d("pairlb_discovery_backends", "gauge", "pool",
+       "Backends in the pool's last good discovered set."),
+    _d("pairlb_discovery_failures_total", "counter", "pool reason",
+       "Failed discovery refreshes by reason (nxdomain, nodata, servfail, refused, timeout, "
+       "unreachable, too_many, invalid, error, and the file's)."),
+    _d("pairlb_runtime_changes_total", "counter", "outcome",
+       "Runtime pool changes: applied_local (admin API here), applied_peer (from the peer), "
+       "refused_by_peer, refused_here (the peer's, refused by this node), conflicts "
+       "(concurrent changes of one backend, the later kept), pending (the peer did not "
+       "answer in time)."),
+    _d("pairlb_overlay_entries", "gauge", "",
+       "Runtime changes kept in [node] state_dir (the overlay over the config)."),
+    _d("pairlb_overlay_persistent", "gauge", "",
+       "1 when runtime changes are kept on disk; 0 when the default state_dir could not be "
+       "made (they are lost at the next restart)."),
+    _d("pairlb_sync_peer_connected", "gauge", "peer",
+       "1 while the channel that carries runtime changes to the peer is up."),
+    _d("pairlb_sync_peer_overlay_digest_match", "gauge", "peer",
+       "1 when the peer holds the same runtime changes as this node."),
+    _d("pairlb_sync_rejected_total", "counter", "reason",
+       "Sync connections or frames refused (unknown_source, bad_mac, replayed, ...)."),
 )
 
 PROCESS_METRICS: tuple[MetricDef, ...] = (
@@ -748,12 +778,13 @@ class PairlbCollector:
         add("pairlb_log_lines_total", ["control", "written"], own.written)
         add("pairlb_log_lines_total", ["control", "dropped"], own.dropped)
 
-        self._traffic(d.totals, d.worker_active, add, out.hist)
+        self._traffic(st, d.totals, d.worker_active, add, out.hist)
         self._tls(st, add)
         self._pools(st, add, out.hist)
         self._checks_timing(out.hist)
         self._failover(st, add)
         self._workers(st, add)
+        self._runtime(st, add)
         if isinstance(out, Select):
             out.flush()
 
@@ -761,6 +792,7 @@ class PairlbCollector:
 
     def _traffic(
         self,
+        st: NodeStatus,
         totals: Mapping[str, Any],
         worker_active: Mapping[int, Mapping[str, int]],
         add: Callable[[str, Sequence[str], float], None],
@@ -769,7 +801,7 @@ class PairlbCollector:
         # Every configured backend and class from the start, at 0: Prometheus's rate() and
         # increase() cannot see the first increment of a series that appears with it.
         requests = totals.get("requests", {})
-        configured = {(p.name, b.name) for p in self.daemon.cfg.pool for b in p.backends}
+        configured = {(p.name, b.name) for p in st.pools for b in p.backends}
         seen = {(p, b) for p, backends in requests.items() for b in backends}
         for pool, backend in sorted(configured | seen):
             classes = requests.get(pool, {}).get(backend, {})
@@ -815,6 +847,42 @@ class PairlbCollector:
         for listener, decisions in sorted(totals.get("sni", {}).items()):
             for decision, n in sorted(decisions.items()):
                 add("pairlb_sni_routing_total", [listener, decision], n)
+
+    def _runtime(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]
+                 ) -> None:
+        for pool in st.pools:
+            by_source = dict.fromkeys(("config", "api", "dns", "file"), 0)
+            for b in pool.backends:
+                by_source[b.source] = by_source.get(b.source, 0) + 1
+            for source, n in by_source.items():
+                add("pairlb_pool_backends", [pool.name, source], n)
+            disc = pool.discovery
+            if disc is None:
+                continue
+            ok = disc.get("last_ok_at") is not None and not disc.get("consecutive_failures")
+            add("pairlb_discovery_up", [pool.name, str(disc.get("kind"))], 1.0 if ok else 0.0)
+            add("pairlb_discovery_last_success_timestamp_seconds", [pool.name],
+                float(disc.get("last_ok_at") or 0.0))
+            add("pairlb_discovery_backends", [pool.name], float(disc.get("backends") or 0))
+            for reason, n in sorted((disc.get("failures") or {}).items()):
+                add("pairlb_discovery_failures_total", [pool.name, str(reason)], n)
+        rt = st.runtime
+        if rt is None:
+            return
+        for result, n in sorted(rt["changes"].items()):
+            add("pairlb_runtime_changes_total", [result], n)
+        add("pairlb_overlay_entries", [], rt["overlay"]["entries"])
+        add("pairlb_overlay_persistent", [], 1.0 if rt.get("persistent") else 0.0)
+        sync = rt.get("sync")
+        if not sync or "peers" not in sync:
+            return
+        mine = rt["overlay"]["digest"]
+        for peer in sync["peers"]:
+            add("pairlb_sync_peer_connected", [peer["node"]], 1.0 if peer["connected"] else 0.0)
+            add("pairlb_sync_peer_overlay_digest_match", [peer["node"]],
+                1.0 if peer.get("overlay_digest") == mine else 0.0)
+        for reason, n in sorted(sync.get("rejected", {}).items()):
+            add("pairlb_sync_rejected_total", [reason], n)
 
     def _tls(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]) -> None:
         for lst in st.listeners:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -86,6 +87,7 @@ class Elastic:
         self._stopping: set[asyncio.Task[Any]] = set()
         self.sync_error: str | None = None
         self._compacting = False
+        self.store_error: str | None = None
         self.sync: Any = None
         """lb.control.sync.SyncChannel to the peer (with [failover] and [sync] enabled)."""
         self.refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
@@ -274,12 +276,22 @@ class Elastic:
         composition); warnings to log. Raises OverlayStoreError naming the file and line:
         never start on a silently emptied overlay (it would resurrect or withdraw
         backends)."""
-        from lb.control.overlay_store import OverlayStore
+        from lb.control.overlay_store import OverlayStore, OverlayStoreError
 
         cfg = self.d.cfg
-        self.store = OverlayStore(cfg.node.state_dir, cfg.node.name)
-        self.overlay = self.store.load()
-        return list(self.store.warnings)
+        store = OverlayStore(cfg.node.state_dir, cfg.node.name)
+        try:
+            self.overlay = store.load()
+        except OverlayStoreError as exc:
+            if "state_dir" in cfg.node.model_fields_set or os.path.exists(cfg.node.state_dir):
+                raise
+            # The default directory cannot be made (not root, no StateDirectory=): run,
+            # but say that runtime changes will not outlive this process.
+            self.store_error = str(exc)
+            return [f"{exc}: runtime pool changes are kept in memory only; set [node] "
+                    f"state_dir to a directory pairlb can write"]
+        self.store = store
+        return list(store.warnings)
 
     def start(self) -> None:
         """Discovery runners and the sync channel (after the checker and the table)."""
@@ -614,6 +626,7 @@ class Elastic:
             sync = {"error": self.sync_error}
         return {
             "state_dir": self.d.cfg.node.state_dir,
+            "persistent": self.store is not None,
             "overlay": {"entries": len(self.overlay), "digest": self.overlay.digest(),
                         "lamport": self.overlay.lamport,
                         "journal_lines": getattr(self.store, "log_lines", 0)},
