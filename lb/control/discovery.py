@@ -94,7 +94,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, NoReturn
 
 import dns.asyncresolver
 import dns.exception
@@ -833,9 +833,9 @@ class _FileSource:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return self._failed(_MISSING, DiscoveryError("missing", f"{path}: no such file"))
+            self._failed(_MISSING, DiscoveryError("missing", f"{path}: no such file"))
         except OSError as e:
-            return self._failed(_MISSING, DiscoveryError(
+            self._failed(_MISSING, DiscoveryError(
                 "unreadable", f"{path}: {e.strerror or e}"))
         key = _key(st)
         if key == self.key and not self.racy:
@@ -849,17 +849,17 @@ class _FileSource:
             else:
                 backends, st_read = _load(self.spec)
         except DiscoveryError as e:
-            return self._failed(key, e)
+            self._failed(key, e)
         except FileNotFoundError:
-            return self._failed(_MISSING, DiscoveryError("missing", f"{path}: no such file"))
+            self._failed(_MISSING, DiscoveryError("missing", f"{path}: no such file"))
         except OSError as e:
-            return self._failed(key, DiscoveryError("unreadable", f"{path}: {e.strerror or e}"))
+            self._failed(key, DiscoveryError("unreadable", f"{path}: {e.strerror or e}"))
         self.key = _key(st_read)
         self.racy = time.time_ns() - st_read.st_mtime_ns < RACY_S * 1e9
         self.last_failure = None
         return backends
 
-    def _failed(self, key: tuple[Any, ...], e: DiscoveryError) -> list[Backend] | None:
+    def _failed(self, key: tuple[Any, ...], e: DiscoveryError) -> NoReturn:
         again = self.last_failure == (key, e.message)
         self.key = key
         self.racy = key is not _MISSING and self.racy_now(key)
@@ -981,10 +981,10 @@ class Discovery:
 
     async def _sleep(self, delay: float) -> None:
         self._next_at = time.monotonic() + delay
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._wake.wait()
+        self._wake.clear()  # after: a refresh() asked during the last refresh still counts
 
     async def refresh_once(self) -> float:
         """One refresh (tests and the loop); returns the delay until the next one."""
