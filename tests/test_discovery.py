@@ -5,6 +5,7 @@ keep-the-last-good-set rules driven by a scripted source."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import random
@@ -413,3 +414,38 @@ def test_runner_start_stop_and_refresh_now() -> None:
     assert len(calls) == 2
     assert 270 <= st["next_refresh_s"] <= 300  # type: ignore[operator]
     assert disc.status()["next_refresh_s"] is None
+
+
+def test_stop_ends_even_when_a_cancellation_is_swallowed() -> None:
+    """Python 3.11's asyncio.wait_for (used by dnspython) may return a reply instead of
+    raising the CancelledError that met it; stop() must end the runner anyway, and no
+    callback comes after it."""
+    calls: list[object] = []
+    spec = d.DnsSpec("web.svc.test", port=80, resolvers=("192.0.2.1",), min_ttl_s=0.01,
+                     max_ttl_s=0.01)
+    disc = d.Discovery("web", spec, lambda p, b, s: calls.append(b))
+    n = 0
+
+    class Swallower:
+        async def fetch(self) -> tuple[list[d.Backend], float]:
+            nonlocal n
+            n += 1
+            with contextlib.suppress(asyncio.CancelledError):  # the bug: the reply wins
+                await asyncio.sleep(0.05)
+            return [d.Backend(f"b{n}", f"10.0.0.{n % 250 + 1}:80", 1)], 0.0
+
+    disc._dns = Swallower()  # type: ignore[assignment]
+
+    async def go() -> None:
+        disc.start()
+        await asyncio.sleep(0.12)
+        before = len(calls)
+        await asyncio.wait_for(disc.stop(), 5)
+        assert len(calls) == before
+        await asyncio.sleep(0.1)
+        assert len(calls) == before
+        with pytest.raises(RuntimeError):
+            disc.start()
+
+    asyncio.run(go())
+    assert calls

@@ -913,6 +913,7 @@ class Discovery:
             None if initial is None else tuple(sorted(Backend(*b) for b in initial)))
         self._stats = _Stats()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._wake = asyncio.Event()
         self._next_at: float | None = None
         self._dns = _DnsSource(spec) if isinstance(spec, DnsSpec) else None
@@ -922,18 +923,24 @@ class Discovery:
 
     def start(self, initial_delay_s: float = 0.0) -> None:
         """Begin (first refresh after initial_delay_s); needs a running loop."""
-        if self._task is not None:
-            raise RuntimeError("discovery already started")
+        if self._task is not None or self._stopped:
+            raise RuntimeError("discovery already started (or stopped: make a new one)")
         self._task = asyncio.get_running_loop().create_task(
             self._run(initial_delay_s), name=f"discovery-{self.pool}")
 
     async def stop(self) -> None:
+        """Stop refreshing; no callback comes after this returns."""
+        self._stopped = True
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Python 3.11's asyncio.wait_for (inside dnspython) can swallow a cancellation that
+        # meets a reply: cancel until the task is done (the flag ends the loop anyway).
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
         self._next_at = None
 
     def refresh(self) -> None:
@@ -975,8 +982,10 @@ class Discovery:
     async def _run(self, initial_delay_s: float) -> None:
         if initial_delay_s > 0:
             await self._sleep(initial_delay_s)
-        while True:
+        while not self._stopped:
             delay = await self.refresh_once()
+            if self._stopped:
+                break
             await self._sleep(delay)
 
     async def _sleep(self, delay: float) -> None:
@@ -1042,7 +1051,7 @@ class Discovery:
         s.consecutive_failures = 0
         s.last_ok_at = time.time()
         new = tuple(backends)
-        if new == self._current:
+        if new == self._current or self._stopped:
             return
         old = set(self._current or ())
         try:
