@@ -260,7 +260,7 @@ class Elastic:
             name=name, address=intent.address, weight=intent.weight)
         if base is None:
             return added, Origin("api")
-        same = ov._same(base[0], intent)
+        same = ov.same_definition(base[0], intent)
         if same and base[1] == "config":
             return base[0], Origin("config")
         return added, Origin("api", None if same else base[1])
@@ -399,30 +399,29 @@ class Elastic:
                 "seen": dict(self.overlay.seen)}
 
     async def on_op(self, op: dict[str, Any]) -> tuple[str, str]:
-        """One change from the peer: checked against this node's config, merged (LWW),
-        kept on disk, applied; or refused with the reason (reported on both nodes)."""
+        """One change from the peer: merged (LWW) and kept on disk whatever this node's
+        config says, so both overlays converge; applied if this node's config allows it,
+        else refused with the reason (reported on both nodes; it applies here at a reload
+        that brings the pool)."""
         try:
             intent = ov.from_wire(op)
         except ov.OverlayError as exc:
             return self._refuse_here(op, f"malformed: {exc}")
-        pool, name = intent.key
-        if pool not in self.d.table.rotations:
-            return self._refuse_here(op, f"pool {pool}: no such pool on {self.d.cfg.node.name} "
-                                         f"(config digest {self.d.cfg.digest()} here)")
-        if intent.state == "present" and intent.address is not None:
-            try:
-                BackendConfig(name=name, address=intent.address, weight=intent.weight or 0)
-            except ValidationError as exc:
-                return self._refuse_here(op, first_error(exc, "backend"))
-            if (self.d.table.backend(pool, name) is None
-                    and len(self.d.table.rotations[pool].records) >= MAX_BACKENDS_PER_POOL):
-                return self._refuse_here(op, f"pool {pool}: {MAX_BACKENDS_PER_POOL} backends "
-                                             f"already")
         merged = self.overlay.merge(intent)
         if merged.conflict is not None:
             self._conflict(intent, merged.conflict, merged.won)
         if merged.won:
             await self._journal([intent])
+        pool, name = intent.key
+        if pool not in self.d.table.rotations:
+            return self._refuse_here(op, f"pool {pool}: no such pool on {self.d.cfg.node.name} "
+                                         f"(config digest {self.d.cfg.digest()} here)")
+        if (intent.state == "present" and intent.address is not None and merged.won
+                and self.d.table.backend(pool, name) is None
+                and len(self.d.table.rotations[pool].records) >= MAX_BACKENDS_PER_POOL):
+            return self._refuse_here(op, f"pool {pool}: {MAX_BACKENDS_PER_POOL} backends "
+                                         f"already")
+        if merged.won:
             self.apply_key(pool, name)
             self.counts["applied_peer"] += 1
             what = "removed" if intent.state == "removed" else f"set to {intent.address}"
@@ -433,8 +432,8 @@ class Elastic:
         """The peer's whole overlay (after a reconnect, or when the digests differ)."""
         try:
             entries = ov.entries_from_wire(state.get("entries"), "state.entries")
-            seen = {str(k): int(v) for k, v in dict(state.get("seen") or {}).items()}
-        except (ov.OverlayError, TypeError, ValueError, AttributeError) as exc:
+            seen = ov.seen_from_wire(state.get("seen", {}), "state.seen")
+        except ov.OverlayError as exc:
             logger.error("event=sync_state_refused error=%r", str(exc))
             return
         changed = self.overlay.merge_state(entries, seen)
