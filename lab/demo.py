@@ -4,7 +4,9 @@ With root (network namespaces need CAP_NET_ADMIN) it builds a client, two load b
 the default config's three backends in namespaces (lab.cluster), starts two real pairlb
 nodes that share a VIP, sends steady HTTP load to the VIP from the client namespace
 (lab.load) and plays a story: a backend killed and restarted, a backend drained and
-enabled, the active load balancer killed with -9 and brought back, a planned switchover.
+enabled, two backends added at runtime on the standby (the MASTER gets them over the sync
+channel), the active load balancer killed with -9 and brought back, the two backends removed
+again (drained), a planned switchover.
 The pair serves HTTPS too, with a certificate made at start with the openssl CLI (skipped,
 in one line, without it): a second client sends HTTPS requests to the VIP all along, each
 on a new connection resuming its TLS session, and the demo shows that it went through the
@@ -64,6 +66,8 @@ DRAIN_GRACE_S = 0.05
 """A worker applies a new pool snapshot within milliseconds of the admin call returning."""
 NONE_BELOW_S = 0.05
 """Gaps shorter than five request intervals are the load's own rhythm, not an outage."""
+EXTRA_PORT = 8081
+"""Where the backends the story adds at runtime listen (beside two of the config's)."""
 HTTPS_EVERY_S = 0.25
 """The HTTPS client's pace (each request a new connection resuming the last session)."""
 
@@ -418,8 +422,10 @@ class _Demo:
         ok = [r for r in recent if r.ok]
         per_backend = Counter(r.backend for r in ok)
         target, holder, nodes, states = self.look()
+        names = self.backend_names()
+        names += [n for n in states if n not in names]  # added at runtime
         backends = [BackendView(name, states.get(name, "?"), per_backend.get(name, 0))
-                    for name in self.backend_names()]
+                    for name in names]
         failed_total = sum(1 for r in self.log.records if not r.ok)
         frame = Frame(now - self.started_at, self.duration_s, len(ok), len(recent) - len(ok),
                       len(self.log.records), failed_total, target, holder, nodes, backends,
@@ -502,6 +508,10 @@ class NamespaceDemo(_Demo):
         self.killed_at = 0.0
         self.https: demo_net.HttpsProbe | None = None
         self.https_told = False
+        hosts = [b.name for b in layout[:2]]
+        self.extra = {f"web{len(layout) + 1 + i}": host for i, host in enumerate(hosts)}
+        """Backends the story adds at runtime and removes again: name -> the backend
+        namespace it runs in (on EXTRA_PORT, beside that backend)."""
 
     @property
     def c(self) -> demo_net.Cluster:
@@ -526,7 +536,12 @@ class NamespaceDemo(_Demo):
         except demo_net.DemoTlsUnavailable as exc:
             self.say(f"HTTPS: skipped ({exc}); the pair serves HTTP only this time")
         c.start_backends()
-        self.say(f"backends {', '.join(c.backend_names)} listening; starting pairlb on lb1 "
+        for name, host in self.extra.items():  # not in the config: added during the story
+            argv = [c.python, "-m", "lab.pair", "backend", name,
+                    f"{c.addr[host]}:{EXTRA_PORT}", str(c.journal(name))]
+            c.popen(host, argv, c.log_path(name))
+        self.say(f"backends {', '.join(c.backend_names)} listening (and "
+                 f"{' and '.join(self.extra)}, not in the config yet); starting pairlb on lb1 "
                  "(priority 150) and lb2 (priority 100)")
         c.start_pair(timeout_s=30.0)
         c.wait_for("a steady pair", lambda: c.steady_problem() is None, 30.0, 0.05)
@@ -570,6 +585,29 @@ class NamespaceDemo(_Demo):
             c.set_admin_state(self.drained, "enable")
             return f"backend {self.drained} enabled again", t
 
+        pool = c.base.listener[0].pool
+        extra = " and ".join(self.extra)
+
+        def scale_up() -> tuple[str, float]:
+            # On the standby: the change reaches the MASTER over the sync channel.
+            node = next((n for n in pair.LBS if c.role(n) == "BACKUP"), pair.LBS[1])
+            t = time.monotonic()
+            for name, host in self.extra.items():
+                code, body = c.admin(node, "POST", f"/pools/{pool}/backends", 3.0,
+                                     {"name": name, "address": f"{c.addr[host]}:{EXTRA_PORT}"})
+                if code != 201:
+                    raise DemoError(f"adding {name} on {node}: {code} {body}")
+            return f"backends scaled up: {extra} added on the standby {node}", t
+
+        def scale_down() -> tuple[str, float]:
+            node = c.master() or pair.LBS[0]
+            t = time.monotonic()
+            for name in self.extra:
+                code, body = c.admin(node, "DELETE", f"/pools/{pool}/backends/{name}", 3.0)
+                if code != 202:
+                    raise DemoError(f"removing {name} on {node}: {code} {body}")
+            return f"backends scaled down: {extra} removed on {node}", t
+
         def kill_active() -> tuple[str, float]:
             c.wait_for("a MASTER holding the VIP",
                        lambda: (m := c.master()) is not None and c.holding() == {m}, 15.0)
@@ -603,13 +641,15 @@ class NamespaceDemo(_Demo):
             return f"planned switchover {node} -> {peer} (admin API)", t
 
         return [
-            Step(0.10, f"killing backend {self.victim}", kill_backend),
-            Step(0.22, f"restarting backend {self.victim}", restart_backend),
-            Step(0.34, f"draining backend {self.drained}", drain),
-            Step(0.46, f"enabling backend {self.drained}", enable),
-            Step(0.56, "killing the active load balancer", kill_active),
-            Step(0.68, "bringing it back", bring_back),
-            Step(0.84, "planned switchover", switchover),
+            Step(0.08, f"killing backend {self.victim}", kill_backend),
+            Step(0.18, f"restarting backend {self.victim}", restart_backend),
+            Step(0.28, f"draining backend {self.drained}", drain),
+            Step(0.37, f"enabling backend {self.drained}", enable),
+            Step(0.45, f"scaling up: adding {extra}", scale_up),
+            Step(0.55, "killing the active load balancer", kill_active),
+            Step(0.66, "bringing it back", bring_back),
+            Step(0.78, f"scaling down: removing {extra}", scale_down),
+            Step(0.88, "planned switchover", switchover),
         ]
 
     def look(self) -> tuple[str, str, list[tuple[str, str]], dict[str, str]]:
@@ -667,6 +707,20 @@ class NamespaceDemo(_Demo):
                     f"{1000 * both:.0f} ms (make-before-break)") if first else ""
         if "drained" in label:
             return _drain_note(self.drained, ev.t, until, self.log.records)
+        if "scaled up" in label:
+            firsts = [_first_answer(self.log.records, "", ev.t, until, n) for n in self.extra]
+            if not all(firsts):
+                return "not served yet"
+            nodes = sorted({r.peer for r in self.log.records if r.ok and r.backend in
+                            self.extra and ev.t < r.t1 < until})
+            via = ", ".join(n for n in pair.LBS if c.addr[n] in nodes)
+            return (f"served {max(firsts)} later, through {via} "
+                    f"(in rotation after their first passing check)")
+        if "scaled down" in label:
+            late = [r for r in self.log.records if r.backend in self.extra
+                    and ev.t + DRAIN_GRACE_S < r.t0 < until]
+            return (f"{len(late)} requests started after the removal reached them" if late
+                    else "drained: no new request reached them, none failed")
         return ""
 
     # HTTPS
@@ -804,9 +858,12 @@ def _backend_states(st: dict[str, Any] | None, notes: dict[str, str]) -> dict[st
     return out
 
 
-def _first_answer(records: Sequence[Record], peer: str, since: float, until: float) -> str:
-    """How long after `since` the first success through `peer` arrived ("" if none)."""
-    times = [r.t1 for r in records if r.ok and r.peer == peer and since <= r.t1 < until]
+def _first_answer(records: Sequence[Record], peer: str, since: float, until: float,
+                  backend: str | None = None) -> str:
+    """How long after `since` the first success through `peer` (or, with `backend`, from
+    that backend) arrived ("" if none)."""
+    times = [r.t1 for r in records if r.ok and since <= r.t1 < until
+             and (r.backend == backend if backend is not None else r.peer == peer)]
     if not times:
         return ""
     dt = min(times) - since

@@ -101,12 +101,16 @@ def is_ours(pid: int, needle: str) -> bool:
         return False
 
 
-def admin_call(base: str, method: str, path: str, token: str | None, timeout_s: float
-               ) -> tuple[int, Any]:
-    """One admin API call through lb.admin.client (the project's one admin client);
-    (status, parsed JSON or text), or (0, the error) when nothing (whole) answered."""
+def admin_call(base: str, method: str, path: str, token: str | None, timeout_s: float,
+               body: Any = None) -> tuple[int, Any]:
+    """One admin API call through lb.admin.client (the project's one admin client), ``body``
+    sent as JSON; (status, parsed JSON or text), or (0, the error) when nothing (whole)
+    answered."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {} if body is None else {"Content-Type": "application/json"}
     try:
-        status, _, raw = client.exchange(method, base + path, token=token, timeout_s=timeout_s)
+        status, _, raw = client.exchange(method, base + path, token=token, body=data,
+                                         headers=headers, timeout_s=timeout_s)
     except (OSError, http.client.HTTPException) as exc:
         return 0, f"{type(exc).__name__}: {exc}"
     try:
@@ -135,9 +139,9 @@ preempt = {str(preempt).lower()}
 {more}"""
 
 
-def _local_admin(method: str, path: str, token: str | None, timeout_s: float
-                 ) -> tuple[int, Any]:
-    return admin_call(f"http://127.0.0.1:{ADMIN_PORT}", method, path, token, timeout_s)
+def _local_admin(method: str, path: str, token: str | None, timeout_s: float,
+                 body: Any = None) -> tuple[int, Any]:
+    return admin_call(f"http://127.0.0.1:{ADMIN_PORT}", method, path, token, timeout_s, body)
 
 
 class Pair:
@@ -395,12 +399,13 @@ class Pair:
 
     # -- looking -----------------------------------------------------------------------------
 
-    def admin(self, node: str, method: str, path: str, timeout_s: float = 2.0
-              ) -> tuple[int, Any]:
-        """A call to the node's admin API (inside its namespace); (0, error) if unreachable."""
+    def admin(self, node: str, method: str, path: str, timeout_s: float = 2.0,
+              body: Any = None) -> tuple[int, Any]:
+        """A call to the node's admin API (inside its namespace); (0, error) if unreachable.
+        Actions (anything but GET) carry the token."""
         try:
             return self.topo.call(node, _local_admin, method, path,
-                                  self.token if method == "POST" else None, timeout_s)
+                                  self.token if method != "GET" else None, timeout_s, body)
         except OSError as exc:  # the namespace itself (setns), not the API
             return 0, f"{type(exc).__name__}: {exc}"
 

@@ -36,8 +36,10 @@ NS_EVENTS = [
     "backend web3 restarted",
     "backend web2 drained",
     "backend web2 enabled again",
+    "backends scaled up: web4 and web5 added on the standby lb2",
     "active load balancer lb1 killed (kill -9)",
     "lb1 brought back",
+    "backends scaled down: web4 and web5 removed on",
     "planned switchover lb1 -> lb2",
 ]
 LOOPBACK_EVENTS = NS_EVENTS[:4]
@@ -185,6 +187,11 @@ def test_namespace_demo_plays_every_event_and_leaves_nothing() -> None:
         kill = row_for(rows, "active load balancer lb1 killed")
         assert re.search(r"\s0\.\d{3} s\s+\d+\s", kill) and "lb2 answered" in kill, kill
         assert re.search(r"\snone\s+0\s", row_for(rows, "planned switchover")), out[-3000:]
+        # Scaling up (on the standby) and down (drained) under load cost nothing either.
+        up = row_for(rows, "backends scaled up")
+        assert re.search(r"\snone\s+0\s", up) and "served" in up and "through lb1" in up, up
+        down = row_for(rows, "backends scaled down")
+        assert re.search(r"\snone\s+0\s", down) and "none failed" in down, down
         # The live view (plain lines on a pipe) showed the VIP move.
         assert re.search(r"vip=lb2 lb1=down_\(killed\) lb2=MASTER", out)
         # HTTPS through all of it: certificates made at start, not one failed request or
