@@ -871,6 +871,14 @@ class Daemon:
             # push per loop pass for all the ejections a failing rack sends at once.
             self._force_push = True
             self._push_soon()
+        elif isinstance(msg, wl.ConfigFailed) and msg.error.startswith("pool_edit"):
+            # A runtime change that raced a reload (the worker is on another generation):
+            # a worker that stays gets the whole effective config again.
+            logger.warning("event=worker_pool_edit_resync index=%d error=%r", handle.index,
+                           msg.error)
+            if not handle.retiring:
+                handle.send(self._config_message())
+                handle.send(self._snapshot_message())
         elif isinstance(msg, wl.ConfigFailed):
             self._config_failures[handle.index] = (msg.gen, msg.error)
             logger.error(
