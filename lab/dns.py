@@ -490,6 +490,47 @@ def _lag(lab: DnsLab, kind: str, rounds: int, min_ttl_s: float, max_ttl_s: float
     return lags
 
 
+def _steady(lab: DnsLab, kind: str, names: int, ttl_s: float, window_s: float,
+            ) -> dict[str, float]:
+    """`names` runners (TTL ttl_s, first refreshes spread over one TTL) running for
+    window_s after their first round: the loop thread's CPU share and the queries made."""
+    from lb.control import discovery as disc
+
+    lp = lab.loop(kind)
+    runners = [
+        disc.Discovery(f"p{i}", disc.DnsSpec(f"n{i:04d}.{DOMAIN}", port=80,
+                                            resolvers=(lab.resolver,)), lambda *a: None)
+        for i in range(names)
+    ]
+
+    async def start() -> None:
+        for i, r in enumerate(runners):
+            r.start(initial_delay_s=ttl_s * i / names)
+
+    async def sample() -> tuple[float, float]:
+        return time.thread_time(), time.monotonic()
+
+    async def stop() -> None:
+        for r in runners:
+            await r.stop()
+
+    lp.run(start())
+    time.sleep(ttl_s * 1.05)  # every runner has made its first round
+    q0 = sum(r.status()["resolutions_total"] for r in runners)
+    c0, w0 = lp.run(sample())
+    time.sleep(window_s)
+    c1, w1 = lp.run(sample())
+    q1 = sum(r.status()["resolutions_total"] for r in runners)
+    failures = sum(r.status()["failures_total"] for r in runners)
+    lp.run(stop(), timeout_s=60)
+    lp.close()
+    return {"names": names, "ttl_s": ttl_s, "window_s": round(w1 - w0, 2),
+            "queries": q1 - q0, "cpu_s": round(c1 - c0, 3),
+            "cpu_pct_of_a_core": round((c1 - c0) / (w1 - w0) * 100, 2),
+            "cpu_per_resolution_us": round((c1 - c0) / max(1, q1 - q0) * 1e6, 1),
+            "failures": failures}
+
+
 def bench(argv: Sequence[str]) -> int:
     import argparse
     import json
@@ -499,6 +540,8 @@ def bench(argv: Sequence[str]) -> int:
     ap.add_argument("--in-flight", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--lag-rounds", type=int, default=6)
+    ap.add_argument("--steady-s", type=float, default=0.0,
+                    help="also run --names runners at TTL 30 s for this long (e.g. 60)")
     args = ap.parse_args(argv)
     why = skip_reason()
     if why:
@@ -518,6 +561,9 @@ def bench(argv: Sequence[str]) -> int:
                                               _lag(lab, kind, args.lag_rounds, lo, hi))
             for kind in ("asyncio", "uvloop") for lo, hi in ((0.05, 0.2), (0.2, 1.0))
         }
+        if args.steady_s > 0:
+            out["steady"] = {kind: _steady(lab, kind, args.names, 30.0, args.steady_s)
+                             for kind in ("asyncio", "uvloop")}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -525,7 +571,8 @@ def bench(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == "bench":
         return bench(argv[1:])
-    print("usage: python -m lab.dns bench [--names N] [--in-flight N] [--runs N]")
+    print("usage: python -m lab.dns bench [--names N] [--in-flight N] [--runs N] "
+          "[--lag-rounds N] [--steady-s S]")
     return 2
 
 
