@@ -36,7 +36,7 @@ DNS (:class:`DnsSpec`), with dnspython's ``dns.asyncresolver``:
   REFUSED rcode); ``timeout`` (no answer within ``timeout_s``: a dead server looks like this,
   because dnspython's asyncio backend uses unconnected UDP sockets and so never sees the ICMP
   port-unreachable); ``unreachable`` (no route: the send itself failed); ``too_many`` (more
-  than ``max_backends``); ``invalid`` (an answer we cannot use); ``error`` (any other rcode or
+  than ``max_backends``); ``error`` (any other rcode, no usable resolv.conf, or an
   exception). With several servers failing differently, the reason is the most telling one
   (SERVFAIL > REFUSED > unreachable > timeout); the message lists what each said.
 - **An empty answer is a failure** (``on_empty = "fail"``, the default): NXDOMAIN or NODATA
@@ -130,9 +130,9 @@ SRV_LOOKUPS_IN_FLIGHT = 16
 """SRV target lookups at once, per refresh."""
 EDNS_PAYLOAD = 1232
 """UDP payload size offered (the DNS flag day 2020 value: no IP fragmentation)."""
-EDNS_AFTER_RECORDS = 20
-"""An answer with more records than this (20 A records make ~350 bytes, 20 AAAA ~670; plain
-DNS over UDP carries 512) turns EDNS on for that source; one with fewer than half turns it
+EDNS_AFTER_RECORDS = 12
+"""An answer with more records than this (plain DNS over UDP carries 512 bytes: ~30 A or ~16
+AAAA records) turns EDNS on for that source; one with fewer than half turns it
 off again."""
 WEIGHT_MAX = 1000
 """Largest backend weight (lb.config.BackendConfig)."""
@@ -147,7 +147,7 @@ OnEmpty = Literal["fail", "accept"]
 OnChange = Callable[[str, list[tuple[str, str, int]], str], None]
 
 DNS_REASONS = ("nxdomain", "nodata", "servfail", "refused", "timeout", "unreachable",
-               "too_many", "invalid", "error")
+               "too_many", "error")
 FILE_REASONS = ("missing", "unreadable", "too_large", "invalid_json", "invalid", "too_many",
                 "empty", "error")
 
@@ -982,7 +982,7 @@ class Discovery:
         spec = self.spec
         out: dict[str, Any] = {
             "kind": self.source,
-            "target": spec.target,
+            "target": spec.name if isinstance(spec, DnsSpec) else spec.path,
             "last_ok_at": s.last_ok_at,
             "last_change_at": s.last_change_at,
             "last_error": s.last_error,
