@@ -784,3 +784,222 @@ def test_a_reload_during_a_drain_drops_the_backend_from_status_with_requests_in_
         assert "web1" in listed, (
             f"web1 left /status right after the reload with {pending} request(s) of the "
             f"batch still running")
+
+
+@pytest.mark.timeout(60)
+def test_enable_on_a_backend_being_removed_puts_it_back_in_rotation(tmp_path: Path) -> None:
+    """DELETE drains the backend through the admin state (DRAINING); POST
+    /backends/web/web1/enable (an operator, a script re-enabling 'everything drained')
+    sets it ENABLED again while its removal runs: it takes new requests until the drain
+    gives up (in flight never reaches 0 under load: drain_timeout_s) and then leaves with
+    requests in flight. Expected: 409, the backend is being removed."""
+
+    async def main() -> None:
+        from lb.admin.server import make_app
+        from lb.control.rotation import AdminState
+
+        n = Node(tmp_path, drain=30.0,
+                 backends='{ name = "web1", address = "127.0.0.1:9" }, '
+                          '{ name = "web2", address = "127.0.0.1:10" }')
+        n.d.inflight = {0: {"web/web1": 1}}
+        await n.e.remove("web", "web1")
+        async with serve(make_app(n.d)) as url:
+            status, raw = await call(url, n.token, "POST", "/backends/web/web1/enable", b"")
+        rec = n.d.table.rotations["web"].records["web1"]
+        assert ("web", "web1") in n.e.removing
+        assert status == 409 and rec.admin == AdminState.DRAINING, (status, raw, rec.admin)
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_change_that_loses_the_lww_merge_is_acked_as_applied(tmp_path: Path) -> None:
+    """Both nodes add x at once (neither saw the other's). On t1, the peer's op loses to
+    t1's own (higher stamp): Elastic.on_op counts a conflict and keeps t1's value, yet
+    acks ("applied", ""). The peer's API answer therefore says {"t1": "applied"} for a
+    change t1 did not apply (and the peer itself is about to be overruled by t1's op).
+    Expected: an answer that says the change lost (e.g. "superseded by <stamp>")."""
+
+    async def main() -> None:
+        n = Node(tmp_path)
+        peer = ov.Overlay("t0")  # sorts before t1: its op loses the tie on lamport 1
+        await n.e.add("web", "x", "127.0.0.1:1001", 1)
+        op = ov.to_wire(peer.local("web", "x", "present", "127.0.0.1:2002", 1, "api",
+                                   time.time()))
+        result = await n.e.on_op(op)
+        assert n.has("x") == "127.0.0.1:1001" and n.e.counts["conflicts"] == 1
+        assert result[0] != "applied", result
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_metrics_keep_the_counters_of_every_backend_ever_removed(tmp_path: Path) -> None:
+    """Gauges of a removed backend go with it (holds); its counters stay in the control
+    process's totals and in every /metrics answer for as long as the process runs. With
+    discovery or an autoscaler naming backends after instances, the series (and the memory)
+    grow with every backend that ever existed. Expected: dropped some time after the
+    backend left (Prometheus marks them stale; sum by pool then dips once)."""
+
+    async def main() -> None:
+        from lb.admin.server import make_app
+
+        n = Node(tmp_path, drain=0.1)
+        names = [f"gone{i}" for i in range(50)]
+        for i, name in enumerate(names):
+            await n.e.add("web", name, f"127.0.0.1:{3000 + i}", 1)
+        n.d.totals = {"requests": {"web": {name: {"2xx": 5} for name in names}}}
+        for name in names:
+            await n.e.remove("web", name)
+        await asyncio.sleep(1.5)
+        assert not any(n.has(name) for name in names)
+        async with serve(make_app(n.d)) as url:
+            status, raw = await call(url, n.token, "GET", "/metrics", None)
+        assert status == 200
+        gauges = [ln for ln in raw.decode().splitlines()
+                  if 'backend="gone' in ln and not ln.startswith("pairlb_requests_total")]
+        counters = [ln for ln in raw.decode().splitlines()
+                    if 'backend="gone' in ln and ln.startswith("pairlb_requests_total")]
+        assert gauges == []
+        assert counters == [], f"{len(counters)} series of removed backends, e.g. {counters[0]}"
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_backend_deleted_after_its_pool_came_back_is_resurrected_by_a_stale_replacement(
+        tmp_path: Path) -> None:
+    """A replacement in progress (x drains at its old address, the new one waits in
+    Elastic._after_leave) when a reload drops x's pool: reconfigured cancels the drain but
+    leaves _after_leave behind (Elastic.forget_pool, which would clear it, is never
+    called). The pool comes back with x at its new address. Later DELETE x: once x has
+    drained, leave_now finds the stale _after_leave entry and joins x again: a backend
+    the operator removed (the overlay holds its tombstone) is back in the table, the
+    checker and every worker, until some later reload."""
+
+    async def main() -> None:
+        extra = ('\n[[pool]]\nname = "other"\ndrain_timeout_s = 1.0\nbackends = [ { name = '
+                 '"o1", address = "127.0.0.1:11" } ]\n\n[[listener]]\nname = "other"\n'
+                 f'bind = "127.0.0.1:{free_port()}"\npool = "other"\n')
+        n = Node(tmp_path, discovery=extra)
+        n.d.sockets = {"web": socket.socket(), "other": socket.socket()}
+
+        async def no_workers(drain_s: float) -> None:
+            return None
+
+        n.d.supervisor.replace_all = no_workers
+        await n.e.add("other", "x", "127.0.0.1:1001", 1)
+        # The peer moves x (its op wins: it had seen ours, so its lamport is higher).
+        peer = ov.Overlay("t2")
+        peer.merge(n.e.overlay.entries[("other", "x")])
+        n.d.inflight = {0: {"other/x": 1}}  # the old x is busy: its drain runs
+        op = peer.local("other", "x", "present", "127.0.0.1:1002", 1, "api", time.time())
+        assert (await n.e.on_op(ov.to_wire(op)))[0] == "applied"
+        assert ("other", "x") in n.e.removing
+        n.rewrite(discovery="")
+        assert (await n.d.reload()).ok          # the pool goes (a config change) ...
+        n.d.inflight = {}
+        n.d.sockets["other"] = socket.socket()
+        n.rewrite(discovery=extra)
+        assert (await n.d.reload()).ok          # ... and comes back
+        assert n.has("x", "other") == "127.0.0.1:1002"
+        await n.e.remove("other", "x")          # the operator removes x
+        await asyncio.sleep(2.0)                # drained (drain_timeout_s = 1)
+        assert n.e.overlay.entries[("other", "x")].state == "removed"
+        assert n.has("x", "other") is None, (
+            f"x deleted (tombstone in the overlay) but back at {n.has('x', 'other')}")
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_while_an_add_is_being_journaled_leaves_one_consistent_backend(
+        tmp_path: Path) -> None:
+    """Holds: the journal write is slowed to 0.5 s; a reload runs meanwhile (the overlay
+    already holds the intent, so the reload composes it in); the add then answers 201 and
+    the backend is in the table once, checked once, at the address asked."""
+
+    async def main() -> None:
+        n = Node(tmp_path)
+        store = n.e.store
+        real = store._write_log
+
+        def slow(data: bytes, lines: int) -> None:
+            time.sleep(0.5)
+            real(data, lines)
+
+        store._write_log = slow
+        add = asyncio.ensure_future(n.e.add("web", "x", "127.0.0.1:1001", 1))
+        await asyncio.sleep(0.1)
+        res = await n.d.reload()
+        answer = await add
+        assert res.ok and answer["backend"]["address"] == "127.0.0.1:1001"
+        assert [b.name for b in n.d.table.pools["web"].backends].count("x") == 1
+        assert n.has("x") == "127.0.0.1:1001"
+        assert n.d.health.state(("web", "x")) is not None
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_config_that_now_has_an_api_added_name_at_another_address_is_shadowed_with_a_note(
+        tmp_path: Path) -> None:
+    """Holds (precedence row 7): the runtime entry wins, the reload's changes say so,
+    /status shows source api shadowing config."""
+
+    async def main() -> None:
+        n = Node(tmp_path)
+        await n.e.add("web", "x", "127.0.0.1:1001", 1)
+        n.rewrite(backends='{ name = "web1", address = "127.0.0.1:9" }, '
+                           '{ name = "x", address = "127.0.0.1:1999" }')
+        res = await n.d.reload()
+        assert res.ok
+        assert any("x: runtime entry shadows the config backend" in c for c in res.changes)
+        assert n.has("x") == "127.0.0.1:1001"
+        assert n.e.origin("web", "x") == elastic_mod.Origin("api", "config")
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_discovery_file_flipping_between_valid_and_invalid_keeps_the_last_good_set(
+        tmp_path: Path) -> None:
+    """Holds: a file replaced by turns with garbage, an empty array, a duplicate address
+    and a valid set: the pool only ever follows the valid versions; a discovered name equal
+    to an API-added one is shadowed by the API's (the API's address serves)."""
+
+    async def main() -> None:
+        f = tmp_path / "web.json"
+
+        def put(text: str) -> None:
+            tmp = tmp_path / "web.json.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, f)
+
+        put(json.dumps([{"name": "d1", "address": "127.0.0.1:1001"}]))
+        disc = f'[pool.discovery]\ntype = "file"\npath = "{f}"\ninterval_s = 0.02\n'
+        n = Node(tmp_path, discovery=disc)
+        await n.e.add("web", "d2", "127.0.0.1:2002", 1)
+        n.e.start()
+        try:
+            async def settle() -> None:
+                await asyncio.sleep(0.3)
+
+            await settle()
+            assert n.has("d1") == "127.0.0.1:1001"
+            good = json.dumps([{"name": "d1", "address": "127.0.0.1:1001"},
+                               {"name": "d2", "address": "127.0.0.1:1002"}])
+            for bad in ["[{\"name\": \"d1\", \"addr", "[]", json.dumps([
+                    {"name": "d1", "address": "127.0.0.1:1001"},
+                    {"name": "d3", "address": "127.0.0.1:1001"}]), "null"]:
+                put(bad)
+                await settle()
+                assert n.has("d1") == "127.0.0.1:1001", bad
+                put(good)
+                await settle()
+                assert n.has("d1") == "127.0.0.1:1001" and n.has("d2") == "127.0.0.1:2002"
+                assert n.e.origin("web", "d2") == elastic_mod.Origin("api", "file")
+        finally:
+            await n.e.stop()
+
+    run(main)
