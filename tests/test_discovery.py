@@ -343,7 +343,7 @@ def test_runner_calls_back_only_on_change_and_keeps_the_last_good_set() -> None:
     assert st["failures_total"] == 2 and st["resolutions_total"] == 6
     assert st["consecutive_failures"] == 0 and st["changes_total"] == 2
     assert st["backends"] == 2 and st["last_error_reason"] == "timeout"
-    assert st["kind"] == "dns" and st["target"] == "web.svc.test" and st["record"] == "A"
+    assert st["kind"] == "dns" and st["target"] == "web.svc.test A" and st["record"] == "A"
     assert st["last_ttl_s"] == 7.0
 
 

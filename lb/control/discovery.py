@@ -982,7 +982,7 @@ class Discovery:
         spec = self.spec
         out: dict[str, Any] = {
             "kind": self.source,
-            "target": spec.name if isinstance(spec, DnsSpec) else spec.path,
+            "target": spec.target,  # "name RECORD" or the path (docs/status.schema.json)
             "last_ok_at": s.last_ok_at,
             "last_change_at": s.last_change_at,
             "last_error": s.last_error,
