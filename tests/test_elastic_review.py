@@ -46,6 +46,7 @@ from admin_helpers import (
     write_token,
 )
 
+from lb import channel
 from lb import worker_link as wl
 from lb.control import elastic as elastic_mod
 from lb.control import overlay as ov
@@ -1001,5 +1002,78 @@ def test_a_discovery_file_flipping_between_valid_and_invalid_keeps_the_last_good
                 assert n.e.origin("web", "d2") == elastic_mod.Origin("api", "file")
         finally:
             await n.e.stop()
+
+    run(main)
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_of_removes_recomputes_and_broadcasts_the_whole_snapshot_per_removal(
+        tmp_path: Path) -> None:
+    """Adds are coalesced (join -> push_soon: one snapshot per HEALTH_PUSH_GAP_S), removes
+    are not: drain_then_leave calls push_snapshots() synchronously, so each DELETE derives
+    every pool's snapshot (O(all backends), ~16-30 ms of control loop at 2,000-3,000
+    backends here) and broadcasts the whole snapshot to every worker. 300 concurrent
+    DELETEs at 3,000 backends: 300 full snapshots (each ~61 KB on the worker channel, per
+    worker) where adds of the same burst send a handful; 3,000 removes took 50 s of loop
+    here. Expected: coalesced like the adds (push_soon)."""
+
+    async def main() -> None:
+        # Checks off: every backend is in rotation (no probes run here to bring them UP).
+        n = Node(tmp_path, drain=30.0, discovery="[pool.health]\nenabled = false\n")
+        for b in range(30):
+            await asyncio.gather(*[n.e.add("web", f"x{b * 100 + i}", f"10.0.{b}.{i}:80", 1)
+                                   for i in range(100)])
+        snaps: list[int] = []
+        broadcast = n.d.supervisor.broadcast
+
+        def spy(msg: wl.Message) -> None:
+            if isinstance(msg, wl.Snap):
+                snaps.append(len(channel.encode(wl.encode(msg))) if len(snaps) < 3 else 0)
+            broadcast(msg)
+
+        n.d.supervisor.broadcast = spy
+        t = time.perf_counter()
+        await asyncio.gather(*[n.e.add("web", f"y{i}", f"10.1.{i // 256}.{i % 256}:80", 1)
+                               for i in range(300)])
+        await asyncio.sleep(0.3)
+        adds = (len(snaps), time.perf_counter() - t)
+        snaps.clear()
+        t = time.perf_counter()
+        await asyncio.gather(*[n.e.remove("web", f"x{i}") for i in range(300)])
+        removes = (len(snaps), time.perf_counter() - t, snaps[0])
+        assert removes[0] <= 10, (
+            f"300 removes: {removes[0]} whole snapshots ({removes[2]} bytes each) in "
+            f"{removes[1]:.1f} s; 300 adds: {adds[0]} in {adds[1]:.1f} s")
+
+    run(main)
+
+
+@pytest.mark.timeout(60)
+def test_post_delete_post_of_one_name_in_quick_succession(tmp_path: Path) -> None:
+    """Holds: POST (201), DELETE (202, draining), POST again while it drains (409 naming
+    the removal), DELETE again (202, same drain), POST once it has left (201, the new
+    address); the overlay ends with the last add."""
+
+    async def main() -> None:
+        from lb.admin.server import make_app
+
+        n = Node(tmp_path, drain=0.5)
+        async with serve(make_app(n.d)) as url:
+            def body(port: int) -> bytes:
+                return json.dumps({"name": "q", "address": f"127.0.0.1:{port}"}).encode()
+
+            got = [
+                await call(url, n.token, "POST", "/pools/web/backends", body(1001)),
+                await call(url, n.token, "DELETE", "/pools/web/backends/q", None),
+                await call(url, n.token, "POST", "/pools/web/backends", body(1002)),
+                await call(url, n.token, "DELETE", "/pools/web/backends/q", None),
+            ]
+            assert [s for s, _ in got] == [201, 202, 409, 202], got
+            assert b"being removed" in got[2][1]
+            await asyncio.sleep(1.2)
+            assert n.has("q") is None
+            status, _ = await call(url, n.token, "POST", "/pools/web/backends", body(1003))
+            assert status == 201 and n.has("q") == "127.0.0.1:1003"
+            assert n.e.overlay.entries[("web", "q")].address == "127.0.0.1:1003"
 
     run(main)
