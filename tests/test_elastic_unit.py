@@ -130,3 +130,22 @@ def test_a_pool_needs_backends_unless_discovered() -> None:
     from lb.config import EFFECTIVE
 
     PoolConfig.model_validate({"name": "web"}, context=EFFECTIVE)
+
+
+@pytest.mark.parametrize(("section", "error"), [
+    ({"type": "dns", "name": "web..example", "port": 80}, "pool[0].discovery.name:"),
+    ({"type": "dns", "name": "web.example", "port": 80, "min_ttl_s": 0.001},
+     "pool[0].discovery.min_ttl_s"),
+    ({"type": "dns", "name": "web.example", "port": 80, "timeout_s": 120.0},
+     "pool[0].discovery.timeout_s"),
+])
+def test_preflight_names_what_the_resolver_refuses(section: dict[str, Any], error: str) -> None:
+    from lb.control import preflight
+
+    cfg = Config.model_validate({
+        "node": {"name": "lb1"},
+        "listener": [{"name": "web", "bind": "127.0.0.1:8080", "pool": "web"}],
+        "pool": [{"name": "web", "discovery": section}],
+    })
+    errors, _ = preflight.check(cfg, inside_service=True, tls=False)
+    assert any(e.startswith(error) for e in errors), errors

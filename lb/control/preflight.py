@@ -125,6 +125,7 @@ def check(cfg: Config, *, inside_service: bool = False, tls: bool = True
             errors.append(f"failover.interface: no interface named {fcfg.interface!r} on this "
                           f"host (ip link)")
     errors += _health_errors(cfg)
+    errors += _discovery_errors(cfg)
     notes += _tls_check_load(cfg)
     if tls and (any(lc.tls is not None for lc in cfg.listener)
                 or any(p.tls is not None for p in cfg.pool)):
@@ -155,6 +156,23 @@ def _tls_check_load(cfg: Config) -> list[str]:
                 f"pool[{i}].health: {rate:.0f} TLS handshakes a second for checks (about "
                 f"{rate / TLS_HANDSHAKES_PER_CORE_S:.1f} of a core); set reuse_connection = "
                 f"true (one handshake per kept connection) or a longer interval_s")
+    return out
+
+
+def _discovery_errors(cfg: Config) -> list[str]:
+    """Build every ``[pool.discovery]`` runner's spec as the daemon does (lb.control.elastic):
+    what the config schema lets through but the resolver refuses (a name that is not a DNS
+    name, a TTL bound below 10 ms), named by key."""
+    from lb.control.elastic import discovery_spec
+
+    out = []
+    for i, pcfg in enumerate(cfg.pool):
+        if pcfg.discovery is None:
+            continue
+        try:
+            discovery_spec(pcfg.discovery)
+        except ValueError as exc:
+            out.append(f"pool[{i}].discovery.{exc}")
     return out
 
 
