@@ -41,13 +41,16 @@ answered, scrape time p50/p99/max.
    one connection in prompt mode), pinned like pairlb, no traffic; then ``disable server`` +
    ``del server`` for each.
 
-With 2+ CPUs pairlb (control + workers) and HAProxy run on CPU 0, nginx, the load, the
-scraper and this script on CPU 1 (``--no-pin``: nothing pinned). Everything is bounded:
+Nothing is pinned by default: on a 2-core box pairlb's control process and two workers on
+one core are a 1-core box, and at 3,000 backends the workers then fall behind the control
+process's snapshots (every request of the load times out; docs/performance.md). ``--pin``
+puts pairlb and HAProxy on CPU 0 and nginx, the load, the scraper and this script on CPU 1,
+as bench/pool_scale.py does with one worker. Everything is bounded:
 ``--budget`` s for phases 1-3, ``--reload-budget`` for 4; a phase out of time stops early and
 says so. Every process is started by this script and stopped by PID in a finally, also on
 Ctrl-C and SIGTERM; all traffic stays on 127.0.0.1.
 
-    .venv/bin/python bench/elastic.py --markdown               # N = 3,000, ~5-8 min
+    .venv/bin/python bench/elastic.py --markdown               # N = 3,000, < 10 min
     .venv/bin/python bench/elastic.py --quick                  # smoke: N = 200, < 60 s
 
 Prints the table(s), one JSON line with every number, and where both were written
@@ -125,12 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds of idle CPU measured with the base pool and at N")
     ap.add_argument("--budget", type=float, default=420.0,
                     help="seconds for adds + reload at N + removes (and the load's bound)")
-    ap.add_argument("--reload-budget", type=float, default=150.0,
+    ap.add_argument("--reload-budget", type=float, default=60.0,
                     help="seconds for the old way (and its load's bound)")
-    ap.add_argument("--wait", type=float, default=60.0,
+    ap.add_argument("--wait", type=float, default=30.0,
                     help="seconds to wait for backends to come into rotation or leave /status")
     ap.add_argument("--no-haproxy", action="store_true", help="skip HAProxy's runtime API")
-    ap.add_argument("--no-pin", action="store_true", help="never use taskset")
+    ap.add_argument("--pin", action="store_true",
+                    help="pairlb (control + both workers) and HAProxy on CPU 0, nginx, the load, "
+                         "the scraper and this script on CPU 1 (default: nothing pinned)")
     ap.add_argument("--json", type=Path, help="write the results here (one JSON object)")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs")
@@ -144,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--backends >= 2, --base >= 1, --reloads >= 2, --window >= 1")
     args.window = min(args.window, args.backends // 2)
     args.reload_window = max(1, min(args.reload_window, args.reloads // 2))
-    args.pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    args.pin = args.pin and (os.cpu_count() or 1) >= 2
     return args
 
 
@@ -458,10 +463,29 @@ def cpu_between(a: Snap, b: Snap, count: int) -> dict[str, Any]:
     ctl = b[1] - a[1]
     wk = [b[2][p] - a[2][p] for p in a[2] if p in b[2]]
     per = 1000 / count if count else math.nan
-    return {"wall_s": round(wall, 3), "control_cpu_s": round(ctl, 3),
+    return {"count": count, "wall_s": round(wall, 3), "control_cpu_s": round(ctl, 3),
             "worker_cpu_s": [round(x, 3) for x in wk],
             "control_cpu_s_per_1000": round(ctl * per, 3),
             "worker_cpu_s_per_1000": round(statistics.mean(wk) * per, 3) if wk else math.nan}
+
+
+def net_of_idle(summary: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Add ``control_net_per_1000``/``worker_net_per_1000`` to each CPU window of a phase:
+    its CPU less what the processes burn anyway (health checks of every backend, the 1 s
+    scrape, the load) at the idle rate measured before the phase (first window), after it
+    (last window) or their mean (the whole phase; the pool's size changes linearly)."""
+    for key, rates in (("cpu_first", (before,)), ("cpu_last", (after,)),
+                       ("cpu_all", (before, after))):
+        d = summary.get(key)
+        if not d or not d["count"]:
+            continue
+        rc = statistics.mean(r["control_cores"] for r in rates)
+        rw = statistics.mean(r["worker_cores"] for r in rates)
+        per = 1000 / d["count"]
+        d["control_net_per_1000"] = round((d["control_cpu_s"] - rc * d["wall_s"]) * per, 3)
+        if d["worker_cpu_s"]:
+            wk = statistics.mean(d["worker_cpu_s"])
+            d["worker_net_per_1000"] = round((wk - rw * d["wall_s"]) * per, 3)
 
 
 def idle_rate(pids: Pids, seconds: float) -> dict[str, Any]:
@@ -483,6 +507,7 @@ class Changes:
     window: int
     lat: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
+    answers: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     done_at: list[float] = field(default_factory=list)
     """Monotonic time each answer arrived (for the load's per-backend check)."""
@@ -507,6 +532,7 @@ class Changes:
             except (OSError, http.client.HTTPException) as exc:
                 status, raw, took = 0, repr(exc).encode(), math.nan
             self.statuses[status] += 1
+            self.answers.append(status)
             self.lat.append(took)
             self.done_at.append(time.monotonic())
             if status != self.want and len(self.errors) < 5:
@@ -724,6 +750,7 @@ def elastic_phase(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet,
 
         adds.run(n, add, node.pids, deadline)
         n_ok = adds.statuses.get(201, 0)
+        have = [added[i] for i, st in enumerate(adds.answers) if st == 201]
         t_added = time.monotonic()
         want = len(base) + n_ok
         up = wait_for(lambda: usable(node.poll) >= want, args.wait, 0.1, node.proc)
@@ -733,35 +760,37 @@ def elastic_phase(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet,
             None if up is None else round(t_added + up - adds.t0, 2))
         res["add"]["usable_after"] = usable(node.poll)
         res["idle_at_n"] = idle_rate(node.pids, args.idle)
+        net_of_idle(res["add"], res["idle_base"], res["idle_at_n"])
         print(f"adds: {n_ok}/{n} in {res['add']['total_s']:.1f} s, first {args.window} p99 "
               f"{res['add']['first']['p99_ms']} ms, last {res['add']['last']['p99_ms']} ms; "
               f"all in rotation {res['add']['until_in_rotation_s']} s later", flush=True)
         # 2. one change the old way with N runtime backends in the pool
-        if not args.no_reload_at_n and time.monotonic() < deadline:
+        if not args.no_reload_at_n:  # two reloads: bounded by the API's timeout
             res["reload_at_n_runtime"] = reload_pair(args, workdir, node, base, extra,
                                                      len(base) + n_ok)
         # 3. removes
         removes = Changes("pairlb remove", 202, args.window)
 
         def remove(i: int) -> tuple[int, bytes, float]:
-            return node.api.call("DELETE", f"/pools/{POOL}/backends/{added[i][0]}")
+            return node.api.call("DELETE", f"/pools/{POOL}/backends/{have[i][0]}")
 
-        removes.run(n_ok, remove, node.pids, time.monotonic() + args.budget / 2)
+        removes.run(len(have), remove, node.pids, time.monotonic() + args.budget / 2)
         t_removed = time.monotonic()
-        names = {a[0] for a in added}
+        names = {have[i][0] for i, st in enumerate(removes.answers) if st == 202}
         gone = wait_for(lambda: not (names & set(members(node.poll))),
                         DRAIN_TIMEOUT_S + args.wait, 0.25, node.proc)
         res["remove"] = removes.summary()
         res["remove"]["until_gone_s"] = None if gone is None else round(gone, 2)
         res["remove"]["until_gone_from_first_s"] = (
             None if gone is None else round(t_removed + gone - removes.t0, 2))
-        left = names & set(members(node.poll))
-        res["remove"]["left_in_status"] = len(left)
+        left = {a[0] for a in have} & set(members(node.poll))
+        res["remove"]["left_in_status"] = len(left)  # the ones not removed (out of time) too
         print(f"removes: {res['remove']['ok']}/{n_ok} in {res['remove']['total_s']:.1f} s, "
               f"first p99 {res['remove']['first']['p99_ms']} ms, last "
               f"{res['remove']['last']['p99_ms']} ms; gone from /status "
               f"{res['remove']['until_gone_s']} s later", flush=True)
         res["idle_after"] = idle_rate(node.pids, args.idle)
+        net_of_idle(res["remove"], res["idle_at_n"], res["idle_after"])
         res["workers"] = worker_health(node)
         res["api_connections"] = node.api.connects
         t_end = time.monotonic()
@@ -773,7 +802,7 @@ def elastic_phase(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet,
         procs.stop(load, timeout_s=10)
     records = RecordLog(load_out).poll()
     res["load"] = load_summary(records, t_begin, t_end)
-    res["load"]["late_to_removed"] = late_to_removed(records, added, removes)
+    res["load"]["late_to_removed"] = late_to_removed(records, have, removes)
     res["load_during_adds"] = load_summary(records, adds.t0, adds.t1)
     res["load_during_removes"] = load_summary(records, removes.t0, removes.t1)
     res["scrape"] = read_scrapes(scrape_out, t_begin, t_end)
@@ -785,7 +814,8 @@ def elastic_phase(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet,
 def late_to_removed(records: list[Any], added: list[tuple[str, int]], removes: Changes) -> int:
     """Requests that started LATE_AFTER_DELETE_S after a backend's DELETE answered (202) and
     were still served by it."""
-    answered = {str(added[i][1]): t for i, t in enumerate(removes.done_at)}
+    answered = {str(added[i][1]): t for i, t in enumerate(removes.done_at)
+                if removes.answers[i] == 202}
     return sum(1 for r in records
                if r.backend in answered and r.t0 > answered[r.backend] + LATE_AFTER_DELETE_S)
 
@@ -917,7 +947,8 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
     n, b, w, rw = args.backends, args.base, args.window, args.reload_window
     head = ["change", "count", f"first {w}: p50 / p99 / max ms", f"last {w}: p50 / p99 / max ms",
             "total s", "control CPU s per 1,000 (first / last / all)",
-            "worker CPU s per 1,000, each (first / last / all)", "then"]
+            "same, net of idle", "worker CPU s per 1,000, each (first / last / all)",
+            "same, net of idle", "then"]
     rows = []
 
     def row(label: str, s: dict[str, Any] | None, then: str, window: int | None = None) -> None:
@@ -926,10 +957,9 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
         cw = window or w
         h = [label, f"{s['ok']:,}/{s['count']:,}" + (" (out of time)" if s["truncated"] else ""),
              _lat(s["first"]), _lat(s["last"]), _f(s["total_s"], 1),
-             " / ".join(_cpu(s, k, "control_cpu_s_per_1000") for k in
-                        ("cpu_first", "cpu_last", "cpu_all")),
-             " / ".join(_cpu(s, k, "worker_cpu_s_per_1000") for k in
-                        ("cpu_first", "cpu_last", "cpu_all")), then]
+             *(" / ".join(_cpu(s, k, key) for k in ("cpu_first", "cpu_last", "cpu_all"))
+               for key in ("control_cpu_s_per_1000", "control_net_per_1000",
+                           "worker_cpu_s_per_1000", "worker_net_per_1000")), then]
         if cw != w:
             h[2] = f"({cw}) " + h[2]
             h[3] = f"({cw}) " + h[3]
@@ -953,17 +983,17 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
             rls = d["reloads"]
             rows.append([label, f"{sum(x['ok'] for x in rls)}/{len(rls)}",
                          " ; ".join(f"{x['ms']:,.1f}" for x in rls) + " ms", "-", "-",
-                         " ; ".join(f"{x['control_cpu_s']:.3f}" for x in rls) + " (each)",
+                         " ; ".join(f"{x['control_cpu_s']:.3f}" for x in rls) + " (each)", "-",
                          " ; ".join(f"{statistics.mean(x['worker_cpu_s']):.3f}"
-                                    for x in rls if x["worker_cpu_s"]) + " (each)",
+                                    for x in rls if x["worker_cpu_s"]) + " (each)", "-",
                          f"members after: {d['members_after']:,}"])
     j = res.get("reload_jump_to_n")
     if j:
         rows.append([f"old way: the file jumps {b + args.reloads} -> {j['to_backends']:,} "
                      f"backends, one `POST /reload`", "1", f"{j['ms']:,.1f} ms", "-", "-",
-                     f"{j['control_cpu_s']:.3f} (this reload)",
+                     f"{j['control_cpu_s']:.3f} (this reload)", "-",
                      f"{statistics.mean(j['worker_cpu_s']):.3f} (this reload)"
-                     if j["worker_cpu_s"] else "-",
+                     if j["worker_cpu_s"] else "-", "-",
                      _after("all in rotation", j.get("until_in_rotation_s"), wt, "later")])
     hp = res.get("haproxy")
     if hp and "add" in hp:
