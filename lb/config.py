@@ -465,6 +465,11 @@ class PassiveConfig(_Model):
     passes while its traffic fails); ``never``, it runs its course."""
 
 
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+"""A DNS host name: labels of 1-63 letters, digits, ``-`` and ``_``."""
+
+
 class BackendConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique within its pool (logs, metrics, admin API)."""
@@ -478,7 +483,10 @@ class BackendConfig(_Model):
     @field_validator("address")
     @classmethod
     def _addr(cls, v: str) -> str:
-        parse_hostport(v)
+        host, _ = parse_hostport(v)
+        if not _is_ip(host) and not _HOST_NAME.fullmatch(host):
+            # Names reach logs and the admin API: no spaces, controls or empty labels.
+            raise ValueError(f"not an IP address or a host name: {host[:80]!r}")
         return v
 
     @property

@@ -45,6 +45,7 @@ from lb import config as config_mod
 from lb.admin import metrics
 from lb.control import status as status_mod
 from lb.control.elastic import ChangeRefused
+from lb.control.overlay import ADDRESS_MAX
 from lb.control.rotation import AdminState
 
 logger = logging.getLogger("lb.admin.server")
@@ -90,6 +91,7 @@ class AdminDaemon(metrics.MetricsSource, Protocol):
         self, pool: str, name: str, address: str, weight: int) -> dict[str, Any]: ...
     async def remove_backend(self, pool: str, name: str) -> dict[str, Any]: ...
     def has_backend(self, pool: str, name: str) -> bool | None: ...
+    def is_removing(self, pool: str, name: str) -> bool: ...
 
 
 class ApiError(Exception):
@@ -399,6 +401,9 @@ async def post_backend_action(request: web.Request) -> web.Response:
         raise ApiError(404, f"no pool named {pool!r}")
     if not known:
         raise ApiError(404, f"no backend named {backend!r} in pool {pool!r}")
+    if daemon.is_removing(pool, backend):
+        raise ApiError(409, f"{pool}/{backend} is being removed (draining before it leaves): "
+                            f"add it again once it is gone")
     try:
         changed = daemon.set_admin_state(pool, backend, state)
     except KeyError:
@@ -427,7 +432,7 @@ async def post_backend_action(request: web.Request) -> web.Response:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.read() or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than JSON allows
         raise ApiError(400, "body: not JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, 'body: expected a JSON object {"name": ..., "address": ...}')
@@ -447,7 +452,7 @@ async def post_pool_backend(request: web.Request) -> web.Response:
     if not isinstance(name, str):
         raise ApiError(400, "body.name: required, a string")
     _name("backend", name)
-    if not isinstance(address, str) or len(address) > 300:
+    if not isinstance(address, str) or len(address) > ADDRESS_MAX:
         raise ApiError(400, "body.address: required, host:port or [v6]:port")
     if isinstance(weight, bool) or not isinstance(weight, int):
         raise ApiError(400, "body.weight: an integer 0..1000")

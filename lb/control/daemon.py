@@ -746,6 +746,17 @@ class Daemon:
         """Admin API: drain a backend, then remove it (lb.control.elastic)."""
         return await self.elastic.remove(pool, name)
 
+    def is_removing(self, pool: str, name: str) -> bool:
+        return (pool, name) in self.elastic.removing
+
+    def forget_backend(self, pool: str, name: str) -> None:
+        """A backend left its pool at runtime: its counters leave /metrics with it (else a
+        pool scaled by discovery or an autoscaler would grow the series without bound)."""
+        for what in ("requests", "errors", "tcp"):
+            self.totals.get(what, {}).get(pool, {}).pop(name, None)
+        for key in [k for k in self.check_counts if k[0] == pool and k[1] == name]:
+            del self.check_counts[key]
+
     def has_backend(self, pool: str, name: str) -> bool | None:
         """None: no such pool."""
         if pool not in self.table.rotations:

@@ -1,8 +1,8 @@
 """Pools that change at runtime: backends added and removed by the admin API, discovery and
 the peer, applied without a reload and without rebuilding any pool.
 
-One path for every change of a pool's members (:meth:`Elastic.set_members` and the single
-steps it takes), whoever asks:
+One path for every change of a pool's members (:meth:`Elastic.set_member`, one name at a
+time), whoever asks:
 
 - **join**: the backend gets a rotation record and a health-check target (checked at once,
   DOWN until its first passing check: no request reaches it before), and every worker a
@@ -10,7 +10,10 @@ steps it takes), whoever asks:
   in the pool's size: no other backend loses its load, round-robin place or ejection.
 - **leave**: the backend is drained first (no new requests from the next snapshot on; the
   requests in flight finish), and taken out of the table, the checker and the workers when
-  the workers report none in flight or after ``[pool] drain_timeout_s``.
+  the workers report none in flight or after ``[pool] drain_timeout_s``. Then the name is
+  decided again: a replacement (the name at a new address) joins only now, so one name is
+  never two servers at once. A reload in the middle of a drain keeps the draining backend
+  (it is not in the new composition, or is there at a new address) until the drain ends.
 
 Where the members come from, and which wins, is lb.control.overlay's composition (config,
 then discovery, then the runtime overlay on top); this module applies its result and keeps
@@ -26,7 +29,6 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,10 @@ logger = logging.getLogger("lb.control.elastic")
 MAX_BACKENDS_PER_POOL = 10_000
 """Runtime additions stop here: a runaway script must not grow a pool without bound."""
 RECENT_REFUSALS = 20
+SYNC_MAX_FRAME = 32 << 20
+"""Largest frame to and from the peer: the whole overlay in one ``state`` frame after a
+reconnect, up to overlay.MAX_ENTRIES entries of ~180 bytes (a pool of 10,000 backends and
+months of removals fit)."""
 STATS_SETTLE_S = 0.6
 """A drain trusts the workers' in-flight counts only after this long: they report every
 0.25 s, so a request picked just before the drain snapshot arrived shows up in the next
@@ -97,8 +103,11 @@ class Elastic:
                                        "conflicts": 0, "pending": 0}
         self._pending: set[tuple[str, str]] = set()
         """Changes being written to disk: a second change of the same name waits (409)."""
-        self._after_leave: dict[tuple[str, str], tuple[BackendConfig, Origin]] = {}
-        """Wanted again (or at a new address) while draining: joins once it has left."""
+        self.peer_seen: dict[str, int] | None = None
+        """The peer's replication cursors from its last whole state (None: no peer). A
+        removal is forgotten only once the peer has merged it (lb.control.overlay)."""
+        self._cancelled: list[tuple[str, str]] = []
+        """Drains a reload ended (the name is wanted again at that address): re-enabled."""
 
     # -- single steps -----------------------------------------------------------------------
 
@@ -116,7 +125,8 @@ class Elastic:
         d.push_soon()
 
     def leave_now(self, pool: str, name: str) -> bool:
-        """Take the backend out everywhere at once (after its drain)."""
+        """Take the backend out everywhere at once (after its drain); then the name is what
+        the overlay and the config want now (a replacement's new server joins)."""
         d = self.d
         key = (pool, name)
         task = self._drains.pop(key, None)
@@ -128,10 +138,9 @@ class Elastic:
         d.health.remove_target(key)
         self.origins.pop(key, None)
         d.supervisor.broadcast(wl.PoolEdit(d.generation, pool, remove=(name,)))
+        d.forget_backend(pool, name)
         d.push_soon()
-        again = self._after_leave.pop(key, None)
-        if again is not None:
-            self.join(pool, *again)
+        self.apply_key(pool, name)
         return True
 
     def drain_then_leave(self, pool: str, name: str, timeout_s: float | None = None) -> None:
@@ -144,10 +153,16 @@ class Elastic:
         if timeout_s is None:
             timeout_s = d.table.pools[pool].drain_timeout_s
         d.table.set_admin(pool, name, AdminState.DRAINING)
-        d.push_snapshots()
+        d.push_soon()  # coalesced: a burst of removals is one snapshot, not one each
         self.removing[key] = time.monotonic() + timeout_s
         self._drains[key] = asyncio.get_running_loop().create_task(
             self._drain(pool, name, timeout_s), name=f"drain {pool}/{name}")
+
+    def _cancel_drain(self, key: tuple[str, str]) -> None:
+        task = self._drains.pop(key, None)
+        if task is not None:
+            task.cancel()
+        self.removing.pop(key, None)
 
     async def _drain(self, pool: str, name: str, timeout_s: float) -> None:
         t0 = time.monotonic()
@@ -162,28 +177,13 @@ class Elastic:
                     pool, name, time.monotonic() - t0, left)
         self.leave_now(pool, name)
 
-    def set_members(self, pool: str, wanted: Mapping[str, tuple[BackendConfig, Origin]]) -> None:
-        """Make ``pool``'s members ``wanted`` (:meth:`set_member` for every name either
-        side has)."""
-        d = self.d
-        if pool not in d.table.rotations:
-            return
-        names = [b.name for b in d.table.pools[pool].backends]
-        names += [n for n in wanted if d.table.backend(pool, n) is None]
-        names += [n for p, n in self._after_leave if p == pool and n not in wanted]
-        for name in names:
-            self.set_member(pool, name, wanted.get(name))
-
     def set_member(self, pool: str, name: str, want: tuple[BackendConfig, Origin] | None) -> None:
         """Make one name of ``pool`` what ``want`` says (None: not a member): leave
         (drained), join, or replace a name now at another address (a new server: the old
-        one drains, the new one joins once it has left); a new weight goes to the record."""
+        one drains, the new one joins once it has left); a new weight goes to the record.
+        A name that is draining is decided again when it has left (:meth:`leave_now`)."""
         key = (pool, name)
         if key in self.removing:
-            if want is None:
-                self._after_leave.pop(key, None)
-            else:
-                self._after_leave[key] = want  # joins, as a new server, once it has left
             return
         have = self.d.table.backend(pool, name)
         if have is None:
@@ -192,8 +192,6 @@ class Elastic:
             return
         if want is None or want[0].address != have.address:
             self.drain_then_leave(pool, name)
-            if want is not None:
-                self._after_leave[key] = want
             return
         self.origins[key] = want[1]
         if have.weight != want[0].weight:
@@ -216,7 +214,12 @@ class Elastic:
         """The effective pools of ``cfg`` (its pools, discovery, the overlay on top: the
         precedence of lb.control.overlay.compose) and the notes to report. Sets each
         backend's origin and retires the overlay entries the config now carries."""
-        comp = ov.compose(cfg.pool, self.overlay, self.discovered, now=time.time())
+        wanted_discovery = {p.name for p in cfg.pool if p.discovery is not None}
+        for pool in [p for p in self.discovered if p not in wanted_discovery]:
+            del self.discovered[pool]  # [pool.discovery] removed: its set goes at once
+            self._discovered_index.pop(pool, None)
+        comp = ov.compose(cfg.pool, self.overlay, self.discovered, now=time.time(),
+                          peer_seen=(self.peer_seen or {}) if self._paired(cfg) else None)
         retired = [r for key in comp.retire if (r := self.overlay.retire(*key)) is not None]
         if retired:
             self._journal_now(retired)
@@ -224,14 +227,35 @@ class Elastic:
         self.tombstoned = list(comp.tombstoned)
         self._config_index = {p.name: {b.name: b for b in p.backends} for p in cfg.pool}
         origins: dict[tuple[str, str], Origin] = {}
-        pools = []
+        members: dict[str, dict[str, BackendConfig]] = {}
         for pcfg in cfg.pool:
             eff = comp.pools.get(pcfg.name, [])
+            members[pcfg.name] = {e.backend.name: e.backend for e in eff}
             for e in eff:
                 origins[(pcfg.name, e.backend.name)] = Origin(e.source, e.shadows, e.patched)
-            pools.append(pcfg.model_copy(update={"backends": tuple(e.backend for e in eff)}))
+        # Drains outlive a reload: a backend draining stays (as it is) until its drain
+        # ends, unless the new composition wants it back at the same address.
+        self._cancelled = []
+        for key in list(self.removing):
+            pool, name = key
+            have = self.d.table.backend(pool, name)
+            if pool not in members or have is None:
+                self._cancel_drain(key)  # the pool is gone: everything of it goes
+                continue
+            want = members[pool].get(name)
+            if want is not None and want.address == have.address:
+                self._cancel_drain(key)
+                self._cancelled.append(key)
+                continue
+            members[pool][name] = have  # the old server drains; a new one joins after
+            origins[key] = self.origins.get(key, Origin("config"))
         self.origins = origins
+        pools = [pcfg.model_copy(update={"backends": tuple(members[pcfg.name].values())})
+                 for pcfg in cfg.pool]
         return pools, self.notes
+
+    def _paired(self, cfg: Config) -> bool:
+        return cfg.failover is not None and cfg.sync.enabled
 
     def want(self, pool: str, name: str) -> tuple[BackendConfig, Origin] | None:
         """What one name of ``pool`` should be now: lb.control.overlay.compose's rules for
@@ -288,10 +312,19 @@ class Elastic:
             # The default directory cannot be made (not root, no StateDirectory=): run,
             # but say that runtime changes will not outlive this process.
             self.store_error = str(exc)
+            self._clock_floor()
             return [f"{exc}: runtime pool changes are kept in memory only; set [node] "
                     f"state_dir to a directory pairlb can write"]
         self.store = store
+        self._clock_floor()
         return list(store.warnings)
+
+    def _clock_floor(self) -> None:
+        """Start the overlay's Lamport clock no lower than the wall clock in ms: a node
+        restored from an old state_dir (its counter went back) then still stamps its next
+        changes above the ones it made before, instead of reusing their stamps."""
+        self.overlay.lamport = max(self.overlay.lamport,
+                                   min(ov.INT_MAX - 1, int(time.time() * 1000)))
 
     def start(self) -> None:
         """Discovery runners and the sync channel (after the checker and the table)."""
@@ -300,10 +333,12 @@ class Elastic:
 
     def reconfigured(self, cfg: Config) -> list[str]:
         """A reload took ``cfg``: runners for new or changed ``[pool.discovery]``, stopped
-        for the rest; the peer channel rekeyed. Drains of backends the reload dropped end."""
-        for key in [k for k in self._drains if self.d.table.backend(*k) is None]:
-            self._drains.pop(key).cancel()
-            self.removing.pop(key, None)
+        for the rest; the peer channel rekeyed; a drain the reload ended (the name is wanted
+        again at the same address) puts the backend back in rotation."""
+        for key in self._cancelled:  # wanted back at the same address: serves again
+            if self.d.table.backend(*key) is not None:
+                self.d.table.set_admin(*key, AdminState.ENABLED)
+        self._cancelled = []
         changes = self._reconfigure_discovery(cfg)
         if self.sync is not None and cfg.failover is not None:
             import failover
@@ -349,7 +384,8 @@ class Elastic:
         v6 = any(":" in h for h, _ in peers)
         host = cfg.sync.bind or fcfg.bind or ("::" if v6 else "0.0.0.0")
         channel = SyncChannel(cfg.node.name, [failover.load_key(p) for p in fcfg.key_paths],
-                              (host, port), peers, self, op_timeout_s=cfg.sync.op_timeout_s)
+                              (host, port), peers, self, op_timeout_s=cfg.sync.op_timeout_s,
+                              max_frame=SYNC_MAX_FRAME)
         try:
             channel.start()
         except OSError as exc:
@@ -426,6 +462,11 @@ class Elastic:
             self.counts["applied_peer"] += 1
             what = "removed" if intent.state == "removed" else f"set to {intent.address}"
             self.d.record_event("backend", f"{pool}/{name} {what} (from {intent.origin})")
+        elif not merged.duplicate:
+            cur = self.overlay.entries.get(intent.key)
+            by = cur.origin if cur is not None else "?"
+            return ("refused", f"superseded: {pool}/{name} has a later change here "
+                               f"(from {by}), which both nodes keep")
         return ("applied", "")
 
     async def on_state(self, state: dict[str, Any]) -> None:
@@ -436,6 +477,10 @@ class Elastic:
         except ov.OverlayError as exc:
             logger.error("event=sync_state_refused error=%r", str(exc))
             return
+        merged = dict(self.peer_seen or {})
+        for origin, seq in seen.items():
+            merged[origin] = max(seq, merged.get(origin, 0))
+        self.peer_seen = merged
         changed = self.overlay.merge_state(entries, seen)
         if not changed:
             return
@@ -521,7 +566,8 @@ class Elastic:
         if have is not None:
             raise ChangeRefused(409, f"pool {pool!r} has a backend named {name!r} (at "
                                      f"{have.address}): remove it first")
-        if len(d.table.rotations[pool].records) >= MAX_BACKENDS_PER_POOL:
+        adding = sum(1 for p, _ in self._pending if p == pool)  # their journal writes run
+        if len(d.table.rotations[pool].records) + adding >= MAX_BACKENDS_PER_POOL:
             raise ChangeRefused(409, f"pool {pool!r} has {MAX_BACKENDS_PER_POOL} backends, "
                                      f"the most a pool may have")
         self._pending.add(key)
@@ -549,8 +595,10 @@ class Elastic:
         have = d.table.backend(pool, name)
         if have is None:
             raise ChangeRefused(404, f"no backend named {name!r} in pool {pool!r}")
-        if key in self.removing:
-            return self._removing_answer(pool, name, {})
+        if key in self.removing and self.want(pool, name) is None:
+            return self._removing_answer(pool, name, {})  # removed already, draining
+        # (Draining as the old server of a replacement: the removal is recorded, so the
+        # new server never joins.)
         self._pending.add(key)
         try:
             peer = await self._record(pool, name, "removed", None, None, via)
@@ -570,8 +618,21 @@ class Elastic:
                       weight: int | None, via: str) -> dict[str, str]:
         """Make the change an intent of the overlay, keep it on disk (durable before the
         API answers) and send it to the peer; the peer's answer by node name."""
-        intent = self.overlay.local(pool, name, state, address, weight, via, time.time())
-        await self._journal([intent])
+        from lb.control.overlay_store import OverlayStoreError
+
+        previous = self.overlay.entries.get((pool, name))
+        try:
+            intent = self.overlay.local(pool, name, state, address, weight, via, time.time())
+        except ov.OverlayError as exc:
+            raise ChangeRefused(400, f"body: {exc}") from None
+        try:
+            await self._journal([intent])
+        except OverlayStoreError as exc:
+            # Not on disk: not made at all (a 201 promises the change survives a restart).
+            self.overlay.restore(intent, previous)
+            logger.error("event=overlay_write_failed pool=%s backend=%s error=%r",
+                         pool, name, str(exc))
+            raise ChangeRefused(503, f"node.state_dir: {exc}: the change was not made") from None
         self.counts["applied_local"] += 1
         sync = self.sync
         if sync is None:
@@ -583,14 +644,6 @@ class Elastic:
     def origin(self, pool: str, name: str) -> Origin:
         return self.origins.get((pool, name), Origin("config"))
 
-    def forget_pool(self, pool: str) -> None:
-        for key in [k for k in self._drains if k[0] == pool]:
-            self._drains.pop(key).cancel()
-            self.removing.pop(key, None)
-        for key in [k for k in self.origins if k[0] == pool]:
-            del self.origins[key]
-        for key in [k for k in self._after_leave if k[0] == pool]:
-            del self._after_leave[key]
 
     async def stop(self) -> None:
         if self.sync is not None:

@@ -459,6 +459,17 @@ class Overlay:
         out._xor = self._xor
         return out
 
+    def restore(self, intent: Intent, previous: Intent | None) -> None:
+        """Undo a :meth:`local` change that could not be kept on disk: the register holds
+        ``previous`` again (the lamport and seq it used stay spent: never reused)."""
+        key = intent.key
+        if self.entries.get(key) is not intent:
+            return
+        if previous is None:
+            self._drop(key)
+        else:
+            self._put(previous)
+
     def _put(self, intent: Intent) -> None:
         key = intent.key
         h = _canonical_hash(intent)
@@ -508,8 +519,16 @@ class Overlay:
         if cur is None:
             self._put(intent)
             return Merge(True, False)
-        if cur.stamp == intent.stamp:  # one node never issues two ops with one lamport
-            return Merge(False, True)
+        if cur.stamp == intent.stamp:
+            # One node never issues two ops with one stamp, unless it was restored from an
+            # old disk with its clock set back: then both nodes keep the same of the two.
+            h = _canonical_hash(intent)
+            if h == self._hashes[key]:
+                return Merge(False, True)
+            if h > self._hashes[key]:
+                self._put(intent)
+                return Merge(True, False, cur)
+            return Merge(False, False, cur)
         if intent.stamp > cur.stamp:
             self._put(intent)
             return Merge(True, False, cur if _concurrent(intent, cur) else None)

@@ -13,7 +13,7 @@ Loading reads the snapshot, then replays the journal through ``Overlay.merge`` (
 replaying a change the snapshot already holds changes nothing, so a crash between the
 snapshot's rename and the journal's truncation loses and duplicates nothing) and
 ``Overlay.retire`` (with the retired entry's stamp, so it never drops a newer value). A
-torn *last* line (a crash during an append: no newline, or a bad CRC) was never
+torn *last* line (a crash during an append: no newline at its end) was never
 acknowledged: it is dropped, cut off the file and reported in :attr:`OverlayStore.warnings`.
 Any other unreadable line raises :class:`OverlayStoreError` naming the file and line: an
 empty or partial overlay would silently resurrect removed backends or withdraw added ones,
@@ -310,9 +310,12 @@ class OverlayStore:
         good = 0
         for number, raw in enumerate(lines, 1):
             body = _checked(raw)
+            if body is None and not raw and number == len(lines) and not tail:
+                break  # a blank last line: nothing was lost, cut off below
             if body is None:
-                if number == len(lines) and not tail:
-                    break  # the last line, its CRC wrong: torn
+                # An append is one write ending in a newline: a crash during it leaves a
+                # last line without one (the tail, dropped below). A complete line whose CRC
+                # is wrong was acknowledged once: corruption, the operator decides.
                 raise OverlayStoreError(path, "unreadable line (bad CRC or framing); the"
                                               " journal is corrupt", number)
             try:
