@@ -805,10 +805,34 @@ def elastic_phase(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet,
     res["load"]["late_to_removed"] = late_to_removed(records, have, removes)
     res["load_during_adds"] = load_summary(records, adds.t0, adds.t1)
     res["load_during_removes"] = load_summary(records, removes.t0, removes.t1)
+    res["load_during_adds"]["by_pool_size"] = by_size(records, adds, len(base), 1)
+    res["load_during_removes"]["by_pool_size"] = by_size(records, removes, len(base) + len(have),
+                                                         -1)
     res["scrape"] = read_scrapes(scrape_out, t_begin, t_end)
     pids = sorted(node.proc.known)
     procs.stop(node.proc, timeout_s=10)
     return pids
+
+
+def by_size(records: list[Any], phase: Changes, start: int, step: int,
+            buckets: int = 6) -> list[dict[str, Any]]:
+    """The load's requests during a phase by the pool's size when they started (``start``
+    backends, ``step`` per answered change): where in the phase requests failed."""
+    done = phase.done_at
+    if not done:
+        return []
+    n = len(done)
+    width = max(1, math.ceil(n / buckets))
+    out = []
+    for lo in range(0, n, width):
+        hi = min(n, lo + width)
+        t0 = phase.t0 if lo == 0 else done[lo - 1]
+        t1 = done[hi - 1]
+        rs = [r for r in records if t0 <= r.t0 < t1]
+        out.append({"changes": f"{lo + 1}-{hi}", "pool": f"{start + step * lo}-"
+                    f"{start + step * hi}", "requests": len(rs),
+                    "failed": sum(1 for r in rs if not r.ok)})
+    return out
 
 
 def late_to_removed(records: list[Any], added: list[tuple[str, int]], removes: Changes) -> int:
@@ -1029,6 +1053,14 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
                res.get("reload_loadavg_1m") if key == "reload_load" else None, 2),
         ])
     out.append(render(lhead, lrows, args.markdown))
+    brows = []
+    for key, label in (("load_during_adds", "adds"), ("load_during_removes", "removes")):
+        for bk in (res.get(key) or {}).get("by_pool_size", []):
+            brows.append([label, bk["changes"], bk["pool"].replace("-", " -> "),
+                          f"{bk['requests']:,}", f"{bk['failed']:,}"])
+    if brows:
+        out.append(render(["phase", "changes #", "pool size", "requests", "failed"], brows,
+                          args.markdown))
     notes = []
     ib, il = res.get("idle_base"), res.get("idle_at_n")
     if ib and il:
