@@ -262,6 +262,10 @@ def test_real_prometheus_scrapes_pairlb_and_runs_the_dashboard(
     # TLS series exist only on a TLS listener (tests/test_tls_e2e.py scrapes them); their
     # panels' queries still run through Prometheus here.
     failover_only |= {m.name for m in metrics.METRICS if m.name.startswith("pairlb_tls_")}
+    # Discovery and sync series exist only with [pool.discovery] and a peer
+    # (tests/test_discovery_e2e.py and tests/test_elastic_pair.py scrape them).
+    failover_only |= {m.name for m in metrics.METRICS
+                      if m.name.startswith(("pairlb_discovery_", "pairlb_sync_"))}
     exprs: dict[str, list[str]] = {}
     for p in dash["panels"]:
         for t in p.get("targets", []):
