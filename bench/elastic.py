@@ -1039,8 +1039,9 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
         whole = key == "load"
         sc = res.get("scrape", {}) if whole else {}
         lrows.append([
-            label, f"{ld['requests']:,}", f"{ld['failed']}" + (
-                f" ({ld['errors']})" if ld["failed"] else ""),
+            label, f"{ld['requests']:,}", f"{ld['failed']:,}" + (
+                " (" + ", ".join(f"{k} {v:,}" for k, v in ld["errors"].items()) + ")"
+                if ld["failed"] else ""),
             _f(ld["p99_ms"], 1), f"{ld['backends_served']:,}",
             f"{sc['scrapes']} ({sc['failed']})" if sc else "-",
             f"{_f(sc['scrape_p50_ms'], 1)} / {_f(sc['scrape_p99_ms'], 1)} / "
