@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Union
 
 from lb import channel
 
-VERSION = 1
+VERSION = 2
 """Bump on any change that an older peer would misread."""
 
 
@@ -62,13 +62,20 @@ class PoolSnap:
 
 @dataclass(frozen=True)
 class Snap:
+    """Which backends are in rotation. ``base`` 0: the whole rotation of every pool. Else a
+    change on top of snapshot ``base``: only the entries that changed (every pool's panic
+    flag), so a pool of thousands that changes one backend at a time sends ~100 bytes, not
+    the whole pool, and the worker adjusts its rotation in O(log N) (lb.data.pool)."""
+
     TYPE: ClassVar[str] = "snap"
     ver: int
     pools: dict[str, PoolSnap] = field(default_factory=dict)
+    base: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "ver": self.ver,
+            "base": self.base,
             "pools": {
                 name: {"panic": p.panic, "e": {b: [e, w] for b, (e, w) in p.entries.items()}}
                 for name, p in self.pools.items()
@@ -85,7 +92,17 @@ class Snap:
                 str(b): (bool(e[0]), float(e[1])) for b, e in p["e"].items()
             }
             pools[str(name)] = PoolSnap(bool(p.get("panic", False)), entries)
-        return cls(data["ver"], pools)
+        return cls(data["ver"], pools, int(data.get("base", 0)))
+
+    def merged(self, delta: Snap) -> Snap:
+        """This whole snapshot with ``delta``'s changes: the whole one it makes."""
+        pools = dict(self.pools)
+        for name, p in delta.pools.items():
+            prev = pools.get(name)
+            entries = dict(prev.entries) if prev is not None else {}
+            entries.update(p.entries)
+            pools[name] = PoolSnap(p.panic, entries)
+        return Snap(delta.ver, pools)
 
 
 @dataclass(frozen=True)

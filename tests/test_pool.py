@@ -163,7 +163,8 @@ def _reference_may_eject(pool: Pool) -> bool:
 @given(mode=st.sampled_from(MODES), n=st.integers(1, 12), data=st.data())
 def test_random_operations_keep_every_promise(mode: str, n: int, data: st.DataObject) -> None:
     """Snapshots, local ejections, time, picks with and without retries' exclusions, releases,
-    backends added and removed at runtime: a pick is always usable, in the pool and never
+    backends added and removed at runtime, snapshot deltas: a pick is always usable, in the
+    pool and never
     excluded, None only when nothing is, least connections
     picks exactly a least-loaded backend, and the ejection budget matches a full scan."""
     weights = data.draw(st.lists(WEIGHT, min_size=n, max_size=n))
@@ -176,7 +177,21 @@ def test_random_operations_keep_every_promise(mode: str, n: int, data: st.DataOb
     removed: list[Backend] = []
     for _ in range(data.draw(st.integers(20, 120))):
         op = data.draw(st.sampled_from(["pick", "pick", "pick", "retry", "release", "release",
-                                        "fail", "ok", "snapshot", "time", "add", "remove"]))
+                                        "fail", "ok", "snapshot", "time", "add", "remove",
+                                        "delta", "delta"]))
+        if op == "delta":
+            version += 1
+            entries = {
+                b.name: BackendEntry(data.draw(st.booleans()), data.draw(WEIGHT))
+                for b in pool.backends if data.draw(st.integers(0, 3)) == 0  # a few change
+            }
+            pool.apply_delta(version, entries, False)
+            for b in pool.backends:
+                if b.name in entries:
+                    assert b.ejected_until == 0  # the control process's verdict wins
+                    assert (b._where == 1) == (b.eligible and b.weight > 0)  # _IN
+            assert pool._live == sum(1 for b in pool.backends if b._where == 1)
+            continue
         if op == "add":
             added += 1
             b = Backend("web", f"new{added}", "127.0.0.1", 9500 + added, data.draw(WEIGHT))
@@ -264,8 +279,8 @@ def test_round_robin_cycle_is_exact_after_first_snapshot(weights: list[int], dat
 @given(st.lists(WEIGHT, min_size=2, max_size=10), st.data())
 def test_round_robin_share_and_spread_after_changes(weights: list[float], data: st.DataObject
                                                    ) -> None:
-    """After any history of snapshots (weights changed, backends in and out: everyone keeps
-    its place), while the rotation stays the same: over any M picks each backend gets its
+    """After any history of snapshots, whole or deltas (weights changed, backends in and
+    out: everyone keeps its place), while the rotation stays the same: over any M picks each backend gets its
     weight's share within 1 + n*w/W, and never more than 1 + w/w' picks in a row (w' the
     heaviest other backend): no bursts."""
     n = len(weights)
@@ -274,8 +289,13 @@ def test_round_robin_share_and_spread_after_changes(weights: list[float], data: 
     for v in range(1, data.draw(st.integers(1, 4)) + 1):
         for _ in range(data.draw(st.integers(0, 25))):
             pool.pick(0.0)
-        pool.apply(v, {b.name: BackendEntry(data.draw(st.integers(0, 3)) > 0, data.draw(WEIGHT))
-                       for b in pool.backends}, False)
+        entries = {b.name: BackendEntry(data.draw(st.integers(0, 3)) > 0, data.draw(WEIGHT))
+                   for b in pool.backends}
+        if data.draw(st.booleans(), label="as a delta"):  # only some entries change
+            pool.apply_delta(v, {k: e for k, e in entries.items() if data.draw(st.booleans())},
+                             False)
+        else:
+            pool.apply(v, entries, False)
     live = {b.name: b.weight for b in pool.backends if b.usable(0.0)}
     if not live:
         assert pool.pick(0.0) is None

@@ -21,6 +21,7 @@ EVERY = [
     wl.Config(3, {"node": {"name": "lb1"}, "pool": []}, {"web": 7, "tcp": 8}),
     wl.Snap(9, {"web": wl.PoolSnap(False, {"b1": (True, 1.0), "b2": (False, 0.25)}),
                 "empty": wl.PoolSnap(True, {})}),
+    wl.Snap(10, {"web": wl.PoolSnap(False, {"b2": (True, 0.5)})}, base=9),
     wl.PoolEdit(4, "web", add=(("web9", "10.0.0.9:8080", 2),), remove=("web1", "web2")),
     wl.PoolEdit(5, "web"),
     wl.Ping(),
@@ -50,7 +51,7 @@ def test_every_message_type_is_covered() -> None:
 def test_the_wire_shape_is_the_documented_one() -> None:
     """What an strace shows: a snapshot's backend is [eligible, weight]."""
     frame = wl.encode(wl.Snap(4, {"web": wl.PoolSnap(False, {"b1": (True, 2.0)})}))
-    assert frame == {"t": "snap", "v": wl.VERSION, "ver": 4,
+    assert frame == {"t": "snap", "v": wl.VERSION, "ver": 4, "base": 0,
                      "pools": {"web": {"panic": False, "e": {"b1": [True, 2.0]}}}}
 
 

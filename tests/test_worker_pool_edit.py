@@ -98,3 +98,23 @@ def test_an_emptied_pool_is_a_valid_effective_config(worker: Worker) -> None:
     assert worker._apply_config(wl.Config(1, cfg, {}))
     assert worker.pools["web"].backends == []
     assert worker.pools["web"].pick(0.0) is None
+
+
+def test_snapshot_deltas_apply_on_top_and_a_gap_asks_for_everything(worker: Worker) -> None:
+    assert worker._apply_config(wl.Config(1, config([("a", "10.0.0.1:80"), ("b", "10.0.0.2:80")]),
+                                          {}))
+    worker.started = True  # (no servers to start here)
+    worker._apply_snapshot(wl.Snap(5, {"web": wl.PoolSnap(False, {"a": (True, 1.0),
+                                                                   "b": (False, 0.0)})}))
+    pool = worker.pools["web"]
+    assert [b.name for b in pool.backends if b.usable(0.0)] == ["a"]
+    worker._apply_snapshot(wl.Snap(6, {"web": wl.PoolSnap(False, {"b": (True, 2.0)})}, base=5))
+    assert {b.name: b.weight for b in pool.backends if b.usable(0.0)} == {"a": 1.0, "b": 2.0}
+    assert worker.last_snap is not None and worker.last_snap.ver == 6
+    assert worker.last_snap.pools["web"].entries == {"a": (True, 1.0), "b": (True, 2.0)}
+    # A delta on top of a version this worker never had: refused as a pool_edit problem
+    # (the control process then resends the config and the whole snapshot), nothing applied.
+    worker._apply_snapshot(wl.Snap(9, {"web": wl.PoolSnap(False, {"a": (False, 0.0)})}, base=8))
+    assert pool.get("a").usable(0.0)  # type: ignore[union-attr]
+    failed = [m for m in sent(worker) if isinstance(m, wl.ConfigFailed)]
+    assert failed and failed[-1].error.startswith("pool_edit: snapshot 9 builds on 8")

@@ -116,6 +116,22 @@ class Entry:
     weight: float
 
 
+_ENTRIES: dict[tuple[bool, float], Entry] = {}
+_ENTRIES_MAX = 65536
+
+
+def entry(eligible: bool, weight: float) -> Entry:
+    """The one Entry of these values: snapshots share them, so "did this backend change
+    since the last push" is an identity test (a pool of thousands compared at every push)."""
+    key = (eligible, weight)
+    found = _ENTRIES.get(key)
+    if found is None:
+        if len(_ENTRIES) >= _ENTRIES_MAX:
+            _ENTRIES.clear()
+        found = _ENTRIES[key] = Entry(eligible, weight)
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     pool: str
@@ -205,7 +221,7 @@ class PoolRotation:
         entries: dict[str, Entry] = {}
         for r, v, enabled, usable in rows:
             ok = enabled if spread else (usable and not panic)
-            entries[r.name] = Entry(ok, self._weight(r, now, v) if ok else 0.0)
+            entries[r.name] = entry(ok, self._weight(r, now, v) if ok else 0.0)
         return Snapshot(self.name, entries, panic, n_usable, n_enabled)
 
     def explain(self, backend: str, now: float, verdict: Verdict, snap: Snapshot) -> list[str]:

@@ -11,7 +11,9 @@ snapshot from the control process is authoritative again.
 
 Cost: a pick, a release and a local ejection never look at every backend. The rotation (the
 backends in it: eligible, weight > 0, not ejected locally) is kept in one structure per
-balance mode, rebuilt in O(N) when a snapshot arrives:
+balance mode, rebuilt in O(N) when a whole snapshot arrives, adjusted in O(log N) per
+backend for a snapshot's changed entries (``apply_delta``, what a worker gets at every
+change once it has a whole one):
 
 - ``round_robin``: an earliest-deadline-first heap (Envoy's EDF scheduler). A backend of
   weight w is due every 1/w of virtual time; a pick takes the earliest deadline (ties: the
@@ -232,6 +234,72 @@ class Pool:
             b.failures_in_row = 0
         self._ejected_n = 0
         self.rebuild()
+
+    def apply_delta(
+        self, version: int, changed: Mapping[str, BackendEntry], panic: bool
+    ) -> None:
+        """Take the changed entries of a snapshot (the others are as before): O(k log N)
+        for k entries, where ``apply`` is O(N). The control process sends these at every
+        change once a worker has a whole snapshot, so a pool of thousands changing one
+        backend at a time costs the workers almost nothing. Like ``apply``, an entry
+        overrides that backend's local ejection."""
+        if version < self.version:
+            return
+        self.version = version
+        self.panic = panic
+        for name, entry in changed.items():
+            b = self._by_name.get(name)
+            if b is not None:
+                self._set(b, entry.eligible, entry.weight)
+        if len(self._heap) > self._cap:
+            self._compact()
+
+    def _set(self, b: Backend, eligible: bool, weight: float) -> None:
+        """One backend's new eligibility and weight, its place in the rotation adjusted
+        the way ``rebuild`` would (round robin: the time left to its next pick rescaled)."""
+        if b.ejected_until > 0:
+            if b.eligible:
+                self._ejected_n = max(0, self._ejected_n - 1)
+            b.ejected_until = 0.0
+        b.failures_in_row = 0
+        was_in = b._where == _IN
+        old_w = b._w
+        b.eligible, b.weight = eligible, weight
+        usable = eligible and weight > 0
+        if not usable:
+            if was_in:
+                self._leave(b)
+            b._where = _OUT
+            b._ver += 1  # an ejection-queue entry, if any, is stale now
+            return
+        if was_in and (self._mode != _RR or old_w == weight):
+            if self._mode == _LC:  # its load per weight moved
+                b._ver += 1
+                heappush(self._heap, (b.in_flight / weight, b._seq, b._ver, b))
+            return
+        mode, vt = self._mode, self._vt
+        if was_in:  # round robin, a new weight: rescale the time left, as rebuild does
+            left = b._deadline - vt
+            d = vt + (left * old_w / weight if left > 0 else 0.0)
+            b._base, b._k, b._deadline = d, 0, d
+            b._w = weight
+            b._ver += 1
+            heappush(self._heap, (b._deadline, b._idx, b._ver, b))
+            return
+        b._ver += 1
+        b._where = _IN
+        self._live += 1
+        self._cap = max(self._cap, 2 * self._live + 64)
+        if mode == _RR:
+            b._w, b._base, b._k, b._deadline = weight, vt, 1, vt + 1 / weight
+            heappush(self._heap, (b._deadline, b._idx, b._ver, b))
+        elif mode == _LC:
+            self._seq += 1
+            b._seq = self._seq
+            heappush(self._heap, (b.in_flight / weight, b._seq, b._ver, b))
+        else:
+            b._pos = len(self._arr)
+            self._arr.append(b)
 
     def rebuild(self) -> None:
         """Derive the rotation from the backends' eligibility and weight: O(N).

@@ -259,21 +259,39 @@ class Worker:
         self.backend_tls = backend
 
     def _apply_snapshot(self, msg: wl.Snap) -> None:
+        delta = None
+        if msg.base:
+            last = self.last_snap
+            if last is None or last.ver != msg.base:
+                # A change on top of a snapshot this worker does not have (it raced a
+                # reload): the control process answers with the whole config and snapshot.
+                err = (f"pool_edit: snapshot {msg.ver} builds on {msg.base}, this worker has "
+                       f"{last.ver if last else 'none'}")
+                logger.error("event=worker_snapshot_gap error=%r", err)
+                self.send(wl.ConfigFailed(self.gen, err))
+                return
+            delta, msg = msg, last.merged(msg)
         self.last_snap = msg
         if self.config is None:
             return  # applied with the config
-        self._apply_pools(msg)
+        if delta is not None:
+            self._apply_pools(delta, incremental=True)
+        else:
+            self._apply_pools(msg)
         if not self.started:
             self.started = True
             asyncio.get_running_loop().create_task(self._start_servers())
 
-    def _apply_pools(self, msg: wl.Snap) -> None:
+    def _apply_pools(self, msg: wl.Snap, incremental: bool = False) -> None:
         for name, p in msg.pools.items():
             pool = self.pools.get(name)
             if pool is None:
                 continue
             entries = {bn: BackendEntry(e, w) for bn, (e, w) in p.entries.items()}
-            pool.apply(msg.ver, entries, p.panic)
+            if incremental:
+                pool.apply_delta(msg.ver, entries, p.panic)  # O(changed), not O(pool)
+            else:
+                pool.apply(msg.ver, entries, p.panic)
 
     async def _start_servers(self) -> None:
         assert self.config is not None
