@@ -280,9 +280,9 @@ def test_round_robin_cycle_is_exact_after_first_snapshot(weights: list[int], dat
 def test_round_robin_share_and_spread_after_changes(weights: list[float], data: st.DataObject
                                                    ) -> None:
     """After any history of snapshots, whole or deltas (weights changed, backends in and
-    out: everyone keeps its place), while the rotation stays the same: over any M picks each backend gets its
-    weight's share within 1 + n*w/W, and never more than 1 + w/w' picks in a row (w' the
-    heaviest other backend): no bursts."""
+    out: everyone keeps its place), while the rotation stays the same: over any M picks
+    each backend gets its weight's share within 1 + n*w/W, and never more than 1 + w/w'
+    picks in a row (w' the heaviest other backend): no bursts."""
     n = len(weights)
     pool = build_pool("web", "round_robin",
                       [(f"b{i}", "127.0.0.1", 9000 + i, w) for i, w in enumerate(weights)])
