@@ -365,6 +365,57 @@ level = "info"
 # -- outcomes ---------------------------------------------------------------------------------
 
 
+class ScrapedRig(Rig):
+    """The rig with a /metrics scraper in each node's namespace all along (bench/chaos_helpers.py
+    ``scrape``: Prometheus's Accept header and gzip), standing for a Prometheus elsewhere:
+    spared when a node's processes are killed. Fault tests run with it (docs: every fault
+    test runs with Prometheus scraping)."""
+
+    scrape_every_s = 0.5
+    scrape_for_s = 150.0
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.scrapers: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(workdir)
+
+    def spared_pids(self) -> set[int]:
+        return {p.pid for p in self.scrapers.values() if p.poll() is None}
+
+    def start_scrapers(self) -> None:
+        for node in LBS:
+            every, for_s = self.scrape_every_s, self.scrape_for_s
+            argv = [self.python, str(REPO / "bench" / "chaos_helpers.py"), "scrape",
+                    str(self.scrape_file(node)), "--port", str(ADMIN_PORT), "--paths",
+                    "/metrics", "--every", str(every), "--duration", str(for_s), "--max",
+                    str(int(for_s / every) + 10), "--timeout", str(every * 4)]
+            self.scrapers[node] = self.popen(node, argv, self.log_path(f"scrape-{node}"))
+
+    def stop_scrapers(self) -> None:
+        for p in self.scrapers.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in self.scrapers.values():
+            try:
+                p.wait(5.0)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(5.0)
+
+    def scrape_file(self, node: str) -> Path:
+        return self.workdir / f"scrapes-{node}.txt"
+
+    def scrapes(self, node: str, since: float = 0.0, until: float = float("inf")
+                ) -> list[tuple[float, float, int]]:
+        """(start, end, status) of each scrape of `node` that started in [since, until]."""
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.scrape_file(node).read_text(encoding="ascii").splitlines():
+                parts = line.split()
+                if len(parts) == 6 and since <= float(parts[0]) <= until:
+                    out.append((float(parts[0]), float(parts[1]), int(parts[3])))
+        return out
+
+
 @dataclass
 class Outcome:
     """What one scenario run measured. Times in seconds; None when it did not happen."""

@@ -130,7 +130,7 @@ def test_dns_records_changing_under_load_fail_no_request(tmp_path: Path) -> None
             assert {b["source"] for b in pool(lab)["backends"]} == {"dns"}
             out = tmp_path / "load.txt"
             client = topo.popen("cli", [PYTHON, "-m", "lab.load", f"127.0.0.1:{LISTEN}",
-                                        str(out), "--rate", "150", "--duration", "16",
+                                        str(out), "--rate", "150", "--duration", "11",
                                         "--max-requests", "5000"], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(client)
@@ -140,12 +140,12 @@ def test_dns_records_changing_under_load_fail_no_request(tmp_path: Path) -> None
                                          "20", "--max", "60", "--timeout", "2"], cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(scraper)
-            time.sleep(2)
+            time.sleep(1)
             t_up = time.monotonic()
             lab.set_hosts({"web": ADDRS})  # up by two
             wait("four backends in rotation", lambda: in_rotation(lab) == set(ADDRS), 10)
             lag_up = time.monotonic() - t_up
-            time.sleep(2)
+            time.sleep(1)
             lab.set_hosts({"web": ADDRS[2:]})  # down by two: they drain, then leave
             wait("the first two gone", lambda: {b["address"].split(":")[0] for b in
                                                 pool(lab)["backends"]} == set(ADDRS[2:]), 15)
@@ -164,12 +164,12 @@ def test_dns_records_changing_under_load_fail_no_request(tmp_path: Path) -> None
             client.wait(40)
             records = RecordLog(out).poll()
             failed = [r for r in records if not r.ok]
-            assert len(records) > 1500, len(records)
+            assert len(records) > 1000, len(records)
             assert failed == [], (len(failed), failed[:5])
             by = Counter(r.backend for r in records)
             assert all(by[f"b{i}"] > 30 for i in range(4)), by
             scrapes = (tmp_path / "scrapes.txt").read_text().splitlines()
-            assert len(scrapes) >= 10 and all(line.split()[3] == "200" for line in scrapes[2:])
+            assert len(scrapes) >= 8 and all(line.split()[3] == "200" for line in scrapes[2:])
             print(f"\nDNS scale up seen in rotation {lag_up:.2f} s after the records changed;"
                   f" {len(records)} requests, 0 failed; per backend {dict(by)}")
         finally:

@@ -77,9 +77,9 @@ def test_a_watched_file_scales_the_pool_under_load_and_keeps_the_last_good_set(
         with FileNode(tmp_path, listfile) as node, Scraper(node.admin) as scraper:
             assert {b["source"] for b in members(node).values()} == {"file"}
             out = tmp_path / "load.txt"
-            client = load(node, out, rate=150, duration_s=10)  # type: ignore[arg-type]
+            client = load(node, out, rate=150, duration_s=7)  # type: ignore[arg-type]
             try:
-                time.sleep(1.5)
+                time.sleep(1)
                 write_atomically(listfile, entries("f1", "f2", "f3", "f4"))
                 t0 = time.monotonic()
                 while not all(members(node).get(n, {}).get("in_rotation") for n in ("f3", "f4")):
@@ -91,7 +91,7 @@ def test_a_watched_file_scales_the_pool_under_load_and_keeps_the_last_good_set(
                                           {"name": "api1",
                                            "address": f"{LOOPBACK}:{be.ports['api1']}"}).encode())
                 assert status == 201, raw
-                time.sleep(1.5)
+                time.sleep(1)
                 write_atomically(listfile, entries("f3", "f4"))
                 t0 = time.monotonic()
                 while {"f1", "f2"} & set(members(node)):
@@ -109,7 +109,7 @@ def test_a_watched_file_scales_the_pool_under_load_and_keeps_the_last_good_set(
                 client.communicate(timeout=30)
             records = RecordLog(out).poll()
             failed = [r for r in records if not r.ok]
-            assert len(records) > 1000 and failed == [], (len(records), failed[:5])
+            assert len(records) > 700 and failed == [], (len(records), failed[:5])
             by = Counter(r.backend for r in records)
             assert all(by[n] > 0 for n in ("f1", "f3", "api1")), by
             m = parse_metrics(node.metrics())

@@ -98,9 +98,9 @@ def test_scaling_up_by_two_and_down_by_two_under_load_fails_no_request(tmp_path:
         cfg_backends.ports = {n: be.ports[n] for n in ("web1", "web2")}
         with Pairlb(tmp_path, cfg_backends) as node, Scraper(node.admin) as scraper:
             out = tmp_path / "load.txt"
-            client = load(node, out, rate=150, duration_s=14)
+            client = load(node, out, rate=150, duration_s=9)
             try:
-                time.sleep(2)
+                time.sleep(1)
                 # Up by two: one through the CLI, one through the API.
                 r = cli(node, "backend", "add", "web", "web3", f"{LOOPBACK}:{be.ports['web3']}")
                 assert r.returncode == 0, r.stderr
@@ -117,7 +117,7 @@ def test_scaling_up_by_two_and_down_by_two_under_load_fails_no_request(tmp_path:
                 m = members(node)
                 assert m["web3"]["source"] == "api" and m["web1"]["source"] == "config"
                 wait_until(lambda: served(be, "web4") > 0, 5, "web4 served")
-                time.sleep(2)
+                time.sleep(1)
                 # Down by two: the config's own backends.
                 status, body = api(node, "DELETE", "/pools/web/backends/web1")
                 assert status == 202, body
@@ -126,18 +126,18 @@ def test_scaling_up_by_two_and_down_by_two_under_load_fails_no_request(tmp_path:
                 wait_until(lambda: not ({"web1", "web2"} & set(members(node))), 15,
                            "web1 and web2 gone from /status")
                 seen = {n: served(be, n) for n in ("web1", "web2")}
-                time.sleep(2)
+                time.sleep(1)
                 after = {n: served(be, n) for n in ("web1", "web2")}
                 assert after == seen, "removed backends still get requests"
             finally:
                 _, err = client.communicate(timeout=30)
             records = RecordLog(out).poll()
-            assert len(records) > 1500, len(records)
+            assert len(records) > 1000, len(records)
             failed = [r for r in records if not r.ok]
             assert failed == [], (len(failed), failed[:5], err[-2000:])
             by_backend = Counter(r.backend for r in records)
             assert by_backend["web3"] > 50 and by_backend["web4"] > 50, by_backend
-            assert scraper.failed == [] and scraper.ok >= 15, (scraper.ok, scraper.failed)
+            assert scraper.failed == [] and scraper.ok >= 10, (scraper.ok, scraper.failed)
             assert set(members(node)) == {"web3", "web4"}
 
 

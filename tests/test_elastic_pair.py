@@ -12,9 +12,7 @@ namespaces all along (they stand for a Prometheus elsewhere).
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,16 +34,17 @@ pytestmark = [
 
 SCRAPE_EVERY_S = 0.5
 SCRAPE_FOR_S = 150.0
-HELPERS = fe.REPO / "bench" / "chaos_helpers.py"
 TOKEN = "elastic-pair-token"
 
 
-class ElasticRig(fe.Rig):
+class ElasticRig(fe.ScrapedRig):
     """The failover rig with a token, web1 and web2 in the config (web3 comes at runtime),
     and on lb2 only a second pool ``extra`` (a config drift the peer must refuse)."""
 
+    scrape_every_s = SCRAPE_EVERY_S
+    scrape_for_s = SCRAPE_FOR_S
+
     def __init__(self) -> None:
-        self.scrapers: dict[str, subprocess.Popen[bytes]] = {}
         super().__init__()
         try:
             self.token = TOKEN
@@ -70,45 +69,6 @@ name = "extra"
 backends = [ {{ name = "x1", address = "{self.addr['web1']}:{fe.BACKEND_PORT}" }} ]
 """
         return text
-
-    def spared_pids(self) -> set[int]:
-        return {p.pid for p in self.scrapers.values() if p.poll() is None}
-
-    def start_scrapers(self) -> None:
-        for node in LBS:
-            argv = [self.python, str(HELPERS), "scrape", str(self.scrape_file(node)), "--port",
-                    str(ADMIN_PORT), "--paths", "/metrics", "--every", str(SCRAPE_EVERY_S),
-                    "--duration", str(SCRAPE_FOR_S), "--max",
-                    str(int(SCRAPE_FOR_S / SCRAPE_EVERY_S) + 10), "--timeout",
-                    str(SCRAPE_EVERY_S * 4)]
-            self.scrapers[node] = self.popen(node, argv, self.log_path(f"scrape-{node}"))
-
-    def stop_scrapers(self) -> None:
-        for p in self.scrapers.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-        for p in self.scrapers.values():
-            try:
-                p.wait(5.0)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(5.0)
-
-    def scrape_file(self, node: str) -> Path:
-        return self.workdir / f"scrapes-{node}.txt"
-
-    def scrapes(self, node: str, since: float = 0.0) -> list[int]:
-        """The status of each scrape of ``node`` that started at ``since`` or later."""
-        out = []
-        try:
-            text = self.scrape_file(node).read_text(encoding="ascii")
-        except FileNotFoundError:
-            return out
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 6 and float(parts[0]) >= since:
-                out.append(int(parts[3]))
-        return out
 
     def call(self, node: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         import json
@@ -194,7 +154,7 @@ def test_a_backend_added_on_the_standby_serves_on_the_master_and_after_failover(
     rig.steady(rig.settings)
     assert rig.members("lb1")["web3"]["source"] == "api"
     # lb2 answered every scrape through the change and the failover (lb1 until it died).
-    scrapes = rig.scrapes("lb2", t_add)
+    scrapes = [status for _, _, status in rig.scrapes("lb2", t_add)]
     assert len(scrapes) >= 4 and all(s == 200 for s in scrapes), scrapes
 
 

@@ -334,7 +334,7 @@ def test_a_delete_during_a_replacement_drain_removes_the_name_for_good(
         assert ("web", "x") in n.e.removing
         answer = await n.e.remove("web", "x")
         assert answer["removing"] is True
-        await asyncio.sleep(2.0)  # the old x's drain ends (drain_timeout_s = 1)
+        await asyncio.sleep(1.0)  # the old x's drain ends (drain_timeout_s = 1)
         assert n.has("x") is None, (
             f"DELETE answered {answer}, yet x is back at {n.has('x')}; overlay entries: "
             f"{list(n.e.overlay.entries)}")
@@ -361,7 +361,7 @@ def test_a_reload_during_a_replacement_drain_keeps_the_old_server_until_it_left(
         # and is never taken out again.
         assert res.ok and n.has("x") == "127.0.0.1:1001" and n.d.is_removing("web", "x")
         n.edits.clear()
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(1.0)
         assert n.has("x") == "127.0.0.1:1002" and not n.d.is_removing("web", "x")
         assert [(e.add, e.remove) for e in n.edits] == [
             ((), ("x",)), ((("x", "127.0.0.1:1002", 1),), ())], n.edits
@@ -781,7 +781,7 @@ def test_the_state_exchange_works_within_the_advertised_limits() -> None:
 @pytest.mark.timeout(120)
 def test_a_reload_during_a_drain_keeps_the_backend_in_status_until_it_drained_e2e(
         tmp_path: Path) -> None:
-    """The in-process finding above on a real node: requests of 6 s in flight at web1,
+    """The in-process finding above on a real node: requests of 3 s in flight at web1,
     DELETE web1 (202, draining), POST /reload: web1 is gone from /status at once although
     the workers still have its requests in flight (they finish: the worker keeps the
     backend object). The operator who stops web1 once /status no longer lists it cuts them."""
@@ -790,7 +790,7 @@ def test_a_reload_during_a_drain_keeps_the_backend_in_status_until_it_drained_e2
                    "both in rotation")
 
         def slow(_: int) -> int:
-            return http("GET", node.url + "/sleep/6", headers={"Connection": "close"},
+            return http("GET", node.url + "/sleep/3", headers={"Connection": "close"},
                         timeout_s=20)[0]
 
         with ThreadPoolExecutor(6) as pool:
@@ -928,7 +928,7 @@ def test_a_backend_deleted_after_its_pool_came_back_stays_deleted(
         assert (await n.d.reload()).ok          # ... and comes back
         assert n.has("x", "other") == "127.0.0.1:1002"
         await n.e.remove("other", "x")          # the operator removes x
-        await asyncio.sleep(2.0)                # drained (drain_timeout_s = 1)
+        await asyncio.sleep(1.0)                # drained (drain_timeout_s = 1)
         assert n.e.overlay.entries[("other", "x")].state == "removed"
         assert n.has("x", "other") is None, (
             f"x deleted (tombstone in the overlay) but back at {n.has('x', 'other')}")

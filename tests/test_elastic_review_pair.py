@@ -99,9 +99,10 @@ def test_changes_on_both_sides_of_a_partition_converge_after_it_heals(
     rig.topo.isolate("lb1")
     rig.topo.isolate("lb2")
     try:
-        rig.wait_for("the sync channel down on both", lambda: not any(
-            p["connected"] for n in LBS for p in (rig.runtime(n)["sync"] or {}).get(
-                "peers", [])), 30.0, 0.2)
+        # No wait for the channel to notice (three silent pings, 15 s): a change made now is
+        # "pending" either way (no ack within op_timeout_s), and reaches the peer after
+        # the heal by the TCP retransmit or the state exchange of a new session.
+        time.sleep(0.3)
         answers = [
             rig.call("lb1", "POST", "/pools/web/backends",
                      {"name": "p1", "address": addr(rig, "web1")}),

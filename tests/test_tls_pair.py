@@ -24,12 +24,10 @@ Needs root (namespaces) and the openssl CLI (certificates); skipped otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ from tls_helpers import Pki
 
 from lab import netns
 from lab import pair_rig as fe
-from lab.pair import ADMIN_PORT, LBS
+from lab.pair import LBS
 
 pytestmark = [
     pytest.mark.netns,
@@ -56,7 +54,6 @@ TLS_PORT = 443
 NAME = "pair.test"
 SCRAPE_EVERY_S = 0.5
 SCRAPE_FOR_S = 120.0
-HELPERS = fe.REPO / "bench" / "chaos_helpers.py"
 BASELINE_S = 1.2
 """Scraped, both nodes up, before the kill."""
 AFTER_S = 1.5
@@ -66,14 +63,16 @@ RECONNECT_FOR_S = 10.0
 VERSIONS = {"1.3": ssl.TLSVersion.TLSv1_3, "1.2": ssl.TLSVersion.TLSv1_2}
 
 
-class TlsRig(fe.Rig):
+class TlsRig(fe.ScrapedRig):
     """The failover rig with a TLS listener on VIP:443 on both nodes, and /metrics scrapers
     in each node's namespace (spared when a node is killed: they stand for a Prometheus
     elsewhere)."""
 
+    scrape_every_s = SCRAPE_EVERY_S
+    scrape_for_s = SCRAPE_FOR_S
+
     def __init__(self) -> None:
         self.ticket_files: dict[str, Path] | None = None
-        self.scrapers: dict[str, subprocess.Popen[bytes]] = {}
         super().__init__()
         try:
             self.pki = Pki(self.workdir / "pki")
@@ -105,42 +104,6 @@ pool = "web"
                 self.stop_lb(node)
             self.ticket_files = files
         self.steady(self.settings)
-
-    def spared_pids(self) -> set[int]:
-        return {p.pid for p in self.scrapers.values() if p.poll() is None}
-
-    def start_scrapers(self) -> None:
-        for node in LBS:
-            out = self.scrape_file(node)
-            argv = [self.python, str(HELPERS), "scrape", str(out), "--port", str(ADMIN_PORT),
-                    "--paths", "/metrics", "--every", str(SCRAPE_EVERY_S), "--duration",
-                    str(SCRAPE_FOR_S), "--max", str(int(SCRAPE_FOR_S / SCRAPE_EVERY_S) + 10),
-                    "--timeout", str(SCRAPE_EVERY_S * 4)]
-            self.scrapers[node] = self.popen(node, argv, self.log_path(f"scrape-{node}"))
-
-    def stop_scrapers(self) -> None:
-        for p in self.scrapers.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-        for p in self.scrapers.values():
-            try:
-                p.wait(5.0)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(5.0)
-
-    def scrape_file(self, node: str) -> Path:
-        return self.workdir / f"scrapes-{node}.txt"
-
-    def scrapes(self, node: str, since: float, until: float) -> list[tuple[float, float, int]]:
-        """(start, end, status) of each scrape of `node` that started in [since, until]."""
-        out = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in self.scrape_file(node).read_text(encoding="ascii").splitlines():
-                parts = line.split()
-                if len(parts) == 6 and since <= float(parts[0]) <= until:
-                    out.append((float(parts[0]), float(parts[1]), int(parts[3])))
-        return out
 
     def metrics(self, node: str) -> Any:
         code, body = self.admin(node, "GET", "/metrics")
