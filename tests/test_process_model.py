@@ -345,6 +345,9 @@ def test_workers_run_as_nobody_with_no_capability_and_still_serve(node: Node) ->
 
     assert node.proc is not None
     _wait_workers_serving(node, 2)
+    time.sleep(0.5)
+    # One "serving" per worker: a config and a snapshot read together start servers once.
+    assert node.log_text().count("event=worker_serving") == 2, node.log_text()[-2000:]
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_gid
     pids = node.worker_pids()

@@ -296,6 +296,7 @@ class Worker:
     async def _start_servers(self) -> None:
         assert self.config is not None
         pool_cfgs = {p.name: p for p in self.config.pool}
+        started: list[str] = []
         for name, lcfg in self.listener_cfgs.items():
             if name in self.servers or name not in self.fds:
                 continue
@@ -317,7 +318,10 @@ class Worker:
             # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
             self.socks[name] = sock
+            started.append(name)
             await server.start(sock)
+        if not started:
+            return  # nothing new (a config and a snapshot of one read both got here)
         self.send(wl.Ready(os.getpid(), tuple(sorted(self.servers))))
         logger.info("event=worker_serving listeners=%s", ",".join(sorted(self.servers)))
 
