@@ -163,9 +163,13 @@ def test_demo_certificates_are_made_with_openssl_or_skipped_in_one_reason(
 @pytest.mark.netns
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_namespace_demo_plays_every_event_and_leaves_nothing() -> None:
-    proc = subprocess.run([sys.executable, "-m", "lb", "demo", "--duration", "20"], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=140)
+def test_namespace_demo_plays_every_event_then_keep_and_cleanup() -> None:
+    """The whole story, with --keep (one demo run for both: the suite's time): what a user
+    sees in the summary; then it is still running with working admin and VIP URLs, and
+    --cleanup removes it (normal teardown: test_ctrl_c_tears_everything_down and the
+    loopback story)."""
+    proc = subprocess.run([sys.executable, "-m", "lb", "demo", "--duration", "20", "--keep"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=140)
     out = proc.stdout + proc.stderr
     prefix = prefix_of(out)
     try:
@@ -212,10 +216,46 @@ def test_namespace_demo_plays_every_event_and_leaves_nothing() -> None:
                          r"resumed the client's TLS session", out), out[-5000:]
         assert re.search(r"\(HTTPS \d+ ms, session resumed\)", kill), kill
         assert re.search(r"https_ok/s=[1-9]", out)
+        check_kept_then_cleanup(out, prefix)
     finally:
-        left = netns.list_namespaces(prefix + "-")
+        for state in demo_net.kept_runs():
+            if state.get("prefix") == prefix:
+                demo_net.cleanup_run(state)
         netns.cleanup(prefix)
-    assert left == [], f"the demo left {left}"
+
+
+def check_kept_then_cleanup(out: str, prefix: str) -> None:
+    """--keep left it running with admin and VIP URLs that answer; --cleanup removes it."""
+    assert "pairlb demo --cleanup" in out and f"ip netns exec {prefix}-lb1" in out
+    assert netns.list_namespaces(prefix + "-"), "nothing left running with --keep"
+    url = re.search(r"admin lb1\s+(http://127\.0\.0\.1:\d+/)", out)
+    vip = re.search(r"the VIP\s+(http://127\.0\.0\.1:\d+/)", out)
+    assert url and vip, out[-2000:]
+
+    def get(u: str) -> tuple[int, bytes]:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(u, timeout=2) as resp:
+                    return resp.status, resp.read()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    status, body = get(url.group(1) + "status")
+    assert status == 200 and json.loads(body)["node"] == "lb1"
+    status, body = get(vip.group(1))
+    assert status == 200 and body.startswith(b"hello from web")
+    clean = subprocess.run([sys.executable, "-m", "lb", "demo", "--cleanup"], cwd=ROOT,
+                           env=env(), capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert f"removed namespace {prefix}-lb1" in clean.stdout
+    assert "stopped forwarder" in clean.stdout
+    assert netns.list_namespaces(prefix + "-") == []
+    again = subprocess.run([sys.executable, "-m", "lb", "demo", "--cleanup"], cwd=ROOT,
+                           env=env(), capture_output=True, text=True, timeout=60)
+    assert prefix not in again.stdout
 
 
 @needs_netns
@@ -254,54 +294,6 @@ def test_ctrl_c_tears_everything_down() -> None:
             left = netns.list_namespaces(prefix + "-")
             netns.cleanup(prefix)
             assert left == [], f"Ctrl-C left {left}"
-
-
-@needs_netns
-@pytest.mark.netns
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_keep_leaves_it_running_with_admin_urls_and_cleanup_removes_it() -> None:
-    proc = subprocess.run([sys.executable, "-m", "lb", "demo", "--duration", "15", "--keep"],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=140)
-    out = proc.stdout + proc.stderr
-    prefix = prefix_of(out)
-    try:
-        assert proc.returncode == 0 and "Traceback" not in out, out[-4000:]
-        assert "pairlb demo --cleanup" in out and f"ip netns exec {prefix}-lb1" in out
-        assert netns.list_namespaces(prefix + "-"), "nothing left running with --keep"
-        url = re.search(r"admin lb1\s+(http://127\.0\.0\.1:\d+/)", out)
-        vip = re.search(r"the VIP\s+(http://127\.0\.0\.1:\d+/)", out)
-        assert url and vip, out[-2000:]
-
-        def get(u: str) -> tuple[int, bytes]:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    with urllib.request.urlopen(u, timeout=2) as resp:
-                        return resp.status, resp.read()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-
-        status, body = get(url.group(1) + "status")
-        assert status == 200 and json.loads(body)["node"] == "lb1"
-        status, body = get(vip.group(1))
-        assert status == 200 and body.startswith(b"hello from web")
-        clean = subprocess.run([sys.executable, "-m", "lb", "demo", "--cleanup"], cwd=ROOT,
-                               env=env(), capture_output=True, text=True, timeout=60)
-        assert clean.returncode == 0, clean.stdout + clean.stderr
-        assert f"removed namespace {prefix}-lb1" in clean.stdout
-        assert "stopped forwarder" in clean.stdout
-        assert netns.list_namespaces(prefix + "-") == []
-        again = subprocess.run([sys.executable, "-m", "lb", "demo", "--cleanup"], cwd=ROOT,
-                               env=env(), capture_output=True, text=True, timeout=60)
-        assert prefix not in again.stdout
-    finally:
-        for state in demo_net.kept_runs():
-            if state.get("prefix") == prefix:
-                demo_net.cleanup_run(state)
-        netns.cleanup(prefix)
 
 
 # -- without root ------------------------------------------------------------------------------
