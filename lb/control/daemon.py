@@ -632,6 +632,9 @@ class Daemon:
                                self.table.in_service)
         self._compute_snapshots()
         if replace_workers:
+            # The old workers serve until their turn: they follow the rotation meanwhile
+            # (the new ones get it in their welcome, and deltas build on it).
+            self.supervisor.broadcast(self._snapshot_message())
             await self.supervisor.replace_all(new.node.shutdown_timeout_s)
         else:
             self.supervisor.broadcast(self._config_message())
@@ -723,6 +726,12 @@ class Daemon:
             return
         delay = max(0.0, self._last_push + self._push_gap_s - time.monotonic())
         self._push_handle = asyncio.get_running_loop().call_later(delay, self._pushed_soon)
+
+    def force_entry(self, pool: str, backend: str) -> None:
+        """The next push carries this backend's entry even if it did not change (a worker
+        reset it: a backend added again, an ejection the control process refused)."""
+        self._force_push.add((pool, backend))
+        self._push_soon()
 
     def push_soon(self) -> None:
         """A rotation change (a backend joined, left or was re-weighted): pushed on the next

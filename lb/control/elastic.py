@@ -122,7 +122,10 @@ class Elastic:
         self.origins[(pool, backend.name)] = origin
         d.supervisor.broadcast(wl.PoolEdit(
             d.generation, pool, add=((backend.name, backend.address, backend.weight),)))
-        d.push_soon()
+        # The workers' new backend starts out of rotation whatever they last got for that
+        # name (a re-add, a replacement): the next push names it even if its entry did not
+        # change.
+        d.force_entry(pool, backend.name)
 
     def leave_now(self, pool: str, name: str) -> bool:
         """Take the backend out everywhere at once (after its drain); then the name is what

@@ -78,6 +78,7 @@ class Worker:
         self.backend_tls: dict[str, ssl.SSLContext] = {}
         self.gen = 0
         """The config generation applied (a PoolEdit names the one it builds on)."""
+        self._starting = asyncio.Lock()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -216,6 +217,14 @@ class Worker:
             pool.add_backend(Backend(pool.name, b.name, host, port, float(b.weight)))
         gone |= {b.name for b in added}
         backends = tuple(b for b in pcfg.backends if b.name not in gone) + tuple(added)
+        last = self.last_snap
+        if msg.remove and last is not None and msg.pool in last.pools:
+            # Forget their entries: with discovery churning names the snapshot would keep
+            # every server that ever existed.
+            ps = last.pools[msg.pool]
+            left = {n: e for n, e in ps.entries.items() if n not in msg.remove}
+            self.last_snap = wl.Snap(last.ver, {**last.pools,
+                                                msg.pool: wl.PoolSnap(ps.panic, left)})
         new_pcfg = pcfg.model_copy(update={"backends": backends})
         self.config = cfg.model_copy(update={"pool": [
             new_pcfg if p.name == msg.pool else p for p in cfg.pool]})
@@ -294,6 +303,10 @@ class Worker:
                 pool.apply(msg.ver, entries, p.panic)
 
     async def _start_servers(self) -> None:
+        async with self._starting:  # a config and a snapshot of one read both get here
+            await self._start_new_servers()
+
+    async def _start_new_servers(self) -> None:
         assert self.config is not None
         pool_cfgs = {p.name: p for p in self.config.pool}
         started: list[str] = []
