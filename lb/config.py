@@ -548,19 +548,21 @@ class DiscoveryConfig(_Model):
             if self.min_ttl_s > self.max_ttl_s:
                 raise ValueError("min_ttl_s: above max_ttl_s")
             for r in self.resolvers:
-                _resolver(r)
+                parse_resolver(r)
         elif self.path is None:
             raise ValueError("path: required with type = \"file\"")
         return self
 
 
-def _resolver(v: str) -> tuple[str, int]:
-    """``ip`` or ``ip:port`` / ``[v6]:port`` of a DNS server (an address, not a name: the
-    resolver cannot need itself)."""
-    host, port = (parse_hostport(v) if ":" in v and not _is_ip(v) else (v, 53))
+def parse_resolver(value: str) -> tuple[str, int]:
+    """``ip``, ``ip:port`` or ``[v6]:port`` of a DNS server -> (ip, port): an address, not a
+    name (the resolver cannot need itself). lb.control.discovery asks these."""
+    if _is_ip(value):
+        return str(ipaddress.ip_address(value)), 53
+    host, port = parse_hostport(value) if ":" in value else (value, 53)
     if not _is_ip(host):
-        raise ValueError(f"resolvers: {v!r} is not an IP address (or ip:port)")
-    return host, port
+        raise ValueError(f"resolvers: {value!r} is not an IP address (or ip:port)")
+    return str(ipaddress.ip_address(host)), port
 
 
 def _is_ip(v: str) -> bool:

@@ -107,7 +107,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from lb.config import format_hostport, parse_hostport
+from lb.config import format_hostport, parse_hostport, parse_resolver
 
 logger = logging.getLogger("lb.control.discovery")
 
@@ -181,16 +181,6 @@ def _check_common(min_ttl_s: float, max_ttl_s: float, jitter: float, max_backend
         raise ValueError(f"jitter: must be 0-0.5 (got {jitter})")
     if not 1 <= max_backends <= MAX_BACKENDS:
         raise ValueError(f"max_backends: must be 1-{MAX_BACKENDS} (got {max_backends})")
-
-
-def parse_resolver(value: str) -> tuple[str, int]:
-    """``ip``, ``ip:port`` or ``[v6]:port`` of a DNS server -> (ip, port); names refused."""
-    if _is_ip(value):
-        return str(ipaddress.ip_address(value)), 53
-    host, port = parse_hostport(value)
-    if not _is_ip(host):
-        raise ValueError(f"resolvers: {value!r} is not an IP address (or ip:port)")
-    return str(ipaddress.ip_address(host)), port
 
 
 def _is_ip(value: str) -> bool:

@@ -656,7 +656,6 @@ def same_definition(b: BackendConfig, intent: Intent) -> bool:
         return False
 
 
-_same = same_definition  # the name lb.control.elastic used first
 
 
 def _added(intent: Intent) -> BackendConfig:
