@@ -297,6 +297,11 @@ class ListenerConfig(_Model):
     without terminating them (HAProxy's ``req.ssl_sni``); ``pool`` takes the rest."""
     sni_inspect_timeout_s: Seconds = 5.0
     """With sni_routes: how long to wait for the ClientHello; then ``pool`` takes it."""
+    accept_proxy_protocol: bool = False
+    """Read a PROXY protocol header (v1 or v2) at the start of each connection from a
+    ``trusted_proxies`` address: required from them, and the client address it carries is
+    the one logged, checked and forwarded. A connection from any other address that starts
+    with one is refused (counted as ``proxy_protocol_untrusted``)."""
 
     @field_validator("bind")
     @classmethod
@@ -326,6 +331,9 @@ class ListenerConfig(_Model):
                 raise ValueError("redirect_to_https needs mode = \"http\"")
             if self.acme_challenge_dir is not None:
                 raise ValueError("acme_challenge_dir needs mode = \"http\"")
+        if self.accept_proxy_protocol and not self.trusted_proxies:
+            raise ValueError("accept_proxy_protocol needs trusted_proxies (the addresses of "
+                             "the proxies allowed to send the header)")
         if self.tls is not None and self.redirect_to_https:
             raise ValueError("redirect_to_https is for a plain listener; this one has tls")
         if self.sni_routes:
@@ -439,7 +447,7 @@ class HealthOverride(_Model):
     """Check a different port than the traffic port."""
 
 
-Balance = Literal["round_robin", "least_connections", "random_two"]
+Balance = Literal["round_robin", "least_connections", "random_two", "maglev"]
 """How a pool picks a backend (lb.data.pool builds one structure per value)."""
 PanicMode = Literal["spread", "fail"]
 """What a pool in panic does (lb.control.rotation)."""
@@ -573,6 +581,25 @@ def _is_ip(v: str) -> bool:
     return True
 
 
+HASH_TABLE_MIN = 251
+HASH_TABLE_MAX = 16_777_259
+HashOn = Annotated[str, Field(pattern=r"^(source_ip|uri|header:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}"
+                                      r"|cookie:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})$")]
+"""``source_ip``, ``uri``, ``header:NAME`` or ``cookie:NAME`` (NAME an HTTP token)."""
+CookieName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")]
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2 or n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
 class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique pool name, referenced by listeners."""
@@ -620,6 +647,38 @@ class PoolConfig(_Model):
     """See ``[pool.passive]``."""
     tls: PoolTlsConfig | None = None
     """See ``[pool.tls]``: speak TLS to this pool's backends (requests and health checks)."""
+    hash_on: HashOn = "source_ip"
+    """With ``balance = "maglev"``: the request's key. ``source_ip`` (the client's address,
+    after trusted proxies), ``header:NAME``, ``cookie:NAME`` or ``uri`` (the path, without the
+    query). A request without the key is balanced round robin. TCP pools: ``source_ip``."""
+    hash_table_size: Annotated[int, Field(ge=HASH_TABLE_MIN, le=HASH_TABLE_MAX)] | None = None
+    """Maglev lookup table size, a prime. Default: the smallest prime of a fixed ladder
+    (65537, 131071, ...) above 100 x the pool's backends, so both nodes pick the same; a
+    pool that crosses a step remaps most keys, so pin it for pools that grow at runtime."""
+    sticky_cookie: CookieName | None = None
+    """HTTP pools: send a client back to the backend that answered it before, by a cookie
+    of this name that pairlb sets (an opaque token of the backend's name, the same on both
+    nodes). A sticky backend that is down, draining or gone is replaced, and the cookie
+    reset."""
+    send_proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    """Pools of ``mode = "tcp"`` listeners: start each backend connection with a PROXY
+    protocol header carrying the client's address (the backend must expect it)."""
+
+    @field_validator("hash_table_size")
+    @classmethod
+    def _prime(cls, v: int | None) -> int | None:
+        if v is not None and not _is_prime(v):
+            raise ValueError(f"{v} is not a prime (Maglev needs one; e.g. 65537, 131071)")
+        return v
+
+    @model_validator(mode="after")
+    def _hashing(self) -> PoolConfig:
+        set_ = self.model_fields_set
+        if self.balance != "maglev":
+            for key in ("hash_on", "hash_table_size"):
+                if key in set_:
+                    raise ValueError(f"{key} needs balance = \"maglev\"")
+        return self
 
     @model_validator(mode="after")
     def _unique_backends(self, info: ValidationInfo) -> PoolConfig:
@@ -870,6 +929,15 @@ class LoggingConfig(_Model):
     """Least severe level logged."""
     journald_prefix: Literal["auto", "always", "never"] = "auto"
     """'<N>' priority prefixes for journald; auto = when stderr is the journal."""
+    access_log: Annotated[str, Field(pattern=r"^(stdout|/.+)$")] | None = None
+    """One line per HTTP request (per connection in TCP mode): ``stdout`` or an absolute
+    path every worker appends to (reopened on SIGUSR1, for logrotate). Default: off."""
+    access_log_format: Literal["json", "combined"] = "json"
+    """``json`` (one object per line, every field) or Apache's ``combined`` plus pairlb's
+    fields at the end."""
+    access_log_buffer_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 4 << 20
+    """Per worker: lines waiting for a slow disk beyond this are dropped and counted
+    (``pairlb_access_log_dropped_total``); a worker never waits for its log."""
 
 
 class SyncConfig(_Model):
@@ -916,6 +984,18 @@ class Config(_Model):
         for i, lst in enumerate(self.listener):
             if lst.pool not in pools:
                 raise ValueError(f"listener[{i}].pool: no pool named {lst.pool!r} (pools: {pools})")
+            for name in lst.pools:
+                if name not in pools:
+                    continue
+                p = self.pool[pools.index(name)]
+                if lst.mode == "http" and p.send_proxy_protocol != "off":
+                    raise ValueError(f"pool {name!r}: send_proxy_protocol is for pools of "
+                                     f"mode = \"tcp\" listeners; listener {lst.name!r} is "
+                                     f"http (its backends get X-Forwarded-For)")
+                if lst.mode == "tcp" and (p.hash_on != "source_ip" or p.sticky_cookie):
+                    raise ValueError(f"pool {name!r}: listener {lst.name!r} is mode = "
+                                     f"\"tcp\": hash_on can only be source_ip, and "
+                                     f"sticky_cookie needs HTTP")
             for j, r in enumerate(lst.sni_routes):
                 if r.pool not in pools:
                     raise ValueError(f"listener[{i}].sni_routes[{j}].pool: no pool named "
