@@ -30,6 +30,17 @@ change once it has a whole one):
   least in-flight per weight; ties go to the one that waited longest. O(log N).
 - ``random_two``: two distinct backends drawn from an array of the rotation (swap-removal on
   ejection), the less loaded per weight wins. O(1).
+- ``maglev``: a pick with a key (``pick(now, exclude, key)``, a ``lb.data.maglev.key_hash``)
+  goes where the pool's Maglev table sends it (``set_hash_table``: built by the control
+  process from the members alone, the same on both nodes); a backend out of the rotation
+  (down, draining, ejected, excluded by a retry) is skipped by ``lb.data.maglev.lookup``,
+  which tries the key's next choices. O(1). A pick without a key, before the first table, or
+  when the lookup finds nothing usable is round robin (its structure is kept as for
+  ``round_robin``).
+
+Sticky cookies (any balance mode): each backend has an opaque ``token``
+(``lb.data.maglev.sticky_token``: the same on both nodes); ``take_token`` picks the backend
+of a token if it is in the rotation. O(1).
 
 A local ejection leaves the rotation at once (O(log N)) and comes back through a heap of
 ejection deadlines checked at each pick. Retries exclude the backends already tried: the
@@ -42,12 +53,14 @@ The balance modes and the passive-ejection defaults are lb.config's (``Balance``
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from heapq import heapify, heappop, heappush, heapreplace
 
 from lb.config import PASSIVE_DEFAULTS, Balance
+from lb.data.maglev import lookup, sticky_token
 
 
 class Outcome(StrEnum):
@@ -66,7 +79,9 @@ FAILURES = frozenset({Outcome.CONNECT_FAILED, Outcome.TIMEOUT, Outcome.HTTP_5XX,
 _OUT, _IN, _EJECTED = 0, 1, 2
 """Where a backend is: out of rotation (snapshot), in it, or out until its local ejection ends."""
 _RR, _LC, _R2 = 0, 1, 2
-_MODES: dict[str, int] = {"round_robin": _RR, "least_connections": _LC, "random_two": _R2}
+_MODES: dict[str, int] = {
+    "round_robin": _RR, "least_connections": _LC, "random_two": _R2, "maglev": _RR,
+}
 """Every lb.config.Balance, and the structure it is kept in."""
 _RENORMALIZE_AT = float(1 << 30)
 """Virtual time past which round robin's deadlines are shifted back (float precision)."""
@@ -102,6 +117,11 @@ class Backend:
     """Least connections: tie-breaker (when its entry was pushed)."""
     _pos: int = field(default=-1, repr=False)
     """random_two: index in the rotation array."""
+    token: str = field(init=False, default="", repr=False)
+    """The sticky cookie's value that names this backend (``lb.data.maglev.sticky_token``)."""
+
+    def __post_init__(self) -> None:
+        self.token = sticky_token(self.pool, self.name)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -171,9 +191,17 @@ class Pool:
     _next_idx: int = field(default=0, repr=False)
     """The tie-breaker of the next backend added: never reused, so two heap entries never
     tie on (key, idx) and fall through to comparing backends."""
+    _by_token: dict[str, Backend] = field(default_factory=dict, repr=False)
+    _htable: array[int] | None = field(default=None, repr=False)
+    """maglev: the lookup table (slot -> index into ``_hmembers``), once one is set."""
+    _hmembers: list[Backend | None] = field(default_factory=list, repr=False)
+    """The table's members, by index: the backend of that name, None if the pool has none."""
+    _hindex: dict[str, int] = field(default_factory=dict, repr=False)
+    """The table's member names -> index."""
 
     def __post_init__(self) -> None:
         self._by_name = {b.name: b for b in self.backends}
+        self._by_token = {b.token: b for b in self.backends}
         mode = _MODES.get(self.balance)
         if mode is None:
             raise ValueError(f"pool {self.name}: unknown balance {self.balance!r}")
@@ -199,6 +227,10 @@ class Pool:
         self._next_idx += 1
         self.backends.append(backend)
         self._by_name[backend.name] = backend
+        self._by_token[backend.token] = backend
+        i = self._hindex.get(backend.name)
+        if i is not None:  # a name the table has (removed and added back): its slots
+            self._hmembers[i] = backend
         return True
 
     def remove_backend(self, name: str) -> Backend | None:
@@ -215,6 +247,62 @@ class Pool:
         b._ver += 1  # any heap or ejection entry of it is stale now
         b.eligible = False
         self.backends.remove(b)
+        if self._by_token.get(b.token) is b:
+            del self._by_token[b.token]
+        i = self._hindex.get(name)
+        if i is not None:
+            self._hmembers[i] = None
+        return b
+
+    def set_hash_table(self, members: Sequence[str], table: array[int]) -> None:
+        """Install a maglev pool's lookup table (``lb.data.maglev.build``'s names and table).
+
+        Names map to the pool's backends of those names now and as they come and go (a name
+        not in the pool maps to nothing; a backend removed is never picked through it);
+        a backend whose name is not in ``members`` gets no hashed traffic until a table
+        names it. O(M) once (a check that every entry is a member).
+        """
+        if self._mode != _RR or self.balance != "maglev":
+            raise ValueError(f"pool {self.name}: a hash table needs balance = \"maglev\"")
+        if table and max(table) >= len(members):
+            raise ValueError(f"pool {self.name}: hash table entry past its {len(members)} "
+                             f"members")
+        by_name = self._by_name
+        self._hindex = {n: i for i, n in enumerate(members)}
+        if len(self._hindex) != len(members):
+            raise ValueError(f"pool {self.name}: hash table members not unique")
+        self._hmembers = [by_name.get(n) for n in members]
+        self._htable = table if table else None
+
+    def by_token(self, token: str | bytes) -> Backend | None:
+        """The backend a sticky cookie's value names, if it is in the rotation (eligible,
+        weight above 0, not ejected locally; an ejection that just ended counts from the
+        next pick). O(1)."""
+        if isinstance(token, bytes):
+            token = token.decode("latin-1")
+        b = self._by_token.get(token)
+        return b if b is not None and b._where == _IN else None
+
+    def token_of(self, backend: Backend) -> str:
+        """The sticky cookie's value for ``backend`` (``Backend.token``)."""
+        return backend.token
+
+    def take_token(self, token: str | bytes, now: float, exclude: Iterable[Backend] = ()
+                   ) -> Backend | None:
+        """A sticky pick: the backend of ``token`` (``by_token``) unless ``exclude`` has it,
+        counted in flight like a pick; None (the caller picks as usual, and resets the
+        cookie) if it is gone, out of rotation or excluded."""
+        ejq = self._ejq
+        if ejq and ejq[0][0] <= now:
+            self._readmit(now)
+        b = self.by_token(token)
+        if b is None or (exclude and b in set(exclude)):
+            return None
+        if self._mode == _LC:
+            self._charge_lc_any(b)
+        else:
+            b.in_flight += 1
+            b.requests += 1
         return b
 
     def apply(self, version: int, entries: Mapping[str, BackendEntry], panic: bool) -> None:
@@ -349,11 +437,22 @@ class Pool:
         self._live = len(heap) + len(arr)
         self._cap = 2 * self._live + 64
 
-    def pick(self, now: float, exclude: Iterable[Backend] = ()) -> Backend | None:
-        """Choose a backend for a new request or connection and count it in flight."""
+    def pick(self, now: float, exclude: Iterable[Backend] = (), key: int | None = None
+             ) -> Backend | None:
+        """Choose a backend for a new request or connection and count it in flight.
+
+        ``key`` (maglev pools): the request's ``lb.data.maglev.key_hash``; the backend the
+        table gives it, or the key's next choice in the rotation and not in ``exclude``.
+        Without a key, a table or a usable choice: the pool's ordinary pick."""
         ejq = self._ejq
         if ejq and ejq[0][0] <= now:
             self._readmit(now)
+        if key is not None:
+            table = self._htable
+            if table is not None:
+                b = self._pick_key(table, key, exclude)
+                if b is not None:
+                    return b
         if exclude:
             return self._pick_excluding(set(exclude))
         mode = self._mode
@@ -433,6 +532,39 @@ class Pool:
         return (self._ejected_n + 1) * 100 <= self.max_eject_percent * len(self.backends)
 
     # -- the rotation's structures ---------------------------------------------------------
+
+    def _pick_key(self, table: array[int], key: int, exclude: Iterable[Backend]
+                  ) -> Backend | None:
+        """maglev: the key's backend (lb.data.maglev.lookup), counted in flight."""
+        members = self._hmembers
+        b = members[table[key % len(table)]]
+        skip = set(exclude) if exclude else ()
+        if b is None or b._where != _IN or b in skip:
+
+            def usable(i: int) -> bool:
+                c = members[i]
+                return c is not None and c._where == _IN and c not in skip
+
+            i = lookup(table, key, usable)
+            if i is None:
+                return None
+            b = members[i]
+            assert b is not None
+        b.in_flight += 1
+        b.requests += 1
+        return b
+
+    def _charge_lc_any(self, b: Backend) -> None:
+        """Count a least-connections pick of ``b``, wherever its heap entry is."""
+        b.in_flight += 1
+        b.requests += 1
+        self._seq += 1
+        b._seq = self._seq
+        b._ver += 1
+        heap = self._heap
+        heappush(heap, (b.in_flight / b.weight, self._seq, b._ver, b))
+        if len(heap) > self._cap:
+            self._compact()
 
     def _charge_lc(self, b: Backend) -> None:
         """Count a least-connections pick of ``b``, the valid top of the heap."""
