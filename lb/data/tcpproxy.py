@@ -17,6 +17,22 @@ A pool with ``[pool.tls]`` is connected to with TLS (its context from the worker
 sent and verified ``server_name`` or the backend's host); a failed handshake or verification
 is a connect failure, retried on another backend like a refused connect.
 
+PROXY protocol (lb.data.proxyproto). Sending: a pool with ``send_proxy_protocol`` = v1/v2
+starts every backend connection (each retry's too) with a header carrying the client's
+address and the address it connected to (those of an accepted header, when there was one).
+To a ``[pool.tls]`` pool the header goes first on the wire, before the TLS handshake (as
+HAProxy's ``send-proxy`` with ``ssl``): the socket is connected, the header written, then
+TLS started on it. Accepting (``accept_proxy_protocol``): before anything else (the SNI
+peek, the backend connect), a connection from a ``trusted_proxies`` address must start with
+a valid header (v1 or v2), whole within ``client_header_timeout_s``; its source becomes the
+connection's client address (``_Pipe.client_addr``); a LOCAL/UNKNOWN header keeps the real
+peer. A connection from any other address is an ordinary client, connected at once, but
+its first bytes are held until they cannot start a header; if they are a PROXY signature it
+is refused. Refused = closed without a byte, counted as a bad request with status 0 and
+reason ``proxy_protocol_missing``/``_invalid``/``_untrusted`` (lb.data.proxyproto.REASONS).
+A ``[listener.tls]`` listener reads no header: TLS is terminated before the engine sees a
+byte (the config should refuse the combination).
+
 Imports no control-plane module.
 """
 
@@ -24,12 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from lb.config import ListenerConfig, PoolConfig
+from lb.data import headers as H
+from lb.data import proxyproto as pp
 from lb.data.listener import ListenerServer, unread_bytes
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
@@ -101,18 +121,25 @@ class _Side(asyncio.Protocol):
 
 
 class _ClientSide(_Side):
-    __slots__ = ("buf", "buf_bytes")
+    __slots__ = ("buf", "buf_bytes", "gate")
 
     def __init__(self, pipe: _Pipe) -> None:
         super().__init__(pipe)
         self.buf: list[bytes] = []
         self.buf_bytes = 0
+        self.gate: pp.Gate | None = None
+        """The PROXY protocol gate the first bytes pass (accept_proxy_protocol), until it
+        decided; None then, and on other listeners."""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.pipe.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.gate is not None:
+            data = self.pipe.gated(self, data)
+            if not data:
+                return
         pipe = self.pipe
         pipe.touch()
         pipe.bytes_in += len(data)
@@ -125,6 +152,8 @@ class _ClientSide(_Side):
         self.peer.write(data)
 
     def eof_received(self) -> bool:
+        if self.gate is not None and not self.pipe.gate_ended(self):
+            return False
         self.eof = True
         return self.pipe.half_close(self)
 
@@ -144,6 +173,10 @@ class _PeekingClientSide(_ClientSide):
         self.sni = pipe
 
     def data_received(self, data: bytes) -> None:
+        if self.gate is not None:
+            data = self.pipe.gated(self, data)
+            if not data:
+                return
         pipe = self.sni
         if pipe.peeker is None:
             _ClientSide.data_received(self, data)
@@ -156,6 +189,8 @@ class _PeekingClientSide(_ClientSide):
 
     def eof_received(self) -> bool:
         pipe = self.sni
+        if self.gate is not None and not pipe.gate_ended(self):
+            return False
         if pipe.peeker is None:
             return _ClientSide.eof_received(self)
         self.eof = True
@@ -170,7 +205,8 @@ class _BackendSide(_Side):
         super().__init__(pipe)
         self.early: list[bytes] = []
         """What the backend sent before the pipe joined the two sides (a server that
-        speaks first; uvloop delivers it before create_connection returns)."""
+        speaks first; uvloop delivers it before create_connection returns), or while the
+        client's PROXY gate holds it back (``_Pipe.hold``)."""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -179,14 +215,16 @@ class _BackendSide(_Side):
         pipe = self.pipe
         pipe.touch()
         pipe.bytes_out += len(data)
-        if self.peer is not None:
+        if self.peer is not None and not pipe.hold:
             self.peer.write(data)
         else:
             self.early.append(data)
+            if self.peer is not None:
+                self.pause_read()  # until the gate decides; the rest waits in the kernel
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is None:
+        if self.peer is None or self.pipe.hold:
             return True  # passed on once joined, after what it sent first
         return self.pipe.half_close(self)
 
@@ -199,8 +237,9 @@ class _Pipe:
     """One proxied TCP connection: the client side, the backend side, the picked backend."""
 
     __slots__ = (
-        "backend", "backend_side", "bytes_in", "bytes_out", "client", "deadline", "done",
-        "excluded", "pool", "pool_cfg", "srv", "tries_left",
+        "backend", "backend_side", "bytes_in", "bytes_out", "client", "client_addr",
+        "deadline", "done", "excluded", "gate_timer", "hold", "local_addr", "pool", "pool_cfg",
+        "srv", "tries_left",
     )
 
     def __init__(self, srv: TcpProxyServer) -> None:
@@ -216,6 +255,14 @@ class _Pipe:
         self.bytes_in = 0
         self.bytes_out = 0
         self.done = False
+        self.client_addr: pp.Address | None = None
+        """The client's (ip, port): the peer's, or the one an accepted PROXY header gave."""
+        self.local_addr: pp.Address | None = None
+        """The address the client connected to (likewise)."""
+        self.gate_timer: asyncio.TimerHandle | None = None
+        self.hold = False
+        """An untrusted client's first bytes may start a PROXY header: until its gate
+        decides, nothing passes either way (a refused client gets no byte of the backend)."""
 
     def has_unread(self) -> bool:
         """A side that is reading has bytes in the kernel the loop has not taken yet."""
@@ -230,9 +277,113 @@ class _Pipe:
 
     def client_connected(self, client: _ClientSide) -> None:
         self.client = client
-        self.srv.client_opened(self)
+        srv = self.srv
+        srv.client_opened(self)
         self.touch()
+        transport = client.transport
+        self.client_addr = _address(transport.get_extra_info("peername"))
+        self.local_addr = _address(transport.get_extra_info("sockname"))
+        if srv.accept_proxy:
+            trusted = (self.client_addr is not None
+                       and H.is_trusted(self.client_addr[0], srv.trusted))
+            client.gate = pp.Gate(trusted)
+            if trusted:  # nothing happens before its header
+                self.gate_timer = srv.loop.call_later(
+                    srv.listener.client_header_timeout_s, self._gate_expired)
+                return
+        self.begin()
+
+    def begin(self) -> None:
+        """The client's address is known: go on to its backend."""
         self._pick()
+
+    # -- PROXY protocol (accept_proxy_protocol) ---------------------------------------------
+
+    def gated(self, client: _ClientSide, data: bytes) -> bytes:
+        """``data`` from a client whose gate has not decided: what to take as its bytes now
+        (b"": nothing yet, or refused)."""
+        gate = client.gate
+        assert gate is not None
+        srv = self.srv
+        self.touch()
+        try:
+            res = gate.feed(data)
+        except pp.ProxyProtocolError as exc:
+            client.gate = None
+            self.refuse(exc.reason)
+            return b""
+        if res.state is pp.NEED_MORE:
+            if self.gate_timer is None:  # an untrusted client's first bytes hold it back
+                self.hold = True
+                self.gate_timer = srv.loop.call_later(
+                    srv.listener.client_header_timeout_s, self._gate_expired)
+            return b""
+        client.gate = None
+        self._cancel_gate_timer()
+        header = gate.header
+        if header is not None and header.source is not None:
+            self.client_addr, self.local_addr = header.source, header.dest
+        if gate.trusted:
+            self.begin()
+        elif self.hold:
+            self._release_hold(client)
+        return res.rest
+
+    def _release_hold(self, client: _ClientSide) -> None:
+        """An untrusted client's held bytes are not a header: let the backend's through."""
+        self.hold = False
+        side = self.backend_side
+        if side is None:
+            return  # not joined yet: _connect passes what it sent
+        side.resume_read()  # first: writing what it held may pause it again (backpressure)
+        if side.early:
+            client.write(b"".join(side.early))
+            side.early = []
+        if side.eof:
+            self.half_close(side)
+
+    def gate_ended(self, client: _ClientSide) -> bool:
+        """The client's EOF before its gate decided: False if that refuses it."""
+        gate = client.gate
+        assert gate is not None
+        client.gate = None
+        reason = gate.cut()
+        if reason is None:
+            return True  # an untrusted client that sent nothing: an ordinary EOF
+        self.refuse(reason)
+        return False
+
+    def _gate_expired(self) -> None:
+        self.gate_timer = None
+        client = self.client
+        if self.done or client is None or client.gate is None:
+            return
+        if unread_bytes(client.transport):
+            # The loop stalled past the deadline with the bytes already here: read them.
+            self.gate_timer = self.srv.loop.call_later(
+                self.srv.tick_interval(), self._gate_expired)
+            return
+        gate, client.gate = client.gate, None
+        reason = gate.cut()
+        if reason is not None:
+            self.refuse(reason)
+
+    def _cancel_gate_timer(self) -> None:
+        if self.gate_timer is not None:
+            self.gate_timer.cancel()
+            self.gate_timer = None
+
+    def refuse(self, reason: str) -> None:
+        """Close the connection without a byte: a PROXY protocol refusal."""
+        srv = self.srv
+        srv.stats.bad_request(srv.listener.name, reason, 0)
+        logger.debug(
+            "event=bad_request status=0 listener=%s peer=%s reason=%s",
+            srv.listener.name, self.client_addr[0] if self.client_addr else "-", reason,
+        )
+        self.finish()
+
+    # -- the backend -----------------------------------------------------------------------
 
     def _pick(self) -> None:
         srv = self.srv
@@ -248,8 +399,17 @@ class _Pipe:
         self.backend = backend
         srv.spawn(self._connect(backend))
 
+    def proxy_header(self) -> bytes:
+        """What the pool's ``send_proxy_protocol`` puts first on a backend connection."""
+        mode = self.pool_cfg.send_proxy_protocol
+        if mode == "off":
+            return b""
+        encode = pp.encode_v1 if mode == "v1" else pp.encode_v2
+        return encode(self.client_addr, self.local_addr)
+
     async def _connect(self, backend: Backend) -> None:
         srv = self.srv
+        header = self.proxy_header()
         try:
             async with asyncio.timeout(self.pool_cfg.connect_timeout_s):
                 ctx = srv.backend_tls.get(self.pool.name)
@@ -257,13 +417,28 @@ class _Pipe:
                     _, side = await srv.loop.create_connection(
                         lambda: _BackendSide(self), backend.host, backend.port
                     )
+                    if header:
+                        side.write(header)  # its first bytes, before anything of the client
                 else:
                     tls = self.pool_cfg.tls
                     name = tls.server_name if tls is not None and tls.server_name else None
-                    _, side = await srv.loop.create_connection(
-                        lambda: _BackendSide(self), backend.host, backend.port,
-                        ssl=ctx, server_hostname=name or backend.host,
-                    )
+                    if header:
+                        # The header precedes the TLS handshake on the wire.
+                        sock = await _connect_and_send(srv.loop, backend.host, backend.port,
+                                                       header)
+                        try:
+                            _, side = await srv.loop.create_connection(
+                                lambda: _BackendSide(self), sock=sock,
+                                ssl=ctx, server_hostname=name or backend.host,
+                            )
+                        except BaseException:
+                            sock.close()
+                            raise
+                    else:
+                        _, side = await srv.loop.create_connection(
+                            lambda: _BackendSide(self), backend.host, backend.port,
+                            ssl=ctx, server_hostname=name or backend.host,
+                        )
         except (OSError, TimeoutError) as exc:
             self._connect_failed(backend, exc)
             return
@@ -277,11 +452,12 @@ class _Pipe:
         self.backend_side = side
         side.peer = client
         client.peer = side
-        if side.early:
-            client.write(b"".join(side.early))
-            side.early = []
-        if side.eof:
-            self.half_close(side)
+        if not self.hold:  # else passed once the client's gate let it through
+            if side.early:
+                client.write(b"".join(side.early))
+                side.early = []
+            if side.eof:
+                self.half_close(side)
         if client.buf:
             side.write(b"".join(client.buf))
             client.buf = []
@@ -362,6 +538,7 @@ class _Pipe:
             return
         self.done = True
         srv = self.srv
+        self._cancel_gate_timer()
         if self.client is not None:
             self.client.close()
         if self.backend_side is not None:
@@ -393,11 +570,8 @@ class _SniPipe(_Pipe):
         """Reads the ClientHello; None once the pool is chosen."""
         self.timer: asyncio.TimerHandle | None = None
 
-    def client_connected(self, client: _ClientSide) -> None:
-        self.client = client
+    def begin(self) -> None:
         srv = self.srv
-        srv.client_opened(self)
-        self.touch()
         self.timer = srv.loop.call_later(srv.listener.sni_inspect_timeout_s, self._timed_out)
 
     def peek(self, data: bytes, held: int) -> None:
@@ -475,10 +649,14 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
         """Server name -> pool name of the SNI routes; None without routes."""
         self.sni_decisions: dict[str, int] = dict.fromkeys(SNI_DECISIONS, 0)
         """How many connections had their pool chosen which way (see SNI_DECISIONS)."""
+        self.accept_proxy = listener.accept_proxy_protocol
+        self.trusted = H.parse_networks(listener.trusted_proxies)
 
     def listener_changed(self, listener: ListenerConfig) -> None:
         super().listener_changed(listener)
         self.sni_table = _sni_table(listener)  # new connections route by the new table
+        self.accept_proxy = listener.accept_proxy_protocol
+        self.trusted = H.parse_networks(listener.trusted_proxies)
 
     def protocol(self) -> asyncio.Protocol:
         if self.sni_table is None:
@@ -506,6 +684,46 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
                 "event=tcp_idle_timeout listener=%s pool=%s", self.listener.name, p.pool.name
             )
             p.abort()
+
+
+def _address(sockaddr: Any) -> pp.Address | None:
+    """(ip, port) of a socket address (IPv6's flow and scope dropped); None for another
+    kind (a Unix socket)."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return str(sockaddr[0]), int(sockaddr[1])
+    return None
+
+
+async def _connect_and_send(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, data: bytes
+) -> socket.socket:
+    """A TCP connection to ``host``:``port`` (each address in turn, as create_connection
+    tries them) with ``data`` sent on it: the PROXY header before a TLS handshake."""
+    targets: list[tuple[int, Any]]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        targets = [(int(family), addr) for family, _, _, _, addr in infos]
+    else:
+        targets = [(socket.AF_INET if ip.version == 4 else socket.AF_INET6, (host, port))]
+    error: OSError = OSError(f"no address for {host}")
+    for family, addr in targets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, addr)
+            await loop.sock_sendall(sock, data)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 def _sni_table(listener: ListenerConfig) -> NameTable[str] | None:
