@@ -41,7 +41,7 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from hashlib import blake2b
-from itertools import compress, cycle
+from itertools import compress, cycle, islice
 from math import isqrt, lcm
 
 LADDER: tuple[int, ...] = (
@@ -143,12 +143,11 @@ def build(members: Sequence[tuple[str, float]], size: int
     for i in live:
         pos[i], skips[i] = _offset_skip(names[i], m)
     filled = bytearray(m)
-    table = [0] * m
+    table = array(tc, bytes(m * array(tc).itemsize))
     turns = _turns(live, weights)
     tail = _tail(m, len(live))
     # Phase 1: probe.
-    for _ in range(m - tail):
-        i = next(turns)
+    for i in islice(turns, m - tail):
         p = pos[i]
         s = skips[i]
         while filled[p]:
@@ -164,8 +163,7 @@ def build(members: Sequence[tuple[str, float]], size: int
     # Phase 2: the last ``tail`` empty slots, in each member's order.
     empty = list(compress(range(m), filled.translate(_EMPTY)))
     order: dict[int, list[int]] = {}
-    for _ in range(tail):
-        i = next(turns)
+    for i in islice(turns, tail):
         mine = order.get(i)
         if mine is None:
             here, inv = pos[i], pow(skips[i], -1, m)
@@ -177,7 +175,7 @@ def build(members: Sequence[tuple[str, float]], size: int
             p = mine.pop()
         filled[p] = 1
         table[p] = i
-    return names, array(tc, table)
+    return names, table
 
 
 def _tail(m: int, n: int) -> int:
