@@ -1,0 +1,796 @@
+"""The access log of a proxy worker: one line per HTTP request (per connection in TCP mode).
+
+A worker's event loop must never wait for its log, and a request's share of the log must stay
+a small part of its ~40 us of CPU. So the hot path only appends the raw record (a tuple in
+the order of ``FIELDS``) to a list: no formatting, no dict, no syscall. A timer on the loop
+hands the list to ONE writer thread every ``flush_interval`` s; that thread formats the batch
+(``format_json`` / ``format_combined``, pure functions) and writes it with one ``os.write``
+(a regular file) or with writes of at most PIPE_BUF bytes cut at line ends (a pipe or socket,
+e.g. stdout shared by every worker: a line is never interleaved with another worker's).
+
+A slow disk or a full pipe blocks only that thread. Batches handed over while the thread is
+behind by more than ``buffer_bytes`` are dropped whole and counted (``stats()``), so memory
+stays bounded and the loop never waits. Formatting in the thread still costs the process
+CPU (the GIL), hence fast formatters: C-level JSON string escaping, per-second time caches,
+caches for the few distinct listener/pool/backend names.
+
+``reopen()`` (SIGUSR1, logrotate) asks the thread to reopen the path between two batches.
+
+No control-plane import: the worker owns one ``AccessLog``; tests and bench/accesslog.py use
+the formatters directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json.encoder
+import logging
+import os
+import queue
+import re
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, MutableSequence, Sequence
+from typing import Any, Final, Literal, cast
+
+logger = logging.getLogger(__name__)
+
+FIELDS: Final = (
+    "time",  # 0  float: epoch seconds (wall clock) when the request (connection) started
+    "client_ip",  # 1  str
+    "client_port",  # 2  int
+    "listener",  # 3  str
+    "mode",  # 4  "http" | "tcp"
+    "method",  # 5  str | bytes | None (TCP: None)
+    "target",  # 6  str | bytes | None: the request target as sent
+    "protocol",  # 7  "HTTP/1.1" | "HTTP/1.0" | None
+    "status",  # 8  int: status sent to the client, 0 when none was sent
+    "bytes_in",  # 9  int: bytes received from the client (head + body)
+    "bytes_out",  # 10 int: bytes sent to the client (head + body)
+    "pool",  # 11 str | None
+    "backend",  # 12 str | None: the last backend tried
+    "retries",  # 13 int
+    "queue_ms",  # 14 float, -1 when not reached: start -> backend picked
+    "connect_ms",  # 15 float, -1: connection to the backend made (0 when reused)
+    "first_byte_ms",  # 16 float, -1: backend's first response byte, since the request was sent
+    "total_ms",  # 17 float: start -> last byte to the client (or the close)
+    "termination",  # 18 str: two characters, see CAUSES and PHASES
+    "request_id",  # 19 str | bytes | None
+    "user_agent",  # 20 str | bytes | None: raw header value
+    "referer",  # 21 str | bytes | None: raw header value
+)
+"""Order of a record's fields. Strings may be ``bytes`` (decoded as UTF-8 in the writer, bad
+bytes kept as ``\\xNN`` text: pass raw header bytes, decoding is not the loop's job) or
+``None`` (JSON null, ``-`` in combined)."""
+
+Record = tuple[Any, ...]
+"""A tuple of ``len(FIELDS)`` values, in that order."""
+
+(TIME, CLIENT_IP, CLIENT_PORT, LISTENER, MODE, METHOD, TARGET, PROTOCOL, STATUS, BYTES_IN,
+ BYTES_OUT, POOL, BACKEND, RETRIES, QUEUE_MS, CONNECT_MS, FIRST_BYTE_MS, TOTAL_MS, TERMINATION,
+ REQUEST_ID, USER_AGENT, REFERER) = range(len(FIELDS))
+
+# --------------------------------------------------------------------------- termination
+
+# First character: who or what ended the request (HAProxy's termination state, first char).
+END_NORMAL: Final = "-"
+END_CLIENT_ABORT: Final = "C"
+END_SERVER_ABORT: Final = "S"
+END_PROXY: Final = "P"
+END_RESOURCE: Final = "R"
+END_CLIENT_TIMEOUT: Final = "c"
+END_SERVER_TIMEOUT: Final = "s"
+END_DOWN: Final = "D"
+END_LOCAL: Final = "L"
+
+CAUSES: Final[dict[str, str]] = {
+    END_NORMAL: "normal end",
+    END_CLIENT_ABORT: "the client closed or reset the connection",
+    END_SERVER_ABORT: "the backend refused, closed, reset or answered garbage",
+    END_PROXY: "pairlb refused the request or answered it with an error (4xx, 503 no backend)",
+    END_RESOURCE: "a pairlb limit or resource ran out (descriptors, memory, ports)",
+    END_CLIENT_TIMEOUT: "the client was too slow (request head, body, or reading the answer)",
+    END_SERVER_TIMEOUT: "the backend was too slow (connect, response headers, data)",
+    END_DOWN: "the backend went down, was removed or drained while serving",
+    END_LOCAL: "pairlb served it locally (redirect, ACME challenge, local answer)",
+}
+
+# Second character: what the connection was doing then.
+PHASE_REQUEST: Final = "R"
+PHASE_QUEUE: Final = "Q"
+PHASE_CONNECT: Final = "C"
+PHASE_HEADERS: Final = "H"
+PHASE_DATA: Final = "D"
+PHASE_LAST: Final = "L"
+PHASE_NONE: Final = "-"
+
+PHASES: Final[dict[str, str]] = {
+    PHASE_REQUEST: "waiting for (reading) the client's request",
+    PHASE_QUEUE: "picking a backend",
+    PHASE_CONNECT: "connecting to the backend",
+    PHASE_HEADERS: "waiting for the backend's response headers",
+    PHASE_DATA: "transferring data (body, tunnel, TCP stream)",
+    PHASE_LAST: "sending the last bytes to the client",
+    PHASE_NONE: "normal end",
+}
+
+TERM_NORMAL: Final = "--"
+
+_REQUEST_REFUSED = (
+    # llhttp parse errors (proxy._PARSE_ERRORS, proxy._classify) and pairlb's own checks
+    "bad_version", "http2_preface", "content_length_and_transfer_encoding",
+    "duplicate_content_length", "bad_content_length", "unsupported_transfer_coding",
+    "bad_transfer_encoding", "bad_header_whitespace", "bad_header_value", "bad_header_name",
+    "bad_chunk", "bad_line_ending", "bad_request_line", "bad_method", "bad_target",
+    "bad_request", "request_line_too_long", "headers_too_large", "too_many_headers",
+    "trailers_too_large", "chunk_framing_too_large", "http09", "connect_method",
+    "http10_transfer_encoding", "upgrade_with_body", "body_too_large", "bad_upgrade",
+    "bad_redirect_host",
+    # TCP listeners with SNI routes (tcpproxy.SNI_DECISIONS): no pool for this ClientHello
+    "no_match", "no_sni", "not_tls", "oversize",
+)
+
+REASON_TERMINATION: Final[dict[str, str]] = {
+    **dict.fromkeys(_REQUEST_REFUSED, "PR"),
+    "no_backend": "PQ",
+    "header_timeout": "cR",
+    "sni_timeout": "cR",
+    "eof": "CR",  # TCP SNI: the client sent EOF before a whole ClientHello
+    "body_timeout": "cD",
+    "body_total_timeout": "cD",
+    "client_body_timeout": "cD",
+    "client_write_timeout": "cD",
+    "client_closed": "CD",
+    "connect_timeout": "sC",
+    "connect_refused": "SC",
+    "connect_failed": "SC",
+    "tls_verify": "SC",
+    "tls_handshake": "SC",
+    "response_timeout": "sH",
+    "exchange_timeout": "sH",
+    "bad_response": "SH",
+    "backend_closed": "SH",
+    "backend_reset": "SD",
+    "backend_bad_response": "SD",
+    "https_redirect": "LR",
+    "acme_served": "LR",
+    "acme_missing": "LR",
+}
+"""pairlb's error/answer reasons (the ``reason`` labels of lb/data/proxy.py and tcpproxy.py)
+-> termination code in its usual phase. Override the phase where the caller knows better
+(``termination("client_closed", PHASE_HEADERS)`` -> ``CH``; ``response_timeout`` after the
+response started -> ``sD``)."""
+
+
+def termination(reason: str | None, phase: str | None = None) -> str:
+    """Two-char termination code for a pairlb reason (None: a normal end, ``--``); an
+    unknown reason is pairlb's refusal (``P``). ``phase`` replaces the table's phase."""
+    if reason is None:
+        return TERM_NORMAL if phase is None else END_NORMAL + phase
+    code = REASON_TERMINATION.get(reason)
+    if code is None:
+        code = END_PROXY + (PHASE_REQUEST if phase is None else phase)
+    return code if phase is None else code[0] + phase
+
+
+# --------------------------------------------------------------------------- formatting
+#
+# A batch is formatted in one loop over its records into bytes: per-second time caches kept
+# in locals, one C-level test for "nothing to escape" over the concatenated untrusted fields
+# (the common case: then they go in raw), small caches for the few distinct names. Strings
+# may be bytes (raw, preferred), str (encoded as UTF-8) or None (empty).
+
+_esc_json: Callable[[str], str] = json.encoder.encode_basestring_ascii  # C: escapes all but
+# printable ASCII (control chars, DEL, non-ASCII, U+2028, lone surrogates): output is ASCII
+
+_SAFE: Final = bytes(i for i in range(0x20, 0x7F) if i not in b'"\\')
+"""Bytes that go in as they are, in both formats: printable ASCII but '"' and '\\'."""
+_SAFE_TOK: Final = _SAFE.replace(b" ", b"")
+"""The same for a bare combined field: no space either."""
+
+
+def _as_bytes(v: Any) -> bytes:
+    if v.__class__ is bytes:
+        return v
+    if v is None:
+        return b""
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogatepass")
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    return str(v).encode("utf-8", "surrogatepass")
+
+
+def json_text(v: Any) -> str:
+    """The text a JSON line holds for ``v``: bytes decoded as UTF-8 with invalid bytes as
+    ``\\xNN`` text, None as "" (what a reader gets back from ``json.loads``)."""
+    return _as_bytes(v).decode("utf-8", "backslashreplace")
+
+
+def _json_raw(b: bytes) -> bytes:
+    """``b`` escaped for the inside of a JSON string (ASCII)."""
+    if not b.translate(None, _SAFE):
+        return b
+    return _esc_json(b.decode("utf-8", "backslashreplace"))[1:-1].encode("ascii")
+
+
+_CACHE_MAX: Final = 4096
+_jq_cache: dict[Any, bytes] = {}
+_cq_cache: dict[Any, bytes] = {}
+_ct_cache: dict[Any, bytes] = {}
+
+
+def _cached(cache: dict[Any, bytes], v: Any, fn: Callable[[bytes], bytes]) -> bytes:
+    """``fn(v)`` for the few distinct values of a name field (listener, pool, backend...)."""
+    try:
+        s = cache.get(v)
+    except TypeError:  # unhashable (bytearray): not cached
+        return fn(_as_bytes(v))
+    if s is None:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        s = cache[v] = fn(_as_bytes(v))
+    return s
+
+
+def _jq(b: bytes) -> bytes:
+    return b'"' + _json_raw(b) + b'"'
+
+
+def _jq_miss(v: Any) -> bytes:
+    return _cached(_jq_cache, v, _jq)
+
+
+def _iso_prefix(sec: int) -> bytes:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode("ascii")
+
+
+_JSON_LINE: Final = (
+    b'{"time":"%s.%03dZ","client_ip":"%s","client_port":%d,"listener":%s,"mode":%s,'
+    b'"method":"%s","target":"%s","protocol":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
+    b'"pool":%s,"backend":%s,"retries":%d,"queue_ms":%.3f,"connect_ms":%.3f,'
+    b'"first_byte_ms":%.3f,"total_ms":%.3f,"termination":%s,"request_id":"%s",'
+    b'"user_agent":"%s","referer":"%s"}\n'
+)
+
+
+def json_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list[bytes], int]:
+    """One JSON object per record, keys in FIELDS order, each line ASCII and valid whatever
+    the values hold (time: ISO 8601 UTC with ms; durations: ms, -1.000 when not reached;
+    strings: "" when absent). Returns (lines, records that needed ``sanitize``)."""
+    out: list[bytes] = []
+    add = out.append
+    bad = 0
+    jq = _jq_cache.get
+    safe = _SAFE
+    sec0 = -1
+    pre = b""
+    for r in batch:
+        try:
+            t = r[0]
+            sec = int(t)
+            if sec != sec0:
+                pre = _iso_prefix(sec)
+                sec0 = sec
+            ip = (r[1].encode("utf-8", "surrogatepass") if r[1].__class__ is str
+                  else _as_bytes(r[1]))
+            m = r[5] if r[5].__class__ is bytes else _as_bytes(r[5])
+            tg = r[6] if r[6].__class__ is bytes else _as_bytes(r[6])
+            rid = r[19] if r[19].__class__ is bytes else _as_bytes(r[19])
+            ua = r[20] if r[20].__class__ is bytes else _as_bytes(r[20])
+            rf = r[21] if r[21].__class__ is bytes else _as_bytes(r[21])
+            if b"".join((ip, m, tg, rid, ua, rf)).translate(None, safe):
+                ip, m, tg = _json_raw(ip), _json_raw(m), _json_raw(tg)
+                rid, ua, rf = _json_raw(rid), _json_raw(ua), _json_raw(rf)
+            add(_JSON_LINE % (
+                pre, int((t - sec) * 1000), ip, r[2],
+                jq(r[3]) or _jq_miss(r[3]), jq(r[4]) or _jq_miss(r[4]),
+                m, tg, jq(r[7]) or _jq_miss(r[7]), r[8], r[9], r[10],
+                jq(r[11]) or _jq_miss(r[11]), jq(r[12]) or _jq_miss(r[12]), r[13],
+                r[14], r[15], r[16], r[17], jq(r[18]) or _jq_miss(r[18]), rid, ua, rf,
+            ))
+        except Exception:
+            bad += 1
+            sec0 = -1
+            if retry:  # sanitize() makes any record formattable; the line is not lost
+                out += json_lines((sanitize(r),), retry=False)[0]
+    return out, bad
+
+
+# Combined: like nginx's escape=default and Apache: '"' and '\\' backslashed, every byte
+# outside printable ASCII as \xHH (non-ASCII text as its UTF-8 bytes); "-" when empty. A
+# bare field (those after the combined part) escapes spaces too: each one matches \S+.
+_CLF_UNSAFE_B = re.compile(rb'[^ !#-\[\]-~]')
+_TOK_UNSAFE_B = re.compile(rb'[^!#-\[\]-~]')
+_BYTE_ESC: dict[int, bytes] = {i: b"\\x%02x" % i for i in range(256)}
+_BYTE_ESC[0x22] = b'\\"'
+_BYTE_ESC[0x5C] = b"\\\\"
+
+
+def _byte_repl(m: re.Match[bytes]) -> bytes:
+    return _BYTE_ESC[m.group()[0]]
+
+
+def _clf_q(b: bytes) -> bytes:
+    """``b`` for a double-quoted combined field."""
+    if not b:
+        return b"-"
+    if not b.translate(None, _SAFE):
+        return b
+    return _CLF_UNSAFE_B.sub(_byte_repl, b)
+
+
+def _clf_t(b: bytes) -> bytes:
+    """``b`` for a bare (space-separated) combined field."""
+    if not b:
+        return b"-"
+    if not b.translate(None, _SAFE_TOK):
+        return b
+    return _TOK_UNSAFE_B.sub(_byte_repl, b)
+
+
+def clf_text(v: Any, bare: bool = False) -> str:
+    """What a combined line holds for ``v`` (tests: the expected escaped text)."""
+    return (_clf_t if bare else _clf_q)(_as_bytes(v)).decode("ascii")
+
+
+def _cq_miss(v: Any) -> bytes:
+    return _cached(_cq_cache, v, _clf_q)
+
+
+def _ct_miss(v: Any) -> bytes:
+    return _cached(_ct_cache, v, _clf_t)
+
+
+_MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                  "Nov", "Dec")
+
+
+def clf_time(sec: int) -> bytes:
+    """``10/Oct/2000:13:55:36 -0700``: local time, English months whatever the locale."""
+    tm = time.localtime(sec)
+    off = tm.tm_gmtoff // 60
+    sign = "-" if off < 0 else "+"
+    off = abs(off)
+    return (f"{tm.tm_mday:02d}/{_MONTHS[tm.tm_mon - 1]}/{tm.tm_year:04d}:{tm.tm_hour:02d}:"
+            f"{tm.tm_min:02d}:{tm.tm_sec:02d} {sign}{off // 60:02d}{off % 60:02d}").encode()
+
+
+_CLF_LINE: Final = (
+    b'%s - - [%s] "%s %s %s" %d %s "%s" "%s" %s %s %s %d %.3f %.3f %.3f %.3f %s %s %d %d\n'
+)
+_CLF_LINE_TCP: Final = (
+    b'%s - - [%s] "-" %d %s "%s" "%s" %s %s %s %d %.3f %.3f %.3f %.3f %s %s %d %d\n'
+)
+COMBINED_FIELDS: Final = (
+    "client_ip", "-", "-", "[time]", '"method target protocol"', "status", "bytes_out",
+    '"referer"', '"user_agent"', "listener", "pool", "backend", "retries", "queue_ms",
+    "connect_ms", "first_byte_ms", "total_ms", "termination", "request_id", "bytes_in",
+    "client_port",
+)
+"""The space-separated fields of a combined line (a TCP connection's request is "-";
+``bytes_out`` is ``-`` when 0 as in Apache; an empty or absent string is ``-``)."""
+
+
+def combined_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list[bytes], int]:
+    """Apache's combined format then pairlb's fields (COMBINED_FIELDS): printable ASCII,
+    quotes and backslashes escaped. Returns (lines, records that needed ``sanitize``)."""
+    out: list[bytes] = []
+    add = out.append
+    bad = 0
+    cq = _cq_cache.get
+    ct = _ct_cache.get
+    safe = _SAFE
+    safe_tok = _SAFE_TOK
+    sec0 = -1
+    when = b""
+    for r in batch:
+        try:
+            sec = int(r[0])
+            if sec != sec0:
+                when = clf_time(sec)
+                sec0 = sec
+            ip = (r[1].encode("utf-8", "surrogatepass") if r[1].__class__ is str
+                  else _as_bytes(r[1])) or b"-"
+            m = r[5] if r[5].__class__ is bytes else _as_bytes(r[5])
+            tg = (r[6] if r[6].__class__ is bytes else _as_bytes(r[6])) or b"-"
+            rid = (r[19] if r[19].__class__ is bytes else _as_bytes(r[19])) or b"-"
+            ua = (r[20] if r[20].__class__ is bytes else _as_bytes(r[20])) or b"-"
+            rf = (r[21] if r[21].__class__ is bytes else _as_bytes(r[21])) or b"-"
+            if ((ip + rid).translate(None, safe_tok)
+                    or b"".join((m, tg, ua, rf)).translate(None, safe)):
+                ip, rid = _clf_t(ip), _clf_t(rid)
+                m, tg, ua, rf = _clf_q(m), _clf_q(tg), _clf_q(ua), _clf_q(rf)
+            nout = b"%d" % r[10] if r[10] else b"-"
+            if r[5]:
+                add(_CLF_LINE % (
+                    ip, when, m, tg, cq(r[7]) or _cq_miss(r[7]), r[8], nout, rf, ua,
+                    ct(r[3]) or _ct_miss(r[3]), ct(r[11]) or _ct_miss(r[11]),
+                    ct(r[12]) or _ct_miss(r[12]), r[13], r[14], r[15], r[16], r[17],
+                    ct(r[18]) or _ct_miss(r[18]), rid, r[9], r[2],
+                ))
+            else:
+                add(_CLF_LINE_TCP % (
+                    ip, when, r[8], nout, rf, ua,
+                    ct(r[3]) or _ct_miss(r[3]), ct(r[11]) or _ct_miss(r[11]),
+                    ct(r[12]) or _ct_miss(r[12]), r[13], r[14], r[15], r[16], r[17],
+                    ct(r[18]) or _ct_miss(r[18]), rid, r[9], r[2],
+                ))
+        except Exception:
+            bad += 1
+            sec0 = -1
+            if retry:
+                out += combined_lines((sanitize(r),), retry=False)[0]
+    return out, bad
+
+
+def _num(v: Any, default: float) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return f if f == f and abs(f) != float("inf") else default
+
+
+def sanitize(r: Sequence[Any]) -> Record:
+    """A record every formatter takes: numbers coerced (bad ones: 0 or -1), strings made
+    bytes, missing fields empty. The slow path for a record a formatter raised on: a
+    caller's bug costs that line's accuracy, never the writer thread."""
+    try:
+        v = list(r)
+    except TypeError:
+        v = []
+    v = v[: len(FIELDS)] + [None] * (len(FIELDS) - len(v))
+    t = _num(v[TIME], 0.0)
+    v[TIME] = t if 0 <= t < 253402300800 else 0.0  # 1970..9999: what gmtime/localtime take
+    for i in (CLIENT_PORT, STATUS, BYTES_IN, BYTES_OUT, RETRIES):
+        n = _num(v[i], 0)
+        v[i] = int(n) if abs(n) < 1 << 62 else 0
+    for i in (QUEUE_MS, CONNECT_MS, FIRST_BYTE_MS, TOTAL_MS):
+        v[i] = _num(v[i], -1.0)
+    for i in (CLIENT_IP, LISTENER, MODE, METHOD, TARGET, PROTOCOL, POOL, BACKEND, TERMINATION,
+              REQUEST_ID, USER_AGENT, REFERER):
+        try:
+            v[i] = _as_bytes(v[i])
+        except Exception:
+            v[i] = b"?"
+    return tuple(v)
+
+
+Format = Literal["json", "combined"]
+FORMATTERS: Final[dict[str, Callable[..., tuple[list[bytes], int]]]] = {
+    "json": json_lines,
+    "combined": combined_lines,
+}
+
+
+def format_line(rec: Record, fmt: Format = "json") -> str:
+    """One record as its line (with the newline): for tests and tools; the writer formats
+    whole batches."""
+    return FORMATTERS[fmt]((rec,))[0][0].decode("ascii")
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP: Final = object()
+_WAKE: Final = object()
+
+PIPE_BUF: Final = 4096  # Linux: writes up to this size to a pipe are atomic
+_SLICE: Final = 256  # records formatted between two GIL releases (the loop waits < ~0.5 ms)
+_BIG_FIELDS = (TARGET, REQUEST_ID, USER_AGENT, REFERER)
+_LINE_BASE: Final = 330  # bytes of a JSON line besides the big fields (keys, numbers, names)
+
+
+class AccessLog:
+    """A worker's access log. Create it on the worker's running loop; ``write`` per request,
+    ``reopen`` on SIGUSR1, ``close`` at exit. Counters in ``stats()``."""
+
+    def __init__(
+        self,
+        dest: str,
+        fmt: Format = "json",
+        buffer_bytes: int = 4 << 20,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        flush_interval: float = 0.15,
+        retry_open_s: float = 5.0,
+    ) -> None:
+        """``dest``: "stdout" (fd 1, never reopened nor closed) or an absolute path, opened
+        O_APPEND|O_CREAT mode 0640 by the writer thread (an open may block: a FIFO)."""
+        if fmt not in FORMATTERS:
+            raise ValueError(f"access log format {fmt!r}: not one of {sorted(FORMATTERS)}")
+        if dest != "stdout" and not os.path.isabs(dest):
+            raise ValueError(f"access log {dest!r}: 'stdout' or an absolute path")
+        self.dest = dest
+        self.fmt: Format = fmt
+        self.buffer_bytes = buffer_bytes
+        self.flush_interval = flush_interval
+        self.retry_open_s = retry_open_s
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._pending: MutableSequence[Record] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = True
+        self._closed = False
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # Counters: each written by one thread only (no lock, no lost update).
+        self._in_bytes = 0  # loop: estimated bytes handed to the thread
+        self._out_bytes = 0  # thread: estimated bytes of the batches it has finished
+        self._dropped_loop = 0  # loop: records of batches refused (buffer full)
+        self._dropped_thread = 0  # thread: records lost to a failed open or write
+        self._written = 0
+        self._errors = 0
+        self._bad_records = 0
+        self._batches = 0
+        self._reopens = 0
+        self._line_est = 400.0  # thread: mean formatted line, bytes (EWMA)
+        self._reopen = dest != "stdout"  # the thread opens the path first thing
+        self._fd: int | None = 1 if dest == "stdout" else None
+        self._chunked = False
+        self._failing = False
+        self._last_open = -1e9
+        if self._fd is not None:
+            self._chunked = _is_stream(self._fd)
+        self._thread = threading.Thread(
+            target=self._run, name="pairlb-accesslog", daemon=True
+        )
+        self._thread.start()
+        if self._reopen:
+            self._q.put(_WAKE)  # open now: a bad path is logged at start, not at 1st request
+
+    # ------------------------------------------------------------------ loop side
+
+    def write(self, rec: Record) -> None:
+        """Log one request: ``rec`` is a tuple in the order of FIELDS, not copied, never
+        formatted here. Costs one list append (and a timer once per batch)."""
+        self._pending.append(rec)
+        if self._idle:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._closed:
+            return
+        self._idle = False
+        self._timer = self._loop.call_later(self.flush_interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        batch = self._pending
+        if not batch:
+            self._idle = True  # no wakeups on an idle worker
+            return
+        self._pending = []
+        self._timer = self._loop.call_later(self.flush_interval, self._tick)
+        self._submit(batch)
+
+    def _submit(self, batch: MutableSequence[Record]) -> None:
+        n = len(batch)
+        behind = self._in_bytes - self._out_bytes
+        if behind <= 0:
+            # The writer is idle: take the batch whole (its size is only estimated).
+            size = int(n * self._line_est) + 1
+        else:
+            # The writer is behind (slow disk, full pipe): count this batch's bytes (the big
+            # strings mostly) and refuse it rather than let memory grow past buffer_bytes.
+            size = n * _LINE_BASE
+            if behind + size <= self.buffer_bytes:  # else full already: drop, no counting
+                size += _big_bytes(batch)
+            if behind + size > self.buffer_bytes:
+                self._dropped_loop += n
+                return
+        self._in_bytes += size
+        self._q.put((batch, size))
+
+    def flush_now(self, timeout: float = 1.0) -> bool:
+        """Hand the pending records to the writer and wait (at most ``timeout`` s, blocking
+        the caller) until it has written them. False if it did not finish in time."""
+        if self._closed and not self._thread.is_alive():
+            return True
+        if self._pending and not self._closed:
+            batch = self._pending
+            self._pending = []
+            self._submit(batch)
+        mark = _Flush()
+        self._q.put(mark)
+        return mark.done.wait(timeout)
+
+    def reopen(self) -> None:
+        """Reopen the path before the next batch (logrotate has renamed it). Safe from a
+        loop signal handler; a no-op for stdout."""
+        if self.dest == "stdout" or self._closed:
+            return
+        self._reopen = True
+        self._q.put(_WAKE)
+
+    def close(self, timeout: float = 1.0) -> bool:
+        """Write what is pending (waiting at most ``timeout`` s), then stop the thread and
+        close the file. Later writes are discarded. False if lines were left behind."""
+        if self._closed:
+            return True
+        ok = self.flush_now(timeout)
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._idle = False
+        self._dropped_loop += len(self._pending)
+        self._pending = deque(maxlen=0)  # write() after close: appended into nothing
+        self._q.put(_STOP)
+        if ok:
+            self._thread.join(timeout)
+        return ok
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: lines ``written``, ``dropped`` (buffer full, file not open,
+        write failed), ``errors`` (failed opens and writes), ``bad_records`` (a field of the
+        wrong type, logged after coercion), ``queue_bytes`` (estimated, waiting for the
+        writer), ``pending`` (records not yet handed over), ``reopens``, ``open`` (0/1)."""
+        return {
+            "written": self._written,
+            "dropped": self._dropped_loop + self._dropped_thread,
+            "errors": self._errors,
+            "bad_records": self._bad_records,
+            "queue_bytes": max(0, self._in_bytes - self._out_bytes),
+            "pending": len(self._pending),
+            "batches": self._batches,
+            "reopens": self._reopens,
+            "open": int(self._fd is not None),
+        }
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        get = self._q.get
+        while True:
+            item = get()
+            if self._reopen:
+                self._reopen = False
+                self._open()
+            if item is _STOP:
+                break
+            if item is _WAKE:
+                continue
+            if isinstance(item, _Flush):
+                item.done.set()
+                continue
+            batch, size = cast("tuple[Sequence[Record], int]", item)
+            try:
+                self._write_batch(batch)
+            except Exception:  # never let the thread die: the loop would fill the queue
+                self._errors += 1
+                self._dropped_thread += len(batch)
+                logger.exception("event=access_log_failed dest=%s", self.dest)
+            finally:
+                self._out_bytes += size
+        if self._fd is not None and self.dest != "stdout":
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> None:
+        self._last_open = time.monotonic()
+        try:
+            fd = os.open(self.dest, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o640)
+        except OSError as exc:
+            self._errors += 1
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+            if not self._failing:
+                self._failing = True
+                logger.warning("event=access_log_open_failed path=%s error=%s "
+                               "(lines are dropped until it opens; retried every %gs "
+                               "and on SIGUSR1)", self.dest, exc, self.retry_open_s)
+            return
+        old, self._fd = self._fd, fd
+        self._chunked = _is_stream(fd)
+        if old is not None:
+            self._reopens += 1
+            with contextlib.suppress(OSError):
+                os.close(old)
+        if self._failing:
+            self._failing = False
+            logger.warning("event=access_log_opened path=%s", self.dest)
+
+    def _write_batch(self, batch: Sequence[Record]) -> None:
+        n = len(batch)
+        if self._fd is None:
+            if time.monotonic() - self._last_open >= self.retry_open_s:
+                self._open()
+            if self._fd is None:
+                self._dropped_thread += n
+                return
+        fmt = FORMATTERS[self.fmt]
+        lines: list[bytes] = []
+        for start in range(0, n, _SLICE):
+            part, bad = fmt(batch[start : start + _SLICE])
+            if bad:
+                self._bad_records += bad
+            lines += part
+            if start + _SLICE < n:
+                time.sleep(0)  # let the loop thread take the GIL between slices
+        self._batches += 1
+        if lines:
+            nbytes = sum(map(len, lines))
+            self._line_est += (nbytes / len(lines) - self._line_est) * 0.25
+        if self._chunked:
+            self._write_chunks(lines)
+        else:
+            self._write_all(b"".join(lines), len(lines))
+
+    def _write_chunks(self, lines: list[bytes]) -> None:
+        """A pipe or socket (stdout, shared by every worker): writes of at most PIPE_BUF
+        bytes that end at a line end, so no other writer's bytes land inside a line."""
+        chunk: list[bytes] = []
+        size = 0
+        done = 0
+        for line in lines:
+            ln = len(line)
+            if chunk and size + ln > PIPE_BUF:
+                if not self._write_all(b"".join(chunk), len(chunk)):
+                    self._dropped_thread += len(lines) - done - len(chunk)
+                    return
+                done += len(chunk)
+                chunk = []
+                size = 0
+            chunk.append(line)
+            size += ln
+        if chunk:
+            self._write_all(b"".join(chunk), len(chunk))
+
+    def _write_all(self, data: bytes, nlines: int) -> bool:
+        fd = self._fd
+        assert fd is not None
+        view = memoryview(data)
+        off = 0
+        try:
+            while off < len(data):
+                off += os.write(fd, view[off:])
+        except OSError as exc:
+            self._errors += 1
+            self._dropped_thread += nlines
+            if not self._failing:
+                self._failing = True
+                logger.warning("event=access_log_write_failed dest=%s error=%s", self.dest,
+                               exc)
+            return False
+        self._written += nlines
+        if self._failing and self._fd is not None:
+            self._failing = False
+            logger.warning("event=access_log_writing dest=%s", self.dest)
+        return True
+
+
+def _big_bytes(batch: Sequence[Record]) -> int:
+    """Bytes of the strings of a batch that can be long (target, request id, user agent,
+    referer): what a batch weighs, within a few hundred bytes a record."""
+    size = 0
+    for r in batch:
+        for i in _BIG_FIELDS:
+            v = r[i]
+            if v:
+                try:
+                    size += len(v)
+                except TypeError:  # not a string: sanitize() will make it a short one
+                    size += 64
+    return size
+
+
+def _is_stream(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
