@@ -164,7 +164,7 @@ BAD: dict[str, bytes] = {
     "238-v1-cut-short.invalid": b"PROXY TCP4 1.2.3.4 5.6",
     "239-v1-signature-only.invalid": b"PROXY ",
     "240-v1-cr-at-end-then-cut.invalid": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r",
-    "241-v1-utf8-address.invalid": "PROXY TCP4 １.2.3.4 5.6.7.8 1 2\r\n".encode(),
+    "241-v1-utf8-address.invalid": "PROXY TCP4 \uff11.2.3.4 5.6.7.8 1 2\r\n".encode(),
     # v2
     "300-v2-version-1.invalid": v2(0x11, 0x11, TCP4_ADDRS),
     "301-v2-version-3.invalid": v2(0x31, 0x11, TCP4_ADDRS),
