@@ -2,9 +2,9 @@
 """Maglev hashing in-process: table builds, lookups and disruption at 10 to 3000 backends.
 
 For each pool size N (equal weights, names ``backend-0000`` ..., the default table size
-``lb.data.maglev.table_size(N)``) it reports:
+``lb.maglev.table_size(N)``) it reports:
 
-- **build s**: ``lb.data.maglev.build`` (best of ``--repeat``), what the control process
+- **build s**: ``lb.maglev.build`` (best of ``--repeat``), what the control process
   runs in a thread at every membership change; **ref s**: ``build_reference``, the paper's
   loop as written (one Python step per probe), the same table (checked);
 - **table KiB**: the bytes a worker gets per pool (``array.tobytes()``);
@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lb.data import maglev  # noqa: E402
+from lb import maglev  # noqa: E402
 from lb.data.pool import BackendEntry, build_pool  # noqa: E402
 
 

@@ -331,6 +331,10 @@ class ListenerConfig(_Model):
                 raise ValueError("redirect_to_https needs mode = \"http\"")
             if self.acme_challenge_dir is not None:
                 raise ValueError("acme_challenge_dir needs mode = \"http\"")
+        if self.accept_proxy_protocol and self.tls is not None:
+            raise ValueError("accept_proxy_protocol with [listener.tls] is not supported: "
+                             "the header comes before the TLS handshake (use a mode = \"tcp\" "
+                             "listener, or let the proxy in front send X-Forwarded-For)")
         if self.accept_proxy_protocol and not self.trusted_proxies:
             raise ValueError("accept_proxy_protocol needs trusted_proxies (the addresses of "
                              "the proxies allowed to send the header)")

@@ -16,6 +16,8 @@ which is sent as its change)::
       "retries":      {pool: {reason: n}},
       "connections":  {listener: {"accepted": n, "active": change}},
       "tcp":          {pool: {backend: {"connections": n, "bytes_in": n, "bytes_out": n}}},
+      "sticky":       {pool: {"hit" | "set": n}},
+      "access_log":   {"written": n, "dropped": n, "errors": n},
     }
 
 Bucket counts are per bucket (not cumulative) so that deltas add up.
@@ -58,6 +60,8 @@ class Stats:
         self._tcp: dict[tuple[str, str], list[int]] = {}
         self._tls: dict[tuple[str, str, str], int] = {}
         self._sni: dict[tuple[str, str], int] = {}
+        self._sticky: dict[tuple[str, str], int] = {}
+        self._alog = [0, 0, 0]
         self._local: dict[tuple[str, str], int] = {}
         self._tls_late: list[tuple[str, str]] = []
         """Failures counted from a finalizer (any allocation may run one): appended only,
@@ -138,6 +142,22 @@ class Stats:
         self._local[key] = self._local.get(key, 0) + 1
         self._dirty = True
 
+    def sticky(self, pool: str, outcome: str) -> None:
+        """A request with a sticky cookie pool: ``hit`` (went where its cookie said) or
+        ``set`` (a cookie was set: none yet, or its backend out of rotation or gone)."""
+        key = (pool, outcome)
+        self._sticky[key] = self._sticky.get(key, 0) + 1
+        self._dirty = True
+
+    def access_log(self, written: int, dropped: int, errors: int) -> None:
+        """The access log writer's lines since the last call (lb.data.accesslog)."""
+        if written or dropped or errors:
+            a = self._alog
+            a[0] += written
+            a[1] += dropped
+            a[2] += errors
+            self._dirty = True
+
     def tls_failure_late(self, listener: str, reason: str) -> None:
         """tls_failure from a finalizer (an abandoned handshake collected)."""
         self._tls_late.append((listener, reason))
@@ -189,6 +209,8 @@ class Stats:
         self._tls.clear()
         self._sni.clear()
         self._local.clear()
+        self._sticky.clear()
+        self._alog = [0, 0, 0]
         self._dirty = False
         return out
 
@@ -250,4 +272,12 @@ class Stats:
             for (listener, kind), n in self._local.items():
                 local.setdefault(listener, {})[kind] = n
             out["local"] = local
+        if self._sticky:
+            sticky: dict[str, Any] = {}
+            for (pool, outcome), n in self._sticky.items():
+                sticky.setdefault(pool, {})[outcome] = n
+            out["sticky"] = sticky
+        if any(self._alog):
+            w, d, e = self._alog
+            out["access_log"] = {"written": w, "dropped": d, "errors": e}
         return out

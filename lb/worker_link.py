@@ -6,8 +6,9 @@ frame is one of the dataclasses below, ``{"t": TYPE, "v": VERSION, <fields>}``.
 
 control -> worker: `Config` (generation, the validated config as JSON, listener fds),
 `Snap` (versioned pool snapshot: per backend eligible + weight, and the pool's panic flag),
-`PoolEdit` (backends added to or removed from one pool at runtime),
-`Ping`, `CloseIdle` (after losing the VIP), `Stop` (drain with a deadline).
+`PoolEdit` (backends added to or removed from one pool at runtime), `HashTable` (a
+maglev pool's lookup table), `Ping`, `CloseIdle` (after losing the VIP), `ReopenLogs`
+(after logrotate), `Stop` (drain with a deadline).
 worker -> control: `Hello`, `Ready`, `Pong`, `Stats` (counter deltas and in-flight per
 backend), `Eject` (a passive ejection the worker applied locally), `ConfigApplied` /
 `ConfigFailed`, `Stopped`.
@@ -20,12 +21,13 @@ walk.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from lb import channel
 
-VERSION = 2
+VERSION = 3
 """Bump on any change that an older peer would misread."""
 
 
@@ -133,6 +135,39 @@ class PoolEdit:
 
 
 @dataclass(frozen=True)
+class HashTable:
+    """A pool's Maglev lookup table (lb.control.hashing builds it, lb.maglev defines
+    it): slot -> index into ``members``. Sent when the pool's members change and in a
+    worker's welcome; a worker keeps its last table until the next one."""
+
+    TYPE: ClassVar[str] = "hash_table"
+    pool: str
+    members: tuple[str, ...]
+    size: int
+    typecode: str
+    """array typecode of ``table`` ("H" below 65,535 members, else "I"; native order:
+    control process and workers share the machine)."""
+    table: bytes
+    digest: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"pool": self.pool, "members": list(self.members), "size": self.size,
+                "typecode": self.typecode, "table": base64.b64encode(self.table).decode(),
+                "digest": self.digest}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> HashTable:
+        if not isinstance(data, dict) or data.get("typecode") not in ("H", "I"):
+            raise TypeError("hash_table: expected {pool, members, size, typecode, table}")
+        raw = base64.b64decode(data["table"], validate=True)
+        size = int(data["size"])
+        if len(raw) != size * (2 if data["typecode"] == "H" else 4):
+            raise TypeError(f"hash_table: {len(raw)} bytes for size {size}")
+        return cls(str(data["pool"]), tuple(str(m) for m in data["members"]), size,
+                   str(data["typecode"]), raw, str(data.get("digest", "")))
+
+
+@dataclass(frozen=True)
 class Ping:
     TYPE: ClassVar[str] = "ping"
 
@@ -142,6 +177,13 @@ class CloseIdle:
     """Close keep-alive connections after their current response (the VIP moved away)."""
 
     TYPE: ClassVar[str] = "close_idle"
+
+
+@dataclass(frozen=True)
+class ReopenLogs:
+    """Reopen the access log file (SIGUSR1 to the control process, after logrotate)."""
+
+    TYPE: ClassVar[str] = "reopen_logs"
 
 
 @dataclass(frozen=True)
@@ -224,7 +266,7 @@ class Stopped:
 
 
 Message = Union[  # noqa: UP007 (a runtime alias: typing.get_args needs the Union)
-    Config, Snap, PoolEdit, Ping, CloseIdle, Stop,
+    Config, Snap, PoolEdit, HashTable, Ping, CloseIdle, Stop, ReopenLogs,
     Hello, Ready, Pong, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
 ]
 

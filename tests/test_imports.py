@@ -18,6 +18,8 @@ PURE = [
     "failover/core/frames.py",
     "lb/tls/names.py",
     "lb/tls/sni_peek.py",
+    "lb/maglev.py",
+    "lb/data/proxyproto.py",
 ]
 IMPURE = {"asyncio", "socket", "time", "logging", "selectors", "threading", "subprocess"}
 

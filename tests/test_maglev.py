@@ -1,4 +1,4 @@
-"""Maglev hashing (lb.data.maglev) and maglev pools (lb.data.pool): the paper's figures
+"""Maglev hashing (lb.maglev) and maglev pools (lb.data.pool): the paper's figures
 (balance at M > 100 N, disruption when a member leaves or joins), Envoy's weighting, the
 same table in every process, the lookup's fallback for down members, and the pool's picks.
 
@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lb import maglev
 from lb.config import HASH_TABLE_MAX, HASH_TABLE_MIN, Balance
-from lb.data import maglev
-from lb.data.maglev import LADDER, build, build_reference, key_hash, lookup, table_size
 from lb.data.pool import Backend, BackendEntry, Outcome, Pool, build_pool
+from lb.maglev import LADDER, build, build_reference, key_hash, lookup, table_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_PRIMES = (2, 3, 5, 7, 13, 31, 101, 251, 1009, 4099)
@@ -200,7 +200,7 @@ def test_adding_one_to_n_moves_about_one_over_n_plus_one(n: int) -> None:
 _PROBE = """
 import json, sys
 from hashlib import blake2b
-from lb.data import maglev
+from lb import maglev
 members = [(f"web-{i}", 1 + i % 3) for i in range(50)]
 names, table = maglev.build(members, 65537)
 print(json.dumps({

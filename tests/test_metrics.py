@@ -149,7 +149,7 @@ def _check_families(text: str, failover: bool) -> set[str]:
         "status": {str(s) for s in CheckStatus},
         "result": {"success", "failure", "written", "dropped"},
         "outcome": {"applied_local", "applied_peer", "refused_by_peer", "refused_here",
-                    "conflicts", "pending"},
+                    "conflicts", "pending", "hit", "set", "written", "dropped"},
         "source": {"config", "api", "dns", "file"},
         "process": {"control", "failover"},
         "direction": {"in", "out"},
@@ -204,11 +204,14 @@ def test_families_are_declared_typed_and_bounded_and_promtool_agrees(tmp_path: P
     # Everything a busy standalone node can say is said, and ProcessCollector is namespaced.
     # (TLS, SNI-routing and local-answer series exist only with such listeners:
     # tests/test_tls_e2e.py scrapes them from a daemon that has them; discovery and sync
-    # series only with [pool.discovery] and a peer: tests/test_elastic_pair.py.)
+    # series only with [pool.discovery] and a peer: tests/test_elastic_pair.py; maglev,
+    # sticky and access log series only with such pools and [logging] access_log:
+    # tests/test_affinity_e2e.py and tests/test_access_log_e2e.py.)
     missing = {
         m.name for m in metrics.METRICS if not m.failover_only and not m.name.startswith(
             ("pairlb_worker_", "pairlb_tls_", "pairlb_sni_", "pairlb_local_",
-             "pairlb_discovery_", "pairlb_sync_")
+             "pairlb_discovery_", "pairlb_sync_", "pairlb_maglev_", "pairlb_sticky_",
+             "pairlb_access_log_")
         )
     } - alone
     assert not missing, missing

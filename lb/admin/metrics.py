@@ -187,6 +187,45 @@ METRICS: tuple[MetricDef, ...] = (
         "acme_served (an ACME challenge file), acme_missing (404 under the challenge path).",
     ),
     _d(
+        "pairlb_sticky_requests_total",
+        "counter",
+        "pool outcome",
+        "Requests to a pool with sticky_cookie: hit (sent where the cookie said), set (the "
+        "cookie was missing, or named a backend out of rotation or gone: a new one was set).",
+    ),
+    _d(
+        "pairlb_access_log_lines_total",
+        "counter",
+        "outcome",
+        "Access log lines by outcome: written, dropped (the writer was more than "
+        "access_log_buffer_bytes behind: a slow disk; the worker never waits for it).",
+    ),
+    _d(
+        "pairlb_access_log_errors_total",
+        "counter",
+        "",
+        "Access log writes or reopens that failed (the lines are dropped and counted).",
+    ),
+    _d(
+        "pairlb_maglev_table_size",
+        "gauge",
+        "pool",
+        "Slots of a maglev pool's lookup table (a prime above 100 x its backends).",
+    ),
+    _d(
+        "pairlb_maglev_table_current",
+        "gauge",
+        "pool",
+        "1 when the workers have the lookup table of the pool's current members, 0 while a "
+        "build runs (or after one failed: the old table keeps serving).",
+    ),
+    _d(
+        "pairlb_maglev_table_build_seconds",
+        "gauge",
+        "pool",
+        "How long the last lookup table build took (in a thread of the control process).",
+    ),
+    _d(
         "pairlb_sni_routing_total",
         "counter",
         "listener decision",
@@ -847,10 +886,25 @@ class PairlbCollector:
         for listener, decisions in sorted(totals.get("sni", {}).items()):
             for decision, n in sorted(decisions.items()):
                 add("pairlb_sni_routing_total", [listener, decision], n)
+        for pool, outcomes in sorted(totals.get("sticky", {}).items()):
+            for outcome, n in sorted(outcomes.items()):
+                add("pairlb_sticky_requests_total", [pool, outcome], n)
+        alog = totals.get("access_log")
+        if alog is not None or self.daemon.cfg.logging.access_log:
+            alog = alog or {}
+            add("pairlb_access_log_lines_total", ["written"], alog.get("written", 0))
+            add("pairlb_access_log_lines_total", ["dropped"], alog.get("dropped", 0))
+            add("pairlb_access_log_errors_total", [], alog.get("errors", 0))
 
     def _runtime(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]
                  ) -> None:
         for pool in st.pools:
+            h = pool.hashing
+            if h is not None:
+                add("pairlb_maglev_table_size", [pool.name], h["size"])
+                add("pairlb_maglev_table_current", [pool.name], 1.0 if h["current"] else 0.0)
+                add("pairlb_maglev_table_build_seconds", [pool.name],
+                    (h["build_ms"] or 0.0) / 1000)
             by_source = dict.fromkeys(("config", "api", "dns", "file"), 0)
             for b in pool.backends:
                 by_source[b.source] = by_source.get(b.source, 0) + 1

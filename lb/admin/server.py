@@ -87,6 +87,7 @@ class AdminDaemon(metrics.MetricsSource, Protocol):
     def set_admin_state(self, pool: str, backend: str, state: AdminState) -> bool: ...
     def backend_inflight(self, pool: str, backend: str) -> int: ...
     async def reload(self) -> ReloadOutcome: ...
+    def reopen_logs(self) -> int: ...
     async def add_backend(
         self, pool: str, name: str, address: str, weight: int) -> dict[str, Any]: ...
     async def remove_backend(self, pool: str, name: str) -> dict[str, Any]: ...
@@ -503,6 +504,13 @@ async def post_reload(request: web.Request) -> web.Response:
     return web.json_response(result.as_dict(), status=200 if result.ok else 422, dumps=_dumps)
 
 
+async def post_logs_reopen(request: web.Request) -> web.Response:
+    """Every worker reopens the access log (after logrotate; the same as SIGUSR2)."""
+    n = request.app[DAEMON].reopen_logs()
+    logger.info("event=admin_action action=logs_reopen workers=%d remote=%s", n, request.remote)
+    return web.json_response({"ok": True, "workers": n}, dumps=_dumps)
+
+
 def make_app(daemon: AdminDaemon) -> web.Application:
     """The admin app for ``daemon``; raises AdminError when the config is unsafe to serve."""
     acfg = daemon.cfg.admin
@@ -534,6 +542,7 @@ def make_app(daemon: AdminDaemon) -> web.Application:
     app.router.add_delete("/pools/{pool}/backends/{backend}", delete_pool_backend)
     app.router.add_post("/failover/switchover", post_switchover)
     app.router.add_post("/reload", post_reload)
+    app.router.add_post("/logs/reopen", post_logs_reopen)
     return app
 
 

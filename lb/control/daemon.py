@@ -35,10 +35,11 @@ from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCo
 from lb import __version__, sysutil
 from lb import config as config_mod
 from lb import worker_link as wl
-from lb.config import Config
+from lb.config import Config, PoolConfig
 from lb.control import status as status_mod
 from lb.control.backends import BackendTable
 from lb.control.elastic import Elastic
+from lb.control.hashing import HashTables
 from lb.control.rotation import AdminState, Snapshot
 from lb.control.supervisor import Supervisor, WorkerHandle
 from lb.control.tls import (
@@ -198,6 +199,8 @@ class Daemon:
             worker_args=lambda: self.worker_identity.args() if self.worker_identity else [],
         )
         self.tls = TlsKeeper()
+        self.hashing = HashTables(self.supervisor.broadcast, self._on_hash_table)
+        """Maglev pools' lookup tables (lb.control.hashing)."""
         """Certificates, keys and ticket keys the workers get (lb.control.tls)."""
         self.elastic = Elastic(self)
         """Backends added and removed at runtime (lb.control.elastic)."""
@@ -208,7 +211,8 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                    signal.SIGUSR2):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         try:
             await self.startup()
@@ -233,6 +237,9 @@ class Daemon:
             sig = await self.signals.get()
             if sig == signal.SIGHUP:
                 await self.reload()
+                continue
+            if sig == signal.SIGUSR2:
+                self.reopen_logs()
                 continue
             if sig == signal.SIGUSR1:
                 result = await self.switchover()
@@ -292,12 +299,14 @@ class Daemon:
                 ) from None
         self.health.set_targets(self.table.targets(self.tls.material.pool_ca))
         self._compute_snapshots()
+        self.hashing.refresh(self.table.pools)  # built while the rest starts
         if self.cfg.admin.enabled:
             self._make_admin()
         await self.health.start()
         self.elastic.start()  # discovery and the peer channel
         if self.cfg.failover is not None:
             await self._spawn_failover()  # its imports overlap with the workers' start
+        await self.hashing.settled()  # workers get the maglev tables in their welcome
         await self.supervisor.start()
         if not await self.supervisor.wait_ready(10.0):
             if self.supervisor.refused:
@@ -488,6 +497,7 @@ class Daemon:
         if self.failover is not None:
             await self.failover.close_handover()  # the workers have finished with it
         await self.elastic.stop()
+        await self.hashing.stop()
         await self.health.stop()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
@@ -631,6 +641,7 @@ class Daemon:
         self.health.set_targets(self.table.targets(self.tls.material.pool_ca),
                                self.table.in_service)
         self._compute_snapshots()
+        self.hashing.refresh(self.table.pools)
         if replace_workers:
             # The old workers serve until their turn: they follow the rotation meanwhile
             # (the new ones get it in their welcome, and deltas build on it).
@@ -817,6 +828,7 @@ class Daemon:
 
     def push_snapshots(self) -> None:
         t0 = self._last_push = time.monotonic()
+        self.hashing.refresh(self.table.pools)  # a build only when members changed
         forced, self._force_push = self._force_push, set()
         if forced:
             self.snap_version += 1  # the workers apply only a newer version than theirs
@@ -894,7 +906,30 @@ class Daemon:
     # -- workers -----------------------------------------------------------------------
 
     def _welcome(self, handle: WorkerHandle) -> list[wl.Message]:
-        return [self._config_message(), self._snapshot_message()]
+        # The tables before the snapshot: a worker serves once it has a snapshot.
+        return [self._config_message(), *self.hashing.messages(), self._snapshot_message()]
+
+    def reopen_logs(self) -> int:
+        """SIGUSR2 (or POST /logs/reopen), after logrotate moved the access log: every
+        worker reopens it (SIGUSR1 to the main process is the planned switchover, so
+        logrotate signals USR2; a worker also reopens on a SIGUSR1 of its own)."""
+        self.supervisor.broadcast(wl.ReopenLogs())
+        for h in self.supervisor.retiring:  # still serving their last requests
+            h.send(wl.ReopenLogs())
+        n = len(self.supervisor.slots) + len(self.supervisor.retiring)
+        logger.info("event=access_log_reopen workers=%d", n)
+        return n
+
+    def _hashing_status(self, pcfg: PoolConfig) -> dict[str, Any] | None:
+        st = self.hashing.status(pcfg.name)
+        if st is None:
+            return None
+        return {"hash_on": pcfg.hash_on, "sticky_cookie": pcfg.sticky_cookie, **st}
+
+    def _on_hash_table(self, pool: str, built: Any) -> None:
+        self.record_event("maglev", f"pool {pool}: lookup table for {len(built.members)} "
+                          f"backends built in {built.build_s * 1000:.0f} ms "
+                          f"({built.message.digest})")
 
     def _on_worker_message(self, handle: WorkerHandle, msg: wl.Message) -> None:
         if isinstance(msg, wl.Stats):
@@ -1006,6 +1041,7 @@ class Daemon:
                     pcfg.name, pcfg.balance, snap.panic, snap.usable, snap.enabled,
                     tuple(backends), elastic.discovery_status(pcfg.name),
                     tuple(n for p, n in elastic.tombstoned if p == pcfg.name),
+                    self._hashing_status(pcfg),
                 )
             )
         lat = self.health.lateness

@@ -68,6 +68,8 @@ class PoolStatus:
     """lb.control.discovery.Discovery.status() of a pool with [pool.discovery]."""
     tombstoned: tuple[str, ...] = ()
     """Backends of the config (or discovery) a runtime removal hides."""
+    hashing: dict[str, Any] | None = None
+    """A maglev pool's lookup table (lb.control.hashing.HashTables.status)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +404,7 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
                 "backends": [_backend_json(b) for b in p.backends],
                 "discovery": p.discovery,
                 "tombstoned": list(p.tombstoned),
+                "hashing": p.hashing,
             }
             for p in st.pools
         ],

@@ -30,16 +30,16 @@ change once it has a whole one):
   least in-flight per weight; ties go to the one that waited longest. O(log N).
 - ``random_two``: two distinct backends drawn from an array of the rotation (swap-removal on
   ejection), the less loaded per weight wins. O(1).
-- ``maglev``: a pick with a key (``pick(now, exclude, key)``, a ``lb.data.maglev.key_hash``)
+- ``maglev``: a pick with a key (``pick(now, exclude, key)``, a ``lb.maglev.key_hash``)
   goes where the pool's Maglev table sends it (``set_hash_table``: built by the control
   process from the members alone, the same on both nodes); a backend out of the rotation
-  (down, draining, ejected, excluded by a retry) is skipped by ``lb.data.maglev.lookup``,
+  (down, draining, ejected, excluded by a retry) is skipped by ``lb.maglev.lookup``,
   which tries the key's next choices. O(1). A pick without a key, before the first table, or
   when the lookup finds nothing usable is round robin (its structure is kept as for
   ``round_robin``).
 
 Sticky cookies (any balance mode): each backend has an opaque ``token``
-(``lb.data.maglev.sticky_token``: the same on both nodes); ``take_token`` picks the backend
+(``lb.maglev.sticky_token``: the same on both nodes); ``take_token`` picks the backend
 of a token if it is in the rotation. O(1).
 
 A local ejection leaves the rotation at once (O(log N)) and comes back through a heap of
@@ -60,7 +60,7 @@ from enum import StrEnum
 from heapq import heapify, heappop, heappush, heapreplace
 
 from lb.config import PASSIVE_DEFAULTS, Balance
-from lb.data.maglev import lookup, sticky_token
+from lb.maglev import lookup, sticky_token
 
 
 class Outcome(StrEnum):
@@ -118,7 +118,7 @@ class Backend:
     _pos: int = field(default=-1, repr=False)
     """random_two: index in the rotation array."""
     token: str = field(init=False, default="", repr=False)
-    """The sticky cookie's value that names this backend (``lb.data.maglev.sticky_token``)."""
+    """The sticky cookie's value that names this backend (``lb.maglev.sticky_token``)."""
 
     def __post_init__(self) -> None:
         self.token = sticky_token(self.pool, self.name)
@@ -255,7 +255,7 @@ class Pool:
         return b
 
     def set_hash_table(self, members: Sequence[str], table: array[int]) -> None:
-        """Install a maglev pool's lookup table (``lb.data.maglev.build``'s names and table).
+        """Install a maglev pool's lookup table (``lb.maglev.build``'s names and table).
 
         Names map to the pool's backends of those names now and as they come and go (a name
         not in the pool maps to nothing; a backend removed is never picked through it);
@@ -441,7 +441,7 @@ class Pool:
              ) -> Backend | None:
         """Choose a backend for a new request or connection and count it in flight.
 
-        ``key`` (maglev pools): the request's ``lb.data.maglev.key_hash``; the backend the
+        ``key`` (maglev pools): the request's ``lb.maglev.key_hash``; the backend the
         table gives it, or the key's next choice in the rotation and not in ``exclude``.
         Without a key, a table or a usable choice: the pool's ordinary pick."""
         ejq = self._ejq
@@ -535,7 +535,7 @@ class Pool:
 
     def _pick_key(self, table: array[int], key: int, exclude: Iterable[Backend]
                   ) -> Backend | None:
-        """maglev: the key's backend (lb.data.maglev.lookup), counted in flight."""
+        """maglev: the key's backend (lb.maglev.lookup), counted in flight."""
         members = self._hmembers
         b = members[table[key % len(table)]]
         skip = set(exclude) if exclude else ()

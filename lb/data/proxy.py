@@ -130,6 +130,7 @@ from lb.config import ListenerConfig, PoolConfig
 from lb.data import headers as H
 from lb.data.listener import ListenerServer, unread_bytes
 from lb.data.pool import Backend, Ejection, Outcome, Pool
+from lb.maglev import key_hash
 from lb.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ ACME_MAX_BYTES = 64 * 1024
 _ACME_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,255}")
 INF = float("inf")
 _RETIRED = ("", 0)
+_H_NONE, _H_SOURCE, _H_URI, _H_HEADER, _H_COOKIE = range(5)
+"""What a maglev pool hashes (``hash_on``): decided once per pool, read per request."""
 """The idle-pool key of a backend connection that must not be reused (see ProxyServer)."""
 _FIONREAD = termios.FIONREAD
 _FIONREAD_BUF = bytearray(4)
@@ -298,11 +301,37 @@ class _Request(H.RequestHead):
     """_L_REDIRECT or _L_ACME: answered by the proxy (with ``error`` set, see dispatch)."""
     local_arg = b""
     """The redirect's Location, or the ACME token (b"": not a valid one, 404)."""
+    hkey: int | None = None
+    """A maglev pool's key hash (None: no key, or not a maglev pool)."""
+    sticky: bytes | None = None
+    """The sticky cookie's value the request came with."""
+    set_cookie = b""
+    """The sticky cookie's Set-Cookie line, when the backend it names is not this one."""
 
     def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         self.pool = pool
         self.pool_cfg = pool_cfg
         self.attempts_left = pool_cfg.retries
+
+
+def _header(hdrs: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:
+    """The first field named ``lname`` (lower case), or None."""
+    for name, value in hdrs:
+        if len(name) == len(lname) and name.lower() == lname:
+            return value
+    return None
+
+
+def _cookie(hdrs: list[tuple[bytes, bytes]], cname: bytes) -> bytes | None:
+    """The value of cookie ``cname`` in the request's Cookie fields (RFC 6265: pairs split
+    by ";", the first of a name wins), or None."""
+    for name, value in hdrs:
+        if len(name) == 6 and name.lower() == b"cookie":
+            for pair in value.split(b";"):
+                k, eq, v = pair.strip().partition(b"=")
+                if eq and k == cname:
+                    return v.strip(b'"')
+    return None
 
 
 def _keep_for_replay(req: _Request, pieces: list[bytes]) -> None:
@@ -632,6 +661,8 @@ class _Upstream(_Conn):
         hsts = self.srv.hsts
         if hsts:
             extra += rh.hsts_for(hsts)
+        if req.set_cookie:
+            extra += req.set_cookie
         client.send(line + rh.fields + extra + b"\r\n")
         req.resp_started = True
         backend = req.backend
@@ -866,6 +897,7 @@ class _Client(_Conn):
         "parser",
         "paused",
         "queue",
+        "src_key",
         "state",
         "stopped",
         "tunnel",
@@ -910,6 +942,8 @@ class _Client(_Conn):
         self.chunk_mark = -1
         """body_seen at the last chunk header: equal to it now means we are in trailers."""
         self.ctx: H.ClientContext | None = None
+        self.src_key: int | None = None
+        """The client address's key hash (maglev ``hash_on = "source_ip"``), once."""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -1184,6 +1218,8 @@ class _Client(_Conn):
                 host_override, target = H.split_absolute_form(target)
         req = _Request(srv.pool, srv.pool_cfg)
         req.method = method
+        if srv.affinity:
+            self._affinity(req, target)
         http10 = version == "1.0"
         if http10:
             req.http10 = True
@@ -1243,6 +1279,30 @@ class _Client(_Conn):
             self.dispatch(req, now)
         else:
             self.pause(_P_QUEUE)
+
+    def _affinity(self, req: _Request, target: bytes) -> None:
+        """The request's maglev key and sticky cookie (only for pools that use them)."""
+        srv = self.srv
+        if srv.sticky:
+            req.sticky = _cookie(self.hdrs, srv.sticky)
+        kind = srv.hash_kind
+        if kind == _H_SOURCE:
+            key = self.src_key
+            if key is None:
+                ctx = self.ctx
+                key = self.src_key = key_hash(ctx.ip.encode() if ctx is not None else b"")
+            req.hkey = key
+        elif kind == _H_URI:
+            q = target.find(b"?")
+            req.hkey = key_hash(target if q < 0 else target[:q])
+        elif kind == _H_HEADER:
+            v = _header(self.hdrs, srv.hash_name)
+            if v is not None:
+                req.hkey = key_hash(v)
+        elif kind == _H_COOKIE:
+            v = _cookie(self.hdrs, srv.hash_name)
+            if v is not None:
+                req.hkey = key_hash(v)
 
     def on_body(self, data: bytes) -> None:
         req = self.cur
@@ -1353,7 +1413,10 @@ class _Client(_Conn):
             self.pause(_P_STOP)
         if now is None:
             now = srv.time()
-        backend = req.pool.pick(now, req.excluded or ())
+        if srv.sticky:
+            backend = self._sticky_pick(req, now)
+        else:
+            backend = req.pool.pick(now, req.excluded or (), req.hkey)
         if backend is None:
             if req.last_failure is not None:
                 status, reason, bname = req.last_failure
@@ -1368,6 +1431,25 @@ class _Client(_Conn):
         else:
             req.conn_gen += 1
             srv.connect(req, self, backend, req.conn_gen)
+
+    def _sticky_pick(self, req: _Request, now: float) -> Backend | None:
+        """The backend the sticky cookie names, while it is in rotation (and not already
+        tried); else the pool's pick, and a Set-Cookie naming it on the response."""
+        pool = req.pool
+        excluded = req.excluded or ()
+        tok = req.sticky
+        srv = self.srv
+        if tok is not None:
+            b = pool.take_token(tok, now, excluded)
+            if b is not None:
+                req.set_cookie = b""
+                srv.stats.sticky(pool.name, "hit")
+                return b
+        b = pool.pick(now, excluded, req.hkey)
+        if b is not None:
+            req.set_cookie = srv.sticky_line(pool.token_of(b))
+            srv.stats.sticky(pool.name, "set")
+        return b
 
     def connect_failed(self, req: _Request, backend: Backend, exc: BaseException) -> None:
         srv = self.srv
@@ -1857,6 +1939,7 @@ class ProxyServer(ListenerServer["_Client"]):
         """Requests under /.well-known/acme-challenge/ answered 404."""
         self._acme_warned = -INF
         self._backend_ctx: ssl.SSLContext | None = None
+        self._pool_set()
 
     def _listener_set(self, listener: ListenerConfig) -> None:
         """Flags that follow the listener's settings (decided once per listener and reload:
@@ -1894,6 +1977,33 @@ class ProxyServer(ListenerServer["_Client"]):
         if pool_cfg.tls != self.pool_cfg.tls:
             self._retire_upstreams()
         super().update(pool, pool_cfg)
+        self._pool_set()
+
+    def _pool_set(self) -> None:
+        """Flags that follow the pool's settings: a maglev pool's key, the sticky cookie."""
+        pc = self.pool_cfg
+        kind, name = _H_NONE, b""
+        if pc.balance == "maglev":
+            h = pc.hash_on
+            if h == "source_ip":
+                kind = _H_SOURCE
+            elif h == "uri":
+                kind = _H_URI
+            elif h.startswith("header:"):
+                kind, name = _H_HEADER, h[7:].lower().encode("ascii")
+            else:
+                kind, name = _H_COOKIE, h[7:].encode("ascii")
+        self.hash_kind = kind
+        self.hash_name = name
+        self.sticky = pc.sticky_cookie.encode("ascii") if pc.sticky_cookie else b""
+        self.affinity = kind != _H_NONE or bool(self.sticky)
+        """Requests need a key or the sticky cookie looked at (checked once per request)."""
+
+    def sticky_line(self, token: str) -> bytes:
+        """The Set-Cookie line that sends a client back to the backend of ``token``."""
+        secure = b"; Secure" if self.tls is not None else b""
+        return (b"Set-Cookie: " + self.sticky + b"=" + token.encode("ascii")
+                + b"; Path=/; HttpOnly; SameSite=Lax" + secure + b"\r\n")
 
     def routes_changed(
         self, pools: Mapping[str, Pool], pool_cfgs: Mapping[str, PoolConfig],

@@ -24,6 +24,7 @@ import socket
 import ssl
 import sys
 import time
+from array import array
 from typing import Any
 
 from lb import channel, log, sysutil
@@ -79,6 +80,8 @@ class Worker:
         self.gen = 0
         """The config generation applied (a PoolEdit names the one it builds on)."""
         self._starting = asyncio.Lock()
+        self.hash_tables: dict[str, wl.HashTable] = {}
+        """The last lookup table of each maglev pool."""
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,6 +136,8 @@ class Worker:
                     asyncio.get_running_loop().create_task(self._config_done(msg.gen))
             elif isinstance(msg, wl.PoolEdit):
                 self._apply_edit(msg)
+            elif isinstance(msg, wl.HashTable):
+                self._apply_hash_table(msg)
             elif isinstance(msg, wl.CloseIdle):
                 for server in self.servers.values():
                     server.close_idle(spare_fresh=True)
@@ -160,10 +165,14 @@ class Worker:
                 if pool is not None and prev is not None and _only_backends_differ(prev, pcfg):
                     _edit_pool(pool, prev, pcfg)  # runtime adds and removes: loads kept
                 elif pool is None or prev is None or prev != pcfg:
-                    self.pools[name] = make_pool(pcfg)
+                    self.pools[name] = pool = make_pool(pcfg)
+                    ht = self.hash_tables.get(name)
+                    if ht is not None and pool.balance == "maglev":
+                        pool.set_hash_table(ht.members, array(ht.typecode, ht.table))
             for name in list(self.pools):
                 if name not in pool_cfgs:
                     del self.pools[name]
+                    self.hash_tables.pop(name, None)
             if self.last_snap is not None:
                 # New pool objects start out of rotation; the last snapshot puts back what it
                 # knows until the control process sends the one for this generation.
@@ -228,6 +237,14 @@ class Worker:
         new_pcfg = pcfg.model_copy(update={"backends": backends})
         self.config = cfg.model_copy(update={"pool": [
             new_pcfg if p.name == msg.pool else p for p in cfg.pool]})
+
+    def _apply_hash_table(self, msg: wl.HashTable) -> None:
+        """A maglev pool's lookup table (lb.control.hashing): kept, so a pool rebuilt by a
+        reload starts with it until the control process sends the next."""
+        self.hash_tables[msg.pool] = msg
+        pool = self.pools.get(msg.pool)
+        if pool is not None and pool.balance == "maglev":
+            pool.set_hash_table(msg.members, array(msg.typecode, msg.table))
 
     def _apply_tls(self, cfg: Config, wire: dict[str, Any]) -> None:
         """Certificates (new connections get them; open ones keep theirs), settings and

@@ -1,0 +1,173 @@
+"""The Maglev lookup tables of the pools with ``balance = "maglev"``: built here, once per
+node, and sent to every worker.
+
+Why in the control process: a table depends only on the pool's members (names and
+configured weights) and its size, never on health, so it changes only when a backend joins
+or leaves (a reload, the admin API, the peer, discovery). Building one is O(M log M) in
+Python (0.3 s for 3,000 backends at the default M = 524,309), too long for a worker's event
+loop and wasted work in every worker. It runs in a thread here, debounced (a burst of
+runtime adds is one build), and the workers get the table as bytes (``HashTable``), in
+their welcome too, before the snapshot that lets them serve.
+
+Until a new table arrives a worker keeps the old one: a backend that left is never picked
+(the pool forgets it), one that joined gets no hashed traffic yet. Health and drain are the
+pool's business at lookup time (lb.maglev.lookup skips a backend out of rotation and
+tries the key's next choice), so a health change costs no build.
+
+Both nodes of a pair build the same table from the same members, so a key goes to the
+same backend whichever node holds the VIP; ``digest`` (in /status) lets an operator check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lb import maglev
+from lb import worker_link as wl
+from lb.config import PoolConfig
+
+logger = logging.getLogger(__name__)
+
+DEBOUNCE_S = 0.05
+"""A membership change waits this long for more before a build starts (a burst of runtime
+adds or discovery's whole answer is one build)."""
+
+Members = tuple[tuple[str, int], ...]
+
+
+def members_of(pcfg: PoolConfig) -> Members:
+    """What a pool's table depends on besides its size: every member and its configured
+    weight, in name order (slow start and health change nothing here)."""
+    return tuple(sorted((b.name, b.weight) for b in pcfg.backends))
+
+
+def size_of(pcfg: PoolConfig, members: Members) -> int:
+    return pcfg.hash_table_size or maglev.table_size(len(members))
+
+
+@dataclass(frozen=True)
+class Built:
+    members: Members
+    size: int
+    message: wl.HashTable
+    build_s: float
+    built_at: float
+
+
+def build_message(pool: str, members: Members, size: int) -> wl.HashTable:
+    """The table (lb.maglev.build) as the workers get it. Pure CPU: runs in a thread."""
+    names, table = maglev.build(members, size)
+    raw = table.tobytes()
+    digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
+    return wl.HashTable(pool, tuple(names), size, table.typecode, raw, digest)
+
+
+class HashTables:
+    """Keeps one current table per maglev pool and sends new ones with ``broadcast``."""
+
+    def __init__(self, broadcast: Callable[[wl.Message], None],
+                 on_built: Callable[[str, Built], None] | None = None) -> None:
+        self._broadcast = broadcast
+        self._on_built = on_built
+        self.tables: dict[str, Built] = {}
+        self._want: dict[str, tuple[Members, int]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.builds = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._failed = False
+
+    def refresh(self, pools: Mapping[str, PoolConfig]) -> None:
+        """Note each maglev pool's members (O(N) for those pools only); start a build for
+        the ones whose table is out of date."""
+        want: dict[str, tuple[Members, int]] = {}
+        for name, pcfg in pools.items():
+            if pcfg.balance != "maglev":
+                continue
+            members = members_of(pcfg)
+            want[name] = (members, size_of(pcfg, members))
+        for name in list(self.tables):
+            if name not in want:
+                del self.tables[name]
+        self._want = want
+        if self._stale() and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="maglev_builds")
+
+    def _stale(self) -> list[str]:
+        out = []
+        for name, (members, size) in self._want.items():
+            cur = self.tables.get(name)
+            if cur is None or cur.members != members or cur.size != size:
+                out.append(name)
+        return out
+
+    async def _run(self) -> None:
+        while True:
+            stale = self._stale()
+            if not stale:
+                return
+            await asyncio.sleep(DEBOUNCE_S)
+            for name in self._stale():
+                members, size = self._want[name]
+                t0 = time.monotonic()
+                try:
+                    msg = await asyncio.to_thread(build_message, name, members, size)
+                except Exception as exc:  # never silent: the old table keeps serving
+                    self.failures += 1
+                    self.last_error = f"pool {name}: {exc!r}"
+                    logger.exception("event=maglev_build_failed pool=%s", name)
+                    self._failed = True
+                    return
+                self._failed = False
+                if self._want.get(name) != (members, size):
+                    continue  # changed while building: the next round builds it again
+                built = Built(members, size, msg, time.monotonic() - t0, time.time())
+                self.tables[name] = built
+                self.builds += 1
+                logger.info("event=maglev_table pool=%s members=%d size=%d build_ms=%.1f "
+                            "digest=%s", name, len(members), size, built.build_s * 1000,
+                            msg.digest)
+                self._broadcast(msg)
+                if self._on_built is not None:
+                    self._on_built(name, built)
+
+    async def settled(self, timeout_s: float = 30.0) -> None:
+        """Wait until every table is current, or a build failed (tests; a node's start)."""
+        async with asyncio.timeout(timeout_s):
+            while self._stale():
+                task = self._task
+                if task is None or task.done():
+                    if task is not None and self._failed:
+                        return
+                    self._task = task = asyncio.get_running_loop().create_task(self._run())
+                await asyncio.shield(task)
+
+    def messages(self) -> list[wl.HashTable]:
+        """A new worker's tables (its welcome, before the snapshot)."""
+        return [b.message for b in self.tables.values()]
+
+    def status(self, pool: str) -> dict[str, Any] | None:
+        want = self._want.get(pool)
+        if want is None:
+            return None
+        b = self.tables.get(pool)
+        return {
+            "size": want[1],
+            "members": len(want[0]),
+            "digest": b.message.digest if b is not None else None,
+            "built_members": len(b.members) if b is not None else 0,
+            "current": b is not None and b.members == want[0] and b.size == want[1],
+            "build_ms": round(b.build_s * 1000, 1) if b is not None else None,
+            "built_at": b.built_at if b is not None else None,
+        }
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
