@@ -140,6 +140,7 @@ REASON_TERMINATION: Final[dict[str, str]] = {
     "sni_timeout": "cR",
     "eof": "CR",  # TCP SNI: the client sent EOF before a whole ClientHello
     "body_timeout": "cD",
+    "idle_timeout": "cD",  # TCP: no byte either way for client_idle_timeout_s
     "body_total_timeout": "cD",
     "client_body_timeout": "cD",
     "client_write_timeout": "cD",
@@ -489,6 +490,7 @@ _WAKE: Final = object()
 PIPE_BUF: Final = 4096  # Linux: writes up to this size to a pipe are atomic
 _SLICE: Final = 256  # records formatted between two GIL releases (the loop waits < ~0.5 ms)
 _BIG_FIELDS = (TARGET, REQUEST_ID, USER_AGENT, REFERER)
+_MIN_INTERVAL: Final = 0.01
 _LINE_BASE: Final = 330  # bytes of a JSON line besides the big fields (keys, numbers, names)
 
 
@@ -570,24 +572,37 @@ class AccessLog:
             self._idle = True  # no wakeups on an idle worker
             return
         self._pending = []
-        self._timer = self._loop.call_later(self.flush_interval, self._tick)
+        # Busy: hand over sooner, so that a batch stays near 1/8 of the buffer (no check
+        # per write; a burst larger than the buffer is cut by _submit).
+        delay = self.flush_interval
+        goal = self.buffer_bytes / 8 / self._line_est
+        if len(batch) > goal:
+            delay = max(_MIN_INTERVAL, delay * goal / len(batch))
+        self._timer = self._loop.call_later(delay, self._tick)
         self._submit(batch)
 
     def _submit(self, batch: MutableSequence[Record]) -> None:
+        """Hand a batch to the writer, or as much of it as fits in ``buffer_bytes`` beside
+        what the writer has not finished (the rest is dropped and counted)."""
         n = len(batch)
         behind = self._in_bytes - self._out_bytes
+        room = self.buffer_bytes - behind
         if behind <= 0:
-            # The writer is idle: take the batch whole (its size is only estimated).
+            # The writer is idle: the size is estimated from the lines it formatted last.
             size = int(n * self._line_est) + 1
         else:
-            # The writer is behind (slow disk, full pipe): count this batch's bytes (the big
-            # strings mostly) and refuse it rather than let memory grow past buffer_bytes.
+            # The writer is behind (slow disk, full pipe): weigh the batch (its long strings
+            # mostly) unless even its smallest possible size does not fit.
             size = n * _LINE_BASE
-            if behind + size <= self.buffer_bytes:  # else full already: drop, no counting
+            if size < room:
                 size += _big_bytes(batch)
-            if behind + size > self.buffer_bytes:
-                self._dropped_loop += n
+        if size > room:
+            keep = int(n * room / size) if room > 0 else 0
+            self._dropped_loop += n - keep
+            if keep <= 0:
                 return
+            del batch[keep:]
+            size = room
         self._in_bytes += size
         self._q.put((batch, size))
 
