@@ -57,7 +57,6 @@ needs_servers = pytest.mark.skipif(
          and shutil.which("curl")),
     reason="needs /usr/sbin/nginx, /usr/sbin/haproxy and curl",
 )
-http_wired = pytest.mark.xfail(strict=True, reason="proxy.py not wired yet")
 """The HTTP engine's part (lb.data.proxy) is the lead's; these pass once it is wired."""
 
 
@@ -371,7 +370,6 @@ def test_refusals_are_closed_without_a_byte_and_counted(lab: Lab) -> None:
 
 
 @needs_servers
-@http_wired
 def test_http_listener_curl_haproxy_protocol(lab: Lab) -> None:
     port = lab.ports["acc_http"]
     out = subprocess.run(
@@ -381,7 +379,6 @@ def test_http_listener_curl_haproxy_protocol(lab: Lab) -> None:
 
 
 @needs_servers
-@http_wired
 def test_http_listener_takes_the_client_address_from_the_header(lab: Lab) -> None:
     port = lab.ports["acc_http"]
     v1 = b"PROXY TCP4 203.0.113.9 198.51.100.7 4242 80\r\n"
@@ -393,7 +390,6 @@ def test_http_listener_takes_the_client_address_from_the_header(lab: Lab) -> Non
 
 
 @needs_servers
-@http_wired
 def test_http_listener_refuses_an_untrusted_header(lab: Lab) -> None:
     port = lab.ports["acc_http"]
     before = lab.metric("acc_http", pp.UNTRUSTED), lab.metric("acc_http", pp.MISSING)

@@ -3,21 +3,22 @@
 A worker's event loop must never wait for its log, and a request's share of the log must stay
 a small part of its ~40 us of CPU. So the hot path only appends the raw record (a tuple in
 the order of ``FIELDS``) to a list: no formatting, no dict, no syscall. A timer on the loop
-hands the list to ONE writer thread every ``flush_interval`` s; that thread formats the batch
-(``format_json`` / ``format_combined``, pure functions) and writes it with one ``os.write``
-(a regular file) or with writes of at most PIPE_BUF bytes cut at line ends (a pipe or socket,
-e.g. stdout shared by every worker: a line is never interleaved with another worker's).
+hands the list to ONE writer thread every ``flush_interval`` s (sooner when busy); that thread
+formats the batch (``json_lines`` / ``combined_lines``, pure functions) and writes it with one
+``os.write`` (a regular file) or with writes of at most PIPE_BUF bytes cut at line ends (a
+pipe or socket, e.g. stdout shared by every worker: no line is split by another worker's).
 
-A slow disk or a full pipe blocks only that thread. Batches handed over while the thread is
-behind by more than ``buffer_bytes`` are dropped whole and counted (``stats()``), so memory
-stays bounded and the loop never waits. Formatting in the thread still costs the process
-CPU (the GIL), hence fast formatters: C-level JSON string escaping, per-second time caches,
-caches for the few distinct listener/pool/backend names.
+A slow disk or a full pipe blocks only that thread. Records handed over while the thread is
+behind by more than ``buffer_bytes`` are dropped (whole records) and counted (``stats()``),
+so memory stays bounded and the loop never waits. Formatting in the thread still costs the
+process CPU (the GIL), hence fast formatters: one C-level check that a record's untrusted
+strings need no escaping (then they go in raw), per-second time caches, caches for the few
+distinct listener/pool/backend names (bench/accesslog.py measures it).
 
 ``reopen()`` (SIGUSR1, logrotate) asks the thread to reopen the path between two batches.
 
-No control-plane import: the worker owns one ``AccessLog``; tests and bench/accesslog.py use
-the formatters directly.
+No control-plane import (only the standard library): the worker owns one ``AccessLog``; tests
+and bench/accesslog.py use the formatters directly.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ FIELDS: Final = (
     "client_port",  # 2  int
     "listener",  # 3  str
     "mode",  # 4  "http" | "tcp"
-    "method",  # 5  str | bytes | None (TCP: None)
-    "target",  # 6  str | bytes | None: the request target as sent
-    "protocol",  # 7  "HTTP/1.1" | "HTTP/1.0" | None
+    "method",  # 5  bytes | str | None (TCP: None)
+    "target",  # 6  bytes | str | None: the request target as sent
+    "protocol",  # 7  "HTTP/1.1" | "HTTP/1.0" | None (TCP)
     "status",  # 8  int: status sent to the client, 0 when none was sent
     "bytes_in",  # 9  int: bytes received from the client (head + body)
     "bytes_out",  # 10 int: bytes sent to the client (head + body)
@@ -58,13 +59,14 @@ FIELDS: Final = (
     "first_byte_ms",  # 16 float, -1: backend's first response byte, since the request was sent
     "total_ms",  # 17 float: start -> last byte to the client (or the close)
     "termination",  # 18 str: two characters, see CAUSES and PHASES
-    "request_id",  # 19 str | bytes | None
-    "user_agent",  # 20 str | bytes | None: raw header value
-    "referer",  # 21 str | bytes | None: raw header value
+    "request_id",  # 19 bytes | str | None
+    "user_agent",  # 20 bytes | str | None: raw header value
+    "referer",  # 21 bytes | str | None: raw header value
 )
-"""Order of a record's fields. Strings may be ``bytes`` (decoded as UTF-8 in the writer, bad
-bytes kept as ``\\xNN`` text: pass raw header bytes, decoding is not the loop's job) or
-``None`` (JSON null, ``-`` in combined)."""
+"""Order of a record's fields. Strings may be ``bytes`` (the fast path: pass the parser's raw
+bytes, decoding is not the loop's job; the writer reads them as UTF-8, invalid bytes kept as
+``\\xNN`` text), ``str`` or ``None`` (absent: ``""`` in JSON, ``-`` in combined). A field
+of the wrong type costs that line's accuracy (``sanitize``), never the line."""
 
 Record = tuple[Any, ...]
 """A tuple of ``len(FIELDS)`` values, in that order."""
@@ -606,18 +608,29 @@ class AccessLog:
         self._in_bytes += size
         self._q.put((batch, size))
 
-    def flush_now(self, timeout: float = 1.0) -> bool:
-        """Hand the pending records to the writer and wait (at most ``timeout`` s, blocking
-        the caller) until it has written them. False if it did not finish in time."""
+    def _mark(self) -> _Flush | None:
+        """Hand the pending records over; a mark the writer sets once past them (None when
+        the writer has already stopped)."""
         if self._closed and not self._thread.is_alive():
-            return True
+            return None
         if self._pending and not self._closed:
             batch = self._pending
             self._pending = []
             self._submit(batch)
         mark = _Flush()
         self._q.put(mark)
-        return mark.done.wait(timeout)
+        return mark
+
+    def flush_now(self, timeout: float = 1.0) -> bool:
+        """Hand the pending records to the writer and wait (at most ``timeout`` s, blocking
+        the caller) until it has written them. False if it did not finish in time."""
+        mark = self._mark()
+        return mark is None or mark.done.wait(timeout)
+
+    async def aflush(self, within: float = 1.0) -> bool:
+        """``flush_now`` that lets the loop run meanwhile (waits in a helper thread)."""
+        mark = self._mark()
+        return mark is None or await asyncio.to_thread(mark.done.wait, within)
 
     def reopen(self) -> None:
         """Reopen the path before the next batch (logrotate has renamed it). Safe from a
@@ -628,11 +641,29 @@ class AccessLog:
         self._q.put(_WAKE)
 
     def close(self, timeout: float = 1.0) -> bool:
-        """Write what is pending (waiting at most ``timeout`` s), then stop the thread and
-        close the file. Later writes are discarded. False if lines were left behind."""
+        """Write what is pending (waiting at most ``timeout`` s, blocking the loop), then
+        stop the thread and close the file. Later writes are discarded. False if lines were
+        left behind (a stuck writer: it stays blocked in its daemon thread)."""
         if self._closed:
             return True
         ok = self.flush_now(timeout)
+        self._shut()
+        if ok:
+            self._thread.join(timeout)
+        return ok
+
+    async def aclose(self, within: float = 1.0) -> bool:
+        """``close`` for a worker's async shutdown: the loop keeps running while the last
+        lines are written; records logged meanwhile are written too."""
+        if self._closed:
+            return True
+        ok = await self.aflush(within)
+        if ok and self._pending:
+            ok = await self.aflush(within)
+        self._shut()
+        return ok
+
+    def _shut(self) -> None:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -641,9 +672,6 @@ class AccessLog:
         self._dropped_loop += len(self._pending)
         self._pending = deque(maxlen=0)  # write() after close: appended into nothing
         self._q.put(_STOP)
-        if ok:
-            self._thread.join(timeout)
-        return ok
 
     def stats(self) -> dict[str, int]:
         """Counters since start: lines ``written``, ``dropped`` (buffer full, file not open,

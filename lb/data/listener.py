@@ -28,6 +28,7 @@ from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
 
 if TYPE_CHECKING:
+    from lb.data.accesslog import AccessLog
     from lb.tls.server import ListenerTls
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class ListenerServer(Generic[C]):
         self.pool_cfgs: Mapping[str, PoolConfig] = {pool_cfg.name: pool_cfg}
         self.backend_tls: Mapping[str, ssl.SSLContext] = {}
         """Pool name -> the context of its backend connections (``[pool.tls]``)."""
+        self.alog: AccessLog | None = None
+        """The worker's access log (``[logging] access_log``), set by the worker."""
 
     # -- what an engine supplies -------------------------------------------------------------
 

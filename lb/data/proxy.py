@@ -120,6 +120,7 @@ import socket
 import ssl
 import stat
 import termios
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -127,7 +128,9 @@ from typing import Any, cast
 import httptools
 
 from lb.config import ListenerConfig, PoolConfig
+from lb.data import accesslog as A
 from lb.data import headers as H
+from lb.data import proxyproto as pp
 from lb.data.listener import ListenerServer, unread_bytes
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.maglev import key_hash
@@ -307,6 +310,17 @@ class _Request(H.RequestHead):
     """The sticky cookie's value the request came with."""
     set_cookie = b""
     """The sticky cookie's Set-Cookie line, when the backend it names is not this one."""
+    end_reason: str | None = None
+    """Why pairlb answered or cut it (an error reason): the access log's termination."""
+    # The access log's (set only when it is on):
+    target = b""
+    rid: bytes | None = None
+    ua: bytes | None = None
+    referer: bytes | None = None
+    t_pick = -1.0
+    t_sent = -1.0
+    t_first = -1.0
+    connect_s = -1.0
 
     def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         self.pool = pool
@@ -334,6 +348,19 @@ def _cookie(hdrs: list[tuple[bytes, bytes]], cname: bytes) -> bytes | None:
     return None
 
 
+def _phase(req: _Request) -> str:
+    """What an unfinished request was doing (the access log's second termination char)."""
+    if not req.complete:
+        return A.PHASE_REQUEST
+    if req.resp_started:
+        return A.PHASE_DATA
+    if req.upstream is not None:
+        return A.PHASE_HEADERS
+    if req.backend is not None:
+        return A.PHASE_CONNECT
+    return A.PHASE_QUEUE
+
+
 def _keep_for_replay(req: _Request, pieces: list[bytes]) -> None:
     replay = req.replay
     if replay is None:
@@ -358,13 +385,15 @@ class _Conn:
     cannot derive from asyncio.Protocol.
     """
 
-    __slots__ = ("closed", "out", "srv", "transport")
+    __slots__ = ("closed", "nsent", "out", "srv", "transport")
 
     def __init__(self, srv: ProxyServer) -> None:
         self.srv = srv
         self.transport: Any = None
         self.out: list[bytes] | None = None
         self.closed = False
+        self.nsent = 0
+        """Bytes written so far (the access log's bytes out)."""
 
     def send(self, data: bytes) -> None:
         out = self.out
@@ -381,7 +410,9 @@ class _Conn:
         self.out = None
         if self.closed:
             return
-        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self.nsent += len(data)
+        self.transport.write(data)
 
     def close(self) -> None:
         """Graceful: what was sent is flushed first."""
@@ -589,6 +620,8 @@ class _Upstream(_Conn):
         assert req is not None and client is not None
         status = self.parser.get_status_code()
         self.status = status
+        if self.srv.alog is not None and req.t_first < 0:
+            req.t_first = self.srv.time()
         # The raw head: llhttp has validated it (strict), so lines end in CRLF.
         buf = self.head_buf
         assert buf is not None
@@ -706,6 +739,10 @@ class _Upstream(_Conn):
         self.status = 0
         self.reusable = True
         self.head_buf = b""
+        if self.srv.alog is not None:
+            req.t_sent = self.srv.time()
+            if req.connect_s < 0:
+                req.connect_s = 0.0  # an idle connection, reused
         pending = req.pending
         if pending:
             req.pending = None
@@ -879,6 +916,7 @@ class _Client(_Conn):
         "chunk_mark",
         "chunks",
         "closing",
+        "cport",
         "ctx",
         "cur",
         "deadline",
@@ -886,6 +924,7 @@ class _Client(_Conn):
         "eof",
         "framing",
         "fresh",
+        "gate",
         "hdrs",
         "head_cont",
         "head_deadline",
@@ -894,6 +933,7 @@ class _Client(_Conn):
         "last_call",
         "linger",
         "linger_bytes",
+        "nmark",
         "parser",
         "paused",
         "queue",
@@ -944,6 +984,11 @@ class _Client(_Conn):
         self.ctx: H.ClientContext | None = None
         self.src_key: int | None = None
         """The client address's key hash (maglev ``hash_on = "source_ip"``), once."""
+        self.nmark = 0
+        """``nsent`` when the previous response ended (the access log's bytes out)."""
+        self.cport = 0
+        self.gate: pp.Gate | None = None
+        """accept_proxy_protocol: the PROXY header's reader, until it decided."""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -951,8 +996,13 @@ class _Client(_Conn):
         self.transport = transport
         srv = self.srv
         peer = transport.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        if isinstance(peer, tuple):
+            ip, self.cport = peer[0], peer[1]
+        else:
+            ip = "unknown"
         self.ctx = srv.client_context(ip)
+        if srv.accept_proxy:
+            self.gate = pp.Gate(self.ctx.trusted)
         srv.client_opened(self)
         self.deadline = srv.time() + srv.listener.client_header_timeout_s
 
@@ -968,9 +1018,12 @@ class _Client(_Conn):
             tunnel.close()
             if req is not None:
                 srv.release(req)
+        alog = srv.alog
         for req in self.queue:
             if req.finished:
                 continue
+            if alog is not None:
+                self.log(req, 0, A.END_CLIENT_ABORT + _phase(req), srv.time())
             req.finished = True
             up = req.upstream
             if up is not None:
@@ -984,6 +1037,12 @@ class _Client(_Conn):
 
     def eof_received(self) -> bool:
         self.eof = True
+        gate = self.gate
+        if gate is not None:
+            reason = gate.cut()
+            if reason is not None:
+                self._refuse_proxy(reason)
+                return False
         if self.linger:
             return False
         tunnel = self.tunnel
@@ -1013,7 +1072,41 @@ class _Client(_Conn):
             up.resume_reading()
         self._rearm()
 
+    def _through_gate(self, data: bytes) -> bytes:
+        """accept_proxy_protocol: the connection's bytes after its PROXY header (b"" while
+        it is not whole; the client's address from then on is the header's)."""
+        gate = self.gate
+        assert gate is not None
+        try:
+            res = gate.feed(data)
+        except pp.ProxyProtocolError as exc:
+            self._refuse_proxy(exc.reason)
+            return b""
+        if res.state is pp.NEED_MORE:
+            return b""
+        self.gate = None
+        src = res.source
+        if src is not None:
+            self.ctx = self.srv.client_context(src[0])
+            self.cport = src[1]
+            self.src_key = None
+        return res.rest
+
+    def _refuse_proxy(self, reason: str) -> None:
+        """Close without a byte (as HAProxy does): the PROXY header was refused."""
+        srv = self.srv
+        self.gate = None
+        srv.stats.bad_request(srv.listener.name, reason, 0)
+        logger.debug("event=bad_request status=0 listener=%s peer=%s reason=%s",
+                     srv.listener.name, self.ctx.ip if self.ctx else "-", reason)
+        self.stopped = True
+        self.close()
+
     def data_received(self, data: bytes) -> None:
+        if self.gate is not None:
+            data = self._through_gate(data)
+            if not data:
+                return
         if self.tunnel is not None:
             up = self.tunnel
             self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
@@ -1220,11 +1313,16 @@ class _Client(_Conn):
         req.method = method
         if srv.affinity:
             self._affinity(req, target)
+        if srv.alog is not None:
+            req.target = self.url
+            req.ua = _header(hdrs, b"user-agent")
+            req.referer = _header(hdrs, b"referer")
         http10 = version == "1.0"
         if http10:
             req.http10 = True
         rid = srv.next_request_id
         request_id = rid() if rid is not None else None
+        req.rid = request_id
         H.build_request_head(
             method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
             http10=http10, request_id=request_id,
@@ -1425,6 +1523,8 @@ class _Client(_Conn):
                 self.fail(req, 503, "no_backend", "-")
             return
         req.backend = backend
+        if srv.alog is not None and req.t_pick < 0:
+            req.t_pick = now
         up = srv.take_idle(backend, req, now)
         if up is not None:
             up.attach(req, self)
@@ -1556,6 +1656,7 @@ class _Client(_Conn):
         self, req: _Request, status: int, reason: str, *, close: bool, bname: str = "-"
     ) -> None:
         srv = self.srv
+        req.end_reason = reason
         up = req.upstream
         if up is not None:
             up.detach()
@@ -1645,6 +1746,8 @@ class _Client(_Conn):
                 ))
         logger.debug("event=local_answer listener=%s status=%d peer=%s",
                      srv.listener.name, status, self.ctx.ip if self.ctx else "-")
+        req.end_reason = "https_redirect" if req.local == _L_REDIRECT else (
+            "acme_served" if status == 200 else "acme_missing")
         self.send(out)
         if not keep:
             self.closing = True
@@ -1656,6 +1759,9 @@ class _Client(_Conn):
         srv.log_error("cut", req.pool.name, bname, reason)
         srv.stats.error(req.pool.name, bname, reason)
         up = req.upstream
+        if srv.alog is not None and not req.finished:
+            self.log(req, up.status if up is not None else 0,
+                     A.termination(reason, A.PHASE_DATA), srv.time())
         if up is not None:
             up.detach()
             up.abort()
@@ -1673,6 +1779,8 @@ class _Client(_Conn):
         if queue and queue[0] is req:
             queue.popleft()
         req.finished = True
+        if srv.alog is not None:
+            self.log(req, status, A.termination(req.end_reason), now or srv.time())
         if not counted:
             backend = req.backend
             srv.stats.request(
@@ -1776,6 +1884,12 @@ class _Client(_Conn):
         if self.linger:
             self.close()
             return
+        gate = self.gate
+        if gate is not None:
+            reason = gate.cut()
+            if reason is not None:
+                self._refuse_proxy(reason)  # no whole header within client_header_timeout_s
+                return
         tunnel = self.tunnel
         if tunnel is not None:
             # An upgraded connection idle both ways for client_idle_timeout_s (as TCP mode).
@@ -1849,6 +1963,35 @@ class _Client(_Conn):
         if rest:
             req.tunnel_buf.append(rest)
 
+    def log(self, req: _Request, status: int, term: str, now: float) -> None:
+        """One access log record (lb.data.accesslog.FIELDS): the request is over, answered
+        (status), cut or abandoned. Only a tuple is made here; the writer formats it."""
+        srv = self.srv
+        alog = srv.alog
+        assert alog is not None
+        ctx = self.ctx
+        b = req.backend
+        t0 = req.t0
+        total = now - t0
+        sent = self.nsent
+        out = self.out
+        if out is not None:
+            sent += sum(map(len, out))
+        nbytes, self.nmark = sent - self.nmark, sent
+        retries = req.pool_cfg.retries - req.attempts_left + (1 if req.stale_retried else 0)
+        t_pick, t_sent, t_first = req.t_pick, req.t_sent, req.t_first
+        alog.write((
+            time.time() - total, ctx.ip if ctx is not None else None, self.cport,
+            srv.listener.name, "http", req.method, req.target,
+            "HTTP/1.0" if req.http10 else "HTTP/1.1", status,
+            len(req.head) + req.body_seen if req.head else req.body_seen, nbytes,
+            req.pool.name, b.name if b is not None else None, retries,
+            (t_pick - t0) * 1000 if t_pick >= 0 else -1.0,
+            req.connect_s * 1000 if req.connect_s >= 0 else -1.0,
+            (t_first - t_sent) * 1000 if t_first >= 0 and t_sent >= 0 else -1.0,
+            total * 1000, term, req.rid, req.ua, req.referer,
+        ))
+
     def start_tunnel(self, req: _Request, up: _Upstream, rest: bytes) -> None:
         """The backend said 101: from now on both connections are a byte pipe."""
         self.tunnel = up
@@ -1857,6 +2000,8 @@ class _Client(_Conn):
         self.deadline = srv.time() + srv.listener.client_idle_timeout_s
         srv.stats.request(req.pool.name, req.backend.name if req.backend else "-", 101,
                           srv.time() - req.t0)
+        if srv.alog is not None:
+            self.log(req, 101, A.TERM_NORMAL, srv.time())
         if rest:
             self.send(rest)
         self.flush_out()
@@ -1948,6 +2093,7 @@ class ProxyServer(ListenerServer["_Client"]):
         self.pass_underscores = listener.underscores_in_headers == "pass"
         self._trusted = H.parse_networks(listener.trusted_proxies)
         self._ctx_cache = {}  # trust is decided per client address from _trusted
+        self.accept_proxy = listener.accept_proxy_protocol
         self.redirect = listener.redirect_to_https
         self.https_port = listener.https_port
         self.acme_dir = listener.acme_challenge_dir
@@ -2180,6 +2326,7 @@ class ProxyServer(ListenerServer["_Client"]):
         cfg = req.pool_cfg
         tls = cfg.tls
         ctx: ssl.SSLContext | None = None
+        started = self.time()
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 if tls is None:
@@ -2213,6 +2360,7 @@ class ProxyServer(ListenerServer["_Client"]):
         ):
             up.key = _RETIRED  # made with settings a reload has since changed
         if req.conn_gen == gen and req.backend is backend and not req.finished:
+            req.connect_s = self.time() - started
             up.attach(req, client)
         else:
             self.put_idle(up)

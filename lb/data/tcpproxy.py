@@ -44,14 +44,17 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
 from lb.config import ListenerConfig, PoolConfig
+from lb.data import accesslog as A
 from lb.data import headers as H
 from lb.data import proxyproto as pp
 from lb.data.listener import ListenerServer, unread_bytes
 from lb.data.pool import Backend, Ejection, Outcome, Pool
+from lb.maglev import key_hash
 from lb.stats import Stats
 from lb.tls.names import NameTable
 from lb.tls.sni_peek import NEED_MORE, NOT_TLS, SniPeeker
@@ -237,9 +240,9 @@ class _Pipe:
     """One proxied TCP connection: the client side, the backend side, the picked backend."""
 
     __slots__ = (
-        "backend", "backend_side", "bytes_in", "bytes_out", "client", "client_addr",
-        "deadline", "done", "excluded", "gate_timer", "hold", "local_addr", "pool", "pool_cfg",
-        "srv", "tries_left",
+        "backend", "backend_side", "bname", "bytes_in", "bytes_out", "client", "client_addr",
+        "connect_s", "deadline", "done", "end", "excluded", "gate_timer", "hold", "local_addr",
+        "pool", "pool_cfg", "srv", "t0", "t_pick", "tries_left",
     )
 
     def __init__(self, srv: TcpProxyServer) -> None:
@@ -259,6 +262,13 @@ class _Pipe:
         """The client's (ip, port): the peer's, or the one an accepted PROXY header gave."""
         self.local_addr: pp.Address | None = None
         """The address the client connected to (likewise)."""
+        self.t0 = 0.0
+        self.t_pick = -1.0
+        self.connect_s = -1.0
+        self.end: str | None = None
+        """Why pairlb ended it (an error reason; None: a side closed): the access log's."""
+        self.bname: str | None = None
+        """The last backend tried (the access log's)."""
         self.gate_timer: asyncio.TimerHandle | None = None
         self.hold = False
         """An untrusted client's first bytes may start a PROXY header: until its gate
@@ -279,6 +289,7 @@ class _Pipe:
         self.client = client
         srv = self.srv
         srv.client_opened(self)
+        self.t0 = srv.time()
         self.touch()
         transport = client.transport
         self.client_addr = _address(transport.get_extra_info("peername"))
@@ -381,22 +392,33 @@ class _Pipe:
             "event=bad_request status=0 listener=%s peer=%s reason=%s",
             srv.listener.name, self.client_addr[0] if self.client_addr else "-", reason,
         )
+        self.end = reason
         self.finish()
 
     # -- the backend -----------------------------------------------------------------------
 
     def _pick(self) -> None:
         srv = self.srv
-        backend = self.pool.pick(srv.time(), self.excluded)
+        pool = self.pool
+        key = None
+        addr = self.client_addr
+        if pool.balance == "maglev" and addr is not None:
+            key = key_hash(addr[0].encode())  # hash_on = "source_ip", the only TCP key
+        now = srv.time()
+        backend = pool.pick(now, self.excluded, key)
         if backend is None:
             logger.warning(
                 "event=proxy_error status=0 listener=%s pool=%s backend=- reason=no_backend",
                 srv.listener.name, self.pool.name,
             )
             srv.stats.error(self.pool.name, "-", "no_backend")
+            self.end = "no_backend"
             self.finish()
             return
+        if self.t_pick < 0:
+            self.t_pick = now
         self.backend = backend
+        self.bname = backend.name
         srv.spawn(self._connect(backend))
 
     def proxy_header(self) -> bytes:
@@ -410,6 +432,7 @@ class _Pipe:
     async def _connect(self, backend: Backend) -> None:
         srv = self.srv
         header = self.proxy_header()
+        started = srv.time()
         try:
             async with asyncio.timeout(self.pool_cfg.connect_timeout_s):
                 ctx = srv.backend_tls.get(self.pool.name)
@@ -445,6 +468,7 @@ class _Pipe:
         if self.done:
             side.close()
             return
+        self.connect_s = srv.time() - started
         srv.observe(self, backend, Outcome.OK)
         srv.stats.tcp_connection(self.pool.name, backend.name)
         client = self.client
@@ -496,6 +520,7 @@ class _Pipe:
             "event=proxy_error status=0 listener=%s pool=%s backend=%s reason=%s",
             srv.listener.name, self.pool.name, backend.name, reason,
         )
+        self.end = reason
         self.finish()
 
     def half_close(self, side: _Side) -> bool:
@@ -547,7 +572,27 @@ class _Pipe:
         if b is not None:
             srv.stats.tcp_bytes(self.pool.name, b.name, self.bytes_in, self.bytes_out)
         self._release()
+        if srv.alog is not None:
+            self._log()
         srv.client_gone(self)
+
+    def _log(self) -> None:
+        """The connection's access log record (lb.data.accesslog.FIELDS; TCP: no method,
+        target or status)."""
+        srv = self.srv
+        alog = srv.alog
+        assert alog is not None
+        total = srv.time() - self.t0
+        addr = self.client_addr
+        t_pick = self.t_pick
+        alog.write((
+            time.time() - total, addr[0] if addr else None, addr[1] if addr else 0,
+            srv.listener.name, "tcp", None, None, None, 0, self.bytes_in, self.bytes_out,
+            self.pool.name, self.bname, self.pool_cfg.retries - self.tries_left,
+            (t_pick - self.t0) * 1000 if t_pick >= 0 else -1.0,
+            self.connect_s * 1000 if self.connect_s >= 0 else -1.0, -1.0, total * 1000,
+            A.termination(self.end), None, None, None,
+        ))
 
     def abort(self) -> None:
         if self.client is not None and self.client.transport is not None:
@@ -683,6 +728,7 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
             logger.info(
                 "event=tcp_idle_timeout listener=%s pool=%s", self.listener.name, p.pool.name
             )
+            p.end = "idle_timeout"
             p.abort()
 
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from lb import channel, log, sysutil
 from lb import worker_link as wl
-from lb.config import EFFECTIVE, BackendConfig, Config, ListenerConfig, PoolConfig
+from lb.config import EFFECTIVE, BackendConfig, Config, ListenerConfig, LoggingConfig, PoolConfig
+from lb.data.accesslog import AccessLog
 from lb.data.pool import Backend, BackendEntry, Ejection, Pool, build_pool
 from lb.data.proxy import ProxyServer
 from lb.data.tcpproxy import TcpProxyServer
@@ -82,6 +83,9 @@ class Worker:
         self._starting = asyncio.Lock()
         self.hash_tables: dict[str, wl.HashTable] = {}
         """The last lookup table of each maglev pool."""
+        self.alog: AccessLog | None = None
+        self._alog_seen = (0, 0, 0)
+        """The access log's written/dropped/errors counts already sent in Stats."""
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,6 +98,8 @@ class Worker:
             # The control process owns shutdown; a stray signal to the group must not
             # make a worker vanish mid-request. SIGKILL still works.
             loop.add_signal_handler(sig, lambda: None)
+        # logrotate may signal a worker itself (the control process relays SIGUSR2).
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         self.send(wl.Hello(os.getpid(), self.index))
         ticker = asyncio.create_task(self._stats_loop())
         try:
@@ -138,6 +144,8 @@ class Worker:
                 self._apply_edit(msg)
             elif isinstance(msg, wl.HashTable):
                 self._apply_hash_table(msg)
+            elif isinstance(msg, wl.ReopenLogs):
+                self._reopen_logs()
             elif isinstance(msg, wl.CloseIdle):
                 for server in self.servers.values():
                     server.close_idle(spare_fresh=True)
@@ -158,6 +166,7 @@ class Worker:
             if old is None and cfg.node.worker_nice:
                 os.nice(cfg.node.worker_nice)
             log.setup(cfg.logging.level, cfg.logging.journald_prefix, f"worker{self.index}")
+            self._access_log(cfg.logging)
             pool_cfgs = {p.name: p for p in cfg.pool}
             for name, pcfg in pool_cfgs.items():
                 prev = _pool_cfg(old, name)
@@ -237,6 +246,38 @@ class Worker:
         new_pcfg = pcfg.model_copy(update={"backends": backends})
         self.config = cfg.model_copy(update={"pool": [
             new_pcfg if p.name == msg.pool else p for p in cfg.pool]})
+
+    def _access_log(self, lc: LoggingConfig) -> None:
+        """Open, keep, replace or close the access log as ``[logging]`` says (a reload
+        that changes its path or format starts a new writer; the old one flushes)."""
+        cur = self.alog
+        want = lc.access_log
+        if cur is not None and (want is None or cur.dest != want
+                                or cur.fmt != lc.access_log_format
+                                or cur.buffer_bytes != lc.access_log_buffer_bytes):
+            self._count_alog()
+            cur.close(timeout=1.0)
+            self.alog = cur = None
+            self._alog_seen = (0, 0, 0)
+        if want is not None and cur is None:
+            self.alog = AccessLog(want, lc.access_log_format, lc.access_log_buffer_bytes)
+        for server in self.servers.values():
+            server.alog = self.alog
+
+    def _reopen_logs(self) -> None:
+        if self.alog is not None:
+            self.alog.reopen()
+            logger.info("event=access_log_reopen path=%s", self.alog.dest)
+
+    def _count_alog(self) -> None:
+        alog = self.alog
+        if alog is None:
+            return
+        st = alog.stats()
+        now = (st["written"], st["dropped"], st["errors"])
+        w0, d0, e0 = self._alog_seen
+        self.stats.access_log(now[0] - w0, now[1] - d0, now[2] - e0)
+        self._alog_seen = now
 
     def _apply_hash_table(self, msg: wl.HashTable) -> None:
         """A maglev pool's lookup table (lb.control.hashing): kept, so a pool rebuilt by a
@@ -344,6 +385,7 @@ class Worker:
                     on_ejection=self._on_ejection,
                 )
             server.tls = self.tls.get(name)
+            server.alog = self.alog
             server.routes_changed(self.pools, pool_cfgs, self.backend_tls)
             # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
@@ -364,6 +406,7 @@ class Worker:
             self._send_stats()
 
     def _send_stats(self) -> None:
+        self._count_alog()
         delta = self.stats.take_delta()
         # Only the backends with requests in flight (absent means 0 to the control process):
         # with thousands of backends the message stays as small as the load.
@@ -386,6 +429,9 @@ class Worker:
             cut += await server.drain(left)
         for server in self.servers.values():
             server.close()
+        if self.alog is not None:
+            self.alog.close(timeout=1.0)  # what was served is logged
+            self._count_alog()
         logger.info(
             "event=worker_stopped cut_connections=%d took_s=%.3f", cut, time.monotonic() - t0
         )
