@@ -227,11 +227,14 @@ def test_termination_codes() -> None:
     assert A.termination("some_new_refusal") == "PR"
 
 
-def test_every_parse_error_reason_has_a_code() -> None:
-    from lb.data import proxy
+def test_every_parse_error_reason_and_sni_decision_has_a_code() -> None:
+    from lb.data import proxy, tcpproxy
 
     for _needle, _status, reason in proxy._PARSE_ERRORS:
         assert reason in A.REASON_TERMINATION, reason
+    assert set(A.SNI_TERMINATION) == set(tcpproxy.SNI_DECISIONS) - {"route"}
+    for code in A.SNI_TERMINATION.values():
+        assert code[0] in A.CAUSES and code[1] in A.PHASES
 
 
 # --------------------------------------------------------------------------- the writer
@@ -473,6 +476,27 @@ def test_two_workers_sharing_stdout_never_interleave_a_line() -> None:
     assert len(pids) == 2
     assert len(lines) == sum(s["written"] for s in stats)
     assert all(s["dropped"] == 0 and s["flushed"] for s in stats), stats
+
+
+def test_a_burst_larger_than_the_buffer_is_cut_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+
+    async def main() -> dict[str, int]:
+        log = A.AccessLog(str(path), "json", buffer_bytes=64 << 10)
+        for i in range(5000):  # one tick's worth: ~2.5 MB of lines for a 64 KiB buffer
+            log.write(rec(i))
+        assert await log.aflush()
+        for i in range(5000, 5010):
+            log.write(rec(i))
+        assert await log.aclose()
+        log.write(rec(1))
+        return log.stats()
+
+    st = run(main)
+    got = seqs(path)
+    assert st["written"] == len(got) and st["written"] + st["dropped"] == 5010
+    assert 50 < len(got) < 400 and got[-10:] == list(range(5000, 5010))
+    assert got[:-10] == list(range(len(got) - 10))  # the burst's head is kept, its tail cut
 
 
 def test_stats_and_arguments() -> None:

@@ -131,16 +131,12 @@ _REQUEST_REFUSED = (
     "trailers_too_large", "chunk_framing_too_large", "http09", "connect_method",
     "http10_transfer_encoding", "upgrade_with_body", "body_too_large", "bad_upgrade",
     "bad_redirect_host",
-    # TCP listeners with SNI routes (tcpproxy.SNI_DECISIONS): no pool for this ClientHello
-    "no_match", "no_sni", "not_tls", "oversize",
 )
 
 REASON_TERMINATION: Final[dict[str, str]] = {
     **dict.fromkeys(_REQUEST_REFUSED, "PR"),
     "no_backend": "PQ",
     "header_timeout": "cR",
-    "sni_timeout": "cR",
-    "eof": "CR",  # TCP SNI: the client sent EOF before a whole ClientHello
     "body_timeout": "cD",
     "idle_timeout": "cD",  # TCP: no byte either way for client_idle_timeout_s
     "body_total_timeout": "cD",
@@ -166,6 +162,19 @@ REASON_TERMINATION: Final[dict[str, str]] = {
 -> termination code in its usual phase. Override the phase where the caller knows better
 (``termination("client_closed", PHASE_HEADERS)`` -> ``CH``; ``response_timeout`` after the
 response started -> ``sD``)."""
+
+
+SNI_TERMINATION: Final[dict[str, str]] = {
+    "no_match": "PR",
+    "no_sni": "PR",
+    "not_tls": "PR",
+    "oversize": "PR",
+    "timeout": "cR",
+    "eof": "CR",
+    "closed": "CR",
+}
+"""A TCP connection to a listener with SNI routes that never got a pool: its SNI decision
+(lb.data.tcpproxy.SNI_DECISIONS, all but ``route``) -> termination code."""
 
 
 def termination(reason: str | None, phase: str | None = None) -> str:
