@@ -586,7 +586,9 @@ def _is_ip(v: str) -> bool:
 
 
 HASH_TABLE_MIN = 251
-HASH_TABLE_MAX = 16_777_259
+HASH_TABLE_MAX = 4_194_319
+"""The largest lookup table the worker channel carries (base64 of 2-byte slots, 16 MiB
+frames): 100 x 41,943 backends."""
 HashOn = Annotated[str, Field(pattern=r"^(source_ip|uri|header:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}"
                                       r"|cookie:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})$")]
 """``source_ip``, ``uri``, ``header:NAME`` or ``cookie:NAME`` (NAME an HTTP token)."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from lb import maglev
 from lb import worker_link as wl
-from lb.config import PoolConfig
+from lb.config import HASH_TABLE_MAX, PoolConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def members_of(pcfg: PoolConfig) -> Members:
 
 
 def size_of(pcfg: PoolConfig, members: Members) -> int:
-    return pcfg.hash_table_size or maglev.table_size(len(members))
+    """``hash_table_size``, else the ladder's (at most HASH_TABLE_MAX: what the worker
+    channel carries; past 41,943 backends the table is below 100 x N)."""
+    return pcfg.hash_table_size or min(maglev.table_size(len(members)), HASH_TABLE_MAX)
 
 
 @dataclass(frozen=True)

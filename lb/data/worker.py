@@ -86,6 +86,7 @@ class Worker:
         self.alog: AccessLog | None = None
         self._alog_seen = (0, 0, 0)
         """The access log's written/dropped/errors counts already sent in Stats."""
+        self._closing_logs: set[asyncio.Task[bool]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -256,7 +257,11 @@ class Worker:
                                 or cur.fmt != lc.access_log_format
                                 or cur.buffer_bytes != lc.access_log_buffer_bytes):
             self._count_alog()
-            cur.close(timeout=1.0)
+            # Its last lines are written while the loop serves (a slow disk must not stall
+            # a reload); records logged meanwhile go to the new writer.
+            task = asyncio.get_running_loop().create_task(cur.aclose(1.0))
+            self._closing_logs.add(task)
+            task.add_done_callback(self._closing_logs.discard)
             self.alog = cur = None
             self._alog_seen = (0, 0, 0)
         if want is not None and cur is None:
@@ -430,7 +435,7 @@ class Worker:
         for server in self.servers.values():
             server.close()
         if self.alog is not None:
-            self.alog.close(timeout=1.0)  # what was served is logged
+            await self.alog.aclose(1.0)  # what was served is logged
             self._count_alog()
         logger.info(
             "event=worker_stopped cut_connections=%d took_s=%.3f", cut, time.monotonic() - t0
