@@ -76,6 +76,7 @@ VENV=$R$PREFIX
 ETC=$R/etc/pairlb
 UNIT=$R/etc/systemd/system/pairlb.service
 SYSCTL=$R/etc/sysctl.d/90-pairlb.conf
+LOGROTATE=$R/etc/logrotate.d/pairlb
 DOCDIR=$VENV/share/doc/pairlb
 STAMP=$VENV/.pairlb-install
 SECRETS=(failover.key admin.token)
@@ -189,6 +190,7 @@ do_install() {
     put "$tmp" "$UNIT" 0644
     rm -f "$tmp"
     put "$DEPLOY_DIR/sysctl/90-pairlb.conf" "$SYSCTL" 0644
+    put "$DEPLOY_DIR/logrotate/pairlb" "$LOGROTATE" 0644
     if [ -f "$SOURCE/docs/operations.md" ]; then
         put "$SOURCE/docs/operations.md" "$DOCDIR/operations.md" 0644
     fi
@@ -238,7 +240,7 @@ do_uninstall() {
         systemctl disable --now pairlb.service || true
         say "ran        systemctl disable --now pairlb.service"
     fi
-    for f in "$UNIT" "$SYSCTL" "$ETC/pairlb.toml.example"; do
+    for f in "$UNIT" "$SYSCTL" "$LOGROTATE" "$ETC/pairlb.toml.example"; do
         if [ -e "$f" ]; then rm -f "$f"; say "removed    ${f#$R}"; fi
     done
     if [ -d "$VENV" ]; then

@@ -531,7 +531,7 @@ def test_logrotate_snippet_parses(tmp_path: Path) -> None:
     text = SNIPPET.read_text()
     for word in ("/var/log/pairlb/access.log", "daily", "rotate 14", "compress",
                  "delaycompress", "missingok", "notifempty", "create 0640", "sharedscripts",
-                 "systemctl kill --kill-whom=main --signal=USR1 pairlb.service"):
+                 "systemctl kill --kill-whom=main --signal=USR2 pairlb.service"):
         assert word in text, word
     p = subprocess.run([lr, "-d", "-s", str(tmp_path / "state"), str(SNIPPET)],
                        capture_output=True, text=True, timeout=30)

@@ -306,6 +306,7 @@ def test_install_puts_every_file_in_place_with_safe_modes(installed: Install) ->
     expect = {
         "/etc/systemd/system/pairlb.service": 0o644,
         "/etc/sysctl.d/90-pairlb.conf": 0o644,
+        "/etc/logrotate.d/pairlb": 0o644,
         "/etc/pairlb/pairlb.toml": 0o644,
         "/etc/pairlb/pairlb.toml.example": 0o644,
         "/etc/pairlb/failover.key": 0o600,

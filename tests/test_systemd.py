@@ -584,13 +584,13 @@ def test_watchdog_pings_arrive_on_time_and_stop_while_the_process_is_stopped(
 
 
 _BLOCKER = '''
-"""Test-only: SIGUSR2 blocks the main thread (the control loop) for PLB_TEST_BLOCK_S."""
+"""Test-only: SIGURG blocks the main thread (the control loop) for PLB_TEST_BLOCK_S."""
 import os, signal, time
 
 def _block(signum, frame):
     time.sleep(float(os.environ.get("PLB_TEST_BLOCK_S", "1.0")))
 
-signal.signal(signal.SIGUSR2, _block)
+signal.signal(signal.SIGURG, _block)
 '''
 
 
@@ -613,7 +613,7 @@ def test_watchdog_stops_while_the_control_loop_is_blocked_and_resumes_after(
     node.notify.wait_for(has("READY", "1"), 20.0)
     time.sleep(0.5)
     blocked_at = time.monotonic()
-    os.kill(node.proc.pid, signal.SIGUSR2)
+    os.kill(node.proc.pid, signal.SIGURG)  # USR1 and USR2 are the daemon's own
     time.sleep(0.5)
     # Workers are separate processes: traffic still flows while the control loop is stuck.
     assert _get(node.port)[0] == 200
