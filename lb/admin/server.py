@@ -782,9 +782,18 @@ def _pool_section(pool: Mapping[str, Any], limit: int | None = None, number: int
             "</tr>"
         )
     panic = _pill("PANIC", "red") if pool["panic"] else ""
+    hashing = pool.get("hashing")
+    hash_txt = ""
+    if hashing:
+        # The digest is what to compare with the peer's page: the same table, the same picks.
+        state = "" if hashing["current"] else " " + _pill("BUILDING", "amber")
+        hash_txt = (f"<span>key <b>{e(str(hashing['hash_on']))}</b></span>"
+                    f"<span>table <b>{hashing['size']}</b> slots, digest "
+                    f"<b>{e(str(hashing['digest'] or '-'))}</b>{state}</span>")
     return (
         f"<section><h2>Pool {e(str(pool['name']))} {panic}</h2>"
         f"<div class='facts'><span>balance <b>{e(str(pool['balance']))}</b></span>"
+        + hash_txt +
         f"<span>usable <b>{pool['usable']}</b> of <b>{pool['enabled']}</b> enabled</span></div>"
         + pager
         + _thead("backend", "address", "source", "state", "health", "admin", "weight#",
