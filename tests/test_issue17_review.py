@@ -28,7 +28,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -723,14 +722,16 @@ enabled = false
 """
 
 
-def test_held_both_nodes_build_the_same_table_whatever_the_order_of_runtime_adds() -> None:
+def test_held_both_nodes_build_the_same_table_whatever_the_order_of_runtime_adds(
+        tmp_path: Path) -> None:
     """Two real Daemons (in process) with the same config: the same digest; after the same
     three runtime adds in opposite orders, the same digest again; a new worker's welcome
     holds the table before the snapshot."""
     from admin_helpers import in_process_daemon
 
     async def node(name: str, adds: list[tuple[str, str, int]]) -> tuple[str, str, Any]:
-        tmp = Path(tempfile.mkdtemp(prefix="plbrv"))
+        tmp = tmp_path / name
+        tmp.mkdir()
         d = in_process_daemon(CFG_NODE.format(node=name, state=tmp / "state",
                                               listen=free_port()), tmp / "pairlb.toml")
         d.elastic.load()
