@@ -12,6 +12,16 @@ CPU was (to tell a proxy limit from a load-generator limit).
 With --workers 1 (default) the proxy under test is pinned to CPU 0 and wrk and the backends to
 CPU 1. With more workers nothing is pinned (there are not enough cores to separate them).
 
+Logging variants (what an access log costs): ``pairlb+json`` and ``pairlb+combined`` are
+pairlb with ``[logging] access_log`` to a file in the work directory (on disk), in that format;
+``haproxy+httplog`` is HAProxy with ``option httplog`` to stdout (a file). ``--access-log
+json,combined`` adds the pairlb ones (and pairlb itself) to --targets. Each runs beside its
+base in the same shuffled rounds; the notes give its CPU per request over the base's, paired
+per round, and the log bytes written per request (lines really written, not dropped).
+
+    .venv/bin/python bench/perf.py --targets pairlb --access-log json,combined \
+        --sizes 100 --rounds 6 --duration 5 --markdown
+
 Only processes this script started are stopped, by PID, also on Ctrl-C, SIGTERM or error.
 Imports nothing from lb: it measures the installed ``pairlb`` command.
 """
@@ -23,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import pwd
 import random
 import shlex
 import shutil
@@ -40,6 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 ALL_TARGETS = ("direct", "haproxy", "nginx", "pairlb")
+ACCESS_LOG_FORMATS = ("json", "combined")
+VARIANTS = {f"pairlb+{f}": "pairlb" for f in ACCESS_LOG_FORMATS} | {"haproxy+httplog": "haproxy"}
+"""Logging variants -> the target they are compared with (same proxy, log off)."""
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PAIRLB_CMD = "{venv}/bin/pairlb run -c {config}"
 ROOT_ROLE = {"haproxy": "haproxy", "nginx": "master", "pairlb": "control"}
@@ -81,6 +95,8 @@ class Sample:
     mem: list[dict[str, Any]] = field(default_factory=list)
     cpu_us_by_role: dict[str, float] = field(default_factory=dict)
     """Proxy CPU microseconds per request split by process (control, worker1...)."""
+    log_bytes: int = 0
+    """Logging variants: bytes their log file grew by during the measured run."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
     ap.add_argument(
         "--warmup", type=int, default=1, help="seconds of unmeasured wrk before each run"
+    )
+    ap.add_argument(
+        "--access-log",
+        default="off",
+        help="off, or formats (json,combined): adds pairlb and pairlb+FORMAT to --targets",
     )
     ap.add_argument("--json", type=Path, help="write every sample and the summary here")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -137,9 +158,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs behind")
     args = ap.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.targets if t not in ALL_TARGETS]
+    known = (*ALL_TARGETS, *VARIANTS)
+    bad = [t for t in args.targets if t not in known]
     if bad or not args.targets:
-        ap.error(f"--targets: unknown {bad}; choose from {','.join(ALL_TARGETS)}")
+        ap.error(f"--targets: unknown {bad}; choose from {','.join(known)}")
+    formats = [f.strip() for f in args.access_log.split(",") if f.strip()]
+    if formats != ["off"]:
+        wrong = [f for f in formats if f not in ACCESS_LOG_FORMATS]
+        if wrong or not formats:
+            ap.error(f"--access-log: off or a list of {','.join(ACCESS_LOG_FORMATS)}")
+        for t in ["pairlb", *(f"pairlb+{f}" for f in formats)]:
+            if t not in args.targets:
+                args.targets.append(t)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -160,9 +190,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def pairlb_config(
-    workdir: Path, port: int, admin_port: int, backends: list[int], workers: int
+    workdir: Path,
+    port: int,
+    admin_port: int,
+    backends: list[int],
+    workers: int,
+    access_log: str | None = None,
+    name: str = "pairlb",
 ) -> Path:
-    """A pairlb config in front of the backends: round robin, health checks on, little logging."""
+    """A pairlb config in front of the backends: round robin, health checks on, little logging
+    (``access_log``: a format, the access log on to ``workdir/access-FORMAT.log``)."""
     entries = ",\n".join(
         f'  {{ name = "b{i}", address = "127.0.0.1:{p}" }}' for i, p in enumerate(backends, 1)
     )
@@ -196,9 +233,45 @@ bind = "127.0.0.1:{admin_port}"
 [logging]
 level = "warning"
 """
-    conf = workdir / "pairlb.toml"
+    if access_log:
+        text += (f'access_log = "{access_log_path(workdir, name)}"\n'
+                 f'access_log_format = "{access_log}"\n')
+    conf = workdir / f"{name}.toml"
     conf.write_text(text)
     return conf
+
+
+def access_log_path(workdir: Path, name: str) -> Path:
+    """Where a logging variant's log goes (pairlb's file; HAProxy's stdout), in a directory
+    pairlb's workers can create it in: run as root, they run as ``nobody``."""
+    d = workdir / "access-logs"
+    if not d.is_dir():
+        d.mkdir()
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    return d / f"{name}.log"
+
+
+def haproxy_httplog(workdir: Path, port: int, backends: list[int], nbthread: int) -> Path:
+    """bench/_common's HAProxy config plus ``option httplog`` to stdout (its own file)."""
+    sub = workdir / "haproxy-httplog"
+    sub.mkdir(exist_ok=True)
+    conf = c.write_haproxy(sub, port, backends, nbthread=nbthread)
+    text = conf.read_text()
+    text = text.replace("global\n", "global\n    log stdout format raw local0\n", 1)
+    text = text.replace("defaults\n", "defaults\n    log global\n    option httplog\n", 1)
+    conf.write_text(text)
+    return conf
+
+
+def log_size(target: Target, workdir: Path) -> int:
+    if target.name not in VARIANTS:
+        return 0
+    try:
+        return access_log_path(workdir, target.name).stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def start_target(
@@ -215,12 +288,16 @@ def start_target(
     if name == "haproxy":
         conf = c.write_haproxy(workdir, port, backends, nbthread=args.workers)
         proc = procs.start(name, c.haproxy_argv(conf), log, cpus=cpus)
+    elif name == "haproxy+httplog":
+        conf = haproxy_httplog(workdir, port, backends, args.workers)
+        proc = procs.start(name, c.haproxy_argv(conf), access_log_path(workdir, name), cpus=cpus)
     elif name == "nginx":
         c.prepare_nginx_dirs(workdir, "nginx-proxy")
         conf = c.write_nginx_proxy(workdir, port, backends, workers=args.workers)
         proc = procs.start(name, c.nginx_argv(conf, workdir), log, cpus=cpus)
     else:
-        conf = pairlb_config(workdir, port, admin_port, backends, args.workers)
+        fmt = name.partition("+")[2] or None
+        conf = pairlb_config(workdir, port, admin_port, backends, args.workers, fmt, name)
         cmd = args.pairlb_cmd.format(venv=args.venv, config=conf, python=sys.executable)
         argv = shlex.split(cmd)
         if not argv or shutil.which(argv[0]) is None:
@@ -243,8 +320,9 @@ def mem_of(target: Target) -> list[dict[str, Any]]:
     if target.proc is None:
         return []
     out = []
+    base = VARIANTS.get(target.name, target.name)
     for i, m in enumerate(c.tree_mem(target.proc.pid)):
-        role = ROOT_ROLE[target.name] if i == 0 else f"{CHILD_ROLE[target.name]}{i}"
+        role = ROOT_ROLE[base] if i == 0 else f"{CHILD_ROLE[base]}{i}"
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes()
             if b"resource_tracker" in cmdline or b"forkserver" in cmdline:
@@ -306,12 +384,18 @@ def measure_once(
         pc0 = c.tree_cpu_by_pid(root) if root else {}
         b0 = c.tree_cpu_s(backends.pid)
         own0 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
+        log0 = log_size(target, workdir)
         cpu0, st0, t0 = c.cpu_times(), c.steal_s(), time.monotonic()
         res = c.run_wrk(url, args.duration, **wrk_kw)
         cpu1, st1, t1 = c.cpu_times(), c.steal_s(), time.monotonic()
+        if target.name in VARIANTS or target.name in VARIANTS.values():
+            # The last batch of lines is written within ~0.15 s of the last request: its
+            # CPU and its bytes belong to this run (the base waits alike, for a fair pair).
+            time.sleep(0.4)
         own1 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
         b1 = c.tree_cpu_s(backends.pid)
         pc1 = c.tree_cpu_by_pid(root) if root else {}
+        log1 = log_size(target, workdir)
     except RuntimeError as exc:
         return Sample(target.name, size, rnd, ok=False, error=str(exc))
     proxy_cpu = sum(pc1.values()) - sum(pc0.values()) if root else None
@@ -348,6 +432,7 @@ def measure_once(
         steal_cores=(st1 - st0) / (t1 - t0),
         mem=mem,
         cpu_us_by_role=cpu_by_role,
+        log_bytes=log1 - log0,
     )
 
 
@@ -403,6 +488,7 @@ def summarize(
                 "steal_cores": _median([s.steal_cores for s in ss]),
                 "cpu_busy": {k: _median([s.cpu_busy.get(k, 0.0) for s in ss]) for k in cpus},
                 "rss_kb": mem,
+                "log_bytes_per_req": _median([s.log_bytes / s.requests for s in ss]),
                 "cpu_us_by_role": {
                     role: _median([s.cpu_us_by_role[role] for s in ss if role in s.cpu_us_by_role])
                     for role in sorted({k for s in ss for k in s.cpu_us_by_role})
@@ -424,6 +510,24 @@ def summarize(
                 row["rps_vs_haproxy"] = row["rps"] / hap["rps"]
                 if row.get("cpu_us_per_req") and hap.get("cpu_us_per_req"):
                     row["cpu_vs_haproxy"] = row["cpu_us_per_req"] / hap["cpu_us_per_req"]
+            base = by_target.get(VARIANTS.get(row["target"], ""), {})
+            if row.get("ok") and base.get("ok") and base.get("cpu_us_per_req"):
+                # The logging variant against its base, paired in the round.
+                base_cpu = {
+                    s.round: s.cpu_us_per_req
+                    for s in samples
+                    if s.target == base["target"] and s.size == size and s.ok and s.cpu_us_per_req
+                }
+                row["cpu_vs_base_by_round"] = [
+                    s.cpu_us_per_req / base_cpu[s.round]
+                    for s in samples
+                    if s.target == row["target"]
+                    and s.size == size
+                    and s.ok
+                    and s.cpu_us_per_req
+                    and base_cpu.get(s.round)
+                ]
+                row["cpu_vs_base"] = row["cpu_us_per_req"] / base["cpu_us_per_req"]
             rows.append(row)
     return rows
 
@@ -516,6 +620,18 @@ def notes(
                 f"pairlb/HAProxy req/s at {_fmt_size(size)}: {pl['rps_vs_haproxy']:.2f}{cpu}"
                 + (f"; same-round ratios {rounds}" if len(paired) > 1 else "")
             )
+    for r in rows:
+        if r.get("ok") and "cpu_vs_base" in r:
+            paired = r["cpu_vs_base_by_round"]
+            med = statistics.median(paired) if paired else r["cpu_vs_base"]
+            spread = f" (min {min(paired):.3f}, max {max(paired):.3f})" if paired else ""
+            out.append(
+                f"{r['target']}/{VARIANTS[r['target']]} CPU per request at "
+                f"{_fmt_size(r['size'])}: {r['cpu_vs_base']:.3f}x of medians; same-round "
+                f"ratios median {med:.3f}{spread}: "
+                + " ".join(f"{x:.3f}" for x in paired)
+                + f"; log {r['log_bytes_per_req']:.0f} bytes/request"
+            )
     if args.pin:
         load_cpu = "cpu" + args.load_cpus.split(",")[0].split("-")[0]
         for r in rows:
@@ -561,7 +677,8 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    for tool in ("wrk", "nginx", *(["haproxy"] if "haproxy" in args.targets else [])):
+    needs_haproxy = any(t.startswith("haproxy") for t in args.targets)
+    for tool in ("wrk", "nginx", *(["haproxy"] if needs_haproxy else [])):
         if shutil.which(tool) is None:
             print(f"error: {tool} not found", file=sys.stderr)
             return 2
@@ -594,7 +711,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 t = start_target(name, args, workdir, procs, backend_ports)
             except RuntimeError as exc:
-                if name != "pairlb":
+                if not name.startswith("pairlb"):
                     raise
                 first, _, rest = str(exc).partition("\n")
                 last = rest.strip().splitlines()[-1][:200] if rest.strip() else ""
