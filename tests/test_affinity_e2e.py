@@ -318,7 +318,7 @@ def get(port: int, path: str = "/", headers: dict[str, str] | None = None, *,
 
 
 def route(keys: list[str], one: Callable[[str], Reply]) -> dict[str, str]:
-    """Each key's backend, 8 clients at a time (new connections: both workers take some);
+    """Each key's backend, 8 clients at a time (new connections, spread over the workers);
     a failed request fails the test."""
     with ThreadPoolExecutor(8) as ex:
         replies = list(ex.map(one, keys))
