@@ -665,7 +665,7 @@ class Node:
         got: dict[str, str] = {}
         failed: Counter[str] = Counter()
         lat: list[float] = []
-        t0 = time.monotonic()
+        t0, log0 = time.monotonic(), self.tail.offset()
         for i in range(keys):
             key = f"u{i}"
             for attempt in range(2):
@@ -694,7 +694,8 @@ class Node:
         for conn in conns:
             if conn is not None:
                 conn.close()
-        return {"t0": t0, "t1": time.monotonic(), "map": got, "failed": sum(failed.values()),
+        return {"t0": t0, "t1": time.monotonic(), "log0": log0, "log1": self.tail.offset(),
+                "map": got, "failed": sum(failed.values()),
                 "errors": dict(failed), "latency": lat_ms(lat)}
 
 
@@ -931,6 +932,8 @@ def run_node(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet, mode:
             step["ideal_pct"] = round(100 * ideal[cur], 2)
             step.update(stayed(records, args.keys, names, a, b, sweeps[prev]["t1"],
                                sweeps[cur]["t0"]))
+            step["to_down"] = node.tail.since(sweeps[prev]["log0"],
+                                              sweeps[cur]["log1"])["to_down"]
             aff[f"{prev}->{cur}"] = step
         if "before" in sweeps and "after_removes" in sweeps:
             aff["before_vs_after_removes"] = moved(sweeps["before"]["map"],
@@ -1029,11 +1032,13 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
                              f"{_f(s['ideal_pct'], 2)} %", f"{s['to_new']:,}",
                              f"{s['from_new']:,}", f"{s['between_old']:,}",
                              f"{s['stable_keys']:,} ({s['their_requests']:,} requests)",
-                             f"{s['served_elsewhere']:,}", f"{s['moved_keys_via_third']:,}"])
+                             f"{s['served_elsewhere']:,}", f"{s['moved_keys_via_third']:,}",
+                             f"{s['to_down']:,}"])
         out.append(el.render(["change", "keys", "moved", "ideal", "to an added backend",
                               "from an added backend", "between old backends",
                               "unmoved keys (their requests meanwhile)",
-                              "of those served elsewhere", "moved keys seen on a third backend"],
+                              "of those served elsewhere", "moved keys seen on a third backend",
+                              "transitions to DOWN (first sweep to last)"],
                              rows, md))
     notes = []
     for mode, nd in nodes.items():
