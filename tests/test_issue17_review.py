@@ -145,12 +145,11 @@ def pool_cfg(name: str, backends: list[str], **kw: Any) -> PoolConfig:
 # == findings ===================================================================================
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "proxy.py reject(): the _Request made for a refused request (400/408/413/414/431/501/505 "
-    "by the parser, header_timeout, bad_redirect_host...) never gets t0, so _Client.log "
-    "computes total = now - 0 = the loop's monotonic clock: its line says the request "
-    "started near the machine's boot (time = wall clock - uptime) and total_ms is the "
-    "uptime in ms; every 4xx refusal in the access log is misdated"))
+# Found by the review, fixed: proxy.py reject(): the _Request made for a refused request
+# (400/408/413/414/431/501/505 by the parser, header_timeout, bad_redirect_host...) never gets
+# t0, so _Client.log computes total = now - 0 = the loop's monotonic clock: its line says the
+# request started near the machine's boot (time = wall clock - uptime) and total_ms is the
+# uptime in ms; every 4xx refusal in the access log is misdated
 def test_a_refused_request_is_logged_with_its_own_time_and_duration(tmp_path: Path) -> None:
     async def scenario() -> None:
         be = await CountingBackend("b1").start()
@@ -181,12 +180,12 @@ def test_a_refused_request_is_logged_with_its_own_time_and_duration(tmp_path: Pa
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "proxy.py: an upgraded (WebSocket) request is logged at start_tunnel (101, --) but stays "
-    "in _Client.queue unfinished; when the client closes or resets the tunnel, "
-    "_Client.connection_lost logs it again (status 0, CD, the tunnel's bytes): two lines per "
-    "WebSocket (also on aiohttp's ordinary close, tests/test_proxy_http.py::"
-    "test_websocket_through_proxy and test_proxy_tls.py's upgrade show it)"))
+# Found by the review, fixed: proxy.py: an upgraded (WebSocket) request is logged at
+# start_tunnel (101, --) but stays in _Client.queue unfinished; when the client closes or
+# resets the tunnel, _Client.connection_lost logs it again (status 0, CD, the tunnel's bytes):
+# two lines per WebSocket (also on aiohttp's ordinary close,
+# tests/test_proxy_http.py::test_websocket_through_proxy and test_proxy_tls.py's upgrade show
+# it)
 def test_a_websocket_is_logged_once_when_the_client_resets_it(tmp_path: Path) -> None:
     async def scenario() -> None:
         runner, port = await ws_backend()
@@ -233,12 +232,11 @@ _PIPE_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "accesslog.py _write_chunks: a line longer than PIPE_BUF (4 KiB) is written alone in one "
-    "os.write, which a pipe does not keep whole: with access_log = \"stdout\" on a pipe "
-    "(pairlb run | ..., a container runtime) two workers' long lines interleave, so any "
-    "client sending a long target, User-Agent or Referer corrupts both workers' lines "
-    "(docs/access-logs.md promises no line is split by another worker's)"))
+# Found by the review, fixed: accesslog.py _write_chunks: a line longer than PIPE_BUF (4 KiB)
+# is written alone in one os.write, which a pipe does not keep whole: with access_log =
+# "stdout" on a pipe (pairlb run | ..., a container runtime) two workers' long lines
+# interleave, so any client sending a long target, User-Agent or Referer corrupts both
+# workers' lines (docs/access-logs.md promises no line is split by another worker's)
 def test_two_workers_long_lines_on_a_shared_stdout_pipe_stay_whole(tmp_path: Path) -> None:
     script = tmp_path / "writer.py"
     script.write_text(_PIPE_WRITER.format(root=str(ROOT)))
@@ -269,12 +267,11 @@ def test_two_workers_long_lines_on_a_shared_stdout_pipe_stay_whole(tmp_path: Pat
     assert bad == 0, f"{bad} of {len(got)} lines are not JSON (interleaved)"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "accesslog.py: no field of a line is bounded, and invalid UTF-8 is written as \\\\xNN "
-    "(5 bytes per byte in JSON): a client makes each of its lines ~5x its header bytes "
-    "(a 30 KB User-Agent of 0xff bytes: a 150 KB line), so a modest request rate fills the "
-    "disk and, once the writer is 4 MiB behind, gets every other client's lines dropped "
-    "(log evasion); HAProxy truncates its log lines (1 KiB by default)"))
+# Found by the review, fixed: accesslog.py: no field of a line is bounded, and invalid UTF-8
+# is written as \\xNN (5 bytes per byte in JSON): a client makes each of its lines ~5x its
+# header bytes (a 30 KB User-Agent of 0xff bytes: a 150 KB line), so a modest request rate
+# fills the disk and, once the writer is 4 MiB behind, gets every other client's lines dropped
+# (log evasion); HAProxy truncates its log lines (1 KiB by default)
 def test_a_clients_bytes_cannot_blow_up_its_log_line(tmp_path: Path) -> None:
     async def scenario() -> None:
         be = await CountingBackend("b1").start()
@@ -353,11 +350,10 @@ def test_one_failing_build_does_not_starve_the_other_pools(
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "proxy.py: t_first is set once (at the first response head, interim included) but "
-    "t_sent at every attach: a backend that sends 100 Continue and then closes, the request "
-    "retried on another backend, logs first_byte_ms = t_first(first backend) - "
-    "t_sent(second) < 0"))
+# Found by the review, fixed: proxy.py: t_first is set once (at the first response head,
+# interim included) but t_sent at every attach: a backend that sends 100 Continue and then
+# closes, the request retried on another backend, logs first_byte_ms = t_first(first backend)
+# - t_sent(second) < 0
 def test_first_byte_ms_is_never_negative_after_a_retry(tmp_path: Path) -> None:
     async def scenario() -> None:
         a = await CountingBackend("a", lambda s, b: b"HTTP/1.1 100 Continue\r\n\r\n").start()
@@ -385,10 +381,9 @@ def test_first_byte_ms_is_never_negative_after_a_retry(tmp_path: Path) -> None:
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "proxy.py _abort cuts the client connection when a response is cut (SD); the pipelined "
-    "requests behind it are then logged by _Client.connection_lost as C (the client closed "
-    "or reset), phase Q/R: the log blames the client for pairlb's own close"))
+# Found by the review, fixed: proxy.py _abort cuts the client connection when a response is
+# cut (SD); the pipelined requests behind it are then logged by _Client.connection_lost as C
+# (the client closed or reset), phase Q/R: the log blames the client for pairlb's own close
 def test_pipelined_requests_behind_a_cut_response_are_not_blamed_on_the_client(
         tmp_path: Path) -> None:
     def cut(seen: Any, be: Any) -> bytes:
@@ -447,10 +442,9 @@ def test_tcp_sni_client_reset_before_the_hello_is_logged_cr(tmp_path: Path) -> N
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "tcpproxy.py: _BackendSide.connection_lost ignores its exception, so a backend that "
-    "resets mid-stream is logged '--' (a normal end) instead of SD "
-    "(docs/access-logs.md: S = the backend refused, closed, reset)"))
+# Found by the review, fixed: tcpproxy.py: _BackendSide.connection_lost ignores its exception,
+# so a backend that resets mid-stream is logged '--' (a normal end) instead of SD
+# (docs/access-logs.md: S = the backend refused, closed, reset)
 def test_tcp_backend_reset_mid_stream_is_logged_sd(tmp_path: Path) -> None:
     async def scenario() -> None:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -481,11 +475,10 @@ def test_tcp_backend_reset_mid_stream_is_logged_sd(tmp_path: Path) -> None:
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "proxy.py _Upstream.on_headers_complete: the 101 branch sends the head without "
-    "req.set_cookie, so a sticky pool never sets its cookie on a WebSocket handshake (a "
-    "client that only opens WebSockets is never sticky), while _sticky_pick has already "
-    "counted pairlb_sticky_requests_total{outcome=\"set\"}"))
+# Found by the review, fixed: proxy.py _Upstream.on_headers_complete: the 101 branch sends the
+# head without req.set_cookie, so a sticky pool never sets its cookie on a WebSocket handshake
+# (a client that only opens WebSockets is never sticky), while _sticky_pick has already
+# counted pairlb_sticky_requests_total{outcome="set"}
 def test_sticky_cookie_is_set_on_a_websocket_handshake() -> None:
     async def scenario() -> None:
         runner, port = await ws_backend()
@@ -508,11 +501,10 @@ def test_sticky_cookie_is_set_on_a_websocket_handshake() -> None:
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker.py _access_log: a reload that turns the log off (or changes its path, format or "
-    "buffer) calls _count_alog() before the old writer's aclose(), then forgets it: the "
-    "lines that writer still writes (up to a batch, 150 ms of traffic) and its drops never "
-    "reach pairlb_access_log_lines_total"))
+# Found by the review, fixed: worker.py _access_log: a reload that turns the log off (or
+# changes its path, format or buffer) calls _count_alog() before the old writer's aclose(),
+# then forgets it: the lines that writer still writes (up to a batch, 150 ms of traffic) and
+# its drops never reach pairlb_access_log_lines_total
 def test_a_reload_that_closes_the_log_still_counts_its_last_lines(tmp_path: Path) -> None:
     async def scenario() -> None:
         w = worker_mod.Worker(-1, 0)

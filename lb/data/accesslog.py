@@ -501,6 +501,28 @@ _WAKE: Final = object()
 PIPE_BUF: Final = 4096  # Linux: writes up to this size to a pipe are atomic
 _SLICE: Final = 256  # records formatted between two GIL releases (the loop waits < ~0.5 ms)
 _BIG_FIELDS = (TARGET, REQUEST_ID, USER_AGENT, REFERER)
+FIELD_MAX: Final = 2048
+"""Bytes kept of each field a client controls in length (target, request id, user agent,
+referer); a longer one is cut and ends with ``...``. Escaping can make a byte 5-6
+characters, so an unbounded field would let one client write 5x its header size per
+request (a full disk, everyone else's lines dropped). HAProxy cuts whole lines at 1 KiB."""
+STREAM_FIELD_MAX: Final = 128
+"""The same on a pipe or socket (stdout) for a line that came out over PIPE_BUF: cut
+again so it fits one atomic write (another worker's line can never land inside it)."""
+
+
+def clip(r: Record, limit: int = FIELD_MAX) -> Record:
+    """``r`` with its client-sized fields cut to ``limit`` bytes (``...`` at the end);
+    ``r`` itself when none is longer."""
+    out: list[Any] | None = None
+    for i in _BIG_FIELDS:
+        v = r[i]
+        if v and v.__class__ in (bytes, str) and len(v) > limit:
+            if out is None:
+                out = list(r)
+            b = v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass")
+            out[i] = b[:limit] + b"..."
+    return r if out is None else tuple(out)
 _MIN_INTERVAL: Final = 0.01
 _LINE_BASE: Final = 330  # bytes of a JSON line besides the big fields (keys, numbers, names)
 
@@ -766,6 +788,7 @@ class AccessLog:
                 return
         fmt = FORMATTERS[self.fmt]
         lines: list[bytes] = []
+        batch = [clip(r) for r in batch]
         for start in range(0, n, _SLICE):
             part, bad = fmt(batch[start : start + _SLICE])
             if bad:
@@ -778,6 +801,10 @@ class AccessLog:
             nbytes = sum(map(len, lines))
             self._line_est += (nbytes / len(lines) - self._line_est) * 0.25
         if self._chunked:
+            if any(len(ln) > PIPE_BUF for ln in lines):
+                lines = [ln if len(ln) <= PIPE_BUF
+                         else fmt([clip(r, STREAM_FIELD_MAX)])[0][0]
+                         for r, ln in zip(batch, lines, strict=True)]
             self._write_chunks(lines)
         else:
             self._write_all(b"".join(lines), len(lines))

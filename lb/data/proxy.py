@@ -317,6 +317,7 @@ class _Request(H.RequestHead):
     rid: bytes | None = None
     ua: bytes | None = None
     referer: bytes | None = None
+    logged = False
     t_pick = -1.0
     t_sent = -1.0
     t_first = -1.0
@@ -620,7 +621,7 @@ class _Upstream(_Conn):
         assert req is not None and client is not None
         status = self.parser.get_status_code()
         self.status = status
-        if self.srv.alog is not None and req.t_first < 0:
+        if self.srv.alog is not None and req.t_first < 0 and (status >= 200 or status == 101):
             req.t_first = self.srv.time()
         # The raw head: llhttp has validated it (strict), so lines end in CRLF.
         buf = self.head_buf
@@ -641,7 +642,8 @@ class _Upstream(_Conn):
                 if not req.upgrade or not req.complete:
                     raise _Reject("101 to a request that did not ask for an upgrade")
                 rh = H.filter_response_block(block, keep_upgrade=True)
-                client.send(line + rh.fields + b"Connection: upgrade\r\n\r\n")
+                client.send(line + rh.fields + req.set_cookie
+                            + b"Connection: upgrade\r\n\r\n")
                 req.resp_started = True
                 return
             if not req.http10:
@@ -919,6 +921,7 @@ class _Client(_Conn):
         "cport",
         "ctx",
         "cur",
+        "cut",
         "deadline",
         "dropping",
         "eof",
@@ -987,6 +990,9 @@ class _Client(_Conn):
         self.nmark = 0
         """``nsent`` when the previous response ended (the access log's bytes out)."""
         self.cport = 0
+        self.cut = ""
+        """The cause letter (lb.data.accesslog) when pairlb cut this connection itself: the
+        requests still queued behind the cut one are logged with it, not as the client's."""
         self.gate: pp.Gate | None = None
         """accept_proxy_protocol: the PROXY header's reader, until it decided."""
 
@@ -1023,7 +1029,7 @@ class _Client(_Conn):
             if req.finished:
                 continue
             if alog is not None:
-                self.log(req, 0, A.END_CLIENT_ABORT + _phase(req), srv.time())
+                self.log(req, 0, (self.cut or A.END_CLIENT_ABORT) + _phase(req), srv.time())
             req.finished = True
             up = req.upstream
             if up is not None:
@@ -1633,6 +1639,7 @@ class _Client(_Conn):
                 req.excluded = []
             req.excluded.append(backend)
         srv.stats.retry(req.pool.name, reason)
+        req.t_first = -1.0  # the access log times the answer of the backend that gives it
         if req.replay:
             req.pending = list(req.replay) + (req.pending or [])
             req.pending_bytes = sum(map(len, req.pending))
@@ -1760,8 +1767,9 @@ class _Client(_Conn):
         srv.stats.error(req.pool.name, bname, reason)
         up = req.upstream
         if srv.alog is not None and not req.finished:
-            self.log(req, up.status if up is not None else 0,
-                     A.termination(reason, A.PHASE_DATA), srv.time())
+            term = A.termination(reason, A.PHASE_DATA)
+            self.cut = term[0]
+            self.log(req, up.status if up is not None else 0, term, srv.time())
         if up is not None:
             up.detach()
             up.abort()
@@ -1858,6 +1866,7 @@ class _Client(_Conn):
         err.error = (status, reason)
         err.keep_alive = False
         err.complete = False
+        err.t0 = srv.time()
         self.queue.append(err)
         if len(self.queue) == 1:
             self.dispatch(err)
@@ -1966,6 +1975,9 @@ class _Client(_Conn):
     def log(self, req: _Request, status: int, term: str, now: float) -> None:
         """One access log record (lb.data.accesslog.FIELDS): the request is over, answered
         (status), cut or abandoned. Only a tuple is made here; the writer formats it."""
+        if req.logged:
+            return  # a tunnel is logged when it starts; its end is not another request
+        req.logged = True
         srv = self.srv
         alog = srv.alog
         assert alog is not None

@@ -233,7 +233,10 @@ class _BackendSide(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.pipe.side_lost(self)
+        pipe = self.pipe
+        if isinstance(exc, ConnectionResetError) and pipe.end is None:
+            pipe.end = "backend_reset"  # the access log's SD: not a clean end
+        pipe.side_lost(self)
 
 
 class _Pipe:
@@ -667,6 +670,8 @@ class _SniPipe(_Pipe):
             return
         if self.peeker is not None:
             self.peeker = None
+            if self.end is None:
+                self.end = "eof"  # the client left before a whole ClientHello: CR
             self.srv.sni_decisions["closed"] += 1
             self.srv.stats.sni(self.srv.listener.name, "closed")
         if self.timer is not None:

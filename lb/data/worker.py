@@ -258,10 +258,19 @@ class Worker:
                                 or cur.buffer_bytes != lc.access_log_buffer_bytes):
             self._count_alog()
             # Its last lines are written while the loop serves (a slow disk must not stall
-            # a reload); records logged meanwhile go to the new writer.
+            # a reload); records logged meanwhile go to the new writer. What it writes
+            # after this is counted when it is done.
+            old, seen = cur, self._alog_seen
             task = asyncio.get_running_loop().create_task(cur.aclose(1.0))
             self._closing_logs.add(task)
-            task.add_done_callback(self._closing_logs.discard)
+
+            def closed(t: asyncio.Task[bool]) -> None:
+                self._closing_logs.discard(t)
+                st = old.stats()
+                self.stats.access_log(st["written"] - seen[0], st["dropped"] - seen[1],
+                                      st["errors"] - seen[2])
+
+            task.add_done_callback(closed)
             self.alog = cur = None
             self._alog_seen = (0, 0, 0)
         if want is not None and cur is None:
