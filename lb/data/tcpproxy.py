@@ -594,7 +594,7 @@ class _Pipe:
             self.pool.name, self.bname, self.pool_cfg.retries - self.tries_left,
             (t_pick - self.t0) * 1000 if t_pick >= 0 else -1.0,
             self.connect_s * 1000 if self.connect_s >= 0 else -1.0, -1.0, total * 1000,
-            A.termination(self.end), None, None, None,
+            _termination(self.end), None, None, None,
         ))
 
     def abort(self) -> None:
@@ -671,7 +671,7 @@ class _SniPipe(_Pipe):
         if self.peeker is not None:
             self.peeker = None
             if self.end is None:
-                self.end = "eof"  # the client left before a whole ClientHello: CR
+                self.end = "sni:closed"  # the client left before a whole ClientHello: CR
             self.srv.sni_decisions["closed"] += 1
             self.srv.stats.sni(self.srv.listener.name, "closed")
         if self.timer is not None:
@@ -735,6 +735,14 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
             )
             p.end = "idle_timeout"
             p.abort()
+
+
+def _termination(end: str | None) -> str:
+    """The access log's code of a pipe's end: ``sni:DECISION`` (no pool was ever chosen)
+    from accesslog.SNI_TERMINATION, else pairlb's reason."""
+    if end is not None and end.startswith("sni:"):
+        return A.SNI_TERMINATION.get(end[4:], "PR")
+    return A.termination(end)
 
 
 def _address(sockaddr: Any) -> pp.Address | None:
