@@ -318,6 +318,7 @@ class _Request(H.RequestHead):
     ua: bytes | None = None
     referer: bytes | None = None
     logged = False
+    resp_status = 0
     t_pick = -1.0
     t_sent = -1.0
     t_first = -1.0
@@ -621,8 +622,10 @@ class _Upstream(_Conn):
         assert req is not None and client is not None
         status = self.parser.get_status_code()
         self.status = status
-        if self.srv.alog is not None and req.t_first < 0 and (status >= 200 or status == 101):
-            req.t_first = self.srv.time()
+        if self.srv.alog is not None and (status >= 200 or status == 101):
+            req.resp_status = status  # what the client got, if the response is cut later
+            if req.t_first < 0:
+                req.t_first = self.srv.time()
         # The raw head: llhttp has validated it (strict), so lines end in CRLF.
         buf = self.head_buf
         assert buf is not None
@@ -934,6 +937,7 @@ class _Client(_Conn):
         "head_first",
         "head_new",
         "last_call",
+        "last_in",
         "linger",
         "linger_bytes",
         "nmark",
@@ -965,6 +969,9 @@ class _Client(_Conn):
         self.eof = False
         self.fresh = True
         self.last_call = False
+        self.last_in = False
+        """A request with Connection: close (or HTTP/1.0 without keep-alive) was read: no
+        request after it is."""
         self.linger = False
         self.linger_bytes = 0
         self.tunnel: _Upstream | None = None
@@ -1198,7 +1205,8 @@ class _Client(_Conn):
                 self.reject(ctx.args[0], ctx.args[1])
             elif isinstance(ctx, H.HeaderError):
                 self.reject(ctx.status, ctx.reason)
-            elif isinstance(ctx, _Stop) or (self.closing and self.state == _IDLE):
+            elif isinstance(ctx, _Stop) or (
+                    (self.closing or self.last_in) and self.state == _IDLE):
                 # No more requests on this connection (after Connection: close, llhttp
                 # refuses any byte): the rest is dropped unanswered, never a 400.
                 self._stop_reading()
@@ -1254,7 +1262,7 @@ class _Client(_Conn):
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.stopped or self.closing:
+        if self.stopped or self.closing or self.last_in:
             raise _STOP
         self.fresh = False
         if self.last_call:
@@ -1443,7 +1451,9 @@ class _Client(_Conn):
             return
         if not req.keep_alive:
             # RFC 9112 §9.6: the last request on this connection; llhttp refuses what follows.
-            self.closing = True
+            # Not ``closing``: the answers still due before it go out as keep-alive ones, and
+            # its own answer (keep_alive False) closes the connection.
+            self.last_in = True
         if req.complete:
             return
         req.complete = True
@@ -1769,7 +1779,7 @@ class _Client(_Conn):
         if srv.alog is not None and not req.finished:
             term = A.termination(reason, A.PHASE_DATA)
             self.cut = term[0]
-            self.log(req, up.status if up is not None else 0, term, srv.time())
+            self.log(req, req.resp_status, term, srv.time())
         if up is not None:
             up.detach()
             up.abort()
