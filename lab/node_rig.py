@@ -960,8 +960,7 @@ def serve_backend(argv: Sequence[str]) -> int:
     from aiohttp import web
     from aiohttp.typedefs import Handler
 
-    from lab.backend_app import make_app
-    from lb.config import parse_hostport
+    from lab.backend_app import make_app, parse_address
 
     ap = argparse.ArgumentParser(prog="e2e_helpers.py backend")
     ap.add_argument("name")
@@ -996,7 +995,7 @@ def serve_backend(argv: Sequence[str]) -> int:
     app = make_app(args.name)
     app.middlewares.append(extra)  # inside backend_app's own middleware: counted, tagged
     app.router.add_post("/admin/traffic/{code:\\d+}", set_traffic)
-    host, port = parse_hostport(args.address)
+    host, port = parse_address(args.address)
     web.run_app(app, host=host, port=port, print=None, access_log=None)
     return 0
 

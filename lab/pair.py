@@ -469,8 +469,7 @@ def backend_main(name: str, address: str, journal: str) -> int:
     from aiohttp import web
     from aiohttp.typedefs import Handler
 
-    from lab.backend_app import make_app
-    from lb.config import parse_hostport
+    from lab.backend_app import make_app, parse_address
 
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     app = make_app(name)
@@ -498,7 +497,7 @@ def backend_main(name: str, address: str, journal: str) -> int:
     app.middlewares.append(journal_first)
     app.on_response_prepare.append(tag)
     app.router.add_get("/whoami", whoami)
-    host, port = parse_hostport(address)
+    host, port = parse_address(address)
     web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
     return 0
 
