@@ -157,6 +157,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--full-clients", type=int, default=8, help="openssl s_time processes at once")
     ap.add_argument("--idle-conns", type=int, default=2000, help="idle TLS connections (0: skip)")
     ap.add_argument("--idle-warm", type=int, default=200, help="warm-up connections before those")
+    ap.add_argument(
+        "--idle-pause",
+        type=float,
+        default=1.0,
+        help="seconds the RSS settles before it is read (half of it after the warm-up and "
+        "after the connections close)",
+    )
     ap.add_argument("--quick", action="store_true", help="a few seconds: for the smoke test")
     ap.add_argument("--json", type=Path, help="write every sample and the summary here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -188,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.duration, args.warmup = 1, 1, 0
         args.settle, args.noisy_retries = 0.0, 0
         args.idle_conns, args.idle_warm, args.full_clients = min(args.idle_conns, 100), 20, 4
+        args.idle_pause = min(args.idle_pause, 0.2)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not args.servers or set(args.servers) - set(ALL_SERVERS):
@@ -197,8 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("duration", "rounds", "connections", "full_clients"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: must be >= 1")
-    if args.warmup < 0 or args.idle_conns < 0 or args.idle_warm < 0:
-        ap.error("--warmup, --idle-conns, --idle-warm: must be >= 0")
+    if args.warmup < 0 or args.idle_conns < 0 or args.idle_warm < 0 or args.idle_pause < 0:
+        ap.error("--warmup, --idle-conns, --idle-warm, --idle-pause: must be >= 0")
     if args.venv is None:
         args.venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
     args.pin = not args.no_pin and (os.cpu_count() or 1) >= 2
@@ -482,10 +490,13 @@ def tree_rss_kb(root: int) -> dict[int, int]:
     return {m.pid: m.rss_kb for m in c.tree_mem(root)}
 
 
-def idle_memory(server: Server, tls: bool, n: int, warm: int) -> dict[str, Any]:
+def idle_memory(
+    server: Server, tls: bool, n: int, warm: int, pause_s: float = 1.0
+) -> dict[str, Any]:
     """RSS delta of the server's processes per idle keep-alive connection (one request each).
 
-    The client is this script, with blocking sockets opened one after the other.
+    The client is this script, with blocking sockets opened one after the other; ``pause_s``
+    before the second RSS reading, half of it before the first and after closing.
     """
     port = server.tls_port if tls else server.plain_port
     ctx = client_context()
@@ -493,7 +504,7 @@ def idle_memory(server: Server, tls: bool, n: int, warm: int) -> dict[str, Any]:
     try:
         for _ in range(warm):
             socks.append(request(port, tls=tls, ctx=ctx, keep=True)[1])
-        time.sleep(0.5)
+        time.sleep(pause_s / 2)
         r0 = tree_rss_kb(server.proc.pid)
         t0 = time.monotonic()
         for _ in range(n):
@@ -502,13 +513,13 @@ def idle_memory(server: Server, tls: bool, n: int, warm: int) -> dict[str, Any]:
             if status != 200:
                 raise RuntimeError(f"status {status}")
         open_s = time.monotonic() - t0
-        time.sleep(1.0)
+        time.sleep(pause_s)
         r1 = tree_rss_kb(server.proc.pid)
     finally:
         for s in socks:
             with contextlib.suppress(OSError):
                 s.close()
-    time.sleep(0.5)
+    time.sleep(pause_s / 2)
     role = roles(server)
     by_role = {role.get(pid, f"pid{pid}"): (kb - r0.get(pid, 0)) / n for pid, kb in r1.items()}
     return {
@@ -1037,7 +1048,9 @@ def run(args: argparse.Namespace) -> int:
             for s in servers.values():
                 for tls in (False, True):
                     try:
-                        m = idle_memory(s, tls, args.idle_conns, args.idle_warm)
+                        m = idle_memory(
+                            s, tls, args.idle_conns, args.idle_warm, args.idle_pause
+                        )
                     except (OSError, RuntimeError, ValueError) as exc:
                         m = {"server": s.name, "tls": tls, "error": repr(exc)}
                     mem.append(m)
