@@ -532,6 +532,7 @@ class Chaos:
         self.fault_no = 0
         self.first_round = len(FAULTS)
         self.stall_s = LOG_STALL_S
+        self.storm_s = STORM_S
         self.started = time.monotonic()
         self.storms: list[dict[str, Any]] = []
         """Each scrape storm: fault, nodes, record file."""
@@ -802,14 +803,14 @@ class Chaos:
         out = self.c.workdir / f"storm-{self.fault_no}.txt"
         procs = {n: self.c.start_scraper(
             n, out.with_suffix(f".{n}.txt"), paths="/metrics,/status",
-            concurrency=STORM_CONCURRENCY, every_s=0.0, duration_s=STORM_S,
+            concurrency=STORM_CONCURRENCY, every_s=0.0, duration_s=self.storm_s,
             max_requests=STORM_MAX) for n in nodes}
         t = time.monotonic()
         self.mark(kind, f"scrape storm on {what}: {STORM_CONCURRENCY} scrapers of /metrics "
-                  f"and /status, {STORM_S:g} s", t)
+                  f"and /status, {self.storm_s:g} s", t)
         for n, proc in procs.items():
             try:
-                proc.wait(STORM_S + 20.0)
+                proc.wait(self.storm_s + 20.0)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5.0)
@@ -1519,7 +1520,8 @@ def run(seed: int, duration_s: float, command: str, say: Callable[[str], None] =
         keep_workdir: bool = False, kinds: Sequence[str] | None = None,
         bulk: int = BULK_BACKENDS, bulk_interval_s: float = BULK_CHECK_INTERVAL_S,
         scraper_nice: int = SCRAPER_NICE, failover_extra: str = "",
-        sched_priority: int = SCHED_PRIORITY, log_stall_s: float = LOG_STALL_S) -> Report:
+        sched_priority: int = SCHED_PRIORITY, log_stall_s: float = LOG_STALL_S,
+        storm_s: float = STORM_S) -> Report:
     """Build, run the schedule, analyse, tear down. Raises only on interrupt."""
     report = Report(seed=seed, duration_s=duration_s, command=command)
     report.load = (os.getloadavg()[0], 0.0)
@@ -1556,6 +1558,7 @@ def run(seed: int, duration_s: float, command: str, say: Callable[[str], None] =
             chaos = Chaos(c, report, rng, say)
             chaos.first_round = len(set(names))
             chaos.stall_s = log_stall_s
+            chaos.storm_s = storm_s
             chaos.started = time.monotonic()
             time.sleep(1.0)
             try:
@@ -1605,6 +1608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"nice -10; default {SCHED_PRIORITY}: SCHED_RR)")
     ap.add_argument("--log-stall", type=float, default=LOG_STALL_S, metavar="S",
                     help=f"how long a stalled log lasts (default {LOG_STALL_S:g} s)")
+    ap.add_argument("--storm", type=float, default=STORM_S, metavar="S",
+                    help=f"how long a scrape storm lasts (default {STORM_S:g} s)")
     ap.add_argument("--failover-setting", action="append", default=[], metavar="'K = V'",
                     help="a line added to both nodes' [failover] (e.g. 'sched_priority = 10')")
     args = ap.parse_args(argv)
@@ -1622,6 +1627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (["--sched-priority", str(args.sched_priority)]
          if args.sched_priority != SCHED_PRIORITY else []) + \
         (["--log-stall", f"{args.log_stall:g}"] if args.log_stall != LOG_STALL_S else []) + \
+        (["--storm", f"{args.storm:g}"] if args.storm != STORM_S else []) + \
         [a for line in args.failover_setting for a in ("--failover-setting", line)]
     command = "sudo .venv/bin/python bench/chaos.py " + " ".join(
         shlex.quote(a) for a in ["--duration", f"{args.duration:g}", "--seed", str(seed),
@@ -1632,7 +1638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      bulk=args.bulk, bulk_interval_s=args.bulk_interval,
                      scraper_nice=args.scraper_nice,
                      failover_extra="\n".join(args.failover_setting),
-                     sched_priority=args.sched_priority, log_stall_s=args.log_stall)
+                     sched_priority=args.sched_priority, log_stall_s=args.log_stall,
+                     storm_s=args.storm)
     except KeyboardInterrupt:
         print("chaos: interrupted; everything was torn down", file=sys.stderr)
         return 130
@@ -1653,7 +1660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_docs and not kinds and args.bulk == BULK_BACKENDS and \
             args.bulk_interval == BULK_CHECK_INTERVAL_S and \
             args.scraper_nice == SCRAPER_NICE and not args.failover_setting and \
-            args.sched_priority == SCHED_PRIORITY and args.log_stall == LOG_STALL_S:
+            args.sched_priority == SCHED_PRIORITY and args.log_stall == LOG_STALL_S and \
+            args.storm == STORM_S:
         write_docs(report)
         print(f"\nwrote {DOCS.relative_to(REPO)}")
     return 1 if report.violations else 0
