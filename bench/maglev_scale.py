@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.backends, args.burst, args.rate, args.keys = 300, 30, 100.0, 300
-        args.idle, args.tail, args.interval, args.rise = 1.0, 0.3, 0.5, 1
+        args.idle, args.tail, args.interval, args.rise = 0.5, 0.3, 0.5, 1
         args.drain, args.wait, args.budget, args.status_every = 1.0, 10.0, 40.0, 0.5
         args.burst_budget = 10.0
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -591,7 +591,10 @@ class Node:
 
     def mark(self) -> dict[str, Any]:
         assert self.pids is not None
-        return {"t": time.monotonic(), "log": self.tail.offset(), "cpu": self.pids.snap()}
+        skip = {self.pids.control, *self.pids.workers}
+        others = {p: v for p, v in c.tree_cpu_by_pid(self.pids.control).items() if p not in skip}
+        return {"t": time.monotonic(), "log": self.tail.offset(), "cpu": self.pids.snap(),
+                "others": others}
 
     def window(self, name: str, begin: dict[str, Any], end: dict[str, Any]) -> None:
         self.windows[name] = {"begin": begin, "end": end}
@@ -751,11 +754,17 @@ def lateness_between(scrapes: list[dict[str, Any]], t0: float, t1: float) -> dic
             "from_t": before[-1]["t"], "to_t": after[0]["t"]}
 
 
-def cpu_cores(a: el.Snap, b: el.Snap) -> dict[str, Any]:
+def cpu_cores(a: el.Snap, b: el.Snap, oa: dict[int, float], ob: dict[int, float]
+              ) -> dict[str, Any]:
+    """CPU of the control process, of its other children (the table builder, if it runs in
+    a process of its own) and of each worker, over a window."""
     wall = b[0] - a[0]
     wk = [b[2][p] - a[2][p] for p in a[2] if p in b[2]]
+    other = sum(v - oa.get(p, 0.0) for p, v in ob.items())
     return {"wall_s": round(wall, 2), "control_cpu_s": round(b[1] - a[1], 3),
             "control_cores": round((b[1] - a[1]) / wall, 3) if wall > 0 else None,
+            "other_children_cpu_s": round(other, 3),
+            "other_children_cores": round(other / wall, 3) if wall > 0 else None,
             "worker_cpu_s": [round(x, 3) for x in wk],
             "worker_cores": round(statistics.mean(wk) / wall, 3) if wk and wall > 0 else None}
 
@@ -795,7 +804,7 @@ def summarize_window(node: Node, name: str, records: list[Record],
                    "failed": sum(1 for s in sc if s["status"] != 200),
                    "max_bytes": max((s["size"] for s in sc), default=0)},
         "load": load_window(records, t0, t1),
-        "cpu": cpu_cores(b["cpu"], e["cpu"]),
+        "cpu": cpu_cores(b["cpu"], e["cpu"], b["others"], e["others"]),
     }
 
 
@@ -994,13 +1003,15 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
                                    if w["scrape"]["failed"] else ""),
                 f"{ld['requests']:,} / {ld['failed']:,}", f"{_f(ld['p50_ms'])} / "
                 f"{_f(ld['p99_ms'])} / {_f(ld['max_ms'])}",
-                f"{_f(w['cpu']['control_cores'], 2)} / {_f(w['cpu']['worker_cores'], 2)}"])
+                f"{_f(w['cpu']['control_cores'], 2)} / "
+                f"{_f(w['cpu']['other_children_cores'], 2)} / "
+                f"{_f(w['cpu']['worker_cores'], 2)}"])
     out.append(el.render(["pool", "window", "s", "builds (ms)",
                           "check lateness p50 / p99 / max ms", "checks > 100 ms late",
                           "to DOWN", "/healthz p50 / p99 / max ms",
                           "/status p50 / p99 / max ms", "/metrics p50 / p99 / max ms",
                           "requests / failed", "request p50 / p99 / max ms",
-                          "CPU cores: control / each worker"], rows, md))
+                          "CPU cores: control / builder process / each worker"], rows, md))
     rows = []
     for mode, nd in nodes.items():
         for key in ("adds", "removes"):
