@@ -5,9 +5,15 @@ Why in the control process: a table depends only on the pool's members (names an
 configured weights) and its size, never on health, so it changes only when a backend joins
 or leaves (a reload, the admin API, the peer, discovery). Building one is O(M log M) in
 Python (0.3 s for 3,000 backends at the default M = 524,309), too long for a worker's event
-loop and wasted work in every worker. It runs in a thread here, debounced (a burst of
-runtime adds is one build), and the workers get the table as bytes (``HashTable``), in
-their welcome too, before the snapshot that lets them serve.
+loop and wasted work in every worker. It runs in a helper process (``Builder``), debounced
+and paced (a burst of runtime adds is a few builds), and the workers get the table as bytes
+(``HashTable``), in their welcome too, before the snapshot that lets them serve.
+
+Why a process, not a thread: the build is pure Python and holds the GIL; in a thread of
+this process every system call of the event loop (each health check makes several) waited
+up to the interpreter's switch interval (5 ms) to get it back, so while tables were built
+back to back during a burst of 300 runtime adds at 3,000 backends, checks ran seconds late,
+timed out and took healthy backends DOWN (bench/maglev_scale.py, docs/maglev-scale.md).
 
 Until a new table arrives a worker keeps the old one: a backend that left is never picked
 (the pool forgets it), one that joined gets no hashed traffic yet. Health and drain are the
@@ -21,9 +27,13 @@ same backend whichever node holds the VIP; ``digest`` (in /status) lets an opera
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
+import sys
 import time
+from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +47,10 @@ logger = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05
 """A membership change waits this long for more before a build starts (a burst of runtime
 adds or discovery's whole answer is one build)."""
+PACE = 1.0
+"""After a build of B seconds the next one starts no sooner than PACE x B later: a burst of
+changes gets a build every ~2 B (the builder's core at most half busy, and each worker
+installs a new table, ~1.4 MB on the channel at 3,000 backends, at most that often)."""
 
 Members = tuple[tuple[str, int], ...]
 
@@ -63,11 +77,94 @@ class Built:
 
 
 def build_message(pool: str, members: Members, size: int) -> wl.HashTable:
-    """The table (lb.maglev.build) as the workers get it. Pure CPU: runs in a thread."""
+    """The table (lb.maglev.build) as the workers get it, built here (tests, a fallback)."""
     names, table = maglev.build(members, size)
+    return table_message(pool, names, size, table)
+
+
+def table_message(pool: str, names: tuple[str, ...], size: int, table: array[int]
+                  ) -> wl.HashTable:
     raw = table.tobytes()
     digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
     return wl.HashTable(pool, tuple(names), size, table.typecode, raw, digest)
+
+
+_HELPER = r"""
+import json, os, sys
+from lb import maglev
+with __import__("contextlib").suppress(OSError):
+    os.nice(10)  # requests and health checks first: the old table serves meanwhile
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+for line in inp:
+    try:
+        req = json.loads(line)
+        names, table = maglev.build([(n, w) for n, w in req["members"]], req["size"])
+        raw = table.tobytes()
+        head = {"names": list(names), "typecode": table.typecode, "nbytes": len(raw)}
+    except Exception as exc:
+        raw, head = b"", {"error": repr(exc)}
+    out.write(json.dumps(head).encode() + b"\n" + raw)
+    out.flush()
+"""
+"""The builder process: one JSON line in ({members, size}), one JSON line out ({names,
+typecode, nbytes} or {error}) followed by the table's bytes. It ends when its stdin does
+(the control process stopped or died)."""
+
+
+class Builder:
+    """``lb.maglev.build`` in a helper process of its own (started at the first build,
+    kept; started again if it dies). If it cannot be started, builds run in a thread."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._thread_only = False
+
+    async def build(self, members: Members, size: int) -> tuple[tuple[str, ...], array[int]]:
+        async with self._lock:
+            if self._thread_only:
+                return await asyncio.to_thread(maglev.build, members, size)
+            if self.proc is None or self.proc.returncode is not None:
+                try:
+                    self.proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-P", "-c", _HELPER, stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE, limit=32 << 20)
+                except OSError as exc:
+                    logger.warning("event=maglev_builder_unavailable error=%r fallback=thread",
+                                   str(exc))
+                    self._thread_only = True
+                    return await asyncio.to_thread(maglev.build, members, size)
+            proc = self.proc
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(json.dumps({"members": members, "size": size}).encode()
+                                 + b"\n")
+                await proc.stdin.drain()
+                head = json.loads(await proc.stdout.readline())
+                raw = await proc.stdout.readexactly(int(head.get("nbytes", 0)))
+            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                self.close()
+                raise RuntimeError(f"maglev builder process: {exc!r}") from None
+            except BaseException:  # cancelled mid-build: its answer would come unasked
+                self.close()
+                raise
+            if "error" in head:
+                raise ValueError(head["error"])
+            return tuple(head["names"]), array(head["typecode"], raw)
+
+    def close(self) -> asyncio.subprocess.Process | None:
+        """Kill the builder process (mid-build, its answer would come unasked)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        return proc
+
+    async def aclose(self) -> None:
+        proc = self.close()
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 2.0)
 
 
 class HashTables:
@@ -84,6 +181,9 @@ class HashTables:
         self.failures = 0
         self.last_error: str | None = None
         self._failed = False
+        self.builder = Builder()
+        self._next_at = 0.0
+        """Monotonic time before which no build starts (``PACE``)."""
 
     def refresh(self, pools: Mapping[str, PoolConfig]) -> None:
         """Note each maglev pool's members (O(N) for those pools only); start a build for
@@ -115,12 +215,13 @@ class HashTables:
             stale = self._stale()
             if not stale:
                 return
-            await asyncio.sleep(DEBOUNCE_S)
+            await asyncio.sleep(max(DEBOUNCE_S, self._next_at - time.monotonic()))
             for name in self._stale():
                 members, size = self._want[name]
                 t0 = time.monotonic()
                 try:
-                    msg = await asyncio.to_thread(build_message, name, members, size)
+                    names, table = await self.builder.build(members, size)
+                    msg = table_message(name, names, size, table)
                 except Exception as exc:  # never silent: the old table keeps serving
                     self.failures += 1
                     self.last_error = f"pool {name}: {exc!r}"
@@ -128,6 +229,8 @@ class HashTables:
                     self._failed = True
                     return
                 self._failed = False
+                t1 = time.monotonic()
+                self._next_at = t1 + PACE * (t1 - t0)
                 if self._want.get(name) != (members, size):
                     continue  # changed while building: the next round builds it again
                 built = Built(members, size, msg, time.monotonic() - t0, time.time())
@@ -173,3 +276,4 @@ class HashTables:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        await self.builder.aclose()
