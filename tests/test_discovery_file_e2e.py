@@ -17,6 +17,9 @@ from test_elastic_e2e import Scraper, load, members, served
 
 from lab.load import RecordLog
 
+MIN_LOAD_S = 5.5
+"""Of the client's 7 s (its --duration is a bound): 825 requests at 150/s, > 700 wanted."""
+
 
 class FileNode(Daemon):
     def __init__(self, tmp: Path, listfile: Path) -> None:
@@ -78,6 +81,7 @@ def test_a_watched_file_scales_the_pool_under_load_and_keeps_the_last_good_set(
             assert {b["source"] for b in members(node).values()} == {"file"}
             out = tmp_path / "load.txt"
             client = load(node, out, rate=150, duration_s=7)  # type: ignore[arg-type]
+            t_load = time.monotonic()
             try:
                 time.sleep(1)
                 write_atomically(listfile, entries("f1", "f2", "f3", "f4"))
@@ -105,6 +109,10 @@ def test_a_watched_file_scales_the_pool_under_load_and_keeps_the_last_good_set(
                     assert time.monotonic() - t0 < 5
                     time.sleep(0.1)
                 assert set(members(node)) == {"f3", "f4", "api1"}
+                # The changes are over (in ~3 s): 1 s more, at least MIN_LOAD_S in all, then
+                # SIGTERM (lab.load sends no more and waits for what is in flight).
+                time.sleep(max(1.0, t_load + MIN_LOAD_S - time.monotonic()))
+                client.terminate()
             finally:
                 client.communicate(timeout=30)
             records = RecordLog(out).poll()

@@ -30,6 +30,10 @@ from admin_helpers import (
 
 from lab.load import RecordLog
 
+MIN_LOAD_S = 7.5
+"""Of the scaling test's 9 s client (its --duration is a bound): 1,125 requests at 150/s,
+> 1,000 wanted."""
+
 
 class Scraper:
     """GET /metrics every 0.5 s in a thread, as Prometheus would; counts failures."""
@@ -99,6 +103,7 @@ def test_scaling_up_by_two_and_down_by_two_under_load_fails_no_request(tmp_path:
         with Pairlb(tmp_path, cfg_backends) as node, Scraper(node.admin) as scraper:
             out = tmp_path / "load.txt"
             client = load(node, out, rate=150, duration_s=9)
+            t_load = time.monotonic()
             try:
                 time.sleep(1)
                 # Up by two: one through the CLI, one through the API.
@@ -129,6 +134,10 @@ def test_scaling_up_by_two_and_down_by_two_under_load_fails_no_request(tmp_path:
                 time.sleep(1)
                 after = {n: served(be, n) for n in ("web1", "web2")}
                 assert after == seen, "removed backends still get requests"
+                # The changes are over (in ~6 s): at least MIN_LOAD_S of load in all, then
+                # SIGTERM (lab.load sends no more and waits for what is in flight).
+                time.sleep(max(0.0, t_load + MIN_LOAD_S - time.monotonic()))
+                client.terminate()
             finally:
                 _, err = client.communicate(timeout=30)
             records = RecordLog(out).poll()
