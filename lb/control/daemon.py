@@ -299,7 +299,7 @@ class Daemon:
                 ) from None
         self.health.set_targets(self.table.targets(self.tls.material.pool_ca))
         self._compute_snapshots()
-        self.hashing.refresh(self.table.pools)  # built while the rest starts
+        self.hashing.refresh(self.table.pools, self.elastic.removing)  # built while the rest starts
         if self.cfg.admin.enabled:
             self._make_admin()
         await self.health.start()
@@ -641,7 +641,7 @@ class Daemon:
         self.health.set_targets(self.table.targets(self.tls.material.pool_ca),
                                self.table.in_service)
         self._compute_snapshots()
-        self.hashing.refresh(self.table.pools)
+        self.hashing.refresh(self.table.pools, self.elastic.removing)
         if replace_workers:
             # The old workers serve until their turn: they follow the rotation meanwhile
             # (the new ones get it in their welcome, and deltas build on it).
@@ -828,7 +828,7 @@ class Daemon:
 
     def push_snapshots(self) -> None:
         t0 = self._last_push = time.monotonic()
-        self.hashing.refresh(self.table.pools)  # a build only when members changed
+        self.hashing.refresh(self.table.pools, self.elastic.removing)  # a build only when members changed
         forced, self._force_push = self._force_push, set()
         if forced:
             self.snap_version += 1  # the workers apply only a newer version than theirs

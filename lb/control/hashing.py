@@ -34,7 +34,7 @@ import logging
 import sys
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05
 """A membership change waits this long for more before a build starts (a burst of runtime
 adds or discovery's whole answer is one build)."""
+RETRY_S = 10.0
+"""A pool whose build failed is tried again this long after (its old table serves)."""
 PACE = 1.0
 """After a build of B seconds the next one starts no sooner than PACE x B later: a burst of
 changes gets a build every ~2 B (the builder's core at most half busy, and each worker
@@ -55,10 +57,12 @@ installs a new table, ~1.4 MB on the channel at 3,000 backends, at most that oft
 Members = tuple[tuple[str, int], ...]
 
 
-def members_of(pcfg: PoolConfig) -> Members:
+def members_of(pcfg: PoolConfig, leaving: Collection[str] = ()) -> Members:
     """What a pool's table depends on besides its size: every member and its configured
-    weight, in name order (slow start and health change nothing here)."""
-    return tuple(sorted((b.name, b.weight) for b in pcfg.backends))
+    weight, in name order (slow start and health change nothing here). ``leaving``: backends
+    removed at runtime and draining; never picked again, they are out of the table at once,
+    so their keys move once, to their new owner (not to an interim choice, then again)."""
+    return tuple(sorted((b.name, b.weight) for b in pcfg.backends if b.name not in leaving))
 
 
 def size_of(pcfg: PoolConfig, members: Members) -> int:
@@ -180,34 +184,51 @@ class HashTables:
         self.builds = 0
         self.failures = 0
         self.last_error: str | None = None
-        self._failed = False
+        self._failed: dict[str, tuple[tuple[Members, int], float]] = {}
+        """Pool -> (what failed to build, when to try again): skipped until then, so one
+        bad pool never holds up the others."""
+        self._retry: asyncio.TimerHandle | None = None
         self.builder = Builder()
         self._next_at = 0.0
         """Monotonic time before which no build starts (``PACE``)."""
 
-    def refresh(self, pools: Mapping[str, PoolConfig]) -> None:
+    def refresh(self, pools: Mapping[str, PoolConfig],
+                leaving: Collection[tuple[str, str]] = ()) -> None:
         """Note each maglev pool's members (O(N) for those pools only); start a build for
-        the ones whose table is out of date."""
+        the ones whose table is out of date. ``leaving``: (pool, backend) removed at
+        runtime, draining."""
         want: dict[str, tuple[Members, int]] = {}
         for name, pcfg in pools.items():
             if pcfg.balance != "maglev":
                 continue
-            members = members_of(pcfg)
+            gone = {b for p, b in leaving if p == name} if leaving else ()
+            members = members_of(pcfg, gone)
             want[name] = (members, size_of(pcfg, members))
         for name in list(self.tables):
             if name not in want:
                 del self.tables[name]
         self._want = want
+        self._kick()
+
+    def _kick(self) -> None:
+        self._retry = None
         if self._stale() and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._run(),
                                                                 name="maglev_builds")
 
-    def _stale(self) -> list[str]:
+    def _stale(self, *, with_failed: bool = False) -> list[str]:
+        """Pools whose table is out of date (not those whose build failed and waits for its
+        retry, unless ``with_failed``)."""
         out = []
-        for name, (members, size) in self._want.items():
+        now = time.monotonic()
+        for name, want in self._want.items():
             cur = self.tables.get(name)
-            if cur is None or cur.members != members or cur.size != size:
-                out.append(name)
+            if cur is not None and (cur.members, cur.size) == want:
+                continue
+            failed = self._failed.get(name)
+            if not with_failed and failed is not None and failed[0] == want and failed[1] > now:
+                continue
+            out.append(name)
         return out
 
     async def _run(self) -> None:
@@ -217,7 +238,10 @@ class HashTables:
                 return
             await asyncio.sleep(max(DEBOUNCE_S, self._next_at - time.monotonic()))
             for name in self._stale():
-                members, size = self._want[name]
+                want = self._want.get(name)
+                if want is None:
+                    continue  # the pool left (a reload) while another one was built
+                members, size = want
                 t0 = time.monotonic()
                 try:
                     names, table = await self.builder.build(members, size)
@@ -225,10 +249,14 @@ class HashTables:
                 except Exception as exc:  # never silent: the old table keeps serving
                     self.failures += 1
                     self.last_error = f"pool {name}: {exc!r}"
-                    logger.exception("event=maglev_build_failed pool=%s", name)
-                    self._failed = True
-                    return
-                self._failed = False
+                    logger.exception("event=maglev_build_failed pool=%s retry_s=%g", name,
+                                     RETRY_S)
+                    self._failed[name] = (want, time.monotonic() + RETRY_S)
+                    if self._retry is None:
+                        self._retry = asyncio.get_running_loop().call_later(RETRY_S,
+                                                                            self._kick)
+                    continue
+                self._failed.pop(name, None)
                 t1 = time.monotonic()
                 self._next_at = t1 + PACE * (t1 - t0)
                 if self._want.get(name) != (members, size):
@@ -249,8 +277,6 @@ class HashTables:
             while self._stale():
                 task = self._task
                 if task is None or task.done():
-                    if task is not None and self._failed:
-                        return
                     self._task = task = asyncio.get_running_loop().create_task(self._run())
                 await asyncio.shield(task)
 
@@ -274,6 +300,8 @@ class HashTables:
         }
 
     async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         if self._task is not None:
             self._task.cancel()
         await self.builder.aclose()
