@@ -132,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds for the old way (and its load's bound)")
     ap.add_argument("--wait", type=float, default=30.0,
                     help="seconds to wait for backends to come into rotation or leave /status")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="seconds to wait at the start for other processes' load to drop")
     ap.add_argument("--no-haproxy", action="store_true", help="skip HAProxy's runtime API")
     ap.add_argument("--pin", action="store_true",
                     help="pairlb (control + both workers) and HAProxy on CPU 0, nginx, the load, "
@@ -140,10 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: N=200, 20 reloads, 1 s idle windows, short budgets")
+                    help="smoke run: N=200, 20 reloads, 0.5 s idle windows, no wait for a "
+                         "quiet box, short budgets")
     args = ap.parse_args(argv)
     if args.quick:
-        args.backends, args.reloads, args.reload_window, args.idle = 200, 20, 5, 1.0
+        args.backends, args.reloads, args.reload_window, args.idle = 200, 20, 5, 0.5
+        args.quiet_wait = 0.0
         args.budget, args.reload_budget, args.wait = 40.0, 25.0, 10.0
     if args.backends < 2 or args.base < 1 or args.reloads < 2 or args.window < 1:
         ap.error("--backends >= 2, --base >= 1, --reloads >= 2, --window >= 1")
@@ -1135,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in (ports[0], ports[-1]):
                 c.wait_http_ok(HOST, p, "/", 30.0, proc=nginx)
             started += nginx.remember_tree()
-            res["foreign_at_start"] = round(c.wait_quiet([nginx.pid], 10.0, 0.2), 2)
+            res["foreign_at_start"] = round(c.wait_quiet([nginx.pid], args.quiet_wait, 0.2), 2)
             started += elastic_phase(args, workdir, procs, base, added, extra, res)
             started += reload_phase(args, workdir, procs, base, added, extra, res)
             if haproxy is None:
