@@ -325,6 +325,16 @@ def test_a_stalled_control_process_delays_no_heartbeat(rig: fe.Rig) -> None:
     assert x["longest_heartbeat_gap_on_the_wire_s"] < x["master_down_s"] * 0.75, why
 
 
+def test_a_reload_that_changes_nothing_moves_nothing(rig: fe.Rig) -> None:
+    """(Before the two tests below: they restart the pair with a 1 s control_timeout_s,
+    and this one would restart it again with the default settings.)"""
+    rig.steady(fe.DEFAULT)
+    (out,) = fe.reload_unchanged(rig)
+    why = evidence(rig, [out])
+    assert not out.extra["transitions_changed"] and out.extra["holders"] == ["lb1"], why
+    assert not out.extra["pending_logged"] and out.failed == 0, why
+
+
 def test_a_wedged_control_process_gives_the_vip_away(rig: fe.Rig) -> None:
     """Silent past control_timeout_s (1 s here): the failover process counts its node as
     unhealthy, the healthy peer takes over; when it runs again, failback."""
@@ -350,11 +360,3 @@ def test_both_control_processes_wedged_the_best_node_keeps_the_vip(rig: fe.Rig) 
     assert x["silent_logged"] == ["lb1", "lb2"], why
     assert x["unheld_s"] == 0 and x["holders"] == ["lb1"], why
     assert out.failed == 0, why
-
-
-def test_a_reload_that_changes_nothing_moves_nothing(rig: fe.Rig) -> None:
-    rig.steady(fe.DEFAULT)
-    (out,) = fe.reload_unchanged(rig)
-    why = evidence(rig, [out])
-    assert not out.extra["transitions_changed"] and out.extra["holders"] == ["lb1"], why
-    assert not out.extra["pending_logged"] and out.failed == 0, why
