@@ -937,13 +937,14 @@ class LoggingConfig(_Model):
     """'<N>' priority prefixes for journald; auto = when stderr is the journal."""
     access_log: Annotated[str, Field(pattern=r"^(stdout|/.+)$")] | None = None
     """One line per HTTP request (per connection in TCP mode): ``stdout`` or an absolute
-    path every worker appends to (reopened on SIGUSR1, for logrotate). Default: off."""
+    path every worker appends to (reopened on SIGUSR2 or POST /logs/reopen, for logrotate;
+    docs/access-logs.md). Default: off."""
     access_log_format: Literal["json", "combined"] = "json"
     """``json`` (one object per line, every field) or Apache's ``combined`` plus pairlb's
     fields at the end."""
     access_log_buffer_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 4 << 20
     """Per worker: lines waiting for a slow disk beyond this are dropped and counted
-    (``pairlb_access_log_dropped_total``); a worker never waits for its log."""
+    (``pairlb_access_log_lines_total{outcome="dropped"}``); a worker never waits for its log."""
 
 
 class SyncConfig(_Model):

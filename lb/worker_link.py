@@ -181,7 +181,8 @@ class CloseIdle:
 
 @dataclass(frozen=True)
 class ReopenLogs:
-    """Reopen the access log file (SIGUSR1 to the control process, after logrotate)."""
+    """Reopen the access log file (SIGUSR2 to the control process or POST /logs/reopen,
+    after logrotate)."""
 
     TYPE: ClassVar[str] = "reopen_logs"
 

@@ -828,7 +828,8 @@ class Daemon:
 
     def push_snapshots(self) -> None:
         t0 = self._last_push = time.monotonic()
-        self.hashing.refresh(self.table.pools, self.elastic.removing)  # a build only when members changed
+        # A build only when members changed (and draining removals are out of the table).
+        self.hashing.refresh(self.table.pools, self.elastic.removing)
         forced, self._force_push = self._force_push, set()
         if forced:
             self.snap_version += 1  # the workers apply only a newer version than theirs

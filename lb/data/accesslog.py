@@ -49,7 +49,7 @@ FIELDS: Final = (
     "target",  # 6  bytes | str | None: the request target as sent
     "protocol",  # 7  "HTTP/1.1" | "HTTP/1.0" | None (TCP)
     "status",  # 8  int: status sent to the client, 0 when none was sent
-    "bytes_in",  # 9  int: bytes received from the client (head + body)
+    "bytes_in",  # 9  int: from the client: the request head as forwarded + the body
     "bytes_out",  # 10 int: bytes sent to the client (head + body)
     "pool",  # 11 str | None
     "backend",  # 12 str | None: the last backend tried
@@ -269,46 +269,79 @@ _JSON_LINE: Final = (
 )
 
 
-def json_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list[bytes], int]:
+_JSON_PARTS: Final = _JSON_LINE.split(b"%s")
+_JSON_NAMES: Final = (3, 4, 7, 8, 9, 10)
+"""Which %s of _JSON_LINE hold the names (listener, mode, protocol, pool, backend,
+termination): a line's template has them filled in (few distinct combinations)."""
+_jtpl_cache: dict[Any, bytes] = {}
+_NO_LIMIT: Final = 1 << 62
+
+
+def _json_tpl(key: tuple[Any, ...]) -> bytes:
+    """_JSON_LINE with the names of ``key`` in it (their %% doubled)."""
+    names = iter(_jq(_as_bytes(v)).replace(b"%", b"%%") for v in key)
+    out = [_JSON_PARTS[0]]
+    for i, part in enumerate(_JSON_PARTS[1:], 1):
+        out.append(next(names) if i in _JSON_NAMES else b"%s")
+        out.append(part)
+    if len(_jtpl_cache) >= _CACHE_MAX:
+        _jtpl_cache.clear()
+    tpl = _jtpl_cache[key] = b"".join(out)
+    return tpl
+
+
+def _clip4(tg: bytes, rid: bytes, ua: bytes, rf: bytes, limit: int) -> tuple[bytes, ...]:
+    return tuple(v[:limit] + b"..." if len(v) > limit else v for v in (tg, rid, ua, rf))
+
+
+def json_lines(
+    batch: Iterable[Record], *, retry: bool = True, limit: int = 0
+) -> tuple[list[bytes], int]:
     """One JSON object per record, keys in FIELDS order, each line ASCII and valid whatever
     the values hold (time: ISO 8601 UTC with ms; durations: ms, -1.000 when not reached;
     strings: "" when absent). Returns (lines, records that needed ``sanitize``)."""
     out: list[bytes] = []
     add = out.append
     bad = 0
-    jq = _jq_cache.get
+    tpl_of = _jtpl_cache.get
     safe = _SAFE
+    cut = limit or _NO_LIMIT
     sec0 = -1
     pre = b""
     for r in batch:
         try:
-            t = r[0]
+            (t, ip, port, lst, mode, m, tg, proto, st, n_in, n_out, pool, be, retries, q_ms,
+             c_ms, f_ms, t_ms, term, rid, ua, rf) = r
             sec = int(t)
             if sec != sec0:
                 pre = _iso_prefix(sec)
                 sec0 = sec
-            ip = (r[1].encode("utf-8", "surrogatepass") if r[1].__class__ is str
-                  else _as_bytes(r[1]))
-            m = r[5] if r[5].__class__ is bytes else _as_bytes(r[5])
-            tg = r[6] if r[6].__class__ is bytes else _as_bytes(r[6])
-            rid = r[19] if r[19].__class__ is bytes else _as_bytes(r[19])
-            ua = r[20] if r[20].__class__ is bytes else _as_bytes(r[20])
-            rf = r[21] if r[21].__class__ is bytes else _as_bytes(r[21])
-            if b"".join((ip, m, tg, rid, ua, rf)).translate(None, safe):
+            ip = ip.encode("utf-8", "surrogatepass") if ip.__class__ is str else _as_bytes(ip)
+            if m.__class__ is not bytes:
+                m = _as_bytes(m)
+            if tg.__class__ is not bytes:
+                tg = _as_bytes(tg)
+            if rid.__class__ is not bytes:
+                rid = _as_bytes(rid)
+            if ua.__class__ is not bytes:
+                ua = _as_bytes(ua)
+            if rf.__class__ is not bytes:
+                rf = _as_bytes(rf)
+            raw = b"".join((ip, m, tg, rid, ua, rf))
+            if len(raw) > cut or raw.translate(None, safe):
+                if len(raw) > cut:  # client-sized fields cut (as clip() does)
+                    tg, rid, ua, rf = _clip4(tg, rid, ua, rf, cut)
                 ip, m, tg = _json_raw(ip), _json_raw(m), _json_raw(tg)
                 rid, ua, rf = _json_raw(rid), _json_raw(ua), _json_raw(rf)
-            add(_JSON_LINE % (
-                pre, int((t - sec) * 1000), ip, r[2],
-                jq(r[3]) or _jq_miss(r[3]), jq(r[4]) or _jq_miss(r[4]),
-                m, tg, jq(r[7]) or _jq_miss(r[7]), r[8], r[9], r[10],
-                jq(r[11]) or _jq_miss(r[11]), jq(r[12]) or _jq_miss(r[12]), r[13],
-                r[14], r[15], r[16], r[17], jq(r[18]) or _jq_miss(r[18]), rid, ua, rf,
-            ))
+            key = (lst, mode, proto, pool, be, term)
+            tpl = tpl_of(key) or _json_tpl(key)
+            add(tpl % (pre, int((t - sec) * 1000), ip, port, m, tg, st, n_in, n_out, retries,
+                       q_ms, c_ms, f_ms, t_ms, rid, ua, rf))
         except Exception:
             bad += 1
             sec0 = -1
             if retry:  # sanitize() makes any record formattable; the line is not lost
-                out += json_lines((sanitize(r),), retry=False)[0]
+                out += json_lines((sanitize(r),), retry=False, limit=limit)[0]
     return out, bad
 
 
@@ -387,7 +420,9 @@ COMBINED_FIELDS: Final = (
 ``bytes_out`` is ``-`` when 0 as in Apache; an empty or absent string is ``-``)."""
 
 
-def combined_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list[bytes], int]:
+def combined_lines(
+    batch: Iterable[Record], *, retry: bool = True, limit: int = 0
+) -> tuple[list[bytes], int]:
     """Apache's combined format then pairlb's fields (COMBINED_FIELDS): printable ASCII,
     quotes and backslashes escaped. Returns (lines, records that needed ``sanitize``)."""
     out: list[bytes] = []
@@ -397,6 +432,7 @@ def combined_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list
     ct = _ct_cache.get
     safe = _SAFE
     safe_tok = _SAFE_TOK
+    cut = limit or _NO_LIMIT
     sec0 = -1
     when = b""
     for r in batch:
@@ -412,8 +448,11 @@ def combined_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list
             rid = (r[19] if r[19].__class__ is bytes else _as_bytes(r[19])) or b"-"
             ua = (r[20] if r[20].__class__ is bytes else _as_bytes(r[20])) or b"-"
             rf = (r[21] if r[21].__class__ is bytes else _as_bytes(r[21])) or b"-"
-            if ((ip + rid).translate(None, safe_tok)
-                    or b"".join((m, tg, ua, rf)).translate(None, safe)):
+            quoted = b"".join((m, tg, ua, rf))
+            if len(quoted) + len(rid) > cut:  # client-sized fields cut (as clip() does)
+                tg, rid, ua, rf = _clip4(tg, rid, ua, rf, cut)
+                quoted = b"".join((m, tg, ua, rf))
+            if (ip + rid).translate(None, safe_tok) or quoted.translate(None, safe):
                 ip, rid = _clf_t(ip), _clf_t(rid)
                 m, tg, ua, rf = _clf_q(m), _clf_q(tg), _clf_q(ua), _clf_q(rf)
             nout = b"%d" % r[10] if r[10] else b"-"
@@ -435,7 +474,7 @@ def combined_lines(batch: Iterable[Record], *, retry: bool = True) -> tuple[list
             bad += 1
             sec0 = -1
             if retry:
-                out += combined_lines((sanitize(r),), retry=False)[0]
+                out += combined_lines((sanitize(r),), retry=False, limit=limit)[0]
     return out, bad
 
 
@@ -788,9 +827,8 @@ class AccessLog:
                 return
         fmt = FORMATTERS[self.fmt]
         lines: list[bytes] = []
-        batch = [clip(r) for r in batch]
         for start in range(0, n, _SLICE):
-            part, bad = fmt(batch[start : start + _SLICE])
+            part, bad = fmt(batch[start : start + _SLICE], limit=FIELD_MAX)
             if bad:
                 self._bad_records += bad
             lines += part
@@ -803,7 +841,7 @@ class AccessLog:
         if self._chunked:
             if any(len(ln) > PIPE_BUF for ln in lines):
                 lines = [ln if len(ln) <= PIPE_BUF
-                         else fmt([clip(r, STREAM_FIELD_MAX)])[0][0]
+                         else fmt([r], limit=STREAM_FIELD_MAX)[0][0]
                          for r, ln in zip(batch, lines, strict=True)]
             self._write_chunks(lines)
         else:
