@@ -46,6 +46,16 @@ was ever served elsewhere in between (by the load's requests: must be 0).
 
     .venv/bin/python bench/maglev_scale.py --markdown --json /tmp/maglev-scale.json  # < 3 min
     .venv/bin/python bench/maglev_scale.py --quick                 # smoke: N = 300, < 20 s
+    .venv/bin/python bench/maglev_scale.py loop --markdown         # in-process, ~30 s
+
+``loop`` is the one part that imports lb (in-process, like bench/maglev.py): an asyncio loop
+starts ``--rate`` health-check-like requests a second (connect, GET, read, close) to one
+nginx port for ``--seconds``, while nothing else runs, while 3,000-backend tables
+(M = 524,309) are built back to back in a thread (``asyncio.to_thread(lb.maglev.build)``),
+and while they are built back to back by lb.control.hashing's ``Builder`` (a helper
+process), ``--rounds`` times: checks done per second, how late they started (p50/p99/max)
+and how many failed (2 s timeout). The box's other load hits all three alike; the GIL only
+the thread.
 
 Everything is bounded (``--budget`` s per node for the load and the scrape, ``--wait`` s per
 wait); every process is started by this script and stopped by PID in a finally, also on
@@ -134,7 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rise", type=int, default=None, help="health check rise (default: 2)")
     ap.add_argument("--drain", type=float, default=5.0, help="the pool's drain_timeout_s")
     ap.add_argument("--wait", type=float, default=60.0,
-                    help="seconds to wait for a table, a pool to settle, startup")
+                    help="seconds to wait for startup (every backend UP)")
+    ap.add_argument("--settle-wait", type=float, default=20.0,
+                    help="seconds to wait for a change to settle (table current, pool complete)")
     ap.add_argument("--burst-budget", type=float, default=60.0,
                     help="seconds the adds (and the removes) may take: the rest is skipped")
     ap.add_argument("--budget", type=float, default=300.0,
@@ -149,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.backends, args.burst, args.rate, args.keys = 300, 30, 100.0, 300
         args.idle, args.tail, args.interval, args.rise = 0.5, 0.3, 0.5, 1
         args.drain, args.wait, args.budget, args.status_every = 1.0, 10.0, 40.0, 0.5
+        args.settle_wait = 10.0
         args.burst_budget = 10.0
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.backends < 2 or args.burst < 1 or args.keys < 1 or args.rate <= 0:
@@ -603,7 +616,7 @@ class Node:
 
     def settle(self, want_members: int, want_usable: int, since: float) -> float | None:
         """Seconds after ``since`` until the pool has want_members members, want_usable
-        usable backends and (maglev) a current table; None if not within --wait."""
+        usable backends and (maglev) a current table; None if not within --settle-wait."""
         assert self.proc is not None
 
         def ok() -> bool:
@@ -611,7 +624,7 @@ class Node:
             return (m["members"] == want_members and m["usable"] >= want_usable
                     and (self.mode != "maglev" or m["current"] == 1))
 
-        took = wait_until(ok, self.args.wait, 0.05, self.proc)
+        took = wait_until(ok, self.args.settle_wait, 0.05, self.proc)
         return None if took is None else round(time.monotonic() - since, 3)
 
     def burst(self, label: str, items: Sequence[tuple[str, int]], add: bool) -> dict[str, Any]:
@@ -1074,9 +1087,113 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def loop_main(argv: list[str]) -> int:
+    """``loop``: see the module docstring."""
+    ap = argparse.ArgumentParser(prog="maglev_scale.py loop")
+    ap.add_argument("--backends", type=int, default=3000)
+    ap.add_argument("--rate", type=float, default=1000.0, help="checks started per second")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    from lb import maglev  # in-process part only: the rest measures the installed pairlb
+    from lb.control import hashing
+
+    members = tuple(sorted((f"b{i}", 1) for i in range(args.backends)))
+    size = maglev.table_size(args.backends)
+    builder_cls = getattr(hashing, "Builder", None)
+
+    async def checks(port: int, lat: list[float], ok: list[bool]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(due: float) -> None:
+            lat.append(loop.time() - due)
+            try:
+                async with asyncio.timeout(2.0):
+                    r, w = await asyncio.open_connection(HOST, port)
+                    w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    await r.read()
+                    w.close()
+                ok.append(True)
+            except (OSError, TimeoutError):
+                ok.append(False)
+
+        tasks = []
+        for i in itertools.count():
+            due = t0 + i / args.rate
+            if due - t0 >= args.seconds:
+                break
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            tasks.append(asyncio.ensure_future(one(due)))
+        await asyncio.gather(*tasks)
+
+    async def measure(mode: str, port: int) -> dict[str, Any]:
+        lat: list[float] = []
+        ok: list[bool] = []
+        took: list[float] = []
+        stop = asyncio.Event()
+        builder = builder_cls() if mode == "process" and builder_cls else None
+
+        async def builds() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                if builder is not None:
+                    await builder.build(members, size)
+                else:
+                    await asyncio.to_thread(maglev.build, members, size)
+                took.append(time.perf_counter() - t)
+
+        bg = None if mode == "none" else asyncio.ensure_future(builds())
+        if builder is not None:
+            await asyncio.sleep(1.0)  # the helper started and building
+        t = time.perf_counter()
+        await checks(port, lat, ok)
+        wall = time.perf_counter() - t
+        stop.set()
+        if bg is not None:
+            await bg
+        if builder is not None:
+            await builder.aclose()
+        return {"mode": mode, "checks_per_s": round(len(ok) / wall), "failed": ok.count(False),
+                "late_ms": lat_ms(lat), "builds": len(took),
+                "build_s": round(statistics.mean(took), 2) if took else None,
+                "loadavg": el.loadavg()}
+
+    modes = ["none", "thread"] + (["process"] if builder_cls else [])
+    rows: list[dict[str, Any]] = []
+    workdir = Path(tempfile.mkdtemp(prefix="maglev-loop-"))
+    try:
+        with c.sigterm_as_exit(), c.ProcessSet() as procs:
+            port = c.free_ports(1)[0]
+            c.require_free([port])
+            conf = c.write_nginx_many(workdir, HOST, [port])
+            ng = procs.start("nginx", c.nginx_argv(conf, workdir), workdir / "nginx.log")
+            c.wait_http_ok(HOST, port, "/", 10.0, proc=ng)
+            for _ in range(args.rounds):
+                for mode in modes:
+                    rows.append(asyncio.run(measure(mode, port)))
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    label = {"none": "no build", "thread": "builds in a thread (asyncio.to_thread)",
+             "process": "builds in the helper process (hashing.Builder)"}
+    print(el.render(["while", "checks/s (wanted)", "failed", "late p50 / p99 / max ms",
+                     "builds", "build s (wall)", "load avg"],
+                    [[label[r["mode"]], f"{r['checks_per_s']:,} ({args.rate:,.0f})",
+                      f"{r['failed']:,}", _l(r["late_ms"]), str(r["builds"]),
+                      _f(r["build_s"], 2), f"{r['loadavg']:.1f}"] for r in rows],
+                    args.markdown))
+    if args.json:
+        args.json.write_text(json.dumps(rows) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sub = {"_load": load_main, "_scrape": scrape_main, "_probe": probe_main}
+    sub = {"_load": load_main, "_scrape": scrape_main, "_probe": probe_main, "loop": loop_main}
     if argv[:1] and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     args = parse_args(argv)
