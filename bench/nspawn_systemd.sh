@@ -224,11 +224,11 @@ inflight=$(C cat /tmp/inflight)
 check "stop drained: in-flight request got HTTP $inflight, stop took $(since "$t0") s, result $(prop Result)" \
     test "$inflight" = 200 -a "$(prop Result)" = success
 
-echo "== watchdog: hang the control loop (test-only sitecustomize: SIGUSR2 sleeps 60 s)"
+echo "== watchdog: hang the control loop (test-only sitecustomize: SIGURG sleeps 60 s)"
 mkdir -p "$TREE/etc/pairlb-testhook" "$TREE/etc/systemd/system/pairlb.service.d"
 cat >"$TREE/etc/pairlb-testhook/sitecustomize.py" <<'EOF'
 import signal, time
-signal.signal(signal.SIGUSR2, lambda signum, frame: time.sleep(60))
+signal.signal(signal.SIGURG, lambda signum, frame: time.sleep(60))
 EOF
 printf '[Service]\nEnvironment=PYTHONPATH=/etc/pairlb-testhook\n' \
     >"$TREE/etc/systemd/system/pairlb.service.d/testhook.conf"
@@ -238,7 +238,7 @@ main=$(prop MainPID)
 wd=$(prop WatchdogUSec)
 restarts0=$(prop NRestarts)
 t0=$(now)
-C kill -USR2 "$main"
+C kill -URG "$main"
 for _ in $(seq 1 150); do
     [ "$(prop NRestarts)" != "$restarts0" ] && [ "$(prop SubState)" = running ] && break
     sleep 0.2

@@ -658,14 +658,15 @@ class PoolConfig(_Model):
     after trusted proxies), ``header:NAME``, ``cookie:NAME`` or ``uri`` (the path, without the
     query). A request without the key is balanced round robin. TCP pools: ``source_ip``."""
     hash_table_size: Annotated[int, Field(ge=HASH_TABLE_MIN, le=HASH_TABLE_MAX)] | None = None
-    """Maglev lookup table size, a prime. Default: the smallest prime of a fixed ladder
-    (65537, 131071, ...) above 100 x the pool's backends, so both nodes pick the same; a
-    pool that crosses a step remaps most keys, so pin it for pools that grow at runtime."""
+    """Maglev lookup table size (``balance = "maglev"``), a prime. Default: the smallest
+    prime of a fixed ladder (65537, 131071, ...) above 100 x the pool's backends, so both
+    nodes pick the same; a pool that crosses a step remaps most keys, so pin it for pools
+    that grow at runtime."""
     sticky_cookie: CookieName | None = None
-    """HTTP pools: send a client back to the backend that answered it before, by a cookie
-    of this name that pairlb sets (an opaque token of the backend's name, the same on both
-    nodes). A sticky backend that is down, draining or gone is replaced, and the cookie
-    reset."""
+    """HTTP listeners (a TCP listener of the same pool ignores it): send a client back to
+    the backend that answered it before, by a cookie of this name that pairlb sets (an
+    opaque token of the backend's name, the same on both nodes). A sticky backend that is
+    down, draining or gone is replaced, and the cookie reset."""
     send_proxy_protocol: Literal["off", "v1", "v2"] = "off"
     """Pools of ``mode = "tcp"`` listeners: start each backend connection with a PROXY
     protocol header carrying the client's address (the backend must expect it)."""
@@ -679,11 +680,10 @@ class PoolConfig(_Model):
 
     @model_validator(mode="after")
     def _hashing(self) -> PoolConfig:
-        set_ = self.model_fields_set
-        if self.balance != "maglev":
-            for key in ("hash_on", "hash_table_size"):
-                if key in set_:
-                    raise ValueError(f"{key} needs balance = \"maglev\"")
+        # By value, not by what was written: a full dump of a config validates again.
+        # (hash_table_size is only read by maglev pools: harmless elsewhere.)
+        if self.balance != "maglev" and self.hash_on != "source_ip":
+            raise ValueError("hash_on needs balance = \"maglev\"")
         return self
 
     @model_validator(mode="after")
@@ -999,10 +999,9 @@ class Config(_Model):
                     raise ValueError(f"pool {name!r}: send_proxy_protocol is for pools of "
                                      f"mode = \"tcp\" listeners; listener {lst.name!r} is "
                                      f"http (its backends get X-Forwarded-For)")
-                if lst.mode == "tcp" and (p.hash_on != "source_ip" or p.sticky_cookie):
+                if lst.mode == "tcp" and p.hash_on != "source_ip":
                     raise ValueError(f"pool {name!r}: listener {lst.name!r} is mode = "
-                                     f"\"tcp\": hash_on can only be source_ip, and "
-                                     f"sticky_cookie needs HTTP")
+                                     f"\"tcp\": hash_on can only be source_ip there")
             for j, r in enumerate(lst.sni_routes):
                 if r.pool not in pools:
                     raise ValueError(f"listener[{i}].sni_routes[{j}].pool: no pool named "

@@ -45,10 +45,11 @@ from itertools import compress, cycle, islice
 from math import isqrt, lcm
 
 LADDER: tuple[int, ...] = (
-    65537, 131071, 262147, 524309, 1048583, 2097169, 4194319, 8388617, 16777259,
+    65537, 131071, 262147, 524309, 1048583, 2097169, 4194319,
 )
-"""Table sizes: primes near 2**16 .. 2**24 (65537 is Envoy's default). Fixed, so both
-nodes compute the same and a pool's size changes only when it crosses a rung."""
+"""Table sizes: primes near 2**16 .. 2**22 (65537 is Envoy's default; the last is the
+largest the worker channel carries, lb.config.HASH_TABLE_MAX). Fixed, so both nodes
+compute the same and a pool's size changes only when it crosses a rung."""
 MAX_PROBES = 32
 """``lookup``'s probes past the key's own slot. With a share d of the table unusable a key
 falls back to ordinary balancing with probability d**33 (d = 0.5: 1e-10; d = 0.9: 3 %)."""
@@ -82,7 +83,7 @@ def is_prime(n: int) -> bool:
 
 def table_size(n_backends: int) -> int:
     """The smallest rung of ``LADDER`` above 100 x ``n_backends`` (the paper's M > 100 N);
-    the last rung past 167,772 backends (balance then degrades gracefully)."""
+    the last rung past 41,943 backends (balance then degrades gracefully)."""
     want = 100 * n_backends
     for m in LADDER:
         if m > want:

@@ -837,7 +837,6 @@ def test_held_config_refusals() -> None:
             'backends = [{{ name = "b", address = "127.0.0.1:2" }}]\n')
     for mode, pool, match in (
             ("", 'send_proxy_protocol = "v2"', "send_proxy_protocol"),
-            ('mode = "tcp"\n', 'sticky_cookie = "S"', "sticky_cookie"),
             ('mode = "tcp"\n', 'balance = "maglev"\nhash_on = "uri"', "hash_on")):
         with pytest.raises(config.ConfigError, match=match):
             config.loads(base.format(mode=mode, pool=pool))

@@ -4,7 +4,7 @@ A real node (control process + 2 workers) runs in a memory cgroup of its own (v2
 created under this test's cgroup and removed after), with a limit a little above what it
 uses. Then the *control process* grows past the limit: a test-only sitecustomize module
 (on PYTHONPATH, as in tests/test_systemd.py: no hook in pairlb itself) allocates a balloon
-on SIGUSR2 and frees it on the next one. Without the OOM ranking the kernel would kill the
+on SIGURG and frees it on the next one. Without the OOM ranking the kernel would kill the
 biggest process, the control process with its balloon, which is the one that sends the
 heartbeats; with it (each worker 1000 points above the control process: +500 over -500,
 or +1000 over 0 where the control process may not lower its own) it kills a worker, which
@@ -49,7 +49,7 @@ def _toggle(signum, frame):
         b = bytearray(int(os.environ["PLB_TEST_BALLOON"]))  # zero-filled: every page touched
         _held.append(b)
 
-signal.signal(signal.SIGUSR2, _toggle)
+signal.signal(signal.SIGURG, _toggle)  # USR1 and USR2 are the daemon's own
 """
 
 
@@ -164,7 +164,7 @@ def test_out_of_memory_takes_a_worker_never_the_control_process(
         assert all(adj[w] == min(1000, adj[control] + 1000) for w in workers), adj
         cgroup.limit(cgroup.usage() + HEADROOM)
 
-        os.kill(control, signal.SIGUSR2)  # the control process grows past the limit
+        os.kill(control, signal.SIGURG)  # the control process grows past the limit
         end = time.monotonic() + 20
         while "signal=SIGKILL" not in node.log_text():
             assert node.proc.poll() is None, node.log_text()[-3000:]
@@ -177,7 +177,7 @@ def test_out_of_memory_takes_a_worker_never_the_control_process(
         assert "event=worker_died" in log and "signal=SIGKILL" in log
         print(f"\noom kills of workers: {log.count('signal=SIGKILL')}; control alive")
 
-        os.kill(control, signal.SIGUSR2)  # balloon freed: the workers come back
+        os.kill(control, signal.SIGURG)  # balloon freed: the workers come back
         end = time.monotonic() + 30
         while not (len(node.worker_pids()) == 2 and _ok(node.port)):
             assert node.proc.poll() is None

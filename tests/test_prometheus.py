@@ -266,6 +266,10 @@ def test_real_prometheus_scrapes_pairlb_and_runs_the_dashboard(
     # (tests/test_discovery_e2e.py and tests/test_elastic_pair.py scrape them).
     failover_only |= {m.name for m in metrics.METRICS
                       if m.name.startswith(("pairlb_discovery_", "pairlb_sync_"))}
+    # Access log, sticky and maglev series exist only with [logging] access_log and such
+    # pools (tests/test_access_log_e2e.py and tests/test_affinity_e2e.py scrape them).
+    failover_only |= {m.name for m in metrics.METRICS if m.name.startswith(
+        ("pairlb_access_log_", "pairlb_sticky_", "pairlb_maglev_"))}
     exprs: dict[str, list[str]] = {}
     for p in dash["panels"]:
         for t in p.get("targets", []):
