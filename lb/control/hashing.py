@@ -50,9 +50,11 @@ adds or discovery's whole answer is one build)."""
 RETRY_S = 10.0
 """A pool whose build failed is tried again this long after (its old table serves)."""
 PACE = 1.0
-"""After a build of B seconds the next one starts no sooner than PACE x B later: a burst of
-changes gets a build every ~2 B (the builder's core at most half busy, and each worker
-installs a new table, ~1.4 MB on the channel at 3,000 backends, at most that often)."""
+"""After a table of B seconds is sent, the next build starts no sooner than PACE x B later:
+during a burst of changes each worker installs a new table (~1.4 MB on the channel and ~20
+ms of its loop at 3,000 backends) at most every ~2 B. A build whose members changed while it
+ran is dropped and redone at once: it cost the helper's CPU only, and waiting would only
+delay the table of the burst's end."""
 
 Members = tuple[tuple[str, int], ...]
 
@@ -257,10 +259,10 @@ class HashTables:
                                                                             self._kick)
                     continue
                 self._failed.pop(name, None)
-                t1 = time.monotonic()
-                self._next_at = t1 + PACE * (t1 - t0)
                 if self._want.get(name) != (members, size):
                     continue  # changed while building: the next round builds it again
+                t1 = time.monotonic()
+                self._next_at = t1 + PACE * (t1 - t0)  # paced: a table the workers install
                 built = Built(members, size, msg, time.monotonic() - t0, time.time())
                 self.tables[name] = built
                 self.builds += 1
