@@ -233,6 +233,13 @@ def test_repeated_worker_kills_keep_serving(node: Node) -> None:
     assert node.proc is not None and node.proc.poll() is None
 
 
+def _wait_log(node: Node, text: str, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while text not in node.log_text():
+        assert time.monotonic() < end, node.log_text()[-3000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(90)
 def test_sighup_reload_under_load_loses_nothing(node: Node) -> None:
     assert node.proc is not None
@@ -241,7 +248,8 @@ def test_sighup_reload_under_load_loses_nothing(node: Node) -> None:
         # A changed pool: web3 removed, weights changed.
         node.cfg.write_text(node.config(backends=2))
         node.proc.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        _wait_log(node, "event=reloaded generation=2", 10.0)
+        time.sleep(0.3)  # the workers take the new pool a few ms after the control process
         mark = time.monotonic()
         time.sleep(0.8)
     assert load.failures() == []
@@ -265,7 +273,8 @@ def test_broken_reload_under_load_keeps_old_config(node: Node) -> None:
         time.sleep(0.8)
         node.cfg.write_text(node.config().replace('bind = "127.0.0.1', 'bind = "not-an-ip'))
         node.proc.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        _wait_log(node, "event=reload_failed", 10.0)
+        time.sleep(0.5)  # and serving on, under load, with the old config
     assert load.failures() == []
     log = node.log_text()
     assert "event=reload_rejected" in log and "listener[0].bind" in log
