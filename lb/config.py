@@ -38,6 +38,7 @@ from pydantic import (
 import failover
 from healthcheck import COUNT_MAX, JITTER_MAX, CheckSpec
 from lb.failoverd import link as failover_link
+from lb.maglev import is_prime
 
 
 class ConfigError(Exception):
@@ -595,17 +596,6 @@ HashOn = Annotated[str, Field(pattern=r"^(source_ip|uri|header:[!#$%&'*+.^_`|~0-
 CookieName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")]
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2 or n % 2 == 0:
-        return n == 2
-    i = 3
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 2
-    return True
-
-
 class PoolConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     """Unique pool name, referenced by listeners."""
@@ -674,7 +664,7 @@ class PoolConfig(_Model):
     @field_validator("hash_table_size")
     @classmethod
     def _prime(cls, v: int | None) -> int | None:
-        if v is not None and not _is_prime(v):
+        if v is not None and not is_prime(v):
             raise ValueError(f"{v} is not a prime (Maglev needs one; e.g. 65537, 131071)")
         return v
 
