@@ -304,11 +304,21 @@ def _run_and_check(tmp_path: Path, text: str, env: dict[str, str] | None = None
     path.write_text(text)
     full = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     full.update(env or {})
-    check = subprocess.run([sys.executable, "-m", "lb", "check-config", str(path)],
-                           capture_output=True, text=True, timeout=60, env=full)
-    run = subprocess.run([sys.executable, "-m", "lb", "run", "-c", str(path)],
-                         capture_output=True, text=True, timeout=60, env=full)
-    return check, run
+    # Both at once (each is a Python start-up; neither writes what the other reads).
+    procs = [subprocess.Popen([sys.executable, "-m", "lb", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=full)
+             for args in (["check-config", str(path)], ["run", "-c", str(path)])]
+    try:
+        done = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=60))
+                for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for d, p in zip(done, procs, strict=True):
+        d.returncode = p.returncode
+    return done[0], done[1]
 
 
 def _secret(tmp_path: Path, name: str, content: str, mode: int) -> Path:
