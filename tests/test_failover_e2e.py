@@ -238,18 +238,6 @@ def test_fast_setting_kill9_and_link_cut(rig: fe.Rig) -> None:
     assert statistics.median(cut_s) <= TAKEOVER_FAST_S, why
 
 
-def test_rig_leaves_nothing_behind() -> None:
-    """Teardown removes every namespace and process even after SIGSTOP (SIGCONT first)."""
-    rig = fe.Rig()
-    prefix = rig.topo.prefix
-    try:
-        rig.steady(fe.DEFAULT)
-        rig.signal_node("lb2", signal.SIGSTOP)
-    finally:
-        rig.close()
-    assert netns.list_namespaces(prefix + "-") == []
-
-
 # -- the failover process (issue 12) ----------------------------------------------------------
 
 
@@ -360,3 +348,21 @@ def test_both_control_processes_wedged_the_best_node_keeps_the_vip(rig: fe.Rig) 
     assert x["silent_logged"] == ["lb1", "lb2"], why
     assert x["unheld_s"] == 0 and x["holders"] == ["lb1"], why
     assert out.failed == 0, why
+
+
+# -- last: it tears down the pair every test above used ------------------------------------------
+
+
+def test_rig_leaves_nothing_behind(rig: fe.Rig) -> None:
+    """Teardown removes every namespace and process even after SIGSTOP (SIGCONT first).
+
+    The module's own pair, after every scenario above and its restarts (not a second pair
+    built for this): last in the module, as it closes it; the fixture's close after it
+    finds nothing left to do."""
+    prefix = rig.topo.prefix
+    try:
+        rig.steady(rig.settings)
+        rig.signal_node("lb2", signal.SIGSTOP)
+    finally:
+        rig.close()
+    assert netns.list_namespaces(prefix + "-") == []
