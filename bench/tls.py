@@ -1084,8 +1084,16 @@ def run(args: argparse.Namespace) -> int:
                 )
                 print(f"round {rnd} {s.name:8} {w:9}  {status}", file=sys.stderr)
         if "pairlb" in servers:
-            time.sleep(1.5)  # the worker sends its counters to the control process now and then
+            # The worker sends its counters to the control process every 0.25 s: read them
+            # until two readings 0.5 s apart agree (at most 1.5 s after the last run).
+            deadline = time.monotonic() + 1.5
             handshakes = pairlb_handshakes(servers["pairlb"])
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                again = pairlb_handshakes(servers["pairlb"])
+                if again == handshakes:
+                    break
+                handshakes = again
     finally:
         procs.close()
         if not args.keep_workdir:
