@@ -223,7 +223,8 @@ METRICS: tuple[MetricDef, ...] = (
         "pairlb_maglev_table_build_seconds",
         "gauge",
         "pool",
-        "How long the last lookup table build took (by the control process's table builder process).",
+        "How long the last lookup table build took (by the control process's table "
+        "builder process).",
     ),
     _d(
         "pairlb_sni_routing_total",
