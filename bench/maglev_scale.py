@@ -100,10 +100,6 @@ from lab.load import (  # noqa: E402
     LoadClient,
     Record,
     RecordLog,
-    _Conn,
-    _Failed,
-    _os_code,
-    _read_response,
 )
 
 HOST = el.HOST
@@ -300,39 +296,8 @@ class KeyedLoad(LoadClient):
         super().__init__(*args, **kw)
         self.keys = keys
 
-    async def _attempt(self, method: str, cid: str, reuse: bool) -> tuple[int, str, str, str]:
-        conn = self._take_idle(False) if reuse else None
-        reused = conn is not None
-        if conn is None:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError as exc:
-                raise _Failed(_os_code(exc)) from None
-            conn = _Conn(reader, writer)
-        key = key_of(int(cid[len(self.prefix):]), self.keys)
-        head = (f"GET / HTTP/1.1\r\nHost: {self.host}\r\nX-Client-Id: {cid}\r\n"
-                f"{HEADER}: {key}\r\n" + ("" if reuse else "Connection: close\r\n") + "\r\n")
-        try:
-            try:
-                conn.writer.write(head.encode("latin-1"))
-                await conn.writer.drain()
-            except OSError as exc:
-                raise _Failed(_os_code(exc)) from None
-            status, headers, _, closes = await _read_response(conn.reader)
-        except _Failed as exc:
-            conn.close()
-            if reused and not exc.got_bytes:
-                raise _Failed("reused:" + exc.code) from None
-            raise
-        except BaseException:
-            conn.close()
-            raise
-        if closes or not reuse or len(self.idle) >= self.max_idle:
-            conn.close()
-        else:
-            conn.idle_since = time.monotonic()
-            self.idle.append(conn)
-        return status, headers.get("x-backend", "-"), "-", "reused" if reused else "new"
+    def extra_headers(self, cid: str) -> str:
+        return f"{HEADER}: {key_of(int(cid[len(self.prefix):]), self.keys)}\r\n"
 
 
 def load_main(argv: list[str]) -> int:

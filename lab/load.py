@@ -404,6 +404,10 @@ class LoadClient:
             c.close()
         return None
 
+    def extra_headers(self, cid: str) -> str:
+        """More header lines (``Name: value\\r\\n``) for request ``cid``: none here."""
+        return ""
+
     async def _attempt(self, method: str, cid: str, reuse: bool) -> tuple[int, str, str, str]:
         """One try; a slow GET (id ending in "s") asks the backend to wait before answering."""
         conn = self._take_idle(method == "POST") if reuse else None
@@ -418,7 +422,7 @@ class LoadClient:
         path = "/echo" if method == "POST" else (
             f"/sleep/{self.slow_s:g}" if cid.endswith("s") else "/")
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nX-Client-Id: {cid}\r\n"
-                + ("" if reuse else "Connection: close\r\n")
+                + self.extra_headers(cid) + ("" if reuse else "Connection: close\r\n")
                 + (f"Content-Length: {len(body)}\r\n" if method == "POST" else "") + "\r\n")
         try:
             try:

@@ -190,6 +190,9 @@ class HashTables:
         """Pool -> (what failed to build, when to try again): skipped until then, so one
         bad pool never holds up the others."""
         self._retry: asyncio.TimerHandle | None = None
+        self._seen: dict[str, tuple[PoolConfig, frozenset[str], tuple[Members, int]]] = {}
+        """Each pool's config object and removals at the last refresh: a push (every health
+        change) re-derives a pool's members only when those changed (a sort of 3,000)."""
         self.builder = Builder()
         self._next_at = 0.0
         """Monotonic time before which no build starts (``PACE``)."""
@@ -203,12 +206,20 @@ class HashTables:
         for name, pcfg in pools.items():
             if pcfg.balance != "maglev":
                 continue
-            gone = {b for p, b in leaving if p == name} if leaving else ()
+            gone = frozenset(b for p, b in leaving if p == name) if leaving else frozenset()
+            seen = self._seen.get(name)
+            if seen is not None and seen[0] is pcfg and seen[1] == gone:
+                want[name] = seen[2]  # same pool object, same removals: same members
+                continue
             members = members_of(pcfg, gone)
             want[name] = (members, size_of(pcfg, members))
+            self._seen[name] = (pcfg, gone, want[name])
         for name in list(self.tables):
             if name not in want:
                 del self.tables[name]
+        for name in list(self._seen):
+            if name not in want:
+                del self._seen[name]
         self._want = want
         self._kick()
 
