@@ -274,7 +274,11 @@ def test_many_writes_become_few_os_writes_and_close_flushes(tmp_path: Path) -> N
             assert log.close()
         log.write(rec(99999))  # after close: discarded, no error
         st = log.stats()
-        assert 2 <= len(sizes) <= 6, sizes
+        # batched: a write per ~64 KiB of lines (A._HANDOVER_MAX) or per flush interval,
+        # not per line
+        total = sum(sizes)
+        assert total > 1_000_000 and 2 <= len(sizes) <= total // A._HANDOVER_MAX + 6, sizes
+        assert max(sizes) <= A._HANDOVER_MAX + 1024, sizes
         return st
 
     st = run(main)
@@ -495,8 +499,10 @@ def test_a_burst_larger_than_the_buffer_is_cut_and_counted(tmp_path: Path) -> No
     st = run(main)
     got = seqs(path)
     assert st["written"] == len(got) and st["written"] + st["dropped"] == 5010
-    assert 50 < len(got) < 400 and got[-10:] == list(range(5000, 5010))
-    assert got[:-10] == list(range(len(got) - 10))  # the burst's head is kept, its tail cut
+    assert 50 < len(got) < 2500 and st["dropped"] > 2500 and got[-10:] == list(range(5000, 5010))
+    # whole lines, in order: what the writer had no room for is cut (it may free room
+    # during the burst, when the loop yields the GIL)
+    assert got[:-10] == sorted(set(got[:-10])) and got[0] == 0
 
 
 def test_stats_and_arguments() -> None:

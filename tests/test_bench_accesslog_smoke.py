@@ -1,7 +1,7 @@
 """bench/accesslog.py still runs: its --quick run reports every column for both formats.
 
 Not a benchmark: the numbers are only checked to exist and be sane (positive, formatting a
-hostile line costs more than a typical one, the loop's part is far below the writer's).
+hostile line costs more than a typical one, write() costs about a typical line's format).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def test_quick_run_reports_both_formats(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["meta"]["quick"] is True
     for row in data["rows"]:
-        assert 0 < row["write_us"] < row["tuple_write_us"] < row["format_typical_us"]
+        # write() formats the line: it costs about what the formatter does
+        assert row["write_us"] > 0 and row["tuple_write_us"] > 0
+        assert row["format_typical_us"] / 3 < row["write_us"] < row["format_hostile_us"]
         assert row["format_typical_us"] < row["format_hostile_us"]
         assert row["cpu_per_req_us"] != 0

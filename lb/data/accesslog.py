@@ -1,21 +1,23 @@
 """The access log of a proxy worker: one line per HTTP request (per connection in TCP mode).
 
 A worker's event loop must never wait for its log, and a request's share of the log must stay
-a small part of its ~40 us of CPU. So the hot path only appends the raw record (a tuple in
-the order of ``FIELDS``) to a list: no formatting, no dict, no syscall. A timer on the loop
-hands the list to ONE writer thread every ``flush_interval`` s (sooner when busy); that thread
-formats the batch (``json_lines`` / ``combined_lines``, pure functions) and writes it with one
-``os.write`` (a regular file) or with writes of at most PIPE_BUF bytes cut at line ends (a
-pipe or socket, e.g. stdout shared by every worker: no line is split by another worker's).
+a small part of its CPU. The hot path formats the request's record (a tuple in the order of
+``FIELDS``) at once with a per-record formatter (``json_formatter`` / ``combined_formatter``)
+and appends the line to one bytearray: no per-request objects outlive the request. That
+buffer goes to ONE writer thread when it reaches a few dozen KiB, or every
+``flush_interval`` s; the thread only writes it: one ``os.write`` (a regular file) or writes
+of at most PIPE_BUF bytes cut at line ends (a pipe or socket, e.g. stdout shared by every
+worker: no line is split by another worker's). Keeping raw records for the thread to format
+cost the loop more than formatting them (docs/performance.md, "Access log cost").
 
-A slow disk or a full pipe blocks only that thread. Records handed over while the thread is
-behind by more than ``buffer_bytes`` are dropped (whole records) and counted (``stats()``),
-so memory stays bounded and the loop never waits. Formatting in the thread still costs the
-process CPU (the GIL), hence fast formatters: one C-level check that a record's untrusted
-strings need no escaping (then they go in raw), per-second time caches, caches for the few
-distinct listener/pool/backend names (bench/accesslog.py measures it).
+A slow disk or a full pipe blocks only that thread. Lines logged while the thread is behind
+by more than ``buffer_bytes`` are dropped (whole lines) and counted (``stats()``), so memory
+stays bounded and the loop never waits. The formatters are built for speed: one C-level
+check that a record's untrusted strings need no escaping (then they go in raw), a per-second
+time cache, a template per combination of the few distinct listener/pool/backend names
+(bench/accesslog.py measures them).
 
-``reopen()`` (SIGUSR1, logrotate) asks the thread to reopen the path between two batches.
+``reopen()`` (SIGUSR1, logrotate) asks the thread to reopen the path between two writes.
 
 No control-plane import (only the standard library): the worker owns one ``AccessLog``; tests
 and bench/accesslog.py use the formatters directly.
@@ -33,8 +35,7 @@ import re
 import stat
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, MutableSequence, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Literal, cast
 
 logger = logging.getLogger(__name__)
@@ -229,6 +230,16 @@ def _json_raw(b: bytes) -> bytes:
     return _esc_json(b.decode("utf-8", "backslashreplace"))[1:-1].encode("ascii")
 
 
+FIELD_MAX: Final = 2048
+"""Bytes kept of each field a client controls in length (target, request id, user agent,
+referer); a longer one is cut and ends with ``...``. Escaping can make a byte 5-6
+characters, so an unbounded field would let one client write 5x its header size per
+request (a full disk, everyone else's lines dropped). HAProxy cuts whole lines at 1 KiB."""
+STREAM_FIELD_MAX: Final = 128
+"""The same on a pipe or socket (stdout) for a line that came out over PIPE_BUF: cut
+again so it fits one atomic write (another worker's line can never land inside it)."""
+
+
 _CACHE_MAX: Final = 4096
 _jq_cache: dict[Any, bytes] = {}
 _cq_cache: dict[Any, bytes] = {}
@@ -294,55 +305,69 @@ def _clip4(tg: bytes, rid: bytes, ua: bytes, rf: bytes, limit: int) -> tuple[byt
     return tuple(v[:limit] + b"..." if len(v) > limit else v for v in (tg, rid, ua, rf))
 
 
-def json_lines(
-    batch: Iterable[Record], *, retry: bool = True, limit: int = 0
-) -> tuple[list[bytes], int]:
-    """One JSON object per record, keys in FIELDS order, each line ASCII and valid whatever
-    the values hold (time: ISO 8601 UTC with ms; durations: ms, -1.000 when not reached;
-    strings: "" when absent). Returns (lines, records that needed ``sanitize``)."""
-    out: list[bytes] = []
-    add = out.append
-    bad = 0
+def json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+    """A function that makes one record its JSON line: one object, keys in FIELDS order,
+    ASCII and valid whatever the values hold (time: ISO 8601 UTC with ms; durations: ms,
+    -1.000 when not reached; strings: "" when absent; client-sized fields cut at
+    ``limit`` bytes). It raises on a record of the wrong shape (``sanitize`` fixes it)."""
+    sec0 = -1
+    pre = b""
     tpl_of = _jtpl_cache.get
     safe = _SAFE
     cut = limit or _NO_LIMIT
-    sec0 = -1
-    pre = b""
+
+    def json_line(r: Record) -> bytes:
+        nonlocal sec0, pre
+        (t, ip, port, lst, mode, m, tg, proto, st, n_in, n_out, pool, be, retries, q_ms,
+         c_ms, f_ms, t_ms, term, rid, ua, rf) = r
+        sec = int(t)
+        if sec != sec0:
+            pre = _iso_prefix(sec)
+            sec0 = sec
+        ip = ip.encode("utf-8", "surrogatepass") if ip.__class__ is str else _as_bytes(ip)
+        if m.__class__ is not bytes:
+            m = _as_bytes(m)
+        if tg.__class__ is not bytes:
+            tg = _as_bytes(tg)
+        if rid.__class__ is not bytes:
+            rid = _as_bytes(rid)
+        if ua.__class__ is not bytes:
+            ua = _as_bytes(ua)
+        if rf.__class__ is not bytes:
+            rf = _as_bytes(rf)
+        raw = b"".join((ip, m, tg, rid, ua, rf))
+        if len(raw) > cut or raw.translate(None, safe):
+            if len(raw) > cut:  # client-sized fields cut (as clip() does)
+                tg, rid, ua, rf = _clip4(tg, rid, ua, rf, cut)
+            ip, m, tg = _json_raw(ip), _json_raw(m), _json_raw(tg)
+            rid, ua, rf = _json_raw(rid), _json_raw(ua), _json_raw(rf)
+        key = (lst, mode, proto, pool, be, term)
+        tpl = tpl_of(key) or _json_tpl(key)
+        return tpl % (pre, int((t - sec) * 1000), ip, port, m, tg, st, n_in, n_out, retries,
+                      q_ms, c_ms, f_ms, t_ms, rid, ua, rf)
+
+    return json_line
+
+
+def _lines(
+    one: Callable[[Record], bytes], batch: Iterable[Record]
+) -> tuple[list[bytes], int]:
+    out: list[bytes] = []
+    bad = 0
     for r in batch:
         try:
-            (t, ip, port, lst, mode, m, tg, proto, st, n_in, n_out, pool, be, retries, q_ms,
-             c_ms, f_ms, t_ms, term, rid, ua, rf) = r
-            sec = int(t)
-            if sec != sec0:
-                pre = _iso_prefix(sec)
-                sec0 = sec
-            ip = ip.encode("utf-8", "surrogatepass") if ip.__class__ is str else _as_bytes(ip)
-            if m.__class__ is not bytes:
-                m = _as_bytes(m)
-            if tg.__class__ is not bytes:
-                tg = _as_bytes(tg)
-            if rid.__class__ is not bytes:
-                rid = _as_bytes(rid)
-            if ua.__class__ is not bytes:
-                ua = _as_bytes(ua)
-            if rf.__class__ is not bytes:
-                rf = _as_bytes(rf)
-            raw = b"".join((ip, m, tg, rid, ua, rf))
-            if len(raw) > cut or raw.translate(None, safe):
-                if len(raw) > cut:  # client-sized fields cut (as clip() does)
-                    tg, rid, ua, rf = _clip4(tg, rid, ua, rf, cut)
-                ip, m, tg = _json_raw(ip), _json_raw(m), _json_raw(tg)
-                rid, ua, rf = _json_raw(rid), _json_raw(ua), _json_raw(rf)
-            key = (lst, mode, proto, pool, be, term)
-            tpl = tpl_of(key) or _json_tpl(key)
-            add(tpl % (pre, int((t - sec) * 1000), ip, port, m, tg, st, n_in, n_out, retries,
-                       q_ms, c_ms, f_ms, t_ms, rid, ua, rf))
+            out.append(one(r))
         except Exception:
             bad += 1
-            sec0 = -1
-            if retry:  # sanitize() makes any record formattable; the line is not lost
-                out += json_lines((sanitize(r),), retry=False, limit=limit)[0]
+            with contextlib.suppress(Exception):  # sanitize() makes any record formattable
+                out.append(one(sanitize(r)))
     return out, bad
+
+
+def json_lines(batch: Iterable[Record], *, limit: int = 0) -> tuple[list[bytes], int]:
+    """``json_formatter`` over a batch: (lines, records that needed ``sanitize``; their
+    lines are there all the same)."""
+    return _lines(json_formatter(limit), batch)
 
 
 # Combined: like nginx's escape=default and Apache: '"' and '\\' backslashed, every byte
@@ -420,14 +445,10 @@ COMBINED_FIELDS: Final = (
 ``bytes_out`` is ``-`` when 0 as in Apache; an empty or absent string is ``-``)."""
 
 
-def combined_lines(
-    batch: Iterable[Record], *, retry: bool = True, limit: int = 0
-) -> tuple[list[bytes], int]:
-    """Apache's combined format then pairlb's fields (COMBINED_FIELDS): printable ASCII,
-    quotes and backslashes escaped. Returns (lines, records that needed ``sanitize``)."""
-    out: list[bytes] = []
-    add = out.append
-    bad = 0
+def combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+    """A function that makes one record its combined line: Apache's combined format then
+    pairlb's fields (COMBINED_FIELDS), printable ASCII, quotes and backslashes escaped.
+    It raises on a record of the wrong shape (``sanitize`` fixes it)."""
     cq = _cq_cache.get
     ct = _ct_cache.get
     safe = _SAFE
@@ -435,47 +456,48 @@ def combined_lines(
     cut = limit or _NO_LIMIT
     sec0 = -1
     when = b""
-    for r in batch:
-        try:
-            sec = int(r[0])
-            if sec != sec0:
-                when = clf_time(sec)
-                sec0 = sec
-            ip = (r[1].encode("utf-8", "surrogatepass") if r[1].__class__ is str
-                  else _as_bytes(r[1])) or b"-"
-            m = r[5] if r[5].__class__ is bytes else _as_bytes(r[5])
-            tg = (r[6] if r[6].__class__ is bytes else _as_bytes(r[6])) or b"-"
-            rid = (r[19] if r[19].__class__ is bytes else _as_bytes(r[19])) or b"-"
-            ua = (r[20] if r[20].__class__ is bytes else _as_bytes(r[20])) or b"-"
-            rf = (r[21] if r[21].__class__ is bytes else _as_bytes(r[21])) or b"-"
+
+    def combined_line(r: Record) -> bytes:
+        nonlocal sec0, when
+        sec = int(r[0])
+        if sec != sec0:
+            when = clf_time(sec)
+            sec0 = sec
+        ip = (r[1].encode("utf-8", "surrogatepass") if r[1].__class__ is str
+              else _as_bytes(r[1])) or b"-"
+        m = r[5] if r[5].__class__ is bytes else _as_bytes(r[5])
+        tg = (r[6] if r[6].__class__ is bytes else _as_bytes(r[6])) or b"-"
+        rid = (r[19] if r[19].__class__ is bytes else _as_bytes(r[19])) or b"-"
+        ua = (r[20] if r[20].__class__ is bytes else _as_bytes(r[20])) or b"-"
+        rf = (r[21] if r[21].__class__ is bytes else _as_bytes(r[21])) or b"-"
+        quoted = b"".join((m, tg, ua, rf))
+        if len(quoted) + len(rid) > cut:  # client-sized fields cut (as clip() does)
+            tg, rid, ua, rf = _clip4(tg, rid, ua, rf, cut)
             quoted = b"".join((m, tg, ua, rf))
-            if len(quoted) + len(rid) > cut:  # client-sized fields cut (as clip() does)
-                tg, rid, ua, rf = _clip4(tg, rid, ua, rf, cut)
-                quoted = b"".join((m, tg, ua, rf))
-            if (ip + rid).translate(None, safe_tok) or quoted.translate(None, safe):
-                ip, rid = _clf_t(ip), _clf_t(rid)
-                m, tg, ua, rf = _clf_q(m), _clf_q(tg), _clf_q(ua), _clf_q(rf)
-            nout = b"%d" % r[10] if r[10] else b"-"
-            if r[5]:
-                add(_CLF_LINE % (
-                    ip, when, m, tg, cq(r[7]) or _cq_miss(r[7]), r[8], nout, rf, ua,
-                    ct(r[3]) or _ct_miss(r[3]), ct(r[11]) or _ct_miss(r[11]),
-                    ct(r[12]) or _ct_miss(r[12]), r[13], r[14], r[15], r[16], r[17],
-                    ct(r[18]) or _ct_miss(r[18]), rid, r[9], r[2],
-                ))
-            else:
-                add(_CLF_LINE_TCP % (
-                    ip, when, r[8], nout, rf, ua,
-                    ct(r[3]) or _ct_miss(r[3]), ct(r[11]) or _ct_miss(r[11]),
-                    ct(r[12]) or _ct_miss(r[12]), r[13], r[14], r[15], r[16], r[17],
-                    ct(r[18]) or _ct_miss(r[18]), rid, r[9], r[2],
-                ))
-        except Exception:
-            bad += 1
-            sec0 = -1
-            if retry:
-                out += combined_lines((sanitize(r),), retry=False, limit=limit)[0]
-    return out, bad
+        if (ip + rid).translate(None, safe_tok) or quoted.translate(None, safe):
+            ip, rid = _clf_t(ip), _clf_t(rid)
+            m, tg, ua, rf = _clf_q(m), _clf_q(tg), _clf_q(ua), _clf_q(rf)
+        nout = b"%d" % r[10] if r[10] else b"-"
+        if r[5]:
+            return _CLF_LINE % (
+                ip, when, m, tg, cq(r[7]) or _cq_miss(r[7]), r[8], nout, rf, ua,
+                ct(r[3]) or _ct_miss(r[3]), ct(r[11]) or _ct_miss(r[11]),
+                ct(r[12]) or _ct_miss(r[12]), r[13], r[14], r[15], r[16], r[17],
+                ct(r[18]) or _ct_miss(r[18]), rid, r[9], r[2],
+            )
+        return _CLF_LINE_TCP % (
+            ip, when, r[8], nout, rf, ua,
+            ct(r[3]) or _ct_miss(r[3]), ct(r[11]) or _ct_miss(r[11]),
+            ct(r[12]) or _ct_miss(r[12]), r[13], r[14], r[15], r[16], r[17],
+            ct(r[18]) or _ct_miss(r[18]), rid, r[9], r[2],
+        )
+
+    return combined_line
+
+
+def combined_lines(batch: Iterable[Record], *, limit: int = 0) -> tuple[list[bytes], int]:
+    """``combined_formatter`` over a batch: (lines, records that needed ``sanitize``)."""
+    return _lines(combined_formatter(limit), batch)
 
 
 def _num(v: Any, default: float) -> float:
@@ -516,6 +538,10 @@ FORMATTERS: Final[dict[str, Callable[..., tuple[list[bytes], int]]]] = {
     "json": json_lines,
     "combined": combined_lines,
 }
+LINE_FORMATTERS: Final[dict[str, Callable[[int], Callable[[Record], bytes]]]] = {
+    "json": json_formatter,
+    "combined": combined_formatter,
+}
 
 
 def format_line(rec: Record, fmt: Format = "json") -> str:
@@ -538,18 +564,7 @@ _STOP: Final = object()
 _WAKE: Final = object()
 
 PIPE_BUF: Final = 4096  # Linux: writes up to this size to a pipe are atomic
-_SLICE: Final = 256  # records formatted between two GIL releases (the loop waits < ~0.5 ms)
 _BIG_FIELDS = (TARGET, REQUEST_ID, USER_AGENT, REFERER)
-FIELD_MAX: Final = 2048
-"""Bytes kept of each field a client controls in length (target, request id, user agent,
-referer); a longer one is cut and ends with ``...``. Escaping can make a byte 5-6
-characters, so an unbounded field would let one client write 5x its header size per
-request (a full disk, everyone else's lines dropped). HAProxy cuts whole lines at 1 KiB."""
-STREAM_FIELD_MAX: Final = 128
-"""The same on a pipe or socket (stdout) for a line that came out over PIPE_BUF: cut
-again so it fits one atomic write (another worker's line can never land inside it)."""
-
-
 def clip(r: Record, limit: int = FIELD_MAX) -> Record:
     """``r`` with its client-sized fields cut to ``limit`` bytes (``...`` at the end);
     ``r`` itself when none is longer."""
@@ -562,8 +577,9 @@ def clip(r: Record, limit: int = FIELD_MAX) -> Record:
             b = v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass")
             out[i] = b[:limit] + b"..."
     return r if out is None else tuple(out)
-_MIN_INTERVAL: Final = 0.01
-_LINE_BASE: Final = 330  # bytes of a JSON line besides the big fields (keys, numbers, names)
+_HANDOVER_MAX: Final = 64 << 10
+"""Bytes of lines after which the loop hands its buffer to the writer without waiting for
+the timer: a busy worker's lines stay in a small, cache-warm buffer."""
 
 
 class AccessLog:
@@ -592,22 +608,26 @@ class AccessLog:
         self.flush_interval = flush_interval
         self.retry_open_s = retry_open_s
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._pending: MutableSequence[Record] = []
+        self._line = LINE_FORMATTERS[fmt](FIELD_MAX)
+        self._stream_line = LINE_FORMATTERS[fmt](STREAM_FIELD_MAX)
+        self._buf = bytearray()  # loop: formatted lines not yet handed over
+        self._nlines = 0  # loop: lines in _buf
+        self._handover_at = max(PIPE_BUF, min(_HANDOVER_MAX, buffer_bytes // 8))
+        self._room = buffer_bytes  # loop: bytes _buf may reach (recomputed when reached)
         self._timer: asyncio.TimerHandle | None = None
         self._idle = True
         self._closed = False
         self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
         # Counters: each written by one thread only (no lock, no lost update).
-        self._in_bytes = 0  # loop: estimated bytes handed to the thread
-        self._out_bytes = 0  # thread: estimated bytes of the batches it has finished
-        self._dropped_loop = 0  # loop: records of batches refused (buffer full)
-        self._dropped_thread = 0  # thread: records lost to a failed open or write
+        self._in_bytes = 0  # loop: bytes handed to the thread
+        self._out_bytes = 0  # thread: bytes of the buffers it has finished
+        self._dropped_loop = 0  # loop: lines refused (the buffer is full)
+        self._dropped_thread = 0  # thread: lines lost to a failed open or write
         self._written = 0
         self._errors = 0
         self._bad_records = 0
         self._batches = 0
         self._reopens = 0
-        self._line_est = 400.0  # thread: mean formatted line, bytes (EWMA)
         self._reopen = dest != "stdout"  # the thread opens the path first thing
         self._fd: int | None = 1 if dest == "stdout" else None
         self._chunked = False
@@ -625,11 +645,48 @@ class AccessLog:
     # ------------------------------------------------------------------ loop side
 
     def write(self, rec: Record) -> None:
-        """Log one request: ``rec`` is a tuple in the order of FIELDS, not copied, never
-        formatted here. Costs one list append (and a timer once per batch)."""
-        self._pending.append(rec)
+        """Log one request: ``rec`` is a tuple in the order of FIELDS. Formatted here, at
+        once, into the loop's buffer: keeping records for the writer thread to format cost
+        the loop more than formatting them (bench/perf.py, docs/performance.md)."""
+        try:
+            line = self._line(rec)
+        except Exception:
+            line = self._sanitized(rec)
+        buf = self._buf
+        if len(buf) + len(line) > self._room and not self._has_room(len(line)):
+            self._dropped_loop += 1
+            return
+        buf += line
+        self._nlines += 1
+        if len(line) > PIPE_BUF and self._chunked:
+            self._fix_stream_line(rec, len(line))
         if self._idle:
             self._arm()
+        elif len(buf) >= self._handover_at:
+            self._handover()
+
+    def _sanitized(self, rec: Record) -> bytes:
+        self._bad_records += 1
+        try:
+            return self._line(sanitize(rec))
+        except Exception:  # pragma: no cover - sanitize() makes any record formattable
+            return b"{}\n" if self.fmt == "json" else b"-\n"
+
+    def _fix_stream_line(self, rec: Record, size: int) -> None:
+        """The last line went past PIPE_BUF on a pipe (stdout shared by every worker):
+        written again with fields cut shorter, so it stays one atomic write."""
+        del self._buf[-size:]
+        try:
+            self._buf += self._stream_line(rec)
+        except Exception:
+            self._buf += self._stream_line(sanitize(rec))
+
+    def _has_room(self, n: int) -> bool:
+        """Whether ``n`` more bytes fit beside what the writer has not finished; refreshes
+        the bound the fast path checks."""
+        behind = self._in_bytes - self._out_bytes
+        self._room = self.buffer_bytes - max(0, behind)
+        return len(self._buf) + n <= self._room
 
     def _arm(self) -> None:
         if self._closed:
@@ -639,60 +696,37 @@ class AccessLog:
 
     def _tick(self) -> None:
         self._timer = None
-        batch = self._pending
-        if not batch:
+        if not self._buf:
             self._idle = True  # no wakeups on an idle worker
             return
-        self._pending = []
-        # Busy: hand over sooner, so that a batch stays near 1/8 of the buffer (no check
-        # per write; a burst larger than the buffer is cut by _submit).
-        delay = self.flush_interval
-        goal = self.buffer_bytes / 8 / self._line_est
-        if len(batch) > goal:
-            delay = max(_MIN_INTERVAL, delay * goal / len(batch))
-        self._timer = self._loop.call_later(delay, self._tick)
-        self._submit(batch)
+        self._timer = self._loop.call_later(self.flush_interval, self._tick)
+        self._handover()
 
-    def _submit(self, batch: MutableSequence[Record]) -> None:
-        """Hand a batch to the writer, or as much of it as fits in ``buffer_bytes`` beside
-        what the writer has not finished (the rest is dropped and counted)."""
-        n = len(batch)
-        behind = self._in_bytes - self._out_bytes
-        room = self.buffer_bytes - behind
-        if behind <= 0:
-            # The writer is idle: the size is estimated from the lines it formatted last.
-            size = int(n * self._line_est) + 1
-        else:
-            # The writer is behind (slow disk, full pipe): weigh the batch (its long strings
-            # mostly) unless even its smallest possible size does not fit.
-            size = n * _LINE_BASE
-            if size < room:
-                size += _big_bytes(batch)
-        if size > room:
-            keep = int(n * room / size) if room > 0 else 0
-            self._dropped_loop += n - keep
-            if keep <= 0:
-                return
-            del batch[keep:]
-            size = room
-        self._in_bytes += size
-        self._q.put((batch, size))
+    def _handover(self) -> None:
+        """Give the writer the buffer (not copied: the loop starts a new one)."""
+        buf = self._buf
+        if not buf:
+            return
+        n = len(buf)
+        self._q.put((buf, self._nlines))
+        self._buf = bytearray()
+        self._nlines = 0
+        self._in_bytes += n
+        self._room = self.buffer_bytes - max(0, self._in_bytes - self._out_bytes)
 
     def _mark(self) -> _Flush | None:
-        """Hand the pending records over; a mark the writer sets once past them (None when
+        """Hand the pending lines over; a mark the writer sets once past them (None when
         the writer has already stopped)."""
         if self._closed and not self._thread.is_alive():
             return None
-        if self._pending and not self._closed:
-            batch = self._pending
-            self._pending = []
-            self._submit(batch)
+        if not self._closed:
+            self._handover()
         mark = _Flush()
         self._q.put(mark)
         return mark
 
     def flush_now(self, timeout: float = 1.0) -> bool:
-        """Hand the pending records to the writer and wait (at most ``timeout`` s, blocking
+        """Hand the pending lines to the writer and wait (at most ``timeout`` s, blocking
         the caller) until it has written them. False if it did not finish in time."""
         mark = self._mark()
         return mark is None or mark.done.wait(timeout)
@@ -724,11 +758,11 @@ class AccessLog:
 
     async def aclose(self, within: float = 1.0) -> bool:
         """``close`` for a worker's async shutdown: the loop keeps running while the last
-        lines are written; records logged meanwhile are written too."""
+        lines are written; requests logged meanwhile are written too."""
         if self._closed:
             return True
         ok = await self.aflush(within)
-        if ok and self._pending:
+        if ok and self._buf:
             ok = await self.aflush(within)
         self._shut()
         return ok
@@ -739,22 +773,24 @@ class AccessLog:
             self._timer.cancel()
             self._timer = None
         self._idle = False
-        self._dropped_loop += len(self._pending)
-        self._pending = deque(maxlen=0)  # write() after close: appended into nothing
+        self._dropped_loop += self._nlines
+        self._buf = bytearray()
+        self._nlines = 0
+        self.write = _discard  # type: ignore[method-assign]  # later lines: nothing
         self._q.put(_STOP)
 
     def stats(self) -> dict[str, int]:
         """Counters since start: lines ``written``, ``dropped`` (buffer full, file not open,
         write failed), ``errors`` (failed opens and writes), ``bad_records`` (a field of the
-        wrong type, logged after coercion), ``queue_bytes`` (estimated, waiting for the
-        writer), ``pending`` (records not yet handed over), ``reopens``, ``open`` (0/1)."""
+        wrong type, logged after coercion), ``queue_bytes`` (handed over, not yet written),
+        ``pending`` (lines not yet handed over), ``reopens``, ``open`` (0/1)."""
         return {
             "written": self._written,
             "dropped": self._dropped_loop + self._dropped_thread,
             "errors": self._errors,
             "bad_records": self._bad_records,
             "queue_bytes": max(0, self._in_bytes - self._out_bytes),
-            "pending": len(self._pending),
+            "pending": self._nlines,
             "batches": self._batches,
             "reopens": self._reopens,
             "open": int(self._fd is not None),
@@ -776,15 +812,15 @@ class AccessLog:
             if isinstance(item, _Flush):
                 item.done.set()
                 continue
-            batch, size = cast("tuple[Sequence[Record], int]", item)
+            data, nlines = cast("tuple[bytearray, int]", item)
             try:
-                self._write_batch(batch)
+                self._write_batch(data, nlines)
             except Exception:  # never let the thread die: the loop would fill the queue
                 self._errors += 1
-                self._dropped_thread += len(batch)
+                self._dropped_thread += nlines
                 logger.exception("event=access_log_failed dest=%s", self.dest)
             finally:
-                self._out_bytes += size
+                self._out_bytes += len(data)
         if self._fd is not None and self.dest != "stdout":
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -817,57 +853,38 @@ class AccessLog:
             self._failing = False
             logger.warning("event=access_log_opened path=%s", self.dest)
 
-    def _write_batch(self, batch: Sequence[Record]) -> None:
-        n = len(batch)
+    def _write_batch(self, data: bytearray, nlines: int) -> None:
         if self._fd is None:
             if time.monotonic() - self._last_open >= self.retry_open_s:
                 self._open()
             if self._fd is None:
-                self._dropped_thread += n
+                self._dropped_thread += nlines
                 return
-        fmt = FORMATTERS[self.fmt]
-        lines: list[bytes] = []
-        for start in range(0, n, _SLICE):
-            part, bad = fmt(batch[start : start + _SLICE], limit=FIELD_MAX)
-            if bad:
-                self._bad_records += bad
-            lines += part
-            if start + _SLICE < n:
-                time.sleep(0)  # let the loop thread take the GIL between slices
         self._batches += 1
-        if lines:
-            nbytes = sum(map(len, lines))
-            self._line_est += (nbytes / len(lines) - self._line_est) * 0.25
-        if self._chunked:
-            if any(len(ln) > PIPE_BUF for ln in lines):
-                lines = [ln if len(ln) <= PIPE_BUF
-                         else fmt([r], limit=STREAM_FIELD_MAX)[0][0]
-                         for r, ln in zip(batch, lines, strict=True)]
-            self._write_chunks(lines)
+        if self._chunked and len(data) > PIPE_BUF:
+            self._write_chunks(data, nlines)
         else:
-            self._write_all(b"".join(lines), len(lines))
+            self._write_all(data, nlines)
 
-    def _write_chunks(self, lines: list[bytes]) -> None:
+    def _write_chunks(self, data: bytearray, nlines: int) -> None:
         """A pipe or socket (stdout, shared by every worker): writes of at most PIPE_BUF
         bytes that end at a line end, so no other writer's bytes land inside a line."""
-        chunk: list[bytes] = []
-        size = 0
+        view = memoryview(data)
+        off = 0
+        end = len(data)
         done = 0
-        for line in lines:
-            ln = len(line)
-            if chunk and size + ln > PIPE_BUF:
-                if not self._write_all(b"".join(chunk), len(chunk)):
-                    self._dropped_thread += len(lines) - done - len(chunk)
-                    return
-                done += len(chunk)
-                chunk = []
-                size = 0
-            chunk.append(line)
-            size += ln
-        if chunk:
-            self._write_all(b"".join(chunk), len(chunk))
+        while off < end:
+            cut = data.rfind(b"\n", off, off + PIPE_BUF) + 1 if end - off > PIPE_BUF else end
+            if cut <= off:  # a line over PIPE_BUF (formatted before the pipe was known)
+                cut = data.find(b"\n", off) + 1 or end
+            n = data.count(b"\n", off, cut)
+            if not self._write_all(view[off:cut], n):
+                self._dropped_thread += nlines - done - n
+                return
+            done += n
+            off = cut
 
-    def _write_all(self, data: bytes, nlines: int) -> bool:
+    def _write_all(self, data: bytes | bytearray | memoryview, nlines: int) -> bool:
         fd = self._fd
         assert fd is not None
         view = memoryview(data)
@@ -890,19 +907,8 @@ class AccessLog:
         return True
 
 
-def _big_bytes(batch: Sequence[Record]) -> int:
-    """Bytes of the strings of a batch that can be long (target, request id, user agent,
-    referer): what a batch weighs, within a few hundred bytes a record."""
-    size = 0
-    for r in batch:
-        for i in _BIG_FIELDS:
-            v = r[i]
-            if v:
-                try:
-                    size += len(v)
-                except TypeError:  # not a string: sanitize() will make it a short one
-                    size += 64
-    return size
+def _discard(rec: Record) -> None:
+    """``AccessLog.write`` once the log is closed."""
 
 
 def _is_stream(fd: int) -> bool:
