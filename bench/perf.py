@@ -156,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--noisy-retries", type=int, default=2, help="repeats of a disturbed run")
     ap.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs behind")
+    ap.add_argument("--fresh", action="store_true",
+                    help="restart every proxy before each round: one process's memory layout "
+                         "(ASLR, hash seed) moves a Python worker's speed by up to ~10%%, so a "
+                         "comparison of two pairlb configs needs several processes of each")
     args = ap.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     known = (*ALL_TARGETS, *VARIANTS)
@@ -313,6 +317,29 @@ def start_target(
         raise
     proc.remember_tree()
     return Target(name, port, proc)
+
+
+def restart_all(
+    targets: list[Target],
+    args: argparse.Namespace,
+    workdir: Path,
+    procs: c.ProcessSet,
+    backend_ports: list[int],
+    own_roots: list[int],
+    started_pids: list[int],
+) -> None:
+    """--fresh: stop each proxy and start it again (new processes, same config)."""
+    for i, t in enumerate(targets):
+        if t.proc is None:
+            continue
+        with contextlib.suppress(ValueError):
+            own_roots.remove(t.proc.pid)
+        procs.stop(t.proc, timeout_s=10)
+        new = start_target(t.name, args, workdir, procs, backend_ports)
+        if new.proc is not None:
+            started_pids.extend(new.proc.remember_tree())
+            own_roots.append(new.proc.pid)
+        targets[i] = new
 
 
 def mem_of(target: Target) -> list[dict[str, Any]]:
@@ -730,6 +757,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for rnd in range(1, args.rounds + 1):
+            if args.fresh and rnd > 1:
+                restart_all(targets, args, workdir, procs, backend_ports, own_roots,
+                            started_pids)
             plan = [(t, size) for t in targets for size in args.sizes]
             rng.shuffle(plan)
             for t, size in plan:

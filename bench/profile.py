@@ -104,7 +104,7 @@ def perf_profile(
                    check=True, capture_output=True, timeout=args.seconds + 30)
     load.join(args.seconds + 30)
     rep = subprocess.run([exe, "report", "-i", str(data), "--no-children", "--stdio",
-                          "--sort", "dso,symbol", "--percent-limit", "0.4"],
+                          "--sort", "dso,symbol", "--percent-limit", "0.2"],
                          capture_output=True, text=True, timeout=120)
     rows = [ln for ln in rep.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
     return ["  " + " ".join(r.split()) for r in rows[: args.top]]

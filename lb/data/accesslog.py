@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib
 import json.encoder
 import logging
 import os
@@ -39,6 +41,22 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Literal, cast
 
 logger = logging.getLogger(__name__)
+
+
+def _load_fast() -> Any:
+    """lb.data._fastlog (setup.py builds it when a C compiler is there), or None: the
+    Python formatters then do all the work. PAIRLB_PURE_PYTHON=1 forces them."""
+    if os.environ.get("PAIRLB_PURE_PYTHON"):
+        return None
+    try:
+        return importlib.import_module("lb.data._fastlog")
+    except ImportError:
+        return None
+
+
+_fastlog: Any = _load_fast()
+FAST: Final = _fastlog is not None
+"""Whether the common-case formatter in C is in use (the status of a worker says it)."""
 
 FIELDS: Final = (
     "time",  # 0  float: epoch seconds (wall clock) when the request (connection) started
@@ -305,7 +323,7 @@ def _clip4(tg: bytes, rid: bytes, ua: bytes, rf: bytes, limit: int) -> tuple[byt
     return tuple(v[:limit] + b"..." if len(v) > limit else v for v in (tg, rid, ua, rf))
 
 
-def json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+def py_json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     """A function that makes one record its JSON line: one object, keys in FIELDS order,
     ASCII and valid whatever the values hold (time: ISO 8601 UTC with ms; durations: ms,
     -1.000 when not reached; strings: "" when absent; client-sized fields cut at
@@ -362,6 +380,15 @@ def _lines(
             with contextlib.suppress(Exception):  # sanitize() makes any record formattable
                 out.append(one(sanitize(r)))
     return out, bad
+
+
+def json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+    """``py_json_formatter(limit)``, in C for the common record when lb.data._fastlog is
+    built (same bytes; any other record goes to the Python one)."""
+    py = py_json_formatter(limit)
+    if _fastlog is None:
+        return py
+    return functools.partial(_fastlog.json_line, py, limit)
 
 
 def json_lines(batch: Iterable[Record], *, limit: int = 0) -> tuple[list[bytes], int]:
@@ -445,7 +472,7 @@ COMBINED_FIELDS: Final = (
 ``bytes_out`` is ``-`` when 0 as in Apache; an empty or absent string is ``-``)."""
 
 
-def combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+def py_combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     """A function that makes one record its combined line: Apache's combined format then
     pairlb's fields (COMBINED_FIELDS), printable ASCII, quotes and backslashes escaped.
     It raises on a record of the wrong shape (``sanitize`` fixes it)."""
@@ -493,6 +520,15 @@ def combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
         )
 
     return combined_line
+
+
+def combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+    """``py_combined_formatter(limit)``, in C for the common record when lb.data._fastlog
+    is built (same bytes; any other record goes to the Python one)."""
+    py = py_combined_formatter(limit)
+    if _fastlog is None:
+        return py
+    return functools.partial(_fastlog.combined_line, py, limit)
 
 
 def combined_lines(batch: Iterable[Record], *, limit: int = 0) -> tuple[list[bytes], int]:

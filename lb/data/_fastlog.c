@@ -1,0 +1,378 @@
+/* Access log lines in C: the common case of lb/data/accesslog.py's formatters.
+ *
+ * json_line(fallback, limit, rec) and combined_line(fallback, limit, rec) return exactly the
+ * bytes that accesslog.json_formatter(limit) / combined_formatter(limit) return for rec, for
+ * a record whose strings need no escaping and no cutting and whose numbers are plain ints
+ * and floats (nearly every request). Any other record goes to fallback(rec): the Python
+ * formatter, the one definition of the format. Floats go through PyOS_double_to_string, as
+ * Python's %.3f does; tests/test_accesslog.py compares both paths on every kind of record.
+ *
+ * Optional: built by setup.py when a C compiler is there; lb/data/accesslog.py works without
+ * it (PAIRLB_PURE_PYTHON=1 forces the Python path).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#define NFIELDS 22
+#define LINE_MAX_FAST 6144 /* longer lines (long names) take the Python path */
+
+/* Printable ASCII but '"' and '\\' (accesslog._SAFE); TOK also excludes ' ' (_SAFE_TOK). */
+static unsigned char safe_tab[256];
+static unsigned char tok_tab[256];
+
+typedef struct {
+    const char *p;
+    Py_ssize_t n;
+} span;
+
+/* bytes -> its buffer; None -> ""; ASCII str -> its UTF-8 (same bytes). 0: not fast. */
+static int as_span(PyObject *v, span *out) {
+    if (PyBytes_CheckExact(v)) {
+        out->p = PyBytes_AS_STRING(v);
+        out->n = PyBytes_GET_SIZE(v);
+        return 1;
+    }
+    if (v == Py_None) {
+        out->p = "";
+        out->n = 0;
+        return 1;
+    }
+    if (PyUnicode_CheckExact(v) && PyUnicode_IS_READY(v) && PyUnicode_IS_ASCII(v)) {
+        out->p = (const char *)PyUnicode_DATA(v);
+        out->n = PyUnicode_GET_LENGTH(v);
+        return 1;
+    }
+    return 0;
+}
+
+static int all_in(const span *s, const unsigned char *tab) {
+    const unsigned char *p = (const unsigned char *)s->p;
+    for (Py_ssize_t i = 0; i < s->n; i++) {
+        if (!tab[p[i]]) return 0;
+    }
+    return 1;
+}
+
+typedef struct {
+    char *p;
+    char *end;
+} out_t;
+
+static inline int put(out_t *o, const char *s, Py_ssize_t n) {
+    if (o->end - o->p < n) return 0;
+    memcpy(o->p, s, (size_t)n);
+    o->p += n;
+    return 1;
+}
+
+#define PUTLIT(o, lit) put((o), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+static inline int put_span(out_t *o, const span *s) { return put(o, s->p, s->n); }
+
+/* Decimal digits of v (no sign) at the end of tmp; returns the start. */
+static char *utoa_end(unsigned long long v, char *end) {
+    char *p = end;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
+}
+
+static int put_ll(out_t *o, long long x) {
+    char tmp[24];
+    char *end = tmp + sizeof tmp;
+    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    char *p = utoa_end(u, end);
+    if (x < 0) *--p = '-';
+    return put(o, p, end - p);
+}
+
+/* A plain int (not bool, not a subclass) in C long long range. */
+static int put_int(out_t *o, PyObject *v) {
+    if (!PyLong_CheckExact(v)) return 0;
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    return put_ll(o, x);
+}
+
+/* %.3f of x as Python writes it (correctly rounded, ties to even). The common case (a
+ * duration: 0 <= x < 1e6 s in ms, not within 1e-6 of a rounding tie) in integers; anything
+ * else through PyOS_double_to_string, Python's own. */
+static int put_fixed3(out_t *o, double x) {
+    if (x == -1.0) return PUTLIT(o, "-1.000");
+    if (x >= 0.0 && x < 1e6 && !signbit(x)) {
+        double y = x * 1000.0;
+        double fl = (double)(long long)y;
+        double frac = y - fl;
+        if (frac < 0.5 - 1e-6 || frac > 0.5 + 1e-6) {
+            long long n = (long long)fl + (frac > 0.5);
+            char tmp[32];
+            char *end = tmp + sizeof tmp;
+            char *p = end;
+            long long frac3 = n % 1000;
+            *--p = (char)('0' + frac3 % 10);
+            *--p = (char)('0' + frac3 / 10 % 10);
+            *--p = (char)('0' + frac3 / 100);
+            *--p = '.';
+            p = utoa_end((unsigned long long)(n / 1000), p);
+            return put(o, p, end - p);
+        }
+    }
+    char *s = PyOS_double_to_string(x, 'f', 3, 0, NULL);
+    if (s == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = put(o, s, (Py_ssize_t)strlen(s));
+    PyMem_Free(s);
+    return ok;
+}
+
+/* %.3f of a float or an int, as Python's bytes %-formatting writes it. */
+static int put_ms(out_t *o, PyObject *v) {
+    double x;
+    if (PyFloat_CheckExact(v)) {
+        x = PyFloat_AS_DOUBLE(v);
+    } else if (PyLong_CheckExact(v)) {
+        x = PyLong_AsDouble(v);
+        if (x == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    return put_fixed3(o, x);
+}
+
+/* Epoch seconds of a record's time field; 0 when not a plain number in 1970..9999. */
+static int get_time(PyObject *v, double *t, long long *sec) {
+    double x;
+    if (PyFloat_CheckExact(v)) {
+        x = PyFloat_AS_DOUBLE(v);
+    } else if (PyLong_CheckExact(v)) {
+        x = PyLong_AsDouble(v);
+        if (x == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    if (!(x >= 0.0 && x < 253402300800.0)) return 0;
+    *t = x;
+    *sec = (long long)x;
+    return 1;
+}
+
+static PyObject *fallback_call(PyObject *fallback, PyObject *rec) {
+    return PyObject_CallOneArg(fallback, rec);
+}
+
+static int parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject **fallback,
+                      Py_ssize_t *cut, PyObject **rec, const char *name) {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s(fallback, limit, rec): 3 arguments", name);
+        return 0;
+    }
+    *fallback = args[0];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) return 0;
+    *cut = limit > 0 ? limit : PY_SSIZE_T_MAX;
+    *rec = args[2];
+    return 1;
+}
+
+/* -------------------------------------------------------------------------------- JSON */
+
+static long long json_sec = -1;
+static char json_pre[32];
+static Py_ssize_t json_pre_n;
+
+/* A name field as accesslog._jq writes it: "value" (safe characters only here). */
+static int put_qname(out_t *o, PyObject *v) {
+    span s;
+    if (!as_span(v, &s) || !all_in(&s, safe_tab)) return 0;
+    return PUTLIT(o, "\"") && put_span(o, &s) && PUTLIT(o, "\"");
+}
+
+static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *fallback, *rec;
+    Py_ssize_t cut;
+    if (!parse_args(args, nargs, &fallback, &cut, &rec, "json_line")) return NULL;
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS)
+        return fallback_call(fallback, rec);
+    PyObject **f = ((PyTupleObject *)rec)->ob_item;
+    double t;
+    long long sec;
+    if (!get_time(f[0], &t, &sec)) return fallback_call(fallback, rec);
+    /* untrusted strings: ip, method, target, request id, user agent, referer */
+    static const int raw_idx[6] = {1, 5, 6, 19, 20, 21};
+    span raw[6];
+    Py_ssize_t total = 0;
+    for (int i = 0; i < 6; i++) {
+        if (!as_span(f[raw_idx[i]], &raw[i]) || !all_in(&raw[i], safe_tab))
+            return fallback_call(fallback, rec);
+        total += raw[i].n;
+    }
+    if (total > cut) return fallback_call(fallback, rec);
+    if (sec != json_sec) {
+        time_t tt = (time_t)sec;
+        struct tm tm;
+        if (gmtime_r(&tt, &tm) == NULL) return fallback_call(fallback, rec);
+        json_pre_n = snprintf(json_pre, sizeof json_pre, "%04d-%02d-%02dT%02d:%02d:%02d",
+                              tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                              tm.tm_min, tm.tm_sec);
+        json_sec = sec;
+    }
+    char buf[LINE_MAX_FAST];
+    out_t o = {buf, buf + sizeof buf};
+    int msv = (int)((t - (double)sec) * 1000.0);
+    char ms[6] = {'.', (char)('0' + msv / 100 % 10), (char)('0' + msv / 10 % 10),
+                  (char)('0' + msv % 10), 'Z', 0};
+    int msn = 5;
+    int ok = PUTLIT(&o, "{\"time\":\"") && put(&o, json_pre, json_pre_n) && put(&o, ms, msn)
+        && PUTLIT(&o, "\",\"client_ip\":\"") && put_span(&o, &raw[0])
+        && PUTLIT(&o, "\",\"client_port\":") && put_int(&o, f[2])
+        && PUTLIT(&o, ",\"listener\":") && put_qname(&o, f[3])
+        && PUTLIT(&o, ",\"mode\":") && put_qname(&o, f[4])
+        && PUTLIT(&o, ",\"method\":\"") && put_span(&o, &raw[1])
+        && PUTLIT(&o, "\",\"target\":\"") && put_span(&o, &raw[2])
+        && PUTLIT(&o, "\",\"protocol\":") && put_qname(&o, f[7])
+        && PUTLIT(&o, ",\"status\":") && put_int(&o, f[8])
+        && PUTLIT(&o, ",\"bytes_in\":") && put_int(&o, f[9])
+        && PUTLIT(&o, ",\"bytes_out\":") && put_int(&o, f[10])
+        && PUTLIT(&o, ",\"pool\":") && put_qname(&o, f[11])
+        && PUTLIT(&o, ",\"backend\":") && put_qname(&o, f[12])
+        && PUTLIT(&o, ",\"retries\":") && put_int(&o, f[13])
+        && PUTLIT(&o, ",\"queue_ms\":") && put_ms(&o, f[14])
+        && PUTLIT(&o, ",\"connect_ms\":") && put_ms(&o, f[15])
+        && PUTLIT(&o, ",\"first_byte_ms\":") && put_ms(&o, f[16])
+        && PUTLIT(&o, ",\"total_ms\":") && put_ms(&o, f[17])
+        && PUTLIT(&o, ",\"termination\":") && put_qname(&o, f[18])
+        && PUTLIT(&o, ",\"request_id\":\"") && put_span(&o, &raw[3])
+        && PUTLIT(&o, "\",\"user_agent\":\"") && put_span(&o, &raw[4])
+        && PUTLIT(&o, "\",\"referer\":\"") && put_span(&o, &raw[5])
+        && PUTLIT(&o, "\"}\n");
+    if (!ok) return fallback_call(fallback, rec);
+    return PyBytes_FromStringAndSize(buf, o.p - buf);
+}
+
+/* ---------------------------------------------------------------------------- combined */
+
+static long long clf_sec = -1;
+static char clf_when[48];
+static Py_ssize_t clf_when_n;
+static const char *const MONTHS[12] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                       "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+
+/* A field of a combined line: "-" when empty, else the value (checked against tab). */
+static int put_dash(out_t *o, const span *s) {
+    if (s->n == 0) return PUTLIT(o, "-");
+    return put_span(o, s);
+}
+
+/* A name field as accesslog._clf_t / _clf_q write it: "-" when empty. */
+static int put_name(out_t *o, PyObject *v, const unsigned char *tab) {
+    span s;
+    if (!as_span(v, &s) || !all_in(&s, tab)) return 0;
+    return put_dash(o, &s);
+}
+
+static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *fallback, *rec;
+    Py_ssize_t cut;
+    if (!parse_args(args, nargs, &fallback, &cut, &rec, "combined_line")) return NULL;
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS)
+        return fallback_call(fallback, rec);
+    PyObject **f = ((PyTupleObject *)rec)->ob_item;
+    double t;
+    long long sec;
+    if (!get_time(f[0], &t, &sec)) return fallback_call(fallback, rec);
+    span ip, m, tg, rid, ua, rf;
+    if (!as_span(f[1], &ip) || !as_span(f[5], &m) || !as_span(f[6], &tg)
+        || !as_span(f[19], &rid) || !as_span(f[20], &ua) || !as_span(f[21], &rf))
+        return fallback_call(fallback, rec);
+    /* the Python formatter's cut: the quoted fields as written ("-" for empty) + request id */
+    Py_ssize_t quoted = m.n + (tg.n ? tg.n : 1) + (ua.n ? ua.n : 1) + (rf.n ? rf.n : 1);
+    if (quoted + (rid.n ? rid.n : 1) > cut) return fallback_call(fallback, rec);
+    if (!all_in(&ip, tok_tab) || !all_in(&rid, tok_tab) || !all_in(&m, safe_tab)
+        || !all_in(&tg, safe_tab) || !all_in(&ua, safe_tab) || !all_in(&rf, safe_tab))
+        return fallback_call(fallback, rec);
+    if (sec != clf_sec) {
+        time_t tt = (time_t)sec;
+        struct tm tm;
+        if (localtime_r(&tt, &tm) == NULL) return fallback_call(fallback, rec);
+        long off = tm.tm_gmtoff;
+        /* Python's tm_gmtoff // 60: floor division */
+        off = off >= 0 ? off / 60 : -((-off + 59) / 60);
+        char sign = off < 0 ? '-' : '+';
+        if (off < 0) off = -off;
+        clf_when_n = snprintf(clf_when, sizeof clf_when, "%02d/%s/%04d:%02d:%02d:%02d %c%02ld%02ld",
+                              tm.tm_mday, MONTHS[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour,
+                              tm.tm_min, tm.tm_sec, sign, off / 60, off % 60);
+        clf_sec = sec;
+    }
+    char buf[LINE_MAX_FAST];
+    out_t o = {buf, buf + sizeof buf};
+    int is_http = m.n > 0;
+    int ok = put_dash(&o, &ip) && PUTLIT(&o, " - - [") && put(&o, clf_when, clf_when_n)
+        && PUTLIT(&o, "] \"");
+    if (ok && is_http) {
+        ok = put_span(&o, &m) && PUTLIT(&o, " ") && put_dash(&o, &tg) && PUTLIT(&o, " ")
+            && put_name(&o, f[7], safe_tab) && PUTLIT(&o, "\" ");
+    } else if (ok) {
+        ok = PUTLIT(&o, "-\" ");
+    }
+    ok = ok && put_int(&o, f[8]) && PUTLIT(&o, " ");
+    if (ok) {
+        /* bytes out: "-" when 0 (Apache) */
+        PyObject *nout = f[10];
+        int zero = PyLong_CheckExact(nout) && PyLong_AsLongLong(nout) == 0;
+        if (PyErr_Occurred()) PyErr_Clear(); /* too large: put_int falls back */
+        ok = zero ? PUTLIT(&o, "-") : put_int(&o, nout);
+    }
+    ok = ok && PUTLIT(&o, " \"") && put_dash(&o, &rf) && PUTLIT(&o, "\" \"")
+        && put_dash(&o, &ua) && PUTLIT(&o, "\" ")
+        && put_name(&o, f[3], tok_tab) && PUTLIT(&o, " ")
+        && put_name(&o, f[11], tok_tab) && PUTLIT(&o, " ")
+        && put_name(&o, f[12], tok_tab) && PUTLIT(&o, " ")
+        && put_int(&o, f[13]) && PUTLIT(&o, " ")
+        && put_ms(&o, f[14]) && PUTLIT(&o, " ") && put_ms(&o, f[15]) && PUTLIT(&o, " ")
+        && put_ms(&o, f[16]) && PUTLIT(&o, " ") && put_ms(&o, f[17]) && PUTLIT(&o, " ")
+        && put_name(&o, f[18], tok_tab) && PUTLIT(&o, " ")
+        && put_dash(&o, &rid) && PUTLIT(&o, " ")
+        && put_int(&o, f[9]) && PUTLIT(&o, " ") && put_int(&o, f[2]) && PUTLIT(&o, "\n");
+    if (!ok) return fallback_call(fallback, rec);
+    return PyBytes_FromStringAndSize(buf, o.p - buf);
+}
+
+static PyMethodDef methods[] = {
+    {"json_line", (PyCFunction)(void (*)(void))json_line, METH_FASTCALL,
+     "json_line(fallback, limit, rec) -> bytes: accesslog.json_formatter(limit)(rec)"},
+    {"combined_line", (PyCFunction)(void (*)(void))combined_line, METH_FASTCALL,
+     "combined_line(fallback, limit, rec) -> bytes: accesslog.combined_formatter(limit)(rec)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "_fastlog",
+    "Access log lines in C for the common case; lb/data/accesslog.py is the definition.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__fastlog(void) {
+    for (int i = 0x20; i < 0x7F; i++) {
+        safe_tab[i] = (i != '"' && i != '\\');
+        tok_tab[i] = safe_tab[i] && i != ' ';
+    }
+    return PyModule_Create(&moddef);
+}
