@@ -167,3 +167,65 @@ def test_speed_c_path_is_cheaper() -> None:
 
         assert per(fast) < per(py)
 
+
+
+# -- review findings (each failed before its fix) ------------------------------------------
+
+
+def test_a_new_formatter_follows_a_new_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = typical()
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert A.combined_formatter(0)(rec) == A.py_combined_formatter(0)(rec)
+        monkeypatch.setenv("TZ", "Asia/Kathmandu")
+        time.tzset()
+        got = A.combined_formatter(0)(rec)
+        assert got == A.py_combined_formatter(0)(rec) and b"+0545]" in got
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+@pytest.mark.parametrize("limit", [-1, -5, 1, 2**70])
+def test_any_limit_cuts_as_python_does(limit: int) -> None:
+    for fmt in ("json", "combined"):
+        assert A.LINE_FORMATTERS[fmt](limit)(typical()) == PY[fmt](limit)(typical())
+
+
+def test_equal_names_of_other_types_keep_their_own_text() -> None:
+    base = list(typical())
+    for fmt in ("json", "combined"):
+        f = PY[fmt](A.FIELD_MAX)
+        base[11] = 1
+        assert b"1" in f(tuple(base))
+        base[11] = True  # == 1, but its own text
+        assert b"True" in f(tuple(base))
+
+
+def test_fifo_lines_are_cut_before_the_reader_opens_and_a_stuck_writer_is_counted(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    n = 400
+
+    async def main() -> dict[str, int]:
+        log = A.AccessLog(str(fifo), "json", buffer_bytes=64 << 10, flush_interval=0.01)
+        long_rec = (*typical()[:6], b"/" + b"x" * 3000, *typical()[7:])
+        log.write(long_rec)
+        assert 0 < len(log._buf) <= A.PIPE_BUF  # cut for an atomic pipe write already
+        for i in range(n - 1):
+            log.write(typical(i))
+            if i % 50 == 0:
+                await asyncio.sleep(0.02)  # hand-overs to a writer stuck in open()
+        assert not await log.aclose(0.2)  # nobody reads: the writer never finishes
+        return log.stats()
+
+    st = asyncio.run(main())
+    assert st["written"] == 0 and st["written"] + st["dropped"] == n, st
+    # unblock the writer thread stuck in open(): it finds the log closed
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    os.close(fd)

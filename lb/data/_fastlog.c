@@ -185,8 +185,14 @@ static int parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject **fallba
     }
     *fallback = args[0];
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit == -1 && PyErr_Occurred()) return 0;
-    *cut = limit > 0 ? limit : PY_SSIZE_T_MAX;
+    if (limit == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return 0;
+        PyErr_Clear(); /* a huge limit: no cut, as in Python */
+        limit = PY_SSIZE_T_MAX;
+    }
+    /* Python's cut is "limit or no limit": a negative one cuts everything (the Python
+     * formatter does it: every record goes there) */
+    *cut = limit != 0 ? limit : PY_SSIZE_T_MAX;
     *rec = args[2];
     return 1;
 }
@@ -355,7 +361,14 @@ static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t 
     return PyBytes_FromStringAndSize(buf, o.p - buf);
 }
 
+static PyObject *reset(PyObject *mod, PyObject *unused) {
+    json_sec = -1;
+    clf_sec = -1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"reset", reset, METH_NOARGS, "reset(): forget the cached time texts (a new time zone)"},
     {"json_line", (PyCFunction)(void (*)(void))json_line, METH_FASTCALL,
      "json_line(fallback, limit, rec) -> bytes: accesslog.json_formatter(limit)(rec)"},
     {"combined_line", (PyCFunction)(void (*)(void))combined_line, METH_FASTCALL,

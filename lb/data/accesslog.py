@@ -264,8 +264,15 @@ _cq_cache: dict[Any, bytes] = {}
 _ct_cache: dict[Any, bytes] = {}
 
 
+_NAME_TYPES: Final = (str, bytes, type(None))
+"""What the name caches hold: values of other types may be equal across types (True == 1 ==
+1.0) and would be written as another's text."""
+
+
 def _cached(cache: dict[Any, bytes], v: Any, fn: Callable[[bytes], bytes]) -> bytes:
     """``fn(v)`` for the few distinct values of a name field (listener, pool, backend...)."""
+    if v.__class__ not in _NAME_TYPES:
+        return fn(_as_bytes(v))
     try:
         s = cache.get(v)
     except TypeError:  # unhashable (bytearray): not cached
@@ -313,9 +320,11 @@ def _json_tpl(key: tuple[Any, ...]) -> bytes:
     for i, part in enumerate(_JSON_PARTS[1:], 1):
         out.append(next(names) if i in _JSON_NAMES else b"%s")
         out.append(part)
-    if len(_jtpl_cache) >= _CACHE_MAX:
-        _jtpl_cache.clear()
-    tpl = _jtpl_cache[key] = b"".join(out)
+    tpl = b"".join(out)
+    if all(v.__class__ in _NAME_TYPES for v in key):
+        if len(_jtpl_cache) >= _CACHE_MAX:
+            _jtpl_cache.clear()
+        _jtpl_cache[key] = tpl
     return tpl
 
 
@@ -388,6 +397,7 @@ def json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     py = py_json_formatter(limit)
     if _fastlog is None:
         return py
+    _fastlog.reset()  # a new formatter reads the time zone anew, as the Python one does
     return functools.partial(_fastlog.json_line, py, limit)
 
 
@@ -528,6 +538,7 @@ def combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     py = py_combined_formatter(limit)
     if _fastlog is None:
         return py
+    _fastlog.reset()  # a new formatter reads the time zone anew, as the Python one does
     return functools.partial(_fastlog.combined_line, py, limit)
 
 
@@ -671,6 +682,13 @@ class AccessLog:
         self._last_open = -1e9
         if self._fd is not None:
             self._chunked = _is_stream(self._fd)
+        else:
+            # A FIFO's open blocks until a reader comes: lines logged meanwhile must already
+            # be cut for atomic pipe writes (stat does not block).
+            with contextlib.suppress(OSError):
+                self._chunked = stat.S_ISFIFO(os.stat(dest).st_mode)
+        self._handed_lines = 0  # loop: lines given to the writer
+        self._abandoned = 0  # lines left with a writer that did not finish by close
         self._thread = threading.Thread(
             target=self._run, name="pairlb-accesslog", daemon=True
         )
@@ -745,6 +763,7 @@ class AccessLog:
             return
         n = len(buf)
         self._q.put((buf, self._nlines))
+        self._handed_lines += self._nlines
         self._buf = bytearray()
         self._nlines = 0
         self._in_bytes += n
@@ -790,6 +809,8 @@ class AccessLog:
         self._shut()
         if ok:
             self._thread.join(timeout)
+        else:
+            self._abandon()
         return ok
 
     async def aclose(self, within: float = 1.0) -> bool:
@@ -801,7 +822,14 @@ class AccessLog:
         if ok and self._buf:
             ok = await self.aflush(within)
         self._shut()
+        if not ok:
+            self._abandon()
         return ok
+
+    def _abandon(self) -> None:
+        """The writer is stuck at close: what it holds counts as dropped (stats() is read
+        once more, at the worker's exit; a late write would not be counted)."""
+        self._abandoned = max(0, self._handed_lines - self._written - self._dropped_thread)
 
     def _shut(self) -> None:
         self._closed = True
@@ -822,7 +850,7 @@ class AccessLog:
         ``pending`` (lines not yet handed over), ``reopens``, ``open`` (0/1)."""
         return {
             "written": self._written,
-            "dropped": self._dropped_loop + self._dropped_thread,
+            "dropped": self._dropped_loop + self._dropped_thread + self._abandoned,
             "errors": self._errors,
             "bad_records": self._bad_records,
             "queue_bytes": max(0, self._in_bytes - self._out_bytes),
