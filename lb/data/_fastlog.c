@@ -136,37 +136,33 @@ static int put_fixed3(out_t *o, double x) {
     return ok;
 }
 
-/* %.3f of a float or an int, as Python's bytes %-formatting writes it. */
-static int put_ms(out_t *o, PyObject *v) {
-    double x;
+/* A plain float or int as a double; 0 for anything else (or an int too large). */
+static int as_double(PyObject *v, double *x) {
     if (PyFloat_CheckExact(v)) {
-        x = PyFloat_AS_DOUBLE(v);
-    } else if (PyLong_CheckExact(v)) {
-        x = PyLong_AsDouble(v);
-        if (x == -1.0 && PyErr_Occurred()) {
+        *x = PyFloat_AS_DOUBLE(v);
+        return 1;
+    }
+    if (PyLong_CheckExact(v)) {
+        *x = PyLong_AsDouble(v);
+        if (*x == -1.0 && PyErr_Occurred()) {
             PyErr_Clear();
             return 0;
         }
-    } else {
-        return 0;
+        return 1;
     }
-    return put_fixed3(o, x);
+    return 0;
+}
+
+/* %.3f of a float or an int, as Python's bytes %-formatting writes it. */
+static int put_ms(out_t *o, PyObject *v) {
+    double x;
+    return as_double(v, &x) && put_fixed3(o, x);
 }
 
 /* Epoch seconds of a record's time field; 0 when not a plain number in 1970..9999. */
 static int get_time(PyObject *v, double *t, long long *sec) {
     double x;
-    if (PyFloat_CheckExact(v)) {
-        x = PyFloat_AS_DOUBLE(v);
-    } else if (PyLong_CheckExact(v)) {
-        x = PyLong_AsDouble(v);
-        if (x == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return 0;
-        }
-    } else {
-        return 0;
-    }
+    if (!as_double(v, &x)) return 0;
     if (!(x >= 0.0 && x < 253402300800.0)) return 0;
     *t = x;
     *sec = (long long)x;
