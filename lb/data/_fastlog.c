@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
 #include <string.h>
 #include <time.h>
@@ -206,37 +207,33 @@ static int put_qname(out_t *o, PyObject *v) {
     return PUTLIT(o, "\"") && put_span(o, &s) && PUTLIT(o, "\"");
 }
 
-static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *fallback, *rec;
-    Py_ssize_t cut;
-    if (!parse_args(args, nargs, &fallback, &cut, &rec, "json_line")) return NULL;
-    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS)
-        return fallback_call(fallback, rec);
+/* The JSON line of rec into buf; its length, or -1: not the common case (Python's job). */
+static Py_ssize_t json_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
     PyObject **f = ((PyTupleObject *)rec)->ob_item;
     double t;
     long long sec;
-    if (!get_time(f[0], &t, &sec)) return fallback_call(fallback, rec);
+    if (!get_time(f[0], &t, &sec)) return -1;
     /* untrusted strings: ip, method, target, request id, user agent, referer */
     static const int raw_idx[6] = {1, 5, 6, 19, 20, 21};
     span raw[6];
     Py_ssize_t total = 0;
     for (int i = 0; i < 6; i++) {
         if (!as_span(f[raw_idx[i]], &raw[i]) || !all_in(&raw[i], safe_tab))
-            return fallback_call(fallback, rec);
+            return -1;
         total += raw[i].n;
     }
-    if (total > cut) return fallback_call(fallback, rec);
+    if (total > cut) return -1;
     if (sec != json_sec) {
         time_t tt = (time_t)sec;
         struct tm tm;
-        if (gmtime_r(&tt, &tm) == NULL) return fallback_call(fallback, rec);
+        if (gmtime_r(&tt, &tm) == NULL) return -1;
         json_pre_n = snprintf(json_pre, sizeof json_pre, "%04d-%02d-%02dT%02d:%02d:%02d",
                               tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
                               tm.tm_min, tm.tm_sec);
         json_sec = sec;
     }
-    char buf[LINE_MAX_FAST];
-    out_t o = {buf, buf + sizeof buf};
+    out_t o = {buf, buf + cap};
     int msv = (int)((t - (double)sec) * 1000.0);
     char ms[6] = {'.', (char)('0' + msv / 100 % 10), (char)('0' + msv / 10 % 10),
                   (char)('0' + msv % 10), 'Z', 0};
@@ -264,8 +261,17 @@ static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         && PUTLIT(&o, "\",\"user_agent\":\"") && put_span(&o, &raw[4])
         && PUTLIT(&o, "\",\"referer\":\"") && put_span(&o, &raw[5])
         && PUTLIT(&o, "\"}\n");
-    if (!ok) return fallback_call(fallback, rec);
-    return PyBytes_FromStringAndSize(buf, o.p - buf);
+    return ok ? o.p - buf : -1;
+}
+
+static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *fallback, *rec;
+    Py_ssize_t cut;
+    if (!parse_args(args, nargs, &fallback, &cut, &rec, "json_line")) return NULL;
+    char buf[LINE_MAX_FAST];
+    Py_ssize_t n = json_fmt(rec, cut, buf, sizeof buf);
+    if (n < 0) return fallback_call(fallback, rec);
+    return PyBytes_FromStringAndSize(buf, n);
 }
 
 /* ---------------------------------------------------------------------------- combined */
@@ -289,30 +295,27 @@ static int put_name(out_t *o, PyObject *v, const unsigned char *tab) {
     return put_dash(o, &s);
 }
 
-static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *fallback, *rec;
-    Py_ssize_t cut;
-    if (!parse_args(args, nargs, &fallback, &cut, &rec, "combined_line")) return NULL;
-    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS)
-        return fallback_call(fallback, rec);
+/* The combined line of rec into buf; its length, or -1 (Python's job). */
+static Py_ssize_t combined_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
     PyObject **f = ((PyTupleObject *)rec)->ob_item;
     double t;
     long long sec;
-    if (!get_time(f[0], &t, &sec)) return fallback_call(fallback, rec);
+    if (!get_time(f[0], &t, &sec)) return -1;
     span ip, m, tg, rid, ua, rf;
     if (!as_span(f[1], &ip) || !as_span(f[5], &m) || !as_span(f[6], &tg)
         || !as_span(f[19], &rid) || !as_span(f[20], &ua) || !as_span(f[21], &rf))
-        return fallback_call(fallback, rec);
+        return -1;
     /* the Python formatter's cut: the quoted fields as written ("-" for empty) + request id */
     Py_ssize_t quoted = m.n + (tg.n ? tg.n : 1) + (ua.n ? ua.n : 1) + (rf.n ? rf.n : 1);
-    if (quoted + (rid.n ? rid.n : 1) > cut) return fallback_call(fallback, rec);
+    if (quoted + (rid.n ? rid.n : 1) > cut) return -1;
     if (!all_in(&ip, tok_tab) || !all_in(&rid, tok_tab) || !all_in(&m, safe_tab)
         || !all_in(&tg, safe_tab) || !all_in(&ua, safe_tab) || !all_in(&rf, safe_tab))
-        return fallback_call(fallback, rec);
+        return -1;
     if (sec != clf_sec) {
         time_t tt = (time_t)sec;
         struct tm tm;
-        if (localtime_r(&tt, &tm) == NULL) return fallback_call(fallback, rec);
+        if (localtime_r(&tt, &tm) == NULL) return -1;
         long off = tm.tm_gmtoff;
         /* Python's tm_gmtoff // 60: floor division */
         off = off >= 0 ? off / 60 : -((-off + 59) / 60);
@@ -323,8 +326,7 @@ static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t 
                               tm.tm_min, tm.tm_sec, sign, off / 60, off % 60);
         clf_sec = sec;
     }
-    char buf[LINE_MAX_FAST];
-    out_t o = {buf, buf + sizeof buf};
+    out_t o = {buf, buf + cap};
     int is_http = m.n > 0;
     int ok = put_dash(&o, &ip) && PUTLIT(&o, " - - [") && put(&o, clf_when, clf_when_n)
         && PUTLIT(&o, "] \"");
@@ -353,9 +355,182 @@ static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t 
         && put_name(&o, f[18], tok_tab) && PUTLIT(&o, " ")
         && put_dash(&o, &rid) && PUTLIT(&o, " ")
         && put_int(&o, f[9]) && PUTLIT(&o, " ") && put_int(&o, f[2]) && PUTLIT(&o, "\n");
-    if (!ok) return fallback_call(fallback, rec);
-    return PyBytes_FromStringAndSize(buf, o.p - buf);
+    return ok ? o.p - buf : -1;
 }
+
+static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *fallback, *rec;
+    Py_ssize_t cut;
+    if (!parse_args(args, nargs, &fallback, &cut, &rec, "combined_line")) return NULL;
+    char buf[LINE_MAX_FAST];
+    Py_ssize_t n = combined_fmt(rec, cut, buf, sizeof buf);
+    if (n < 0) return fallback_call(fallback, rec);
+    return PyBytes_FromStringAndSize(buf, n);
+}
+
+
+/* -------------------------------------------------------------------------------- Sink */
+
+#define PIPE_ATOMIC 4096
+
+/* An access log's loop-side buffer: add(rec) formats the record (C for the common case,
+ * fallback(rec) otherwise) and appends its line, in one call from the hot path. The buffer
+ * is reused across hand-overs (take()), so it stays warm in the cache. add() returns 0,
+ * or 1 when Python has something to do (first line of a batch: arm the timer; hand-over
+ * size reached), or 2 when the line would take the buffer past `room` (not appended:
+ * Python refreshes room and tries again, or drops it). */
+typedef struct {
+    PyObject_HEAD
+    char *buf;
+    Py_ssize_t len, cap;
+    Py_ssize_t nlines;
+    Py_ssize_t room;
+    Py_ssize_t handover_at;
+    Py_ssize_t cut;
+    int json;
+    int chunked;
+    PyObject *fallback;
+    PyObject *stream_fallback;
+} Sink;
+
+static int Sink_init(Sink *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fmt", "limit", "fallback", "stream_fallback", NULL};
+    const char *fmt;
+    Py_ssize_t limit;
+    PyObject *fb, *sfb;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "snOO", kwlist, &fmt, &limit, &fb, &sfb))
+        return -1;
+    if (strcmp(fmt, "json") != 0 && strcmp(fmt, "combined") != 0) {
+        PyErr_SetString(PyExc_ValueError, "fmt: json or combined");
+        return -1;
+    }
+    self->json = fmt[0] == 'j';
+    self->cut = limit != 0 ? limit : PY_SSIZE_T_MAX;
+    Py_INCREF(fb);
+    Py_XSETREF(self->fallback, fb);
+    Py_INCREF(sfb);
+    Py_XSETREF(self->stream_fallback, sfb);
+    self->room = PY_SSIZE_T_MAX;
+    self->handover_at = 64 * 1024;
+    return 0;
+}
+
+static void Sink_dealloc(Sink *self) {
+    PyMem_Free(self->buf);
+    Py_XDECREF(self->fallback);
+    Py_XDECREF(self->stream_fallback);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int sink_append(Sink *self, const char *p, Py_ssize_t n) {
+    if (self->len + n > self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap : 64 * 1024;
+        while (cap < self->len + n) cap *= 2;
+        char *nb = PyMem_Realloc(self->buf, (size_t)cap);
+        if (nb == NULL) {
+            PyErr_NoMemory();
+            return 0;
+        }
+        self->buf = nb;
+        self->cap = cap;
+    }
+    memcpy(self->buf + self->len, p, (size_t)n);
+    self->len += n;
+    self->nlines++;
+    return 1;
+}
+
+static PyObject *Sink_add(Sink *self, PyObject *rec) {
+    char tmp[LINE_MAX_FAST];
+    Py_ssize_t n = self->json ? json_fmt(rec, self->cut, tmp, sizeof tmp)
+                              : combined_fmt(rec, self->cut, tmp, sizeof tmp);
+    const char *src = tmp;
+    PyObject *line = NULL;
+    if (n < 0 || (n > PIPE_ATOMIC && self->chunked)) {
+        /* Python's formatter; on a pipe a line over PIPE_BUF is cut shorter (atomic write) */
+        line = PyObject_CallOneArg(n < 0 ? self->fallback : self->stream_fallback, rec);
+        if (line == NULL) return NULL;
+        if (!PyBytes_Check(line)) {
+            Py_DECREF(line);
+            PyErr_SetString(PyExc_TypeError, "access log fallback: not bytes");
+            return NULL;
+        }
+        if (self->chunked && PyBytes_GET_SIZE(line) > PIPE_ATOMIC && n < 0) {
+            Py_DECREF(line);
+            line = PyObject_CallOneArg(self->stream_fallback, rec);
+            if (line == NULL) return NULL;
+            if (!PyBytes_Check(line)) {
+                Py_DECREF(line);
+                PyErr_SetString(PyExc_TypeError, "access log fallback: not bytes");
+                return NULL;
+            }
+        }
+        src = PyBytes_AS_STRING(line);
+        n = PyBytes_GET_SIZE(line);
+    }
+    if (self->len + n > self->room) {
+        Py_XDECREF(line);
+        return PyLong_FromLong(2);
+    }
+    int ok = sink_append(self, src, n);
+    Py_XDECREF(line);
+    if (!ok) return NULL;
+    return PyLong_FromLong(self->nlines == 1 || self->len >= self->handover_at);
+}
+
+static PyObject *Sink_take(Sink *self, PyObject *unused) {
+    PyObject *data = PyBytes_FromStringAndSize(self->buf ? self->buf : "", self->len);
+    if (data == NULL) return NULL;
+    PyObject *res = Py_BuildValue("(Nn)", data, self->nlines);
+    if (res == NULL) return NULL;
+    self->len = 0;
+    self->nlines = 0;
+    if (self->cap > 4 * self->handover_at && self->cap > 256 * 1024) {
+        /* a burst grew it: give the memory back */
+        PyMem_Free(self->buf);
+        self->buf = NULL;
+        self->cap = 0;
+    }
+    return res;
+}
+
+static PyObject *Sink_clear(Sink *self, PyObject *unused) {
+    Py_ssize_t n = self->nlines;
+    self->len = 0;
+    self->nlines = 0;
+    return PyLong_FromSsize_t(n);
+}
+
+static PyMethodDef Sink_methods[] = {
+    {"add", (PyCFunction)Sink_add, METH_O,
+     "add(rec) -> 0, 1 (Python has work to do) or 2 (no room: not appended)"},
+    {"take", (PyCFunction)Sink_take, METH_NOARGS,
+     "take() -> (bytes, lines): the lines so far; the buffer starts again empty"},
+    {"clear", (PyCFunction)Sink_clear, METH_NOARGS, "clear() -> lines thrown away"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Sink_members[] = {
+    {"len", T_PYSSIZET, offsetof(Sink, len), READONLY, "bytes buffered"},
+    {"nlines", T_PYSSIZET, offsetof(Sink, nlines), READONLY, "lines buffered"},
+    {"room", T_PYSSIZET, offsetof(Sink, room), 0, "bytes the buffer may reach"},
+    {"handover_at", T_PYSSIZET, offsetof(Sink, handover_at), 0, "add() is True from here"},
+    {"chunked", T_INT, offsetof(Sink, chunked), 0, "1: a pipe, lines <= PIPE_BUF"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lb.data._fastlog.Sink",
+    .tp_basicsize = sizeof(Sink),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An access log's loop-side line buffer (see lb/data/accesslog.py PySink).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Sink_init,
+    .tp_dealloc = (destructor)Sink_dealloc,
+    .tp_methods = Sink_methods,
+    .tp_members = Sink_members,
+};
 
 static PyObject *reset(PyObject *mod, PyObject *unused) {
     json_sec = -1;
@@ -383,5 +558,14 @@ PyMODINIT_FUNC PyInit__fastlog(void) {
         safe_tab[i] = (i != '"' && i != '\\');
         tok_tab[i] = safe_tab[i] && i != ' ';
     }
-    return PyModule_Create(&moddef);
+    if (PyType_Ready(&SinkType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL) return NULL;
+    Py_INCREF(&SinkType);
+    if (PyModule_AddObject(m, "Sink", (PyObject *)&SinkType) < 0) {
+        Py_DECREF(&SinkType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -38,7 +38,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, Protocol, cast
 
 logger = logging.getLogger(__name__)
 
@@ -585,6 +585,10 @@ FORMATTERS: Final[dict[str, Callable[..., tuple[list[bytes], int]]]] = {
     "json": json_lines,
     "combined": combined_lines,
 }
+_PY_FORMATTERS: Final[dict[str, Callable[[int], Callable[[Record], bytes]]]] = {
+    "json": py_json_formatter,
+    "combined": py_combined_formatter,
+}
 LINE_FORMATTERS: Final[dict[str, Callable[[int], Callable[[Record], bytes]]]] = {
     "json": json_formatter,
     "combined": combined_formatter,
@@ -624,6 +628,70 @@ def clip(r: Record, limit: int = FIELD_MAX) -> Record:
             b = v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass")
             out[i] = b[:limit] + b"..."
     return r if out is None else tuple(out)
+class Sink(Protocol):
+    """The loop-side line buffer of an AccessLog: lb.data._fastlog.Sink, or PySink."""
+
+    len: int
+    nlines: int
+    room: int
+    handover_at: int
+    chunked: int
+
+    def add(self, rec: Record) -> int: ...
+
+    def take(self) -> tuple[bytes, int]: ...
+
+    def clear(self) -> int: ...
+
+
+class PySink:
+    """lb.data._fastlog.Sink in Python (no C compiler, or PAIRLB_PURE_PYTHON=1): ``add``
+    formats a record and appends its line; returns 0, 1 when the caller has work (a new
+    batch, the hand-over size reached), 2 when the line would take the buffer past ``room``
+    (not appended)."""
+
+    def __init__(self, fmt: str, limit: int, fallback: Callable[[Record], bytes],
+                 stream_fallback: Callable[[Record], bytes]) -> None:
+        if fmt not in _PY_FORMATTERS:
+            raise ValueError("fmt: json or combined")
+        self._fmt = _PY_FORMATTERS[fmt](limit)
+        self._fallback = fallback
+        self._stream = stream_fallback
+        self._lines: list[bytes] = []
+        self.len = 0
+        self.nlines = 0
+        self.room = 1 << 62
+        self.handover_at = 64 << 10
+        self.chunked = 0
+
+    def add(self, rec: Record) -> int:
+        try:
+            line = self._fmt(rec)
+        except Exception:
+            line = self._fallback(rec)
+        if self.chunked and len(line) > PIPE_BUF:
+            line = self._stream(rec)
+        n = len(line)
+        if self.len + n > self.room:
+            return 2
+        self._lines.append(line)
+        self.len += n
+        self.nlines += 1
+        return int(self.nlines == 1 or self.len >= self.handover_at)
+
+    def take(self) -> tuple[bytes, int]:
+        data, n = b"".join(self._lines), self.nlines
+        self._lines = []
+        self.len = self.nlines = 0
+        return data, n
+
+    def clear(self) -> int:
+        n = self.nlines
+        self._lines = []
+        self.len = self.nlines = 0
+        return n
+
+
 _HANDOVER_MAX: Final = 64 << 10
 """Bytes of lines after which the loop hands its buffer to the writer without waiting for
 the timer: a busy worker's lines stay in a small, cache-warm buffer."""
@@ -655,12 +723,31 @@ class AccessLog:
         self.flush_interval = flush_interval
         self.retry_open_s = retry_open_s
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._line = LINE_FORMATTERS[fmt](FIELD_MAX)
-        self._stream_line = LINE_FORMATTERS[fmt](STREAM_FIELD_MAX)
-        self._buf = bytearray()  # loop: formatted lines not yet handed over
-        self._nlines = 0  # loop: lines in _buf
+        py_line = _PY_FORMATTERS[fmt](FIELD_MAX)
+        py_stream = _PY_FORMATTERS[fmt](STREAM_FIELD_MAX)
+
+        def fallback(rec: Record) -> bytes:
+            try:
+                return py_line(rec)
+            except Exception:
+                self._bad_records += 1
+                return py_line(sanitize(rec))
+
+        def stream_fallback(rec: Record) -> bytes:
+            try:
+                return py_stream(rec)
+            except Exception:
+                return py_stream(sanitize(rec))
+
+        # loop: the formatted lines not yet handed over (C when built, else PySink)
+        self._sink: Sink = (_fastlog.Sink if _fastlog is not None else PySink)(
+            fmt, FIELD_MAX, fallback, stream_fallback)
+        if _fastlog is not None:
+            _fastlog.reset()
         self._handover_at = max(PIPE_BUF, min(_HANDOVER_MAX, buffer_bytes // 8))
-        self._room = buffer_bytes  # loop: bytes _buf may reach (recomputed when reached)
+        self._sink.handover_at = self._handover_at
+        self._sink.room = buffer_bytes
+        self._add = self._sink.add
         self._timer: asyncio.TimerHandle | None = None
         self._idle = True
         self._closed = False
@@ -687,6 +774,7 @@ class AccessLog:
             # be cut for atomic pipe writes (stat does not block).
             with contextlib.suppress(OSError):
                 self._chunked = stat.S_ISFIFO(os.stat(dest).st_mode)
+        self._sink.chunked = int(self._chunked)
         self._handed_lines = 0  # loop: lines given to the writer
         self._abandoned = 0  # lines left with a writer that did not finish by close
         self._thread = threading.Thread(
@@ -699,48 +787,32 @@ class AccessLog:
     # ------------------------------------------------------------------ loop side
 
     def write(self, rec: Record) -> None:
-        """Log one request: ``rec`` is a tuple in the order of FIELDS. Formatted here, at
-        once, into the loop's buffer: keeping records for the writer thread to format cost
-        the loop more than formatting them (bench/perf.py, docs/performance.md)."""
-        try:
-            line = self._line(rec)
-        except Exception:
-            line = self._sanitized(rec)
-        buf = self._buf
-        if len(buf) + len(line) > self._room and not self._has_room(len(line)):
-            self._dropped_loop += 1
-            return
-        buf += line
-        self._nlines += 1
-        if len(line) > PIPE_BUF and self._chunked:
-            self._fix_stream_line(rec, len(line))
+        """Log one request: ``rec`` is a tuple in the order of FIELDS. Its line is formatted
+        here, at once, and appended to the loop's buffer (one C call when _fastlog is
+        built): keeping records for the writer thread to format cost the loop more
+        (docs/performance.md, "Access log cost")."""
+        r = self._add(rec)
+        if r:
+            self._due(r, rec)
+
+    def _due(self, r: int, rec: Record) -> None:
+        """What the sink asked for (``Sink.add``): 1, a timer for a new batch or a
+        hand-over; 2, no room: a fresh look at how far behind the writer is, then the line
+        or its drop (counted)."""
+        sink = self._sink
+        if r == 2:
+            sink.room = self.buffer_bytes - max(0, self._in_bytes - self._out_bytes)
+            r = sink.add(rec)
+            if r == 2:
+                self._dropped_loop += 1
+                return
+            if not r:
+                return
         if self._idle:
-            self._arm()
-        elif len(buf) >= self._handover_at:
+            if sink.nlines:
+                self._arm()
+        elif sink.len >= self._handover_at:
             self._handover()
-
-    def _sanitized(self, rec: Record) -> bytes:
-        self._bad_records += 1
-        try:
-            return self._line(sanitize(rec))
-        except Exception:  # pragma: no cover - sanitize() makes any record formattable
-            return b"{}\n" if self.fmt == "json" else b"-\n"
-
-    def _fix_stream_line(self, rec: Record, size: int) -> None:
-        """The last line went past PIPE_BUF on a pipe (stdout shared by every worker):
-        written again with fields cut shorter, so it stays one atomic write."""
-        del self._buf[-size:]
-        try:
-            self._buf += self._stream_line(rec)
-        except Exception:
-            self._buf += self._stream_line(sanitize(rec))
-
-    def _has_room(self, n: int) -> bool:
-        """Whether ``n`` more bytes fit beside what the writer has not finished; refreshes
-        the bound the fast path checks."""
-        behind = self._in_bytes - self._out_bytes
-        self._room = self.buffer_bytes - max(0, behind)
-        return len(self._buf) + n <= self._room
 
     def _arm(self) -> None:
         if self._closed:
@@ -750,24 +822,22 @@ class AccessLog:
 
     def _tick(self) -> None:
         self._timer = None
-        if not self._buf:
+        if not self._sink.nlines:
             self._idle = True  # no wakeups on an idle worker
             return
         self._timer = self._loop.call_later(self.flush_interval, self._tick)
         self._handover()
 
     def _handover(self) -> None:
-        """Give the writer the buffer (not copied: the loop starts a new one)."""
-        buf = self._buf
-        if not buf:
+        """Give the writer the lines so far (one bytes object)."""
+        sink = self._sink
+        if not sink.nlines:
             return
-        n = len(buf)
-        self._q.put((buf, self._nlines))
-        self._handed_lines += self._nlines
-        self._buf = bytearray()
-        self._nlines = 0
-        self._in_bytes += n
-        self._room = self.buffer_bytes - max(0, self._in_bytes - self._out_bytes)
+        data, n = sink.take()
+        self._q.put((data, n))
+        self._handed_lines += n
+        self._in_bytes += len(data)
+        sink.room = self.buffer_bytes - max(0, self._in_bytes - self._out_bytes)
 
     def _mark(self) -> _Flush | None:
         """Hand the pending lines over; a mark the writer sets once past them (None when
@@ -819,7 +889,7 @@ class AccessLog:
         if self._closed:
             return True
         ok = await self.aflush(within)
-        if ok and self._buf:
+        if ok and self._sink.nlines:
             ok = await self.aflush(within)
         self._shut()
         if not ok:
@@ -837,10 +907,9 @@ class AccessLog:
             self._timer.cancel()
             self._timer = None
         self._idle = False
-        self._dropped_loop += self._nlines
-        self._buf = bytearray()
-        self._nlines = 0
+        self._dropped_loop += self._sink.clear()
         self.write = _discard  # type: ignore[method-assign]  # later lines: nothing
+        self._add = _discard_true
         self._q.put(_STOP)
 
     def stats(self) -> dict[str, int]:
@@ -854,7 +923,7 @@ class AccessLog:
             "errors": self._errors,
             "bad_records": self._bad_records,
             "queue_bytes": max(0, self._in_bytes - self._out_bytes),
-            "pending": self._nlines,
+            "pending": self._sink.nlines,
             "batches": self._batches,
             "reopens": self._reopens,
             "open": int(self._fd is not None),
@@ -876,7 +945,7 @@ class AccessLog:
             if isinstance(item, _Flush):
                 item.done.set()
                 continue
-            data, nlines = cast("tuple[bytearray, int]", item)
+            data, nlines = cast("tuple[bytes, int]", item)
             try:
                 self._write_batch(data, nlines)
             except Exception:  # never let the thread die: the loop would fill the queue
@@ -909,6 +978,7 @@ class AccessLog:
             return
         old, self._fd = self._fd, fd
         self._chunked = _is_stream(fd)
+        self._sink.chunked = int(self._chunked)
         if old is not None:
             self._reopens += 1
             with contextlib.suppress(OSError):
@@ -917,7 +987,7 @@ class AccessLog:
             self._failing = False
             logger.warning("event=access_log_opened path=%s", self.dest)
 
-    def _write_batch(self, data: bytearray, nlines: int) -> None:
+    def _write_batch(self, data: bytes, nlines: int) -> None:
         if self._fd is None:
             if time.monotonic() - self._last_open >= self.retry_open_s:
                 self._open()
@@ -930,7 +1000,7 @@ class AccessLog:
         else:
             self._write_all(data, nlines)
 
-    def _write_chunks(self, data: bytearray, nlines: int) -> None:
+    def _write_chunks(self, data: bytes, nlines: int) -> None:
         """A pipe or socket (stdout, shared by every worker): writes of at most PIPE_BUF
         bytes that end at a line end, so no other writer's bytes land inside a line."""
         view = memoryview(data)
@@ -973,6 +1043,10 @@ class AccessLog:
 
 def _discard(rec: Record) -> None:
     """``AccessLog.write`` once the log is closed."""
+
+
+def _discard_true(rec: Record) -> int:
+    return 0
 
 
 def _is_stream(fd: int) -> bool:
