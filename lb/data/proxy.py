@@ -123,7 +123,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 
@@ -312,22 +312,38 @@ class _Request(H.RequestHead):
     """The sticky cookie's Set-Cookie line, when the backend it names is not this one."""
     end_reason: str | None = None
     """Why pairlb answered or cut it (an error reason): the access log's termination."""
-    # The access log's (set only when it is on):
-    target = b""
     rid: bytes | None = None
-    ua: bytes | None = None
-    referer: bytes | None = None
-    logged = False
-    resp_status = 0
-    t_pick = -1.0
-    t_sent = -1.0
-    t_first = -1.0
-    connect_s = -1.0
+    lg: _LogState | None = None
+    """The access log's facts about the request (only when the log is on)."""
 
     def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         self.pool = pool
         self.pool_cfg = pool_cfg
         self.attempts_left = pool_cfg.retries
+
+
+class _LogState:
+    """What the access log needs of a request besides its head: in slots of their own
+    object, because nine more keys in the request's instance dict cost it a resize (about
+    3x the time of this object, measured)."""
+
+    __slots__ = ("connect_s", "logged", "referer", "resp_status", "t_first", "t_pick",
+                 "t_sent", "target", "ua")
+
+    def __init__(self, target: bytes, ua: bytes | None, referer: bytes | None) -> None:
+        self.target = target
+        self.ua = ua
+        self.referer = referer
+        self.logged = False
+        self.resp_status = 0
+        self.t_pick = -1.0
+        self.t_sent = -1.0
+        self.t_first = -1.0
+        self.connect_s = -1.0
+
+
+_LG0: Final = _LogState(b"", None, None)
+"""A request made before the log was turned on (a reload): logged with no timings."""
 
 
 def _header(hdrs: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:
@@ -622,10 +638,11 @@ class _Upstream(_Conn):
         assert req is not None and client is not None
         status = self.parser.get_status_code()
         self.status = status
-        if self.srv.alog is not None and (status >= 200 or status == 101):
-            req.resp_status = status  # what the client got, if the response is cut later
-            if req.t_first < 0:
-                req.t_first = self.srv.time()
+        lg = req.lg
+        if lg is not None and (status >= 200 or status == 101):
+            lg.resp_status = status  # what the client got, if the response is cut later
+            if lg.t_first < 0:
+                lg.t_first = self.srv.time()
         # The raw head: llhttp has validated it (strict), so lines end in CRLF.
         buf = self.head_buf
         assert buf is not None
@@ -744,10 +761,11 @@ class _Upstream(_Conn):
         self.status = 0
         self.reusable = True
         self.head_buf = b""
-        if self.srv.alog is not None:
-            req.t_sent = self.srv.time()
-            if req.connect_s < 0:
-                req.connect_s = 0.0  # an idle connection, reused
+        lg = req.lg
+        if lg is not None:
+            lg.t_sent = self.srv.time()
+            if lg.connect_s < 0:
+                lg.connect_s = 0.0  # an idle connection, reused
         pending = req.pending
         if pending:
             req.pending = None
@@ -1328,9 +1346,7 @@ class _Client(_Conn):
         if srv.affinity:
             self._affinity(req, target)
         if srv.alog is not None:
-            req.target = self.url
-            req.ua = _header(hdrs, b"user-agent")
-            req.referer = _header(hdrs, b"referer")
+            req.lg = _LogState(self.url, _header(hdrs, b"user-agent"), _header(hdrs, b"referer"))
         http10 = version == "1.0"
         if http10:
             req.http10 = True
@@ -1539,8 +1555,9 @@ class _Client(_Conn):
                 self.fail(req, 503, "no_backend", "-")
             return
         req.backend = backend
-        if srv.alog is not None and req.t_pick < 0:
-            req.t_pick = now
+        lg = req.lg
+        if lg is not None and lg.t_pick < 0:
+            lg.t_pick = now
         up = srv.take_idle(backend, req, now)
         if up is not None:
             up.attach(req, self)
@@ -1649,7 +1666,8 @@ class _Client(_Conn):
                 req.excluded = []
             req.excluded.append(backend)
         srv.stats.retry(req.pool.name, reason)
-        req.t_first = -1.0  # the access log times the answer of the backend that gives it
+        if req.lg is not None:
+            req.lg.t_first = -1.0  # the log times the answer of the backend that gives it
         if req.replay:
             req.pending = list(req.replay) + (req.pending or [])
             req.pending_bytes = sum(map(len, req.pending))
@@ -1779,7 +1797,7 @@ class _Client(_Conn):
         if srv.alog is not None and not req.finished:
             term = A.termination(reason, A.PHASE_DATA)
             self.cut = term[0]
-            self.log(req, req.resp_status, term, srv.time())
+            self.log(req, (req.lg or _LG0).resp_status, term, srv.time())
         if up is not None:
             up.detach()
             up.abort()
@@ -1984,10 +2002,13 @@ class _Client(_Conn):
 
     def log(self, req: _Request, status: int, term: str, now: float) -> None:
         """One access log record (lb.data.accesslog.FIELDS): the request is over, answered
-        (status), cut or abandoned. Only a tuple is made here; the writer formats it."""
-        if req.logged:
+        (status), cut or abandoned. A tuple made here; AccessLog.write formats it at once."""
+        lg = req.lg
+        if lg is None:
+            lg = req.lg = _LogState(b"", None, None)  # made before the log was on
+        elif lg.logged:
             return  # a tunnel is logged when it starts; its end is not another request
-        req.logged = True
+        lg.logged = True
         srv = self.srv
         alog = srv.alog
         assert alog is not None
@@ -2001,17 +2022,17 @@ class _Client(_Conn):
             sent += sum(map(len, out))
         nbytes, self.nmark = sent - self.nmark, sent
         retries = req.pool_cfg.retries - req.attempts_left + (1 if req.stale_retried else 0)
-        t_pick, t_sent, t_first = req.t_pick, req.t_sent, req.t_first
+        t_pick, t_sent, t_first, c_s = lg.t_pick, lg.t_sent, lg.t_first, lg.connect_s
         alog.write((
             time.time() - total, ctx.ip if ctx is not None else None, self.cport,
-            srv.listener.name, "http", req.method, req.target,
+            srv.listener.name, "http", req.method, lg.target,
             "HTTP/1.0" if req.http10 else "HTTP/1.1", status,
             len(req.head) + req.body_seen if req.head else req.body_seen, nbytes,
             req.pool.name, b.name if b is not None else None, retries,
             (t_pick - t0) * 1000 if t_pick >= 0 else -1.0,
-            req.connect_s * 1000 if req.connect_s >= 0 else -1.0,
+            c_s * 1000 if c_s >= 0 else -1.0,
             (t_first - t_sent) * 1000 if t_first >= 0 and t_sent >= 0 else -1.0,
-            total * 1000, term, req.rid, req.ua, req.referer,
+            total * 1000, term, req.rid, lg.ua, lg.referer,
         ))
 
     def start_tunnel(self, req: _Request, up: _Upstream, rest: bytes) -> None:
@@ -2382,7 +2403,8 @@ class ProxyServer(ListenerServer["_Client"]):
         ):
             up.key = _RETIRED  # made with settings a reload has since changed
         if req.conn_gen == gen and req.backend is backend and not req.finished:
-            req.connect_s = self.time() - started
+            if req.lg is not None:
+                req.lg.connect_s = self.time() - started
             up.attach(req, client)
         else:
             self.put_idle(up)
