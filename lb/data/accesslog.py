@@ -3,8 +3,8 @@
 A worker's event loop must never wait for its log, and a request's share of the log must stay
 a small part of its CPU. The hot path formats the request's record (a tuple in the order of
 ``FIELDS``) at once with a per-record formatter (``json_formatter`` / ``combined_formatter``)
-and appends the line to one bytearray: no per-request objects outlive the request. That
-buffer goes to ONE writer thread when it reaches a few dozen KiB, or every
+and appends the line to one buffer (``Sink``, in C when built): nothing outlives the request. That
+buffer goes to ONE writer thread when it reaches 256 KiB, or every
 ``flush_interval`` s; the thread only writes it: one ``os.write`` (a regular file) or writes
 of at most PIPE_BUF bytes cut at line ends (a pipe or socket, e.g. stdout shared by every
 worker: no line is split by another worker's). Keeping raw records for the thread to format
@@ -692,7 +692,7 @@ class PySink:
         return n
 
 
-_HANDOVER_MAX: Final = 64 << 10
+_HANDOVER_MAX: Final = 256 << 10
 """Bytes of lines after which the loop hands its buffer to the writer without waiting for
 the timer: a busy worker's lines stay in a small, cache-warm buffer."""
 
@@ -747,7 +747,9 @@ class AccessLog:
         self._handover_at = max(PIPE_BUF, min(_HANDOVER_MAX, buffer_bytes // 8))
         self._sink.handover_at = self._handover_at
         self._sink.room = buffer_bytes
-        self._add = self._sink.add
+        self.add: Callable[[Record], int] = self._sink.add
+        """The hot path's ``write``: one C call (Sink.add); when it returns non-zero, the
+        caller passes that to ``due`` with the record."""
         self._timer: asyncio.TimerHandle | None = None
         self._idle = True
         self._closed = False
@@ -791,11 +793,11 @@ class AccessLog:
         here, at once, and appended to the loop's buffer (one C call when _fastlog is
         built): keeping records for the writer thread to format cost the loop more
         (docs/performance.md, "Access log cost")."""
-        r = self._add(rec)
+        r = self.add(rec)
         if r:
-            self._due(r, rec)
+            self.due(r, rec)
 
-    def _due(self, r: int, rec: Record) -> None:
+    def due(self, r: int, rec: Record) -> None:
         """What the sink asked for (``Sink.add``): 1, a timer for a new batch or a
         hand-over; 2, no room: a fresh look at how far behind the writer is, then the line
         or its drop (counted)."""
@@ -909,7 +911,7 @@ class AccessLog:
         self._idle = False
         self._dropped_loop += self._sink.clear()
         self.write = _discard  # type: ignore[method-assign]  # later lines: nothing
-        self._add = _discard_true
+        self.add = _discard_true
         self._q.put(_STOP)
 
     def stats(self) -> dict[str, int]:

@@ -2023,7 +2023,7 @@ class _Client(_Conn):
         nbytes, self.nmark = sent - self.nmark, sent
         retries = req.pool_cfg.retries - req.attempts_left + (1 if req.stale_retried else 0)
         t_pick, t_sent, t_first, c_s = lg.t_pick, lg.t_sent, lg.t_first, lg.connect_s
-        alog.write((
+        rec = (
             time.time() - total, ctx.ip if ctx is not None else None, self.cport,
             srv.listener.name, "http", req.method, lg.target,
             "HTTP/1.0" if req.http10 else "HTTP/1.1", status,
@@ -2033,7 +2033,10 @@ class _Client(_Conn):
             c_s * 1000 if c_s >= 0 else -1.0,
             (t_first - t_sent) * 1000 if t_first >= 0 and t_sent >= 0 else -1.0,
             total * 1000, term, req.rid, lg.ua, lg.referer,
-        ))
+        )
+        r = alog.add(rec)  # AccessLog.write without its Python frame
+        if r:
+            alog.due(r, rec)
 
     def start_tunnel(self, req: _Request, up: _Upstream, rest: bytes) -> None:
         """The backend said 101: from now on both connections are a byte pipe."""
