@@ -229,3 +229,68 @@ def test_fifo_lines_are_cut_before_the_reader_opens_and_a_stuck_writer_is_counte
     # unblock the writer thread stuck in open(): it finds the log closed
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     os.close(fd)
+
+
+# -- Sink.http: the proxy's one call per request -------------------------------------------
+
+
+def _sinks(fmt: str) -> tuple[Any, Any]:
+    def make(cls: Any) -> Any:
+        return cls(fmt, A.FIELD_MAX, PY[fmt](A.FIELD_MAX), PY[fmt](A.STREAM_FIELD_MAX),
+                   A.http_record)
+    return make(A._fastlog.Sink), make(A.PySink)
+
+
+_t = st.floats(min_value=0, max_value=1e7)
+
+
+@st.composite
+def http_facts(draw: Any) -> tuple[Any, ...]:
+    t0 = draw(_t)
+    stage = st.one_of(st.just(-1.0), _t, st.just(0.0))
+    return (
+        draw(st.one_of(st.floats(min_value=1e9, max_value=2e9), st.integers(0, 2**31))),
+        draw(st.sampled_from(["203.0.113.9", "::1", None])), draw(st.integers(0, 65535)),
+        "web", draw(st.sampled_from([b"GET", b"POST"])), draw(_text),
+        draw(st.booleans()), draw(st.sampled_from([200, 404, 0, 101])),
+        draw(st.integers(0, 10**6)), draw(st.integers(0, 10**9)), "app",
+        draw(st.sampled_from(["app-1", None])), draw(st.integers(0, 3)), t0,
+        draw(stage), draw(stage), draw(stage), draw(stage),
+        draw(st.one_of(st.just(t0), _t, st.integers(0, 10))),
+        draw(st.sampled_from(["--", "CD", "sH"])), draw(_text), draw(_text), draw(_text),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(facts=st.lists(http_facts(), min_size=1, max_size=8),
+       fmt=st.sampled_from(["json", "combined"]))
+def test_sink_http_writes_what_python_writes(facts: list[tuple[Any, ...]], fmt: str) -> None:
+    c, p = _sinks(fmt)
+    for f in facts:
+        assert c.http(*f) == p.http(*f)
+    assert c.take() == p.take()
+    # and what the record's own line is
+    assert p.take() == (b"", 0)
+    for f in facts:
+        c.http(*f)
+    line_of = A.LINE_FORMATTERS[fmt](A.FIELD_MAX)
+    lines = []
+    for f in facts:
+        rec = A.http_record(*f)
+        try:
+            lines.append(line_of(rec))
+        except Exception:
+            lines.append(line_of(A.sanitize(rec)))
+    assert c.take()[0] == b"".join(lines)
+
+
+def test_sink_http_with_no_room_returns_the_record() -> None:
+    for fmt in ("json", "combined"):
+        for s in _sinks(fmt):
+            s.room = 10
+            facts = (1764889200.25, "ip", 1, "l", b"GET", b"/", False, 200, 1, 1, "p", "b",
+                     0, 1.0, -1.0, -1.0, -1.0, -1.0, 2.0, "--", None, None, None)
+            rec = s.http(*facts)
+            assert rec == A.http_record(*facts) and s.nlines == 0
+            s.room = 1 << 20
+            assert s.add(rec) == 1 and s.nlines == 1

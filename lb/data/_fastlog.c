@@ -208,9 +208,7 @@ static int put_qname(out_t *o, PyObject *v) {
 }
 
 /* The JSON line of rec into buf; its length, or -1: not the common case (Python's job). */
-static Py_ssize_t json_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
-    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
-    PyObject **f = ((PyTupleObject *)rec)->ob_item;
+static Py_ssize_t json_fmt_items(PyObject **f, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
     double t;
     long long sec;
     if (!get_time(f[0], &t, &sec)) return -1;
@@ -264,6 +262,11 @@ static Py_ssize_t json_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t 
     return ok ? o.p - buf : -1;
 }
 
+static Py_ssize_t json_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
+    return json_fmt_items(((PyTupleObject *)rec)->ob_item, cut, buf, cap);
+}
+
 static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *fallback, *rec;
     Py_ssize_t cut;
@@ -296,9 +299,8 @@ static int put_name(out_t *o, PyObject *v, const unsigned char *tab) {
 }
 
 /* The combined line of rec into buf; its length, or -1 (Python's job). */
-static Py_ssize_t combined_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
-    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
-    PyObject **f = ((PyTupleObject *)rec)->ob_item;
+static Py_ssize_t combined_fmt_items(PyObject **f, Py_ssize_t cut, char *buf,
+                                     Py_ssize_t cap) {
     double t;
     long long sec;
     if (!get_time(f[0], &t, &sec)) return -1;
@@ -358,6 +360,11 @@ static Py_ssize_t combined_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssiz
     return ok ? o.p - buf : -1;
 }
 
+static Py_ssize_t combined_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
+    return combined_fmt_items(((PyTupleObject *)rec)->ob_item, cut, buf, cap);
+}
+
 static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *fallback, *rec;
     Py_ssize_t cut;
@@ -391,14 +398,16 @@ typedef struct {
     int chunked;
     PyObject *fallback;
     PyObject *stream_fallback;
+    PyObject *http_fallback;
 } Sink;
 
 static int Sink_init(Sink *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fmt", "limit", "fallback", "stream_fallback", NULL};
+    static char *kwlist[] = {"fmt", "limit", "fallback", "stream_fallback", "http_fallback",
+                             NULL};
     const char *fmt;
     Py_ssize_t limit;
-    PyObject *fb, *sfb;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "snOO", kwlist, &fmt, &limit, &fb, &sfb))
+    PyObject *fb, *sfb, *hfb;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "snOOO", kwlist, &fmt, &limit, &fb, &sfb, &hfb))
         return -1;
     if (strcmp(fmt, "json") != 0 && strcmp(fmt, "combined") != 0) {
         PyErr_SetString(PyExc_ValueError, "fmt: json or combined");
@@ -410,6 +419,8 @@ static int Sink_init(Sink *self, PyObject *args, PyObject *kw) {
     Py_XSETREF(self->fallback, fb);
     Py_INCREF(sfb);
     Py_XSETREF(self->stream_fallback, sfb);
+    Py_INCREF(hfb);
+    Py_XSETREF(self->http_fallback, hfb);
     self->room = PY_SSIZE_T_MAX;
     self->handover_at = 64 * 1024;
     return 0;
@@ -419,6 +430,7 @@ static void Sink_dealloc(Sink *self) {
     PyMem_Free(self->buf);
     Py_XDECREF(self->fallback);
     Py_XDECREF(self->stream_fallback);
+    Py_XDECREF(self->http_fallback);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -440,42 +452,130 @@ static int sink_append(Sink *self, const char *p, Py_ssize_t n) {
     return 1;
 }
 
-static PyObject *Sink_add(Sink *self, PyObject *rec) {
+static PyObject *tuple_of(PyObject **f) {
+    PyObject *t = PyTuple_New(NFIELDS);
+    if (t == NULL) return NULL;
+    for (int i = 0; i < NFIELDS; i++) {
+        Py_INCREF(f[i]);
+        PyTuple_SET_ITEM(t, i, f[i]);
+    }
+    return t;
+}
+
+static PyObject *call_bytes(PyObject *fn, PyObject *rec) {
+    PyObject *line = PyObject_CallOneArg(fn, rec);
+    if (line != NULL && !PyBytes_Check(line)) {
+        Py_DECREF(line);
+        PyErr_SetString(PyExc_TypeError, "access log fallback: not bytes");
+        return NULL;
+    }
+    return line;
+}
+
+/* Format a record into the sink: its fields f (22, borrowed) or NULL, and *recp the same as
+ * a tuple or NULL (then made from f when Python's formatter needs it; the caller owns it).
+ * Returns 0 or 1 as add() does, 2 (no room, not appended), -1 (an exception). */
+static int sink_put(Sink *self, PyObject **f, PyObject **recp) {
     char tmp[LINE_MAX_FAST];
-    Py_ssize_t n = self->json ? json_fmt(rec, self->cut, tmp, sizeof tmp)
-                              : combined_fmt(rec, self->cut, tmp, sizeof tmp);
+    Py_ssize_t n = -1;
+    if (f != NULL)
+        n = self->json ? json_fmt_items(f, self->cut, tmp, sizeof tmp)
+                       : combined_fmt_items(f, self->cut, tmp, sizeof tmp);
     const char *src = tmp;
     PyObject *line = NULL;
     if (n < 0 || (n > PIPE_ATOMIC && self->chunked)) {
+        if (*recp == NULL && (*recp = tuple_of(f)) == NULL) return -1;
         /* Python's formatter; on a pipe a line over PIPE_BUF is cut shorter (atomic write) */
-        line = PyObject_CallOneArg(n < 0 ? self->fallback : self->stream_fallback, rec);
-        if (line == NULL) return NULL;
-        if (!PyBytes_Check(line)) {
-            Py_DECREF(line);
-            PyErr_SetString(PyExc_TypeError, "access log fallback: not bytes");
-            return NULL;
-        }
+        line = call_bytes(n < 0 ? self->fallback : self->stream_fallback, *recp);
+        if (line == NULL) return -1;
         if (self->chunked && PyBytes_GET_SIZE(line) > PIPE_ATOMIC && n < 0) {
             Py_DECREF(line);
-            line = PyObject_CallOneArg(self->stream_fallback, rec);
-            if (line == NULL) return NULL;
-            if (!PyBytes_Check(line)) {
-                Py_DECREF(line);
-                PyErr_SetString(PyExc_TypeError, "access log fallback: not bytes");
-                return NULL;
-            }
+            line = call_bytes(self->stream_fallback, *recp);
+            if (line == NULL) return -1;
         }
         src = PyBytes_AS_STRING(line);
         n = PyBytes_GET_SIZE(line);
     }
     if (self->len + n > self->room) {
         Py_XDECREF(line);
-        return PyLong_FromLong(2);
+        return 2;
     }
     int ok = sink_append(self, src, n);
     Py_XDECREF(line);
-    if (!ok) return NULL;
-    return PyLong_FromLong(self->nlines == 1 || self->len >= self->handover_at);
+    if (!ok) return -1;
+    return self->nlines == 1 || self->len >= self->handover_at;
+}
+
+static PyObject *Sink_add(Sink *self, PyObject *rec) {
+    PyObject **f = NULL;
+    if (PyTuple_CheckExact(rec) && PyTuple_GET_SIZE(rec) == NFIELDS)
+        f = ((PyTupleObject *)rec)->ob_item;
+    PyObject *r = rec;
+    int code = sink_put(self, f, &r);
+    if (code < 0) return NULL;
+    return PyLong_FromLong(code);
+}
+
+static PyObject *str_http, *str_http10, *str_http11;
+
+/* Sink.http(wall_now, ip, port, listener, method, target, http10, status, bytes_in,
+ * bytes_out, pool, backend, retries, t0, t_pick, connect_s, t_sent, t_first, now, term,
+ * request_id, user_agent, referer): an HTTP request's record from its raw facts, computed
+ * as PySink.http does in Python (same float operations), formatted into the sink with no
+ * tuple made. Returns 0 or 1 as add() does, or the record (a tuple) when it found no room
+ * (the caller refreshes room and add()s it, or drops it). */
+static PyObject *Sink_http(Sink *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 23) {
+        PyErr_SetString(PyExc_TypeError, "Sink.http: 23 arguments");
+        return NULL;
+    }
+    double d[7];
+    static const int fi[7] = {0, 13, 14, 15, 16, 17, 18};
+    for (int i = 0; i < 7; i++) {
+        if (!PyFloat_CheckExact(a[fi[i]])) {
+            /* not the proxy's plain floats: Python builds the record */
+            PyObject *rec = PyObject_Vectorcall(self->http_fallback, a, (size_t)nargs, NULL);
+            if (rec == NULL) return NULL;
+            PyObject *r = rec;
+            int code = sink_put(self, NULL, &r);
+            if (code == 2) return rec;
+            Py_DECREF(rec);
+            if (code < 0) return NULL;
+            return PyLong_FromLong(code);
+        }
+        d[i] = PyFloat_AS_DOUBLE(a[fi[i]]);
+    }
+    double wall_now = d[0], t0 = d[1], t_pick = d[2], c_s = d[3], t_sent = d[4];
+    double t_first = d[5], now = d[6];
+    double total = now - t0;
+    int http10 = PyObject_IsTrue(a[6]);
+    if (http10 < 0) return NULL;
+    PyObject *fl[5];
+    fl[0] = PyFloat_FromDouble(wall_now - total);
+    fl[1] = PyFloat_FromDouble(t_pick >= 0 ? (t_pick - t0) * 1000.0 : -1.0);
+    fl[2] = PyFloat_FromDouble(c_s >= 0 ? c_s * 1000.0 : -1.0);
+    fl[3] = PyFloat_FromDouble(t_first >= 0 && t_sent >= 0 ? (t_first - t_sent) * 1000.0 : -1.0);
+    fl[4] = PyFloat_FromDouble(total * 1000.0);
+    PyObject *res = NULL;
+    if (fl[0] && fl[1] && fl[2] && fl[3] && fl[4]) {
+        PyObject *f[NFIELDS] = {
+            fl[0], a[1], a[2], a[3], str_http, a[4], a[5], http10 ? str_http10 : str_http11,
+            a[7], a[8], a[9], a[10], a[11], a[12], fl[1], fl[2], fl[3], fl[4], a[19], a[20],
+            a[21], a[22],
+        };
+        PyObject *rec = NULL;
+        int code = sink_put(self, f, &rec);
+        if (code == 2) {
+            if (rec == NULL) rec = tuple_of(f);
+            res = rec; /* NULL with an exception if tuple_of failed */
+            rec = NULL;
+        } else if (code >= 0) {
+            res = PyLong_FromLong(code);
+        }
+        Py_XDECREF(rec);
+    }
+    for (int i = 0; i < 5; i++) Py_XDECREF(fl[i]);
+    return res;
 }
 
 static PyObject *Sink_take(Sink *self, PyObject *unused) {
@@ -504,6 +604,8 @@ static PyObject *Sink_clear(Sink *self, PyObject *unused) {
 static PyMethodDef Sink_methods[] = {
     {"add", (PyCFunction)Sink_add, METH_O,
      "add(rec) -> 0, 1 (Python has work to do) or 2 (no room: not appended)"},
+    {"http", (PyCFunction)(void (*)(void))Sink_http, METH_FASTCALL,
+     "http(23 raw facts) -> 0, 1, or the record (no room): see PySink.http"},
     {"take", (PyCFunction)Sink_take, METH_NOARGS,
      "take() -> (bytes, lines): the lines so far; the buffer starts again empty"},
     {"clear", (PyCFunction)Sink_clear, METH_NOARGS, "clear() -> lines thrown away"},
@@ -559,6 +661,10 @@ PyMODINIT_FUNC PyInit__fastlog(void) {
         tok_tab[i] = safe_tab[i] && i != ' ';
     }
     if (PyType_Ready(&SinkType) < 0) return NULL;
+    str_http = PyUnicode_InternFromString("http");
+    str_http10 = PyUnicode_InternFromString("HTTP/1.0");
+    str_http11 = PyUnicode_InternFromString("HTTP/1.1");
+    if (!str_http || !str_http10 || !str_http11) return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL) return NULL;
     Py_INCREF(&SinkType);

@@ -628,6 +628,26 @@ def clip(r: Record, limit: int = FIELD_MAX) -> Record:
             b = v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass")
             out[i] = b[:limit] + b"..."
     return r if out is None else tuple(out)
+def http_record(
+    wall_now: float, ip: Any, port: int, listener: Any, method: Any, target: Any,
+    http10: bool, status: int, bytes_in: int, bytes_out: int, pool: Any, backend: Any,
+    retries: int, t0: float, t_pick: float, connect_s: float, t_sent: float,
+    t_first: float, now: float, term: str, rid: Any, ua: Any, referer: Any,
+) -> Record:
+    """An HTTP request's record (FIELDS) from its raw facts: times on the loop's clock,
+    -1 for a stage not reached; ``wall_now`` is the wall clock at ``now``. What
+    ``Sink.http`` computes in C (the same float operations: the same values)."""
+    total = now - t0
+    return (
+        wall_now - total, ip, port, listener, "http", method, target,
+        "HTTP/1.0" if http10 else "HTTP/1.1", status, bytes_in, bytes_out, pool, backend,
+        retries, (t_pick - t0) * 1000 if t_pick >= 0 else -1.0,
+        connect_s * 1000 if connect_s >= 0 else -1.0,
+        (t_first - t_sent) * 1000 if t_first >= 0 and t_sent >= 0 else -1.0,
+        total * 1000, term, rid, ua, referer,
+    )
+
+
 class Sink(Protocol):
     """The loop-side line buffer of an AccessLog: lb.data._fastlog.Sink, or PySink."""
 
@@ -638,6 +658,8 @@ class Sink(Protocol):
     chunked: int
 
     def add(self, rec: Record) -> int: ...
+
+    def http(self, *facts: Any) -> int | Record: ...
 
     def take(self) -> tuple[bytes, int]: ...
 
@@ -651,7 +673,8 @@ class PySink:
     (not appended)."""
 
     def __init__(self, fmt: str, limit: int, fallback: Callable[[Record], bytes],
-                 stream_fallback: Callable[[Record], bytes]) -> None:
+                 stream_fallback: Callable[[Record], bytes],
+                 http_fallback: Callable[..., Record] = http_record) -> None:
         if fmt not in _PY_FORMATTERS:
             raise ValueError("fmt: json or combined")
         self._fmt = _PY_FORMATTERS[fmt](limit)
@@ -678,6 +701,12 @@ class PySink:
         self.len += n
         self.nlines += 1
         return int(self.nlines == 1 or self.len >= self.handover_at)
+
+    def http(self, *facts: Any) -> int | Record:
+        """``add(http_record(*facts))``; the record itself when it found no room."""
+        rec = http_record(*facts)
+        r = self.add(rec)
+        return rec if r == 2 else r
 
     def take(self) -> tuple[bytes, int]:
         data, n = b"".join(self._lines), self.nlines
@@ -741,7 +770,7 @@ class AccessLog:
 
         # loop: the formatted lines not yet handed over (C when built, else PySink)
         self._sink: Sink = (_fastlog.Sink if _fastlog is not None else PySink)(
-            fmt, FIELD_MAX, fallback, stream_fallback)
+            fmt, FIELD_MAX, fallback, stream_fallback, http_record)
         if _fastlog is not None:
             _fastlog.reset()
         self._handover_at = max(PIPE_BUF, min(_HANDOVER_MAX, buffer_bytes // 8))
@@ -750,6 +779,9 @@ class AccessLog:
         self.add: Callable[[Record], int] = self._sink.add
         """The hot path's ``write``: one C call (Sink.add); when it returns non-zero, the
         caller passes that to ``due`` with the record."""
+        self.http: Callable[..., int | Record] = self._sink.http
+        """An HTTP request's line from its raw facts (``http_record``'s arguments), with no
+        record made in Python: one C call; pass a true result to ``due_http``."""
         self._timer: asyncio.TimerHandle | None = None
         self._idle = True
         self._closed = False
@@ -796,6 +828,13 @@ class AccessLog:
         r = self.add(rec)
         if r:
             self.due(r, rec)
+
+    def due_http(self, r: int | Record) -> None:
+        """``due`` for what ``http`` returned (the record itself: no room)."""
+        if isinstance(r, tuple):
+            self.due(2, r)
+        else:
+            self.due(r, ())
 
     def due(self, r: int, rec: Record) -> None:
         """What the sink asked for (``Sink.add``): 1, a timer for a new batch or a
@@ -912,6 +951,7 @@ class AccessLog:
         self._dropped_loop += self._sink.clear()
         self.write = _discard  # type: ignore[method-assign]  # later lines: nothing
         self.add = _discard_true
+        self.http = _discard_http
         self._q.put(_STOP)
 
     def stats(self) -> dict[str, int]:
@@ -1048,6 +1088,10 @@ def _discard(rec: Record) -> None:
 
 
 def _discard_true(rec: Record) -> int:
+    return 0
+
+
+def _discard_http(*facts: Any) -> int:
     return 0
 
 

@@ -2002,7 +2002,8 @@ class _Client(_Conn):
 
     def log(self, req: _Request, status: int, term: str, now: float) -> None:
         """One access log record (lb.data.accesslog.FIELDS): the request is over, answered
-        (status), cut or abandoned. A tuple made here; AccessLog.write formats it at once."""
+        (status), cut or abandoned: its facts go to AccessLog.http (C when built), which
+        makes the line at once."""
         lg = req.lg
         if lg is None:
             lg = req.lg = _LogState(b"", None, None)  # made before the log was on
@@ -2014,29 +2015,22 @@ class _Client(_Conn):
         assert alog is not None
         ctx = self.ctx
         b = req.backend
-        t0 = req.t0
-        total = now - t0
         sent = self.nsent
         out = self.out
         if out is not None:
             sent += sum(map(len, out))
         nbytes, self.nmark = sent - self.nmark, sent
-        retries = req.pool_cfg.retries - req.attempts_left + (1 if req.stale_retried else 0)
-        t_pick, t_sent, t_first, c_s = lg.t_pick, lg.t_sent, lg.t_first, lg.connect_s
-        rec = (
-            time.time() - total, ctx.ip if ctx is not None else None, self.cport,
-            srv.listener.name, "http", req.method, lg.target,
-            "HTTP/1.0" if req.http10 else "HTTP/1.1", status,
+        r = alog.http(  # lb.data.accesslog.http_record's facts: one C call, no tuple
+            time.time(), ctx.ip if ctx is not None else None, self.cport, srv.listener.name,
+            req.method, lg.target, req.http10, status,
             len(req.head) + req.body_seen if req.head else req.body_seen, nbytes,
-            req.pool.name, b.name if b is not None else None, retries,
-            (t_pick - t0) * 1000 if t_pick >= 0 else -1.0,
-            c_s * 1000 if c_s >= 0 else -1.0,
-            (t_first - t_sent) * 1000 if t_first >= 0 and t_sent >= 0 else -1.0,
-            total * 1000, term, req.rid, lg.ua, lg.referer,
+            req.pool.name, b.name if b is not None else None,
+            req.pool_cfg.retries - req.attempts_left + (1 if req.stale_retried else 0),
+            req.t0, lg.t_pick, lg.connect_s, lg.t_sent, lg.t_first, now, term, req.rid,
+            lg.ua, lg.referer,
         )
-        r = alog.add(rec)  # AccessLog.write without its Python frame
         if r:
-            alog.due(r, rec)
+            alog.due_http(r)
 
     def start_tunnel(self, req: _Request, up: _Upstream, rest: bytes) -> None:
         """The backend said 101: from now on both connections are a byte pipe."""
