@@ -294,3 +294,44 @@ def test_sink_http_with_no_room_returns_the_record() -> None:
             assert rec == A.http_record(*facts) and s.nlines == 0
             s.room = 1 << 20
             assert s.add(rec) == 1 and s.nlines == 1
+
+
+# -- second review's findings (each failed before its fix) ---------------------------------
+
+
+def test_a_closed_log_is_freed(tmp_path: Path) -> None:
+    import asyncio
+    import gc
+    import weakref
+
+    async def main() -> weakref.ref[Any]:
+        log = A.AccessLog(str(tmp_path / "a.log"), "json")
+        log.write(typical())
+        assert await log.aclose()
+        return weakref.ref(log)
+
+    ref = asyncio.run(main())
+    gc.collect()
+    assert ref() is None  # no cycle through the (untracked) C Sink
+
+
+def test_a_bad_record_that_waits_for_room_is_counted_once(tmp_path: Path) -> None:
+    import asyncio
+
+    async def main() -> dict[str, int]:
+        log = A.AccessLog(str(tmp_path / "a.log"), "json")
+        log._sink.room = 0  # as if the writer were behind: the line is retried
+        log.write((*typical()[:8], "not a status", *typical()[9:]))
+        assert await log.aclose()
+        return log.stats()
+
+    st = asyncio.run(main())
+    assert st["bad_records"] == 1 and st["written"] == 1, st
+
+
+def test_an_uninitialised_sink_raises() -> None:
+    s = A._fastlog.Sink.__new__(A._fastlog.Sink)
+    with pytest.raises(RuntimeError):
+        s.add(typical())
+    with pytest.raises(RuntimeError):
+        s.http(*[1.0] * 23)

@@ -476,6 +476,10 @@ static PyObject *call_bytes(PyObject *fn, PyObject *rec) {
  * a tuple or NULL (then made from f when Python's formatter needs it; the caller owns it).
  * Returns 0 or 1 as add() does, 2 (no room, not appended), -1 (an exception). */
 static int sink_put(Sink *self, PyObject **f, PyObject **recp) {
+    if (self->fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Sink not initialised");
+        return -1;
+    }
     char tmp[LINE_MAX_FAST];
     Py_ssize_t n = -1;
     if (f != NULL)
@@ -527,6 +531,10 @@ static PyObject *str_http, *str_http10, *str_http11;
 static PyObject *Sink_http(Sink *self, PyObject *const *a, Py_ssize_t nargs) {
     if (nargs != 23) {
         PyErr_SetString(PyExc_TypeError, "Sink.http: 23 arguments");
+        return NULL;
+    }
+    if (self->http_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Sink not initialised");
         return NULL;
     }
     double d[7];
@@ -585,7 +593,7 @@ static PyObject *Sink_take(Sink *self, PyObject *unused) {
     if (res == NULL) return NULL;
     self->len = 0;
     self->nlines = 0;
-    if (self->cap > 4 * self->handover_at && self->cap > 256 * 1024) {
+    if (self->cap / 4 > self->handover_at && self->cap > 256 * 1024) {
         /* a burst grew it: give the memory back */
         PyMem_Free(self->buf);
         self->buf = NULL;

@@ -755,11 +755,15 @@ class AccessLog:
         py_line = _PY_FORMATTERS[fmt](FIELD_MAX)
         py_stream = _PY_FORMATTERS[fmt](STREAM_FIELD_MAX)
 
+        # The fallbacks must not hold self: the C Sink holds them and is not tracked by the
+        # garbage collector (a cycle through it would keep every closed log alive).
+        bad = self._bad = [0]
+
         def fallback(rec: Record) -> bytes:
             try:
                 return py_line(rec)
             except Exception:
-                self._bad_records += 1
+                bad[0] += 1
                 return py_line(sanitize(rec))
 
         def stream_fallback(rec: Record) -> bytes:
@@ -793,7 +797,6 @@ class AccessLog:
         self._dropped_thread = 0  # thread: lines lost to a failed open or write
         self._written = 0
         self._errors = 0
-        self._bad_records = 0
         self._batches = 0
         self._reopens = 0
         self._reopen = dest != "stdout"  # the thread opens the path first thing
@@ -843,7 +846,9 @@ class AccessLog:
         sink = self._sink
         if r == 2:
             sink.room = self.buffer_bytes - max(0, self._in_bytes - self._out_bytes)
+            seen = self._bad[0]
             r = sink.add(rec)
+            self._bad[0] = seen  # the same record: counted once, when first formatted
             if r == 2:
                 self._dropped_loop += 1
                 return
@@ -963,7 +968,7 @@ class AccessLog:
             "written": self._written,
             "dropped": self._dropped_loop + self._dropped_thread + self._abandoned,
             "errors": self._errors,
-            "bad_records": self._bad_records,
+            "bad_records": self._bad[0],
             "queue_bytes": max(0, self._in_bytes - self._out_bytes),
             "pending": self._sink.nlines,
             "batches": self._batches,
