@@ -262,21 +262,6 @@ static Py_ssize_t json_fmt_items(PyObject **f, Py_ssize_t cut, char *buf, Py_ssi
     return ok ? o.p - buf : -1;
 }
 
-static Py_ssize_t json_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
-    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
-    return json_fmt_items(((PyTupleObject *)rec)->ob_item, cut, buf, cap);
-}
-
-static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *fallback, *rec;
-    Py_ssize_t cut;
-    if (!parse_args(args, nargs, &fallback, &cut, &rec, "json_line")) return NULL;
-    char buf[LINE_MAX_FAST];
-    Py_ssize_t n = json_fmt(rec, cut, buf, sizeof buf);
-    if (n < 0) return fallback_call(fallback, rec);
-    return PyBytes_FromStringAndSize(buf, n);
-}
-
 /* ---------------------------------------------------------------------------- combined */
 
 static long long clf_sec = -1;
@@ -360,21 +345,29 @@ static Py_ssize_t combined_fmt_items(PyObject **f, Py_ssize_t cut, char *buf,
     return ok ? o.p - buf : -1;
 }
 
-static Py_ssize_t combined_fmt(PyObject *rec, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
-    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS) return -1;
-    return combined_fmt_items(((PyTupleObject *)rec)->ob_item, cut, buf, cap);
-}
+typedef Py_ssize_t (*fmt_items_fn)(PyObject **, Py_ssize_t, char *, Py_ssize_t);
 
-static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+/* json_line / combined_line: one record's line, Python's formatter for any other record. */
+static PyObject *one_line(PyObject *const *args, Py_ssize_t nargs, fmt_items_fn fn,
+                          const char *name) {
     PyObject *fallback, *rec;
     Py_ssize_t cut;
-    if (!parse_args(args, nargs, &fallback, &cut, &rec, "combined_line")) return NULL;
+    if (!parse_args(args, nargs, &fallback, &cut, &rec, name)) return NULL;
+    if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS)
+        return fallback_call(fallback, rec);
     char buf[LINE_MAX_FAST];
-    Py_ssize_t n = combined_fmt(rec, cut, buf, sizeof buf);
+    Py_ssize_t n = fn(((PyTupleObject *)rec)->ob_item, cut, buf, sizeof buf);
     if (n < 0) return fallback_call(fallback, rec);
     return PyBytes_FromStringAndSize(buf, n);
 }
 
+static PyObject *json_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    return one_line(args, nargs, json_fmt_items, "json_line");
+}
+
+static PyObject *combined_line(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    return one_line(args, nargs, combined_fmt_items, "combined_line");
+}
 
 /* -------------------------------------------------------------------------------- Sink */
 

@@ -391,14 +391,20 @@ def _lines(
     return out, bad
 
 
-def json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
-    """``py_json_formatter(limit)``, in C for the common record when lb.data._fastlog is
-    built (same bytes; any other record goes to the Python one)."""
-    py = py_json_formatter(limit)
+def _with_c(
+    py: Callable[[Record], bytes], name: str, limit: int
+) -> Callable[[Record], bytes]:
+    """The C formatter ``name`` of lb.data._fastlog in front of ``py`` (when built)."""
     if _fastlog is None:
         return py
     _fastlog.reset()  # a new formatter reads the time zone anew, as the Python one does
-    return functools.partial(_fastlog.json_line, py, limit)
+    return functools.partial(getattr(_fastlog, name), py, limit)
+
+
+def json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
+    """``py_json_formatter(limit)``, in C for the common record when lb.data._fastlog is
+    built (same bytes; any other record goes to the Python one)."""
+    return _with_c(py_json_formatter(limit), "json_line", limit)
 
 
 def json_lines(batch: Iterable[Record], *, limit: int = 0) -> tuple[list[bytes], int]:
@@ -535,11 +541,7 @@ def py_combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
 def combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     """``py_combined_formatter(limit)``, in C for the common record when lb.data._fastlog
     is built (same bytes; any other record goes to the Python one)."""
-    py = py_combined_formatter(limit)
-    if _fastlog is None:
-        return py
-    _fastlog.reset()  # a new formatter reads the time zone anew, as the Python one does
-    return functools.partial(_fastlog.combined_line, py, limit)
+    return _with_c(py_combined_formatter(limit), "combined_line", limit)
 
 
 def combined_lines(batch: Iterable[Record], *, limit: int = 0) -> tuple[list[bytes], int]:
