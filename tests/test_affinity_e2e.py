@@ -685,6 +685,10 @@ def test_sticky_cookie_is_set_honoured_and_replaced_when_its_backend_dies(lab: L
         assert (r3.status, r3.backend, r3.set_cookie) == (200, r.backend, []), r3
     lab.farm.start(owner)
     wait_until(lambda: owner in lab.node.in_rotation("sticky"), 10, f"{owner} back")
+    # /status is the control process's view; the workers hear of it a moment later (a
+    # health push): until then they still count the backend out (CI saw one such request)
+    wait_until(lambda: sticky(lab, f"{COOKIE}={tok}").backend == owner, 5,
+               f"the workers see {owner} back", 0.05)
     r4 = sticky(lab, f"{COOKIE}={tok}")  # back in rotation: the old cookie works again
     assert (r4.status, r4.backend, r4.set_cookie) == (200, owner, []), r4
     def counted() -> bool:  # the workers report their counts every 0.25 s
