@@ -56,7 +56,7 @@ def _load_fast() -> Any:
 
 _fastlog: Any = _load_fast()
 FAST: Final = _fastlog is not None
-"""Whether the common-case formatter in C is in use (the status of a worker says it)."""
+"""Whether the common-case formatter in C is in use (tests/test_fastlog.py needs it)."""
 
 FIELDS: Final = (
     "time",  # 0  float: epoch seconds (wall clock) when the request (connection) started
@@ -682,6 +682,7 @@ class PySink:
         self._fmt = _PY_FORMATTERS[fmt](limit)
         self._fallback = fallback
         self._stream = stream_fallback
+        self._http = http_fallback
         self._lines: list[bytes] = []
         self.len = 0
         self.nlines = 0
@@ -706,7 +707,7 @@ class PySink:
 
     def http(self, *facts: Any) -> int | Record:
         """``add(http_record(*facts))``; the record itself when it found no room."""
-        rec = http_record(*facts)
+        rec = self._http(*facts)
         r = self.add(rec)
         return rec if r == 2 else r
 
@@ -779,8 +780,7 @@ class AccessLog:
             fmt, FIELD_MAX, fallback, stream_fallback, http_record)
         if _fastlog is not None:
             _fastlog.reset()
-        self._handover_at = max(PIPE_BUF, min(_HANDOVER_MAX, buffer_bytes // 8))
-        self._sink.handover_at = self._handover_at
+        self._sink.handover_at = max(PIPE_BUF, min(_HANDOVER_MAX, buffer_bytes // 8))
         self._sink.room = buffer_bytes
         self.add: Callable[[Record], int] = self._sink.add
         """The hot path's ``write``: one C call (Sink.add); when it returns non-zero, the
@@ -859,7 +859,7 @@ class AccessLog:
         if self._idle:
             if sink.nlines:
                 self._arm()
-        elif sink.len >= self._handover_at:
+        elif sink.len >= sink.handover_at:
             self._handover()
 
     def _arm(self) -> None:

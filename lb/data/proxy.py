@@ -123,7 +123,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import httptools
 
@@ -340,10 +340,6 @@ class _LogState:
         self.t_sent = -1.0
         self.t_first = -1.0
         self.connect_s = -1.0
-
-
-_LG0: Final = _LogState(b"", None, None)
-"""A request made before the log was turned on (a reload): logged with no timings."""
 
 
 def _header(hdrs: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:
@@ -1797,7 +1793,7 @@ class _Client(_Conn):
         if srv.alog is not None and not req.finished:
             term = A.termination(reason, A.PHASE_DATA)
             self.cut = term[0]
-            self.log(req, (req.lg or _LG0).resp_status, term, srv.time())
+            self.log(req, req.lg.resp_status if req.lg is not None else 0, term, srv.time())
         if up is not None:
             up.detach()
             up.abort()
