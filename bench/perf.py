@@ -18,6 +18,11 @@ pairlb with ``[logging] access_log`` to a file in the work directory (on disk), 
 json,combined`` adds the pairlb ones (and pairlb itself) to --targets. Each runs beside its
 base in the same shuffled rounds; the notes give its CPU per request over the base's, paired
 per round, and the log bytes written per request (lines really written, not dropped).
+With ``--same-process`` the pairlb variants are one pairlb process switched between them by
+a reload (``[logging]`` rewritten, SIGHUP, the switch seen in the log files) before each
+run: a log-on run and its log-off pair then share a memory layout, and their ratio no
+longer carries the up to ~10 %% one process differs from another (add ``--fresh`` to
+average the ratio over several processes).
 
     .venv/bin/python bench/perf.py --targets pairlb --access-log json,combined \
         --sizes 100 --rounds 6 --duration 5 --markdown
@@ -58,6 +63,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PAIRLB_CMD = "{venv}/bin/pairlb run -c {config}"
 ROOT_ROLE = {"haproxy": "haproxy", "nginx": "master", "pairlb": "control"}
 CHILD_ROLE = {"haproxy": "thread", "nginx": "worker", "pairlb": "worker"}
+LOG_DIR: Path | None = None
+"""--log-dir: where the access logs go (default: the work directory, on /tmp's disk)."""
 
 
 @dataclass
@@ -66,6 +73,9 @@ class Target:
     port: int
     proc: c.Managed | None
     """None for 'direct' (wrk talks to a backend port)."""
+    conf: Path | None = None
+    """--same-process: the shared pairlb config file, rewritten to switch the log."""
+    admin_port: int = 0
 
 
 @dataclass
@@ -156,6 +166,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--noisy-retries", type=int, default=2, help="repeats of a disturbed run")
     ap.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
     ap.add_argument("--keep-workdir", action="store_true", help="leave configs and logs behind")
+    ap.add_argument("--log-dir", type=Path, default=None,
+                    help="a directory for the access logs (e.g. /dev/shm: no disk); "
+                         "default: the work directory")
+    ap.add_argument("--same-process", action="store_true",
+                    help="the pairlb logging variants are one pairlb process, switched by a "
+                         "reload before each run (their ratio is then free of the "
+                         "process-to-process spread)")
     ap.add_argument("--fresh", action="store_true",
                     help="restart every proxy before each round: one process's memory layout "
                          "(ASLR, hash seed) moves a Python worker's speed by up to ~10%%, so a "
@@ -201,6 +218,7 @@ def pairlb_config(
     workers: int,
     access_log: str | None = None,
     name: str = "pairlb",
+    log_name: str | None = None,
 ) -> Path:
     """A pairlb config in front of the backends: round robin, health checks on, little logging
     (``access_log``: a format, the access log on to ``workdir/access-FORMAT.log``)."""
@@ -238,7 +256,7 @@ bind = "127.0.0.1:{admin_port}"
 level = "warning"
 """
     if access_log:
-        text += (f'access_log = "{access_log_path(workdir, name)}"\n'
+        text += (f'access_log = "{access_log_path(workdir, log_name or name)}"\n'
                  f'access_log_format = "{access_log}"\n')
     conf = workdir / f"{name}.toml"
     conf.write_text(text)
@@ -248,7 +266,7 @@ level = "warning"
 def access_log_path(workdir: Path, name: str) -> Path:
     """Where a logging variant's log goes (pairlb's file; HAProxy's stdout), in a directory
     pairlb's workers can create it in: run as root, they run as ``nobody``."""
-    d = workdir / "access-logs"
+    d = (LOG_DIR or workdir) / "access-logs"
     if not d.is_dir():
         d.mkdir()
         if os.geteuid() == 0:
@@ -299,6 +317,8 @@ def start_target(
         c.prepare_nginx_dirs(workdir, "nginx-proxy")
         conf = c.write_nginx_proxy(workdir, port, backends, workers=args.workers)
         proc = procs.start(name, c.nginx_argv(conf, workdir), log, cpus=cpus)
+    elif args.same_process and name in VARIANTS and VARIANTS[name] == "pairlb":
+        raise AssertionError("--same-process variants are views of pairlb (start_views)")
     else:
         fmt = name.partition("+")[2] or None
         conf = pairlb_config(workdir, port, admin_port, backends, args.workers, fmt, name)
@@ -316,7 +336,51 @@ def start_target(
         procs.stop(proc, timeout_s=5)
         raise
     proc.remember_tree()
+    if name == "pairlb":
+        return Target(name, port, proc, conf, admin_port)
     return Target(name, port, proc)
+
+
+def same_process_view(name: str, base: Target) -> Target:
+    """--same-process: a logging variant measured on the pairlb process ``base``."""
+    return Target(name, base.port, base.proc, base.conf, base.admin_port)
+
+
+def switch_log(target: Target, args: argparse.Namespace, workdir: Path,
+               backends: list[int], state: dict[str, str]) -> None:
+    """--same-process: make the shared pairlb log as ``target`` says (off for ``pairlb``,
+    its format for ``pairlb+FORMAT``): rewrite the config, SIGHUP, and wait until the
+    worker shows it (the wanted log file grows under requests; off: the last one stops)."""
+    assert target.proc is not None and target.conf is not None
+    want = target.name
+    if state.get(target.conf.name) == want:
+        return
+    fmt = want.partition("+")[2] or None
+    pairlb_config(workdir, target.port, target.admin_port, backends, args.workers, fmt,
+                  "pairlb", log_name=want)
+    os.kill(target.proc.pid, signal.SIGHUP)
+    prev = state.get(target.conf.name, "pairlb")
+    watch = access_log_path(workdir, want if fmt else prev)
+    path = c.body_path(args.sizes[0])
+
+    def size() -> int:
+        try:
+            return watch.stat().st_size
+        except FileNotFoundError:
+            return -1
+
+    deadline = time.monotonic() + 20
+    last = size()
+    while time.monotonic() < deadline:
+        for _ in range(5):
+            c.http_get_status("127.0.0.1", target.port, path)
+        time.sleep(0.4)  # a batch of lines is written within 0.15 s
+        now = size()
+        if (now > last) if fmt else (now == last):
+            state[target.conf.name] = want
+            return
+        last = now
+    raise RuntimeError(f"pairlb did not switch its access log to {want} within 20 s")
 
 
 def restart_all(
@@ -334,12 +398,19 @@ def restart_all(
             continue
         with contextlib.suppress(ValueError):
             own_roots.remove(t.proc.pid)
+        if args.same_process and t.name in VARIANTS and VARIANTS[t.name] == "pairlb":
+            continue  # a view of pairlb: re-pointed below
         procs.stop(t.proc, timeout_s=10)
         new = start_target(t.name, args, workdir, procs, backend_ports)
         if new.proc is not None:
             started_pids.extend(new.proc.remember_tree())
             own_roots.append(new.proc.pid)
         targets[i] = new
+    base = next((t for t in targets if t.name == "pairlb"), None)
+    if args.same_process and base is not None:
+        for i, t in enumerate(targets):
+            if t.name in VARIANTS and VARIANTS[t.name] == "pairlb":
+                targets[i] = same_process_view(t.name, base)
 
 
 def mem_of(target: Target) -> list[dict[str, Any]]:
@@ -710,6 +781,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {tool} not found", file=sys.stderr)
             return 2
     workdir = Path(tempfile.mkdtemp(prefix="pairlb-bench-"))
+    global LOG_DIR
+    if args.log_dir is not None:
+        LOG_DIR = Path(tempfile.mkdtemp(prefix="pairlb-bench-logs-", dir=args.log_dir))
+        LOG_DIR.chmod(0o755)  # the workers (nobody, when run as root) reach access-logs/
     samples: list[Sample] = []
     skipped: dict[str, str] = {}
     started_pids: list[int] = []
@@ -734,7 +809,13 @@ def run(args: argparse.Namespace) -> int:
         started_pids.extend(backends.remember_tree())
         targets: list[Target] = []
         own_roots = [backends.pid]
+        views = [n for n in args.targets if args.same_process
+                 and n in VARIANTS and VARIANTS[n] == "pairlb"]
+        if views and "pairlb" not in args.targets:
+            args.targets.append("pairlb")
         for name in args.targets:
+            if name in views:
+                continue
             try:
                 t = start_target(name, args, workdir, procs, backend_ports)
             except RuntimeError as exc:
@@ -751,6 +832,10 @@ def run(args: argparse.Namespace) -> int:
                 started_pids.extend(t.proc.remember_tree())
                 own_roots.append(t.proc.pid)
             targets.append(t)
+        base = next((t for t in targets if t.name == "pairlb"), None)
+        if base is not None:
+            targets += [same_process_view(n, base) for n in views]
+        log_state: dict[str, str] = {}
         print(
             f"workdir {workdir}; pinned={args.pin}; targets "
             + ", ".join(f"{t.name}:{t.port}" for t in targets),
@@ -760,9 +845,16 @@ def run(args: argparse.Namespace) -> int:
             if args.fresh and rnd > 1:
                 restart_all(targets, args, workdir, procs, backend_ports, own_roots,
                             started_pids)
+                log_state.clear()  # a new pairlb starts with its log off
             plan = [(t, size) for t in targets for size in args.sizes]
             rng.shuffle(plan)
             for t, size in plan:
+                if args.same_process and t.conf is not None:
+                    try:
+                        switch_log(t, args, workdir, backend_ports, log_state)
+                    except RuntimeError as exc:
+                        samples.append(Sample(t.name, size, rnd, ok=False, error=str(exc)))
+                        continue
                 s = measure(t, size, rnd, args, backends, own_roots, workdir)
                 samples.append(s)
                 status = (
@@ -776,6 +868,8 @@ def run(args: argparse.Namespace) -> int:
         procs.close()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+            if LOG_DIR is not None:
+                shutil.rmtree(LOG_DIR, ignore_errors=True)
     rows = summarize(samples, args, skipped)
     cmd = " ".join(shlex.quote(a) for a in ["bench/perf.py", *sys.argv[1:]])
     text_notes = notes(rows, args, skipped)
