@@ -212,3 +212,26 @@ def test_no_hop_by_hop_ever_forwarded(pairs: list[tuple[str, str]], trusted: boo
     protected = {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"via",
                  b"x-request-id", b"content-length", b"transfer-encoding"}
     assert not (set(names) & (conn_named - protected))
+
+
+class _Note:
+    ua: bytes | None = None
+    referer: bytes | None = None
+
+
+@pytest.mark.parametrize("underscores", [False, True])
+def test_user_agent_and_referer_noted_for_the_log_and_forwarded(underscores: bool) -> None:
+    """The access log's User-Agent/Referer come from the one loop over the fields: the
+    first of each (any case), forwarded unchanged; an underscore alias is neither noted nor
+    treated as anything but an underscore name."""
+    note = _Note()
+    hdrs = [(b"Host", b"h"), (b"User_Agent", b"alias"), (b"uSeR-aGeNt", b"first"),
+            (b"Referer", b"https://r/1"), (b"User-Agent", b"second"), (b"referer", b"r2")]
+    head = H.build_request_head(b"GET", b"/p", hdrs, UNTRUSTED, note=note,
+                                underscores=underscores).head
+    assert (note.ua, note.referer) == (b"first", b"https://r/1")
+    assert field(head, b"user-agent") == [b"first", b"second"]
+    assert field(head, b"referer") == [b"https://r/1", b"r2"]
+    assert field(head, b"user_agent") == ([b"alias"] if underscores else [])
+    # Without a note (the log off) the same head.
+    assert build(hdrs, underscores=underscores) == head

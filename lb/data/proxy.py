@@ -330,10 +330,10 @@ class _LogState:
     __slots__ = ("connect_s", "logged", "referer", "resp_status", "t_first", "t_pick",
                  "t_sent", "target", "ua")
 
-    def __init__(self, target: bytes, ua: bytes | None, referer: bytes | None) -> None:
+    def __init__(self, target: bytes) -> None:
         self.target = target
-        self.ua = ua
-        self.referer = referer
+        self.ua: bytes | None = None
+        self.referer: bytes | None = None
         self.logged = False
         self.resp_status = 0
         self.t_pick = -1.0
@@ -1342,7 +1342,7 @@ class _Client(_Conn):
         if srv.affinity:
             self._affinity(req, target)
         if srv.alog is not None:
-            req.lg = _LogState(self.url, _header(hdrs, b"user-agent"), _header(hdrs, b"referer"))
+            req.lg = _LogState(self.url)  # User-Agent, Referer: noted by build_request_head
         http10 = version == "1.0"
         if http10:
             req.http10 = True
@@ -1353,7 +1353,7 @@ class _Client(_Conn):
             method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
             http10=http10, request_id=request_id,
             via=lst.via, host_override=host_override, default_host=srv.local_host,
-            into=req, underscores=srv.pass_underscores,
+            into=req, underscores=srv.pass_underscores, note=req.lg,
         )
         if http10 and req.chunked:
             # Transfer-Encoding did not exist in HTTP/1.0: such a message has been mangled
@@ -2002,7 +2002,7 @@ class _Client(_Conn):
         makes the line at once."""
         lg = req.lg
         if lg is None:
-            lg = req.lg = _LogState(b"", None, None)  # made before the log was on
+            lg = req.lg = _LogState(b"")  # made before the log was on
         elif lg.logged:
             return  # a tunnel is logged when it starts; its end is not another request
         lg.logged = True
