@@ -575,20 +575,27 @@ def write_nginx_proxy(
 
 
 def write_haproxy(
-    workdir: Path, port: int, backend_ports: Sequence[int], *, nbthread: int = 1
+    workdir: Path, port: int, backend_ports: Sequence[int], *, nbthread: int = 1,
+    mode: str = "http", extra: str = "",
 ) -> Path:
     """HAProxy in HTTP mode: round robin, keep-alive both sides, http-reuse always,
-    X-Forwarded-For, an HTTP health check per server (like pairlb's), no logging."""
+    X-Forwarded-For, an HTTP health check per server (like pairlb's), no logging.
+
+    ``mode="tcp"``: HAProxy ``mode tcp`` instead (bytes piped, one backend connection per
+    client connection, round robin over connections), the same HTTP health checks, its
+    default buffers (16 KiB, no splicing); ``extra``: lines added to ``defaults`` (e.g.
+    ``option splice-auto``)."""
     servers = "".join(
         f"    server s{i} 127.0.0.1:{p} check inter 1s\n" for i, p in enumerate(backend_ports, 1)
     )
-    text = f"""global
-    nbthread {nbthread}
-    maxconn 4096
-    pidfile {workdir}/haproxy.pid
-
-defaults
-    mode http
+    if mode == "tcp":
+        proxy_opts = """    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+"""
+    elif mode == "http":
+        proxy_opts = """    mode http
     timeout connect 5s
     timeout client 300s
     timeout server 300s
@@ -596,7 +603,17 @@ defaults
     option http-keep-alive
     option forwardfor
     http-reuse always
+"""
+    else:
+        raise ValueError(f"HAProxy mode {mode!r}: http or tcp")
+    proxy_opts += "".join(f"    {ln.strip()}\n" for ln in extra.splitlines() if ln.strip())
+    text = f"""global
+    nbthread {nbthread}
+    maxconn 4096
+    pidfile {workdir}/haproxy.pid
 
+defaults
+{proxy_opts}
 frontend fe
     bind 127.0.0.1:{port}
     default_backend be

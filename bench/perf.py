@@ -27,6 +27,14 @@ average the ratio over several processes).
     .venv/bin/python bench/perf.py --targets pairlb --access-log json,combined \
         --sizes 100 --rounds 6 --duration 5 --markdown
 
+``--mode tcp``: the proxies forward bytes, not requests: pairlb with a ``mode = "tcp"``
+listener, HAProxy ``mode tcp`` (``haproxy+splice``: the same with ``option splice-auto``),
+in front of the same nginx backends; wrk's keep-alive HTTP goes through each as over a
+pipe (one backend connection per wrk connection). nginx has no stream module here: not a
+target in this mode.
+
+    .venv/bin/python bench/perf.py --mode tcp --rounds 4 --duration 5 --markdown
+
 Only processes this script started are stopped, by PID, also on Ctrl-C, SIGTERM or error.
 Imports nothing from lb: it measures the installed ``pairlb`` command.
 """
@@ -56,6 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 ALL_TARGETS = ("direct", "haproxy", "nginx", "pairlb")
+TCP_TARGETS = ("direct", "haproxy", "pairlb")
+"""--mode tcp's default targets (nginx-light has no stream module)."""
+TCP_ONLY = {"haproxy+splice": "haproxy"}
+"""--mode tcp only: HAProxy with ``option splice-auto`` (zero-copy both ways)."""
 ACCESS_LOG_FORMATS = ("json", "combined")
 VARIANTS = {f"pairlb+{f}": "pairlb" for f in ACCESS_LOG_FORMATS} | {"haproxy+httplog": "haproxy"}
 """Logging variants -> the target they are compared with (same proxy, log off)."""
@@ -64,6 +76,8 @@ DEFAULT_PAIRLB_CMD = "{venv}/bin/pairlb run -c {config}"
 ROOT_ROLE = {"haproxy": "haproxy", "nginx": "master", "pairlb": "control"}
 CHILD_ROLE = {"haproxy": "thread", "nginx": "worker", "pairlb": "worker"}
 LOG_DIR: Path | None = None
+ACCESS_LOG_BUFFER = 0
+"""--access-log-buffer: pairlb's access_log_buffer_bytes (0: its default)."""
 """--log-dir: where the access logs go (default: the work directory, on /tmp's disk)."""
 
 
@@ -117,7 +131,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (integer)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS)
+        "--targets", default=None,
+        help="subset of " + ",".join(ALL_TARGETS) + " (default: all; --mode tcp: "
+        + ",".join(TCP_TARGETS) + ", and haproxy+splice may be added)",
+    )
+    ap.add_argument(
+        "--mode", default="http", choices=("http", "tcp"),
+        help="tcp: pairlb with a mode = \"tcp\" listener, HAProxy mode tcp (wrk's HTTP "
+        "piped through them)",
     )
     ap.add_argument("--sizes", default="100,65536", help="response body sizes in bytes")
     ap.add_argument(
@@ -169,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--log-dir", type=Path, default=None,
                     help="a directory for the access logs (e.g. /dev/shm: no disk); "
                          "default: the work directory")
+    ap.add_argument("--access-log-buffer", type=int, default=0,
+                    help="pairlb's [logging] access_log_buffer_bytes (0: the default; a "
+                         "hand-over to the writer is an eighth of it, at most 256 KiB)")
     ap.add_argument("--same-process", action="store_true",
                     help="the pairlb logging variants are one pairlb process, switched by a "
                          "reload before each run (their ratio is then free of the "
@@ -178,11 +202,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(ASLR, hash seed) moves a Python worker's speed by up to ~10%%, so a "
                          "comparison of two pairlb configs needs several processes of each")
     args = ap.parse_args(argv)
+    if args.targets is None:
+        args.targets = ",".join(TCP_TARGETS if args.mode == "tcp" else ALL_TARGETS)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    known = (*ALL_TARGETS, *VARIANTS)
+    known: tuple[str, ...] = (*ALL_TARGETS, *VARIANTS)
+    if args.mode == "tcp":
+        known = (*[t for t in known if t != "nginx"], *TCP_ONLY)
     bad = [t for t in args.targets if t not in known]
     if bad or not args.targets:
-        ap.error(f"--targets: unknown {bad}; choose from {','.join(known)}")
+        ap.error(f"--targets: unknown {bad}"
+                 + (" (nginx has no TCP proxy here)" if "nginx" in bad else "")
+                 + f"; choose from {','.join(known)}")
     formats = [f.strip() for f in args.access_log.split(",") if f.strip()]
     if formats != ["off"]:
         wrong = [f for f in formats if f not in ACCESS_LOG_FORMATS]
@@ -219,9 +249,11 @@ def pairlb_config(
     access_log: str | None = None,
     name: str = "pairlb",
     log_name: str | None = None,
+    mode: str = "http",
 ) -> Path:
     """A pairlb config in front of the backends: round robin, health checks on, little logging
-    (``access_log``: a format, the access log on to ``workdir/access-FORMAT.log``)."""
+    (``access_log``: a format, the access log on to ``workdir/access-FORMAT.log``; ``mode``:
+    the listener's, http or tcp)."""
     entries = ",\n".join(
         f'  {{ name = "b{i}", address = "127.0.0.1:{p}" }}' for i, p in enumerate(backends, 1)
     )
@@ -234,7 +266,7 @@ shutdown_timeout_s = 2
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:{port}"
-mode = "http"
+mode = "{mode}"
 pool = "bench"
 
 [[pool]]
@@ -256,6 +288,8 @@ bind = "127.0.0.1:{admin_port}"
 level = "warning"
 """
     if access_log:
+        if ACCESS_LOG_BUFFER:
+            text += f"access_log_buffer_bytes = {ACCESS_LOG_BUFFER}\n"
         text += (f'access_log = "{access_log_path(workdir, log_name or name)}"\n'
                  f'access_log_format = "{access_log}"\n')
     conf = workdir / f"{name}.toml"
@@ -275,14 +309,16 @@ def access_log_path(workdir: Path, name: str) -> Path:
     return d / f"{name}.log"
 
 
-def haproxy_httplog(workdir: Path, port: int, backends: list[int], nbthread: int) -> Path:
-    """bench/_common's HAProxy config plus ``option httplog`` to stdout (its own file)."""
+def haproxy_httplog(workdir: Path, port: int, backends: list[int], nbthread: int,
+                    mode: str = "http") -> Path:
+    """bench/_common's HAProxy config plus ``option httplog`` (mode tcp: ``tcplog``) to
+    stdout (its own file)."""
     sub = workdir / "haproxy-httplog"
     sub.mkdir(exist_ok=True)
-    conf = c.write_haproxy(sub, port, backends, nbthread=nbthread)
+    conf = c.write_haproxy(sub, port, backends, nbthread=nbthread, mode=mode)
     text = conf.read_text()
     text = text.replace("global\n", "global\n    log stdout format raw local0\n", 1)
-    text = text.replace("defaults\n", "defaults\n    log global\n    option httplog\n", 1)
+    text = text.replace("defaults\n", f"defaults\n    log global\n    option {mode}log\n", 1)
     conf.write_text(text)
     return conf
 
@@ -308,10 +344,16 @@ def start_target(
     c.require_free([port, admin_port])
     log = workdir / f"{name}.log"
     if name == "haproxy":
-        conf = c.write_haproxy(workdir, port, backends, nbthread=args.workers)
+        conf = c.write_haproxy(workdir, port, backends, nbthread=args.workers, mode=args.mode)
+        proc = procs.start(name, c.haproxy_argv(conf), log, cpus=cpus)
+    elif name == "haproxy+splice":
+        sub = workdir / "haproxy-splice"
+        sub.mkdir(exist_ok=True)
+        conf = c.write_haproxy(sub, port, backends, nbthread=args.workers, mode=args.mode,
+                               extra="option splice-auto")
         proc = procs.start(name, c.haproxy_argv(conf), log, cpus=cpus)
     elif name == "haproxy+httplog":
-        conf = haproxy_httplog(workdir, port, backends, args.workers)
+        conf = haproxy_httplog(workdir, port, backends, args.workers, args.mode)
         proc = procs.start(name, c.haproxy_argv(conf), access_log_path(workdir, name), cpus=cpus)
     elif name == "nginx":
         c.prepare_nginx_dirs(workdir, "nginx-proxy")
@@ -321,7 +363,8 @@ def start_target(
         raise AssertionError("--same-process variants are views of pairlb (start_views)")
     else:
         fmt = name.partition("+")[2] or None
-        conf = pairlb_config(workdir, port, admin_port, backends, args.workers, fmt, name)
+        conf = pairlb_config(workdir, port, admin_port, backends, args.workers, fmt, name,
+                             mode=args.mode)
         cmd = args.pairlb_cmd.format(venv=args.venv, config=conf, python=sys.executable)
         argv = shlex.split(cmd)
         if not argv or shutil.which(argv[0]) is None:
@@ -357,7 +400,7 @@ def switch_log(target: Target, args: argparse.Namespace, workdir: Path,
         return
     fmt = want.partition("+")[2] or None
     pairlb_config(workdir, target.port, target.admin_port, backends, args.workers, fmt,
-                  "pairlb", log_name=want)
+                  "pairlb", log_name=want, mode=args.mode)
     os.kill(target.proc.pid, signal.SIGHUP)
     prev = state.get(target.conf.name, "pairlb")
     watch = access_log_path(workdir, want if fmt else prev)
@@ -418,7 +461,7 @@ def mem_of(target: Target) -> list[dict[str, Any]]:
     if target.proc is None:
         return []
     out = []
-    base = VARIANTS.get(target.name, target.name)
+    base = VARIANTS.get(target.name) or TCP_ONLY.get(target.name, target.name)
     for i, m in enumerate(c.tree_mem(target.proc.pid)):
         role = ROOT_ROLE[base] if i == 0 else f"{CHILD_ROLE[base]}{i}"
         with contextlib.suppress(OSError):
@@ -714,8 +757,10 @@ def notes(
             cpu = f", CPU/request {pl['cpu_vs_haproxy']:.2f}x" if "cpu_vs_haproxy" in pl else ""
             paired = pl.get("rps_vs_haproxy_by_round") or []
             rounds = " ".join(f"{x:.2f}" for x in paired)
+            mode = " (mode tcp)" if args.mode == "tcp" else ""
             out.append(
-                f"pairlb/HAProxy req/s at {_fmt_size(size)}: {pl['rps_vs_haproxy']:.2f}{cpu}"
+                f"pairlb/HAProxy req/s at {_fmt_size(size)}{mode}: "
+                f"{pl['rps_vs_haproxy']:.2f}{cpu}"
                 + (f"; same-round ratios {rounds}" if len(paired) > 1 else "")
             )
     for r in rows:
@@ -752,6 +797,9 @@ def notes(
                 f"({r['steal_cores']:.2f} of it hypervisor steal) during "
                 f"{r['target']} {_fmt_size(r['size'])}: numbers are noisy"
             )
+    if args.mode == "tcp":
+        out.append("mode tcp: pairlb's listener and HAProxy pipe bytes (one backend connection "
+                   "per wrk connection); wrk's keep-alive HTTP passes through unread")
     if not args.pin:
         out.append(f"not pinned (workers={args.workers}): proxy, wrk and backends share all CPUs")
     for t, why in skipped.items():
@@ -781,7 +829,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {tool} not found", file=sys.stderr)
             return 2
     workdir = Path(tempfile.mkdtemp(prefix="pairlb-bench-"))
-    global LOG_DIR
+    global LOG_DIR, ACCESS_LOG_BUFFER
+    ACCESS_LOG_BUFFER = args.access_log_buffer
     if args.log_dir is not None:
         LOG_DIR = Path(tempfile.mkdtemp(prefix="pairlb-bench-logs-", dir=args.log_dir))
         LOG_DIR.chmod(0o755)  # the workers (nobody, when run as root) reach access-logs/
