@@ -10,6 +10,7 @@ httptools and CPython). Writes an SVG flame graph (or speedscope / raw collapsed
     .venv/bin/python bench/profile.py --out docs/img/hot-path-100b.svg
     .venv/bin/python bench/profile.py --size 65536 --seconds 10 --native
     .venv/bin/python bench/profile.py --access-log json --out /tmp/alog.svg
+    .venv/bin/python bench/profile.py --mode tcp --size 65536 --perf --out /tmp/tcp.svg
 
 py-spy is a tool of this script only (``pip install py-spy``); it needs ptrace rights over
 the worker (root here). Bounded: wrk runs ``--seconds`` + 3 s, every process started is
@@ -44,6 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
     ap.add_argument("--access-log", default=None, help="json or combined: log on")
+    ap.add_argument("--mode", default="http", choices=("http", "tcp"),
+                    help="the listener's mode (tcp: wrk's HTTP piped through)")
     ap.add_argument("--format", default="flamegraph", choices=("flamegraph", "speedscope", "raw"))
     ap.add_argument("--perf", action="store_true",
                     help="also sample with Linux perf (cpu-clock): C functions by self time")
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in ports:
             c.wait_http_ok("127.0.0.1", p, "/healthz", 20, proc=backends)
         port, admin = c.free_ports(2)
-        conf = perf.pairlb_config(workdir, port, admin, ports, 1, args.access_log, "pairlb")
+        conf = perf.pairlb_config(workdir, port, admin, ports, 1, args.access_log, "pairlb",
+                                  mode=args.mode)
         cmd = args.pairlb_cmd.format(venv=args.venv, config=conf, python=sys.executable)
         lb = procs.start("pairlb", shlex.split(cmd), workdir / "pairlb.log", cpus="0")
         path = c.body_path(args.size)
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     rps = res[0].rps if res else 0.0
     print(f"pairlb worker {wpid}: {rps:,.0f} req/s under py-spy (it slows the worker), "
           f"{cpu / max(args.seconds, 1) * 100:.0f}% of a core; {args.size} B bodies"
+          + (", mode tcp" if args.mode == "tcp" else "")
           + (f", access log {args.access_log}" if args.access_log else ""))
     print(f"picture: {args.out}")
     print("self time, % of samples:")

@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
+import os
 import socket
 import ssl
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +66,19 @@ logger = logging.getLogger(__name__)
 
 BUFFER_LIMIT = 256 * 1024
 """Client bytes held while the backend connection is being made, before reading pauses."""
+
+SPLICE = hasattr(os, "splice") and os.environ.get("PAIRLB_TCP_SPLICE", "1") != "0"
+"""Plain pipes (see _SplicePipe) move bytes with splice(2) through a kernel pipe, never
+through Python; False (``PAIRLB_TCP_SPLICE=0``, or no os.splice): every pipe uses the
+loop's transports. Read per connection: a test may flip it."""
+
+PIPE_SIZE = 256 * 1024
+"""The kernel pipe's capacity asked for (F_SETPIPE_SZ): the most one splice moves. Refused
+(past the user's pipe-user-pages-soft), the default (64 KiB) is kept."""
+
+PIPES_KEPT = 32
+"""Empty kernel pipes kept for the next chunk (of any connection): a pipe is held by a
+direction only while its bytes wait for the destination to take them."""
 
 SNI_PEEK_MAX = 16 * 1024
 """Client bytes held, at most, waiting for a complete ClientHello (HAProxy's buffer size)."""
@@ -567,10 +583,7 @@ class _Pipe:
         self.done = True
         srv = self.srv
         self._cancel_gate_timer()
-        if self.client is not None:
-            self.client.close()
-        if self.backend_side is not None:
-            self.backend_side.close()
+        self._close_sides()
         b = self.backend
         if b is not None:
             srv.stats.tcp_bytes(self.pool.name, b.name, self.bytes_in, self.bytes_out)
@@ -578,6 +591,13 @@ class _Pipe:
         if srv.alog is not None:
             self._log()
         srv.client_gone(self)
+
+    def _close_sides(self) -> None:
+        """Close both ends, each once what is queued for it is written."""
+        if self.client is not None:
+            self.client.close()
+        if self.backend_side is not None:
+            self.backend_side.close()
 
     def _log(self) -> None:
         """The connection's access log record (lb.data.accesslog.FIELDS; TCP: no method,
@@ -680,6 +700,336 @@ class _SniPipe(_Pipe):
         super().finish()
 
 
+# -- splice(2): plain pipes ------------------------------------------------------------------
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_SPLICE_MAX = 1 << 30
+"""Asked of each splice into a kernel pipe: the pipe's free room is the real limit."""
+_free_pipes: list[tuple[int, int]] = []
+"""Empty kernel pipes (read end, write end) for the next chunk of any connection."""
+
+
+def _take_pipe() -> tuple[int, int]:
+    """An empty kernel pipe: a kept one, or a new one (OSError: none could be made)."""
+    if _free_pipes:
+        return _free_pipes.pop()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # past pipe-user-pages-soft: the default size
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
+def _give_pipe(pipe: tuple[int, int]) -> None:
+    """Keep an empty pipe for the next chunk (a few at most; the rest are closed)."""
+    if len(_free_pipes) < PIPES_KEPT:
+        _free_pipes.append(pipe)
+    else:
+        _close_pipe(pipe)
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    for fd in pipe:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _fd_unread(fd: int) -> bool:
+    """Bytes in the socket's receive buffer (lb.data.listener.unread_bytes, for an fd)."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except OSError:
+        return False
+    return any(buf)
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a client transport whose socket a _SplicePipe took over: the
+    transport only closes its own descriptor (not the connection: the pipe holds a
+    duplicate)."""
+
+
+_DETACHED = _Detached()
+
+
+class _Flow:
+    """One direction of a _SplicePipe: ``src``'s bytes spliced into a kernel pipe and on
+    into ``dst``, never through Python. While the pipe holds bytes ``dst`` has not taken,
+    ``src`` is not read (backpressure: the rest waits in ``src``'s receive buffer, then in
+    its peer's send buffer) and ``dst``'s writability is awaited instead."""
+
+    __slots__ = (
+        "dst", "dst_fd", "eof", "from_backend", "loop", "moved", "owner", "pending", "pipe",
+        "reading", "src_fd",
+    )
+
+    def __init__(self, owner: _SplicePipe, src: socket.socket, dst: socket.socket,
+                 from_backend: bool) -> None:
+        self.owner = owner
+        self.loop = owner.srv.loop
+        self.src_fd = src.fileno()
+        self.dst = dst
+        self.dst_fd = dst.fileno()
+        self.from_backend = from_backend
+        self.pipe: tuple[int, int] | None = None
+        """The kernel pipe, held only while it has bytes for ``dst``."""
+        self.pending = 0
+        """Bytes in the pipe that ``dst`` has not taken yet."""
+        self.moved = 0
+        """Bytes read from ``src`` (the access log's bytes in/out)."""
+        self.eof = False
+        self.reading = False
+
+    def start(self) -> None:
+        self.reading = True
+        self.loop.add_reader(self.src_fd, self.readable)
+
+    def readable(self) -> None:
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = _take_pipe()
+            except OSError as exc:  # out of descriptors
+                self.owner.broken(self, exc, False)
+                return
+        try:
+            n = os.splice(self.src_fd, pipe[1], _SPLICE_MAX, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.owner.broken(self, exc, True)
+            return
+        if n == 0:
+            self.ended()
+            return
+        self.moved += n
+        owner = self.owner
+        owner.touch()
+        try:
+            m = os.splice(pipe[0], self.dst_fd, n, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            m = 0
+        except OSError as exc:
+            self.pending = n
+            owner.broken(self, exc, False)
+            return
+        if m == n:
+            self.pipe = None
+            _give_pipe(pipe)
+            return
+        # dst's send buffer is full: wait for room, read src no more until then.
+        self.pending = n - m
+        self.reading = False
+        self.loop.remove_reader(self.src_fd)
+        self.loop.add_writer(self.dst_fd, self.writable)
+
+    def writable(self) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        try:
+            m = os.splice(pipe[0], self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.owner.broken(self, exc, False)
+            return
+        self.pending -= m
+        owner = self.owner
+        if owner.done:  # a lingering flush (_SplicePipe._close_sides)
+            if not self.pending:
+                self.loop.remove_writer(self.dst_fd)
+                owner.flushed(self)
+            return
+        owner.touch()
+        if self.pending:
+            return
+        self.pipe = None
+        _give_pipe(pipe)
+        self.loop.remove_writer(self.dst_fd)
+        self.reading = True
+        self.loop.add_reader(self.src_fd, self.readable)
+
+    def ended(self) -> None:
+        """EOF from ``src`` (its pipe is empty: nothing is read while it holds bytes)."""
+        self.eof = True
+        self.stop()
+        self.owner.half_closed(self)
+
+    def stop(self) -> None:
+        """No more reading nor writing; the pipe closed or kept."""
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.src_fd)
+        pipe = self.pipe
+        if pipe is not None:
+            self.pipe = None
+            if self.pending:
+                self.loop.remove_writer(self.dst_fd)
+                self.pending = 0
+                _close_pipe(pipe)
+            else:
+                _give_pipe(pipe)
+
+
+class _SplicePipe(_Pipe):
+    """A plain pipe moved by splice(2): no TLS either way, no SNI peek, no PROXY header to
+    read (one to send is fine: it is sent before the first spliced byte).
+
+    The client's transport is dropped at once (before it has read a byte) for a duplicate
+    of its socket; the backend's socket is connected without a transport. Each direction is
+    a _Flow on the loop's add_reader/add_writer. Reading starts only once the backend is
+    connected (the client's first bytes wait in the kernel, so BUFFER_LIMIT has nothing to
+    hold). Half-close, idle timeout, byte counts, retries and the access log are the
+    transport path's; a socket whose peer is gone is seen on the next read or write. If
+    the socket cannot be duplicated, the pipe stays on the transport path."""
+
+    __slots__ = ("aborting", "bsock", "c2s", "csock", "linger_timer", "lingering", "s2c")
+
+    def __init__(self, srv: TcpProxyServer) -> None:
+        super().__init__(srv)
+        self.csock: socket.socket | None = None
+        self.bsock: socket.socket | None = None
+        self.c2s: _Flow | None = None
+        self.s2c: _Flow | None = None
+        self.aborting = False
+        self.lingering: list[_Flow] = []
+        """Flows still writing what their pipe holds after the end (finish)."""
+        self.linger_timer: asyncio.TimerHandle | None = None
+
+    def client_connected(self, client: _ClientSide) -> None:
+        transport = client.transport
+        try:
+            raw = transport.get_extra_info("socket")
+            csock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+        except (OSError, AttributeError, ValueError):
+            super().client_connected(client)  # the transport path, as any other pipe
+            return
+        self.csock = csock
+        srv = self.srv
+        srv.client_opened(self)
+        self.t0 = srv.time()
+        self.touch()
+        self.client_addr = _address(transport.get_extra_info("peername"))
+        self.local_addr = _address(transport.get_extra_info("sockname"))
+        # Nothing has been read yet: the transport closes its descriptor, ours stays.
+        transport.set_protocol(_DETACHED)
+        transport.close()
+        self.begin()
+
+    async def _connect(self, backend: Backend) -> None:
+        if self.csock is None:
+            await super()._connect(backend)
+            return
+        srv = self.srv
+        started = srv.time()
+        try:
+            async with asyncio.timeout(self.pool_cfg.connect_timeout_s):
+                sock = await _connect_and_send(srv.loop, backend.host, backend.port,
+                                               self.proxy_header())
+        except (OSError, TimeoutError) as exc:
+            self._connect_failed(backend, exc)
+            return
+        if self.done:
+            sock.close()
+            return
+        self.connect_s = srv.time() - started
+        srv.observe(self, backend, Outcome.OK)
+        srv.stats.tcp_connection(self.pool.name, backend.name)
+        self.bsock = sock
+        csock = self.csock
+        self.c2s = _Flow(self, csock, sock, False)
+        self.s2c = _Flow(self, sock, csock, True)
+        self.touch()
+        self.c2s.start()
+        self.s2c.start()
+
+    def half_closed(self, flow: _Flow) -> None:
+        """``flow``'s source sent EOF: pass it on, keep the other direction open."""
+        other = self.s2c if flow is self.c2s else self.c2s
+        if other is None or other.eof:
+            self.finish()
+            return
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.finish()
+
+    def broken(self, flow: _Flow, exc: OSError, reading: bool) -> None:
+        """A splice failed: reading ``flow``'s source, or writing its destination."""
+        if self.done:  # a lingering flush: its destination is gone
+            self.flushed(flow)
+            return
+        backend = flow.from_backend == reading
+        if backend and isinstance(exc, ConnectionResetError) and self.end is None:
+            self.end = "backend_reset"  # the access log's SD, as on the transport path
+        if not reading:
+            flow.stop()  # its bytes have nowhere to go
+        self.finish()
+
+    def has_unread(self) -> bool:
+        if self.csock is None:
+            return super().has_unread()
+        return any(f is not None and f.reading and _fd_unread(f.src_fd)
+                   for f in (self.c2s, self.s2c))
+
+    def abort(self) -> None:
+        if self.csock is None:
+            super().abort()
+            return
+        self.aborting = True
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        if self.csock is not None:
+            self.bytes_in = self.c2s.moved if self.c2s is not None else 0
+            self.bytes_out = self.s2c.moved if self.s2c is not None else 0
+        super().finish()
+
+    def _close_sides(self) -> None:
+        if self.csock is None:
+            super()._close_sides()
+            return
+        keep: list[socket.socket] = []
+        for flow in (self.c2s, self.s2c):
+            if flow is None:
+                continue
+            if flow.reading:
+                flow.reading = False
+                flow.loop.remove_reader(flow.src_fd)
+            if flow.pending and not self.aborting:
+                # What the pipe holds still goes out (as a transport's close writes its
+                # buffer first), within the idle timeout.
+                self.lingering.append(flow)
+                keep.append(flow.dst)
+            else:
+                flow.stop()
+        for sock in (self.csock, self.bsock):
+            if sock is not None and sock not in keep:
+                sock.close()
+        if self.lingering:
+            self.linger_timer = self.srv.loop.call_later(
+                self.srv.listener.client_idle_timeout_s, self._linger_expired)
+
+    def flushed(self, flow: _Flow) -> None:
+        """A lingering flow wrote the last of its pipe (or cannot): close its destination."""
+        if flow in self.lingering:
+            self.lingering.remove(flow)
+            flow.stop()
+            flow.dst.close()
+            if not self.lingering and self.linger_timer is not None:
+                self.linger_timer.cancel()
+                self.linger_timer = None
+
+    def _linger_expired(self) -> None:
+        self.linger_timer = None
+        for flow in self.lingering:
+            flow.stop()
+            flow.dst.close()
+        self.lingering = []
+
+
 class TcpProxyServer(ListenerServer["_Pipe"]):
     """The TCP proxy for one listener (lifecycle: lb.data.listener)."""
 
@@ -710,6 +1060,9 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
 
     def protocol(self) -> asyncio.Protocol:
         if self.sni_table is None:
+            if (SPLICE and self.tls is None and not self.accept_proxy
+                    and self.pool_cfg.tls is None and self.pool.name not in self.backend_tls):
+                return _ClientSide(_SplicePipe(self))
             return _ClientSide(_Pipe(self))
         return _PeekingClientSide(_SniPipe(self))
 
@@ -757,7 +1110,8 @@ async def _connect_and_send(
     loop: asyncio.AbstractEventLoop, host: str, port: int, data: bytes
 ) -> socket.socket:
     """A TCP connection to ``host``:``port`` (each address in turn, as create_connection
-    tries them) with ``data`` sent on it: the PROXY header before a TLS handshake."""
+    tries them) with ``data`` (if any) sent on it: the PROXY header before a TLS handshake,
+    or before the first spliced byte."""
     targets: list[tuple[int, Any]]
     try:
         ip = ipaddress.ip_address(host)
@@ -773,7 +1127,8 @@ async def _connect_and_send(
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_connect(sock, addr)
-            await loop.sock_sendall(sock, data)
+            if data:
+                await loop.sock_sendall(sock, data)
         except OSError as exc:
             sock.close()
             error = exc
