@@ -335,3 +335,38 @@ def test_an_uninitialised_sink_raises() -> None:
         s.add(typical())
     with pytest.raises(RuntimeError):
         s.http(*[1.0] * 23)
+
+
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_sink_http_reads_the_wall_clock_when_given_none(fmt: str) -> None:
+    """The proxy passes None (no time.time() call per request): both sinks read the clock
+    and write what they would for that instant (total 2 s: the request began 2 s ago)."""
+    facts = ["203.0.113.9", 5, "web", b"GET", b"/x", False, 200, 10, 20, "app", "app-1", 0,
+             1.0, 1.5, 0.25, 1.75, 2.5, 3.0, "--", b"rid-1", b"ua", None]
+    for s in _sinks(fmt):
+        before = time.time()
+        assert s.http(None, *facts) == 1
+        after = time.time()
+        line = s.take()[0]
+        # some instant between before and after gives exactly that line
+        cands = {s2_line(fmt, w / 1000 + 0.0005, facts) for w in range(int(before * 1000) - 1,
+                                                                 int(after * 1000) + 2)}
+        assert line in cands
+
+
+def s2_line(fmt: str, wall: float, facts: list[Any]) -> bytes:
+    return A.LINE_FORMATTERS[fmt](A.FIELD_MAX)(A.http_record(wall, *facts))
+
+
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_a_fresh_python_formatter_writes_1969s_last_second(fmt: str) -> None:
+    """Found by the parity property: the Python formatters' per-second cache started at -1,
+    so a fresh one wrote an empty time for a record at -1 s (and a used one did not)."""
+    rec = A.http_record(0.0, "ip", 1, "l", b"GET", b"/", False, 200, 1, 1, "p", "b", 0,
+                        1.0, -1.0, -1.0, -1.0, -1.0, 2.0, "--", None, None, None)
+    fresh = A.LINE_FORMATTERS[fmt](A.FIELD_MAX)
+    used = A.LINE_FORMATTERS[fmt](A.FIELD_MAX)
+    used(A.http_record(1e9, "ip", 1, "l", b"GET", b"/", False, 200, 1, 1, "p", "b", 0, 1.0,
+                       -1.0, -1.0, -1.0, -1.0, 2.0, "--", None, None, None))
+    assert fresh(rec) == used(rec)
+    assert b"1969-12-31T23:59:59" in fresh(rec) or b"31/Dec/1969" in fresh(rec)

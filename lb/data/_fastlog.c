@@ -161,13 +161,27 @@ static int put_ms(out_t *o, PyObject *v) {
 }
 
 /* Epoch seconds of a record's time field; 0 when not a plain number in 1970..9999. */
-static int get_time(PyObject *v, double *t, long long *sec) {
-    double x;
-    if (!as_double(v, &x)) return 0;
+static int time_ok(double x, double *t, long long *sec) {
     if (!(x >= 0.0 && x < 253402300800.0)) return 0;
     *t = x;
     *sec = (long long)x;
     return 1;
+}
+
+static int get_time(PyObject *v, double *t, long long *sec) {
+    double x;
+    return as_double(v, &x) && time_ok(x, t, sec);
+}
+
+/* The record's floats (time, queue/connect/first byte/total ms: fields 0 and 14-17) come
+ * either as objects in f or, from Sink.http, as doubles in dv (no float objects made). */
+#define DV_TIME 0
+static int rec_time(PyObject **f, const double *dv, double *t, long long *sec) {
+    return dv ? time_ok(dv[DV_TIME], t, sec) : get_time(f[0], t, sec);
+}
+
+static inline int put_ms_field(out_t *o, PyObject **f, const double *dv, int i) {
+    return dv ? put_fixed3(o, dv[i - 13]) : put_ms(o, f[i]);
 }
 
 static PyObject *fallback_call(PyObject *fallback, PyObject *rec) {
@@ -208,10 +222,11 @@ static int put_qname(out_t *o, PyObject *v) {
 }
 
 /* The JSON line of rec into buf; its length, or -1: not the common case (Python's job). */
-static Py_ssize_t json_fmt_items(PyObject **f, Py_ssize_t cut, char *buf, Py_ssize_t cap) {
+static Py_ssize_t json_fmt_items(PyObject **f, const double *dv, Py_ssize_t cut, char *buf,
+                                 Py_ssize_t cap) {
     double t;
     long long sec;
-    if (!get_time(f[0], &t, &sec)) return -1;
+    if (!rec_time(f, dv, &t, &sec)) return -1;
     /* untrusted strings: ip, method, target, request id, user agent, referer */
     static const int raw_idx[6] = {1, 5, 6, 19, 20, 21};
     span raw[6];
@@ -250,10 +265,10 @@ static Py_ssize_t json_fmt_items(PyObject **f, Py_ssize_t cut, char *buf, Py_ssi
         && PUTLIT(&o, ",\"pool\":") && put_qname(&o, f[11])
         && PUTLIT(&o, ",\"backend\":") && put_qname(&o, f[12])
         && PUTLIT(&o, ",\"retries\":") && put_int(&o, f[13])
-        && PUTLIT(&o, ",\"queue_ms\":") && put_ms(&o, f[14])
-        && PUTLIT(&o, ",\"connect_ms\":") && put_ms(&o, f[15])
-        && PUTLIT(&o, ",\"first_byte_ms\":") && put_ms(&o, f[16])
-        && PUTLIT(&o, ",\"total_ms\":") && put_ms(&o, f[17])
+        && PUTLIT(&o, ",\"queue_ms\":") && put_ms_field(&o, f, dv, 14)
+        && PUTLIT(&o, ",\"connect_ms\":") && put_ms_field(&o, f, dv, 15)
+        && PUTLIT(&o, ",\"first_byte_ms\":") && put_ms_field(&o, f, dv, 16)
+        && PUTLIT(&o, ",\"total_ms\":") && put_ms_field(&o, f, dv, 17)
         && PUTLIT(&o, ",\"termination\":") && put_qname(&o, f[18])
         && PUTLIT(&o, ",\"request_id\":\"") && put_span(&o, &raw[3])
         && PUTLIT(&o, "\",\"user_agent\":\"") && put_span(&o, &raw[4])
@@ -284,11 +299,11 @@ static int put_name(out_t *o, PyObject *v, const unsigned char *tab) {
 }
 
 /* The combined line of rec into buf; its length, or -1 (Python's job). */
-static Py_ssize_t combined_fmt_items(PyObject **f, Py_ssize_t cut, char *buf,
-                                     Py_ssize_t cap) {
+static Py_ssize_t combined_fmt_items(PyObject **f, const double *dv, Py_ssize_t cut,
+                                     char *buf, Py_ssize_t cap) {
     double t;
     long long sec;
-    if (!get_time(f[0], &t, &sec)) return -1;
+    if (!rec_time(f, dv, &t, &sec)) return -1;
     span ip, m, tg, rid, ua, rf;
     if (!as_span(f[1], &ip) || !as_span(f[5], &m) || !as_span(f[6], &tg)
         || !as_span(f[19], &rid) || !as_span(f[20], &ua) || !as_span(f[21], &rf))
@@ -337,15 +352,17 @@ static Py_ssize_t combined_fmt_items(PyObject **f, Py_ssize_t cut, char *buf,
         && put_name(&o, f[11], tok_tab) && PUTLIT(&o, " ")
         && put_name(&o, f[12], tok_tab) && PUTLIT(&o, " ")
         && put_int(&o, f[13]) && PUTLIT(&o, " ")
-        && put_ms(&o, f[14]) && PUTLIT(&o, " ") && put_ms(&o, f[15]) && PUTLIT(&o, " ")
-        && put_ms(&o, f[16]) && PUTLIT(&o, " ") && put_ms(&o, f[17]) && PUTLIT(&o, " ")
+        && put_ms_field(&o, f, dv, 14) && PUTLIT(&o, " ") && put_ms_field(&o, f, dv, 15)
+        && PUTLIT(&o, " ") && put_ms_field(&o, f, dv, 16) && PUTLIT(&o, " ")
+        && put_ms_field(&o, f, dv, 17) && PUTLIT(&o, " ")
         && put_name(&o, f[18], tok_tab) && PUTLIT(&o, " ")
         && put_dash(&o, &rid) && PUTLIT(&o, " ")
         && put_int(&o, f[9]) && PUTLIT(&o, " ") && put_int(&o, f[2]) && PUTLIT(&o, "\n");
     return ok ? o.p - buf : -1;
 }
 
-typedef Py_ssize_t (*fmt_items_fn)(PyObject **, Py_ssize_t, char *, Py_ssize_t);
+typedef Py_ssize_t (*fmt_items_fn)(PyObject **, const double *, Py_ssize_t, char *,
+                                   Py_ssize_t);
 
 /* json_line / combined_line: one record's line, Python's formatter for any other record. */
 static PyObject *one_line(PyObject *const *args, Py_ssize_t nargs, fmt_items_fn fn,
@@ -356,7 +373,7 @@ static PyObject *one_line(PyObject *const *args, Py_ssize_t nargs, fmt_items_fn 
     if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != NFIELDS)
         return fallback_call(fallback, rec);
     char buf[LINE_MAX_FAST];
-    Py_ssize_t n = fn(((PyTupleObject *)rec)->ob_item, cut, buf, sizeof buf);
+    Py_ssize_t n = fn(((PyTupleObject *)rec)->ob_item, NULL, cut, buf, sizeof buf);
     if (n < 0) return fallback_call(fallback, rec);
     return PyBytes_FromStringAndSize(buf, n);
 }
@@ -445,12 +462,23 @@ static int sink_append(Sink *self, const char *p, Py_ssize_t n) {
     return 1;
 }
 
-static PyObject *tuple_of(PyObject **f) {
+/* The record as a tuple: f's objects, or (dv given) floats made from dv for fields 0 and
+ * 14-17 (f holds NULL there). */
+static PyObject *tuple_of(PyObject **f, const double *dv) {
     PyObject *t = PyTuple_New(NFIELDS);
     if (t == NULL) return NULL;
     for (int i = 0; i < NFIELDS; i++) {
-        Py_INCREF(f[i]);
-        PyTuple_SET_ITEM(t, i, f[i]);
+        PyObject *v;
+        if (dv != NULL && (i == 0 || (i >= 14 && i <= 17))) {
+            v = PyFloat_FromDouble(dv[i == 0 ? DV_TIME : i - 13]);
+            if (v == NULL) {
+                Py_DECREF(t);
+                return NULL;
+            }
+        } else {
+            v = Py_NewRef(f[i]);
+        }
+        PyTuple_SET_ITEM(t, i, v);
     }
     return t;
 }
@@ -465,10 +493,11 @@ static PyObject *call_bytes(PyObject *fn, PyObject *rec) {
     return line;
 }
 
-/* Format a record into the sink: its fields f (22, borrowed) or NULL, and *recp the same as
- * a tuple or NULL (then made from f when Python's formatter needs it; the caller owns it).
- * Returns 0 or 1 as add() does, 2 (no room, not appended), -1 (an exception). */
-static int sink_put(Sink *self, PyObject **f, PyObject **recp) {
+/* Format a record into the sink: its fields f (22, borrowed; with dv, see tuple_of) or
+ * NULL, and *recp the same as a tuple or NULL (then made from f when Python's formatter
+ * needs it; the caller owns it). Returns 0 or 1 as add() does, 2 (no room, not appended),
+ * -1 (an exception). */
+static int sink_put(Sink *self, PyObject **f, const double *dv, PyObject **recp) {
     if (self->fallback == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Sink not initialised");
         return -1;
@@ -476,12 +505,12 @@ static int sink_put(Sink *self, PyObject **f, PyObject **recp) {
     char tmp[LINE_MAX_FAST];
     Py_ssize_t n = -1;
     if (f != NULL)
-        n = self->json ? json_fmt_items(f, self->cut, tmp, sizeof tmp)
-                       : combined_fmt_items(f, self->cut, tmp, sizeof tmp);
+        n = self->json ? json_fmt_items(f, dv, self->cut, tmp, sizeof tmp)
+                       : combined_fmt_items(f, dv, self->cut, tmp, sizeof tmp);
     const char *src = tmp;
     PyObject *line = NULL;
     if (n < 0 || (n > PIPE_ATOMIC && self->chunked)) {
-        if (*recp == NULL && (*recp = tuple_of(f)) == NULL) return -1;
+        if (*recp == NULL && (*recp = tuple_of(f, dv)) == NULL) return -1;
         /* Python's formatter; on a pipe a line over PIPE_BUF is cut shorter (atomic write) */
         line = call_bytes(n < 0 ? self->fallback : self->stream_fallback, *recp);
         if (line == NULL) return -1;
@@ -508,7 +537,7 @@ static PyObject *Sink_add(Sink *self, PyObject *rec) {
     if (PyTuple_CheckExact(rec) && PyTuple_GET_SIZE(rec) == NFIELDS)
         f = ((PyTupleObject *)rec)->ob_item;
     PyObject *r = rec;
-    int code = sink_put(self, f, &r);
+    int code = sink_put(self, f, NULL, &r);
     if (code < 0) return NULL;
     return PyLong_FromLong(code);
 }
@@ -519,7 +548,7 @@ static PyObject *str_http, *str_http10, *str_http11;
  * bytes_out, pool, backend, retries, t0, t_pick, connect_s, t_sent, t_first, now, term,
  * request_id, user_agent, referer): an HTTP request's record from its raw facts, computed
  * as PySink.http does in Python (same float operations), formatted into the sink with no
- * tuple made. Returns 0 or 1 as add() does, or the record (a tuple) when it found no room
+ * tuple and no float object made (wall_now None: the wall clock, read here). Returns 0 or 1 as add() does, or the record (a tuple) when it found no room
  * (the caller refreshes room and add()s it, or drops it). */
 static PyObject *Sink_http(Sink *self, PyObject *const *a, Py_ssize_t nargs) {
     if (nargs != 23) {
@@ -533,50 +562,52 @@ static PyObject *Sink_http(Sink *self, PyObject *const *a, Py_ssize_t nargs) {
     double d[7];
     static const int fi[7] = {0, 13, 14, 15, 16, 17, 18};
     for (int i = 0; i < 7; i++) {
-        if (!PyFloat_CheckExact(a[fi[i]])) {
+        PyObject *v = a[fi[i]];
+        if (PyFloat_CheckExact(v)) {
+            d[i] = PyFloat_AS_DOUBLE(v);
+        } else if (i == 0 && v == Py_None) {
+            /* the wall clock now, as time.time() reads it */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            d[0] = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+        } else {
             /* not the proxy's plain floats: Python builds the record */
             PyObject *rec = PyObject_Vectorcall(self->http_fallback, a, (size_t)nargs, NULL);
             if (rec == NULL) return NULL;
             PyObject *r = rec;
-            int code = sink_put(self, NULL, &r);
+            int code = sink_put(self, NULL, NULL, &r);
             if (code == 2) return rec;
             Py_DECREF(rec);
             if (code < 0) return NULL;
             return PyLong_FromLong(code);
         }
-        d[i] = PyFloat_AS_DOUBLE(a[fi[i]]);
     }
     double wall_now = d[0], t0 = d[1], t_pick = d[2], c_s = d[3], t_sent = d[4];
     double t_first = d[5], now = d[6];
     double total = now - t0;
     int http10 = PyObject_IsTrue(a[6]);
     if (http10 < 0) return NULL;
-    PyObject *fl[5];
-    fl[0] = PyFloat_FromDouble(wall_now - total);
-    fl[1] = PyFloat_FromDouble(t_pick >= 0 ? (t_pick - t0) * 1000.0 : -1.0);
-    fl[2] = PyFloat_FromDouble(c_s >= 0 ? c_s * 1000.0 : -1.0);
-    fl[3] = PyFloat_FromDouble(t_first >= 0 && t_sent >= 0 ? (t_first - t_sent) * 1000.0 : -1.0);
-    fl[4] = PyFloat_FromDouble(total * 1000.0);
-    PyObject *res = NULL;
-    if (fl[0] && fl[1] && fl[2] && fl[3] && fl[4]) {
-        PyObject *f[NFIELDS] = {
-            fl[0], a[1], a[2], a[3], str_http, a[4], a[5], http10 ? str_http10 : str_http11,
-            a[7], a[8], a[9], a[10], a[11], a[12], fl[1], fl[2], fl[3], fl[4], a[19], a[20],
-            a[21], a[22],
-        };
-        PyObject *rec = NULL;
-        int code = sink_put(self, f, &rec);
-        if (code == 2) {
-            if (rec == NULL) rec = tuple_of(f);
-            res = rec; /* NULL with an exception if tuple_of failed */
-            rec = NULL;
-        } else if (code >= 0) {
-            res = PyLong_FromLong(code);
-        }
-        Py_XDECREF(rec);
+    double dv[5] = {
+        wall_now - total,
+        t_pick >= 0 ? (t_pick - t0) * 1000.0 : -1.0,
+        c_s >= 0 ? c_s * 1000.0 : -1.0,
+        t_first >= 0 && t_sent >= 0 ? (t_first - t_sent) * 1000.0 : -1.0,
+        total * 1000.0,
+    };
+    PyObject *f[NFIELDS] = {
+        NULL, a[1], a[2], a[3], str_http, a[4], a[5], http10 ? str_http10 : str_http11,
+        a[7], a[8], a[9], a[10], a[11], a[12], NULL, NULL, NULL, NULL, a[19], a[20],
+        a[21], a[22],
+    };
+    PyObject *rec = NULL;
+    int code = sink_put(self, f, dv, &rec);
+    if (code == 2) {
+        if (rec == NULL) rec = tuple_of(f, dv);
+        return rec; /* NULL with an exception if tuple_of failed */
     }
-    for (int i = 0; i < 5; i++) Py_XDECREF(fl[i]);
-    return res;
+    Py_XDECREF(rec);
+    if (code < 0) return NULL;
+    return PyLong_FromLong(code);
 }
 
 static PyObject *Sink_take(Sink *self, PyObject *unused) {

@@ -337,7 +337,7 @@ def py_json_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     ASCII and valid whatever the values hold (time: ISO 8601 UTC with ms; durations: ms,
     -1.000 when not reached; strings: "" when absent; client-sized fields cut at
     ``limit`` bytes). It raises on a record of the wrong shape (``sanitize`` fixes it)."""
-    sec0 = -1
+    sec0: int | None = None  # not -1: a time in 1969's last second is a second like any
     pre = b""
     tpl_of = _jtpl_cache.get
     safe = _SAFE
@@ -497,7 +497,7 @@ def py_combined_formatter(limit: int = FIELD_MAX) -> Callable[[Record], bytes]:
     safe = _SAFE
     safe_tok = _SAFE_TOK
     cut = limit or _NO_LIMIT
-    sec0 = -1
+    sec0: int | None = None
     when = b""
 
     def combined_line(r: Record) -> bytes:
@@ -631,14 +631,17 @@ def clip(r: Record, limit: int = FIELD_MAX) -> Record:
             out[i] = b[:limit] + b"..."
     return r if out is None else tuple(out)
 def http_record(
-    wall_now: float, ip: Any, port: int, listener: Any, method: Any, target: Any,
+    wall_now: float | None, ip: Any, port: int, listener: Any, method: Any, target: Any,
     http10: bool, status: int, bytes_in: int, bytes_out: int, pool: Any, backend: Any,
     retries: int, t0: float, t_pick: float, connect_s: float, t_sent: float,
     t_first: float, now: float, term: str, rid: Any, ua: Any, referer: Any,
 ) -> Record:
     """An HTTP request's record (FIELDS) from its raw facts: times on the loop's clock,
-    -1 for a stage not reached; ``wall_now`` is the wall clock at ``now``. What
+    -1 for a stage not reached; ``wall_now`` is the wall clock at ``now`` (None: read it
+    here, as the C sink does without a call to time.time in the hot path). What
     ``Sink.http`` computes in C (the same float operations: the same values)."""
+    if wall_now is None:
+        wall_now = time.time()
     total = now - t0
     return (
         wall_now - total, ip, port, listener, "http", method, target,

@@ -120,7 +120,6 @@ import socket
 import ssl
 import stat
 import termios
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -1812,7 +1811,9 @@ class _Client(_Conn):
             queue.popleft()
         req.finished = True
         if srv.alog is not None:
-            self.log(req, status, A.termination(req.end_reason), now or srv.time())
+            reason = req.end_reason
+            self.log(req, status, A.TERM_NORMAL if reason is None else A.termination(reason),
+                     now or srv.time())
         if not counted:
             backend = req.backend
             srv.stats.request(
@@ -2014,10 +2015,10 @@ class _Client(_Conn):
         sent = self.nsent
         out = self.out
         if out is not None:
-            sent += sum(map(len, out))
+            sent += len(out[0]) if len(out) == 1 else sum(map(len, out))
         nbytes, self.nmark = sent - self.nmark, sent
         r = alog.http(  # lb.data.accesslog.http_record's facts: one C call, no tuple
-            time.time(), ctx.ip if ctx is not None else None, self.cport, srv.listener.name,
+            None, ctx.ip if ctx is not None else None, self.cport, srv.listener.name,
             req.method, lg.target, req.http10, status,
             len(req.head) + req.body_seen if req.head else req.body_seen, nbytes,
             req.pool.name, b.name if b is not None else None,
