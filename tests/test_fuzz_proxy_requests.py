@@ -220,7 +220,7 @@ class World:
              "passive": {"enabled": False}})
         pool = build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1)
         self.srv = P.ProxyServer(lcfg, pool, pcfg, Stats(), loop=self.loop)
-        self.srv.connect = self._connect  # type: ignore[method-assign]
+        self.srv.open_upstream = self._connect
         self.shapes = shapes
         self.forwarded: list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]] = []
         self.backend_errors: list[str] = []

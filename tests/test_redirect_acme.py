@@ -539,13 +539,23 @@ def free_port_on(host: str) -> int:
 
 
 def test_local_address_of_an_ipv6_connection_is_bracketed() -> None:
+    from lb.config import ListenerConfig, PoolConfig
     from lb.data import proxy as P
+    from lb.data.pool import build_pool
+    from lb.stats import Stats
 
     class T:
         def get_extra_info(self, name: str, default: Any = None) -> Any:
             return ("2001:db8::5", 80, 0, 0) if name == "sockname" else default
 
-    c = P._Client.__new__(P._Client)
+    # A real server and client (the compiled _Client cannot be made without __init__).
+    srv = P.ProxyServer(
+        ListenerConfig.model_validate({"name": "l", "bind": "127.0.0.1:1", "pool": "p"}),
+        build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1),
+        PoolConfig.model_validate(
+            {"name": "p", "backends": [{"name": "b1", "address": "127.0.0.1:9"}]}),
+        Stats())
+    c = P._Client(srv)
     c.transport = T()
     assert c._local_address() == b"[2001:db8::5]"
 

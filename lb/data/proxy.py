@@ -1558,7 +1558,7 @@ class _Client(_Conn):
             up.attach(req, self)
         else:
             req.conn_gen += 1
-            srv.connect(req, self, backend, req.conn_gen)
+            srv.open_upstream(req, self, backend, req.conn_gen)
 
     def _sticky_pick(self, req: _Request, now: float) -> Backend | None:
         """The backend the sticky cookie names, while it is in rotation (and not already
@@ -2122,6 +2122,10 @@ class ProxyServer(ListenerServer["_Client"]):
         self._acme_warned = -INF
         self._backend_ctx: ssl.SSLContext | None = None
         self._pool_set()
+        self.open_upstream: Callable[[_Request, _Client, Backend, int], None] = self.connect
+        """How a request's backend connection is opened (``connect``). An attribute, not a
+        method call, so a test harness can put its own in: compiled (mypyc) code calls a
+        method directly, never an instance's replacement."""
 
     def _listener_set(self, listener: ListenerConfig) -> None:
         """Flags that follow the listener's settings (decided once per listener and reload:
