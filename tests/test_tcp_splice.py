@@ -42,6 +42,14 @@ def splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
     return on
 
 
+@pytest.fixture
+def splice_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test of the splice path itself (whatever PAIRLB_TCP_SPLICE says)."""
+    if not hasattr(os, "splice"):
+        pytest.skip("no os.splice here")
+    monkeypatch.setattr(tcpproxy, "SPLICE", True)
+
+
 @pytest.fixture(params=sorted(LOOPS))
 def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -384,12 +392,11 @@ def test_many_connections_leave_no_descriptor_behind(loop: str, splice: bool) ->
     run_on(loop, scenario())
 
 
-def test_what_the_pipe_holds_still_reaches_the_client_after_the_end(loop: str) -> None:
+def test_what_the_pipe_holds_still_reaches_the_client_after_the_end(
+        loop: str, splice_only: None) -> None:
     """A spliced pipe ended while the client is slow (e.g. the backend's side failed):
     the bytes already taken from the backend are written before the client's socket is
     closed (as a transport's close writes its buffer)."""
-    if not hasattr(os, "splice"):
-        pytest.skip("no os.splice here")
     down = os.urandom(32 * MiB)
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -417,10 +424,9 @@ def test_what_the_pipe_holds_still_reaches_the_client_after_the_end(loop: str) -
     run_on(loop, scenario())
 
 
-def test_a_client_that_never_reads_is_cut_after_the_idle_timeout(loop: str) -> None:
+def test_a_client_that_never_reads_is_cut_after_the_idle_timeout(
+        loop: str, splice_only: None) -> None:
     """...and the bytes the pipe holds for it do not keep its socket open for ever."""
-    if not hasattr(os, "splice"):
-        pytest.skip("no os.splice here")
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
@@ -445,11 +451,9 @@ def test_a_client_that_never_reads_is_cut_after_the_idle_timeout(loop: str) -> N
     run_on(loop, scenario())
 
 
-def test_splice_is_used_only_for_plain_pipes(loop: str) -> None:
+def test_splice_is_used_only_for_plain_pipes(loop: str, splice_only: None) -> None:
     """SNI routes, an accepted PROXY header, TLS (either side) keep the transport path;
     a PROXY header to send does not."""
-    if not hasattr(os, "splice"):
-        pytest.skip("no os.splice here")
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(await r.read(-1))
@@ -496,3 +500,47 @@ def test_the_proxy_header_goes_before_the_first_spliced_byte(loop: str, splice: 
                               % (port, px.port))
 
     run_on(loop, scenario())
+
+
+def test_connect_failures_are_retried_on_another_backend(loop: str, splice: bool,
+                                                         tmp_path: Path) -> None:
+    """A refused connect and one that times out (a backend whose accept queue is full
+    drops the SYN) are retried on the next backend; the log names the reason."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"alive:" + await r.read(-1))
+        w.close()
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    stuck = [socket.create_connection(full.getsockname(), timeout=5)]  # the queue is full
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, never listening: refused
+
+    async def scenario() -> None:
+        async with backend(handle) as addr:
+            px = await start_proxy(
+                [("refused", f"127.0.0.1:{refused.getsockname()[1]}"),
+                 ("full", f"127.0.0.1:{full.getsockname()[1]}"), ("b", addr)],
+                mode="tcp", pool={"connect_timeout_s": 0.3, "retries": 2})
+            px.server.alog = AccessLog(str(tmp_path / "a.log"), flush_interval=0.01)
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", px.port)
+                w.write(b"x")
+                w.write_eof()
+                assert await asyncio.wait_for(r.read(-1), 10) == b"alive:x"
+                w.close()
+                await wait_for(lambda: not px.server.clients)
+                retries = px.stats.snapshot()["retries"]["p"]
+                assert retries["connect_refused"] == 1 and retries["connect_timeout"] == 1
+                (line,) = await log_lines(px, tmp_path / "a.log")
+                assert (line["backend"], line["retries"]) == ("b", 2), line
+            finally:
+                await stop_proxy(px)
+
+    try:
+        run_on(loop, scenario())
+    finally:
+        for s in (full, refused, *stuck):
+            s.close()

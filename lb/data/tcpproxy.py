@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
+import select
 import socket
 import ssl
 import termios
@@ -1113,20 +1116,19 @@ async def _connect_and_send(
     tries them) with ``data`` (if any) sent on it: the PROXY header before a TLS handshake,
     or before the first spliced byte."""
     targets: list[tuple[int, Any]]
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    family = _literal_family(host)
+    if family is None:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         targets = [(int(family), addr) for family, _, _, _, addr in infos]
     else:
-        targets = [(socket.AF_INET if ip.version == 4 else socket.AF_INET6, (host, port))]
+        targets = [(family, (host, port))]
     error: OSError = OSError(f"no address for {host}")
     for family, addr in targets:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, addr)
+            await _sock_connect(loop, sock, addr)
             if data:
                 await loop.sock_sendall(sock, data)
         except OSError as exc:
@@ -1138,6 +1140,44 @@ async def _connect_and_send(
             raise
         return sock
     raise error
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_family(host: str) -> int | None:
+    """AF_INET/AF_INET6 for an IP address literal, None for a name (to be resolved)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
+
+async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                        addr: Any) -> None:
+    """connect(2) a non-blocking socket to a resolved address, its completion awaited on
+    the loop. (uvloop's sock_connect resolves the address again, through its thread pool:
+    that doubled a short connection's CPU.) Raises what connect raises (OSError(errno) is
+    ConnectionRefusedError etc.)."""
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EINTR):
+        fd = sock.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not poll.poll(0):  # (a near backend has often answered already)
+            done = loop.create_future()
+            loop.add_writer(fd, _set_done, done)
+            try:
+                await done
+            finally:
+                loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {addr}: {os.strerror(err)}")
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _sni_table(listener: ListenerConfig) -> NameTable[str] | None:
