@@ -28,8 +28,9 @@ average the ratio over several processes).
         --sizes 100 --rounds 6 --duration 5 --markdown
 
 ``--mode tcp``: the proxies forward bytes, not requests: pairlb with a ``mode = "tcp"``
-listener, HAProxy ``mode tcp`` (``haproxy+splice``: the same with ``option splice-auto``),
-in front of the same nginx backends; wrk's keep-alive HTTP goes through each as over a
+listener (``pairlb+nosplice``: the same without splice(2)), HAProxy ``mode tcp``
+(``haproxy+splice``: the same with ``option splice-auto``), in front of the same nginx
+backends; wrk's keep-alive HTTP goes through each as over a
 pipe (one backend connection per wrk connection). nginx has no stream module here: not a
 target in this mode.
 
@@ -66,8 +67,9 @@ import _common as c
 ALL_TARGETS = ("direct", "haproxy", "nginx", "pairlb")
 TCP_TARGETS = ("direct", "haproxy", "pairlb")
 """--mode tcp's default targets (nginx-light has no stream module)."""
-TCP_ONLY = {"haproxy+splice": "haproxy"}
-"""--mode tcp only: HAProxy with ``option splice-auto`` (zero-copy both ways)."""
+TCP_ONLY = {"haproxy+splice": "haproxy", "pairlb+nosplice": "pairlb"}
+"""--mode tcp only: HAProxy with ``option splice-auto`` (zero-copy both ways); pairlb with
+``PAIRLB_TCP_SPLICE=0`` (every pipe on the loop's transports, no splice(2))."""
 ACCESS_LOG_FORMATS = ("json", "combined")
 VARIANTS = {f"pairlb+{f}": "pairlb" for f in ACCESS_LOG_FORMATS} | {"haproxy+httplog": "haproxy"}
 """Logging variants -> the target they are compared with (same proxy, log off)."""
@@ -362,11 +364,13 @@ def start_target(
     elif args.same_process and name in VARIANTS and VARIANTS[name] == "pairlb":
         raise AssertionError("--same-process variants are views of pairlb (start_views)")
     else:
-        fmt = name.partition("+")[2] or None
+        fmt = (name.partition("+")[2] or None) if name in VARIANTS else None
         conf = pairlb_config(workdir, port, admin_port, backends, args.workers, fmt, name,
                              mode=args.mode)
         cmd = args.pairlb_cmd.format(venv=args.venv, config=conf, python=sys.executable)
         argv = shlex.split(cmd)
+        if name == "pairlb+nosplice":
+            argv = ["env", "PAIRLB_TCP_SPLICE=0", *argv]
         if not argv or shutil.which(argv[0]) is None:
             raise RuntimeError(f"pairlb command not found: {argv[0] if argv else cmd!r}")
         proc = procs.start(name, argv, log, cpus=cpus)
@@ -651,9 +655,10 @@ def summarize(
                 row["rps_vs_haproxy"] = row["rps"] / hap["rps"]
                 if row.get("cpu_us_per_req") and hap.get("cpu_us_per_req"):
                     row["cpu_vs_haproxy"] = row["cpu_us_per_req"] / hap["cpu_us_per_req"]
-            base = by_target.get(VARIANTS.get(row["target"], ""), {})
+            base_name = VARIANTS.get(row["target"]) or TCP_ONLY.get(row["target"], "")
+            base = by_target.get(base_name, {})
             if row.get("ok") and base.get("ok") and base.get("cpu_us_per_req"):
-                # The logging variant against its base, paired in the round.
+                # The logging (or TCP) variant against its base, paired in the round.
                 base_cpu = {
                     s.round: s.cpu_us_per_req
                     for s in samples
@@ -768,12 +773,13 @@ def notes(
             paired = r["cpu_vs_base_by_round"]
             med = statistics.median(paired) if paired else r["cpu_vs_base"]
             spread = f" (min {min(paired):.3f}, max {max(paired):.3f})" if paired else ""
+            logged = r["target"] in VARIANTS
             out.append(
-                f"{r['target']}/{VARIANTS[r['target']]} CPU per request at "
-                f"{_fmt_size(r['size'])}: {r['cpu_vs_base']:.3f}x of medians; same-round "
-                f"ratios median {med:.3f}{spread}: "
+                f"{r['target']}/{VARIANTS.get(r['target']) or TCP_ONLY[r['target']]} CPU per "
+                f"request at {_fmt_size(r['size'])}: {r['cpu_vs_base']:.3f}x of medians; "
+                f"same-round ratios median {med:.3f}{spread}: "
                 + " ".join(f"{x:.3f}" for x in paired)
-                + f"; log {r['log_bytes_per_req']:.0f} bytes/request"
+                + (f"; log {r['log_bytes_per_req']:.0f} bytes/request" if logged else "")
             )
     if args.pin:
         load_cpu = "cpu" + args.load_cpus.split(",")[0].split("-")[0]
