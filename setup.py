@@ -3,23 +3,31 @@
 - lb/data/_fastlog.c, the access log's common-case formatter (always tried).
 - With ``PAIRLB_MYPYC=1`` (what ``./dev`` sets, in the venv that has mypy and every
   dependency): the proxy's hot path, lb/data/proxy.py and lb/data/headers.py, compiled by
-  mypyc into one group (``lb.data._native__mypyc``), and ``lb/data/_native.sha256``, the
-  hash of the sources it was built from. lb/__init__.py uses the compiled modules only while
-  that hash matches the .py files (an edited source is never shadowed by a stale build) and
-  never with ``PAIRLB_PURE_PYTHON=1``.
+  mypyc into one group (``lb.data._native__mypyc``). Only after the build succeeded is
+  ``lb/data/_native.sha256`` written: the digest of the sources it was built from
+  (``lb.source_digest``: every .py under lb/, the Python version), removed when a build
+  starts. lb/__init__.py uses the compiled modules only while that digest matches (an
+  edited source is never shadowed by a stale or half-done build) and never with
+  ``PAIRLB_PURE_PYTHON=1``.
 
 Everything else is in pyproject.toml. Both parts are optional: without a C compiler (or
 without mypy) the install still succeeds and pairlb runs as pure Python (same behaviour,
 the same tests).
 """
 
-import hashlib
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
-ext_modules = [
+HERE = Path(__file__).resolve().parent
+MYPYC = os.environ.get("PAIRLB_MYPYC") == "1"
+DIGEST = HERE / "lb" / "data" / "_native.sha256"
+
+ext_modules: list[Any] = [
     Extension(
         "lb.data._fastlog",
         ["lb/data/_fastlog.c"],
@@ -28,13 +36,30 @@ ext_modules = [
     )
 ]
 
-if os.environ.get("PAIRLB_MYPYC") == "1":
+
+class BuildExt(build_ext):
+    """build_ext that records what a mypyc build was made from, once it has succeeded."""
+
+    def run(self) -> None:
+        if not MYPYC:
+            super().run()
+            return
+        sys.path.insert(0, str(HERE))
+        import lb  # lb/__init__.py imports only the standard library
+
+        DIGEST.unlink(missing_ok=True)
+        digest = lb.source_digest(str(HERE / "lb"))  # the sources as they are now
+        super().run()
+        tmp = DIGEST.with_suffix(".tmp")
+        tmp.write_text(digest + "\n")
+        tmp.replace(DIGEST)
+
+
+if MYPYC:
     from mypyc.build import mypycify
 
     # Keep in sync with lb.COMPILED.
-    sources = ["lb/data/headers.py", "lb/data/proxy.py"]
-    ext_modules += mypycify(sources, group_name="lb.data._native", opt_level="3")
-    digest = hashlib.sha256(b"".join(Path(s).read_bytes() for s in sources)).hexdigest()
-    Path("lb/data/_native.sha256").write_text(digest + "\n")
+    ext_modules += mypycify(["lb/data/headers.py", "lb/data/proxy.py"],
+                            group_name="lb.data._native", opt_level="3")
 
-setup(ext_modules=ext_modules)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

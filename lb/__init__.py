@@ -2,8 +2,9 @@
 workers), lb.failoverd (the failover process), lb.admin (its admin edge); shared modules here.
 
 The proxy's hot path may be compiled (setup.py, ``PAIRLB_MYPYC=1``: mypyc builds
-lb/data/proxy.py and lb/data/headers.py in place). The compiled modules are used only when
-the hash recorded at build time matches the sources; otherwise, or with
+lb/data/proxy.py and lb/data/headers.py in place, as ``./dev`` does). The compiled modules
+are used only when the digest recorded after a successful build matches the sources
+(``source_digest``: all of lb/ and the Python version); otherwise, or with
 ``PAIRLB_PURE_PYTHON=1``, a finder loads the .py files (the same code, interpreted).
 """
 
@@ -23,11 +24,39 @@ __version__ = "0.1.0"
 COMPILED = ("lb.data.headers", "lb.data.proxy")
 """The modules mypyc may compile (setup.py's list, in the same order)."""
 
-_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_DATA = os.path.join(_ROOT, "data")
+_GROUP = "_native__mypyc"
+"""The compiled group's shared library in lb/data (setup.py's group_name)."""
 
 
 def _source(fullname: str) -> str:
     return os.path.join(_DATA, fullname.rsplit(".", 1)[1] + ".py")
+
+
+def pure_python_requested() -> bool:
+    """``PAIRLB_PURE_PYTHON`` set to anything but "" or "0": no compiled code at all (the
+    proxy's hot path and the access log's C formatter)."""
+    return os.environ.get("PAIRLB_PURE_PYTHON", "") not in ("", "0")
+
+
+def source_digest(root: str | None = None) -> str:
+    """What a compiled build is valid for: every .py file under lb/ (names and contents;
+    mypyc builds other modules' constants and types into the compiled ones) and the exact
+    Python version."""
+    root = _ROOT if root is None else root
+    h = hashlib.sha256(sys.version.encode() + b"\0")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                path = os.path.join(dirpath, fn)
+                with open(path, "rb") as f:
+                    data = f.read()
+                rel = os.path.relpath(path, root).encode()
+                h.update(b"%d:%s\0%d\0" % (len(rel), rel, len(data)))
+                h.update(data)
+    return h.hexdigest()
 
 
 def compiled_in_use() -> bool:
@@ -35,26 +64,24 @@ def compiled_in_use() -> bool:
     return not _PURE
 
 
+def _has_extension(base: str) -> bool:
+    return any(os.path.exists(os.path.join(_DATA, base + suffix))
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
 def _use_pure() -> bool:
-    if os.environ.get("PAIRLB_PURE_PYTHON") == "1":
+    if pure_python_requested():
+        return True
+    if not all(_has_extension(name.rsplit(".", 1)[1]) for name in COMPILED):
+        return True  # never built (or only in part)
+    if not _has_extension(_GROUP):
         return True
     try:
         with open(os.path.join(_DATA, "_native.sha256"), encoding="ascii") as f:
             want = f.read().strip()
-        h = hashlib.sha256()
-        for name in COMPILED:
-            with open(_source(name), "rb") as src:
-                h.update(src.read())
+        return source_digest() != want  # a source changed since the build: stale
     except OSError:
-        return True  # never built (or no sources to compare): nothing compiled to trust
-    if h.hexdigest() != want:
-        return True  # a source changed since the build: the .so files are stale
-    built = [
-        any(os.path.exists(os.path.join(_DATA, name.rsplit(".", 1)[1] + suffix))
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES)
-        for name in COMPILED
-    ]
-    return not all(built)
+        return True  # no record of what was built (a build that failed or was cut short)
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):

@@ -43,55 +43,95 @@ def test_pure_python_path_passes_the_proxy_tests() -> None:
     assert probe.stdout.split() == ["False", "True", "True"], probe.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "-p", "no:randomly", "tests/test_proxy_http.py",
-                        "tests/test_proxy_bad_requests.py", "tests/test_headers.py"],
+                        "tests/test_proxy_bad_requests.py", "tests/test_proxy_stream.py",
+                        "tests/test_fuzz_proxy_requests.py", "tests/test_redirect_acme.py",
+                        "tests/test_headers.py"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
 
 
-def _fake_build(tmp: Path, digest_of: bytes | None = None) -> Path:
-    """A copy of lb/data's compiled sources with .so stand-ins and a build hash."""
+def _fake_build(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in lb/ tree: the compiled modules' sources and another module, .so
+    stand-ins for the three extensions, and the digest a successful build records."""
+    monkeypatch.delenv("PAIRLB_PURE_PYTHON", raising=False)
     data = tmp / "data"
     data.mkdir()
-    h = hashlib.sha256()
+    (tmp / "config.py").write_text("LIMIT: int = 1\n")
     for name in lb.COMPILED:
         base = name.rsplit(".", 1)[1]
         shutil.copy(ROOT / "lb" / "data" / f"{base}.py", data / f"{base}.py")
         (data / f"{base}{SUFFIX}").write_bytes(b"")
-        h.update((data / f"{base}.py").read_bytes())
-    digest = hashlib.sha256(digest_of).hexdigest() if digest_of is not None else h.hexdigest()
-    (data / "_native.sha256").write_text(digest + "\n")
+    (data / f"_native__mypyc{SUFFIX}").write_bytes(b"")
+    (data / "_native.sha256").write_text(lb.source_digest(str(tmp)) + "\n")
+    monkeypatch.setattr(lb, "_ROOT", str(tmp))
+    monkeypatch.setattr(lb, "_DATA", str(data))
     return data
 
 
 def test_the_compiled_path_is_used_only_for_the_sources_it_was_built_from(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PAIRLB_PURE_PYTHON", raising=False)
-    data = _fake_build(tmp_path)
-    monkeypatch.setattr(lb, "_DATA", str(data))
+    data = _fake_build(tmp_path, monkeypatch)
     assert lb._use_pure() is False  # built from these very sources
-    monkeypatch.setenv("PAIRLB_PURE_PYTHON", "1")
-    assert lb._use_pure() is True  # asked for
+    for value, pure in (("1", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv("PAIRLB_PURE_PYTHON", value)
+        assert lb._use_pure() is pure, value
     monkeypatch.delenv("PAIRLB_PURE_PYTHON")
     with open(data / "proxy.py", "a") as f:
         f.write("# edited after the build\n")
     assert lb._use_pure() is True  # a stale build never shadows an edited source
 
 
-@pytest.mark.parametrize("missing", ["hash", "proxy.so", "headers.so"])
+def test_any_module_of_lb_changed_makes_the_build_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mypyc builds other modules' Final constants and types into the compiled ones: an
+    edit anywhere in lb/ (here a module that is not compiled) retires the build; so does
+    a moved file or text moved from one file to another."""
+    _fake_build(tmp_path, monkeypatch)
+    (tmp_path / "config.py").write_text("LIMIT: int = 2\n")
+    assert lb._use_pure() is True
+    d2 = tmp_path / "two"
+    d2.mkdir()
+    (d2 / "a.py").write_text("x = 1\ny = 2\n")
+    (d2 / "b.py").write_text("")
+    before = lb.source_digest(str(d2))
+    (d2 / "a.py").write_text("x = 1\n")
+    (d2 / "b.py").write_text("y = 2\n")
+    assert lb.source_digest(str(d2)) != before
+
+
+@pytest.mark.parametrize("missing", ["digest", "proxy", "headers", "_native__mypyc"])
 def test_an_incomplete_build_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          missing: str) -> None:
-    monkeypatch.delenv("PAIRLB_PURE_PYTHON", raising=False)
-    data = _fake_build(tmp_path)
-    monkeypatch.setattr(lb, "_DATA", str(data))
-    victim = {"hash": "_native.sha256", "proxy.so": f"proxy{SUFFIX}",
-              "headers.so": f"headers{SUFFIX}"}[missing]
+    """No digest (a build that failed or was cut short: it is written last), or a missing
+    extension: the .py files run, never a crash on import."""
+    data = _fake_build(tmp_path, monkeypatch)
+    victim = "_native.sha256" if missing == "digest" else f"{missing}{SUFFIX}"
     (data / victim).unlink()
     assert lb._use_pure() is True
 
 
 def test_a_build_of_other_sources_is_not_used(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PAIRLB_PURE_PYTHON", raising=False)
-    monkeypatch.setattr(lb, "_DATA", str(_fake_build(tmp_path, digest_of=b"other")))
+    data = _fake_build(tmp_path, monkeypatch)
+    (data / "_native.sha256").write_text(hashlib.sha256(b"other").hexdigest() + "\n")
     assert lb._use_pure() is True
+
+
+def test_a_failed_build_leaves_no_digest(tmp_path: Path) -> None:
+    """setup.py removes the digest when a mypyc build starts and writes it only after
+    build_ext succeeded: a compiler that fails leaves none (so pure Python runs)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    tree = tmp_path / "tree"
+    for pkg in ("lb", "healthcheck", "failover"):  # what mypyc's type check follows
+        shutil.copytree(ROOT / pkg, tree / pkg, ignore=shutil.ignore_patterns(
+            "__pycache__", "*.so", "*.sha256"))
+    shutil.copy(ROOT / "setup.py", tree / "setup.py")
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    (tree / "lb" / "data" / "_native.sha256").write_text("0" * 64 + "\n")
+    env = {**os.environ, "PAIRLB_MYPYC": "1", "CC": "false"}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert not (tree / "lb" / "data" / "_native.sha256").exists()

@@ -911,3 +911,31 @@ def test_pipelining_flood_is_parsed_a_bounded_way_ahead() -> None:
         await stop_all([be])
 
     run(scenario())
+
+
+def test_head_responses_leave_no_request_alive() -> None:
+    """Found by an outside review: the engine raised one shared exception object to end a
+    HEAD response (and to stop parsing); each raise grew its traceback, whose frames kept
+    every request and connection alive. 300 HEAD requests, then nothing of them is left."""
+    import gc
+
+    from lb.data import proxy as P
+
+    def alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) in (P._Request, P._Upstream))
+
+    async def scenario() -> None:
+        (be,) = await backends("web1")
+        async with proxy_in_front_of([be]) as px:
+            before = alive()
+            c = await RawClient.connect(px.port)
+            for i in range(300):
+                await c.send(b"HEAD /h%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+                await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+            await c.close()
+            await asyncio.sleep(0.05)
+            assert alive() <= before + 3  # the pooled backend connection, at most
+        await stop_all([be])
+
+    run(scenario())

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 def _load_fast() -> Any:
     """lb.data._fastlog (setup.py builds it when a C compiler is there), or None: the
     Python formatters then do all the work. PAIRLB_PURE_PYTHON=1 forces them."""
-    if os.environ.get("PAIRLB_PURE_PYTHON"):
+    if os.environ.get("PAIRLB_PURE_PYTHON", "") not in ("", "0"):  # lb.pure_python_requested
         return None
     try:
         return importlib.import_module("lb.data._fastlog")

@@ -233,17 +233,14 @@ class _Reject(Exception):
 
 
 class _Stop(Exception):
-    """Raised from a parser callback to stop parsing (connection is going away)."""
-
-
-_STOP = _Stop()
+    """Raised from a parser callback to stop parsing (connection is going away). A new
+    one each time: one shared instance raised again and again grew its traceback by every
+    raise, and the frames it held kept whole requests and connections alive."""
 
 
 class _HeadDone(Exception):
-    """Raised from the response parser when a response to HEAD has ended at its head."""
-
-
-_HEAD_DONE = _HeadDone()
+    """Raised from the response parser when a response to HEAD has ended at its head (a
+    new one each time, as _Stop)."""
 
 
 def error_response(
@@ -625,7 +622,7 @@ class _Upstream(_Conn):
     def on_message_begin(self) -> None:
         if self.resp_done:
             self.reusable = False  # more than one response to one request
-            raise _STOP
+            raise _Stop()
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -723,7 +720,7 @@ class _Upstream(_Conn):
             self.srv.observe(req, backend, Outcome.OK)
         if req.head_only:
             self.resp_done = True
-            raise _HEAD_DONE
+            raise _HeadDone()
 
     def on_body(self, data: bytes) -> None:
         client = self.client
@@ -1276,7 +1273,7 @@ class _Client(_Conn):
 
     def on_message_begin(self) -> None:
         if self.stopped or self.closing or self.last_in:
-            raise _STOP
+            raise _Stop()
         self.fresh = False
         if self.last_call:
             self.closing = True  # answer this one (with Connection: close), then close
@@ -1431,7 +1428,7 @@ class _Client(_Conn):
         req = self.cur
         if req is None or req.finished:
             if self.stopped or self.closing:
-                raise _STOP
+                raise _Stop()
             return
         n = len(data)
         req.body_seen += n
