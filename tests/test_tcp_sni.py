@@ -28,7 +28,13 @@ from tls_helpers import EchoBackend, Pki
 
 from lb.config import ListenerConfig, PoolConfig, SniRoute
 from lb.data.pool import Pool, build_pool
-from lb.data.tcpproxy import SNI_DECISIONS, SNI_PEEK_MAX, TcpProxyServer, _ClientSide
+from lb.data.tcpproxy import (
+    SNI_DECISIONS,
+    SNI_PEEK_MAX,
+    TcpProxyServer,
+    _ClientSide,
+    _PeekingClientSide,
+)
 from lb.listen import make_listen_socket
 from lb.stats import Stats
 from lb.tls.sni_peek import NEED_MORE, Hello, peek_sni
@@ -420,7 +426,8 @@ def test_listener_without_routes_keeps_the_plain_path(setup: Setup) -> None:
             {"name": "l", "bind": f"127.0.0.1:{free_port()}", "mode": "tcp", "pool": "p"})
         server = TcpProxyServer(lcfg, make_pool(cfg), cfg, Stats())
         assert server.sni_table is None
-        assert type(server.protocol()) is _ClientSide
+        proto = server.protocol()  # a plain client (spliced later or not), not a peeking one
+        assert isinstance(proto, _ClientSide) and not isinstance(proto, _PeekingClientSide)
         assert set(server.sni_decisions) == set(SNI_DECISIONS)
         assert not any(server.sni_decisions.values())
 

@@ -1,9 +1,10 @@
-"""TCP mode's splice(2) path (lb.data.tcpproxy._SplicePipe) and the transport path it falls
-back to, held to the same behaviour: every test runs on asyncio and on uvloop (what the
-workers run), with splice on and off (``tcpproxy.SPLICE``; ``PAIRLB_TCP_SPLICE=0`` in a
-worker). Real sockets on 127.0.0.1: large transfers both ways, half-close either way,
-backpressure from a slow reader on either side, a backend that resets or closes
-mid-transfer, the access log's bytes in/out, what is left open afterwards.
+"""TCP mode's splice(2) path (lb.data.tcpproxy._SplicePipe) and the transport path it starts
+on and falls back to, held to the same behaviour: every test runs on asyncio and on uvloop
+(what the workers run), spliced from the first chunk on (``SPLICE_AFTER = 0``), moved to
+splice mid-stream (after 256 KiB), and never spliced (``tcpproxy.SPLICE``;
+``PAIRLB_TCP_SPLICE=0`` in a worker). Real sockets on 127.0.0.1: large transfers both ways,
+half-close either way, backpressure from a slow reader on either side, a backend that
+resets or closes mid-transfer, the access log's bytes in/out, what is left open afterwards.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["splice", "transport"])
+@pytest.fixture(params=["splice", "switch", "transport"])
 def splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    on = request.param == "splice"
+    on = request.param != "transport"
     if on and not hasattr(os, "splice"):
         pytest.skip("no os.splice here")
     monkeypatch.setattr(tcpproxy, "SPLICE", on)
+    monkeypatch.setattr(tcpproxy, "SPLICE_AFTER", 0 if request.param == "splice" else 256 * 1024)
     return on
 
 
@@ -48,6 +50,7 @@ def splice_only(monkeypatch: pytest.MonkeyPatch) -> None:
     if not hasattr(os, "splice"):
         pytest.skip("no os.splice here")
     monkeypatch.setattr(tcpproxy, "SPLICE", True)
+    monkeypatch.setattr(tcpproxy, "SPLICE_AFTER", 0)
 
 
 @pytest.fixture(params=sorted(LOOPS))
@@ -154,6 +157,7 @@ def test_large_transfers_both_ways_at_once(loop: str, splice: bool, tmp_path: Pa
             await wait_for(lambda: not px.server.clients)
             assert digest(got_down) == digest(down)
             assert digest(got_up[0]) == digest(up)
+            assert px.server.spliced == int(splice)
             snap = px.stats.snapshot()["tcp"]["p"]["b"]
             assert (snap["bytes_in"], snap["bytes_out"]) == (len(up), len(down))
             (line,) = await log_lines(px, tmp_path / "a.log")
@@ -239,6 +243,7 @@ def test_a_slow_client_holds_the_backend_back(loop: str, splice: bool) -> None:
             got = await asyncio.wait_for(r.read(-1), 60)
             assert digest(got) == digest(down)
             w.close()
+            assert px.server.spliced == int(splice)
             await wait_for(lambda: not px.server.clients)
 
     run_on(loop, scenario())
@@ -276,6 +281,7 @@ def test_a_slow_backend_holds_the_client_back(loop: str, splice: bool) -> None:
             w.write_eof()
             await wait_for(lambda: bool(got), 60)
             assert digest(got[0]) == digest(up)
+            assert px.server.spliced == int(splice)
             assert await asyncio.wait_for(r.read(-1), 10) == b""
             w.close()
             await wait_for(lambda: not px.server.clients)
@@ -544,3 +550,36 @@ def test_connect_failures_are_retried_on_another_backend(loop: str, splice: bool
     finally:
         for s in (full, refused, *stuck):
             s.close()
+
+
+def test_only_bulk_connections_move_to_splice(loop: str, splice_only: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the real thresholds: a short exchange and a chatty one (small chunks, however
+    many bytes) stay on the transports; a bulk download moves once past SPLICE_AFTER."""
+    monkeypatch.setattr(tcpproxy, "SPLICE_AFTER", 1024 * 1024)
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    async def scenario() -> None:
+        async with backend(echo) as addr, proxy(addr) as px:
+            r, w = await asyncio.open_connection("127.0.0.1", px.port)
+            w.write(b"x" * 100_000)
+            await r.readexactly(100_000)
+            msg = os.urandom(4096)
+            for _ in range(300):  # 2.4 MB both ways, 4 KiB at a time
+                w.write(msg)
+                assert await r.readexactly(4096) == msg
+            assert px.server.spliced == 0
+            bulk = os.urandom(8 * MiB)
+            sender = asyncio.create_task(send_all(w, bulk))
+            got = await asyncio.wait_for(r.read(-1), 30)
+            await sender
+            assert digest(got) == digest(bulk)
+            assert px.server.spliced == 1
+            w.close()
+
+    run_on(loop, scenario())

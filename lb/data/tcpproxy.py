@@ -33,6 +33,21 @@ reason ``proxy_protocol_missing``/``_invalid``/``_untrusted`` (lb.data.proxyprot
 A ``[listener.tls]`` listener reads no header: TLS is terminated before the engine sees a
 byte (the config should refuse the combination).
 
+Zero-copy (``_SplicePipe``): a plain pipe (no ``[listener.tls]``, no SNI routes, no
+``accept_proxy_protocol``, no ``[pool.tls]``; a PROXY header to send is fine) starts on the
+loop's transports like any other, and once it has carried ``SPLICE_AFTER`` bytes and reads a
+chunk of ``SPLICE_CHUNK`` or more (bulk data), it moves to splice(2): its bytes then go
+socket to kernel pipe to socket, never through Python. The move is made at a moment when
+neither transport holds a byte (all that was read has been written); the transports are
+dropped for duplicates of their sockets, and each direction is read and written on the
+loop's add_reader/add_writer. Everything above holds there too (backpressure: a direction
+whose kernel pipe still holds bytes reads no more until the destination took them; what a
+pipe holds at the end is still written, within ``client_idle_timeout_s``). Empty kernel
+pipes are shared by all connections (a direction holds one only while its bytes wait), so
+a quiet spliced connection costs two descriptors, as on the transports.
+``PAIRLB_TCP_SPLICE=0`` (or a system without os.splice) keeps every pipe on the transports.
+Measured in docs/performance.md ("TCP mode").
+
 Imports no control-plane module.
 """
 
@@ -78,6 +93,21 @@ loop's transports. Read per connection: a test may flip it."""
 PIPE_SIZE = 256 * 1024
 """The kernel pipe's capacity asked for (F_SETPIPE_SZ): the most one splice moves. Refused
 (past the user's pipe-user-pages-soft), the default (64 KiB) is kept."""
+
+SPLICE_AFTER = 1024 * 1024
+"""Bytes (both ways) a plain pipe carries on the loop's transports before it may move to
+splice(2). The move costs some 30-60 us of CPU (two descriptors duplicated, two loop
+registrations, more calls at the close), about what splicing saves on 512 KiB (measured:
+docs/performance.md, "TCP mode"): a connection that ends soon after the move loses, one
+that goes on wins."""
+
+SPLICE_CHUNK = 16 * 1024
+"""...and the move waits for a read at least this big (bulk data: a few hundred bytes at
+a time move as cheaply on the transports as spliced)."""
+
+SPLICE_RETRY = 128 * 1024
+"""A move put off (bytes still waiting in a transport: a slow reader) is tried again this
+many bytes later."""
 
 PIPES_KEPT = 32
 """Empty kernel pipes kept for the next chunk (of any connection): a pipe is held by a
@@ -443,6 +473,9 @@ class _Pipe:
         self.bname = backend.name
         srv.spawn(self._connect(backend))
 
+    def backend_protocol(self) -> _BackendSide:
+        return _BackendSide(self)
+
     def proxy_header(self) -> bytes:
         """What the pool's ``send_proxy_protocol`` puts first on a backend connection."""
         mode = self.pool_cfg.send_proxy_protocol
@@ -460,7 +493,7 @@ class _Pipe:
                 ctx = srv.backend_tls.get(self.pool.name)
                 if ctx is None:
                     _, side = await srv.loop.create_connection(
-                        lambda: _BackendSide(self), backend.host, backend.port
+                        self.backend_protocol, backend.host, backend.port
                     )
                     if header:
                         side.write(header)  # its first bytes, before anything of the client
@@ -473,7 +506,7 @@ class _Pipe:
                                                        header)
                         try:
                             _, side = await srv.loop.create_connection(
-                                lambda: _BackendSide(self), sock=sock,
+                                self.backend_protocol, sock=sock,
                                 ssl=ctx, server_hostname=name or backend.host,
                             )
                         except BaseException:
@@ -481,7 +514,7 @@ class _Pipe:
                             raise
                     else:
                         _, side = await srv.loop.create_connection(
-                            lambda: _BackendSide(self), backend.host, backend.port,
+                            self.backend_protocol, backend.host, backend.port,
                             ssl=ctx, server_hostname=name or backend.host,
                         )
         except (OSError, TimeoutError) as exc:
@@ -736,6 +769,12 @@ def _close_pipe(pipe: tuple[int, int]) -> None:
             os.close(fd)
 
 
+def _dup_socket(transport: Any) -> socket.socket:
+    """A socket object on a duplicate of a transport's descriptor."""
+    raw = transport.get_extra_info("socket")
+    return socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+
+
 def _fd_unread(fd: int) -> bool:
     """Bytes in the socket's receive buffer (lb.data.listener.unread_bytes, for an fd)."""
     buf = bytearray(4)
@@ -874,77 +913,157 @@ class _Flow:
                 _give_pipe(pipe)
 
 
+class _SplicingClientSide(_ClientSide):
+    """The client of a _SplicePipe while it is still on the transports."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        _ClientSide.data_received(self, data)
+        if len(data) >= SPLICE_CHUNK:
+            pipe = self.pipe
+            if pipe.bytes_in + pipe.bytes_out >= pipe.splice_at:  # type: ignore[attr-defined]
+                pipe.splice_soon()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        _splicing_resume(self)
+
+
+class _SplicingBackendSide(_BackendSide):
+    """The backend of a _SplicePipe while it is still on the transports."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        _BackendSide.data_received(self, data)
+        if len(data) >= SPLICE_CHUNK:
+            pipe = self.pipe
+            if pipe.bytes_in + pipe.bytes_out >= pipe.splice_at:  # type: ignore[attr-defined]
+                pipe.splice_soon()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        _splicing_resume(self)
+
+
+def _splicing_resume(side: _Side) -> None:
+    """``side``'s write buffer drained. A pipe waiting for that to move to splice keeps the
+    other side's reading paused (nothing new enters the transports) and tries the move."""
+    pipe = side.pipe
+    assert isinstance(pipe, _SplicePipe)
+    if pipe.wants_splice and not pipe.done:
+        pipe.held.append(side)
+        pipe.splice_soon()
+        return
+    _Side.resume_writing(side)
+
+
 class _SplicePipe(_Pipe):
-    """A plain pipe moved by splice(2): no TLS either way, no SNI peek, no PROXY header to
-    read (one to send is fine: it is sent before the first spliced byte).
+    """A plain pipe (no TLS either way, no SNI peek, no PROXY header to read; one to send is
+    fine) that moves to splice(2) once it carries bulk data.
 
-    The client's transport is dropped at once (before it has read a byte) for a duplicate
-    of its socket; the backend's socket is connected without a transport. Each direction is
-    a _Flow on the loop's add_reader/add_writer. Reading starts only once the backend is
-    connected (the client's first bytes wait in the kernel, so BUFFER_LIMIT has nothing to
-    hold). Half-close, idle timeout, byte counts, retries and the access log are the
-    transport path's; a socket whose peer is gone is seen on the next read or write. If
-    the socket cannot be duplicated, the pipe stays on the transport path."""
+    It starts as any pipe, on the loop's transports: a short or chatty connection pays
+    nothing more. Past ``SPLICE_AFTER`` bytes, a read of ``SPLICE_CHUNK`` or more schedules
+    the move, made on the next loop iteration (once uvloop has written what it queued) if
+    neither transport holds a byte and neither side has half-closed. A transport that still
+    holds bytes (a slow reader) is told to call resume_writing only once it is empty (low
+    water 0); that call, whose peer's reading is still paused by the backpressure, tries the
+    move again (so do reads ``SPLICE_RETRY`` bytes further on). Both transports are then
+    dropped for duplicates of their sockets, and each direction becomes a _Flow on the
+    loop's add_reader/add_writer. Half-close, idle timeout, byte counts and the access log
+    go on as before; a socket whose peer is gone is seen on the next read or write. If the
+    sockets cannot be duplicated, the pipe stays on the transports."""
 
-    __slots__ = ("aborting", "bsock", "c2s", "csock", "linger_timer", "lingering", "s2c")
+    __slots__ = (
+        "aborting", "bsock", "c2s", "csock", "held", "linger_timer", "lingering", "s2c",
+        "splice_at", "switching", "wants_splice",
+    )
 
     def __init__(self, srv: TcpProxyServer) -> None:
         super().__init__(srv)
         self.csock: socket.socket | None = None
         self.bsock: socket.socket | None = None
+        """The duplicated sockets, once spliced (None: still on the transports)."""
         self.c2s: _Flow | None = None
         self.s2c: _Flow | None = None
+        self.splice_at = SPLICE_AFTER
+        """Bytes (both ways) past which a big chunk moves the pipe to splice."""
+        self.switching = False
+        """A move to splice is scheduled."""
+        self.wants_splice = False
+        """A move was put off by bytes in a transport: its emptying tries again."""
+        self.held: list[_Side] = []
+        """Sides whose write buffer emptied while a move is scheduled: their peers' reading
+        stays paused until the move is made (or, if not, resumed then)."""
         self.aborting = False
         self.lingering: list[_Flow] = []
         """Flows still writing what their pipe holds after the end (finish)."""
         self.linger_timer: asyncio.TimerHandle | None = None
 
-    def client_connected(self, client: _ClientSide) -> None:
-        transport = client.transport
-        try:
-            raw = transport.get_extra_info("socket")
-            csock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
-        except (OSError, AttributeError, ValueError):
-            super().client_connected(client)  # the transport path, as any other pipe
-            return
-        self.csock = csock
-        srv = self.srv
-        srv.client_opened(self)
-        self.t0 = srv.time()
-        self.touch()
-        self.client_addr = _address(transport.get_extra_info("peername"))
-        self.local_addr = _address(transport.get_extra_info("sockname"))
-        # Nothing has been read yet: the transport closes its descriptor, ours stays.
-        transport.set_protocol(_DETACHED)
-        transport.close()
-        self.begin()
+    def backend_protocol(self) -> _BackendSide:
+        return _SplicingBackendSide(self)
 
-    async def _connect(self, backend: Backend) -> None:
-        if self.csock is None:
-            await super()._connect(backend)
-            return
-        srv = self.srv
-        started = srv.time()
-        try:
-            async with asyncio.timeout(self.pool_cfg.connect_timeout_s):
-                sock = await _connect_and_send(srv.loop, backend.host, backend.port,
-                                               self.proxy_header())
-        except (OSError, TimeoutError) as exc:
-            self._connect_failed(backend, exc)
-            return
+    def splice_soon(self) -> None:
+        """Move to splice once this loop iteration's writes went out (uvloop writes at its
+        end)."""
+        if not self.switching:
+            self.switching = True
+            self.srv.loop.call_soon(self._to_splice)
+
+    def _to_splice(self) -> None:
+        self.switching = False
+        held, self.held = self.held, []
         if self.done:
-            sock.close()
             return
-        self.connect_s = srv.time() - started
-        srv.observe(self, backend, Outcome.OK)
-        srv.stats.tcp_connection(self.pool.name, backend.name)
-        self.bsock = sock
-        csock = self.csock
-        self.c2s = _Flow(self, csock, sock, False)
-        self.s2c = _Flow(self, sock, csock, True)
-        self.touch()
+        client, side = self.client, self.backend_side
+        if not self._try_splice(client, side):
+            for s in held:
+                if not s.closed:
+                    _Side.resume_writing(s)  # the resume it was called for
+
+    def _try_splice(self, client: _ClientSide | None, side: _BackendSide | None) -> bool:
+        if client is None or side is None:
+            return False  # not joined yet: again on a later chunk
+        ct, bt = client.transport, side.transport
+        if (self.hold or client.gate is not None or client.eof or side.eof
+                or client.closed or side.closed or ct.is_closing() or bt.is_closing()):
+            self.wants_splice = False
+            return False
+        busy = [t for t in (ct, bt) if t.get_write_buffer_size()]
+        if busy:
+            # Bytes in flight (a slow reader): again once they are out.
+            for t in busy:
+                t.set_write_buffer_limits(high=t.get_write_buffer_limits()[1], low=0)
+            self.wants_splice = True
+            self.splice_at = self.bytes_in + self.bytes_out + SPLICE_RETRY
+            return False
+        try:
+            csock = _dup_socket(ct)
+            try:
+                bsock = _dup_socket(bt)
+            except BaseException:
+                csock.close()
+                raise
+        except (OSError, AttributeError, ValueError):
+            self.wants_splice = False
+            self.splice_at = 1 << 62  # the transports keep the pipe
+            return False
+        # Nothing read is left undelivered (a paused transport reads nothing), nothing
+        # written is left unsent: the transports close their own descriptors, the
+        # duplicates carry on.
+        for t in (ct, bt):
+            t.set_protocol(_DETACHED)
+            t.close()
+        client.closed = side.closed = True
+        self.wants_splice = False
+        self.csock, self.bsock = csock, bsock
+        self.c2s = _Flow(self, csock, bsock, False)
+        self.c2s.moved = self.bytes_in
+        self.s2c = _Flow(self, bsock, csock, True)
+        self.s2c.moved = self.bytes_out
         self.c2s.start()
         self.s2c.start()
+        self.srv.spliced += 1
+        return True
 
     def half_closed(self, flow: _Flow) -> None:
         """``flow``'s source sent EOF: pass it on, keep the other direction open."""
@@ -1054,6 +1173,8 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
         """How many connections had their pool chosen which way (see SNI_DECISIONS)."""
         self.accept_proxy = listener.accept_proxy_protocol
         self.trusted = H.parse_networks(listener.trusted_proxies)
+        self.spliced = 0
+        """Pipes moved to splice(2) (_SplicePipe) so far."""
 
     def listener_changed(self, listener: ListenerConfig) -> None:
         super().listener_changed(listener)
@@ -1065,7 +1186,7 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
         if self.sni_table is None:
             if (SPLICE and self.tls is None and not self.accept_proxy
                     and self.pool_cfg.tls is None and self.pool.name not in self.backend_tls):
-                return _ClientSide(_SplicePipe(self))
+                return _SplicingClientSide(_SplicePipe(self))
             return _ClientSide(_Pipe(self))
         return _PeekingClientSide(_SniPipe(self))
 
