@@ -736,8 +736,10 @@ def run_wrk(
     cpus: str | None = None,
     timeout_s: float | None = None,
     log_path: Path | None = None,
+    headers: Sequence[str] = (),
 ) -> WrkResult:
-    """Run ``wrk -tT -cC -dDs --latency URL`` bounded in time and parse its report.
+    """Run ``wrk -tT -cC -dDs --latency URL`` bounded in time and parse its report
+    (``headers``: ``-H`` lines added to every request, e.g. ``Connection: close``).
 
     Reaped with wait4 so wrk's own CPU time is known: if wrk plus the backends fill their core,
     the numbers measure the load generator, not the proxy.
@@ -754,6 +756,7 @@ def run_wrk(
         "--timeout",
         "5s",
         "--latency",
+        *(x for h in headers for x in ("-H", h)),
         url,
     ]
     limit = timeout_s if timeout_s is not None else duration_s + 20.0

@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pairlb workers = HAProxy nbthread = nginx worker_processes; >1 disables pinning",
     )
     ap.add_argument("--connections", type=int, default=50, help="wrk -c")
+    ap.add_argument("--close", action="store_true",
+                    help="a new connection per request (wrk sends Connection: close; the "
+                    "backends close after answering)")
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
     ap.add_argument(
         "--warmup", type=int, default=1, help="seconds of unmeasured wrk before each run"
@@ -517,6 +520,7 @@ def measure_once(
         "threads": args.wrk_threads,
         "cpus": load_cpus,
         "log_path": workdir / "wrk.out",
+        "headers": ["Connection: close"] if args.close else [],
     }
     try:
         if target.proc is not None and not target.proc.alive():
@@ -803,6 +807,8 @@ def notes(
                 f"({r['steal_cores']:.2f} of it hypervisor steal) during "
                 f"{r['target']} {_fmt_size(r['size'])}: numbers are noisy"
             )
+    if args.close:
+        out.append("--close: every request on a new connection (Connection: close)")
     if args.mode == "tcp":
         out.append("mode tcp: pairlb's listener and HAProxy pipe bytes (one backend connection "
                    "per wrk connection); wrk's keep-alive HTTP passes through unread")
