@@ -41,6 +41,9 @@ def splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
         pytest.skip("no os.splice here")
     monkeypatch.setattr(tcpproxy, "SPLICE", on)
     monkeypatch.setattr(tcpproxy, "SPLICE_AFTER", 0 if request.param == "splice" else 256 * 1024)
+    if request.param == "switch":  # the ticker moves a pipe: tick often, at any rate
+        monkeypatch.setattr(tcpproxy, "SPLICE_RATE", 0)
+        monkeypatch.setattr(tcpproxy.TcpProxyServer, "tick_interval", lambda self: 0.005)
     return on
 
 
@@ -554,9 +557,10 @@ def test_connect_failures_are_retried_on_another_backend(loop: str, splice: bool
 
 def test_only_bulk_connections_move_to_splice(loop: str, splice_only: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the real thresholds: a short exchange and a chatty one (small chunks, however
-    many bytes) stay on the transports; a bulk download moves once past SPLICE_AFTER."""
-    monkeypatch.setattr(tcpproxy, "SPLICE_AFTER", 1024 * 1024)
+    """A short exchange, and a slow trickle past SPLICE_AFTER, stay on the transports; a
+    bulk download moves (the ticker's look, here every 50 ms)."""
+    monkeypatch.setattr(tcpproxy, "SPLICE_AFTER", 64 * 1024)
+    monkeypatch.setattr(tcpproxy.TcpProxyServer, "tick_interval", lambda self: 0.05)
 
     async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         while data := await r.read(65536):
@@ -567,16 +571,19 @@ def test_only_bulk_connections_move_to_splice(loop: str, splice_only: None,
     async def scenario() -> None:
         async with backend(echo) as addr, proxy(addr) as px:
             r, w = await asyncio.open_connection("127.0.0.1", px.port)
-            w.write(b"x" * 100_000)
-            await r.readexactly(100_000)
-            msg = os.urandom(4096)
-            for _ in range(300):  # 2.4 MB both ways, 4 KiB at a time
+            w.write(b"x" * 30_000)
+            await r.readexactly(30_000)
+            await asyncio.sleep(0.2)
+            assert px.server.spliced == 0  # short: under SPLICE_AFTER
+            msg = os.urandom(1024)
+            for _ in range(60):  # ~120 KiB both ways at ~100 KiB/s: under SPLICE_RATE
                 w.write(msg)
-                assert await r.readexactly(4096) == msg
+                assert await r.readexactly(1024) == msg
+                await asyncio.sleep(0.02)
             assert px.server.spliced == 0
-            bulk = os.urandom(8 * MiB)
+            bulk = os.urandom(64 * MiB)
             sender = asyncio.create_task(send_all(w, bulk))
-            got = await asyncio.wait_for(r.read(-1), 30)
+            got = await asyncio.wait_for(r.read(-1), 60)
             await sender
             assert digest(got) == digest(bulk)
             assert px.server.spliced == 1

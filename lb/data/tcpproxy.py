@@ -35,18 +35,18 @@ byte (the config should refuse the combination).
 
 Zero-copy (``_SplicePipe``): a plain pipe (no ``[listener.tls]``, no SNI routes, no
 ``accept_proxy_protocol``, no ``[pool.tls]``; a PROXY header to send is fine) starts on the
-loop's transports like any other, and once it has carried ``SPLICE_AFTER`` bytes and reads a
-chunk of ``SPLICE_CHUNK`` or more (bulk data), it moves to splice(2): its bytes then go
-socket to kernel pipe to socket, never through Python. The move is made at a moment when
-neither transport holds a byte (all that was read has been written); the transports are
-dropped for duplicates of their sockets, and each direction is read and written on the
-loop's add_reader/add_writer. Everything above holds there too (backpressure: a direction
-whose kernel pipe still holds bytes reads no more until the destination took them; what a
-pipe holds at the end is still written, within ``client_idle_timeout_s``). Empty kernel
-pipes are shared by all connections (a direction holds one only while its bytes wait), so
-a quiet spliced connection costs two descriptors, as on the transports.
-``PAIRLB_TCP_SPLICE=0`` (or a system without os.splice) keeps every pipe on the transports.
-Measured in docs/performance.md ("TCP mode").
+loop's transports like any other, and once it has carried ``SPLICE_AFTER`` bytes and still
+moves ``SPLICE_RATE`` bytes a second (bulk data; the ticker looks), it moves to splice(2):
+its bytes then go socket to kernel pipe to socket, never through Python. The move is made
+at a moment when neither transport holds a byte (all that was read has been written); the
+transports are dropped for duplicates of their sockets, and each direction is read and
+written on the loop's add_reader/add_writer. Everything above holds there too
+(backpressure: a direction whose kernel pipe still holds bytes reads no more until the
+destination took them; what a pipe holds at the end is still written, within
+``client_idle_timeout_s``). Empty kernel pipes are shared by all connections (a direction
+holds one only while its bytes wait), so a quiet spliced connection costs two descriptors,
+as on the transports. ``PAIRLB_TCP_SPLICE=0`` (or a system without os.splice) keeps every
+pipe on the transports. Measured in docs/performance.md ("TCP mode").
 
 Imports no control-plane module.
 """
@@ -99,15 +99,11 @@ SPLICE_AFTER = 1024 * 1024
 splice(2). The move costs some 30-60 us of CPU (two descriptors duplicated, two loop
 registrations, more calls at the close), about what splicing saves on 512 KiB (measured:
 docs/performance.md, "TCP mode"): a connection that ends soon after the move loses, one
-that goes on wins."""
+that goes on wins. 0: every plain pipe moves as soon as it is joined."""
 
-SPLICE_CHUNK = 16 * 1024
-"""...and the move waits for a read at least this big (bulk data: a few hundred bytes at
-a time move as cheaply on the transports as spliced)."""
-
-SPLICE_RETRY = 128 * 1024
-"""A move put off (bytes still waiting in a transport: a slow reader) is tried again this
-many bytes later."""
+SPLICE_RATE = 512 * 1024
+"""...and bytes per second it must be moving (seen by the ticker): bulk data. A chatty
+connection's small chunks cost as much spliced as on the transports (a few % more)."""
 
 PIPES_KEPT = 32
 """Empty kernel pipes kept for the next chunk (of any connection): a pipe is held by a
@@ -914,16 +910,10 @@ class _Flow:
 
 
 class _SplicingClientSide(_ClientSide):
-    """The client of a _SplicePipe while it is still on the transports."""
+    """The client of a _SplicePipe while it is still on the transports (nothing more on the
+    path of a chunk: the ticker decides the move)."""
 
     __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        _ClientSide.data_received(self, data)
-        if len(data) >= SPLICE_CHUNK:
-            pipe = self.pipe
-            if pipe.bytes_in + pipe.bytes_out >= pipe.splice_at:  # type: ignore[attr-defined]
-                pipe.splice_soon()  # type: ignore[attr-defined]
 
     def resume_writing(self) -> None:
         _splicing_resume(self)
@@ -933,13 +923,6 @@ class _SplicingBackendSide(_BackendSide):
     """The backend of a _SplicePipe while it is still on the transports."""
 
     __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        _BackendSide.data_received(self, data)
-        if len(data) >= SPLICE_CHUNK:
-            pipe = self.pipe
-            if pipe.bytes_in + pipe.bytes_out >= pipe.splice_at:  # type: ignore[attr-defined]
-                pipe.splice_soon()  # type: ignore[attr-defined]
 
     def resume_writing(self) -> None:
         _splicing_resume(self)
@@ -962,12 +945,12 @@ class _SplicePipe(_Pipe):
     fine) that moves to splice(2) once it carries bulk data.
 
     It starts as any pipe, on the loop's transports: a short or chatty connection pays
-    nothing more. Past ``SPLICE_AFTER`` bytes, a read of ``SPLICE_CHUNK`` or more schedules
-    the move, made on the next loop iteration (once uvloop has written what it queued) if
-    neither transport holds a byte and neither side has half-closed. A transport that still
-    holds bytes (a slow reader) is told to call resume_writing only once it is empty (low
-    water 0); that call, whose peer's reading is still paused by the backpressure, tries the
-    move again (so do reads ``SPLICE_RETRY`` bytes further on). Both transports are then
+    nothing more (not even a test per chunk). The server's ticker moves a pipe that has
+    carried ``SPLICE_AFTER`` bytes and is moving ``SPLICE_RATE`` bytes a second, if neither
+    transport holds a byte and neither side has half-closed (a tick runs after uvloop has
+    written what it queued). A transport that still holds bytes (a slow reader) is told to
+    call resume_writing only once it is empty (low water 0); that call, whose peer's
+    reading is still paused by the backpressure, tries the move again. Both transports are then
     dropped for duplicates of their sockets, and each direction becomes a _Flow on the
     loop's add_reader/add_writer. Half-close, idle timeout, byte counts and the access log
     go on as before; a socket whose peer is gone is seen on the next read or write. If the
@@ -975,7 +958,7 @@ class _SplicePipe(_Pipe):
 
     __slots__ = (
         "aborting", "bsock", "c2s", "csock", "held", "linger_timer", "lingering", "s2c",
-        "splice_at", "switching", "wants_splice",
+        "seen", "seen_at", "switching", "wants_splice",
     )
 
     def __init__(self, srv: TcpProxyServer) -> None:
@@ -985,8 +968,9 @@ class _SplicePipe(_Pipe):
         """The duplicated sockets, once spliced (None: still on the transports)."""
         self.c2s: _Flow | None = None
         self.s2c: _Flow | None = None
-        self.splice_at = SPLICE_AFTER
-        """Bytes (both ways) past which a big chunk moves the pipe to splice."""
+        self.seen = 0
+        self.seen_at = 0.0
+        """Bytes (both ways) carried at the last tick, and its time."""
         self.switching = False
         """A move to splice is scheduled."""
         self.wants_splice = False
@@ -1002,6 +986,25 @@ class _SplicePipe(_Pipe):
     def backend_protocol(self) -> _BackendSide:
         return _SplicingBackendSide(self)
 
+    def client_connected(self, client: _ClientSide) -> None:
+        super().client_connected(client)
+        if not self.done:
+            self.seen_at = self.t0
+            self.srv.splice_candidates.add(self)
+
+    async def _connect(self, backend: Backend) -> None:
+        await super()._connect(backend)
+        if SPLICE_AFTER <= 0 and self.backend_side is not None and not self.done:
+            self.splice_soon()
+
+    def tick(self, now: float) -> None:
+        """The ticker's look at a pipe still on the transports: bulk data moves it."""
+        moved = self.bytes_in + self.bytes_out
+        if (moved >= SPLICE_AFTER
+                and moved - self.seen >= SPLICE_RATE * (now - self.seen_at)):
+            self._to_splice()
+        self.seen, self.seen_at = moved, now
+
     def splice_soon(self) -> None:
         """Move to splice once this loop iteration's writes went out (uvloop writes at its
         end)."""
@@ -1015,10 +1018,12 @@ class _SplicePipe(_Pipe):
         if self.done:
             return
         client, side = self.client, self.backend_side
-        if not self._try_splice(client, side):
-            for s in held:
-                if not s.closed:
-                    _Side.resume_writing(s)  # the resume it was called for
+        if self._try_splice(client, side):
+            self.srv.splice_candidates.discard(self)
+            return
+        for s in held:
+            if not s.closed:
+                _Side.resume_writing(s)  # the resume it was called for
 
     def _try_splice(self, client: _ClientSide | None, side: _BackendSide | None) -> bool:
         if client is None or side is None:
@@ -1034,7 +1039,6 @@ class _SplicePipe(_Pipe):
             for t in busy:
                 t.set_write_buffer_limits(high=t.get_write_buffer_limits()[1], low=0)
             self.wants_splice = True
-            self.splice_at = self.bytes_in + self.bytes_out + SPLICE_RETRY
             return False
         try:
             csock = _dup_socket(ct)
@@ -1045,7 +1049,7 @@ class _SplicePipe(_Pipe):
                 raise
         except (OSError, AttributeError, ValueError):
             self.wants_splice = False
-            self.splice_at = 1 << 62  # the transports keep the pipe
+            self.srv.splice_candidates.discard(self)  # the transports keep the pipe
             return False
         # Nothing read is left undelivered (a paused transport reads nothing), nothing
         # written is left unsent: the transports close their own descriptors, the
@@ -1104,6 +1108,7 @@ class _SplicePipe(_Pipe):
     def finish(self) -> None:
         if self.done:
             return
+        self.srv.splice_candidates.discard(self)
         if self.csock is not None:
             self.bytes_in = self.c2s.moved if self.c2s is not None else 0
             self.bytes_out = self.s2c.moved if self.s2c is not None else 0
@@ -1175,6 +1180,8 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
         self.trusted = H.parse_networks(listener.trusted_proxies)
         self.spliced = 0
         """Pipes moved to splice(2) (_SplicePipe) so far."""
+        self.splice_candidates: set[_SplicePipe] = set()
+        """Plain pipes still on the transports (the ticker looks at their rate)."""
 
     def listener_changed(self, listener: ListenerConfig) -> None:
         super().listener_changed(listener)
@@ -1212,6 +1219,8 @@ class TcpProxyServer(ListenerServer["_Pipe"]):
             )
             p.end = "idle_timeout"
             p.abort()
+        for sp in list(self.splice_candidates):
+            sp.tick(now)
 
 
 def _termination(end: str | None) -> str:
