@@ -782,9 +782,8 @@ def _fd_unread(fd: int) -> bool:
 
 
 class _Detached(asyncio.Protocol):
-    """The protocol of a client transport whose socket a _SplicePipe took over: the
-    transport only closes its own descriptor (not the connection: the pipe holds a
-    duplicate)."""
+    """The protocol of a transport whose socket a _SplicePipe took over: the transport only
+    closes its own descriptor (not the connection: the pipe holds a duplicate)."""
 
 
 _DETACHED = _Detached()
@@ -832,7 +831,9 @@ class _Flow:
                 return
         try:
             n = os.splice(self.src_fd, pipe[1], _SPLICE_MAX, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
+        except BlockingIOError:  # (a wakeup with nothing to read: the empty pipe goes back)
+            self.pipe = None
+            _give_pipe(pipe)
             return
         except OSError as exc:
             self.owner.broken(self, exc, True)
