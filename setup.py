@@ -44,8 +44,7 @@ class BuildExt(build_ext):
         if not MYPYC:
             super().run()
             return
-        sys.path.insert(0, str(HERE))
-        import lb  # lb/__init__.py imports only the standard library
+        import lb
 
         DIGEST.unlink(missing_ok=True)
         digest = lb.source_digest(str(HERE / "lb"))  # the sources as they are now
@@ -58,8 +57,10 @@ class BuildExt(build_ext):
 if MYPYC:
     from mypyc.build import mypycify
 
-    # Keep in sync with lb.COMPILED.
-    ext_modules += mypycify(["lb/data/headers.py", "lb/data/proxy.py"],
-                            group_name="lb.data._native", opt_level="3")
+    sys.path.insert(0, str(HERE))
+    import lb  # lb/__init__.py imports only the standard library
+
+    ext_modules += mypycify([name.replace(".", "/") + ".py" for name in lb.COMPILED],
+                            group_name=lb.GROUP, opt_level="3")
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

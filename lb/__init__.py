@@ -22,12 +22,13 @@ from types import ModuleType
 __version__ = "0.1.0"
 
 COMPILED = ("lb.data.headers", "lb.data.proxy")
-"""The modules mypyc may compile (setup.py's list, in the same order)."""
+"""The modules mypyc compiles (setup.py builds exactly these)."""
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _DATA = os.path.join(_ROOT, "data")
-_GROUP = "_native__mypyc"
-"""The compiled group's shared library in lb/data (setup.py's group_name)."""
+GROUP = "lb.data._native"
+"""mypyc's group name for COMPILED (setup.py); its shared library is GROUP + "__mypyc"."""
+_GROUP = GROUP.rsplit(".", 1)[1] + "__mypyc"
 
 
 def _source(fullname: str) -> str:
