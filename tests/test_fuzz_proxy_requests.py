@@ -244,7 +244,7 @@ class World:
         up.connection_made(t)
         self.backends.append(Backend(self, t))
         if req.conn_gen == gen and req.backend is backend and not req.finished:
-            up.attach(req, client)
+            up.attach(req, client, self.srv.time())
         else:
             self.srv.put_idle(up)
         self.srv.flush()

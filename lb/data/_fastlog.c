@@ -444,7 +444,8 @@ static void Sink_dealloc(Sink *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int sink_append(Sink *self, const char *p, Py_ssize_t n) {
+/* Room for n more bytes after len (the buffer grows by doubling). */
+static int sink_reserve(Sink *self, Py_ssize_t n) {
     if (self->len + n > self->cap) {
         Py_ssize_t cap = self->cap ? self->cap : 64 * 1024;
         while (cap < self->len + n) cap *= 2;
@@ -456,6 +457,11 @@ static int sink_append(Sink *self, const char *p, Py_ssize_t n) {
         self->buf = nb;
         self->cap = cap;
     }
+    return 1;
+}
+
+static int sink_append(Sink *self, const char *p, Py_ssize_t n) {
+    if (!sink_reserve(self, n)) return 0;
     memcpy(self->buf + self->len, p, (size_t)n);
     self->len += n;
     self->nlines++;
@@ -502,32 +508,37 @@ static int sink_put(Sink *self, PyObject **f, const double *dv, PyObject **recp)
         PyErr_SetString(PyExc_RuntimeError, "Sink not initialised");
         return -1;
     }
-    char tmp[LINE_MAX_FAST];
     Py_ssize_t n = -1;
-    if (f != NULL)
-        n = self->json ? json_fmt_items(f, dv, self->cut, tmp, sizeof tmp)
-                       : combined_fmt_items(f, dv, self->cut, tmp, sizeof tmp);
-    const char *src = tmp;
-    PyObject *line = NULL;
-    if (n < 0 || (n > PIPE_ATOMIC && self->chunked)) {
-        if (*recp == NULL && (*recp = tuple_of(f, dv)) == NULL) return -1;
-        /* Python's formatter; on a pipe a line over PIPE_BUF is cut shorter (atomic write) */
-        line = call_bytes(n < 0 ? self->fallback : self->stream_fallback, *recp);
-        if (line == NULL) return -1;
-        if (self->chunked && PyBytes_GET_SIZE(line) > PIPE_ATOMIC && n < 0) {
-            Py_DECREF(line);
-            line = call_bytes(self->stream_fallback, *recp);
-            if (line == NULL) return -1;
+    if (f != NULL) {
+        /* formatted in place, after the buffer's last line: kept only if it fits room */
+        if (!sink_reserve(self, LINE_MAX_FAST)) return -1;
+        char *at = self->buf + self->len;
+        n = self->json ? json_fmt_items(f, dv, self->cut, at, LINE_MAX_FAST)
+                       : combined_fmt_items(f, dv, self->cut, at, LINE_MAX_FAST);
+        if (n >= 0 && !(n > PIPE_ATOMIC && self->chunked)) {
+            if (self->len + n > self->room) return 2;
+            self->len += n;
+            self->nlines++;
+            return self->nlines == 1 || self->len >= self->handover_at;
         }
-        src = PyBytes_AS_STRING(line);
-        n = PyBytes_GET_SIZE(line);
     }
+    if (*recp == NULL && (*recp = tuple_of(f, dv)) == NULL) return -1;
+    /* Python's formatter; on a pipe a line over PIPE_BUF is cut shorter (atomic write) */
+    PyObject *line = call_bytes(n < 0 ? self->fallback : self->stream_fallback, *recp);
+    if (line == NULL) return -1;
+    if (self->chunked && PyBytes_GET_SIZE(line) > PIPE_ATOMIC && n < 0) {
+        Py_DECREF(line);
+        line = call_bytes(self->stream_fallback, *recp);
+        if (line == NULL) return -1;
+    }
+    const char *src = PyBytes_AS_STRING(line);
+    n = PyBytes_GET_SIZE(line);
     if (self->len + n > self->room) {
-        Py_XDECREF(line);
+        Py_DECREF(line);
         return 2;
     }
     int ok = sink_append(self, src, n);
-    Py_XDECREF(line);
+    Py_DECREF(line);
     if (!ok) return -1;
     return self->nlines == 1 || self->len >= self->handover_at;
 }

@@ -289,6 +289,8 @@ class _Request(H.RequestHead):
     upstream: _Upstream | None = None
     excluded: list[Backend] | None = None
     stale_retried = False
+    retried = 0
+    """Attempts after the first (the access log's retries)."""
     force_fresh = False
     last_failure: tuple[int, str, str] | None = None
     resp_started = False
@@ -403,9 +405,11 @@ class _Conn:
         self.out: list[bytes] | None = None
         self.closed = False
         self.nsent = 0
-        """Bytes written so far (the access log's bytes out)."""
+        """Bytes given to ``send`` so far, written or still queued (the access log's bytes
+        out: counted here, so the log never sums the queue)."""
 
     def send(self, data: bytes) -> None:
+        self.nsent += len(data)
         out = self.out
         if out is None:
             self.out = [data]
@@ -420,9 +424,7 @@ class _Conn:
         self.out = None
         if self.closed:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        self.nsent += len(data)
-        self.transport.write(data)
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         """Graceful: what was sent is flushed first."""
@@ -461,6 +463,7 @@ class _Upstream(_Conn):
         "resp_done",
         "reusable",
         "rpaused",
+        "rx_at",
         "served",
         "status",
         "tunnel",
@@ -497,6 +500,8 @@ class _Upstream(_Conn):
         self.tunnel = False
         self.rpaused = False
         self.wpaused = False
+        self.rx_at = 0.0
+        """The loop's time when the bytes being parsed arrived (the log's first byte)."""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -587,8 +592,9 @@ class _Upstream(_Conn):
             client.send(data)
             client.flush_out()
             return
+        now = self.rx_at = self.srv.time()
         if not self.rpaused:
-            self.deadline = self.srv.time() + req.pool_cfg.response_timeout_s
+            self.deadline = now + req.pool_cfg.response_timeout_s
         hb = self.head_buf
         if hb is not None:
             # Still waiting for the response head: keep its bytes (usually one read).
@@ -634,7 +640,7 @@ class _Upstream(_Conn):
         if lg is not None and (status >= 200 or status == 101):
             lg.resp_status = status  # what the client got, if the response is cut later
             if lg.t_first < 0:
-                lg.t_first = self.srv.time()
+                lg.t_first = self.rx_at
         # The raw head: llhttp has validated it (strict), so lines end in CRLF.
         buf = self.head_buf
         assert buf is not None
@@ -743,8 +749,9 @@ class _Upstream(_Conn):
 
     # -- exchange -----------------------------------------------------------------------------
 
-    def attach(self, req: _Request, client: _Client) -> None:
-        """Start sending ``req`` on this connection."""
+    def attach(self, req: _Request, client: _Client, now: float) -> None:
+        """Start sending ``req`` on this connection (``now``: the loop's time, read by the
+        caller in this turn; the request is sent in it)."""
         self.req = req
         self.client = client
         req.upstream = self
@@ -755,7 +762,7 @@ class _Upstream(_Conn):
         self.head_buf = b""
         lg = req.lg
         if lg is not None:
-            lg.t_sent = self.srv.time()
+            lg.t_sent = now
             if lg.connect_s < 0:
                 lg.connect_s = 0.0  # an idle connection, reused
         pending = req.pending
@@ -772,7 +779,6 @@ class _Upstream(_Conn):
         else:
             self.send(req.head)
         if req.complete:
-            now = self.srv.time()
             self.deadline = now + req.pool_cfg.response_timeout_s
             xt = req.pool_cfg.exchange_timeout_s
             if xt:
@@ -1552,7 +1558,7 @@ class _Client(_Conn):
             lg.t_pick = now
         up = srv.take_idle(backend, req, now)
         if up is not None:
-            up.attach(req, self)
+            up.attach(req, self, now)
         else:
             req.conn_gen += 1
             srv.open_upstream(req, self, backend, req.conn_gen)
@@ -1597,6 +1603,7 @@ class _Client(_Conn):
         req.last_failure = (status, reason, backend.name)
         if req.attempts_left > 0:
             req.attempts_left -= 1
+            req.retried += 1
             self._retry(req, reason, exclude=True)
         else:
             self.fail(req, status, reason, backend.name, counted=True)
@@ -1622,6 +1629,7 @@ class _Client(_Conn):
             # The stale keep-alive race: the backend closed an idle connection just as we
             # reused it. Not the backend's fault; once more on a fresh connection.
             req.stale_retried = True
+            req.retried += 1
             req.force_fresh = True
             self._retry(req, "stale_keepalive", exclude=False)
             return
@@ -1645,6 +1653,7 @@ class _Client(_Conn):
         req.last_failure = (status, reason, bname)
         if may_retry and req.attempts_left > 0:
             req.attempts_left -= 1
+            req.retried += 1
             self._retry(req, reason, exclude=True)
         else:
             self.fail(req, status, reason, bname, counted=True)
@@ -2010,16 +2019,13 @@ class _Client(_Conn):
         ctx = self.ctx
         b = req.backend
         sent = self.nsent
-        out = self.out
-        if out is not None:
-            sent += len(out[0]) if len(out) == 1 else sum(map(len, out))
         nbytes, self.nmark = sent - self.nmark, sent
         r = alog.http(  # lb.data.accesslog.http_record's facts: one C call, no tuple
             None, ctx.ip if ctx is not None else None, self.cport, srv.listener.name,
             req.method, lg.target, req.http10, status,
             len(req.head) + req.body_seen if req.head else req.body_seen, nbytes,
             req.pool.name, b.name if b is not None else None,
-            req.pool_cfg.retries - req.attempts_left + (1 if req.stale_retried else 0),
+            req.retried,
             req.t0, lg.t_pick, lg.connect_s, lg.t_sent, lg.t_first, now, term, req.rid,
             lg.ua, lg.referer,
         )
@@ -2398,9 +2404,10 @@ class ProxyServer(ListenerServer["_Client"]):
         ):
             up.key = _RETIRED  # made with settings a reload has since changed
         if req.conn_gen == gen and req.backend is backend and not req.finished:
+            now = self.time()
             if req.lg is not None:
-                req.lg.connect_s = self.time() - started
-            up.attach(req, client)
+                req.lg.connect_s = now - started
+            up.attach(req, client, now)
         else:
             self.put_idle(up)
         self.flush()
