@@ -727,6 +727,105 @@ def parse_wrk(text: str, wrk_cpu_s: float = 0.0) -> WrkResult:
     )
 
 
+def _run_load_tool(
+    argv: list[str], limit: float, log_path: Path | None, name: str
+) -> tuple[str, float]:
+    """Run a load generator bounded by ``limit`` seconds; its output and its own CPU time
+    (reaped with wait4: if it fills its core, the numbers measure it, not the proxy)."""
+    out_path = log_path or Path(f"/tmp/{name}-{os.getpid()}.out")
+    with open(out_path, "wb") as out:
+        p = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    deadline = time.monotonic() + limit
+    status, cpu_s = None, 0.0
+    try:
+        while True:
+            try:
+                pid, st, ru = os.wait4(p.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == p.pid:
+                status, cpu_s = st, ru.ru_utime + ru.ru_stime
+                p.returncode = os.waitstatus_to_exitcode(st)
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} ran over {limit}s: killed")
+            time.sleep(0.02)
+    finally:
+        if status is None and p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(p.pid, 0)
+                p.returncode = -9
+    text = out_path.read_text(errors="replace")
+    if log_path is None:
+        with contextlib.suppress(OSError):
+            out_path.unlink()
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} exited {p.returncode}:\n{text}")
+    return text, cpu_s
+
+
+def parse_h2load(text: str, tool_cpu_s: float = 0.0) -> WrkResult:
+    """Parse h2load's report as a WrkResult: requests done, req/s, latency (h2load gives the
+    mean and the max per request, as "mean" and "max"; no percentiles); ValueError if it is
+    not one."""
+    m = re.search(r"^finished in ([\d.]+)(us|ms|s|m|h), ([\d.]+) req/s", text, re.M)
+    r = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", text, re.M)
+    if not m or not r:
+        raise ValueError(f"no h2load report:\n{text}")
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text, re.M)
+    lat = re.search(r"^time for request:\s+([\d.]+\w+)\s+([\d.]+\w+)\s+([\d.]+\w+)", text, re.M)
+    latency = {"mean": _to_us(lat.group(3)), "max": _to_us(lat.group(2))} if lat else {}
+    done = int(r.group(3))
+    return WrkResult(
+        requests=done,
+        duration_s=float(m.group(1)) * _UNITS_S[m.group(2)],
+        rps=float(m.group(3)),
+        latency_us=latency,
+        socket_errors={"connect": 0, "read": int(r.group(6)), "write": 0,
+                       "timeout": int(r.group(7))},
+        non_2xx_3xx=int(codes.group(3)) + int(codes.group(4)) if codes else 0,
+        wrk_cpu_s=tool_cpu_s,
+        raw=text,
+    )
+
+
+def run_h2load_rate(
+    url: str,
+    duration_s: int,
+    rate: float,
+    *,
+    connections: int = 50,
+    cpus: str | None = None,
+    log_path: Path | None = None,
+    headers: Sequence[str] = (),
+) -> WrkResult:
+    """A fixed request rate: ``h2load --h1`` with ``connections`` keep-alive clients each
+    sending ``rate / connections`` requests per second for ``duration_s``, bounded in time.
+    At a rate the proxy keeps up with, CPU per request is the proxy's cost without the
+    batching a saturated event loop gets (wrk measures that)."""
+    exe = shutil.which("h2load")
+    if exe is None:
+        raise RuntimeError("h2load not found (Debian: nghttp2-client)")
+    argv = [
+        *taskset_prefix(cpus),
+        exe, "--h1", "-t1", f"-c{connections}", f"--rps={rate / connections:.3f}",
+        f"-D{duration_s}", "--warm-up-time=0",
+        *(x for h in headers for x in ("-H", h)),
+        url,
+    ]
+    text, cpu_s = _run_load_tool(argv, duration_s + 30.0, log_path, "h2load")
+    return parse_h2load(text, cpu_s)
+
+
 def run_wrk(
     url: str,
     duration_s: int,
@@ -760,43 +859,7 @@ def run_wrk(
         url,
     ]
     limit = timeout_s if timeout_s is not None else duration_s + 20.0
-    out_path = log_path or Path(f"/tmp/wrk-{os.getpid()}.out")
-    with open(out_path, "wb") as out:
-        p = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-    deadline = time.monotonic() + limit
-    status, cpu_s = None, 0.0
-    try:
-        while True:
-            try:
-                pid, st, ru = os.wait4(p.pid, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == p.pid:
-                status, cpu_s = st, ru.ru_utime + ru.ru_stime
-                p.returncode = os.waitstatus_to_exitcode(st)
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"wrk ran over {limit}s: killed")
-            time.sleep(0.02)
-    finally:
-        if status is None and p.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(p.pid, 0)
-                p.returncode = -9
-    text = out_path.read_text(errors="replace")
-    if log_path is None:
-        with contextlib.suppress(OSError):
-            out_path.unlink()
-    if p.returncode != 0:
-        raise RuntimeError(f"wrk exited {p.returncode}:\n{text}")
+    text, cpu_s = _run_load_tool(argv, limit, log_path, "wrk")
     return parse_wrk(text, cpu_s)
 
 
@@ -835,11 +898,13 @@ __all__ = [
     "haproxy_argv",
     "http_get_status",
     "nginx_argv",
+    "parse_h2load",
     "parse_wrk",
     "port_is_free",
     "prepare_nginx_dirs",
     "read_stat",
     "require_free",
+    "run_h2load_rate",
     "run_wrk",
     "sigterm_as_exit",
     "start_process",

@@ -36,6 +36,13 @@ target in this mode.
 
     .venv/bin/python bench/perf.py --mode tcp --rounds 4 --duration 5 --markdown
 
+``--rate R``: a fixed total rate instead of saturation, from h2load (``--h1``, --connections
+keep-alive clients, R/connections requests per second each): CPU per request at a load every
+target keeps up with, without the batching a saturated event loop gets (latency columns are
+then h2load's mean and max; a target that fell short of R is flagged).
+
+    .venv/bin/python bench/perf.py --rate 3000 --connections 30 --sizes 100 --rounds 4
+
 Only processes this script started are stopped, by PID, also on Ctrl-C, SIGTERM or error.
 Imports nothing from lb: it measures the installed ``pairlb`` command.
 """
@@ -144,6 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--sizes", default="100,65536", help="response body sizes in bytes")
     ap.add_argument(
+        "--rate", type=int, default=0,
+        help="a fixed total request rate (h2load --h1 --rps over --connections keep-alive "
+        "clients) instead of saturation with wrk: CPU per request without a saturated "
+        "loop's batching; latency columns are then h2load's mean and max",
+    )
+    ap.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -237,6 +250,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup: must be >= 0")
+    if args.rate < 0:
+        ap.error("--rate: must be >= 0")
+    if args.rate and args.close:
+        ap.error("--rate with --close: not supported (h2load keeps its connections)")
     if args.venv is None:
         args.venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
     args.pin = not args.no_pin and args.workers == 1 and (os.cpu_count() or 1) >= 2
@@ -535,7 +552,12 @@ def measure_once(
         own0 = sum(c.tree_cpu_s(p) for p in own_roots) + sum(os.times()[:2])
         log0 = log_size(target, workdir)
         cpu0, st0, t0 = c.cpu_times(), c.steal_s(), time.monotonic()
-        res = c.run_wrk(url, args.duration, **wrk_kw)
+        if args.rate:
+            res = c.run_h2load_rate(
+                url, args.duration, args.rate, connections=args.connections, cpus=load_cpus,
+                log_path=workdir / "h2load.out")
+        else:
+            res = c.run_wrk(url, args.duration, **wrk_kw)
         cpu1, st1, t1 = c.cpu_times(), c.steal_s(), time.monotonic()
         if target.name in VARIANTS or target.name in VARIANTS.values():
             # The last batch of lines is written within ~0.15 s of the last request: its
@@ -569,8 +591,8 @@ def measure_once(
         cpu_us_per_req=(proxy_cpu / res.requests * 1e6)
         if proxy_cpu is not None and res.requests
         else None,
-        p50_us=res.latency_us.get("50", 0.0),
-        p99_us=res.latency_us.get("99", 0.0),
+        p50_us=res.latency_us.get("50", res.latency_us.get("mean", 0.0)),
+        p99_us=res.latency_us.get("99", res.latency_us.get("max", 0.0)),
         non_2xx_3xx=res.non_2xx_3xx,
         socket_errors=res.socket_errors,
         wrk_cpu_s=res.wrk_cpu_s,
@@ -707,8 +729,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, markdown: bool) 
         "vs HAProxy",
         "proxy CPU us/req",
         "req/s per proxy core",
-        "p50",
-        "p99",
+        "mean" if args.rate else "p50",
+        "max" if args.rate else "p99",
         "RSS MB",
         "errors",
         "busy " + "/".join(_cpu_names(rows)),
@@ -809,6 +831,14 @@ def notes(
             )
     if args.close:
         out.append("--close: every request on a new connection (Connection: close)")
+    if args.rate:
+        out.append(f"--rate: a fixed {args.rate:,} req/s (h2load --h1, {args.connections} "
+                   "keep-alive clients), not saturation: CPU per request is the comparison; "
+                   "latency columns are h2load's mean and max")
+        for r in rows:
+            if r.get("ok") and r["rps"] < 0.97 * args.rate:
+                out.append(f"warning: {r['target']} {_fmt_size(r['size'])} kept "
+                           f"{r['rps']:,.0f} of {args.rate:,} req/s: it could not hold the rate")
     if args.mode == "tcp":
         out.append("mode tcp: pairlb's listener and HAProxy pipe bytes (one backend connection "
                    "per wrk connection); wrk's keep-alive HTTP passes through unread")
@@ -828,6 +858,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "haproxy": c.tool_version(["haproxy", "-v"]),
         "nginx": c.tool_version(["nginx", "-v"]),
         "wrk": c.tool_version(["wrk", "-v"]),
+        "h2load": c.tool_version(["h2load", "--version"]),
         "pinned": args.pin,
         "proxy_cpus": args.proxy_cpus if args.pin else None,
         "load_cpus": args.load_cpus if args.pin else None,

@@ -145,3 +145,47 @@ def test_ctrl_c_stops_every_server_it_started(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(alive(p) for p in started):
         time.sleep(0.05)
     assert not [p for p in started if alive(p)], "servers left running after Ctrl-C"
+
+
+H2LOAD_REPORT = """\
+finished in 2.00s, 499.50 req/s, 120.11KB/s
+requests: 999 total, 1000 started, 999 done, 998 succeeded, 1 failed, 0 errored, 0 timeout
+status codes: 998 2xx, 0 3xx, 1 4xx, 0 5xx
+traffic: 240.22KB (245983) total, 178.55KB (182835) headers (space savings 0.00%), 97.56KB data
+                     min         max         mean         sd        +/- sd
+time for request:      128us      3.21ms       301us       162us    92.39%
+"""
+
+
+def test_h2load_report_is_parsed() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    r = _common.parse_h2load(H2LOAD_REPORT, 0.5)
+    assert (r.requests, r.rps, r.duration_s, r.non_2xx_3xx) == (999, 499.5, 2.0, 1)
+    assert r.latency_us == {"mean": 301.0, "max": 3210.0}
+    assert r.wrk_cpu_s == 0.5
+    with pytest.raises(ValueError, match="no h2load report"):
+        _common.parse_h2load("h2load: connection refused\n")
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
+@pytest.mark.timeout(60)
+def test_fixed_rate_run_holds_the_rate_and_reports_cpu_per_request(tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    args = quick_args("--duration", "2", "--rate", "600", "--connections", "6",
+                      "--targets", "direct,haproxy", "--json", str(out))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {row["target"]: row for row in json.loads(out.read_text())["summary"]}
+    for name, row in rows.items():
+        assert row["ok"], (name, row)
+        assert 540 <= row["rps"] <= 660, (name, row["rps"])  # the rate, not saturation
+        assert row["non_2xx_3xx"] == 0 and row["socket_errors"] == 0, (name, row)
+        assert 0 < row["p50_us"] <= row["p99_us"], (name, row)  # mean <= max
+    assert rows["haproxy"]["cpu_us_per_req"] > 0
+    assert "--rate: a fixed 600 req/s" in r.stdout
+    header = next(ln for ln in r.stdout.splitlines() if ln.startswith("body"))
+    assert " mean " in header and " max " in header and "p99" not in header
