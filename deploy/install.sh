@@ -3,17 +3,22 @@
 # drop-in, an example config, and the failover key and admin token (0600 root:root; an
 # existing one keeps its content and gets that owner and mode back).
 #
-#   deploy/install.sh                      install or upgrade from this source tree
-#   deploy/install.sh --wheelhouse DIR     ... from wheels in DIR, offline (pip wheel . -w DIR)
+#   deploy/install.sh                      install or upgrade from this source tree, with
+#                                          the proxy's hot path compiled (mypyc) if it can
+#   deploy/install.sh --pure               ... as pure Python (no compiler needed)
+#   deploy/install.sh --wheelhouse DIR     ... from wheels in DIR, offline (docs/operations.md)
 #   deploy/install.sh --uninstall          remove what it installed; keep config, key, token
 #   deploy/install.sh --uninstall --purge  ... and remove /etc/pairlb too
 #   deploy/install.sh --root DIR ...       operate on DIR as if it were / (images, tests):
 #                                          touches nothing outside DIR, runs no systemctl
 #
 # Idempotent: a second run with the same source changes no file (the venv is rebuilt only
-# when the package sources differ from the last install; config, key and token are never
-# overwritten). No user is created: the unit runs as a systemd DynamicUser and reads the
-# key and token through LoadCredential=, so they stay readable by root only.
+# when the package sources, the build mode or the Python version differ from the last
+# install; config, key and token are never overwritten). No user is created: the unit runs
+# as a systemd DynamicUser and reads the key and token through LoadCredential=, so they
+# stay readable by root only. It ends by saying which path the installed venv runs:
+# compiled (lb.compiled_in_use()) or pure Python; a compiled build that fails (no C
+# compiler, no Python headers) falls back to pure Python with a warning.
 set -euo pipefail
 
 DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,9 +29,11 @@ PYTHON=python3
 WHEELHOUSE=
 ACTION=install
 PURGE=0
+PURE=0
+REBUILD=0
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<EOF
 Options:
   --root DIR        install into DIR instead of /            (default: /)
@@ -34,6 +41,9 @@ Options:
   --python PY       interpreter for the virtualenv (>= 3.11) (default: python3)
   --source DIR      pairlb source tree to install            (default: $SOURCE)
   --wheelhouse DIR  install pairlb and its dependencies from wheels in DIR, no index
+  --pure            from source: skip the mypyc build, install the pure-Python path
+  --rebuild         reinstall the venv even if nothing changed (e.g. after installing
+                    a C compiler, to retry a compiled build that fell back)
   --uninstall       remove the installation (keeps config, key and token)
   --purge           with --uninstall: also remove /etc/pairlb
 EOF
@@ -56,6 +66,8 @@ while [ $# -gt 0 ]; do
         --wheelhouse=*) WHEELHOUSE=${1#*=}; shift ;;
         --uninstall) ACTION=uninstall; shift ;;
         --purge) PURGE=1; shift ;;
+        --pure) PURE=1; shift ;;
+        --rebuild) REBUILD=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -71,6 +83,9 @@ if [ "$STAGED" = 0 ] && [ "$(id -u)" != 0 ]; then
     die "run as root (or use --root DIR to stage into a directory)"
 fi
 [ "$PURGE" = 1 ] && [ "$ACTION" != uninstall ] && die "--purge only goes with --uninstall"
+[ "$PURE$REBUILD" != 00 ] && [ "$ACTION" = uninstall ] && die "--pure and --rebuild go with an install"
+# A wheel is installed as it was built: build it without PAIRLB_MYPYC=1 for a pure install.
+[ "$PURE" = 1 ] && [ -n "$WHEELHOUSE" ] && die "--pure goes with an install from source, not --wheelhouse"
 
 VENV=$R$PREFIX
 ETC=$R/etc/pairlb
@@ -79,6 +94,10 @@ SYSCTL=$R/etc/sysctl.d/90-pairlb.conf
 LOGROTATE=$R/etc/logrotate.d/pairlb
 DOCDIR=$VENV/share/doc/pairlb
 STAMP=$VENV/.pairlb-install
+BUILD_LOG=$VENV/.pairlb-build.log  # kept only when a compiled build failed
+MODE=compiled; [ "$PURE" = 1 ] && MODE=pure
+WORK=
+trap '[ -z "$WORK" ] || rm -rf "$WORK"' EXIT
 SECRETS=(failover.key admin.token)
 CHANGED=0
 
@@ -98,16 +117,106 @@ put() {
     CHANGED=1
 }
 
-# The hash of what would be installed: decides whether the venv needs pip at all.
+# project_info PY FIELD: from the source's pyproject.toml, one a line: "packages" (the
+# top-level package directories) or "build-requirements" (what a compiled build needs:
+# setuptools, pairlb's dependencies, which mypyc type-checks against, and the test extra's
+# mypy, the one ./dev compiles with).
+project_info() {
+    "$1" - "$SOURCE/pyproject.toml" "$2" <<'EOF'
+import re, sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    d = tomllib.load(f)
+if sys.argv[2] == "packages":
+    print("\n".join(sorted({p.split(".")[0] for p in d["tool"]["setuptools"]["packages"]})))
+else:
+    test = d["project"].get("optional-dependencies", {}).get("test", [])
+    mypy = [r for r in test if re.match(r"mypy\s*([<>=!~;\[]|$)", r)] or ["mypy"]
+    print("\n".join(d["build-system"]["requires"] + ["wheel"] + d["project"]["dependencies"] + mypy))
+EOF
+}
+
+# The hash of what would be installed: decides whether the venv needs pip at all. From
+# source it covers the build mode, and for a compiled build the exact Python version (a
+# compiled build is valid for that one only: lb.source_digest()).
 source_digest() {
+    local py=$1 files=()
+    if [ -z "$WHEELHOUSE" ]; then
+        files=(pyproject.toml)
+        [ -f "$SOURCE/setup.py" ] && files+=(setup.py)
+        mapfile -t -O "${#files[@]}" files < <(project_info "$py" packages)
+    fi
     if [ -n "$WHEELHOUSE" ]; then
         (cd "$WHEELHOUSE" && find . -maxdepth 1 -name '*.whl' -type f | LC_ALL=C sort | xargs -r sha256sum)
     else
-        (cd "$SOURCE" && find pyproject.toml lb healthcheck failover lab -type f \
-            \( -name '*.py' -o -name '*.toml' -o -name 'py.typed' \) -not -path '*/__pycache__/*' \
-            | LC_ALL=C sort | xargs sha256sum)
+        (cd "$SOURCE" && find "${files[@]}" -type f \
+            \( -name '*.py' -o -name '*.toml' -o -name 'py.typed' -o -name '*.c' \) \
+            -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum)
+        echo "mode $MODE"
+        [ "$MODE" = pure ] || "$py" -c 'import sys; print(sys.version)'
     fi | sha256sum | cut -d' ' -f1
     echo "$PREFIX"
+}
+
+# Which path the installed venv runs by default (the service's environment sets no
+# PAIRLB_PURE_PYTHON): True for the compiled hot path.
+compiled_in_use() {
+    (cd / && env -u PAIRLB_PURE_PYTHON "$VENV/bin/python" -I -c 'import lb; print(lb.compiled_in_use())')
+}
+
+# build_compiled PY: a pairlb wheel with the hot path compiled, in $WORK/wheels.
+# Why a throwaway build venv and a wheel, not `pip install --no-build-isolation` into the
+# target venv: mypyc needs mypy and pairlb's dependencies at build time, and none of mypy,
+# setuptools or wheel belong in the production venv; the venv is made from the same
+# interpreter as the target (a compiled build is valid for that exact Python only); the
+# result is the same artefact as the --wheelhouse route (PAIRLB_MYPYC=1 pip wheel), and a
+# failure leaves the target venv as it was, so falling back to pure Python is clean. It
+# builds from a clean copy of the sources ($WORK/src): nothing is written into --source,
+# and no in-place build of a development tree (lb/data/*.so, build/) can leak in.
+build_compiled() {
+    local py=$1 bv=$WORK/buildenv
+    "$py" -m venv "$bv" || return 1
+    project_info "$py" build-requirements >"$WORK/build-requirements.txt" || return 1
+    "$bv/bin/pip" install --quiet --disable-pip-version-check \
+        -r "$WORK/build-requirements.txt" || return 1
+    (cd "$WORK" && PAIRLB_MYPYC=1 "$bv/bin/pip" wheel --quiet --disable-pip-version-check \
+        --no-build-isolation --no-deps --wheel-dir "$WORK/wheels" ./src) || return 1
+    # setup.py writes lb/data/_native.sha256 only after a successful mypyc build.
+    "$bv/bin/python" - "$WORK"/wheels/pairlb-*.whl <<'EOF' || return 1
+import sys, zipfile
+sys.exit(len(sys.argv) != 2 or "lb/data/_native.sha256" not in zipfile.ZipFile(sys.argv[1]).namelist())
+EOF
+}
+
+# install_from_source PY: compiled if it can (unless --pure), else pure Python.
+install_from_source() {
+    local py=$1 pkg
+    WORK=$(mktemp -d)
+    mkdir "$WORK/src"
+    local files=(pyproject.toml)
+    for f in setup.py README.md; do [ -f "$SOURCE/$f" ] && files+=("$f"); done
+    for pkg in $(project_info "$py" packages); do files+=("$pkg"); done
+    (cd "$SOURCE" && tar cf - --exclude=__pycache__ --exclude='*.so' --exclude='*.egg-info' \
+        --exclude=_native.sha256 "${files[@]}") | tar xf - -C "$WORK/src"
+    if [ "$MODE" = compiled ]; then
+        say "building   the proxy's hot path with mypyc (a minute or two; --pure skips it)"
+        if build_compiled "$py" >"$WORK/build.log" 2>&1; then
+            local whl=("$WORK"/wheels/pairlb-*.whl)
+            "$VENV/bin/pip" install --quiet --disable-pip-version-check "${whl[0]}"
+            # Same version number, new build: put pairlb itself in again (not its dependencies).
+            "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+                --force-reinstall --no-deps "${whl[0]}"
+            rm -f "$BUILD_LOG"
+            return
+        fi
+        cp "$WORK/build.log" "$BUILD_LOG"
+        echo "install.sh: warning: the compiled build failed (no C compiler or Python headers?" \
+            "see ${BUILD_LOG#$R}): installing the pure-Python path instead, the same code at" \
+            "about 15 % more CPU per request; install gcc and python3-dev, then run again" \
+            "with --rebuild" >&2
+    else
+        rm -f "$BUILD_LOG"  # --pure: an earlier failed build is no longer the reason
+    fi
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$WORK/src"
 }
 
 install_venv() {
@@ -129,11 +238,14 @@ install_venv() {
         WHEELHOUSE=$(cd "$WHEELHOUSE" && pwd)
     else
         [ -f "$SOURCE/pyproject.toml" ] || die "--source $SOURCE: no pyproject.toml there"
+        SOURCE=$(cd "$SOURCE" && pwd)
     fi
     local digest
-    digest=$(source_digest)
-    if [ -x "$VENV/bin/pairlb" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$digest" ]; then
+    digest=$(source_digest "$py")
+    if [ "$REBUILD" = 0 ] && [ -x "$VENV/bin/pairlb" ] && [ -f "$STAMP" ] \
+            && [ "$(cat "$STAMP")" = "$digest" ]; then
         say "unchanged  ${VENV#$R} (same sources as the last install)"
+        report_hot_path
         return
     fi
     if [ ! -x "$VENV/bin/python" ]; then
@@ -148,11 +260,33 @@ install_venv() {
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-index \
             --find-links "$WHEELHOUSE" --force-reinstall --no-deps pairlb
     else
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check "$SOURCE"
+        install_from_source "$py"
     fi
     printf '%s\n' "$digest" >"$STAMP"
     say "installed  ${VENV#$R} ($("$VENV/bin/pairlb" version))"
     CHANGED=1
+    report_hot_path
+}
+
+report_hot_path() {
+    local data
+    if [ "$(compiled_in_use)" = True ]; then
+        say "hot path   compiled (mypyc): lb.compiled_in_use() is True"
+        return
+    fi
+    say "hot path   pure Python: lb.compiled_in_use() is False"
+    if [ -n "$WHEELHOUSE" ]; then
+        data=$("$VENV/bin/python" -I -c 'import os, lb; print(os.path.dirname(lb.__file__))')/data
+        if compgen -G "$data/_native__mypyc.*" >/dev/null; then
+            echo "install.sh: warning: the wheel's compiled modules do not match this install" \
+                "(built by another Python version than $("$VENV/bin/python" -V 2>&1)?):" \
+                "running pure Python" >&2
+        fi
+    elif [ "$MODE" = compiled ] && [ -f "$BUILD_LOG" ]; then
+        say "           (the compiled build failed: ${BUILD_LOG#$R}; --rebuild retries it)"
+    elif [ "$MODE" = compiled ]; then
+        echo "install.sh: warning: the compiled build succeeded but the venv does not use it" >&2
+    fi
 }
 
 install_secret() {

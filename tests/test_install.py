@@ -1,10 +1,12 @@
 """deploy/install.sh into a temporary root, and the example config it ships.
 
 The install is real: a virtualenv with pairlb and its dependencies from the package index,
-`pairlb keygen` for the key and token. It runs from a snapshot of the source tree (other
-work in this checkout must not change the sources between the first and the second run)
-and with `--root`, so nothing outside the temporary directory is touched; the test checks
-that the host's /etc/passwd, /etc/group and /etc/pairlb are as they were.
+`pairlb keygen` for the key and token, the proxy's hot path compiled by mypyc (one build for
+the module's shared install, one for the wheel route: about a minute each). It runs from a
+snapshot of the source tree (other work in this checkout must not change the sources
+between the first and the second run) and with `--root`, so nothing outside the temporary
+directory is touched; the test checks that the host's /etc/passwd, /etc/group and
+/etc/pairlb are as they were.
 
 The example config deploy/pairlb.toml is checked against lb/config.py's models: every key
 of every model appears in its section, every commented default equals the model's default,
@@ -21,9 +23,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import types
 import typing
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,20 @@ EXAMPLE = REPO / "deploy" / "pairlb.toml"
 PREFIX = "/opt/pairlb-test"
 """Not the default, so the test also proves the unit's paths follow --prefix."""
 SECRETS = ("failover.key", "admin.token")
+
+
+def _no_c_compiler() -> str:
+    """Why a compiled build cannot work here ("" when it can): the compiler setuptools
+    would use (CC, else sysconfig's) and the interpreter's headers."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc} not found): install.sh falls back to pure Python"
+    if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        return "no Python.h for this interpreter: install.sh falls back to pure Python"
+    return ""
+
+
+NO_C_COMPILER = _no_c_compiler()
 
 
 # -- the example config ----------------------------------------------------------------------
@@ -213,7 +231,7 @@ def _snapshot_source(dst: Path) -> Path:
     for name in ("lb", "healthcheck", "failover", "lab", "deploy", "docs"):
         if (REPO / name).exists():
             shutil.copytree(REPO / name, dst / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(REPO / name, dst / name)
     return dst
 
@@ -260,7 +278,9 @@ class Install:
         self.root = root
         self.runs: list[subprocess.CompletedProcess[str]] = []
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
             [
                 "bash",
@@ -276,13 +296,38 @@ class Install:
             capture_output=True,
             text=True,
             timeout=540,
-            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (env or {}),
         )
         self.runs.append(res)
         return res
 
     def path(self, p: str) -> Path:
         return self.root / p.lstrip("/")
+
+    def hot_path(self) -> dict[str, Any]:
+        """What the installed venv runs, asked the way the service would import it."""
+        code = (
+            "import importlib.util, json, os, lb\n"
+            "rec = os.path.join(os.path.dirname(lb.__file__), 'data', '_native.sha256')\n"
+            "data = os.path.dirname(rec)\n"
+            "print(json.dumps({'compiled': lb.compiled_in_use(),\n"
+            "    'digest_matches': os.path.exists(rec)\n"
+            "        and open(rec).read().strip() == lb.source_digest(),\n"
+            "    'group_so': any(f.startswith('_native__mypyc.') for f in os.listdir(data)),\n"
+            "    'mypy': importlib.util.find_spec('mypy') is not None}))\n"
+        )
+        res = subprocess.run(
+            [str(self.path(f"{PREFIX}/bin/python")), "-I", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+            env={k: v for k, v in os.environ.items()
+                 if k not in ("PYTHONPATH", "PAIRLB_PURE_PYTHON")},
+        )
+        assert res.returncode == 0, res.stderr
+        out: dict[str, Any] = json.loads(res.stdout)
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -354,12 +399,28 @@ def test_the_installed_venv_runs_what_the_unit_runs(installed: Install, tmp_path
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
 
 
+@pytest.mark.timeout(120)
+def test_the_source_install_runs_the_compiled_hot_path(installed: Install) -> None:
+    first = installed.runs[0]
+    if NO_C_COMPILER:
+        assert "the compiled build failed" in first.stderr  # a warning, not a failed install
+        pytest.skip(NO_C_COMPILER)
+    assert "hot path   compiled (mypyc): lb.compiled_in_use() is True" in first.stdout, (
+        first.stdout + first.stderr)
+    # The wheel's own record matches its .py files in site-packages; the build tools stayed
+    # in the throwaway build venv.
+    assert installed.hot_path() == {
+        "compiled": True, "digest_matches": True, "group_so": True, "mypy": False}
+    assert not installed.path(f"{PREFIX}/.pairlb-build.log").exists()
+
+
 @pytest.mark.timeout(600)
 def test_a_second_run_changes_nothing(installed: Install) -> None:
     before = tree_state(installed.root)
     res = installed.run()
     assert res.returncode == 0, res.stderr
     assert "Nothing to do: already installed." in res.stdout
+    assert "hot path   " in res.stdout  # it still says which path runs
     after = tree_state(installed.root)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert changed == []
@@ -410,6 +471,79 @@ def test_a_rerun_gives_an_existing_secret_back_to_root(installed: Install) -> No
 
 
 @pytest.mark.timeout(600)
+def test_a_failed_compiled_build_falls_back_to_pure_and_pure_skips_the_build(
+    installed: Install, tmp_path: Path
+) -> None:
+    """A compiled build that fails: a warning and a pure install, not a failure; not retried
+    for the same sources. --pure never builds, and clears the failed build's log.
+
+    The failure is provoked where it is cheap: a pip constraint no mypy meets, so the build
+    venv cannot be set up (the target venv needs no mypy). A missing compiler (CC=/bin/false)
+    takes the same branch of install.sh, but only after mypyc's type check (~30 s more)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    inst = Install(installed.src, root)
+    no_mypy = tmp_path / "no-mypy.txt"
+    no_mypy.write_text("mypy<0.1\n")
+    res = inst.run(env={"PIP_CONSTRAINT": str(no_mypy)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "install.sh: warning: the compiled build failed" in res.stderr
+    assert "hot path   pure Python: lb.compiled_in_use() is False" in res.stdout
+    assert inst.hot_path()["compiled"] is False
+    log = inst.path(f"{PREFIX}/.pairlb-build.log")
+    assert log.exists()
+    res = inst.run()
+    assert "Nothing to do: already installed." in res.stdout
+    assert "--rebuild retries it" in res.stdout
+
+    res = inst.run("--pure")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "building" not in res.stdout and "warning: the compiled" not in res.stderr
+    assert "hot path   pure Python: lb.compiled_in_use() is False" in res.stdout
+    assert inst.hot_path() == {
+        "compiled": False, "digest_matches": False, "group_so": False, "mypy": False}
+    assert not log.exists()
+    assert "Nothing to do: already installed." in inst.run("--pure").stdout
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(bool(NO_C_COMPILER), reason=NO_C_COMPILER or "-")
+def test_a_wheel_built_with_pairlb_mypyc_installs_compiled(
+    installed: Install, tmp_path: Path
+) -> None:
+    """The wheel route as docs/operations.md gives it: a build venv with mypy and pairlb's
+    dependencies, `PAIRLB_MYPYC=1 pip wheel --no-build-isolation`, install.sh --wheelhouse."""
+    src = shutil.copytree(installed.src, tmp_path / "src")
+    bv = tmp_path / "build-venv"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "venv", str(bv)], check=True, timeout=120)
+    pip = [str(bv / "bin" / "pip"), "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "setuptools>=68", "wheel", "mypy", str(src)],
+                   check=True, timeout=300, env=env, capture_output=True)
+    wheels = tmp_path / "wheels"
+    res = subprocess.run(
+        [*pip, "wheel", "--no-build-isolation", str(src), "-w", str(wheels)],
+        timeout=400, env=env | {"PAIRLB_MYPYC": "1"}, capture_output=True, text=True,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    (whl,) = wheels.glob("pairlb-*.whl")
+    assert not whl.name.endswith("-none-any.whl")  # a platform wheel
+    names = zipfile.ZipFile(whl).namelist()
+    assert "lb/data/_native.sha256" in names
+    assert any(n.startswith("lb/data/_native__mypyc.") for n in names)
+
+    root = tmp_path / "root"
+    root.mkdir()
+    inst = Install(installed.src, root)
+    res = inst.run("--wheelhouse", str(wheels))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "hot path   compiled (mypyc): lb.compiled_in_use() is True" in res.stdout
+    assert inst.hot_path() == {
+        "compiled": True, "digest_matches": True, "group_so": True, "mypy": False}
+
+
+@pytest.mark.timeout(600)
 def test_uninstall_removes_what_it_installed_but_keeps_config_and_secrets(
     installed: Install,
 ) -> None:
@@ -438,6 +572,8 @@ def test_uninstall_removes_what_it_installed_but_keeps_config_and_secrets(
         (["--prefix", "/usr"], "refusing a shared directory"),
         (["--prefix", "relative"], "must be an absolute path"),
         (["--bogus"], "unknown option: --bogus"),
+        (["--pure", "--wheelhouse", "/nonexistent"], "--pure goes with an install from source"),
+        (["--uninstall", "--pure"], "--pure and --rebuild go with an install"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(
