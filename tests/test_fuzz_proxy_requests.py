@@ -103,6 +103,10 @@ class FakeTransport:
         if not self.closed:
             self.out += data
 
+    def writelines(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
+
     def close(self) -> None:
         self.closed = True
 

@@ -424,7 +424,11 @@ class _Conn:
         self.out = None
         if self.closed:
             return
-        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if len(out) == 1:
+            self.transport.write(out[0])
+        else:
+            # uvloop hands the pieces to one writev: a large body is not copied to join it
+            self.transport.writelines(out)
 
     def close(self) -> None:
         """Graceful: what was sent is flushed first."""
@@ -650,12 +654,11 @@ class _Upstream(_Conn):
         sl = buf.find(b"\r\n")
         line = buf[: sl + 2]
         block = buf[sl + 2 : end + 2] if end > sl else b""
-        rest = buf[end + 4 :]
         if not line.startswith(b"HTTP/1.1 "):
             line = H.status_line(status, buf[13:sl])
         if status < 200:
             self.interim = True
-            self.head_buf = rest  # the next head starts right after this one
+            self.head_buf = buf[end + 4 :]  # the next head starts right after this one
             if status == 101:
                 if not req.upgrade or not req.complete:
                     raise _Reject("101 to a request that did not ask for an upgrade")
@@ -668,7 +671,7 @@ class _Upstream(_Conn):
                 client.send(line + H.filter_response_block(block).fields + b"\r\n")
             return
         self.head_buf = None
-        self.head_rest = len(rest)
+        self.head_rest = len(buf) - (end + 4)  # no copy: the body's bytes go by on_body
         self.interim = False
         self.backend_keep = self.parser.should_keep_alive()
         # filter_response_block is pure: a backend that answers alike (within the second
