@@ -152,6 +152,10 @@ PIPELINE_MAX = 8
 """Pipelined requests parsed ahead before the rest of a read is left unparsed."""
 MAX_RESPONSE_HEAD = 64 * 1024
 """A backend response head larger than this is a bad response (502)."""
+PASS_BODY_MIN = 16 * 1024
+"""A Content-Length response body at least this large goes to the client as the reads
+bring it, without the parser: no copy of each piece by it (a new parser for the next
+response costs about one 16 KiB copy)."""
 LOG_ERRORS_PER_S = 20
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
@@ -241,6 +245,11 @@ class _Stop(Exception):
 class _HeadDone(Exception):
     """Raised from the response parser when a response to HEAD has ended at its head (a
     new one each time, as _Stop)."""
+
+
+class _BodyNext(Exception):
+    """Raised from the response parser at the head of a large Content-Length response: its
+    body bypasses the parser (_Upstream.pass_body; a new one each time, as _Stop)."""
 
 
 def error_response(
@@ -402,13 +411,23 @@ class _Conn:
     def __init__(self, srv: ProxyServer) -> None:
         self.srv = srv
         self.transport: Any = None
-        self.out: list[bytes] | None = None
+        self.out: list[bytes | memoryview] | None = None
         self.closed = False
         self.nsent = 0
         """Bytes given to ``send`` so far, written or still queued (the access log's bytes
         out: counted here, so the log never sums the queue)."""
 
     def send(self, data: bytes) -> None:
+        self.nsent += len(data)
+        out = self.out
+        if out is None:
+            self.out = [data]
+            self.srv.dirty.append(self)
+        else:
+            out.append(data)
+
+    def send_view(self, data: memoryview) -> None:
+        """``send`` for a slice of a read, not copied out of it."""
         self.nsent += len(data)
         out = self.out
         if out is None:
@@ -451,6 +470,7 @@ class _Upstream(_Conn):
 
     __slots__ = (
         "backend_keep",
+        "body_left",
         "client",
         "deadline",
         "eof_body",
@@ -506,6 +526,8 @@ class _Upstream(_Conn):
         self.wpaused = False
         self.rx_at = 0.0
         """The loop's time when the bytes being parsed arrived (the log's first byte)."""
+        self.body_left = -1
+        """Bytes of a passed-through body still to come (-1: the parser reads the bytes)."""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -599,6 +621,13 @@ class _Upstream(_Conn):
         now = self.rx_at = self.srv.time()
         if not self.rpaused:
             self.deadline = now + req.pool_cfg.response_timeout_s
+        if self.body_left >= 0:
+            self.pass_body(data, client)
+            if self.resp_done:
+                self._complete()
+            if self.srv.dirty:
+                self.srv.flush()
+            return
         hb = self.head_buf
         if hb is not None:
             # Still waiting for the response head: keep its bytes (usually one read).
@@ -608,7 +637,13 @@ class _Upstream(_Conn):
         except httptools.HttpParserUpgrade as exc:
             self._start_tunnel(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            if self.resp_done:
+            if isinstance(exc.__context__, _BodyNext):
+                # The parser stopped at the head: what follows it in this read is body.
+                n = self.head_rest
+                if n:
+                    self.pass_body(memoryview(data)[len(data) - n :] if n >= 4096
+                                   else data[len(data) - n :], client)
+            elif self.resp_done:
                 if isinstance(exc.__context__, _HeadDone):
                     # A new parser for the next response; bytes after the head are junk.
                     self.parser = httptools.HttpResponseParser(self)
@@ -730,6 +765,30 @@ class _Upstream(_Conn):
         if req.head_only:
             self.resp_done = True
             raise _HeadDone()
+        if rh.content_length >= PASS_BODY_MIN and rh.te_value is None and not self.eof_body:
+            self.body_left = rh.content_length
+            raise _BodyNext()
+
+    def pass_body(self, data: bytes | memoryview, client: _Client) -> None:
+        """Body bytes of a Content-Length response, relayed as they came (no parser);
+        at its end a new parser for the next response. Bytes past the end are the
+        backend's error: not relayed, and the connection is not reused."""
+        n = len(data)
+        left = self.body_left
+        if n >= left:
+            if n > left:
+                self.reusable = False
+                data = data[:left]
+            self.body_left = -1
+            self.parser = httptools.HttpResponseParser(self)
+            self.resp_done = True
+        else:
+            self.body_left = left - n
+        if isinstance(data, bytes):
+            if data:
+                client.send(data)
+        elif data:
+            client.send_view(data)
 
     def on_body(self, data: bytes) -> None:
         client = self.client
@@ -763,6 +822,7 @@ class _Upstream(_Conn):
         self.status = 0
         self.reusable = True
         self.head_buf = b""
+        self.body_left = -1
         lg = req.lg
         if lg is not None:
             lg.t_sent = now
