@@ -2,7 +2,7 @@
 
 - lb/data/_fastlog.c, the access log's common-case formatter (always tried).
 - With ``PAIRLB_MYPYC=1`` (what ``./dev`` sets, in the venv that has mypy and every
-  dependency): the proxy's hot path, lb/data/proxy.py and lb/data/headers.py, compiled by
+  dependency): the proxy's hot path, the modules in ``lb.COMPILED``, compiled by
   mypyc into one group (``lb.data._native__mypyc``). Only after the build succeeded is
   ``lb/data/_native.sha256`` written: the digest of the sources it was built from
   (``lb.source_digest``: every .py under lb/, the Python version), removed when a build

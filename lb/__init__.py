@@ -1,8 +1,8 @@
 """pairlb: the application. The rooms: lb.control (the control process), lb.data (proxy
 workers), lb.failoverd (the failover process), lb.admin (its admin edge); shared modules here.
 
-The proxy's hot path may be compiled (setup.py, ``PAIRLB_MYPYC=1``: mypyc builds
-lb/data/proxy.py and lb/data/headers.py in place, as ``./dev`` does). The compiled modules
+The proxy's hot path may be compiled (setup.py, ``PAIRLB_MYPYC=1``: mypyc builds the
+modules in ``COMPILED`` in place, as ``./dev`` does). The compiled modules
 are used only when the digest recorded after a successful build matches the sources
 (``source_digest``: all of lb/ and the Python version); otherwise, or with
 ``PAIRLB_PURE_PYTHON=1``, a finder loads the .py files (the same code, interpreted).
@@ -21,18 +21,22 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 
-COMPILED = ("lb.data.headers", "lb.data.proxy")
+COMPILED = ("lb.data.headers", "lb.data.listener", "lb.data.pool", "lb.data.proxy", "lb.stats")
 """The modules mypyc compiles (setup.py builds exactly these)."""
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _DATA = os.path.join(_ROOT, "data")
 GROUP = "lb.data._native"
 """mypyc's group name for COMPILED (setup.py); its shared library is GROUP + "__mypyc"."""
-_GROUP = GROUP.rsplit(".", 1)[1] + "__mypyc"
+
+
+def _path(fullname: str) -> str:
+    """lb.data.proxy -> .../lb/data/proxy (no suffix)."""
+    return os.path.join(_ROOT, *fullname.split(".")[1:])
 
 
 def _source(fullname: str) -> str:
-    return os.path.join(_DATA, fullname.rsplit(".", 1)[1] + ".py")
+    return _path(fullname) + ".py"
 
 
 def pure_python_requested() -> bool:
@@ -61,21 +65,21 @@ def source_digest(root: str | None = None) -> str:
 
 
 def compiled_in_use() -> bool:
-    """Whether lb.data.proxy and lb.data.headers run as mypyc-compiled code."""
+    """Whether the modules in COMPILED run as mypyc-compiled code."""
     return not _PURE
 
 
-def _has_extension(base: str) -> bool:
-    return any(os.path.exists(os.path.join(_DATA, base + suffix))
+def _has_extension(fullname: str) -> bool:
+    return any(os.path.exists(_path(fullname) + suffix)
                for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def _use_pure() -> bool:
     if pure_python_requested():
         return True
-    if not all(_has_extension(name.rsplit(".", 1)[1]) for name in COMPILED):
+    if not all(_has_extension(name) for name in COMPILED):
         return True  # never built (or only in part)
-    if not _has_extension(_GROUP):
+    if not _has_extension(GROUP + "__mypyc"):
         return True
     try:
         with open(os.path.join(_DATA, "_native.sha256"), encoding="ascii") as f:

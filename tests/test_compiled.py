@@ -45,7 +45,8 @@ def test_pure_python_path_passes_the_proxy_tests() -> None:
                         "-p", "no:randomly", "tests/test_proxy_http.py",
                         "tests/test_proxy_bad_requests.py", "tests/test_proxy_stream.py",
                         "tests/test_fuzz_proxy_requests.py", "tests/test_redirect_acme.py",
-                        "tests/test_headers.py", "tests/test_proxy_passbody.py"],
+                        "tests/test_headers.py", "tests/test_proxy_passbody.py",
+                        "tests/test_pool.py", "tests/test_proxy_tcp.py"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
@@ -53,15 +54,16 @@ def test_pure_python_path_passes_the_proxy_tests() -> None:
 
 def _fake_build(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A stand-in lb/ tree: the compiled modules' sources and another module, .so
-    stand-ins for the three extensions, and the digest a successful build records."""
+    stand-ins for their extensions and mypyc's group library, and the digest a successful
+    build records."""
     monkeypatch.delenv("PAIRLB_PURE_PYTHON", raising=False)
     data = tmp / "data"
     data.mkdir()
     (tmp / "config.py").write_text("LIMIT: int = 1\n")
     for name in lb.COMPILED:
-        base = name.rsplit(".", 1)[1]
-        shutil.copy(ROOT / "lb" / "data" / f"{base}.py", data / f"{base}.py")
-        (data / f"{base}{SUFFIX}").write_bytes(b"")
+        rel = Path(*name.split(".")[1:])
+        shutil.copy(ROOT / "lb" / f"{rel}.py", tmp / f"{rel}.py")
+        (tmp / f"{rel}{SUFFIX}").write_bytes(b"")
     (data / f"_native__mypyc{SUFFIX}").write_bytes(b"")
     (data / "_native.sha256").write_text(lb.source_digest(str(tmp)) + "\n")
     monkeypatch.setattr(lb, "_ROOT", str(tmp))

@@ -23,6 +23,8 @@ import termios
 from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from lb.config import ListenerConfig, PoolConfig
 from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.stats import Stats
@@ -62,6 +64,7 @@ def _no_loop() -> float:
     raise RuntimeError("the listener's server has not been started")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # TcpProxyServer (interpreted)
 class ListenerServer(Generic[C]):
     """One listener in one worker: its accepting, its client connections and its tasks."""
 
