@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -58,10 +58,7 @@ async def sized(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
 def test_bodies_across_the_threshold_are_exact_and_the_connection_is_reused(
         loop_kind: str) -> None:
     async def scenario() -> None:
-        srv, port, conns = await raw_backend(sized)
-        px = await start_proxy([("a", f"127.0.0.1:{port}")])
-        c = await RawClient.connect(px.port)
-        try:
+        async with proxied(sized) as (px, c, conns):
             for n in [*SIZES, 100, *reversed(SIZES)]:
                 await c.send(get(f"/size/{n}"))
                 r = await c.response(timeout_s=10)
@@ -80,10 +77,6 @@ def test_bodies_across_the_threshold_are_exact_and_the_connection_is_reused(
             await h.close()
             assert len(conns) == 1
             await wait_for(lambda: px.in_flight == 0)
-        finally:
-            await c.close()
-            await stop_proxy(px)
-            srv.close()
 
     run_on(loop_kind, scenario())
 
@@ -102,6 +95,23 @@ async def raw_backend(
 
     srv = await asyncio.start_server(serve, "127.0.0.1", 0)
     return srv, srv.sockets[0].getsockname()[1], conns
+
+
+@contextlib.asynccontextmanager
+async def proxied(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[tuple[Any, RawClient, list[int]]]:
+    """The proxy in front of a raw backend, and a client connection to it: (proxy, client,
+    the backend's connections)."""
+    srv, port, conns = await raw_backend(handler)
+    px = await start_proxy([("a", f"127.0.0.1:{port}")])
+    c = await RawClient.connect(px.port)
+    try:
+        yield px, c, conns
+    finally:
+        await c.close()
+        await stop_proxy(px)
+        srv.close()
 
 
 async def read_head(r: asyncio.StreamReader) -> bytes:
@@ -133,19 +143,12 @@ def test_a_body_in_pieces_arrives_whole(loop_kind: str, split: str) -> None:
                 await asyncio.sleep(0.002)
 
     async def scenario() -> None:
-        srv, port, conns = await raw_backend(handler)
-        px = await start_proxy([("a", f"127.0.0.1:{port}")])
-        c = await RawClient.connect(px.port)
-        try:
+        async with proxied(handler) as (_px, c, conns):
             for _ in range(3):
                 await c.send(get("/"))
                 r = await c.response(timeout_s=10)
                 assert r.status == 200 and r.body == body
             assert len(conns) == 1
-        finally:
-            await c.close()
-            await stop_proxy(px)
-            srv.close()
 
     run_on(loop_kind, scenario())
 
@@ -165,10 +168,7 @@ def test_bytes_past_the_body_are_dropped_and_the_connection_not_reused(loop_kind
             await w.drain()
 
     async def scenario() -> None:
-        srv, port, conns = await raw_backend(handler)
-        px = await start_proxy([("a", f"127.0.0.1:{port}")])
-        c = await RawClient.connect(px.port)
-        try:
+        async with proxied(handler) as (_px, c, conns):
             for i in range(2):
                 await c.send(get("/"))
                 r = await c.response(timeout_s=10)
@@ -176,10 +176,6 @@ def test_bytes_past_the_body_are_dropped_and_the_connection_not_reused(loop_kind
                 await wait_for(lambda i=i: len(conns) == i + 1)
             assert b"junk!" not in bytes(c.raw)
             assert len(conns) == 2  # each response's connection was dropped, not reused
-        finally:
-            await c.close()
-            await stop_proxy(px)
-            srv.close()
 
     run_on(loop_kind, scenario())
 
@@ -195,10 +191,7 @@ def test_a_backend_closing_mid_body_cuts_the_client_and_counts_an_error(
         w.transport.abort()
 
     async def scenario() -> None:
-        srv, port, _ = await raw_backend(handler)
-        px = await start_proxy([("a", f"127.0.0.1:{port}")])
-        c = await RawClient.connect(px.port)
-        try:
+        async with proxied(handler) as (px, c, _):
             await c.send(get("/"))
             got = await c.responses(1, timeout_s=5)
             assert got == []  # never a complete (wrong) response
@@ -206,10 +199,6 @@ def test_a_backend_closing_mid_body_cuts_the_client_and_counts_an_error(
             assert 40000 <= len(c.raw) < 100000 + 200
             await wait_for(lambda: px.in_flight == 0)
             assert any(k[2].startswith("backend_") for k in px.stats._errors), px.stats._errors
-        finally:
-            await c.close()
-            await stop_proxy(px)
-            srv.close()
 
     run_on(loop_kind, scenario())
 
@@ -229,17 +218,10 @@ def test_the_large_body_takes_the_parser_free_path(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(P._Upstream, "pass_body", spy)
 
     async def scenario() -> None:
-        srv, port, _ = await raw_backend(sized)
-        px = await start_proxy([("a", f"127.0.0.1:{port}")])
-        c = await RawClient.connect(px.port)
-        try:
+        async with proxied(sized) as (_px, c, _):
             for n in (MIN - 1, MIN):
                 await c.send(get(f"/size/{n}"))
                 assert (await c.response()).body == body_of(n)
-        finally:
-            await c.close()
-            await stop_proxy(px)
-            srv.close()
 
     run_on("asyncio", scenario())
     assert sum(calls) == MIN  # the body under the threshold went through the parser

@@ -418,17 +418,14 @@ class _Conn:
         out: counted here, so the log never sums the queue)."""
 
     def send(self, data: bytes) -> None:
-        self.nsent += len(data)
-        out = self.out
-        if out is None:
-            self.out = [data]
-            self.srv.dirty.append(self)
-        else:
-            out.append(data)
+        self._queue(data, len(data))
 
     def send_view(self, data: memoryview) -> None:
         """``send`` for a slice of a read, not copied out of it."""
-        self.nsent += len(data)
+        self._queue(data, len(data))
+
+    def _queue(self, data: bytes | memoryview, n: int) -> None:
+        self.nsent += n
         out = self.out
         if out is None:
             self.out = [data]
