@@ -51,14 +51,14 @@ ext_modules: list[Any] = [
 ]
 
 
-def _clear_compiled(data: Path) -> None:
-    """Remove what a mypyc build puts in lb/data of a build directory (never the sources)."""
-    (data / DIGEST.name).unlink(missing_ok=True)
-    bases = [name.rsplit(".", 1)[1] for name in lb.COMPILED]
-    bases.append(lb.GROUP.rsplit(".", 1)[1] + "__mypyc")
-    for base in bases:
+def _clear_compiled(lib: Path) -> None:
+    """Remove what a mypyc build puts in a build directory ``lib`` (build/lib: never the
+    sources): the digest, each compiled module's extension, the group's library."""
+    (lib / "lb" / "data" / DIGEST.name).unlink(missing_ok=True)
+    for name in (*lb.COMPILED, lb.GROUP + "__mypyc"):
+        base = lib.joinpath(*name.split("."))
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            (data / (base + suffix)).unlink(missing_ok=True)
+            base.with_name(base.name + suffix).unlink(missing_ok=True)
 
 
 class BuildExt(build_ext):
@@ -72,9 +72,8 @@ class BuildExt(build_ext):
             # The digest must describe the .py files that ship with the .so files: have
             # build_py put them in build/lib first (a no-op when `build` already ran it).
             self.run_command("build_py")
-            data = Path(self.build_lib) / "lb" / "data"
-            _clear_compiled(data)
-            target = data / DIGEST.name
+            _clear_compiled(Path(self.build_lib))
+            target = Path(self.build_lib) / "lb" / "data" / DIGEST.name
         if not MYPYC:
             super().run()
             return

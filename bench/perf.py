@@ -254,6 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--rate: must be >= 0")
     if args.rate and args.close:
         ap.error("--rate with --close: not supported (h2load keeps its connections)")
+    if args.rate and args.rate < 10 * args.connections:
+        # h2load paces each client alone and sends its first request at once: at a few
+        # requests per second per client a short run overshoots the rate
+        ap.error("--rate: at least 10 requests per second per connection (--connections)")
     if args.venv is None:
         args.venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.prefix)
     args.pin = not args.no_pin and args.workers == 1 and (os.cpu_count() or 1) >= 2
@@ -979,6 +983,8 @@ def run(args: argparse.Namespace) -> int:
             "skipped": skipped,
             "started_pids": started_pids,
             "summary": rows,
+            # with --rate, p50_us/p99_us hold h2load's mean and max (it gives no percentiles)
+            "latency_fields": "mean/max" if args.rate else "p50/p99",
             "notes": text_notes,
             "samples": [asdict(s) for s in samples],
         }

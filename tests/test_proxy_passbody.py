@@ -225,3 +225,65 @@ def test_the_large_body_takes_the_parser_free_path(monkeypatch: pytest.MonkeyPat
 
     run_on("asyncio", scenario())
     assert sum(calls) == MIN  # the body under the threshold went through the parser
+
+
+@LOOPS
+@pytest.mark.parametrize("status", [304, 204])
+@pytest.mark.parametrize("clen", [MIN - 1, MIN + 4000])
+def test_a_bodiless_status_with_a_large_content_length_ends_at_its_head(
+        loop_kind: str, status: int, clen: int) -> None:
+    """RFC 9110 8.6: a 304 may carry the Content-Length of the representation (and a 204
+    must not have a body): the exchange ends at the head, whatever the length says, and
+    the next request on the connection is answered (found by an outside review: the
+    parser-free path waited for a body that never came)."""
+    reason = b"Not Modified" if status == 304 else b"No Content"
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = True
+        while True:
+            await read_head(r)
+            if first:
+                w.write(b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nETag: \"x\"\r\n\r\n"
+                        % (status, reason, clen))
+                first = False
+            else:
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            await w.drain()
+
+    async def scenario() -> None:
+        async with proxied(handler) as (px, c, conns):
+            await c.send(b"GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"x\"\r\n\r\n")
+            raw = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+            assert raw.startswith(b"HTTP/1.1 %d" % status)
+            await c.send(get("/next"))
+            got = await asyncio.wait_for(c.reader.readuntil(b"hello"), 3)
+            assert got.startswith(b"HTTP/1.1 200")
+            await wait_for(lambda: px.in_flight == 0)
+            assert len(conns) == 1
+
+    run_on(loop_kind, scenario())
+
+
+@LOOPS
+def test_an_interim_response_and_a_large_body_in_one_read(loop_kind: str) -> None:
+    n = 40_000
+    body = body_of(n)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(r)
+            w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n + body)
+            await w.drain()
+
+    async def scenario() -> None:
+        async with proxied(handler) as (_px, c, conns):
+            for _ in range(2):
+                await c.send(get("/"))
+                r = await c.response(timeout_s=5)
+                while r.status < 200:
+                    r = await c.response(timeout_s=5)
+                assert r.status == 200 and r.body == body
+            assert len(conns) == 1
+
+    run_on(loop_kind, scenario())

@@ -21,7 +21,7 @@ import socket
 import ssl
 import termios
 from collections.abc import Callable, Hashable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from mypy_extensions import mypyc_attr
 
@@ -68,7 +68,7 @@ def _no_loop() -> float:
 class ListenerServer(Generic[C]):
     """One listener in one worker: its accepting, its client connections and its tasks."""
 
-    TICK_FAILED = "listener_tick_failed"
+    TICK_FAILED: ClassVar[str] = "listener_tick_failed"
     """The log event of a tick that raised (each engine keeps its own name)."""
 
     def __init__(

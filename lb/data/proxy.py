@@ -122,7 +122,7 @@ import stat
 import termios
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import httptools
 
@@ -414,8 +414,8 @@ class _Conn:
         self.out: list[bytes | memoryview] | None = None
         self.closed = False
         self.nsent = 0
-        """Bytes given to ``send`` so far, written or still queued (the access log's bytes
-        out: counted here, so the log never sums the queue)."""
+        """Bytes given to ``send`` so far, written or still queued, less what a close threw
+        away (the access log's bytes out: counted here, so the log never sums the queue)."""
 
     def send(self, data: bytes) -> None:
         self._queue(data, len(data))
@@ -439,6 +439,7 @@ class _Conn:
             return
         self.out = None
         if self.closed:
+            self.nsent -= sum(map(len, out))  # thrown away: never sent
             return
         if len(out) == 1:
             self.transport.write(out[0])
@@ -455,7 +456,10 @@ class _Conn:
                 self.transport.close()
 
     def abort(self) -> None:
-        self.out = None
+        out = self.out
+        if out is not None:
+            self.out = None
+            self.nsent -= sum(map(len, out))  # thrown away: never sent
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -762,7 +766,8 @@ class _Upstream(_Conn):
         if req.head_only:
             self.resp_done = True
             raise _HeadDone()
-        if rh.content_length >= PASS_BODY_MIN and rh.te_value is None and not self.eof_body:
+        if (rh.content_length >= PASS_BODY_MIN and not head_only and rh.te_value is None
+                and not self.eof_body):
             self.body_left = rh.content_length
             raise _BodyNext()
 
@@ -2079,7 +2084,7 @@ class _Client(_Conn):
         ctx = self.ctx
         b = req.backend
         sent = self.nsent
-        nbytes, self.nmark = sent - self.nmark, sent
+        nbytes, self.nmark = max(0, sent - self.nmark), sent
         r = alog.http(  # lb.data.accesslog.http_record's facts: one C call, no tuple
             None, ctx.ip if ctx is not None else None, self.cport, srv.listener.name,
             req.method, lg.target, req.http10, status,
@@ -2148,7 +2153,7 @@ def _classify(exc: BaseException) -> tuple[int, str]:
 class ProxyServer(ListenerServer["_Client"]):
     """The HTTP proxy for one listener (lifecycle: lb.data.listener)."""
 
-    TICK_FAILED = "proxy_tick_failed"
+    TICK_FAILED: ClassVar[str] = "proxy_tick_failed"
 
     def __init__(
         self,

@@ -67,7 +67,7 @@ import ssl
 import termios
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from lb.config import ListenerConfig, PoolConfig
 from lb.data import accesslog as A
@@ -1161,7 +1161,7 @@ class _SplicePipe(_Pipe):
 class TcpProxyServer(ListenerServer["_Pipe"]):
     """The TCP proxy for one listener (lifecycle: lb.data.listener)."""
 
-    TICK_FAILED = "tcp_tick_failed"
+    TICK_FAILED: ClassVar[str] = "tcp_tick_failed"
 
     def __init__(
         self,
