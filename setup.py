@@ -8,7 +8,8 @@
   (``lb.source_digest``: every .py under lb/, the Python version), removed when a build
   starts. lb/__init__.py uses the compiled modules only while that digest matches (an
   edited source is never shadowed by a stale or half-done build) and never with
-  ``PAIRLB_PURE_PYTHON=1``.
+  ``PAIRLB_PURE_PYTHON=1``. ``PAIRLB_MYPYC_OPT`` sets mypyc's C optimisation level
+  (default 3; the install tests use 0: the same code, built faster).
 
 A wheel (``PAIRLB_MYPYC=1 pip wheel --no-build-isolation . -w DIR``, in a venv that has
 mypy and pairlb's dependencies: mypyc type-checks against them, so pip's isolated build
@@ -101,6 +102,7 @@ if MYPYC:
                  "pip wheel/install --no-build-isolation")
 
     ext_modules += mypycify([name.replace(".", "/") + ".py" for name in lb.COMPILED],
-                            group_name=lb.GROUP, opt_level="3")
+                            group_name=lb.GROUP,
+                            opt_level=os.environ.get("PAIRLB_MYPYC_OPT", "3"))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
