@@ -189,3 +189,14 @@ def test_fixed_rate_run_holds_the_rate_and_reports_cpu_per_request(tmp_path: Pat
     assert "--rate: a fixed 600 req/s" in r.stdout
     header = next(ln for ln in r.stdout.splitlines() if ln.startswith("body"))
     assert " mean " in header and " max " in header and "p99" not in header
+
+
+@pytest.mark.timeout(90)
+def test_ab_pairs_two_trees_round_by_round() -> None:
+    """bench/ab.py with this tree as both A and B: one round, both measured, a ratio."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), str(ROOT), str(ROOT),
+                        "--rounds", "1", "--seconds", "1"],
+                       capture_output=True, text=True, timeout=80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("round 0: A ") and " B/A " in r.stdout
+    assert "B/A CPU per request: median " in r.stdout
