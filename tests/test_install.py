@@ -3,10 +3,10 @@
 The install is real: a virtualenv with pairlb and its dependencies from the package index,
 `pairlb keygen` for the key and token, the proxy's hot path compiled by mypyc (install.sh's
 own build for the module's shared install, and the wheel route built in the suite's venv,
-which has mypy: C at -O0, ~30 s each). It runs from a snapshot of the source tree (other work in this checkout must not change the sources
-between the first and the second run) and with `--root`, so nothing outside the temporary
-directory is touched; the test checks that the host's /etc/passwd, /etc/group and
-/etc/pairlb are as they were.
+which has mypy: C at -O0, ~30 s each). It runs from a snapshot of the source tree (other
+work in this checkout must not change the sources between the first and the second run) and
+with `--root`, so nothing outside the temporary directory is touched; the test checks that
+the host's /etc/passwd, /etc/group and /etc/pairlb are as they were.
 
 The example config deploy/pairlb.toml is checked against lb/config.py's models: every key
 of every model appears in its section, every commented default equals the model's default,
