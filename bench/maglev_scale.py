@@ -133,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tail", type=float, default=1.0,
                     help="seconds a window goes on after its change is complete")
     ap.add_argument("--scrape-every", type=float, default=1.0, help="/metrics period, s")
+    ap.add_argument("--access-log", choices=("json", "combined"), default=None,
+                    help="[logging] access_log on (access-logs/access-MODE.log in the workdir)")
     ap.add_argument("--status-every", type=float, default=1.0, help="/status period, s")
     ap.add_argument("--healthz-every", type=float, default=0.1, help="/healthz period, s")
     ap.add_argument("--interval", type=float, default=None,
@@ -435,6 +437,13 @@ def write_pairlb(path: Path, args: argparse.Namespace, workdir: Path, mode: str,
         health += f"interval_s = {args.interval}\ntimeout_s = {min(0.5, args.interval)}\n"
     if args.rise is not None:
         health += f"rise = {args.rise}\n"
+    alog = ""
+    if args.access_log:
+        logs = workdir / "access-logs"  # the workers write it (nobody, when run as root)
+        logs.mkdir(exist_ok=True)
+        logs.chmod(0o1777)
+        alog = (f'access_log = "{logs / f"access-{mode}.log"}"\n'
+                f'access_log_format = "{args.access_log}"\n')
     text = f"""# written by bench/maglev_scale.py
 [node]
 name = "maglev-scale"
@@ -465,7 +474,7 @@ token_file = "{workdir / 'admin.token'}"
 
 [logging]
 level = "info"
-"""
+{alog}"""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
