@@ -707,7 +707,7 @@ class _Upstream(_Conn):
                 client.send(line + H.filter_response_block(block).fields + b"\r\n")
             return
         self.head_buf = None
-        self.head_rest = len(buf) - (end + 4)  # no copy: the body's bytes go by on_body
+        self.head_rest = len(buf) - (end + 4)  # counted, not sliced off: the body goes on
         self.interim = False
         self.backend_keep = self.parser.should_keep_alive()
         # filter_response_block is pure: a backend that answers alike (within the second
