@@ -237,7 +237,15 @@ class ListenerConfig(_Model):
     pool: str
     """Name of the pool this listener sends to."""
     backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
-    """listen(2) backlog of the shared socket."""
+    """listen(2) backlog of each listening socket (one per worker with ``reuseport``)."""
+    reuseport: bool = True
+    """One socket per worker (SO_REUSEPORT): the kernel spreads new connections evenly by
+    their addresses, at low load and high. The control process watches each socket's queue
+    and has the other workers take a queue whose worker is gone, starting, paused or not
+    taking it. ``false``: one socket shared by all (the first worker awake takes what is
+    queued, so long-lived connections can pile onto one worker). A reload that changes it
+    without changing ``bind`` keeps the old setting (the port's sockets stay); a restart
+    applies it."""
     freebind: bool = True
     """IP_FREEBIND so a standby can bind the VIP before it holds it."""
     transparent: bool = True

@@ -8,7 +8,8 @@ control -> worker: `Config` (generation, the validated config as JSON, listener 
 `Snap` (versioned pool snapshot: per backend eligible + weight, and the pool's panic flag),
 `PoolEdit` (backends added to or removed from one pool at runtime), `HashTable` (a
 maglev pool's lookup table), `Ping`, `CloseIdle` (after losing the VIP), `ReopenLogs`
-(after logrotate), `Stop` (drain with a deadline).
+(after logrotate), `Help` (accept on other slots' sockets too), `Stop` (drain with a
+deadline).
 worker -> control: `Hello`, `Ready`, `Pong`, `Stats` (counter deltas and in-flight per
 backend), `Eject` (a passive ejection the worker applied locally), `ConfigApplied` /
 `ConfigFailed`, `Stopped`.
@@ -27,7 +28,7 @@ from typing import Any, ClassVar, Union
 
 from lb import channel
 
-VERSION = 3
+VERSION = 4
 """Bump on any change that an older peer would misread."""
 
 
@@ -44,14 +45,16 @@ class Config:
     gen: int
     config: dict[str, Any]
     """``Config.wire()``: the worker validates it again, into the same config."""
-    fds: dict[str, int]
-    """Listener name -> the inherited listening socket's fd number."""
+    fds: dict[str, tuple[int, ...]]
+    """Listener name -> the inherited listening sockets' fd numbers: one per worker slot
+    (``reuseport``; slot ``i`` accepts on element ``i``), or the one every worker shares."""
     tls: dict[str, Any] = field(default_factory=dict)
     """TLS listener name -> ``{"certs": [CertBundle.to_wire()], "ticket_key": hex or
     None}``: the control process read the key files, the workers cannot."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"gen": self.gen, "config": self.config, "fds": self.fds,
+        return {"gen": self.gen, "config": self.config,
+                "fds": {n: list(f) for n, f in self.fds.items()},
                 "tls": self.tls}  # JSON already
 
 
@@ -188,6 +191,16 @@ class ReopenLogs:
 
 
 @dataclass(frozen=True)
+class Help:
+    """Accept on these other slots' sockets too, until the next Help leaves them out
+    (lb.control.acceptwatch: their worker is gone, starting, paused or not taking them)."""
+
+    TYPE: ClassVar[str] = "help"
+    slots: dict[str, tuple[int, ...]]
+    """Listener -> the slots to help (every listener with none is left out)."""
+
+
+@dataclass(frozen=True)
 class Stop:
     TYPE: ClassVar[str] = "stop"
     timeout_s: float
@@ -267,7 +280,7 @@ class Stopped:
 
 
 Message = Union[  # noqa: UP007 (a runtime alias: typing.get_args needs the Union)
-    Config, Snap, PoolEdit, HashTable, Ping, CloseIdle, Stop, ReopenLogs,
+    Config, Snap, PoolEdit, HashTable, Ping, CloseIdle, Stop, ReopenLogs, Help,
     Hello, Ready, Pong, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
 ]
 

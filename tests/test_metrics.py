@@ -206,12 +206,13 @@ def test_families_are_declared_typed_and_bounded_and_promtool_agrees(tmp_path: P
     # tests/test_tls_e2e.py scrapes them from a daemon that has them; discovery and sync
     # series only with [pool.discovery] and a peer: tests/test_elastic_pair.py; maglev,
     # sticky and access log series only with such pools and [logging] access_log:
-    # tests/test_affinity_e2e.py and tests/test_access_log_e2e.py.)
+    # tests/test_affinity_e2e.py and tests/test_access_log_e2e.py; accept queue series only
+    # with bound listeners: tests/test_accept_balance.py.)
     missing = {
         m.name for m in metrics.METRICS if not m.failover_only and not m.name.startswith(
             ("pairlb_worker_", "pairlb_tls_", "pairlb_sni_", "pairlb_local_",
              "pairlb_discovery_", "pairlb_sync_", "pairlb_maglev_", "pairlb_sticky_",
-             "pairlb_access_log_")
+             "pairlb_access_log_", "pairlb_listener_accept_")
         )
     } - alone
     assert not missing, missing

@@ -411,7 +411,7 @@ def test_old_workers_keep_following_the_rotation_during_a_rolling_replacement(
         from lb.listen import make_listen_socket
 
         rig = Rig(tmp_path, health=True)
-        rig.d.sockets["web"] = make_listen_socket(rig.d.cfg.listener[0])  # as startup binds
+        rig.d.sockets["web"] = [make_listen_socket(rig.d.cfg.listener[0])]  # as startup binds
         for i in range(2):
             rig.spawn(i)
         await rig.pump()
@@ -452,8 +452,9 @@ def test_old_workers_keep_following_the_rotation_during_a_rolling_replacement(
         serving = sorted(b.name for b in old[1].worker.pools["web"].backends if b.usable(0.0))
         gate.set()
         result = await reload
-        for sock in rig.d.sockets.values():
-            sock.close()
+        for socks in rig.d.sockets.values():
+            for sock in socks:
+                sock.close()
         assert result.ok, result
         await rig.pump()
         assert serving == ["web1"], (serving, refused)
@@ -489,7 +490,7 @@ def test_a_worker_whose_config_and_snapshot_arrive_together_sends_ready_once() -
         w = worker_mod.Worker(-1, 0)
         chan = Chan()
         w.chan = chan  # type: ignore[assignment]
-        fds = {f"l{i}": os.dup(s.fileno()) for i, s in enumerate(socks)}
+        fds = {f"l{i}": (os.dup(s.fileno()),) for i, s in enumerate(socks)}
         # One read: both frames handled before the loop runs anything else.
         w._on_message(wl.encode(wl.Config(1, cfg, fds)))
         w._on_message(wl.encode(wl.Snap(1, {"web": wl.PoolSnap(False, {"a": (True, 1.0)})})))

@@ -18,7 +18,7 @@ def through_the_channel(msg: wl.Message) -> wl.Message:
 
 
 EVERY = [
-    wl.Config(3, {"node": {"name": "lb1"}, "pool": []}, {"web": 7, "tcp": 8}),
+    wl.Config(3, {"node": {"name": "lb1"}, "pool": []}, {"web": (7, 9), "tcp": (8,)}),
     wl.Snap(9, {"web": wl.PoolSnap(False, {"b1": (True, 1.0), "b2": (False, 0.25)}),
                 "empty": wl.PoolSnap(True, {})}),
     wl.Snap(10, {"web": wl.PoolSnap(False, {"b2": (True, 0.5)})}, base=9),
@@ -28,6 +28,8 @@ EVERY = [
     wl.Ping(),
     wl.CloseIdle(),
     wl.ReopenLogs(),
+    wl.Help({"web": (0, 2)}),
+    wl.Help({}),
     wl.Stop(2.5),
     wl.Hello(1234, 0),
     wl.Ready(1234, ("tcp", "web")),

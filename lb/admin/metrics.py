@@ -151,6 +151,14 @@ METRICS: tuple[MetricDef, ...] = (
     ),
     _d("pairlb_connections_accepted_total", "counter", "listener", "Client connections accepted."),
     _d("pairlb_connections_active", "gauge", "listener", "Client connections open now."),
+    _d("pairlb_listener_accept_queue", "gauge", "listener worker",
+       "Connections waiting in a listening socket's accept queue (worker: the slot whose "
+       "socket it is with reuseport, \"shared\" for the one socket of all workers)."),
+    _d("pairlb_listener_accept_helped", "gauge", "listener worker",
+       "1 while the other workers also accept on this slot's socket (its worker is gone, "
+       "starting, paused, or not taking its queue)."),
+    _d("pairlb_listener_accept_helps_total", "counter", "listener worker",
+       "Times the other workers began to accept on this slot's socket."),
     _d("pairlb_tcp_connections_total", "counter", "pool backend", "TCP-mode connections piped."),
     _d(
         "pairlb_tls_certificate_expiry_timestamp_seconds",
@@ -820,6 +828,7 @@ class PairlbCollector:
 
         self._traffic(st, d.totals, d.worker_active, add, out.hist)
         self._tls(st, add)
+        self._accept(st, add)
         self._pools(st, add, out.hist)
         self._checks_timing(out.hist)
         self._failover(st, add)
@@ -938,6 +947,20 @@ class PairlbCollector:
                 1.0 if peer.get("overlay_digest") == mine else 0.0)
         for reason, n in sorted(sync.get("rejected", {}).items()):
             add("pairlb_sync_rejected_total", [reason], n)
+
+    @staticmethod
+    def _accept(st: NodeStatus, add: Callable[[str, Sequence[str], float], None]) -> None:
+        for lst in st.listeners:
+            if len(lst.accept_queues) == 1:
+                add("pairlb_listener_accept_queue", [lst.name, "shared"], lst.accept_queues[0])
+                continue
+            for k, q in enumerate(lst.accept_queues):
+                slot = [lst.name, str(k)]
+                add("pairlb_listener_accept_queue", slot, q)
+                add("pairlb_listener_accept_helped", slot,
+                    1.0 if k in lst.accept_helped else 0.0)
+                add("pairlb_listener_accept_helps_total", slot,
+                    lst.accept_helps[k] if k < len(lst.accept_helps) else 0)
 
     def _tls(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]) -> None:
         for lst in st.listeners:

@@ -37,6 +37,7 @@ from lb import config as config_mod
 from lb import worker_link as wl
 from lb.config import Config, PoolConfig
 from lb.control import status as status_mod
+from lb.control.acceptwatch import ACCEPT_WATCH_S, AcceptWatch
 from lb.control.backends import BackendTable
 from lb.control.elastic import Elastic
 from lb.control.hashing import HashTables
@@ -49,7 +50,7 @@ from lb.control.tls import (
     shadowed,
     tls_changes,
 )
-from lb.listen import make_listen_socket
+from lb.listen import accept_queue, make_listen_sockets, update_listen_sockets
 from lb.sdnotify import Notifier, watchdog_interval_s
 
 logger = logging.getLogger("lb.control.daemon")
@@ -148,7 +149,10 @@ class Daemon:
         self.generation = 1
         self.started_at = time.time()
         self.started_mono = time.monotonic()
-        self.sockets: dict[str, socket.socket] = {}
+        self.sockets: dict[str, list[socket.socket]] = {}
+        """Listener -> its listening sockets: one per worker slot (``reuseport``) or one."""
+        self.accept = AcceptWatch()
+        """Which slots' sockets the other workers help accept from."""
         book = HealthBook()
         self.table = BackendTable(book, cfg.pool)
         """Every backend's state (the health book + admin/ejection records)."""
@@ -191,7 +195,7 @@ class Daemon:
         self.stopping = False
         self.supervisor = Supervisor(
             cfg.node.workers or os.cpu_count() or 1,
-            listener_fds=lambda: {n: s.fileno() for n, s in self.sockets.items()},
+            listener_fds=self._listener_fds,
             welcome=self._welcome,
             on_message=self._on_worker_message,
             ping_interval_s=cfg.node.worker_ping_interval_s,
@@ -292,7 +296,7 @@ class Daemon:
                 logger.warning("event=tls_certificate_never_served %s", line)
         for lcfg in self.cfg.listener:
             try:
-                self.sockets[lcfg.name] = make_listen_socket(lcfg)
+                self.sockets[lcfg.name] = make_listen_sockets(lcfg, self.supervisor.count)
             except OSError as exc:
                 raise StartupError(
                     f"listener {lcfg.name}: cannot bind {lcfg.bind}: {exc.strerror}"
@@ -308,6 +312,7 @@ class Daemon:
             await self._spawn_failover()  # its imports overlap with the workers' start
         await self.hashing.settled()  # workers get the maglev tables in their welcome
         await self.supervisor.start()
+        self._spawn(self._accept_watch_loop(), "accept_watch")  # helps slots still starting
         if not await self.supervisor.wait_ready(10.0):
             if self.supervisor.refused:
                 raise StartupError(
@@ -491,8 +496,9 @@ class Daemon:
             await asyncio.sleep(ACCEPT_GRACE_S)
         # Our copies of the listening sockets go first; the workers close theirs when they
         # stop accepting, and from then on the kernel refuses new connections.
-        for sock in self.sockets.values():
-            sock.close()
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
         await self.supervisor.stop(timeout_s)
         if self.failover is not None:
             await self.failover.close_handover()  # the workers have finished with it
@@ -563,6 +569,16 @@ class Daemon:
             changes.append("node.worker_user/worker_group changed: needs a restart, ignored")
             new = new.model_copy(update={"node": new.node.model_copy(
                 update={k: getattr(old.node, k) for k in who})})
+        kept_l = {lst.name: lst for lst in old.listener}
+        same_port = [lst.name for lst in new.listener if lst.name in kept_l
+                     and kept_l[lst.name].bind == lst.bind
+                     and kept_l[lst.name].reuseport != lst.reuseport]
+        if same_port:  # new sockets on a port ours hold: the kernel would refuse them
+            changes += [f"listener {n} reuseport changed: needs a restart, ignored"
+                        for n in same_port]
+            new = new.model_copy(update={"listener": tuple(
+                lst.model_copy(update={"reuseport": kept_l[lst.name].reuseport})
+                if lst.name in same_port else lst for lst in new.listener)})
         if new.failover != old.failover:
             kept = old.failover
             if old.failover is not None and new.failover is not None:
@@ -586,7 +602,8 @@ class Daemon:
         # Listeners: new sockets first, so a bind error leaves everything as it was.
         old_l = {lst.name: lst for lst in old.listener}
         new_l = {lst.name: lst for lst in new.listener}
-        fresh: dict[str, socket.socket] = {}
+        fresh: dict[str, list[socket.socket]] = {}
+        in_place: list[str] = []
         rebuilt = [  # a worker builds a listener's server for its mode and TLS: new workers
             n for n, lcfg in new_l.items() if n in old_l and (
                 old_l[n].mode != lcfg.mode or (old_l[n].tls is None) != (lcfg.tls is None))
@@ -594,26 +611,27 @@ class Daemon:
         try:
             for name, lcfg in new_l.items():
                 prev = old_l.get(name)
-                if (
-                    prev is None
-                    or prev.bind != lcfg.bind
-                    or prev.backlog != lcfg.backlog
-                    or prev.freebind != lcfg.freebind
-                    or prev.transparent != lcfg.transparent
-                ):
-                    fresh[name] = make_listen_socket(lcfg)
+                if prev is None or prev.bind != lcfg.bind:
+                    fresh[name] = make_listen_sockets(lcfg, self.supervisor.count)
+                elif prev.backlog != lcfg.backlog or prev.transparent != lcfg.transparent:
+                    in_place.append(name)
         except OSError as exc:
-            for s in fresh.values():
-                s.close()
+            for socks in fresh.values():
+                for s in socks:
+                    s.close()
             err = f"listener bind failed: {exc}"
             logger.error("event=reload_failed error=%r kept_generation=%d", err, self.generation)
             return ReloadResult(False, now, self.generation, [err])
         replace_workers = bool(fresh) or bool(rebuilt) or set(old_l) != set(new_l)
-        retired = [self.sockets[n] for n in old_l if n not in new_l or n in fresh]
+        retired = [s for n in old_l if n not in new_l or n in fresh for s in self.sockets[n]]
         for name in old_l:
             if name not in new_l or name in fresh:
                 self.sockets.pop(name, None)
         self.sockets.update(fresh)
+        for name in in_place:  # the same address: the sockets, their queues, the workers stay
+            update_listen_sockets(self.sockets[name], old_l[name], new_l[name])
+            changes.append(f"listener {name} backlog {new_l[name].backlog}, transparent "
+                           f"{str(new_l[name].transparent).lower()}")
         changes += [f"listener {n} added" for n in new_l if n not in old_l]
         changes += [f"listener {n} removed" for n in old_l if n not in new_l]
         changes += [f"listener {n} rebound" for n in fresh if n in old_l]
@@ -896,11 +914,16 @@ class Daemon:
             return self.cfg
         return self.cfg.model_copy(update={"pool": pools})
 
+    def _listener_fds(self) -> dict[str, tuple[int, ...]]:
+        """Listener -> its sockets' fd numbers (a worker inherits them all: it accepts on
+        its slot's, and on another slot's while the control process asks it to help)."""
+        return {n: tuple(s.fileno() for s in socks) for n, socks in self.sockets.items()}
+
     def _config_message(self) -> wl.Config:
         return wl.Config(
             self.generation,
             self.effective_config().wire(),
-            {n: s.fileno() for n, s in self.sockets.items()},
+            self._listener_fds(),
             self.tls.material.wire(),
         )
 
@@ -908,7 +931,8 @@ class Daemon:
 
     def _welcome(self, handle: WorkerHandle) -> list[wl.Message]:
         # The tables before the snapshot: a worker serves once it has a snapshot.
-        return [self._config_message(), *self.hashing.messages(), self._snapshot_message()]
+        return [self._config_message(), *self.hashing.messages(), self._snapshot_message(),
+                wl.Help(dict(self.accept.help))]
 
     def reopen_logs(self) -> int:
         """SIGUSR2 (or POST /logs/reopen), after logrotate moved the access log: every
@@ -1099,8 +1123,11 @@ class Daemon:
         if lst.sni_routes:
             routes = {r.server_name: r.pool for r in lst.sni_routes}
             decisions = dict(self.totals.get("sni", {}).get(lst.name, {}))
-        return status_mod.ListenerStatus(lst.name, lst.bind, lst.mode, lst.pool, tls,
-                                         routes, decisions)
+        return status_mod.ListenerStatus(
+            lst.name, lst.bind, lst.mode, lst.pool, tls, routes, decisions,
+            tuple(self.accept.queues.get(lst.name, ())), self.accept.help.get(lst.name, ()),
+            tuple(self.accept.episodes(lst.name, k)
+                  for k in range(len(self.sockets.get(lst.name, ())))))
 
     def status_json(self) -> dict[str, Any]:
         """GET /status's JSON (tests and tools; the admin edge does the same)."""
@@ -1146,6 +1173,22 @@ class Daemon:
             if line != last:
                 self.notifier.status(line)
                 last = line
+
+    async def _accept_watch_loop(self) -> None:
+        """Reads every per-slot socket's accept queue each ACCEPT_WATCH_S and tells the
+        workers which slots to help (lb.control.acceptwatch)."""
+        while True:
+            await asyncio.sleep(ACCEPT_WATCH_S)
+            try:
+                queues = {n: [accept_queue(s) for s in socks]
+                          for n, socks in self.sockets.items()}
+                if self.accept.look(time.monotonic(), queues, self.supervisor.slot_states()):
+                    self.supervisor.broadcast(wl.Help(dict(self.accept.help)))
+                    logger.info("event=accept_help slots=%s", ",".join(
+                        f"{n}:{'+'.join(map(str, ks))}" for n, ks in self.accept.help.items())
+                        or "none")
+            except Exception:
+                logger.exception("event=accept_watch_failed")
 
     async def _watchdog_loop(self, interval_s: float) -> None:
         # Runs on the control loop itself: if the loop is blocked, no WATCHDOG=1 goes out

@@ -114,6 +114,13 @@ class ListenerStatus:
     """TCP mode: server name -> pool."""
     sni_decisions: dict[str, int] | None = None
     """TCP mode with SNI routes: connections by how their pool was chosen."""
+    accept_queues: tuple[int, ...] = ()
+    """Connections waiting to be accepted, per socket: one per worker slot (``reuseport``)
+    or the shared one."""
+    accept_helped: tuple[int, ...] = ()
+    """The slots whose socket the other workers accept on too, now (lb.control.acceptwatch)."""
+    accept_helps: tuple[int, ...] = ()
+    """Per slot: how many times the other workers began to help it since start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +382,8 @@ def _listener_json(lst: ListenerStatus) -> dict[str, Any]:
     if lst.sni_routes is not None:
         out["sni_routes"] = dict(lst.sni_routes)
         out["sni_decisions"] = dict(sorted((lst.sni_decisions or {}).items()))
+    out["accept"] = {"queues": list(lst.accept_queues), "helped": list(lst.accept_helped),
+                     "helps": list(lst.accept_helps)}
     return out
 
 

@@ -3,9 +3,10 @@
 A worker that exits unexpectedly (crash, kill -9, OOM) is restarted with exponential
 backoff and counted; a burst of restarts is reported as a crash loop rather than hidden.
 A worker that stops answering pings is killed and replaced: a live pid is not proof of a
-live event loop. Workers share the listening sockets created once by the control process,
-so a dying worker loses only the connections it had accepted; queued ones wait in the
-shared accept queue for its siblings.
+live event loop. The listening sockets are created once by the control process and kept
+by it, so a dying worker loses only the connections it had accepted: queued ones wait in
+the shared accept queue for its siblings, or (one socket per slot) in its slot's queue,
+which the siblings take while lb.control.acceptwatch says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from lb import channel, sysutil
 from lb import worker_link as wl
+from lb.control.acceptwatch import SlotState
 from lb.control.status import WorkerStatus
 
 logger = logging.getLogger("lb.control.supervisor")
@@ -48,7 +50,14 @@ class WorkerHandle:
     applied_generation: int | None = None
     """The config generation this worker last applied (its ConfigApplied)."""
     retiring: bool = False
+    killed: bool = False
+    """Sent SIGKILL (hung): no longer counted as serving while it dies."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def serving(self) -> bool:
+        """Said Ready, and neither exited nor being killed."""
+        return self.ready and not self.killed and not self.stopped.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -82,7 +91,7 @@ class Supervisor:
     def __init__(
         self,
         count: int,
-        listener_fds: Callable[[], dict[str, int]],
+        listener_fds: Callable[[], dict[str, tuple[int, ...]]],
         welcome: Callable[[WorkerHandle], list[wl.Message]],
         on_message: Callable[[WorkerHandle, wl.Message], None],
         ping_interval_s: float = 1.0,
@@ -164,6 +173,15 @@ class Supervisor:
         for h in self.slots.values():
             h.send_frame(frame)
 
+    def slot_states(self) -> list[SlotState]:
+        """Each slot's current worker, for lb.control.acceptwatch (a slot in its restart
+        backoff still holds its dead handle: not serving)."""
+        out = []
+        for i in range(self.count):
+            h = self.slots.get(i)
+            out.append(SlotState(h is not None and h.serving, h.last_pong if h else 0.0))
+        return out
+
     def status(self) -> tuple[WorkerStatus, ...]:
         now = time.monotonic()
         out = []
@@ -198,7 +216,7 @@ class Supervisor:
                 str(child_sock.fileno()),
                 str(index),
                 *self.worker_args(),
-                pass_fds=[child_sock.fileno(), *fds.values()],
+                pass_fds=[child_sock.fileno(), *(fd for f in fds.values() for fd in f)],
                 stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
@@ -327,6 +345,7 @@ class Supervisor:
                     )
                     self.slot_stats[h.index].hung_kills += 1
                     h.last_pong = now
+                    h.killed = True
                     self._kill(h, signal.SIGKILL)
                     continue
                 h.send(wl.Ping())

@@ -2,9 +2,11 @@
 
 `ListenerServer` is the lifecycle the HTTP engine (lb.data.proxy) and the TCP engine
 (lb.data.tcpproxy) share: accept on the listening socket the control process passed down
-(each worker its own duplicate, so closing it stops only this worker's accepting), stop
-accepting at ``max_connections`` and resume below it (further connections wait in the shared
-backlog for another worker), drain, close, own every task it starts, tick its deadlines,
+(its slot's with ``reuseport``, else the shared one; each worker its own duplicate, so
+closing it stops only this worker's accepting), and on other slots' sockets while the
+control process asks for help (`set_help`), stop accepting at ``max_connections`` and
+resume below it (further connections wait in the backlog for another worker), drain,
+close, own every task it starts, tick its deadlines,
 and turn a passive-check outcome into a local ejection. An engine supplies the protocol of
 one client connection, its tick and what else to close; nothing here runs per request.
 
@@ -97,6 +99,10 @@ class ListenerServer(Generic[C]):
         self.handshaking = 0
         """TLS connections accepted whose handshake has not finished (or failed) yet."""
         self._relistening = False
+        self._help_socks: dict[int, socket.socket] = {}
+        """Other slots' sockets this worker accepts on too (lb.control.acceptwatch)."""
+        self._help_servers: dict[int, asyncio.AbstractServer] = {}
+        self._help_opening: set[int] = set()
         self.tls: ListenerTls | None = None
         """Set by the worker before start() on a ``[listener.tls]`` listener: connections
         are accepted with its front context (the SNI callback picks the certificate)."""
@@ -144,17 +150,8 @@ class ListenerServer(Generic[C]):
         """Start accepting; ``resume``: again, after max_connections or a new handshake
         timeout paused it (unless a stop or another resume came first)."""
         assert self._sock is not None
-        # Our own fd for the shared socket: closing it stops our accepting only.
-        tls = self.tls
         try:
-            if tls is None:
-                server = await self.loop.create_server(
-                    self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog)
-            else:
-                server = await self.loop.create_server(
-                    self.protocol, sock=self._sock.dup(), backlog=self.listener.backlog,
-                    ssl=tls.front, ssl_handshake_timeout=tls.settings.handshake_timeout_s,
-                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
+            server = await self._serve(self._sock)
         finally:
             if resume:
                 self._relistening = False
@@ -163,6 +160,48 @@ class ListenerServer(Generic[C]):
             return
         self._server = server
         self._accepting = True
+        self._sync_help()
+
+    async def _serve(self, sock: socket.socket) -> asyncio.AbstractServer:
+        """A loop server accepting on our own fd of ``sock`` (closing it stops our accepting
+        only: the socket stays open in the control process and the other workers)."""
+        tls = self.tls
+        if tls is None:
+            return await self.loop.create_server(  # type: ignore[no-any-return]
+                self.protocol, sock=sock.dup(), backlog=self.listener.backlog)
+        return await self.loop.create_server(  # type: ignore[no-any-return]
+            self.protocol, sock=sock.dup(), backlog=self.listener.backlog,
+            ssl=tls.front, ssl_handshake_timeout=tls.settings.handshake_timeout_s,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
+
+    # -- helping other slots (one socket per worker: [listener] reuseport) -----------------
+
+    def set_help(self, socks: Mapping[int, socket.socket]) -> None:
+        """Accept on these other slots' sockets too, while we accept on our own (not while
+        paused or stopping), until a later call leaves them out."""
+        self._help_socks = dict(socks)
+        self._sync_help()
+
+    def _sync_help(self) -> None:
+        active = self._accepting and self._server is not None
+        for k in [k for k in self._help_servers if not active or k not in self._help_socks]:
+            self._help_servers.pop(k).close()
+        if active:
+            for k, sock in self._help_socks.items():
+                if k not in self._help_servers and k not in self._help_opening:
+                    self._help_opening.add(k)
+                    self.spawn(self._open_help(k, sock))
+
+    async def _open_help(self, k: int, sock: socket.socket) -> None:
+        try:
+            server = await self._serve(sock)
+        finally:
+            self._help_opening.discard(k)
+        if (k in self._help_servers or self._help_socks.get(k) is not sock
+                or not self._accepting or self._server is None):
+            server.close()  # no longer wanted while it opened
+            return
+        self._help_servers[k] = server
 
     def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         """New connections (HTTP: new requests) use the new pool; open ones keep theirs."""
@@ -181,6 +220,7 @@ class ListenerServer(Generic[C]):
             # what arrives).
             server, self._server = self._server, None
             server.close()
+            self._sync_help()  # the helping servers have the old timeout too
             self._relistening = True
             self.spawn(self._listen(resume=True))
         if listener.max_connections != old.max_connections:
@@ -202,6 +242,7 @@ class ListenerServer(Generic[C]):
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._sync_help()
 
     async def drain(self, timeout_s: float) -> int:
         """Let open connections finish until ``timeout_s``; cut the rest, return how many."""
@@ -223,6 +264,7 @@ class ListenerServer(Generic[C]):
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._sync_help()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -269,9 +311,11 @@ class ListenerServer(Generic[C]):
     def _maybe_pause(self) -> None:
         mc = self.listener.max_connections
         if mc and len(self.clients) + self.handshaking >= mc and self._server is not None:
-            # Leave further connections in the shared backlog for other workers.
+            # Leave further connections in the backlog for other workers (our own socket's
+            # too: the control process sees its queue stall and asks them to help).
             self._server.close()
             self._server = None
+            self._sync_help()
 
     def _maybe_resume(self) -> None:
         mc = self.listener.max_connections  # 0 (no limit) resumes too: a reload lifted it

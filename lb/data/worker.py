@@ -65,10 +65,14 @@ class Worker:
         self.config: Config | None = None
         self.pools: dict[str, Pool] = {}
         self.servers: dict[str, ProxyServer | TcpProxyServer] = {}
-        self.socks: dict[str, socket.socket] = {}
-        """The inherited listening sockets: closed at shutdown so the kernel refuses."""
+        self.socks: dict[int, socket.socket] = {}
+        """fd -> the inherited listening socket (every slot's: closed at shutdown, so the
+        kernel refuses once the control process closed its copies)."""
         self.listener_cfgs: dict[str, ListenerConfig] = {}
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, tuple[int, ...]] = {}
+        """Listener -> every slot's socket fd (one: the socket all workers share)."""
+        self.help: dict[str, tuple[int, ...]] = {}
+        """Listener -> the other slots whose sockets we accept on too (wl.Help)."""
         self.chan: channel.ChannelProtocol | None = None
         self.done = asyncio.Event()
         self.started = False
@@ -147,6 +151,10 @@ class Worker:
                 self._apply_hash_table(msg)
             elif isinstance(msg, wl.ReopenLogs):
                 self._reopen_logs()
+            elif isinstance(msg, wl.Help):
+                self.help = msg.slots
+                for name in self.servers:
+                    self._apply_help(name)
             elif isinstance(msg, wl.CloseIdle):
                 for server in self.servers.values():
                     server.close_idle(spare_fresh=True)
@@ -385,8 +393,8 @@ class Worker:
         for name, lcfg in self.listener_cfgs.items():
             if name in self.servers or name not in self.fds:
                 continue
-            sock = socket.socket(fileno=self.fds[name])
-            sock.setblocking(False)
+            fds = self.fds[name]
+            sock = self._sock(fds[self.index % len(fds)])
             server: ProxyServer | TcpProxyServer
             if lcfg.mode == "tcp":
                 server = TcpProxyServer(
@@ -403,13 +411,29 @@ class Worker:
             server.routes_changed(self.pools, pool_cfgs, self.backend_tls)
             # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
-            self.socks[name] = sock
             started.append(name)
             await server.start(sock)
+            self._apply_help(name)
         if not started:
             return  # nothing new (a config and a snapshot of one read both got here)
         self.send(wl.Ready(os.getpid(), tuple(sorted(self.servers))))
         logger.info("event=worker_serving listeners=%s", ",".join(sorted(self.servers)))
+
+    def _sock(self, fd: int) -> socket.socket:
+        """The one socket object of an inherited fd (two would each close it)."""
+        sock = self.socks.get(fd)
+        if sock is None:
+            sock = self.socks[fd] = socket.socket(fileno=fd)
+            sock.setblocking(False)
+        return sock
+
+    def _apply_help(self, name: str) -> None:
+        server, fds = self.servers.get(name), self.fds.get(name, ())
+        if server is None or len(fds) < 2:
+            return
+        mine = self.index % len(fds)
+        server.set_help({k: self._sock(fds[k]) for k in self.help.get(name, ())
+                         if k != mine and 0 <= k < len(fds)})
 
     def _on_ejection(self, ej: Ejection) -> None:
         self.send(wl.Eject(ej.pool, ej.backend, str(ej.outcome)))
@@ -435,8 +459,10 @@ class Worker:
         t0 = time.monotonic()
         for server in self.servers.values():
             await server.stop_accepting()
-        for sock in self.socks.values():
-            sock.close()
+        for fds in self.fds.values():
+            for fd in fds:
+                with contextlib.suppress(OSError):  # not inherited: not ours to close
+                    self._sock(fd).close()
         cut = 0
         for server in self.servers.values():
             left = max(0.0, timeout_s - (time.monotonic() - t0))

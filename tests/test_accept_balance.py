@@ -1,0 +1,277 @@
+"""One listening socket per worker (``[listener] reuseport``), with real processes.
+
+A real ``pairlb run`` (control process + 2 workers, admin on) in front of three real
+backends on 127.0.0.1, /metrics scraped every 0.25 s through every test. What is shown:
+keep-alive connections spread over both workers; a worker that hangs (SIGSTOP), is in its
+restart backoff, or was killed costs new connections no error and at most a few hundred
+ms, because the other worker takes its socket's queue (lb.control.acceptwatch); help ends
+when the worker serves again; a reload changes the backlog in place and keeps reuseport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_process_model import Node, free_port, wait_http
+
+
+class AdminNode(Node):
+    """test_process_model's node with the admin endpoint on and fast worker pings."""
+
+    def __init__(self, tmp: Path, reuseport: bool = True) -> None:
+        super().__init__(tmp)
+        self.admin_port = free_port()
+        self.reuseport = reuseport
+        self.listener_extra = ""
+
+    def config(self, backends: int = 3, extra: str = "") -> str:
+        text = super().config(backends, extra)
+        text = text.replace("shutdown_timeout_s = 5.0", "shutdown_timeout_s = 5.0\n"
+                            "worker_ping_interval_s = 0.2\nworker_ping_timeout_s = 5.0")
+        text = text.replace('pool = "web"\n[[pool]]', f'pool = "web"\nreuseport = '
+                            f'{str(self.reuseport).lower()}\n{self.listener_extra}[[pool]]')
+        return text.replace("[admin]\nenabled = false",
+                            f'[admin]\nbind = "127.0.0.1:{self.admin_port}"')
+
+    def get(self, path: str) -> str:
+        c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read().decode()
+        assert r.status == 200, (path, r.status, body[:300])
+        return body
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.get("/status"))  # type: ignore[no-any-return]
+
+    def listener(self) -> dict:  # type: ignore[type-arg]
+        return self.status()["listeners"][0]  # type: ignore[no-any-return]
+
+    def slot_pid(self, index: int) -> int:
+        for w in self.status()["workers"]:
+            if w["index"] == index and w["ready"] and w["pid"]:
+                return int(w["pid"])
+        raise AssertionError(f"no serving worker in slot {index}")
+
+    def metric(self, name: str, labels: str) -> float:
+        m = re.search(rf"^{name}{{{re.escape(labels)}}} (\S+)$", self.get("/metrics"), re.M)
+        assert m, f"{name}{{{labels}}} not scraped"
+        return float(m.group(1))
+
+
+class Scraper:
+    """GET /metrics every 0.25 s (what Prometheus does to a node through a fault)."""
+
+    def __init__(self, node: AdminNode) -> None:
+        self.node = node
+        self.results: list[int | str] = []
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.scrape()
+            if self._stop.wait(0.25):
+                return
+
+    def scrape(self) -> None:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", self.node.admin_port, timeout=5)
+            c.request("GET", "/metrics")
+            r = c.getresponse()
+            r.read()
+            self.results.append(r.status)
+        except (OSError, http.client.HTTPException) as exc:
+            self.results.append(type(exc).__name__)
+
+    def __enter__(self) -> Scraper:
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._th.join(10)
+        self.scrape()  # and one after the fault
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[AdminNode]:
+    n = AdminNode(tmp_path)
+    try:
+        n.start()
+        wait_http(n.admin_port, "/healthz")
+        end = time.monotonic() + 10
+        while any(not w["ready"] for w in n.status()["workers"]):
+            assert time.monotonic() < end, n.status()["workers"]
+            time.sleep(0.05)
+        with Scraper(n) as scraper:
+            yield n
+        assert len(scraper.results) >= 2, scraper.results
+        assert set(scraper.results) == {200}, scraper.results
+    finally:
+        n.stop()
+
+
+def one_request(port: int, timeout_s: float = 5.0) -> tuple[float, int | str]:
+    """A new connection, one request: (seconds it took, status or error)."""
+    t0 = time.monotonic()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        c.request("GET", "/")
+        r = c.getresponse()
+        r.read()
+        c.close()
+        return time.monotonic() - t0, r.status
+    except (OSError, http.client.HTTPException) as exc:
+        return time.monotonic() - t0, type(exc).__name__
+
+
+def new_connections(port: int, n: int) -> list[tuple[float, int | str]]:
+    """``n`` new connections from 8 threads, each with one request."""
+    out: list[tuple[float, int | str]] = []
+    lock = threading.Lock()
+    left = iter(range(n))
+
+    def run() -> None:
+        for _ in left:
+            r = one_request(port)
+            with lock:
+                out.append(r)
+
+    ths = [threading.Thread(target=run) for _ in range(8)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(60)
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_keep_alive_connections_spread_over_both_workers(node: AdminNode) -> None:
+    listener = node.listener()
+    assert len(listener["accept"]["queues"]) == 2  # one socket per worker slot
+    conns = []
+    try:
+        for _ in range(64):
+            c = http.client.HTTPConnection("127.0.0.1", node.port, timeout=5)
+            c.request("GET", "/")
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200
+            conns.append(c)  # kept open: keep-alive, each on the worker that accepted it
+        time.sleep(0.8)  # the workers report their open connections every 0.25 s
+        per = [node.metric("pairlb_worker_connections_active", f'worker="{i}"')
+               for i in range(2)]
+    finally:
+        for c in conns:
+            c.close()
+    # The kernel hashes each connection to a slot: 64 land ~32/32 (16 would be 4 sd off).
+    assert sum(per) == 64, per
+    assert min(per) >= 16, per
+    assert node.metric("pairlb_listener_accept_helped", 'listener="web",worker="0"') == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_hung_worker_s_queue_is_taken_by_the_other_until_it_answers(
+        node: AdminNode) -> None:
+    pid = node.slot_pid(1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        results = new_connections(node.port, 60)
+        listener = node.listener()
+        helped = node.metric("pairlb_listener_accept_helped", 'listener="web",worker="1"')
+        helps = node.metric("pairlb_listener_accept_helps_total", 'listener="web",worker="1"')
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # About half of them hashed to the stopped worker's socket: the other took them.
+    assert [o for _, o in results] == [200] * 60, results
+    slowest = max(t for t, _ in results)
+    assert slowest < 1.5, f"slowest {slowest:.2f} s (the ping timeout is 5 s)"
+    assert listener["accept"]["helped"] == [1] and listener["accept"]["helps"][1] >= 1
+    assert helped == 1 and helps >= 1
+    # Resumed: it answers a ping, its queue is empty, and the help ends; it was never killed.
+    end = time.monotonic() + 5
+    while node.listener()["accept"]["helped"]:
+        assert time.monotonic() < end, node.listener()
+        time.sleep(0.1)
+    assert node.slot_pid(1) == pid
+    assert "event=accept_help slots=web:1" in node.log_text()
+    assert "event=accept_help slots=none" in node.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_in_its_restart_backoff_costs_new_connections_nothing(
+        node: AdminNode) -> None:
+    # Kill slot 1 until its backoff is over a second (0.05 s doubling each crash).
+    for _ in range(6):
+        pid = node.slot_pid(1)
+        os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(AssertionError):
+                if node.slot_pid(1) != pid:
+                    break
+            assert time.monotonic() < end
+            time.sleep(0.02)
+    os.kill(node.slot_pid(1), signal.SIGKILL)
+    time.sleep(0.3)
+    assert re.search(r"event=worker_died index=1 .*restart_in_s=(1\.[0-9]|[2-9])",
+                     node.log_text()), node.log_text()[-2000:]
+    results = new_connections(node.port, 60)
+    assert [o for _, o in results] == [200] * 60, results
+    assert max(t for t, _ in results) < 1.0, results
+    assert 1 in node.listener()["accept"]["helped"]
+
+
+@pytest.mark.timeout(90)
+def test_a_reload_changes_the_backlog_in_place_and_keeps_reuseport(node: AdminNode) -> None:
+    assert node.proc is not None
+    pids = sorted(node.worker_pids())
+    node.listener_extra = "backlog = 77\n"
+    node.reuseport = False  # the same bind: needs a restart, so it is kept
+    node.cfg.write_text(node.config())
+    node.proc.send_signal(signal.SIGHUP)
+    end = time.monotonic() + 10
+    while "event=reloaded generation=2" not in node.log_text():
+        assert time.monotonic() < end, node.log_text()[-2000:]
+        time.sleep(0.05)
+    log = node.log_text()
+    assert "listener web backlog 77" in log
+    assert "listener web reuseport changed: needs a restart, ignored" in log
+    assert sorted(node.worker_pids()) == pids  # the sockets and the workers stayed
+    assert len(node.listener()["accept"]["queues"]) == 2
+    results = new_connections(node.port, 20)
+    assert [o for _, o in results] == [200] * 20, results
+    # The sockets' own backlog (tcpi_sacked of a listening socket; ss shows it as Send-Q).
+    out = os.popen(f"ss -Hltn 'sport = :{node.port}'").read()
+    assert [line.split()[2] for line in out.splitlines()] == ["77", "77"], out
+
+
+@pytest.mark.timeout(90)
+def test_a_second_pairlb_on_the_same_port_is_refused(node: AdminNode, tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second process of the same user share the port and take
+    half of the connections; the first bind without it refuses that."""
+    other = AdminNode(tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    other.port = node.port
+    other.cfg.write_text(other.config())
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "lb", "run", "-c", str(other.cfg)],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
+    assert p.returncode != 0
+    assert f"listener web: cannot bind 127.0.0.1:{node.port}" in p.stderr, p.stderr[-2000:]
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5):
+        pass  # the first one serves on
