@@ -80,6 +80,10 @@ TCP_ONLY = {"haproxy+splice": "haproxy", "pairlb+nosplice": "pairlb"}
 ACCESS_LOG_FORMATS = ("json", "combined")
 VARIANTS = {f"pairlb+{f}": "pairlb" for f in ACCESS_LOG_FORMATS} | {"haproxy+httplog": "haproxy"}
 """Logging variants -> the target they are compared with (same proxy, log off)."""
+SOCKET_VARIANTS = {"pairlb+shared": "pairlb"}
+"""pairlb with ``reuseport = false``: one listening socket every worker shares (the default
+is one per worker); with ``--workers 2`` the CPU split between the workers shows the
+difference."""
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PAIRLB_CMD = "{venv}/bin/pairlb run -c {config}"
 ROOT_ROLE = {"haproxy": "haproxy", "nginx": "master", "pairlb": "control"}
@@ -223,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.targets is None:
         args.targets = ",".join(TCP_TARGETS if args.mode == "tcp" else ALL_TARGETS)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    known: tuple[str, ...] = (*ALL_TARGETS, *VARIANTS)
+    known: tuple[str, ...] = (*ALL_TARGETS, *VARIANTS, *SOCKET_VARIANTS)
     if args.mode == "tcp":
         known = (*[t for t in known if t != "nginx"], *TCP_ONLY)
     bad = [t for t in args.targets if t not in known]
@@ -276,6 +280,7 @@ def pairlb_config(
     name: str = "pairlb",
     log_name: str | None = None,
     mode: str = "http",
+    reuseport: bool = True,
 ) -> Path:
     """A pairlb config in front of the backends: round robin, health checks on, little logging
     (``access_log``: a format, the access log on to ``workdir/access-FORMAT.log``; ``mode``:
@@ -294,6 +299,7 @@ name = "bench"
 bind = "127.0.0.1:{port}"
 mode = "{mode}"
 pool = "bench"
+reuseport = {str(reuseport).lower()}
 
 [[pool]]
 name = "bench"
@@ -390,7 +396,7 @@ def start_target(
     else:
         fmt = (name.partition("+")[2] or None) if name in VARIANTS else None
         conf = pairlb_config(workdir, port, admin_port, backends, args.workers, fmt, name,
-                             mode=args.mode)
+                             mode=args.mode, reuseport=name != "pairlb+shared")
         cmd = args.pairlb_cmd.format(venv=args.venv, config=conf, python=sys.executable)
         argv = shlex.split(cmd)
         if name == "pairlb+nosplice":
@@ -489,7 +495,8 @@ def mem_of(target: Target) -> list[dict[str, Any]]:
     if target.proc is None:
         return []
     out = []
-    base = VARIANTS.get(target.name) or TCP_ONLY.get(target.name, target.name)
+    base = (VARIANTS.get(target.name) or SOCKET_VARIANTS.get(target.name)
+            or TCP_ONLY.get(target.name, target.name))
     for i, m in enumerate(c.tree_mem(target.proc.pid)):
         role = ROOT_ROLE[base] if i == 0 else f"{CHILD_ROLE[base]}{i}"
         with contextlib.suppress(OSError):
@@ -685,7 +692,8 @@ def summarize(
                 row["rps_vs_haproxy"] = row["rps"] / hap["rps"]
                 if row.get("cpu_us_per_req") and hap.get("cpu_us_per_req"):
                     row["cpu_vs_haproxy"] = row["cpu_us_per_req"] / hap["cpu_us_per_req"]
-            base_name = VARIANTS.get(row["target"]) or TCP_ONLY.get(row["target"], "")
+            base_name = (VARIANTS.get(row["target"]) or SOCKET_VARIANTS.get(row["target"])
+                         or TCP_ONLY.get(row["target"], ""))
             base = by_target.get(base_name, {})
             if row.get("ok") and base.get("ok") and base.get("cpu_us_per_req"):
                 # The logging (or TCP) variant against its base, paired in the round.
@@ -804,8 +812,10 @@ def notes(
             med = statistics.median(paired) if paired else r["cpu_vs_base"]
             spread = f" (min {min(paired):.3f}, max {max(paired):.3f})" if paired else ""
             logged = r["target"] in VARIANTS
+            base = (VARIANTS.get(r["target"]) or SOCKET_VARIANTS.get(r["target"])
+                    or TCP_ONLY[r["target"]])
             out.append(
-                f"{r['target']}/{VARIANTS.get(r['target']) or TCP_ONLY[r['target']]} CPU per "
+                f"{r['target']}/{base} CPU per "
                 f"request at {_fmt_size(r['size'])}: {r['cpu_vs_base']:.3f}x of medians; "
                 f"same-round ratios median {med:.3f}{spread}: "
                 + " ".join(f"{x:.3f}" for x in paired)

@@ -389,6 +389,21 @@ def test_merge_state_reports_changed_keys_and_takes_the_cursors() -> None:
     assert b.merge_state(list(a.entries.values())) == []
 
 
+def test_merge_state_reports_the_concurrent_writes_it_resolves() -> None:
+    """A name added on both nodes while apart meets by anti-entropy after a reconnect: the
+    conflict is reported there as it would be op by op (else /status counted none)."""
+    a, b = Overlay("lb-a"), Overlay("lb-b")
+    mine = b.local("web", "dup", "present", "10.0.0.2:80", 1, "api", T0)
+    theirs = a.local("web", "dup", "present", "10.0.0.1:80", 1, "api", T0)
+    seen: list[tuple[Intent, Intent, bool]] = []
+    b.merge_state(a.entries, a.seen, lambda it, other, won: seen.append((it, other, won)))
+    assert len(seen) == 1 and seen[0][0] == theirs and seen[0][1] == mine
+    assert b.entries[("web", "dup")] == (theirs if seen[0][2] else mine)
+    seen.clear()
+    b.merge_state(a.entries, a.seen, lambda it, other, won: seen.append((it, other, won)))
+    assert seen == []  # the same state again: nothing concurrent left
+
+
 def test_retire_drops_the_entry_and_updates_the_digest() -> None:
     ov = ov_with(("web", "x", "present", "10.0.0.1:80", 1))
     before = ov.digest()

@@ -484,7 +484,7 @@ class Elastic:
         for origin, seq in seen.items():
             merged[origin] = max(seq, merged.get(origin, 0))
         self.peer_seen = merged
-        changed = self.overlay.merge_state(entries, seen)
+        changed = self.overlay.merge_state(entries, seen, self._conflict)
         if not changed:
             return
         await self._journal([self.overlay.entries[k] for k in changed

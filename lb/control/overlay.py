@@ -77,7 +77,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
@@ -540,13 +540,21 @@ class Overlay:
         self,
         entries: Mapping[tuple[str, str], Intent] | Iterable[Intent],
         seen: Mapping[str, int] | None = None,
+        on_conflict: Callable[[Intent, Intent, bool], None] | None = None,
     ) -> list[tuple[str, str]]:
         """Anti-entropy: merge the peer's whole state (``entries_from_wire`` of its
         ``state`` frame, or another Overlay's ``entries``); ``seen``: its cursors, which its
         state covers (an LWW state subsumes every op it merged). Returns the keys that
-        changed here, to journal (call :meth:`merge` per intent to see conflicts)."""
+        changed here, to journal. ``on_conflict(intent, other, won)`` for each concurrent
+        write resolved here (a change made on both nodes while apart arrives this way)."""
         intents = entries.values() if isinstance(entries, Mapping) else entries
-        changed = [it.key for it in intents if self.merge(it).won]
+        changed = []
+        for it in intents:
+            m = self.merge(it)
+            if m.conflict is not None and on_conflict is not None:
+                on_conflict(it, m.conflict, m.won)
+            if m.won:
+                changed.append(it.key)
         for origin, seq in (seen or {}).items():
             if seq > self.seen.get(origin, 0):
                 self.seen[origin] = seq
