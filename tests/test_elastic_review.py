@@ -413,7 +413,7 @@ def test_a_pool_removed_by_a_reload_and_brought_back_keeps_its_runtime_backends(
                  f'"127.0.0.1:{free_port()}"\npool = "other"\n')
         n = Node(tmp_path, discovery=extra)
         # Listeners come and go with the pool: no workers here to replace, no sockets bound.
-        n.d.sockets = {"web": socket.socket(), "other": socket.socket()}
+        n.d.sockets = {"web": [socket.socket()], "other": [socket.socket()]}
 
         async def no_workers(drain_s: float) -> None:
             return None
@@ -906,7 +906,7 @@ def test_a_backend_deleted_after_its_pool_came_back_stays_deleted(
                  '"o1", address = "127.0.0.1:11" } ]\n\n[[listener]]\nname = "other"\n'
                  f'bind = "127.0.0.1:{free_port()}"\npool = "other"\n')
         n = Node(tmp_path, discovery=extra)
-        n.d.sockets = {"web": socket.socket(), "other": socket.socket()}
+        n.d.sockets = {"web": [socket.socket()], "other": [socket.socket()]}
 
         async def no_workers(drain_s: float) -> None:
             return None
@@ -923,7 +923,7 @@ def test_a_backend_deleted_after_its_pool_came_back_stays_deleted(
         n.rewrite(discovery="")
         assert (await n.d.reload()).ok          # the pool goes (a config change) ...
         n.d.inflight = {}
-        n.d.sockets["other"] = socket.socket()
+        n.d.sockets["other"] = [socket.socket()]
         n.rewrite(discovery=extra)
         assert (await n.d.reload()).ok          # ... and comes back
         assert n.has("x", "other") == "127.0.0.1:1002"

@@ -931,8 +931,9 @@ class Daemon:
 
     def _welcome(self, handle: WorkerHandle) -> list[wl.Message]:
         # The tables before the snapshot: a worker serves once it has a snapshot.
+        helping = [wl.Help(dict(self.accept.help))] if self.accept.help else []
         return [self._config_message(), *self.hashing.messages(), self._snapshot_message(),
-                wl.Help(dict(self.accept.help))]
+                *helping]
 
     def reopen_logs(self) -> int:
         """SIGUSR2 (or POST /logs/reopen), after logrotate moved the access log: every
