@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import _common as c
@@ -50,6 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--format", default="flamegraph", choices=("flamegraph", "speedscope", "raw"))
     ap.add_argument("--perf", action="store_true",
                     help="also sample with Linux perf (cpu-clock): C functions by self time")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="also count the worker's system calls per request (perf stat on the "
+                    "syscall tracepoints: cheap, unlike strace)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/pairlb-profile.svg"))
     ap.add_argument("--top", type=int, default=25, help="functions listed by self time")
     ap.add_argument("--pairlb-cmd", default="{venv}/bin/pairlb run -c {config}")
@@ -113,6 +117,55 @@ def perf_profile(
     return ["  " + " ".join(r.split()) for r in rows[: args.top]]
 
 
+SYSCALLS = ("read", "recvfrom", "readv", "write", "writev", "sendto", "sendmsg", "epoll_wait",
+            "epoll_pwait", "epoll_ctl", "accept4", "close", "getsockopt", "setsockopt", "ioctl",
+            "futex", "getpid")
+
+
+def requests_served(admin: int) -> float:
+    """pairlb_requests_total summed over every series (the control process's merge of the
+    workers' counters, sent every 0.25 s)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("pairlb_requests_total{"))
+
+
+def syscall_counts(
+    port: int, admin: int, path: str, wpid: int, args: argparse.Namespace
+) -> list[str]:
+    """System calls of the worker per request under the same load: which ones a request
+    costs, and how many (batching: fewer epoll_wait per request as load rises)."""
+    exe = shutil.which("perf")
+    if exe is None:
+        return ["  (perf not found)"]
+    load = threading.Thread(target=lambda: c.run_wrk(
+        f"http://127.0.0.1:{port}{path}", args.seconds + 3,
+        connections=args.connections, cpus="1"))
+    load.start()
+    time.sleep(1.5)
+    events = ",".join(f"syscalls:sys_enter_{n}" for n in SYSCALLS)
+    r0 = requests_served(admin)
+    out = subprocess.run([exe, "stat", "-x", ",", "-e", events, "-p", str(wpid), "--", "sleep",
+                          str(args.seconds)], capture_output=True, text=True,
+                         timeout=args.seconds + 30)
+    time.sleep(0.6)  # the workers' counters reach the control process every 0.25 s
+    n = requests_served(admin) - r0
+    load.join(args.seconds + 30)
+    rows = []
+    for line in out.stderr.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_") and parts[0].isdigit():
+            calls = int(parts[0])
+            if calls:
+                rows.append((calls, parts[2].removeprefix("syscalls:sys_enter_")))
+    lines = ([f"  {calls / n:8.3f}  {name}" for calls, name in sorted(rows, reverse=True)]
+             if n else [])
+    total = sum(calls for calls, _ in rows)
+    return [f"  ({n:,.0f} requests in {args.seconds} s; {total / n:.2f} system calls each)"
+            if n else "  (no requests counted)", *lines]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     spy = shutil.which("py-spy") or str(args.venv / "bin" / "py-spy")
@@ -153,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         perf_top: list[str] = []
         if args.perf:
             perf_top = perf_profile(port, path, wpid, args, workdir)
+        sys_top: list[str] = []
+        if args.syscalls:
+            sys_top = syscall_counts(port, admin, path, wpid, args)
         if args.format == "raw":
             shutil.copyfile(raw, args.out)
         else:
@@ -178,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if perf_top:
         print("perf (cpu-clock), C functions by self time:")
         print("\n".join(perf_top))
+    if sys_top:
+        print("system calls of the worker per request:")
+        print("\n".join(sys_top))
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
