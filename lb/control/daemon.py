@@ -1178,8 +1178,10 @@ class Daemon:
     async def _accept_watch_loop(self) -> None:
         """Reads every per-slot socket's accept queue each ACCEPT_WATCH_S and tells the
         workers which slots to help (lb.control.acceptwatch)."""
-        while True:
+        while not self.stopping:  # a stop closes our sockets: nothing left to watch
             await asyncio.sleep(ACCEPT_WATCH_S)
+            if self.stopping:
+                return
             try:
                 queues = {n: [accept_queue(s) for s in socks]
                           for n, socks in self.sockets.items()}
