@@ -151,6 +151,9 @@ class Daemon:
         self.started_mono = time.monotonic()
         self.sockets: dict[str, list[socket.socket]] = {}
         """Listener -> its listening sockets: one per worker slot (``reuseport``) or one."""
+        self.sockets_closed = False
+        """A stop closed the sockets: the queue watch ends (until then it helps the slots
+        whose worker is gone while the accept grace takes in the last connections)."""
         self.accept = AcceptWatch()
         """Which slots' sockets the other workers help accept from."""
         book = HealthBook()
@@ -496,6 +499,7 @@ class Daemon:
             await asyncio.sleep(ACCEPT_GRACE_S)
         # Our copies of the listening sockets go first; the workers close theirs when they
         # stop accepting, and from then on the kernel refuses new connections.
+        self.sockets_closed = True
         for socks in self.sockets.values():
             for sock in socks:
                 sock.close()
@@ -1178,9 +1182,9 @@ class Daemon:
     async def _accept_watch_loop(self) -> None:
         """Reads every per-slot socket's accept queue each ACCEPT_WATCH_S and tells the
         workers which slots to help (lb.control.acceptwatch)."""
-        while not self.stopping:  # a stop closes our sockets: nothing left to watch
+        while not self.sockets_closed:  # (a stop closes them after handing the VIP over)
             await asyncio.sleep(ACCEPT_WATCH_S)
-            if self.stopping:
+            if self.sockets_closed:
                 return
             try:
                 queues = {n: [accept_queue(s) for s in socks]
