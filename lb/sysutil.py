@@ -405,3 +405,20 @@ def lower_oom_score_adj(value: int) -> int:
             return current
         return get_oom_score_adj()
     return current
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """The soft RLIMIT_NOFILE raised to the hard one (what Go's runtime and HAProxy do):
+    every worker holds every slot's listening socket, and a proxy holds two descriptors a
+    connection, so the usual soft 1,024 outside the unit (LimitNOFILE) runs out first.
+    Returns (before, now); the workers inherit it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft, soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return soft, want
+    return soft, soft

@@ -10,9 +10,9 @@ control -> worker: `Config` (generation, the validated config as JSON, listener 
 maglev pool's lookup table), `Ping`, `CloseIdle` (after losing the VIP), `ReopenLogs`
 (after logrotate), `Help` (accept on other slots' sockets too), `Stop` (drain with a
 deadline).
-worker -> control: `Hello`, `Ready`, `Pong`, `Stats` (counter deltas and in-flight per
-backend), `Eject` (a passive ejection the worker applied locally), `ConfigApplied` /
-`ConfigFailed`, `Stopped`.
+worker -> control: `Hello`, `Ready`, `Pong`, `Paused` (a listener paused at max_connections
+or resumed), `Stats` (counter deltas and in-flight per backend), `Eject` (a passive
+ejection the worker applied locally), `ConfigApplied` / `ConfigFailed`, `Stopped`.
 
 `Snap` (every backend of every pool, pushed on each health change), `Stats` (every busy
 backend, every 0.25 s from every worker) and `Config` (the whole config) carry thousands of
@@ -230,6 +230,17 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class Paused:
+    """The worker stopped (or began again) accepting on ``listener``'s own socket at
+    ``max_connections``: the control process has the others take that slot's queue for as
+    long as it lasts (lb.control.acceptwatch)."""
+
+    TYPE: ClassVar[str] = "paused"
+    listener: str
+    paused: bool
+
+
+@dataclass(frozen=True)
 class Stats:
     TYPE: ClassVar[str] = "stats"
     d: dict[str, Any]
@@ -281,7 +292,7 @@ class Stopped:
 
 Message = Union[  # noqa: UP007 (a runtime alias: typing.get_args needs the Union)
     Config, Snap, PoolEdit, HashTable, Ping, CloseIdle, Stop, ReopenLogs, Help,
-    Hello, Ready, Pong, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
+    Hello, Ready, Pong, Paused, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
 ]
 
 _CODEC = channel.Codec(VERSION, Message, WorkerLinkError)

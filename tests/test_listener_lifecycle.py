@@ -76,3 +76,47 @@ def test_max_connections_pauses_then_resumes_and_drain_ends_the_rest(mode: str, 
             backend.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("mode", ["http", "tcp"])
+def test_helping_a_slot_accepts_there_and_a_failed_open_is_logged(
+    mode: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """set_help opens a server on another slot's socket (a connection queued there is
+    served), closes it when left out, and an open that fails (EMFILE, a closed socket) is
+    logged with the listener and slot instead of dying in an unread task."""
+
+    async def main() -> None:
+        px = await start_proxy([("a", "127.0.0.1:9")], mode=mode)
+        srv = px.server
+        other = socket.socket()
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        other.setblocking(False)
+        gone = socket.socket()
+        gone.close()
+        try:
+            srv.set_help({1: other})
+            await wait_for(lambda: 1 in srv._help_servers, timeout_s=5.0)
+            c = socket.create_connection(other.getsockname(), timeout=5)
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+            def answer() -> bytes:  # 502 (http) or the pipe closed (tcp): port 9 refuses
+                try:
+                    return c.recv(100) or b"closed"
+                except ConnectionResetError:
+                    return b"reset"
+
+            got = await asyncio.to_thread(answer)  # socket.timeout: nobody accepted it
+            assert got.startswith(b"HTTP/1.1 502") if mode == "http" else got, got
+            c.close()
+            with caplog.at_level(logging.ERROR):
+                srv.set_help({2: gone})
+                await wait_for(lambda: "accept_help_failed" in caplog.text, timeout_s=5.0)
+            assert srv._help_servers == {}  # slot 1 left out: closed; slot 2 never opened
+        finally:
+            await stop_proxy(px)
+            other.close()
+
+    run(main())
+    assert "event=accept_help_failed listener=l slot=2" in caplog.text

@@ -34,6 +34,7 @@ EVERY = [
     wl.Hello(1234, 0),
     wl.Ready(1234, ("tcp", "web")),
     wl.Pong(),
+    wl.Paused("web", True),
     wl.Stats({"requests": {"web": {"b1": {"2xx": 3}}}, "connections": {"web": {"active": 1}}},
              {"web/b1": 2}),
     wl.Eject("web", "b1", "connect_failure"),

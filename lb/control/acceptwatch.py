@@ -8,7 +8,8 @@ would, while a slot's worker is gone (crashed, in its restart backoff), starting
 at each socket's accept queue every ``ACCEPT_WATCH_S`` and asks the other workers to *help*
 a slot, that is to accept on its socket too, while
 
-- the slot has no serving worker, or
+- the slot has no serving worker, or its worker paused accepting on this listener at
+  ``max_connections`` (it says so: wl.Paused), or
 - its queue held connections at ``STALL_SAMPLES`` looks in a row (a worker that keeps up
   empties its queue within a loop iteration, so connections still there a look later are
   not being taken).
@@ -42,6 +43,8 @@ class SlotState:
     """A live worker that said Ready (not starting, not in its restart backoff)."""
     last_pong: float
     """When it last answered a ping (monotonic seconds)."""
+    paused: frozenset[str] = frozenset()
+    """Listeners it stopped accepting on at ``max_connections`` (not serving those)."""
 
 
 @dataclass
@@ -74,12 +77,13 @@ class AcceptWatch:
             for k, q in enumerate(qs):
                 st = self._slots.setdefault((name, k), _Slot())
                 slot = slots[k] if k < len(slots) else SlotState(False, 0.0)
+                serving = slot.serving and name not in slot.paused
                 st.queued_looks = st.queued_looks + 1 if q > 0 else 0
                 if st.helped_since is None:
-                    if not slot.serving or st.queued_looks >= self.stall_samples:
+                    if not serving or st.queued_looks >= self.stall_samples:
                         st.helped_since = now
                         st.episodes += 1
-                elif slot.serving and q == 0 and slot.last_pong > st.helped_since:
+                elif serving and q == 0 and slot.last_pong > st.helped_since:
                     st.helped_since = None
                 if st.helped_since is not None:
                     on.append(k)

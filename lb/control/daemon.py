@@ -339,8 +339,8 @@ class Daemon:
             self._spawn(self._watchdog_loop(wd), "watchdog")
 
     def _set_privileges(self) -> None:
-        """Every check check-config makes (lb.control.preflight); who the workers will be; and this
-        process last in the OOM killer's choice."""
+        """Every check check-config makes (lb.control.preflight); who the workers will be; this
+        process last in the OOM killer's choice; the descriptor limit up to the hard one."""
         from lb.control import preflight
 
         errors, _ = preflight.check(self.cfg, inside_service=True, tls=False)
@@ -353,10 +353,11 @@ class Daemon:
             raise StartupError(str(exc)) from None
         ident = self.worker_identity
         adj = sysutil.lower_oom_score_adj(sysutil.OOM_SCORE_ADJ_CONTROL)
+        nofile_was, nofile = sysutil.raise_nofile_limit()
         logger.info(
             "event=privileges workers_user=%s workers_group=%s oom_score_adj=%d "
-            "workers_oom_score_adj=%d",
-            ident.user, ident.group, adj, sysutil.worker_oom_score_adj(adj),
+            "workers_oom_score_adj=%d nofile=%d nofile_was=%d",
+            ident.user, ident.group, adj, sysutil.worker_oom_score_adj(adj), nofile, nofile_was,
         )
 
     async def _spawn_failover(self) -> None:
@@ -617,8 +618,13 @@ class Daemon:
                 prev = old_l.get(name)
                 if prev is None or prev.bind != lcfg.bind:
                     fresh[name] = make_listen_sockets(lcfg, self.supervisor.count)
-                elif prev.backlog != lcfg.backlog or prev.transparent != lcfg.transparent:
-                    in_place.append(name)
+                else:
+                    if prev.backlog != lcfg.backlog or prev.transparent != lcfg.transparent:
+                        in_place.append(name)
+                    if prev.freebind != lcfg.freebind:  # only a bind reads it
+                        changes.append(f"listener {name} freebind "
+                                       f"{str(lcfg.freebind).lower()}: applies when its "
+                                       f"sockets are made again (a new bind, a restart)")
         except OSError as exc:
             for socks in fresh.values():
                 for s in socks:
@@ -1191,7 +1197,10 @@ class Daemon:
                           for n, socks in self.sockets.items()}
                 if self.accept.look(time.monotonic(), queues, self.supervisor.slot_states()):
                     self.supervisor.broadcast(wl.Help(dict(self.accept.help)))
-                    logger.info("event=accept_help slots=%s", ",".join(
+                    # Debug: under a high rate of new connections help comes and goes with
+                    # the load (pairlb_listener_accept_helps_total counts it; the alert
+                    # PairlbWorkerSocketHelped is for help that lasts).
+                    logger.debug("event=accept_help slots=%s", ",".join(
                         f"{n}:{'+'.join(map(str, ks))}" for n, ks in self.accept.help.items())
                         or "none")
             except Exception:

@@ -52,6 +52,8 @@ class WorkerHandle:
     retiring: bool = False
     killed: bool = False
     """Sent SIGKILL (hung): no longer counted as serving while it dies."""
+    paused: set[str] = field(default_factory=set)
+    """Listeners it paused accepting on at max_connections (wl.Paused)."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -179,7 +181,8 @@ class Supervisor:
         out = []
         for i in range(self.count):
             h = self.slots.get(i)
-            out.append(SlotState(h is not None and h.serving, h.last_pong if h else 0.0))
+            out.append(SlotState(h is not None and h.serving, h.last_pong if h else 0.0,
+                                 frozenset(h.paused) if h else frozenset()))
         return out
 
     def status(self) -> tuple[WorkerStatus, ...]:
@@ -257,6 +260,8 @@ class Supervisor:
             handle.ready = True
         elif isinstance(msg, wl.ConfigApplied):
             handle.applied_generation = msg.gen
+        elif isinstance(msg, wl.Paused):
+            (handle.paused.add if msg.paused else handle.paused.discard)(msg.listener)
         try:
             self.on_message(handle, msg)
         except Exception:

@@ -103,6 +103,10 @@ class ListenerServer(Generic[C]):
         """Other slots' sockets this worker accepts on too (lb.control.acceptwatch)."""
         self._help_servers: dict[int, asyncio.AbstractServer] = {}
         self._help_opening: set[int] = set()
+        self.on_paused: Callable[[bool], None] | None = None
+        """Told when accepting pauses at ``max_connections`` (True) and resumes (False): the
+        worker tells the control process, which has the others take our socket's queue."""
+        self._paused = False
         self.tls: ListenerTls | None = None
         """Set by the worker before start() on a ``[listener.tls]`` listener: connections
         are accepted with its front context (the SNI callback picks the certificate)."""
@@ -161,18 +165,21 @@ class ListenerServer(Generic[C]):
         self._server = server
         self._accepting = True
         self._sync_help()
+        self._set_paused(False)
 
-    async def _serve(self, sock: socket.socket) -> asyncio.AbstractServer:
+    async def _serve(self, sock: socket.socket, start: bool = True) -> asyncio.AbstractServer:
         """A loop server accepting on our own fd of ``sock`` (closing it stops our accepting
-        only: the socket stays open in the control process and the other workers)."""
+        only: the socket stays open in the control process and the other workers);
+        ``start`` False: not accepting until ``start_serving()``."""
         tls = self.tls
         if tls is None:
             return await self.loop.create_server(  # type: ignore[no-any-return]
-                self.protocol, sock=sock.dup(), backlog=self.listener.backlog)
+                self.protocol, sock=sock.dup(), backlog=self.listener.backlog,
+                start_serving=start)
         return await self.loop.create_server(  # type: ignore[no-any-return]
             self.protocol, sock=sock.dup(), backlog=self.listener.backlog,
             ssl=tls.front, ssl_handshake_timeout=tls.settings.handshake_timeout_s,
-            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S, start_serving=start)
 
     # -- helping other slots (one socket per worker: [listener] reuseport) -----------------
 
@@ -194,14 +201,24 @@ class ListenerServer(Generic[C]):
 
     async def _open_help(self, k: int, sock: socket.socket) -> None:
         try:
-            server = await self._serve(sock)
+            server = await self._serve(sock, start=False)
+        except OSError as exc:  # EMFILE: workers x listeners descriptors (LimitNOFILE)
+            logger.error("event=accept_help_failed listener=%s slot=%d error=%r",
+                         self.listener.name, k, str(exc))
+            return
         finally:
             self._help_opening.discard(k)
         if (k in self._help_servers or self._help_socks.get(k) is not sock
                 or not self._accepting or self._server is None):
             server.close()  # no longer wanted while it opened
             return
-        self._help_servers[k] = server
+        self._help_servers[k] = server  # registered first: a close() meanwhile closes it
+        try:
+            await server.start_serving()
+        except BaseException:
+            self._help_servers.pop(k, None)
+            server.close()
+            raise
 
     def update(self, pool: Pool, pool_cfg: PoolConfig) -> None:
         """New connections (HTTP: new requests) use the new pool; open ones keep theirs."""
@@ -312,10 +329,17 @@ class ListenerServer(Generic[C]):
         mc = self.listener.max_connections
         if mc and len(self.clients) + self.handshaking >= mc and self._server is not None:
             # Leave further connections in the backlog for other workers (our own socket's
-            # too: the control process sees its queue stall and asks them to help).
+            # too: the control process asks them to take its queue while we are paused).
             self._server.close()
             self._server = None
             self._sync_help()
+            self._set_paused(True)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self._paused:
+            self._paused = paused
+            if self.on_paused is not None:
+                self.on_paused(paused)
 
     def _maybe_resume(self) -> None:
         mc = self.listener.max_connections  # 0 (no limit) resumes too: a reload lifted it

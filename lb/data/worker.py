@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -408,6 +409,7 @@ class Worker:
                 )
             server.tls = self.tls.get(name)
             server.alog = self.alog
+            server.on_paused = functools.partial(self._paused, name)
             server.routes_changed(self.pools, pool_cfgs, self.backend_tls)
             # Registered before the await so a concurrent call cannot start it twice.
             self.servers[name] = server
@@ -426,6 +428,9 @@ class Worker:
             sock = self.socks[fd] = socket.socket(fileno=fd)
             sock.setblocking(False)
         return sock
+
+    def _paused(self, listener: str, paused: bool) -> None:
+        self.send(wl.Paused(listener, paused))
 
     def _apply_help(self, name: str) -> None:
         server, fds = self.servers.get(name), self.fds.get(name, ())
