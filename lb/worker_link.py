@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Union
 
 from lb import channel
 
-VERSION = 4
+VERSION = 5
 """Bump on any change that an older peer would misread."""
 
 

@@ -113,6 +113,11 @@ def test_helping_a_slot_accepts_there_and_a_failed_open_is_logged(
             with caplog.at_level(logging.ERROR):
                 srv.set_help({2: gone})
                 await wait_for(lambda: "accept_help_failed" in caplog.text, timeout_s=5.0)
+                for _ in range(3):  # asked again and again: tried again, logged once
+                    srv.set_help({})
+                    srv.set_help({2: gone})
+                    await asyncio.sleep(0.05)
+            assert caplog.text.count("accept_help_failed") == 1, caplog.text
             assert srv._help_servers == {}  # slot 1 left out: closed; slot 2 never opened
         finally:
             await stop_proxy(px)

@@ -356,8 +356,9 @@ class Daemon:
         nofile_was, nofile = sysutil.raise_nofile_limit()
         logger.info(
             "event=privileges workers_user=%s workers_group=%s oom_score_adj=%d "
-            "workers_oom_score_adj=%d nofile=%d nofile_was=%d",
-            ident.user, ident.group, adj, sysutil.worker_oom_score_adj(adj), nofile, nofile_was,
+            "workers_oom_score_adj=%d nofile=%s nofile_was=%s",
+            ident.user, ident.group, adj, sysutil.worker_oom_score_adj(adj),
+            "unlimited" if nofile < 0 else nofile, "unlimited" if nofile_was < 0 else nofile_was,
         )
 
     async def _spawn_failover(self) -> None:

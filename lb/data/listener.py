@@ -103,6 +103,8 @@ class ListenerServer(Generic[C]):
         """Other slots' sockets this worker accepts on too (lb.control.acceptwatch)."""
         self._help_servers: dict[int, asyncio.AbstractServer] = {}
         self._help_opening: set[int] = set()
+        self._help_failed: set[int] = set()
+        """Slots whose helper failed to open: logged once until one opens again."""
         self.on_paused: Callable[[bool], None] | None = None
         """Told when accepting pauses at ``max_connections`` (True) and resumes (False): the
         worker tells the control process, which has the others take our socket's queue."""
@@ -156,6 +158,15 @@ class ListenerServer(Generic[C]):
         assert self._sock is not None
         try:
             server = await self._serve(self._sock)
+        except OSError as exc:
+            if not resume:
+                raise  # at start: the worker reports it
+            # EMFILE, most likely: the others take our queue (paused) until a connection
+            # of ours closes and resumes it again.
+            logger.error("event=listen_failed listener=%s error=%r", self.listener.name,
+                         str(exc))
+            self._set_paused(True)
+            return
         finally:
             if resume:
                 self._relistening = False
@@ -203,8 +214,10 @@ class ListenerServer(Generic[C]):
         try:
             server = await self._serve(sock, start=False)
         except OSError as exc:  # EMFILE: workers x listeners descriptors (LimitNOFILE)
-            logger.error("event=accept_help_failed listener=%s slot=%d error=%r",
-                         self.listener.name, k, str(exc))
+            if k not in self._help_failed:  # retried at each help change: logged once
+                self._help_failed.add(k)
+                logger.error("event=accept_help_failed listener=%s slot=%d error=%r",
+                             self.listener.name, k, str(exc))
             return
         finally:
             self._help_opening.discard(k)
@@ -212,6 +225,7 @@ class ListenerServer(Generic[C]):
                 or not self._accepting or self._server is None):
             server.close()  # no longer wanted while it opened
             return
+        self._help_failed.discard(k)
         self._help_servers[k] = server  # registered first: a close() meanwhile closes it
         try:
             await server.start_serving()
