@@ -33,23 +33,20 @@ def set_transparent(sock: socket.socket, family: int, on: bool = True) -> None:
         sock.setsockopt(level, option, int(on))
 
 
-def _family(listener: ListenerConfig) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in listener.host_port[0] else socket.AF_INET
-
-
 def _bound(listener: ListenerConfig, reuseport: bool) -> socket.socket:
-    sock = socket.socket(_family(listener), socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in listener.host_port[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if sock.family == socket.AF_INET6:
+        if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if listener.freebind:
             # Lets a standby bind the VIP before it holds it (Linux IP_FREEBIND = 15).
             sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
         if listener.transparent:
-            set_transparent(sock, sock.family)
+            set_transparent(sock, family)
         sock.bind(listener.host_port)
     except BaseException:
         sock.close()

@@ -575,15 +575,15 @@ class Daemon:
             changes.append("node.worker_user/worker_group changed: needs a restart, ignored")
             new = new.model_copy(update={"node": new.node.model_copy(
                 update={k: getattr(old.node, k) for k in who})})
-        kept_l = {lst.name: lst for lst in old.listener}
-        same_port = [lst.name for lst in new.listener if lst.name in kept_l
-                     and kept_l[lst.name].bind == lst.bind
-                     and kept_l[lst.name].reuseport != lst.reuseport]
+        old_l = {lst.name: lst for lst in old.listener}
+        same_port = [lst.name for lst in new.listener if lst.name in old_l
+                     and old_l[lst.name].bind == lst.bind
+                     and old_l[lst.name].reuseport != lst.reuseport]
         if same_port:  # new sockets on a port ours hold: the kernel would refuse them
             changes += [f"listener {n} reuseport changed: needs a restart, ignored"
                         for n in same_port]
             new = new.model_copy(update={"listener": tuple(
-                lst.model_copy(update={"reuseport": kept_l[lst.name].reuseport})
+                lst.model_copy(update={"reuseport": old_l[lst.name].reuseport})
                 if lst.name in same_port else lst for lst in new.listener)})
         if new.failover != old.failover:
             kept = old.failover
@@ -606,7 +606,6 @@ class Daemon:
                              self.generation)
                 return ReloadResult(False, now, self.generation, [str(exc)])
         # Listeners: new sockets first, so a bind error leaves everything as it was.
-        old_l = {lst.name: lst for lst in old.listener}
         new_l = {lst.name: lst for lst in new.listener}
         fresh: dict[str, list[socket.socket]] = {}
         in_place: list[str] = []

@@ -6,8 +6,8 @@
 closing it stops only this worker's accepting), and on other slots' sockets while the
 control process asks for help (`set_help`), stop accepting at ``max_connections`` and
 resume below it (further connections wait in the backlog for another worker), drain,
-close, own every task it starts, tick its deadlines,
-and turn a passive-check outcome into a local ejection. An engine supplies the protocol of
+close, own every task it starts, tick its deadlines, and turn a passive-check outcome into
+a local ejection. An engine supplies the protocol of
 one client connection, its tick and what else to close; nothing here runs per request.
 
 Imports no control-plane module.
@@ -246,12 +246,10 @@ class ListenerServer(Generic[C]):
         if (self.tls is not None and old.tls is not None and listener.tls is not None
                 and old.tls.handshake_timeout_s != listener.tls.handshake_timeout_s
                 and self._server is not None):
-            # The loop's server holds the handshake timeout: a new one takes over (the
-            # shared socket stays open; meanwhile the kernel queues, or another worker takes,
+            # The loop's server holds the handshake timeout: a new one takes over (our
+            # socket stays open; meanwhile the kernel queues, or another worker takes,
             # what arrives).
-            server, self._server = self._server, None
-            server.close()
-            self._sync_help()  # the helping servers have the old timeout too
+            self._close_servers()  # the helping servers have the old timeout too
             self._relistening = True
             self.spawn(self._listen(resume=True))
         if listener.max_connections != old.max_connections:
@@ -270,6 +268,11 @@ class ListenerServer(Generic[C]):
 
     async def stop_accepting(self) -> None:
         self._accepting = False
+        self._close_servers()
+
+    def _close_servers(self) -> None:
+        """Stop our accepting on our own socket and on the slots we help (a later _listen
+        opens both again, unless we stopped)."""
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -292,10 +295,7 @@ class ListenerServer(Generic[C]):
     def close(self) -> None:
         """Hard stop: every connection is cut, every task cancelled."""
         self._accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self._sync_help()
+        self._close_servers()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -344,9 +344,7 @@ class ListenerServer(Generic[C]):
         if mc and len(self.clients) + self.handshaking >= mc and self._server is not None:
             # Leave further connections in the backlog for other workers (our own socket's
             # too: the control process asks them to take its queue while we are paused).
-            self._server.close()
-            self._server = None
-            self._sync_help()
+            self._close_servers()
             self._set_paused(True)
 
     def _set_paused(self, paused: bool) -> None:
