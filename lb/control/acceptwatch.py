@@ -42,7 +42,8 @@ class SlotState:
     serving: bool
     """A live worker that said Ready (not starting, not in its restart backoff)."""
     last_pong: float
-    """When it last answered a ping (monotonic seconds)."""
+    """When it last answered a ping or said Ready (monotonic seconds; a real answer, never
+    one the supervisor assumed after a stall of the control loop)."""
     paused: frozenset[str] = frozenset()
     """Listeners it stopped accepting on at ``max_connections`` (not serving those)."""
 

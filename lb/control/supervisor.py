@@ -46,6 +46,9 @@ class WorkerHandle:
     chan: channel.ChannelProtocol | None = None
     started_at: float = 0.0
     last_pong: float = 0.0
+    heard_at: float = 0.0
+    """When it last answered a ping or said Ready: a real answer (``last_pong`` is also
+    moved forward after a stall of our own loop, and set at spawn and at a kill)."""
     ready: bool = False
     applied_generation: int | None = None
     """The config generation this worker last applied (its ConfigApplied)."""
@@ -181,7 +184,7 @@ class Supervisor:
         out = []
         for i in range(self.count):
             h = self.slots.get(i)
-            out.append(SlotState(h is not None and h.serving, h.last_pong if h else 0.0,
+            out.append(SlotState(h is not None and h.serving, h.heard_at if h else 0.0,
                                  frozenset(h.paused) if h else frozenset()))
         return out
 
@@ -255,9 +258,10 @@ class Supervisor:
             logger.error("event=worker_message_invalid index=%d error=%s", handle.index, exc)
             return
         if isinstance(msg, wl.Pong):
-            handle.last_pong = time.monotonic()
+            handle.last_pong = handle.heard_at = time.monotonic()
         elif isinstance(msg, wl.Ready):
             handle.ready = True
+            handle.heard_at = time.monotonic()
         elif isinstance(msg, wl.ConfigApplied):
             handle.applied_generation = msg.gen
         elif isinstance(msg, wl.Paused):
