@@ -102,3 +102,23 @@ def test_help_follows_its_rules_for_any_sequence(steps: list[tuple[int, bool, bo
             assert not (serving and q == 0 and since is not None and pong > since)
         assert not w.helped("web", 0)
         prev_q = q
+
+
+def test_the_supervisor_reports_a_real_answer_not_its_stall_adjusted_deadline() -> None:
+    """After a stall of the control loop the supervisor moves every last_pong forward (so
+    the silence is not blamed on the worker); a stopped worker must not count as having
+    answered: the watch gets when the worker last really spoke."""
+    from lb.control.supervisor import Supervisor, WorkerHandle
+
+    sup = Supervisor(1, listener_fds=dict, welcome=lambda h: [], on_message=lambda h, m: None)
+    h = WorkerHandle(0, 0, ready=True, last_pong=5.0, heard_at=1.0)
+    sup.slots[0] = h
+    (state,) = sup.slot_states()
+    assert state.serving and state.last_pong == 1.0
+    w = AcceptWatch()
+    w.look(2.0, {"web": [0, 3]}, [UP, state])
+    w.look(2.1, {"web": [0, 3]}, [UP, state])
+    assert w.helped("web", 0) is False and w.helped("web", 1)
+    h.last_pong += 10.0  # the stall adjustment: no answer from the worker
+    assert not w.look(2.2, {"web": [0, 0]}, [UP, sup.slot_states()[0]])
+    assert w.helped("web", 1)
