@@ -204,7 +204,9 @@ def test_a_hung_worker_s_queue_is_taken_by_the_other_until_it_answers(
     assert [o for _, o in results] == [200] * 60, results
     slowest = max(t for t, _ in results)
     assert slowest < 1.5, f"slowest {slowest:.2f} s (the ping timeout is 5 s)"
-    assert listener["accept"]["helped"] == [1] and listener["accept"]["helps"][1] >= 1
+    # Slot 1 is helped; slot 0 may be too (alone with eight clients its queue can hold
+    # connections at two looks, and nobody is there to take them).
+    assert 1 in listener["accept"]["helped"] and listener["accept"]["helps"][1] >= 1
     assert helped == 1 and helps >= 1
     # Resumed: it answers a ping, its queue is empty, and the help ends; it was never killed.
     end = time.monotonic() + 5
