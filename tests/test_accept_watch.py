@@ -111,7 +111,7 @@ def test_the_supervisor_reports_a_real_answer_not_its_stall_adjusted_deadline() 
     from lb.control.supervisor import Supervisor, WorkerHandle
 
     sup = Supervisor(1, listener_fds=dict, welcome=lambda h: [], on_message=lambda h, m: None)
-    h = WorkerHandle(0, 0, ready=True, last_pong=5.0, heard_at=1.0)
+    h = WorkerHandle(0, 0, ready=True, last_pong=5.0, answered=1.0)
     sup.slots[0] = h
     (state,) = sup.slot_states()
     assert state.serving and state.last_pong == 1.0

@@ -42,8 +42,9 @@ class SlotState:
     serving: bool
     """A live worker that said Ready (not starting, not in its restart backoff)."""
     last_pong: float
-    """When it last answered a ping or said Ready (monotonic seconds; a real answer, never
-    one the supervisor assumed after a stall of the control loop)."""
+    """When the last ping it answered was sent (monotonic seconds): help ends only on an
+    answer to a ping sent after the help began (an answer given before a worker hung
+    must not end it)."""
     paused: frozenset[str] = frozenset()
     """Listeners it stopped accepting on at ``max_connections`` (not serving those)."""
 

@@ -46,9 +46,12 @@ class WorkerHandle:
     chan: channel.ChannelProtocol | None = None
     started_at: float = 0.0
     last_pong: float = 0.0
-    heard_at: float = 0.0
-    """When it last answered a ping or said Ready: a real answer (``last_pong`` is also
-    moved forward after a stall of our own loop, and set at spawn and at a kill)."""
+    answered: float = 0.0
+    """When the last ping it answered was sent (pongs come back in order): a real answer
+    to a question asked then (``last_pong`` is moved forward after a stall of our own
+    loop, and set at spawn and at a kill)."""
+    pings: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    """When each ping not answered yet was sent."""
     ready: bool = False
     applied_generation: int | None = None
     """The config generation this worker last applied (its ConfigApplied)."""
@@ -184,7 +187,7 @@ class Supervisor:
         out = []
         for i in range(self.count):
             h = self.slots.get(i)
-            out.append(SlotState(h is not None and h.serving, h.heard_at if h else 0.0,
+            out.append(SlotState(h is not None and h.serving, h.answered if h else 0.0,
                                  frozenset(h.paused) if h else frozenset()))
         return out
 
@@ -258,10 +261,11 @@ class Supervisor:
             logger.error("event=worker_message_invalid index=%d error=%s", handle.index, exc)
             return
         if isinstance(msg, wl.Pong):
-            handle.last_pong = handle.heard_at = time.monotonic()
+            handle.last_pong = time.monotonic()
+            if handle.pings:
+                handle.answered = handle.pings.popleft()
         elif isinstance(msg, wl.Ready):
             handle.ready = True
-            handle.heard_at = time.monotonic()
         elif isinstance(msg, wl.ConfigApplied):
             handle.applied_generation = msg.gen
         elif isinstance(msg, wl.Paused):
@@ -357,7 +361,8 @@ class Supervisor:
                     h.killed = True
                     self._kill(h, signal.SIGKILL)
                     continue
-                h.send(wl.Ping())
+                if h.send(wl.Ping()):
+                    h.pings.append(now)
 
     async def _reap(self, handles: list[WorkerHandle], timeout_s: float) -> None:
         waits = [h.stopped.wait() for h in handles if h.proc is not None]
