@@ -726,6 +726,22 @@ class StatusWatch:
     def latest(self) -> dict[str, Any]:
         return self.history[-1][1]
 
+    async def wait_rotation_applied(self, timeout_s: float = 5.0) -> float:
+        """Wait until every worker routes by the rotation /status shows now (or a later
+        one); returns when a poll's answer said so: a request that starts after that is
+        routed by it (each worker reports the snapshot it applied, ``rotation_version``).
+        A change waiting for its push (``pending``) is in the next version."""
+        st = await self.poll()
+        rot = st["rotation"]
+        target = rot["version"] + (1 if rot["pending"] else 0)
+        async with asyncio.timeout(timeout_s):
+            while not st["workers"] or any(
+                w["rotation_version"] < target for w in st["workers"]
+            ):
+                await asyncio.sleep(self.interval_s / 2)
+                st = await self.poll()
+        return time.monotonic()
+
     def backends(self, st: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         return backend_states(st, self.pool)
 

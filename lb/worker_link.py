@@ -11,8 +11,9 @@ maglev pool's lookup table), `Ping`, `CloseIdle` (after losing the VIP), `Reopen
 (after logrotate), `Help` (accept on other slots' sockets too), `Stop` (drain with a
 deadline).
 worker -> control: `Hello`, `Ready`, `Pong`, `Paused` (a listener paused at max_connections
-or resumed), `Stats` (counter deltas and in-flight per backend), `Eject` (a passive
-ejection the worker applied locally), `ConfigApplied` / `ConfigFailed`, `Stopped`.
+or resumed), `SnapApplied` (the rotation it now routes by), `Stats` (counter deltas and
+in-flight per backend), `Eject` (a passive ejection the worker applied locally),
+`ConfigApplied` / `ConfigFailed`, `Stopped`.
 
 `Snap` (every backend of every pool, pushed on each health change), `Stats` (every busy
 backend, every 0.25 s from every worker) and `Config` (the whole config) carry thousands of
@@ -28,7 +29,7 @@ from typing import Any, ClassVar, Union
 
 from lb import channel
 
-VERSION = 5
+VERSION = 6
 """Bump on any change that an older peer would misread."""
 
 
@@ -241,6 +242,16 @@ class Paused:
 
 
 @dataclass(frozen=True)
+class SnapApplied:
+    """The worker routes by snapshot ``ver`` now: the control process knows how far behind
+    each worker's rotation is (``/status`` workers[].rotation_lag_s), so a worker that still
+    sends to a backend the control process took out is seen, not guessed."""
+
+    TYPE: ClassVar[str] = "snap_applied"
+    ver: int
+
+
+@dataclass(frozen=True)
 class Stats:
     TYPE: ClassVar[str] = "stats"
     d: dict[str, Any]
@@ -292,7 +303,7 @@ class Stopped:
 
 Message = Union[  # noqa: UP007 (a runtime alias: typing.get_args needs the Union)
     Config, Snap, PoolEdit, HashTable, Ping, CloseIdle, Stop, ReopenLogs, Help,
-    Hello, Ready, Pong, Paused, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
+    Hello, Ready, Pong, Paused, SnapApplied, Stats, Eject, ConfigApplied, ConfigFailed, Stopped,
 ]
 
 _CODEC = channel.Codec(VERSION, Message, WorkerLinkError)

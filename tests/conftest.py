@@ -23,7 +23,8 @@ SERIAL = frozenset({
     "test_netns_lib", "test_admin", "test_demo", "test_tls_pair", "test_affinity_pair",
     "test_elastic_pair", "test_elastic_review_pair", "test_sync_channel",
     # workers and health: recovery times, latency bounds, check timing
-    "test_process_model", "test_accept_balance", "test_health_e2e", "test_health_timing",
+    "test_process_model", "test_accept_balance", "test_rotation_lag", "test_health_e2e",
+    "test_health_timing",
     "test_health_probes", "test_health_tls", "test_discovery_dns", "test_discovery_e2e",
     "test_hostile_http_hardening", "test_issue17_review_e2e",
     "test_proxy_protocol_e2e", "test_proxy_stall", "test_log_queue",

@@ -35,6 +35,7 @@ EVERY = [
     wl.Ready(1234, ("tcp", "web")),
     wl.Pong(),
     wl.Paused("web", True),
+    wl.SnapApplied(42),
     wl.Stats({"requests": {"web": {"b1": {"2xx": 3}}}, "connections": {"web": {"active": 1}}},
              {"web/b1": 2}),
     wl.Eject("web", "b1", "connect_failure"),

@@ -604,6 +604,13 @@ METRICS: tuple[MetricDef, ...] = (
         "1 while the slot restarts too often (a crash loop).",
     ),
     _d(
+        "pairlb_worker_rotation_lag_seconds",
+        "gauge",
+        "worker",
+        "How long the oldest rotation change this worker has not applied yet has been on its "
+        "way (0: it routes by the last one pushed).",
+    ),
+    _d(
         "pairlb_worker_connections_active",
         "gauge",
         "worker",
@@ -1130,6 +1137,7 @@ class PairlbCollector:
             add("pairlb_worker_crashes_total", slot, w.crashes)
             add("pairlb_worker_hung_kills_total", slot, w.hung_kills)
             add("pairlb_worker_crash_loop", slot, 1.0 if w.crash_loop else 0.0)
+            add("pairlb_worker_rotation_lag_seconds", slot, w.rotation_lag_s)
             sample = read_proc(w.pid) if w.pid else None
             if sample is not None:
                 add("pairlb_worker_cpu_seconds_total", slot, sample.cpu_s)

@@ -1109,6 +1109,8 @@ class Daemon:
             ),
             ready=self.ready(),
             runtime=elastic.status(),
+            rotation=status_mod.RotationStatus(
+                self._pushed_ver or 0, self._push_handle is not None),
         )
 
     def _listener_status(self, lst: config_mod.ListenerConfig) -> status_mod.ListenerStatus:

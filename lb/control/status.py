@@ -141,6 +141,21 @@ class WorkerStatus:
     crashes: int
     hung_kills: int
     crash_loop: bool
+    rotation_version: int = 0
+    """The rotation snapshot it routes by (see RotationStatus)."""
+    rotation_lag_s: float = 0.0
+    """How long the oldest snapshot it has not applied yet has been on its way (0: it
+    routes by the last one pushed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RotationStatus:
+    """The rotation the control process pushed to the workers last: a request that reaches
+    a worker whose ``rotation_version`` is this one is routed by it."""
+
+    version: int
+    pending: bool
+    """A change is waiting for the next push (they are coalesced, HEALTH_PUSH_GAP_S)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +226,7 @@ class NodeStatus:
     runtime: dict[str, Any] | None = None
     """Runtime pool changes: the overlay, the last composition's notes, the peer channel
     (lb.control.elastic.Elastic.status)."""
+    rotation: RotationStatus = RotationStatus(0, False)
 
 
 # -- the one serialisation ------------------------------------------------------------------
@@ -420,9 +436,11 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
         "workers": [
             {"index": w.index, "pid": w.pid, "ready": w.ready, "uptime_s": w.uptime_s,
              "restarts": w.restarts, "crashes": w.crashes, "hung_kills": w.hung_kills,
-             "crash_loop": w.crash_loop}
+             "crash_loop": w.crash_loop, "rotation_version": w.rotation_version,
+             "rotation_lag_s": round(w.rotation_lag_s, 3)}
             for w in st.workers
         ],
+        "rotation": {"version": st.rotation.version, "pending": st.rotation.pending},
         "failover": None if st.failover is None else _failover_json(st.failover),
         "role": st.role,
         "events": list(st.events),

@@ -60,6 +60,11 @@ class WorkerHandle:
     """Sent SIGKILL (hung): no longer counted as serving while it dies."""
     paused: set[str] = field(default_factory=set)
     """Listeners it paused accepting on at max_connections (wl.Paused)."""
+    snap_ver: int = 0
+    """The rotation snapshot it routes by (its last wl.SnapApplied)."""
+    snaps_sent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=1024))
+    """(version, when) of each snapshot sent and not applied yet, oldest first (1,024: ten
+    seconds of pushes at their fastest; a worker that far behind is killed as hung)."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -72,7 +77,22 @@ class WorkerHandle:
         return self.proc.pid if self.proc else None
 
     def send(self, msg: wl.Message) -> bool:
+        if isinstance(msg, wl.Snap):
+            self.snap_sent(msg.ver)
         return self.chan is not None and self.chan.send(wl.encode(msg))
+
+    def snap_sent(self, ver: int) -> None:
+        self.snaps_sent.append((ver, time.monotonic()))
+
+    def snap_applied(self, ver: int) -> None:
+        self.snap_ver = ver
+        sent = self.snaps_sent
+        while sent and sent[0][0] <= ver:
+            sent.popleft()
+
+    def rotation_lag_s(self, now: float) -> float:
+        """How long the oldest snapshot it has not applied has been on its way (0: none)."""
+        return now - self.snaps_sent[0][1] if self.snaps_sent else 0.0
 
     def send_frame(self, frame: channel.Message) -> bool:
         """An already encoded message (a broadcast encodes once for every worker)."""
@@ -178,7 +198,10 @@ class Supervisor:
 
     def broadcast(self, msg: wl.Message) -> None:
         frame = wl.encode(msg)
+        snap = msg.ver if isinstance(msg, wl.Snap) else None
         for h in self.slots.values():
+            if snap is not None:
+                h.snap_sent(snap)
             h.send_frame(frame)
 
     def slot_states(self) -> list[SlotState]:
@@ -206,6 +229,8 @@ class Supervisor:
                     crashes=st.crashes,
                     hung_kills=st.hung_kills,
                     crash_loop=st.crash_loop(now),
+                    rotation_version=h.snap_ver,
+                    rotation_lag_s=h.rotation_lag_s(now),
                 )
             )
         return tuple(out)
@@ -270,6 +295,8 @@ class Supervisor:
             handle.applied_generation = msg.gen
         elif isinstance(msg, wl.Paused):
             (handle.paused.add if msg.paused else handle.paused.discard)(msg.listener)
+        elif isinstance(msg, wl.SnapApplied):
+            handle.snap_applied(msg.ver)
         try:
             self.on_message(handle, msg)
         except Exception:
