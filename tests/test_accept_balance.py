@@ -66,7 +66,8 @@ class AdminNode(Node):
         raise AssertionError(f"no serving worker in slot {index}")
 
     def metric(self, name: str, labels: str) -> float:
-        m = re.search(rf"^{name}{{{re.escape(labels)}}} (\S+)$", self.get("/metrics"), re.M)
+        sel = f"{{{re.escape(labels)}}}" if labels else ""
+        m = re.search(rf"^{name}{sel} (\S+)$", self.get("/metrics"), re.M)
         assert m, f"{name}{{{labels}}} not scraped"
         return float(m.group(1))
 

@@ -1,6 +1,7 @@
 """Each worker reports the rotation snapshot it routes by (``wl.SnapApplied``), with real
 processes: ``/status`` workers[].rotation_version and rotation_lag_s, and the metric
-``pairlb_worker_rotation_lag_seconds``, against rotation.version.
+``pairlb_worker_rotation_lag_seconds``, against rotation.version; how long pushes took to be
+applied (``rotation.apply_ms``, ``pairlb_rotation_apply_seconds``).
 
 A real ``pairlb run`` (control process + 2 workers, admin on, /metrics scraped every 0.25 s)
 in front of three real backends: at rest every worker has the last snapshot; a backend dies
@@ -69,6 +70,16 @@ def test_a_stopped_worker_is_seen_behind_the_rotation_until_it_runs(
         assert node.metric("pairlb_worker_rotation_lag_seconds", 'worker="0"') == 0.0
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_status(node, caught_up, 2.0, "worker 1 catches up once it runs")
+    st = wait_status(node, caught_up, 2.0, "worker 1 catches up once it runs")
+    t_caught = time.monotonic()
     assert node.metric("pairlb_worker_rotation_lag_seconds", 'worker="1"') == 0.0
+    # Its wait is one observation of the propagation time: over 0.5 s, under the whole stop.
+    rot = st["rotation"]
+    assert rot["applied"] >= 2, rot  # this push, by both workers
+    assert 500 <= rot["apply_ms"]["max_10s"] <= (t_caught - t_kill) * 1000, rot
+    assert rot["apply_ms"]["p50"] < 500, rot  # worker 0's was not slow
+    count = node.metric("pairlb_rotation_apply_seconds_count", "")
+    assert count >= rot["applied"], (count, rot)
+    over = count - node.metric("pairlb_rotation_apply_seconds_bucket", 'le="0.5"')
+    assert over >= 1, (count, over)
     assert node.slot_pid(1) == pid  # behind, not killed (ping timeout 5 s)

@@ -303,6 +303,13 @@ METRICS: tuple[MetricDef, ...] = (
         "Duration of active health checks.",
     ),
     _d(
+        "pairlb_rotation_apply_seconds",
+        "histogram",
+        "",
+        "From the control process pushing a rotation change (a backend in or out) to a "
+        "worker applying it; one observation per worker.",
+    ),
+    _d(
         "pairlb_health_check_lateness_seconds",
         "histogram",
         "",
@@ -716,6 +723,8 @@ class MetricsSource(Protocol):
     def events(self) -> deque[dict[str, Any]]: ...
     @property
     def health(self) -> HasLateness: ...
+    @property
+    def rotation_apply(self) -> LatenessLike: ...
 
     def status(self) -> NodeStatus: ...
     def ready(self) -> bool: ...
@@ -1034,6 +1043,10 @@ class PairlbCollector:
                 cumulative_buckets(lat.bounds, lat.counts),
                 float(lat.sum_s),
             )
+        ra = getattr(self.daemon, "rotation_apply", None)
+        if ra is not None:
+            hist("pairlb_rotation_apply_seconds", [], cumulative_buckets(ra.bounds, ra.counts),
+                 float(ra.sum_s))
 
     def _failover(self, st: NodeStatus, add: Callable[[str, Sequence[str], float], None]
                   ) -> None:
@@ -1518,6 +1531,7 @@ class Frozen:
         self.reloads = dict(daemon.reloads)
         self.events = daemon.events
         self.health = _FrozenHealth(daemon.health.lateness)
+        self.rotation_apply: LatenessLike = _FrozenLateness(daemon.rotation_apply)
         self.checks = CheckDurations(checks.bounds)
         self.checks.series = {
             key: (list(counts), list(total)) for key, (counts, total) in checks.series.items()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCounter
+from healthcheck.lateness import Lateness
 from lb import __version__, sysutil
 from lb import config as config_mod
 from lb import worker_link as wl
@@ -1021,6 +1022,11 @@ class Daemon:
     def record_event(self, kind: str, text: str) -> None:
         self.events.append({"at": time.time(), "kind": kind, "text": text})
 
+    @property
+    def rotation_apply(self) -> Lateness:
+        """Each pushed snapshot's time to a worker's SnapApplied (lb.admin.metrics)."""
+        return self.supervisor.rotation_apply
+
     def status(self) -> status_mod.NodeStatus:
         """Everything the admin API, the status page and /metrics show, typed
         (lb.control.status; the admin edge serialises it once)."""
@@ -1110,7 +1116,11 @@ class Daemon:
             ready=self.ready(),
             runtime=elastic.status(),
             rotation=status_mod.RotationStatus(
-                self._pushed_ver or 0, self._push_handle is not None),
+                self._pushed_ver or 0, self._push_handle is not None,
+                applied=(ra := self.supervisor.rotation_apply).count,
+                apply_p50_s=ra.quantile(0.5), apply_p99_s=ra.quantile(0.99),
+                apply_max_10s_s=ra.max_over(10, now_m), apply_max_60s_s=ra.max_over(60, now_m),
+            ),
         )
 
     def _listener_status(self, lst: config_mod.ListenerConfig) -> status_mod.ListenerStatus:

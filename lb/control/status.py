@@ -156,6 +156,13 @@ class RotationStatus:
     version: int
     pending: bool
     """A change is waiting for the next push (they are coalesced, HEALTH_PUSH_GAP_S)."""
+    applied: int = 0
+    """Pushed snapshots the workers applied since start (each worker's counts)."""
+    apply_p50_s: float = 0.0
+    apply_p99_s: float = 0.0
+    apply_max_10s_s: float = 0.0
+    apply_max_60s_s: float = 0.0
+    """From a push to the worker's SnapApplied: p50/p99 since start, worst of 10 s/60 s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,7 +447,17 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
              "rotation_lag_s": round(w.rotation_lag_s, 3)}
             for w in st.workers
         ],
-        "rotation": {"version": st.rotation.version, "pending": st.rotation.pending},
+        "rotation": {
+            "version": st.rotation.version,
+            "pending": st.rotation.pending,
+            "applied": st.rotation.applied,
+            "apply_ms": {
+                "p50": _ms(st.rotation.apply_p50_s),
+                "p99": _ms(st.rotation.apply_p99_s),
+                "max_10s": _ms(st.rotation.apply_max_10s_s),
+                "max_60s": _ms(st.rotation.apply_max_60s_s),
+            },
+        },
         "failover": None if st.failover is None else _failover_json(st.failover),
         "role": st.role,
         "events": list(st.events),

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from healthcheck.lateness import Lateness
 from lb import channel, sysutil
 from lb import worker_link as wl
 from lb.control.acceptwatch import SlotState
@@ -62,9 +63,11 @@ class WorkerHandle:
     """Listeners it paused accepting on at max_connections (wl.Paused)."""
     snap_ver: int = 0
     """The rotation snapshot it routes by (its last wl.SnapApplied)."""
-    snaps_sent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=1024))
-    """(version, when) of each snapshot sent and not applied yet, oldest first (1,024: ten
-    seconds of pushes at their fastest; a worker that far behind is killed as hung)."""
+    snaps_sent: deque[tuple[int, float, bool]] = field(
+        default_factory=lambda: deque(maxlen=1024))
+    """(version, when, a push) of each snapshot sent and not applied yet, oldest first
+    (1,024: ten seconds of pushes at their fastest; a worker that far behind is killed as
+    hung). Not a push: the welcome snapshot, which waits for the new process to start."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -78,17 +81,21 @@ class WorkerHandle:
 
     def send(self, msg: wl.Message) -> bool:
         if isinstance(msg, wl.Snap):
-            self.snap_sent(msg.ver)
+            self.snap_sent(msg.ver, push=False)
         return self.chan is not None and self.chan.send(wl.encode(msg))
 
-    def snap_sent(self, ver: int) -> None:
-        self.snaps_sent.append((ver, time.monotonic()))
+    def snap_sent(self, ver: int, push: bool = True) -> None:
+        self.snaps_sent.append((ver, time.monotonic(), push))
 
-    def snap_applied(self, ver: int) -> None:
+    def snap_applied(self, ver: int, now: float, delays: Lateness | None = None) -> None:
+        """Snapshot ``ver`` (and every older one) is applied; each push's time from send to
+        applied goes to ``delays``."""
         self.snap_ver = ver
         sent = self.snaps_sent
         while sent and sent[0][0] <= ver:
-            sent.popleft()
+            _, t, push = sent.popleft()
+            if push and delays is not None:
+                delays.observe(now - t, now)
 
     def rotation_lag_s(self, now: float) -> float:
         """How long the oldest snapshot it has not applied has been on its way (0: none)."""
@@ -143,6 +150,9 @@ class Supervisor:
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ping_task: asyncio.Task[None] | None = None
+        self.rotation_apply = Lateness()
+        """Each pushed snapshot's time from send to a worker's SnapApplied (the rotation's
+        propagation: ``pairlb_rotation_apply_seconds``, /status rotation.apply_ms)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -296,7 +306,7 @@ class Supervisor:
         elif isinstance(msg, wl.Paused):
             (handle.paused.add if msg.paused else handle.paused.discard)(msg.listener)
         elif isinstance(msg, wl.SnapApplied):
-            handle.snap_applied(msg.ver)
+            handle.snap_applied(msg.ver, time.monotonic(), self.rotation_apply)
         try:
             self.on_message(handle, msg)
         except Exception:
