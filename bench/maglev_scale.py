@@ -408,6 +408,10 @@ def probe_main(argv: list[str]) -> int:
                     hc = st["health_checks"]
                     row["lat_max_10s"] = hc["lateness_max_ms"]["10s"]
                     row["lat_p99"] = hc["lateness_ms"]["p99"]
+                    rot = st["rotation"]
+                    row["rot_max_10s"] = rot["apply_ms"]["max_10s"]
+                    row["rot_lag_max"] = max((w["rotation_lag_s"] for w in st["workers"]),
+                                             default=0.0)
                     for p in st["pools"]:
                         if p["name"] == POOL:
                             row["hashing"] = p.get("hashing")
@@ -778,9 +782,13 @@ def summarize_window(node: Node, name: str, records: list[Record],
     # may include up to 10 s before the window: the histogram's p50/p99 are the window's own).
     lat_max = [x["lat_max_10s"] for x in st
                if t0 <= x["t"] <= t1 + 1.5 and x.get("lat_max_10s") is not None]
+    rot_max = [x["rot_max_10s"] for x in st
+               if t0 <= x["t"] <= t1 + 1.5 and x.get("rot_max_10s") is not None]
     return {
         "seconds": round(t1 - t0, 2),
         **node.tail.since(b["log"], e["log"]),
+        "rotation": {"apply_max_ms": max(rot_max) if rot_max else None,
+                     "lag_max_s": max((x.get("rot_lag_max", 0.0) for x in ss), default=None)},
         "lateness": {**lateness_between(scrapes, t0, t1),
                      "status_max_10s_ms": max(lat_max) if lat_max else None},
         "healthz": {**lat_ms([x[1] for x in hs if x[2] == 200]),
@@ -896,6 +904,7 @@ def run_node(args: argparse.Namespace, workdir: Path, procs: c.ProcessSet, mode:
                                                                   if node.pids else None)}
         pool = next(p for p in st["pools"] if p["name"] == POOL)
         out["hashing_end"] = pool.get("hashing")
+        out["rotation_end"] = st["rotation"]
         out["api_connections"] = node.admin.api.connects
     finally:
         pids = node.stop()
@@ -984,7 +993,9 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
                 f"{w['builds']}" + (f" ({', '.join(f'{x:,.0f}' for x in w['build_ms'])} ms)"
                                     if w["builds"] else ""),
                 f"{_f(lt['p50_ms'])} / {_f(lt['p99_ms'])} / {_f(lt['status_max_10s_ms'])}",
-                _f(lt.get("over_100ms")), _f(w["to_down"]),
+                _f(lt.get("over_100ms")),
+                f"{_f(w['rotation']['apply_max_ms'])} / {_f(w['rotation']['lag_max_s'], 3)}",
+                _f(w["to_down"]),
                 _l(w["healthz"]), _l(w["status"]),
                 _l(w["scrape"]) + (f" ({w['scrape']['failed']} failed)"
                                    if w["scrape"]["failed"] else ""),
@@ -995,7 +1006,8 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
                 f"{_f(w['cpu']['worker_cores'], 2)}"])
     out.append(el.render(["pool", "window", "s", "builds (ms)",
                           "check lateness p50 / p99 / max ms", "checks > 100 ms late",
-                          "to DOWN", "/healthz p50 / p99 / max ms",
+                          "rotation applied, max ms / worker lag max s", "to DOWN",
+                          "/healthz p50 / p99 / max ms",
                           "/status p50 / p99 / max ms", "/metrics p50 / p99 / max ms",
                           "requests / failed", "request p50 / p99 / max ms",
                           "CPU cores: control / builder process / each worker"], rows, md))
@@ -1048,6 +1060,12 @@ def tables(res: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{sc.get('max_bytes', 0) / 1e6:.2f} MB; workers: restarts "
                      f"{w_.get('restarts')}, crashes {w_.get('crashes')}, hung kills "
                      f"{w_.get('hung_kills')}, same PIDs {w_.get('same_pids')}")
+        rot = nd.get("rotation_end")
+        if rot:
+            am = rot["apply_ms"]
+            notes.append(f"{mode}: {rot['applied']:,} rotation pushes applied by the workers "
+                         f"(one per worker and push), from push to applied p50 {am['p50']} ms, "
+                         f"p99 {am['p99']} ms, worst of the last 60 s {am['max_60s']} ms")
     if aff and "before_vs_after_removes" in aff:
         bv = aff["before_vs_after_removes"]
         notes.append(f"maglev: keys on another backend after the adds and removes than before "

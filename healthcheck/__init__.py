@@ -8,6 +8,7 @@ pure core (no asyncio, time or logging);
 """
 
 from .book import HealthBook, Reconciled
+from .lateness import Lateness
 from .probes import HttpProbe, Probe, ProbeTls, TcpProbe
 from .scheduler import (
     CheckSpec,
@@ -45,6 +46,7 @@ __all__ = [
     "HealthError",
     "HttpProbe",
     "Initial",
+    "Lateness",
     "OnResult",
     "OnTransition",
     "Probe",

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from healthcheck.lateness import Lateness
+from healthcheck import Lateness
 from lb.control.supervisor import WorkerHandle
 
 

@@ -31,8 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCounter
-from healthcheck.lateness import Lateness
+from healthcheck import CheckResult, Health, HealthBook, HealthChecker, HealthCounter, Lateness
 from lb import __version__, sysutil
 from lb import config as config_mod
 from lb import worker_link as wl

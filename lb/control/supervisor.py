@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from healthcheck.lateness import Lateness
+from healthcheck import Lateness
 from lb import channel, sysutil
 from lb import worker_link as wl
 from lb.control.acceptwatch import SlotState
