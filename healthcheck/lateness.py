@@ -74,7 +74,8 @@ class Lateness:
         return max(self._maxima[(sec - i) % _WINDOW_S] for i in range(seconds))
 
     def quantile(self, q: float) -> float:
-        """Upper bound interpolated within the bucket (Prometheus's histogram_quantile)."""
+        """Upper bound interpolated within the bucket (Prometheus's histogram_quantile),
+        never above the largest value seen."""
         if not self.count:
             return 0.0
         rank = q * self.count
@@ -85,7 +86,7 @@ class Lateness:
             if n and acc + n >= rank:
                 if math.isinf(hi):
                     return self.max_s
-                return lo + (hi - lo) * (rank - acc) / n
+                return min(self.max_s, lo + (hi - lo) * (rank - acc) / n)
             acc += n
             lo = hi
         return self.max_s

@@ -727,16 +727,20 @@ class StatusWatch:
         return self.history[-1][1]
 
     async def wait_rotation_applied(self, timeout_s: float = 5.0) -> float:
-        """Wait until every worker routes by the rotation /status shows now (or a later
-        one); returns when a poll's answer said so: a request that starts after that is
-        routed by it (each worker reports the snapshot it applied, ``rotation_version``).
-        A change waiting for its push (``pending``) is in the next version."""
-        st = await self.poll()
-        rot = st["rotation"]
-        target = rot["version"] + (1 if rot["pending"] else 0)
+        """Wait until every worker (retiring ones of a rolling reload too) routes by the
+        rotation /status shows now (or a later one); returns when a poll's answer said so:
+        a request that starts after that is routed by it (each worker reports the
+        snapshot it applied, ``rotation_version``). While a change waits for its push
+        (``pending``), the version to wait for is the one of the first answer without."""
         async with asyncio.timeout(timeout_s):
+            st = await self.poll()
+            while st["rotation"]["pending"]:
+                await asyncio.sleep(0.005)
+                st = await self.poll()
+            target = st["rotation"]["version"]
             while not st["workers"] or any(
-                w["rotation_version"] < target for w in st["workers"]
+                w["rotation_version"] < target
+                for w in [*st["workers"], *st.get("workers_retiring", [])]
             ):
                 await asyncio.sleep(self.interval_s / 2)
                 st = await self.poll()

@@ -6,18 +6,23 @@ applied (``rotation.apply_ms``, ``pairlb_rotation_apply_seconds``).
 A real ``pairlb run`` (control process + 2 workers, admin on, /metrics scraped every 0.25 s)
 in front of three real backends: at rest every worker has the last snapshot; a backend dies
 while one worker is stopped (SIGSTOP): the other applies the change, the stopped one is seen
-behind, by how long, until it runs again and catches up.
+behind, by how long, until it runs again and catches up. The old workers of a rolling reload
+get every change too, and a slow start's steps are pending in /status until pushed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from test_accept_balance import AdminNode, node  # noqa: F401 (the fixture)
+from test_accept_balance import AdminNode, Scraper, node  # noqa: F401 (the fixture)
+from test_process_model import free_port, wait_http
 
 
 def wait_status(n: AdminNode, cond: Callable[[dict[str, Any]], bool], timeout_s: float,
@@ -83,3 +88,126 @@ def test_a_stopped_worker_is_seen_behind_the_rotation_until_it_runs(
     over = count - node.metric("pairlb_rotation_apply_seconds_bucket", 'le="0.5"')
     assert over >= 1, (count, over)
     assert node.slot_pid(1) == pid  # behind, not killed (ping timeout 5 s)
+
+
+TOKEN = "rotation-test-token-0123456789abcdef"
+
+
+class TokenNode(AdminNode):
+    """AdminNode with an admin token (actions need one) and pool settings of the test."""
+
+    def __init__(self, tmp: Path, pool_extra: str = "") -> None:
+        super().__init__(tmp)
+        self.extra_pool = pool_extra
+        self.token = tmp / "admin.token"
+        self.token.write_text(TOKEN + "\n")
+        self.token.chmod(0o600)
+        self.listeners_extra = ""
+
+    def config(self, backends: int = 3, extra: str = "") -> str:
+        text = super().config(backends, extra).replace(
+            f'bind = "127.0.0.1:{self.admin_port}"',
+            f'bind = "127.0.0.1:{self.admin_port}"\ntoken_file = "{self.token}"')
+        return text.replace("[[pool]]", self.listeners_extra + "[[pool]]", 1)
+
+    def post(self, path: str, port: int | None = None, token: bool = True) -> int:
+        c = http.client.HTTPConnection("127.0.0.1", port or self.admin_port, timeout=5)
+        c.request("POST", path, headers={"Authorization": f"Bearer {TOKEN}"} if token else {})
+        r = c.getresponse()
+        r.read()
+        return r.status
+
+
+@contextlib.contextmanager
+def token_node(tmp: Path, pool_extra: str = "") -> Iterator[TokenNode]:
+    n = TokenNode(tmp, pool_extra)
+    try:
+        n.start()
+        wait_http(n.admin_port, "/healthz")
+        wait_status(n, lambda s: all(w["ready"] for w in s["workers"]), 10.0, "workers ready")
+        with Scraper(n) as scraper:
+            n.scraper = scraper
+            yield n
+        assert set(scraper.results) == {200}, scraper.results
+    finally:
+        n.stop()
+
+
+def backend_of(port: int) -> str:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request("GET", "/")
+    r = c.getresponse()
+    r.read()
+    c.close()
+    return r.getheader("X-Backend") or str(r.status)
+
+
+def test_retiring_workers_of_a_rolling_reload_get_every_rotation_change(
+    tmp_path: Path,
+) -> None:
+    """A reload that adds a listener replaces the workers; the old ones accept until every
+    new one is Ready. One new worker is held before it is Ready (SIGSTOP) while a backend
+    is drained: the old workers apply the drain too (they are shown, caught up, in
+    workers_retiring) and no new connection reaches the drained backend."""
+    with token_node(tmp_path) as n:
+        assert n.proc is not None
+        old = {w["pid"] for w in n.status()["workers"]}
+        n.listeners_extra = (f'[[listener]]\nname = "extra"\nbind = "127.0.0.1:{free_port()}"\n'
+                             f'pool = "web"\n')
+        n.cfg.write_text(n.config())
+        os.kill(n.proc.pid, signal.SIGHUP)
+        held = None
+        end = time.monotonic() + 10
+        while held is None:
+            assert time.monotonic() < end, "missed the new worker's start"
+            for w in n.status()["workers"]:
+                if w["index"] == 1 and w["pid"] not in old and not w["ready"]:
+                    os.kill(w["pid"], signal.SIGSTOP)
+                    held = w["pid"]
+        try:
+            st = wait_status(n, lambda s: len(s["workers_retiring"]) == 2, 5.0,
+                             "the old workers listed as retiring")
+            assert {w["pid"] for w in st["workers_retiring"]} == old
+            assert n.post("/backends/web/web2/drain") == 200
+            st = wait_status(n, lambda s: not s["rotation"]["pending"] and all(
+                w["rotation_version"] >= s["rotation"]["version"]
+                for w in s["workers_retiring"]), 2.0, "the retiring workers apply the drain")
+            assert len(st["workers_retiring"]) == 2, st["workers_retiring"]
+            got = [backend_of(n.port) for _ in range(60)]
+            assert "web2" not in got, got
+            assert set(got) <= {"web1", "web3"}, got
+            assert {w["pid"] for w in n.status()["workers_retiring"]} == old  # still there
+        finally:
+            os.kill(held, signal.SIGCONT)
+        wait_status(n, lambda s: not s["workers_retiring"], 10.0, "the old workers leave")
+        wait_status(n, caught_up, 2.0, "every new worker has the rotation")
+
+
+def test_a_time_driven_change_is_pending_until_pushed(tmp_path: Path) -> None:
+    """Slow start (1 s) changes web3's weight in steps that only a timer pushes: /status
+    never shows a new weight under a version every worker applied with nothing pending."""
+    with token_node(tmp_path, "slow_start_s = 1.0") as n:
+        bad, steps = [], 0
+        for _ in range(2):
+            assert n.post("/admin/health/500", n.bports[2], token=False) == 200
+            wait_status(n, lambda s: not web3_in(s), 5.0, "web3 out")
+            assert n.post("/admin/health/200", n.bports[2], token=False) == 200
+            wait_status(n, web3_in, 5.0, "web3 back")
+            prev = None
+            end = time.monotonic() + 1.2
+            while time.monotonic() < end:
+                st = n.status()
+                (b,) = [b for b in st["pools"][0]["backends"] if b["name"] == "web3"]
+                cur = (st["rotation"]["version"], st["rotation"]["pending"],
+                       b["effective_weight"])
+                if prev is not None and prev[2] != cur[2]:
+                    steps += 1
+                    if prev[0] == cur[0] and not prev[1] and not cur[1]:
+                        bad.append((prev, cur))
+                prev = cur
+        assert steps >= 5, steps  # the steps were seen
+        assert not bad, bad[:5]
+
+
+def web3_in(st: dict[str, Any]) -> bool:
+    return not web3_out(st)

@@ -182,6 +182,8 @@ class Daemon:
         self.last_reload: ReloadResult | None = None
         self.reloads = {"success": 0, "failure": 0}
         self._snap_timer: asyncio.TimerHandle | None = None
+        self._snap_due: float | None = None
+        """When the rotation changes next by time alone (the timer pushes it then)."""
         self._push_handle: asyncio.TimerHandle | None = None
         self._last_push = 0.0
         self._force_push: set[tuple[str, str]] = set()
@@ -487,8 +489,10 @@ class Daemon:
         self.notifier.stopping()
         if self._snap_timer:
             self._snap_timer.cancel()
+            self._snap_timer, self._snap_due = None, None
         if self._push_handle:
             self._push_handle.cancel()
+            self._push_handle = None
         if self.failover is not None:
             # MASTER first hands the VIP over (priority 0, make-before-break), then drains.
             try:
@@ -897,7 +901,9 @@ class Daemon:
         if self._snap_timer:
             self._snap_timer.cancel()
             self._snap_timer = None
+        self._snap_due = None
         if nxt is not None and not self.stopping:
+            self._snap_due = nxt
             delay = max(0.0, nxt - now) + 0.001
             self._snap_timer = asyncio.get_running_loop().call_later(delay, self.push_snapshots)
 
@@ -1114,8 +1120,13 @@ class Daemon:
             ),
             ready=self.ready(),
             runtime=elastic.status(),
+            workers_retiring=self.supervisor.retiring_status(),
             rotation=status_mod.RotationStatus(
-                self._pushed_ver or 0, self._push_handle is not None,
+                self._pushed_ver or 0,
+                # A time-driven change (slow start, an ejection's end) /status derives
+                # already is pending until its timer pushes it.
+                self._push_handle is not None
+                or (self._snap_due is not None and self._snap_due <= now_m),
                 applied=(ra := self.supervisor.rotation_apply).count,
                 apply_p50_s=ra.quantile(0.5), apply_p99_s=ra.quantile(0.99),
                 apply_max_10s_s=ra.max_over(10, now_m), apply_max_60s_s=ra.max_over(60, now_m),

@@ -149,6 +149,16 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class RetiringWorkerStatus:
+    """An old worker of a rolling replacement, still routing its last requests."""
+
+    index: int
+    pid: int | None
+    rotation_version: int
+    rotation_lag_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class RotationStatus:
     """The rotation the control process pushed to the workers last: a request that reaches
     a worker whose ``rotation_version`` is this one is routed by it."""
@@ -234,6 +244,7 @@ class NodeStatus:
     """Runtime pool changes: the overlay, the last composition's notes, the peer channel
     (lb.control.elastic.Elastic.status)."""
     rotation: RotationStatus = RotationStatus(0, False)
+    workers_retiring: tuple[RetiringWorkerStatus, ...] = ()
 
 
 # -- the one serialisation ------------------------------------------------------------------
@@ -446,6 +457,11 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
              "crash_loop": w.crash_loop, "rotation_version": w.rotation_version,
              "rotation_lag_s": round(w.rotation_lag_s, 3)}
             for w in st.workers
+        ],
+        "workers_retiring": [
+            {"index": w.index, "pid": w.pid, "rotation_version": w.rotation_version,
+             "rotation_lag_s": round(w.rotation_lag_s, 3)}
+            for w in st.workers_retiring
         ],
         "rotation": {
             "version": st.rotation.version,

@@ -27,7 +27,7 @@ from healthcheck import Lateness
 from lb import channel, sysutil
 from lb import worker_link as wl
 from lb.control.acceptwatch import SlotState
-from lb.control.status import WorkerStatus
+from lb.control.status import RetiringWorkerStatus, WorkerStatus
 
 logger = logging.getLogger("lb.control.supervisor")
 
@@ -37,6 +37,9 @@ STABLE_AFTER_S = 10.0
 """A worker that ran this long resets the backoff."""
 CRASH_LOOP_WINDOW_S = 60.0
 CRASH_LOOP_RESTARTS = 5
+SNAPS_KEPT = 1024
+"""Snapshots waiting to be applied kept per worker with their send times: ten seconds of
+pushes at their fastest (HEALTH_PUSH_GAP_S); more are folded into the newest."""
 
 
 @dataclass(eq=False)
@@ -63,11 +66,14 @@ class WorkerHandle:
     """Listeners it paused accepting on at max_connections (wl.Paused)."""
     snap_ver: int = 0
     """The rotation snapshot it routes by (its last wl.SnapApplied)."""
-    snaps_sent: deque[tuple[int, float, bool]] = field(
-        default_factory=lambda: deque(maxlen=1024))
-    """(version, when, a push) of each snapshot sent and not applied yet, oldest first
-    (1,024: ten seconds of pushes at their fastest; a worker that far behind is killed as
-    hung). Not a push: the welcome snapshot, which waits for the new process to start."""
+    snap_max: int = 0
+    """The newest snapshot sent to it: an answer beyond it (or going back) is refused."""
+    snaps_sent: deque[tuple[int, float, bool]] = field(default_factory=deque)
+    """(version, when, a push) of each snapshot sent and not applied yet, oldest first, at
+    most SNAPS_KEPT. Not a push: a whole snapshot (the welcome, a resync), and any sent
+    before the worker applied its welcome: they wait for the process to start."""
+    snaps_folded: int = 0
+    """Pushes merged into the newest entry because SNAPS_KEPT were waiting: not observed."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -84,22 +90,44 @@ class WorkerHandle:
             self.snap_sent(msg.ver, push=False)
         return self.chan is not None and self.chan.send(wl.encode(msg))
 
-    def snap_sent(self, ver: int, push: bool = True) -> None:
-        self.snaps_sent.append((ver, time.monotonic(), push))
+    @property
+    def alive(self) -> bool:
+        """Has a channel and has not exited (it may be stopped, or dying)."""
+        return self.chan is not None and not self.stopped.is_set() and not self.killed
 
-    def snap_applied(self, ver: int, now: float, delays: Lateness | None = None) -> None:
+    def snap_sent(self, ver: int, push: bool = True) -> None:
+        sent = self.snaps_sent
+        self.snap_max = max(self.snap_max, ver)
+        push = push and self.snap_ver > 0
+        if len(sent) >= SNAPS_KEPT:
+            # Folded into the newest entry: its send time stays (the lag is never reported
+            # smaller than it is), this push is not observed.
+            _, t, p = sent.pop()
+            sent.append((ver, t, p))
+            self.snaps_folded += 1
+            return
+        sent.append((ver, time.monotonic(), push))
+
+    def snap_applied(self, ver: int, now: float, delays: Lateness | None = None) -> bool:
         """Snapshot ``ver`` (and every older one) is applied; each push's time from send to
-        applied goes to ``delays``."""
+        applied goes to ``delays``. False (nothing changed) for a version never sent to
+        this worker or older than the one it said before."""
+        if ver < self.snap_ver or ver > self.snap_max:
+            return False
         self.snap_ver = ver
         sent = self.snaps_sent
         while sent and sent[0][0] <= ver:
             _, t, push = sent.popleft()
             if push and delays is not None:
                 delays.observe(now - t, now)
+        return True
 
     def rotation_lag_s(self, now: float) -> float:
-        """How long the oldest snapshot it has not applied has been on its way (0: none)."""
-        return now - self.snaps_sent[0][1] if self.snaps_sent else 0.0
+        """How long the oldest snapshot it has not applied has been on its way (0: none, or
+        the process is gone: it routes nothing)."""
+        if not self.snaps_sent or self.stopped.is_set():
+            return 0.0
+        return now - self.snaps_sent[0][1]
 
     def send_frame(self, frame: channel.Message) -> bool:
         """An already encoded message (a broadcast encodes once for every worker)."""
@@ -208,11 +236,17 @@ class Supervisor:
 
     def broadcast(self, msg: wl.Message) -> None:
         frame = wl.encode(msg)
-        snap = msg.ver if isinstance(msg, wl.Snap) else None
-        for h in self.slots.values():
-            if snap is not None:
-                h.snap_sent(snap)
-            h.send_frame(frame)
+        if not isinstance(msg, wl.Snap):
+            for h in self.slots.values():
+                h.send_frame(frame)
+            return
+        # Retiring workers get every rotation change too: they accept until every new one
+        # is Ready, then finish their requests (retries pick backends). They got every
+        # snapshot before, so the deltas still build on theirs.
+        for h in [*self.slots.values(), *self.retiring]:
+            if h.alive:
+                h.snap_sent(msg.ver)
+                h.send_frame(frame)
 
     def slot_states(self) -> list[SlotState]:
         """Each slot's current worker, for lb.control.acceptwatch (a slot in its restart
@@ -244,6 +278,16 @@ class Supervisor:
                 )
             )
         return tuple(out)
+
+    def retiring_status(self) -> tuple[RetiringWorkerStatus, ...]:
+        """Old workers of a rolling replacement still running (they accept until every new
+        one is Ready, then finish their requests)."""
+        now = time.monotonic()
+        return tuple(
+            RetiringWorkerStatus(h.index, h.pid, h.snap_ver, h.rotation_lag_s(now))
+            for h in sorted(self.retiring, key=lambda h: (h.index, h.pid or 0))
+            if not h.stopped.is_set()
+        )
 
     # -- internals ---------------------------------------------------------------------
 
@@ -305,8 +349,12 @@ class Supervisor:
             handle.applied_generation = msg.gen
         elif isinstance(msg, wl.Paused):
             (handle.paused.add if msg.paused else handle.paused.discard)(msg.listener)
-        elif isinstance(msg, wl.SnapApplied):
-            handle.snap_applied(msg.ver, time.monotonic(), self.rotation_apply)
+        elif isinstance(msg, wl.SnapApplied) and not handle.snap_applied(
+                msg.ver, time.monotonic(), self.rotation_apply):
+            logger.error("event=worker_message_invalid index=%d error=%r", handle.index,
+                         f"applied snapshot {msg.ver}: sent {handle.snap_max}, "
+                         f"applied {handle.snap_ver} before")
+            return
         try:
             self.on_message(handle, msg)
         except Exception:
