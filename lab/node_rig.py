@@ -741,6 +741,7 @@ class StatusWatch:
             while not st["workers"] or any(
                 w["rotation_version"] < target
                 for w in [*st["workers"], *st.get("workers_retiring", [])]
+                if w.get("alive", True)  # not a slot in its restart backoff
             ):
                 await asyncio.sleep(self.interval_s / 2)
                 st = await self.poll()

@@ -115,6 +115,7 @@ class Node:
 [node]
 name = "lb1"
 workers = {self.workers}
+state_dir = "{self.tmp / 'state'}"
 shutdown_timeout_s = 5.0
 [[listener]]
 name = "web"

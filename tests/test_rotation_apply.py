@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from healthcheck import Lateness
 from lab.node_rig import StatusWatch
+from lb import worker_link as wl
 from lb.control import supervisor as sup
 from lb.control.supervisor import WorkerHandle
 
@@ -183,3 +184,30 @@ def test_wait_rotation_applied_times_out_on_a_worker_that_stays_behind() -> None
     w = ReplayWatch([status(9, False, 9, 8)])
     with pytest.raises(TimeoutError):
         asyncio.run(w.wait_rotation_applied(timeout_s=0.3))
+
+
+# -- Supervisor.broadcast of a rotation change -------------------------------------------
+
+
+def frames_of(h: WorkerHandle) -> list[Any]:
+    return [wl.decode(c.args[0]) for c in h.chan.send.call_args_list]  # type: ignore[union-attr]
+
+
+def test_a_push_reaches_each_live_worker_once_and_retiring_ones_only_take_backends_out(
+) -> None:
+    s = sup.Supervisor(2, dict, lambda h: [], lambda h, m: None)
+    new, both, gone, retiring = (WorkerHandle(i, 2) for i in range(4))
+    for h in (new, both, gone, retiring):
+        h.chan = mock.Mock()
+        h.snap_sent(4, push=False)
+    gone.stopped.set()  # in its restart backoff
+    s.slots = {0: new, 1: both}
+    s.retiring = {both, retiring, gone}  # ``both``: retired, its slot not replaced yet
+    msg = wl.Snap(5, {"web": wl.PoolSnap(False, {"a": (False, 1.0), "b": (True, 2.0)})}, 4)
+    s.broadcast(msg)
+    assert frames_of(new) == [msg] and frames_of(both) == [msg]  # once, whole
+    assert frames_of(gone) == []
+    (r,) = frames_of(retiring)
+    assert r == wl.Snap(5, {"web": wl.PoolSnap(False, {"a": (False, 1.0)})}, 4)
+    assert [h.snap_max for h in (new, both, retiring, gone)] == [5, 5, 5, 4]
+    assert [w.pid for w in s.retiring_status()] == [None]  # ``retiring`` alone

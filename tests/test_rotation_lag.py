@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from test_accept_balance import AdminNode, Scraper, node  # noqa: F401 (the fixture)
-from test_process_model import free_port, wait_http
+from test_process_model import PY, ROOT, free_port, wait_http
 
 
 def wait_status(n: AdminNode, cond: Callable[[dict[str, Any]], bool], timeout_s: float,
@@ -211,3 +214,103 @@ def test_a_time_driven_change_is_pending_until_pushed(tmp_path: Path) -> None:
 
 def web3_in(st: dict[str, Any]) -> bool:
     return not web3_out(st)
+
+
+def admin(n: TokenNode, method: str, path: str, body: Any = None) -> tuple[int, str]:
+    c = http.client.HTTPConnection("127.0.0.1", n.admin_port, timeout=10)
+    data = None if body is None else json.dumps(body).encode()
+    c.request(method, path, body=data, headers={"Authorization": f"Bearer {TOKEN}",
+                                                "Content-Type": "application/json"})
+    r = c.getresponse()
+    return r.status, r.read().decode()
+
+
+def hold_a_rolling_reload(n: TokenNode) -> tuple[set[int], int]:
+    """SIGHUP with a listener added (the workers are replaced); the new worker of slot 1
+    is stopped before it is Ready, so the old ones keep accepting: (old pids, held pid)."""
+    assert n.proc is not None
+    old = {w["pid"] for w in n.status()["workers"]}
+    n.listeners_extra = (f'[[listener]]\nname = "extra"\nbind = "127.0.0.1:{free_port()}"\n'
+                         f'pool = "web"\n')
+    n.cfg.write_text(n.config())
+    os.kill(n.proc.pid, signal.SIGHUP)
+    end = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < end, "missed the new worker's start"
+        for w in n.status()["workers"]:
+            if w["index"] == 1 and w["pid"] not in old and not w["ready"]:
+                os.kill(w["pid"], signal.SIGSTOP)
+                return old, w["pid"]
+
+
+def test_retiring_workers_never_put_a_name_back_in(tmp_path: Path) -> None:
+    """While the old workers retire, web2 is removed at runtime and added again under the
+    same name at another server: the old workers know web2 at the old address (they get no
+    runtime edits), so the change that puts the name in is not theirs; nothing reaches the
+    removed server."""
+    port = free_port()
+    newb = subprocess.Popen([PY, "-m", "lab.backend_app", "web2new", f"127.0.0.1:{port}"],
+                            cwd=ROOT)
+    try:
+        wait_http(port, "/healthz")
+        with token_node(tmp_path) as n:
+            old, held = hold_a_rolling_reload(n)
+            try:
+                wait_status(n, lambda s: len(s["workers_retiring"]) == 2, 5.0, "retiring")
+                assert admin(n, "DELETE", "/pools/web/backends/web2")[0] in (200, 202)
+                wait_status(n, lambda s: "web2" not in {
+                    b["name"] for b in s["pools"][0]["backends"]}, 10.0, "web2 removed")
+                code, body = admin(n, "POST", "/pools/web/backends", {
+                    "name": "web2", "address": f"127.0.0.1:{port}", "weight": 1})
+                assert code == 201, body
+                wait_status(n, lambda s: any(
+                    b["name"] == "web2" and b["in_rotation"] for b in s["pools"][0]["backends"])
+                    and not s["rotation"]["pending"] and all(
+                    w["rotation_version"] >= s["rotation"]["version"]
+                    for w in s["workers_retiring"]), 5.0, "the new web2 in rotation")
+                got = [backend_of(n.port) for _ in range(90)]
+                assert {w["pid"] for w in n.status()["workers_retiring"]} == old  # still there
+            finally:
+                os.kill(held, signal.SIGCONT)
+        assert "web2" not in got, {k: got.count(k) for k in set(got)}
+        assert "web2new" in got  # the new workers' share
+    finally:
+        newb.terminate()
+        newb.wait(10)
+
+
+def test_pushes_go_on_through_a_stops_drain(tmp_path: Path) -> None:
+    """SIGTERM while a request is in flight: the workers drain (their requests may still
+    retry on other backends); web3 fails its checks meanwhile: the workers get it."""
+    with token_node(tmp_path) as n:
+        assert n.proc is not None and n.scraper is not None
+        done: list[Any] = []
+
+        def slow() -> None:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", n.port, timeout=20)
+                c.request("GET", "/sleep/3")
+                done.append(c.getresponse().status)
+            except OSError as exc:
+                done.append(repr(exc))
+
+        v0 = wait_status(n, caught_up, 2.0, "settled")["rotation"]["version"]
+        th = threading.Thread(target=slow)
+        th.start()
+        time.sleep(0.3)
+        n.scraper.stopped_at = time.monotonic()  # scrapes from now on may fail: it stops
+        os.kill(n.proc.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        assert n.post("/admin/health/500", n.bports[2], token=False) == 200
+        st = wait_status(n, web3_out, 5.0, "web3 out during the drain")
+
+        def pushed(s: dict[str, Any]) -> bool:
+            rot = s["rotation"]
+            return not rot["pending"] and rot["version"] > v0 and all(
+                w["rotation_version"] >= rot["version"] for w in s["workers"] if w["alive"])
+
+        st = wait_status(n, pushed, 2.0, "the draining worker gets the change")
+        # The worker with the slow request drains; the idle one may have exited already.
+        assert any(w["alive"] for w in st["workers"]), st["workers"]
+        th.join(20)
+        assert done == [200], done

@@ -198,6 +198,8 @@ class Daemon:
         """Worker slot -> (generation, error) of the last config it refused."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self._pushes_closed = False
+        """Set once the workers are gone at a stop (pushes go on through the drain)."""
         self.supervisor = Supervisor(
             cfg.node.workers or os.cpu_count() or 1,
             listener_fds=self._listener_fds,
@@ -487,12 +489,6 @@ class Daemon:
     async def shutdown(self, timeout_s: float) -> None:
         self.stopping = True
         self.notifier.stopping()
-        if self._snap_timer:
-            self._snap_timer.cancel()
-            self._snap_timer, self._snap_due = None, None
-        if self._push_handle:
-            self._push_handle.cancel()
-            self._push_handle = None
         if self.failover is not None:
             # MASTER first hands the VIP over (priority 0, make-before-break), then drains.
             try:
@@ -510,6 +506,15 @@ class Daemon:
             for sock in socks:
                 sock.close()
         await self.supervisor.stop(timeout_s)
+        # Rotation changes were pushed through the drain (its requests still retry on
+        # other backends); no worker is left to take one now.
+        self._pushes_closed = True
+        if self._snap_timer:
+            self._snap_timer.cancel()
+            self._snap_timer, self._snap_due = None, None
+        if self._push_handle:
+            self._push_handle.cancel()
+            self._push_handle = None
         if self.failover is not None:
             await self.failover.close_handover()  # the workers have finished with it
         await self.elastic.stop()
@@ -765,7 +770,7 @@ class Daemon:
 
     def _push_soon(self) -> None:
         """Push a snapshot on the next loop pass, coalescing (see HEALTH_PUSH_GAP_S)."""
-        if self._push_handle is not None or self.stopping:
+        if self._push_handle is not None or self._pushes_closed:
             return
         delay = max(0.0, self._last_push + self._push_gap_s - time.monotonic())
         self._push_handle = asyncio.get_running_loop().call_later(delay, self._pushed_soon)
@@ -902,7 +907,7 @@ class Daemon:
             self._snap_timer.cancel()
             self._snap_timer = None
         self._snap_due = None
-        if nxt is not None and not self.stopping:
+        if nxt is not None and not self._pushes_closed:
             self._snap_due = nxt
             delay = max(0.0, nxt - now) + 0.001
             self._snap_timer = asyncio.get_running_loop().call_later(delay, self.push_snapshots)

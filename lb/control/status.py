@@ -141,6 +141,8 @@ class WorkerStatus:
     crashes: int
     hung_kills: int
     crash_loop: bool
+    alive: bool = True
+    """Its process runs (false in a restart backoff: the slot has no worker)."""
     rotation_version: int = 0
     """The rotation snapshot it routes by (see RotationStatus)."""
     rotation_lag_s: float = 0.0
@@ -454,7 +456,8 @@ def to_json(st: NodeStatus) -> dict[str, Any]:
         "workers": [
             {"index": w.index, "pid": w.pid, "ready": w.ready, "uptime_s": w.uptime_s,
              "restarts": w.restarts, "crashes": w.crashes, "hung_kills": w.hung_kills,
-             "crash_loop": w.crash_loop, "rotation_version": w.rotation_version,
+             "crash_loop": w.crash_loop, "alive": w.alive,
+             "rotation_version": w.rotation_version,
              "rotation_lag_s": round(w.rotation_lag_s, 3)}
             for w in st.workers
         ],

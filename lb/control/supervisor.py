@@ -70,8 +70,9 @@ class WorkerHandle:
     """The newest snapshot sent to it: an answer beyond it (or going back) is refused."""
     snaps_sent: deque[tuple[int, float, bool]] = field(default_factory=deque)
     """(version, when, a push) of each snapshot sent and not applied yet, oldest first, at
-    most SNAPS_KEPT. Not a push: a whole snapshot (the welcome, a resync), and any sent
-    before the worker applied its welcome: they wait for the process to start."""
+    most SNAPS_KEPT. Not a push: a whole snapshot sent to this worker alone (the welcome, a
+    resync), and any sent before it applied its welcome: they wait for the process to
+    start. A reload's whole snapshot, broadcast, is one (with the new config's apply)."""
     snaps_folded: int = 0
     """Pushes merged into the newest entry because SNAPS_KEPT were waiting: not observed."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -224,7 +225,8 @@ class Supervisor:
         old = list(self.slots.values())
         for h in old:
             h.retiring = True
-            self.retiring.add(h)
+            if not h.stopped.is_set():  # one in its restart backoff has nothing to retire
+                self.retiring.add(h)
         for i in range(self.count):
             await self._spawn(i)
         await self.wait_ready(10.0)
@@ -240,13 +242,23 @@ class Supervisor:
             for h in self.slots.values():
                 h.send_frame(frame)
             return
-        # Retiring workers get every rotation change too: they accept until every new one
-        # is Ready, then finish their requests (retries pick backends). They got every
-        # snapshot before, so the deltas still build on theirs.
-        for h in [*self.slots.values(), *self.retiring]:
+        current = set(self.slots.values())
+        for h in current:
             if h.alive:
                 h.snap_sent(msg.ver)
                 h.send_frame(frame)
+        # Retiring workers accept until every new one is Ready, then finish their requests
+        # (retries pick backends): they get every backend taken out, as a delta on the last
+        # snapshot each was sent (they got every one, in order).
+        frames: dict[int, channel.Message] = {}
+        for h in self.retiring:
+            if h in current or not h.alive or not h.snap_max:
+                continue
+            base = h.snap_max
+            if base not in frames:
+                frames[base] = wl.encode(retiring_snap(msg, base))
+            h.snap_sent(msg.ver)
+            h.send_frame(frames[base])
 
     def slot_states(self) -> list[SlotState]:
         """Each slot's current worker, for lb.control.acceptwatch (a slot in its restart
@@ -267,7 +279,8 @@ class Supervisor:
                 WorkerStatus(
                     index=i,
                     pid=h.pid,
-                    ready=h.ready,
+                    ready=h.serving,
+                    alive=h.alive,
                     uptime_s=round(now - h.started_at, 3) if h.started_at else 0.0,
                     restarts=st.restarts,
                     crashes=st.crashes,
@@ -281,12 +294,13 @@ class Supervisor:
 
     def retiring_status(self) -> tuple[RetiringWorkerStatus, ...]:
         """Old workers of a rolling replacement still running (they accept until every new
-        one is Ready, then finish their requests)."""
+        one is Ready, then finish their requests); not one still in its slot."""
         now = time.monotonic()
+        current = set(self.slots.values())
         return tuple(
             RetiringWorkerStatus(h.index, h.pid, h.snap_ver, h.rotation_lag_s(now))
             for h in sorted(self.retiring, key=lambda h: (h.index, h.pid or 0))
-            if not h.stopped.is_set()
+            if h.alive and h not in current
         )
 
     # -- internals ---------------------------------------------------------------------
@@ -470,3 +484,15 @@ class Supervisor:
         if handle.proc is not None and handle.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(handle.proc.pid, sig)
+
+
+def retiring_snap(msg: wl.Snap, base: int) -> wl.Snap:
+    """What a retiring worker gets of a rotation change: the backends taken out, never one
+    put in. The names it knows may be other servers by now (removed at runtime and added
+    again elsewhere, or moved by the reload that retires it): a name put back in could send
+    its requests to a server that left."""
+    pools = {
+        name: wl.PoolSnap(p.panic, {b: e for b, e in p.entries.items() if not e[0]})
+        for name, p in msg.pools.items()
+    }
+    return wl.Snap(msg.ver, pools, base)
