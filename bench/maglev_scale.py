@@ -31,8 +31,11 @@ fresh connection) goes through the listener; a separate process scrapes ``/metri
 lateness histogram of each scrape (so every window has its own lateness p50/p99); another
 (``_probe``) GETs ``/healthz`` every 0.1 s (the control loop's responsiveness: a trivial
 handler, so its latency is the loop's backlog) and ``/status`` every second (its latency,
-``health_checks.lateness_max_ms.10s`` and the table's state). Per window: builds (log lines),
-lateness p50/p99 (histogram deltas between scrapes) and the max from /status, /healthz and
+``health_checks.lateness_max_ms.10s``, ``rotation.apply_ms.max_10s``, the largest
+``workers[].rotation_lag_s`` and the table's state). Per window: builds (log lines),
+lateness p50/p99 (histogram deltas between scrapes) and the max from /status, how long
+rotation changes took to reach the workers (the worst push-to-applied of the last 10 s read
+during the window or 1.5 s after it, and the largest worker lag seen), /healthz and
 /status p50/p99/max, scrape p50/p99/max and failures, requests and failures and latency
 p50/p99 of the load (the workers' ``set_hash_table`` shows there), CPU of the control
 process and of each worker, health transitions to DOWN (every backend is healthy: each one

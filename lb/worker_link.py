@@ -249,6 +249,9 @@ class SnapApplied:
 
     TYPE: ClassVar[str] = "snap_applied"
     ver: int
+    at: float = 0.0
+    """The worker's time.monotonic() when it applied it (one clock on one machine): the
+    propagation time without the control loop's delay in reading this answer."""
 
 
 @dataclass(frozen=True)

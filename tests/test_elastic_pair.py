@@ -140,7 +140,9 @@ def test_a_backend_added_on_the_standby_serves_on_the_master_and_after_failover(
     rig.wait_for("lb2 carrying the client", lambda: rig.served_by("lb2", t_kill + 0.5), 5.0)
     rig.wait_for("web3 served by lb2 after the failover", lambda: rig.members("lb2")[
         "web3"]["requests"] > 0, 5.0)
-    failed = [a for a in rig.attempts(t_add, t_kill) if not a.ok]
+    # Up to the kill, the add cost nothing; a request in flight at the SIGKILL of the whole
+    # node dies with the node's TCP connection (CI saw one, 10 ms long, end in EOF).
+    failed = [a for a in rig.attempts(t_add, t_kill) if not a.ok and a.t1 < t_kill]
     if failed:
         for node in ("lb1", "lb2", "probe"):
             Path(f"/tmp/elastic_pair_{node}.log").write_text(rig.log_text(node))

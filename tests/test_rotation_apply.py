@@ -211,3 +211,17 @@ def test_a_push_reaches_each_live_worker_once_and_retiring_ones_only_take_backen
     assert r == wl.Snap(5, {"web": wl.PoolSnap(False, {"a": (False, 1.0)})}, 4)
     assert [h.snap_max for h in (new, both, retiring, gone)] == [5, 5, 5, 4]
     assert [w.pid for w in s.retiring_status()] == [None]  # ``retiring`` alone
+
+
+def test_the_time_is_the_workers_own_when_it_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker says when it applied (one monotonic clock): the control loop's delay in
+    reading the answer is not the worker's; a time outside send..now is clamped."""
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    delays = Lateness()
+    h = started(clock, delays)
+    for ver, at in ((2, 100.004), (3, 99.0), (4, 500.0)):
+        h.snap_sent(ver)
+        assert h.snap_applied(ver, clock.t + 0.3, delays, at=at)  # read 300 ms later
+    assert delays.count == 3
+    assert abs(delays.sum_s - (0.004 + 0.0 + 0.3)) < 1e-9

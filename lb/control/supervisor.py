@@ -109,10 +109,12 @@ class WorkerHandle:
             return
         sent.append((ver, time.monotonic(), push))
 
-    def snap_applied(self, ver: int, now: float, delays: Lateness | None = None) -> bool:
-        """Snapshot ``ver`` (and every older one) is applied; each push's time from send to
-        applied goes to ``delays``. False (nothing changed) for a version never sent to
-        this worker or older than the one it said before."""
+    def snap_applied(self, ver: int, now: float, delays: Lateness | None = None,
+                     at: float = 0.0) -> bool:
+        """Snapshot ``ver`` (and every older one) is applied, at the worker's ``at`` (0:
+        unknown, ``now``); each push's time from send to applied goes to ``delays``. False
+        (nothing changed) for a version never sent to this worker or older than the one it
+        said before."""
         if ver < self.snap_ver or ver > self.snap_max:
             return False
         self.snap_ver = ver
@@ -120,7 +122,8 @@ class WorkerHandle:
         while sent and sent[0][0] <= ver:
             _, t, push = sent.popleft()
             if push and delays is not None:
-                delays.observe(now - t, now)
+                # The worker's clock is ours (CLOCK_MONOTONIC), its answer between the two.
+                delays.observe(min(max(at, t), now) - t if at else now - t, now)
         return True
 
     def rotation_lag_s(self, now: float) -> float:
@@ -364,7 +367,7 @@ class Supervisor:
         elif isinstance(msg, wl.Paused):
             (handle.paused.add if msg.paused else handle.paused.discard)(msg.listener)
         elif isinstance(msg, wl.SnapApplied) and not handle.snap_applied(
-                msg.ver, time.monotonic(), self.rotation_apply):
+                msg.ver, time.monotonic(), self.rotation_apply, msg.at):
             logger.error("event=worker_message_invalid index=%d error=%r", handle.index,
                          f"applied snapshot {msg.ver}: sent {handle.snap_max}, "
                          f"applied {handle.snap_ver} before")

@@ -368,7 +368,7 @@ class Worker:
             self._apply_pools(delta, incremental=True)
         else:
             self._apply_pools(msg)
-        self.send(wl.SnapApplied(msg.ver))
+        self.send(wl.SnapApplied(msg.ver, time.monotonic()))
         if not self.started:
             self.started = True
             asyncio.get_running_loop().create_task(self._start_servers())
