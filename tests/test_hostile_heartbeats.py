@@ -224,9 +224,11 @@ def test_a_flood_from_an_address_not_in_peers_is_dropped_before_any_hmac(
 
     calls = Counter[str]()
     real_decode = controller.decode_any
+    forged_sent: set[bytes] = set()
 
     def counting(data: bytes, keys: Any) -> Any:
         calls["decode"] += 1
+        calls["forged"] += data in forged_sent
         return real_decode(data, keys)
 
     monkeypatch.setattr(controller, "decode_any", counting)
@@ -245,6 +247,7 @@ def test_a_flood_from_an_address_not_in_peers_is_dropped_before_any_hmac(
                 forged = encode(Heartbeat(name="lb9", role=Role.MASTER, priority=255, epoch=9,
                                           seq=i + 1, timestamp_ms=now_ms, interval_ms=50,
                                           flags=HeartbeatFlags.HEALTHY), KEY)
+                forged_sent.add(forged)
                 attacker.sendto(forged, ("127.0.0.1", pb))
 
             def counted(target: int = start + 100) -> bool:
@@ -262,8 +265,10 @@ def test_a_flood_from_an_address_not_in_peers_is_dropped_before_any_hmac(
                        for k in x.counters.verified)
         others = sum(after.counters.rejected.values()) - sum(before.counters.rejected.values())
         assert unknown == n and others == n  # nothing else was rejected meanwhile
-        # Every HMAC computed meanwhile (by either node: one process) verified a real one.
-        assert decodes == verified > 0
+        # Not one HMAC for a forged datagram; the pair's own heartbeats went on (either
+        # node, one process: a real one may be decoded between the reads, so <= 2 apart).
+        assert calls["forged"] == 0
+        assert verified > 0 and abs(decodes - verified) <= 2, (decodes, verified)
         assert [p.name for p in after.peers] == ["lb1"] and b.vip.acquired == []
         assert after.counters.transitions == before.counters.transitions
     finally:
