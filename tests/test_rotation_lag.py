@@ -153,20 +153,7 @@ def test_retiring_workers_of_a_rolling_reload_get_every_rotation_change(
     is drained: the old workers apply the drain too (they are shown, caught up, in
     workers_retiring) and no new connection reaches the drained backend."""
     with token_node(tmp_path) as n:
-        assert n.proc is not None
-        old = {w["pid"] for w in n.status()["workers"]}
-        n.listeners_extra = (f'[[listener]]\nname = "extra"\nbind = "127.0.0.1:{free_port()}"\n'
-                             f'pool = "web"\n')
-        n.cfg.write_text(n.config())
-        os.kill(n.proc.pid, signal.SIGHUP)
-        held = None
-        end = time.monotonic() + 10
-        while held is None:
-            assert time.monotonic() < end, "missed the new worker's start"
-            for w in n.status()["workers"]:
-                if w["index"] == 1 and w["pid"] not in old and not w["ready"]:
-                    os.kill(w["pid"], signal.SIGSTOP)
-                    held = w["pid"]
+        old, held = hold_a_rolling_reload(n)
         try:
             st = wait_status(n, lambda s: len(s["workers_retiring"]) == 2, 5.0,
                              "the old workers listed as retiring")
