@@ -176,3 +176,21 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
     assert len(data) > 30_000, len(data)
     assert len(set(pixels[:: 97])) > 100
     print(f"screenshot {shot} ({len(data)} bytes)")
+
+
+def test_workers_show_whether_they_route_by_the_last_rotation() -> None:
+    base = {"restarts": 0, "crashes": 0, "hung_kills": 0, "uptime_s": 5.0, "ready": True,
+            "alive": True, "crash_loop": False, "rotation_lag_s": 0.0}
+    html_ = admin._workers_section(
+        [{**base, "index": 0, "pid": 11},
+         {**base, "index": 1, "pid": 12, "rotation_lag_s": 0.5},
+         {**base, "index": 2, "pid": 13, "rotation_lag_s": 3.25},
+         {**base, "index": 3, "pid": 14, "ready": False, "alive": False, "rotation_lag_s": 0}],
+        [{"index": 1, "pid": 9, "rotation_version": 4, "rotation_lag_s": 0.0}])
+    rows = re.findall(r"<tr>(.*?)</tr>", html_)
+    assert "<th>rotation</th>" in html_
+    assert "current" in rows[1] and "pill" not in rows[1].split("</td>")[-2]
+    assert '<span class="pill amber">0.50 s behind</span>' in rows[2]
+    assert '<span class="pill red">3.25 s behind</span>' in rows[3]
+    assert '<span class="pill amber">restarting</span>' in rows[4]  # no process in the slot
+    assert '<span class="pill grey">retiring</span>' in rows[5] and ">9<" in rows[5]

@@ -664,7 +664,7 @@ def render_page(
     tls = _tls_section(st.get("listeners") or [], now)
     if tls:
         parts.append(tls)
-    parts.append(_workers_section(st["workers"]))
+    parts.append(_workers_section(st["workers"], st.get("workers_retiring")))
     parts.append(_events_section(st.get("events") or [], now))
     parts.append(
         f'<footer>refreshes every {REFRESH_S} s · {_clock(now)} · '
@@ -841,13 +841,25 @@ def _tls_section(listeners: list[Mapping[str, Any]], now: float) -> str:
     )
 
 
-def _workers_section(workers: list[Mapping[str, Any]]) -> str:
+def _rotation_cell(w: Mapping[str, Any]) -> str:
+    """Whether the worker routes by the last rotation pushed: a worker behind still sends
+    to backends the control process took out."""
+    lag = float(w.get("rotation_lag_s") or 0)
+    if lag <= 0:
+        return "<span class='muted'>current</span>"
+    return _pill(f"{lag:.2f} s behind", "amber" if lag < 2 else "red")
+
+
+def _workers_section(workers: list[Mapping[str, Any]],
+                     retiring: list[Mapping[str, Any]] | None = None) -> str:
     e = html.escape
     rows = []
     for w in workers:
         state = (
             _pill("crash loop", "red")
             if w.get("crash_loop")
+            else _pill("restarting", "amber")
+            if not w.get("alive", True)
             else _pill("ready", "green")
             if w.get("ready")
             else _pill("starting", "amber")
@@ -857,12 +869,20 @@ def _workers_section(workers: list[Mapping[str, Any]]) -> str:
             f"<td>{state}</td><td>{fmt_duration(float(w.get('uptime_s') or 0))}</td>"
             f"<td class='num'>{e(str(w['restarts']))}</td>"
             f"<td class='num'>{e(str(w['crashes']))}</td>"
-            f"<td class='num'>{e(str(w.get('hung_kills', 0)))}</td></tr>"
+            f"<td class='num'>{e(str(w.get('hung_kills', 0)))}</td>"
+            f"<td>{_rotation_cell(w)}</td></tr>"
+        )
+    for w in retiring or []:  # a rolling reload's old workers, finishing their requests
+        rows.append(
+            f"<tr><td class='num'>{e(str(w['index']))}</td><td class='num'>{e(str(w['pid']))}</td>"
+            f"<td>{_pill('retiring', 'grey')}</td><td></td><td></td><td></td><td></td>"
+            f"<td>{_rotation_cell(w)}</td></tr>"
         )
     return (
         "<section><h2>Workers</h2>"
-        + _thead("slot#", "pid#", "state", "uptime", "restarts#", "crashes#", "hung kills#")
-        + ("".join(rows) or '<tr><td colspan="7" class="muted">no workers</td></tr>')
+        + _thead("slot#", "pid#", "state", "uptime", "restarts#", "crashes#", "hung kills#",
+                 "rotation")
+        + ("".join(rows) or '<tr><td colspan="8" class="muted">no workers</td></tr>')
         + "</tbody></table></section>"
     )
 
