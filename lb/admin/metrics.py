@@ -615,7 +615,7 @@ METRICS: tuple[MetricDef, ...] = (
         "gauge",
         "worker",
         "How long the oldest rotation change this worker has not applied yet has been on its "
-        "way (0: it routes by the last one pushed).",
+        "way (0: it routes by the last one pushed, or the slot has no process).",
     ),
     _d(
         "pairlb_worker_connections_active",

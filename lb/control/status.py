@@ -147,7 +147,7 @@ class WorkerStatus:
     """The rotation snapshot it routes by (see RotationStatus)."""
     rotation_lag_s: float = 0.0
     """How long the oldest snapshot it has not applied yet has been on its way (0: it
-    routes by the last one pushed)."""
+    routes by the last one pushed, or its process is gone)."""
 
 
 @dataclass(frozen=True, slots=True)
