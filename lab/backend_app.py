@@ -98,6 +98,35 @@ def make_app(name: str) -> web.Application:
     return app
 
 
+def wait_answering(host: str, port: int, name: str, timeout_s: float = 10.0) -> None:
+    """Returns once backend ``name`` answers ``GET /healthz`` on ``host:port``. Raises at
+    once if a server of another name answers there (a port two tests were handed at once:
+    this backend failed to bind it, and the other one would quietly stand in for it), or
+    if nothing answers in ``timeout_s``."""
+    import http.client
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = http.client.HTTPConnection(host, port, timeout=1.0)
+        try:
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            resp.read()
+            who = resp.getheader("X-Backend")
+            if who != name:
+                raise RuntimeError(f"{host}:{port} is answered by {who!r}, not backend "
+                                   f"{name!r}: the port is another server's")
+            return
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"backend {name!r} not answering on {host}:{port} "
+                                   f"after {timeout_s} s") from None
+            time.sleep(0.02)
+        finally:
+            conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     name, addr = args[0], args[1]

@@ -579,12 +579,6 @@ class Cluster(Pair):
         return proc.pid
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def kept_runs(tmp: str | None = None) -> list[dict[str, Any]]:
     """State of every demo left running with --keep (or crashed) on this host."""
     import tempfile

@@ -54,6 +54,7 @@ from typing import Any, TextIO
 from lab import cluster as demo_net
 from lab import netns, pair
 from lab.load import Record, RecordLog, window_stats
+from lab.ports import free_port
 from lb import config as config_mod
 
 DEFAULT_DURATION_S = 60.0
@@ -816,7 +817,7 @@ class NamespaceDemo(_Demo):
     def keep_lines(self) -> list[str]:
         c = self.c
         c.keep = True
-        ports = {n: demo_net.free_loopback_port() for n in (*pair.LBS, "vip")}
+        ports = {n: free_port() for n in (*pair.LBS, "vip")}
         pid = c.start_forwarder(ports)
         c.write_state(kept=True, forwarder_pid=pid, mode=self.kind)
         ns = {n: c.topo[n].netns for n in c.nodes}
@@ -916,9 +917,9 @@ class LoopbackDemo(_Demo):
         wanted = [self.port, self.admin_port, *self.ports.values()]
         if all(_port_free(p) for p in wanted):
             return
-        self.port = demo_net.free_loopback_port()
-        self.admin_port = demo_net.free_loopback_port()
-        self.ports = {n: demo_net.free_loopback_port() for n in self.ports}
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.ports = {n: free_port() for n in self.ports}
         self.say(f"the default ports ({', '.join(map(str, wanted))}) are in use here: "
                  "using free ones instead")
 

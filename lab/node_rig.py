@@ -49,6 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from lab.ports import free_port
 from lb.admin import client
 
 T = TypeVar("T")
@@ -63,13 +64,6 @@ TOKEN = "e2e-token-0123456789abcdef"
 
 
 # -- ports and waits --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (others run servers here too)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def port_open(port: int, timeout_s: float = 0.2) -> bool:

@@ -35,6 +35,8 @@ from typing import Any, Self
 from aiohttp import web
 
 import failover
+from lab import backend_app
+from lab.ports import free_port, free_udp_port
 from lb.admin import client
 from lb.control import status as status_mod
 
@@ -45,12 +47,6 @@ if not Path(PYTHON).exists():
 ARTIFACTS = ROOT / "tests" / "artifacts"
 LOOPBACK = "127.0.0.1"
 SCHEMA = ROOT / "docs" / "status.schema.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout_s: float = 10.0) -> None:
@@ -198,8 +194,8 @@ class Backends:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-            for port in self.ports.values():
-                wait_port(port)
+            for n, port in self.ports.items():
+                backend_app.wait_answering(LOOPBACK, port, n)
         except BaseException:
             self.__exit__()
             raise
@@ -492,12 +488,6 @@ def promql_metric_names(expr: str) -> set[str]:
 
 
 # -- a real failover pair on loopback (controllers only; VIPs in memory) ---------------------
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 class MemoryVip:

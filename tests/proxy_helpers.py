@@ -22,6 +22,7 @@ from typing import Any
 import httptools
 from aiohttp import web
 
+from lab.ports import free_port
 from lb.config import ListenerConfig, PoolConfig
 from lb.data.pool import Pool, build_pool
 from lb.data.proxy import ProxyServer
@@ -192,13 +193,6 @@ async def aiohttp_backend(app: web.Application) -> tuple[web.AppRunner, int]:
     assert server is not None
     port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

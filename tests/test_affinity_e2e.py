@@ -45,11 +45,11 @@ from admin_helpers import (
     free_port,
     parse_metrics,
     total,
-    wait_port,
     wait_until,
 )
 from admin_helpers import http as admin_http
 
+from lab import backend_app
 from lb import maglev
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -110,7 +110,7 @@ class Farm:
         launcher.stdin.write(f"{name} {self.addr(name)}\n")
         launcher.stdin.flush()
         self.pids[name] = int(launcher.stdout.readline())
-        wait_port(self.ports[name])
+        backend_app.wait_answering(LOOPBACK, self.ports[name], name)
 
     def kill(self, name: str) -> float:
         """SIGKILL (by PID) and wait until it is gone; the time of the kill."""

@@ -23,6 +23,7 @@ from failover import FailoverController, FailoverSpec, Role, UdpTransport, maste
 from failover.adapters.transport import TransportError, parse_peer
 from failover.core.codec import Heartbeat, HeartbeatFlags, decode, encode
 from failover.core.codec import RejectReason as R
+from lab.ports import free_udp_port
 
 KEY = os.urandom(32)
 T = TypeVar("T")
@@ -61,12 +62,6 @@ def test_transport_config_errors_name_the_key() -> None:
         UdpTransport([], multicast_group="224.0.0.88", bind="127.0.0.1", interface="lo")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(20)
 def test_transport_delivers_and_survives_a_raising_callback() -> None:
     async def scenario() -> None:
@@ -77,7 +72,7 @@ def test_transport_delivers_and_survives_a_raising_callback() -> None:
                 raise RuntimeError("a bug in the receiver")
             got.append((data, source))
 
-        port = free_port()
+        port = free_udp_port()
         rx = UdpTransport([], port=port, bind="127.0.0.1", multicast_group=None)
         rx._dests = ()  # a pure receiver
         await rx.start(on_datagram)
@@ -106,7 +101,7 @@ def test_dual_stack_socket_reports_plain_ipv4_sources() -> None:
 
     async def scenario() -> None:
         got: list[tuple[str, int]] = []
-        port = free_port()
+        port = free_udp_port()
         rx = UdpTransport([], port=port, bind="::")
         try:
             await rx.start(lambda d, s: got.append(s))
@@ -227,7 +222,7 @@ def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> float:
 
 
 def make_pair(interval_s: float, extra_peer: int | None = None) -> tuple[Member, Member]:
-    pa, pb = free_port(), free_port()
+    pa, pb = free_udp_port(), free_udp_port()
     a_peers = [f"127.0.0.1:{pb}"] + ([f"127.0.0.1:{extra_peer}"] if extra_peer else [])
     a = Member("lb1", 200, pa, a_peers, interval_s)
     b = Member("lb2", 100, pb, [f"127.0.0.1:{pa}"], interval_s)

@@ -29,16 +29,11 @@ from typing import Any
 import pytest
 
 from lab import netns
+from lab.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hostile-admin-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raw(port: int, data: bytes, host: str = "127.0.0.1", timeout_s: float = 5.0

@@ -36,6 +36,7 @@ from failover import (
     Role,
     encode,
 )
+from lab.ports import free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
 KEY = os.urandom(32)
@@ -111,12 +112,6 @@ class Node:
         self.run(cancel_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -23,14 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from lab import backend_app
+from lab.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(port: int, path: str = "/", timeout_s: float = 15.0, want: int = 200) -> None:
@@ -142,8 +139,8 @@ enabled = false
                     [PY, "-m", "lab.backend_app", f"web{i + 1}", f"127.0.0.1:{p}"], cwd=ROOT
                 )
             )
-        for p in self.bports:
-            wait_http(p, "/healthz")
+        for i, p in enumerate(self.bports):
+            backend_app.wait_answering("127.0.0.1", p, f"web{i + 1}", 15.0)
         self.cfg.write_text(self.config())
         self.proc = subprocess.Popen(
             [PY, "-m", "lb", "run", "-c", str(self.cfg)], cwd=ROOT, stderr=self.log.open("wb")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from proxy_helpers import (
     CountingBackend,
     RawClient,
     Response,
+    free_port,
     get,
     proxy_in_front_of,
     request,
@@ -518,7 +518,7 @@ def test_draining_listener_closes_after_a_redirect() -> None:
 def test_hostless_redirect_names_the_address_connected_to() -> None:
     async def scenario() -> None:
         be = await CountingBackend("web").start()
-        port = free_port_on("127.0.0.5")
+        port = free_port("127.0.0.5")
         lst = redirect_listener(bind=f"127.0.0.5:{port}")
         async with proxy_in_front_of([be], listener=lst) as px:
             c = await RawClient.connect(px.port, host="127.0.0.5")
@@ -529,13 +529,6 @@ def test_hostless_redirect_names_the_address_connected_to() -> None:
         await be.stop()
 
     run(scenario())
-
-
-def free_port_on(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_local_address_of_an_ipv6_connection_is_bracketed() -> None:

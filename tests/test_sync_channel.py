@@ -14,13 +14,13 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
+from lab.ports import free_port
 from lb.control import sync
 from lb.control.sync import SyncChannel
 
@@ -152,13 +152,6 @@ async def drain(r: asyncio.StreamReader) -> bytes:
         while data := await asyncio.wait_for(r.read(65536), 5):
             got += data
     return bytes(got)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- ops --------------------------------------------------------------------------------------

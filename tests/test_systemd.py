@@ -34,6 +34,7 @@ from typing import Protocol
 import pytest
 from test_sdnotify import Notification, NotifySocket, has
 
+from lab.ports import free_port
 from lb.config import NodeConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,12 +288,6 @@ def test_sysctl_drop_in_applies_in_a_throwaway_network_namespace() -> None:
 # -- the daemon under a fake service manager -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_port(port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -413,8 +408,8 @@ def node_factory(tmp_path: Path) -> Iterator[StartNode]:
         pythonpath_extra: Path | None = None,
     ) -> Node:
         notify = NotifySocket(tmp_path / f"notify{len(started)}")
-        port = _free_port()
-        ports = {n: _free_port() for n in (*live, *dead)}
+        port = free_port()
+        ports = {n: free_port() for n in (*live, *dead)}
         backends = {n: _start_backend(n, ports[n]) for n in live}
         for n in live:
             _wait_port(ports[n], 15.0)

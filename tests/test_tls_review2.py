@@ -45,6 +45,7 @@ import pytest
 from proxy_helpers import start_proxy, stop_proxy
 from tls_helpers import Leaf, Pki
 
+from lab.ports import free_port
 from lb import config as config_mod
 from lb.config import CertificateConfig, Config, ListenerTlsConfig
 from lb.control.tls import TICKET_KEY_ROTATE_S, ListenerMaterial, Material, TlsKeeper
@@ -63,12 +64,6 @@ LOOPBACK = "127.0.0.1"
 @pytest.fixture(scope="module")
 def leaf(tmp_path_factory: pytest.TempPathFactory) -> Leaf:
     return Pki(tmp_path_factory.mktemp("review2-pki")).leaf("r2", ["r2.test"], ["127.0.0.1"])
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 # -- tcp listeners in the workers ----------------------------------------------------------
@@ -93,7 +88,7 @@ backends = [ {{ name = "b", address = "127.0.0.1:9" }} ]
 
 @pytest.mark.parametrize("extra", ["", 'sni_routes = [ { server_name = "a.test", pool = "p" } ]'])
 def test_a_tcp_listener_config_survives_the_trip_to_the_workers(extra: str) -> None:
-    cfg = config_mod.loads(TCP_CONFIG.format(port=_port(), extra=extra))
+    cfg = config_mod.loads(TCP_CONFIG.format(port=free_port(), extra=extra))
     wire = cfg.wire()  # what Daemon._config_message sends
     again = Config.model_validate(wire)  # what Worker._apply_config does with it
     assert again.listener[0].mode == "tcp"
@@ -122,7 +117,7 @@ key_files = ["/etc/pairlb/failover-new.key", "/etc/pairlb/failover-old.key"]
 
 
 def test_a_failover_key_rotation_config_survives_the_trip_to_the_workers() -> None:
-    cfg = config_mod.loads(FAILOVER_KEY_FILES.format(port=_port()))
+    cfg = config_mod.loads(FAILOVER_KEY_FILES.format(port=free_port()))
     again = Config.model_validate(cfg.wire())
     assert again.failover is not None and again.failover.key_files == cfg.failover.key_files
 
