@@ -631,8 +631,9 @@ class _Upstream(_Conn):
             return
         hb = self.head_buf
         if hb is not None:
-            # Still waiting for the response head: keep its bytes (usually one read).
-            self.head_buf = hb + data
+            # Still waiting for the response head: keep its bytes (usually one read; a
+            # large one not copied: compiled, ``b"" + data`` copies all of it).
+            self.head_buf = hb + data if hb else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
