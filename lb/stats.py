@@ -26,14 +26,14 @@ Bucket counts are per bucket (not cumulative) so that deltas add up.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Final
 
-DURATION_BUCKETS_S: tuple[float, ...] = (
+DURATION_BUCKETS_S: Final[tuple[float, ...]] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 """Upper bounds (le) of the request duration histogram; one more bucket holds +Inf."""
 
-CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class _Hist:

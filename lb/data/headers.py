@@ -37,7 +37,7 @@ import ipaddress
 import itertools
 import os
 import re
-from typing import Protocol
+from typing import Final, Protocol
 
 __all__ = [
     "CLIENT_ADDRESS_FIELDS",
@@ -60,7 +60,7 @@ __all__ = [
     "status_line",
 ]
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -73,25 +73,25 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request header classes (values of _REQ): what build_request_head does with a field.
-_DROP = 1  # hop-by-hop: never forwarded
-_CONNECTION = 2
-_TE = 3
-_HOST = 4
-_CL = 5
-_FWD_XFF = 6
-_FWD_FORWARDED = 7
-_FWD_OTHER = 8  # other X-Forwarded-*, client-address fields: kept only from trusted proxies
-_REQUEST_ID = 9
-_VIA = 10
-_EXPECT = 11
-_UPGRADE = 12
-_XFP = 13
-_UNDERSCORE = 14  # dropped unless the listener passes underscores
-_UA = 15  # forwarded as is; noted for the access log
-_REFERER = 16  # likewise
-_PLAIN = 0  # forwarded as is
+_DROP: Final = 1  # hop-by-hop: never forwarded
+_CONNECTION: Final = 2
+_TE: Final = 3
+_HOST: Final = 4
+_CL: Final = 5
+_FWD_XFF: Final = 6
+_FWD_FORWARDED: Final = 7
+_FWD_OTHER: Final = 8  # other X-Forwarded-*, client-address fields: kept only from trusted proxies
+_REQUEST_ID: Final = 9
+_VIA: Final = 10
+_EXPECT: Final = 11
+_UPGRADE: Final = 12
+_XFP: Final = 13
+_UNDERSCORE: Final = 14  # dropped unless the listener passes underscores
+_UA: Final = 15  # forwarded as is; noted for the access log
+_REFERER: Final = 16  # likewise
+_PLAIN: Final = 0  # forwarded as is
 
-_REQ: dict[bytes, int] = {
+_REQ: Final[dict[bytes, int]] = {
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
@@ -112,7 +112,7 @@ _REQ: dict[bytes, int] = {
     b"expect": _EXPECT,
 }
 
-CLIENT_ADDRESS_FIELDS = frozenset(
+CLIENT_ADDRESS_FIELDS: Final = frozenset(
     {
         b"x-real-ip",
         b"true-client-ip",
@@ -149,11 +149,11 @@ CLIENT_ADDRESS_FIELDS = frozenset(
 """Fields other than Forwarded and X-Forwarded-* that backends read as the client's
 address: kept only from trusted proxies (as X-Forwarded-Host and the like)."""
 
-_KINDS: dict[bytes, int] = {}
+_KINDS: Final[dict[bytes, int]] = {}
 """Field name as sent -> its class (memoised: clients send the same few names)."""
 
 
-_NOTED: dict[bytes, int] = {b"user-agent": _UA, b"referer": _REFERER}
+_NOTED: Final[dict[bytes, int]] = {b"user-agent": _UA, b"referer": _REFERER}
 """Plain fields the access log records (kept apart from _REQ: an underscore alias of
 these is no field of ours, so it is no reason to drop)."""
 
@@ -187,7 +187,7 @@ def field_kind(name: bytes) -> int:
     return kind
 
 
-_HOST_RE = re.compile(
+_HOST_RE: Final = re.compile(
     rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?"
 )
 
@@ -533,7 +533,7 @@ def hsts_field(max_age_s: int, include_subdomains: bool) -> bytes:
     return b"Strict-Transport-Security: max-age=%d%s\r\n" % (max_age_s, sub)
 
 
-_REDIRECT_HOST_RE = re.compile(
+_REDIRECT_HOST_RE: Final = re.compile(
     rb"([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[([0-9A-Fa-f:.]{2,45})\])(?::[0-9]{0,5})?"
 )
 
@@ -563,7 +563,7 @@ def https_location(host: bytes, target: bytes, port: int) -> bytes | None:
     return b"https://" + authority + target
 
 
-_RESP_SPECIAL = re.compile(
+_RESP_SPECIAL: Final = re.compile(
     rb"\n(c(?:onnection|ontent-length)|keep-alive|proxy-connection"
     rb"|t(?:e|railer|ransfer-encoding)|upgrade):[ \t]*([^\r]*)\r"
 )
@@ -649,7 +649,7 @@ def filter_response_headers(
     return filter_response_block(block, keep_upgrade=keep_upgrade)
 
 
-_REASONS = {
+_REASONS: Final = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
     301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 307: b"Temporary Redirect",
     308: b"Permanent Redirect", 400: b"Bad Request",
@@ -659,7 +659,7 @@ _REASONS = {
     501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
 
 
 def status_line(status: int, reason: bytes) -> bytes:

@@ -23,7 +23,7 @@ import socket
 import ssl
 import termios
 from collections.abc import Callable, Hashable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
 from mypy_extensions import mypyc_attr
 
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from lb.data.accesslog import AccessLog
     from lb.tls.server import ListenerTls
 
-logger = logging.getLogger(__name__)
+logger: Final = logging.getLogger(__name__)
 
-TLS_SHUTDOWN_TIMEOUT_S = 5.0
+TLS_SHUTDOWN_TIMEOUT_S: Final = 5.0
 """How long a TLS connection's close_notify exchange may take before it is cut."""
 
 C = TypeVar("C", bound=Hashable)

@@ -58,6 +58,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from heapq import heapify, heappop, heappush, heapreplace
+from typing import Final
 
 from lb.config import PASSIVE_DEFAULTS, Balance
 from lb.maglev import lookup, sticky_token
@@ -74,16 +75,21 @@ class Outcome(StrEnum):
     """The backend closed the connection before answering."""
 
 
-FAILURES = frozenset({Outcome.CONNECT_FAILED, Outcome.TIMEOUT, Outcome.HTTP_5XX, Outcome.RESET})
+FAILURES: Final = frozenset(
+    {Outcome.CONNECT_FAILED, Outcome.TIMEOUT, Outcome.HTTP_5XX, Outcome.RESET})
 
-_OUT, _IN, _EJECTED = 0, 1, 2
+_OUT: Final = 0
+_IN: Final = 1
+_EJECTED: Final = 2
 """Where a backend is: out of rotation (snapshot), in it, or out until its local ejection ends."""
-_RR, _LC, _R2 = 0, 1, 2
-_MODES: dict[str, int] = {
+_RR: Final = 0
+_LC: Final = 1
+_R2: Final = 2
+_MODES: Final[dict[str, int]] = {
     "round_robin": _RR, "least_connections": _LC, "random_two": _R2, "maglev": _RR,
 }
 """Every lb.config.Balance, and the structure it is kept in."""
-_RENORMALIZE_AT = float(1 << 30)
+_RENORMALIZE_AT: Final = float(1 << 30)
 """Virtual time past which round robin's deadlines are shifted back (float precision)."""
 
 

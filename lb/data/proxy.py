@@ -122,7 +122,7 @@ import stat
 import termios
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Final, cast
 
 import httptools
 
@@ -135,63 +135,67 @@ from lb.data.pool import Backend, Ejection, Outcome, Pool
 from lb.maglev import key_hash
 from lb.stats import Stats
 
-logger = logging.getLogger(__name__)
+logger: Final = logging.getLogger(__name__)
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 """RFC 9110 §9.2.2."""
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 """Body bytes kept for a possible retry; a bigger body makes the request non-replayable."""
-BODY_BUFFER_LIMIT = 64 * 1024
+BODY_BUFFER_LIMIT: Final = 64 * 1024
 """Body bytes buffered while no backend connection is ready before reading pauses."""
-SAFE_REUSE_S = 1.0
+SAFE_REUSE_S: Final = 1.0
 """A non-idempotent request reuses an idle connection only when it was idle less than this
 (a backend's own keep-alive timeout is the usual cause of the stale-connection race)."""
-FEED_SLICE = 16 * 1024
+FEED_SLICE: Final = 16 * 1024
 """Reads bigger than this are parsed in slices (see PIPELINE_MAX)."""
-PIPELINE_MAX = 8
+PIPELINE_MAX: Final = 8
 """Pipelined requests parsed ahead before the rest of a read is left unparsed."""
-MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 """A backend response head larger than this is a bad response (502)."""
-PASS_BODY_MIN = 16 * 1024
+PASS_BODY_MIN: Final = 16 * 1024
 """A Content-Length response body at least this large goes to the client as the reads
 bring it, without the parser: no copy of each piece by it (a new parser for the next
 response costs about one 16 KiB copy)."""
-LOG_ERRORS_PER_S = 20
-LINGER_S = 2.0
-LINGER_BYTES = 1 << 20
-CHUNK_ALLOWANCE = 16
+LOG_ERRORS_PER_S: Final = 20
+LINGER_S: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
+CHUNK_ALLOWANCE: Final = 16
 """Framing bytes allowed per chunk (besides twice its data) before they count as excess."""
-ACME_PREFIX = b"/.well-known/acme-challenge/"
-ACME_MAX_BYTES = 64 * 1024
+ACME_PREFIX: Final = b"/.well-known/acme-challenge/"
+ACME_MAX_BYTES: Final = 64 * 1024
 """A challenge file larger than this is not served (404): a key authorization is ~90 bytes."""
-_ACME_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,255}")
-INF = float("inf")
-_RETIRED = ("", 0)
-_H_NONE, _H_SOURCE, _H_URI, _H_HEADER, _H_COOKIE = range(5)
-"""What a maglev pool hashes (``hash_on``): decided once per pool, read per request."""
+_ACME_TOKEN: Final = re.compile(rb"[A-Za-z0-9_-]{1,255}")
+INF: Final = float("inf")
+_RETIRED: Final = ("", 0)
 """The idle-pool key of a backend connection that must not be reused (see ProxyServer)."""
-_FIONREAD = termios.FIONREAD
-_FIONREAD_BUF = bytearray(4)
-_NOTHING = bytes(4)
+# What a maglev pool hashes (``hash_on``): decided once per pool, read per request.
+_H_NONE: Final = 0
+_H_SOURCE: Final = 1
+_H_URI: Final = 2
+_H_HEADER: Final = 3
+_H_COOKIE: Final = 4
+_FIONREAD: Final = termios.FIONREAD
+_FIONREAD_BUF: Final = bytearray(4)
+_NOTHING: Final = bytes(4)
 
 
 # Client read pause reasons (bit mask).
-_P_UPSTREAM = 1  # the backend connection's write buffer is full
-_P_BUFFER = 2  # body buffered while waiting for a backend connection
-_P_QUEUE = 4  # a pipelined request is waiting its turn
-_P_STOP = 8  # no more parsing (error queued, upgrade waiting for 101)
-_P_BACKLOG = 16  # part of a read is kept unparsed while the pipeline queue is full
+_P_UPSTREAM: Final = 1  # the backend connection's write buffer is full
+_P_BUFFER: Final = 2  # body buffered while waiting for a backend connection
+_P_QUEUE: Final = 4  # a pipelined request is waiting its turn
+_P_STOP: Final = 8  # no more parsing (error queued, upgrade waiting for 101)
+_P_BACKLOG: Final = 16  # part of a read is kept unparsed while the pipeline queue is full
 
 # Answers the proxy makes itself (``_Request.local``).
-_L_REDIRECT = 1
-_L_ACME = 2
+_L_REDIRECT: Final = 1
+_L_ACME: Final = 2
 
 # Client parse states.
-_IDLE = 0
-_HEAD = 1
-_BODY = 2
+_IDLE: Final = 0
+_HEAD: Final = 1
+_BODY: Final = 2
 
-_ERROR_TEXT = {
+_ERROR_TEXT: Final = {
     400: b"Bad request.\n",
     404: b"Not found.\n",
     405: b"Method not allowed.\n",
@@ -208,7 +212,7 @@ _ERROR_TEXT = {
 }
 
 # llhttp error text -> (status, reason label). Matched by substring, lower case.
-_PARSE_ERRORS: tuple[tuple[str, int, str], ...] = (
+_PARSE_ERRORS: Final[tuple[tuple[str, int, str], ...]] = (
     ("invalid http version", 505, "bad_version"),
     ("pri/upgrade", 505, "http2_preface"),
     ("can't be present with content-length", 400, "content_length_and_transfer_encoding"),
@@ -229,7 +233,7 @@ _PARSE_ERRORS: tuple[tuple[str, int, str], ...] = (
 )
 
 
-_RESP_CACHE: dict[bytes, H.ResponseHeaders] = {}
+_RESP_CACHE: Final[dict[bytes, H.ResponseHeaders]] = {}
 
 
 class _Reject(Exception):
