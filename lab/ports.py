@@ -24,7 +24,7 @@ LEASE_S = 900.0
 """Longer than any test module holds a port; a full run leases a few thousand ports of the
 kernel's ~28,000 ephemeral ones."""
 TRIES = 200
-BOOK = Path(tempfile.gettempdir()) / f"pairlb-test-ports.{os.getuid()}"
+BOOK = Path(tempfile.gettempdir()) / f"pairlb-ports.{os.getuid()}"
 
 
 def free_port(host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
