@@ -346,6 +346,9 @@ class Backend:
             if time.monotonic() > deadline:
                 raise AssertionError(f"backend {self.name} not listening after {timeout_s}s")
             time.sleep(0.01)
+        from lab.backend_app import wait_answering  # aiohttp: only where a test runs
+
+        wait_answering(LOOPBACK, self.port, self.name, max(deadline - time.monotonic(), 1.0))
 
     async def wait_listening_async(self, timeout_s: float = 10.0) -> float:
         """Inside a running loop; returns when the port first accepted (monotonic)."""
