@@ -9,6 +9,11 @@ test's "b3" and every key of b5 seemed to move. A port handed out here is **leas
 by ``flock``; ``bind(0)`` still picks it (so a port in use by anything is never handed out),
 the book only refuses one leased to somebody else. A lease outlives the test that asked for
 it, which keeps a killed backend's port for its restart.
+
+The book is per user and per temp directory (runs as root and as another user, or with
+another ``TMPDIR``, do not see each other's leases); it is opened without following a
+symlink and used only if it is a regular file of this user (``/tmp`` is shared). Leases are
+timed by ``CLOCK_BOOTTIME``, which no wall-clock step moves.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 LEASE_S = 900.0
 """Longer than any test module holds a port; a full run leases a few thousand ports of the
@@ -29,9 +36,16 @@ BOOK = Path(tempfile.gettempdir()) / f"pairlb-ports.{os.getuid()}"
 
 def free_port(host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     """A port on ``host`` that is free now and leased to this caller for ``LEASE_S``."""
-    with open(BOOK, "a+", encoding="ascii") as book:
+    return free_ports(1, host, kind)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1",
+               kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
+    """``n`` distinct ports, leased in one turn of the book (a benchmark's thousands of
+    backends: one read and one write of it, not one per port)."""
+    with _open_book() as book:
         fcntl.flock(book, fcntl.LOCK_EX)
-        now = time.time()
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
         book.seek(0)
         leased: dict[int, float] = {}
         for line in book:
@@ -43,17 +57,29 @@ def free_port(host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STR
                     continue
                 if now - LEASE_S < at <= now + 1.0:
                     leased[int(fields[0])] = at
-        for _ in range(TRIES):
-            port = _kernel_port(host, kind)
-            if port not in leased:
-                break
-        else:
-            raise RuntimeError(f"no unleased port on {host} in {TRIES} tries ({BOOK})")
-        leased[port] = now
+        got: list[int] = []
+        while len(got) < n:
+            for _ in range(TRIES):
+                port = _kernel_port(host, kind)
+                if port not in leased:
+                    break
+            else:
+                raise RuntimeError(f"no unleased port on {host} in {TRIES} tries ({BOOK})")
+            leased[port] = now
+            got.append(port)
         book.seek(0)
         book.truncate()
         book.write("".join(f"{p} {t:.3f}\n" for p, t in leased.items()))
-        return port
+        return got
+
+
+def _open_book() -> TextIO:
+    fd = os.open(BOOK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise RuntimeError(f"{BOOK} is not a regular file of uid {os.getuid()}: remove it")
+    return os.fdopen(fd, "r+", encoding="ascii")
 
 
 def _kernel_port(host: str, kind: socket.SocketKind) -> int:

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from test_process_model import Node, wait_http
 
+from lab import backend_app
+
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,8 +141,8 @@ def test_out_of_memory_takes_a_worker_never_the_control_process(
         node.backends.append(subprocess.Popen(
             [sys.executable, "-m", "lab.backend_app", f"web{i + 1}", f"127.0.0.1:{p}"], cwd=ROOT))
     try:
-        for p in node.bports:
-            wait_http(p, "/healthz")
+        for i, p in enumerate(node.bports):
+            backend_app.wait_answering("127.0.0.1", p, f"web{i + 1}", 15.0)
         node.cfg.write_text(node.config())
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{hook}",
                "PLB_TEST_BALLOON": str(HEADROOM + BALLOON_OVER)}

@@ -38,13 +38,22 @@ def test_processes_asking_at_once_never_share_a_port(tmp_path: Path) -> None:
     assert sorted(int(p) for p in book[::2]) == sorted(every)
 
 
+def test_many_ports_at_once_are_distinct_and_leased(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "BOOK", tmp_path / "book")
+    many = ports.free_ports(3000)
+    assert len(set(many)) == 3000
+    assert set(ports.free_ports(50)).isdisjoint(many)
+    assert len((tmp_path / "book").read_text().split()) == 2 * 3050
+
+
 def test_a_lease_holds_then_lapses_and_a_torn_book_is_ignored(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     book = tmp_path / "book"
     monkeypatch.setattr(ports, "BOOK", book)
     offers: list[int] = []
     monkeypatch.setattr(ports, "_kernel_port", lambda host, kind: offers.pop(0))
-    now = time.time()
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
     book.write_text(f"40001 {now:.3f}\n40002 {now - ports.LEASE_S - 5:.3f}\ngarbage\n"
                     f"12 x\n13 1e999\n14 {now + 3600:.3f}\n")
     offers[:] = [40001, 40001, 40002]
@@ -55,6 +64,28 @@ def test_a_lease_holds_then_lapses_and_a_torn_book_is_ignored(
     offers[:] = [40001] * ports.TRIES
     with pytest.raises(RuntimeError, match="no unleased port"):
         ports.free_port()
+
+
+def test_a_book_planted_by_someone_else_is_refused_not_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/tmp is shared: a symlink there (to a file root may write) or another user's file
+    is never followed or rewritten."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    book = tmp_path / "book"
+    book.symlink_to(victim)
+    monkeypatch.setattr(ports, "BOOK", book)
+    with pytest.raises(OSError):
+        ports.free_port()
+    assert victim.read_text() == "precious\n"
+    book.unlink()
+    book.write_text("")
+    if os.getuid() != 0:
+        pytest.skip("giving the file to another user needs root")
+    os.chown(book, 65534, -1)
+    with pytest.raises(RuntimeError, match="not a regular file of uid"):
+        ports.free_port()
+    assert book.read_text() == ""
 
 
 def test_udp_and_ipv6_ports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

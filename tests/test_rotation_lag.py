@@ -27,6 +27,8 @@ from typing import Any
 from test_accept_balance import AdminNode, Scraper, node  # noqa: F401 (the fixture)
 from test_process_model import PY, ROOT, free_port, wait_http
 
+from lab import backend_app
+
 
 def wait_status(n: AdminNode, cond: Callable[[dict[str, Any]], bool], timeout_s: float,
                 what: str) -> dict[str, Any]:
@@ -239,7 +241,7 @@ def test_retiring_workers_never_put_a_name_back_in(tmp_path: Path) -> None:
     newb = subprocess.Popen([PY, "-m", "lab.backend_app", "web2new", f"127.0.0.1:{port}"],
                             cwd=ROOT)
     try:
-        wait_http(port, "/healthz")
+        backend_app.wait_answering("127.0.0.1", port, "web2new", 15.0)
         with token_node(tmp_path) as n:
             old, held = hold_a_rolling_reload(n)
             try:

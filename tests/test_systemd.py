@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Protocol
 import pytest
 from test_sdnotify import Notification, NotifySocket, has
 
+from lab import backend_app
 from lab.ports import free_port
 from lb.config import NodeConfig
 
@@ -288,17 +288,6 @@ def test_sysctl_drop_in_applies_in_a_throwaway_network_namespace() -> None:
 # -- the daemon under a fake service manager -------------------------------------------------
 
 
-def _wait_port(port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
-
-
 def _get(port: int, path: str = "/", timeout_s: float = 3.0) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
@@ -412,7 +401,7 @@ def node_factory(tmp_path: Path) -> Iterator[StartNode]:
         ports = {n: free_port() for n in (*live, *dead)}
         backends = {n: _start_backend(n, ports[n]) for n in live}
         for n in live:
-            _wait_port(ports[n], 15.0)
+            backend_app.wait_answering("127.0.0.1", ports[n], n, 15.0)
         cfg = tmp_path / f"lb{len(started)}.toml"
         cfg.write_text(_config(port, ports, {}, list(dead)))
         log = tmp_path / f"daemon{len(started)}.log"

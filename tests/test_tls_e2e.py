@@ -53,10 +53,11 @@ from admin_helpers import (
     http,
     parse_metrics,
     total,
-    wait_port,
     wait_until,
 )
 from tls_helpers import Leaf, Pki
+
+from lab import backend_app
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is not installed"),
@@ -94,7 +95,7 @@ class PairBackend:
                  str(self.journal)], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT)
         try:
-            wait_port(self.port)
+            backend_app.wait_answering(LOOPBACK, self.port, self.name)
         except BaseException:
             self.__exit__()
             raise
