@@ -121,6 +121,13 @@ def node(tmp_path: Path) -> Iterator[AdminNode]:
         while any(not w["ready"] for w in n.status()["workers"]):
             assert time.monotonic() < end, n.status()["workers"]
             time.sleep(0.05)
+        # A slot is helped from its start until its worker answers a ping sent after that
+        # (up to ~1 s after Ready, pings are 1 s apart): a test that stops a worker before
+        # then can see that help end on an answer given just before the stop (the worker was
+        # alive then), after its connections were served, and read no help at all.
+        while n.listener()["accept"]["helped"]:
+            assert time.monotonic() < end, n.listener()
+            time.sleep(0.05)
         with Scraper(n) as scraper:
             n.scraper = scraper
             yield n
