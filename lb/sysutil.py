@@ -422,3 +422,30 @@ def raise_nofile_limit() -> tuple[int, int]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         return soft, want
     return soft, soft
+
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MALLOC_MMAP_THRESHOLD = 1 << 20
+"""Blocks below this come from the heap: a read (uvloop reads up to 256,000 bytes) and the
+response bodies a worker holds for one turn of its loop, never a mmap/munmap each."""
+MALLOC_TRIM_THRESHOLD = 16 << 20
+"""Free heap kept for reuse before any is given back to the kernel."""
+
+
+def tune_malloc() -> bool:
+    """glibc's heap for a proxy worker: keep freed memory for the next turn of the loop.
+
+    A worker holds the large responses of one turn of its loop at once and frees them
+    together; with glibc's defaults (trim above 128 KiB of free heap top) that memory goes
+    back to the kernel after every turn and comes back as page faults on the next (~4 a
+    64 KiB response). Setting either threshold also stops glibc from moving them itself.
+    False where there is no mallopt (not glibc) or it refused."""
+    try:
+        mallopt = _c().mallopt
+    except AttributeError:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                and mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))

@@ -6,6 +6,8 @@
 - ``aiohttp_backend``: an aiohttp app for streaming, chunked, WebSocket and slow answers.
 - ``start_proxy``: a ProxyServer (or TcpProxyServer) in this process on 127.0.0.1:0.
 - ``http_exchange`` / ``read_response``: a raw-socket client where exact bytes matter.
+- ``FakeLoop`` / ``FakeTransport``: the engine without sockets (a loop whose ready callbacks
+  the test runs, a transport that keeps what is written).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 import socket
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -461,3 +464,71 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
+
+
+# -- the engine without sockets ------------------------------------------------------------
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_soon(self, cb: Callable[..., Any], *args: Any) -> None:
+        self.ready.append((cb, args))
+
+    def call_later(self, delay: float, cb: Callable[..., Any], *args: Any) -> Any:
+        return None  # the ticker: the harness calls _tick itself
+
+    def create_task(self, coro: Any) -> Any:
+        coro.close()
+        raise AssertionError("the harness connects backends itself")
+
+
+class FakeTransport:
+    def __init__(self, proto: Any) -> None:
+        self.proto = proto
+        self.out = bytearray()
+        self.closed = False
+        self.lost = False
+        self.paused = False
+        self.eof_written = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.eof_written, "write() after write_eof()"  # asyncio and uvloop raise
+        if not self.closed:
+            self.out += data
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default

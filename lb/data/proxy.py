@@ -156,6 +156,12 @@ PASS_BODY_MIN: Final = 16 * 1024
 """A Content-Length response body at least this large goes to the client as the reads
 bring it, without the parser: no copy of each piece by it (a new parser for the next
 response costs about one 16 KiB copy)."""
+WRITE_LATER_BYTES: Final = 64 * 1024
+"""Output above this, queued by one event, is written once the loop's ready events have all
+run (``ProxyServer.flush``), not at once. uvloop holds writes up to a transport's high-water
+mark (64 KiB) until then, and writes larger ones at once: one write per large response
+between events wakes the client's reader each time (a sleeping peer on another core is an
+interprocessor interrupt); written together, the reader takes several per wakeup."""
 LOG_ERRORS_PER_S: Final = 20
 LINGER_S: Final = 2.0
 LINGER_BYTES: Final = 1 << 20
@@ -410,7 +416,7 @@ class _Conn:
     cannot derive from asyncio.Protocol.
     """
 
-    __slots__ = ("closed", "nsent", "out", "srv", "transport")
+    __slots__ = ("closed", "nout", "nsent", "out", "srv", "transport")
 
     def __init__(self, srv: ProxyServer) -> None:
         self.srv = srv
@@ -420,6 +426,8 @@ class _Conn:
         self.nsent = 0
         """Bytes given to ``send`` so far, written or still queued, less what a close threw
         away (the access log's bytes out: counted here, so the log never sums the queue)."""
+        self.nout = 0
+        """Bytes in ``out``."""
 
     def send(self, data: bytes) -> None:
         self._queue(data, len(data))
@@ -430,6 +438,7 @@ class _Conn:
 
     def _queue(self, data: bytes | memoryview, n: int) -> None:
         self.nsent += n
+        self.nout += n
         out = self.out
         if out is None:
             self.out = [data]
@@ -442,6 +451,7 @@ class _Conn:
         if out is None:
             return
         self.out = None
+        self.nout = 0
         if self.closed:
             self.nsent -= sum(map(len, out))  # thrown away: never sent
             return
@@ -463,6 +473,7 @@ class _Conn:
         out = self.out
         if out is not None:
             self.out = None
+            self.nout = 0
             self.nsent -= sum(map(len, out))  # thrown away: never sent
         if not self.closed:
             self.closed = True
@@ -2171,6 +2182,8 @@ class ProxyServer(ListenerServer["_Client"]):
     ) -> None:
         super().__init__(listener, pool, pool_cfg, stats, on_ejection, loop)
         self.dirty: list[_Conn] = []
+        self.later: list[_Conn] = []
+        """Connections with more than WRITE_LATER_BYTES queued, written by ``_write_later``."""
         self.upstreams: set[_Upstream] = set()
         self.idle: dict[tuple[str, int], list[_Upstream]] = {}
         self.request_ids = H.RequestIds()
@@ -2336,12 +2349,28 @@ class ProxyServer(ListenerServer["_Client"]):
         return ctx
 
     def flush(self) -> None:
+        """Write what the event queued: small output at once (uvloop gathers it until its
+        ready events have run), large output once they have (WRITE_LATER_BYTES)."""
         dirty = self.dirty
         while dirty:
             self.dirty = []
             for c in dirty:
-                c.flush_out()
+                if c.nout > WRITE_LATER_BYTES:
+                    later = self.later
+                    if not later:
+                        self.loop.call_soon(self._write_later)
+                    later.append(c)
+                else:
+                    c.flush_out()
             dirty = self.dirty
+
+    def _write_later(self) -> None:
+        later = self.later
+        self.later = []
+        for c in later:
+            c.flush_out()  # nothing if a close wrote it already, or threw it away
+        if self.dirty:
+            self.flush()
 
     def release(self, req: _Request) -> None:
         """Give back the pick: exactly once per ``pool.pick``."""

@@ -606,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setup("info", "auto", f"worker{index}")
     sys.unraisablehook = _Unraisable()
     uvloop = _preload()
+    if not sysutil.tune_malloc():
+        logger.info("event=worker_malloc_untuned reason=%r", "no glibc mallopt")
     if not drop(target):
         return sysutil.EXIT_PRIVILEGES
     worker = Worker(channel_fd, index)
