@@ -136,6 +136,32 @@ def test_host_rules() -> None:
     assert field(build([], http10=True), b"host") == []
 
 
+@given(st.lists(st.binary(min_size=0, max_size=12), min_size=1, max_size=40))
+def test_the_host_memo_answers_as_the_pattern_does(hosts: list[bytes]) -> None:
+    for host in hosts + hosts:  # each twice: the second answer may come from the memo
+        ok = H._HOST_RE.fullmatch(host) is not None
+        try:
+            got = field(build([(b"Host", host)]), b"host") == [host]
+        except H.HeaderError as e:
+            assert e.reason in ("bad_host", "bad_header_value"), e.reason
+            got = False
+        if e_free(host):
+            assert got == ok, host
+        assert host not in H._GOOD_HOSTS or ok  # a refused value is never remembered
+
+
+def e_free(host: bytes) -> bool:
+    """A Host value that no other check refuses first (build_request_head checks field
+    values for CR, LF and NUL before the Host pattern)."""
+    return not any(c in host for c in b"\r\n\0")
+
+
+def test_the_host_memo_is_bounded() -> None:
+    for i in range(3 * H._GOOD_HOSTS_MAX):
+        build([(b"Host", b"h%d.example" % i)])
+        assert len(H._GOOD_HOSTS) <= H._GOOD_HOSTS_MAX
+
+
 def test_transfer_coding_rules() -> None:
     rh = H.build_request_head(b"POST", b"/", [(b"Host", b"a"), (b"Transfer-Encoding", b"Chunked ")],
                               UNTRUSTED)
