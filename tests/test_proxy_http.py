@@ -621,6 +621,42 @@ def test_update_switches_new_requests_to_new_pool() -> None:
     run(scenario())
 
 
+def test_a_reload_s_timeouts_and_limits_reach_new_requests() -> None:
+    """The server copies its hot settings out of the configs (``_listener_set``,
+    ``_PoolKnobs``): a reload's values must reach the next request, and a request already
+    on its way keeps its pool's."""
+
+    def hang_on_slow(seen: Seen, be: CountingBackend) -> Any:
+        return "hang" if seen.target == "/slow" else ok_behaviour(seen, be)
+
+    async def scenario() -> None:
+        (be,) = await backends("web1", behaviour=hang_on_slow)
+        px = await start_proxy([("web1", be.address)], pool={"response_timeout_s": 30.0})
+        srv = px.server
+        before = await RawClient.connect(px.port)
+        await before.send(get("/slow"))  # on its way with the old 30 s
+        await wait_for(lambda: len(be.requests) == 1)
+        srv.update(px.pool, px.pool_cfg.model_copy(update={"response_timeout_s": 0.3}))
+        t0 = asyncio.get_running_loop().time()
+        r = await request(px.port, get("/slow"), timeout_s=5)
+        assert r.status == 504 and asyncio.get_running_loop().time() - t0 < 3
+        with pytest.raises(TimeoutError):  # still waiting: its pool's 30 s
+            await before.responses(1, timeout_s=0.5)
+        await before.close()
+        body = b"x" * 100
+        post = (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n" + body)
+        assert (await request(px.port, post)).status == 200
+        assert (await request(px.port, get("/" + "a" * 300))).status == 200
+        srv.listener_changed(srv.listener.model_copy(
+            update={"max_body_bytes": 50, "max_request_line_bytes": 200}))
+        assert (await request(px.port, post)).status == 413
+        assert (await request(px.port, get("/" + "a" * 300))).status == 414
+        await stop_proxy(px)
+        await stop_all([be])
+
+    run(scenario())
+
+
 def test_drain_finishes_in_flight_and_closes_idle() -> None:
     def slow(seen: Seen, be: CountingBackend) -> Any:
         return ("delay", 0.3, ok_behaviour(seen, be))

@@ -281,6 +281,23 @@ def error_response(
     )
 
 
+class _PoolKnobs:
+    """The pool settings a request reads as it goes, copied out of the pool's config once
+    per reload: an attribute of the pydantic model is a generic lookup (through the model's
+    ``__getattr__``), a few of them per request."""
+
+    __slots__ = ("count_5xx", "exchange_timeout_s", "passive_enabled", "response_timeout_s",
+                 "retries", "retry_on_timeout")
+
+    def __init__(self, cfg: PoolConfig) -> None:
+        self.response_timeout_s = cfg.response_timeout_s
+        self.exchange_timeout_s = cfg.exchange_timeout_s
+        self.retries = cfg.retries
+        self.retry_on_timeout = cfg.retry_on_timeout
+        self.passive_enabled = cfg.passive.enabled
+        self.count_5xx = cfg.passive.count_5xx
+
+
 class _Request(H.RequestHead):
     """One request and the state of its exchange with a backend.
 
@@ -333,10 +350,11 @@ class _Request(H.RequestHead):
     lg: _LogState | None = None
     """The access log's facts about the request (only when the log is on)."""
 
-    def __init__(self, pool: Pool, pool_cfg: PoolConfig) -> None:
+    def __init__(self, pool: Pool, pool_cfg: PoolConfig, knobs: _PoolKnobs) -> None:
         self.pool = pool
         self.pool_cfg = pool_cfg
-        self.attempts_left = pool_cfg.retries
+        self.knobs = knobs
+        self.attempts_left = knobs.retries
 
 
 class _LogState:
@@ -610,7 +628,7 @@ class _Upstream(_Conn):
             client.pause(_P_UPSTREAM)
             if self.req is not None and not self.req.complete:
                 # The backend is not taking the body: its progress is now what we time.
-                self.deadline = self.srv.time() + self.req.pool_cfg.response_timeout_s
+                self.deadline = self.srv.time() + self.req.knobs.response_timeout_s
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -630,13 +648,13 @@ class _Upstream(_Conn):
         client = self.client
         assert client is not None
         if self.tunnel:
-            client.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
+            client.deadline = self.srv.time() + self.srv.idle_timeout_s
             client.send(data)
             client.flush_out()
             return
         now = self.rx_at = self.srv.time()
         if not self.rpaused:
-            self.deadline = now + req.pool_cfg.response_timeout_s
+            self.deadline = now + req.knobs.response_timeout_s
         if self.body_left >= 0:
             self.pass_body(data, client)
             if self.resp_done:
@@ -775,7 +793,7 @@ class _Upstream(_Conn):
         req.resp_started = True
         backend = req.backend
         assert backend is not None
-        if status >= 500 and req.pool_cfg.passive.count_5xx:
+        if status >= 500 and req.knobs.count_5xx:
             self.srv.observe(req, backend, Outcome.HTTP_5XX)
         elif backend.failures_in_row:
             self.srv.observe(req, backend, Outcome.OK)
@@ -860,8 +878,8 @@ class _Upstream(_Conn):
         else:
             self.send(req.head)
         if req.complete:
-            self.deadline = now + req.pool_cfg.response_timeout_s
-            xt = req.pool_cfg.exchange_timeout_s
+            self.deadline = now + req.knobs.response_timeout_s
+            xt = req.knobs.exchange_timeout_s
             if xt:
                 self.xdeadline = now + xt
         else:
@@ -877,8 +895,8 @@ class _Upstream(_Conn):
     def request_complete(self, req: _Request) -> None:
         now = self.srv.time()
         if not self.rpaused and not req.resp_started:
-            self.deadline = now + req.pool_cfg.response_timeout_s
-        xt = req.pool_cfg.exchange_timeout_s
+            self.deadline = now + req.knobs.response_timeout_s
+        xt = req.knobs.exchange_timeout_s
         if xt:
             if self.rpaused:
                 self.xleft = xt
@@ -901,7 +919,7 @@ class _Upstream(_Conn):
             req = self.req
             if req is not None:
                 now = self.srv.time()
-                self.deadline = now + req.pool_cfg.response_timeout_s
+                self.deadline = now + req.knobs.response_timeout_s
                 if self.xleft >= 0:
                     self.xdeadline = now + self.xleft
             self.xleft = -1.0
@@ -1114,7 +1132,7 @@ class _Client(_Conn):
         if srv.accept_proxy:
             self.gate = pp.Gate(self.ctx.trusted)
         srv.client_opened(self)
-        self.deadline = srv.time() + srv.listener.client_header_timeout_s
+        self.deadline = srv.time() + srv.header_timeout_s
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -1172,7 +1190,7 @@ class _Client(_Conn):
         up = self.tunnel or (req.upstream if req is not None else None)
         if up is not None:
             up.pause_reading()
-        self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
+        self.deadline = self.srv.time() + self.srv.idle_timeout_s
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -1219,7 +1237,7 @@ class _Client(_Conn):
                 return
         if self.tunnel is not None:
             up = self.tunnel
-            self.deadline = self.srv.time() + self.srv.listener.client_idle_timeout_s
+            self.deadline = self.srv.time() + self.srv.idle_timeout_s
             up.send(data)
             up.flush_out()
             return
@@ -1319,7 +1337,7 @@ class _Client(_Conn):
                               - CHUNK_ALLOWANCE * (self.chunks - chunks0))
                     if excess <= 0:
                         self.framing = 0
-                    elif excess > srv.listener.max_header_bytes:
+                    elif excess > srv.max_header_bytes:
                         self._framing_too_large(body_req)
                     else:
                         self.framing = excess
@@ -1327,7 +1345,7 @@ class _Client(_Conn):
                 # The head is still incomplete after this read: time it, bound its size.
                 if self.head_new:  # the head began in this read
                     self.head_new = False
-                    self.head_deadline = srv.time() + srv.listener.client_header_timeout_s
+                    self.head_deadline = srv.time() + srv.header_timeout_s
                     self.head_first = len(data)
                 elif in_head:
                     self.head_cont += len(data)
@@ -1375,7 +1393,7 @@ class _Client(_Conn):
         if self.url:
             url = self.url + url
         self.url = url
-        if len(url) > self.srv.listener.max_request_line_bytes:
+        if len(url) > self.srv.max_line_bytes:
             raise _Reject(414, "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -1386,7 +1404,7 @@ class _Client(_Conn):
         else:
             # Trailers of a chunked body: dropped, but bounded all the same.
             self.head_cont += len(name) + len(value)
-            if self.head_cont > self.srv.listener.max_header_bytes:
+            if self.head_cont > self.srv.max_header_bytes:
                 raise _Reject(431, "trailers_too_large")
 
     def on_headers_complete(self) -> None:
@@ -1420,7 +1438,7 @@ class _Client(_Conn):
                     raise _Reject(400, "bad_target")
             else:
                 host_override, target = H.split_absolute_form(target)
-        req = _Request(srv.pool, srv.pool_cfg)
+        req = _Request(srv.pool, srv.pool_cfg, srv.knobs)
         req.method = method
         if srv.affinity:
             self._affinity(req, target)
@@ -1459,7 +1477,7 @@ class _Client(_Conn):
             )
             req.upgrade = True
             req.tunnel_buf = []
-        max_body = srv.listener.max_body_bytes
+        max_body = srv.max_body_bytes
         if max_body and req.content_length > max_body:
             raise _Reject(413, "body_too_large")
         if srv.local_answers:
@@ -1519,7 +1537,7 @@ class _Client(_Conn):
             return
         n = len(data)
         req.body_seen += n
-        max_body = self.srv.listener.max_body_bytes
+        max_body = self.srv.max_body_bytes
         if max_body and req.body_seen > max_body:
             raise _Reject(413, "body_too_large")
         piece = b"%x\r\n%b\r\n" % (n, data) if req.chunked else data
@@ -1717,7 +1735,7 @@ class _Client(_Conn):
         if why == "timeout":
             srv.observe(req, backend, Outcome.TIMEOUT)
             status, reason = 504, "response_timeout"
-            may_retry = replayable and req.pool_cfg.retry_on_timeout
+            may_retry = replayable and req.knobs.retry_on_timeout
         elif why == "exchange_timeout":
             srv.observe(req, backend, Outcome.TIMEOUT)
             status, reason = 504, why
@@ -1932,10 +1950,10 @@ class _Client(_Conn):
             self.close()
             return
         if self.state == _HEAD:
-            self.head_deadline = srv.time() + srv.listener.client_header_timeout_s
+            self.head_deadline = srv.time() + srv.header_timeout_s
         elif self.state == _IDLE and not (self.paused or self.wpaused or self.linger):
             # Keep-alive idle (the common case, inlined from _rearm).
-            self.deadline = (now or srv.time()) + srv.listener.client_idle_timeout_s
+            self.deadline = (now or srv.time()) + srv.idle_timeout_s
             return
         if self.stopped:
             return
@@ -1974,7 +1992,7 @@ class _Client(_Conn):
                 srv.release_upstream(cur)
                 self._answer_error(cur, status, reason, close=True)
             return
-        err = _Request(srv.pool, srv.pool_cfg)
+        err = _Request(srv.pool, srv.pool_cfg, srv.knobs)
         err.error = (status, reason)
         err.keep_alive = False
         err.complete = False
@@ -2118,7 +2136,7 @@ class _Client(_Conn):
         self.tunnel = up
         self.stopped = True
         srv = self.srv
-        self.deadline = srv.time() + srv.listener.client_idle_timeout_s
+        self.deadline = srv.time() + srv.idle_timeout_s
         srv.stats.request(req.pool.name, req.backend.name if req.backend else "-", 101,
                           srv.time() - req.t0)
         if srv.alog is not None:
@@ -2226,6 +2244,11 @@ class ProxyServer(ListenerServer["_Client"]):
         self.acme_dir = listener.acme_challenge_dir
         self.local_answers = self.redirect or self.acme_dir is not None
         """Requests may be answered here (checked once per request when set)."""
+        self.idle_timeout_s = listener.client_idle_timeout_s
+        self.header_timeout_s = listener.client_header_timeout_s
+        self.max_line_bytes = listener.max_request_line_bytes
+        self.max_header_bytes = listener.max_header_bytes
+        self.max_body_bytes = listener.max_body_bytes
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -2255,6 +2278,7 @@ class ProxyServer(ListenerServer["_Client"]):
     def _pool_set(self) -> None:
         """Flags that follow the pool's settings: a maglev pool's key, the sticky cookie."""
         pc = self.pool_cfg
+        self.knobs = _PoolKnobs(pc)
         kind, name = _H_NONE, b""
         if pc.balance == "maglev":
             h = pc.hash_on
@@ -2407,7 +2431,7 @@ class ProxyServer(ListenerServer["_Client"]):
     def observe(self, req: _Request, backend: Backend, outcome: Outcome) -> None:
         if outcome is Outcome.OK and backend.failures_in_row == 0:
             return  # nothing to reset: skip the call on the hot path
-        if req.pool_cfg.passive.enabled:
+        if req.knobs.passive_enabled:
             self.eject_on(req.pool, backend, outcome)
 
     # -- backend connections ----------------------------------------------------------------
