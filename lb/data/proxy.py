@@ -1411,12 +1411,12 @@ class _Client(_Conn):
         if self.state != _HEAD:
             return  # trailers of a chunked body: dropped
         srv = self.srv
-        lst = srv.listener
         hdrs = self.hdrs
-        if len(hdrs) > lst.max_headers:
+        if len(hdrs) > srv.max_headers:
             raise _Reject(431, "too_many_headers")
-        if self.chunk_len + self.head_first + self.head_cont > lst.max_header_bytes and (
-            sum(len(n) + len(v) + 4 for n, v in hdrs) > lst.max_header_bytes  # exactly
+        limit = srv.max_header_bytes
+        if self.chunk_len + self.head_first + self.head_cont > limit and (
+            sum(len(n) + len(v) + 4 for n, v in hdrs) > limit  # exactly
         ):
             raise _Reject(431, "headers_too_large")
         self.head_cont = 0  # from here on it counts trailer bytes
@@ -1453,7 +1453,7 @@ class _Client(_Conn):
         H.build_request_head(
             method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
             http10=http10, request_id=request_id,
-            via=lst.via, host_override=host_override, default_host=srv.local_host,
+            via=srv.via, host_override=host_override, default_host=srv.local_host,
             into=req, underscores=srv.pass_underscores, note=req.lg,
         )
         if http10 and req.chunked:
@@ -1472,7 +1472,7 @@ class _Client(_Conn):
             H.build_request_head(
                 method, target, self.hdrs, self.ctx,  # type: ignore[arg-type]
                 http10=http10, upgrade=True, request_id=request_id,
-                via=lst.via, host_override=host_override,
+                via=srv.via, host_override=host_override,
                 default_host=srv.local_host, into=req, underscores=srv.pass_underscores,
             )
             req.upgrade = True
@@ -1494,7 +1494,7 @@ class _Client(_Conn):
         queue.append(req)
         req.t0 = now = srv.time()
         if body:
-            self.body_deadline = now + lst.client_body_timeout_s
+            self.body_deadline = now + srv.listener.client_body_timeout_s
             self.body_left = -1.0
             if req.chunked:
                 self.framing = 0
@@ -1606,23 +1606,22 @@ class _Client(_Conn):
         if self.linger:
             return
         srv = self.srv
-        lst = srv.listener
         if self.wpaused:
             return  # set by pause_writing: the client is not reading our answer
         if self.tunnel is not None:
-            self.deadline = srv.time() + lst.client_idle_timeout_s
+            self.deadline = srv.time() + srv.idle_timeout_s
         elif self.paused:
             self.deadline = INF
         elif self.state == _HEAD:
             self.deadline = self.head_deadline if not self.queue else INF
         elif self.state == _BODY:
-            deadline = srv.time() + lst.client_idle_timeout_s
+            deadline = srv.time() + srv.idle_timeout_s
             body_deadline = self.body_deadline
             self.deadline = deadline if deadline < body_deadline else body_deadline
         elif self.queue:
             self.deadline = INF
         else:
-            self.deadline = srv.time() + lst.client_idle_timeout_s
+            self.deadline = srv.time() + srv.idle_timeout_s
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -2249,6 +2248,8 @@ class ProxyServer(ListenerServer["_Client"]):
         self.max_line_bytes = listener.max_request_line_bytes
         self.max_header_bytes = listener.max_header_bytes
         self.max_body_bytes = listener.max_body_bytes
+        self.max_headers = listener.max_headers
+        self.via = listener.via
 
     # -- lifecycle ------------------------------------------------------------------------------
 
