@@ -27,6 +27,7 @@ from proxy_helpers import (
 )
 
 from lb.data.pool import BackendEntry, build_pool
+from lb.data.proxy import ProxyServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -651,6 +652,39 @@ def test_a_reload_s_timeouts_and_limits_reach_new_requests() -> None:
             update={"max_body_bytes": 50, "max_request_line_bytes": 200}))
         assert (await request(px.port, post)).status == 413
         assert (await request(px.port, get("/" + "a" * 300))).status == 414
+        await stop_proxy(px)
+        await stop_all([be])
+
+    run(scenario())
+
+
+def test_idle_backend_connections_follow_the_pool_s_limits_and_their_reloads() -> None:
+    def slow(seen: Seen, be: CountingBackend) -> Any:
+        return ("delay", 0.2, ok_behaviour(seen, be))
+
+    async def scenario() -> None:
+        (be,) = await backends("web1", behaviour=slow)
+        px = await start_proxy([("web1", be.address)],
+                               pool={"max_idle_per_backend": 3, "idle_timeout_s": 30.0})
+        srv = px.server
+        assert isinstance(srv, ProxyServer)
+
+        def idle() -> int:
+            return sum(len(v) for v in srv.idle.values())
+
+        async def burst() -> None:  # five at once: five backend connections
+            rs = await asyncio.gather(*(request(px.port, get()) for _ in range(5)))
+            assert all(r.status == 200 for r in rs)
+
+        await burst()
+        assert idle() == 3
+        srv.update(px.pool, px.pool_cfg.model_copy(
+            update={"max_idle_per_backend": 1, "idle_timeout_s": 0.3}))
+        await burst()
+        assert idle() == 1  # the three were taken again; one of the five goes back
+        await wait_for(lambda: idle() == 0, timeout_s=5)  # 0.3 s now, not 30 s
+        await burst()
+        assert idle() == 1
         await stop_proxy(px)
         await stop_all([be])
 

@@ -286,8 +286,8 @@ class _PoolKnobs:
     per reload: an attribute of the pydantic model is a generic lookup (through the model's
     ``__getattr__``), a few of them per request."""
 
-    __slots__ = ("count_5xx", "exchange_timeout_s", "passive_enabled", "response_timeout_s",
-                 "retries", "retry_on_timeout")
+    __slots__ = ("count_5xx", "exchange_timeout_s", "idle_timeout_s", "max_idle_per_backend",
+                 "passive_enabled", "response_timeout_s", "retries", "retry_on_timeout")
 
     def __init__(self, cfg: PoolConfig) -> None:
         self.response_timeout_s = cfg.response_timeout_s
@@ -296,6 +296,8 @@ class _PoolKnobs:
         self.retry_on_timeout = cfg.retry_on_timeout
         self.passive_enabled = cfg.passive.enabled
         self.count_5xx = cfg.passive.count_5xx
+        self.max_idle_per_backend = cfg.max_idle_per_backend
+        self.idle_timeout_s = cfg.idle_timeout_s
 
 
 class _Request(H.RequestHead):
@@ -2467,7 +2469,7 @@ class ProxyServer(ListenerServer["_Client"]):
                      self.listener.name, host, port)
 
     def put_idle(self, up: _Upstream, now: float = 0.0) -> None:
-        cfg = self.pool_cfg
+        cfg = self.knobs
         lst = self.idle.get(up.key)
         if lst is None:
             lst = self.idle[up.key] = []
