@@ -426,21 +426,23 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MALLOC_MMAP_THRESHOLD = 1 << 20
-"""Blocks below this come from the heap: a read (uvloop reads up to 256,000 bytes) and the
-response bodies a worker holds for one turn of its loop, never a mmap/munmap each."""
-MALLOC_TRIM_THRESHOLD = 16 << 20
-"""Free heap kept for reuse before any is given back to the kernel."""
+MALLOC_MMAP_THRESHOLD = 128 << 10
+"""glibc's starting value, kept: a block this large (a 256,000-byte read of uvloop's, a
+joined body) is mapped on its own and given back when freed, never left in the heap."""
+MALLOC_TRIM_THRESHOLD = 4 << 20
+"""Free heap kept at its top for reuse before any is given back: a turn's worth of large
+responses (about sixty of 64 KiB)."""
 
 
 def tune_malloc() -> bool:
-    """glibc's heap for a proxy worker: keep freed memory for the next turn of the loop.
+    """glibc's heap for a proxy worker: keep a turn's freed responses for the next turn.
 
     A worker holds the large responses of one turn of its loop at once and frees them
-    together; with glibc's defaults (trim above 128 KiB of free heap top) that memory goes
-    back to the kernel after every turn and comes back as page faults on the next (~4 a
-    64 KiB response). Setting either threshold also stops glibc from moving them itself.
-    False where there is no mallopt (not glibc) or it refused."""
+    together; with glibc's defaults (trim once 128 KiB of the heap's top is free) that memory
+    goes back to the kernel after every turn and comes back as page faults in the next (~4
+    for a 64 KiB response). Setting a threshold also stops glibc from moving the mmap one by
+    itself, so it is set to the value glibc starts with. False where there is no mallopt
+    (not glibc) or it refused a value."""
     try:
         mallopt = _c().mallopt
     except AttributeError:

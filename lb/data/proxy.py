@@ -162,6 +162,11 @@ run (``ProxyServer.flush``), not at once. uvloop holds writes up to a transport'
 mark (64 KiB) until then, and writes larger ones at once: one write per large response
 between events wakes the client's reader each time (a sleeping peer on another core is an
 interprocessor interrupt); written together, the reader takes several per wakeup."""
+WRITE_NOW_BYTES: Final = 128 * 1024
+"""...but output above this is written at the end of the event that queued it, as before:
+a stream, not a response. Held back, it would keep the transport from telling us to pause
+(``pause_writing``), and libuv reads a ready socket up to 32 times per event (256,000 bytes
+each): a stalled client would make the proxy hold megabytes of the backend's body."""
 LOG_ERRORS_PER_S: Final = 20
 LINGER_S: Final = 2.0
 LINGER_BYTES: Final = 1 << 20
@@ -458,13 +463,18 @@ class _Conn:
 
     def _queue(self, data: bytes | memoryview, n: int) -> None:
         self.nsent += n
-        self.nout += n
+        nout = self.nout + n
+        self.nout = nout
         out = self.out
         if out is None:
             self.out = [data]
             self.srv.dirty.append(self)
         else:
             out.append(data)
+            if nout > WRITE_NOW_BYTES >= nout - n:
+                # Waiting for the end of the turn (ProxyServer.later) and now a stream:
+                # flushed with the event that queued it (once, as it crosses the line).
+                self.srv.dirty.append(self)
 
     def flush_out(self) -> None:
         out = self.out
@@ -499,6 +509,16 @@ class _Conn:
             self.closed = True
             if self.transport is not None:
                 self.transport.abort()
+
+
+def _write_out(c: _Conn) -> None:
+    """``c.flush_out()`` for the server's lists: a transport that refuses the write (none is
+    known to) ends that connection and no other, so no queued output is left stranded."""
+    try:
+        c.flush_out()
+    except Exception as exc:  # any refusal: this connection cannot go on
+        logger.warning("event=proxy_write_failed error=%r", exc)
+        c.abort()
 
 
 class _Upstream(_Conn):
@@ -2382,20 +2402,21 @@ class ProxyServer(ListenerServer["_Client"]):
         while dirty:
             self.dirty = []
             for c in dirty:
-                if c.nout > WRITE_LATER_BYTES:
+                n = c.nout
+                if WRITE_LATER_BYTES < n <= WRITE_NOW_BYTES:
                     later = self.later
                     if not later:
                         self.loop.call_soon(self._write_later)
                     later.append(c)
                 else:
-                    c.flush_out()
+                    _write_out(c)
             dirty = self.dirty
 
     def _write_later(self) -> None:
         later = self.later
         self.later = []
         for c in later:
-            c.flush_out()  # nothing if a close wrote it already, or threw it away
+            _write_out(c)  # nothing if a close or a crossing wrote it, or threw it away
         if self.dirty:
             self.flush()
 

@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.unraisablehook = _Unraisable()
     uvloop = _preload()
     if not sysutil.tune_malloc():
-        logger.info("event=worker_malloc_untuned reason=%r", "no glibc mallopt")
+        logger.info("event=worker_malloc_untuned reason=%r", "no mallopt, or it refused")
     if not drop(target):
         return sysutil.EXIT_PRIVILEGES
     worker = Worker(channel_fd, index)
