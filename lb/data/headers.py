@@ -195,6 +195,9 @@ _GOOD_HOSTS: Final[set[bytes]] = set()
 regex match per request); cleared when it reaches _GOOD_HOSTS_MAX, so a client inventing
 names cannot grow it."""
 _GOOD_HOSTS_MAX: Final = 1024
+_GOOD_HOST_LEN: Final = 260
+"""Only values up to this long are remembered (a DNS name's 253 bytes and a port): a client
+sending long ones must not make a worker keep 1,024 of them (up to max_header_bytes each)."""
 
 
 class HeaderError(Exception):
@@ -442,9 +445,10 @@ def build_request_head(
         if host not in _GOOD_HOSTS:
             if not _HOST_RE.fullmatch(host):
                 raise HeaderError(400, "bad_host")
-            if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:
-                _GOOD_HOSTS.clear()
-            _GOOD_HOSTS.add(host)
+            if len(host) <= _GOOD_HOST_LEN:
+                if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:
+                    _GOOD_HOSTS.clear()
+                _GOOD_HOSTS.add(host)
         out += (b"Host: ", host, b"\r\n")
     if chunked:
         res.chunked = True
