@@ -532,3 +532,14 @@ class FakeTransport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+def fake_proxy_server() -> tuple[ProxyServer, FakeLoop]:
+    """A ProxyServer on a FakeLoop (one pool of one backend that is never connected to):
+    for tests that drive its connections and lists by hand."""
+    loop = FakeLoop()
+    lcfg = ListenerConfig.model_validate({"name": "l", "bind": "127.0.0.1:1", "pool": "p"})
+    pcfg = PoolConfig.model_validate(
+        {"name": "p", "backends": [{"name": "b1", "address": "127.0.0.1:9"}]})
+    pool = build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1)
+    return ProxyServer(lcfg, pool, pcfg, Stats(), loop=loop), loop

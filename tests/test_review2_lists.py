@@ -7,12 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy_helpers import FakeLoop, FakeTransport
+from proxy_helpers import FakeLoop, FakeTransport, fake_proxy_server
 
-from lb.config import ListenerConfig, PoolConfig
 from lb.data import proxy as P
-from lb.data.pool import build_pool
-from lb.stats import Stats
 
 
 class HookTransport(FakeTransport):
@@ -26,12 +23,7 @@ class HookTransport(FakeTransport):
 
 
 def setup(n: int) -> tuple[FakeLoop, Any, list[Any], list[HookTransport]]:
-    loop = FakeLoop()
-    lcfg = ListenerConfig.model_validate({"name": "l", "bind": "127.0.0.1:1", "pool": "p"})
-    pcfg = PoolConfig.model_validate(
-        {"name": "p", "backends": [{"name": "b1", "address": "127.0.0.1:9"}]})
-    pool = build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1)
-    srv = P.ProxyServer(lcfg, pool, pcfg, Stats(), loop=loop)  # type: ignore[arg-type]
+    srv, loop = fake_proxy_server()
     cs, ts = [], []
     for _ in range(n):
         c = P._Client(srv)

@@ -18,23 +18,20 @@ from typing import Any
 
 import pytest
 import uvloop
-from proxy_helpers import FakeLoop, FakeTransport, RawClient, get, start_proxy, stop_proxy
+from proxy_helpers import (
+    FakeLoop,
+    FakeTransport,
+    RawClient,
+    fake_proxy_server,
+    get,
+    start_proxy,
+    stop_proxy,
+)
 
-from lb.config import ListenerConfig, PoolConfig
 from lb.data import proxy as P
-from lb.data.pool import build_pool
-from lb.stats import Stats
 
 BIG = P.WRITE_LATER_BYTES + 1
 
-
-def server() -> tuple[P.ProxyServer, FakeLoop]:
-    loop = FakeLoop()
-    lcfg = ListenerConfig.model_validate({"name": "l", "bind": "127.0.0.1:1", "pool": "p"})
-    pcfg = PoolConfig.model_validate(
-        {"name": "p", "backends": [{"name": "b1", "address": "127.0.0.1:9"}]})
-    pool = build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1)
-    return P.ProxyServer(lcfg, pool, pcfg, Stats(), loop=loop), loop
 
 
 def client(srv: P.ProxyServer) -> tuple[Any, FakeTransport]:
@@ -54,7 +51,7 @@ def run_ready(loop: FakeLoop) -> int:
 
 
 def test_large_output_waits_for_the_ready_events_small_output_does_not() -> None:
-    srv, loop = server()
+    srv, loop = fake_proxy_server()
     (a, ta), (b, tb), (s, ts) = client(srv), client(srv), client(srv)
     a.send(b"a" * BIG)
     srv.flush()
@@ -80,7 +77,7 @@ def test_large_output_waits_for_the_ready_events_small_output_does_not() -> None
 
 
 def test_a_close_before_the_write_sends_it_once_an_abort_throws_it_away() -> None:
-    srv, loop = server()
+    srv, loop = fake_proxy_server()
     (a, ta), (b, tb) = client(srv), client(srv)
     a.send(b"a" * BIG)
     b.send(b"b" * BIG)

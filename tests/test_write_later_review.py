@@ -27,14 +27,18 @@ from typing import Any
 
 import pytest
 import uvloop
-from proxy_helpers import FakeLoop, FakeTransport, RawClient, get, start_proxy, stop_proxy
+from proxy_helpers import (
+    FakeTransport,
+    RawClient,
+    fake_proxy_server,
+    get,
+    start_proxy,
+    stop_proxy,
+)
 
 import lb
-from lb.config import ListenerConfig, PoolConfig
 from lb.data import proxy as P
 from lb.data.accesslog import AccessLog
-from lb.data.pool import build_pool
-from lb.stats import Stats
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -521,12 +525,7 @@ class _Raising(FakeTransport):
 def test_review_an_exception_in_write_later_strands_no_other_connection() -> None:
     """One flush_out that raises (no transport is known to) ends that connection only: the
     others in ``later`` are written, and what is sent to them afterwards too."""
-    loop = FakeLoop()
-    lcfg = ListenerConfig.model_validate({"name": "l", "bind": "127.0.0.1:1", "pool": "p"})
-    pcfg = PoolConfig.model_validate(
-        {"name": "p", "backends": [{"name": "b1", "address": "127.0.0.1:9"}]})
-    pool = build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1)
-    srv = P.ProxyServer(lcfg, pool, pcfg, Stats(), loop=loop)  # type: ignore[arg-type]
+    srv, loop = fake_proxy_server()
     a = P._Client(srv)
     ta = _Raising(a)
     a.connection_made(ta)
@@ -564,17 +563,9 @@ def test_review_slow_client_stream_test_on_uvloop(monkeypatch: pytest.MonkeyPatc
 # -- drain and close with output waiting in ``later`` ---------------------------------------
 
 
-def _fake_server() -> tuple[P.ProxyServer, FakeLoop]:
-    loop = FakeLoop()
-    lcfg = ListenerConfig.model_validate({"name": "l", "bind": "127.0.0.1:1", "pool": "p"})
-    pcfg = PoolConfig.model_validate(
-        {"name": "p", "backends": [{"name": "b1", "address": "127.0.0.1:9"}]})
-    pool = build_pool("p", "round_robin", [("b1", "127.0.0.1", 9, 1.0)], seed=1)
-    return P.ProxyServer(lcfg, pool, pcfg, Stats(), loop=loop), loop  # type: ignore[arg-type]
-
 
 def test_review_drain_and_stop_with_output_in_later() -> None:
-    srv, loop = _fake_server()
+    srv, loop = fake_proxy_server()
     a = P._Client(srv)
     ta = FakeTransport(a)
     a.connection_made(ta)
