@@ -2222,7 +2222,8 @@ class ProxyServer(ListenerServer["_Client"]):
         super().__init__(listener, pool, pool_cfg, stats, on_ejection, loop)
         self.dirty: list[_Conn] = []
         self.later: list[_Conn] = []
-        """Connections with more than WRITE_LATER_BYTES queued, written by ``_write_later``."""
+        """Connections with WRITE_LATER_BYTES to WRITE_NOW_BYTES queued, written by
+        ``_write_later`` once the turn's events have run."""
         self.upstreams: set[_Upstream] = set()
         self.idle: dict[tuple[str, int], list[_Upstream]] = {}
         self.request_ids = H.RequestIds()
